@@ -1,0 +1,142 @@
+"""Dataclass configs, mirrored as CLI flags and settable from a YAML/JSON file.
+
+Every field carries ``metadata={"help": ...}``. Precedence: CLI flag > config file > dataclass default.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import KnnlmError
+from .fileio import atomic_write_json
+
+
+def _unwrap_optional(tp):
+    """Optional[X] -> X (and whether None is allowed)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(name: str, tp, value):
+    """Converts a CLI string or a YAML value to the field's type, or raises KnnlmError naming the flag."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise KnnlmError(f"--{name}: a value is required")
+    origin = typing.get_origin(tp)
+    try:
+        if origin in (list, tuple):
+            (item_tp,) = typing.get_args(tp)[:1]
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return [_coerce(name, item_tp, v.strip() if isinstance(v, str) else v) for v in items]
+        if origin is typing.Literal:
+            choices = typing.get_args(tp)
+            if value not in choices:
+                raise KnnlmError(f"--{name}: {value!r} is not one of {', '.join(map(str, choices))}")
+            return value
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            low = str(value).lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp in (int, float, str):
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return tp(value)
+    except (TypeError, ValueError):
+        raise KnnlmError(f"--{name}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """Adds one flag per dataclass field; unset flags stay None so a config file can fill them."""
+    group = parser.add_argument_group(cls.__name__)
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        help_text = f.metadata.get("help", "")
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        tp, _ = _unwrap_optional(hints[f.name])
+        if typing.get_origin(tp) is typing.Literal:
+            help_text += f" One of: {', '.join(map(str, typing.get_args(tp)))}."
+        group.add_argument(f"--{f.name}", default=None, metavar=f.name.upper(), dest=f.name,
+                           help=f"{help_text} (default: {shown})")
+
+
+def load_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise KnnlmError(f"--config: {path} does not exist; pass a YAML or JSON file")
+    try:
+        data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise KnnlmError(f"--config: {path} is not valid YAML/JSON ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise KnnlmError(f"--config: {path} must hold a mapping of option names to values")
+    return data
+
+
+def resolve(classes, namespace: argparse.Namespace | dict | None = None, config_file: str | Path | None = None):
+    """Builds one instance per dataclass in ``classes`` from defaults, a config file and CLI overrides.
+
+    Unknown config keys are errors (a typo must not silently fall back to a default). Returns a tuple in the order given,
+    or the single instance when one class is given.
+    """
+    single = not isinstance(classes, (list, tuple))
+    classes = [classes] if single else list(classes)
+    cli = vars(namespace) if isinstance(namespace, argparse.Namespace) else dict(namespace or {})
+    from_file = load_config_file(config_file) if config_file else {}
+    known = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    unknown = sorted(set(from_file) - known)
+    if unknown:
+        raise KnnlmError(f"--config: {config_file} has unknown key(s) {', '.join(unknown)}; "
+                         f"valid keys: {', '.join(sorted(known))}")
+    out = []
+    for cls in classes:
+        hints = _hints(cls)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if cli.get(f.name) is not None:
+                kwargs[f.name] = _coerce(f.name, hints[f.name], cli[f.name])
+            elif f.name in from_file:
+                kwargs[f.name] = _coerce(f.name, hints[f.name], from_file[f.name])
+        obj = cls(**kwargs)
+        if hasattr(obj, "validate"):
+            obj.validate()
+        out.append(obj)
+    return out[0] if single else tuple(out)
+
+
+def to_dict(*objs) -> dict:
+    """Merges several config dataclasses into one flat dict (field names are unique across a command's configs)."""
+    merged: dict = {}
+    for obj in objs:
+        merged.update(dataclasses.asdict(obj))
+    return merged
+
+
+def save_config(out_dir: str | Path, *objs) -> Path:
+    """Writes the resolved config of a run as ``config.json`` in its output folder."""
+    return atomic_write_json(Path(out_dir) / "config.json", to_dict(*objs))
