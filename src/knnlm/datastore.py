@@ -1,0 +1,283 @@
+"""The kNN datastore: keys (float16, N x d) and values (int32, N) streamed to disk, resumable and distributable.
+
+Layout of a datastore folder::
+
+    keys.f16      float16 [N, d]  hidden state at the key point for the position before each target token
+    vals.i32      int32   [N]     the target (next) token
+    tokens.i32    int32           the corpus tokens (+ tokens.i32.docs: int64 document starts)
+    meta.json     written last: its presence marks a finished store
+
+Work is split in fixed batches of windows. Batch ``b`` is encoded by rank ``b % world_size`` and written at its own
+rows with positioned writes (no memory map, so resident memory stays flat); ``done.u8`` flags finished batches, so a
+killed build resumes where it stopped and gives the same bytes as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .corpus import CorpusArgs, TokenFile, Window, count_targets, tokenize_to_file, windowing_meta, windows
+from .errors import KnnlmError
+from .fileio import atomic_write_json, package_versions, read_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+KEY_POINTS = ("ffn_input", "ffn_residual", "block_output", "final_hidden")
+_DATA_FILES = ("keys.f16", "vals.i32", "tokens.i32", "tokens.i32.docs", "done.u8", "build.json", "meta.json")
+
+
+@dataclass
+class DatastoreArgs:
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Folder of the datastore (required)."})
+    key_point: str = field(default="ffn_input", metadata={"help": f"Hidden state used as key: {', '.join(KEY_POINTS)}."})
+    batch_size: int = field(default=8, metadata={"help": "Windows per forward pass."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a different datastore already in --output_dir."})
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise KnnlmError("--output_dir: required; the folder the datastore is written to")
+        if self.key_point not in KEY_POINTS:
+            raise KnnlmError(f"--key_point: {self.key_point!r} is not one of {', '.join(KEY_POINTS)}")
+        if self.batch_size < 1:
+            raise KnnlmError("--batch_size: must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------------------------- opening
+@dataclass
+class Datastore:
+    dir: Path
+    meta: dict
+    keys: np.memmap  # float16 [N, d]
+    vals: np.memmap  # int32 [N]
+
+    @property
+    def N(self) -> int:
+        return int(self.meta["N"])
+
+    @property
+    def d(self) -> int:
+        return int(self.meta["d"])
+
+    @property
+    def key_point(self) -> str:
+        return self.meta["key_point"]
+
+    @classmethod
+    def open(cls, directory: str | Path) -> "Datastore":
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise KnnlmError(f"--datastore: {directory} does not exist; build one with `knnlm datastore build`")
+        meta_path = directory / "meta.json"
+        if not meta_path.is_file():
+            hint = " (a build was started: rerun `knnlm datastore build` to finish it)" if (directory / "build.json").exists() else ""
+            raise KnnlmError(f"--datastore: {directory} has no meta.json, so it is not a finished datastore{hint}")
+        meta = read_json(meta_path)
+        n, d = int(meta["N"]), int(meta["d"])
+        for name, expected in (("keys.f16", n * d * 2), ("vals.i32", n * 4)):
+            path = directory / name
+            size = path.stat().st_size if path.exists() else -1
+            if size != expected:
+                raise KnnlmError(f"--datastore: {path} is {'missing' if size < 0 else f'{size} bytes'}, expected "
+                                 f"{expected} (N={n}, d={d}); the store is truncated: rebuild it with --overwrite")
+        keys = np.memmap(directory / "keys.f16", dtype=np.float16, mode="r", shape=(n, d))
+        vals = np.memmap(directory / "vals.i32", dtype=np.int32, mode="r", shape=(n,))
+        return cls(directory, meta, keys, vals)
+
+    def check_compatible(self, lm, key_point: str | None = None) -> None:
+        """Refuses a store built with another model, tokenizer or key point than the one querying it."""
+        checks = [("weights_hash", lm.weights_hash(), "model weights"),
+                  ("tokenizer_hash", lm.tokenizer_hash(), "tokenizer")]
+        for key, mine, what in checks:
+            if self.meta.get(key) != mine:
+                raise KnnlmError(f"--datastore: {self.dir} was built with different {what} "
+                                 f"({self.meta.get('model_name_or_path')}, {key} {str(self.meta.get(key))[:12]} vs "
+                                 f"{mine[:12]}); rebuild it with this model")
+        if key_point is not None and key_point != self.key_point:
+            raise KnnlmError(f"--key_point: the datastore {self.dir} holds '{self.key_point}' keys, not '{key_point}'")
+
+    def nbytes(self) -> int:
+        return (self.dir / "keys.f16").stat().st_size + (self.dir / "vals.i32").stat().st_size
+
+
+# ---------------------------------------------------------------------------------------------------------------- building
+def _dist() -> tuple[int, int]:
+    """(rank, world size); starts the process group under torchrun / accelerate launch."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _source_fingerprint(args: CorpusArgs, which: str) -> dict:
+    if args.dataset_name:
+        return {"dataset": args.dataset_name, "config": args.dataset_config_name, "split": args.split}
+    path = Path(args.train_file if which == "train" else args.validation_file or "")
+    if not path.is_file():
+        raise KnnlmError(f"--{which}_file: {path} does not exist or is not a file; pass a readable .txt or .jsonl file")
+    return {"file": path.name, "sha256": sha256_file(path)}
+
+
+def _build_fingerprint(lm, args: CorpusArgs, which: str, key_point: str, block: int, stride: int, batch_size: int) -> dict:
+    return {"model_name_or_path": lm.name, "weights_hash": lm.weights_hash(), "tokenizer_hash": lm.tokenizer_hash(),
+            "key_point": key_point, "source": _source_fingerprint(args, which), "text_field": args.text_field,
+            **windowing_meta(block, stride, args), "batch_size": batch_size}
+
+
+def _prepare_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> bool:
+    """Returns True when ``out_dir`` already holds this very datastore, finished."""
+    meta, build = out_dir / "meta.json", out_dir / "build.json"
+    existing = read_json(meta)["build"] if meta.exists() else read_json(build) if build.exists() else None
+    if existing is not None and existing != fingerprint:
+        if not overwrite:
+            raise KnnlmError(f"--output_dir: {out_dir} already holds a different datastore "
+                             f"({existing.get('model_name_or_path')}, {existing.get('key_point')}); pass --overwrite "
+                             "to replace it or choose another folder")
+        for name in _DATA_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "index", ignore_errors=True)
+        return False
+    return meta.exists()
+
+
+def _preallocate(path: Path, nbytes: int) -> None:
+    if not path.exists() or path.stat().st_size != nbytes:
+        with open(path, "wb") as fh:
+            fh.truncate(nbytes)
+
+
+def _batch_inputs(tokens: TokenFile, batch: list[Window], pad_id: int):
+    """Right-padded input ids [B, T] and mask [B, T] for a batch of windows (reads only those tokens from disk)."""
+    length = max(w.end - w.start for w in batch)
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    token_arr = tokens.tokens
+    for i, w in enumerate(batch):
+        ids[i, : w.end - w.start] = torch.from_numpy(np.asarray(token_arr[w.start: w.end], dtype=np.int64))
+        mask[i, : w.end - w.start] = 1
+    return ids, mask
+
+
+def encode_batches(lm, tokens: TokenFile, batches: list[list[Window]], key_point: str):
+    """Yields ``(batch index, keys [n, d] float16 numpy, values [n] int32 numpy)`` for the given batches of windows."""
+    token_arr = tokens.tokens
+    for b, batch in batches:
+        ids, mask = _batch_inputs(tokens, batch, lm.eos_token_id or 0)
+        with torch.inference_mode():
+            hidden = lm.hidden_states(ids.to(lm.device), mask.to(lm.device), key_point)  # [B, T, d]
+        keys, vals = [], []
+        for i, w in enumerate(batch):
+            # the key of target t is the state at position t - 1
+            lo, hi = w.first_target - 1 - w.start, w.end - 1 - w.start
+            keys.append(hidden[i, lo:hi].to(torch.float16).cpu().numpy())
+            vals.append(np.asarray(token_arr[w.first_target: w.end], dtype=np.int32))
+        yield b, np.concatenate(keys), np.concatenate(vals)
+
+
+def build_datastore(lm, corpus: CorpusArgs, out_dir: str | Path, key_point: str = "ffn_input", batch_size: int = 8,
+                    overwrite: bool = False, which: str = "train", flush_every: int = 32) -> Datastore:
+    """Encodes the corpus with ``lm`` and writes the datastore to ``out_dir`` (see the module doc).
+
+    Under ``torchrun``/``accelerate launch`` each rank encodes every ``world_size``-th batch; rank 0 finalises. Rerunning
+    a killed build continues it. Returns the finished store.
+    """
+    if key_point not in KEY_POINTS:
+        raise KnnlmError(f"--key_point: {key_point!r} is not one of {', '.join(KEY_POINTS)}")
+    if batch_size < 1:
+        raise KnnlmError("--batch_size: must be >= 1")
+    out_dir = Path(out_dir)
+    rank, world = _dist()
+    block, stride = corpus.resolved_window(lm.max_positions)
+    fingerprint = _build_fingerprint(lm, corpus, which, key_point, block, stride, batch_size)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        finished = _prepare_dir(out_dir, fingerprint, overwrite)
+        if not finished:
+            atomic_write_json(out_dir / "build.json", fingerprint)
+            tokenize_to_file(lm, corpus, which, out_dir / "tokens.i32")
+    _barrier(world)
+    if (out_dir / "meta.json").exists():
+        log.info("datastore %s is already complete", out_dir)
+        return Datastore.open(out_dir)
+
+    tokens = TokenFile(out_dir / "tokens.i32", out_dir / "tokens.i32.docs")
+    wins = windows(tokens.doc_starts, block, stride)
+    n, d = count_targets(wins), lm.hidden_size
+    batches = [wins[i: i + batch_size] for i in range(0, len(wins), batch_size)]
+    if rank == 0:
+        _preallocate(out_dir / "keys.f16", n * d * 2)
+        _preallocate(out_dir / "vals.i32", n * 4)
+        _preallocate(out_dir / "done.u8", len(batches))
+    _barrier(world)
+
+    done = np.fromfile(out_dir / "done.u8", dtype=np.uint8)
+    todo = [(b, batches[b]) for b in range(rank, len(batches), world) if not done[b]]
+    log.info("rank %d/%d: %d of %d batches to encode (%d keys, d=%d)", rank, world, len(todo), len(batches), n, d)
+    started = time.time()
+    with open(out_dir / "keys.f16", "r+b") as kf, open(out_dir / "vals.i32", "r+b") as vf, \
+            open(out_dir / "done.u8", "r+b") as df, \
+            tqdm(total=sum(w.n_targets for _, b in todo for w in b), unit="tok", disable=rank != 0,
+                 desc=f"datastore {out_dir.name}") as bar:
+        pending: list[int] = []
+        for b, keys, vals in encode_batches(lm, tokens, todo, key_point):
+            row = batches[b][0].row
+            kf.seek(row * d * 2)
+            kf.write(keys.tobytes())
+            vf.seek(row * 4)
+            vf.write(vals.tobytes())
+            pending.append(b)
+            bar.update(len(vals))
+            if len(pending) >= flush_every:
+                _mark_done(kf, vf, df, pending)
+        _mark_done(kf, vf, df, pending)
+    log.info("rank %d encoded %d batches in %.1fs", rank, len(todo), time.time() - started)
+    _barrier(world)
+    if rank == 0:
+        _finalise(lm, out_dir, fingerprint, tokens, n, d, len(batches), corpus)
+    _barrier(world)
+    return Datastore.open(out_dir)
+
+
+def _mark_done(kf, vf, df, pending: list[int]) -> None:
+    """Makes the written rows durable, then flags their batches (so a flag never points at unwritten rows)."""
+    for fh in (kf, vf):
+        fh.flush()
+        os.fsync(fh.fileno())
+    for b in pending:
+        df.seek(b)
+        df.write(b"\x01")
+    df.flush()
+    os.fsync(df.fileno())
+    pending.clear()
+
+
+def _finalise(lm, out_dir: Path, fingerprint: dict, tokens: TokenFile, n: int, d: int, n_batches: int,
+              corpus: CorpusArgs) -> None:
+    done = np.fromfile(out_dir / "done.u8", dtype=np.uint8)
+    if int(done.sum()) != n_batches:
+        raise KnnlmError(f"--output_dir: {out_dir}: {n_batches - int(done.sum())} batches were not encoded; rerun the "
+                         "same command to finish the build")
+    meta = {"format": "knnlm-datastore/1", "model_name_or_path": lm.name, "weights_hash": lm.weights_hash(),
+            "tokenizer_hash": lm.tokenizer_hash(), "key_point": fingerprint["key_point"], "d": d, "N": n,
+            "n_tokens": int(tokens.doc_starts[-1]), "n_documents": int(len(tokens.doc_starts) - 1),
+            "corpus_hash": tokens.sha256(), "corpus": {k: v for k, v in vars(corpus).items()},
+            "dtype_keys": "float16", "dtype_vals": "int32", "build": fingerprint, "versions": package_versions()}
+    atomic_write_json(out_dir / "meta.json", meta)
+    (out_dir / "done.u8").unlink()
+    (out_dir / "build.json").unlink()
+    log.info("datastore %s finished: N=%d d=%d", out_dir, n, d)
+

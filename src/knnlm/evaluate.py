@@ -1,0 +1,200 @@
+"""Perplexity of the LM, the kNN-LM and the MLP-LM over the sliding windows of an evaluation corpus.
+
+One forward pass and one FAISS search per batch of windows serve every λ of a sweep. Perplexity is token-weighted:
+exp of the mean negative log-likelihood over all scored tokens.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .corpus import CorpusArgs, TokenFile, count_targets, tokenize_to_file, windows
+from .datastore import KEY_POINTS, _batch_inputs
+from .errors import KnnlmError
+from .knn import KNNArgs, Retriever, interpolate, knn_gold_log_prob
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalArgs:
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for results.json, results.md, config.json (required)."})
+    datastore: Optional[str] = field(default=None, metadata={"help": "Datastore folder for kNN-LM perplexity (built with `knnlm datastore build`)."})
+    mlp_memory: Optional[str] = field(default=None, metadata={"help": "MLP memory folder for MLP-LM perplexity (trained with `knnlm mlp train`)."})
+    from_neighbors: Optional[str] = field(default=None, metadata={"help": "Sweep λ and T over a neighbour cache of an earlier --save_neighbors run, with no model or search."})
+    sweep_temps: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "Temperatures swept with --from_neighbors."})
+    batch_size: int = field(default=4, metadata={"help": "Windows per forward pass (and per FAISS search)."})
+    save_neighbors: bool = field(default=False, metadata={"help": "Cache neighbour distances/values and LM log-probs in OUT/neighbors so later λ/T sweeps need no search."})
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise KnnlmError("--batch_size: must be >= 1")
+        if not self.output_dir:
+            raise KnnlmError("--output_dir: required; the folder for results.json")
+        if any(t <= 0 for t in self.sweep_temps):
+            raise KnnlmError("--sweep_temps: temperatures must be > 0")
+
+
+class _NLL:
+    """Running sum of negative log-likelihoods (float64) for one model variant."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def add(self, logp: torch.Tensor) -> None:
+        self.total -= float(logp.double().sum())
+        self.count += logp.numel()
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.total / max(1, self.count))
+
+
+class _NeighbourCache:
+    """Appends per-token neighbour distances/values, LM gold log-probs and gold ids to raw files."""
+
+    def __init__(self, out: Path, k: int):
+        out.mkdir(parents=True, exist_ok=True)
+        self.dir, self.k = out, k
+        self.files = {name: open(out / name, "wb") for name in ("dists.f32", "vals.i32", "lm_gold.f32", "gold.i32")}
+
+    def add(self, dists, vals, lm_gold, gold) -> None:
+        self.files["dists.f32"].write(dists.numpy().astype(np.float32).tobytes())
+        self.files["vals.i32"].write(vals.numpy().astype(np.int32).tobytes())
+        self.files["lm_gold.f32"].write(lm_gold.numpy().astype(np.float32).tobytes())
+        self.files["gold.i32"].write(gold.numpy().astype(np.int32).tobytes())
+
+    def close(self) -> None:
+        for fh in self.files.values():
+            fh.close()
+        (self.dir / "k.txt").write_text(str(self.k))
+
+
+def sweep_from_cache(cache_dir: str | Path, lmbdas: list[float], temps: list[float]) -> dict:
+    """kNN-LM perplexity for every (λ, T) from a neighbour cache, with no new search."""
+    cache_dir = Path(cache_dir)
+    k = int((cache_dir / "k.txt").read_text())
+    dists = torch.from_numpy(np.fromfile(cache_dir / "dists.f32", dtype=np.float32).reshape(-1, k))
+    vals = torch.from_numpy(np.fromfile(cache_dir / "vals.i32", dtype=np.int32).reshape(-1, k))
+    lm_gold = torch.from_numpy(np.fromfile(cache_dir / "lm_gold.f32", dtype=np.float32))
+    gold = torch.from_numpy(np.fromfile(cache_dir / "gold.i32", dtype=np.int32))
+    out = {}
+    for temp in temps:
+        knn_gold = knn_gold_log_prob(dists, vals, gold, temp)
+        for lam in lmbdas:
+            out[f"lmbda={lam},T={temp}"] = math.exp(-float(interpolate(lm_gold, knn_gold, lam).double().mean()))
+    return out
+
+
+def storage_report(datastore=None, memory=None) -> dict:
+    """Bytes on disk of the datastore (keys + values), its FAISS index and the MLP memory, and their ratios."""
+    out: dict = {}
+    if datastore is not None:
+        out["datastore_bytes"] = datastore.nbytes()
+        out["index_bytes"] = sum(f.stat().st_size for f in (datastore.dir / "index").glob("*.faiss"))
+    if memory is not None:
+        out["mlp_memory_bytes"] = memory.nbytes()
+        for name in ("datastore", "index"):
+            if out.get(f"{name}_bytes"):
+                out[f"{name}_over_mlp"] = out[f"{name}_bytes"] / out["mlp_memory_bytes"]
+    return out
+
+
+def _target_positions(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row in batch, position) of each scored target's predicting position, in window order."""
+    rows, pos = [], []
+    for i, w in enumerate(batch):
+        p = torch.arange(w.first_target - 1 - w.start, w.end - 1 - w.start)
+        rows.append(torch.full_like(p, i))
+        pos.append(p)
+    return torch.cat(rows), torch.cat(pos)
+
+
+def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datastore=None,
+             knn: Optional[KNNArgs] = None, memory=None, key_point: Optional[str] = None) -> dict:
+    """Scores the validation corpus; returns the metrics (perplexities, token count, throughput)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    knn = knn or KNNArgs()
+    retriever = None
+    if datastore is not None:
+        datastore.check_compatible(lm, key_point)
+        retriever = Retriever(datastore, knn)
+    if memory is not None:
+        memory.check_compatible(lm)
+    points = tuple({p for p in (datastore.key_point if datastore else None, memory.key_point if memory else None)
+                    if p} | {"final_hidden"})
+    for p in points:
+        if p not in KEY_POINTS:
+            raise KnnlmError(f"--key_point: {p!r} is not one of {', '.join(KEY_POINTS)}")
+
+    tokens: TokenFile = tokenize_to_file(lm, corpus, "validation", out_dir / "tokens.i32")
+    block, stride = corpus.resolved_window(lm.max_positions)
+    wins = windows(tokens.doc_starts, block, stride)
+    token_arr = tokens.tokens
+    lm_nll = _NLL()
+    knn_nll = {lam: _NLL() for lam in knn.lmbda} if retriever else {}
+    mlp_nll = {lam: _NLL() for lam in knn.lmbda} if memory is not None else {}
+    cache = _NeighbourCache(out_dir / "neighbors", retriever.k - int(knn.ignore_top)) if retriever and args.save_neighbors else None
+    t_forward = t_search = t_mlp = 0.0
+    started = time.time()
+    with tqdm(total=count_targets(wins), unit="tok", desc="eval") as bar:
+        for b in range(0, len(wins), args.batch_size):
+            batch = wins[b: b + args.batch_size]
+            ids, mask = _batch_inputs(tokens, batch, lm.eos_token_id or 0)
+            rows, pos = _target_positions(batch)
+            gold = torch.from_numpy(np.concatenate([np.asarray(token_arr[w.first_target: w.end]) for w in batch])).long()
+            t0 = time.time()
+            with torch.inference_mode():
+                hidden = lm.hidden_states(ids.to(lm.device), mask.to(lm.device), points)  # {point: [B, T, d]}
+                at = {p: h[rows.to(h.device), pos.to(h.device)] for p, h in hidden.items()}  # {point: [n, d]}
+                lm_logp = torch.log_softmax(lm.output_layer(at["final_hidden"]).float(), dim=-1)  # [n, V]
+                lm_gold = lm_logp.gather(1, gold.to(lm_logp.device)[:, None])[:, 0].cpu()  # [n]
+            t_forward += time.time() - t0
+            lm_nll.add(lm_gold)
+            if retriever is not None:
+                t0 = time.time()
+                dists, vals = retriever.search(at[datastore.key_point])
+                t_search += time.time() - t0
+                knn_gold = knn_gold_log_prob(dists, vals, gold, knn.knn_temp)
+                for lam, acc in knn_nll.items():
+                    acc.add(interpolate(lm_gold, knn_gold, lam))
+                if cache:
+                    cache.add(dists, vals, lm_gold, gold)
+            if memory is not None:
+                t0 = time.time()
+                with torch.inference_mode():
+                    mem_logp = memory.log_probs(at[memory.key_point])  # [n, V]
+                    mem_gold = mem_logp.gather(1, gold.to(mem_logp.device)[:, None])[:, 0].float().cpu()
+                t_mlp += time.time() - t0
+                for lam, acc in mlp_nll.items():
+                    acc.add(interpolate(lm_gold, mem_gold, lam))
+            bar.update(len(gold))
+    if cache:
+        cache.close()
+    wall = time.time() - started
+    metrics = {"n_tokens": lm_nll.count, "ppl_lm": lm_nll.ppl, "block_size": block, "stride": stride,
+               "timing": {"wall_s": wall, "forward_s": t_forward, "tokens_per_s": lm_nll.count / max(wall, 1e-9),
+                          "lm_tokens_per_s": lm_nll.count / max(t_forward, 1e-9)}}
+    if retriever is not None:
+        first = knn.lmbda[0]
+        metrics.update(ppl_knnlm=knn_nll[first].ppl, lmbda=first, k=retriever.k - int(knn.ignore_top),
+                       datastore_N=datastore.N)
+        metrics["sweep_knn"] = {str(lam): acc.ppl for lam, acc in knn_nll.items()}
+        metrics["timing"].update(search_s=t_search, search_queries_per_s=lm_nll.count / max(t_search, 1e-9))
+    if memory is not None:
+        first = knn.lmbda[0]
+        metrics.update(ppl_mlplm=mlp_nll[first].ppl, lmbda=first)
+        metrics["sweep_mlp"] = {str(lam): acc.ppl for lam, acc in mlp_nll.items()}
+        metrics["timing"]["mlp_s"] = t_mlp
+    metrics["storage"] = storage_report(datastore, memory)
+    log.info("eval: %s", {k: v for k, v in metrics.items() if k.startswith("ppl")})
+    return metrics

@@ -1,0 +1,237 @@
+"""FAISS indexes over a datastore's keys: any factory string, resumable chunked adds, GPU, shards, recall checks.
+
+Files live in ``<datastore>/index/``: ``index.json`` (factory, shards, recall; written last), ``shard<i>.faiss``, and
+while building ``trained.faiss`` (the trained empty index) and ``progress.json`` + ``partial<i>.faiss`` checkpoints.
+
+Stores larger than RAM: build with ``--shards S`` (each shard holds a contiguous range of rows and is added on its own;
+searching combines them with ``faiss.IndexShards``, so only the PQ codes need to fit in memory), or merge the shards'
+inverted lists on disk with ``faiss.contrib.ondisk.merge_ondisk`` (see docs/scaling.md).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from .errors import KnnlmError
+from .fileio import atomic_path, atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexArgs:
+    factory: Optional[str] = field(default=None, metadata={"help": "Any faiss.index_factory string (e.g. Flat, IVF4096,PQ64, HNSW32). Default: Flat below --flat_threshold keys, IVF-PQ above."})
+    flat_threshold: int = field(default=1_000_000, metadata={"help": "Stores with fewer keys get an exact Flat index by default."})
+    nprobe: int = field(default=32, metadata={"help": "IVF lists visited per query, stored as the index's default."})
+    train_size: int = field(default=262_144, metadata={"help": "Keys sampled to train IVF/PQ (at least 40 per IVF list are used)."})
+    add_chunk: int = field(default=262_144, metadata={"help": "Keys added per step; a checkpoint is written after each."})
+    shards: int = field(default=1, metadata={"help": "Split the keys into this many shard indexes (for stores larger than RAM)."})
+    use_gpu: Optional[bool] = field(default=None, metadata={"help": "Train/search on GPU FAISS (default: when faiss has GPUs)."})
+    recall_queries: int = field(default=1000, metadata={"help": "Keys used as queries to measure recall@k against exact search (0 skips)."})
+    recall_k: int = field(default=64, metadata={"help": "k of the recall@k report."})
+    seed: int = field(default=0, metadata={"help": "Seed of the training sample and the recall queries."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing index."})
+
+    def validate(self) -> None:
+        for name in ("flat_threshold", "nprobe", "train_size", "add_chunk", "shards", "recall_k"):
+            if getattr(self, name) < 1:
+                raise KnnlmError(f"--{name}: must be >= 1")
+
+
+def default_factory(n: int, d: int, flat_threshold: int) -> str:
+    """Flat below the threshold; else IVF with ~4·sqrt(N) lists (a power of two) and PQ with up to 64 sub-quantizers."""
+    if n < flat_threshold:
+        return "Flat"
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
+    m = max(c for c in range(1, min(64, max(1, d // 4)) + 1) if d % c == 0)
+    return f"IVF{nlist},PQ{m}"
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _to_gpu(index):
+    return faiss.index_cpu_to_all_gpus(index)
+
+
+def _key_chunks(keys: np.ndarray, lo: int, hi: int, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+    for start in range(lo, hi, chunk):
+        yield start, np.ascontiguousarray(keys[start: min(start + chunk, hi)], dtype=np.float32)
+
+
+def _index_dir(ds_dir: Path) -> Path:
+    return Path(ds_dir) / "index"
+
+
+def _train(ds, factory: str, args: IndexArgs, use_gpu: bool):
+    index = faiss.index_factory(ds.d, factory, faiss.METRIC_L2)
+    if index.is_trained:
+        return index
+    ivf = faiss.extract_index_ivf(index) if "IVF" in factory else None
+    need = max(args.train_size, 40 * ivf.nlist) if ivf is not None else args.train_size
+    rng = np.random.default_rng(args.seed)
+    rows = np.sort(rng.choice(ds.N, size=min(ds.N, need), replace=False))
+    sample = np.asarray(ds.keys[rows], dtype=np.float32)
+    log.info("training %s on %d keys%s", factory, len(rows), " (GPU)" if use_gpu else "")
+    if use_gpu and ivf is not None:
+        clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ds.d))
+        ivf.clustering_index = clustering
+    index.train(sample)
+    return index
+
+
+def build_index(ds, args: IndexArgs) -> dict:
+    """Builds (or resumes building) the index of a datastore; returns the contents of ``index.json``."""
+    idir = _index_dir(ds.dir)
+    info_path = idir / "index.json"
+    factory = args.factory or default_factory(ds.N, ds.d, args.flat_threshold)
+    if info_path.exists():
+        info = read_json(info_path)
+        if info["factory"] == factory and info["shards"] == args.shards and not args.overwrite:
+            log.info("index %s already built", idir)
+            return info
+        if not args.overwrite:
+            raise KnnlmError(f"--factory: {idir} already holds a '{info['factory']}' index with {info['shards']} "
+                             f"shard(s); pass --overwrite to replace it")
+        info_path.unlink()
+    idir.mkdir(exist_ok=True)
+    try:
+        faiss.index_factory(ds.d, factory)
+    except RuntimeError as e:
+        raise KnnlmError(f"--factory: {factory!r} is not a valid faiss.index_factory string for d={ds.d} "
+                         f"({str(e).splitlines()[-1][:120]})") from None
+    use_gpu = gpu_available() if args.use_gpu is None else args.use_gpu
+    if use_gpu and not gpu_available():
+        raise KnnlmError("--use_gpu: this faiss build has no GPU support (pip install faiss-gpu-cu12, or drop the flag)")
+
+    progress_path = idir / "progress.json"
+    progress = read_json(progress_path) if progress_path.exists() else None
+    if progress and (progress["factory"] != factory or progress["shards"] != args.shards):
+        progress = None  # a different build was interrupted: start over
+    trained_path = idir / "trained.faiss"
+    if progress is None or not trained_path.exists():
+        trained = _train(ds, factory, args, use_gpu)
+        with atomic_path(trained_path) as tmp:
+            faiss.write_index(trained, str(tmp))
+        progress = {"factory": factory, "shards": args.shards, "added": [0] * args.shards}
+        atomic_write_json(progress_path, progress)
+
+    bounds = np.linspace(0, ds.N, args.shards + 1).astype(np.int64)
+    with tqdm(total=ds.N - sum(progress["added"]), unit="key", desc=f"index {factory}") as bar:
+        for s in range(args.shards):
+            _add_shard(ds, idir, s, int(bounds[s]), int(bounds[s + 1]), trained_path, progress, args, bar)
+    info = {"factory": factory, "shards": args.shards, "ntotal": ds.N, "d": ds.d, "nprobe": args.nprobe,
+            "shard_bounds": bounds.tolist()}
+    if args.recall_queries and factory != "Flat":
+        info["recall"] = measure_recall(ds, _load_shards(idir, info, args.nprobe), args)
+    atomic_write_json(info_path, info)
+    trained_path.unlink(missing_ok=True)
+    progress_path.unlink(missing_ok=True)
+    return info
+
+
+def _add_shard(ds, idir: Path, s: int, lo: int, hi: int, trained_path: Path, progress: dict, args: IndexArgs, bar,
+               checkpoint_s: float = 60.0) -> None:
+    """Adds rows [lo, hi) to shard ``s``, checkpointing at most every ``checkpoint_s`` seconds so a kill resumes."""
+    shard_path, partial = idir / f"shard{s}.faiss", idir / f"partial{s}.faiss"
+    if progress["added"][s] == hi - lo and shard_path.exists():
+        return
+    index = faiss.read_index(str(partial if partial.exists() else trained_path))
+    progress["added"][s] = index.ntotal  # the checkpoint itself says how far it got
+    last = time.time()
+    for start, block in _key_chunks(ds.keys, lo + progress["added"][s], hi, args.add_chunk):
+        index.add(block)
+        progress["added"][s] = start + len(block) - lo
+        bar.update(len(block))
+        if time.time() - last > checkpoint_s and progress["added"][s] < hi - lo:
+            with atomic_path(partial) as tmp:
+                faiss.write_index(index, str(tmp))
+            atomic_write_json(idir / "progress.json", progress)
+            last = time.time()
+    with atomic_path(shard_path) as tmp:
+        faiss.write_index(index, str(tmp))
+    atomic_write_json(idir / "progress.json", progress)
+    partial.unlink(missing_ok=True)
+
+
+def _set_nprobe(index, nprobe: int) -> None:
+    try:
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+    except RuntimeError:
+        pass  # not an IVF index
+
+
+def _load_shards(idir: Path, info: dict, nprobe: int):
+    parts = [faiss.read_index(str(idir / f"shard{s}.faiss")) for s in range(info["shards"])]
+    for p in parts:
+        _set_nprobe(p, nprobe)
+    if len(parts) == 1:
+        return parts[0]
+    shards = faiss.IndexShards(info["d"], True, True)  # threaded, successive ids
+    for p in parts:
+        shards.add_shard(p)
+    shards._keep = parts  # the Python wrappers must outlive the C++ shards
+    return shards
+
+
+def load_index(ds_dir: str | Path, nprobe: int = 32, use_gpu: bool | None = None):
+    """The built index of a datastore (None when it has none); moved to GPU when available/asked."""
+    idir = _index_dir(Path(ds_dir))
+    if not (idir / "index.json").exists():
+        return None
+    index = _load_shards(idir, read_json(idir / "index.json"), nprobe)
+    if use_gpu or (use_gpu is None and gpu_available()):
+        index = _to_gpu(index)
+    return index
+
+
+def flat_index(ds, use_gpu: bool | None = None, chunk: int = 262_144):
+    """An exact in-memory L2 index over the store's keys (float32)."""
+    index = faiss.IndexFlatL2(ds.d)
+    for _, block in _key_chunks(ds.keys, 0, ds.N, chunk):
+        index.add(block)
+    if use_gpu or (use_gpu is None and gpu_available()):
+        index = _to_gpu(index)
+    return index
+
+
+def exact_knn(ds, queries: np.ndarray, k: int, chunk: int = 262_144) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force k nearest keys (squared L2), streaming the keys from disk in chunks."""
+    heap = faiss.ResultHeap(len(queries), k)
+    for start, block in _key_chunks(ds.keys, 0, ds.N, chunk):
+        d, i = faiss.knn(queries, block, min(k, len(block)))
+        if d.shape[1] < k:
+            pad = k - d.shape[1]
+            d = np.pad(d, ((0, 0), (0, pad)), constant_values=np.inf)
+            i = np.pad(i, ((0, 0), (0, pad)), constant_values=-1)
+        heap.add_result(d, np.where(i >= 0, i + start, -1))
+    heap.finalize()
+    return heap.D, heap.I
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean fraction of the exact top-k ids that the approximate top-k contains."""
+    hits = [len(np.intersect1d(a[a >= 0], e[e >= 0])) / max(1, (e >= 0).sum()) for a, e in zip(approx_ids, exact_ids)]
+    return float(np.mean(hits))
+
+
+def measure_recall(ds, index, args: IndexArgs) -> dict:
+    rng = np.random.default_rng(args.seed + 1)
+    rows = np.sort(rng.choice(ds.N, size=min(ds.N, args.recall_queries), replace=False))
+    queries = np.asarray(ds.keys[rows], dtype=np.float32)
+    k = min(args.recall_k, ds.N)
+    _, exact = exact_knn(ds, queries, k)
+    _, approx = index.search(queries, k)
+    out = {f"recall@{k}": recall_at_k(approx, exact), "recall@1": recall_at_k(approx[:, :1], exact[:, :1]),
+           "queries": len(rows), "nprobe": args.nprobe}
+    log.info("recall vs exact search: %s", out)
+    return out

@@ -1,0 +1,120 @@
+"""The kNN distribution over the vocabulary, its interpolation with the LM, and batched retrieval.
+
+p_knn(w) ∝ Σ_{i: v_i = w} exp(-d_i / T) over the k retrieved neighbours, d_i the squared L2 distance.
+p_knnlm = (1 - λ) p_lm + λ p_knn, computed in log space; λ is the weight of the kNN part, as in Khandelwal et al.
+(2020) and knn-transformers. Chiang et al. print the formula with λ on the LM side (λ p_lm + (1 - λ) p_knn) but use
+λ = 0.25 with the kNN-LM code of Xu et al., where 0.25 weighs p_knn; `--lmbda 0.25` here is that setting.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import KnnlmError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KNNArgs:
+    k: int = field(default=1024, metadata={"help": "Neighbours retrieved per position (clamped to the datastore size)."})
+    lmbda: list[float] = field(default_factory=lambda: [0.25], metadata={"help": "Weight of p_knn in the interpolation; a comma list sweeps several from one retrieval pass."})
+    knn_temp: float = field(default=1.0, metadata={"help": "Temperature T of exp(-d/T)."})
+    recompute_dists: bool = field(default=False, metadata={"help": "Recompute exact squared L2 distances from the stored keys (needed with PQ indexes)."})
+    ignore_top: bool = field(default=False, metadata={"help": "Drop the nearest neighbour (for querying a store with its own training text)."})
+    nprobe: int = field(default=32, metadata={"help": "IVF lists visited per query (approximate indexes only)."})
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise KnnlmError(f"--k: must be >= 1, got {self.k}")
+        for lam in self.lmbda:
+            if not 0.0 <= lam <= 1.0:
+                raise KnnlmError(f"--lmbda: {lam} is outside [0, 1]; it is the weight of the kNN distribution")
+        if not self.knn_temp > 0:
+            raise KnnlmError(f"--knn_temp: must be > 0, got {self.knn_temp}")
+        if self.nprobe < 1:
+            raise KnnlmError(f"--nprobe: must be >= 1, got {self.nprobe}")
+
+
+def _neighbour_logits(dists: torch.Tensor, temp: float) -> torch.Tensor:
+    return -dists.float() / temp  # [B, k]; missing neighbours carry dist = inf -> -inf
+
+
+def knn_log_probs(dists: torch.Tensor, vals: torch.Tensor, vocab_size: int, temp: float = 1.0) -> torch.Tensor:
+    """log p_knn over the vocabulary: [B, k] distances and values -> [B, V] (-inf for tokens no neighbour has)."""
+    logits = _neighbour_logits(dists, temp)  # [B, k]
+    top = logits.max(dim=-1, keepdim=True).values.clamp_min(-1e30)  # [B, 1]; finite even with no neighbours
+    weights = torch.exp(logits - top)  # [B, k] in (0, 1]
+    mass = torch.zeros(dists.shape[0], vocab_size, dtype=torch.float64, device=dists.device)
+    mass.scatter_add_(1, vals.long(), weights.double())
+    total = mass.sum(dim=-1, keepdim=True)  # [B, 1]
+    return (mass.log() - total.log()).float()
+
+
+def knn_gold_log_prob(dists: torch.Tensor, vals: torch.Tensor, gold: torch.Tensor, temp: float = 1.0) -> torch.Tensor:
+    """log p_knn(gold) for each row: [B, k], [B, k], [B] -> [B] (exact log-sum-exp, no [B, V] tensor)."""
+    logits = _neighbour_logits(dists, temp).double()
+    hit = vals.long() == gold.long().unsqueeze(-1)
+    num = torch.logsumexp(logits.masked_fill(~hit, -math.inf), dim=-1)
+    return (num - torch.logsumexp(logits, dim=-1)).float()
+
+
+def interpolate(lm_logp: torch.Tensor, knn_logp: torch.Tensor, lmbda: float) -> torch.Tensor:
+    """log((1 - λ) p_lm + λ p_knn); λ = 0 returns ``lm_logp`` itself and λ = 1 ``knn_logp``."""
+    if lmbda == 0:
+        return lm_logp
+    if lmbda == 1:
+        return knn_logp
+    return torch.logaddexp(lm_logp + math.log1p(-lmbda), knn_logp + math.log(lmbda))
+
+
+class Retriever:
+    """Batched nearest-neighbour search over a datastore: one FAISS search per batch of positions."""
+
+    def __init__(self, datastore, args: KNNArgs, index=None, use_gpu: bool | None = None):
+        from .index import load_index, flat_index
+
+        self.ds, self.args = datastore, args
+        self.index = index if index is not None else load_index(datastore.dir, nprobe=args.nprobe, use_gpu=use_gpu)
+        if self.index is None:
+            self.index = flat_index(datastore, use_gpu=use_gpu)
+        self.k = min(args.k + int(args.ignore_top), datastore.N)
+        if args.k + int(args.ignore_top) > datastore.N:
+            log.info("k=%d exceeds the datastore size %d: retrieving all keys", args.k, datastore.N)
+        self.vals = torch.from_numpy(np.asarray(datastore.vals, dtype=np.int64))  # [N], small enough to hold
+
+    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries [B, d] -> (squared L2 distances float32 [B, k'], values int64 [B, k']), nearest first."""
+        q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
+        dists, ids = self.index.search(q, self.k)  # [B, k] each
+        if self.args.ignore_top:
+            dists, ids = dists[:, 1:], ids[:, 1:]
+        missing = ids < 0  # IVF may find fewer than k
+        ids_t = torch.from_numpy(np.where(missing, 0, ids))
+        if self.args.recompute_dists:
+            dists = self._exact_dists(q, np.where(missing, 0, ids))
+        dists_t = torch.from_numpy(np.asarray(dists, dtype=np.float32))
+        dists_t[torch.from_numpy(missing)] = math.inf
+        return dists_t, self.vals[ids_t]
+
+    def _exact_dists(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        order = np.argsort(ids, axis=None)  # read the memmap in file order
+        flat = ids.reshape(-1)[order]
+        keys = np.empty((flat.size, q.shape[1]), dtype=np.float32)
+        keys[:] = self.ds.keys[flat]
+        unsorted = np.empty_like(keys)
+        unsorted[order] = keys
+        diff = unsorted.reshape(ids.shape[0], ids.shape[1], -1) - q[:, None, :]
+        return np.einsum("bkd,bkd->bk", diff, diff)
+
+    def log_probs(self, queries: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        dists, vals = self.search(queries)
+        return knn_log_probs(dists, vals, vocab_size, self.args.knn_temp)
+
+    def gold_log_prob(self, queries: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+        dists, vals = self.search(queries)
+        return knn_gold_log_prob(dists, vals, gold.cpu(), self.args.knn_temp)

@@ -1,0 +1,42 @@
+"""Sliding windows: every target once, the longest context allowed, and the datastore row mapping."""
+import numpy as np
+import pytest
+
+from knnlm.config import resolve
+from knnlm.corpus import CorpusArgs, count_targets, windows
+from knnlm.errors import KnnlmError
+
+
+@pytest.mark.parametrize("n, block, stride", [(10, 4, 2), (10, 4, 4), (7, 8, 3), (100, 16, 5), (2, 4, 2), (33, 5, 1)])
+def test_every_target_scored_once(n, block, stride):
+    wins = windows(np.array([0, n]), block, stride)
+    targets = [t for w in wins for t in range(w.first_target, w.end)]
+    assert targets == list(range(1, n))
+    assert count_targets(wins) == n - 1
+    for w in wins:
+        assert w.end - w.start <= block
+        assert w.start < w.first_target <= w.end
+    # the row of target t is t - 1 in a single document
+    assert all(w.row == w.first_target - 1 for w in wins)
+
+
+def test_longest_context():
+    # block 4, stride 2 over 10 tokens: windows [0,4) [2,6) [4,8) [6,10); targets 1-3, 4-5, 6-7, 8-9
+    wins = windows(np.array([0, 10]), 4, 2)
+    assert [(w.start, w.end, w.first_target) for w in wins] == [(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8)]
+
+
+def test_documents_are_windowed_separately():
+    wins = windows(np.array([0, 3, 3, 8]), 4, 2)  # docs of 3, 0 and 5 tokens
+    targets = [t for w in wins for t in range(w.first_target, w.end)]
+    assert targets == [1, 2, 4, 5, 6, 7]
+    rows = [w.row + i for w in wins for i in range(w.n_targets)]
+    assert rows == list(range(6))
+    assert all(w.start >= 3 for w in wins if w.first_target >= 4)  # no context crosses a document start
+
+
+def test_bad_stride():
+    with pytest.raises(KnnlmError, match="--stride"):
+        resolve(CorpusArgs, {"block_size": 4, "stride": 8})
+    with pytest.raises(KnnlmError, match="--block_size"):
+        CorpusArgs(block_size=4096).resolved_window(1024)
