@@ -128,8 +128,6 @@ def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datast
     if datastore is not None:
         datastore.check_compatible(lm, key_point)
         retriever = Retriever(datastore, knn)
-    if memory is not None:
-        memory.check_compatible(lm)
     points = tuple({p for p in (datastore.key_point if datastore else None, memory.key_point if memory else None)
                     if p} | {"final_hidden"})
     for p in points:

@@ -100,11 +100,11 @@ def cmd_eval(args) -> int:
             from ..errors import KnnlmError
             raise KnnlmError("--validation_file: required (or --dataset_name): the corpus to score")
         datastore = Datastore.open(eargs.datastore) if eargs.datastore else None
+        lm = load_model(margs)
         memory = None
         if eargs.mlp_memory:
             from ..memory import MLPMemory
-            memory = MLPMemory.load(eargs.mlp_memory)
-        lm = load_model(margs)
+            memory = MLPMemory.load(eargs.mlp_memory, lm)
         metrics = evaluate(lm, cargs, out, eargs, datastore=datastore, knn=kargs, memory=memory, key_point=args.key_point)
         table = results_table(metrics)
     save_config(out, margs, cargs, kargs, eargs)
