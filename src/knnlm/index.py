@@ -139,9 +139,12 @@ def build_index(ds, args: IndexArgs) -> dict:
     return info
 
 
-def _add_shard(ds, idir: Path, s: int, lo: int, hi: int, trained_path: Path, progress: dict, args: IndexArgs, bar,
-               checkpoint_s: float = 60.0) -> None:
-    """Adds rows [lo, hi) to shard ``s``, checkpointing at most every ``checkpoint_s`` seconds so a kill resumes."""
+CHECKPOINT_S = 60.0  # seconds between checkpoints of a shard being filled
+
+
+def _add_shard(ds, idir: Path, s: int, lo: int, hi: int, trained_path: Path, progress: dict, args: IndexArgs,
+               bar) -> None:
+    """Adds rows [lo, hi) to shard ``s``, checkpointing at most every CHECKPOINT_S seconds so a kill resumes."""
     shard_path, partial = idir / f"shard{s}.faiss", idir / f"partial{s}.faiss"
     if progress["added"][s] == hi - lo and shard_path.exists():
         return
@@ -152,7 +155,7 @@ def _add_shard(ds, idir: Path, s: int, lo: int, hi: int, trained_path: Path, pro
         index.add(block)
         progress["added"][s] = start + len(block) - lo
         bar.update(len(block))
-        if time.time() - last > checkpoint_s and progress["added"][s] < hi - lo:
+        if time.time() - last >= CHECKPOINT_S and progress["added"][s] < hi - lo:
             with atomic_path(partial) as tmp:
                 faiss.write_index(index, str(tmp))
             atomic_write_json(idir / "progress.json", progress)
@@ -179,7 +182,6 @@ def _load_shards(idir: Path, info: dict, nprobe: int):
     shards = faiss.IndexShards(info["d"], True, True)  # threaded, successive ids
     for p in parts:
         shards.add_shard(p)
-    shards._keep = parts  # the Python wrappers must outlive the C++ shards
     return shards
 
 

@@ -1,0 +1,88 @@
+"""FAISS indexes: Flat equals numpy brute force; IVF-PQ recall; shards equal one index; resumable builds."""
+import numpy as np
+import pytest
+
+from knnlm.datastore import Datastore
+from knnlm.errors import KnnlmError
+from knnlm.fileio import atomic_write_json
+from knnlm.index import IndexArgs, build_index, default_factory, exact_knn, load_index, recall_at_k
+
+
+def make_store(path, n=4000, d=16, seed=0):
+    """A synthetic datastore folder in the on-disk format (clustered keys so IVF has structure)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(20, d)) * 4
+    keys = (centers[rng.integers(0, 20, n)] + rng.normal(size=(n, d))).astype(np.float16)
+    path.mkdir(parents=True)
+    keys.tofile(path / "keys.f16")
+    rng.integers(0, 100, n).astype(np.int32).tofile(path / "vals.i32")
+    atomic_write_json(path / "meta.json", {"N": n, "d": d, "key_point": "ffn_input"})
+    return Datastore.open(path)
+
+
+def test_flat_equals_numpy(tmp_path):
+    ds = make_store(tmp_path / "ds")
+    build_index(ds, IndexArgs(factory="Flat"))
+    index = load_index(ds.dir)
+    q = np.asarray(ds.keys[:50], dtype=np.float32) + 0.1
+    d, i = index.search(q, 8)
+    keys = np.asarray(ds.keys, dtype=np.float32)
+    ref = ((q[:, None, :] - keys[None]) ** 2).sum(-1)
+    ref_i = np.argsort(ref, axis=1, kind="stable")[:, :8]
+    np.testing.assert_allclose(d, np.take_along_axis(ref, ref_i, 1), rtol=1e-4)
+    assert recall_at_k(i, ref_i) == 1.0
+    ed, ei = exact_knn(ds, q, 8, chunk=333)  # the streaming brute force agrees too
+    np.testing.assert_allclose(ed, d, rtol=1e-5)
+
+
+def test_ivfpq_recall_and_shards(tmp_path):
+    ds = make_store(tmp_path / "ds")
+    info = build_index(ds, IndexArgs(factory="IVF32,PQ8x4", nprobe=8, train_size=2000, recall_k=10, recall_queries=200))
+    assert info["recall"]["recall@10"] > 0.5
+    ds2 = make_store(tmp_path / "ds2")
+    info2 = build_index(ds2, IndexArgs(factory="IVF32,Flat", nprobe=32, shards=3, recall_k=10, recall_queries=200))
+    assert info2["recall"]["recall@10"] == pytest.approx(1.0)  # every list probed: exact
+    index = load_index(ds2.dir, nprobe=32)
+    assert index.ntotal == ds2.N
+    q = np.asarray(ds2.keys[100:110], dtype=np.float32)
+    _, ids = index.search(q, 1)
+    assert list(ids[:, 0]) == list(range(100, 110))  # shard ids are global rows
+
+
+def test_resume_after_kill(tmp_path, monkeypatch):
+    import knnlm.index as index_mod
+
+    ds = make_store(tmp_path / "ds")
+    args = IndexArgs(factory="IVF16,Flat", add_chunk=500, train_size=1000, recall_queries=0)
+    real_chunks = index_mod._key_chunks
+
+    def dying(*a, **kw):  # the process "dies" while adding the fourth chunk
+        for i, item in enumerate(real_chunks(*a, **kw)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(index_mod, "CHECKPOINT_S", 0.0)
+    monkeypatch.setattr(index_mod, "_key_chunks", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(ds, args)
+    monkeypatch.setattr(index_mod, "_key_chunks", real_chunks)
+    import faiss
+    assert faiss.read_index(str(ds.dir / "index" / "partial0.faiss")).ntotal == 1500
+    info = build_index(ds, args)
+    index = load_index(ds.dir, nprobe=16)
+    assert index.ntotal == ds.N == info["ntotal"]
+    _, ids = index.search(np.asarray(ds.keys[:20], dtype=np.float32), 1)
+    assert list(ids[:, 0]) == list(range(20))
+
+
+def test_default_factory_and_errors(tmp_path):
+    assert default_factory(1000, 64, 10_000) == "Flat"
+    assert default_factory(1_000_000, 576, 10_000) == "IVF4096,PQ64"
+    assert default_factory(2_000_000, 64, 10_000).endswith("PQ16")
+    ds = make_store(tmp_path / "ds", n=500)
+    with pytest.raises(KnnlmError, match="--factory"):
+        build_index(ds, IndexArgs(factory="NotAnIndex"))
+    build_index(ds, IndexArgs(factory="Flat"))
+    with pytest.raises(KnnlmError, match="--overwrite"):
+        build_index(ds, IndexArgs(factory="IVF4,Flat"))
