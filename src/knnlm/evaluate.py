@@ -119,15 +119,18 @@ def _target_positions(batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datastore=None,
-             knn: Optional[KNNArgs] = None, memory=None, key_point: Optional[str] = None) -> dict:
-    """Scores the validation corpus; returns the metrics (perplexities, token count, throughput)."""
+             knn: Optional[KNNArgs] = None, memory=None, key_point: Optional[str] = None, index=None) -> dict:
+    """Scores the validation corpus; returns the metrics (perplexities, token count, throughput).
+
+    ``index``: a FAISS index to search instead of the store's own (e.g. exact Flat to compare with its IVF-PQ).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     knn = knn or KNNArgs()
     retriever = None
     if datastore is not None:
         datastore.check_compatible(lm, key_point)
-        retriever = Retriever(datastore, knn)
+        retriever = Retriever(datastore, knn, index=index)
     points = tuple({p for p in (datastore.key_point if datastore else None, memory.key_point if memory else None)
                     if p} | {"final_hidden"})
     for p in points:

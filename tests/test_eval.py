@@ -1,0 +1,102 @@
+"""kNN-LM perplexity from the CLI against a brute-force numpy reference on a tiny random GPT-2."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from knnlm.cli import main
+
+TRAIN = "the cat sat on the mat. the dog sat on the log. a cat and a dog sat together on a mat.\n" * 3
+VALID = "the dog sat on the mat. a cat sat on the log.\n"
+
+
+def _reference(model_dir, train_ids, valid_ids, k, lmbda, temp):
+    """Brute force: final_hidden keys from HF directly (one window each), numpy top-k, p_knn, interpolation."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        tr = model(torch.tensor([train_ids]), output_hidden_states=True)
+        va = model(torch.tensor([valid_ids]), output_hidden_states=True)
+    keys = tr.hidden_states[-1][0, :-1].to(torch.float16).float().numpy()  # [N, d], rounded as stored
+    vals = np.asarray(train_ids[1:])
+    q = va.hidden_states[-1][0, :-1].float().numpy()  # [n, d]
+    gold = np.asarray(valid_ids[1:])
+    lm_logp = torch.log_softmax(va.logits[0, :-1].double(), -1).numpy()[np.arange(len(gold)), gold]
+    d = ((q[:, None, :].astype(np.float64) - keys[None].astype(np.float64)) ** 2).sum(-1)  # [n, N]
+    nn = np.argsort(d, axis=1, kind="stable")[:, :k]
+    nd = np.take_along_axis(d, nn, 1)
+    w = np.exp(-(nd - nd.min(1, keepdims=True)) / temp)
+    p_knn = (w * (vals[nn] == gold[:, None])).sum(1) / w.sum(1)
+    ppl_lm = math.exp(-lm_logp.mean())
+    mixed = np.log((1 - lmbda) * np.exp(lm_logp) + lmbda * p_knn)
+    return ppl_lm, math.exp(-mixed.mean())
+
+
+def test_cli_matches_brute_force(tiny_gpt2_dir, tiny_lm, tmp_path):
+    (tmp_path / "train.txt").write_text(TRAIN)
+    (tmp_path / "valid.txt").write_text(VALID)
+    model = ["--model_name_or_path", str(tiny_gpt2_dir)]
+    win = ["--block_size", "128", "--stride", "64"]
+    assert main(["datastore", "build", *model, "--train_file", str(tmp_path / "train.txt"), *win,
+                 "--key_point", "final_hidden", "--output_dir", str(tmp_path / "ds")]) == 0
+    assert main(["eval", *model, "--validation_file", str(tmp_path / "valid.txt"), *win, "--datastore",
+                 str(tmp_path / "ds"), "--k", "8", "--lmbda", "0.25,0", "--knn_temp", "2", "--recompute_dists", "true",
+                 "--output_dir", str(tmp_path / "out")]) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    m = res["metrics"]
+    ppl_lm, ppl_knnlm = _reference(str(tiny_gpt2_dir), tiny_lm.encode(TRAIN), tiny_lm.encode(VALID), 8, 0.25, 2.0)
+    assert m["n_tokens"] == len(tiny_lm.encode(VALID)) - 1
+    assert m["ppl_lm"] == pytest.approx(ppl_lm, rel=1e-5)
+    assert m["ppl_knnlm"] == pytest.approx(ppl_knnlm, rel=1e-4)
+    assert m["sweep_knn"]["0.0"] == m["ppl_lm"]  # λ = 0 is the LM exactly
+    assert res["config"]["k"] == 8 and "versions" in res["run"] and (tmp_path / "out" / "results.md").exists()
+
+
+def test_k_larger_than_store_and_neighbour_cache(tiny_gpt2_dir, tmp_path):
+    (tmp_path / "train.txt").write_text(TRAIN)
+    (tmp_path / "valid.txt").write_text(VALID)
+    model = ["--model_name_or_path", str(tiny_gpt2_dir)]
+    main(["datastore", "build", *model, "--train_file", str(tmp_path / "train.txt"), "--output_dir", str(tmp_path / "ds")])
+    assert main(["eval", *model, "--validation_file", str(tmp_path / "valid.txt"), "--datastore", str(tmp_path / "ds"),
+                 "--k", "100000", "--lmbda", "0.25,0.5", "--save_neighbors", "true",
+                 "--output_dir", str(tmp_path / "out")]) == 0
+    m = json.loads((tmp_path / "out" / "results.json").read_text())["metrics"]
+    assert m["k"] == m["datastore_N"]  # clamped: all keys
+    assert main(["eval", "--from_neighbors", str(tmp_path / "out" / "neighbors"), "--lmbda", "0.25,0.5",
+                 "--sweep_temps", "1", "--output_dir", str(tmp_path / "sweep")]) == 0
+    sweep = json.loads((tmp_path / "sweep" / "results.json").read_text())["metrics"]["sweep_knn_cached"]
+    assert sweep["lmbda=0.25,T=1.0"] == pytest.approx(m["sweep_knn"]["0.25"], rel=1e-6)
+    assert sweep["lmbda=0.5,T=1.0"] == pytest.approx(m["sweep_knn"]["0.5"], rel=1e-6)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--lmbda", "1.5"], "--lmbda"),
+    (["--knn_temp", "0"], "--knn_temp"),
+    (["--k", "0"], "--k"),
+])
+def test_bad_flags_one_line_error(tiny_gpt2_dir, tmp_path, extra, needle):
+    (tmp_path / "valid.txt").write_text(VALID)
+    r = subprocess.run([sys.executable, "-m", "knnlm", "eval", "--model_name_or_path", str(tiny_gpt2_dir),
+                        "--validation_file", str(tmp_path / "valid.txt"), "--output_dir", str(tmp_path / "o"), *extra],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["eval", "--model_name_or_path", "{tmp}/nope", "--validation_file", "{tmp}/v.txt", "--output_dir", "{tmp}/o"], "nope"),
+    (["eval", "--model_name_or_path", "{model}", "--validation_file", "{tmp}/missing.txt", "--output_dir", "{tmp}/o"], "missing.txt"),
+    (["eval", "--model_name_or_path", "{model}", "--validation_file", "{tmp}/v.txt", "--datastore", "{tmp}/nods",
+      "--output_dir", "{tmp}/o"], "nods"),
+    (["datastore", "build", "--model_name_or_path", "{tmp}", "--train_file", "{tmp}/v.txt", "--output_dir", "{tmp}/ds"], "config"),
+])
+def test_bad_paths_one_line_error(tiny_gpt2_dir, tmp_path, args, needle):
+    (tmp_path / "v.txt").write_text(VALID)
+    argv = [a.format(tmp=tmp_path, model=tiny_gpt2_dir) for a in args]
+    r = subprocess.run([sys.executable, "-m", "knnlm", *argv], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and needle in r.stderr and "Traceback" not in r.stderr
