@@ -1,7 +1,7 @@
 """FAISS indexes over a datastore's keys: any factory string, resumable chunked adds, GPU, shards, recall checks.
 
 Files live in ``<datastore>/index/``: ``index.json`` (factory, shards, recall; written last), ``shard<i>.faiss``, and
-while building ``trained.faiss`` (the trained empty index) and ``progress.json`` + ``partial<i>.faiss`` checkpoints.
+``trained.faiss`` (the trained empty index, kept for on-disk merging), and while building ``progress.json`` + ``partial<i>.faiss`` checkpoints.
 
 Stores larger than RAM: build with ``--shards S`` (each shard holds a contiguous range of rows and is added on its own;
 searching combines them with ``faiss.IndexShards``, so only the PQ codes need to fit in memory), or merge the shards'
@@ -134,7 +134,6 @@ def build_index(ds, args: IndexArgs) -> dict:
     if args.recall_queries and factory != "Flat":
         info["recall"] = measure_recall(ds, _load_shards(idir, info, args.nprobe), args)
     atomic_write_json(info_path, info)
-    trained_path.unlink(missing_ok=True)
     progress_path.unlink(missing_ok=True)
     return info
 
