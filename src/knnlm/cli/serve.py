@@ -1,0 +1,36 @@
+"""`knnlm serve`: an OpenAI-compatible /v1/completions endpoint with log-probabilities over a local model."""
+from __future__ import annotations
+
+from ..config import add_arguments, resolve
+
+
+def register(sub) -> None:
+    from ..models import ModelArgs
+    from ..serve import ServeArgs
+
+    p = sub.add_parser("serve", help="serve a local model as an OpenAI-compatible /v1/completions endpoint with logprobs")
+    p.add_argument("--config", default=None, help="YAML/JSON file setting any of the options below (flags win)")
+    for cls in (ModelArgs, ServeArgs):
+        add_arguments(p, cls)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from ..models import ModelArgs, load_model
+    from ..serve import ServeArgs, start_server
+
+    margs, sargs = resolve([ModelArgs, ServeArgs], args, args.config)
+    lm = load_model(margs)
+    server, thread = start_server(lm, sargs)
+    print(f"serving {server.engine.name} at {server.url} (POST /completions, GET /models); Ctrl-C stops", flush=True)
+    if sargs.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: bound to {sargs.host}: reachable from other machines" +
+              ("" if sargs.api_key else "; set --api_key to require a key"), flush=True)
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    return 0
