@@ -1,0 +1,713 @@
+"""The MLP-hurdle study (paper Appendix E, Figures 4 and 5): does the last block's MLP slow early training?
+
+Two GPT-2 models are built from one config and one seed: ``with_last_mlp`` and ``without_last_mlp``, the same initialised
+model with the last block's feed-forward sublayer removed (that block's output is h + attn(LN(h)): the residual passes
+through). Both are trained on the same batches in the same order, and evaluated at steps 0, eval_every, 2·eval_every, ...:
+
+- Macondo mode (``--data macondo`` or a generated village folder): trained on the test split's sentences, as the paper does;
+  the metric is the log-likelihood of each child's name given its prefix, per number of children and averaged (Figure 4).
+- Text mode (``--data FILE``): the metric is the training loss (EMA-smoothed, Figure 5) and the loss on a fixed
+  validation slice.
+
+Each (seed, model) run checkpoints at every eval point (model, optimizer, RNG, EMA, metrics; atomic), so a rerun resumes.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import KnnlmError
+from ..fileio import atomic_path, atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+MODELS = ("with_last_mlp", "without_last_mlp")
+
+
+# ---------------------------------------------------------------------------------------------------------------- config
+@dataclass
+class HurdleArgs:
+    data: str = field(default="macondo", metadata={"help": "`macondo` (generate a village into OUT/macondo with the --macondo_* knobs), a folder holding a generated village (its test.jsonl), or a plain-text training file (text mode)."})
+    size: str = field(default="gpt2-small", metadata={"help": "Named from-scratch GPT-2 size (knnlm.assets.SCRATCH_SIZES: tiny, small, gpt2-small)."})
+    preset: Optional[Literal["cpu", "paper"]] = field(default=None, metadata={"help": "Preset values (flags and --config win): `cpu` (small model, reduced vocabulary, 2 CPU cores, <= 10 min per mode) or `paper` (GPT-2 small, a GPU)."})
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Run folder: checkpoints, results.json, results.md, PNGs (required). A rerun resumes it."})
+    steps: int = field(default=10000, metadata={"help": "Optimizer steps per model."})
+    eval_every: int = field(default=1000, metadata={"help": "Evaluate every N steps (and at step 0 and the last step); checkpoints are written at the same points."})
+    seeds: int = field(default=5, metadata={"help": "Number of seeds (0..seeds-1); each seed gives both models their initial weights and data order."})
+    batch_size: int = field(default=8, metadata={"help": "Examples per step: sentences in Macondo mode, blocks of --block_size tokens in text mode."})
+    block_size: int = field(default=1024, metadata={"help": "Text mode: tokens per training block and validation block."})
+    lr: float = field(default=5e-4, metadata={"help": "Peak learning rate of AdamW."})
+    warmup: float = field(default=0.05, metadata={"help": "Linear warm-up: a fraction of --steps when < 1, else a number of steps; then linear decay to 0."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only; biases, norms untouched)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
+    vocab_size: int = field(default=0, metadata={"help": "0: the tokenizer's full vocabulary. N > 0: keep the N-1 most frequent tokens of the training data and map the rest to one unknown id (a CPU speed-up; likelihoods are then over that reduced vocabulary)."})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Text mode: validation text (default: valid.txt beside a training file named train.txt, as in WikiText)."})
+    val_tokens: int = field(default=0, metadata={"help": "Text mode: score the first N validation tokens (0 = all)."})
+    max_train_tokens: int = field(default=0, metadata={"help": "Text mode: use only the first N training tokens (0 = all)."})
+    ema_beta: float = field(default=0.98, metadata={"help": "Smoothing of the recorded training loss: ema = beta*ema + (1-beta)*loss (bias-corrected)."})
+    eval_batch_size: int = field(default=32, metadata={"help": "Examples per forward pass when evaluating."})
+    macondo_seed: int = field(default=0, metadata={"help": "Macondo mode: seed of the generated village."})
+    macondo_num_villagers: int = field(default=500, metadata={"help": "Macondo mode: villagers in the generated village."})
+    macondo_num_parents: int = field(default=100, metadata={"help": "Macondo mode: parents (an equal share for each number of children)."})
+    macondo_max_children: int = field(default=5, metadata={"help": "Macondo mode: parents have 1..N children."})
+    macondo_examples_per_child: int = field(default=5, metadata={"help": "Macondo mode: training examples per parent-child pair (the train split, unused here but generated)."})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda."})
+    num_threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)."})
+    log_every: int = field(default=50, metadata={"help": "Record the smoothed training loss (and update the progress bar) every N steps."})
+
+    @property
+    def mode(self) -> str:
+        return "text" if Path(self.data).is_file() else "macondo"
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.warmup * self.steps)) if self.warmup < 1 else int(self.warmup)
+
+    def eval_steps(self) -> list[int]:
+        return sorted(set(range(0, self.steps + 1, self.eval_every)) | {self.steps})
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise KnnlmError("--output_dir: required; the run folder for checkpoints and results")
+        from ..assets import SCRATCH_SIZES
+
+        if self.size not in SCRATCH_SIZES:
+            raise KnnlmError(f"--size: {self.size!r} is not a from-scratch GPT-2 size; use one of {', '.join(SCRATCH_SIZES)}")
+        if self.data != "macondo" and not Path(self.data).exists():
+            raise KnnlmError(f"--data: {self.data} does not exist; pass `macondo`, a Macondo folder or a text file")
+        if self.data != "macondo" and Path(self.data).is_dir() and not (Path(self.data) / "test.jsonl").is_file():
+            raise KnnlmError(f"--data: {self.data} is a folder without test.jsonl; pass a folder from `knnlm macondo generate`")
+        for name in ("steps", "eval_every", "seeds", "batch_size", "block_size", "eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise KnnlmError(f"--{name}: must be >= 1, got {getattr(self, name)}")
+        if self.eval_every > self.steps:
+            raise KnnlmError(f"--eval_every: {self.eval_every} exceeds --steps {self.steps}; lower it")
+        if self.lr <= 0 or self.warmup < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise KnnlmError("--lr/--warmup/--weight_decay/--max_grad_norm: must be positive (lr) or >= 0")
+        if self.warmup_steps >= self.steps:
+            raise KnnlmError(f"--warmup: {self.warmup} gives {self.warmup_steps} warm-up steps, not fewer than --steps {self.steps}")
+        if not 0 <= self.ema_beta < 1:
+            raise KnnlmError(f"--ema_beta: must be in [0, 1), got {self.ema_beta}")
+        if self.vocab_size < 0 or self.vocab_size == 1:
+            raise KnnlmError("--vocab_size: 0 (full vocabulary) or >= 2")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise KnnlmError(f"--device: {self.device!r} is not one of auto, cpu, cuda")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise KnnlmError("--device: cuda requested but no CUDA device is visible; use --device cpu")
+        if self.mode == "text":
+            val = self.validation_path()
+            if val is None:
+                raise KnnlmError(f"--validation_file: required in text mode (no valid.txt beside {self.data})")
+            if not val.is_file():
+                raise KnnlmError(f"--validation_file: {val} does not exist; pass a plain-text validation file")
+
+    def validation_path(self) -> Optional[Path]:
+        if self.validation_file:
+            return Path(self.validation_file)
+        sibling = Path(self.data).with_name("valid.txt")
+        return sibling if Path(self.data).name == "train.txt" and sibling.is_file() else None
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+# Values a preset sets, per mode (flags and --config win). `cpu`: both models x 5 seeds in <= 10 min on 2 cores per mode.
+PRESETS: dict[str, dict[str, dict]] = {
+    "cpu": {
+        "macondo": dict(size="tiny", steps=1200, eval_every=100, seeds=5, batch_size=16, lr=1e-3, warmup=0.05,
+                        vocab_size=4096, log_every=20, macondo_num_villagers=200, macondo_num_parents=50),
+        "text": dict(size="tiny", steps=600, eval_every=50, seeds=5, batch_size=16, block_size=64, lr=1e-3, warmup=0.05,
+                     vocab_size=2048, max_train_tokens=500_000, val_tokens=16384, log_every=10),
+    },
+    "paper": {
+        "macondo": dict(size="gpt2-small", steps=10000, eval_every=1000, seeds=5, batch_size=8, lr=5e-4, warmup=0.05,
+                        vocab_size=0),
+        "text": dict(size="gpt2-small", steps=10000, eval_every=1000, seeds=5, batch_size=8, block_size=1024, lr=5e-4,
+                     warmup=0.05, vocab_size=0, val_tokens=0),
+    },
+}
+
+# Fields that change what a run computes: a rerun into the same folder must agree on them to resume it.
+_RUN_KEYS = tuple(f.name for f in dataclasses.fields(HurdleArgs)
+                  if f.name not in ("output_dir", "device", "num_threads", "seeds", "eval_batch_size", "preset"))
+
+
+def resolve_args(cli: dict, config_file: Optional[str] = None) -> HurdleArgs:
+    """HurdleArgs from CLI values (None = unset), a YAML/JSON config file and a preset: flag > file > preset > default."""
+    from ..config import load_config_file, resolve
+
+    file_vals = load_config_file(config_file) if config_file else {}
+    cli = {k: v for k, v in cli.items() if v is not None}
+    preset = cli.get("preset", file_vals.get("preset"))
+    if preset is not None and preset not in PRESETS:
+        raise KnnlmError(f"--preset: {preset!r} is not one of {', '.join(PRESETS)}")
+    if preset is not None:
+        data = cli.get("data", file_vals.get("data", HurdleArgs.data))
+        mode = "text" if Path(str(data)).is_file() else "macondo"
+        for key, value in PRESETS[preset][mode].items():
+            if key not in file_vals and key not in cli:
+                cli[key] = value
+    return resolve(HurdleArgs, cli, config_file)
+
+
+# ---------------------------------------------------------------------------------------------------------------- models
+class ZeroMLP(nn.Module):
+    """Stands in for a removed feed-forward sublayer: returns zeros, so the block adds nothing to the residual."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d] -> [B, T, d]
+        return torch.zeros_like(x)
+
+
+def gpt2_config(size: str, vocab_size: int, n_positions: int, eos_token_id: int):
+    """The GPT2Config of a named from-scratch size (``knnlm.assets.scratch_config``) with this vocabulary."""
+    from ..assets import scratch_config
+
+    config = scratch_config(size, n_positions=max(256, n_positions))
+    config.vocab_size = vocab_size
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = eos_token_id
+    config.loss_type = "ForCausalLM"
+    return config
+
+
+def remove_last_mlp(model) -> nn.Module:
+    """In place: the last block's feed-forward sublayer (ln_2 and mlp) becomes a pass-through of the residual."""
+    block = model.transformer.h[-1]
+    block.mlp = ZeroMLP()
+    block.ln_2 = nn.Identity()
+    return model
+
+
+def build_pair(config, seed: int) -> dict[str, nn.Module]:
+    """Both models of one seed: the same initial weights everywhere they share (the pruned one is a copy)."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    full = GPT2LMHeadModel(config)
+    pruned = remove_last_mlp(copy.deepcopy(full))
+    return {"with_last_mlp": full, "without_last_mlp": pruned}
+
+
+def count_params(model: nn.Module) -> int:
+    """Distinct parameters (tied input/output embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------- data
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Example indices of the batch of update ``step`` (0-based): each epoch a fresh permutation seeded by (seed, epoch),
+    read in order; a pure function of its arguments, so both models of a pair (and a resumed run) see the same batches."""
+    out: list[np.ndarray] = []
+    pos, need = step * batch_size, batch_size
+    while need:
+        epoch, offset = divmod(pos, n)
+        take = min(need, n - offset)
+        out.append(_epoch_permutation(n, seed, epoch)[offset:offset + take])
+        pos, need = pos + take, need - take
+    return np.concatenate(out)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+@dataclass
+class Vocab:
+    """Maps tokenizer ids to model ids: identity for the full vocabulary, else kept tokens + one unknown id (the last)."""
+
+    size: int
+    kept: Optional[np.ndarray] = None  # [size - 1] tokenizer ids, most frequent first
+
+    @classmethod
+    def build(cls, token_arrays: list[np.ndarray], full_size: int, vocab_size: int) -> "Vocab":
+        if vocab_size == 0:
+            return cls(full_size)
+        counts = np.bincount(np.concatenate(token_arrays), minlength=full_size)
+        seen = np.flatnonzero(counts)
+        order = seen[np.lexsort((seen, -counts[seen]))]  # most frequent first, ties by id
+        kept = order[: vocab_size - 1]
+        return cls(len(kept) + 1, kept)
+
+    @functools.cached_property
+    def _table(self) -> np.ndarray:
+        table = np.full(int(self.kept.max()) + 1 if len(self.kept) else 1, self.unk, dtype=np.int64)
+        table[self.kept] = np.arange(len(self.kept))
+        return table
+
+    @property
+    def unk(self) -> Optional[int]:
+        return None if self.kept is None else self.size - 1
+
+    def map(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.kept is None:
+            return ids
+        out = np.full(ids.shape, self.unk, dtype=np.int64)
+        inside = ids < len(self._table)
+        out[inside] = self._table[ids[inside]]
+        return out
+
+
+def _pad(seqs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pads id sequences -> input_ids [B, T], attention_mask [B, T]."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+@dataclass
+class Examples:
+    """Training examples: Macondo sentences (variable length) or fixed text blocks, as model ids."""
+
+    seqs: Optional[list[np.ndarray]] = None  # Macondo: one array per sentence
+    tokens: Optional[np.ndarray] = None  # text: the token stream, cut into blocks
+    block_size: int = 0
+
+    def __len__(self) -> int:
+        return len(self.seqs) if self.seqs is not None else len(self.tokens) // self.block_size
+
+    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> input_ids [B, T], attention_mask [B, T], labels [B, T] (-100 on padding)."""
+        if self.seqs is not None:
+            ids, mask = _pad([self.seqs[i] for i in idx], 0)
+        else:
+            rows = [self.tokens[i * self.block_size:(i + 1) * self.block_size] for i in idx]
+            ids = torch.as_tensor(np.stack(rows), dtype=torch.long)
+            mask = torch.ones_like(ids)
+        return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+@dataclass
+class StudyData:
+    mode: str
+    train: Examples
+    vocab: Vocab
+    eos_id: int  # model id
+    items: Optional[list[tuple[np.ndarray, np.ndarray]]] = None  # Macondo: (prefix ids, target ids) per child
+    n_children: Optional[list[int]] = None
+    val_blocks: Optional[Examples] = None  # text: the fixed validation slice
+
+
+class _TokenizerLM:
+    """What ``knnlm.corpus.tokenize_to_file`` needs from an LM, for a bare tokenizer."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+
+def load_tokenizer():
+    from transformers import AutoTokenizer
+
+    from ..assets import gpt2_tokenizer_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gpt2_tokenizer_dir()))
+    tokenizer.model_max_length = 1 << 62  # whole files are tokenized at once; the models see short blocks
+    return tokenizer
+
+
+def _macondo_rows(args: HurdleArgs, out: Path) -> list[dict]:
+    from ..macondo.generate import MacondoArgs, generate_macondo, read_split
+
+    if args.data != "macondo":
+        return read_split(args.data, "test")
+    folder = out / "macondo"
+    if not (folder / "meta.json").is_file():
+        generate_macondo(MacondoArgs(seed=args.macondo_seed, output_dir=str(folder),
+                                     num_villagers=args.macondo_num_villagers, num_parents=args.macondo_num_parents,
+                                     max_children=args.macondo_max_children,
+                                     examples_per_child=args.macondo_examples_per_child, tokenizer="gpt2",
+                                     format="plain"))
+    return read_split(folder, "test")
+
+
+def encode_item(tokenizer, prefix: str, target: str) -> tuple[list[int], list[int]]:
+    """(prefix ids, target ids): the prefix as the model encodes text (BOS where the tokenizer adds one), the target
+    (the child's name with its leading space) without special tokens."""
+    return tokenizer(prefix)["input_ids"], tokenizer(target, add_special_tokens=False)["input_ids"]
+
+
+def prepare_data(args: HurdleArgs, tokenizer) -> StudyData:
+    """Tokenizes the training (and evaluation) data once; cached token files live in OUT/data."""
+    out = Path(args.output_dir)
+    full = len(tokenizer)
+    if args.mode == "macondo":
+        rows = _macondo_rows(args, out)
+        encoded = [encode_item(tokenizer, r["prefix"], r["target"]) for r in rows]
+        sentences = [np.asarray(p + t, dtype=np.int64) for p, t in encoded]
+        vocab = Vocab.build(sentences, full, args.vocab_size)
+        items = [(vocab.map(p), vocab.map(t)) for p, t in encoded]
+        if vocab.unk is not None and any((t == vocab.unk).any() for _, t in items):
+            raise KnnlmError(f"--vocab_size: {args.vocab_size} drops some children's names; raise it (or 0)")
+        train = Examples(seqs=[vocab.map(s) for s in sentences])
+        return StudyData("macondo", train, vocab, int(vocab.map([tokenizer.eos_token_id])[0]), items=items,
+                         n_children=[int(r["n_children"]) for r in rows])
+    from ..corpus import CorpusArgs, tokenize_to_file
+
+    shim = _TokenizerLM(tokenizer)
+    corpus = CorpusArgs(train_file=args.data, validation_file=str(args.validation_path()),
+                        max_tokens=args.max_train_tokens or None)
+    train_tokens = np.asarray(tokenize_to_file(shim, corpus, "train", out / "data" / "train.tokens").tokens)
+    corpus.max_tokens = args.val_tokens or None
+    val_tokens = np.asarray(tokenize_to_file(shim, corpus, "validation", out / "data" / "valid.tokens").tokens)
+    if len(train_tokens) < args.block_size * args.batch_size:
+        raise KnnlmError(f"--data: {args.data} has {len(train_tokens)} tokens, fewer than one batch "
+                         f"(--batch_size x --block_size = {args.batch_size * args.block_size})")
+    if len(val_tokens) < args.block_size:
+        raise KnnlmError(f"--validation_file: {len(val_tokens)} tokens, fewer than one --block_size block")
+    vocab = Vocab.build([train_tokens], full, args.vocab_size)
+    return StudyData("text", Examples(tokens=vocab.map(train_tokens), block_size=args.block_size), vocab,
+                     int(vocab.map([tokenizer.eos_token_id])[0]),
+                     val_blocks=Examples(tokens=vocab.map(val_tokens), block_size=args.block_size))
+
+
+# ---------------------------------------------------------------------------------------------------------------- metrics
+@torch.no_grad()
+def target_log_likelihoods(model: nn.Module, items: list[tuple[np.ndarray, np.ndarray]], batch_size: int,
+                           device: torch.device) -> list[float]:
+    """log p(target | prefix) per item, summed over the target's tokens (right-padded batches, no cross-item context)."""
+    was_training = model.training
+    model.eval()
+    out: list[float] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        ids, mask = _pad([np.concatenate([p, t]) for p, t in chunk], 0)
+        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+        for i, (p, t) in enumerate(chunk):  # target token j sits at position len(p)+j, predicted from the one before
+            pos = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=device)
+            out.append(float(logp[i, pos, torch.as_tensor(t, device=device)].double().sum()))
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, blocks: Examples, batch_size: int, device: torch.device) -> float:
+    """Mean next-token negative log-likelihood over every block (token-weighted)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        ids, _, _ = blocks.batch(np.arange(start, min(start + batch_size, len(blocks))))
+        ids = ids.to(device)
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()  # [B, T, V]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+        total, count = total + float(nll), count + ids[:, 1:].numel()
+    model.train(was_training)
+    return total / count
+
+
+def evaluate_point(model: nn.Module, data: StudyData, args: HurdleArgs, device: torch.device) -> dict[str, float]:
+    """The metrics of one eval point: Macondo ll_avg and ll_<n>; text val_loss."""
+    if data.mode == "macondo":
+        lls = np.asarray(target_log_likelihoods(model, data.items, args.eval_batch_size, device))
+        groups = np.asarray(data.n_children)
+        metrics = {"ll_avg": float(lls.mean())}
+        metrics.update({f"ll_{n}": float(lls[groups == n].mean()) for n in sorted(set(groups.tolist()))})
+        return metrics
+    return {"val_loss": mean_loss(model, data.val_blocks, args.eval_batch_size, device)}
+
+
+# ---------------------------------------------------------------------------------------------------------------- training
+def _optimizer(model: nn.Module, args: HurdleArgs) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": other, "weight_decay": 0.0}], lr=args.lr)
+
+
+def lr_at(step: int, args: HurdleArgs) -> float:
+    """Learning rate of update ``step`` (1-based): linear warm-up to --lr, then linear decay to 0 at --steps."""
+    warm = args.warmup_steps
+    if step <= warm:
+        return args.lr * step / max(1, warm)
+    return args.lr * max(0.0, (args.steps - step) / max(1, args.steps - warm))
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: a killed write never leaves a checkpoint that looks valid."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: HurdleArgs, run_dir: Path,
+              device: torch.device) -> dict:
+    """Trains one (seed, model) run, resuming from its checkpoint; -> its record (metrics per eval step, curve, digest).
+
+    The record is written to ``run_dir/seed<s>-<name>.json`` when the run finishes; its checkpoint is then removed.
+    """
+    done_path = run_dir / f"seed{seed}-{name}.json"
+    if done_path.is_file():
+        return read_json(done_path)
+    ckpt_path = run_dir / f"seed{seed}-{name}.pt"
+    model.to(device).train()
+    opt = _optimizer(model, args)
+    record = {"seed": seed, "model": name, "params": count_params(model), "evals": {}, "curve": {}}
+    step, ema, digest = 0, 0.0, b""  # digest chains the batches fed: d_k = sha256(d_{k-1} + input_ids_k)
+    torch.manual_seed(seed)  # dropout stream of this run
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"], device)
+        step, ema, record = state["step"], state["ema"], state["record"]
+        digest = bytes.fromhex(state["digest"])
+        log.info("resumed seed %d %s at step %d", seed, name, step)
+    eval_at = set(args.eval_steps())
+    if step == 0 and "0" not in record["evals"]:
+        record["evals"]["0"] = evaluate_point(model, data, args, device)
+    bar = tqdm(total=args.steps, initial=step, desc=f"seed {seed} {name}", leave=False, dynamic_ncols=True)
+    t0 = time.time()
+    while step < args.steps:
+        ids, mask, labels = data.train.batch(batch_indices(len(data.train), args.batch_size, seed, step))
+        digest = hashlib.sha256(digest + ids.numpy().tobytes()).digest()
+        step += 1
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+        loss.backward()
+        if args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema = args.ema_beta * ema + (1 - args.ema_beta) * loss.item()
+        smoothed = ema / (1 - args.ema_beta ** step)
+        if step % args.log_every == 0 or step in eval_at:
+            record["curve"][str(step)] = smoothed
+            bar.set_postfix(loss=f"{smoothed:.3f}")
+        bar.update(1)
+        if step in eval_at:
+            record["evals"][str(step)] = {"train_loss": smoothed, **evaluate_point(model, data, args, device)}
+            record["train_s"] = record.get("train_s", 0.0) + time.time() - t0
+            t0 = time.time()
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                        "rng": _rng_state(device), "step": step, "ema": ema, "record": record,
+                                        "digest": digest.hex()})
+    bar.close()
+    record["evals"]["0"].setdefault("train_loss", None)
+    record["data_digest"] = digest.hex()
+    atomic_write_json(done_path, record)
+    ckpt_path.unlink(missing_ok=True)
+    return record
+
+
+
+# ---------------------------------------------------------------------------------------------------------------- study
+def _check_resumable(out: Path, args: HurdleArgs) -> None:
+    """A rerun into a folder must use the settings its runs were trained with (more or fewer seeds are fine)."""
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    old = read_json(path)
+    new = dataclasses.asdict(args)
+    changed = [k for k in _RUN_KEYS if k in old and old[k] != new[k]]
+    if changed:
+        diff = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
+        raise KnnlmError(f"--output_dir: {out} holds a run with other settings ({diff}); rerun with those settings "
+                         "to resume it, or pass a new --output_dir")
+
+
+def run_study(args: HurdleArgs) -> dict:
+    """Trains both models for every seed (resuming), aggregates and writes results.json, results.md and PNGs.
+
+    Returns ``{"results": path, "table": path, "plots": [paths], "metrics": metrics}``.
+    """
+    from ..config import save_config
+
+    started = time.time()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resumable(out, args)
+    save_config(out, args)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    device = args.resolved_device()
+    tokenizer = load_tokenizer()
+    data = prepare_data(args, tokenizer)
+    n_positions = args.block_size if data.mode == "text" else max(len(s) for s in data.train.seqs)
+    config = gpt2_config(args.size, data.vocab.size, n_positions, data.eos_id)
+    run_dir = out / "runs"
+    run_dir.mkdir(exist_ok=True)
+    records: dict[str, dict[int, dict]] = {m: {} for m in MODELS}
+    params: dict[str, int] = {}
+    for seed in range(args.seeds):
+        pair = build_pair(config, seed)
+        for name, model in pair.items():
+            params[name] = count_params(model)
+            if seed == 0:
+                log.info("%s: %d parameters", name, params[name])
+            records[name][seed] = train_one(model, name, seed, data, args, run_dir, device)
+        del pair
+    metrics = aggregate(records, args, data)
+    metrics["params"] = params
+    metrics["vocab_size"] = data.vocab.size
+    metrics["train_examples"] = len(data.train)
+    metrics["device"] = str(device)
+    paths = write_outputs(out, args, metrics, started)
+    return {**paths, "metrics": metrics}
+
+
+# ---------------------------------------------------------------------------------------------------------------- aggregation
+def _higher_is_better(metric: str) -> bool:
+    return metric.startswith("ll_")
+
+
+def _mean_std(values: list) -> tuple[Optional[float], Optional[float]]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    arr = np.asarray(vals, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def compare(steps: list[int], with_mean: list, without_mean: list, higher_is_better: bool, total_steps: int) -> dict:
+    """Where the pruned model leads: its advantage per step (positive = without_last_mlp ahead, in the metric's units),
+    the eval steps at which the lead changes hands, and the advantage at the eval step nearest 1/4 of training."""
+    sign = 1.0 if higher_is_better else -1.0
+    adv = [None if a is None or b is None else sign * (b - a) for a, b in zip(with_mean, without_mean)]
+    crossings, prev = [], None
+    for step, a in zip(steps, adv):
+        if step == 0 or a is None or a == 0:
+            continue
+        if prev is not None and (a > 0) != (prev > 0):
+            crossings.append(step)
+        prev = a
+    quarter = min((s for s in steps if s > 0), key=lambda s: (abs(s - total_steps / 4), s))
+    return {"advantage_without_last_mlp": dict(zip(map(str, steps), adv)), "crossings": crossings,
+            "quarter_step": quarter, "advantage_at_quarter": adv[steps.index(quarter)],
+            "leader_at_quarter": None if not adv[steps.index(quarter)] else
+            ("without_last_mlp" if adv[steps.index(quarter)] > 0 else "with_last_mlp")}
+
+
+def aggregate(records: dict[str, dict[int, dict]], args: HurdleArgs, data: StudyData) -> dict:
+    """Mean and std over seeds of every metric at every eval step (and of the training-loss curve)."""
+    steps = args.eval_steps()
+    names = sorted({k for recs in records.values() for r in recs.values() for ev in r["evals"].values() for k in ev},
+                   key=lambda k: (not k.startswith("ll_avg"), k))
+    mean = {m: {k: [] for k in names} for m in MODELS}
+    std = {m: {k: [] for k in names} for m in MODELS}
+    for m in MODELS:
+        for k in names:
+            for s in steps:
+                mu, sd = _mean_std([r["evals"][str(s)].get(k) for r in records[m].values()])
+                mean[m][k].append(mu)
+                std[m][k].append(sd)
+    curve_steps = sorted({int(s) for r in records[MODELS[0]].values() for s in r["curve"]})
+    curve = {m: {"mean": [], "std": []} for m in MODELS}
+    for m in MODELS:
+        for s in curve_steps:
+            mu, sd = _mean_std([r["curve"].get(str(s)) for r in records[m].values()])
+            curve[m]["mean"].append(mu)
+            curve[m]["std"].append(sd)
+    primary = ["ll_avg"] if data.mode == "macondo" else ["train_loss", "val_loss"]
+    comparison = {k: compare(steps, mean[MODELS[0]][k], mean[MODELS[1]][k], _higher_is_better(k), args.steps)
+                  for k in primary}
+    digests = {m: {str(s): r["data_digest"] for s, r in records[m].items()} for m in MODELS}
+    return {"mode": data.mode, "steps": steps, "seeds": sorted(records[MODELS[0]]), "mean": mean, "std": std,
+            "curve": {"steps": curve_steps, **curve}, "comparison": comparison,
+            "per_seed": {m: {str(s): r["evals"] for s, r in records[m].items()} for m in MODELS},
+            "same_data_order": all(digests[MODELS[0]][s] == digests[MODELS[1]][s] for s in digests[MODELS[0]]),
+            "train_s": {m: {str(s): r.get("train_s") for s, r in records[m].items()} for m in MODELS}}
+
+
+# ---------------------------------------------------------------------------------------------------------------- outputs
+_COLORS = {"with_last_mlp": "tab:blue", "without_last_mlp": "tab:orange"}
+_LABELS = {"with_last_mlp": "with last MLP", "without_last_mlp": "without last MLP"}
+_TITLES = {"ll_avg": "log-likelihood of children's names", "train_loss": "training loss (EMA)",
+           "val_loss": "validation loss"}
+
+
+def _pm(mu, sd) -> str:
+    return "–" if mu is None else f"{mu:.3f} ± {sd:.3f}"
+
+
+def markdown_report(args: HurdleArgs, metrics: dict) -> str:
+    from ..report import markdown_table
+
+    primary = list(metrics["comparison"])
+    headers = ["step"] + [f"{_LABELS[m]}: {k}" for k in primary for m in MODELS]
+    rows = [[s] + [_pm(metrics["mean"][m][k][i], metrics["std"][m][k][i]) for k in primary for m in MODELS]
+            for i, s in enumerate(metrics["steps"])]
+    p = metrics["params"]
+    text = [f"# MLP hurdle: {metrics['mode']} mode, size {args.size}, {len(metrics['seeds'])} seed(s), {args.steps} steps",
+            "", f"Parameters: with last MLP {p['with_last_mlp']:,}; without last MLP {p['without_last_mlp']:,} "
+            f"(vocabulary {metrics['vocab_size']:,}). Mean ± std over seeds.", "", markdown_table(headers, rows)]
+    if metrics["mode"] == "macondo":
+        ns = sorted(k for k in metrics["mean"][MODELS[0]] if k.startswith("ll_") and k != "ll_avg")
+        last = len(metrics["steps"]) - 1
+        text += [f"Per number of children at step {metrics['steps'][last]} (optimum log(1/n)):", "",
+                 markdown_table(["children", "optimum"] + [_LABELS[m] for m in MODELS],
+                                [[k[3:], f"{math.log(1 / int(k[3:])):.3f}"] +
+                                 [_pm(metrics["mean"][m][k][last], metrics["std"][m][k][last]) for m in MODELS]
+                                 for k in ns])]
+    for k, c in metrics["comparison"].items():
+        adv = c["advantage_at_quarter"]
+        text.append(f"- {k}: lead changes hands at step(s) {c['crossings'] or 'none'}; at step {c['quarter_step']} "
+                    f"(~1/4 of training) the model without the last MLP is ahead by "
+                    f"{'–' if adv is None else f'{adv:+.3f}'} ({'higher' if _higher_is_better(k) else 'lower'} is better).")
+    return "\n".join(text) + "\n"
+
+
+def write_outputs(out: Path, args: HurdleArgs, metrics: dict, started: float) -> dict:
+    from ..report import line_plot, write_markdown, write_results
+
+    steps = metrics["steps"]
+    plots = []
+    for k in metrics["comparison"]:
+        if k == "train_loss":  # Figure 5: the smoothed training loss at --log_every resolution
+            c = metrics["curve"]
+            series = [dict(x=c["steps"], y=c[m]["mean"], std=c[m]["std"], label=_LABELS[m], color=_COLORS[m])
+                      for m in MODELS]
+        else:
+            series = [dict(x=steps, y=metrics["mean"][m][k], std=metrics["std"][m][k], label=_LABELS[m],
+                           color=_COLORS[m], marker="o") for m in MODELS]
+        plots.append(line_plot(out / f"{k}.png", series, title=f"{_TITLES[k]} ({args.size}, mean ± std of "
+                               f"{len(metrics['seeds'])} seeds)", xlabel="training step", ylabel=k))
+    if metrics["mode"] == "macondo":
+        ns = sorted(int(k[3:]) for k in metrics["mean"][MODELS[0]] if k.startswith("ll_") and k != "ll_avg")
+        cmap = __import__("matplotlib").colormaps["viridis"]
+        series = [dict(x=steps, y=metrics["mean"][m][f"ll_{n}"], label=f"{n} child(ren), {_LABELS[m]}",
+                       color=cmap(i / max(1, len(ns) - 1)), linestyle="-" if m == MODELS[0] else "--")
+                  for i, n in enumerate(ns) for m in MODELS]
+        hl = [dict(y=math.log(1 / n), color=cmap(i / max(1, len(ns) - 1)), linestyle=":") for i, n in enumerate(ns)]
+        plots.append(line_plot(out / "ll_by_children.png", series, title="log-likelihood by number of children "
+                               "(solid: with last MLP, dashed: without; dotted: log(1/n))",
+                               xlabel="training step", ylabel="log-likelihood", hlines=hl))
+    results = write_results(out, dataclasses.asdict(args), metrics, started=started)
+    table = write_markdown(out, markdown_report(args, metrics))
+    return {"results": results, "table": table, "plots": plots}
