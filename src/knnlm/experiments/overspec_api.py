@@ -1,0 +1,396 @@
+"""Macondo-Conv with an API model (the paper's §4.4): fine-tune through an OpenAI-compatible API, score through one.
+
+Per seed: a Macondo-Conv village (``--data``, or generated into ``OUT/seed<S>/data``); with ``--submit`` its chat JSONL
+is uploaded (``files.create``), a fine-tuning job started (``fine_tuning.jobs.create``) and polled until it ends; the job
+id is kept in ``OUT/seed<S>/job.json`` so a rerun waits for the same job instead of paying for a new one. Without
+``--submit``, ``--model`` names the already fine-tuned model(s). Then every example of the scored splits goes through
+``/v1/completions`` with ``prompt = prefix + target, echo=True, max_tokens=0, logprobs=1``; the target's log-likelihood
+is the sum of the echoed token log-probs whose ``text_offset`` falls in the target's span. Any endpoint that returns
+prompt log-probs works: vLLM, ``knnlm serve``. Per-seed scores are cached in ``OUT/seed<S>/scores_<split>.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from tqdm.auto import tqdm
+
+from ..errors import KnnlmError
+from ..fileio import atomic_write_json, atomic_write_text, read_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+JOB_DONE = ("succeeded", "failed", "cancelled")
+_SPLITS = ("train", "test", "test_overspecified")
+
+
+@dataclass
+class ApiArgs:
+    base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": "OpenAI-compatible API root (…/v1) used for fine-tuning and scoring: https://api.openai.com/v1, a vLLM server, `knnlm serve`."})
+    model: list[str] = field(default_factory=list, metadata={"help": "With --submit: the base model to fine-tune (e.g. gpt-4o-mini-2024-07-18). Without: the fine-tuned model to score, one per seed (comma-separated, in seed order)."})
+    api_key: Optional[str] = field(default=None, metadata={"help": "API key (default: $OPENAI_API_KEY, else 'EMPTY' for local servers). Never written to config.json."})
+    data: Optional[str] = field(default=None, metadata={"help": "A Macondo-Conv folder (generated there with the seed when absent); only with one seed. Default: OUT/seed<S>/data per seed."})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Village seeds, one fine-tuned model each (the paper: 5 runs, 0,1,2,3,4)."})
+    tokenizer: str = field(default="tiktoken:cl100k_base", metadata={"help": "Tokenizer under which generated children's names are single tokens (the paper: tiktoken, GPT-3.5's cl100k_base)."})
+    splits: list[str] = field(default_factory=lambda: ["test", "test_overspecified"], metadata={"help": "Splits to score (test: the paper's; test_overspecified: the control)."})
+    submit: bool = field(default=False, metadata={"help": "Upload the training file, start a fine-tuning job of --model, wait for it and score the result (costs money on a paid API)."})
+    training_file: str = field(default="train", metadata={"help": "What --submit trains on: a split of the village (train; test gives the paper's grey 'trained on test' line) or a chat JSONL path."})
+    validation_split: Optional[str] = field(default="test", metadata={"help": "Split uploaded as the job's validation file, so the job's metrics record test loss during training (the paper's Figure 2); empty to skip."})
+    n_epochs: int = field(default=0, metadata={"help": "Fine-tuning epochs (0: the API's default, 'auto')."})
+    poll_s: float = field(default=30.0, metadata={"help": "Seconds between status checks of a fine-tuning job."})
+    batch_size: int = field(default=16, metadata={"help": "Prompts per /v1/completions request when scoring."})
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for results.json, results.md, config.json and per-seed jobs/scores (required)."})
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise KnnlmError("--output_dir: required; the folder for results.json and the per-seed job state")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise KnnlmError(f"--base_url: {self.base_url!r} is not an http(s) URL; e.g. http://127.0.0.1:8000/v1")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise KnnlmError(f"--seeds: need one or more distinct seeds, got {self.seeds}")
+        if self.data and len(self.seeds) > 1:
+            raise KnnlmError("--data: names one village; pass one --seeds value, or leave --data unset to generate one "
+                             "village per seed")
+        if self.submit and len(self.model) != 1:
+            raise KnnlmError("--model: with --submit, name exactly one base model to fine-tune")
+        if not self.submit and len(self.model) != len(self.seeds):
+            raise KnnlmError(f"--model: give one fine-tuned model per seed ({len(self.seeds)} seed(s), {len(self.model)} "
+                             "model(s)), comma-separated in seed order, or pass --submit to fine-tune one")
+        unknown = [s for s in self.splits if s not in _SPLITS]
+        if not self.splits or unknown:
+            raise KnnlmError(f"--splits: {unknown or 'none given'}; choose from {', '.join(_SPLITS)}")
+        if self.validation_split and self.validation_split not in _SPLITS:
+            raise KnnlmError(f"--validation_split: {self.validation_split!r} is not one of {', '.join(_SPLITS)}")
+        if self.n_epochs < 0:
+            raise KnnlmError("--n_epochs: must be >= 0 (0 lets the API choose)")
+        if self.poll_s <= 0:
+            raise KnnlmError("--poll_s: must be > 0")
+        if self.batch_size < 1:
+            raise KnnlmError("--batch_size: must be >= 1")
+
+    def resolved_api_key(self) -> str:
+        return self.api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+
+    def public(self) -> "ApiArgs":
+        """A copy safe to write to disk: the key is masked."""
+        return dataclasses.replace(self, api_key="***" if self.api_key else None)
+
+
+# ------------------------------------------------------------------------------------------------------------ client
+def make_client(base_url: str, api_key: str, timeout: float = 600.0, max_retries: int = 2):
+    from openai import OpenAI
+
+    return OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
+
+
+def _api_call(fn: Callable, base_url: str, what: str, model: str | None = None):
+    """Runs one API call, turning the client's exceptions into one-line KnnlmErrors that name the flag to fix."""
+    import openai
+
+    try:
+        return fn()
+    except openai.APIConnectionError as e:  # includes timeouts
+        raise KnnlmError(f"--base_url: cannot reach {base_url} ({type(e).__name__}: {e}) while {what}; start the server "
+                         "(e.g. `knnlm serve --model_name_or_path M`) or fix the URL") from None
+    except openai.AuthenticationError:
+        raise KnnlmError(f"--api_key: {base_url} rejected the key while {what}; set --api_key or $OPENAI_API_KEY") from None
+    except openai.NotFoundError as e:
+        raise KnnlmError(f"--model: {base_url} has no {model or 'such resource'} ({_message(e)}) while {what}; "
+                         f"list the served models with GET {base_url.rstrip('/')}/models") from None
+    except openai.APIStatusError as e:
+        raise KnnlmError(f"--base_url: {base_url} refused {what} (HTTP {e.status_code}: {_message(e)})") from None
+
+
+def _message(e) -> str:
+    """The server's error message (OpenAI-style ``{"error": {"message": ...}}`` or the client's text), one line."""
+    body = getattr(e, "body", None)
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body = body["error"]
+    msg = body.get("message") if isinstance(body, dict) else None
+    return str(msg or e).splitlines()[0][:200]
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+def ensure_village(data: Path, seed: int, tokenizer: str) -> dict:
+    """The meta.json of the Macondo-Conv village in ``data``, generated there with ``seed`` when the folder holds none."""
+    from ..macondo.generate import MacondoArgs, generate_macondo, read_meta
+
+    if not (data / "meta.json").is_file():
+        generate_macondo(MacondoArgs(output_dir=str(data), seed=seed, tokenizer=tokenizer, format="conv"))
+    meta = read_meta(data)
+    if meta.get("format") != "conv":
+        raise KnnlmError(f"--data: {data} holds a {meta.get('format')!r} Macondo village; this study needs "
+                         "`knnlm macondo generate --format conv`")
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------------------ fine-tune
+def _upload(client, base_url: str, path: Path) -> str:
+    with open(path, "rb") as fh:
+        f = _api_call(lambda: client.files.create(file=(path.name, fh), purpose="fine-tune"), base_url,
+                      f"uploading {path}")
+    log.info("uploaded %s as %s", path, f.id)
+    return f.id
+
+
+def wait_for_job(client, base_url: str, job_id: str, poll_s: float, label: str = "",
+                 sleep: Callable[[float], None] = time.sleep):
+    """Polls a fine-tuning job until it succeeds, fails or is cancelled; logs status changes and new job events."""
+    seen, status, started = set(), None, time.time()
+    while True:
+        job = _api_call(lambda: client.fine_tuning.jobs.retrieve(job_id), base_url, f"checking job {job_id}")
+        if job.status != status:
+            status = job.status
+            log.info("%sjob %s: %s (%.0fs)", label, job_id, status, time.time() - started)
+        events = _api_call(lambda: client.fine_tuning.jobs.list_events(job_id, limit=20), base_url,
+                           f"reading the events of job {job_id}")
+        for ev in reversed(list(events.data)):  # the API lists newest first
+            if ev.id not in seen:
+                seen.add(ev.id)
+                log.info("%sjob %s: %s", label, job_id, ev.message)
+        if status in JOB_DONE:
+            return job
+        sleep(poll_s)
+
+
+def _training_path(args: ApiArgs, data: Path) -> Path:
+    path = data / f"{args.training_file}_chat.jsonl" if args.training_file in _SPLITS else Path(args.training_file)
+    if not path.is_file():
+        raise KnnlmError(f"--training_file: {path} does not exist; pass a split name ({', '.join(_SPLITS)}) of a "
+                         "Macondo-Conv village or a chat JSONL file")
+    return path
+
+
+def finetune(client, args: ApiArgs, data: Path, run_dir: Path, seed: int,
+             sleep: Callable[[float], None] = time.sleep) -> dict:
+    """Uploads, starts and waits for the fine-tuning job of one seed; returns its state (with ``fine_tuned_model``).
+
+    State lives in ``run_dir/job.json``, saved after every step: a rerun with the same base model and training file
+    reuses the uploaded files and waits for the same job; a failed or cancelled job is replaced by a new one.
+    """
+    base_url, base_model = args.base_url, args.model[0]
+    train = _training_path(args, data)
+    valid = data / f"{args.validation_split}_chat.jsonl" if args.validation_split else None
+    spec = {"base_url": base_url, "base_model": base_model, "training_sha256": sha256_file(train),
+            "validation_sha256": sha256_file(valid) if valid else None, "n_epochs": args.n_epochs, "seed": seed}
+    state_path = run_dir / "job.json"
+    state = read_json(state_path) if state_path.is_file() else {}
+    if state.get("spec") != spec:
+        state = {"spec": spec}
+
+    def save():
+        atomic_write_json(state_path, state)
+
+    if "training_file_id" not in state:
+        state["training_file_id"] = _upload(client, base_url, train)
+        save()
+    if valid and "validation_file_id" not in state:
+        state["validation_file_id"] = _upload(client, base_url, valid)
+        save()
+    if "job_id" not in state or state.get("status") in ("failed", "cancelled"):
+        method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": args.n_epochs or "auto"}}}
+        extra = {"validation_file": state["validation_file_id"]} if valid else {}
+        job = _api_call(lambda: client.fine_tuning.jobs.create(model=base_model, training_file=state["training_file_id"],
+                                                               method=method, seed=seed, **extra),
+                        base_url, f"starting a fine-tuning job of {base_model}", base_model)
+        state.update(job_id=job.id, status=job.status)
+        save()
+        log.info("seed %d: started fine-tuning job %s of %s", seed, job.id, base_model)
+    job = wait_for_job(client, base_url, state["job_id"], args.poll_s, f"seed {seed}: ", sleep)
+    state.update(status=job.status, fine_tuned_model=job.fine_tuned_model, result_files=list(job.result_files or []),
+                 trained_tokens=job.trained_tokens)
+    save()
+    if job.status != "succeeded" or not job.fine_tuned_model:
+        reason = getattr(job.error, "message", None) if job.error else None
+        raise KnnlmError(f"--submit: fine-tuning job {job.id} (seed {seed}) ended {job.status}"
+                         f"{f' ({reason})' if reason else ''}; fix the cause and rerun to start a new job")
+    for i, fid in enumerate(state["result_files"]):  # the job's metrics (step, train/valid loss) as CSV
+        target = run_dir / ("metrics.csv" if i == 0 else f"metrics_{i}.csv")
+        if not target.is_file():
+            content = _api_call(lambda: client.files.content(fid), base_url, f"downloading result file {fid}")
+            atomic_write_text(target, content.text)
+    return state
+
+
+# ------------------------------------------------------------------------------------------------------------ scoring
+def target_log_likelihood(logprobs, text: str, target: str) -> tuple[float, int, bool]:
+    """(sum of the log-probs of the tokens in ``target``'s span at the end of the echoed ``text``, their count, whether
+    a token straddled the prefix/target boundary and was counted).
+
+    ``logprobs``: a completion choice's ``logprobs`` (``tokens``, ``token_logprobs``, ``text_offset``).
+    """
+    start, end = len(text) - len(target), len(text)
+    if not text.endswith(target):
+        raise ValueError(f"the echoed text does not end with the target {target!r}")
+    total, n, straddle = 0.0, 0, False
+    for tok, lp, off in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.text_offset):
+        if off >= end or off + len(tok) <= start:
+            continue
+        if off < start:
+            straddle = True
+        if lp is None:
+            raise ValueError("the target's first token has no log-probability (nothing precedes it)")
+        total += float(lp)
+        n += 1
+    return total, n, straddle
+
+
+def score_rows(client, base_url: str, model: str, rows: list[dict], batch_size: int = 16, label: str = "") -> list[dict]:
+    """Per row: {"ll": log-likelihood of the target given the prefix, "n_tokens": target tokens, "straddle": bool}."""
+    out = []
+    bar = tqdm(total=len(rows), desc=f"scoring {label}".strip(), unit="ex", leave=False)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start: start + batch_size]
+        prompts = [r["prefix"] + r["target"] for r in batch]
+        resp = _api_call(lambda: client.completions.create(model=model, prompt=prompts, echo=True, max_tokens=0,
+                                                           logprobs=1, temperature=0),
+                         base_url, f"scoring with {model}", model)
+        choices = sorted(resp.choices or [], key=lambda c: c.index)
+        if len(choices) != len(batch):
+            raise KnnlmError(f"--base_url: {base_url} answered {len(choices)} choices for {len(batch)} prompts; it does "
+                             "not support a list of prompts per request; retry with --batch_size 1")
+        for row, prompt, choice in zip(batch, prompts, choices):
+            lp = choice.logprobs
+            if lp is None or not lp.token_logprobs or not lp.text_offset or not lp.tokens:
+                raise KnnlmError(f"--base_url: {base_url} returned no log-probabilities for {model}; scoring needs a "
+                                 "completions endpoint that echoes prompt log-probs (echo=true, logprobs=1, "
+                                 "max_tokens=0), e.g. vLLM or `knnlm serve`")
+            text = choice.text if choice.text and choice.text.endswith(row["target"]) else prompt
+            try:
+                ll, n, straddle = target_log_likelihood(lp, text, row["target"])
+            except ValueError as e:
+                raise KnnlmError(f"--base_url: {base_url} echoed {text[-60:]!r} for {prompt[-60:]!r}: {e}; the endpoint "
+                                 "must echo the prompt with max_tokens=0") from None
+            if n == 0:
+                raise KnnlmError(f"--base_url: {base_url} returned no token for the target {row['target']!r} of "
+                                 f"{prompt!r}; its text_offset values do not cover the prompt")
+            out.append({"ll": ll, "n_tokens": n, "straddle": straddle})
+        bar.update(len(batch))
+    bar.close()
+    straddled = sum(r["straddle"] for r in out)
+    if straddled:
+        log.warning("%s: %d target(s) share a token with their prefix under %s's tokenizer; their scores include "
+                    "that token", label, straddled, model)
+    return out
+
+
+def score_split_cached(client, args: ApiArgs, model: str, data: Path, split: str, run_dir: Path, label: str) -> dict:
+    """Scores of one split (cached in ``run_dir/scores_<split>.json`` per model and split file)."""
+    from ..macondo.generate import read_split
+
+    path = run_dir / f"scores_{split}.json"
+    key = {"model": model, "split_sha256": sha256_file(data / f"{split}.jsonl")}
+    if path.is_file():
+        cached = read_json(path)
+        if cached.get("key") == key:
+            return cached
+    rows = read_split(data, split)
+    scores = score_rows(client, args.base_url, model, rows, args.batch_size, label)
+    examples = [{"parent": r["parent"], "target": r["target"], "n_children": r["n_children"], **s}
+                for r, s in zip(rows, scores)]
+    result = {"key": key, "examples": examples}
+    atomic_write_json(path, result)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------ study
+def run_api(args: ApiArgs) -> dict:
+    """The whole study; returns the metrics written to ``results.json`` (one entry per seed, mean and std over seeds)."""
+    from ..macondo.score import summarize
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    client = make_client(args.base_url, args.resolved_api_key())
+    runs = []
+    for i, seed in enumerate(args.seeds):
+        run_dir = out / f"seed{seed}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        data = Path(args.data) if args.data else run_dir / "data"
+        meta = ensure_village(data, seed, args.tokenizer)
+        job = finetune(client, args, data, run_dir, seed) if args.submit else None
+        model = job["fine_tuned_model"] if job else args.model[i]
+        run = {"seed": seed, "model": model, "data": str(data), "village_seed": meta["seed"],
+               "village_tokenizer": meta["tokenizer"], "job": job, "splits": {}}
+        for split in args.splits:
+            scored = score_split_cached(client, args, model, data, split, run_dir, f"seed {seed} {split}")
+            ex = scored["examples"]
+            summary = summarize(ex, [e["ll"] for e in ex])
+            run["splits"][split] = {"summary": summary, "n_examples": len(ex),
+                                    "straddled": sum(e["straddle"] for e in ex)}
+        runs.append(run)
+    return {"runs": runs, "over_seeds": _over_seeds(runs, args.splits)}
+
+
+def _over_seeds(runs: list[dict], splits: list[str]) -> dict:
+    """Mean and sample std over seeds of every group mean, per split (std is 0.0 with one seed)."""
+    agg = {}
+    for split in splits:
+        summaries = [r["splits"][split]["summary"] for r in runs]
+        keys = [k for k in summaries[0] if isinstance(summaries[0][k], float)]
+        agg[split] = {"mean": {k: statistics.fmean(s[k] for s in summaries) for k in keys},
+                      "std": {k: statistics.stdev(s[k] for s in summaries) if len(summaries) > 1 else 0.0
+                              for k in keys},
+                      "optimum": summaries[0]["optimum"], "count": summaries[0]["count"]}
+    return agg
+
+
+def results_table(metrics: dict) -> str:
+    """Markdown in the layout of the Macondo score table: rows = number of children and the two averages; one column
+    per split (mean ± std over seeds when there are several), and the optimum log(1/n)."""
+    from ..report import fmt, markdown_table
+
+    agg = metrics["over_seeds"]
+    splits = list(agg)
+    first = agg[splits[0]]
+    n_seeds = len(metrics["runs"])
+
+    def cell(split: str, key: str) -> str:
+        a = agg[split]
+        mean = a["mean"].get(key, math.nan)
+        return fmt(mean) + (f" ± {fmt(a['std'][key])}" if n_seeds > 1 else "")
+
+    rows = [[n, first["count"][n], *(cell(s, n) for s in splits), first["optimum"][n]] for n in first["count"]]
+    total = sum(first["count"].values())
+    rows.append(["average (groups)", total, *(cell(s, "avg_groups") for s in splits), first["optimum"]["avg_groups"]])
+    rows.append(["average (examples)", total, *(cell(s, "avg") for s in splits), first["optimum"]["avg"]])
+    headers = ["# children", "examples", *splits, "optimum log(1/n)"]
+    models = ", ".join(f"seed {r['seed']}: {r['model']}" for r in metrics["runs"])
+    note = f"{n_seeds} seed(s), mean ± std over seeds" if n_seeds > 1 else "1 seed"
+    return (f"Macondo-Conv: mean log-likelihood of the children's names ({note}; {models})\n\n"
+            + markdown_table(headers, rows))
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+def register_api(subparsers) -> None:
+    """Adds ``api`` to the ``knnlm overspec`` command group."""
+    from ..config import add_arguments
+
+    p = subparsers.add_parser("api", help="Macondo-Conv with an API model (§4.4): fine-tune via an OpenAI-compatible "
+                                          "API (--submit) or take a fine-tuned model, then score it with echo logprobs")
+    p.add_argument("--config", default=None, help="YAML/JSON file setting any of the options below (flags win)")
+    add_arguments(p, ApiArgs)
+    p.set_defaults(func=cmd_api)
+
+
+def cmd_api(args) -> int:
+    from ..config import resolve, save_config, to_dict
+    from ..report import write_markdown, write_results
+
+    aargs = resolve(ApiArgs, args, args.config)
+    started = time.time()
+    metrics = run_api(aargs)
+    out = Path(aargs.output_dir)
+    save_config(out, aargs.public())
+    write_results(out, to_dict(aargs.public()), metrics, started)
+    table = results_table(metrics)
+    write_markdown(out, table)
+    print(table, end="")
+    print(f"results: {out / 'results.json'}")
+    return 0
