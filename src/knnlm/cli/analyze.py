@@ -1,0 +1,49 @@
+"""`knnlm analyze projection`: can the LM's own last layers express p_knnlm? (Chiang et al. Eq. 2, Tables 1, 3, 4)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def register(sub) -> None:
+    from ..config import add_arguments
+    from ..corpus import CorpusArgs
+    from ..experiments.projection import ProjectionArgs
+    from ..knn import KNNArgs
+    from ..models import ModelArgs
+
+    an = sub.add_parser("analyze", help="analyses of an LM against its kNN-LM")
+    an_sub = an.add_subparsers(dest="action", required=True)
+    pr = an_sub.add_parser("projection", help="project p_knnlm onto the output space of f / f∘g (Eq. 2): perplexity "
+                                              "and KL of p_proj beside the LM and the kNN-LM")
+    pr.add_argument("--config", default=None, help="YAML/JSON file setting any of the options below (flags win)")
+    for cls in (ModelArgs, CorpusArgs, KNNArgs, ProjectionArgs):
+        add_arguments(pr, cls)
+    pr.set_defaults(func=cmd_projection)
+
+
+def cmd_projection(args) -> int:
+    from ..config import resolve, save_config, to_dict
+    from ..corpus import CorpusArgs
+    from ..datastore import Datastore
+    from ..errors import KnnlmError
+    from ..experiments.projection import ProjectionArgs, results_table, run_projection
+    from ..knn import KNNArgs
+    from ..models import ModelArgs, load_model
+    from ..report import write_markdown, write_results
+
+    margs, cargs, kargs, pargs = resolve([ModelArgs, CorpusArgs, KNNArgs, ProjectionArgs], args, args.config)
+    if not (cargs.validation_file or cargs.dataset_name):
+        raise KnnlmError("--validation_file: required (or --dataset_name): the corpus whose tokens are projected")
+    started = time.time()
+    datastore = Datastore.open(pargs.datastore)
+    lm = load_model(margs)
+    metrics = run_projection(lm, cargs, pargs, datastore, kargs)
+    out = Path(pargs.output_dir)
+    save_config(out, margs, cargs, kargs, pargs)
+    write_results(out, to_dict(margs, cargs, kargs, pargs), metrics, started)
+    table = results_table(metrics)
+    write_markdown(out, table)
+    print(table, end="")
+    print(f"results: {out / 'results.json'}; KL histograms: {', '.join(str(out / f'kl_{t}.png') for t in pargs.target)}")
+    return 0
