@@ -90,12 +90,15 @@ def make_client(base_url: str, api_key: str, timeout: float = 600.0, max_retries
     return OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
 
 
-def _api_call(fn: Callable, base_url: str, what: str, model: str | None = None):
-    """Runs one API call, turning the client's exceptions into one-line KnnlmErrors that name the flag to fix."""
+def _api_call(fn: Callable, base_url: str, what: str, model: str | None = None, passthrough: tuple = ()):
+    """Runs one API call, turning the client's exceptions (except ``passthrough``) into one-line KnnlmErrors that name
+    the flag to fix."""
     import openai
 
     try:
         return fn()
+    except passthrough:
+        raise
     except openai.APIConnectionError as e:  # includes timeouts
         raise KnnlmError(f"--base_url: cannot reach {base_url} ({type(e).__name__}: {e}) while {what}; start the server "
                          "(e.g. `knnlm serve --model_name_or_path M`) or fix the URL") from None
@@ -220,15 +223,12 @@ def finetune(client, args: ApiArgs, data: Path, run_dir: Path, seed: int,
 
 
 # ------------------------------------------------------------------------------------------------------------ scoring
-def target_log_likelihood(logprobs, text: str, target: str) -> tuple[float, int, bool]:
-    """(sum of the log-probs of the tokens in ``target``'s span at the end of the echoed ``text``, their count, whether
-    a token straddled the prefix/target boundary and was counted).
+def target_log_likelihood(logprobs, start: int, end: int) -> tuple[float, int, bool]:
+    """(sum of the log-probs of the echoed tokens that overlap the characters [start, end), their count, whether one of
+    them begins before ``start``, i.e. straddles the prefix/target boundary).
 
     ``logprobs``: a completion choice's ``logprobs`` (``tokens``, ``token_logprobs``, ``text_offset``).
     """
-    start, end = len(text) - len(target), len(text)
-    if not text.endswith(target):
-        raise ValueError(f"the echoed text does not end with the target {target!r}")
     total, n, straddle = 0.0, 0, False
     for tok, lp, off in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.text_offset):
         if off >= end or off + len(tok) <= start:
@@ -242,16 +242,33 @@ def target_log_likelihood(logprobs, text: str, target: str) -> tuple[float, int,
     return total, n, straddle
 
 
+def _echo_completions(client, base_url: str, model: str, prompts: list[str], state: dict):
+    """One echo request; a server that refuses ``max_tokens=0`` (recent vLLM) is asked for one token instead, which
+    the span arithmetic then ignores. ``state["max_tokens"]`` remembers the choice for later batches."""
+    import openai
+
+    def call():
+        return client.completions.create(model=model, prompt=prompts, echo=True, max_tokens=state["max_tokens"],
+                                         logprobs=1, temperature=0)
+
+    if state["max_tokens"] == 0:
+        try:
+            return _api_call(call, base_url, f"scoring with {model}", model, passthrough=(openai.BadRequestError,))
+        except openai.BadRequestError as e:
+            log.warning("%s refused max_tokens=0 (%s); asking for 1 token per prompt and ignoring it", base_url,
+                        _message(e))
+            state["max_tokens"] = 1
+    return _api_call(call, base_url, f"scoring with {model}", model)
+
+
 def score_rows(client, base_url: str, model: str, rows: list[dict], batch_size: int = 16, label: str = "") -> list[dict]:
     """Per row: {"ll": log-likelihood of the target given the prefix, "n_tokens": target tokens, "straddle": bool}."""
-    out = []
+    out, state = [], {"max_tokens": 0}
     bar = tqdm(total=len(rows), desc=f"scoring {label}".strip(), unit="ex", leave=False)
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start: start + batch_size]
+    for first in range(0, len(rows), batch_size):
+        batch = rows[first: first + batch_size]
         prompts = [r["prefix"] + r["target"] for r in batch]
-        resp = _api_call(lambda: client.completions.create(model=model, prompt=prompts, echo=True, max_tokens=0,
-                                                           logprobs=1, temperature=0),
-                         base_url, f"scoring with {model}", model)
+        resp = _echo_completions(client, base_url, model, prompts, state)
         choices = sorted(resp.choices or [], key=lambda c: c.index)
         if len(choices) != len(batch):
             raise KnnlmError(f"--base_url: {base_url} answered {len(choices)} choices for {len(batch)} prompts; it does "
@@ -260,14 +277,14 @@ def score_rows(client, base_url: str, model: str, rows: list[dict], batch_size: 
             lp = choice.logprobs
             if lp is None or not lp.token_logprobs or not lp.text_offset or not lp.tokens:
                 raise KnnlmError(f"--base_url: {base_url} returned no log-probabilities for {model}; scoring needs a "
-                                 "completions endpoint that echoes prompt log-probs (echo=true, logprobs=1, "
-                                 "max_tokens=0), e.g. vLLM or `knnlm serve`")
-            text = choice.text if choice.text and choice.text.endswith(row["target"]) else prompt
-            try:
-                ll, n, straddle = target_log_likelihood(lp, text, row["target"])
-            except ValueError as e:
-                raise KnnlmError(f"--base_url: {base_url} echoed {text[-60:]!r} for {prompt[-60:]!r}: {e}; the endpoint "
-                                 "must echo the prompt with max_tokens=0") from None
+                                 "completions endpoint that echoes prompt log-probs (echo=true, logprobs=1), e.g. "
+                                 "vLLM or `knnlm serve`")
+            shift = (choice.text or "").find(prompt)  # offsets are into the echoed text: prompt (+ a generated token)
+            if shift < 0:
+                raise KnnlmError(f"--base_url: {base_url} did not echo the prompt {prompt[-60:]!r} (got "
+                                 f"{(choice.text or '')[-60:]!r}); scoring needs echo=true support")
+            start = shift + len(row["prefix"])
+            ll, n, straddle = target_log_likelihood(lp, start, start + len(row["target"]))
             if n == 0:
                 raise KnnlmError(f"--base_url: {base_url} returned no token for the target {row['target']!r} of "
                                  f"{prompt!r}; its text_offset values do not cover the prompt")

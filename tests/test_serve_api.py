@@ -1,0 +1,476 @@
+"""`knnlm serve` (OpenAI-compatible completions with logprobs) and `knnlm overspec api` (Macondo-Conv via an API).
+
+Every server here binds 127.0.0.1 on a free port and is shut down at the end. The fine-tuning endpoints are a local
+test double (``_StubApi``) of the remote API's /v1/files and /v1/fine_tuning/jobs; its /v1/completions is answered by
+the same ``CompletionEngine`` that ``knnlm serve`` uses.
+"""
+from __future__ import annotations
+
+import argparse
+import email.parser
+import email.policy
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from knnlm.errors import KnnlmError
+from knnlm.experiments import overspec_api as A
+from knnlm.serve import CompletionEngine, ServeArgs, start_server
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------------------ helpers
+def _post(url: str, body, headers: dict | None = None) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@torch.no_grad()
+def _log_softmax(lm, ids: list[int]) -> torch.Tensor:
+    """The model's own next-token log-probabilities at every position: [T, V]."""
+    logits = lm.model(input_ids=torch.tensor([ids])).logits[0]
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_lm):
+    srv, thread = start_server(tiny_lm, ServeArgs(port=0))
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def village(tmp_path_factory):
+    from knnlm.macondo.generate import MacondoArgs, generate_macondo
+
+    out = tmp_path_factory.mktemp("conv") / "village"
+    return generate_macondo(MacondoArgs(output_dir=str(out), seed=3, format="conv", tokenizer="gpt2",
+                                        num_villagers=30, num_parents=4, examples_per_child=1))
+
+
+# ------------------------------------------------------------------------------------------------------------ serve
+PROMPTS = ["User: Who is the child of Sal Gougis? Assistant: Meta", "h\u00e9llo w\u00f6rld, the cat sat"]
+
+
+def test_echo_logprobs_equal_log_softmax(server, tiny_lm):
+    assert server.server_address[0] == "127.0.0.1"
+    status, r = _post(server.url + "/completions", {"model": tiny_lm.name, "prompt": PROMPTS, "echo": True,
+                                                   "max_tokens": 0, "logprobs": 2, "temperature": 0})
+    assert status == 200 and [c["index"] for c in r["choices"]] == [0, 1]
+    for prompt, choice in zip(PROMPTS, r["choices"]):
+        ids = tiny_lm.encode(prompt)
+        ref = _log_softmax(tiny_lm, ids)  # [T, V]
+        lp = choice["logprobs"]
+        assert choice["text"] == prompt and "".join(lp["tokens"]) == prompt and len(lp["tokens"]) == len(ids)
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(ids))]
+        for t in range(1, len(ids)):
+            assert lp["token_logprobs"][t] == pytest.approx(float(ref[t - 1, ids[t]]), abs=1e-5)
+            top2 = torch.topk(ref[t - 1], 2).indices.tolist()
+            want = {tiny_lm.tokenizer.decode([i]): float(ref[t - 1, i]) for i in top2 + [ids[t]]}
+            assert lp["top_logprobs"][t] == pytest.approx(want, abs=1e-5)
+    assert r["usage"]["prompt_tokens"] == sum(len(tiny_lm.encode(p)) for p in PROMPTS)
+    assert r["usage"]["completion_tokens"] == 0
+
+
+def test_greedy_generation_and_token_id_prompt(server, tiny_lm):
+    ids = tiny_lm.encode("the cat sat on")
+    status, r = _post(server.url + "/completions", {"model": tiny_lm.name, "prompt": ids, "max_tokens": 3,
+                                                   "logprobs": 0, "temperature": 0, "echo": True})
+    assert status == 200
+    lp, seq, want_lps = r["choices"][0]["logprobs"], list(ids), []
+    for _ in range(3):  # greedy chain recomputed without a KV cache
+        ref = _log_softmax(tiny_lm, seq)[-1]
+        nxt = int(torch.argmax(ref))
+        want_lps.append(float(ref[nxt]))
+        seq.append(nxt)
+    assert lp["token_logprobs"][len(ids):] == pytest.approx(want_lps, abs=1e-5)
+    assert r["choices"][0]["text"] == tiny_lm.tokenizer.decode(seq)
+    assert lp["top_logprobs"][-1] == pytest.approx({tiny_lm.tokenizer.decode([seq[-1]]): want_lps[-1]}, abs=1e-5)
+    assert r["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 3, "total_tokens": len(ids) + 3}
+    # the same seed gives the same sample
+    body = {"model": tiny_lm.name, "prompt": "the", "max_tokens": 4, "temperature": 1.0, "seed": 7}
+    assert _post(server.url + "/completions", body)[1]["choices"][0]["text"] == \
+        _post(server.url + "/completions", body)[1]["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"model": "other", "prompt": "a", "max_tokens": 1}, 404, "does not exist"),
+    ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens=0"),
+    ({"prompt": "a", "echo": True, "max_tokens": 0, "logprobs": 99}, 400, "logprobs"),
+    ({"prompt": "a", "max_tokens": -1}, 400, "max_tokens"),
+    ({"prompt": [], "max_tokens": 1}, 400, "prompt"),
+    ({"prompt": "a", "max_tokens": 10_000}, 400, "maximum context length"),
+    (b"{not json", 400, "not valid JSON"),
+])
+def test_bad_requests(server, body, status, needle):
+    got, r = _post(server.url + "/completions", body)
+    assert got == status and needle in r["error"]["message"]
+
+
+def test_models_route_and_api_key(tiny_lm):
+    srv, thread = start_server(tiny_lm, ServeArgs(port=0, served_model_name="tiny", api_key="k1"))
+    try:
+        assert _get(srv.url + "/models")[0] == 401
+        req = urllib.request.Request(srv.url + "/models", headers={"Authorization": "Bearer k1"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert [m["id"] for m in json.loads(r.read())["data"]] == ["tiny"]
+        assert _post(srv.url + "/completions", {"prompt": "a", "max_tokens": 1})[0] == 401
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.mark.slow  # ~10-30 s: a fresh interpreter imports torch, transformers and every command group
+def test_cli_serve_subprocess(tiny_gpt2_dir, tiny_lm):
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "knnlm", "serve", "--model_name_or_path", str(tiny_gpt2_dir),
+                             "--device", "cpu", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=REPO)
+    try:
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/v1" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        status, r = _post(f"http://127.0.0.1:{port}/v1/completions",
+                          {"prompt": "the cat", "echo": True, "max_tokens": 0, "logprobs": 1})
+        ids = tiny_lm.encode("the cat")
+        assert status == 200
+        assert r["choices"][0]["logprobs"]["token_logprobs"][1] == pytest.approx(
+            float(_log_softmax(tiny_lm, ids)[0, ids[1]]), abs=1e-5)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+
+
+# ------------------------------------------------------------------------------------------------------------ scorer
+def _direct_ll(lm, prefix: str, target: str) -> float:
+    """log p(target | prefix) from the model's own log-softmax over prefix + target."""
+    n_prefix = len(lm.encode(prefix))
+    ids = lm.encode(prefix + target)
+    ref = _log_softmax(lm, ids)
+    return float(sum(ref[t - 1, ids[t]] for t in range(n_prefix, len(ids))))
+
+
+def _api_parser():
+    parser = argparse.ArgumentParser()
+    A.register_api(parser.add_subparsers(dest="action"))
+    return parser
+
+
+def test_api_scorer_matches_direct_computation(server, tiny_lm, village, tmp_path, monkeypatch):
+    from knnlm.macondo.generate import read_split
+    from knnlm.macondo.score import score_split
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-not-written")
+    out = tmp_path / "out"
+    argv = ["api", "--base_url", server.url, "--model", tiny_lm.name, "--data", str(village), "--seeds", "5",
+            "--output_dir", str(out), "--batch_size", "3"]
+    assert A.cmd_api(_api_parser().parse_args(argv)) == 0
+    res = json.loads((out / "results.json").read_text())
+    run = res["metrics"]["runs"][0]
+    assert run["model"] == tiny_lm.name and run["village_seed"] == 3 and run["seed"] == 5
+    for split in ("test", "test_overspecified"):
+        rows = read_split(village, split)
+        examples = json.loads((out / "seed5" / f"scores_{split}.json").read_text())["examples"]
+        assert len(examples) == len(rows) == 8  # 4 parents x 2 children
+        direct = [_direct_ll(tiny_lm, r["prefix"], r["target"]) for r in rows]
+        assert [e["ll"] for e in examples] == pytest.approx(direct, abs=1e-4)
+        assert [e["ll"] for e in examples] == pytest.approx(score_split(tiny_lm, rows)["lm"], abs=1e-4)
+        assert all(e["n_tokens"] == 1 and not e["straddle"] for e in examples)
+        summary = run["splits"][split]["summary"]
+        assert summary["2"] == pytest.approx(sum(direct) / 8, abs=1e-4)
+        assert summary["optimum"]["2"] == pytest.approx(math.log(0.5))
+    table = (out / "results.md").read_text()
+    assert f"| 2 | 8 | {run['splits']['test']['summary']['2']:.2f} |" in table and "-0.69" in table
+    assert "sk-secret" not in (out / "config.json").read_text() + (out / "results.json").read_text()
+    # a rerun reads the cached scores: it needs no endpoint at all
+    dead = f"http://127.0.0.1:{_free_port()}/v1"
+    argv[argv.index(server.url)] = dead
+    assert A.cmd_api(_api_parser().parse_args(argv)) == 0
+    assert json.loads((out / "results.json").read_text())["metrics"]["runs"][0]["splits"] == run["splits"]
+
+
+def test_target_log_likelihood_straddle():
+    lp = argparse.Namespace(tokens=["ab", "c:", " X", "y"], token_logprobs=[None, -1.0, -2.0, -0.5],
+                            text_offset=[0, 2, 4, 6])
+    assert A.target_log_likelihood(lp, 4, 7) == (-2.5, 2, False)  # " Xy" of "abc: Xy"
+    assert A.target_log_likelihood(lp, 3, 7) == (-3.5, 3, True)  # ": Xy": "c:" starts before the target
+    assert A.target_log_likelihood(lp, 4, 6) == (-2.0, 1, False)  # " X": a token after the span is left out
+    with pytest.raises(ValueError):
+        A.target_log_likelihood(lp, 0, 2)  # the first token has no log-probability
+
+
+def test_unreachable_endpoint_one_line_error(village, tmp_path):
+    args = A.ApiArgs(base_url=f"http://127.0.0.1:{_free_port()}/v1", model=["m"], data=str(village),
+                     output_dir=str(tmp_path))
+    args.validate()
+    with pytest.raises(KnnlmError, match=r"^--base_url: cannot reach http://127\.0\.0\.1") as e:
+        A.run_api(args)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"model": []}, "--model: give one fine-tuned model per seed"),
+    ({"model": ["a"], "seeds": [0, 1]}, "--model: give one fine-tuned model per seed"),
+    ({"model": ["a", "b"], "submit": True}, "--model: with --submit"),
+    ({"model": ["a"], "data": "d", "seeds": [0, 1], "submit": True}, "--data: names one village"),
+    ({"model": ["a"], "splits": ["dev"]}, "--splits"),
+    ({"model": ["a"], "poll_s": 0}, "--poll_s"),
+    ({"model": ["a"], "base_url": "127.0.0.1:8000"}, "--base_url"),
+    ({"model": ["a"], "output_dir": None}, "--output_dir"),
+])
+def test_bad_arguments(kwargs, needle):
+    with pytest.raises(KnnlmError, match=f"^{needle}"):
+        A.ApiArgs(**{"output_dir": "o", **kwargs}).validate()
+
+
+# ------------------------------------------------------------------------------------------------------------ fine-tuning
+class _StubApi(ThreadingHTTPServer):
+    """A test double of the remote API: /v1/files, /v1/fine_tuning/jobs (status advancing one step per retrieve) and
+    /v1/completions through a CompletionEngine (``logprobs=False`` drops the log-probs, as a chat-only API would;
+    ``min_tokens=1`` refuses max_tokens=0, as recent vLLM does)."""
+
+    daemon_threads = True
+
+    def __init__(self, engine=None, statuses=("validating_files", "running", "running", "succeeded"), logprobs=True,
+                 min_tokens=0):
+        super().__init__(("127.0.0.1", 0), _StubHandler)
+        self.engine, self.statuses, self.logprobs, self.min_tokens = engine, list(statuses), logprobs, min_tokens
+        self.max_tokens_seen = []
+        self.files, self.jobs, self.creates, self.retrieves = {}, {}, [], 0
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _StubHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _job_view(self, job: dict) -> dict:
+        return {k: v for k, v in job.items() if not k.startswith("_")}
+
+    def do_POST(self):
+        s, raw = self.server, self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with s.lock:
+            if self.path == "/v1/files":
+                msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+                    b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n" + raw)
+                parts = {p.get_param("name", header="content-disposition"): p for p in msg.iter_parts()}
+                content = parts["file"].get_payload(decode=True)
+                fid = f"file-{len(s.files)}"
+                s.files[fid] = {"content": content, "purpose": parts["purpose"].get_content().strip(),
+                                "filename": parts["file"].get_filename()}
+                self._send(200, {"id": fid, "object": "file", "bytes": len(content), "created_at": 0,
+                                 "filename": s.files[fid]["filename"], "purpose": "fine-tune", "status": "processed"})
+            elif self.path == "/v1/fine_tuning/jobs":
+                body = json.loads(raw)
+                s.creates.append(body)
+                jid = f"ftjob-{len(s.jobs)}"
+                s.files[f"file-metrics-{jid}"] = {"content": b"step,train_loss,valid_loss\n1,2.5,2.7\n"}
+                s.jobs[jid] = {"id": jid, "object": "fine_tuning.job", "created_at": 0, "model": body["model"],
+                               "status": "validating_files", "fine_tuned_model": None, "result_files": [],
+                               "training_file": body["training_file"], "trained_tokens": None, "error": None,
+                               "_step": 0}
+                self._send(200, self._job_view(s.jobs[jid]))
+            elif self.path == "/v1/completions" and s.engine is not None:
+                body = json.loads(raw)
+                s.max_tokens_seen.append(body["max_tokens"])
+                if body["max_tokens"] < s.min_tokens:
+                    self._send(400, {"error": {"message": f"max_tokens must be at least {s.min_tokens}, got "
+                                                          f"{body['max_tokens']}.", "type": "BadRequestError"}})
+                    return
+                resp = s.engine.complete(body)
+                if not s.logprobs:
+                    for c in resp["choices"]:
+                        c["logprobs"] = None
+                self._send(200, resp)
+            else:
+                self._send(404, {"error": {"message": f"no route {self.path}"}})
+
+    def do_GET(self):
+        s = self.server
+        with s.lock:
+            parts = self.path.split("?")[0].strip("/").split("/")  # v1 fine_tuning jobs <id> [events]
+            if parts[1:3] == ["fine_tuning", "jobs"] and parts[3] in s.jobs:
+                job = s.jobs[parts[3]]
+                if len(parts) == 5:
+                    events = [{"id": f"ev-{i}", "object": "fine_tuning.job.event", "created_at": i, "level": "info",
+                               "message": f"status {st}"} for i, st in enumerate(s.statuses[:job["_step"]])]
+                    self._send(200, {"object": "list", "data": events[::-1], "has_more": False})
+                    return
+                s.retrieves += 1
+                job["status"] = s.statuses[min(job["_step"], len(s.statuses) - 1)]
+                job["_step"] += 1
+                if job["status"] == "succeeded":
+                    job["fine_tuned_model"] = s.engine.name if s.engine else f"ft:{job['model']}:{job['id']}"
+                    job["result_files"] = [f"file-metrics-{job['id']}"]
+                    job["trained_tokens"] = 1234
+                elif job["status"] == "failed":
+                    job["error"] = {"message": "training file has too few examples", "code": "invalid", "param": None}
+                self._send(200, self._job_view(job))
+            elif parts[1] == "files" and len(parts) == 4 and parts[3] == "content" and parts[2] in s.files:
+                data = s.files[parts[2]]["content"]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            else:
+                self._send(404, {"error": {"message": f"no route {self.path}"}})
+
+
+@pytest.fixture
+def stub_api():
+    servers = []
+
+    def make(**kw):
+        srv = _StubApi(**kw)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _submit_args(url: str, village: Path, out: Path, **kw) -> A.ApiArgs:
+    args = A.ApiArgs(base_url=url, model=["base-model"], data=str(village), seeds=[2], submit=True, n_epochs=3,
+                     poll_s=0.001, output_dir=str(out), **kw)
+    args.validate()
+    return args
+
+
+def test_submit_uploads_polls_and_resumes(stub_api, village, tmp_path):
+    api = stub_api()
+    args = _submit_args(api.url, village, tmp_path)
+    client = A.make_client(api.url, "EMPTY")
+    sleeps = []
+    state = A.finetune(client, args, village, tmp_path, 2, sleep=sleeps.append)
+    assert state["fine_tuned_model"] == "ft:base-model:ftjob-0" and state["status"] == "succeeded"
+    assert len(sleeps) == 3 and api.retrieves == 4  # validating, running, running, succeeded
+    assert api.files["file-0"]["content"] == (village / "train_chat.jsonl").read_bytes()
+    assert api.files["file-0"]["purpose"] == "fine-tune"
+    assert api.files["file-1"]["content"] == (village / "test_chat.jsonl").read_bytes()
+    (create,) = api.creates
+    assert create["model"] == "base-model" and create["training_file"] == "file-0"
+    assert create["validation_file"] == "file-1" and create["seed"] == 2
+    assert create["method"]["supervised"]["hyperparameters"]["n_epochs"] == 3
+    assert (tmp_path / "metrics.csv").read_text().startswith("step,train_loss,valid_loss")
+    assert json.loads((tmp_path / "job.json").read_text())["job_id"] == "ftjob-0"
+    # a rerun with the same settings uploads nothing and starts no job
+    again = A.finetune(client, args, village, tmp_path, 2, sleep=sleeps.append)
+    assert again["fine_tuned_model"] == state["fine_tuned_model"]
+    assert len(api.files) == 3 and len(api.creates) == 1
+
+
+def test_submit_killed_while_waiting_resumes_same_job(stub_api, village, tmp_path):
+    api = stub_api()
+    args = _submit_args(api.url, village, tmp_path, validation_split="")
+    client = A.make_client(api.url, "EMPTY")
+
+    def killed(_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        A.finetune(client, args, village, tmp_path, 2, sleep=killed)
+    assert json.loads((tmp_path / "job.json").read_text())["job_id"] == "ftjob-0"
+    state = A.finetune(client, args, village, tmp_path, 2, sleep=lambda _: None)
+    assert state["fine_tuned_model"] == "ft:base-model:ftjob-0"
+    assert len(api.creates) == 1 and len(api.files) == 2  # training file + the job's metrics; no validation file
+    assert "validation_file" not in api.creates[0]
+
+
+def test_failed_job_is_reported_and_replaced_on_rerun(stub_api, village, tmp_path):
+    api = stub_api(statuses=("running", "failed"))
+    args = _submit_args(api.url, village, tmp_path)
+    client = A.make_client(api.url, "EMPTY")
+    with pytest.raises(KnnlmError, match=r"^--submit: fine-tuning job ftjob-0 \(seed 2\) ended failed \(training file "
+                                         r"has too few examples\)"):
+        A.finetune(client, args, village, tmp_path, 2, sleep=lambda _: None)
+    api.statuses = ["succeeded"]
+    state = A.finetune(client, args, village, tmp_path, 2, sleep=lambda _: None)
+    assert state["job_id"] == "ftjob-1" and len(api.creates) == 2
+    assert api.creates[1]["training_file"] == "file-0"  # the uploaded file is reused
+
+
+def test_submit_end_to_end_scores_the_fine_tuned_model(stub_api, tiny_lm, village, tmp_path):
+    engine = CompletionEngine(tiny_lm, name="ft:base-model:knnlm::abc")
+    api = stub_api(engine=engine, statuses=("running", "succeeded"))
+    out = tmp_path / "out"
+    argv = ["api", "--base_url", api.url, "--model", "base-model", "--data", str(village), "--seeds", "2",
+            "--submit", "true", "--poll_s", "0.001", "--splits", "test", "--output_dir", str(out)]
+    assert A.cmd_api(_api_parser().parse_args(argv)) == 0
+    run = json.loads((out / "results.json").read_text())["metrics"]["runs"][0]
+    assert run["model"] == "ft:base-model:knnlm::abc" and run["job"]["job_id"] == "ftjob-0"
+    from knnlm.macondo.generate import read_split
+
+    rows = read_split(village, "test")
+    direct = [_direct_ll(tiny_lm, r["prefix"], r["target"]) for r in rows]
+    assert run["splits"]["test"]["summary"]["avg"] == pytest.approx(sum(direct) / len(direct), abs=1e-4)
+
+
+def test_endpoint_without_logprobs_one_line_error(stub_api, tiny_lm, village, tmp_path):
+    api = stub_api(engine=CompletionEngine(tiny_lm, name="m"), logprobs=False)
+    args = A.ApiArgs(base_url=api.url, model=["m"], data=str(village), output_dir=str(tmp_path))
+    args.validate()
+    with pytest.raises(KnnlmError, match=r"^--base_url: http://127\.0\.0\.1:\d+/v1 returned no log-probabilities"):
+        A.run_api(args)
+
+
+def test_server_refusing_zero_max_tokens_gets_one_token_ignored(stub_api, tiny_lm, village, tmp_path):
+    from knnlm.macondo.generate import read_split
+
+    api = stub_api(engine=CompletionEngine(tiny_lm, name="m"), min_tokens=1)
+    rows = read_split(village, "test")
+    scores = A.score_rows(A.make_client(api.url, "EMPTY"), api.url, "m", rows, batch_size=3)
+    assert api.max_tokens_seen == [0, 1, 1, 1]  # refused once, then 1 token for each of the 3 batches
+    direct = [_direct_ll(tiny_lm, r["prefix"], r["target"]) for r in rows]
+    assert [s["ll"] for s in scores] == pytest.approx(direct, abs=1e-4)
+    assert all(s["n_tokens"] == 1 for s in scores)
