@@ -1,0 +1,180 @@
+"""Macondo scoring against hand computations on the tiny GPT-2: vanilla, kNN (brute force), MLP memory, summaries, CLI."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from knnlm.macondo.generate import MacondoArgs, generate_macondo, read_split
+from knnlm.macondo.score import encode_rows, score_split, summarize
+
+K, TEMP = 8, 3.0
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return generate_macondo(MacondoArgs(seed=2, num_villagers=40, num_parents=5,
+                                        output_dir=str(tmp_path_factory.mktemp("m") / "d")))
+
+
+@pytest.fixture(scope="module")
+def rows(data):
+    multi = {"text": "Sal Gougis is the parent of Zyxwvutsrq", "prefix": "Sal Gougis is the parent of",
+             "target": " Zyxwvutsrq", "parent": "Sal Gougis", "n_children": 2, "attribute": None, "child": "Zyxwvutsrq"}
+    return read_split(data, "test")[:8] + read_split(data, "train")[:4] + [multi]
+
+
+@pytest.fixture(scope="module")
+def datastore(tiny_lm, data, tmp_path_factory):
+    from knnlm.corpus import CorpusArgs
+    from knnlm.datastore import build_datastore
+
+    args = CorpusArgs(train_file=str(data / "train.jsonl"), concat_documents=False)
+    return build_datastore(tiny_lm, args, tmp_path_factory.mktemp("ds") / "ds", key_point="ffn_input", batch_size=16)
+
+
+def _by_hand(lm, row):
+    """Per target token: (log p_lm(gold), ffn_input query [d], block_output [d], gold) from one unpadded forward."""
+    prefix = lm.encode(row["prefix"])
+    target = lm.tokenizer(row["target"], add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prefix + target])
+    with torch.no_grad():
+        logits, caps = lm.forward(ids, torch.ones_like(ids), key_points=("ffn_input", "block_output"))
+    logp = torch.log_softmax(logits[0].double(), dim=-1)  # [T, V]
+    return [(float(logp[len(prefix) - 1 + j, t]), caps["ffn_input"][0, len(prefix) - 1 + j],
+             caps["block_output"][0, len(prefix) - 1 + j], t) for j, t in enumerate(target)]
+
+
+def test_vanilla_matches_hand_computation(tiny_lm, rows):
+    assert len(tiny_lm.tokenizer(rows[-1]["target"], add_special_tokens=False)["input_ids"]) > 1  # a summed target
+    for (ids, n_prefix), row in zip(encode_rows(tiny_lm, rows), rows):
+        assert ids == tiny_lm.encode(row["text"])  # the target is appended as it would be tokenized in the sentence
+    lls = score_split(tiny_lm, rows, batch_size=3)  # right padding within batches of different lengths
+    assert lls["knn"] == {} and lls["mlp"] == {}
+    for row, ll in zip(rows, lls["lm"]):
+        ref = sum(lp for lp, *_ in _by_hand(tiny_lm, row))
+        assert ll == pytest.approx(ref, abs=1e-4)
+    np.testing.assert_allclose(lls["lm"], score_split(tiny_lm, rows, batch_size=32)["lm"], atol=1e-5)
+
+
+def _knn_gold_brute(keys: np.ndarray, vals: np.ndarray, q: np.ndarray, gold: int) -> float:
+    d = ((keys - q[None, :]) ** 2).sum(1)  # [N] squared L2
+    top = np.argsort(d, kind="stable")[:K]
+    logits = -d[top] / TEMP
+    hit = vals[top] == gold
+    if not hit.any():
+        return -math.inf
+    m = logits.max()
+    return float(np.log(np.exp(logits[hit] - m).sum()) - np.log(np.exp(logits - m).sum()))
+
+
+def test_knn_matches_brute_force_and_lambda0_is_vanilla(tiny_lm, rows, datastore):
+    from knnlm.knn import KNNArgs, Retriever
+
+    retriever = Retriever(datastore, KNNArgs(k=K, knn_temp=TEMP))
+    lls = score_split(tiny_lm, rows, retriever=retriever, lmbdas=[0.0, 0.5, 1.0], batch_size=4)
+    assert lls["knn"][0.0] == lls["lm"]  # bit-exact
+    keys, vals = np.asarray(datastore.keys, dtype=np.float64), np.asarray(datastore.vals)
+    finite = 0
+    for i, row in enumerate(rows):
+        per_token = [(lp, _knn_gold_brute(keys, vals, q.double().numpy(), t)) for lp, q, _, t in _by_hand(tiny_lm, row)]
+        half = sum(np.logaddexp(lp + math.log(0.5), kn + math.log(0.5)) for lp, kn in per_token)
+        assert lls["knn"][0.5][i] == pytest.approx(half, abs=2e-3)
+        full = sum(kn for _, kn in per_token)
+        if math.isinf(full):
+            assert lls["knn"][1.0][i] == -math.inf
+        else:
+            finite += 1
+            assert lls["knn"][1.0][i] == pytest.approx(full, abs=2e-3)
+    assert finite > 0  # the training sentences themselves retrieve their own next tokens
+
+
+class _Memory:
+    """An MLP memory stand-in: p_mem = the LM's own last layers f at block_output, i.e. exactly p_lm."""
+
+    key_point = "block_output"
+
+    def __init__(self, lm):
+        self.lm, self.queries = lm, 0
+
+    def log_probs(self, z):  # [n, d] -> [n, V]
+        self.queries += z.shape[0]
+        return self.lm.f(z)
+
+
+class _Uniform:
+    key_point = "ffn_input"
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def log_probs(self, z):
+        return torch.full((z.shape[0], self.vocab), -math.log(self.vocab))
+
+
+def test_memory_interpolation(tiny_lm, rows, datastore):
+    from knnlm.knn import KNNArgs, Retriever
+
+    mem = _Memory(tiny_lm)
+    lls = score_split(tiny_lm, rows, retriever=Retriever(datastore, KNNArgs(k=K)), memory=mem,
+                      knn=KNNArgs(lmbda=[0.3, 1.0]), batch_size=5)  # two key points in one forward
+    n_targets = sum(len(ids) - n for ids, n in encode_rows(tiny_lm, rows))
+    assert mem.queries == n_targets and set(lls["mlp"]) == set(lls["knn"]) == {0.3, 1.0}
+    np.testing.assert_allclose(lls["mlp"][1.0], lls["lm"], atol=1e-4)  # f(block_output) == the LM's logits
+    np.testing.assert_allclose(lls["mlp"][0.3], lls["lm"], atol=1e-4)
+    V = tiny_lm.vocab_size
+    uni = score_split(tiny_lm, rows, memory=_Uniform(V), lmbdas=[0.25], batch_size=7)["mlp"][0.25]
+    for row, ll in zip(rows, uni):
+        ref = sum(np.logaddexp(lp + math.log(0.75), math.log(0.25 / V)) for lp, *_ in _by_hand(tiny_lm, row))
+        assert ll == pytest.approx(ref, abs=1e-4)
+
+
+def test_summarize_by_hand():
+    rows = [{"n_children": n} for n in (1, 2, 2, 3, 3, 3)]
+    s = summarize(rows, [-1.0, -2.0, -4.0, -3.0, -3.0, -6.0])
+    assert (s["1"], s["2"], s["3"]) == (-1.0, -3.0, -4.0)
+    assert s["avg"] == pytest.approx(-19 / 6) and s["avg_groups"] == pytest.approx(-8 / 3)
+    assert s["count"] == {"1": 1, "2": 2, "3": 3}
+    o = s["optimum"]
+    assert o["1"] == 0.0 and o["2"] == pytest.approx(math.log(1 / 2)) and o["3"] == pytest.approx(math.log(1 / 3))
+    assert o["avg"] == pytest.approx((2 * math.log(1 / 2) + 3 * math.log(1 / 3)) / 6)
+    assert o["avg_groups"] == pytest.approx((math.log(1 / 2) + math.log(1 / 3)) / 3)
+    # the paper's Table 5 "Average" is the mean over groups: its step-0 vanilla row
+    paper = summarize([{"n_children": n} for n in range(1, 6)], [-10.89, -10.69, -10.82, -10.67, -10.68])
+    assert round(paper["avg_groups"], 2) == -10.75
+
+
+def test_cli_score_writes_results_and_table(tiny_gpt2_dir, tiny_lm, data, datastore, tmp_path, capsys):
+    from knnlm.cli import main
+
+    out = tmp_path / "score"
+    argv = ["macondo", "score", "--model_name_or_path", str(tiny_gpt2_dir), "--device", "cpu", "--data", str(data),
+            "--split", "test", "--datastore", str(datastore.dir), "--k", str(K), "--lmbda", "0,0.5",
+            "--output_dir", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    test_rows = read_split(data, "test")
+    ref = summarize(test_rows, score_split(tiny_lm, test_rows)["lm"])
+    m = res["metrics"]
+    assert m["n_examples"] == len(test_rows) == 15 and m["split"] == "test"
+    for key in ("1", "2", "3", "4", "5", "avg", "avg_groups"):
+        assert m["lm"][key] == pytest.approx(ref[key], abs=1e-4)
+        assert m["knn"]["0.0"][key] == m["lm"][key]
+    assert m["lm"]["optimum"]["5"] == pytest.approx(math.log(1 / 5)) and m["datastore_N"] == datastore.N
+    table = (out / "results.md").read_text()
+    assert table in printed
+    assert "| vanilla | kNN λ=0.0 | kNN λ=0.5 | optimum log(1/n) |" in table
+    assert "| average (groups) | 15 |" in table and "| 5 | 5 |" in table
+    assert res["config"]["lmbda"] == [0.0, 0.5] and (out / "config.json").is_file()
+
+
+def test_cli_score_bad_split(tiny_gpt2_dir, data, tmp_path, capsys):
+    from knnlm.cli import main
+
+    rc = main(["macondo", "score", "--model_name_or_path", str(tiny_gpt2_dir), "--data", str(data), "--split", "dev",
+               "--output_dir", str(tmp_path / "o")])
+    assert rc == 2 and "--split" in capsys.readouterr().err and not (tmp_path / "o").exists()
