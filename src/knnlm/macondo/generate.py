@@ -290,7 +290,9 @@ def _versions() -> dict[str, str]:
 
 def _existing(out: Path, args: MacondoArgs) -> Optional[Path]:
     """``out`` when it already holds exactly this dataset; raises when it holds anything else (unless --overwrite)."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise KnnlmError(f"--output_dir: {out} is a file; pass a folder")
+    if not out.exists() or not any(out.iterdir()):
         return None
     meta = out / "meta.json"
     if meta.is_file():

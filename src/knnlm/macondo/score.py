@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -40,11 +40,11 @@ def encode_rows(lm, rows: Sequence[dict]) -> list[tuple[list[int], int]]:
 
 
 def _batch(encoded: list[tuple[list[int], int]], pad_id: int):
-    """Right-padded ids/mask [B, T] and, per target token: (row in batch, predicting position, gold id, example)."""
+    """Right-padded ids/mask [B, T] and, per target token: row in the batch, predicting position, gold id ([n] each)."""
     length = max(len(ids) for ids, _ in encoded)
     ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(encoded), length), dtype=torch.long)
-    rows, pos, owner = [], [], []
+    rows, pos = [], []
     for i, (seq, n_prefix) in enumerate(encoded):
         ids[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(seq)] = 1
