@@ -249,7 +249,8 @@ def test_unreachable_endpoint_one_line_error(village, tmp_path):
     ({"model": ["a"], "seeds": [0, 1]}, "--model: give one fine-tuned model per seed"),
     ({"model": ["a", "b"], "submit": True}, "--model: with --submit"),
     ({"model": ["a"], "data": "d", "seeds": [0, 1], "submit": True}, "--data: names one village"),
-    ({"model": ["a"], "splits": ["dev"]}, "--splits"),
+    ({"model": ["a"], "splits": ["dev"]}, "--splits: dev"),
+    ({"model": ["a"], "splits": [""]}, "--splits: none given"),
     ({"model": ["a"], "poll_s": 0}, "--poll_s"),
     ({"model": ["a"], "base_url": "127.0.0.1:8000"}, "--base_url"),
     ({"model": ["a"], "output_dir": None}, "--output_dir"),
@@ -263,14 +264,15 @@ def test_bad_arguments(kwargs, needle):
 class _StubApi(ThreadingHTTPServer):
     """A test double of the remote API: /v1/files, /v1/fine_tuning/jobs (status advancing one step per retrieve) and
     /v1/completions through a CompletionEngine (``logprobs=False`` drops the log-probs, as a chat-only API would;
-    ``min_tokens=1`` refuses max_tokens=0, as recent vLLM does)."""
+    ``min_tokens=1`` refuses max_tokens=0, as recent vLLM does; ``refuse_echo`` answers as OpenAI's hosted models)."""
 
     daemon_threads = True
 
     def __init__(self, engine=None, statuses=("validating_files", "running", "running", "succeeded"), logprobs=True,
-                 min_tokens=0):
+                 min_tokens=0, refuse_echo=False):
         super().__init__(("127.0.0.1", 0), _StubHandler)
         self.engine, self.statuses, self.logprobs, self.min_tokens = engine, list(statuses), logprobs, min_tokens
+        self.refuse_echo = refuse_echo
         self.max_tokens_seen = []
         self.files, self.jobs, self.creates, self.retrieves = {}, {}, [], 0
         self.lock = threading.Lock()
@@ -321,6 +323,10 @@ class _StubHandler(BaseHTTPRequestHandler):
             elif self.path == "/v1/completions" and s.engine is not None:
                 body = json.loads(raw)
                 s.max_tokens_seen.append(body["max_tokens"])
+                if s.refuse_echo and body.get("echo"):
+                    self._send(400, {"error": {"message": "Setting 'echo' and 'logprobs' at the same time is not "
+                                                          "supported for this model.", "type": "invalid_request_error"}})
+                    return
                 if body["max_tokens"] < s.min_tokens:
                     self._send(400, {"error": {"message": f"max_tokens must be at least {s.min_tokens}, got "
                                                           f"{body['max_tokens']}.", "type": "BadRequestError"}})
@@ -474,3 +480,25 @@ def test_server_refusing_zero_max_tokens_gets_one_token_ignored(stub_api, tiny_l
     direct = [_direct_ll(tiny_lm, r["prefix"], r["target"]) for r in rows]
     assert [s["ll"] for s in scores] == pytest.approx(direct, abs=1e-4)
     assert all(s["n_tokens"] == 1 for s in scores)
+
+
+def test_endpoint_refusing_echo_names_the_fix(stub_api, tiny_lm, village, tmp_path):
+    api = stub_api(engine=CompletionEngine(tiny_lm, name="m"), refuse_echo=True)
+    args = A.ApiArgs(base_url=api.url, model=["m"], data=str(village), output_dir=str(tmp_path))
+    args.validate()
+    with pytest.raises(KnnlmError, match=r"^--base_url: .* refused scoring with m \(HTTP 400: Setting 'echo' and "
+                                         r"'logprobs'.*--submit --splits ''") as e:
+        A.run_api(args)
+    assert "\n" not in str(e.value)
+
+
+def test_submit_fine_tune_only(stub_api, village, tmp_path):
+    api = stub_api(statuses=("running", "succeeded"))
+    out = tmp_path / "out"
+    argv = ["api", "--base_url", api.url, "--model", "base-model", "--data", str(village), "--seeds", "2",
+            "--submit", "true", "--poll_s", "0.001", "--splits", "", "--output_dir", str(out)]
+    assert A.cmd_api(_api_parser().parse_args(argv)) == 0
+    run = json.loads((out / "results.json").read_text())["metrics"]["runs"][0]
+    assert run["splits"] == {} and run["model"] == "ft:base-model:ftjob-0"
+    assert run["job"]["final_metrics"] == {"step": 1.0, "train_loss": 2.5, "valid_loss": 2.7}
+    assert "| 2 | ftjob-0 | ft:base-model:ftjob-0 | 1234 | 2.5000 | 2.7000 |" in (out / "results.md").read_text()

@@ -28,6 +28,8 @@ from ..fileio import atomic_write_json, atomic_write_text, read_json, sha256_fil
 log = logging.getLogger(__name__)
 
 JOB_DONE = ("succeeded", "failed", "cancelled")
+ECHO_HINT = ("scoring needs a /v1/completions endpoint that returns prompt log-probs with echo=true (vLLM, SGLang, "
+             "`knnlm serve`); for an API without them, fine-tune only with --submit --splits ''")
 _SPLITS = ("train", "test", "test_overspecified")
 
 
@@ -39,7 +41,7 @@ class ApiArgs:
     data: Optional[str] = field(default=None, metadata={"help": "A Macondo-Conv folder (generated there with the seed when absent); only with one seed. Default: OUT/seed<S>/data per seed."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Village seeds, one fine-tuned model each (the paper: 5 runs, 0,1,2,3,4)."})
     tokenizer: str = field(default="tiktoken:cl100k_base", metadata={"help": "Tokenizer under which generated children's names are single tokens (the paper: tiktoken, GPT-3.5's cl100k_base)."})
-    splits: list[str] = field(default_factory=lambda: ["test", "test_overspecified"], metadata={"help": "Splits to score (test: the paper's; test_overspecified: the control)."})
+    splits: list[str] = field(default_factory=lambda: ["test", "test_overspecified"], metadata={"help": "Splits to score (test: the paper's; test_overspecified: the control). Empty with --submit: fine-tune only (for an API without prompt log-probs, e.g. OpenAI's; the job's metrics.csv then holds the train/validation loss)."})
     submit: bool = field(default=False, metadata={"help": "Upload the training file, start a fine-tuning job of --model, wait for it and score the result (costs money on a paid API)."})
     training_file: str = field(default="train", metadata={"help": "What --submit trains on: a split of the village (train; test gives the paper's grey 'trained on test' line) or a chat JSONL path."})
     validation_split: Optional[str] = field(default="test", metadata={"help": "Split uploaded as the job's validation file, so the job's metrics record test loss during training (the paper's Figure 2); empty to skip."})
@@ -63,9 +65,11 @@ class ApiArgs:
         if not self.submit and len(self.model) != len(self.seeds):
             raise KnnlmError(f"--model: give one fine-tuned model per seed ({len(self.seeds)} seed(s), {len(self.model)} "
                              "model(s)), comma-separated in seed order, or pass --submit to fine-tune one")
+        self.splits = [s for s in self.splits if s]
         unknown = [s for s in self.splits if s not in _SPLITS]
-        if not self.splits or unknown:
-            raise KnnlmError(f"--splits: {unknown or 'none given'}; choose from {', '.join(_SPLITS)}")
+        if unknown or not (self.splits or self.submit):
+            raise KnnlmError(f"--splits: {', '.join(unknown) or 'none given'}; choose from {', '.join(_SPLITS)} (an "
+                             "empty list only with --submit)")
         if self.validation_split and self.validation_split not in _SPLITS:
             raise KnnlmError(f"--validation_split: {self.validation_split!r} is not one of {', '.join(_SPLITS)}")
         if self.n_epochs < 0:
@@ -90,9 +94,10 @@ def make_client(base_url: str, api_key: str, timeout: float = 600.0, max_retries
     return OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
 
 
-def _api_call(fn: Callable, base_url: str, what: str, model: str | None = None, passthrough: tuple = ()):
+def _api_call(fn: Callable, base_url: str, what: str, model: str | None = None, passthrough: tuple = (),
+              hint: str = ""):
     """Runs one API call, turning the client's exceptions (except ``passthrough``) into one-line KnnlmErrors that name
-    the flag to fix."""
+    the flag to fix (``hint`` is appended when the server refuses the request)."""
     import openai
 
     try:
@@ -108,7 +113,8 @@ def _api_call(fn: Callable, base_url: str, what: str, model: str | None = None, 
         raise KnnlmError(f"--model: {base_url} has no {model or 'such resource'} ({_message(e)}) while {what}; "
                          f"list the served models with GET {base_url.rstrip('/')}/models") from None
     except openai.APIStatusError as e:
-        raise KnnlmError(f"--base_url: {base_url} refused {what} (HTTP {e.status_code}: {_message(e)})") from None
+        raise KnnlmError(f"--base_url: {base_url} refused {what} (HTTP {e.status_code}: {_message(e)})"
+                         f"{'; ' + hint if hint else ''}") from None
 
 
 def _message(e) -> str:
@@ -219,7 +225,24 @@ def finetune(client, args: ApiArgs, data: Path, run_dir: Path, seed: int,
         if not target.is_file():
             content = _api_call(lambda: client.files.content(fid), base_url, f"downloading result file {fid}")
             atomic_write_text(target, content.text)
+    if (run_dir / "metrics.csv").is_file():
+        state["final_metrics"] = last_metrics(run_dir / "metrics.csv")
     return state
+
+
+def last_metrics(path: Path) -> dict:
+    """The last value of every numeric column of a job's metrics CSV (step, train_loss, valid_loss, ...)."""
+    import csv
+
+    last: dict = {}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            for key, value in row.items():
+                try:
+                    last[key] = float(value)
+                except (TypeError, ValueError):
+                    continue
+    return last
 
 
 # ------------------------------------------------------------------------------------------------------------ scoring
@@ -258,7 +281,7 @@ def _echo_completions(client, base_url: str, model: str, prompts: list[str], sta
             log.warning("%s refused max_tokens=0 (%s); asking for 1 token per prompt and ignoring it", base_url,
                         _message(e))
             state["max_tokens"] = 1
-    return _api_call(call, base_url, f"scoring with {model}", model)
+    return _api_call(call, base_url, f"scoring with {model}", model, hint=ECHO_HINT)
 
 
 def score_rows(client, base_url: str, model: str, rows: list[dict], batch_size: int = 16, label: str = "") -> list[dict]:
@@ -276,9 +299,7 @@ def score_rows(client, base_url: str, model: str, rows: list[dict], batch_size: 
         for row, prompt, choice in zip(batch, prompts, choices):
             lp = choice.logprobs
             if lp is None or not lp.token_logprobs or not lp.text_offset or not lp.tokens:
-                raise KnnlmError(f"--base_url: {base_url} returned no log-probabilities for {model}; scoring needs a "
-                                 "completions endpoint that echoes prompt log-probs (echo=true, logprobs=1), e.g. "
-                                 "vLLM or `knnlm serve`")
+                raise KnnlmError(f"--base_url: {base_url} returned no log-probabilities for {model}; {ECHO_HINT}")
             shift = (choice.text or "").find(prompt)  # offsets are into the echoed text: prompt (+ a generated token)
             if shift < 0:
                 raise KnnlmError(f"--base_url: {base_url} did not echo the prompt {prompt[-60:]!r} (got "
@@ -365,8 +386,11 @@ def results_table(metrics: dict) -> str:
 
     agg = metrics["over_seeds"]
     splits = list(agg)
-    first = agg[splits[0]]
     n_seeds = len(metrics["runs"])
+    jobs = jobs_table(metrics["runs"])
+    if not splits:
+        return jobs
+    first = agg[splits[0]]
 
     def cell(split: str, key: str) -> str:
         a = agg[split]
@@ -381,7 +405,22 @@ def results_table(metrics: dict) -> str:
     models = ", ".join(f"seed {r['seed']}: {r['model']}" for r in metrics["runs"])
     note = f"{n_seeds} seed(s), mean ± std over seeds" if n_seeds > 1 else "1 seed"
     return (f"Macondo-Conv: mean log-likelihood of the children's names ({note}; {models})\n\n"
-            + markdown_table(headers, rows))
+            + markdown_table(headers, rows) + (f"\n{jobs}" if jobs else ""))
+
+
+def jobs_table(runs: list[dict]) -> str:
+    """Markdown: one row per fine-tuning job (empty without --submit), with the last train/validation loss."""
+    from ..report import markdown_table
+
+    jobs = [(r["seed"], r["job"]) for r in runs if r.get("job")]
+    if not jobs:
+        return ""
+    rows = [[seed, job["job_id"], job["fine_tuned_model"], job.get("trained_tokens"),
+             job.get("final_metrics", {}).get("train_loss"), job.get("final_metrics", {}).get("valid_loss")]
+            for seed, job in jobs]
+    return ("Fine-tuning jobs (last logged losses: mean token cross-entropy of the assistant messages)\n\n"
+            + markdown_table(["seed", "job", "fine-tuned model", "trained tokens", "train loss", "valid loss"], rows,
+                             digits=4))
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
