@@ -132,8 +132,8 @@ PRESETS: dict[str, dict[str, dict]] = {
     "cpu": {
         "macondo": dict(size="tiny", steps=1200, eval_every=100, seeds=5, batch_size=16, lr=1e-3, warmup=0.05,
                         vocab_size=4096, log_every=20, macondo_num_villagers=200, macondo_num_parents=50),
-        "text": dict(size="tiny", steps=600, eval_every=50, seeds=5, batch_size=16, block_size=64, lr=1e-3, warmup=0.05,
-                     vocab_size=2048, max_train_tokens=500_000, val_tokens=16384, log_every=10),
+        "text": dict(size="tiny", steps=400, eval_every=50, seeds=5, batch_size=16, block_size=64, lr=1e-3, warmup=0.05,
+                     vocab_size=2048, max_train_tokens=500_000, val_tokens=8192, log_every=10),
     },
     "paper": {
         "macondo": dict(size="gpt2-small", steps=10000, eval_every=1000, seeds=5, batch_size=8, lr=5e-4, warmup=0.05,
@@ -181,7 +181,6 @@ def gpt2_config(size: str, vocab_size: int, n_positions: int, eos_token_id: int)
     config = scratch_config(size, n_positions=max(256, n_positions))
     config.vocab_size = vocab_size
     config.bos_token_id = config.eos_token_id = config.pad_token_id = eos_token_id
-    config.loss_type = "ForCausalLM"
     return config
 
 
@@ -199,6 +198,7 @@ def build_pair(config, seed: int) -> dict[str, nn.Module]:
 
     torch.manual_seed(seed)
     full = GPT2LMHeadModel(config)
+    full.loss_type = "ForCausalLM"  # transformers warns when it has to guess
     pruned = remove_last_mlp(copy.deepcopy(full))
     return {"with_last_mlp": full, "without_last_mlp": pruned}
 

@@ -1,0 +1,276 @@
+"""MLP-hurdle study: the pair differs only by the removed sublayer, shares its data order, records metrics at the eval
+steps, resumes to the same numbers, and rejects bad configs before training."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from knnlm.errors import KnnlmError
+from knnlm.experiments import hurdle
+from knnlm.experiments.hurdle import (MODELS, HurdleArgs, Vocab, batch_indices, build_pair, compare, count_params,
+                                      gpt2_config, lr_at, resolve_args, run_study, target_log_likelihoods)
+
+torch.set_num_threads(1)
+
+SENTENCE = "The river rose in the spring and the village moved its mills to the hill . "
+
+
+def _text_files(tmp_path):
+    rng = np.random.default_rng(0)
+    words = SENTENCE.split()
+    train = " ".join(rng.choice(words, 3000)) + "\n"
+    valid = " ".join(rng.choice(words, 400)) + "\n"
+    (tmp_path / "train.txt").write_text(train)
+    (tmp_path / "valid.txt").write_text(valid)
+    return tmp_path / "train.txt"
+
+
+def _macondo_folder(tmp_path):
+    """A hand-written village test split: 3 parents with 1, 2 and 3 children (the format of knnlm macondo generate)."""
+    folder = tmp_path / "village"
+    folder.mkdir()
+    families = {"Ana Buendia": ["Maria"], "Jose Arcadio": ["John", "Anna"],  # names of one GPT-2 token
+                "Ursula Iguaran": ["Paul", "Mark", "Peter"]}
+    with open(folder / "test.jsonl", "w") as fh:
+        for parent, kids in families.items():
+            for kid in kids:
+                prefix = f"{parent} is the parent of"
+                fh.write(json.dumps({"text": f"{prefix} {kid}", "prefix": prefix, "target": f" {kid}", "parent": parent,
+                                     "n_children": len(kids), "attribute": None, "child": kid}) + "\n")
+    return folder
+
+
+def _args(tmp_path, **kw) -> HurdleArgs:
+    base = dict(size="tiny", steps=8, eval_every=2, seeds=2, batch_size=4, block_size=16, lr=3e-3, warmup=2,
+                vocab_size=64, log_every=1, eval_batch_size=8, device="cpu", output_dir=str(tmp_path / "out"))
+    base.update(kw)
+    args = HurdleArgs(**base)
+    args.validate()
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------- the pair
+def _tiny_pair(seed=0):
+    config = gpt2_config("tiny", vocab_size=97, n_positions=32, eos_token_id=96)
+    return config, build_pair(config, seed)
+
+
+def test_pair_shares_every_weight_but_the_removed_sublayer():
+    config, pair = _tiny_pair()
+    full, pruned = pair["with_last_mlp"].state_dict(), pair["without_last_mlp"].state_dict()
+    last = f"transformer.h.{config.n_layer - 1}."
+    missing = sorted(set(full) - set(pruned))
+    assert missing == sorted(k for k in full if k.startswith(last + "mlp.") or k.startswith(last + "ln_2."))
+    assert len(missing) == 6  # ln_2.{weight,bias}, mlp.c_fc.{weight,bias}, mlp.c_proj.{weight,bias}
+    assert set(pruned) <= set(full)
+    for k in pruned:
+        assert torch.equal(full[k], pruned[k]), k
+    # the pruned model's weights are its own copy (training one must not move the other), output layer still tied
+    m = pair["without_last_mlp"]
+    assert m.lm_head.weight.data_ptr() == m.transformer.wte.weight.data_ptr()
+    assert m.transformer.wte.weight.data_ptr() != pair["with_last_mlp"].transformer.wte.weight.data_ptr()
+    # parameter counts: the difference is exactly ln_2 (2d) + c_fc (d*4d + 4d) + c_proj (4d*d + d), d = 64
+    d = config.n_embd
+    assert count_params(pair["with_last_mlp"]) - count_params(m) == 2 * d + (d * 4 * d + 4 * d) + (4 * d * d + d)
+
+
+def test_zeroing_the_last_mlp_output_gives_the_pruned_logits():
+    _, pair = _tiny_pair(seed=3)
+    full, pruned = pair["with_last_mlp"].eval(), pair["without_last_mlp"].eval()
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = full(input_ids=ids).logits
+        hook = full.transformer.h[-1].mlp.register_forward_hook(lambda mod, inp, out: torch.zeros_like(out))
+        zeroed = full(input_ids=ids).logits
+        hook.remove()
+        out = pruned(input_ids=ids).logits
+    assert torch.equal(zeroed, out)
+    assert (plain - out).abs().max() > 1e-3  # the MLP did contribute: the identity above is not vacuous
+    # and the pruned block's output is h + attn(ln_1(h)) exactly
+    block = pruned.transformer.h[-1]
+    h = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = h + block.attn(block.ln_1(h))[0]
+        assert torch.equal(block(h), expected)
+
+
+def test_pair_depends_on_the_seed_only():
+    _, a = _tiny_pair(seed=5)
+    _, b = _tiny_pair(seed=5)
+    _, c = _tiny_pair(seed=6)
+    wa, wb, wc = (p["with_last_mlp"].transformer.wte.weight for p in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+# ---------------------------------------------------------------------------------------------------------------- pieces
+def test_batch_indices_are_seeded_epoch_permutations():
+    n, bs = 10, 4
+    stream = np.concatenate([batch_indices(n, bs, seed=7, step=s) for s in range(5)])  # 20 = two epochs
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    assert not np.array_equal(stream[:10], stream[10:])  # a fresh order each epoch
+    assert np.array_equal(batch_indices(n, bs, 7, 2), stream[8:12])  # a pure function of (seed, step)
+    assert not np.array_equal(batch_indices(n, bs, 8, 0), stream[:4])
+
+
+def test_lr_schedule_hand_values():
+    args = HurdleArgs(steps=10, warmup=2, lr=1.0)
+    assert [lr_at(s, args) for s in range(1, 11)] == [0.5, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8, 0.0]
+    assert HurdleArgs(steps=200, warmup=0.05).warmup_steps == 10
+
+
+def test_reduced_vocabulary_keeps_the_most_frequent_tokens():
+    v = Vocab.build([np.array([5, 5, 5, 9, 9, 2, 7, 7])], full_size=12, vocab_size=3)
+    assert v.size == 3 and v.unk == 2
+    assert v.map([5, 9, 7, 2, 11]).tolist() == [0, 2, 1, 2, 2]  # 9 and 7 tie (twice each): the lower id, 7, is kept
+    full = Vocab.build([np.array([1, 2])], full_size=12, vocab_size=0)
+    assert full.size == 12 and full.map([3, 11]).tolist() == [3, 11]
+
+
+def test_target_log_likelihoods_match_a_one_by_one_reference():
+    _, pair = _tiny_pair(seed=1)
+    model = pair["with_last_mlp"].eval()
+    rng = np.random.default_rng(0)
+    items = [(rng.integers(0, 97, n), rng.integers(0, 97, m)) for n, m in [(3, 1), (7, 2), (1, 1), (5, 3)]]
+    got = target_log_likelihoods(model, items, batch_size=3, device=torch.device("cpu"))
+    for (p, t), value in zip(items, got):
+        seq = torch.as_tensor(np.concatenate([p, t]))[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=seq).logits[0], -1)
+        ref = sum(float(logp[len(p) - 1 + j, int(t[j])]) for j in range(len(t)))
+        assert value == pytest.approx(ref, abs=1e-4)
+
+
+def test_compare_finds_the_crossing_and_the_quarter_gap():
+    steps = [0, 10, 20, 30, 40]
+    with_ll = [-5.0, -4.0, -3.0, -2.0, -1.0]
+    without = [-5.0, -3.5, -2.9, -2.5, -1.2]  # ahead at 10 and 20, behind from 30
+    c = compare(steps, with_ll, without, higher_is_better=True, total_steps=40)
+    assert c["crossings"] == [30]
+    assert c["quarter_step"] == 10 and c["advantage_at_quarter"] == pytest.approx(0.5)
+    assert c["leader_at_quarter"] == "without_last_mlp"
+    loss = compare(steps, [5, 4, 3, 2, 1], [5, 4.5, 3.5, 1.5, 0.5], higher_is_better=False, total_steps=40)
+    assert loss["crossings"] == [30] and loss["advantage_at_quarter"] == pytest.approx(-0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------- the study
+def _digest_of(args, data, seed):
+    """The chained sha256 of every batch the trainer should feed, recomputed from the sampler."""
+    d = b""
+    for step in range(args.steps):
+        ids, _, _ = data.train.batch(batch_indices(len(data.train), args.batch_size, seed, step))
+        d = hashlib.sha256(d + ids.numpy().tobytes()).digest()
+    return d.hex()
+
+
+def test_macondo_mode_records_metrics_at_the_eval_steps_with_one_data_order(tmp_path):
+    args = _args(tmp_path, data=str(_macondo_folder(tmp_path)), steps=7, eval_every=3)
+    out = run_study(args)
+    m = out["metrics"]
+    assert args.eval_steps() == [0, 3, 6, 7] and m["steps"] == [0, 3, 6, 7]
+    runs = tmp_path / "out" / "runs"
+    data = hurdle.prepare_data(args, hurdle.load_tokenizer())
+    assert len(data.train) == 6 and data.vocab.size == m["vocab_size"] < 64  # every token of the village kept
+    assert data.vocab.unk not in np.concatenate([t for _, t in data.items])
+    for seed in range(2):
+        recs = [json.loads((runs / f"seed{seed}-{name}.json").read_text()) for name in MODELS]
+        for rec in recs:
+            assert list(rec["evals"]) == ["0", "3", "6", "7"]
+            assert set(rec["evals"]["3"]) == {"train_loss", "ll_avg", "ll_1", "ll_2", "ll_3"}
+            ev = rec["evals"]["6"]  # ll_avg is the mean over the 6 children: (1*ll_1 + 2*ll_2 + 3*ll_3) / 6
+            assert ev["ll_avg"] == pytest.approx((ev["ll_1"] + 2 * ev["ll_2"] + 3 * ev["ll_3"]) / 6)
+            assert [int(s) for s in rec["curve"]] == list(range(1, 8))
+        assert recs[0]["data_digest"] == recs[1]["data_digest"] == _digest_of(args, data, seed)
+    assert json.loads((runs / "seed0-with_last_mlp.json").read_text())["data_digest"] != \
+        json.loads((runs / "seed1-with_last_mlp.json").read_text())["data_digest"]
+    assert m["same_data_order"] is True
+    # a random V-way model starts near log(1/V) per (one-token) name; training on the sentences raises it
+    start = m["mean"]["with_last_mlp"]["ll_avg"][0]
+    assert abs(start - math.log(1 / m["vocab_size"])) < 0.5 and m["mean"]["with_last_mlp"]["ll_avg"][-1] > start + 0.5
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| 7 |" in table and "±" in table
+    assert sorted(p.name for p in out["plots"]) == ["ll_avg.png", "ll_by_children.png"]
+    for p in out["plots"]:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _strip_timing(metrics):
+    return {k: v for k, v in metrics.items() if k != "train_s"}
+
+
+def test_resume_after_an_interrupted_run_gives_identical_results(tmp_path, monkeypatch):
+    train = _text_files(tmp_path)
+    whole = run_study(_args(tmp_path, data=str(train), output_dir=str(tmp_path / "whole")))["metrics"]
+
+    real_save = hurdle.save_checkpoint
+
+    def killed_after(path, state):  # the process dies right after the checkpoint of step 4 of seed 1's pruned model
+        real_save(path, state)
+        if state["record"]["seed"] == 1 and state["record"]["model"] == "without_last_mlp" and state["step"] == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(hurdle, "save_checkpoint", killed_after)
+    args = _args(tmp_path, data=str(train), output_dir=str(tmp_path / "resumed"))
+    with pytest.raises(KeyboardInterrupt):
+        run_study(args)
+    runs = tmp_path / "resumed" / "runs"
+    assert (runs / "seed1-without_last_mlp.pt").is_file() and not (runs / "seed1-without_last_mlp.json").exists()
+    assert torch.load(runs / "seed1-without_last_mlp.pt", weights_only=False)["step"] == 4
+    monkeypatch.setattr(hurdle, "save_checkpoint", real_save)
+    finished = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.json")}
+    resumed = run_study(args)["metrics"]
+    assert {p.name: p.stat().st_mtime_ns for p in runs.glob("seed0-*.json")} == \
+        {k: v for k, v in finished.items() if k.startswith("seed0-")}  # finished runs are skipped, not redone
+    assert not list(runs.glob("*.pt"))
+    assert _strip_timing(resumed) == _strip_timing(whole)
+    assert resumed["steps"] == [0, 2, 4, 6, 8] and set(resumed["mean"]["with_last_mlp"]) == {"train_loss", "val_loss"}
+
+
+def test_text_mode_validation_file_defaults_to_the_sibling_valid_txt(tmp_path):
+    train = _text_files(tmp_path)
+    assert _args(tmp_path, data=str(train)).validation_path() == tmp_path / "valid.txt"
+    other = tmp_path / "corpus.txt"
+    other.write_text(train.read_text())
+    with pytest.raises(KnnlmError, match="--validation_file"):
+        _args(tmp_path, data=str(other))
+
+
+# ---------------------------------------------------------------------------------------------------------------- configs
+def test_bad_config_key_fails_before_training(tmp_path, capsys):
+    from knnlm.cli import main
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("preset: cpu\nstepz: 10\n")
+    out = tmp_path / "out"
+    assert main(["hurdle", "run", "--config", str(cfg), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "stepz" in err and "--config" in err and "Traceback" not in err
+    assert not out.exists()
+    with pytest.raises(KnnlmError, match="--eval_every"):
+        resolve_args({"data": "macondo", "steps": 10, "eval_every": 20, "output_dir": str(out)})
+    with pytest.raises(KnnlmError, match="--size"):
+        resolve_args({"size": "huge", "output_dir": str(out)})
+    assert not out.exists()
+
+
+def test_presets_layer_under_config_and_flags(tmp_path):
+    train = _text_files(tmp_path)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"preset: cpu\ndata: {train}\nsteps: 300\n")
+    a = resolve_args({"output_dir": str(tmp_path / "o"), "eval_every": "30"}, str(cfg))
+    text = hurdle.PRESETS["cpu"]["text"]
+    assert (a.steps, a.eval_every, a.block_size, a.vocab_size) == (300, 30, text["block_size"], text["vocab_size"])
+    b = resolve_args({"output_dir": str(tmp_path / "o"), "preset": "cpu"})
+    assert b.mode == "macondo" and b.macondo_num_parents == hurdle.PRESETS["cpu"]["macondo"]["macondo_num_parents"]
+    assert HurdleArgs().macondo_num_parents == 100 and HurdleArgs().eval_every == 1000  # the paper's defaults
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    train = _text_files(tmp_path)
+    run_study(_args(tmp_path, data=str(train), steps=4, seeds=1))
+    with pytest.raises(KnnlmError, match="lr"):
+        run_study(_args(tmp_path, data=str(train), steps=4, seeds=1, lr=1e-2))
