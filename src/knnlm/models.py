@@ -276,8 +276,9 @@ def _gguf_folder(folder: Path, fname: str) -> Path:
     except (ValueError, KeyError, NotImplementedError, OSError) as e:
         raise KnnlmError(f"--gguf_file: transformers cannot load {path} ({str(e).splitlines()[0][:200]}); "
                          "pass a GGUF of a supported architecture and quantization") from None
+    model.hf_quantizer = None  # the weights are plain float32 tensors now: save them as such
     if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config  # weights are plain float32 now
+        del model.config.quantization_config
     with atomic_dir(out) as tmp:
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)  # config.json, the completion marker, is written with the weights

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random-init models (GPT-2, Llama, GPT-NeoX) with the GPT-2 tokenizer, the WikiText-2 folder."""
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: no hub in tests
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT_DIR = REPO.parent / "shared" / "data" / "wikitext-2"
+GPT2_EOS = 50256
+
+
+def save_tiny(model_cls, config, out_dir: Path, seed: int = 0) -> Path:
+    """Saves a seeded random-init ``model_cls(config)`` and the GPT-2 tokenizer into ``out_dir``."""
+    from transformers import AutoTokenizer
+
+    from knnlm.assets import gpt2_tokenizer_dir
+
+    torch.manual_seed(seed)
+    model_cls(config).save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(gpt2_tokenizer_dir()).save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """GPT-2, 2 layers, n_embd 64, 2 heads, n_positions 128, seed 0 (the scratch size ``tiny``)."""
+    from knnlm.assets import build_scratch_gpt2
+
+    return build_scratch_gpt2("tiny", tmp_path_factory.mktemp("tiny_gpt2"), seed=0, n_positions=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """Llama, 2 layers, hidden 64, intermediate 128, 2 heads (1 key/value head: grouped-query attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         bos_token_id=GPT2_EOS, eos_token_id=GPT2_EOS, tie_word_embeddings=False)
+    return save_tiny(LlamaForCausalLM, config, tmp_path_factory.mktemp("tiny_llama"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_neox_dir(tmp_path_factory) -> Path:
+    """GPT-NeoX, 2 layers, hidden 64, 2 heads, sequential residual (``use_parallel_residual=False``)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=2, max_position_embeddings=128, use_parallel_residual=False,
+                           bos_token_id=GPT2_EOS, eos_token_id=GPT2_EOS)
+    return save_tiny(GPTNeoXForCausalLM, config, tmp_path_factory.mktemp("tiny_neox"), seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_gpt2_dir):
+    """The tiny GPT-2 loaded as a ``knnlm.models.LM`` (CPU, float32, eval mode). Do not modify its weights."""
+    from knnlm.models import ModelArgs, load_model
+
+    return load_model(ModelArgs(model_name_or_path=str(tiny_gpt2_dir), device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def wikitext_dir() -> Path:
+    """``../shared/data/wikitext-2`` (train.txt, valid.txt, test.txt); skips the test when it is absent."""
+    if not (WIKITEXT_DIR / "valid.txt").is_file():
+        pytest.skip(f"WikiText-2 not found at {WIKITEXT_DIR}")
+    return WIKITEXT_DIR
