@@ -1,0 +1,38 @@
+"""`knnlm lm train`: a from-scratch GPT-2 trained on a text file (resumable), saved as an HF model folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import add_arguments, resolve
+
+
+def register(sub) -> None:
+    from ..experiments.lm import LMArgs, LMTrainArgs
+
+    lm = sub.add_parser("lm", help="train a small GPT-2 language model from scratch (e.g. on WikiText-2)")
+    lm_sub = lm.add_subparsers(dest="action", required=True)
+    train = lm_sub.add_parser("train", help="tokenizer + random-init GPT-2 + training with validation perplexity; "
+                                            "rerun the same command to resume")
+    train.add_argument("--config", default=None, help="YAML/JSON file setting any of the options below (flags win)")
+    for cls in (LMArgs, LMTrainArgs):
+        add_arguments(train, cls)
+    train.add_argument("--steps", dest="max_steps", default=None, metavar="MAX_STEPS", help="alias of --max_steps")
+    train.set_defaults(func=cmd_lm_train)
+
+
+def cmd_lm_train(args) -> int:
+    from ..experiments.lm import LMArgs, LMTrainArgs, train_lm
+    from ..report import markdown_table
+
+    largs, targs = resolve([LMArgs, LMTrainArgs], args, args.config)
+    record = train_lm(largs, targs)
+    out = Path(largs.output_dir)
+    rows = [[h["step"], h["train_loss"], h["val_ppl"], h["elapsed_s"]] for h in record["history"]]
+    print(markdown_table(["step", "train loss", "val ppl", "train s"], rows), end="")
+    word = record.get("val_word_ppl")
+    print(f"GPT-2 {largs.size}, {record['n_parameters']:,} parameters, vocabulary {record['vocab_size']}: "
+          f"validation perplexity {record['val_ppl']:.2f} per token"
+          + (f", {word:.2f} per word" if word else "")
+          + f" after {record['steps']} steps ({record['epochs']:.2f} epochs, {record['train_wall_s']:.0f}s of training)")
+    print(f"model: {out}  (results: {out / 'results.json'})")
+    return 0

@@ -1,0 +1,366 @@
+"""The shared training loop for causal LMs: AdamW + warm-up/decay, gradient accumulation, accelerate, exact resume.
+
+``train(model, batches, args, ckpt_dir)`` runs ``args`` (a :class:`TrainArgs`) over the micro-batches that
+``batches(epoch, seed)`` yields, evaluates at step 0, every ``eval_every`` steps and at the end, and checkpoints into
+``ckpt_dir``. The data order must be a pure function of ``(seed, epoch)``: a rerun with the same ``ckpt_dir`` skips the
+micro-batches already consumed and continues, giving (on CPU) bit-identical weights and history to an uninterrupted run.
+
+Checkpoint layout (``ckpt_dir``): ``latest.json`` (pointer, written last) -> ``step-<N>/state.pt`` (trainable
+parameters and persistent buffers, optimizer, scheduler, counters, eval history, the args) and ``step-<N>/rng-<rank>.pt``
+(torch/CUDA/numpy/python RNG states of each process). Only parameters with ``requires_grad`` are stored: for a PEFT model
+that is the adapter, so a resume must rebuild the same frozen base model before calling ``train`` again.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Literal, Optional
+
+import numpy as np
+import torch
+
+from .errors import KnnlmError
+from .fileio import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+Batches = Callable[[int, int], Iterable[dict]]  # (epoch, seed) -> micro-batches {input_ids, attention_mask, labels}
+OnEval = Callable[[int, torch.nn.Module], dict]  # (step, model) -> metrics recorded in the history
+_MODEL_KEYS = ("input_ids", "attention_mask", "labels")
+_LATEST = "latest.json"
+
+
+@dataclass
+class TrainArgs:
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of AdamW (the paper: 1e-5 for fine-tuning; from-scratch models want ~1e-3)."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of the optimizer steps spent warming the learning rate up linearly from 0."})
+    lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup"] = field(default="linear", metadata={"help": "Learning-rate decay after warm-up (transformers.get_scheduler): linear to 0 at the last step, cosine to 0, or constant."})
+    batch_size: int = field(default=4, metadata={"help": "Sequences per micro-batch on each process (the caller's batches() decides; recorded here for the config)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step (per process); global batch = batch_size x this x processes."})
+    epochs: int = field(default=50, metadata={"help": "Passes over the training data (ignored when --max_steps is set)."})
+    max_steps: Optional[int] = field(default=None, metadata={"help": "Total optimizer steps; overrides --epochs (the data is re-read epoch after epoch as needed)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient L2 norm to this value before each step (0 = no clipping)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay, applied to matrices only (not to biases, norms)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    seed: int = field(default=42, metadata={"help": "Seeds the data order (batches(epoch, seed)) and dropout."})
+    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 mixed precision (autocast, float32 master weights); unset = on CUDA only, float32 on CPU."})
+    log_every: int = field(default=50, metadata={"help": "Log loss, learning rate and gradient norm every N steps."})
+    checkpoint_every: Optional[int] = field(default=None, metadata={"help": "Also checkpoint every N steps (evaluation points always checkpoint)."})
+
+    def validate(self) -> None:
+        if self.learning_rate <= 0:
+            raise KnnlmError(f"--learning_rate: must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise KnnlmError(f"--warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("batch_size", "gradient_accumulation_steps", "epochs", "log_every"):
+            if getattr(self, name) < 1:
+                raise KnnlmError(f"--{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "checkpoint_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise KnnlmError(f"--{name}: must be >= 1 (or unset), got {getattr(self, name)}")
+        if self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise KnnlmError("--max_grad_norm/--weight_decay: must be >= 0")
+        if self.bf16 and not torch.cuda.is_available():
+            raise KnnlmError("--bf16: true needs a CUDA GPU; leave it unset for float32 on CPU")
+
+    def use_bf16(self) -> bool:
+        return torch.cuda.is_available() if self.bf16 is None else self.bf16
+
+    def resume_key(self) -> dict:
+        """The settings a checkpoint must share with the run that resumes it (logging cadence may change)."""
+        d = dataclasses.asdict(self)
+        for k in ("log_every", "checkpoint_every"):
+            d.pop(k)
+        return d
+
+
+# ---------------------------------------------------------------------------------------------------------------- data helpers
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """A permutation of ``range(n)`` that depends only on ``(seed, epoch)``."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def collate_causal(seqs: list[list[int]], pad_id: int) -> dict:
+    """Right-pads token lists: ``input_ids``/``attention_mask``/``labels`` [B, T], labels -100 on padding only.
+
+    Labels are the inputs (the model shifts them): the loss covers every token of the sentence but the first.
+    """
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------------------------- state
+@dataclass
+class _State:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    position: int = 0  # micro-batches of the current epoch already consumed (on this process's share)
+    history: list = field(default_factory=list)
+    loss_sum: float = 0.0  # training loss summed over the steps since the last evaluation
+    loss_steps: int = 0
+    elapsed_s: float = 0.0  # training wall time (evaluations excluded), summed over sessions
+    done: bool = False
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a resume needs: trainable parameters and persistent buffers (frozen weights are the caller's)."""
+    out = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    persistent = set(model.state_dict(keep_vars=True))
+    out.update({n: b.detach() for n, b in model.named_buffers() if n in persistent})
+    return out
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def _save_checkpoint(ckpt_dir: Path, accelerator, model, optimizer, scheduler, state: _State, args: TrainArgs) -> None:
+    """Writes ``step-<N>/`` under a temp name, renames it, then points ``latest.json`` at it and drops older ones."""
+    name = f"step-{state.step}"
+    tmp = ckpt_dir / f"{name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        payload = {"model": _trainable(accelerator.unwrap_model(model)), "optimizer": optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(), "state": dataclasses.asdict(state),
+                   "args": args.resume_key(), "num_processes": accelerator.num_processes}
+        torch.save(payload, tmp / "state.pt")
+        final = ckpt_dir / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write_json(ckpt_dir / _LATEST, {"dir": name, "step": state.step, "done": state.done})
+        for old in ckpt_dir.glob("step-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(ckpt_dir: Path, accelerator, model, optimizer, scheduler, args: TrainArgs) -> _State | None:
+    pointer = ckpt_dir / _LATEST
+    if not pointer.is_file():
+        return None
+    folder = ckpt_dir / json.loads(pointer.read_text())["dir"]
+    payload = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+    if payload["args"] != args.resume_key():
+        changed = sorted(k for k in payload["args"] if payload["args"][k] != args.resume_key().get(k))
+        raise KnnlmError(f"checkpoint {ckpt_dir} was written with other training settings ({', '.join(changed)}); "
+                         "rerun with the same settings to resume, or use a new output folder")
+    if payload["num_processes"] != accelerator.num_processes:
+        raise KnnlmError(f"checkpoint {ckpt_dir} was written by {payload['num_processes']} process(es), this run has "
+                         f"{accelerator.num_processes}; resume with the same number of processes")
+    unwrapped = accelerator.unwrap_model(model)
+    targets = _trainable(unwrapped)
+    if set(targets) != set(payload["model"]):
+        raise KnnlmError(f"checkpoint {ckpt_dir} holds other trainable tensors than this model; "
+                         "rebuild the same model (and adapter) or use a new output folder")
+    with torch.no_grad():
+        for name, t in targets.items():
+            t.copy_(payload["model"][name])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    _set_rng_state(torch.load(folder / f"rng-{accelerator.process_index}.pt", map_location="cpu", weights_only=False))
+    state = _State(**payload["state"])
+    log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", folder, state.step, state.epoch, state.position)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------- loop
+def _optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise KnnlmError("train: the model has no trainable parameters")
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate,
+                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+
+
+def _my_share(micro: Iterable[dict], rank: int, world: int, per_rank: int | None) -> Iterable[dict]:
+    """Micro-batch i goes to process i % world; every process gets the same count (a ragged tail is dropped)."""
+    if world == 1:
+        return micro
+    return itertools.islice(itertools.islice(micro, rank, None, world), per_rank)
+
+
+def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: str | Path,
+          eval_every: int | None = None, on_eval: OnEval | None = None, progress_desc: str = "train") -> list[dict]:
+    """Trains ``model`` in place (resuming from ``ckpt_dir`` when it holds a checkpoint); returns the eval history.
+
+    The history has one entry per evaluation point (step 0, every ``eval_every`` steps, the last step): ``step``,
+    ``epoch``, ``train_loss`` (mean loss over the steps since the previous point; None at step 0), ``lr``, ``elapsed_s``
+    (training wall time so far; the only entry not reproduced bit for bit) and whatever ``on_eval(step, model)``
+    returns. ``on_eval`` runs on every process under ``torch.no_grad()`` with the unwrapped model in eval mode.
+    A finished run is not retrained: the final weights are loaded and the history returned.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    ckpt_dir = Path(ckpt_dir)
+    if eval_every is not None and eval_every < 1:
+        raise KnnlmError(f"--eval_every: must be >= 1 (or unset), got {eval_every}")
+    accelerator = Accelerator(mixed_precision="bf16" if args.use_bf16() else "no")
+    world, rank, accum = accelerator.num_processes, accelerator.process_index, args.gradient_accumulation_steps
+    epoch0 = batches(0, args.seed)
+    if hasattr(epoch0, "__len__"):
+        per_rank = len(epoch0) // world
+        if per_rank == 0:
+            raise KnnlmError(f"train: the data has {len(epoch0)} micro-batch(es), fewer than the {world} process(es)")
+        total = args.max_steps or args.epochs * math.ceil(per_rank / accum)
+    elif args.max_steps is not None:
+        per_rank, total = None, args.max_steps
+    else:
+        raise KnnlmError("train: batches(epoch, seed) must return a sized iterable (e.g. a list) unless --max_steps is set")
+
+    optimizer = _optimizer(model, args)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total),
+                              num_training_steps=total)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand: once per optimizer step
+    state = _load_checkpoint(ckpt_dir, accelerator, model, optimizer, scheduler, args)
+    if state is None:
+        state = _State()
+        torch.manual_seed(args.seed + rank)  # dropout; the data order comes from batches(epoch, seed)
+        np.random.seed(args.seed + rank)
+        random.seed(args.seed + rank)
+    if state.done:
+        return _finish(accelerator, model, state)
+
+    def evaluate() -> None:
+        unwrapped = accelerator.unwrap_model(model)
+        train_loss = None
+        if state.loss_steps:
+            mean = torch.tensor(state.loss_sum / state.loss_steps, device=accelerator.device)
+            train_loss = float(accelerator.reduce(mean, "mean")) if world > 1 else float(mean)
+        entry = {"step": state.step, "epoch": state.epoch, "train_loss": train_loss,
+                 "lr": scheduler.get_last_lr()[0], "elapsed_s": round(state.elapsed_s, 3)}
+        if on_eval is not None:
+            was_training = unwrapped.training
+            unwrapped.eval()
+            with torch.no_grad():
+                entry.update(on_eval(state.step, unwrapped) or {})
+            unwrapped.train(was_training)
+        state.history.append(entry)
+        state.loss_sum, state.loss_steps = 0.0, 0
+        log.info("%s step %d: %s", progress_desc, state.step,
+                 ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items() if k != "step"))
+
+    if not state.history:
+        evaluate()
+        _save_checkpoint(ckpt_dir, accelerator, model, optimizer, scheduler, state, args)
+
+    model.train()
+    bar = tqdm(total=total, initial=state.step, desc=progress_desc, disable=None if accelerator.is_main_process else True,
+               dynamic_ncols=True)
+    window = _Window()
+    session_t0 = time.time() - state.elapsed_s
+    while state.step < total:
+        micro = _my_share(batches(state.epoch, args.seed), rank, world, per_rank)
+        micro = iter(itertools.islice(micro, state.position, None))  # skip what a resumed run already consumed
+        end_of_epoch = False
+        while state.step < total and not end_of_epoch:
+            group = list(itertools.islice(micro, accum))
+            if not group:  # an unsized epoch ran out exactly at a step boundary
+                if state.position == 0:
+                    raise KnnlmError(f"train: batches(epoch={state.epoch}, seed={args.seed}) yielded no micro-batch")
+                state.epoch, state.position = state.epoch + 1, 0
+                break
+            loss, tokens, grad_norm = _step(accelerator, model, optimizer, scheduler, group, args)
+            state.step += 1
+            state.position += len(group)
+            state.loss_sum += loss
+            state.loss_steps += 1
+            state.elapsed_s = time.time() - session_t0
+            end_of_epoch = len(group) < accum or (per_rank is not None and state.position >= per_rank)
+            if end_of_epoch:
+                state.epoch, state.position = state.epoch + 1, 0
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+            window.add(loss, tokens * world)
+            if state.step % args.log_every == 0:
+                log.info("%s step %d/%d: %s, lr %.3e, grad norm %s", progress_desc, state.step, total, window.pop(),
+                         scheduler.get_last_lr()[0], "–" if grad_norm is None else f"{grad_norm:.3f}")
+            is_eval = state.step == total or (eval_every is not None and state.step % eval_every == 0)
+            if is_eval:
+                state.done = state.step == total
+                eval_t0 = time.time()
+                evaluate()
+                session_t0 += time.time() - eval_t0  # evaluations do not count as training time
+            if is_eval or (args.checkpoint_every and state.step % args.checkpoint_every == 0):
+                _save_checkpoint(ckpt_dir, accelerator, model, optimizer, scheduler, state, args)
+    bar.close()
+    return _finish(accelerator, model, state)
+
+
+def _step(accelerator, model, optimizer, scheduler, group: list[dict], args: TrainArgs) -> tuple[float, int, float | None]:
+    """One optimizer step over ``group`` (micro-batches): -> (mean loss, scored tokens, gradient norm before clipping)."""
+    step_loss, tokens = 0.0, 0
+    for i, batch in enumerate(group):
+        batch = {k: batch[k].to(accelerator.device) for k in _MODEL_KEYS}
+        sync = i == len(group) - 1  # DDP all-reduces gradients on the last micro-batch only
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            loss = model(**batch).loss  # mean token cross-entropy (labels -100 excluded); autocast from prepare()
+            accelerator.backward(loss / len(group))
+        step_loss += float(loss.detach()) / len(group)
+        tokens += int((batch["labels"][:, 1:] != -100).sum())
+    grad_norm = None
+    if args.max_grad_norm:
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, tokens, grad_norm
+
+
+class _Window:
+    """Loss and throughput over the steps since the last log line."""
+
+    def __init__(self):
+        self.loss, self.steps, self.tokens, self.t0 = 0.0, 0, 0, time.time()
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss, self.steps, self.tokens = self.loss + loss, self.steps + 1, self.tokens + tokens
+
+    def pop(self) -> str:
+        dt = max(time.time() - self.t0, 1e-9)
+        text = f"loss {self.loss / max(self.steps, 1):.4f}, {self.tokens / dt:.0f} tokens/s"
+        self.__init__()
+        return text
+
+
+def _finish(accelerator, model, state: _State) -> list[dict]:
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
+    accelerator.free_memory()
+    return state.history
+
+
