@@ -1,0 +1,65 @@
+"""`knnlm mlp train`: an MLP memory trained on a datastore's key/value pairs (paper §5)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..config import add_arguments, resolve, save_config, to_dict
+
+
+def register(sub) -> None:
+    from ..memory import MemoryArgs
+    from ..models import ModelArgs
+
+    mlp = sub.add_parser("mlp", help="MLP memory: a trained network in place of the kNN datastore")
+    mlp_sub = mlp.add_subparsers(dest="action", required=True)
+    train = mlp_sub.add_parser("train", help="train W(z + LN(MLP(z))) on a datastore's (key, next token) pairs (resumable)")
+    train.add_argument("--config", default=None, help="YAML/JSON file setting any of the options below (flags win)")
+    for cls in (ModelArgs, MemoryArgs):
+        add_arguments(train, cls)
+    train.set_defaults(func=cmd_mlp_train)
+
+
+def cmd_mlp_train(args) -> int:
+    from ..datastore import Datastore
+    from ..evaluate import storage_report
+    from ..memory import MemoryArgs, train_memory
+    from ..models import ModelArgs, load_model
+    from ..report import markdown_table, write_markdown, write_results
+
+    margs, memargs = resolve([ModelArgs, MemoryArgs], args, args.config)
+    started = time.time()
+    ds = Datastore.open(memargs.datastore)  # a missing or truncated store is reported before the model loads
+    lm = load_model(margs)
+    mem = train_memory(lm, ds, memargs, memargs.output_dir)
+    out = Path(memargs.output_dir)
+    save_config(out, margs, memargs)
+    training = _read_training(out)
+    storage = storage_report(ds, mem)
+    metrics = {"training": training, "storage": storage, "n_parameters": mem.n_parameters()}
+    write_results(out, to_dict(margs, memargs), metrics, started)
+    rows = [["MLP memory", storage["mlp_memory_bytes"], 1.0],
+            ["datastore (keys + values)", storage["datastore_bytes"], storage.get("datastore_over_mlp")]]
+    if storage.get("index_bytes"):
+        rows.append(["FAISS index", storage["index_bytes"], storage.get("index_over_mlp")])
+    table = markdown_table(["storage", "bytes", "× the memory"], rows, digits=1)
+    write_markdown(out, table)
+    print(f"memory {out}: {mem.n_parameters()} parameters, key point {mem.key_point}, "
+          f"loss {_fmt(training.get('first_loss'))} -> {_fmt(training.get('final_loss'))} over {training.get('steps')} steps, "
+          f"{training.get('pairs_per_s', 0):.0f} pairs/s")
+    print(table, end="")
+    print(f"results: {out / 'results.json'}")
+    return 0
+
+
+def _read_training(out: Path) -> dict:
+    from ..fileio import read_json
+    from ..memory import TRAIN_LOG
+
+    record = read_json(out / TRAIN_LOG)
+    record.pop("loss_curve", None)
+    return record
+
+
+def _fmt(x) -> str:
+    return "–" if x is None else f"{x:.4f}"

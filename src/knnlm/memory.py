@@ -1,0 +1,422 @@
+"""MLP memory (Chiang et al. §5, Appendix D): a trained network in place of the kNN datastore.
+
+logits = W(z + LN(MLP(z))), with z a datastore key, MLP = Linear(d, h) -> act -> Linear(h, d) (act: the LM's own MLP
+activation, ``gelu_new`` for GPT-2), LN a LayerNorm(d) and W the LM's output layer. By default W is the LM's, frozen and
+not stored: the memory folder holds only the new parameters and a reference to the model it belongs to.
+
+Layout of a memory folder::
+
+    memory.safetensors  float32 parameters: mlp.0.*, mlp.2.*, ln.* (+ output.* with --train_output_layer)
+    memory.json         written last: architecture, model/tokenizer hashes, key point, datastore hash, training record
+    train.json          loss curve and throughput;  loss.png  the curve
+    checkpoint.pt       only while training (model + optimizer + RNG + position); removed when training finishes
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .datastore import Datastore
+from .errors import KnnlmError
+from .fileio import atomic_path, atomic_write_json, package_versions, read_json
+
+log = logging.getLogger(__name__)
+
+FORMAT = "knnlm-mlp-memory/1"
+WEIGHTS_FILE, CONFIG_FILE, CHECKPOINT_FILE, TRAIN_LOG = "memory.safetensors", "memory.json", "checkpoint.pt", "train.json"
+
+
+@dataclass
+class MemoryArgs:
+    datastore: Optional[str] = field(default=None, metadata={"help": "Datastore folder whose key/value pairs the memory learns (required)."})
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Folder the memory is written to (required)."})
+    hidden_size: int = field(default=4096, metadata={"help": "Hidden units of the memory's one-hidden-layer MLP (paper: 4096)."})
+    activation: str = field(default="auto", metadata={"help": "MLP activation, a transformers ACT2FN name; auto = the LM's own (gelu_new for GPT-2)."})
+    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate (paper: 1e-5)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    batch_tokens: int = field(default=9216, metadata={"help": "Key/value pairs per optimiser step (paper: 3x3072)."})
+    micro_batch_tokens: int = field(default=1024, metadata={"help": "Pairs per forward/backward; gradients accumulate up to --batch_tokens (bounds the [n, V] logits in memory)."})
+    epochs: int = field(default=2, metadata={"help": "Passes over the datastore (paper: 2 for WikiText, 10 for Macondo)."})
+    max_steps: int = field(default=0, metadata={"help": "Stop after this many optimiser steps (0 = run all epochs)."})
+    chunk_keys: int = field(default=131072, metadata={"help": "Keys read from the memmap per shuffled chunk (RAM: chunk_keys x d x 2 bytes)."})
+    train_output_layer: bool = field(default=False, metadata={"help": "Train (and store) a copy of the output layer W instead of using the LM's frozen W."})
+    seed: int = field(default=0, metadata={"help": "Seed of the initialisation and of the chunk/row shuffles."})
+    checkpoint_every: int = field(default=200, metadata={"help": "Optimiser steps between resumable checkpoints."})
+    log_every: int = field(default=10, metadata={"help": "Optimiser steps per point of the recorded loss curve."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a different memory (or unfinished training) already in --output_dir."})
+
+    def validate(self) -> None:
+        if not self.datastore:
+            raise KnnlmError("--datastore: required; the datastore folder built with `knnlm datastore build`")
+        if not self.output_dir:
+            raise KnnlmError("--output_dir: required; the folder the memory is written to")
+        for name in ("hidden_size", "batch_tokens", "micro_batch_tokens", "epochs", "chunk_keys", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise KnnlmError(f"--{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_steps < 0:
+            raise KnnlmError(f"--max_steps: must be >= 0 (0 = no limit), got {self.max_steps}")
+        if not self.lr > 0:
+            raise KnnlmError(f"--lr: must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise KnnlmError(f"--weight_decay: must be >= 0, got {self.weight_decay}")
+
+
+# ---------------------------------------------------------------------------------------------------------------- module
+_ACTIVATIONS = {"gelu_new": lambda: nn.GELU(approximate="tanh"), "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+                "gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU}
+
+
+def _activation(name: str) -> nn.Module:
+    """torch's own module for the common names (gelu_new = tanh-approximated GELU), else transformers' ACT2FN."""
+    if name in _ACTIVATIONS:
+        return _ACTIVATIONS[name]()
+    from transformers.activations import ACT2FN
+
+    if name not in ACT2FN:
+        raise KnnlmError(f"--activation: {name!r} is not a transformers activation (e.g. gelu_new, gelu, silu, relu)")
+    return ACT2FN[name]
+
+
+def lm_activation(lm) -> str:
+    """The activation of the LM's MLPs (config ``activation_function`` or ``hidden_act``); gelu_new when unknown."""
+    config = getattr(getattr(lm, "base", lm.model), "config", None)
+    name = getattr(config, "activation_function", None) or getattr(config, "hidden_act", None)
+    return name if isinstance(name, str) else "gelu_new"
+
+
+class MLPMemory(nn.Module):
+    """logits = W(z + LN(MLP(z))); ``log_probs(z)`` is its log-softmax (float32)."""
+
+    def __init__(self, d: int, hidden_size: int, vocab_size: int, activation: str = "gelu_new",
+                 output_layer: Optional[nn.Linear] = None, train_output_layer: bool = False, reference: Optional[dict] = None):
+        super().__init__()
+        self.d, self.hidden_size, self.vocab_size, self.activation = d, hidden_size, vocab_size, activation
+        self.train_output_layer = train_output_layer
+        self.reference = dict(reference or {})
+        self.dir: Optional[Path] = None
+        self.mlp = nn.Sequential(nn.Linear(d, hidden_size), _activation(activation), nn.Linear(hidden_size, d))
+        self.ln = nn.LayerNorm(d)
+        if train_output_layer:
+            bias = output_layer is not None and output_layer.bias is not None
+            self.output = nn.Linear(d, vocab_size, bias=bias)  # stored and trained
+            if output_layer is not None:
+                self.load_output_layer(output_layer)
+        else:
+            self.output = None
+            self._frozen = [output_layer]  # a list, so the LM's W is neither a submodule nor in state_dict
+
+    def load_output_layer(self, layer: nn.Linear) -> None:
+        with torch.no_grad():
+            self.output.weight.copy_(layer.weight.float())
+            if self.output.bias is not None:
+                self.output.bias.copy_(layer.bias.float())
+
+    @property
+    def key_point(self) -> str:
+        return self.reference.get("key_point", "ffn_input")
+
+    def bind(self, output_layer: nn.Linear) -> None:
+        """Uses ``output_layer`` (the LM's W, frozen) as W; no-op for a memory with its own trained W."""
+        if not self.train_output_layer:
+            self._frozen = [output_layer]
+
+    def hidden(self, z: torch.Tensor) -> torch.Tensor:
+        """z [n, d] -> z + LN(MLP(z)) [n, d]."""
+        return z + self.ln(self.mlp(z))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z [n, d] (any float dtype, any device) -> logits [n, V] float32."""
+        param = self.ln.weight
+        h = self.hidden(z.to(param.device, param.dtype))  # [n, d]
+        if self.output is not None:
+            return self.output(h).float()
+        w = self._frozen[0]
+        if w is None:
+            raise KnnlmError("MLPMemory: no output layer bound; load it with MLPMemory.load(dir, lm)")
+        bias = w.bias.detach() if w.bias is not None else None
+        return F.linear(h.to(w.weight.dtype), w.weight.detach(), bias).float()  # [n, V]; no gradient into the LM
+
+    def log_probs(self, z: torch.Tensor) -> torch.Tensor:
+        """z [n, d] -> [n, V] float32 log-probabilities of softmax(W(z + LN(MLP(z))))."""
+        return torch.log_softmax(self(z), dim=-1)
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.state_dict().values())
+
+    def nbytes(self) -> int:
+        """Bytes of the stored memory files (safetensors + memory.json); parameter bytes when not saved yet."""
+        if self.dir is None:
+            return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+        return sum((self.dir / name).stat().st_size for name in (WEIGHTS_FILE, CONFIG_FILE))
+
+    # ------------------------------------------------------------------------------------------------------------ storage
+    def config(self) -> dict:
+        return {"format": FORMAT, "d": self.d, "hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
+                "activation": self.activation, "train_output_layer": self.train_output_layer,
+                "n_parameters": self.n_parameters(), "dtype": "float32", **self.reference}
+
+    def save(self, out_dir: str | Path, extra: Optional[dict] = None) -> Path:
+        """Writes memory.safetensors, then memory.json (last; its presence marks a finished memory), both atomically."""
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        atomic_write_json(out_dir / CONFIG_FILE, {**self.config(), **(extra or {})})
+        self.dir = out_dir
+        return out_dir
+
+    @classmethod
+    def load(cls, directory: str | Path, lm, key_point: Optional[str] = None) -> "MLPMemory":
+        """Loads a memory for ``lm``: refuses one trained on another model, tokenizer or key point; binds W."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg_path = directory / CONFIG_FILE
+        if not cfg_path.is_file():
+            hint = " (training was started: rerun `knnlm mlp train` to finish it)" if (directory / CHECKPOINT_FILE).exists() else ""
+            raise KnnlmError(f"--mlp_memory: {directory} has no {CONFIG_FILE}, so it is not a trained memory{hint}; "
+                             "train one with `knnlm mlp train`")
+        cfg = read_json(cfg_path)
+        if cfg.get("format") != FORMAT:
+            raise KnnlmError(f"--mlp_memory: {cfg_path} is not a knnlm MLP memory ({cfg.get('format')!r})")
+        for key, mine, what in (("weights_hash", lm.weights_hash(), "model weights"),
+                                ("tokenizer_hash", lm.tokenizer_hash(), "tokenizer")):
+            if cfg.get(key) != mine:
+                raise KnnlmError(f"--mlp_memory: {directory} was trained for different {what} ({cfg.get('model_name_or_path')}, "
+                                 f"{key} {str(cfg.get(key))[:12]} vs {mine[:12]}); train a memory for this model")
+        if key_point is not None and key_point != cfg["key_point"]:
+            raise KnnlmError(f"--key_point: the memory {directory} was trained on '{cfg['key_point']}' keys, not '{key_point}'")
+        reference = {k: cfg[k] for k in _REFERENCE_KEYS if k in cfg}
+        mem = cls(cfg["d"], cfg["hidden_size"], cfg["vocab_size"], cfg["activation"], output_layer=None,
+                  train_output_layer=cfg["train_output_layer"], reference=reference)
+        path = directory / WEIGHTS_FILE
+        if not path.is_file():
+            raise KnnlmError(f"--mlp_memory: {path} is missing; retrain the memory with `knnlm mlp train --overwrite`")
+        try:
+            mem.load_state_dict(load_file(str(path)))
+        except Exception as e:  # a truncated or foreign file
+            raise KnnlmError(f"--mlp_memory: {path} cannot be read ({str(e).splitlines()[0]}); retrain the memory") from None
+        mem.bind(lm.output_layer)
+        mem.dir = directory
+        return mem.to(lm.device).eval()
+
+
+_REFERENCE_KEYS = ("model_name_or_path", "weights_hash", "tokenizer_hash", "key_point", "datastore")
+
+
+def datastore_reference(ds: Datastore) -> dict:
+    """What identifies the datastore a memory was trained on (its meta.json's hash, size and corpus)."""
+    meta_bytes = (ds.dir / "meta.json").read_bytes()
+    return {"dir": str(ds.dir), "meta_sha256": hashlib.sha256(meta_bytes).hexdigest(), "N": ds.N, "d": ds.d,
+            "corpus_hash": ds.meta.get("corpus_hash")}
+
+
+# ---------------------------------------------------------------------------------------------------------------- data
+def epoch_chunks(n: int, chunk_keys: int, seed: int, epoch: int) -> np.ndarray:
+    """The chunk order of one epoch: chunk c holds rows [c * chunk_keys, (c + 1) * chunk_keys)."""
+    return np.random.default_rng([seed, epoch]).permutation(math.ceil(n / chunk_keys))
+
+
+def epoch_batches(ds: Datastore, batch_tokens: int, chunk_keys: int, seed: int, epoch: int,
+                  start_batch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields (keys float16 [b, d], values int32 [b]) batches of one epoch, from ``start_batch`` on.
+
+    The epoch's row order: chunks in a seeded order, rows shuffled within each chunk (seeded by epoch and chunk). Only
+    one chunk is in RAM at a time; a batch may span two chunks; the last batch of an epoch may be smaller.
+    """
+    skip = start_batch * batch_tokens
+    keys_parts: list[np.ndarray] = []
+    vals_parts: list[np.ndarray] = []
+    have = 0
+    for c in epoch_chunks(ds.N, chunk_keys, seed, epoch):
+        lo, hi = int(c) * chunk_keys, min(ds.N, (int(c) + 1) * chunk_keys)
+        if skip >= hi - lo:
+            skip -= hi - lo
+            continue
+        perm = np.random.default_rng([seed, epoch, int(c)]).permutation(hi - lo)[skip:]
+        skip = 0
+        keys = np.asarray(ds.keys[lo:hi])[perm]  # [m, d] float16, one chunk in RAM
+        vals = np.asarray(ds.vals[lo:hi])[perm]  # [m]
+        pos = 0
+        while pos < len(perm):
+            take = min(batch_tokens - have, len(perm) - pos)
+            keys_parts.append(keys[pos: pos + take])
+            vals_parts.append(vals[pos: pos + take])
+            have, pos = have + take, pos + take
+            if have == batch_tokens:
+                yield np.concatenate(keys_parts), np.concatenate(vals_parts)
+                keys_parts, vals_parts, have = [], [], 0
+    if have:
+        yield np.concatenate(keys_parts), np.concatenate(vals_parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------- training
+_RESULT_FIELDS = ("hidden_size", "activation", "lr", "weight_decay", "batch_tokens", "micro_batch_tokens", "epochs",
+                  "max_steps", "chunk_keys", "train_output_layer", "seed")
+
+
+def _fingerprint(lm, ds: Datastore, args: MemoryArgs, activation: str) -> dict:
+    """Everything the trained weights depend on (not the output folder, logging or checkpoint cadence)."""
+    training = {k: getattr(args, k) for k in _RESULT_FIELDS}
+    training["activation"] = activation
+    return {"model_name_or_path": lm.name, "weights_hash": lm.weights_hash(), "tokenizer_hash": lm.tokenizer_hash(),
+            "key_point": ds.key_point, "datastore": datastore_reference(ds), "training": training}
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Fingerprints equal, ignoring the datastore's folder path (a moved store is the same store)."""
+    strip = lambda f: {**f, "datastore": {k: v for k, v in f["datastore"].items() if k != "dir"}}  # noqa: E731
+    return json.dumps(strip(a), sort_keys=True) == json.dumps(strip(b), sort_keys=True)
+
+
+def _prepare_dir(out: Path, fp: dict, overwrite: bool) -> Optional[str]:
+    """'finished' when ``out`` holds this very memory, 'resume' for its checkpoint, None for a fresh start."""
+    cfg, ckpt = out / CONFIG_FILE, out / CHECKPOINT_FILE
+    existing, state = None, None
+    if cfg.exists():
+        existing, state = read_json(cfg).get("fingerprint"), "finished"
+    elif ckpt.exists():
+        existing, state = torch.load(ckpt, map_location="cpu", weights_only=True)["fingerprint"], "resume"
+    if existing is None or _same(existing, fp):
+        return state
+    if not overwrite:
+        raise KnnlmError(f"--output_dir: {out} already holds a different MLP memory ({existing.get('model_name_or_path')}, "
+                         f"{existing.get('training')}); pass --overwrite to replace it or choose another folder")
+    for name in (CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_FILE, TRAIN_LOG, "loss.png"):
+        (out / name).unlink(missing_ok=True)
+    return None
+
+
+def _save_checkpoint(path: Path, fp: dict, mem: MLPMemory, opt: torch.optim.Optimizer, state: dict) -> None:
+    blob = {"fingerprint": fp, "model": mem.state_dict(), "optim": opt.state_dict(), "state": state,
+            "torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        blob["cuda_rng"] = torch.cuda.get_rng_state_all()
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
+
+
+def _train_step(mem: MLPMemory, opt, keys: np.ndarray, vals: np.ndarray, micro: int, device) -> float:
+    """One optimiser step over a batch, in micro-batches (gradient accumulation); returns the batch's mean loss."""
+    n = len(vals)
+    use_bf16 = torch.device(device).type == "cuda"
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for lo in range(0, n, micro):  # enable_grad: callers (e.g. a trainer's evaluation) may hold torch.no_grad()
+        z = torch.from_numpy(keys[lo: lo + micro]).to(device).float()  # [m, d]
+        y = torch.from_numpy(vals[lo: lo + micro].astype(np.int64)).to(device)  # [m]
+        with torch.enable_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            logits = mem(z)  # [m, V] float32
+            loss = F.cross_entropy(logits, y, reduction="sum")
+        (loss / n).backward()
+        total += float(loss.detach())
+    opt.step()
+    return total / n
+
+
+def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) -> MLPMemory:
+    """Trains an MLP memory on the datastore's (key, next token) pairs; resumable; returns the finished memory.
+
+    Rerunning a finished training returns the stored memory; rerunning a killed one continues from its last checkpoint
+    and ends with the same weights as an uninterrupted run (same device and threads).
+    """
+    ds = ds if isinstance(ds, Datastore) else Datastore.open(ds)
+    ds.check_compatible(lm)
+    out = Path(out_dir or args.output_dir)
+    activation = lm_activation(lm) if args.activation == "auto" else args.activation
+    _activation(activation)
+    if ds.d != lm.hidden_size:
+        raise KnnlmError(f"--datastore: {ds.dir} has d={ds.d} keys but the model's hidden size is {lm.hidden_size}")
+    fp = _fingerprint(lm, ds, args, activation)
+    out.mkdir(parents=True, exist_ok=True)
+    status = _prepare_dir(out, fp, args.overwrite)
+    if status == "finished":
+        log.info("memory %s is already trained", out)
+        return MLPMemory.load(out, lm)
+
+    torch.manual_seed(args.seed)
+    reference = {k: fp[k] for k in _REFERENCE_KEYS}
+    mem = MLPMemory(ds.d, args.hidden_size, lm.output_layer.out_features, activation, output_layer=lm.output_layer,
+                    train_output_layer=args.train_output_layer, reference=reference).to(lm.device)
+    opt = torch.optim.AdamW(mem.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(ds.N / args.batch_tokens)
+    total_steps = args.epochs * steps_per_epoch
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    state = {"step": 0, "pairs": 0, "train_s": 0.0, "losses": []}
+    ckpt_path = out / CHECKPOINT_FILE
+    if status == "resume":
+        blob = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        mem.load_state_dict(blob["model"])
+        opt.load_state_dict(blob["optim"])
+        torch.set_rng_state(blob["torch_rng"])
+        if "cuda_rng" in blob and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(blob["cuda_rng"])
+        state = blob["state"]
+        log.info("resuming memory training at step %d of %d", state["step"], total_steps)
+    log.info("training MLP memory: N=%d pairs, d=%d, hidden %d, %d steps of %d pairs, lr %g, W %s", ds.N, ds.d,
+             args.hidden_size, total_steps, args.batch_tokens, args.lr,
+             "trained copy" if args.train_output_layer else "the LM's, frozen")
+
+    mem.train()
+    with tqdm(total=total_steps, initial=state["step"], unit="step", desc=f"mlp memory {out.name}") as bar:
+        while state["step"] < total_steps:
+            epoch, start = divmod(state["step"], steps_per_epoch)
+            for keys, vals in epoch_batches(ds, args.batch_tokens, args.chunk_keys, args.seed, epoch, start):
+                t0 = time.time()
+                loss = _train_step(mem, opt, keys, vals, args.micro_batch_tokens, lm.device)
+                state["train_s"] += time.time() - t0
+                state["step"] += 1
+                state["pairs"] += len(vals)
+                state["losses"].append(loss)
+                bar.update(1)
+                if state["step"] % args.log_every == 0:
+                    bar.set_postfix(loss=f"{np.mean(state['losses'][-args.log_every:]):.3f}",
+                                    pairs_s=f"{state['pairs'] / max(state['train_s'], 1e-9):.0f}")
+                done = state["step"] >= total_steps
+                if done or state["step"] % args.checkpoint_every == 0:
+                    _save_checkpoint(ckpt_path, fp, mem, opt, state)
+                if done:
+                    break
+    mem.eval()
+    record = _training_record(state, args, steps_per_epoch)
+    _write_train_log(out, record)
+    mem.save(out, extra={"fingerprint": fp, "training": {**fp["training"], **{k: v for k, v in record.items() if k != "loss_curve"}},
+                         "versions": package_versions()})
+    ckpt_path.unlink(missing_ok=True)
+    log.info("memory %s: final loss %.4f, %.0f pairs/s, %d bytes", out, record["final_loss"], record["pairs_per_s"], mem.nbytes())
+    return mem
+
+
+def _training_record(state: dict, args: MemoryArgs, steps_per_epoch: int) -> dict:
+    losses = state["losses"]
+    curve = [{"step": min(i + args.log_every, len(losses)), "epoch": min(i + args.log_every, len(losses)) / steps_per_epoch,
+              "loss": float(np.mean(losses[i: i + args.log_every]))} for i in range(0, len(losses), args.log_every)]
+    return {"steps": state["step"], "pairs": state["pairs"], "train_s": state["train_s"],
+            "pairs_per_s": state["pairs"] / max(state["train_s"], 1e-9), "first_loss": losses[0] if losses else None,
+            "final_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve}
+
+
+def _write_train_log(out: Path, record: dict) -> None:
+    from .report import line_plot
+
+    atomic_write_json(out / TRAIN_LOG, record)
+    curve = record["loss_curve"]
+    if curve:
+        line_plot(out / "loss.png", [{"x": [p["step"] for p in curve], "y": [p["loss"] for p in curve], "label": "train loss"}],
+                  title="MLP memory training", xlabel="optimiser step", ylabel="cross-entropy (nats)")
