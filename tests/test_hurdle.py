@@ -13,7 +13,7 @@ import torch
 from knnlm.errors import KnnlmError
 from knnlm.experiments import hurdle
 from knnlm.experiments.hurdle import (MODELS, HurdleArgs, Vocab, batch_indices, build_pair, compare, count_params,
-                                      gpt2_config, lr_at, resolve_args, run_study, target_log_likelihoods)
+                                      gpt2_config, lr_at, resolve_args, run_study)
 
 torch.set_num_threads(1)
 
@@ -131,18 +131,30 @@ def test_reduced_vocabulary_keeps_the_most_frequent_tokens():
     assert full.size == 12 and full.map([3, 11]).tolist() == [3, 11]
 
 
-def test_target_log_likelihoods_match_a_one_by_one_reference():
-    _, pair = _tiny_pair(seed=1)
-    model = pair["with_last_mlp"].eval()
-    rng = np.random.default_rng(0)
-    items = [(rng.integers(0, 97, n), rng.integers(0, 97, m)) for n, m in [(3, 1), (7, 2), (1, 1), (5, 3)]]
-    got = target_log_likelihoods(model, items, batch_size=3, device=torch.device("cpu"))
-    for (p, t), value in zip(items, got):
-        seq = torch.as_tensor(np.concatenate([p, t]))[None]
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=seq).logits[0], -1)
-        ref = sum(float(logp[len(p) - 1 + j, int(t[j])]) for j in range(len(t)))
-        assert value == pytest.approx(ref, abs=1e-4)
+def test_macondo_metric_is_knnlm_macondo_score_through_the_real_lm_adapter(tmp_path):
+    """With the full vocabulary, the study's eval equals `knnlm macondo score`'s numbers for the same model."""
+    from knnlm.macondo.score import score_split, summarize
+    from knnlm.models import LM
+
+    args = _args(tmp_path, data=str(_macondo_folder(tmp_path)), vocab_size=0)
+    tok = hurdle.load_tokenizer()
+    data = hurdle.prepare_data(args, tok)
+    config = gpt2_config("tiny", data.vocab.size, 32, data.eos_id)
+    model = build_pair(config, 0)["with_last_mlp"].eval()
+    got = hurdle.evaluate_point(model, data, args, torch.device("cpu"))
+    ref = summarize(data.rows, score_split(LM(model, tok), data.rows)["lm"])
+    assert got["ll_avg"] == pytest.approx(ref["avg"], abs=1e-9) and got["ll_2"] == pytest.approx(ref["2"], abs=1e-9)
+    assert got["ll_avg_groups"] == pytest.approx((got["ll_1"] + got["ll_2"] + got["ll_3"]) / 3)
+    # by hand for the first child: log p(" Maria" | "Ana Buendia is the parent of")
+    prefix = tok("Ana Buendia is the parent of")["input_ids"]
+    maria = tok(" Maria", add_special_tokens=False)["input_ids"]
+    assert len(maria) == 1
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([prefix])).logits[0, -1], -1)[maria[0]]
+    assert got["ll_1"] == pytest.approx(float(logp), abs=1e-4)
+    # with a reduced vocabulary the training sentences are the scored ids, mapped
+    small = hurdle.prepare_data(_args(tmp_path, data=args.data, output_dir=str(tmp_path / "o2")), tok)
+    assert small.train.seqs[0].tolist() == small.vocab.map(prefix + maria).tolist()
 
 
 def test_compare_finds_the_crossing_and_the_quarter_gap():
@@ -175,12 +187,12 @@ def test_macondo_mode_records_metrics_at_the_eval_steps_with_one_data_order(tmp_
     runs = tmp_path / "out" / "runs"
     data = hurdle.prepare_data(args, hurdle.load_tokenizer())
     assert len(data.train) == 6 and data.vocab.size == m["vocab_size"] < 64  # every token of the village kept
-    assert data.vocab.unk not in np.concatenate([t for _, t in data.items])
+    assert data.vocab.unk not in np.concatenate(data.train.seqs)
     for seed in range(2):
         recs = [json.loads((runs / f"seed{seed}-{name}.json").read_text()) for name in MODELS]
         for rec in recs:
             assert list(rec["evals"]) == ["0", "3", "6", "7"]
-            assert set(rec["evals"]["3"]) == {"train_loss", "ll_avg", "ll_1", "ll_2", "ll_3"}
+            assert set(rec["evals"]["3"]) == {"train_loss", "ll_avg", "ll_avg_groups", "ll_1", "ll_2", "ll_3"}
             ev = rec["evals"]["6"]  # ll_avg is the mean over the 6 children: (1*ll_1 + 2*ll_2 + 3*ll_3) / 6
             assert ev["ll_avg"] == pytest.approx((ev["ll_1"] + 2 * ev["ll_2"] + 3 * ev["ll_3"]) / 6)
             assert [int(s) for s in rec["curve"]] == list(range(1, 8))
@@ -191,9 +203,10 @@ def test_macondo_mode_records_metrics_at_the_eval_steps_with_one_data_order(tmp_
     # a random V-way model starts near log(1/V) per (one-token) name; training on the sentences raises it
     start = m["mean"]["with_last_mlp"]["ll_avg"][0]
     assert abs(start - math.log(1 / m["vocab_size"])) < 0.5 and m["mean"]["with_last_mlp"]["ll_avg"][-1] > start + 0.5
+    assert set(m["comparison"]) == {"ll_avg_groups", "ll_avg"}
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| 7 |" in table and "±" in table
-    assert sorted(p.name for p in out["plots"]) == ["ll_avg.png", "ll_by_children.png"]
+    assert sorted(p.name for p in out["plots"]) == ["ll_avg.png", "ll_avg_groups.png", "ll_by_children.png"]
     for p in out["plots"]:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

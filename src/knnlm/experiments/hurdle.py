@@ -303,8 +303,8 @@ class StudyData:
     train: Examples
     vocab: Vocab
     eos_id: int  # model id
-    items: Optional[list[tuple[np.ndarray, np.ndarray]]] = None  # Macondo: (prefix ids, target ids) per child
-    n_children: Optional[list[int]] = None
+    rows: Optional[list[dict]] = None  # Macondo: the test split's rows (scored with knnlm.macondo.score)
+    tokenizer: object = None
     val_blocks: Optional[Examples] = None  # text: the fixed validation slice
 
 
@@ -344,10 +344,28 @@ def _macondo_rows(args: HurdleArgs, out: Path) -> list[dict]:
     return read_split(folder, "test")
 
 
-def encode_item(tokenizer, prefix: str, target: str) -> tuple[list[int], list[int]]:
-    """(prefix ids, target ids): the prefix as the model encodes text (BOS where the tokenizer adds one), the target
-    (the child's name with its leading space) without special tokens."""
-    return tokenizer(prefix)["input_ids"], tokenizer(target, add_special_tokens=False)["input_ids"]
+class ScoringLM:
+    """What ``knnlm.macondo.score`` needs from an LM (encode, tokenizer, forward, ...), for a model in memory whose
+    vocabulary may be the reduced one: text is tokenized by the GPT-2 tokenizer, then mapped by ``vocab``."""
+
+    def __init__(self, tokenizer, vocab: Vocab, model: Optional[nn.Module] = None, device=torch.device("cpu")):
+        self.model, self.vocab, self.device = model, vocab, device
+        self._tokenizer = tokenizer
+        self.eos_token_id = int(vocab.map([tokenizer.eos_token_id])[0])
+        self.max_positions = model.config.n_positions if model is not None else 1 << 30
+
+    def tokenizer(self, text: str, add_special_tokens: bool = True, **kwargs) -> dict:
+        ids = self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        return {"input_ids": self.vocab.map(ids).tolist()}
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    def forward(self, input_ids, attention_mask=None, key_points=()):
+        """-> (logits [B, T, V] float32, {}); no key points (no datastore in this study)."""
+        if key_points:
+            raise ValueError("ScoringLM captures no key points")
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float(), {}
 
 
 def prepare_data(args: HurdleArgs, tokenizer) -> StudyData:
@@ -355,16 +373,17 @@ def prepare_data(args: HurdleArgs, tokenizer) -> StudyData:
     out = Path(args.output_dir)
     full = len(tokenizer)
     if args.mode == "macondo":
+        from ..macondo.score import encode_rows
+
         rows = _macondo_rows(args, out)
-        encoded = [encode_item(tokenizer, r["prefix"], r["target"]) for r in rows]
-        sentences = [np.asarray(p + t, dtype=np.int64) for p, t in encoded]
-        vocab = Vocab.build(sentences, full, args.vocab_size)
-        items = [(vocab.map(p), vocab.map(t)) for p, t in encoded]
-        if vocab.unk is not None and any((t == vocab.unk).any() for _, t in items):
+        raw = [np.asarray(ids, np.int64) for ids, _ in encode_rows(ScoringLM(tokenizer, Vocab(full)), rows)]
+        vocab = Vocab.build(raw, full, args.vocab_size)
+        scoring = ScoringLM(tokenizer, vocab)
+        encoded = encode_rows(scoring, rows)  # exactly what score_split feeds: prefix + target, in model ids
+        if vocab.unk is not None and any(vocab.unk in ids[n:] for ids, n in encoded):
             raise KnnlmError(f"--vocab_size: {args.vocab_size} drops some children's names; raise it (or 0)")
-        train = Examples(seqs=[vocab.map(s) for s in sentences])
-        return StudyData("macondo", train, vocab, int(vocab.map([tokenizer.eos_token_id])[0]), items=items,
-                         n_children=[int(r["n_children"]) for r in rows])
+        train = Examples(seqs=[np.asarray(ids, np.int64) for ids, _ in encoded])
+        return StudyData("macondo", train, vocab, scoring.eos_token_id, rows=rows, tokenizer=tokenizer)
     from ..corpus import CorpusArgs, tokenize_to_file
 
     shim = _TokenizerLM(tokenizer)
@@ -386,24 +405,6 @@ def prepare_data(args: HurdleArgs, tokenizer) -> StudyData:
 
 # ---------------------------------------------------------------------------------------------------------------- metrics
 @torch.no_grad()
-def target_log_likelihoods(model: nn.Module, items: list[tuple[np.ndarray, np.ndarray]], batch_size: int,
-                           device: torch.device) -> list[float]:
-    """log p(target | prefix) per item, summed over the target's tokens (right-padded batches, no cross-item context)."""
-    was_training = model.training
-    model.eval()
-    out: list[float] = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        ids, mask = _pad([np.concatenate([p, t]) for p, t in chunk], 0)
-        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
-        for i, (p, t) in enumerate(chunk):  # target token j sits at position len(p)+j, predicted from the one before
-            pos = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=device)
-            out.append(float(logp[i, pos, torch.as_tensor(t, device=device)].double().sum()))
-    model.train(was_training)
-    return out
-
-
-@torch.no_grad()
 def mean_loss(model: nn.Module, blocks: Examples, batch_size: int, device: torch.device) -> float:
     """Mean next-token negative log-likelihood over every block (token-weighted)."""
     was_training = model.training
@@ -420,13 +421,20 @@ def mean_loss(model: nn.Module, blocks: Examples, batch_size: int, device: torch
 
 
 def evaluate_point(model: nn.Module, data: StudyData, args: HurdleArgs, device: torch.device) -> dict[str, float]:
-    """The metrics of one eval point: Macondo ll_avg and ll_<n>; text val_loss."""
+    """The metrics of one eval point. Macondo (``knnlm.macondo.score``): ll_<n> per number of children n, ll_avg_groups
+    (mean of the group means: the paper's Average) and ll_avg (mean over children). Text: val_loss."""
     if data.mode == "macondo":
-        lls = np.asarray(target_log_likelihoods(model, data.items, args.eval_batch_size, device))
-        groups = np.asarray(data.n_children)
-        metrics = {"ll_avg": float(lls.mean())}
-        metrics.update({f"ll_{n}": float(lls[groups == n].mean()) for n in sorted(set(groups.tolist()))})
-        return metrics
+        from ..macondo.score import score_split, summarize
+
+        was_training = model.training
+        model.eval()
+        lls = score_split(ScoringLM(data.tokenizer, data.vocab, model, device), data.rows,
+                          batch_size=args.eval_batch_size)["lm"]
+        model.train(was_training)
+        summary = summarize(data.rows, lls)
+        groups = [k for k in summary if k.isdigit()]
+        return {"ll_avg_groups": summary["avg_groups"], "ll_avg": summary["avg"],
+                **{f"ll_{n}": summary[n] for n in groups}}
     return {"val_loss": mean_loss(model, data.val_blocks, args.eval_batch_size, device)}
 
 
@@ -618,7 +626,7 @@ def aggregate(records: dict[str, dict[int, dict]], args: HurdleArgs, data: Study
     """Mean and std over seeds of every metric at every eval step (and of the training-loss curve)."""
     steps = args.eval_steps()
     names = sorted({k for recs in records.values() for r in recs.values() for ev in r["evals"].values() for k in ev},
-                   key=lambda k: (not k.startswith("ll_avg"), k))
+                   key=lambda k: (not k.startswith("ll_avg"), k))  # ll_avg, ll_avg_groups, ll_1.., train_loss
     mean = {m: {k: [] for k in names} for m in MODELS}
     std = {m: {k: [] for k in names} for m in MODELS}
     for m in MODELS:
@@ -634,7 +642,7 @@ def aggregate(records: dict[str, dict[int, dict]], args: HurdleArgs, data: Study
             mu, sd = _mean_std([r["curve"].get(str(s)) for r in records[m].values()])
             curve[m]["mean"].append(mu)
             curve[m]["std"].append(sd)
-    primary = ["ll_avg"] if data.mode == "macondo" else ["train_loss", "val_loss"]
+    primary = ["ll_avg_groups", "ll_avg"] if data.mode == "macondo" else ["train_loss", "val_loss"]
     comparison = {k: compare(steps, mean[MODELS[0]][k], mean[MODELS[1]][k], _higher_is_better(k), args.steps)
                   for k in primary}
     digests = {m: {str(s): r["data_digest"] for s, r in records[m].items()} for m in MODELS}
@@ -648,7 +656,8 @@ def aggregate(records: dict[str, dict[int, dict]], args: HurdleArgs, data: Study
 # ---------------------------------------------------------------------------------------------------------------- outputs
 _COLORS = {"with_last_mlp": "tab:blue", "without_last_mlp": "tab:orange"}
 _LABELS = {"with_last_mlp": "with last MLP", "without_last_mlp": "without last MLP"}
-_TITLES = {"ll_avg": "log-likelihood of children's names", "train_loss": "training loss (EMA)",
+_TITLES = {"ll_avg_groups": "log-likelihood of children's names (mean over numbers of children)",
+           "ll_avg": "log-likelihood of children's names (mean over children)", "train_loss": "training loss (EMA)",
            "val_loss": "validation loss"}
 
 
@@ -668,7 +677,7 @@ def markdown_report(args: HurdleArgs, metrics: dict) -> str:
             "", f"Parameters: with last MLP {p['with_last_mlp']:,}; without last MLP {p['without_last_mlp']:,} "
             f"(vocabulary {metrics['vocab_size']:,}). Mean ± std over seeds.", "", markdown_table(headers, rows)]
     if metrics["mode"] == "macondo":
-        ns = sorted(k for k in metrics["mean"][MODELS[0]] if k.startswith("ll_") and k != "ll_avg")
+        ns = sorted(k for k in metrics["mean"][MODELS[0]] if k[3:].isdigit())
         last = len(metrics["steps"]) - 1
         text += [f"Per number of children at step {metrics['steps'][last]} (optimum log(1/n)):", "",
                  markdown_table(["children", "optimum"] + [_LABELS[m] for m in MODELS],
@@ -699,7 +708,7 @@ def write_outputs(out: Path, args: HurdleArgs, metrics: dict, started: float) ->
         plots.append(line_plot(out / f"{k}.png", series, title=f"{_TITLES[k]} ({args.size}, mean ± std of "
                                f"{len(metrics['seeds'])} seeds)", xlabel="training step", ylabel=k))
     if metrics["mode"] == "macondo":
-        ns = sorted(int(k[3:]) for k in metrics["mean"][MODELS[0]] if k.startswith("ll_") and k != "ll_avg")
+        ns = sorted(int(k[3:]) for k in metrics["mean"][MODELS[0]] if k[3:].isdigit())
         cmap = __import__("matplotlib").colormaps["viridis"]
         series = [dict(x=steps, y=metrics["mean"][m][f"ll_{n}"], label=f"{n} child(ren), {_LABELS[m]}",
                        color=cmap(i / max(1, len(ns) - 1)), linestyle="-" if m == MODELS[0] else "--")
