@@ -104,6 +104,7 @@ def test_peft_lora_wrapped_gpt2(tiny_gpt2_dir, tiny_lm, tmp_path):
         _, keys = lm.forward(ids, mask, KEY_POINTS)
         for p in KEY_POINTS:  # LoRA's B starts at zero: the same keys as the base model
             torch.testing.assert_close(keys[p], base_keys[p], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(lm.hidden_states(ids, mask, "ffn_input"), base_keys["ffn_input"], atol=1e-6, rtol=1e-6)
         hash_at_init = lm.weights_hash()
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -111,11 +112,12 @@ def test_peft_lora_wrapped_gpt2(tiny_gpt2_dir, tiny_lm, tmp_path):
         assert lm.weights_hash() != hash_at_init  # in-place edits invalidate the cached hash
         logits, keys = lm.forward(ids, mask, KEY_POINTS)
         assert (keys["ffn_input"] - base_keys["ffn_input"]).abs().max() > 1e-3  # the adapter is in the forward
+        torch.testing.assert_close(lm.hidden_states(ids, mask, "ffn_input"), keys["ffn_input"], atol=0, rtol=0)
         torch.testing.assert_close(lm.f(lm.g(keys["ffn_residual"])), torch.log_softmax(logits, -1),
                                    atol=1e-5, rtol=1e-5)
     # an adapter folder loads through load_model, its tokenizer taken from the base model
     peft_model.save_pretrained(tmp_path / "adapter")
-    loaded = _load(tmp_path / "adapter")
+    loaded = load_model(ModelArgs(model_name_or_path=tmp_path / "adapter", device="cpu"))  # a Path works too
     assert loaded.model_type == "gpt2" and loaded.encode("Hello world") == [15496, 995]
     with torch.no_grad():
         torch.testing.assert_close(loaded.forward(ids, mask)[0], logits, atol=1e-5, rtol=1e-5)
@@ -138,6 +140,7 @@ def test_bad_paths_give_one_line_errors(tmp_path):
         (tmp_path / "nope", {}, "does not exist"),
         (tmp_path, {}, "has no config.json"),
         (tmp_path, {"gguf_file": "missing.gguf"}, "--gguf_file: .*missing.gguf does not exist"),
+        ("knnlm-test/no-such-model", {}, "cannot load 'knnlm-test/no-such-model'"),  # a hub id, offline
     ]
     for path, kw, pattern in cases:
         with pytest.raises(KnnlmError, match=pattern) as e:

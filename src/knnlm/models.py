@@ -285,15 +285,16 @@ def _gguf_folder(folder: Path, fname: str) -> Path:
     return out
 
 
-def _check_folder(path: Path) -> None:
+def _check_folder(source: str) -> None:
+    path = Path(source).expanduser()
     if not path.exists():
-        raise KnnlmError(f"--model_name_or_path: {path} does not exist; pass a model folder, a hub id, or smollm2-135m")
+        raise KnnlmError(f"--model_name_or_path: {source} does not exist; pass a model folder, a hub id, or smollm2-135m")
     if path.is_file():
-        raise KnnlmError(f"--model_name_or_path: {path} is a file; pass a model folder (or a .gguf file)")
+        raise KnnlmError(f"--model_name_or_path: {source} is a file; pass a model folder (or a .gguf file)")
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         hint = f"add --gguf_file {ggufs[0]}" if ggufs else "pass a folder written by save_pretrained (with config.json)"
-        raise KnnlmError(f"--model_name_or_path: {path} has no config.json; {hint}")
+        raise KnnlmError(f"--model_name_or_path: {source} has no config.json; {hint}")
 
 
 def _hub_error(flag: str, name: str, e: Exception) -> KnnlmError:
@@ -345,14 +346,14 @@ def load_model(args: ModelArgs) -> LM:
     args.validate()
     if not args.model_name_or_path:
         raise KnnlmError("--model_name_or_path: required (a model folder, a hub id, a .gguf file or smollm2-135m)")
-    source, gguf = resolve_model_source(args.model_name_or_path, args.gguf_file)
+    source, gguf = resolve_model_source(str(args.model_name_or_path), args.gguf_file and str(args.gguf_file))
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     local = _is_local(source)
     if gguf or source.endswith(".gguf"):
         source = str(_gguf_folder(*_gguf_location(source, gguf)))
     elif local:
-        _check_folder(Path(source).expanduser())
+        _check_folder(source)
         source = str(Path(source).expanduser())
     revision = None if local else args.revision
     try:
@@ -367,7 +368,7 @@ def load_model(args: ModelArgs) -> LM:
         raise _hub_error("--model_name_or_path", source, e) from None
     model = model.to(device=device, dtype=dtype).eval()
     tokenizer = _load_tokenizer(*_tokenizer_source(args, source, revision))
-    lm = LM(model, tokenizer, name=args.model_name_or_path)
+    lm = LM(model, tokenizer, name=str(args.model_name_or_path))
     log.info("loaded %s (%s, %d parameters, %s, %s)", lm.name, lm.model_type,
              sum(p.numel() for p in model.parameters()), dtype, device)
     return lm
