@@ -173,8 +173,9 @@ def test_cli_serve_subprocess(tiny_gpt2_dir, tiny_lm):
         assert r["choices"][0]["logprobs"]["token_logprobs"][1] == pytest.approx(
             float(_log_softmax(tiny_lm, ids)[0, ids[1]]), abs=1e-5)
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # handled like Ctrl-C: shut down, exit 0
         assert proc.wait(timeout=30) == 0
+        assert "stopping" in proc.stdout.read()
 
 
 # ------------------------------------------------------------------------------------------------------------ scorer

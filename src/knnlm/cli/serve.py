@@ -1,6 +1,8 @@
 """`knnlm serve`: an OpenAI-compatible /v1/completions endpoint with log-probabilities over a local model."""
 from __future__ import annotations
 
+import signal
+
 from ..config import add_arguments, resolve
 
 
@@ -26,6 +28,7 @@ def cmd_serve(args) -> int:
     if sargs.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: bound to {sargs.host}: reachable from other machines" +
               ("" if sargs.api_key else "; set --api_key to require a key"), flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops it as cleanly as Ctrl-C
     try:
         thread.join()
     except KeyboardInterrupt:
@@ -34,3 +37,7 @@ def cmd_serve(args) -> int:
         server.shutdown()
         server.server_close()
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
