@@ -414,7 +414,7 @@ def test_submit_uploads_polls_and_resumes(stub_api, village, tmp_path):
     # a rerun with the same settings uploads nothing and starts no job
     again = A.finetune(client, args, village, tmp_path, 2, sleep=sleeps.append)
     assert again["fine_tuned_model"] == state["fine_tuned_model"]
-    assert len(api.files) == 3 and len(api.creates) == 1
+    assert len(api.files) == 3 and len(api.creates) == 1 and api.retrieves == 4  # a finished job is not asked again
 
 
 def test_submit_killed_while_waiting_resumes_same_job(stub_api, village, tmp_path):

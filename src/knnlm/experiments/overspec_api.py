@@ -182,7 +182,8 @@ def finetune(client, args: ApiArgs, data: Path, run_dir: Path, seed: int,
     """Uploads, starts and waits for the fine-tuning job of one seed; returns its state (with ``fine_tuned_model``).
 
     State lives in ``run_dir/job.json``, saved after every step: a rerun with the same base model and training file
-    reuses the uploaded files and waits for the same job; a failed or cancelled job is replaced by a new one.
+    reuses the uploaded files and waits for the same job (or, once it succeeded, asks the API nothing); a failed or
+    cancelled job is replaced by a new one.
     """
     base_url, base_model = args.base_url, args.model[0]
     train = _training_path(args, data)
@@ -203,7 +204,11 @@ def finetune(client, args: ApiArgs, data: Path, run_dir: Path, seed: int,
     if valid and "validation_file_id" not in state:
         state["validation_file_id"] = _upload(client, base_url, valid)
         save()
+    if state.get("status") == "succeeded" and state.get("fine_tuned_model"):
+        return _job_metrics(client, base_url, state, run_dir)
     if "job_id" not in state or state.get("status") in ("failed", "cancelled"):
+        for old in run_dir.glob("metrics*.csv"):  # result files of an earlier job
+            old.unlink()
         method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": args.n_epochs or "auto"}}}
         extra = {"validation_file": state["validation_file_id"]} if valid else {}
         job = _api_call(lambda: client.fine_tuning.jobs.create(model=base_model, training_file=state["training_file_id"],
@@ -220,6 +225,11 @@ def finetune(client, args: ApiArgs, data: Path, run_dir: Path, seed: int,
         reason = getattr(job.error, "message", None) if job.error else None
         raise KnnlmError(f"--submit: fine-tuning job {job.id} (seed {seed}) ended {job.status}"
                          f"{f' ({reason})' if reason else ''}; fix the cause and rerun to start a new job")
+    return _job_metrics(client, base_url, state, run_dir)
+
+
+def _job_metrics(client, base_url: str, state: dict, run_dir: Path) -> dict:
+    """Downloads the job's result files once (``metrics.csv``: step, train/valid loss) and notes their last values."""
     for i, fid in enumerate(state["result_files"]):  # the job's metrics (step, train/valid loss) as CSV
         target = run_dir / ("metrics.csv" if i == 0 else f"metrics_{i}.csv")
         if not target.is_file():
