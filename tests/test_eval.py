@@ -73,18 +73,22 @@ def test_k_larger_than_store_and_neighbour_cache(tiny_gpt2_dir, tmp_path):
     assert sweep["lmbda=0.5,T=1.0"] == pytest.approx(m["sweep_knn"]["0.5"], rel=1e-6)
 
 
+def _run_cli(argv, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--lmbda", "1.5"], "--lmbda"),
     (["--knn_temp", "0"], "--knn_temp"),
     (["--k", "0"], "--k"),
 ])
-def test_bad_flags_one_line_error(tiny_gpt2_dir, tmp_path, extra, needle):
+def test_bad_flags_one_line_error(tiny_gpt2_dir, tmp_path, capsys, extra, needle):
     (tmp_path / "valid.txt").write_text(VALID)
-    r = subprocess.run([sys.executable, "-m", "knnlm", "eval", "--model_name_or_path", str(tiny_gpt2_dir),
-                        "--validation_file", str(tmp_path / "valid.txt"), "--output_dir", str(tmp_path / "o"), *extra],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and needle in r.stderr and "Traceback" not in r.stderr
+    code, err = _run_cli(["eval", "--model_name_or_path", str(tiny_gpt2_dir), "--validation_file",
+                          str(tmp_path / "valid.txt"), "--output_dir", str(tmp_path / "o"), *extra], capsys)
+    assert code == 2 and err.count("\n") == 0 and needle in err and err.startswith("knnlm: error:")
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -94,9 +98,16 @@ def test_bad_flags_one_line_error(tiny_gpt2_dir, tmp_path, extra, needle):
       "--output_dir", "{tmp}/o"], "nods"),
     (["datastore", "build", "--model_name_or_path", "{tmp}", "--train_file", "{tmp}/v.txt", "--output_dir", "{tmp}/ds"], "config"),
 ])
-def test_bad_paths_one_line_error(tiny_gpt2_dir, tmp_path, args, needle):
+def test_bad_paths_one_line_error(tiny_gpt2_dir, tmp_path, capsys, args, needle):
     (tmp_path / "v.txt").write_text(VALID)
-    argv = [a.format(tmp=tmp_path, model=tiny_gpt2_dir) for a in args]
-    r = subprocess.run([sys.executable, "-m", "knnlm", *argv], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().count("\n") == 0 and needle in r.stderr and "Traceback" not in r.stderr
+    code, err = _run_cli([a.format(tmp=tmp_path, model=tiny_gpt2_dir) for a in args], capsys)
+    assert code == 2 and err.count("\n") == 0 and needle in err and err.startswith("knnlm: error:")
+
+
+def test_error_exit_has_no_traceback(tmp_path):
+    (tmp_path / "v.txt").write_text(VALID)
+    r = subprocess.run([sys.executable, "-m", "knnlm", "eval", "--model_name_or_path", str(tmp_path / "nope"),
+                        "--validation_file", str(tmp_path / "v.txt"), "--output_dir", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "nope" in r.stderr

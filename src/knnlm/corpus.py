@@ -40,6 +40,15 @@ class CorpusArgs:
         if self.max_tokens is not None and self.max_tokens < 2:
             raise KnnlmError("--max_tokens: needs at least 2 tokens")
 
+    def require(self, which: str) -> None:
+        """Fails fast (before any model is loaded) when the corpus to read is missing or unreadable."""
+        if self.dataset_name:
+            return
+        path = self.train_file if which == "train" else self.validation_file
+        if not path:
+            raise KnnlmError(f"--{which}_file: required (or --dataset_name): the corpus to read")
+        _check_file(path, f"--{which}_file")
+
     def resolved_window(self, model_context: int) -> tuple[int, int]:
         block = self.block_size or min(model_context, 1024)
         if block > model_context:

@@ -50,9 +50,7 @@ def cmd_datastore_build(args) -> int:
     from ..models import ModelArgs, load_model
 
     margs, cargs, dargs = resolve([ModelArgs, CorpusArgs, DatastoreArgs], args, args.config)
-    if not (cargs.train_file or cargs.dataset_name):
-        from ..errors import KnnlmError
-        raise KnnlmError("--train_file: required (or --dataset_name): the corpus the datastore is built from")
+    cargs.require("train")
     lm = load_model(margs)
     started = time.time()
     ds = build_datastore(lm, cargs, dargs.output_dir, key_point=dargs.key_point, batch_size=dargs.batch_size,
@@ -96,9 +94,7 @@ def cmd_eval(args) -> int:
     else:
         from ..models import load_model
 
-        if not (cargs.validation_file or cargs.dataset_name):
-            from ..errors import KnnlmError
-            raise KnnlmError("--validation_file: required (or --dataset_name): the corpus to score")
+        cargs.require("validation")
         datastore = Datastore.open(eargs.datastore) if eargs.datastore else None
         lm = load_model(margs)
         memory = None
