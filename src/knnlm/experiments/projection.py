@@ -222,9 +222,9 @@ class _Records:
     def arrays(self) -> dict[str, np.ndarray]:
         return {k: np.concatenate(v) for k, v in self.columns.items()}
 
-    def window_done(self, force: bool = False) -> None:
-        self.windows_done += 1
-        if force or time.time() - self.last_save > _CHECKPOINT_EVERY_S:
+    def windows_done_add(self, n: int) -> None:
+        self.windows_done += n
+        if time.time() - self.last_save > _CHECKPOINT_EVERY_S:
             self.save(self.path)
             atomic_write_json(self.state, {"fingerprint": self.fingerprint, "windows_done": self.windows_done})
             self.last_save = time.time()
@@ -251,6 +251,10 @@ def run_projection(lm, corpus: CorpusArgs, args: ProjectionArgs, datastore, knn:
         raise KnnlmError("--lmbda: must be < 1 here: with λ = 1 p_knnlm is zero on tokens no neighbour holds and "
                          "KL[f(z) ‖ p_knnlm] is infinite")
     datastore.check_compatible(lm)
+    if lm.dtype != torch.float32:
+        log.warning("the LM runs in %s: z is optimised in float32 but f and g round it to %s, so steps below that "
+                    "resolution are lost (most with a small --lr); use --dtype float32 for the datastore and this run",
+                    lm.dtype, lm.dtype)
     retriever = Retriever(datastore, knn)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -266,20 +270,21 @@ def run_projection(lm, corpus: CorpusArgs, args: ProjectionArgs, datastore, knn:
     token_arr, device = tokens.tokens, lm.device
     started = time.time()
     with tqdm(total=count_targets(wins), initial=records.n_tokens, unit="tok", desc="projection") as bar:
-        for w in wins[records.windows_done:]:
-            ids, mask = _batch_inputs(tokens, [w], lm.eos_token_id or 0)
-            rows, pos = _target_positions([w])
-            gold = torch.from_numpy(np.asarray(token_arr[w.first_target: w.end], dtype=np.int64)).to(device)  # [n]
+        for group in _groups(wins[records.windows_done:], args.batch_size):
+            ids, mask = _batch_inputs(tokens, group, lm.eos_token_id or 0)
+            rows, pos = _target_positions(group)
+            gold = torch.from_numpy(np.concatenate([np.asarray(token_arr[w.first_target: w.end], dtype=np.int64)
+                                                    for w in group])).to(device)  # [n]
             with torch.no_grad():
-                hidden = lm.hidden_states(ids.to(device), mask.to(device), points)  # {point: [1, T, d]}
+                hidden = lm.hidden_states(ids.to(device), mask.to(device), points)  # {point: [B, T, d]}
                 at = {p: h[rows.to(h.device), pos.to(h.device)] for p, h in hidden.items()}  # {point: [n, d]}
             for lo in range(0, len(gold), args.batch_size):
                 sl = slice(lo, lo + args.batch_size)
                 _score_batch(lm, retriever, datastore.key_point, {p: a[sl] for p, a in at.items()}, gold[sl], lmbda,
                              args, records)
                 bar.update(len(gold[sl]))
-                bar.set_postfix(steps=int(records.columns[f"{args.target[0]}.steps"][-1].mean()))
-            records.window_done()
+                bar.set_postfix(steps=float(records.columns[f"{args.target[0]}.steps"][-1].mean()))
+            records.windows_done_add(len(group))
     arrays = records.finish(out / "per_token.npz")
     metrics = summarize(arrays, args, lmbda=lmbda, k=retriever.k - int(knn.ignore_top), knn_temp=knn.knn_temp)
     metrics.update(datastore_N=datastore.N, block_size=block, stride=stride,
@@ -289,6 +294,20 @@ def run_projection(lm, corpus: CorpusArgs, args: ProjectionArgs, datastore, knn:
                   xlabel="KL (nats)", log_x=True)
     log.info("projection: %s", {k: v for k, v in metrics.items() if k.startswith("ppl")})
     return metrics
+
+
+def _groups(wins: list, batch_size: int):
+    """Consecutive windows holding at least ``batch_size`` targets together (the last group may hold fewer). Groups
+    restart at the window a resumed run continues from, so resumed and uninterrupted runs form the same groups."""
+    group, n = [], 0
+    for w in wins:
+        group.append(w)
+        n += w.n_targets
+        if n >= batch_size:
+            yield group
+            group, n = [], 0
+    if group:
+        yield group
 
 
 def _score_batch(lm, retriever, key_point: str, at: dict, gold: torch.Tensor, lmbda: float, args: ProjectionArgs,
