@@ -273,6 +273,8 @@ def _gguf_folder(folder: Path, fname: str) -> Path:
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ImportError as e:
+        raise KnnlmError(f"--gguf_file: reading {path.name} needs the gguf package ({e}); run: pip install gguf") from None
     except (ValueError, KeyError, NotImplementedError, OSError) as e:
         raise KnnlmError(f"--gguf_file: transformers cannot load {path} ({str(e).splitlines()[0][:200]}); "
                          "pass a GGUF of a supported architecture and quantization") from None
