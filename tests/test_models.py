@@ -141,6 +141,7 @@ def test_bad_paths_give_one_line_errors(tmp_path):
         (tmp_path, {}, "has no config.json"),
         (tmp_path, {"gguf_file": "missing.gguf"}, "--gguf_file: .*missing.gguf does not exist"),
         ("knnlm-test/no-such-model", {}, "cannot load 'knnlm-test/no-such-model'"),  # a hub id, offline
+        (tmp_path / "m.gguf", {}, "m.gguf does not exist"),
     ]
     for path, kw, pattern in cases:
         with pytest.raises(KnnlmError, match=pattern) as e:

@@ -255,6 +255,8 @@ def _gguf_location(source: str, gguf_file: Optional[str]) -> tuple[Path, str]:
                              "--model_name_or_path, or a path to one")
     else:
         path = Path(source).expanduser()
+        if not path.is_file():
+            raise KnnlmError(f"--model_name_or_path: {source} does not exist; pass an existing .gguf file")
     return path.parent, path.name
 
 
