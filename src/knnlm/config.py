@@ -83,10 +83,22 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
                            help=f"{help_text} (default: {shown})")
 
 
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def presets() -> list[str]:
+    """Names of the config files shipped with knnlm (usable as ``--config NAME``)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
 def load_config_file(path: str | Path) -> dict:
+    """A YAML/JSON config file, or a shipped preset by name (``--config cpu-tiny``)."""
     path = Path(path)
+    if not path.is_file() and (PRESETS_DIR / f"{path.name}.yaml").is_file() and path.suffix == "":
+        path = PRESETS_DIR / f"{path.name}.yaml"
     if not path.is_file():
-        raise KnnlmError(f"--config: {path} does not exist; pass a YAML or JSON file")
+        raise KnnlmError(f"--config: {path} does not exist; pass a YAML or JSON file or a preset name "
+                         f"({', '.join(presets())})")
     try:
         data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
     except (yaml.YAMLError, json.JSONDecodeError) as e:
