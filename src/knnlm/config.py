@@ -79,8 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         tp, _ = _unwrap_optional(hints[f.name])
         if typing.get_origin(tp) is typing.Literal:
             help_text += f" One of: {', '.join(map(str, typing.get_args(tp)))}."
+        extra = {"nargs": "?", "const": "true"} if tp is bool else {}  # `--flag` alone means true
         group.add_argument(f"--{f.name}", default=None, metavar=f.name.upper(), dest=f.name,
-                           help=f"{help_text} (default: {shown})")
+                           help=f"{help_text} (default: {shown})", **extra)
 
 
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
