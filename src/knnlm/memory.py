@@ -279,8 +279,11 @@ def _fingerprint(lm, ds: Datastore, args: MemoryArgs, activation: str) -> dict:
 
 
 def _same(a: dict, b: dict) -> bool:
-    """Fingerprints equal, ignoring the datastore's folder path (a moved store is the same store)."""
-    strip = lambda f: {**f, "datastore": {k: v for k, v in f["datastore"].items() if k != "dir"}}  # noqa: E731
+    """Fingerprints equal up to where things live: the datastore's folder and the model's path may move (the hashes
+    identify them)."""
+    def strip(f: dict) -> dict:
+        return {**{k: v for k, v in f.items() if k != "model_name_or_path"},
+                "datastore": {k: v for k, v in f["datastore"].items() if k != "dir"}}
     return json.dumps(strip(a), sort_keys=True) == json.dumps(strip(b), sort_keys=True)
 
 
