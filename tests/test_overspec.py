@@ -1,0 +1,258 @@
+"""Over-specification runner: recorded scores vs an independent computation, the per-point datastore, resume after a
+kill, config errors, the outputs; the full cpu-tiny preset as a slow test."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from knnlm.errors import KnnlmError
+from knnlm.experiments.overspec import resolve_args, run_study
+
+REPO = Path(__file__).resolve().parents[1]
+# 12 villagers, 5 parents with 1..5 children (15 pairs), 1 training sentence per pair: 15 sentences, 4 micro-batches of
+# 4 per epoch, 2 epochs = 8 steps; evaluation points 0, 4, 8.
+TINY = dict(model_name_or_path="tiny", seeds="0,1", num_villagers=12, num_parents=5, max_children=5, examples_per_child=1,
+            epochs=2, eval_every=4, learning_rate=1e-3, mlp_hidden_size=16, mlp_epochs=1, mlp_batch_tokens=64,
+            mlp_lr=1e-3, eval_batch_size=16, device="cpu")
+STEPS = [0, 4, 8]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("overspec") / "run"
+    args = resolve_args({**TINY, "output_dir": str(out), "keep_datastores": True, "save_models": True})
+    result = run_study(args)
+    return out, result
+
+
+def _point(out: Path, seed: int, step: int) -> dict:
+    return json.loads((out / f"seed-{seed}" / "evals" / f"step-{step:07d}.json").read_text())
+
+
+def _rows(out: Path, seed: int, split: str) -> list[dict]:
+    path = out / f"seed-{seed}" / "data" / f"{split}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _load_hf(folder: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def _ffn_input_and_logp(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input of the last block's MLP [T, d], log-softmax of the logits [T, V]) for one sequence: plain HF + a hook."""
+    caught = {}
+    hook = model.transformer.h[-1].mlp.register_forward_pre_hook(lambda m, a: caught.__setitem__("z", a[0]))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    hook.remove()
+    return caught["z"][0], torch.log_softmax(logits.double(), -1)
+
+
+# ---------------------------------------------------------------------------------------------------------------- scoring
+def test_recorded_scores_equal_an_independent_computation(tiny_run):
+    """At the last point of seed 0: vanilla, kNN and MLP log-likelihoods recomputed from the saved model, datastore and
+    memory with plain transformers/numpy equal the recorded per-row scores and group means."""
+    out, _ = tiny_run
+    from safetensors.torch import load_file
+
+    point = _point(out, 0, 8)
+    folder = out / "seed-0" / "evals" / "step-0000008"
+    model, tok = _load_hf(folder / "model")
+    keys = np.fromfile(folder / "datastore" / "keys.f16", dtype=np.float16).astype(np.float64).reshape(-1, 64)
+    vals = np.fromfile(folder / "datastore" / "vals.i32", dtype=np.int32)
+    mem = load_file(str(folder / "memory" / "memory.safetensors"))
+    lam = 0.25
+    rows = _rows(out, 0, "test")
+    lm_ll, knn_ll, mlp_ll = [], [], []
+    for row in rows:
+        prefix = tok(row["prefix"])["input_ids"]
+        (target,) = tok(row["target"], add_special_tokens=False)["input_ids"]  # children's names are one token
+        z, logp = _ffn_input_and_logp(model, prefix + [target])
+        p_lm = math.exp(float(logp[len(prefix) - 1, target]))
+        q = z[len(prefix) - 1].double().numpy()
+        d = ((keys - q) ** 2).sum(1)  # every key: the store holds fewer than k=1024
+        w = np.exp(-(d - d.min()))
+        p_knn = w[vals == target].sum() / w.sum()
+        zt = z[len(prefix) - 1].double()
+        h = torch.nn.functional.linear(zt, mem["mlp.0.weight"].double(), mem["mlp.0.bias"].double())
+        h = torch.nn.functional.linear(0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3))),
+                                       mem["mlp.2.weight"].double(), mem["mlp.2.bias"].double())  # gelu_new MLP
+        h = torch.nn.functional.layer_norm(h, (64,), mem["ln.weight"].double(), mem["ln.bias"].double())
+        p_mlp = float(torch.softmax(model.lm_head.weight.detach().double() @ (zt + h), -1)[target])
+        lm_ll.append(math.log(p_lm))
+        knn_ll.append(math.log((1 - lam) * p_lm + lam * p_knn))
+        mlp_ll.append(math.log((1 - lam) * p_lm + lam * p_mlp))
+    np.testing.assert_allclose(point["lls"]["test"]["lm"], lm_ll, atol=1e-4)
+    np.testing.assert_allclose(point["lls"]["test"]["knn"]["0.25"], knn_ll, atol=1e-3)
+    np.testing.assert_allclose(point["lls"]["test"]["mlp"]["0.25"], mlp_ll, atol=1e-3)
+    summary = point["splits"]["test"]
+    for n in range(1, 6):
+        sel = [i for i, r in enumerate(rows) if r["n_children"] == n]
+        assert len(sel) == n  # one parent per number of children
+        assert summary["lm"][str(n)] == pytest.approx(np.mean([lm_ll[i] for i in sel]), abs=1e-4)
+        assert summary["knn"]["0.25"][str(n)] == pytest.approx(np.mean([knn_ll[i] for i in sel]), abs=1e-3)
+    assert summary["lm"]["optimum"]["5"] == pytest.approx(math.log(1 / 5))
+    assert p_knn > 0  # the kNN part is live: a training sentence holds every child's name
+
+
+def test_means_and_stds_over_seeds(tiny_run):
+    out, result = tiny_run
+    m = result["metrics"]
+    assert m["steps"] == STEPS and m["seeds"] == [0, 1] and m["methods"] == ["lm", "knn", "mlp"]
+    for split in ("test", "test_overspecified"):
+        for method, key in (("lm", None), ("knn", "0.25"), ("mlp", "0.25")):
+            for i, step in enumerate(STEPS):
+                per_seed = []
+                for seed in (0, 1):
+                    s = _point(out, seed, step)["splits"][split][method]
+                    per_seed.append((s if key is None else s[key])["avg_groups"])
+                assert m["mean"][split][method]["avg_groups"][i] == pytest.approx(np.mean(per_seed), abs=1e-12)
+                assert m["std"][split][method]["avg_groups"][i] == pytest.approx(np.std(per_seed, ddof=1), abs=1e-12)
+    assert m["train_loss"]["0"][0] is None and all(x > 0 for x in m["train_loss"]["0"][1:])
+    # training moves the weights: every point is scored with other weights
+    assert len({_point(out, 0, s)["weights_hash"] for s in STEPS}) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------- datastore
+def test_datastore_at_a_point_holds_exactly_the_training_tokens(tiny_run):
+    """The store at each point has one entry per training token after each sentence's first; its keys are that
+    point's model's hidden states (rebuilt per point)."""
+    out, _ = tiny_run
+    from knnlm.datastore import Datastore
+
+    model, tok = _load_hf(out / "seed-0" / "evals" / "step-0000008" / "model")
+    train = _rows(out, 0, "train")
+    assert len(train) == 15
+    sentences = [tok(r["text"])["input_ids"] for r in train]
+    expected = np.concatenate([s[1:] for s in sentences])
+    stores = {s: Datastore.open(out / "seed-0" / "evals" / f"step-{s:07d}" / "datastore") for s in STEPS}
+    for step, ds in stores.items():
+        assert ds.N == len(expected) == sum(len(s) - 1 for s in sentences)
+        np.testing.assert_array_equal(np.asarray(ds.vals), expected)
+        assert ds.meta["weights_hash"] == _point(out, 0, step)["weights_hash"]
+    z, _ = _ffn_input_and_logp(model, sentences[0])  # the first sentence's keys: positions 0..T-2
+    first = np.asarray(stores[8].keys[: len(sentences[0]) - 1], dtype=np.float32)
+    np.testing.assert_allclose(first, z[:-1].numpy(), atol=2e-2, rtol=2e-3)  # float16 storage
+    assert not np.allclose(np.asarray(stores[0].keys, np.float32), np.asarray(stores[8].keys, np.float32), atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------- resume
+def test_resume_after_a_kill_gives_the_same_results(tiny_run, tmp_path, monkeypatch):
+    """Killed at step 6 (between points 4 and 8), the rerun resumes from the step-4 checkpoint (only steps 5-8 are
+    trained again) and every recorded number equals the uninterrupted run's."""
+    import knnlm.train as train_mod
+
+    full_out, _ = tiny_run
+    real_step = train_mod._step
+    calls = {"n": 0, "kill_at": 6}
+
+    def step(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == calls["kill_at"]:
+            raise KeyboardInterrupt("killed")
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "_step", step)
+    out = tmp_path / "run"
+    args = resolve_args({**TINY, "seeds": "0", "output_dir": str(out)})
+    with pytest.raises(KeyboardInterrupt):
+        run_study(args)
+    assert (out / "seed-0" / "evals" / "step-0000004.json").is_file()
+    assert not (out / "seed-0" / "evals" / "step-0000008.json").exists() and not (out / "seed-0" / "history.json").exists()
+    calls.update(n=0, kill_at=-1)
+    result = run_study(args)
+    assert calls["n"] == 4  # steps 5..8
+    for step_ in STEPS:
+        mine, full = _point(out, 0, step_), _point(full_out, 0, step_)
+        assert mine["weights_hash"] == full["weights_hash"]
+        assert mine["lls"] == full["lls"] and mine["splits"] == full["splits"]
+    full_hist = json.loads((full_out / "seed-0" / "history.json").read_text())["history"]
+    assert [e["train_loss"] for e in result["metrics"]["per_seed"]["0"]] == [e["train_loss"] for e in full_hist]
+    assert not (out / "seed-0" / "ckpt").exists()  # removed once the seed finished
+    assert not (out / "seed-0" / "evals" / "step-0000004" / "datastore").exists()  # not kept by default
+
+
+def test_rerun_with_other_settings_is_refused(tiny_run):
+    out, _ = tiny_run
+    args = resolve_args({**TINY, "output_dir": str(out), "learning_rate": 2e-3})
+    with pytest.raises(KnnlmError, match=r"--output_dir: .*learning_rate: 0\.001 -> 0\.002"):
+        run_study(args)
+
+
+# ---------------------------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("key,value,message", [
+    ("learning_rate", -1, "--learning_rate: must be > 0"),
+    ("lmbda", "0.25,1.5", "--lmbda: 1.5 is outside"),
+    ("lora_dropout", 1.0, "--lora_r/--lora_alpha/--lora_dropout"),
+    ("seeds", "0,0", "--seeds: need one or more distinct"),
+    ("key_point", "attn", "--key_point: 'attn' is not one of"),
+    ("eval_every", 0, "--eval_every: must be >= 1"),
+    ("lr_scheduler_type", "wavy", "--lr_scheduler_type: 'wavy' is not one of"),
+    ("num_parents", 20, "--num_parents: 20 parents cannot come from 12"),
+    ("mlp_epochs", 0, "--epochs: must be >= 1"),
+    ("k", 0, "--k: must be >= 1"),
+    ("dtype", "int8", "--dtype: 'int8' is not one of"),
+    ("warmup_ratio", "lots", "--warmup_ratio: 'lots' is not a valid float"),
+])
+def test_bad_values_fail_with_a_clear_message(key, value, message, tmp_path):
+    with pytest.raises(KnnlmError, match=message):
+        resolve_args({**TINY, key: value, "output_dir": str(tmp_path / "run")})
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_rejects_unknown_config_key_before_training(tmp_path, capsys):
+    from knnlm.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model_name_or_path: tiny\nlr: 0.001\n")
+    out = tmp_path / "run"
+    assert main(["overspec", "run", "--config", str(cfg), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("knnlm: error: --config:") and "unknown key(s) lr;" in err
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------- outputs
+def test_outputs_follow_table5_and_figure1(tiny_run):
+    out, result = tiny_run
+    text = (out / "results.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| steps"))
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert cells == ["steps"] + [f"{g} {m}" for g in ("1", "2", "3", "4", "5", "Average") for m in ("vanilla", "kNN", "MLP")]
+    m = result["metrics"]
+    row8 = next(line for line in text.splitlines() if line.startswith("| 8 |"))
+    assert f"{m['mean']['test']['lm']['1'][2]:.2f} ± {m['std']['test']['lm']['1'][2]:.2f}" in row8
+    assert "| log(1/n) | 0.00 | 0.00 | 0.00 | -0.69 |" in text
+    assert "test_overspecified" in text
+    for name in ("overspec.png", "overspec_control.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config"]["seeds"] == [0, 1] and saved["metrics"]["steps"] == STEPS and saved["run"]["wall_s"] > 0
+    assert json.loads((out / "config.json").read_text())["model_name_or_path"] == "tiny"
+
+
+# ---------------------------------------------------------------------------------------------------------------- preset
+@pytest.mark.slow
+def test_cpu_tiny_preset(tmp_path):
+    """The full cpu-tiny preset (5 seeds, vanilla / kNN / MLP): it finishes, and the numbers are sane."""
+    from knnlm.cli import main
+
+    out = tmp_path / "cpu-tiny"
+    assert main(["overspec", "run", "--config", str(REPO / "configs" / "cpu-tiny.yaml"), "--output_dir", str(out)]) == 0
+    m = json.loads((out / "results.json").read_text())["metrics"]
+    assert m["seeds"] == [0, 1, 2, 3, 4] and m["methods"] == ["lm", "knn", "mlp"]
+    for split in ("test", "test_overspecified"):
+        for method in m["methods"]:
+            values = m["mean"][split][method]["avg_groups"]
+            assert all(math.isfinite(v) and v < 0 for v in values)
+    first = m["mean"]["test"]["lm"]["avg_groups"][0]
+    assert first == pytest.approx(-math.log(50257), abs=0.5)  # a random model: about uniform over GPT-2's vocabulary
+    assert m["mean"]["test"]["lm"]["avg_groups"][-1] > first + 1  # training raised the test log-likelihood
