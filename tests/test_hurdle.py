@@ -287,3 +287,17 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     run_study(_args(tmp_path, data=str(train), steps=4, seeds=1))
     with pytest.raises(KnnlmError, match="lr"):
         run_study(_args(tmp_path, data=str(train), steps=4, seeds=1, lr=1e-2))
+
+
+def test_shipped_configs_resolve(tmp_path):
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    cpu = resolve_args({"output_dir": str(tmp_path / "o")}, str(configs / "hurdle-cpu.yaml"))
+    assert (cpu.preset, cpu.mode, cpu.size, cpu.steps, cpu.num_threads) == ("cpu", "macondo", "tiny", 800, 1)
+    paper = resolve_args({"output_dir": str(tmp_path / "o")}, str(configs / "hurdle-paper.yaml"))
+    assert (paper.size, paper.steps, paper.eval_every, paper.seeds, paper.vocab_size) == ("gpt2-small", 10000, 1000, 5, 0)
+    assert (paper.macondo_num_villagers, paper.macondo_num_parents) == (500, 100)
+    text = _text_files(tmp_path)
+    cpu_text = resolve_args({"output_dir": str(tmp_path / "o"), "data": str(text)}, str(configs / "hurdle-cpu.yaml"))
+    assert (cpu_text.mode, cpu_text.steps, cpu_text.block_size) == ("text", 300, 64)

@@ -127,13 +127,16 @@ class HurdleArgs:
         return torch.device(self.device)
 
 
-# Values a preset sets, per mode (flags and --config win). `cpu`: both models x 5 seeds in <= 10 min on 2 cores per mode.
+# Values a preset sets, per mode (flags and --config win). `cpu`: both models x 5 seeds in <= 10 min on 2 cores per mode,
+# one torch thread (two threads on a busy 2-core machine were measured 20x slower per step than one).
 PRESETS: dict[str, dict[str, dict]] = {
     "cpu": {
-        "macondo": dict(size="tiny", steps=1200, eval_every=100, seeds=5, batch_size=16, lr=1e-3, warmup=0.05,
-                        vocab_size=4096, log_every=20, macondo_num_villagers=200, macondo_num_parents=50),
-        "text": dict(size="tiny", steps=400, eval_every=50, seeds=5, batch_size=16, block_size=64, lr=1e-3, warmup=0.05,
-                     vocab_size=2048, max_train_tokens=500_000, val_tokens=8192, log_every=10),
+        "macondo": dict(size="tiny", steps=800, eval_every=50, seeds=5, batch_size=16, lr=1e-3, warmup=0.05,
+                        vocab_size=4096, log_every=10, num_threads=1, macondo_num_villagers=200,
+                        macondo_num_parents=50),
+        "text": dict(size="tiny", steps=300, eval_every=25, seeds=5, batch_size=16, block_size=64, lr=1e-3,
+                     warmup=0.05, vocab_size=2048, max_train_tokens=500_000, val_tokens=4096, log_every=5,
+                     num_threads=1),
     },
     "paper": {
         "macondo": dict(size="gpt2-small", steps=10000, eval_every=1000, seeds=5, batch_size=8, lr=5e-4, warmup=0.05,
@@ -178,7 +181,7 @@ def gpt2_config(size: str, vocab_size: int, n_positions: int, eos_token_id: int)
     """The GPT2Config of a named from-scratch size (``knnlm.assets.scratch_config``) with this vocabulary."""
     from ..assets import scratch_config
 
-    config = scratch_config(size, n_positions=max(256, n_positions))
+    config = scratch_config(size, n_positions=max(1024, n_positions))  # GPT-2's context, as the paper's models
     config.vocab_size = vocab_size
     config.bos_token_id = config.eos_token_id = config.pad_token_id = eos_token_id
     return config
@@ -443,7 +446,7 @@ def _optimizer(model: nn.Module, args: HurdleArgs) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": other, "weight_decay": 0.0}], lr=args.lr)
+                              {"params": other, "weight_decay": 0.0}], lr=args.lr, fused=decay[0].is_cuda)
 
 
 def lr_at(step: int, args: HurdleArgs) -> float:
@@ -489,7 +492,7 @@ def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: Hur
     step, ema, digest = 0, 0.0, b""  # digest chains the batches fed: d_k = sha256(d_{k-1} + input_ids_k)
     torch.manual_seed(seed)  # dropout stream of this run
     if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay CPU tensors
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"], device)
@@ -499,7 +502,8 @@ def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: Hur
     eval_at = set(args.eval_steps())
     if step == 0 and "0" not in record["evals"]:
         record["evals"]["0"] = evaluate_point(model, data, args, device)
-    bar = tqdm(total=args.steps, initial=step, desc=f"seed {seed} {name}", leave=False, dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=step, desc=f"seed {seed} {name}", leave=False, dynamic_ncols=True,
+               disable=None)  # shown on a terminal; the eval points are logged either way
     t0 = time.time()
     while step < args.steps:
         ids, mask, labels = data.train.batch(batch_indices(len(data.train), args.batch_size, seed, step))
@@ -521,6 +525,8 @@ def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: Hur
         bar.update(1)
         if step in eval_at:
             record["evals"][str(step)] = {"train_loss": smoothed, **evaluate_point(model, data, args, device)}
+            log.info("seed %d %s step %d/%d: %s", seed, name, step, args.steps,
+                     ", ".join(f"{k} {v:.4f}" for k, v in record["evals"][str(step)].items() if not k[3:].isdigit()))
             record["train_s"] = record.get("train_s", 0.0) + time.time() - t0
             t0 = time.time()
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -534,12 +540,11 @@ def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: Hur
     return record
 
 
-
 # ---------------------------------------------------------------------------------------------------------------- study
 def _check_resumable(out: Path, args: HurdleArgs) -> None:
     """A rerun into a folder must use the settings its runs were trained with (more or fewer seeds are fine)."""
     path = out / "config.json"
-    if not path.is_file():
+    if not path.is_file() or not any((out / "runs").glob("seed*")):
         return
     old = read_json(path)
     new = dataclasses.asdict(args)
@@ -561,26 +566,32 @@ def run_study(args: HurdleArgs) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_resumable(out, args)
-    save_config(out, args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     device = args.resolved_device()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     tokenizer = load_tokenizer()
     data = prepare_data(args, tokenizer)
     n_positions = args.block_size if data.mode == "text" else max(len(s) for s in data.train.seqs)
     config = gpt2_config(args.size, data.vocab.size, n_positions, data.eos_id)
+    save_config(out, args)
     run_dir = out / "runs"
     run_dir.mkdir(exist_ok=True)
     records: dict[str, dict[int, dict]] = {m: {} for m in MODELS}
     params: dict[str, int] = {}
+    for name, model in build_pair(config, 0).items():
+        params[name] = count_params(model)
+        log.info("%s: %d parameters", name, params[name])
     for seed in range(args.seeds):
-        pair = build_pair(config, seed)
-        for name, model in pair.items():
-            params[name] = count_params(model)
-            if seed == 0:
-                log.info("%s: %d parameters", name, params[name])
-            records[name][seed] = train_one(model, name, seed, data, args, run_dir, device)
-        del pair
+        done = {name: run_dir / f"seed{seed}-{name}.json" for name in MODELS}
+        if all(p.is_file() for p in done.values()):  # a finished seed: nothing to build
+            records_seed = {name: read_json(p) for name, p in done.items()}
+        else:
+            records_seed = {name: train_one(model, name, seed, data, args, run_dir, device)
+                            for name, model in build_pair(config, seed).items()}
+        for name in MODELS:
+            records[name][seed] = records_seed[name]
     metrics = aggregate(records, args, data)
     metrics["params"] = params
     metrics["vocab_size"] = data.vocab.size
@@ -600,7 +611,7 @@ def _mean_std(values: list) -> tuple[Optional[float], Optional[float]]:
     if not vals:
         return None, None
     arr = np.asarray(vals, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else None  # sample std; none for one seed
 
 
 def compare(steps: list[int], with_mean: list, without_mean: list, higher_is_better: bool, total_steps: int) -> dict:
@@ -662,7 +673,7 @@ _TITLES = {"ll_avg_groups": "log-likelihood of children's names (mean over numbe
 
 
 def _pm(mu, sd) -> str:
-    return "–" if mu is None else f"{mu:.3f} ± {sd:.3f}"
+    return "–" if mu is None else f"{mu:.3f}" if sd is None else f"{mu:.3f} ± {sd:.3f}"
 
 
 def markdown_report(args: HurdleArgs, metrics: dict) -> str:
@@ -692,6 +703,11 @@ def markdown_report(args: HurdleArgs, metrics: dict) -> str:
     return "\n".join(text) + "\n"
 
 
+def _band(std: list) -> Optional[list]:
+    """The shaded ±std band of a series (0 where a point has none; no band for a single seed)."""
+    return None if all(v is None for v in std) else [v or 0.0 for v in std]
+
+
 def write_outputs(out: Path, args: HurdleArgs, metrics: dict, started: float) -> dict:
     from ..report import line_plot, write_markdown, write_results
 
@@ -700,10 +716,10 @@ def write_outputs(out: Path, args: HurdleArgs, metrics: dict, started: float) ->
     for k in metrics["comparison"]:
         if k == "train_loss":  # Figure 5: the smoothed training loss at --log_every resolution
             c = metrics["curve"]
-            series = [dict(x=c["steps"], y=c[m]["mean"], std=c[m]["std"], label=_LABELS[m], color=_COLORS[m])
+            series = [dict(x=c["steps"], y=c[m]["mean"], std=_band(c[m]["std"]), label=_LABELS[m], color=_COLORS[m])
                       for m in MODELS]
         else:
-            series = [dict(x=steps, y=metrics["mean"][m][k], std=metrics["std"][m][k], label=_LABELS[m],
+            series = [dict(x=steps, y=metrics["mean"][m][k], std=_band(metrics["std"][m][k]), label=_LABELS[m],
                            color=_COLORS[m], marker="o") for m in MODELS]
         plots.append(line_plot(out / f"{k}.png", series, title=f"{_TITLES[k]} ({args.size}, mean ± std of "
                                f"{len(metrics['seeds'])} seeds)", xlabel="training step", ylabel=k))
