@@ -206,7 +206,15 @@ def test_macondo_mode_records_metrics_at_the_eval_steps_with_one_data_order(tmp_
     assert set(m["comparison"]) == {"ll_avg_groups", "ll_avg"}
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| 7 |" in table and "±" in table
-    assert sorted(p.name for p in out["plots"]) == ["ll_avg.png", "ll_avg_groups.png", "ll_by_children.png"]
+    assert sorted(p.name for p in out["plots"]) == ["advantage.png", "ll_avg.png", "ll_avg_groups.png",
+                                                     "ll_by_children.png"]
+    # the paired advantage is the mean over seeds of (without - with), which equals the difference of the means
+    c = m["comparison"]["ll_avg"]
+    diff = [b - a for a, b in zip(m["mean"]["with_last_mlp"]["ll_avg"], m["mean"]["without_last_mlp"]["ll_avg"])]
+    assert c["paired_mean"] == pytest.approx(diff, abs=1e-12)
+    per_seed = [m["per_seed"]["without_last_mlp"][s]["3"]["ll_avg"] - m["per_seed"]["with_last_mlp"][s]["3"]["ll_avg"]
+                for s in ("0", "1")]
+    assert c["paired_std"][1] == pytest.approx(abs(per_seed[0] - per_seed[1]) / math.sqrt(2))
     for p in out["plots"]:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -656,6 +656,14 @@ def aggregate(records: dict[str, dict[int, dict]], args: HurdleArgs, data: Study
     primary = ["ll_avg_groups", "ll_avg"] if data.mode == "macondo" else ["train_loss", "val_loss"]
     comparison = {k: compare(steps, mean[MODELS[0]][k], mean[MODELS[1]][k], _higher_is_better(k), args.steps)
                   for k in primary}
+    for k, c in comparison.items():  # the same advantage per seed (paired: same init, same batches), mean ± std
+        sign = 1.0 if _higher_is_better(k) else -1.0
+        paired = [_mean_std([None if a.get(k) is None or b.get(k) is None else sign * (b[k] - a[k])
+                             for a, b in ((records[MODELS[0]][seed]["evals"][str(s)],
+                                           records[MODELS[1]][seed]["evals"][str(s)]) for seed in records[MODELS[0]])])
+                  for s in steps]
+        c["paired_mean"], c["paired_std"] = [p[0] for p in paired], [p[1] for p in paired]
+        c["paired_std_at_quarter"] = c["paired_std"][steps.index(c["quarter_step"])]
     digests = {m: {str(s): r["data_digest"] for s, r in records[m].items()} for m in MODELS}
     return {"mode": data.mode, "steps": steps, "seeds": sorted(records[MODELS[0]]), "mean": mean, "std": std,
             "curve": {"steps": curve_steps, **curve}, "comparison": comparison,
@@ -672,8 +680,11 @@ _TITLES = {"ll_avg_groups": "log-likelihood of children's names (mean over numbe
            "val_loss": "validation loss"}
 
 
-def _pm(mu, sd) -> str:
-    return "–" if mu is None else f"{mu:.3f}" if sd is None else f"{mu:.3f} ± {sd:.3f}"
+def _pm(mu, sd, signed: bool = False) -> str:
+    if mu is None:
+        return "–"
+    value = f"{mu:+.3f}" if signed else f"{mu:.3f}"
+    return value if sd is None else f"{value} ± {sd:.3f}"
 
 
 def markdown_report(args: HurdleArgs, metrics: dict) -> str:
@@ -695,11 +706,17 @@ def markdown_report(args: HurdleArgs, metrics: dict) -> str:
                                 [[k[3:], f"{math.log(1 / int(k[3:])):.3f}"] +
                                  [_pm(metrics["mean"][m][k][last], metrics["std"][m][k][last]) for m in MODELS]
                                  for k in ns])]
-    for k, c in metrics["comparison"].items():
+    text.append("Advantage of the model without the last MLP (positive = ahead), paired per seed, mean ± std:\n")
+    comp = metrics["comparison"]
+    text.append(markdown_table(["step"] + list(comp),
+                               [[s] + [_pm(c["paired_mean"][i], c["paired_std"][i], signed=True) for c in comp.values()]
+                                for i, s in enumerate(metrics["steps"])]))
+    for k, c in comp.items():
         adv = c["advantage_at_quarter"]
         text.append(f"- {k}: lead changes hands at step(s) {c['crossings'] or 'none'}; at step {c['quarter_step']} "
                     f"(~1/4 of training) the model without the last MLP is ahead by "
-                    f"{'–' if adv is None else f'{adv:+.3f}'} ({'higher' if _higher_is_better(k) else 'lower'} is better).")
+                    f"{_pm(adv, c['paired_std_at_quarter'], signed=True)} "
+                    f"({'higher' if _higher_is_better(k) else 'lower'} is better).")
     return "\n".join(text) + "\n"
 
 
@@ -723,6 +740,12 @@ def write_outputs(out: Path, args: HurdleArgs, metrics: dict, started: float) ->
                            color=_COLORS[m], marker="o") for m in MODELS]
         plots.append(line_plot(out / f"{k}.png", series, title=f"{_TITLES[k]} ({args.size}, mean ± std of "
                                f"{len(metrics['seeds'])} seeds)", xlabel="training step", ylabel=k))
+    comp = metrics["comparison"]
+    series = [dict(x=steps, y=c["paired_mean"], std=_band(c["paired_std"]), label=k, marker="o")
+              for k, c in comp.items()]
+    plots.append(line_plot(out / "advantage.png", series, title="advantage of the model without the last MLP "
+                           "(paired per seed, mean ± std; > 0: ahead)", xlabel="training step",
+                           ylabel="nats", hlines=[dict(y=0.0, color="black", linestyle="-")]))
     if metrics["mode"] == "macondo":
         ns = sorted(int(k[3:]) for k in metrics["mean"][MODELS[0]] if k[3:].isdigit())
         cmap = __import__("matplotlib").colormaps["viridis"]
