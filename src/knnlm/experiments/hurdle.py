@@ -749,12 +749,12 @@ def write_outputs(out: Path, args: HurdleArgs, metrics: dict, started: float) ->
     if metrics["mode"] == "macondo":
         ns = sorted(int(k[3:]) for k in metrics["mean"][MODELS[0]] if k[3:].isdigit())
         cmap = __import__("matplotlib").colormaps["viridis"]
-        series = [dict(x=steps, y=metrics["mean"][m][f"ll_{n}"], label=f"{n} child(ren), {_LABELS[m]}",
+        series = [dict(x=steps, y=metrics["mean"][m][f"ll_{n}"], label=f"n={n}, {_LABELS[m]}",
                        color=cmap(i / max(1, len(ns) - 1)), linestyle="-" if m == MODELS[0] else "--")
                   for i, n in enumerate(ns) for m in MODELS]
         hl = [dict(y=math.log(1 / n), color=cmap(i / max(1, len(ns) - 1)), linestyle=":") for i, n in enumerate(ns)]
-        plots.append(line_plot(out / "ll_by_children.png", series, title="log-likelihood by number of children "
-                               "(solid: with last MLP, dashed: without; dotted: log(1/n))",
+        plots.append(line_plot(out / "ll_by_children.png", series, title="log-likelihood per number of children n "
+                               "(dotted: log 1/n)",
                                xlabel="training step", ylabel="log-likelihood", hlines=hl))
     results = write_results(out, dataclasses.asdict(args), metrics, started=started)
     table = write_markdown(out, markdown_report(args, metrics))
