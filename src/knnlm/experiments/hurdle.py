@@ -738,13 +738,13 @@ def write_outputs(out: Path, args: HurdleArgs, metrics: dict, started: float) ->
         else:
             series = [dict(x=steps, y=metrics["mean"][m][k], std=_band(metrics["std"][m][k]), label=_LABELS[m],
                            color=_COLORS[m], marker="o") for m in MODELS]
-        plots.append(line_plot(out / f"{k}.png", series, title=f"{_TITLES[k]} ({args.size}, mean ± std of "
-                               f"{len(metrics['seeds'])} seeds)", xlabel="training step", ylabel=k))
+        plots.append(line_plot(out / f"{k}.png", series, title=f"{_TITLES[k]}\n{args.size}, mean ± std over "
+                               f"{len(metrics['seeds'])} seed(s)", xlabel="training step", ylabel=k))
     comp = metrics["comparison"]
-    series = [dict(x=steps, y=c["paired_mean"], std=_band(c["paired_std"]), label=k, marker="o")
-              for k, c in comp.items()]
-    plots.append(line_plot(out / "advantage.png", series, title="advantage of the model without the last MLP "
-                           "(paired per seed, mean ± std; > 0: ahead)", xlabel="training step",
+    series = [dict(x=steps, y=c["paired_mean"], std=_band(c["paired_std"]), label=k, marker="o", color=color)
+              for (k, c), color in zip(comp.items(), ("tab:green", "tab:purple"))]
+    plots.append(line_plot(out / "advantage.png", series, title="advantage of the model without the last MLP\n"
+                           "(paired per seed, mean ± std; > 0: it is ahead)", xlabel="training step",
                            ylabel="nats", hlines=[dict(y=0.0, color="black", linestyle="-")]))
     if metrics["mode"] == "macondo":
         ns = sorted(int(k[3:]) for k in metrics["mean"][MODELS[0]] if k[3:].isdigit())
@@ -753,8 +753,8 @@ def write_outputs(out: Path, args: HurdleArgs, metrics: dict, started: float) ->
                        color=cmap(i / max(1, len(ns) - 1)), linestyle="-" if m == MODELS[0] else "--")
                   for i, n in enumerate(ns) for m in MODELS]
         hl = [dict(y=math.log(1 / n), color=cmap(i / max(1, len(ns) - 1)), linestyle=":") for i, n in enumerate(ns)]
-        plots.append(line_plot(out / "ll_by_children.png", series, title="log-likelihood per number of children n "
-                               "(dotted: log 1/n)",
+        plots.append(line_plot(out / "ll_by_children.png", series, title="log-likelihood per number of children n\n"
+                               "(dotted: the optimum log 1/n)",
                                xlabel="training step", ylabel="log-likelihood", hlines=hl))
     results = write_results(out, dataclasses.asdict(args), metrics, started=started)
     table = write_markdown(out, markdown_report(args, metrics))
