@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import functools
 import hashlib
-import json
 import logging
 import math
 import time
