@@ -569,7 +569,7 @@ def markdown_report(args: OverspecArgs, metrics: dict) -> str:
 
 def figure1(path: Path, metrics: dict, split: str, title: str) -> Path:
     """Figure 1's style: one colour per number of children; vanilla solid, kNN dotted, MLP dash-dot; dashed
-    horizontal lines at log(1/n)."""
+    horizontal lines at log(1/n). The legend names the colours once and the line styles once."""
     from ..report import line_plot
 
     groups = [g for g in metrics["groups"] if g not in ("avg", "avg_groups")]
@@ -577,9 +577,13 @@ def figure1(path: Path, metrics: dict, split: str, title: str) -> Path:
     for i, g in enumerate(groups):
         color = COLORS[i % len(COLORS)]
         for m in metrics["methods"]:
+            label = (f"{g} child" + ("ren" if g != "1" else "")) if m == "lm" else None
             series.append(dict(x=metrics["steps"], y=metrics["mean"][split][m][g], color=color,
-                               linestyle=LINESTYLES[m], label=f"{g} ({METHOD_NAMES[m]})"))
+                               linestyle=LINESTYLES[m], label=label))
         hlines.append(dict(y=metrics["optimum"][g], color=color, linestyle="--"))
+    for m in metrics["methods"]:  # style key: empty lines that only appear in the legend
+        series.append(dict(x=[], y=[], color="black", linestyle=LINESTYLES[m], label=METHOD_NAMES[m]))
+    series.append(dict(x=[], y=[], color="grey", linestyle="--", label="log(1/n)"))
     return line_plot(path, series, title=title, xlabel="training step", ylabel="log-likelihood", hlines=hlines)
 
 
@@ -587,12 +591,10 @@ def write_outputs(out: Path, args: OverspecArgs, metrics: dict, started: float) 
     from ..report import write_markdown, write_results
 
     n = len(metrics["seeds"])
-    styles = ", ".join(f"{METHOD_NAMES[m]} {s}" for m, s in (("lm", "solid"), ("knn", "dotted"), ("mlp", "dash-dot"))
-                       if m in metrics["methods"])
     plots = [figure1(out / "overspec.png", metrics, "test",
-                     f"{args.model_name_or_path}: children's names, mean of {n} seed(s) ({styles}; dashed: log(1/n))"),
+                     f"{args.model_name_or_path}: test log-likelihood of the children's names ({n} seeds)"),
              figure1(out / "overspec_control.png", metrics, "test_overspecified",
-                     f"{args.model_name_or_path}: control split test_overspecified ({n} seed(s))")]
+                     f"{args.model_name_or_path}: control split test_overspecified ({n} seeds)")]
     results = write_results(out, dataclasses.asdict(args), metrics, started=started)
     table = write_markdown(out, markdown_report(args, metrics))
     return {"results": results, "table": table, "plots": plots}
