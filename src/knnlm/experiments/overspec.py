@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import shutil
 import time
@@ -47,6 +46,11 @@ import torch
 
 from ..errors import KnnlmError
 from ..fileio import atomic_write_json, read_json
+from ..knn import KNNArgs
+from ..macondo.generate import MacondoArgs
+from ..memory import MemoryArgs
+from ..models import ModelArgs
+from ..train import TrainArgs
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +75,6 @@ def _mirror(cls, name: str, default=dataclasses.MISSING, help: str | None = None
             return field(default_factory=src.default_factory, metadata={"help": text})
         default = src.default
     return field(default=default, metadata={"help": text})
-
-
-def _classes():
-    from ..knn import KNNArgs
-    from ..macondo.generate import MacondoArgs
-    from ..memory import MemoryArgs
-    from ..models import ModelArgs
-    from ..train import TrainArgs
-
-    return ModelArgs, TrainArgs, KNNArgs, MacondoArgs, MemoryArgs
-
-
-ModelArgs, TrainArgs, KNNArgs, MacondoArgs, MemoryArgs = _classes()
 
 
 # ---------------------------------------------------------------------------------------------------------------- config
@@ -189,7 +180,11 @@ class OverspecArgs:
         self.train_args(self.seeds[0]).validate()
         self.knn_args().validate()
         self.macondo_args(self.seeds[0], str(self.output_dir), "gpt2").validate()
-        self.memory_args("-", "-", 0).validate()
+        for name in ("mlp_hidden_size", "mlp_epochs", "mlp_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise KnnlmError(f"--{name}: must be >= 1, got {getattr(self, name)}")
+        if not self.mlp_lr > 0:
+            raise KnnlmError(f"--mlp_lr: must be > 0, got {self.mlp_lr}")
 
 
 # Fields that do not change what a run computes: a rerun may change them and still resume.
