@@ -14,6 +14,7 @@ frozen, its step count recorded) when one step changes its objective by less tha
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -189,8 +190,6 @@ def project(lm, target: str, z0: torch.Tensor, target_logp: torch.Tensor, gold: 
 
 # ---------------------------------------------------------------------------------------------------------------- runner
 def _fingerprint(lm, corpus: CorpusArgs, args: ProjectionArgs, knn: KNNArgs, datastore) -> dict:
-    import dataclasses
-
     run = {k: v for k, v in dataclasses.asdict(args).items() if k != "output_dir"}
     return {"weights_hash": lm.weights_hash(), "datastore_meta": datastore.meta, "corpus": dataclasses.asdict(corpus),
             "knn": dataclasses.asdict(knn), "projection": run}
