@@ -274,3 +274,64 @@ def test_lm_train_cli_saves_a_loadable_model(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 0 and "validation perplexity" in capsys.readouterr().out
     assert main(argv[:-2] + ["--output_dir", str(out), "--learning_rate", "1e-3"]) == 2
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("not a model")
+    assert main(argv[:-2] + ["--output_dir", str(other), "--overwrite", "true"]) == 2  # never deletes foreign folders
+    assert (other / "keep.txt").is_file()
+
+
+_DDP_SCRIPT = '''
+import os, sys
+import torch
+sys.path.insert(0, {tests!r})
+from test_train import Killed, sentence_batches, sentences, tiny_model
+from knnlm.train import TrainArgs, train
+torch.set_num_threads(1)
+ckpt, kill = sys.argv[1], int(sys.argv[2])
+n = [0]
+def on_yield():
+    n[0] += 1
+    if kill and n[0] > kill:
+        raise Killed
+model = tiny_model(seed=1)
+args = TrainArgs(learning_rate=3e-3, gradient_accumulation_steps=2, epochs=3, seed=1, checkpoint_every=2)
+try:
+    hist = train(model, sentence_batches(sentences(12), 2, on_yield), args, ckpt, eval_every=2)
+except Killed:
+    sys.exit(0)
+torch.save(model.state_dict(), ckpt + ".rank" + os.environ["RANK"] + ".pt")
+print("steps", [h["step"] for h in hist], "epochs", [h["epoch"] for h in hist])
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_shard_and_resume_bit_identically(tmp_path):
+    """torchrun, 2 CPU processes (gloo): 12 sentences in 6 micro-batches -> 3 per process -> 2 steps per epoch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def run(ckpt, kill, port):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               str(script), str(tmp_path / ckpt), str(kill)]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    ref = run("ref", 0, 29731)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert "steps [0, 2, 4, 6] epochs [0, 1, 2, 3]" in ref.stdout
+    assert run("run", 12, 29732).returncode == 0  # both processes killed in epoch 2 (after the step-4 checkpoint)
+    assert json.loads((tmp_path / "run" / "latest.json").read_text())["step"] == 4
+    assert sorted(p.name for p in (tmp_path / "run" / "step-4").iterdir()) == ["rng-0.pt", "rng-1.pt", "state.pt"]
+    assert run("run", 0, 29733).returncode == 0
+    for rank in (0, 1):
+        a = torch.load(tmp_path / f"ref.rank{rank}.pt")
+        b = torch.load(tmp_path / f"run.rank{rank}.pt")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = torch.load(tmp_path / "ref.rank0.pt"), torch.load(tmp_path / "ref.rank1.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # gradients were synchronized

@@ -230,7 +230,8 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
     ckpt_dir = Path(ckpt_dir)
     if eval_every is not None and eval_every < 1:
         raise KnnlmError(f"--eval_every: must be >= 1 (or unset), got {eval_every}")
-    accelerator = Accelerator(mixed_precision="bf16" if args.use_bf16() else "no")
+    # cpu=True where there is no GPU: under torchrun / accelerate launch that selects gloo (else accelerate sees no group)
+    accelerator = Accelerator(mixed_precision="bf16" if args.use_bf16() else "no", cpu=not torch.cuda.is_available())
     world, rank, accum = accelerator.num_processes, accelerator.process_index, args.gradient_accumulation_steps
     epoch0 = batches(0, args.seed)
     if hasattr(epoch0, "__len__"):

@@ -50,7 +50,7 @@ class LMArgs:
     eval_tokens: Optional[int] = field(default=None, metadata={"help": "Validation tokens scored at intermediate evaluation points (a prefix of the file; unset = all); the final perplexity always uses the whole file."})
     eval_batch_size: int = field(default=16, metadata={"help": "Windows per forward pass during evaluation."})
     max_train_tokens: Optional[int] = field(default=None, metadata={"help": "Train on the first N tokens of --train_file only (quick runs)."})
-    overwrite: bool = field(default=False, metadata={"help": "Delete a finished model or a run with other settings in --output_dir and start over."})
+    overwrite: bool = field(default=False, metadata={"help": "Delete the knnlm LM run (finished or not) in --output_dir and start over; a folder holding anything else is never deleted."})
 
     def validate(self) -> None:
         for name in ("train_file", "validation_file", "output_dir"):
@@ -201,13 +201,13 @@ def perplexity(model, tokens: np.ndarray, block_size: int, batch_size: int = 16)
     for i in range(0, len(wins), batch_size):
         group = wins[i:i + batch_size]
         batch = collate_causal([np.asarray(tokens[w.start:w.end]).tolist() for w in group], pad_id=0)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()  # [B, T-1, V]: position j predicts token j+1
-        targets = batch["input_ids"][:, 1:]  # [B, T-1]
-        scored = torch.zeros_like(targets, dtype=torch.bool)
+        ids = batch["input_ids"].to(device)
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T-1, V]: position j predicts token j+1
+        tok_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).cpu()  # [B, T-1]
+        scored = torch.zeros_like(tok_logp, dtype=torch.bool)
         for j, w in enumerate(group):
             scored[j, w.first_target - w.start - 1: w.end - w.start - 1] = True
-        tok_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, T-1]
         nll -= tok_logp[scored].double().sum()
         count += int(scored.sum())
     model.train(was_training)
@@ -267,12 +267,12 @@ def _prepare_output(args: LMArgs, targs: TrainArgs) -> Path | None:
         if not args.overwrite:
             raise KnnlmError(f"--output_dir: {out} holds a model trained with other settings; pass --overwrite true "
                              "to replace it, or another folder")
-    if args.overwrite and out.exists():
-        shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()):
-        if not (work / "run.json").is_file():
+    if out.exists() and any(out.iterdir()):
+        if not (work / "run.json").is_file() and not (out / TRAINING_JSON).is_file():
             raise KnnlmError(f"--output_dir: {out} is not empty and holds no knnlm LM run; pass an empty or new folder")
-        if read_json(work / "run.json") != key:
+        if args.overwrite:
+            shutil.rmtree(out)
+        elif read_json(work / "run.json") != key:
             raise KnnlmError(f"--output_dir: {out} holds an unfinished run with other settings; rerun it with the same "
                              "settings to resume, or pass --overwrite true to start over")
     work.mkdir(parents=True, exist_ok=True)
@@ -298,7 +298,7 @@ def train_lm(args: LMArgs, targs: TrainArgs) -> dict:
     from accelerate import PartialState
 
     started = time.time()
-    dist = PartialState()  # under `accelerate launch`: the main process prepares the folder and saves the model
+    dist = PartialState(cpu=not torch.cuda.is_available())  # several processes: the main one prepares and saves
     out = Path(args.output_dir)
     work = _prepare_output(args, targs) if dist.is_main_process else None
     dist.wait_for_everyone()
@@ -356,8 +356,11 @@ def _save_final(out: Path, work: Path, model, tokenizer, record: dict, started: 
                                        "label": "validation perplexity", "marker": "o"}],
               title=f"GPT-2 {record['args']['size']} on {Path(record['args']['train_file']).name} "
                     f"(step 0: {hist[0]['val_ppl']:.0f})", xlabel="step", ylabel="perplexity")
-    rows = [[h["step"], h["epoch"], h["train_loss"], h["val_ppl"], h["elapsed_s"]] for h in hist]
-    write_markdown(final, markdown_table(["step", "epoch", "train loss", "val ppl", "train s"], rows))
+    rows = [[h["step"], h["epoch"], h["train_loss"], h["val_ppl"], h["val_tokens"], h["elapsed_s"]] for h in hist]
+    table = markdown_table(["step", "epoch", "train loss", "val ppl", "val tokens", "train s"], rows)
+    table += (f"\nFinal: validation perplexity {record['val_ppl']:.2f} per token over all {record['val_tokens']} tokens"
+              + (f", {record['val_word_ppl']:.2f} per word" if record["val_word_ppl"] else "") + ".\n")
+    write_markdown(final, table)
     metrics = {k: record[k] for k in ("val_ppl", "val_word_ppl", "val_loss", "val_tokens", "n_parameters", "vocab_size",
                                       "train_tokens", "steps", "epochs", "train_wall_s")}
     metrics["curve"] = [{"step": h["step"], "val_ppl": h["val_ppl"], "train_loss": h["train_loss"]} for h in hist]
