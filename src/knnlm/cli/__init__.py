@@ -11,7 +11,7 @@ from ..errors import KnnlmError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="knnlm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="knnlm", description="kNN-LM retrieval augmentation, the MLP memory and the studies of Chiang et al. Every command takes --help and --config FILE|PRESET.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
