@@ -40,3 +40,16 @@ def test_bad_stride():
         resolve(CorpusArgs, {"block_size": 4, "stride": 8})
     with pytest.raises(KnnlmError, match="--block_size"):
         CorpusArgs(block_size=4096).resolved_window(1024)
+
+
+def test_pieced_tokenization_equals_one_string(tiny_lm, wikitext_dir, tmp_path, monkeypatch):
+    """A text file tokenized in small pieces gives exactly the tokens of tokenizing it as one string."""
+    from knnlm import corpus
+
+    text = (wikitext_dir / "valid.txt").read_text(encoding="utf-8")[:60_000]
+    path = tmp_path / "part.txt"
+    path.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(corpus, "_CHUNK_CHARS", 2_000)  # 30 pieces, so many boundaries fall inside words
+    out = corpus.tokenize_to_file(tiny_lm, CorpusArgs(train_file=str(path)), "train", tmp_path / "tokens.i32")
+    assert out.tokens.tolist() == tiny_lm.encode(text)
+    assert out.doc_starts.tolist() == [0, len(out.tokens)]

@@ -15,7 +15,9 @@ from .fileio import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
-_CHUNK_CHARS = 1 << 20  # plain text is tokenized in ~1 MB pieces, so memory does not grow with the file
+# plain text is tokenized in 256k-character pieces: a fast tokenizer's per-token Python objects (ids, offsets) cost
+# ~150 bytes a token, so the piece size, not the file size, sets the peak memory
+_CHUNK_CHARS = 1 << 18
 _CARRY_TOKENS = 8  # tokens re-tokenized across a piece boundary (see _encode_long_text)
 
 
@@ -100,7 +102,7 @@ def _dataset_texts(args: CorpusArgs, split: str) -> Iterator[str]:
         yield row[args.text_field]
 
 
-def _encode_long_text(tokenizer, path: Path, add_special: bool) -> Iterator[list[int]]:
+def _encode_long_text(tokenizer, path: Path, add_special: bool) -> Iterator[np.ndarray]:
     """Tokenizes a text file piece by piece with the result of tokenizing it as one string.
 
     Each piece's last few tokens are dropped and their text carried into the next piece, so no token straddling a
@@ -116,17 +118,19 @@ def _encode_long_text(tokenizer, path: Path, add_special: bool) -> Iterator[list
             enc = tokenizer(text, add_special_tokens=add_special and first, return_offsets_mapping=True)
             ids, offsets = enc["input_ids"], enc["offset_mapping"]
             if not piece:  # end of file: everything is final
-                yield ids
+                yield np.asarray(ids, np.int32)
                 return
             keep = max(0, len(ids) - _CARRY_TOKENS)
             while keep > 0 and offsets[keep][0] == 0 and offsets[keep][1] == 0:  # special token: keep with the piece
                 keep -= 1
             cut = offsets[keep][0] if keep < len(ids) else len(text)
-            yield ids[:keep]
+            final = np.asarray(ids[:keep], np.int32)
+            del enc, ids, offsets  # free this piece's Python objects before the next piece is tokenized
             carry, first = text[cut:], False
+            yield final
 
 
-def _documents(lm, args: CorpusArgs, which: str) -> Iterator[tuple[list[int], bool]]:
+def _documents(lm, args: CorpusArgs, which: str) -> Iterator[tuple[list[int] | np.ndarray, bool]]:
     """Yields ``(token ids, continues_previous)``: documents encoded as ``lm.encode`` does (BOS where the tokenizer adds
     one); a long plain-text document arrives in several pieces, all but the first marked as continuing."""
     if args.dataset_name:
