@@ -6,6 +6,7 @@ each command resumes its own work when it was killed half-way. The report stage 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -17,7 +18,7 @@ from typing import Literal, Optional
 from ..config import PRESETS_DIR, load_config_file
 from ..errors import KnnlmError
 from ..fileio import atomic_write_json, read_json
-from ..report import markdown_table
+from ..report import markdown_table, write_markdown, write_results
 
 log = logging.getLogger(__name__)
 
@@ -182,12 +183,14 @@ def _hurdle_claims(out: Path, folder: str, label: str) -> list:
 
 
 def write_report(args: ReproduceArgs, timings: dict) -> Path:
+    """Writes ``OUT/report.md`` (tables beside the paper's, claims, figures) and ``OUT/results.json``."""
     recipe = load_recipe(args)
     out = Path(args.output_dir)
     rep = recipe.get("report", {})
     t1, t2, t3, t4, claims = _wikitext_rows(out, rep.get("wikitext_models", []))
     overspec_md, overspec_claims = _overspec_section(out, rep.get("overspec", "overspec"))
     hurdle_claims = [c for h in rep.get("hurdle", []) for c in _hurdle_claims(out, h["folder"], h["label"])]
+    claims = claims + overspec_claims + hurdle_claims
     figures = []
     for fig in rep.get("figures", []):
         src = out / fig["path"]
@@ -196,9 +199,9 @@ def write_report(args: ReproduceArgs, timings: dict) -> Path:
             dst.parent.mkdir(exist_ok=True)
             shutil.copyfile(src, dst)
             figures.append(f"![{fig['caption']}](figures/{fig['name']})\n\n*{fig['caption']}*\n")
+    total = round(sum(timings.values()), 1)
     parts = [f"# knnlm reproduce — scale `{args.scale}`\n",
-             f"Stages and wall times (s): {timings}\n",
-             "## Claims\n", *(c + "\n" for c in claims + overspec_claims + hurdle_claims), "",
+             "## Claims\n", *(c + "\n" for c in claims), "",
              "## Table 1 — perplexity of p_proj (Eq. 2, lr 0.1)\n",
              markdown_table(["model", "LM", "kNN-LM", "f → p_knnlm", "f∘g → p_knnlm"], t1),
              "## Table 2 — kNN vs MLP memory (WikiText)\n",
@@ -207,7 +210,9 @@ def write_report(args: ReproduceArgs, timings: dict) -> Path:
              "## Table 4 — projection with lr 0.001, 100 steps\n",
              markdown_table(["model", "LM", "kNN-LM", "f", "f∘g", "f∘g → y"], t4),
              "## Table 5 / Figure 1 — Macondo over-specification\n", overspec_md or "(stage not run)\n",
-             "## Figures\n", *figures]
-    path = out / "report.md"
-    path.write_text("\n".join(parts))
-    return path
+             "## Figures\n", *figures,
+             "## Stages\n", "Wall time of each stage's last (completing) run; a stage skipped as finished keeps its time.\n",
+             markdown_table(["stage", "wall s"], [*timings.items(), ("total", total)], digits=1)]
+    write_results(out, dataclasses.asdict(args), {"stage_wall_s": timings, "total_wall_s": total, "claims": claims,
+                                                  "table1": t1, "table2": t2, "table3": t3, "table4": t4})
+    return write_markdown(out, "\n".join(parts), name="report.md")
