@@ -120,8 +120,9 @@ def _wikitext_rows(out: Path, models: list[dict]) -> tuple[list, list, list, lis
                        f"{storage:.1f}x" if storage else "–"])
             if ev.get("ppl_knnlm") and ev.get("ppl_mlplm"):
                 gain_knn, gain_mlp = ev["ppl_lm"] - ev["ppl_knnlm"], ev["ppl_lm"] - ev["ppl_mlplm"]
-                claims.append(_claim(f"{m['label']}: the MLP memory keeps much of kNN's gain with far less storage",
-                                     gain_mlp > 0 and (storage or 0) > 25,
+                # "much of": the paper's memory keeps 45% of kNN's gain (20.13 -> 18.68 vs 16.92); we ask for a third
+                claims.append(_claim(f"{m['label']}: the MLP memory keeps much (≥ 1/3) of kNN's gain with > 25x less storage",
+                                     gain_mlp >= gain_knn / 3 and (storage or 0) > 25,
                                      f"LM {ev['ppl_lm']:.2f}, kNN-LM {ev['ppl_knnlm']:.2f}, MLP-LM {ev['ppl_mlplm']:.2f} "
                                      f"({gain_mlp / gain_knn:.0%} of kNN's gain), datastore/memory = "
                                      f"{storage or float('nan'):.1f}x"))
