@@ -140,9 +140,12 @@ def _wikitext_rows(out: Path, models: list[dict]) -> tuple[list, list, list, lis
             proj = {t: v["ppl_proj"] for t, v in pr4["targets"].items()}
             t4.append([m["label"], pr4["ppl_lm"], pr4["ppl_knnlm"], proj.get("f"), proj.get("fg"), proj.get("fg_to_y")])
             if "f" in proj and "fg" in proj:
+                # "much harder": f∘g gains less than half of what f gains over the LM (paper: 0.16 vs 3.43)
+                gain_f, gain_fg = pr4["ppl_lm"] - proj["f"], pr4["ppl_lm"] - proj["fg"]
                 claims.append(_claim(f"{m['label']}: with a small learning rate, f∘g is much harder to solve than f "
-                                     "(MLP hurdle, Table 4)", proj["fg"] > proj["f"],
-                                     f"f {proj['f']:.2f} vs f∘g {proj['fg']:.2f} (lr 0.001, 100 steps)"))
+                                     "(MLP hurdle, Table 4)", gain_fg < gain_f / 2,
+                                     f"LM {pr4['ppl_lm']:.2f}, f {proj['f']:.2f}, f∘g {proj['fg']:.2f} (lr 0.001, 100 "
+                                     f"steps; paper: LM 20.13, f 16.70, f∘g 19.97)"))
     return t1, t2, t3, t4, claims
 
 
