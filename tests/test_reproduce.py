@@ -64,6 +64,7 @@ def test_stages_resume_and_report(tiny_gpt2_dir, data_dir, tmp_path):
     paper_row, ours = res["metrics"]["table2"]
     assert paper_row[:4] == ["paper", 20.13, 16.92, 18.68]
     assert ours[:3] == ["tiny", m["ppl_lm"], m["ppl_knnlm"]]
+    assert res["metrics"]["table2_macondo"] == [["paper (GPT-2 fine-tuned)", 19.66, 17.69, 10.76]]  # no overspec stage
     assert res["metrics"]["total_wall_s"] == pytest.approx(sum(timings.values()), abs=0.2)
     text = report.read_text()
     assert f"{m['ppl_knnlm']:.2f}" in text and "| total |" in text
