@@ -1,5 +1,6 @@
 """FAISS indexes: Flat equals numpy brute force; IVF-PQ recall; shards equal one index; resumable builds."""
 import numpy as np
+import torch
 import pytest
 
 from knnlm.datastore import Datastore
@@ -86,3 +87,25 @@ def test_default_factory_and_errors(tmp_path):
     build_index(ds, IndexArgs(factory="Flat"))
     with pytest.raises(KnnlmError, match="--overwrite"):
         build_index(ds, IndexArgs(factory="IVF4,Flat"))
+
+
+def test_recomputed_distances_are_exact(tmp_path, monkeypatch):
+    """With a PQ index, --recompute_dists gives numpy's exact distances to the retrieved keys, chunked or not."""
+    import knnlm.knn as knn_mod
+    from knnlm.knn import KNNArgs, Retriever
+
+    ds = make_store(tmp_path / "ds")
+    build_index(ds, IndexArgs(factory="IVF32,PQ8x4", nprobe=8, train_size=2000, recall_queries=0))
+    q = np.asarray(ds.keys[:37], dtype=np.float32) + 0.05
+    keys = np.asarray(ds.keys, dtype=np.float32)
+    found = {}
+    for floats in (1 << 22, 16 * 10 * 3):  # one chunk; chunks of 3 queries (the last one short)
+        monkeypatch.setattr(knn_mod, "_RECOMPUTE_FLOATS", floats)
+        retriever = Retriever(ds, KNNArgs(k=10, recompute_dists=True, nprobe=8))
+        _, ids = retriever.index.search(q, 10)
+        dists, vals = retriever.search(torch.from_numpy(q))
+        ref = ((q[:, None, :] - keys[ids]) ** 2).sum(-1)
+        np.testing.assert_allclose(dists.numpy(), ref, rtol=1e-5)
+        assert (vals.numpy() == np.asarray(ds.vals)[ids]).all()
+        found[floats] = dists.numpy()
+    np.testing.assert_array_equal(*found.values())

@@ -72,6 +72,9 @@ def interpolate(lm_logp: torch.Tensor, knn_logp: torch.Tensor, lmbda: float) -> 
     return torch.logaddexp(lm_logp + math.log1p(-lmbda), knn_logp + math.log(lmbda))
 
 
+_RECOMPUTE_FLOATS = 1 << 22  # 16 MB of float32 keys per chunk of queries
+
+
 class Retriever:
     """Batched nearest-neighbour search over a datastore: one FAISS search per batch of positions."""
 
@@ -102,14 +105,18 @@ class Retriever:
         return dists_t, self.vals[ids_t]
 
     def _exact_dists(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        order = np.argsort(ids, axis=None)  # read the memmap in file order
-        flat = ids.reshape(-1)[order]
-        keys = np.empty((flat.size, q.shape[1]), dtype=np.float32)
-        keys[:] = self.ds.keys[flat]
-        unsorted = np.empty_like(keys)
-        unsorted[order] = keys
-        diff = unsorted.reshape(ids.shape[0], ids.shape[1], -1) - q[:, None, :]
-        return np.einsum("bkd,bkd->bk", diff, diff)
+        """Exact squared L2 distances [B, k] from the stored keys, a few queries at a time so that the gathered keys
+        stay within ``_RECOMPUTE_FLOATS`` floats (a whole batch would be B x k x d: gigabytes at d = 576)."""
+        out = np.empty(ids.shape, dtype=np.float32)
+        step = max(1, _RECOMPUTE_FLOATS // (ids.shape[1] * q.shape[1]))
+        for s in range(0, ids.shape[0], step):
+            qs, ids_s = q[s: s + step], ids[s: s + step]
+            order = np.argsort(ids_s, axis=None)  # read the memmap in file order
+            keys = np.empty((order.size, q.shape[1]), dtype=np.float32)
+            keys[order] = self.ds.keys[ids_s.reshape(-1)[order]]
+            diff = keys.reshape(ids_s.shape[0], ids_s.shape[1], -1) - qs[:, None, :]  # [b, k, d]
+            out[s: s + step] = np.einsum("bkd,bkd->bk", diff, diff)
+        return out
 
     def log_probs(self, queries: torch.Tensor, vocab_size: int) -> torch.Tensor:
         dists, vals = self.search(queries)
