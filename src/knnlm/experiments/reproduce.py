@@ -38,7 +38,7 @@ PAPER = {
 class ReproduceArgs:
     scale: Literal["cpu", "paper"] = field(default="cpu", metadata={"help": "cpu: WikiText-2, a small GPT-2 trained here, SmolLM2-135M and from-scratch models on a laptop; paper: the paper's models and WikiText-103 on GPUs."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for every stage's outputs and report.md (required); a rerun resumes."})
-    data_dir: Optional[str] = field(default=None, metadata={"help": "Folder with WikiText train.txt / valid.txt (cpu scale; e.g. ../shared/data/wikitext-2). The paper scale reads HF datasets."})
+    data_dir: Optional[str] = field(default=None, metadata={"help": "Folder with WikiText train.txt / valid.txt: WikiText-2 for cpu (e.g. ../shared/data/wikitext-2), WikiText-103 for paper; docs/reproduce.md exports either from HF datasets."})
     stages: list[str] = field(default_factory=list, metadata={"help": "Run only these stages (comma list; default: all of the recipe)."})
     recipe: Optional[str] = field(default=None, metadata={"help": "A recipe YAML to use instead of the scale's shipped one."})
 
