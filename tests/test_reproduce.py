@@ -91,3 +91,32 @@ def test_shipped_recipes_name_real_subcommands():
         for stage in recipe["stages"]:
             argv = [str(a).format(data="/d", out="/o") for a in stage["argv"]]
             parser.parse_args(argv)  # exits (SystemExit) on an unknown flag
+
+
+def test_without_data_dir_wikitext_is_exported_from_datasets(tmp_path, monkeypatch):
+    """No --data_dir: the scale's WikiText config is exported once to OUT/data (HF datasets stubbed: no hub here)."""
+    import datasets
+
+    from knnlm.experiments.reproduce import with_data_dir
+
+    asked = []
+
+    def load_dataset(name, config):
+        asked.append((name, config))
+        split = lambda lines: datasets.Dataset.from_dict({"text": lines})  # noqa: E731
+        return datasets.DatasetDict({"train": split([" = A = \n", " the cat sat .\n"]), "validation": split([" b c\n"])})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    args = with_data_dir(ReproduceArgs(output_dir=str(tmp_path / "out"), scale="cpu"))
+    assert args.data_dir == str(tmp_path / "out" / "data") and asked == [("wikitext", "wikitext-2-raw-v1")]
+    assert (tmp_path / "out" / "data" / "train.txt").read_text() == " = A = \n the cat sat .\n"
+    assert (tmp_path / "out" / "data" / "valid.txt").read_text() == " b c\n"
+    with_data_dir(ReproduceArgs(output_dir=str(tmp_path / "out"), scale="cpu"))
+    assert len(asked) == 1  # exported once
+
+    def offline(name, config):
+        raise ConnectionError("Couldn't reach the Hugging Face Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(KnnlmError, match="--data_dir: not given, and HF datasets 'wikitext' \\(wikitext-103-raw-v1\\)"):
+        with_data_dir(ReproduceArgs(output_dir=str(tmp_path / "paper"), scale="paper"))

@@ -30,6 +30,7 @@ def _quiet_libraries(verbose: bool) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # hub retries before our one-line error
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,10 +39,10 @@ def cmd_demo(args) -> int:
 
 def cmd_reproduce(args) -> int:
     from ..config import resolve, save_config
-    from ..experiments.reproduce import ReproduceArgs, run_stages, write_report
+    from ..experiments.reproduce import ReproduceArgs, run_stages, with_data_dir, write_report
     from . import main
 
-    rargs = resolve(ReproduceArgs, args, args.config)
+    rargs = with_data_dir(resolve(ReproduceArgs, args, args.config))
     save_config(rargs.output_dir, rargs)
     timings = run_stages(rargs, main)
     path = write_report(rargs, timings)

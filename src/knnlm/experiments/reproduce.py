@@ -17,7 +17,7 @@ from typing import Literal, Optional
 
 from ..config import PRESETS_DIR, load_config_file
 from ..errors import KnnlmError
-from ..fileio import atomic_write_json, read_json
+from ..fileio import atomic_path, atomic_write_json, read_json
 from ..report import markdown_table, write_markdown, write_results
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ PAPER = {
 class ReproduceArgs:
     scale: Literal["cpu", "paper"] = field(default="cpu", metadata={"help": "cpu: WikiText-2, a small GPT-2 trained here, SmolLM2-135M and from-scratch models on a laptop; paper: the paper's models and WikiText-103 on GPUs."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for every stage's outputs and report.md (required); a rerun resumes."})
-    data_dir: Optional[str] = field(default=None, metadata={"help": "Folder with WikiText train.txt / valid.txt: WikiText-2 for cpu (e.g. ../shared/data/wikitext-2), WikiText-103 for paper; docs/reproduce.md exports either from HF datasets."})
+    data_dir: Optional[str] = field(default=None, metadata={"help": "Folder with WikiText train.txt / valid.txt: WikiText-2 for cpu (e.g. ../shared/data/wikitext-2), WikiText-103 for paper. Omitted: the scale's WikiText is exported once from HF datasets (hub access) into OUT/data."})
     stages: list[str] = field(default_factory=list, metadata={"help": "Run only these stages (comma list; default: all of the recipe)."})
     recipe: Optional[str] = field(default=None, metadata={"help": "A recipe YAML to use instead of the scale's shipped one."})
 
@@ -57,6 +57,31 @@ def load_recipe(args: ReproduceArgs) -> dict:
             raise KnnlmError(f"--data_dir: {args.data_dir} must hold WikiText train.txt and valid.txt "
                              "(e.g. ../shared/data/wikitext-2)")
     return recipe
+
+
+WIKITEXT_CONFIGS = {"cpu": "wikitext-2-raw-v1", "paper": "wikitext-103-raw-v1"}
+
+
+def with_data_dir(args: ReproduceArgs) -> ReproduceArgs:
+    """Without ``--data_dir``, exports the scale's WikiText from HF ``datasets`` to ``OUT/data`` (once) and uses it."""
+    if args.data_dir:
+        return args
+    folder = Path(args.output_dir) / "data"
+    if not (folder / "valid.txt").is_file():
+        import datasets
+
+        config = WIKITEXT_CONFIGS[args.scale]
+        try:
+            ds = datasets.load_dataset("wikitext", config)
+        except Exception as e:  # offline, no such config, ...: all mean "give a folder instead"
+            raise KnnlmError(f"--data_dir: not given, and HF datasets 'wikitext' ({config}) cannot be loaded "
+                             f"({str(e).splitlines()[0]}); pass a folder with train.txt and valid.txt") from None
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, name in (("train", "train.txt"), ("validation", "valid.txt")):  # valid.txt last: marks a finished export
+            with atomic_path(folder / name) as tmp:
+                Path(tmp).write_text("".join(ds[split]["text"]), encoding="utf-8")
+        log.info("exported wikitext %s to %s", config, folder)
+    return dataclasses.replace(args, data_dir=str(folder))
 
 
 def stage_argv(stage: dict, args: ReproduceArgs) -> list[str]:
