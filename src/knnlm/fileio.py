@@ -26,8 +26,9 @@ def atomic_path(path: str | Path):
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
+    """UTF-8 whatever the locale: reports hold λ, ∘ and ≥, exported corpora any text."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 

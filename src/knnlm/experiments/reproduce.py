@@ -17,7 +17,7 @@ from typing import Literal, Optional
 
 from ..config import PRESETS_DIR, load_config_file
 from ..errors import KnnlmError
-from ..fileio import atomic_path, atomic_write_json, read_json
+from ..fileio import atomic_write_json, atomic_write_text, read_json
 from ..report import markdown_table, write_markdown, write_results
 
 log = logging.getLogger(__name__)
@@ -76,10 +76,8 @@ def with_data_dir(args: ReproduceArgs) -> ReproduceArgs:
         except Exception as e:  # offline, no such config, ...: all mean "give a folder instead"
             raise KnnlmError(f"--data_dir: not given, and HF datasets 'wikitext' ({config}) cannot be loaded "
                              f"({str(e).splitlines()[0]}); pass a folder with train.txt and valid.txt") from None
-        folder.mkdir(parents=True, exist_ok=True)
         for split, name in (("train", "train.txt"), ("validation", "valid.txt")):  # valid.txt last: marks a finished export
-            with atomic_path(folder / name) as tmp:
-                Path(tmp).write_text("".join(ds[split]["text"]), encoding="utf-8")
+            atomic_write_text(folder / name, "".join(ds[split]["text"]))
         log.info("exported wikitext %s to %s", config, folder)
     return dataclasses.replace(args, data_dir=str(folder))
 
