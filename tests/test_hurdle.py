@@ -12,8 +12,9 @@ import torch
 
 from knnlm.errors import KnnlmError
 from knnlm.experiments import hurdle
-from knnlm.experiments.hurdle import (MODELS, HurdleArgs, Vocab, batch_indices, build_pair, compare, count_params,
-                                      gpt2_config, lr_at, resolve_args, run_study)
+from knnlm.experiments.bootstrap import bootstrap_interval
+from knnlm.experiments.hurdle import (MODELS, HurdleArgs, Vocab, area_statistics, batch_indices, build_pair, compare,
+                                      count_params, gpt2_config, lr_at, paired_area, resolve_args, run_study)
 
 torch.set_num_threads(1)
 
@@ -97,6 +98,72 @@ def test_zeroing_the_last_mlp_output_gives_the_pruned_logits():
     with torch.no_grad():
         expected = h + block.attn(block.ln_1(h))[0]
         assert torch.equal(block(h), expected)
+
+
+def test_first_mlp_control_removes_exactly_that_sublayer_and_keeps_every_other_weight():
+    config = gpt2_config("tiny", vocab_size=97, n_positions=32, eos_token_id=96, n_layer=4, n_embd=32, n_head=2)
+    models = build_pair(config, seed=2)
+    assert set(models) == set(MODELS) and len(models["with_last_mlp"].transformer.h) == 4
+    full, ctrl = models["with_last_mlp"].state_dict(), models["without_first_mlp"].state_dict()
+    missing = sorted(set(full) - set(ctrl))
+    assert missing == sorted(f"transformer.h.0.{k}" for k in ("ln_2.weight", "ln_2.bias", "mlp.c_fc.weight",
+                                                               "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias"))
+    assert set(ctrl) <= set(full)
+    for k in ctrl:
+        assert torch.equal(full[k], ctrl[k]), k
+    # the same capacity is lost as without the last MLP
+    n_full = count_params(models["with_last_mlp"])
+    assert n_full - count_params(models["without_first_mlp"]) == n_full - count_params(models["without_last_mlp"]) \
+        == 2 * 32 + (32 * 128 + 128) + (128 * 32 + 32)
+    # zeroing the full model's FIRST MLP output gives the control's logits bit for bit; the last block keeps its MLP
+    m_full, m_ctrl = models["with_last_mlp"].eval(), models["without_first_mlp"].eval()
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        hook = m_full.transformer.h[0].mlp.register_forward_hook(lambda mod, inp, out: torch.zeros_like(out))
+        zeroed = m_full(input_ids=ids).logits
+        hook.remove()
+        plain = m_full(input_ids=ids).logits
+        out = m_ctrl(input_ids=ids).logits
+    assert torch.equal(zeroed, out) and (plain - out).abs().max() > 1e-3
+    assert isinstance(m_ctrl.transformer.h[0].mlp, hurdle.ZeroMLP)
+    assert not isinstance(m_ctrl.transformer.h[-1].mlp, hurdle.ZeroMLP)
+
+
+def test_paired_area_on_constructed_curves():
+    steps = [0, 2, 4, 6, 8, 10]
+    full = [5.0, 4.0, 3.0, 2.0, 1.0, 0.5]
+    # a constant lead of 0.3 in loss (lower is better): mean advantage +0.3 over any window
+    assert paired_area(steps, full, [v - 0.3 for v in full], False, 4) == pytest.approx(0.3)
+    # a triangle: advantage 0 at step 0 rising linearly to 2 at step 4 -> area 4, span 4 -> mean 1
+    ll_full = [-5.0, -4.0, -3.0, -2.0, -1.0, 0.0]
+    ll_pruned = [-5.0, -3.0, -1.0, -2.0, -1.0, 0.0]
+    assert paired_area(steps, ll_full, ll_pruned, True, 4) == pytest.approx(1.0)
+    # the window ends between points (at 5): advantage 2 at 4, 0 at 6 -> 1 at 5; area 4 + (2+1)/2 = 5.5 over 5
+    assert paired_area(steps, ll_full, ll_pruned, True, 5) == pytest.approx(5.5 / 5)
+    # sign: behind in likelihood is negative; missing points (None) are skipped; one point is no area
+    assert paired_area(steps, ll_full, [v - 1 for v in ll_full], True, 10) == pytest.approx(-1.0)
+    assert paired_area([1, 2, 3], [1.0, None, 3.0], [0.0, 5.0, 2.0], False, 3) == pytest.approx(1.0)
+    assert paired_area([0, 5], [1.0, 1.0], [0.0, 0.0], False, 2) == pytest.approx(1.0)  # interpolated at 2
+    assert paired_area([3, 5], [1.0, 1.0], [0.0, 0.0], False, 2) is None
+
+
+def test_area_statistics_bootstrap_and_verdict():
+    lo, hi = bootstrap_interval(3, lambda idx: float(np.asarray([0.2, 0.2, 0.2])[idx].mean()), 200)
+    assert lo == hi == pytest.approx(0.2)
+    vals = np.asarray([0.0, 1.0])
+    lo, hi = bootstrap_interval(2, lambda idx: float(vals[idx].mean()), 2000, seed=1)
+    assert (lo, hi) == (0.0, 1.0)  # resample means are 0, 0.5 or 1 (1/4, 1/2, 1/4): the 2.5%/97.5% quantiles
+    ahead = area_statistics({"without_last_mlp": [0.10, 0.12, 0.11], "without_first_mlp": [0.01, 0.02, 0.00]}, 500)
+    assert ahead["without_last_mlp"]["mean"] == pytest.approx(0.11)
+    assert ahead["last_minus_first"]["per_seed"] == pytest.approx([0.09, 0.10, 0.11])
+    assert 0.10 <= ahead["without_last_mlp"]["ci95"][0] <= ahead["without_last_mlp"]["ci95"][1] <= 0.12
+    assert ahead["last_mlp_speeds_early_learning"] is True
+    # above 0 but not above the control: no
+    tie = area_statistics({"without_last_mlp": [0.10, 0.12, 0.11], "without_first_mlp": [0.11, 0.12, 0.12]}, 500)
+    assert tie["last_mlp_speeds_early_learning"] is False
+    # one seed behind: the interval reaches below 0: no
+    mixed = area_statistics({"without_last_mlp": [0.10, -0.2, 0.11], "without_first_mlp": [-1.0, -1.0, -1.0]}, 500)
+    assert mixed["without_last_mlp"]["ci95"][0] < 0 and mixed["last_mlp_speeds_early_learning"] is False
 
 
 def test_pair_depends_on_the_seed_only():
@@ -196,7 +263,7 @@ def test_macondo_mode_records_metrics_at_the_eval_steps_with_one_data_order(tmp_
             ev = rec["evals"]["6"]  # ll_avg is the mean over the 6 children: (1*ll_1 + 2*ll_2 + 3*ll_3) / 6
             assert ev["ll_avg"] == pytest.approx((ev["ll_1"] + 2 * ev["ll_2"] + 3 * ev["ll_3"]) / 6)
             assert [int(s) for s in rec["curve"]] == list(range(1, 8))
-        assert recs[0]["data_digest"] == recs[1]["data_digest"] == _digest_of(args, data, seed)
+        assert recs[0]["data_digest"] == recs[1]["data_digest"] == recs[2]["data_digest"] == _digest_of(args, data, seed)
     assert json.loads((runs / "seed0-with_last_mlp.json").read_text())["data_digest"] != \
         json.loads((runs / "seed1-with_last_mlp.json").read_text())["data_digest"]
     assert m["same_data_order"] is True
@@ -204,6 +271,14 @@ def test_macondo_mode_records_metrics_at_the_eval_steps_with_one_data_order(tmp_
     start = m["mean"]["with_last_mlp"]["ll_avg"][0]
     assert abs(start - math.log(1 / m["vocab_size"])) < 0.5 and m["mean"]["with_last_mlp"]["ll_avg"][-1] > start + 0.5
     assert set(m["comparison"]) == {"ll_avg_groups", "ll_avg"}
+    # the verdict statistic: per seed, the paired area over the first 40% of training (steps 0..2.8), recomputed here
+    assert m["area_until_step"] == pytest.approx(0.4 * 7)
+    for name in ("without_last_mlp", "without_first_mlp"):
+        expect = [paired_area([0, 3], [m["per_seed"]["with_last_mlp"][s][t]["ll_avg_groups"] for t in ("0", "3")],
+                              [m["per_seed"][name][s][t]["ll_avg_groups"] for t in ("0", "3")], True, 2.8)
+                  for s in ("0", "1")]
+        assert m["areas"]["ll_avg_groups"][name]["per_seed"] == pytest.approx(expect)
+    assert isinstance(m["areas"]["ll_avg_groups"]["last_mlp_speeds_early_learning"], bool)
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| 7 |" in table and "±" in table
     assert sorted(p.name for p in out["plots"]) == ["advantage.png", "ll_avg.png", "ll_avg_groups.png",
@@ -283,10 +358,20 @@ def test_presets_layer_under_config_and_flags(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"preset: cpu\ndata: {train}\nsteps: 300\n")
     a = resolve_args({"output_dir": str(tmp_path / "o"), "eval_every": "30"}, str(cfg))
-    text = hurdle.PRESETS["cpu"]["text"]
-    assert (a.steps, a.eval_every, a.block_size, a.vocab_size) == (300, 30, text["block_size"], text["vocab_size"])
+    text = hurdle.preset_values("cpu", "text")
+    assert (a.steps, a.eval_every, a.block_size, a.vocab_size) == (300, 30, text["block_size"], text["vocab_size"]) \
+        == (300, 30, 64, 2048)
     b = resolve_args({"output_dir": str(tmp_path / "o"), "preset": "cpu"})
-    assert b.mode == "macondo" and b.macondo_num_parents == hurdle.PRESETS["cpu"]["macondo"]["macondo_num_parents"]
+    assert b.mode == "macondo" and b.macondo_num_parents == 50
+    deep = resolve_args({"output_dir": str(tmp_path / "o"), "preset": "cpu-deep", "data": str(train)})
+    assert (deep.n_layer, deep.n_embd, deep.n_head, deep.seeds, deep.steps) == (4, 128, 4, 3, 200)
+    config = gpt2_config(deep.size, 100, 64, 99, deep.n_layer, deep.n_embd, deep.n_head)
+    assert (config.n_layer, config.n_embd, config.n_head) == (4, 128, 4)
+    assert set(hurdle.preset_names()) == {"cpu", "cpu-deep", "paper"}
+    with pytest.raises(KnnlmError, match="--preset"):
+        resolve_args({"output_dir": str(tmp_path / "o"), "preset": "huge"})
+    with pytest.raises(KnnlmError, match="--n_head"):
+        resolve_args({"output_dir": str(tmp_path / "o"), "preset": "cpu", "n_embd": 100, "n_head": 3})
     assert HurdleArgs().macondo_num_parents == 100 and HurdleArgs().eval_every == 1000  # the paper's defaults
 
 

@@ -10,7 +10,7 @@ def register(sub) -> None:
     hurdle = sub.add_parser("hurdle", help="MLP hurdle: does the last MLP layer slow early training? (Appendix E)")
     hurdle_sub = hurdle.add_subparsers(dest="action", required=True)
     run = hurdle_sub.add_parser(
-        "run", help="train GPT-2 with and without its last MLP on the same data, per seed; compare curves (resumable)",
+        "run", help="train GPT-2 with all MLPs, without the last and without the first (control) on the same data, per seed; compare curves (resumable)",
         description="Example: knnlm hurdle run --preset cpu --data macondo --output_dir runs/hurdle-macondo")
     run.add_argument("--config", default=None, help="YAML/JSON file setting any of the options below (flags win)")
     add_arguments(run, HurdleArgs)
@@ -25,10 +25,15 @@ def cmd_hurdle_run(args) -> int:
     m = out["metrics"]
     print(f"hurdle ({m['mode']} mode, size {hargs.size}, {len(m['seeds'])} seeds, {hargs.steps} steps, {m['device']}): "
           + "; ".join(f"{name} {m['params'][name]:,} parameters" for name in MODELS))
-    for key, c in m["comparison"].items():
-        adv = c["advantage_at_quarter"]
-        print(f"  {key}: lead changes at step(s) {c['crossings'] or 'none'}; advantage of without_last_mlp at step "
-              f"{c['quarter_step']}: {'–' if adv is None else f'{adv:+.4f}'}")
+    for key, a in m["areas"].items():
+        parts = []
+        for name in ("without_last_mlp", "without_first_mlp", "last_minus_first"):
+            st = a.get(name, {})
+            if st.get("mean") is not None:
+                parts.append(f"{name} {st['mean']:+.4f} [{st['ci95'][0]:+.4f}, {st['ci95'][1]:+.4f}]")
+        verdict = a.get("last_mlp_speeds_early_learning")
+        print(f"  {key}: paired area over steps 0-{m['area_until_step']:g} (mean advantage, 95% CI over seeds): "
+              + "; ".join(parts) + f"; last MLP removal speeds early learning: {'–' if verdict is None else verdict}")
     print(f"table: {out['table']}")
     for path in out["plots"]:
         print(f"plot: {path}")

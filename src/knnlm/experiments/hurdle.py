@@ -1,8 +1,9 @@
 """The MLP-hurdle study (paper Appendix E, Figures 4 and 5): does the last block's MLP slow early training?
 
-Two GPT-2 models are built from one config and one seed: ``with_last_mlp`` and ``without_last_mlp``, the same initialised
+Three GPT-2 models are built from one config and one seed: ``with_last_mlp``; ``without_last_mlp``, the same initialised
 model with the last block's feed-forward sublayer removed (that block's output is h + attn(LN(h)): the residual passes
-through). Both are trained on the same batches in the same order, and evaluated at steps 0, eval_every, 2·eval_every, ...:
+through); and the control ``without_first_mlp``, which removes the first block's instead (the same lost capacity in
+another place). All are trained on the same batches in the same order, and evaluated at steps 0, eval_every, ...:
 
 - Macondo mode (``--data macondo`` or a generated village folder): trained on the test split's sentences, as the paper does;
   the metric is the log-likelihood of each child's name given its prefix, per number of children and averaged (Figure 4).
@@ -10,6 +11,9 @@ through). Both are trained on the same batches in the same order, and evaluated 
   validation slice.
 
 Each (seed, model) run checkpoints at every eval point (model, optimizer, RNG, EMA, metrics; atomic), so a rerun resumes.
+
+The verdict statistic is the paired area between a pruned model's curve and the full model's over the first
+``--area_fraction`` (40%) of training, per seed (:func:`paired_area`), with a bootstrap interval over seeds.
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ from ..fileio import atomic_path, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
-MODELS = ("with_last_mlp", "without_last_mlp")
+MODELS = ("with_last_mlp", "without_last_mlp", "without_first_mlp")
+PRUNED = MODELS[1:]  # compared with MODELS[0], paired per seed
 
 
 # ---------------------------------------------------------------------------------------------------------------- config
@@ -42,7 +47,12 @@ MODELS = ("with_last_mlp", "without_last_mlp")
 class HurdleArgs:
     data: str = field(default="macondo", metadata={"help": "`macondo` (generate a village into OUT/macondo with the --macondo_* knobs), a folder holding a generated village (its test.jsonl), or a plain-text training file (text mode)."})
     size: str = field(default="gpt2-small", metadata={"help": "Named from-scratch GPT-2 size (knnlm.assets.SCRATCH_SIZES: tiny, small, gpt2-small)."})
-    preset: Optional[Literal["cpu", "paper"]] = field(default=None, metadata={"help": "Preset values (flags and --config win): `cpu` (small model, reduced vocabulary, 2 CPU cores, <= 10 min per mode) or `paper` (GPT-2 small, a GPU)."})
+    n_layer: int = field(default=0, metadata={"help": "Blocks, overriding --size's (0: the size's). GPT-2 small's shape at reduced width: e.g. --n_layer 4 --n_embd 128 --n_head 4."})
+    n_embd: int = field(default=0, metadata={"help": "Width, overriding --size's (0: the size's)."})
+    n_head: int = field(default=0, metadata={"help": "Attention heads, overriding --size's (0: the size's); must divide the width."})
+    preset: Optional[str] = field(default=None, metadata={"help": "Preset values (flags and --config win), from configs/hurdle-preset-<name>-<mode>.yaml: `cpu` (2x64, 2 CPU cores, <= 10 min per mode), `cpu-deep` (4x128, 3 seeds: the depth at which removing one MLP of four can show the paper's effect) or `paper` (GPT-2 small, a GPU)."})
+    area_fraction: float = field(default=0.4, metadata={"help": "The paired area (the verdict statistic) is taken over the first this fraction of training."})
+    bootstrap: int = field(default=10000, metadata={"help": "Bootstrap resamples of the seeds for the interval of the paired area."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Run folder: checkpoints, results.json, results.md, PNGs (required). A rerun resumes it."})
     steps: int = field(default=10000, metadata={"help": "Optimizer steps per model."})
     eval_every: int = field(default=1000, metadata={"help": "Evaluate every N steps (and at step 0 and the last step); checkpoints are written at the same points."})
@@ -101,6 +111,19 @@ class HurdleArgs:
             raise KnnlmError(f"--warmup: {self.warmup} gives {self.warmup_steps} warm-up steps, not fewer than --steps {self.steps}")
         if not 0 <= self.ema_beta < 1:
             raise KnnlmError(f"--ema_beta: must be in [0, 1), got {self.ema_beta}")
+        if min(self.n_layer, self.n_embd, self.n_head) < 0:
+            raise KnnlmError("--n_layer/--n_embd/--n_head: must be >= 0 (0: the --size's value)")
+        from ..assets import SCRATCH_SIZES as _S
+
+        layers, width, heads = (v or d for v, d in zip((self.n_layer, self.n_embd, self.n_head), _S[self.size]))
+        if width % heads:
+            raise KnnlmError(f"--n_head: {heads} heads do not divide the width {width}")
+        if layers < 2:
+            raise KnnlmError(f"--n_layer: {layers} blocks leave no first-vs-last MLP control; use >= 2")
+        if not 0 < self.area_fraction <= 1:
+            raise KnnlmError(f"--area_fraction: must be in (0, 1], got {self.area_fraction}")
+        if self.bootstrap < 1:
+            raise KnnlmError(f"--bootstrap: must be >= 1, got {self.bootstrap}")
         if self.vocab_size < 0 or self.vocab_size == 1:
             raise KnnlmError("--vocab_size: 0 (full vocabulary) or >= 2")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -126,28 +149,29 @@ class HurdleArgs:
         return torch.device(self.device)
 
 
-# Values a preset sets, per mode (flags and --config win). `cpu`: both models x 5 seeds in <= 10 min on 2 cores per mode,
-# one torch thread (two threads on a busy 2-core machine were measured 20x slower per step than one).
-PRESETS: dict[str, dict[str, dict]] = {
-    "cpu": {
-        "macondo": dict(size="tiny", steps=800, eval_every=50, seeds=5, batch_size=16, lr=1e-3, warmup=0.05,
-                        vocab_size=4096, log_every=10, num_threads=1, macondo_num_villagers=200,
-                        macondo_num_parents=50),
-        "text": dict(size="tiny", steps=300, eval_every=25, seeds=5, batch_size=16, block_size=64, lr=1e-3,
-                     warmup=0.05, vocab_size=2048, max_train_tokens=500_000, val_tokens=4096, log_every=5,
-                     num_threads=1),
-    },
-    "paper": {
-        "macondo": dict(size="gpt2-small", steps=10000, eval_every=1000, seeds=5, batch_size=8, lr=5e-4, warmup=0.05,
-                        vocab_size=0),
-        "text": dict(size="gpt2-small", steps=10000, eval_every=1000, seeds=5, batch_size=8, block_size=1024, lr=5e-4,
-                     warmup=0.05, vocab_size=0, val_tokens=0),
-    },
-}
+# Presets are YAML files, one per (preset, mode): configs/hurdle-preset-<name>-<macondo|text>.yaml (flat keys of
+# HurdleArgs, never `data`). `cpu`: both models x 5 seeds in <= 10 min on 2 cores per mode, one torch thread (two threads
+# on a busy 2-core machine were measured 20x slower per step than one).
+def preset_names() -> list[str]:
+    from ..config import PRESETS_DIR
+
+    return sorted({p.stem[len("hurdle-preset-"):].rsplit("-", 1)[0] for p in PRESETS_DIR.glob("hurdle-preset-*-*.yaml")})
+
+
+def preset_values(preset: str, mode: str) -> dict:
+    """The values of ``--preset`` for a mode (``macondo`` or ``text``), read from its YAML file."""
+    from ..config import PRESETS_DIR, load_config_file
+
+    path = PRESETS_DIR / f"hurdle-preset-{preset}-{mode}.yaml"
+    if not path.is_file():
+        raise KnnlmError(f"--preset: {preset!r} is not one of {', '.join(preset_names())}")
+    return load_config_file(path)
+
 
 # Fields that change what a run computes: a rerun into the same folder must agree on them to resume it.
 _RUN_KEYS = tuple(f.name for f in dataclasses.fields(HurdleArgs)
-                  if f.name not in ("output_dir", "device", "num_threads", "seeds", "eval_batch_size", "preset"))
+                  if f.name not in ("output_dir", "device", "num_threads", "seeds", "eval_batch_size", "preset",
+                                    "area_fraction", "bootstrap"))
 
 
 def resolve_args(cli: dict, config_file: Optional[str] = None) -> HurdleArgs:
@@ -157,12 +181,10 @@ def resolve_args(cli: dict, config_file: Optional[str] = None) -> HurdleArgs:
     file_vals = load_config_file(config_file) if config_file else {}
     cli = {k: v for k, v in cli.items() if v is not None}
     preset = cli.get("preset", file_vals.get("preset"))
-    if preset is not None and preset not in PRESETS:
-        raise KnnlmError(f"--preset: {preset!r} is not one of {', '.join(PRESETS)}")
     if preset is not None:
         data = cli.get("data", file_vals.get("data", HurdleArgs.data))
         mode = "text" if Path(str(data)).is_file() else "macondo"
-        for key, value in PRESETS[preset][mode].items():
+        for key, value in preset_values(preset, mode).items():
             if key not in file_vals and key not in cli:
                 cli[key] = value
     return resolve(HurdleArgs, cli, config_file)
@@ -176,33 +198,47 @@ class ZeroMLP(nn.Module):
         return torch.zeros_like(x)
 
 
-def gpt2_config(size: str, vocab_size: int, n_positions: int, eos_token_id: int):
-    """The GPT2Config of a named from-scratch size (``knnlm.assets.scratch_config``) with this vocabulary."""
+def gpt2_config(size: str, vocab_size: int, n_positions: int, eos_token_id: int, n_layer: int = 0, n_embd: int = 0,
+                n_head: int = 0):
+    """The GPT2Config of a named from-scratch size (``knnlm.assets.scratch_config``) with this vocabulary; non-zero
+    ``n_layer`` / ``n_embd`` / ``n_head`` override the size's shape."""
     from ..assets import scratch_config
 
     config = scratch_config(size, n_positions=max(1024, n_positions))  # GPT-2's context, as the paper's models
+    for key, value in (("n_layer", n_layer), ("n_embd", n_embd), ("n_head", n_head)):
+        if value:
+            setattr(config, key, value)
     config.vocab_size = vocab_size
     config.bos_token_id = config.eos_token_id = config.pad_token_id = eos_token_id
     return config
 
 
-def remove_last_mlp(model) -> nn.Module:
-    """In place: the last block's feed-forward sublayer (ln_2 and mlp) becomes a pass-through of the residual."""
-    block = model.transformer.h[-1]
+def remove_mlp(model, block_index: int) -> nn.Module:
+    """In place: block ``block_index``'s feed-forward sublayer (ln_2 and mlp) becomes a pass-through of the residual."""
+    block = model.transformer.h[block_index]
     block.mlp = ZeroMLP()
     block.ln_2 = nn.Identity()
     return model
 
 
+def remove_last_mlp(model) -> nn.Module:
+    return remove_mlp(model, -1)
+
+
+def remove_first_mlp(model) -> nn.Module:
+    """The control: the first block's MLP goes instead of the last's (the same parameters lost, another place)."""
+    return remove_mlp(model, 0)
+
+
 def build_pair(config, seed: int) -> dict[str, nn.Module]:
-    """Both models of one seed: the same initial weights everywhere they share (the pruned one is a copy)."""
+    """The models of one seed (``MODELS``): the same initial weights everywhere they share (the pruned ones are copies)."""
     from transformers import GPT2LMHeadModel
 
     torch.manual_seed(seed)
     full = GPT2LMHeadModel(config)
     full.loss_type = "ForCausalLM"  # transformers warns when it has to guess
-    pruned = remove_last_mlp(copy.deepcopy(full))
-    return {"with_last_mlp": full, "without_last_mlp": pruned}
+    return {"with_last_mlp": full, "without_last_mlp": remove_last_mlp(copy.deepcopy(full)),
+            "without_first_mlp": remove_first_mlp(copy.deepcopy(full))}
 
 
 def count_params(model: nn.Module) -> int:
@@ -573,7 +609,7 @@ def run_study(args: HurdleArgs) -> dict:
     tokenizer = load_tokenizer()
     data = prepare_data(args, tokenizer)
     n_positions = args.block_size if data.mode == "text" else max(len(s) for s in data.train.seqs)
-    config = gpt2_config(args.size, data.vocab.size, n_positions, data.eos_id)
+    config = gpt2_config(args.size, data.vocab.size, n_positions, data.eos_id, args.n_layer, args.n_embd, args.n_head)
     save_config(out, args)
     run_dir = out / "runs"
     run_dir.mkdir(exist_ok=True)
@@ -632,48 +668,120 @@ def compare(steps: list[int], with_mean: list, without_mean: list, higher_is_bet
             ("without_last_mlp" if adv[steps.index(quarter)] > 0 else "with_last_mlp")}
 
 
+def paired_area(steps: list[int], full: list, pruned: list, higher_is_better: bool, until: float) -> Optional[float]:
+    """The area between one seed's pruned and full curves over steps [first point, ``until``], divided by that span:
+    the pruned model's mean advantage there (metric units; > 0: it is ahead). Trapezoids between the points, the curves
+    interpolated linearly at ``until`` when it falls between two points. None when fewer than two points lie in range.
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    pts = [(s, sign * (b - a)) for s, a, b in zip(steps, full, pruned) if a is not None and b is not None]
+    inside = [(s, v) for s, v in pts if s <= until]
+    after = [(s, v) for s, v in pts if s > until]
+    if inside and after and inside[-1][0] < until:  # close the window exactly at `until`
+        (s0, v0), (s1, v1) = inside[-1], after[0]
+        inside.append((until, v0 + (v1 - v0) * (until - s0) / (s1 - s0)))
+    if len(inside) < 2:
+        return None
+    x = np.asarray([s for s, _ in inside], dtype=float)
+    y = np.asarray([v for _, v in inside], dtype=float)
+    return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0]))
+
+
+def area_statistics(per_seed: dict[str, list[Optional[float]]], n_resamples: int, seed: int = 0) -> dict:
+    """Mean and bootstrap 95% interval over seeds of each pruned model's paired area, of the last-minus-first
+    difference (paired per seed), and the verdict fixed before the runs (issue 18): removing the last MLP speeds early
+    learning iff the interval of its area lies above 0 and the interval of (last − first) lies above 0."""
+    from .bootstrap import bootstrap_interval
+
+    out: dict = {}
+    series = dict(per_seed)
+    if all(k in per_seed for k in PRUNED):
+        series["last_minus_first"] = [None if a is None or b is None else a - b
+                                      for a, b in zip(per_seed[PRUNED[0]], per_seed[PRUNED[1]])]
+    for name, values in series.items():
+        vals = np.asarray([v for v in values if v is not None], dtype=float)
+        if len(vals) == 0:
+            out[name] = {"mean": None, "ci95": None, "per_seed": values}
+            continue
+        ci = bootstrap_interval(len(vals), lambda idx: float(vals[idx].mean()), n_resamples, seed=seed)
+        out[name] = {"mean": float(vals.mean()), "ci95": list(ci), "per_seed": values}
+    last, diff = out.get(PRUNED[0], {}), out.get("last_minus_first", {})
+    if last.get("ci95") and diff.get("ci95"):
+        out["last_mlp_speeds_early_learning"] = bool(last["ci95"][0] > 0 and diff["ci95"][0] > 0)
+    return out
+
+
 def aggregate(records: dict[str, dict[int, dict]], args: HurdleArgs, data: StudyData) -> dict:
     """Mean and std over seeds of every metric at every eval step (and of the training-loss curve)."""
     steps = args.eval_steps()
+    models = [m for m in MODELS if records.get(m)]
     names = sorted({k for recs in records.values() for r in recs.values() for ev in r["evals"].values() for k in ev},
                    key=lambda k: (not k.startswith("ll_avg"), k))  # ll_avg, ll_avg_groups, ll_1.., train_loss
-    mean = {m: {k: [] for k in names} for m in MODELS}
-    std = {m: {k: [] for k in names} for m in MODELS}
-    for m in MODELS:
+    mean = {m: {k: [] for k in names} for m in models}
+    std = {m: {k: [] for k in names} for m in models}
+    for m in models:
         for k in names:
             for s in steps:
                 mu, sd = _mean_std([r["evals"][str(s)].get(k) for r in records[m].values()])
                 mean[m][k].append(mu)
                 std[m][k].append(sd)
     curve_steps = sorted({int(s) for r in records[MODELS[0]].values() for s in r["curve"]})
-    curve = {m: {"mean": [], "std": []} for m in MODELS}
-    for m in MODELS:
+    curve = {m: {"mean": [], "std": []} for m in models}
+    for m in models:
         for s in curve_steps:
             mu, sd = _mean_std([r["curve"].get(str(s)) for r in records[m].values()])
             curve[m]["mean"].append(mu)
             curve[m]["std"].append(sd)
     primary = ["ll_avg_groups", "ll_avg"] if data.mode == "macondo" else ["train_loss", "val_loss"]
-    comparison = {k: compare(steps, mean[MODELS[0]][k], mean[MODELS[1]][k], _higher_is_better(k), args.steps)
-                  for k in primary}
-    for k, c in comparison.items():  # the same advantage per seed (paired: same init, same batches), mean ± std
-        sign = 1.0 if _higher_is_better(k) else -1.0
-        paired = [_mean_std([None if a.get(k) is None or b.get(k) is None else sign * (b[k] - a[k])
-                             for a, b in ((records[MODELS[0]][seed]["evals"][str(s)],
-                                           records[MODELS[1]][seed]["evals"][str(s)]) for seed in records[MODELS[0]])])
-                  for s in steps]
-        c["paired_mean"], c["paired_std"] = [p[0] for p in paired], [p[1] for p in paired]
-        c["paired_std_at_quarter"] = c["paired_std"][steps.index(c["quarter_step"])]
-    digests = {m: {str(s): r["data_digest"] for s, r in records[m].items()} for m in MODELS}
+    pruned = [m for m in PRUNED if m in models]
+    comparison, by_model = {}, {}
+    for m in pruned:
+        by_model[m] = {k: compare(steps, mean[MODELS[0]][k], mean[m][k], _higher_is_better(k), args.steps)
+                       for k in primary}
+        for k, c in by_model[m].items():  # the same advantage per seed (paired: same init, same batches), mean ± std
+            sign = 1.0 if _higher_is_better(k) else -1.0
+            paired = [_mean_std([None if a.get(k) is None or b.get(k) is None else sign * (b[k] - a[k])
+                                 for a, b in ((records[MODELS[0]][seed]["evals"][str(s)],
+                                               records[m][seed]["evals"][str(s)]) for seed in records[MODELS[0]])])
+                      for s in steps]
+            c["paired_mean"], c["paired_std"] = [p[0] for p in paired], [p[1] for p in paired]
+            c["paired_std_at_quarter"] = c["paired_std"][steps.index(c["quarter_step"])]
+    comparison = by_model[PRUNED[0]]  # without_last_mlp vs with_last_mlp (the study's pair; kept at the top level)
+    # The verdict statistic: per seed, the paired area over the first --area_fraction of training. The training loss
+    # uses its --log_every curve (Figure 5), the others the eval points.
+    until = args.area_fraction * args.steps
+    areas = {}
+    for k in primary:
+        per_seed = {}
+        for m in pruned:
+            vals = []
+            for seed in sorted(records[MODELS[0]]):
+                full, mine = records[MODELS[0]][seed], records[m][seed]
+                if k == "train_loss":
+                    xs = sorted(int(s) for s in full["curve"])
+                    a, b = [full["curve"][str(s)] for s in xs], [mine["curve"].get(str(s)) for s in xs]
+                else:
+                    xs = steps
+                    a = [full["evals"][str(s)].get(k) for s in xs]
+                    b = [mine["evals"][str(s)].get(k) for s in xs]
+                vals.append(paired_area(xs, a, b, _higher_is_better(k), until))
+            per_seed[m] = vals
+        areas[k] = area_statistics(per_seed, args.bootstrap)
+    digests = {m: {str(s): r["data_digest"] for s, r in records[m].items()} for m in models}
     return {"mode": data.mode, "steps": steps, "seeds": sorted(records[MODELS[0]]), "mean": mean, "std": std,
-            "curve": {"steps": curve_steps, **curve}, "comparison": comparison,
-            "per_seed": {m: {str(s): r["evals"] for s, r in records[m].items()} for m in MODELS},
-            "same_data_order": all(digests[MODELS[0]][s] == digests[MODELS[1]][s] for s in digests[MODELS[0]]),
-            "train_s": {m: {str(s): r.get("train_s") for s, r in records[m].items()} for m in MODELS}}
+            "models": models, "curve": {"steps": curve_steps, **curve}, "comparison": comparison,
+            "comparison_by_model": by_model, "areas": areas, "area_until_step": until,
+            "verdict_metric": primary[0],
+            "per_seed": {m: {str(s): r["evals"] for s, r in records[m].items()} for m in models},
+            "same_data_order": all(digests[MODELS[0]][s] == digests[m][s] for m in models for s in digests[MODELS[0]]),
+            "train_s": {m: {str(s): r.get("train_s") for s, r in records[m].items()} for m in models}}
 
 
 # ---------------------------------------------------------------------------------------------------------------- outputs
-_COLORS = {"with_last_mlp": "tab:blue", "without_last_mlp": "tab:orange"}
-_LABELS = {"with_last_mlp": "with last MLP", "without_last_mlp": "without last MLP"}
+_COLORS = {"with_last_mlp": "tab:blue", "without_last_mlp": "tab:orange", "without_first_mlp": "tab:green"}
+_LABELS = {"with_last_mlp": "with last MLP", "without_last_mlp": "without last MLP",
+           "without_first_mlp": "without first MLP (control)"}
+_STYLES = {"with_last_mlp": "-", "without_last_mlp": "--", "without_first_mlp": ":"}
 _TITLES = {"ll_avg_groups": "log-likelihood of children's names (mean over numbers of children)",
            "ll_avg": "log-likelihood of children's names (mean over children)", "train_loss": "training loss (EMA)",
            "val_loss": "validation loss"}
@@ -686,36 +794,63 @@ def _pm(mu, sd, signed: bool = False) -> str:
     return value if sd is None else f"{value} ± {sd:.3f}"
 
 
+def _ci(stat: dict) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    lo, hi = stat["ci95"]
+    return f"{stat['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+def area_lines(metrics: dict) -> list[str]:
+    """The verdict table: paired areas (mean advantage over the first --area_fraction of training) with intervals."""
+    from ..report import markdown_table
+
+    rows = []
+    for k, a in metrics.get("areas", {}).items():
+        rows.append([k, _ci(a.get("without_last_mlp")), _ci(a.get("without_first_mlp")), _ci(a.get("last_minus_first")),
+                     {True: "yes", False: "no"}.get(a.get("last_mlp_speeds_early_learning"), "–")])
+    return [f"Paired area over steps 0–{metrics['area_until_step']:g} (the first {metrics['area_until_step'] / metrics['steps'][-1]:.0%} "
+            "of training): the pruned model's mean advantage over the full one, per seed (same initial weights, same "
+            "batches), mean [bootstrap 95% interval over seeds]; > 0 = ahead. Verdict (fixed before the runs): removing "
+            "the last MLP speeds early learning iff its interval and the interval of (last − first) both lie above 0.",
+            "", markdown_table(["metric", "without last MLP", "without first MLP", "last − first", "speeds early learning"],
+                               rows)]
+
+
 def markdown_report(args: HurdleArgs, metrics: dict) -> str:
     from ..report import markdown_table
 
+    models = metrics.get("models", list(MODELS[:2]))
     primary = list(metrics["comparison"])
-    headers = ["step"] + [f"{_LABELS[m]}: {k}" for k in primary for m in MODELS]
-    rows = [[s] + [_pm(metrics["mean"][m][k][i], metrics["std"][m][k][i]) for k in primary for m in MODELS]
+    headers = ["step"] + [f"{_LABELS[m]}: {k}" for k in primary for m in models]
+    rows = [[s] + [_pm(metrics["mean"][m][k][i], metrics["std"][m][k][i]) for k in primary for m in models]
             for i, s in enumerate(metrics["steps"])]
     p = metrics["params"]
-    text = [f"# MLP hurdle: {metrics['mode']} mode, size {args.size}, {len(metrics['seeds'])} seed(s), {args.steps} steps",
-            "", f"Parameters: with last MLP {p['with_last_mlp']:,}; without last MLP {p['without_last_mlp']:,} "
-            f"(vocabulary {metrics['vocab_size']:,}). Mean ± std over seeds.", "", markdown_table(headers, rows)]
+    shape = f"{args.n_layer or '-'}x{args.n_embd or '-'}" if args.n_layer or args.n_embd else ""
+    text = [f"# MLP hurdle: {metrics['mode']} mode, size {args.size} {shape}, {len(metrics['seeds'])} seed(s), "
+            f"{args.steps} steps", "", "Parameters: " + "; ".join(f"{_LABELS[m]} {p[m]:,}" for m in models if m in p)
+            + f" (vocabulary {metrics['vocab_size']:,}). Mean ± std over seeds.", "", markdown_table(headers, rows)]
+    if metrics.get("areas"):
+        text += area_lines(metrics)
     if metrics["mode"] == "macondo":
         ns = sorted(k for k in metrics["mean"][MODELS[0]] if k[3:].isdigit())
         last = len(metrics["steps"]) - 1
         text += [f"Per number of children at step {metrics['steps'][last]} (optimum log(1/n)):", "",
-                 markdown_table(["children", "optimum"] + [_LABELS[m] for m in MODELS],
+                 markdown_table(["children", "optimum"] + [_LABELS[m] for m in models],
                                 [[k[3:], f"{math.log(1 / int(k[3:])):.3f}"] +
-                                 [_pm(metrics["mean"][m][k][last], metrics["std"][m][k][last]) for m in MODELS]
+                                 [_pm(metrics["mean"][m][k][last], metrics["std"][m][k][last]) for m in models]
                                  for k in ns])]
-    text.append("Advantage of the model without the last MLP (positive = ahead), paired per seed, mean ± std:\n")
-    comp = metrics["comparison"]
-    text.append(markdown_table(["step"] + list(comp),
-                               [[s] + [_pm(c["paired_mean"][i], c["paired_std"][i], signed=True) for c in comp.values()]
-                                for i, s in enumerate(metrics["steps"])]))
-    for k, c in comp.items():
-        adv = c["advantage_at_quarter"]
-        text.append(f"- {k}: lead changes hands at step(s) {c['crossings'] or 'none'}; at step {c['quarter_step']} "
-                    f"(~1/4 of training) the model without the last MLP is ahead by "
-                    f"{_pm(adv, c['paired_std_at_quarter'], signed=True)} "
-                    f"({'higher' if _higher_is_better(k) else 'lower'} is better).")
+    for m, comp in metrics.get("comparison_by_model", {MODELS[1]: metrics["comparison"]}).items():
+        text.append(f"Advantage of the model {_LABELS[m]} (positive = ahead), paired per seed, mean ± std:\n")
+        text.append(markdown_table(["step"] + list(comp),
+                                   [[s] + [_pm(c["paired_mean"][i], c["paired_std"][i], signed=True) for c in comp.values()]
+                                    for i, s in enumerate(metrics["steps"])]))
+        for k, c in comp.items():
+            adv = c["advantage_at_quarter"]
+            text.append(f"- {k}: lead changes hands at step(s) {c['crossings'] or 'none'}; at step {c['quarter_step']} "
+                        f"(~1/4 of training) the model {_LABELS[m]} is ahead by "
+                        f"{_pm(adv, c['paired_std_at_quarter'], signed=True)} "
+                        f"({'higher' if _higher_is_better(k) else 'lower'} is better).")
     return "\n".join(text) + "\n"
 
 
@@ -728,32 +863,35 @@ def write_outputs(out: Path, args: HurdleArgs, metrics: dict, started: float) ->
     from ..report import line_plot, write_markdown, write_results
 
     steps = metrics["steps"]
+    models = metrics.get("models", list(MODELS[:2]))
     plots = []
-    for k in metrics["comparison"]:
+    for k in metrics["comparison"]:  # Figures 4 and 5: all three variants
         if k == "train_loss":  # Figure 5: the smoothed training loss at --log_every resolution
             c = metrics["curve"]
-            series = [dict(x=c["steps"], y=c[m]["mean"], std=_band(c[m]["std"]), label=_LABELS[m], color=_COLORS[m])
-                      for m in MODELS]
+            series = [dict(x=c["steps"], y=c[m]["mean"], std=_band(c[m]["std"]), label=_LABELS[m], color=_COLORS[m],
+                           linestyle=_STYLES[m]) for m in models]
         else:
             series = [dict(x=steps, y=metrics["mean"][m][k], std=_band(metrics["std"][m][k]), label=_LABELS[m],
-                           color=_COLORS[m], marker="o") for m in MODELS]
+                           color=_COLORS[m], marker="o", linestyle=_STYLES[m]) for m in models]
         plots.append(line_plot(out / f"{k}.png", series, title=f"{_TITLES[k]}\n{args.size}, mean ± std over "
                                f"{len(metrics['seeds'])} seed(s)", xlabel="training step", ylabel=k))
-    comp = metrics["comparison"]
-    series = [dict(x=steps, y=c["paired_mean"], std=_band(c["paired_std"]), label=k, marker="o", color=color)
-              for (k, c), color in zip(comp.items(), ("tab:green", "tab:purple"))]
-    plots.append(line_plot(out / "advantage.png", series, title="advantage of the model without the last MLP\n"
+    series = []
+    for m, comp in metrics.get("comparison_by_model", {MODELS[1]: metrics["comparison"]}).items():
+        for (k, c), style in zip(comp.items(), ("-", "--")):
+            series.append(dict(x=steps, y=c["paired_mean"], std=_band(c["paired_std"]), label=f"{_LABELS[m]}: {k}",
+                               marker="o", color=_COLORS[m], linestyle=style))
+    plots.append(line_plot(out / "advantage.png", series, title="advantage of each pruned model over the full one\n"
                            "(paired per seed, mean ± std; > 0: it is ahead)", xlabel="training step",
                            ylabel="nats", hlines=[dict(y=0.0, color="black", linestyle="-")]))
     if metrics["mode"] == "macondo":
         ns = sorted(int(k[3:]) for k in metrics["mean"][MODELS[0]] if k[3:].isdigit())
         cmap = __import__("matplotlib").colormaps["viridis"]
         series = [dict(x=steps, y=metrics["mean"][m][f"ll_{n}"], label=f"n={n}, {_LABELS[m]}",
-                       color=cmap(i / max(1, len(ns) - 1)), linestyle="-" if m == MODELS[0] else "--")
-                  for i, n in enumerate(ns) for m in MODELS]
-        hl = [dict(y=math.log(1 / n), color=cmap(i / max(1, len(ns) - 1)), linestyle=":") for i, n in enumerate(ns)]
+                       color=cmap(i / max(1, len(ns) - 1)), linestyle=_STYLES[m])
+                  for i, n in enumerate(ns) for m in models]
+        hl = [dict(y=math.log(1 / n), color=cmap(i / max(1, len(ns) - 1)), linestyle=(0, (1, 4))) for i, n in enumerate(ns)]
         plots.append(line_plot(out / "ll_by_children.png", series, title="log-likelihood per number of children n\n"
-                               "(dotted: the optimum log 1/n)",
+                               "(sparse dots: the optimum log 1/n)",
                                xlabel="training step", ylabel="log-likelihood", hlines=hl))
     results = write_results(out, dataclasses.asdict(args), metrics, started=started)
     table = write_markdown(out, markdown_report(args, metrics))
