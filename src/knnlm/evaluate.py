@@ -72,6 +72,12 @@ class _NeighbourCache:
         self.files["lm_gold.f32"].write(lm_gold.numpy().astype(np.float32).tobytes())
         self.files["gold.i32"].write(gold.numpy().astype(np.int32).tobytes())
 
+    def add_mlp(self, mem_gold) -> None:
+        """With an MLP memory, also its per-token gold log-probs (``mlp_gold.f32``, aligned with ``lm_gold.f32``)."""
+        if "mlp_gold.f32" not in self.files:
+            self.files["mlp_gold.f32"] = open(self.dir / "mlp_gold.f32", "wb")
+        self.files["mlp_gold.f32"].write(mem_gold.numpy().astype(np.float32).tobytes())
+
     def close(self) -> None:
         for fh in self.files.values():
             fh.close()
@@ -178,6 +184,8 @@ def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datast
                 t_mlp += time.time() - t0
                 for lam, acc in mlp_nll.items():
                     acc.add(interpolate(lm_gold, mem_gold, lam))
+                if cache:
+                    cache.add_mlp(mem_gold)
             bar.update(len(gold))
     if cache:
         cache.close()

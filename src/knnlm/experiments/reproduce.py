@@ -134,21 +134,29 @@ def _wikitext_rows(out: Path, models: list[dict]) -> tuple[list, list, list, lis
     t1.append(["paper (16-layer WT-103 LM)", p["table1"]["LM"], p["table1"]["kNN-LM"], p["table1"]["f"], p["table1"]["fg"]])
     t3.append(["paper", p["table3"]["f"], p["table3"]["fg"]])
     t4.append(["paper", *(p["table4"][k] for k in ("LM", "kNN-LM", "f", "fg", "fg_to_y"))])
-    t2.append(["paper", p["table2"]["wikitext"]["LM"], p["table2"]["wikitext"]["kNN-LM"], p["table2"]["wikitext"]["MLP-LM"], "–"])
+    t2.append(["paper", p["table2"]["wikitext"]["LM"], p["table2"]["wikitext"]["kNN-LM"], p["table2"]["wikitext"]["MLP-LM"],
+               "> 25x", "own training data (WikiText-103)", "45%"])
     for m in models:
         ev, pr, pr4 = (_results(out, m.get(k, "-")) for k in ("eval", "projection", "projection_table4"))
         if ev:
             storage = ev.get("storage", {}).get("datastore_over_mlp")
+            data, own, share = _memory_data(out, m, ev)
             t2.append([m["label"], ev["ppl_lm"], ev.get("ppl_knnlm"), ev.get("ppl_mlplm"),
-                       f"{storage:.1f}x" if storage else "–"])
+                       f"{storage:.1f}x" if storage else "–", data, share])
             if ev.get("ppl_knnlm") and ev.get("ppl_mlplm"):
                 gain_knn, gain_mlp = ev["ppl_lm"] - ev["ppl_knnlm"], ev["ppl_lm"] - ev["ppl_mlplm"]
-                # "much of": the paper's memory keeps 45% of kNN's gain (20.13 -> 18.68 vs 16.92); we ask for a third
-                claims.append(_claim(f"{m['label']}: the MLP memory keeps much (≥ 1/3) of kNN's gain with > 25x less storage",
-                                     gain_mlp >= gain_knn / 3 and (storage or 0) > 25,
-                                     f"LM {ev['ppl_lm']:.2f}, kNN-LM {ev['ppl_knnlm']:.2f}, MLP-LM {ev['ppl_mlplm']:.2f} "
-                                     f"({gain_mlp / gain_knn:.0%} of kNN's gain), datastore/memory = "
-                                     f"{storage or float('nan'):.1f}x"))
+                # "much of": the paper's memory keeps 45% of kNN's gain (20.13 -> 18.68 vs 16.92); we ask for a third.
+                # Judged on the LM's own training data only (the paper's setting, issue 18); other text is reported.
+                text = (f"{m['label']} [{data}]: the MLP memory keeps much (≥ 1/3) of kNN's gain with > 25x less "
+                        "storage (< 4%)")
+                numbers = (f"LM {ev['ppl_lm']:.2f}, kNN-LM {ev['ppl_knnlm']:.2f}, MLP-LM {ev['ppl_mlplm']:.2f} "
+                           f"({gain_mlp / gain_knn:.0%} of kNN's gain{'' if share == '–' else ', ' + share}), "
+                           f"datastore/memory = {storage or float('nan'):.1f}x")
+                if own:
+                    claims.append(_claim(text, gain_mlp >= gain_knn / 3 and (storage or 0) > 25, numbers))
+                else:
+                    claims.append(f"- **{text}** — not judged ({data}: the memory adapts the LM to text it was not "
+                                  f"trained on, not the paper's setting): {numbers}")
         if pr:
             proj = {t: v["ppl_proj"] for t, v in pr["targets"].items()}
             kl = {t: v["kl_mean"] for t, v in pr["targets"].items()}
@@ -170,6 +178,33 @@ def _wikitext_rows(out: Path, models: list[dict]) -> tuple[list, list, list, lis
                                      f"LM {pr4['ppl_lm']:.2f}, f {proj['f']:.2f}, f∘g {proj['fg']:.2f} (lr 0.001, 100 "
                                      f"steps; paper: LM 20.13, f 16.70, f∘g 19.97)"))
     return t1, t2, t3, t4, claims
+
+
+def _memory_data(out: Path, model: dict, ev: dict) -> tuple[str, bool, str]:
+    """What a memory row measures: "own training data" (the datastore is the LM's training text; verified by hash when
+    the recipe names the LM and datastore stages) or "other text"; and the share of kNN's gain with its bootstrap
+    interval when the eval cached per-token log-probs (--save_neighbors with --mlp_memory)."""
+    own = model.get("data") == "own"
+    data = "own training data" if own else "other text" if model.get("data") == "other" else "–"
+    if own and model.get("lm") and model.get("datastore"):
+        from .own_data import own_data_check
+
+        if (out / model["lm"]).is_dir() and (out / model["datastore"]).is_dir():
+            check = own_data_check(out / model["lm"], out / model["datastore"])
+            data = ("own training data (hashes match)" if check["match"] else
+                    "own training data NOT verified: the datastore's tokens differ from the LM's")
+            own = check["match"]
+    share = "–"
+    cache = out / model["eval"] / "neighbors"
+    if (cache / "mlp_gold.f32").is_file():
+        from .own_data import gain_share
+
+        lam = ev.get("lmbda", 0.25)
+        g = gain_share(cache, [lam])["lmbda"][str(lam)]
+        share = f"{g['share']:.0%} [{g['share_ci95'][0]:.0%}, {g['share_ci95'][1]:.0%}]"
+    elif ev.get("ppl_knnlm") and ev.get("ppl_mlplm"):
+        share = f"{(ev['ppl_lm'] - ev['ppl_mlplm']) / (ev['ppl_lm'] - ev['ppl_knnlm']):.0%}"
+    return data, own, share
 
 
 def _overspec_section(out: Path, folder: str) -> tuple[str, list, list]:
@@ -207,6 +242,13 @@ def _hurdle_claims(out: Path, folder: str, label: str) -> list:
     if not m:
         return [_claim(text, None, "")]
     key = "ll_avg_groups" if m["mode"] == "macondo" else "train_loss"
+    if m.get("areas"):  # paired area over the first 40% vs the first-MLP control, bootstrap over seeds (issue 18)
+        a = m["areas"][key]
+        ci = lambda st: f"{st['mean']:+.4f} [{st['ci95'][0]:+.4f}, {st['ci95'][1]:+.4f}]"  # noqa: E731
+        return [_claim(text + ", and more than without the first MLP", a.get("last_mlp_speeds_early_learning"),
+                       f"{key}, paired area over steps 0–{m['area_until_step']:g} (mean advantage, 95% CI over "
+                       f"{len(m['seeds'])} seeds): without last MLP {ci(a['without_last_mlp'])}, without first MLP "
+                       f"{ci(a['without_first_mlp'])}, last − first {ci(a['last_minus_first'])}")]
     c = m["comparison"][key]
     adv = c["advantage_at_quarter"]
     return [_claim(text, None if adv is None else adv > 0,
@@ -239,7 +281,8 @@ def write_report(args: ReproduceArgs, timings: dict) -> Path:
              "## Table 1 — perplexity of p_proj (Eq. 2, lr 0.1)\n",
              markdown_table(["model", "LM", "kNN-LM", "f → p_knnlm", "f∘g → p_knnlm"], t1),
              "## Table 2 — kNN vs MLP memory (WikiText)\n",
-             markdown_table(["model", "LM", "kNN-LM", "MLP-LM", "datastore / memory bytes"], t2),
+             markdown_table(["model", "LM", "kNN-LM", "MLP-LM", "datastore / memory bytes", "datastore is",
+                             "share of kNN's gain kept [95% CI]"], t2),
              "## Table 2 — kNN vs MLP memory (Macondo: perplexity of the children's names, test split)\n",
              markdown_table(["model", "LM", "kNN-LM", "MLP-LM"], t2_macondo),
              "## Table 3 — mean KL[p_proj ‖ p_knnlm]\n", markdown_table(["model", "f", "f∘g"], t3, digits=3),

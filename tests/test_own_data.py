@@ -1,0 +1,92 @@
+"""The own-data MLP-memory stage (issue 18): the datastore holds exactly the LM's training tokens (hashes match), the
+share of kNN's gain and its bootstrap interval on a hand-built cache, and the recipe wires the stages together."""
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from knnlm.cli import main
+from knnlm.config import PRESETS_DIR
+from knnlm.experiments.own_data import gain_share, own_data_check
+
+TEXT = ("the river rose in the spring and the village moved its mills to the hill . " * 40
+        + "a cat sat on the mat and a dog sat on the log . " * 40)
+
+
+def test_datastore_over_the_lm_training_tokens_matches_by_hash(tmp_path):
+    (tmp_path / "train.txt").write_text(TEXT)
+    (tmp_path / "valid.txt").write_text(TEXT[:400])
+    lm = tmp_path / "lm"
+    assert main(["lm", "train", "--train_file", str(tmp_path / "train.txt"), "--validation_file",
+                 str(tmp_path / "valid.txt"), "--size", "tiny", "--tokenizer", "gpt2", "--block_size", "16",
+                 "--max_train_tokens", "192", "--max_steps", "1", "--batch_size", "2", "--output_dir", str(lm)]) == 0
+    for name, max_tokens in (("ds", "192"), ("ds-more", "208")):
+        assert main(["datastore", "build", "--model_name_or_path", str(lm), "--train_file", str(tmp_path / "train.txt"),
+                     "--max_tokens", max_tokens, "--output_dir", str(tmp_path / name)]) == 0
+    same = own_data_check(lm, tmp_path / "ds")
+    assert same["match"] and same["same_model"]
+    assert same["lm_train_tokens"] == same["datastore_tokens"] == same["lm_trained_tokens"] == 192
+    assert same["lm_tokens_sha256"] == same["datastore_corpus_hash"]
+    assert same["datastore_keys"] == 191  # every token but the first is a target
+    more = own_data_check(lm, tmp_path / "ds-more")  # 16 tokens the LM never trained on
+    assert not more["match"] and more["datastore_tokens"] == 208
+
+
+def _cache(folder, lm_p, knn_p, mlp_p):
+    """A neighbour cache whose kNN gold probability is exactly knn_p per token: k = 2 neighbours at equal distance,
+    the gold token in 1 or 2 of them (p_knn 0.5 or 1)."""
+    n = len(lm_p)
+    folder.mkdir()
+    gold = np.arange(n, dtype=np.int32) % 7
+    vals = np.stack([gold, np.where(np.asarray(knn_p) == 1.0, gold, gold + 1)], axis=1).astype(np.int32)
+    np.zeros((n, 2), np.float32).tofile(folder / "dists.f32")
+    vals.tofile(folder / "vals.i32")
+    np.log(np.asarray(lm_p, np.float32)).tofile(folder / "lm_gold.f32")
+    gold.tofile(folder / "gold.i32")
+    np.log(np.asarray(mlp_p, np.float32)).tofile(folder / "mlp_gold.f32")
+    (folder / "k.txt").write_text("2")
+
+
+def test_gain_share_hand_computed(tmp_path):
+    n = 64
+    lm_p, knn_p, mlp_p = [0.1] * n, [0.5] * n, [0.3] * n
+    _cache(tmp_path / "c", lm_p, knn_p, mlp_p)
+    g = gain_share(tmp_path / "c", [0.5], unit_tokens=8, n_resamples=200)
+    r = g["lmbda"]["0.5"]
+    # every token alike: ppl = 1 / ((1 - λ) p_lm + λ p_x)
+    ppl_lm, ppl_knn, ppl_mlp = 1 / 0.1, 1 / 0.3, 1 / 0.2
+    assert (r["ppl_lm"], r["ppl_knnlm"], r["ppl_mlplm"]) == pytest.approx((ppl_lm, ppl_knn, ppl_mlp), rel=1e-5)
+    assert r["share"] == pytest.approx((ppl_lm - ppl_mlp) / (ppl_lm - ppl_knn), rel=1e-5)  # 5 / (20/3) = 0.75
+    assert r["share_ci95"] == pytest.approx([0.75, 0.75], rel=1e-5)  # identical units: no spread
+    assert g["n_units"] == 8
+    # unequal blocks: the interval has width and holds the point estimate
+    mixed_mlp = [0.3] * 32 + [0.1] * 32
+    mixed_knn = [0.5] * 32 + [1.0] * 32
+    _cache(tmp_path / "m", lm_p, mixed_knn, mixed_mlp)
+    m = gain_share(tmp_path / "m", [0.25, 0.5], unit_tokens=8, n_resamples=500)
+    r = m["lmbda"]["0.25"]
+    nll = lambda ps: -np.mean(np.log(0.75 * 0.1 + 0.25 * np.asarray(ps)))  # noqa: E731
+    share = (10 - math.exp(nll(mixed_mlp))) / (10 - math.exp(nll(mixed_knn)))
+    assert r["share"] == pytest.approx(share, rel=1e-5)
+    assert r["share_ci95"][0] < share < r["share_ci95"][1]
+    assert m["best"]["ppl_knnlm"] == min(v["ppl_knnlm"] for v in m["lmbda"].values())
+
+
+def test_recipe_builds_the_own_datastore_over_the_lm_training_slice():
+    recipe = yaml.safe_load((PRESETS_DIR / "reproduce-cpu.yaml").read_text())
+    stages = {s["name"]: s["argv"] for s in recipe["stages"]}
+    lm_cfg = yaml.safe_load((PRESETS_DIR / "lm-wikitext2-own-cpu.yaml").read_text())
+    flag = lambda argv, name: argv[argv.index(name) + 1]  # noqa: E731
+    lm, ds, mlp, ev = (stages[k] for k in ("lm-own", "datastore-own", "mlp-own", "eval-own"))
+    assert flag(lm, "--config") == "lm-wikitext2-own-cpu"
+    assert flag(ds, "--train_file") == flag(lm, "--train_file") == "{data}/train.txt"
+    assert int(flag(ds, "--max_tokens")) == lm_cfg["max_train_tokens"]
+    assert lm_cfg["max_train_tokens"] % lm_cfg["block_size"] == 0  # no ragged tail: every stored token was trained on
+    assert flag(ds, "--model_name_or_path") == flag(lm, "--output_dir") == flag(mlp, "--model_name_or_path")
+    assert flag(mlp, "--datastore") == flag(ds, "--output_dir") == flag(ev, "--datastore")
+    assert flag(ev, "--mlp_memory") == flag(mlp, "--output_dir") and flag(ev, "--save_neighbors") == "true"
+    assert lm_cfg["size"] == "small"  # 4 x 256: wider than the rank-64 regime
+    rows = {m["eval"]: m for m in recipe["report"]["wikitext_models"]}
+    assert rows["eval-own"]["data"] == "own" and rows["eval-smollm2"]["data"] == "other"
+    assert (rows["eval-own"]["lm"], rows["eval-own"]["datastore"]) == ("lm-own", "ds-own")
