@@ -873,7 +873,8 @@ def write_outputs(out: Path, args: HurdleArgs, metrics: dict, started: float) ->
         else:
             series = [dict(x=steps, y=metrics["mean"][m][k], std=_band(metrics["std"][m][k]), label=_LABELS[m],
                            color=_COLORS[m], marker="o", linestyle=_STYLES[m]) for m in models]
-        plots.append(line_plot(out / f"{k}.png", series, title=f"{_TITLES[k]}\n{args.size}, mean ± std over "
+        shape = f" ({args.n_layer or '-'} blocks x {args.n_embd or '-'})" if args.n_layer or args.n_embd else ""
+        plots.append(line_plot(out / f"{k}.png", series, title=f"{_TITLES[k]}\n{args.size}{shape}, mean ± std over "
                                f"{len(metrics['seeds'])} seed(s)", xlabel="training step", ylabel=k))
     series = []
     for m, comp in metrics.get("comparison_by_model", {MODELS[1]: metrics["comparison"]}).items():
