@@ -31,6 +31,19 @@ def test_datastore_over_the_lm_training_tokens_matches_by_hash(tmp_path):
     assert same["datastore_keys"] == 191  # every token but the first is a target
     more = own_data_check(lm, tmp_path / "ds-more")  # 16 tokens the LM never trained on
     assert not more["match"] and more["datastore_tokens"] == 208
+    # the eval's per-token cache (the additive mlp_gold.f32 hook) reproduces the eval's own perplexities
+    assert main(["mlp", "train", "--datastore", str(tmp_path / "ds"), "--model_name_or_path", str(lm), "--hidden_size",
+                 "16", "--batch_tokens", "64", "--max_steps", "2", "--lr", "1e-2", "--output_dir", str(tmp_path / "mem")]) == 0
+    ev = tmp_path / "eval"
+    assert main(["eval", "--model_name_or_path", str(lm), "--validation_file", str(tmp_path / "valid.txt"), "--datastore",
+                 str(tmp_path / "ds"), "--mlp_memory", str(tmp_path / "mem"), "--k", "8", "--lmbda", "0.25",
+                 "--save_neighbors", "true", "--output_dir", str(ev)]) == 0
+    metrics = yaml.safe_load((ev / "results.json").read_text())["metrics"]
+    g = gain_share(ev / "neighbors", [0.25], n_resamples=50)["lmbda"]["0.25"]
+    assert g["ppl_lm"] == pytest.approx(metrics["ppl_lm"], rel=1e-5)
+    assert g["ppl_knnlm"] == pytest.approx(metrics["ppl_knnlm"], rel=1e-5)
+    assert g["ppl_mlplm"] == pytest.approx(metrics["ppl_mlplm"], rel=1e-5)
+    assert np.fromfile(ev / "neighbors" / "mlp_gold.f32", np.float32).shape == (metrics["n_tokens"],)
 
 
 def _cache(folder, lm_p, knn_p, mlp_p):
