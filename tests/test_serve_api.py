@@ -187,10 +187,11 @@ def _direct_ll(lm, prefix: str, target: str) -> float:
     return float(sum(ref[t - 1, ids[t]] for t in range(n_prefix, len(ids))))
 
 
-def _api_parser():
-    parser = argparse.ArgumentParser()
-    A.register_api(parser.add_subparsers(dest="action"))
-    return parser
+def _cli_api(argv: list[str]) -> int:
+    """``knnlm overspec api ARGV...`` through the real command line."""
+    from knnlm.cli import main
+
+    return main(["overspec", *argv])
 
 
 def test_api_scorer_matches_direct_computation(server, tiny_lm, village, tmp_path, monkeypatch):
@@ -201,7 +202,7 @@ def test_api_scorer_matches_direct_computation(server, tiny_lm, village, tmp_pat
     out = tmp_path / "out"
     argv = ["api", "--base_url", server.url, "--model", tiny_lm.name, "--data", str(village), "--seeds", "5",
             "--output_dir", str(out), "--batch_size", "3"]
-    assert A.cmd_api(_api_parser().parse_args(argv)) == 0
+    assert _cli_api(argv) == 0
     res = json.loads((out / "results.json").read_text())
     run = res["metrics"]["runs"][0]
     assert run["model"] == tiny_lm.name and run["village_seed"] == 3 and run["seed"] == 5
@@ -222,7 +223,7 @@ def test_api_scorer_matches_direct_computation(server, tiny_lm, village, tmp_pat
     # a rerun reads the cached scores: it needs no endpoint at all
     dead = f"http://127.0.0.1:{_free_port()}/v1"
     argv[argv.index(server.url)] = dead
-    assert A.cmd_api(_api_parser().parse_args(argv)) == 0
+    assert _cli_api(argv) == 0
     assert json.loads((out / "results.json").read_text())["metrics"]["runs"][0]["splits"] == run["splits"]
 
 
@@ -453,7 +454,7 @@ def test_submit_end_to_end_scores_the_fine_tuned_model(stub_api, tiny_lm, villag
     out = tmp_path / "out"
     argv = ["api", "--base_url", api.url, "--model", "base-model", "--data", str(village), "--seeds", "2",
             "--submit", "true", "--poll_s", "0.001", "--splits", "test", "--output_dir", str(out)]
-    assert A.cmd_api(_api_parser().parse_args(argv)) == 0
+    assert _cli_api(argv) == 0
     run = json.loads((out / "results.json").read_text())["metrics"]["runs"][0]
     assert run["model"] == "ft:base-model:knnlm::abc" and run["job"]["job_id"] == "ftjob-0"
     from knnlm.macondo.generate import read_split
@@ -498,7 +499,7 @@ def test_submit_fine_tune_only(stub_api, village, tmp_path):
     out = tmp_path / "out"
     argv = ["api", "--base_url", api.url, "--model", "base-model", "--data", str(village), "--seeds", "2",
             "--submit", "true", "--poll_s", "0.001", "--splits", "", "--output_dir", str(out)]
-    assert A.cmd_api(_api_parser().parse_args(argv)) == 0
+    assert _cli_api(argv) == 0
     run = json.loads((out / "results.json").read_text())["metrics"]["runs"][0]
     assert run["splits"] == {} and run["model"] == "ft:base-model:ftjob-0"
     assert run["job"]["final_metrics"] == {"step": 1.0, "train_loss": 2.5, "valid_loss": 2.7}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import signal
 
-from ..config import add_arguments, resolve
+from ..config import add_arguments, add_config_flag, resolve
 
 
 def register(sub) -> None:
@@ -11,7 +11,7 @@ def register(sub) -> None:
     from ..serve import ServeArgs
 
     p = sub.add_parser("serve", help="serve a local model as an OpenAI-compatible /v1/completions endpoint with logprobs")
-    p.add_argument("--config", default=None, help="YAML/JSON file setting any of the options below (flags win)")
+    add_config_flag(p)
     for cls in (ModelArgs, ServeArgs):
         add_arguments(p, cls)
     p.set_defaults(func=cmd_serve)
