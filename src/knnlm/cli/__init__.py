@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import pkgutil
 import sys
+import traceback
 
 from ..errors import KnnlmError
 
@@ -13,6 +15,7 @@ from ..errors import KnnlmError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="knnlm", description="kNN-LM retrieval augmentation, the MLP memory and the studies of Chiang et al. Every command takes --help and --config FILE|PRESET.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="on an error, also print the Python traceback")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
@@ -41,12 +44,36 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries(args.verbose)
     try:
         return args.func(args) or 0
-    except KnnlmError as e:
-        print(f"knnlm: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("knnlm: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 -- the CLI boundary: one line, the traceback only with --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"knnlm: error: {_one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, (KnnlmError, OSError, MemoryError)) else 1
+
+
+_OS_FIXES = {errno.ENOSPC: "free some space (or choose another folder) and rerun the same command to resume",
+             errno.EDQUOT: "free some space (or choose another folder) and rerun the same command to resume",
+             errno.EACCES: "check the permissions or choose another folder",
+             errno.EPERM: "check the permissions or choose another folder",
+             errno.EROFS: "choose a writable folder"}
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of an error in one line. Library code raises ``KnnlmError`` for what it can check; an ``OSError``
+    that escapes it (a full disk or a read-only folder met mid-run) names its path; anything else is a bug."""
+    if isinstance(e, KnnlmError):
+        return " ".join(str(e).split("\n"))
+    if isinstance(e, OSError):
+        where = e.filename or "a file"
+        fix = _OS_FIXES.get(e.errno, "check the path and rerun the same command")
+        return f"{e.strerror or e}: {where}; {fix}"
+    if isinstance(e, MemoryError):
+        return "out of memory; use a smaller --batch_size (or --max_tokens) and rerun the same command"
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"internal error ({type(e).__name__}: {first}); rerun with --debug for the traceback and report it"
 
 
 if __name__ == "__main__":
