@@ -377,3 +377,32 @@ def test_intervals_and_verdict_in_the_results(tiny_run):
                                                                "knn-beats-vanilla"]
     saved = json.loads((out / "results.json").read_text())["metrics"]
     assert saved["verdict"] == m["verdict"] and "lls" not in saved["per_seed"]["0"][-1]
+
+
+def test_reproduce_reports_the_verdict_and_names_failed_conditions(tiny_run, tmp_path):
+    """knnlm reproduce's Macondo claims: 'over-specification shown' holds only with the verdict; otherwise the claim
+    names each failed condition. Table 2's Macondo row is the perplexity of the names from the last step."""
+    from knnlm.experiments.overspec_stats import overspec_verdict
+    from knnlm.experiments.reproduce import _overspec_section
+
+    out, result = tiny_run
+    saved = json.loads((out / "results.json").read_text())
+    for verdict in (saved["metrics"]["verdict"],
+                    overspec_verdict({"final": {"train": {"lm": {"avg_groups": -0.9}}}, "optimum_fit": {"avg_groups": -0.8},
+                                      "intervals": {"test": {k: {"estimate": 1, "low": 0.5, "high": 1.5, "confidence": 0.95}
+                                                             for k in ("bare_minus_lm", "knn_minus_lm")}}})):
+        saved["metrics"]["verdict"] = verdict
+        folder = tmp_path / f"shown-{verdict['shown']}"
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(saved))
+        _, claims, t2 = _overspec_section(tmp_path, folder.name)
+        first = claims[0]
+        assert first.startswith("- **over-specification shown")
+        if verdict["shown"]:
+            assert "— holds at this scale: all three conditions hold" in first
+        else:
+            assert "— does not hold" in first and f"not shown: {', '.join(verdict['failed'])} failed" in first
+        for name in verdict["failed"]:
+            assert f"FAILED {name}" in first
+    final = result["metrics"]["final"]["test"]
+    assert t2[1][1:] == pytest.approx([math.exp(-final[m]["avg_groups"]) for m in ("lm", "knn", "mlp")])
