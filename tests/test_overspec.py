@@ -305,6 +305,10 @@ def test_training_split_scores_equal_a_hand_computation(tiny_run):
         m["optimum_fit"]["avg_groups"] - m["mean"]["train"]["lm"]["avg_groups"][2])
     mem = np.mean([-np.mean(_point(out, s, 8)["lls"]["train"]["mem"]) for s in (0, 1)])
     assert m["mlp_child_loss"]["mean"] == pytest.approx(mem) and mem > 0
+    for seed in ("0", "1"):  # the memory's own loss curve, from its train.json: 15 sentences' keys, 64 per step
+        t = m["mlp_training"][seed]
+        assert t["steps"] == math.ceil(m["n_keys"][seed] / 64) and t["final_loss"] == t["loss_curve"][-1]["loss"]
+    assert "- MLP memory training loss at the last step" in (out / "results.md").read_text()
 
 
 def test_train_sample_takes_each_pairs_first_sentences():

@@ -365,6 +365,9 @@ def evaluate_point(lm, args: OverspecArgs, data: Path, point_dir: Path, seed: in
     t_mem = time.time() - t0 - t_ds
     retriever = Retriever(ds, args.knn_args())
     out = {"n_keys": ds.N, "splits": {}, "lls": {}}
+    if memory is not None:  # the memory's loss curve over all datastore pairs (does it plateau?)
+        rec = read_json(point_dir / "memory" / "train.json")
+        out["mlp_training"] = {k: rec[k] for k in ("steps", "first_loss", "final_loss", "loss_curve")}
     all_train = read_split(data, "train")
     for split in SPLITS:
         if split == "train" and not args.train_eval_per_pair:
@@ -468,6 +471,8 @@ def run_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
         saved = read_json(seed_dir / "evals" / f"step-{entry['step']:07d}.json")
         entry["splits"] = saved["splits"]
     history[-1]["lls"] = saved["lls"]
+    if "mlp_training" in saved:
+        history[-1]["mlp_training"] = saved["mlp_training"]
     record = {"seed": seed, "n_train": len(rows), "steps": history[-1]["step"], "history": history,
               "wall_s": round(time.time() - started, 3)}
     if _rank_world()[0] == 0:
@@ -574,6 +579,17 @@ def _point_value(entry: dict, split: str, method: str, lam: str, group: str) -> 
     return None if summary is None else summary[group]
 
 
+def _plateau(curve: list[dict]) -> Optional[float]:
+    """Relative drop of the memory's loss over the last fifth of its training (mean loss of the fifth before it minus
+    that of the last fifth, over the former): near 0 when the loss has plateaued."""
+    losses = [p["loss"] for p in curve]
+    k = len(losses) // 5
+    if k < 1:
+        return None
+    before, last = float(np.mean(losses[-2 * k: -k])), float(np.mean(losses[-k:]))
+    return (before - last) / before if before else None
+
+
 def _intervals(records: list[dict], bare: Optional[list[dict]], methods: list[str], lam: str) -> dict:
     """Paired bootstrap intervals at the last step over seeds and examples (stratified by number of children) of the
     Average (mean of the group means): kNN/MLP - vanilla per split, bare-trained - vanilla on the test split."""
@@ -672,6 +688,10 @@ def aggregate(records: list[dict], args: OverspecArgs, bare: Optional[list[dict]
         if all(mem):  # the MLP memory alone on the training sample's child positions: its training loss there
             metrics["mlp_child_loss"] = {"mean": -float(np.mean([x["avg"] for x in mem])),
                                          "per_seed": {str(r["seed"]): -x["avg"] for r, x in zip(records, mem)}}
+    curves = [r["history"][-1].get("mlp_training") for r in records]
+    if curves and all(curves):
+        metrics["mlp_training"] = {str(r["seed"]): {**c, "plateau": _plateau(c["loss_curve"])}
+                                   for r, c in zip(records, curves)}
     if bare:
         metrics["bare"] = {"train_loss": {str(b["seed"]): [e["train_loss"] for e in b["history"]] for b in bare},
                            "seed_wall_s": {str(b["seed"]): b["wall_s"] for b in bare},
@@ -780,6 +800,13 @@ def markdown_report(args: OverspecArgs, metrics: dict) -> str:
     if "mlp_child_loss" in metrics:
         text.append(f"- MLP memory alone, loss on the children's positions of the training sample at the last step: "
                     f"{metrics['mlp_child_loss']['mean']:.3f} nats (mean over seeds).")
+    if "mlp_training" in metrics:
+        parts = []
+        for seed, t in metrics["mlp_training"].items():
+            drop = "n/a" if t["plateau"] is None else f"{100 * t['plateau']:.1f}%"
+            parts.append(f"seed {seed} {t['first_loss']:.2f} -> {t['final_loss']:.2f} in {t['steps']} steps "
+                         f"(drop over the last fifth: {drop})")
+        text.append("- MLP memory training loss at the last step (all datastore pairs): " + "; ".join(parts) + ".")
     if metrics.get("intervals"):
         text += ["", "## Paired bootstrap intervals (last step; 95%, over seeds and examples, stratified by number of "
                  "children; Average over groups)", ""]
