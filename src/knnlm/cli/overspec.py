@@ -32,12 +32,16 @@ def cmd_run(args) -> int:
     out = run_study(oargs)
     m = out["metrics"]
     print(open(out["table"], encoding="utf-8").read(), end="")
-    for split in ("test", "test_overspecified"):
+    for split in m["splits"]:
         f = m["final"][split]
-        parts = [f"{METHOD_NAMES[k]} {f[k]['avg_groups']:.3f}" for k in m["methods"]]
-        gaps = [f"{METHOD_NAMES[k]} {f[f'{k}_gap_to_optimum']['avg_groups']:.3f}" for k in m["methods"]]
+        shown = [k for k in m["methods"] + ["bare"] if k in f]
+        parts = [f"{METHOD_NAMES[k]} {f[k]['avg_groups']:.3f}" for k in shown]
+        gaps = [f"{METHOD_NAMES[k]} {f[f'{k}_gap_to_optimum']['avg_groups']:.3f}" for k in shown]
         print(f"{split} at step {m['final']['step']} (average over groups): {', '.join(parts)}; "
               f"gap to log(1/n): {', '.join(gaps)}")
+    v = m["verdict"]
+    failed = f" (failed: {', '.join(v['failed'])})" if v["failed"] else ""
+    print(f"over-specification {'shown' if v['shown'] else 'not shown'}{failed}")
     for path in out["plots"]:
         print(f"plot: {path}")
     print(f"results: {out['results']}")
