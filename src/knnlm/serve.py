@@ -2,9 +2,10 @@
 
 ``POST /v1/completions`` takes ``model``, ``prompt`` (a string, a list of strings, a list of token ids or a list of such
 lists), ``max_tokens`` (0 allowed), ``echo``, ``logprobs`` (int: how many alternatives per position), ``temperature``
-(0 = greedy) and ``seed``. Each choice carries ``logprobs`` = ``tokens``, ``token_logprobs``, ``top_logprobs`` and
-``text_offset`` as the legacy OpenAI API and vLLM return them: with ``echo`` the prompt's tokens come first, the first
-one with a null log-probability (nothing predicts it). ``GET /v1/models`` lists the one served model.
+(0 = greedy), ``seed`` and ``stop`` (strings that end the generated text, which excludes them). Each choice carries
+``logprobs`` = ``tokens``, ``token_logprobs``, ``top_logprobs`` and ``text_offset`` as the legacy OpenAI API and vLLM
+return them: with ``echo`` the prompt's tokens come first, the first one with a null log-probability (nothing
+predicts it). ``GET /v1/models`` lists the one served model.
 
 Log-probabilities are the model's raw ``log_softmax`` (float32), independent of ``temperature``. With a model augmented
 by :func:`knnlm.augmented.augment` (``knnlm serve --datastore``) they are log p_knnlm, and generation samples from it.
@@ -122,8 +123,10 @@ class CompletionEngine:
         return torch.log_softmax(logits.float(), dim=-1).cpu()
 
     @torch.no_grad()
-    def _generate(self, ids: list[int], max_tokens: int, temperature: float, seed: int | None):
-        """Greedy (temperature 0) or sampled continuation: (new ids, [n, V] log-probs of each step's distribution)."""
+    def _generate(self, ids: list[int], max_tokens: int, temperature: float, seed: int | None, stop=()):
+        """Greedy (temperature 0) or sampled continuation: (new ids, [n, V] log-probs of each step's distribution).
+
+        Stops after EOS, ``max_tokens``, or the first token that completes one of the ``stop`` strings."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         x = torch.tensor([ids], dtype=torch.long, device=self.lm.device)  # [1, T]
         past, new, steps = None, [], []
@@ -139,7 +142,7 @@ class CompletionEngine:
                 tok = int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen))
             new.append(tok)
             steps.append(logp)
-            if tok == eos:
+            if tok == eos or (stop and any(st in self._decode(new) for st in stop)):
                 break
             x = torch.tensor([[tok]], dtype=torch.long, device=self.lm.device)
         return new, steps
@@ -197,8 +200,12 @@ class CompletionEngine:
         if not echo and max_tokens == 0:
             raise ApiError(400, "max_tokens=0 returns nothing without echo=true", "max_tokens")
         seed = _field(body, "seed", int, None)
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
+        if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(x, str) and x for x in stop):
+            raise ApiError(400, "`stop` must be a non-empty string or a list of at most 16 of them", "stop")
         return {"prompts": self._prompts(body.get("prompt")), "max_tokens": max_tokens, "logprobs": logprobs,
-                "temperature": temperature, "echo": echo, "seed": seed}
+                "temperature": temperature, "echo": echo, "seed": seed, "stop": stop}
 
     def _choice(self, index: int, ids: list[int], req: dict) -> tuple[dict, int]:
         n_ctx = self.lm.max_positions
@@ -216,8 +223,18 @@ class CompletionEngine:
                 for t in range(1, len(ids)):
                     token_lps.append(float(logp[t - 1, ids[t]]))
                     tops.append(self._top_dict(logp[t - 1], ids[t], want))
-        new, steps = self._generate(ids, req["max_tokens"], req["temperature"], req["seed"]) if req["max_tokens"] else ([], [])
+        new, steps = self._generate(ids, req["max_tokens"], req["temperature"], req["seed"], req["stop"]) \
+            if req["max_tokens"] else ([], [])
         new_texts = self.token_texts(new, context=ids)
+        cut = min((i for i in ("".join(new_texts).find(st) for st in req["stop"]) if i >= 0), default=None)
+        if cut is not None:  # the text ends before the stop string; the tokens up to it stay, the last one clipped
+            kept, pos = [], 0
+            for piece in new_texts:
+                if pos >= cut and kept:
+                    break
+                kept.append(piece[: max(0, cut - pos)])
+                pos += len(piece)
+            new_texts, new, steps = kept, new[: len(kept)], steps[: len(kept)]
         tokens += new_texts
         if want is not None:
             for tok, logp in zip(new, steps):
@@ -231,7 +248,7 @@ class CompletionEngine:
                 offsets.append(pos)
                 pos += len(piece)
             logprobs = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-        finish = "stop" if new and new[-1] == self.lm.eos_token_id else "length"
+        finish = "stop" if cut is not None or (new and new[-1] == self.lm.eos_token_id) else "length"
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}, len(new)
 
     def complete(self, body: dict) -> dict:
