@@ -112,8 +112,9 @@ def test_without_final_norm_both_f_coincide(tiny_gpt2_dir):
     from knnlm.models import ModelArgs, load_model
 
     lm = load_model(ModelArgs(model_name_or_path=str(tiny_gpt2_dir), device="cpu"))  # a private copy
-    lm.base.transformer.ln_f = torch.nn.Identity()
-    lm.final_norm = lm.base.transformer.ln_f
+    ident = torch.nn.Identity()
+    lm.base.transformer.ln_f = ident  # GPT-2 without its final norm; the adapter's map to the output layer follows
+    lm.final, lm._final_exit = torch.nn.Sequential(ident), ident
     text = "the cat sat on the mat. a dog sat on the log"
     ids = torch.tensor([lm.encode(text)])
     with torch.no_grad():
