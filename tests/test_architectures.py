@@ -186,6 +186,37 @@ def test_softcap_and_project_out_are_part_of_the_head(tokenizer):
     assert keys["final_hidden"].shape == (2, 12, 16) and keys["block_output"].shape == (2, 12, D)
 
 
+def test_mlp_memory_activation_is_the_familys_own(tokenizer):
+    from knnlm.memory import lm_activation
+
+    want = {"qwen2": "silu", "gemma": "gelu_pytorch_tanh", "gemma2": "gelu_pytorch_tanh", "opt": "relu",
+            "falcon-40b-layout": "gelu", "phi": "gelu_new"}
+    for family, name in want.items():
+        model_cls, config, *_ = FAMILIES[family]
+        torch.manual_seed(0)
+        assert lm_activation(LM(model_cls(config), tokenizer)) == name, family
+
+
+def test_mlp_memory_needs_keys_as_wide_as_the_output_layer(tokenizer, wikitext_dir, tmp_path):
+    """OPT-350m's project_out makes W 16 wide: a memory over d=32 ffn_input keys is refused with a one-line error."""
+    from knnlm.corpus import CorpusArgs
+    from knnlm.datastore import build_datastore
+    from knnlm.memory import MemoryArgs, train_memory
+
+    config = tf.OPTConfig(**dict(COMMON, vocab_size=50257, bos_token_id=50256, eos_token_id=50256, pad_token_id=1),
+                          ffn_dim=64, word_embed_proj_dim=16, do_layer_norm_before=False)
+    torch.manual_seed(0)
+    lm = LM(tf.OPTForCausalLM(config).eval(), tokenizer, name="opt-350m-layout")
+    (tmp_path / "train.txt").write_text((wikitext_dir / "valid.txt").read_text()[:1500])
+    ds = build_datastore(lm, CorpusArgs(train_file=str(tmp_path / "train.txt"), block_size=32, stride=16),
+                         tmp_path / "ds")
+    assert ds.d == D and ds.key_point == "ffn_input"
+    args = MemoryArgs(datastore=str(ds.dir), output_dir=str(tmp_path / "mlp"), hidden_size=8, max_steps=1)
+    with pytest.raises(KnnlmError, match="16-wide inputs .*use kNN retrieval") as e:
+        train_memory(lm, ds, args)
+    assert "\n" not in str(e.value)
+
+
 def test_every_table_entry_is_tested():
     tested = {c.model_type for _, c, *_ in FAMILIES.values()} | {"gpt2", "llama", "gpt_neox"}  # + test_models.py
     assert tested == set(ARCHS)
