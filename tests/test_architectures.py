@@ -8,6 +8,7 @@ point, the logits and the identities f(block_output) = f(g(ffn_residual)) = log_
 import json
 
 import pytest
+import numpy as np
 import torch
 import transformers as tf
 
@@ -215,6 +216,18 @@ def test_mlp_memory_needs_keys_as_wide_as_the_output_layer(tokenizer, wikitext_d
     with pytest.raises(KnnlmError, match="16-wide inputs .*use kNN retrieval") as e:
         train_memory(lm, ds, args)
     assert "\n" not in str(e.value)
+    # a final_hidden store has the output layer's width (16), and its first key is the captured one
+    ds16 = build_datastore(lm, CorpusArgs(train_file=str(tmp_path / "train.txt"), block_size=32, stride=16),
+                           tmp_path / "ds16", key_point="final_hidden")
+    assert ds16.d == 16 and ds16.keys.shape == (ds16.N, 16)
+    from knnlm.corpus import TokenFile
+
+    tokens = TokenFile(ds16.dir / "tokens.i32", ds16.dir / "tokens.i32.docs").tokens
+    ids = torch.from_numpy(np.asarray(tokens[:32], dtype=np.int64))[None]  # the first window, [1, 32]
+    with torch.no_grad():
+        h = lm.hidden_states(ids, torch.ones_like(ids), ("final_hidden",))["final_hidden"][0, 0]  # [16]
+    torch.testing.assert_close(torch.from_numpy(np.asarray(ds16.keys[0], dtype=np.float32)), h.float(),
+                               atol=1e-2, rtol=1e-2)
 
 
 def test_every_table_entry_is_tested():

@@ -242,7 +242,7 @@ def _build(lm, corpus: CorpusArgs, out_dir: Path, key_point: str, batch_size: in
 
     tokens = TokenFile(out_dir / "tokens.i32", out_dir / "tokens.i32.docs")
     wins = windows(tokens.doc_starts, block, stride)
-    n, d = count_targets(wins), lm.hidden_size
+    n, d = count_targets(wins), lm.key_widths[key_point]
     batches = [wins[i: i + batch_size] for i in range(0, len(wins), batch_size)]
     if rank == 0:
         _preallocate(out_dir / "keys.f16", n * d * 2)

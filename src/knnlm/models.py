@@ -174,6 +174,8 @@ class LM:
         cap = getattr(config, "final_logit_softcapping", None)
         self.output_layer = _SoftCappedOutput(head, cap) if cap else head
         self.hidden_size = int(config.hidden_size)
+        # final_hidden is the output layer's input: narrower than hidden_size where a projection precedes the head (OPT-350m)
+        self.key_widths = {p: self.hidden_size for p in KEY_POINTS} | {"final_hidden": int(self.output_layer.weight.shape[1])}
         self.vocab_size = int(self.output_layer.weight.shape[0])
         self.max_positions = int(getattr(config, "n_positions", None) or config.max_position_embeddings)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
