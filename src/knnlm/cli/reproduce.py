@@ -15,8 +15,9 @@ def register(sub) -> None:
     add_config_flag(demo, default="demo")
     demo.set_defaults(func=cmd_demo)
 
-    rep = sub.add_parser("reproduce", help="run the four studies and the kNN-LM baseline at a scale; write report.md "
-                                           "beside the paper's numbers (cached, resumable)")
+    rep = sub.add_parser("reproduce", help="run the four studies and the kNN-LM baseline at a scale (cpu, gpu, paper); "
+                                           "write report.md beside the paper's numbers (cached, resumable; --smoke: "
+                                           "every stage in seconds on CPU)")
     add_config_flag(rep)
     add_arguments(rep, ReproduceArgs)
     rep.set_defaults(func=cmd_reproduce)
@@ -39,12 +40,15 @@ def cmd_demo(args) -> int:
 
 def cmd_reproduce(args) -> int:
     from ..config import resolve, save_config
-    from ..experiments.reproduce import ReproduceArgs, run_stages, with_data_dir, write_report
+    from ..experiments.reproduce import ReproduceArgs, run_stages, with_data_dir, with_smoke_data, write_report
     from . import main
 
-    rargs = with_data_dir(resolve(ReproduceArgs, args, args.config))
+    started = time.time()
+    rargs = with_smoke_data(with_data_dir(resolve(ReproduceArgs, args, args.config)))
     save_config(rargs.output_dir, rargs)
     timings = run_stages(rargs, main)
     path = write_report(rargs, timings)
+    print(f"reproduce --scale {rargs.scale}{' --smoke' if rargs.smoke else ''} finished in {time.time() - started:.0f}s "
+          f"(stages run now: {sum(timings.values()):.0f}s recorded in total)")
     print(f"report: {path}")
     return 0

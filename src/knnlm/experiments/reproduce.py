@@ -3,6 +3,12 @@
 A scale is a recipe (``configs/reproduce-<scale>.yaml``): an ordered list of stages, each one `knnlm` command line
 with ``{data}`` and ``{out}`` placeholders. A finished stage leaves ``OUT/stages/<name>.done``; a rerun skips it, and
 each command resumes its own work when it was killed half-way. The report stage reads the stages' results.json files.
+
+A stage may also carry ``when`` (run it only where a condition of this machine holds, e.g. ``no-faiss-gpu``),
+``budget_s`` (its estimated wall time at the recipe's scale, shown beside the measured one) and ``smoke`` (flag
+overrides for ``--smoke``). ``--smoke`` runs every stage in seconds on a CPU, so a recipe cannot rot between the runs it
+was written for: ``{data}`` becomes a few kB cut from the data folder, and each command gets the overrides of
+``SMOKE_OVERRIDES`` (tiny models, a few steps and tokens, CPU, float32) and then its stage's own ``smoke`` ones.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from typing import Literal, Optional
 
 from ..config import PRESETS_DIR, load_config_file
 from ..errors import KnnlmError
-from ..fileio import atomic_write_json, atomic_write_text, read_json
+from ..fileio import atomic_write_json, atomic_write_text, read_json, run_info
 from ..report import markdown_table, write_markdown, write_results
 
 log = logging.getLogger(__name__)
@@ -36,21 +42,56 @@ PAPER = {
 
 @dataclass
 class ReproduceArgs:
-    scale: Literal["cpu", "paper"] = field(default="cpu", metadata={"help": "cpu: WikiText-2, a small GPT-2 trained here, SmolLM2-135M and from-scratch models on a laptop; paper: the paper's models and WikiText-103 on GPUs."})
+    scale: Literal["cpu", "gpu", "paper"] = field(default="cpu", metadata={"help": "cpu: WikiText-2, a small GPT-2 trained here, SmolLM2-135M and from-scratch models on a laptop; gpu: all of WikiText-2 with SmolLM2-135M and GPT-2-small-shaped models trained here, ~10 min on one H100-class GPU (offline); paper: the paper's models and WikiText-103 on GPUs."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for every stage's outputs and report.md (required); a rerun resumes."})
     data_dir: Optional[str] = field(default=None, metadata={"help": "Folder with WikiText train.txt / valid.txt: WikiText-2 for cpu (e.g. ../shared/data/wikitext-2), WikiText-103 for paper. Omitted: the scale's WikiText is exported once from HF datasets (hub access) into OUT/data."})
     stages: list[str] = field(default_factory=list, metadata={"help": "Run only these stages (comma list; default: all of the recipe)."})
     recipe: Optional[str] = field(default=None, metadata={"help": "A recipe YAML to use instead of the scale's shipped one."})
+    smoke: bool = field(default=False, metadata={"help": "Shrink every stage to seconds on CPU (a few kB of the data, tiny models, a few steps): checks that the recipe runs end to end; its numbers mean nothing. Use its own --output_dir."})
 
     def validate(self) -> None:
         if not self.output_dir:
             raise KnnlmError("--output_dir: required; the folder for the stages' outputs and report.md")
 
 
+STAGE_KEYS = {"name", "argv", "when", "budget_s", "smoke"}
+
+
+def _faiss_gpu() -> bool:
+    from ..index import gpu_available
+
+    return gpu_available()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Conditions a stage's ``when`` can name (``no-<name>`` negates): facts about this machine.
+CONDITIONS = {"faiss-gpu": _faiss_gpu, "cuda": _cuda}
+
+
+def condition_holds(when: str) -> bool:
+    name = when[3:] if when.startswith("no-") else when
+    return CONDITIONS[name]() != when.startswith("no-")
+
+
 def load_recipe(args: ReproduceArgs) -> dict:
-    recipe = load_config_file(args.recipe or PRESETS_DIR / f"reproduce-{args.scale}.yaml")
+    path = args.recipe or PRESETS_DIR / f"reproduce-{args.scale}.yaml"
+    recipe = load_config_file(path)
     if "stages" not in recipe:
-        raise KnnlmError(f"--recipe: {args.recipe} has no 'stages' list")
+        raise KnnlmError(f"--recipe: {path} has no 'stages' list")
+    for stage in recipe["stages"]:
+        extra = set(stage) - STAGE_KEYS
+        if extra or "name" not in stage or "argv" not in stage:
+            raise KnnlmError(f"--recipe: {path}: stage {stage.get('name')!r} needs 'name' and 'argv' and may have only "
+                             f"{', '.join(sorted(STAGE_KEYS))} (got {', '.join(sorted(map(str, stage)))})")
+        when = stage.get("when")
+        if when is not None and (when[3:] if when.startswith("no-") else when) not in CONDITIONS:
+            raise KnnlmError(f"--recipe: {path}: stage {stage['name']}: when: {when!r} is not one of "
+                             + ", ".join(f"{c}, no-{c}" for c in CONDITIONS))
     needs_data = any("{data}" in " ".join(map(str, s["argv"])) for s in recipe["stages"])
     if needs_data:
         if not args.data_dir or not (Path(args.data_dir) / "train.txt").is_file():
@@ -59,7 +100,7 @@ def load_recipe(args: ReproduceArgs) -> dict:
     return recipe
 
 
-WIKITEXT_CONFIGS = {"cpu": "wikitext-2-raw-v1", "paper": "wikitext-103-raw-v1"}
+WIKITEXT_CONFIGS = {"cpu": "wikitext-2-raw-v1", "gpu": "wikitext-2-raw-v1", "paper": "wikitext-103-raw-v1"}
 
 
 def with_data_dir(args: ReproduceArgs) -> ReproduceArgs:
@@ -82,10 +123,76 @@ def with_data_dir(args: ReproduceArgs) -> ReproduceArgs:
     return dataclasses.replace(args, data_dir=str(folder))
 
 
+# --smoke: how much of each data file the stages read (cut at a line end), and the flags that shrink each command.
+SMOKE_DATA_BYTES = {"train.txt": 12_000, "valid.txt": 3_000}
+_CPU = {"--device": "cpu", "--dtype": "float32"}
+SMOKE_OVERRIDES: dict[str, dict[str, Optional[str]]] = {
+    "lm train": {"--size": "tiny", "--block_size": "64", "--batch_size": "4", "--max_steps": "3", "--eval_every": "3",
+                 "--eval_tokens": "256", "--bf16": "false"},
+    "datastore build": {**_CPU, "--max_tokens": "400", "--batch_size": "2"},
+    "index build": {"--factory": "Flat", "--use_gpu": "false", "--recall_queries": "0"},
+    "mlp train": {**_CPU, "--hidden_size": "64", "--batch_tokens": "128", "--micro_batch_tokens": "128",
+                  "--max_steps": "3"},
+    "eval": {**_CPU, "--max_tokens": "200", "--batch_size": "2"},
+    "analyze projection": {**_CPU, "--max_tokens": "64", "--max_steps": "5", "--batch_size": "64"},
+    "overspec run": {"--device": "cpu", "--seeds": "0", "--num_villagers": "10", "--num_parents": "2",
+                     "--max_children": "2", "--examples_per_child": "1", "--batch_size": "4", "--max_steps": "2",
+                     "--eval_every": "2", "--mlp_hidden_size": "64", "--mlp_epochs": "1", "--mlp_batch_tokens": "64"},
+    "hurdle run": {"--device": "cpu", "--size": "tiny", "--seeds": "2", "--steps": "4", "--eval_every": "2",
+                   "--batch_size": "4", "--block_size": "32", "--val_tokens": "256", "--macondo_num_villagers": "20",
+                   "--macondo_num_parents": "5", "--log_every": "1"},
+}
+
+
+def override_flags(argv: list[str], overrides: dict) -> list[str]:
+    """``argv`` with each ``--flag value`` pair of ``overrides`` replaced (or appended; a None value removes the flag)."""
+    argv = list(argv)
+    for flag, value in overrides.items():
+        if flag in argv:
+            i = argv.index(flag)
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            del argv[i: i + 1 + has_value]
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
 def stage_argv(stage: dict, args: ReproduceArgs) -> list[str]:
     data = str(Path(args.data_dir).resolve()) if args.data_dir else ""
     out = str(Path(args.output_dir).resolve())
-    return [str(a).format(data=data, out=out) for a in stage["argv"]]
+    argv = [str(a).format(data=data, out=out) for a in stage["argv"]]
+    if args.smoke:
+        argv = override_flags(argv, SMOKE_OVERRIDES.get(" ".join(argv[:2]), SMOKE_OVERRIDES.get(argv[0], {})))
+        argv = override_flags(argv, stage.get("smoke") or {})
+    return argv
+
+
+def with_smoke_data(args: ReproduceArgs) -> ReproduceArgs:
+    """With ``--smoke``: the data folder's files cut to ``SMOKE_DATA_BYTES`` (at a line end) in ``OUT/smoke-data``."""
+    if not args.smoke or not args.data_dir:
+        return args
+    folder = Path(args.output_dir) / "smoke-data"
+    for name, size in SMOKE_DATA_BYTES.items():
+        src = Path(args.data_dir) / name
+        if src.is_file() and not (folder / name).is_file():
+            with open(src, "rb") as f:
+                head = f.read(size)
+            cut = head.rfind(b"\n") + 1 or len(head)
+            atomic_write_text(folder / name, head[:cut].decode("utf-8", errors="ignore"))
+    return dataclasses.replace(args, data_dir=str(folder))
+
+
+def _check_run_kind(out: Path, args: ReproduceArgs) -> None:
+    """One folder holds one kind of run: a smoke run's finished stages must never be taken for a real run's."""
+    path = out / "stages" / "run.json"
+    kind = {"scale": args.scale, "smoke": args.smoke}
+    if path.exists():
+        before = read_json(path)
+        if before != kind:
+            raise KnnlmError(f"--output_dir: {out} holds a {before['scale']}{' --smoke' if before['smoke'] else ''} "
+                             f"run, not {args.scale}{' --smoke' if args.smoke else ''}; pass another --output_dir")
+    else:
+        atomic_write_json(path, kind)
 
 
 def run_stages(args: ReproduceArgs, run_command) -> dict:
@@ -97,12 +204,16 @@ def run_stages(args: ReproduceArgs, run_command) -> dict:
     unknown = sorted(set(args.stages) - set(names))
     if unknown:
         raise KnnlmError(f"--stages: unknown stage(s) {', '.join(unknown)}; the {args.scale} recipe has {', '.join(names)}")
+    _check_run_kind(out, args)
     timings_path = out / "stages" / "timings.json"
     timings = read_json(timings_path) if timings_path.exists() else {}
     for stage in recipe["stages"]:
         name = stage["name"]
         done = out / "stages" / f"{name}.done"
         if (args.stages and name not in args.stages) or done.exists():
+            continue
+        if stage.get("when") and not condition_holds(stage["when"]):
+            log.info("stage %s: skipped here (when: %s)", name, stage["when"])
             continue
         argv = stage_argv(stage, args)
         log.info("stage %s: knnlm %s", name, " ".join(argv))
@@ -301,6 +412,19 @@ def _hurdle_claims(out: Path, folder: str, label: str) -> list:
                    f"{adv if adv is None else round(adv, 3)}; lead changes hands at steps {c['crossings'] or 'never'}")]
 
 
+def _stage_rows(recipe: dict, timings: dict) -> tuple[list, dict, dict]:
+    """Rows (stage, budget s, wall s) in recipe order plus a total; the measured times and the budgets as dicts."""
+    order = [s["name"] for s in recipe["stages"]]
+    ordered = {k: timings[k] for k in sorted(timings, key=lambda k: order.index(k) if k in order else len(order))}
+    budgets = {s["name"]: s["budget_s"] for s in recipe["stages"] if "budget_s" in s}
+    rows = [[s["name"], budgets.get(s["name"]),
+             timings.get(s["name"], f"skipped (when: {s['when']})" if s.get("when") and not condition_holds(s["when"])
+                         else None)] for s in recipe["stages"]]
+    rows += [[k, None, v] for k, v in ordered.items() if k not in order]
+    rows.append(["total", sum(budgets.values()) if budgets else None, round(sum(timings.values()), 1)])
+    return rows, ordered, budgets
+
+
 def write_report(args: ReproduceArgs, timings: dict) -> Path:
     """Writes ``OUT/report.md`` (tables beside the paper's, claims, figures) and ``OUT/results.json``."""
     recipe = load_recipe(args)
@@ -318,10 +442,14 @@ def write_report(args: ReproduceArgs, timings: dict) -> Path:
             dst.parent.mkdir(exist_ok=True)
             shutil.copyfile(src, dst)
             figures.append(f"![{fig['caption']}](figures/{fig['name']})\n\n*{fig['caption']}*\n")
-    order = [s["name"] for s in recipe["stages"]]
-    ordered = {k: timings[k] for k in sorted(timings, key=lambda k: order.index(k) if k in order else len(order))}
+    stage_rows, ordered, budgets = _stage_rows(recipe, timings)
     total = round(sum(timings.values()), 1)
-    parts = [f"# knnlm reproduce — scale `{args.scale}`\n",
+    header = [f"# knnlm reproduce — scale `{args.scale}`{' (smoke run)' if args.smoke else ''}\n",
+              f"Machine: {run_info()['device']}; FAISS on GPU: {'yes' if _faiss_gpu() else 'no'}.\n"]
+    if args.smoke:
+        header.append("**Smoke run** (`--smoke`): every stage shrunk to seconds on CPU to check that the recipe runs "
+                      "end to end. The numbers below mean nothing.\n")
+    parts = [*header,
              "## Claims\n", *(c + "\n" for c in claims), "",
              "## Table 1 — perplexity of p_proj (Eq. 2, lr 0.1), 95% bootstrap intervals, by stopping tolerance\n",
              "f = output layer only (the paper's f, z from its input); f_norm = final norm + output layer; f∘g = "
@@ -338,9 +466,11 @@ def write_report(args: ReproduceArgs, timings: dict) -> Path:
                              "f∘g gain / f gain (log ppl)"], t4),
              "## Table 5 / Figure 1 — Macondo over-specification\n", overspec_md or "(stage not run)\n",
              "## Figures\n", *figures, *(f"- {note}\n" for note in rep.get("figure_notes", [])),
-             "## Stages\n", "Wall time of each stage's last (completing) run; a stage skipped as finished keeps its time.\n",
-             markdown_table(["stage", "wall s"], [*ordered.items(), ("total", total)], digits=1)]
-    write_results(out, dataclasses.asdict(args), {"stage_wall_s": ordered, "total_wall_s": total, "claims": claims,
+             "## Stages\n", "Wall time of each stage's last (completing) run; a stage skipped as finished keeps its time. "
+             "Budget: the recipe's estimate for this scale's machine (`budget_s`).\n",
+             markdown_table(["stage", "budget s", "wall s"], stage_rows, digits=1)]
+    write_results(out, dataclasses.asdict(args), {"stage_wall_s": ordered, "total_wall_s": total,
+                                                  "stage_budget_s": budgets, "claims": claims,
                                                   "table1": t1, "table2": t2, "table2_macondo": t2_macondo,
                                                   "table3": t3, "table4": t4})
     return write_markdown(out, "\n".join(parts), name="report.md")
