@@ -225,3 +225,10 @@ def test_gpu_recipe_smoke_runs_every_stage_on_cpu(wikitext_dir, tmp_path):
     text = (out / "report.md").read_text()
     assert "**Smoke run**" in text and "| total | 570 |" in text
     assert (out / "figures" / "figure1.png").exists() and (out / "figures" / "figure4.png").exists()
+
+    # --report_only rebuilds the report from the finished stages and runs none of them
+    (out / "report.md").unlink()
+    argv = ["reproduce", "--scale", "gpu", "--smoke", "--data_dir", str(wikitext_dir), "--output_dir", str(out)]
+    assert main(argv + ["--report_only"]) == 0
+    assert json.loads((out / "results.json").read_text())["metrics"] == res["metrics"]
+    assert (out / "report.md").read_text() == text

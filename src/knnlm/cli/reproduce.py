@@ -40,15 +40,20 @@ def cmd_demo(args) -> int:
 
 def cmd_reproduce(args) -> int:
     from ..config import resolve, save_config
-    from ..experiments.reproduce import ReproduceArgs, run_stages, with_data_dir, with_smoke_data, write_report
+    from ..experiments.reproduce import (ReproduceArgs, check_run_kind, load_timings, run_stages, with_data_dir,
+                                         with_smoke_data, write_report)
     from . import main
 
     started = time.time()
     rargs = with_smoke_data(with_data_dir(resolve(ReproduceArgs, args, args.config)))
-    save_config(rargs.output_dir, rargs)
-    timings = run_stages(rargs, main)
+    if rargs.report_only:
+        check_run_kind(Path(rargs.output_dir), rargs)
+        timings = load_timings(Path(rargs.output_dir))
+    else:
+        save_config(rargs.output_dir, rargs)
+        timings = run_stages(rargs, main)
     path = write_report(rargs, timings)
-    print(f"reproduce --scale {rargs.scale}{' --smoke' if rargs.smoke else ''} finished in {time.time() - started:.0f}s "
-          f"(stages run now: {sum(timings.values()):.0f}s recorded in total)")
+    print(f"reproduce --scale {rargs.scale}{' --smoke' if rargs.smoke else ''}: {len(timings)} stage(s) finished, "
+          f"{sum(timings.values()):.0f}s of stage time recorded; this command took {time.time() - started:.0f}s")
     print(f"report: {path}")
     return 0

@@ -48,6 +48,7 @@ class ReproduceArgs:
     stages: list[str] = field(default_factory=list, metadata={"help": "Run only these stages (comma list; default: all of the recipe)."})
     recipe: Optional[str] = field(default=None, metadata={"help": "A recipe YAML to use instead of the scale's shipped one."})
     smoke: bool = field(default=False, metadata={"help": "Shrink every stage to seconds on CPU (a few kB of the data, tiny models, a few steps): checks that the recipe runs end to end; its numbers mean nothing. Use its own --output_dir."})
+    report_only: bool = field(default=False, metadata={"help": "Run no stage: write report.md and results.json from the stages finished so far (e.g. after a time-limited run)."})
 
     def validate(self) -> None:
         if not self.output_dir:
@@ -182,9 +183,9 @@ def with_smoke_data(args: ReproduceArgs) -> ReproduceArgs:
     return dataclasses.replace(args, data_dir=str(folder))
 
 
-def _check_run_kind(out: Path, args: ReproduceArgs) -> None:
+def check_run_kind(out: Path, args: ReproduceArgs) -> None:
     """One folder holds one kind of run: a smoke run's finished stages must never be taken for a real run's."""
-    path = out / "stages" / "run.json"
+    path = Path(out) / "stages" / "run.json"
     kind = {"scale": args.scale, "smoke": args.smoke}
     if path.exists():
         before = read_json(path)
@@ -192,7 +193,14 @@ def _check_run_kind(out: Path, args: ReproduceArgs) -> None:
             raise KnnlmError(f"--output_dir: {out} holds a {before['scale']}{' --smoke' if before['smoke'] else ''} "
                              f"run, not {args.scale}{' --smoke' if args.smoke else ''}; pass another --output_dir")
     else:
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, kind)
+
+
+def load_timings(out: Path) -> dict:
+    """Wall seconds of each finished stage, as ``run_stages`` recorded them (``OUT/stages/timings.json``)."""
+    path = Path(out) / "stages" / "timings.json"
+    return read_json(path) if path.exists() else {}
 
 
 def run_stages(args: ReproduceArgs, run_command) -> dict:
@@ -204,9 +212,8 @@ def run_stages(args: ReproduceArgs, run_command) -> dict:
     unknown = sorted(set(args.stages) - set(names))
     if unknown:
         raise KnnlmError(f"--stages: unknown stage(s) {', '.join(unknown)}; the {args.scale} recipe has {', '.join(names)}")
-    _check_run_kind(out, args)
-    timings_path = out / "stages" / "timings.json"
-    timings = read_json(timings_path) if timings_path.exists() else {}
+    check_run_kind(out, args)
+    timings = load_timings(out)
     for stage in recipe["stages"]:
         name = stage["name"]
         done = out / "stages" / f"{name}.done"
@@ -222,7 +229,7 @@ def run_stages(args: ReproduceArgs, run_command) -> dict:
         if code:
             raise KnnlmError(f"stage {name} failed (exit {code}); fix the cause and rerun the same command to resume")
         timings[name] = round(time.time() - started, 1)
-        atomic_write_json(timings_path, timings)
+        atomic_write_json(out / "stages" / "timings.json", timings)
         done.write_text(" ".join(argv) + "\n")
     return timings
 
