@@ -105,7 +105,7 @@ def test_preset_resolves_against_its_command(name, tmp_path, monkeypatch):
             _resolve_command(argv, str(bad))
 
 
-@pytest.mark.parametrize("scale", ["cpu", "paper"])
+@pytest.mark.parametrize("scale", ["cpu", "gpu", "paper"])
 def test_reproduce_recipe_stages_parse_and_resolve(scale, tmp_path, wikitext_dir):
     from knnlm.experiments.reproduce import ReproduceArgs, load_recipe, stage_argv
 

@@ -143,21 +143,31 @@ def test_when_conditions_and_run_kinds(tiny_gpt2_dir, data_dir, tmp_path, monkey
     calls = []
 
     def run(argv):
-        calls.append(argv[:2])
+        calls.append(argv)
         return main(argv)
 
     monkeypatch.setitem(reproduce.CONDITIONS, "faiss-gpu", lambda: True)
     out = tmp_path / "out"
     args = ReproduceArgs(output_dir=str(out), data_dir=str(data_dir), recipe=str(path))
-    assert set(run_stages(args, run)) == {"ds", "eval"} and ["index", "build"] not in calls
+    assert set(run_stages(args, run)) == {"ds", "eval"}
+    assert [c[0] for c in calls] == ["datastore", "eval"]  # the index stage is skipped where GPU FAISS is
     write_report(args, {"ds": 1.0, "eval": 2.0})
     assert "| index | – | skipped (when: no-faiss-gpu) |" in (out / "report.md").read_text()
     monkeypatch.setitem(reproduce.CONDITIONS, "faiss-gpu", lambda: False)
     run_stages(args, run)  # not marked done when skipped: runs where the condition now holds
-    assert calls[-1] == ["index", "build"] and (out / "stages" / "index.done").exists()
+    assert calls[-1][:2] == ["index", "build"] and (out / "stages" / "index.done").exists()
 
     with pytest.raises(KnnlmError, match="holds a cpu run, not cpu --smoke; pass another --output_dir"):
         run_stages(ReproduceArgs(output_dir=str(out), data_dir=str(data_dir), recipe=str(path), smoke=True), run)
+    monkeypatch.setitem(reproduce.CONDITIONS, "cuda", lambda: False)
+    needs_gpu = tmp_path / "requires.yaml"
+    needs_gpu.write_text(yaml.safe_dump({**recipe, "requires": "cuda"}))
+    with pytest.raises(KnnlmError, match="the cpu recipe requires cuda, which this machine lacks; .* --smoke"):
+        run_stages(ReproduceArgs(output_dir=str(tmp_path / "o2"), data_dir=str(data_dir), recipe=str(needs_gpu)), run)
+    smoke = ReproduceArgs(output_dir=str(tmp_path / "o3"), data_dir=str(data_dir), recipe=str(needs_gpu), smoke=True)
+    assert set(run_stages(smoke, run)) == {"ds", "index", "eval"}  # a smoke run goes ahead, on the CPU
+    assert calls[-1][:2] == ["eval", "--model_name_or_path"] and "--device" in calls[-1]
+
     recipe["stages"][1]["when"] = "gpu"
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(KnnlmError, match="when: 'gpu' is not one of faiss-gpu, no-faiss-gpu, cuda, no-cuda"):
@@ -223,7 +233,7 @@ def test_gpu_recipe_smoke_runs_every_stage_on_cpu(wikitext_dir, tmp_path):
     smol = rows["SmolLM2-135M (all of WikiText-2: other text than its training data)"]
     assert smol[1:4] == [ev["metrics"]["ppl_lm"], ev["metrics"]["ppl_knnlm"], ev["metrics"]["ppl_mlplm"]]
     text = (out / "report.md").read_text()
-    assert "**Smoke run**" in text and "| total | 570 |" in text
+    assert "**Smoke run**" in text and f"| total | {sum(s.get('budget_s', 0) for s in stages)} |" in text
     assert (out / "figures" / "figure1.png").exists() and (out / "figures" / "figure4.png").exists()
 
     # --report_only rebuilds the report from the finished stages and runs none of them

@@ -4,7 +4,8 @@ A scale is a recipe (``configs/reproduce-<scale>.yaml``): an ordered list of sta
 with ``{data}`` and ``{out}`` placeholders. A finished stage leaves ``OUT/stages/<name>.done``; a rerun skips it, and
 each command resumes its own work when it was killed half-way. The report stage reads the stages' results.json files.
 
-A stage may also carry ``when`` (run it only where a condition of this machine holds, e.g. ``no-faiss-gpu``),
+A recipe may name ``requires`` (a condition of this machine, e.g. ``cuda``, without which it is refused unless
+``--smoke``). A stage may also carry ``when`` (run it only where a condition of this machine holds, e.g. ``no-faiss-gpu``),
 ``budget_s`` (its estimated wall time at the recipe's scale, shown beside the measured one) and ``smoke`` (flag
 overrides for ``--smoke``). ``--smoke`` runs every stage in seconds on a CPU, so a recipe cannot rot between the runs it
 was written for: ``{data}`` becomes a few kB cut from the data folder, and each command gets the overrides of
@@ -84,6 +85,10 @@ def load_recipe(args: ReproduceArgs) -> dict:
     recipe = load_config_file(path)
     if "stages" not in recipe:
         raise KnnlmError(f"--recipe: {path} has no 'stages' list")
+    requires = recipe.get("requires")
+    if requires is not None and str(requires).removeprefix("no-") not in CONDITIONS:
+        raise KnnlmError(f"--recipe: {path}: requires: {requires!r} is not one of "
+                         + ", ".join(f"{c}, no-{c}" for c in CONDITIONS))
     for stage in recipe["stages"]:
         extra = set(stage) - STAGE_KEYS
         if extra or "name" not in stage or "argv" not in stage:
@@ -213,6 +218,9 @@ def run_stages(args: ReproduceArgs, run_command) -> dict:
     unknown = sorted(set(args.stages) - set(names))
     if unknown:
         raise KnnlmError(f"--stages: unknown stage(s) {', '.join(unknown)}; the {args.scale} recipe has {', '.join(names)}")
+    if recipe.get("requires") and not args.smoke and not condition_holds(recipe["requires"]):
+        raise KnnlmError(f"--scale: the {args.scale} recipe requires {recipe['requires']}, which this machine lacks; "
+                         "run it where it holds, or pass --smoke to check it here in seconds")
     check_run_kind(out, args)
     timings = load_timings(out)
     for stage in recipe["stages"]:
