@@ -8,6 +8,7 @@
 #   RUN_DIR    the reproduce output folder (default runs/reproduce-gpu); a rerun resumes it
 #   TIMEOUT_S  wall-clock limit of the reproduce command (default 1200: twice the 10-minute budget); 124 = timed out,
 #              rerun the same command to continue
+#   STAGES     a comma list: run only these stages of the recipe (--stages), e.g. where some assets are missing
 #   SMOKE=1    add --smoke (every stage in seconds on CPU: checks this script on a machine without a GPU)
 #   OUT        a folder that receives report.md, results.json, timings.json, gpu_check.log and stage-results.tar.gz
 #              (every stage's results.json / results.md / config.json and the figures)
@@ -47,8 +48,10 @@ EOF
 
 ARGS=(--scale gpu --data_dir "$DATA_DIR" --output_dir "$RUN_DIR")
 [ "${SMOKE:-0}" = 1 ] && ARGS+=(--smoke)
+RUN_ARGS=("${ARGS[@]}")
+[ -n "${STAGES:-}" ] && RUN_ARGS+=(--stages "$STAGES")
 t0=$(date +%s)
-timeout "$TIMEOUT_S" "$PY" -m knnlm reproduce "${ARGS[@]}"
+timeout "$TIMEOUT_S" "$PY" -m knnlm reproduce "${RUN_ARGS[@]}"
 rc=$?
 echo "reproduce --scale gpu: exit $rc after $(( $(date +%s) - t0 )) s (limit $TIMEOUT_S s)"
 if [ "$rc" != 0 ]; then  # timed out or a stage failed: report what finished
