@@ -114,6 +114,13 @@ class Augmentation:
             delattr(self.model, ATTR)
         return self.model
 
+    def summary(self) -> str:
+        """One line: what the logits come from."""
+        if self.retriever is not None:
+            return (f"kNN-LM: {self.retriever.ds.dir}, N={self.retriever.ds.N}, k={self.retriever.k}, "
+                    f"λ={self.lmbda}, T={self.retriever.args.knn_temp}, key {self.key_point}")
+        return f"MLP-LM: {self.memory.dir}, λ={self.lmbda}, key {self.key_point}"
+
     def describe(self) -> dict:
         out = {"lmbda": self.lmbda, "key_point": self.key_point}
         if self.retriever is not None:
