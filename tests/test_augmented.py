@@ -243,3 +243,10 @@ def test_cli_generate_bad_input(store, tiny_gpt2_dir, argv, needle, capsys):
                  str(store.dir), *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("knnlm: error: ") and needle in err and "\n" not in err
+
+
+def test_package_level_names():
+    import knnlm
+    import knnlm.augmented
+
+    assert knnlm.augment is knnlm.augmented.augment and knnlm.detach is knnlm.augmented.detach
