@@ -176,6 +176,8 @@ def test_lambda0_detach_and_loss(lm, store):
         want = -logp[0, :-1].gather(1, ids[0, 1:, None]).mean()
         assert float(out.loss) == pytest.approx(float(want), rel=1e-6)
         assert torch.allclose(logp.exp().sum(-1), torch.ones(1, ids.shape[1]), atol=1e-5)
+        loss_t, logits_t = model(input_ids=ids, labels=ids, return_dict=False)[:2]  # the tuple form
+        assert torch.equal(logits_t, logp) and float(loss_t) == pytest.approx(float(out.loss), rel=1e-6)
         assert model.knnlm.detach() is lm.model and not hasattr(lm.model, "knnlm")
         again = lm.model(input_ids=ids).logits
     assert torch.equal(zero, torch.log_softmax(plain, dim=-1))  # λ = 0: the LM's distribution exactly

@@ -42,7 +42,10 @@ class AugmentArgs:
 
 
 class Augmentation:
-    """The hooks that turn a causal LM's logits into log p_knnlm / log p_mlplm. Made by :func:`augment`."""
+    """The hooks that turn a causal LM's logits into log p_knnlm / log p_mlplm. Made by :func:`augment`.
+
+    One forward at a time: the capture hooks live on the model's modules, so two threads calling the same augmented
+    model at once would mix their keys (``knnlm serve`` computes one request at a time for this reason)."""
 
     def __init__(self, lm, lmbda: float, retriever: Optional[Retriever] = None, memory=None):
         self.lm, self.lmbda, self.retriever, self.memory = lm, float(lmbda), retriever, memory
@@ -77,8 +80,9 @@ class Augmentation:
 
     @torch.no_grad()
     def _replace_logits(self, out, labels):
-        tuple_out = isinstance(out, tuple)
-        logits = out[0] if tuple_out else out.logits  # [B, T', V]; T' = T or the positions kept
+        tuple_out = isinstance(out, tuple)  # return_dict=False: (loss, logits, ...) with labels, else (logits, ...)
+        at = int(labels is not None) if tuple_out else None
+        logits = out[at] if tuple_out else out.logits  # [B, T', V]; T' = T or the positions kept
         z = self._caps[self.key_point][:, -logits.shape[1]:]  # [B, T', d]: the queries of the returned positions
         lm_logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T', V]
         sel = torch.ones(lm_logp.shape[:2], dtype=torch.bool, device=lm_logp.device)  # [B, T']
@@ -95,13 +99,16 @@ class Augmentation:
                 aug_logp = self.memory.log_probs(q)  # [n, V]
             new = lm_logp.clone()
             new[sel] = interpolate(lm_logp[sel], aug_logp.to(lm_logp.device), self.lmbda)
-        if tuple_out:
-            return (new, *out[1:])
-        out.logits = new
-        if labels is not None and getattr(out, "loss", None) is not None and new.shape[1] == labels.shape[1]:
+        loss = None
+        if labels is not None and new.shape[1] == labels.shape[1]:
             # the causal-LM loss of the returned distribution: mean NLL of token t+1 at position t, -100 ignored
-            out.loss = torch.nn.functional.nll_loss(new[:, :-1].reshape(-1, new.shape[-1]),
-                                                    labels[:, 1:].reshape(-1).to(new.device), ignore_index=-100)
+            loss = torch.nn.functional.nll_loss(new[:, :-1].reshape(-1, new.shape[-1]),
+                                                labels[:, 1:].reshape(-1).to(new.device), ignore_index=-100)
+        if tuple_out:
+            return (loss, new, *out[2:]) if at == 1 else (new, *out[1:])
+        out.logits = new
+        if loss is not None and getattr(out, "loss", None) is not None:
+            out.loss = loss
         return out
 
     # ----------------------------------------------------------------------------------------------------- detaching
