@@ -1,11 +1,13 @@
 """Generation speed of the kNN-LM as an HF model (knnlm.augment) over the plain LM's, KV cache on.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/generate_speed.py --model_name_or_path smollm2-135m \
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/generate_speed.py --model_name_or_path smollm2-135m \
         --datastore runs/ds-smollm2-100k [--new_tokens 64 --reps 5 --k 1024]
 
 Alternates plain and augmented ``model.generate`` (greedy, exactly ``--new_tokens`` tokens each) ``--reps`` times after
 one untimed warm-up of each, and prints the median tokens/s of both and their ratio (target: >= 0.5 on CPU), plus the
-two continuations. The store is searched exactly (Flat) unless its folder holds a built index.
+two continuations. The store is searched exactly (Flat) unless its folder holds a built index. On a CPU shared with
+other jobs keep OMP_NUM_THREADS=1: with 2 threads on an oversubscribed machine, torch's and FAISS's OpenMP pools made
+even the plain LM's generation crawl.
 """
 from __future__ import annotations
 
@@ -60,13 +62,15 @@ def main() -> None:
             detach(lm.model)
         return out, out.numel() / seconds, queries
 
-    plain_out, _, _ = run(False)  # warm-up
-    knn_out, _, queries = run(True)
+    plain_out, s_plain, _ = run(False)  # warm-up
+    knn_out, s_knn, queries = run(True)
+    print(f"warm-up: LM {s_plain:.2f} tokens/s, kNN-LM {s_knn:.2f} tokens/s", flush=True)
     assert queries == args.new_tokens, queries  # one retrieval per new position
     speeds = {"lm": [], "knnlm": []}
     for r in range(args.reps):
         for name, aug in (("lm", False), ("knnlm", True)) if r % 2 == 0 else (("knnlm", True), ("lm", False)):
             speeds[name].append(run(aug)[1])
+            print(f"rep {r} {name}: {speeds[name][-1]:.2f} tokens/s", flush=True)
     med = {k: statistics.median(v) for k, v in speeds.items()}
     for name in ("lm", "knnlm"):
         print(f"{name:6s} tokens/s: median {med[name]:.2f} ({', '.join(f'{s:.2f}' for s in speeds[name])})")
