@@ -176,6 +176,8 @@ def test_lambda0_detach_and_loss(lm, store):
         want = -logp[0, :-1].gather(1, ids[0, 1:, None]).mean()
         assert float(out.loss) == pytest.approx(float(want), rel=1e-6)
         assert torch.allclose(logp.exp().sum(-1), torch.ones(1, ids.shape[1]), atol=1e-5)
+        loss_t, logits_t = model(input_ids=ids, labels=ids, return_dict=False)[:2]  # the tuple form
+        assert torch.equal(logits_t, logp) and float(loss_t) == pytest.approx(float(out.loss), rel=1e-6)
         assert model.knnlm.detach() is lm.model and not hasattr(lm.model, "knnlm")
         again = lm.model(input_ids=ids).logits
     assert torch.equal(zero, torch.log_softmax(plain, dim=-1))  # λ = 0: the LM's distribution exactly
@@ -204,3 +206,49 @@ def test_refusals(lm, store, files, tiny_llama_dir, tmp_path):
     finally:
         detach(model)
     assert not hasattr(lm.model, "knnlm")
+
+
+def test_cli_generate_compare_writes_results(lm, store, tiny_gpt2_dir, tmp_path, capsys):
+    prompts = ["the cat", "a dog sat"]
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": prompts[1]}) + "\n")
+    out = tmp_path / "gen"
+    assert main(["generate", "--model_name_or_path", str(tiny_gpt2_dir), "--device", "cpu", "--datastore",
+                 str(store.dir), "--k", str(K), "--lmbda", str(LMBDA), "--knn_temp", str(TEMP), "--prompt", prompts[0],
+                 "--prompt_file", str(tmp_path / "p.jsonl"), "--max_new_tokens", "6", "--compare", "true",
+                 "--output_dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    samples = res["metrics"]["samples"]
+    assert [s["prompt"] for s in samples] == prompts and res["metrics"]["augmentation"]["k"] == K
+    for s in samples:
+        ids = torch.tensor([lm.encode(s["prompt"])])
+        plain = lm.model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=lm.eos_token_id)[0, ids.shape[1]:]
+        model = augment(lm, datastore=store, k=K, lmbda=LMBDA, knn_temp=TEMP)
+        try:
+            knn = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=lm.eos_token_id)[0, ids.shape[1]:]
+        finally:
+            detach(model)
+        assert s["lm"] == lm.tokenizer.decode(plain) and s["augmented"] == lm.tokenizer.decode(knn)
+        assert f"  kNN-LM : {s['augmented']}" in printed and f"  LM     : {s['lm']}" in printed
+    assert (out / "results.md").read_text().count("\n") == 4
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--prompt", "x", "--num_beams", "0"], "--num_beams"),
+    (["--prompt", "x", "--top_p", "0"], "--top_p"),
+    (["--prompt", "x", "--lmbda", "0.1,0.2"], "one λ"),
+    (["--prompt_file", "/nonexistent.txt"], "--prompt_file"),
+    (["--prompt", "x", "--max_new_tokens", "500"], "exceeds the model's 128 positions"),
+])
+def test_cli_generate_bad_input(store, tiny_gpt2_dir, argv, needle, capsys):
+    code = main(["generate", "--model_name_or_path", str(tiny_gpt2_dir), "--device", "cpu", "--datastore",
+                 str(store.dir), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("knnlm: error: ") and needle in err and "\n" not in err
+
+
+def test_package_level_names():
+    import knnlm
+    import knnlm.augmented
+
+    assert knnlm.augment is knnlm.augmented.augment and knnlm.detach is knnlm.augmented.detach

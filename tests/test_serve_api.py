@@ -294,6 +294,21 @@ def test_load_concurrent_clients_all_answered_identical_to_sequential(server, cl
           f"wall {wall:.1f} s ({len(answers) / wall:.0f} req/s)")
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["--datastore", "/nonexistent-store"], "--datastore: /nonexistent-store does not exist"),
+    (["--workers", "0"], "--workers"),
+    (["--max_queue", "-1"], "--max_queue"),
+    (["--datastore", "x", "--mlp_memory", "y"], "pass one of them"),
+    (["--lmbda", "1.5"], "--lmbda"),
+])
+def test_cli_serve_bad_arguments(tiny_gpt2_dir, argv, needle, capsys):
+    from knnlm.cli import main
+
+    code = main(["serve", "--model_name_or_path", str(tiny_gpt2_dir), "--port", "0", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and needle in err and err.startswith("knnlm: error: ") and "\n" not in err
+
+
 def test_serve_datastore_logprobs_are_knnlm(tiny_gpt2_dir, tmp_path):
     """`knnlm serve --datastore`: echoed log-probs are log p_knnlm; /v1/models names the store, k, λ, T."""
     from knnlm.augmented import AugmentArgs, augment_from_args

@@ -42,7 +42,10 @@ class AugmentArgs:
 
 
 class Augmentation:
-    """The hooks that turn a causal LM's logits into log p_knnlm / log p_mlplm. Made by :func:`augment`."""
+    """The hooks that turn a causal LM's logits into log p_knnlm / log p_mlplm. Made by :func:`augment`.
+
+    One forward at a time: the capture hooks live on the model's modules, so two threads calling the same augmented
+    model at once would mix their keys (``knnlm serve`` computes one request at a time for this reason)."""
 
     def __init__(self, lm, lmbda: float, retriever: Optional[Retriever] = None, memory=None):
         self.lm, self.lmbda, self.retriever, self.memory = lm, float(lmbda), retriever, memory
@@ -77,8 +80,9 @@ class Augmentation:
 
     @torch.no_grad()
     def _replace_logits(self, out, labels):
-        tuple_out = isinstance(out, tuple)
-        logits = out[0] if tuple_out else out.logits  # [B, T', V]; T' = T or the positions kept
+        tuple_out = isinstance(out, tuple)  # return_dict=False: (loss, logits, ...) with labels, else (logits, ...)
+        at = int(labels is not None) if tuple_out else None
+        logits = out[at] if tuple_out else out.logits  # [B, T', V]; T' = T or the positions kept
         z = self._caps[self.key_point][:, -logits.shape[1]:]  # [B, T', d]: the queries of the returned positions
         lm_logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T', V]
         sel = torch.ones(lm_logp.shape[:2], dtype=torch.bool, device=lm_logp.device)  # [B, T']
@@ -95,13 +99,16 @@ class Augmentation:
                 aug_logp = self.memory.log_probs(q)  # [n, V]
             new = lm_logp.clone()
             new[sel] = interpolate(lm_logp[sel], aug_logp.to(lm_logp.device), self.lmbda)
-        if tuple_out:
-            return (new, *out[1:])
-        out.logits = new
-        if labels is not None and getattr(out, "loss", None) is not None and new.shape[1] == labels.shape[1]:
+        loss = None
+        if labels is not None and new.shape[1] == labels.shape[1]:
             # the causal-LM loss of the returned distribution: mean NLL of token t+1 at position t, -100 ignored
-            out.loss = torch.nn.functional.nll_loss(new[:, :-1].reshape(-1, new.shape[-1]),
-                                                    labels[:, 1:].reshape(-1).to(new.device), ignore_index=-100)
+            loss = torch.nn.functional.nll_loss(new[:, :-1].reshape(-1, new.shape[-1]),
+                                                labels[:, 1:].reshape(-1).to(new.device), ignore_index=-100)
+        if tuple_out:
+            return (loss, new, *out[2:]) if at == 1 else (new, *out[1:])
+        out.logits = new
+        if loss is not None and getattr(out, "loss", None) is not None:
+            out.loss = loss
         return out
 
     # ----------------------------------------------------------------------------------------------------- detaching
@@ -113,6 +120,13 @@ class Augmentation:
         if getattr(self.model, ATTR, None) is self:
             delattr(self.model, ATTR)
         return self.model
+
+    def summary(self) -> str:
+        """One line: what the logits come from."""
+        if self.retriever is not None:
+            return (f"kNN-LM: {self.retriever.ds.dir}, N={self.retriever.ds.N}, k={self.retriever.k}, "
+                    f"λ={self.lmbda}, T={self.retriever.args.knn_temp}, key {self.key_point}")
+        return f"MLP-LM: {self.memory.dir}, λ={self.lmbda}, key {self.key_point}"
 
     def describe(self) -> dict:
         out = {"lmbda": self.lmbda, "key_point": self.key_point}
@@ -188,3 +202,89 @@ def augment_from_args(lm, aug: AugmentArgs, knn: KNNArgs):
                          "every query); leave it off")
     return augment(lm, datastore=aug.datastore, mlp_memory=aug.mlp_memory, k=knn.k, lmbda=knn.lmbda[0],
                    knn_temp=knn.knn_temp, recompute_dists=knn.recompute_dists, nprobe=knn.nprobe)
+
+
+# ---------------------------------------------------------------------------------------------------------- generation
+@dataclass
+class GenerateArgs:
+    prompt_file: Optional[str] = field(default=None, metadata={"help": "Prompts, one per line (.txt) or one per JSONL row (field `prompt`, else `text`); adds to --prompt."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per prompt (GenerationConfig.max_new_tokens)."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy / beam search."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with --do_sample)."})
+    top_k: int = field(default=50, metadata={"help": "Sample from the k most likely tokens (0: all; with --do_sample)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with --do_sample)."})
+    num_beams: int = field(default=1, metadata={"help": "Beam search width (1: none)."})
+    seed: int = field(default=0, metadata={"help": "torch seed set before each prompt's generation (sampling)."})
+    compare: bool = field(default=False, metadata={"help": "Also generate with the plain LM and show both continuations."})
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for results.json / results.md (optional)."})
+
+    def validate(self) -> None:
+        import math
+
+        if self.max_new_tokens < 1:
+            raise KnnlmError(f"--max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise KnnlmError(f"--temperature: must be a finite number > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise KnnlmError(f"--top_k: must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise KnnlmError(f"--top_p: must be in (0, 1], got {self.top_p}")
+        if self.num_beams < 1:
+            raise KnnlmError(f"--num_beams: must be >= 1, got {self.num_beams}")
+
+    def generation_kwargs(self) -> dict:
+        """The keyword arguments of ``model.generate`` (sampling knobs only when sampling)."""
+        kw = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_beams": self.num_beams}
+        if self.do_sample:
+            kw.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        return kw
+
+
+def read_prompts(prompts: list[str] | None, prompt_file: Optional[str]) -> list[str]:
+    """--prompt values followed by the prompts of --prompt_file (.txt: one a line; .jsonl: `prompt` or `text`)."""
+    import json
+
+    out = list(prompts or [])
+    if prompt_file:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise KnnlmError(f"--prompt_file: {path} does not exist; pass a .txt (one prompt a line) or .jsonl file")
+        try:
+            lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except UnicodeDecodeError:
+            raise KnnlmError(f"--prompt_file: {path} is not UTF-8 text; convert it") from None
+        if path.suffix in (".jsonl", ".json"):
+            for i, ln in enumerate(lines, 1):
+                try:
+                    row = json.loads(ln)
+                    out.append(row["prompt"] if "prompt" in row else row["text"])
+                except (ValueError, KeyError, TypeError):
+                    raise KnnlmError(f"--prompt_file: {path} line {i} is not a JSON object with a `prompt` or "
+                                     "`text` field") from None
+        else:
+            out += lines
+    if not out or not all(isinstance(p, str) and p for p in out):
+        raise KnnlmError("--prompt/--prompt_file: give at least one non-empty prompt")
+    return out
+
+
+@torch.no_grad()
+def generate_continuations(lm, prompts: list[str], args: GenerateArgs) -> list[dict]:
+    """``lm.model.generate`` on each prompt (one at a time, seeded): [{"prompt", "text", "n_tokens", "seconds"}]."""
+    import time
+
+    out = []
+    for prompt in prompts:
+        ids = lm.encode(prompt)
+        if len(ids) + args.max_new_tokens > lm.max_positions:
+            raise KnnlmError(f"--max_new_tokens: the prompt {prompt[:40]!r} has {len(ids)} tokens; with "
+                             f"{args.max_new_tokens} new ones it exceeds the model's {lm.max_positions} positions")
+        x = torch.tensor([ids], device=lm.device)  # [1, T]
+        torch.manual_seed(args.seed)
+        t0 = time.perf_counter()
+        seq = lm.model.generate(x, attention_mask=torch.ones_like(x), pad_token_id=lm.tokenizer.pad_token_id,
+                                **args.generation_kwargs())[0, len(ids):]
+        seconds = time.perf_counter() - t0
+        text = lm.tokenizer.decode(seq, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        out.append({"prompt": prompt, "text": text, "n_tokens": int(seq.numel()), "seconds": seconds})
+    return out

@@ -34,7 +34,7 @@ def cmd_serve(args) -> int:
     lm = load_model(margs)
     model = augment_from_args(lm, aargs, kargs)
     server, thread = start_server(lm, sargs)
-    what = f" + {model.knnlm.describe()}" if model is not None else ""
+    what = f" ({model.knnlm.summary()})" if model is not None else ""
     print(f"serving {server.engine.name}{what} at {server.url} (POST /completions, GET /models); Ctrl-C stops",
           flush=True)
     if sargs.host not in ("127.0.0.1", "localhost", "::1"):
