@@ -171,6 +171,14 @@ def test_deprecated_f_is_f_norm(caplog):
         P.ProjectionArgs(output_dir="x", datastore="y", target=["f", "f_norm"]).validate()
 
 
+def test_scalar_tol_in_a_config_file_is_a_one_item_list(tmp_path):
+    from knnlm.config import resolve
+
+    (tmp_path / "c.yaml").write_text("output_dir: o\ndatastore: d\ntol: 0.001\n")  # written before --tol took a list
+    (args,) = resolve([P.ProjectionArgs], {}, tmp_path / "c.yaml")
+    assert args.tol == [0.001]
+
+
 def test_share_of_gain_and_gain_ratio_by_hand():
     lm, knn, proj = np.log([0.1, 0.1]), np.log([0.2, 0.2]), np.log([0.15, 0.15])
     assert P.share_of_gain(lm, knn, proj) == pytest.approx(math.log(1.5) / math.log(2))

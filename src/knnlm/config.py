@@ -38,7 +38,9 @@ def _coerce(name: str, tp, value):
     try:
         if origin in (list, tuple):
             (item_tp,) = typing.get_args(tp)[:1]
-            items = value.split(",") if isinstance(value, str) else list(value)
+            # a YAML scalar for a list flag (`tol: 0.001`) is a one-item list
+            items = value.split(",") if isinstance(value, str) else (
+                list(value) if isinstance(value, (list, tuple)) else [value])
             return [_coerce(name, item_tp, v.strip() if isinstance(v, str) else v) for v in items]
         if origin is typing.Literal:
             choices = typing.get_args(tp)

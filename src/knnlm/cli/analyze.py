@@ -45,5 +45,6 @@ def cmd_projection(args) -> int:
     table = results_table(metrics)
     write_markdown(out, table)
     print(table, end="")
-    print(f"results: {out / 'results.json'}; KL histograms: {', '.join(str(out / f'kl_{t}.png') for t in pargs.target)}")
+    print(f"results: {out / 'results.json'}; KL histograms: {', '.join(str(out / f'kl_{t}.png') for t in pargs.target)}; "
+          f"step histograms: {out}/steps_<target>_tol<tol>.png")
     return 0

@@ -56,7 +56,7 @@ MAPS = {"f_out": "f = output layer + softmax, z from final_hidden (the paper's f
         "fg": "f∘g = f_norm(g(z)), g = last feed-forward sublayer with its residual, z from ffn_residual",
         "fg_to_y": "f∘g as above, maximising the gold token's log-probability"}
 # which paper column each target is compared with
-PAPER_COLUMN = {"f_out": "f", "f_norm": "f", "fg": "fg", "fg_to_y": "fg_to_y"}
+PAPER_COLUMN = {"f_out": "f", "f_norm": None, "fg": "fg", "fg_to_y": "fg_to_y"}  # the paper has no f_norm
 STOP_REASONS = ("tol", "patience", "max_steps")  # codes 0, 1, 2 in per_token.npz
 
 # Chiang et al.: a 16-layer LM on WikiText-103, k = 1024, λ = 0.25, L2
