@@ -92,6 +92,10 @@ def atomic_path(path: str | Path, expected_bytes: Optional[int] = None):
                              "(a short write: is the disk full?); rerun the same command")
         _fsync(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # a full disk or a read-only folder: name the file being written (a bare write() does not)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise write_error(path, e) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
