@@ -157,7 +157,7 @@ def test_eval_never_reuses_tokens_of_another_corpus(tiny_gpt2_dir, files, tmp_pa
     assert a["n_tokens"] != clean_b["n_tokens"]
     rc, err = cli(["eval", *model_args(tiny_gpt2_dir), "--validation_file", files / "b.txt", "--output_dir", out,
                    "--block_size", 32], capsys)
-    assert_one_line(rc, err, "--overwrite", "other inputs")
+    assert_one_line(rc, err, "--overwrite", "other inputs", "source")
     b = eval_metrics(tiny_gpt2_dir, files / "b.txt", out, capsys, "--overwrite")
     assert (b["n_tokens"], b["ppl_lm"]) == (clean_b["n_tokens"], clean_b["ppl_lm"])
     # λ is a setting, not an input: a rerun may change it
@@ -228,7 +228,9 @@ def test_corrupt_meta_index_and_faiss_files_are_one_line_errors(tiny_gpt2_dir, f
     for bad in ("{garbage", "[]", '\xff'):
         info.write_text(bad, encoding="latin-1")
         assert_one_line(*cli(ev, capsys), "index.json")
-    info.write_text(good_info)
+    rc, err = cli(["index", "build", ds.dir, "--factory", "Flat", "--overwrite"], capsys)  # replaces even a corrupt one
+    assert rc == 0, err
+    assert json.loads(info.read_text()) == json.loads(good_info)
     meta = ds.dir / "meta.json"
     good_meta = meta.read_text()
     for bad in ('{"N": 3', "[]", '{"N": "x", "d": 64}'):
@@ -237,6 +239,12 @@ def test_corrupt_meta_index_and_faiss_files_are_one_line_errors(tiny_gpt2_dir, f
         assert_one_line(*cli(["index", "build", ds.dir], capsys), "meta.json")
     meta.write_text(good_meta)
     assert cli(ev, capsys)[0] == 0  # restored: it all loads again
+    meta.write_text("{")
+    rc, err = cli(["datastore", "build", *model_args(tiny_gpt2_dir), "--train_file", files / "a.txt", "--output_dir",
+                   ds.dir, "--block_size", 32], capsys)
+    assert_one_line(rc, err, "meta.json", "--overwrite")
+    assert build_ds(tiny_gpt2_dir, files / "a.txt", ds.dir, capsys, "--overwrite").N == ds.N
+    assert json.loads(meta.read_text())["build"] == json.loads(good_meta)["build"]
 
 
 def test_ivf_with_more_lists_than_keys_is_a_one_line_error(tiny_gpt2_dir, files, tmp_path, capsys):

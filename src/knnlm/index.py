@@ -136,17 +136,15 @@ def build_index(ds, args: IndexArgs) -> dict:
     info_path = idir / "index.json"
     factory = args.factory or default_factory(ds.N, ds.d, args.flat_threshold)
     identity = datastore_identity(ds.dir)
-    if info_path.exists():
+    if info_path.exists() and not args.overwrite:  # (with --overwrite even a corrupt index.json is replaced)
         info = read_info(idir)
-        if info.get("datastore") != identity and not args.overwrite:
-            check_identity(idir, info, ds.dir)
-        if info["factory"] == factory and info["shards"] == args.shards and not args.overwrite:
+        check_identity(idir, info, ds.dir)
+        if info["factory"] == factory and info["shards"] == args.shards:
             log.info("index %s already built", idir)
             return info
-        if not args.overwrite:
-            raise KnnlmError(f"--factory: {idir} already holds a '{info['factory']}' index with {info['shards']} "
-                             f"shard(s); pass --overwrite to replace it")
-        info_path.unlink()
+        raise KnnlmError(f"--factory: {idir} already holds a '{info['factory']}' index with {info['shards']} "
+                         f"shard(s); pass --overwrite to replace it")
+    info_path.unlink(missing_ok=True)
     idir.mkdir(exist_ok=True)
     try:
         faiss.index_factory(ds.d, factory)
@@ -158,7 +156,10 @@ def build_index(ds, args: IndexArgs) -> dict:
         raise KnnlmError("--use_gpu: this faiss build has no GPU support (pip install faiss-gpu-cu12, or drop the flag)")
 
     progress_path = idir / "progress.json"
-    progress = read_json(progress_path) if progress_path.exists() else None
+    try:
+        progress = read_json(progress_path) if progress_path.exists() else None
+    except KnnlmError:
+        progress = None  # a damaged checkpoint record: start over
     if progress and (progress["factory"] != factory or progress["shards"] != args.shards
                      or progress.get("datastore") != identity):
         progress = None  # a different build was interrupted: start over

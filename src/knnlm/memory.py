@@ -298,7 +298,8 @@ def _prepare_dir(out: Path, fp: dict, overwrite: bool) -> Optional[str]:
     """'finished' when ``out`` holds this very memory, 'resume' for its checkpoint, None for a fresh start.
 
     A folder holding anything but this command's own output (a model, a datastore, another run) is refused."""
-    if claim_output_dir(out, "mlp train", _strip(fp), overwrite, own_files=_OWN_FILES) == "replace":
+    if claim_output_dir(out, "mlp train", _strip(fp), overwrite, own_files=_OWN_FILES,
+                        what="MLP memory") == "replace":
         for name in _OWN_FILES:
             (out / name).unlink(missing_ok=True)
         return None

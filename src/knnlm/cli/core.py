@@ -143,8 +143,11 @@ def _claim_eval_dir(out: Path, margs, cargs, eargs, overwrite: bool) -> None:
                   "datastore": eargs.datastore and str(Path(eargs.datastore).resolve()),
                   "mlp_memory": eargs.mlp_memory and str(Path(eargs.mlp_memory).resolve())}
     if claim_output_dir(out, "eval", inputs, overwrite, own_files=_EVAL_FILES) == "replace":
+        keep = Path(eargs.from_neighbors).resolve() if eargs.from_neighbors else None  # the cache this run reads
         for name in _EVAL_FILES:  # the earlier run's files go: none may be mistaken for this run's
             p = out / name
+            if keep is not None and (p.resolve() == keep or p.resolve() in keep.parents):
+                continue
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
