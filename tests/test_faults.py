@@ -348,3 +348,41 @@ def test_debug_flag_shows_the_traceback(tiny_gpt2_dir, tmp_path, capsys):
     assert_one_line(rc, err, "missing.txt")
     rc, err = cli(["--debug", *argv], capsys)
     assert rc == 2 and "Traceback" in err and err.rstrip().splitlines()[-1].startswith("knnlm: error:")
+
+
+# ---------------------------------------------------------------------------------------------------------------- the helpers
+def test_claim_output_dir_states(tmp_path):
+    from knnlm.fileio import RUN_MARKER, claim_output_dir
+
+    out = tmp_path / "run"
+    assert claim_output_dir(out, "eval", {"corpus": "a"}) == "new"
+    assert json.loads((out / RUN_MARKER).read_text()) == {"kind": "eval", "inputs": {"corpus": "a"}}
+    (out / "results.json").write_text("{}")
+    assert claim_output_dir(out, "eval", {"corpus": "a"}) == "same"
+    assert claim_output_dir(out, "eval", None) == "same"  # a check only
+    with pytest.raises(KnnlmError, match="corpus: a vs b.*--overwrite"):
+        claim_output_dir(out, "eval", {"corpus": "b"})
+    assert claim_output_dir(out, "eval", {"corpus": "b"}, overwrite=True) == "replace"
+    assert json.loads((out / RUN_MARKER).read_text())["inputs"] == {"corpus": "b"}
+    with pytest.raises(KnnlmError, match="`knnlm eval`, not of `knnlm mlp train`"):
+        claim_output_dir(out, "mlp train", {"corpus": "b"}, overwrite=True)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "results.json").write_text("{}")
+    assert claim_output_dir(legacy, "eval", {"x": 1}, own_files=("results.json",)) == "same"
+    assert (legacy / "knnlm-run.json").is_file()  # adopted: marked as the eval's from now on
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.json").write_text("{}")
+    with pytest.raises(KnnlmError, match="the results of another run"):  # not the memory's files: refused
+        claim_output_dir(other, "mlp train", {"x": 1}, own_files=("memory.json",))
+
+
+def test_stale_temp_files_of_dead_processes_are_removed(tmp_path):
+    from knnlm.fileio import atomic_write_text, remove_stale_temps
+
+    (tmp_path / "a.json.tmp-999999999").write_text("x")  # no such process
+    (tmp_path / f"a.json.tmp-{os.getppid()}").write_text("x")  # a live process (pytest's parent): kept
+    atomic_write_text(tmp_path / "a.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", f"a.json.tmp-{os.getppid()}"]
+    assert remove_stale_temps(tmp_path) == 0

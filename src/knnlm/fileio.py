@@ -245,9 +245,10 @@ def claim_output_dir(path: str | Path, kind: str, inputs: Optional[dict], overwr
     return state
 
 
-def _first_difference(old, new) -> str:
+def _first_difference(old, new, prefix: str = "") -> str:
+    """The first differing entry of two nested dicts, e.g. ``source.file: valid.txt vs test.txt``."""
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
-                return f"{key}: {str(old.get(key))[:40]} vs {str(new.get(key))[:40]}"
-    return "unknown inputs"
+                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.') or 'inputs'}: {str(old)[:40]} vs {str(new)[:40]}"
