@@ -84,6 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
                            help=f"{help_text} (default: {shown})", **extra)
 
 
+def add_config_flag(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """``--config FILE|PRESET``, the file that :func:`resolve` merges under the command's flags (one spelling for all)."""
+    parser.add_argument("--config", default=default, metavar="FILE|PRESET",
+                        help="YAML/JSON file, or a shipped preset name, setting this command's options (flags win)"
+                             + (f" (default: {default})" if default else ""))
+
+
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
+import torch
 
 from .errors import KnnlmError
 from .fileio import atomic_path, atomic_write_json, read_json, sha256_file
@@ -365,6 +366,40 @@ def windows(doc_starts, block_size: int, stride: int) -> list[Window]:
             prev_end = end
             start = min(start + stride, end - 1)  # a target's predicting position must lie inside its window
     return out
+
+
+def _token_array(tokens) -> np.ndarray:
+    return tokens.tokens if isinstance(tokens, TokenFile) else tokens
+
+
+def batch_inputs(tokens, batch: list[Window], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids [B, T] and attention mask [B, T] of a batch of windows over ``tokens`` (a
+    :class:`TokenFile`, read only where the windows are, or any int array)."""
+    length = max(w.end - w.start for w in batch)
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    token_arr = _token_array(tokens)
+    for i, w in enumerate(batch):
+        ids[i, : w.end - w.start] = torch.from_numpy(np.asarray(token_arr[w.start: w.end], dtype=np.int64))
+        mask[i, : w.end - w.start] = 1
+    return ids, mask
+
+
+def target_positions(batch: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row in the batch [n], predicting position [n]) of each scored target, in window order."""
+    rows, pos = [], []
+    for i, w in enumerate(batch):
+        p = torch.arange(w.first_target - 1 - w.start, w.end - 1 - w.start)
+        rows.append(torch.full_like(p, i))
+        pos.append(p)
+    return torch.cat(rows), torch.cat(pos)
+
+
+def target_tokens(tokens, batch: list[Window]) -> torch.Tensor:
+    """The scored (gold) tokens of a batch of windows, in the order of :func:`target_positions`: [n] int64."""
+    token_arr = _token_array(tokens)
+    return torch.from_numpy(np.concatenate([np.asarray(token_arr[w.first_target: w.end], dtype=np.int64)
+                                            for w in batch]))
 
 
 def count_targets(wins: list[Window]) -> int:

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .corpus import (CorpusArgs, TokenFile, Window, count_targets, source_fingerprint, tokenize_to_file, windowing_meta,
-                     windows)
+from .corpus import (CorpusArgs, TokenFile, Window, batch_inputs, count_targets, source_fingerprint,
+                     tokenize_to_file, windowing_meta, windows)
+from .corpus import batch_inputs as _batch_inputs  # noqa: F401  (the old private name, still imported by other modules)
 from .errors import KnnlmError
 from .fileio import atomic_write_json, claim_output_dir, package_versions, read_json, write_error
 
@@ -196,23 +197,11 @@ def _preallocate(path: Path, nbytes: int) -> None:
         fh.truncate(nbytes)
 
 
-def _batch_inputs(tokens: TokenFile, batch: list[Window], pad_id: int):
-    """Right-padded input ids [B, T] and mask [B, T] for a batch of windows (reads only those tokens from disk)."""
-    length = max(w.end - w.start for w in batch)
-    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), length), dtype=torch.long)
-    token_arr = tokens.tokens
-    for i, w in enumerate(batch):
-        ids[i, : w.end - w.start] = torch.from_numpy(np.asarray(token_arr[w.start: w.end], dtype=np.int64))
-        mask[i, : w.end - w.start] = 1
-    return ids, mask
-
-
 def encode_batches(lm, tokens: TokenFile, batches: list[list[Window]], key_point: str):
     """Yields ``(batch index, keys [n, d] float16 numpy, values [n] int32 numpy)`` for the given batches of windows."""
     token_arr = tokens.tokens
     for b, batch in batches:
-        ids, mask = _batch_inputs(tokens, batch, lm.eos_token_id or 0)
+        ids, mask = batch_inputs(tokens, batch, lm.eos_token_id or 0)
         with torch.inference_mode():
             hidden = lm.hidden_states(ids.to(lm.device), mask.to(lm.device), key_point)  # [B, T, d]
         keys, vals = [], []
@@ -260,7 +249,7 @@ def _build(lm, corpus: CorpusArgs, out_dir: Path, key_point: str, batch_size: in
 
     tokens = TokenFile(out_dir / "tokens.i32", out_dir / "tokens.i32.docs")
     wins = windows(tokens.doc_starts, block, stride)
-    n, d = count_targets(wins), lm.hidden_size
+    n, d = count_targets(wins), lm.key_widths[key_point]
     batches = [wins[i: i + batch_size] for i in range(0, len(wins), batch_size)]
     if rank == 0:
         _preallocate(out_dir / "keys.f16", n * d * 2)

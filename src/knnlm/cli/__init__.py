@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import errno
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 import traceback
@@ -36,7 +38,29 @@ def _quiet_libraries(verbose: bool) -> None:
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # hub retries before our one-line error
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (glibc malloc.h)
+_KEEP_FREED_BYTES = 512 << 20  # free memory at the top of the heap kept for reuse instead of returned to the OS
+
+
+def keep_freed_memory() -> bool:
+    """Makes glibc malloc reuse freed memory instead of returning it to the OS (docs/scaling.md, "Allocator").
+
+    By default every block over 32 MiB (a [256, 50257] float32 logits tensor is 51 MiB) is a fresh mmap, so each
+    batch page-faults its tensors in again and unmaps them after; that was a third of `knnlm demo`'s CPU time, as
+    system time. With mmap off for allocations (M_MMAP_MAX = 0) and a high trim threshold, big blocks come from the
+    heap and are reused. Set KNNLM_MALLOPT=0 to keep glibc's defaults. Returns whether the setting was applied."""
+    if os.environ.get("KNNLM_MALLOPT", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # glibc only (musl has no such tunables)
+    except (OSError, AttributeError):
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES))
+
+
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

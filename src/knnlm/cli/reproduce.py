@@ -6,18 +6,18 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    from ..config import add_arguments
+    from ..config import add_arguments, add_config_flag
     from ..experiments.reproduce import ReproduceArgs
 
     demo = sub.add_parser("demo", help="Macondo over-specification on a from-scratch GPT-2: vanilla vs kNN vs MLP "
                                        "memory over training (≤ 10 min on 2 CPU cores, nothing downloaded)")
-    demo.add_argument("--output_dir", default="knnlm-demo", help="run folder (a rerun resumes; default: ./knnlm-demo)")
-    demo.add_argument("--config", default="demo", help="overspec preset or YAML file (default: the demo preset)")
+    demo.add_argument("--output_dir", default="runs/knnlm-demo", help="run folder (a rerun resumes; default: runs/knnlm-demo, beside every other run)")
+    add_config_flag(demo, default="demo")
     demo.set_defaults(func=cmd_demo)
 
     rep = sub.add_parser("reproduce", help="run the four studies and the kNN-LM baseline at a scale; write report.md "
                                            "beside the paper's numbers (cached, resumable)")
-    rep.add_argument("--config", default=None, help="YAML/JSON file setting any of the options below (flags win)")
+    add_config_flag(rep)
     add_arguments(rep, ReproduceArgs)
     rep.set_defaults(func=cmd_reproduce)
 
