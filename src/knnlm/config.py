@@ -110,7 +110,10 @@ def load_config_file(path: str | Path) -> dict:
         raise KnnlmError(f"--config: {path} does not exist; pass a YAML or JSON file or a preset name "
                          f"({', '.join(presets())})")
     try:
-        data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except UnicodeDecodeError as e:
+        raise KnnlmError(f"--config: {path} is not UTF-8 at byte {e.start}; re-encode it as UTF-8") from None
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise KnnlmError(f"--config: {path} is not valid YAML/JSON ({str(e).splitlines()[0]})") from None
     if data is None:

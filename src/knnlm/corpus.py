@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .errors import KnnlmError
-from .fileio import atomic_path, atomic_write_json, read_json, sha256_file, write_error
+from .fileio import atomic_path, atomic_write_json, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -286,47 +286,43 @@ def tokenize_to_file(lm, args: CorpusArgs, which: str, out_path: str | Path, sou
     n_docs = n_blank = 0  # documents read, and those of whitespace only
     doc_has_text = True
     eos = lm.eos_token_id
-    try:
-        with atomic_path(out_path) as tmp:
-            with open(tmp, "wb") as fh:
-                for ids, continued, has_text in _documents(lm, args, which):
-                    if continued:
-                        doc_has_text |= has_text
+    with atomic_path(out_path) as tmp:  # a full disk here is a one-line error naming the file; nothing is renamed
+        with open(tmp, "wb") as fh:
+            for ids, continued, has_text in _documents(lm, args, which):
+                if continued:
+                    doc_has_text |= has_text
+                else:
+                    n_blank += not doc_has_text
+                    n_docs, doc_has_text = n_docs + 1, has_text
+                if not continued and n > starts[-1]:  # a new document begins
+                    if args.concat_documents:
+                        if eos is not None:
+                            fh.write(np.asarray([eos], np.int32).tobytes())
+                            n += 1
                     else:
-                        n_blank += not doc_has_text
-                        n_docs, doc_has_text = n_docs + 1, has_text
-                    if not continued and n > starts[-1]:  # a new document begins
-                        if args.concat_documents:
-                            if eos is not None:
-                                fh.write(np.asarray([eos], np.int32).tobytes())
-                                n += 1
-                        else:
-                            starts.append(n)
-                    if limit is not None:
-                        ids = ids[: max(0, limit - n)]
-                    fh.write(np.asarray(ids, np.int32).tobytes())
-                    n += len(ids)
-                    if limit is not None and n >= limit:
-                        break
-            starts.append(n)
-            n_blank += not doc_has_text
-            if n < 2:
-                raise KnnlmError(f"{flag}: the corpus is empty (fewer than 2 tokens); pass a file with text in it")
-            if n_blank >= n_docs:
-                raise KnnlmError(f"{flag}: the corpus holds only whitespace ({n} tokens of blanks and line breaks); "
-                                 "pass a file with text in it")
-            if n_blank:
-                log.warning("%s: %d of %d documents hold only whitespace; they are kept (as run_clm does)", flag,
-                            n_blank, n_docs)
-            if tmp.stat().st_size != 4 * n:
-                raise KnnlmError(f"{flag}: {out_path}: wrote {tmp.stat().st_size} bytes, expected {4 * n} (a short "
-                                 "write: is the disk full?); rerun the same command")
-            with atomic_path(doc_path, expected_bytes=8 * len(starts)) as dtmp:
-                np.asarray(starts, np.int64).tofile(dtmp)
-        atomic_write_json(key_path, {"key": key, "n_tokens": n, "n_documents": len(starts) - 1})
-    except OSError as e:
-        doc_path.unlink(missing_ok=True)
-        raise write_error(out_path, e) from None
+                        starts.append(n)
+                if limit is not None:
+                    ids = ids[: max(0, limit - n)]
+                fh.write(np.asarray(ids, np.int32).tobytes())
+                n += len(ids)
+                if limit is not None and n >= limit:
+                    break
+        starts.append(n)
+        n_blank += not doc_has_text
+        if n < 2:
+            raise KnnlmError(f"{flag}: the corpus is empty (fewer than 2 tokens); pass a file with text in it")
+        if n_blank >= n_docs:
+            raise KnnlmError(f"{flag}: the corpus holds only whitespace ({n} tokens of blanks and line breaks); "
+                             "pass a file with text in it")
+        if n_blank:
+            log.warning("%s: %d of %d documents hold only whitespace; they are kept (as run_clm does)", flag,
+                        n_blank, n_docs)
+        if tmp.stat().st_size != 4 * n:
+            raise KnnlmError(f"{flag}: {out_path}: wrote {tmp.stat().st_size} bytes, expected {4 * n} (a short "
+                             "write: is the disk full?); rerun the same command")
+        with atomic_path(doc_path, expected_bytes=8 * len(starts)) as dtmp:
+            np.asarray(starts, np.int64).tofile(dtmp)
+    atomic_write_json(key_path, {"key": key, "n_tokens": n, "n_documents": len(starts) - 1})  # last: marks them valid
     log.info("tokenized %s corpus: %d tokens, %d documents", which, n, len(starts) - 1)
     return TokenFile(out_path, doc_path)
 

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .corpus import (CorpusArgs, TokenFile, Window, batch_inputs, count_targets, source_fingerprint, tokenize_to_file,
-                     windowing_meta, windows)
+from .corpus import (CorpusArgs, TokenFile, Window, batch_inputs, count_targets, source_fingerprint,
+                     tokenize_to_file, windowing_meta, windows)
 from .corpus import batch_inputs as _batch_inputs  # noqa: F401  (the old private name, still imported by other modules)
 from .errors import KnnlmError
 from .fileio import atomic_write_json, claim_output_dir, package_versions, read_json, write_error
@@ -155,13 +155,20 @@ def _clear(out_dir: Path) -> None:
 
 def _prepare_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> bool:
     """Returns True when ``out_dir`` already holds this very datastore, finished."""
-    state = claim_output_dir(out_dir, KIND, fingerprint, overwrite, own_files=OWN_FILES)
+    state = claim_output_dir(out_dir, KIND, fingerprint, overwrite, own_files=OWN_FILES, what="datastore")
     if state == "replace":
         _clear(out_dir)
         return False
     meta, build = out_dir / "meta.json", out_dir / "build.json"
-    fix = "pass --overwrite to rebuild the datastore"
-    existing = read_json(meta, fix).get("build") if meta.exists() else read_json(build, fix) if build.exists() else None
+    try:
+        record = read_json(meta) if meta.exists() else read_json(build) if build.exists() else None
+        existing = record.get("build") if meta.exists() else record
+    except (KnnlmError, AttributeError):  # a damaged meta.json / build.json
+        if not overwrite:
+            raise KnnlmError(f"--output_dir: {meta if meta.exists() else build} is corrupt; pass --overwrite to "
+                             "rebuild the datastore") from None
+        _clear(out_dir)
+        return False
     if existing is not None and existing != fingerprint:
         if not overwrite:
             raise KnnlmError(f"--output_dir: {out_dir} already holds a different datastore "

@@ -52,7 +52,7 @@ def remove_stale_temps(folder: str | Path, name: str = "*") -> int:
     return removed
 
 
-def write_error(path: str | Path, e: OSError, flag: str = "--output_dir") -> KnnlmError:
+def write_error(path: str | Path, e: OSError, flag: str = "") -> KnnlmError:
     """A one-line error for a failed write: names the file and says how to recover."""
     what = os.strerror(e.errno) if e.errno else str(e)
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -61,7 +61,7 @@ def write_error(path: str | Path, e: OSError, flag: str = "--output_dir") -> Knn
         fix = "choose a writable folder"
     else:
         fix = "check the folder and rerun the same command"
-    return KnnlmError(f"{flag}: cannot write {path} ({what}); {fix}")
+    return KnnlmError(f"{flag + ': ' if flag else ''}cannot write {path} ({what}); {fix}")
 
 
 def _fsync(path: Path) -> None:
@@ -88,10 +88,18 @@ def atomic_path(path: str | Path, expected_bytes: Optional[int] = None):
     try:
         yield tmp
         if expected_bytes is not None and tmp.stat().st_size != expected_bytes:
-            raise KnnlmError(f"--output_dir: {path}: wrote {tmp.stat().st_size} bytes, expected {expected_bytes} "
+            raise KnnlmError(f"{path}: wrote {tmp.stat().st_size} bytes, expected {expected_bytes} "
                              "(a short write: is the disk full?); rerun the same command")
         _fsync(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # a full disk or a read-only folder: name the file being written (a bare write() does not)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES) and e.filename in (None, str(tmp), str(path)):
+            raise write_error(path, e) from None
+        raise
+    except RuntimeError as e:  # FAISS's writer reports a failed fwrite as a RuntimeError carrying strerror
+        if "No space left on device" in str(e):
+            raise write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -185,7 +193,7 @@ def describe_folder(path: Path) -> str | None:
 
 
 def claim_output_dir(path: str | Path, kind: str, inputs: Optional[dict], overwrite: bool = False,
-                     own_files: Iterable[str] = (), flag: str = "--output_dir") -> str:
+                     own_files: Iterable[str] = (), flag: str = "--output_dir", what: Optional[str] = None) -> str:
     """Makes ``path`` the output folder of one ``knnlm <kind>`` run with the given ``inputs`` (a JSON-able dict of
     what the outputs are made from), or refuses it with a one-line ``KnnlmError``.
 
@@ -193,7 +201,8 @@ def claim_output_dir(path: str | Path, kind: str, inputs: Optional[dict], overwr
     reuse it) or ``"replace"`` (its own run of other inputs and ``overwrite``: the caller replaces its files). A folder
     holding anything else (a model, a datastore, another command's run, unknown files, a file) is refused, with or
     without ``overwrite``. ``inputs=None`` only checks the folder (cheap, before a model is loaded) and writes nothing. ``own_files``: names this command writes, so a folder made before the marker existed (and
-    holding nothing else) is recognised as its own. Writes ``knnlm-run.json`` (the marker) atomically.
+    holding nothing else) is recognised as its own; ``what`` names the artefact in messages ("MLP memory"). Writes
+    ``knnlm-run.json`` (the marker) atomically.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -215,9 +224,9 @@ def claim_output_dir(path: str | Path, kind: str, inputs: Optional[dict], overwr
         elif overwrite:
             state = "replace"
         else:
-            raise KnnlmError(f"{flag}: {path} holds a `knnlm {kind}` run made from other inputs "
-                             f"({_first_difference(record.get('inputs'), inputs)}); pass --overwrite to replace it "
-                             "or choose another folder")
+            raise KnnlmError(f"{flag}: {path} already holds a different {what or f'`knnlm {kind}` run'} (other "
+                             f"inputs: {_first_difference(record.get('inputs'), inputs)}); pass --overwrite to replace "
+                             "it or choose another folder")
     elif own_files and set(entries) <= set(own_files):
         state = "same"  # made before the marker existed; the caller's own checks compare its inputs
     else:
@@ -236,9 +245,10 @@ def claim_output_dir(path: str | Path, kind: str, inputs: Optional[dict], overwr
     return state
 
 
-def _first_difference(old, new) -> str:
+def _first_difference(old, new, prefix: str = "") -> str:
+    """The first differing entry of two nested dicts, e.g. ``source.file: valid.txt vs test.txt``."""
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
-                return f"{key}: {str(old.get(key))[:40]} vs {str(new.get(key))[:40]}"
-    return "unknown inputs"
+                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.') or 'inputs'}: {str(old)[:40]} vs {str(new)[:40]}"

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"knnlm: error: {_one_line(e)}", file=sys.stderr)
-        return 2 if isinstance(e, (KnnlmError, OSError, MemoryError)) else 1
+        return 2 if isinstance(e, (KnnlmError, OSError, MemoryError, UnicodeDecodeError)) else 1
 
 
 _OS_FIXES = {errno.ENOSPC: "free some space (or choose another folder) and rerun the same command to resume",
@@ -94,6 +94,9 @@ def _one_line(e: BaseException) -> str:
         where = e.filename or "a file"
         fix = _OS_FIXES.get(e.errno, "check the path and rerun the same command")
         return f"{e.strerror or e}: {where}; {fix}"
+    if isinstance(e, UnicodeDecodeError):  # an input file read without knnlm.corpus (which names file and byte)
+        return (f"an input file is not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start} of a read); "
+                "re-encode it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)")
     if isinstance(e, MemoryError):
         return "out of memory; use a smaller --batch_size (or --max_tokens) and rerun the same command"
     first = (str(e).strip().splitlines() or [""])[0][:200]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import KnnlmError
-from ..fileio import atomic_write_json, read_json
+from ..fileio import atomic_write_json, claim_output_dir, read_json
 from ..train import TrainArgs, epoch_permutation, train
 
 log = logging.getLogger(__name__)
@@ -261,6 +261,8 @@ def _prepare_output(args: LMArgs, targs: TrainArgs) -> Path | None:
     out = Path(args.output_dir)
     work = out / "work"
     key = _run_key(args, targs)
+    if not (work / "run.json").is_file() and not (out / TRAINING_JSON).is_file():
+        claim_output_dir(out, "lm train", None)  # a file, a model, a datastore, other files: refused, never deleted
     if (out / TRAINING_JSON).is_file():
         if not args.overwrite and read_json(out / TRAINING_JSON).get("run_key") == key:
             return None
@@ -268,8 +270,6 @@ def _prepare_output(args: LMArgs, targs: TrainArgs) -> Path | None:
             raise KnnlmError(f"--output_dir: {out} holds a model trained with other settings; pass --overwrite true "
                              "to replace it, or another folder")
     if out.exists() and any(out.iterdir()):
-        if not (work / "run.json").is_file() and not (out / TRAINING_JSON).is_file():
-            raise KnnlmError(f"--output_dir: {out} is not empty and holds no knnlm LM run; pass an empty or new folder")
         if args.overwrite:
             shutil.rmtree(out)
         elif read_json(work / "run.json") != key:
