@@ -178,3 +178,37 @@ def test_cli_score_bad_split(tiny_gpt2_dir, data, tmp_path, capsys):
     rc = main(["macondo", "score", "--model_name_or_path", str(tiny_gpt2_dir), "--data", str(data), "--split", "dev",
                "--output_dir", str(tmp_path / "o")])
     assert rc == 2 and "--split" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_fit_optimum_is_the_empirical_conditional_frequency():
+    """By hand: a prefix that introduces one child -> 0; the same prefix (same parent, same clause) introducing two
+    children, one of them twice -> log(2/3) and log(1/3); a pair absent from training -> -inf; summarize's
+    optimum_fit averages those per group like the scores."""
+    from knnlm.macondo.score import fit_optimum
+
+    def row(prefix, child, n):
+        return {"prefix": prefix, "target": " " + child, "n_children": n}
+
+    train = [row("A, who was born in Lyon, is the parent of", "Bo", 1),
+             row("C, who married in 1975, is the parent of", "Di", 2),
+             row("C, who married in 1975, is the parent of", "Di", 2),
+             row("C, who married in 1975, is the parent of", "Ed", 2),
+             row("C, who was born in 1950, is the parent of", "Ed", 2)]
+    got = fit_optimum(train + [row("A is the parent of", "Bo", 1)], train)
+    assert got[:5] == pytest.approx([0.0, math.log(2 / 3), math.log(2 / 3), math.log(1 / 3), 0.0])
+    assert got[5] == float("-inf")
+    s = summarize(train, [-1.0] * 5, got[:5])
+    assert s["optimum_fit"]["1"] == 0.0
+    assert s["optimum_fit"]["2"] == pytest.approx((2 * math.log(2 / 3) + math.log(1 / 3)) / 4)
+    assert s["optimum_fit"]["avg_groups"] == pytest.approx(s["optimum_fit"]["2"] / 2)
+    assert s["optimum"]["2"] == pytest.approx(math.log(1 / 2))  # log(1/n) stays beside it
+
+
+def test_memory_alone_scores_are_reported(tiny_lm, rows):
+    """score_split's "mem" is the memory's own log-probability (λ = 1 of the MLP interpolation), summed per row."""
+    V = tiny_lm.vocab_size
+    lls = score_split(tiny_lm, rows, memory=_Uniform(V), lmbdas=[1.0], batch_size=5)
+    n_tokens = [len(tiny_lm.tokenizer(r["target"], add_special_tokens=False)["input_ids"]) for r in rows]
+    np.testing.assert_allclose(lls["mem"], [-n * math.log(V) for n in n_tokens], rtol=1e-6)
+    np.testing.assert_allclose(lls["mlp"][1.0], lls["mem"], rtol=1e-6)
+    assert score_split(tiny_lm, rows[:2])["mem"] == []

@@ -25,7 +25,8 @@ STEPS = [0, 4, 8]
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("overspec") / "run"
-    args = resolve_args({**TINY, "output_dir": str(out), "keep_datastores": True, "save_models": True})
+    args = resolve_args({**TINY, "output_dir": str(out), "keep_datastores": True, "save_models": True,
+                         "bare_reference": True})
     result = run_study(args)
     return out, result
 
@@ -225,15 +226,23 @@ def test_cli_rejects_unknown_config_key_before_training(tmp_path, capsys):
 def test_outputs_follow_table5_and_figure1(tiny_run):
     out, result = tiny_run
     text = (out / "results.md").read_text()
-    header = next(line for line in text.splitlines() if line.startswith("| steps"))
+    test_part = text[text.index("## Test split"):]
+    header = next(line for line in test_part.splitlines() if line.startswith("| steps"))
     cells = [c.strip() for c in header.strip("|").split("|")]
-    assert cells == ["steps"] + [f"{g} {m}" for g in ("1", "2", "3", "4", "5", "Average") for m in ("vanilla", "kNN", "MLP")]
+    assert cells == ["steps"] + [f"{g} {m}" for g in ("1", "2", "3", "4", "5", "Average")
+                                 for m in ("vanilla", "kNN", "MLP", "bare-trained")]
     m = result["metrics"]
-    row8 = next(line for line in text.splitlines() if line.startswith("| 8 |"))
+    row8 = next(line for line in test_part.splitlines() if line.startswith("| 8 |"))
     assert f"{m['mean']['test']['lm']['1'][2]:.2f} ± {m['std']['test']['lm']['1'][2]:.2f}" in row8
-    assert "| log(1/n) | 0.00 | 0.00 | 0.00 | -0.69 |" in text
-    assert "test_overspecified" in text
-    for name in ("overspec.png", "overspec_control.png"):
+    assert f"{m['mean']['test']['bare']['avg_groups'][2]:.2f} ± {m['std']['test']['bare']['avg_groups'][2]:.2f} |" in row8
+    assert "| log(1/n) | 0.00 | 0.00 | 0.00 | 0.00 | -0.69 |" in text
+    overview = text[text.index("## Overview"):text.index("## Test split")]
+    assert ("| steps | test vanilla | test kNN | test MLP | test bare-trained | train vanilla | train kNN | train MLP | "
+            "control vanilla | control kNN | control MLP |") in overview
+    train_part = text[text.index("## Training split"):]
+    assert f"| training optimum | {m['optimum_fit']['1']:.2f} |" in train_part
+    assert "test_overspecified" in text and "## Verdict: over-specification" in text
+    for name in ("overspec.png", "overspec_control.png", "overspec_train.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "results.json").read_text())
     assert saved["config"]["seeds"] == [0, 1] and saved["metrics"]["steps"] == STEPS and saved["run"]["wall_s"] > 0
@@ -259,3 +268,145 @@ def test_cpu_tiny_preset(tmp_path):
     assert m["mean"]["test"]["lm"]["avg_groups"][-1] > first + 1  # training raised the test log-likelihood
     # seeded golden: kNN beat vanilla by 0.90 nats on the test average at the last step (docs/overspec.md)
     assert m["final"]["test"]["knn_minus_lm"]["avg_groups"] > 0.3
+
+
+# ---------------------------------------------------------------------------------------------------------------- issue 17
+def test_training_split_scores_equal_a_hand_computation(tiny_run):
+    """The 'train' split (each pair's first training sentence: all 15 here) at the last point of seed 0: vanilla
+    log-likelihoods recomputed from the saved model with plain transformers equal the recorded ones; the training
+    optimum is the empirical frequency of the child after that exact prefix in the training sentences."""
+    from collections import Counter
+
+    out, result = tiny_run
+    point = _point(out, 0, 8)
+    model, tok = _load_hf(out / "seed-0" / "evals" / "step-0000008" / "model")
+    train = _rows(out, 0, "train")
+    ll = []
+    for row in train:
+        prefix = tok(row["prefix"])["input_ids"]
+        (target,) = tok(row["target"], add_special_tokens=False)["input_ids"]
+        _, logp = _ffn_input_and_logp(model, prefix + [target])
+        ll.append(float(logp[len(prefix) - 1, target]))
+    np.testing.assert_allclose(point["lls"]["train"]["lm"], ll, atol=1e-4)
+    assert point["lls"]["train"]["n_children"] == [r["n_children"] for r in train]
+    prefixes, pairs = Counter(r["prefix"] for r in train), Counter((r["prefix"], r["target"]) for r in train)
+    fit = [math.log(pairs[(r["prefix"], r["target"])] / prefixes[r["prefix"]]) for r in train]
+    summary = point["splits"]["train"]["lm"]
+    for n in range(1, 6):
+        sel = [i for i, r in enumerate(train) if r["n_children"] == n]
+        assert summary[str(n)] == pytest.approx(np.mean([ll[i] for i in sel]), abs=1e-4)
+        assert summary["optimum_fit"][str(n)] == pytest.approx(np.mean([fit[i] for i in sel]), abs=1e-12)
+    assert summary["optimum_fit"]["1"] == 0.0  # a parent's only child: its prefix introduces nobody else
+    m = result["metrics"]
+    assert m["splits"] == ["test", "test_overspecified", "train"]
+    assert m["mean"]["train"]["lm"]["avg_groups"][2] == pytest.approx(
+        np.mean([_point(out, s, 8)["splits"]["train"]["lm"]["avg_groups"] for s in (0, 1)]), abs=1e-12)
+    assert m["final"]["train"]["lm_gap_to_fit_optimum"]["avg_groups"] == pytest.approx(
+        m["optimum_fit"]["avg_groups"] - m["mean"]["train"]["lm"]["avg_groups"][2])
+    mem = np.mean([-np.mean(_point(out, s, 8)["lls"]["train"]["mem"]) for s in (0, 1)])
+    assert m["mlp_child_loss"]["mean"] == pytest.approx(mem) and mem > 0
+    for seed in ("0", "1"):  # the memory's own loss curve, from its train.json: 15 sentences' keys, 64 per step
+        t = m["mlp_training"][seed]
+        assert t["steps"] == math.ceil(m["n_keys"][seed] / 64) and t["final_loss"] == t["loss_curve"][-1]["loss"]
+    assert "- MLP memory training loss at the last step" in (out / "results.md").read_text()
+
+
+def test_train_sample_takes_each_pairs_first_sentences():
+    from knnlm.experiments.overspec import train_sample
+
+    rows = [{"parent": p, "child": c, "i": i} for p, c, n in (("A", "x", 3), ("A", "y", 2), ("B", "z", 3))
+            for i in range(n)]
+    assert [(r["child"], r["i"]) for r in train_sample(rows, 1)] == [("x", 0), ("y", 0), ("z", 0)]
+    assert [(r["child"], r["i"]) for r in train_sample(rows, 2)] == [("x", 0), ("x", 1), ("y", 0), ("y", 1),
+                                                                     ("z", 0), ("z", 1)]
+
+
+def test_bare_reference_trains_on_exactly_the_bare_sentences(tiny_run, tmp_path, monkeypatch):
+    """The bare-trained reference's training data: every bare test sentence, --examples_per_child times, no [desc]
+    clause anywhere (no ', who', no attribute value of any villager); it starts from the over-specified run's initial
+    weights (same step-0 hash and scores) and takes as many steps."""
+    import shutil
+
+    import knnlm.experiments.overspec as ov
+
+    out, result = tiny_run
+    seen = []
+    real = ov.make_batches
+
+    def spy(lm, rows, batch_size):
+        seen.append([dict(r) for r in rows])
+        return real(lm, rows, batch_size)
+
+    monkeypatch.setattr(ov, "make_batches", spy)
+    work = tmp_path / "run"
+    for sub in ("data", "init"):
+        shutil.copytree(out / "seed-0" / sub, work / "seed-0" / sub)
+    args = resolve_args({**TINY, "seeds": "0", "output_dir": str(work), "bare_reference": True})
+    record = ov.run_bare_seed(args, 0, work)
+    (rows,) = seen
+    test = _rows(out, 0, "test")
+    assert [r["text"] for r in rows] == [r["text"] for r in test for _ in range(TINY["examples_per_child"])]
+    villagers = json.loads((out / "seed-0" / "data" / "villagers.json").read_text())
+    values = {str(v[a]) for v in villagers for a in ("birth_year", "birth_city", "lived_in", "friend", "university",
+                                                      "marriage_year", "employer")}
+    for r in rows:
+        assert r["text"] == f"{r['parent']} is the parent of {r['child']}" and ", who " not in r["text"]
+        assert not any(v in r["text"].replace(r["parent"], "") for v in values)
+    assert len(rows) == len(_rows(out, 0, "train")) and record["steps"] == 8
+    bare0 = json.loads((out / "seed-0" / "bare" / "evals" / "step-0000000.json").read_text())
+    assert bare0["weights_hash"] == _point(out, 0, 0)["weights_hash"]  # the same initial model
+    assert bare0["lls"] == pytest.approx(_point(out, 0, 0)["lls"]["test"]["lm"], abs=1e-9)
+    assert record["history"][-1]["lls"] == pytest.approx(
+        json.loads((out / "seed-0" / "bare" / "history.json").read_text())["history"][-1]["lls"], abs=1e-9)
+    m = result["metrics"]
+    assert m["mean"]["test"]["bare"]["avg_groups"][2] == pytest.approx(
+        np.mean([json.loads((out / f"seed-{s}" / "bare" / "history.json").read_text())["history"][-1]["summary"]
+                 ["avg_groups"] for s in (0, 1)]), abs=1e-12)
+    assert m["final"]["test"]["bare_minus_lm"]["avg_groups"] == pytest.approx(
+        m["mean"]["test"]["bare"]["avg_groups"][2] - m["mean"]["test"]["lm"]["avg_groups"][2])
+
+
+def test_intervals_and_verdict_in_the_results(tiny_run):
+    """The bootstrap intervals are centred on the tables' last-step differences; the verdict is recorded."""
+    out, result = tiny_run
+    m = result["metrics"]
+    for split in ("test", "test_overspecified", "train"):
+        for key in ("knn_minus_lm", "mlp_minus_lm"):
+            ci = m["intervals"][split][key]
+            assert ci["estimate"] == pytest.approx(m["final"][split][key]["avg_groups"], abs=1e-9)
+            assert ci["low"] <= ci["estimate"] <= ci["high"] and ci["n_units"] == 2 and ci["n_items"] == 30
+    ci = m["intervals"]["test"]["bare_minus_lm"]
+    assert ci["estimate"] == pytest.approx(m["final"]["test"]["bare_minus_lm"]["avg_groups"], abs=1e-9)
+    assert [c["name"] for c in m["verdict"]["conditions"]] == ["fits-training-data", "bare-reference-closer",
+                                                               "knn-beats-vanilla"]
+    saved = json.loads((out / "results.json").read_text())["metrics"]
+    assert saved["verdict"] == m["verdict"] and "lls" not in saved["per_seed"]["0"][-1]
+
+
+def test_reproduce_reports_the_verdict_and_names_failed_conditions(tiny_run, tmp_path):
+    """knnlm reproduce's Macondo claims: 'over-specification shown' holds only with the verdict; otherwise the claim
+    names each failed condition. Table 2's Macondo row is the perplexity of the names from the last step."""
+    from knnlm.experiments.overspec_stats import overspec_verdict
+    from knnlm.experiments.reproduce import _overspec_section
+
+    out, result = tiny_run
+    saved = json.loads((out / "results.json").read_text())
+    for verdict in (saved["metrics"]["verdict"],
+                    overspec_verdict({"final": {"train": {"lm": {"avg_groups": -0.9}}}, "optimum_fit": {"avg_groups": -0.8},
+                                      "intervals": {"test": {k: {"estimate": 1, "low": 0.5, "high": 1.5, "confidence": 0.95}
+                                                             for k in ("bare_minus_lm", "knn_minus_lm")}}})):
+        saved["metrics"]["verdict"] = verdict
+        folder = tmp_path / f"shown-{verdict['shown']}"
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(saved))
+        _, claims, t2 = _overspec_section(tmp_path, folder.name)
+        first = claims[0]
+        assert first.startswith("- **over-specification shown")
+        if verdict["shown"]:
+            assert "— holds at this scale: all three conditions hold" in first
+        else:
+            assert "— does not hold" in first and f"not shown: {', '.join(verdict['failed'])} failed" in first
+        for name in verdict["failed"]:
+            assert f"FAILED {name}" in first
+    final = result["metrics"]["final"]["test"]
+    assert t2[1][1:] == pytest.approx([math.exp(-final[m]["avg_groups"]) for m in ("lm", "knn", "mlp")])

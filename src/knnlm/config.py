@@ -38,7 +38,9 @@ def _coerce(name: str, tp, value):
     try:
         if origin in (list, tuple):
             (item_tp,) = typing.get_args(tp)[:1]
-            items = value.split(",") if isinstance(value, str) else list(value)
+            # a YAML scalar for a list flag (`tol: 0.001`) is a one-item list
+            items = value.split(",") if isinstance(value, str) else (
+                list(value) if isinstance(value, (list, tuple)) else [value])
             return [_coerce(name, item_tp, v.strip() if isinstance(v, str) else v) for v in items]
         if origin is typing.Literal:
             choices = typing.get_args(tp)
@@ -81,7 +83,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             help_text += f" One of: {', '.join(map(str, typing.get_args(tp)))}."
         extra = {"nargs": "?", "const": "true"} if tp is bool else {}  # `--flag` alone means true
         group.add_argument(f"--{f.name}", default=None, metavar=f.name.upper(), dest=f.name,
-                           help=f"{help_text} (default: {shown})", **extra)
+                           help=f"{help_text} (default: {shown})".replace("%", "%%"), **extra)  # argparse %-formats help
+
+
+def add_config_flag(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """``--config FILE|PRESET``, the file that :func:`resolve` merges under the command's flags (one spelling for all)."""
+    parser.add_argument("--config", default=default, metavar="FILE|PRESET",
+                        help="YAML/JSON file, or a shipped preset name, setting this command's options (flags win)"
+                             + (f" (default: {default})" if default else ""))
 
 
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
@@ -101,7 +110,10 @@ def load_config_file(path: str | Path) -> dict:
         raise KnnlmError(f"--config: {path} does not exist; pass a YAML or JSON file or a preset name "
                          f"({', '.join(presets())})")
     try:
-        data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except UnicodeDecodeError as e:
+        raise KnnlmError(f"--config: {path} is not UTF-8 at byte {e.start}; re-encode it as UTF-8") from None
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise KnnlmError(f"--config: {path} is not valid YAML/JSON ({str(e).splitlines()[0]})") from None
     if data is None:

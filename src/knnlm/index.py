@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import KnnlmError
-from .fileio import atomic_path, atomic_write_json, read_json
+from .fileio import atomic_path, atomic_write_json, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class IndexArgs:
     recall_queries: int = field(default=1000, metadata={"help": "Keys used as queries to measure recall@k against exact search (0 skips)."})
     recall_k: int = field(default=64, metadata={"help": "k of the recall@k report."})
     seed: int = field(default=0, metadata={"help": "Seed of the training sample and the recall queries."})
+    polysemous: bool = field(default=False, metadata={"help": "Polysemous training of the PQ codes (faiss.index_factory turns it on; it serves Hamming-filtered search, which knnlm never uses, and costs about a third of an IVF-PQ build)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing index."})
 
     def validate(self) -> None:
@@ -72,12 +73,63 @@ def _index_dir(ds_dir: Path) -> Path:
     return Path(ds_dir) / "index"
 
 
+# ---------------------------------------------------------------------------------------------------------------- identity
+def datastore_identity(ds_dir: str | Path) -> dict:
+    """What an index was built from: the datastore's N and the hash of its meta.json (model, corpus, key point)."""
+    meta = Path(ds_dir) / "meta.json"
+    return {"N": int(read_json(meta)["N"]), "meta_sha256": sha256_file(meta)[:16]}
+
+
+def check_identity(idir: Path, info: dict, ds_dir: str | Path) -> None:
+    """Refuses an index that was built over another datastore (or records none: built by an older knnlm)."""
+    mine, theirs = datastore_identity(ds_dir), info.get("datastore")
+    if theirs != mine:
+        what = ("records no datastore identity (built by an older knnlm)" if theirs is None else
+                f"was built over another datastore (N={theirs.get('N') if isinstance(theirs, dict) else '?'}, "
+                f"this one has N={mine['N']})")
+        raise KnnlmError(f"--datastore: {idir} {what}; rebuild it with `knnlm index build {Path(ds_dir)} --overwrite`")
+
+
+def read_info(idir: Path) -> dict:
+    """``index.json``, checked to be one (a corrupt file is a one-line error)."""
+    fix = f"rebuild the index with `knnlm index build {idir.parent} --overwrite`"
+    info = read_json(idir / "index.json", fix=fix)
+    if not isinstance(info, dict) or not all(k in info for k in ("factory", "shards", "d")):
+        raise KnnlmError(f"--datastore: {idir / 'index.json'} is not a knnlm index record; {fix}")
+    return info
+
+
+def _read_index(path: Path):
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError:
+        raise KnnlmError(f"--datastore: {path} is not a readable FAISS index (corrupt or truncated); rebuild it with "
+                         f"`knnlm index build {path.parent.parent} --overwrite`") from None
+
+
+def _set_polysemous(index, on: bool) -> None:
+    """Sets ``do_polysemous_training`` on the PQ index or IVF-PQ inside ``index`` (kept alive by the caller)."""
+    parts = [index]
+    try:
+        parts.append(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        pass  # not an IVF index
+    for part in parts:
+        part = faiss.downcast_index(part)
+        if hasattr(part, "do_polysemous_training"):
+            part.do_polysemous_training = on
+
+
 def _train(ds, factory: str, args: IndexArgs, use_gpu: bool):
     index = faiss.index_factory(ds.d, factory, faiss.METRIC_L2)
+    _set_polysemous(index, args.polysemous)
     if index.is_trained:
         return index
     ivf = faiss.extract_index_ivf(index) if "IVF" in factory else None
     need = max(args.train_size, 40 * ivf.nlist) if ivf is not None else args.train_size
+    if ivf is not None and ds.N < ivf.nlist:  # FAISS cannot train k-means with fewer points than centroids
+        raise KnnlmError(f"--factory: {factory} has {ivf.nlist} IVF lists but the datastore has only {ds.N} keys; "
+                         f"use at most IVF{2 ** max(0, int(math.log2(max(1, ds.N // 39))))} (39+ keys per list) or Flat")
     rng = np.random.default_rng(args.seed)
     rows = np.sort(rng.choice(ds.N, size=min(ds.N, need), replace=False))
     sample = np.asarray(ds.keys[rows], dtype=np.float32)
@@ -85,7 +137,11 @@ def _train(ds, factory: str, args: IndexArgs, use_gpu: bool):
     if use_gpu and ivf is not None:
         clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ds.d))
         ivf.clustering_index = clustering
-    index.train(sample)
+    try:
+        index.train(sample)
+    except RuntimeError as e:  # e.g. PQ needs 2^nbits training points
+        raise KnnlmError(f"--factory: FAISS cannot train {factory} on {len(rows)} keys "
+                         f"({str(e).strip().splitlines()[-1][:160]}); use a smaller index or Flat") from None
     return index
 
 
@@ -94,15 +150,16 @@ def build_index(ds, args: IndexArgs) -> dict:
     idir = _index_dir(ds.dir)
     info_path = idir / "index.json"
     factory = args.factory or default_factory(ds.N, ds.d, args.flat_threshold)
-    if info_path.exists():
-        info = read_json(info_path)
-        if info["factory"] == factory and info["shards"] == args.shards and not args.overwrite:
+    identity = datastore_identity(ds.dir)
+    if info_path.exists() and not args.overwrite:  # (with --overwrite even a corrupt index.json is replaced)
+        info = read_info(idir)
+        check_identity(idir, info, ds.dir)
+        if info["factory"] == factory and info["shards"] == args.shards:
             log.info("index %s already built", idir)
             return info
-        if not args.overwrite:
-            raise KnnlmError(f"--factory: {idir} already holds a '{info['factory']}' index with {info['shards']} "
-                             f"shard(s); pass --overwrite to replace it")
-        info_path.unlink()
+        raise KnnlmError(f"--factory: {idir} already holds a '{info['factory']}' index with {info['shards']} "
+                         f"shard(s); pass --overwrite to replace it")
+    info_path.unlink(missing_ok=True)
     idir.mkdir(exist_ok=True)
     try:
         faiss.index_factory(ds.d, factory)
@@ -114,28 +171,53 @@ def build_index(ds, args: IndexArgs) -> dict:
         raise KnnlmError("--use_gpu: this faiss build has no GPU support (pip install faiss-gpu-cu12, or drop the flag)")
 
     progress_path = idir / "progress.json"
-    progress = read_json(progress_path) if progress_path.exists() else None
-    if progress and (progress["factory"] != factory or progress["shards"] != args.shards):
+    try:
+        progress = read_json(progress_path) if progress_path.exists() else None
+    except KnnlmError:
+        progress = None  # a damaged checkpoint record: start over
+    if progress and (progress["factory"] != factory or progress["shards"] != args.shards
+                     or progress.get("datastore") != identity):
         progress = None  # a different build was interrupted: start over
     trained_path = idir / "trained.faiss"
+    timing = _Timer()
     if progress is None or not trained_path.exists():
         trained = _train(ds, factory, args, use_gpu)
+        timing.lap("train")
         with atomic_path(trained_path) as tmp:
             faiss.write_index(trained, str(tmp))
-        progress = {"factory": factory, "shards": args.shards, "added": [0] * args.shards}
+        progress = {"factory": factory, "shards": args.shards, "added": [0] * args.shards, "datastore": identity}
         atomic_write_json(progress_path, progress)
 
     bounds = np.linspace(0, ds.N, args.shards + 1).astype(np.int64)
     with tqdm(total=ds.N - sum(progress["added"]), unit="key", desc=f"index {factory}") as bar:
         for s in range(args.shards):
             _add_shard(ds, idir, s, int(bounds[s]), int(bounds[s + 1]), trained_path, progress, args, bar)
+    timing.lap("add")
     info = {"factory": factory, "shards": args.shards, "ntotal": ds.N, "d": ds.d, "nprobe": args.nprobe,
-            "shard_bounds": bounds.tolist()}
+            "shard_bounds": bounds.tolist(), "polysemous": args.polysemous, "datastore": identity}
     if args.recall_queries and factory != "Flat":
         info["recall"] = measure_recall(ds, _load_shards(idir, info, args.nprobe), args)
+        timing.lap("recall")
+    info["build_timing"] = timing.laps
+    log.info("index %s built: %s", factory, timing.laps)
     atomic_write_json(info_path, info)
     progress_path.unlink(missing_ok=True)
     return info
+
+
+class _Timer:
+    """Wall and CPU seconds (all threads of this process) per build phase, this invocation only (a resumed build
+    reports the part it did)."""
+
+    def __init__(self):
+        self.laps: dict = {}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.laps[f"{name}_s"] = round(wall - self._wall, 3)
+        self.laps[f"{name}_cpu_s"] = round(cpu - self._cpu, 3)
+        self._wall, self._cpu = wall, cpu
 
 
 CHECKPOINT_S = 60.0  # seconds between checkpoints of a shard being filled
@@ -173,7 +255,7 @@ def _set_nprobe(index, nprobe: int) -> None:
 
 
 def _load_shards(idir: Path, info: dict, nprobe: int):
-    parts = [faiss.read_index(str(idir / f"shard{s}.faiss")) for s in range(info["shards"])]
+    parts = [_read_index(idir / f"shard{s}.faiss") for s in range(info["shards"])]
     for p in parts:
         _set_nprobe(p, nprobe)
     if len(parts) == 1:
@@ -189,7 +271,9 @@ def load_index(ds_dir: str | Path, nprobe: int = 32, use_gpu: bool | None = None
     idir = _index_dir(Path(ds_dir))
     if not (idir / "index.json").exists():
         return None
-    index = _load_shards(idir, read_json(idir / "index.json"), nprobe)
+    info = read_info(idir)
+    check_identity(idir, info, ds_dir)
+    index = _load_shards(idir, info, nprobe)
     if use_gpu or (use_gpu is None and gpu_available()):
         index = _to_gpu(index)
     return index

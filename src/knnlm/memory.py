@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .datastore import Datastore
 from .errors import KnnlmError
-from .fileio import atomic_path, atomic_write_json, package_versions, read_json
+from .fileio import atomic_path, atomic_write_json, claim_output_dir, package_versions, read_json
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,11 @@ def _activation(name: str) -> nn.Module:
 
 
 def lm_activation(lm) -> str:
-    """The activation of the LM's MLPs (config ``activation_function`` or ``hidden_act``); gelu_new when unknown."""
+    """The activation of the LM's MLPs (config ``activation_function`` (GPT-2, OPT), ``hidden_activation`` (Gemma2/3),
+    ``hidden_act`` or ``activation`` (Falcon)); gelu_new when unknown."""
     config = getattr(getattr(lm, "base", lm.model), "config", None)
-    name = getattr(config, "activation_function", None) or getattr(config, "hidden_act", None)
+    names = (getattr(config, key, None) for key in ("activation_function", "hidden_activation", "hidden_act", "activation"))
+    name = next((n for n in names if n), None)
     return name if isinstance(name, str) else "gelu_new"
 
 
@@ -278,17 +280,31 @@ def _fingerprint(lm, ds: Datastore, args: MemoryArgs, activation: str) -> dict:
             "key_point": ds.key_point, "datastore": datastore_reference(ds), "training": training}
 
 
-def _same(a: dict, b: dict) -> bool:
-    """Fingerprints equal up to where things live: the datastore's folder and the model's path may move (the hashes
+def _strip(f: dict) -> dict:
+    """A fingerprint without where things live: the datastore's folder and the model's path may move (the hashes
     identify them)."""
-    def strip(f: dict) -> dict:
-        return {**{k: v for k, v in f.items() if k != "model_name_or_path"},
-                "datastore": {k: v for k, v in f["datastore"].items() if k != "dir"}}
-    return json.dumps(strip(a), sort_keys=True) == json.dumps(strip(b), sort_keys=True)
+    return {**{k: v for k, v in f.items() if k != "model_name_or_path"},
+            "datastore": {k: v for k, v in f["datastore"].items() if k != "dir"}}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return json.dumps(_strip(a), sort_keys=True) == json.dumps(_strip(b), sort_keys=True)
+
+
+# what `knnlm mlp train` writes into its folder (a folder made before the knnlm-run.json marker holds nothing else)
+_OWN_FILES = (CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_FILE, TRAIN_LOG, "loss.png", "config.json", "results.json",
+              "results.md")
 
 
 def _prepare_dir(out: Path, fp: dict, overwrite: bool) -> Optional[str]:
-    """'finished' when ``out`` holds this very memory, 'resume' for its checkpoint, None for a fresh start."""
+    """'finished' when ``out`` holds this very memory, 'resume' for its checkpoint, None for a fresh start.
+
+    A folder holding anything but this command's own output (a model, a datastore, another run) is refused."""
+    if claim_output_dir(out, "mlp train", _strip(fp), overwrite, own_files=_OWN_FILES,
+                        what="MLP memory") == "replace":
+        for name in _OWN_FILES:
+            (out / name).unlink(missing_ok=True)
+        return None
     cfg, ckpt = out / CONFIG_FILE, out / CHECKPOINT_FILE
     existing, state = None, None
     if cfg.exists():
@@ -343,10 +359,11 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
     out = Path(out_dir or args.output_dir)
     activation = lm_activation(lm) if args.activation == "auto" else args.activation
     _activation(activation)
-    if ds.d != lm.hidden_size:
-        raise KnnlmError(f"--datastore: {ds.dir} has d={ds.d} keys but the model's hidden size is {lm.hidden_size}")
+    if ds.d != lm.output_layer.in_features:  # W reads z + LN(MLP(z)): as wide as the keys (not so in OPT-350m's ffn_input)
+        raise KnnlmError(f"--datastore: {ds.dir} has d={ds.d} keys but the model's output layer reads "
+                         f"{lm.output_layer.in_features}-wide inputs (a project_out, as in OPT-350m); the MLP memory "
+                         "adds W after a key-wide residual, so use kNN retrieval (knnlm eval --datastore) for this model")
     fp = _fingerprint(lm, ds, args, activation)
-    out.mkdir(parents=True, exist_ok=True)
     status = _prepare_dir(out, fp, args.overwrite)
     if status == "finished":
         log.info("memory %s is already trained", out)

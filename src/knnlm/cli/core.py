@@ -1,15 +1,10 @@
 """`knnlm datastore build`, `knnlm index build`, `knnlm eval`: the kNN-LM core."""
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
-from ..config import add_arguments, resolve, save_config, to_dict
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML/JSON file setting any of the options below (flags win)")
+from ..config import add_arguments, add_config_flag, resolve, save_config, to_dict
 
 
 def register(sub) -> None:
@@ -23,7 +18,7 @@ def register(sub) -> None:
     ds = sub.add_parser("datastore", help="build a kNN datastore (keys + next tokens) from a corpus")
     ds_sub = ds.add_subparsers(dest="action", required=True)
     build = ds_sub.add_parser("build", help="encode a corpus into keys.f16 / vals.i32 (resumable; torchrun-aware)")
-    _common(build)
+    add_config_flag(build)
     for cls in (ModelArgs, CorpusArgs, DatastoreArgs):
         add_arguments(build, cls)
     build.set_defaults(func=cmd_datastore_build)
@@ -32,15 +27,18 @@ def register(sub) -> None:
     ix_sub = ix.add_subparsers(dest="action", required=True)
     ib = ix_sub.add_parser("build", help="Flat / IVF-PQ / any factory string; resumable; recall vs exact search")
     ib.add_argument("datastore", help="datastore folder")
-    _common(ib)
+    add_config_flag(ib)
     add_arguments(ib, IndexArgs)
     ib.set_defaults(func=cmd_index_build)
 
     ev = sub.add_parser("eval", help="perplexity of the LM, kNN-LM and MLP-LM on a corpus")
-    _common(ev)
+    add_config_flag(ev)
     for cls in (ModelArgs, CorpusArgs, KNNArgs, EvalArgs):
         add_arguments(ev, cls)
     ev.add_argument("--key_point", default=None, help="check the datastore holds this key point (default: its own)")
+    ev.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier `knnlm eval` run of other inputs in --output_dir (anything else is never "
+                         "overwritten)")
     ev.set_defaults(func=cmd_eval)
 
 
@@ -49,8 +47,12 @@ def cmd_datastore_build(args) -> int:
     from ..datastore import DatastoreArgs, build_datastore
     from ..models import ModelArgs, load_model
 
+    from ..datastore import KIND, OWN_FILES
+    from ..fileio import claim_output_dir
+
     margs, cargs, dargs = resolve([ModelArgs, CorpusArgs, DatastoreArgs], args, args.config)
     cargs.require("train")
+    claim_output_dir(dargs.output_dir, KIND, None, own_files=OWN_FILES)  # a model folder etc.: refused before loading
     lm = load_model(margs)
     started = time.time()
     ds = build_datastore(lm, cargs, dargs.output_dir, key_point=dargs.key_point, batch_size=dargs.batch_size,
@@ -86,6 +88,9 @@ def cmd_eval(args) -> int:
     margs, cargs, kargs, eargs = resolve([ModelArgs, CorpusArgs, KNNArgs, EvalArgs], args, args.config)
     started = time.time()
     out = Path(eargs.output_dir)
+    if not eargs.from_neighbors:
+        cargs.require("validation")
+    _claim_eval_dir(out, margs, cargs, eargs, args.overwrite)
     if eargs.from_neighbors:
         sweep = sweep_from_cache(eargs.from_neighbors, kargs.lmbda, eargs.sweep_temps)
         metrics = {"sweep_knn_cached": sweep}
@@ -94,7 +99,6 @@ def cmd_eval(args) -> int:
     else:
         from ..models import load_model
 
-        cargs.require("validation")
         datastore = Datastore.open(eargs.datastore) if eargs.datastore else None
         lm = load_model(margs)
         memory = None
@@ -109,6 +113,37 @@ def cmd_eval(args) -> int:
     print(table, end="")
     print(f"results: {out / 'results.json'}")
     return 0
+
+
+# what `knnlm eval` writes into its folder (a folder made before the knnlm-run.json marker holds nothing else)
+_EVAL_FILES = ("config.json", "results.json", "results.md", "tokens.i32", "tokens.i32.docs", "tokens.i32.json",
+               "neighbors")
+
+
+def _claim_eval_dir(out: Path, margs, cargs, eargs, overwrite: bool) -> None:
+    """Refuses an output folder holding anything but this command's own runs; an earlier eval of other inputs (model,
+    corpus, windowing, datastore, memory) only with --overwrite. k, λ and T are settings: a rerun may change them."""
+    import dataclasses
+    import shutil
+
+    from ..corpus import source_fingerprint
+    from ..fileio import claim_output_dir
+
+    if eargs.from_neighbors:
+        inputs = {"from_neighbors": str(Path(eargs.from_neighbors).resolve())}
+    else:
+        corpus = {k: v for k, v in dataclasses.asdict(cargs).items() if k not in ("train_file", "validation_file")}
+        model = {k: v for k, v in dataclasses.asdict(margs).items() if k != "device"}
+        inputs = {"model": model, "corpus": corpus, "source": source_fingerprint(cargs, "validation"),
+                  "datastore": eargs.datastore and str(Path(eargs.datastore).resolve()),
+                  "mlp_memory": eargs.mlp_memory and str(Path(eargs.mlp_memory).resolve())}
+    if claim_output_dir(out, "eval", inputs, overwrite, own_files=_EVAL_FILES) == "replace":
+        keep = Path(eargs.from_neighbors).resolve() if eargs.from_neighbors else None  # the cache this run reads
+        for name in _EVAL_FILES:  # the earlier run's files go: none may be mistaken for this run's
+            p = out / name
+            if keep is not None and (p.resolve() == keep or p.resolve() in keep.parents):
+                continue
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def results_table(metrics: dict) -> str:

@@ -54,9 +54,12 @@ from ..train import TrainArgs
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("test", "test_overspecified")
+SPLITS = ("test", "test_overspecified", "train")  # "train": a fixed sample of the training sentences (--train_eval_per_pair)
+SPLIT_TITLES = {"test": "Test split (bare statements: the paper's Table 5)",
+                "test_overspecified": "Control: test_overspecified (an attribute clause the pair's training sentences did not use)",
+                "train": "Training split (a fixed sample of the training sentences: has the model fitted its data?)"}
 METHODS = ("lm", "knn", "mlp")
-METHOD_NAMES = {"lm": "vanilla", "knn": "kNN", "mlp": "MLP"}
+METHOD_NAMES = {"lm": "vanilla", "knn": "kNN", "mlp": "MLP", "bare": "bare-trained"}
 # LoRA targets per architecture: embeddings, attention q/k/v/o and every MLP projection (the paper's Mistral setting).
 LORA_TARGETS = {
     "gpt2": ["wte", "c_attn", "c_proj", "c_fc"],  # c_attn: fused q/k/v; c_proj: attention output and MLP down
@@ -103,6 +106,8 @@ class OverspecArgs:
     weight_decay: float = _mirror(TrainArgs, "weight_decay")
     bf16: Optional[bool] = _mirror(TrainArgs, "bf16")
     eval_every: int = field(default=2000, metadata={"help": "Evaluate every N optimizer steps (and at step 0 and the last step); the paper: 2000."})
+    train_eval_per_pair: int = field(default=1, metadata={"help": "Training sentences per parent-child pair scored as the 'train' split at every evaluation point (each pair's first N: a fixed sample), to show whether the model fits its training data; 0 = none."})
+    bare_reference: bool = field(default=False, metadata={"help": "Also train the same model (same initialisation, seed, data-order seed, batch size and number of steps) on the bare test sentences, each repeated --examples_per_child times, and score the test split with it (vanilla) at the same points: the paper's gray line (Fig. 2), the level reached when nothing is over-specified."})
     # LoRA (peft)
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of every weight (the paper's Mistral-7B setting)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (the paper: 8)."})
@@ -120,6 +125,7 @@ class OverspecArgs:
     mlp_lr: float = _mirror(MemoryArgs, "lr")
     mlp_epochs: int = _mirror(MemoryArgs, "epochs", default=10, help="Passes of the MLP memory over the datastore (the paper: 10 for Macondo).")
     mlp_batch_tokens: int = _mirror(MemoryArgs, "batch_tokens")
+    mlp_at: Literal["every", "last"] = field(default="every", metadata={"help": "Evaluation points that train and score an MLP memory: every point, or only the last (cheaper, for a memory trained long enough to plateau)."})
     # evaluation and output
     eval_batch_size: int = field(default=32, metadata={"help": "Sentences per forward pass when building datastores and scoring."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Run folder: villages, checkpoints, results.json, results.md, PNGs (required). A rerun resumes it."})
@@ -173,6 +179,9 @@ class OverspecArgs:
         if self.lora_r < 1 or not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1:
             raise KnnlmError(f"--lora_r/--lora_alpha/--lora_dropout: need r >= 1, alpha > 0, 0 <= dropout < 1; got "
                              f"{self.lora_r}, {self.lora_alpha}, {self.lora_dropout}")
+        if self.train_eval_per_pair < 0 or self.train_eval_per_pair > self.examples_per_child:
+            raise KnnlmError(f"--train_eval_per_pair: must be in 0..--examples_per_child ({self.examples_per_child}), "
+                             f"got {self.train_eval_per_pair}")
         if self.max_children < 1:
             raise KnnlmError(f"--max_children: must be >= 1, got {self.max_children}")
         ModelArgs(model_name_or_path=self.model_name_or_path, revision=self.revision,
@@ -188,7 +197,7 @@ class OverspecArgs:
 
 
 # Fields that do not change what a run computes: a rerun may change them and still resume.
-_FREE_KEYS = ("output_dir", "seeds", "num_threads", "eval_batch_size", "keep_datastores", "save_models")
+_FREE_KEYS = ("output_dir", "seeds", "num_threads", "eval_batch_size", "keep_datastores", "save_models", "bare_reference")
 
 
 def resolve_args(cli: dict | None = None, config_file: str | None = None) -> OverspecArgs:
@@ -274,6 +283,40 @@ def ensure_village(args: OverspecArgs, seed: int, seed_dir: Path, tokenizer_dir:
     return generate_macondo(args.macondo_args(seed, str(data), str(tokenizer_dir.resolve())))
 
 
+def train_sample(train_rows: list[dict], per_pair: int) -> list[dict]:
+    """The fixed sample of training sentences scored as the 'train' split: each parent-child pair's first ``per_pair``
+    sentences (rows are ordered by parent, child, example), in file order."""
+    seen: dict[tuple, int] = {}
+    out = []
+    for r in train_rows:
+        key = (r["parent"], r["child"])
+        if seen.get(key, 0) < per_pair:
+            seen[key] = seen.get(key, 0) + 1
+            out.append(r)
+    return out
+
+
+def bare_training_rows(data: Path, examples_per_child: int) -> list[dict]:
+    """The bare-trained reference's training data: every bare test sentence ("[villager] is the parent of [child]"),
+    repeated ``examples_per_child`` times, so that it has as many sentences (hence batches and steps per epoch) and as
+    many sentences per fact as the over-specified training set. Raises when a row is not the bare template."""
+    from ..macondo.generate import read_split
+
+    rows = read_split(data, "test")
+    for r in rows:
+        if r["text"] != f"{r['parent']} is the parent of {r['child']}" or r.get("attribute") is not None:
+            raise KnnlmError(f"--bare_reference: {data}/test.jsonl holds {r['text']!r}, not a bare statement")
+    return [dict(r) for r in rows for _ in range(examples_per_child)]
+
+
+def total_steps(args: OverspecArgs, n_rows: int) -> int:
+    """The trainer's number of optimizer steps for ``n_rows`` sentences (one process)."""
+    import math
+
+    per_epoch = math.ceil(n_rows / args.batch_size)
+    return args.max_steps or args.epochs * math.ceil(per_epoch / args.gradient_accumulation_steps)
+
+
 def make_batches(lm, rows: list[dict], batch_size: int):
     """``batches(epoch, seed)`` for :func:`knnlm.train.train`: every training sentence once per epoch, in an order that
     depends only on (seed, epoch); each sentence is ``lm.encode(text)``, the loss covers all of it."""
@@ -295,16 +338,17 @@ def _rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def evaluate_point(lm, args: OverspecArgs, data: Path, point_dir: Path, seed: int) -> dict:
+def evaluate_point(lm, args: OverspecArgs, data: Path, point_dir: Path, seed: int, last: bool = True) -> dict:
     """Scores one evaluation point: -> {"splits": {split: summarize_scores}, "lls": {split: per-row scores}, ...}.
 
     Builds the datastore of the current model over every training token, trains the MLP memory on it (with
-    --mlp_memory), and scores the test and control splits vanilla / kNN / MLP.
+    --mlp_memory; with --mlp_at last only when ``last``), and scores the test and control splits and the training
+    sample (--train_eval_per_pair) vanilla / kNN / MLP; the training sample's vanilla summary carries "optimum_fit".
     """
     from ..corpus import CorpusArgs
     from ..knn import Retriever
     from ..macondo.generate import read_split
-    from ..macondo.score import score_split, summarize_scores
+    from ..macondo.score import fit_optimum, score_split, summarize_scores
     from ..memory import train_memory
 
     t0 = time.time()
@@ -315,18 +359,26 @@ def evaluate_point(lm, args: OverspecArgs, data: Path, point_dir: Path, seed: in
     if rank != 0:
         return {}
     memory = None
-    if args.mlp_memory:
+    if args.mlp_memory and (last or args.mlp_at == "every"):
         with torch.enable_grad():  # the trainer evaluates under no_grad
             memory = train_memory(lm, ds, args.memory_args(str(ds.dir), str(point_dir / "memory"), seed))
     t_mem = time.time() - t0 - t_ds
     retriever = Retriever(ds, args.knn_args())
     out = {"n_keys": ds.N, "splits": {}, "lls": {}}
+    if memory is not None:  # the memory's loss curve over all datastore pairs (does it plateau?)
+        rec = read_json(point_dir / "memory" / "train.json")
+        out["mlp_training"] = {k: rec[k] for k in ("steps", "first_loss", "final_loss", "loss_curve")}
+    all_train = read_split(data, "train")
     for split in SPLITS:
-        rows = read_split(data, split)
+        if split == "train" and not args.train_eval_per_pair:
+            continue
+        rows = train_sample(all_train, args.train_eval_per_pair) if split == "train" else read_split(data, split)
         lls = score_split(lm, rows, retriever=retriever, knn=args.knn_args(), memory=memory,
                           batch_size=args.eval_batch_size)
-        out["lls"][split] = {"lm": lls["lm"], **{m: {str(lam): v for lam, v in lls[m].items()} for m in ("knn", "mlp")}}
-        out["splits"][split] = summarize_scores(rows, lls)
+        out["lls"][split] = {"lm": lls["lm"], "mem": lls["mem"],
+                             **{m: {str(lam): v for lam, v in lls[m].items()} for m in ("knn", "mlp")}}
+        out["lls"][split]["n_children"] = [int(r["n_children"]) for r in rows]
+        out["splits"][split] = summarize_scores(rows, lls, fit_optimum(rows, all_train) if split == "train" else None)
     out["time_s"] = {"datastore": round(t_ds, 3), "mlp_memory": round(t_mem, 3),
                      "total": round(time.time() - t0, 3)}
     return out
@@ -339,7 +391,7 @@ def build_datastore_point(lm, corpus, ds_dir: Path, args: OverspecArgs):
                            overwrite=True)
 
 
-def make_on_eval(lm, args: OverspecArgs, data: Path, seed_dir: Path, seed: int):
+def make_on_eval(lm, args: OverspecArgs, data: Path, seed_dir: Path, seed: int, last_step: int | None = None):
     """``on_eval(step, model)`` for the trainer: scores the point (or reuses its saved result when the weights match)
     and returns the compact metrics stored in the trainer's history."""
     from ..models import LM
@@ -357,7 +409,7 @@ def make_on_eval(lm, args: OverspecArgs, data: Path, seed_dir: Path, seed: int):
                 return _compact(saved)
             log.warning("seed %d step %d: %s was scored with other weights; scoring again", seed, step, path)
         point_dir = evals / f"step-{step:07d}"
-        result = evaluate_point(point, args, data, point_dir, seed)
+        result = evaluate_point(point, args, data, point_dir, seed, last=last_step is None or step >= last_step)
         rank, world = _rank_world()
         if rank == 0:
             result.update(step=step, seed=seed, weights_hash=weights)
@@ -411,16 +463,74 @@ def run_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
     data = ensure_village(args, seed, seed_dir, tokenizer_dir)
     rows = read_split(data, "train")
     targs = args.train_args(seed)
+    last = total_steps(args, len(rows))
     history = train(lm.model, make_batches(lm, rows, args.batch_size), targs, seed_dir / "ckpt",
-                    eval_every=args.eval_every, on_eval=make_on_eval(lm, args, data, seed_dir, seed),
+                    eval_every=args.eval_every, on_eval=make_on_eval(lm, args, data, seed_dir, seed, last),
                     progress_desc=f"seed {seed}")
-    for entry in history:  # the full summaries of each point, from its file
-        entry["splits"] = read_json(seed_dir / "evals" / f"step-{entry['step']:07d}.json")["splits"]
+    for entry in history:  # the full summaries of each point, from its file; per-row scores of the last point
+        saved = read_json(seed_dir / "evals" / f"step-{entry['step']:07d}.json")
+        entry["splits"] = saved["splits"]
+    history[-1]["lls"] = saved["lls"]
+    if "mlp_training" in saved:
+        history[-1]["mlp_training"] = saved["mlp_training"]
     record = {"seed": seed, "n_train": len(rows), "steps": history[-1]["step"], "history": history,
               "wall_s": round(time.time() - started, 3)}
     if _rank_world()[0] == 0:
         atomic_write_json(done, record)
         shutil.rmtree(seed_dir / "ckpt", ignore_errors=True)
+    return record
+
+
+def run_bare_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
+    """The bare-trained reference of one seed (resuming): the same model, initialisation and training settings as the
+    seed's over-specified run, trained on :func:`bare_training_rows` (as many sentences, so as many steps, and the same
+    data-order seed); at the same evaluation steps the test split is scored vanilla. -> {"seed", "history",
+    "n_train", "steps", "wall_s"}; the last history entry carries the per-row test scores ("lls")."""
+    from ..macondo.generate import read_split
+    from ..macondo.score import score_split, summarize
+    from ..models import LM
+    from ..train import train
+
+    seed_dir = out / f"seed-{seed}"
+    bare_dir = seed_dir / "bare"
+    done = bare_dir / "history.json"
+    if done.is_file():
+        return read_json(done)
+    started = time.time()
+    data = seed_dir / "data"
+    rows = bare_training_rows(data, args.examples_per_child)
+    n_over = len(read_split(data, "train"))
+    if len(rows) != n_over:  # same number of sentences -> same batches per epoch and optimizer steps
+        raise KnnlmError(f"--bare_reference: {len(rows)} bare sentences but {n_over} over-specified ones in {data}")
+    test = read_split(data, "test")
+    lm = build_lm(args, seed, seed_dir)  # the same initial weights (scratch: seed-S/init; LoRA: seeded adapters)
+    evals = bare_dir / "evals"
+
+    def on_eval(step: int, model) -> dict:
+        point = lm if model is lm.model else LM(model, lm.tokenizer, lm.name)
+        path = evals / f"step-{step:07d}.json"
+        weights = point.weights_hash()
+        if path.is_file() and read_json(path).get("weights_hash") == weights:
+            saved = read_json(path)
+        else:
+            lls = score_split(point, test, batch_size=args.eval_batch_size)["lm"]
+            saved = {"step": step, "seed": seed, "weights_hash": weights, "lls": lls,
+                     "summary": summarize(test, lls)}
+            if _rank_world()[0] == 0:
+                atomic_write_json(path, saved)
+        return {"test_bare": saved["summary"]["avg_groups"]}
+
+    history = train(lm.model, make_batches(lm, rows, args.batch_size), args.train_args(seed), bare_dir / "ckpt",
+                    eval_every=args.eval_every, on_eval=on_eval, progress_desc=f"seed {seed} bare")
+    for entry in history:
+        saved = read_json(evals / f"step-{entry['step']:07d}.json")
+        entry["summary"] = saved["summary"]
+    history[-1]["lls"] = saved["lls"]
+    record = {"seed": seed, "n_train": len(rows), "steps": history[-1]["step"], "history": history,
+              "wall_s": round(time.time() - started, 3)}
+    if _rank_world()[0] == 0:
+        atomic_write_json(done, record)
+        shutil.rmtree(bare_dir / "ckpt", ignore_errors=True)
     return record
 
 
@@ -438,11 +548,14 @@ def run_study(args: OverspecArgs) -> dict:
     save_config(out, args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    records = []
+    records, bare = [], []
     for i, seed in enumerate(args.seeds):
         log.info("seed %d (%d of %d)", seed, i + 1, len(args.seeds))
         records.append(run_seed(args, seed, out))
-    metrics = aggregate(records, args)
+        if args.bare_reference:
+            log.info("seed %d: the bare-trained reference", seed)
+            bare.append(run_bare_seed(args, seed, out))
+    metrics = aggregate(records, args, bare or None)
     if _rank_world()[0] != 0:
         return {"metrics": metrics}
     paths = write_outputs(out, args, metrics, started)
@@ -450,21 +563,62 @@ def run_study(args: OverspecArgs) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------- aggregation
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    arr = np.asarray(values, dtype=float)
+def _mean_std(values: list) -> tuple[Optional[float], Optional[float]]:
+    """Mean and std over seeds of the values that exist (None where a point has no such score, e.g. --mlp_at last)."""
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    if not len(arr):
+        return None, None
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
 def _point_value(entry: dict, split: str, method: str, lam: str, group: str) -> Optional[float]:
-    s = entry["splits"][split]
-    summary = s["lm"] if method == "lm" else s[method].get(lam)
+    s = entry["splits"].get(split)
+    if s is None:
+        return None
+    summary = s["lm"] if method == "lm" else s.get(method, {}).get(lam)
     return None if summary is None else summary[group]
 
 
-def aggregate(records: list[dict], args: OverspecArgs) -> dict:
-    """Mean and std over seeds for every (split, method, group) at every evaluation step."""
+def _plateau(curve: list[dict]) -> Optional[float]:
+    """Relative drop of the memory's loss over the last fifth of its training (mean loss of the fifth before it minus
+    that of the last fifth, over the former): near 0 when the loss has plateaued."""
+    losses = [p["loss"] for p in curve]
+    k = len(losses) // 5
+    if k < 1:
+        return None
+    before, last = float(np.mean(losses[-2 * k: -k])), float(np.mean(losses[-k:]))
+    return (before - last) / before if before else None
+
+
+def _intervals(records: list[dict], bare: Optional[list[dict]], methods: list[str], lam: str) -> dict:
+    """Paired bootstrap intervals at the last step over seeds and examples (stratified by number of children) of the
+    Average (mean of the group means): kNN/MLP - vanilla per split, bare-trained - vanilla on the test split."""
+    from .overspec_stats import paired_bootstrap
+
+    out: dict = {}
+    lls = [r["history"][-1].get("lls") for r in records]
+    if any(x is None for x in lls):
+        return out
+    for split in lls[0]:
+        per = [x[split] for x in lls]
+        strata = [x["n_children"] for x in per]
+        out[split] = {}
+        for m in methods[1:]:
+            if all(x[m].get(lam) for x in per):
+                out[split][f"{m}_minus_lm"] = paired_bootstrap([x[m][lam] for x in per], [x["lm"] for x in per], strata)
+        if split == "test" and bare:
+            out[split]["bare_minus_lm"] = paired_bootstrap([b["history"][-1]["lls"] for b in bare],
+                                                           [x["lm"] for x in per], strata)
+    return out
+
+
+def aggregate(records: list[dict], args: OverspecArgs, bare: Optional[list[dict]] = None) -> dict:
+    """Mean and std over seeds for every (split, method, group) at every evaluation step; the bare-trained reference
+    (test split, vanilla) as method "bare"; the last step's gaps, differences, bootstrap intervals and verdict."""
+    from .overspec_stats import overspec_verdict
+
     steps = [e["step"] for e in records[0]["history"]]
-    for r in records:
+    for r in list(records) + list(bare or []):
         if [e["step"] for e in r["history"]] != steps:
             raise KnnlmError(f"--seeds: seed {r['seed']} was evaluated at other steps than seed {records[0]['seed']}; "
                              "all seeds need the same village size and training settings")
@@ -472,9 +626,10 @@ def aggregate(records: list[dict], args: OverspecArgs) -> dict:
     first = records[0]["history"][0]["splits"]["test"]["lm"]
     groups = [g for g in first["count"]] + ["avg_groups", "avg"]
     methods = ["lm", "knn"] + (["mlp"] if args.mlp_memory else [])
+    splits = [s for s in SPLITS if s in records[0]["history"][0]["splits"]]
     mean: dict = {}
     std: dict = {}
-    for split in SPLITS:
+    for split in splits:
         mean[split], std[split] = {}, {}
         for m in methods:
             mean[split][m] = {g: [] for g in groups}
@@ -484,50 +639,95 @@ def aggregate(records: list[dict], args: OverspecArgs) -> dict:
                     mu, sd = _mean_std([_point_value(r["history"][i], split, m, lam, g) for r in records])
                     mean[split][m][g].append(mu)
                     std[split][m][g].append(sd)
+    if bare:
+        mean["test"]["bare"] = {g: [] for g in groups}
+        std["test"]["bare"] = {g: [] for g in groups}
+        for i in range(len(steps)):
+            for g in groups:
+                mu, sd = _mean_std([b["history"][i]["summary"][g] for b in bare])
+                mean["test"]["bare"][g].append(mu)
+                std["test"]["bare"][g].append(sd)
     optimum = first["optimum"]
     last = len(steps) - 1
     final = {"step": steps[last]}
-    for split in SPLITS:
+    for split in splits:
         f = {}
-        for m in methods:
+        opt = optimum
+        for m in methods + (["bare"] if split == "test" and bare else []):
+            if mean[split][m]["avg_groups"][last] is None:
+                continue
             f[m] = {g: mean[split][m][g][last] for g in groups}
-            f[f"{m}_gap_to_optimum"] = {g: optimum[g] - mean[split][m][g][last] for g in groups}
-        for m in methods[1:]:
+            f[f"{m}_gap_to_optimum"] = {g: opt[g] - mean[split][m][g][last] for g in groups}
+        for m in methods[1:] + (["bare"] if split == "test" and bare else []):
+            if m not in f:
+                continue
             f[f"{m}_minus_lm"] = {g: mean[split][m][g][last] - mean[split]["lm"][g][last] for g in groups}
-            wins = [_point_value(r["history"][i], split, m, lam, "avg_groups") >
-                    _point_value(r["history"][i], split, "lm", lam, "avg_groups")
-                    for r in records for i in range(1, len(steps))]
+            if m == "bare":
+                continue
+            pairs = [(_point_value(r["history"][i], split, m, lam, "avg_groups"),
+                      _point_value(r["history"][i], split, "lm", lam, "avg_groups"))
+                     for r in records for i in range(1, len(steps))]
+            wins = [a > b for a, b in pairs if a is not None]
             f[f"{m}_beats_lm_fraction"] = sum(wins) / len(wins) if wins else None
         final[split] = f
-    return {"steps": steps, "seeds": [r["seed"] for r in records], "lmbda": float(args.lmbda[0]), "methods": methods,
-            "groups": groups, "optimum": optimum, "counts": first["count"], "mean": mean, "std": std, "final": final,
-            "train_loss": {str(r["seed"]): [e["train_loss"] for e in r["history"]] for r in records},
-            "n_keys": {str(r["seed"]): r["history"][0]["n_keys"] for r in records},
-            "n_train": {str(r["seed"]): r["n_train"] for r in records},
-            "seed_wall_s": {str(r["seed"]): r["wall_s"] for r in records},
-            "per_seed": {str(r["seed"]): r["history"] for r in records}}
+    metrics = {"steps": steps, "seeds": [r["seed"] for r in records], "lmbda": float(args.lmbda[0]), "methods": methods,
+               "splits": splits, "groups": groups, "optimum": optimum, "counts": first["count"], "mean": mean,
+               "std": std, "final": final,
+               "train_loss": {str(r["seed"]): [e["train_loss"] for e in r["history"]] for r in records},
+               "n_keys": {str(r["seed"]): r["history"][0]["n_keys"] for r in records},
+               "n_train": {str(r["seed"]): r["n_train"] for r in records},
+               "seed_wall_s": {str(r["seed"]): r["wall_s"] for r in records},
+               "per_seed": {str(r["seed"]): [{k: v for k, v in e.items() if k != "lls"} for e in r["history"]]
+                            for r in records}}
+    if "train" in splits:
+        fits = [r["history"][-1]["splits"]["train"]["lm"]["optimum_fit"] for r in records]
+        metrics["optimum_fit"] = {g: float(np.mean([x[g] for x in fits])) for g in groups}
+        final["train"]["lm_gap_to_fit_optimum"] = {g: metrics["optimum_fit"][g] - final["train"]["lm"][g]
+                                                   for g in groups}
+        mem = [r["history"][-1]["splits"]["train"].get("mem") for r in records]
+        if all(mem):  # the MLP memory alone on the training sample's child positions: its training loss there
+            metrics["mlp_child_loss"] = {"mean": -float(np.mean([x["avg"] for x in mem])),
+                                         "per_seed": {str(r["seed"]): -x["avg"] for r, x in zip(records, mem)}}
+    curves = [r["history"][-1].get("mlp_training") for r in records]
+    if curves and all(curves):
+        metrics["mlp_training"] = {str(r["seed"]): {**c, "plateau": _plateau(c["loss_curve"])}
+                                   for r, c in zip(records, curves)}
+    if bare:
+        metrics["bare"] = {"train_loss": {str(b["seed"]): [e["train_loss"] for e in b["history"]] for b in bare},
+                           "seed_wall_s": {str(b["seed"]): b["wall_s"] for b in bare},
+                           "n_train": {str(b["seed"]): b["n_train"] for b in bare}}
+    metrics["intervals"] = _intervals(records, bare, methods, lam)
+    metrics["verdict"] = overspec_verdict(metrics)
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------- outputs
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
-LINESTYLES = {"lm": "-", "knn": ":", "mlp": "-."}
+LINESTYLES = {"lm": "-", "knn": ":", "mlp": "-.", "bare": (0, (8, 2, 1, 2, 1, 2))}
 
 
 def _step_label(step: int) -> str:
     return f"{step // 1000}k" if step and step % 1000 == 0 else str(step)
 
 
-def _cell(mu: float, sd: float, n_seeds: int) -> str:
+def _cell(mu: Optional[float], sd: Optional[float], n_seeds: int) -> str:
+    if mu is None:
+        return "–"
     return f"{mu:.2f} ± {sd:.2f}" if n_seeds > 1 else f"{mu:.2f}"
+
+
+def _split_methods(metrics: dict, split: str) -> list[str]:
+    return [m for m in list(metrics["methods"]) + ["bare"] if m in metrics["mean"][split]]
 
 
 def table5(metrics: dict, split: str) -> str:
     """Table 5's layout: rows are steps; per number of children and the average (of the group means), one column
-    per method (vanilla / kNN [/ MLP]); mean ± std over seeds; a last row with the optimum log(1/n)."""
+    per method (vanilla / kNN [/ MLP] [/ bare-trained on the test split]); mean ± std over seeds; a last row with the
+    optimum log(1/n) (and, for the training split, the training optimum: the empirical distribution)."""
     from ..report import markdown_table
 
     groups = [g for g in metrics["groups"] if g != "avg"]
-    methods = metrics["methods"]
+    methods = _split_methods(metrics, split)
     n = len(metrics["seeds"])
     headers = ["steps"] + [f"{'Average' if g == 'avg_groups' else g} {METHOD_NAMES[m]}" for g in groups for m in methods]
     rows = []
@@ -535,7 +735,31 @@ def table5(metrics: dict, split: str) -> str:
         rows.append([_step_label(step)] + [_cell(metrics["mean"][split][m][g][i], metrics["std"][split][m][g][i], n)
                                            for g in groups for m in methods])
     rows.append(["log(1/n)"] + [f"{metrics['optimum'][g]:.2f}" for g in groups for _ in methods])
+    if split == "train" and "optimum_fit" in metrics:
+        rows.append(["training optimum"] + [f"{metrics['optimum_fit'][g]:.2f}" for g in groups for _ in methods])
     return markdown_table(headers, rows)
+
+
+def overview_table(metrics: dict) -> str:
+    """The Average (mean of the group means) per step: test, training and control splits side by side, and the
+    bare-trained reference."""
+    from ..report import markdown_table
+
+    n = len(metrics["seeds"])
+    cols = [(split, m) for split in ("test", "train", "test_overspecified") if split in metrics["mean"]
+            for m in _split_methods(metrics, split)]
+    short = {"test": "test", "train": "train", "test_overspecified": "control"}
+    headers = ["steps"] + [f"{short[s]} {METHOD_NAMES[m]}" for s, m in cols]
+    rows = [[_step_label(step)] + [_cell(metrics["mean"][s][m]["avg_groups"][i], metrics["std"][s][m]["avg_groups"][i], n)
+                                   for s, m in cols] for i, step in enumerate(metrics["steps"])]
+    opt = [f"{metrics['optimum']['avg_groups']:.2f}" if s != "train" or "optimum_fit" not in metrics
+           else f"{metrics['optimum']['avg_groups']:.2f} / {metrics['optimum_fit']['avg_groups']:.2f}" for s, _ in cols]
+    rows.append(["optimum"] + opt)
+    return markdown_table(headers, rows)
+
+
+def _ci_text(ci: dict) -> str:
+    return f"{ci['estimate']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]"
 
 
 def markdown_report(args: OverspecArgs, metrics: dict) -> str:
@@ -544,39 +768,78 @@ def markdown_report(args: OverspecArgs, metrics: dict) -> str:
     names = " / ".join(METHOD_NAMES[m] for m in metrics["methods"])
     counts = ", ".join(f"{g}: {c}" for g, c in metrics["counts"].items())
     text = [f"# Over-specification: {args.model_name_or_path}{' + LoRA' if args.lora else ''}, {n} seed(s)", "",
-            f"Test log-likelihood of the children's names ({names}; kNN: k={args.k}, λ={lam}, T={args.knn_temp}; "
+            f"Log-likelihood of the children's names ({names}; kNN: k={args.k}, λ={lam}, T={args.knn_temp}; "
             f"mean ± std over seeds {', '.join(map(str, metrics['seeds']))}). Test examples per number of children: "
-            f"{counts}. Average = mean of the group means (the paper's).", "",
-            "## Test split (bare statements: the paper's Table 5)", "", table5(metrics, "test"),
-            "## Control: test_overspecified (an attribute clause the pair's training sentences did not use)", "",
-            table5(metrics, "test_overspecified"), "## At the last step", ""]
-    for split in SPLITS:
+            f"{counts}. Average = mean of the group means (the paper's).", ""]
+    if "bare" in metrics["mean"]["test"]:
+        text += ["'bare-trained': the same model, initialisation, seed and number of steps trained on the bare test "
+                 "sentences instead (each repeated --examples_per_child times), scored on the same test sentences "
+                 "(the paper's gray line, Fig. 2).", ""]
+    if args.mlp_memory and args.mlp_at == "last":
+        text += ["MLP memory trained at the last evaluation point only (--mlp_at last).", ""]
+    text += ["## Overview (Average over groups)", "", overview_table(metrics)]
+    for split in metrics["splits"]:
+        text += [f"## {SPLIT_TITLES[split]}", "", table5(metrics, split)]
+    text += ["## At the last step", ""]
+    for split in metrics["splits"]:
         f = metrics["final"][split]
         line = [f"- {split}, step {metrics['final']['step']}: average vanilla {f['lm']['avg_groups']:.3f}"]
-        for m in metrics["methods"][1:]:
-            line.append(f"{METHOD_NAMES[m]} {f[m]['avg_groups']:.3f} ({f[f'{m}_minus_lm']['avg_groups']:+.3f} over vanilla; "
-                        f"better than vanilla at {100 * f[f'{m}_beats_lm_fraction']:.0f}% of (seed, step > 0) points)")
+        for m in metrics["methods"][1:] + ["bare"]:
+            if m not in f:
+                continue
+            extra = "" if f.get(f"{m}_beats_lm_fraction") is None else (
+                f"; better than vanilla at {100 * f[f'{m}_beats_lm_fraction']:.0f}% of (seed, step > 0) points")
+            line.append(f"{METHOD_NAMES[m]} {f[m]['avg_groups']:.3f} ({f[f'{m}_minus_lm']['avg_groups']:+.3f} over "
+                        f"vanilla{extra})")
         line.append("gap to log(1/n): " + ", ".join(
-            f"{METHOD_NAMES[m]} {f[f'{m}_gap_to_optimum']['avg_groups']:.3f}" for m in metrics["methods"]))
+            f"{METHOD_NAMES[m]} {f[f'{m}_gap_to_optimum']['avg_groups']:.3f}" for m in metrics["methods"] + ["bare"]
+            if f"{m}_gap_to_optimum" in f))
+        if split == "train" and "lm_gap_to_fit_optimum" in f:
+            line.append(f"vanilla gap to the training optimum {f['lm_gap_to_fit_optimum']['avg_groups']:.3f}")
         text.append("; ".join(line) + ".")
+    if "mlp_child_loss" in metrics:
+        text.append(f"- MLP memory alone, loss on the children's positions of the training sample at the last step: "
+                    f"{metrics['mlp_child_loss']['mean']:.3f} nats (mean over seeds).")
+    if "mlp_training" in metrics:
+        parts = []
+        for seed, t in metrics["mlp_training"].items():
+            drop = "n/a" if t["plateau"] is None else f"{100 * t['plateau']:.1f}%"
+            parts.append(f"seed {seed} {t['first_loss']:.2f} -> {t['final_loss']:.2f} in {t['steps']} steps "
+                         f"(drop over the last fifth: {drop})")
+        text.append("- MLP memory training loss at the last step (all datastore pairs): " + "; ".join(parts) + ".")
+    if metrics.get("intervals"):
+        text += ["", "## Paired bootstrap intervals (last step; 95%, over seeds and examples, stratified by number of "
+                 "children; Average over groups)", ""]
+        for split, cis in metrics["intervals"].items():
+            for key, ci in cis.items():
+                label = {"knn_minus_lm": "kNN - vanilla", "mlp_minus_lm": "MLP - vanilla",
+                         "bare_minus_lm": "bare-trained - over-specified vanilla"}[key]
+                text.append(f"- {split}: {label}: {_ci_text(ci)} nats")
+    v = metrics.get("verdict")
+    if v:
+        text += ["", f"## Verdict: over-specification {'shown' if v['shown'] else 'NOT shown'}", ""]
+        text += [f"- ({'ok' if c['ok'] else 'FAILED'}) {c['name']}: {c['detail']}" for c in v["conditions"]]
     return "\n".join(text) + "\n"
 
 
 def figure1(path: Path, metrics: dict, split: str, title: str) -> Path:
-    """Figure 1's style: one colour per number of children; vanilla solid, kNN dotted, MLP dash-dot; dashed
-    horizontal lines at log(1/n). The legend names the colours once and the line styles once."""
+    """Figure 1's style: one colour per number of children; vanilla solid, kNN dotted, MLP dash-dot, bare-trained
+    dash-dot-dot; dashed horizontal lines at log(1/n). The legend names the colours once and the line styles once."""
     from ..report import line_plot
 
     groups = [g for g in metrics["groups"] if g not in ("avg", "avg_groups")]
+    methods = _split_methods(metrics, split)
     series, hlines = [], []
     for i, g in enumerate(groups):
         color = COLORS[i % len(COLORS)]
-        for m in metrics["methods"]:
+        for m in methods:
             label = (f"{g} child" + ("ren" if g != "1" else "")) if m == "lm" else None
-            series.append(dict(x=metrics["steps"], y=metrics["mean"][split][m][g], color=color,
-                               linestyle=LINESTYLES[m], label=label))
+            y = [np.nan if v is None else v for v in metrics["mean"][split][m][g]]
+            sparse = sum(np.isfinite(y)) < len(y)  # e.g. --mlp_at last: mark the points that exist
+            series.append(dict(x=metrics["steps"], y=y, color=color, linestyle=LINESTYLES[m], label=label,
+                               marker="o" if sparse else None))
         hlines.append(dict(y=metrics["optimum"][g], color=color, linestyle="--"))
-    for m in metrics["methods"]:  # style key: empty lines that only appear in the legend
+    for m in methods:  # style key: empty lines that only appear in the legend
         series.append(dict(x=[], y=[], color="black", linestyle=LINESTYLES[m], label=METHOD_NAMES[m]))
     series.append(dict(x=[], y=[], color="grey", linestyle="--", label="log(1/n)"))
     return line_plot(path, series, title=title, xlabel="training step", ylabel="log-likelihood", hlines=hlines)
@@ -590,6 +853,9 @@ def write_outputs(out: Path, args: OverspecArgs, metrics: dict, started: float) 
                      f"{args.model_name_or_path}: test log-likelihood of the children's names ({n} seeds)"),
              figure1(out / "overspec_control.png", metrics, "test_overspecified",
                      f"{args.model_name_or_path}: control split test_overspecified ({n} seeds)")]
+    if "train" in metrics["splits"]:
+        plots.append(figure1(out / "overspec_train.png", metrics, "train",
+                             f"{args.model_name_or_path}: training sentences (fixed sample, {n} seeds)"))
     results = write_results(out, dataclasses.asdict(args), metrics, started=started)
     table = write_markdown(out, markdown_report(args, metrics))
     return {"results": results, "table": table, "plots": plots}

@@ -58,7 +58,10 @@ def _batch(encoded: list[tuple[list[int], int]], pad_id: int):
 
 def score_split(lm, rows: Sequence[dict], retriever=None, knn=None, memory=None,
                 lmbdas: Sequence[float] = (0.25,), batch_size: int = 32) -> dict:
-    """Per-row log-likelihoods of the targets: {"lm": [..], "knn": {λ: [..]}, "mlp": {λ: [..]}}.
+    """Per-row log-likelihoods of the targets: {"lm": [..], "knn": {λ: [..]}, "mlp": {λ: [..]}, "mem": [..]}.
+
+    "mem" is the MLP memory's own log-likelihood (not interpolated; empty without a memory): on training sentences its
+    negative mean is the memory's training loss on those positions.
 
     ``retriever``: a :class:`knnlm.knn.Retriever` (queries at ``retriever.ds.meta["key_point"]``); ``memory``: an
     :class:`knnlm.memory.MLPMemory` (at ``memory.key_point``); ``knn``: a :class:`knnlm.knn.KNNArgs` whose ``lmbda``
@@ -76,6 +79,7 @@ def score_split(lm, rows: Sequence[dict], retriever=None, knn=None, memory=None,
     lm_ll = torch.zeros(len(rows), dtype=torch.float64)
     knn_ll = {lam: torch.zeros(len(rows), dtype=torch.float64) for lam in lmbdas} if retriever is not None else {}
     mlp_ll = {lam: torch.zeros(len(rows), dtype=torch.float64) for lam in lmbdas} if memory is not None else {}
+    mem_ll = torch.zeros(len(rows), dtype=torch.float64)
     for start in range(0, len(encoded), batch_size):
         ids, mask, brow, pos, gold = _batch(encoded[start: start + batch_size], pad_id)
         owner = brow + start  # [n] example index of each target token
@@ -92,10 +96,28 @@ def score_split(lm, rows: Sequence[dict], retriever=None, knn=None, memory=None,
             if memory is not None:
                 mem_logp = memory.log_probs(at[mem_point])  # [n, V]
                 mem_gold = mem_logp.gather(1, gold.to(mem_logp.device)[:, None])[:, 0].float().cpu()
+                mem_ll.index_add_(0, owner, mem_gold.double())
                 for lam, acc in mlp_ll.items():
                     acc.index_add_(0, owner, interpolate(lm_gold, mem_gold, lam).double())
     return {"lm": lm_ll.tolist(), "knn": {lam: v.tolist() for lam, v in knn_ll.items()},
-            "mlp": {lam: v.tolist() for lam, v in mlp_ll.items()}}
+            "mlp": {lam: v.tolist() for lam, v in mlp_ll.items()}, "mem": mem_ll.tolist() if memory is not None else []}
+
+
+def fit_optimum(rows: Sequence[dict], train_rows: Sequence[dict]) -> list[float]:
+    """Per row, the best log-likelihood of its target that a model fitting ``train_rows`` can reach: the log of the
+    empirical conditional frequency count(prefix, target) / count(prefix) in the training sentences (-inf when the
+    pair never occurs there). For a training sentence this is 0 unless the same prefix (same parent, same clause)
+    introduces several children; it is at least log(1/n) for a parent with n children."""
+    prefixes: dict[str, int] = defaultdict(int)
+    pairs: dict[tuple[str, str], int] = defaultdict(int)
+    for r in train_rows:
+        prefixes[r["prefix"]] += 1
+        pairs[(r["prefix"], r["target"])] += 1
+    out = []
+    for r in rows:
+        c = pairs.get((r["prefix"], r["target"]), 0)
+        out.append(math.log(c / prefixes[r["prefix"]]) if c else float("-inf"))
+    return out
 
 
 def _mean(values) -> float:
@@ -103,9 +125,10 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def summarize(rows: Sequence[dict], lls: Sequence[float]) -> dict:
+def summarize(rows: Sequence[dict], lls: Sequence[float], row_optimum: Sequence[float] | None = None) -> dict:
     """Mean log-likelihood per number of children ("1".."5"), "avg" (over examples), "avg_groups" (mean of the group
-    means: the paper's Average), "count" per group, and the optimum log(1/n) in the same layout."""
+    means: the paper's Average), "count" per group, and the optimum log(1/n) in the same layout; with ``row_optimum``
+    (e.g. :func:`fit_optimum` for training sentences) also "optimum_fit", its means in the same layout."""
     if len(rows) != len(lls):
         raise ValueError(f"summarize: {len(rows)} rows but {len(lls)} scores")
     groups: dict[int, list[float]] = defaultdict(list)
@@ -120,14 +143,22 @@ def summarize(rows: Sequence[dict], lls: Sequence[float]) -> dict:
     optimum["avg"] = _mean(math.log(1 / int(r["n_children"])) for r in rows)
     optimum["avg_groups"] = _mean(optimum[str(n)] for n in order)
     out["optimum"] = optimum
+    if row_optimum is not None:
+        out["optimum_fit"] = summarize(rows, row_optimum)
+        for key in ("count", "optimum"):
+            out["optimum_fit"].pop(key)
     return out
 
 
-def summarize_scores(rows: Sequence[dict], lls: dict) -> dict:
-    """:func:`summarize` for every variant of a :func:`score_split` result: {"lm": .., "knn": {λ: ..}, "mlp": {λ: ..}}."""
-    return {"lm": summarize(rows, lls["lm"]),
-            "knn": {str(lam): summarize(rows, v) for lam, v in lls.get("knn", {}).items()},
-            "mlp": {str(lam): summarize(rows, v) for lam, v in lls.get("mlp", {}).items()}}
+def summarize_scores(rows: Sequence[dict], lls: dict, row_optimum: Sequence[float] | None = None) -> dict:
+    """:func:`summarize` for every variant of a :func:`score_split` result: {"lm": .., "knn": {λ: ..}, "mlp": {λ: ..}}
+    (and "mem", the memory alone, when scored); ``row_optimum`` goes to the vanilla summary."""
+    out = {"lm": summarize(rows, lls["lm"], row_optimum),
+           "knn": {str(lam): summarize(rows, v) for lam, v in lls.get("knn", {}).items()},
+           "mlp": {str(lam): summarize(rows, v) for lam, v in lls.get("mlp", {}).items()}}
+    if lls.get("mem"):
+        out["mem"] = summarize(rows, lls["mem"])
+    return out
 
 
 def results_table(summary: dict) -> str:
