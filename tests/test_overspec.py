@@ -410,3 +410,11 @@ def test_reproduce_reports_the_verdict_and_names_failed_conditions(tiny_run, tmp
             assert f"FAILED {name}" in first
     final = result["metrics"]["final"]["test"]
     assert t2[1][1:] == pytest.approx([math.exp(-final[m]["avg_groups"]) for m in ("lm", "knn", "mlp")])
+    # several overspec stages (the recipe's list): one section and one Table 2 row each, the paper's row once
+    from knnlm.experiments.reproduce import _overspec_sections
+
+    md, claims, t2 = _overspec_sections(tmp_path, [{"folder": "shown-True", "label": "A"},
+                                                   {"folder": "missing", "label": "B"}])
+    assert [r[0] for r in t2] == ["paper (GPT-2 fine-tuned)", "A (step 8)"]
+    assert md.startswith("### A\n") and "### B\n\n(stage not run)" in md
+    assert claims[0].startswith("- **A: over-specification shown") and any(c.startswith("- **B: ") for c in claims)
