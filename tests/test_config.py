@@ -48,3 +48,19 @@ def test_presets_resolve_by_name():
     names = presets()
     assert names, "knnlm ships its presets inside the package"
     assert isinstance(load_config_file(names[0]), dict)
+
+
+def test_help_with_a_percent_sign_prints():
+    """argparse %-formats help strings: a field's help such as "95% intervals" must not crash --help."""
+    import argparse
+    from dataclasses import dataclass, field
+
+    from knnlm.config import add_arguments
+
+    @dataclass
+    class Args:
+        n_boot: int = field(default=1000, metadata={"help": "resamples for the 95% intervals"})
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Args)
+    assert "95% intervals (default: 1000)" in parser.format_help()

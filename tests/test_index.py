@@ -109,3 +109,23 @@ def test_recomputed_distances_are_exact(tmp_path, monkeypatch):
         assert (vals.numpy() == np.asarray(ds.vals)[ids]).all()
         found[floats] = dists.numpy()
     np.testing.assert_array_equal(*found.values())
+
+
+def test_no_polysemous_training_unless_asked(tmp_path):
+    """index_factory turns polysemous training on for IVF-PQ; knnlm's default trains as the factory's 'np' form does
+    (same PQ centroids, bit for bit), --polysemous true reorders them; index.json records the flag and timings."""
+    import faiss
+
+    ds = make_store(tmp_path / "ds")
+    info = build_index(ds, IndexArgs(factory="IVF16,PQ4", train_size=2000, recall_k=10, recall_queries=100))
+    assert info["polysemous"] is False and info["recall"]["recall@10"] > 0.3
+    assert {"train_s", "train_cpu_s", "add_s", "add_cpu_s", "recall_s"} <= set(info["build_timing"])
+    ours = faiss.read_index(str(tmp_path / "ds" / "index" / "trained.faiss"))
+    sample = np.asarray(ds.keys[np.sort(np.random.default_rng(0).choice(ds.N, 2000, replace=False))], np.float32)
+    plain = faiss.index_factory(ds.d, "IVF16,PQ4np")
+    plain.train(sample)
+    np.testing.assert_array_equal(faiss.vector_to_array(ours.pq.centroids), faiss.vector_to_array(plain.pq.centroids))
+    ds2 = make_store(tmp_path / "ds2")
+    build_index(ds2, IndexArgs(factory="IVF16,PQ4", train_size=2000, recall_queries=0, polysemous=True))
+    poly = faiss.read_index(str(tmp_path / "ds2" / "index" / "trained.faiss"))
+    assert not np.array_equal(faiss.vector_to_array(poly.pq.centroids), faiss.vector_to_array(plain.pq.centroids))

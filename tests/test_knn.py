@@ -63,3 +63,26 @@ def test_interpolation_identities_and_value():
 def test_bad_knn_args(kwargs, flag):
     with pytest.raises(KnnlmError, match=flag):
         KNNArgs(**kwargs).validate()
+
+
+@pytest.mark.parametrize("key_dtype", [torch.float16, torch.float32])
+def test_exact_sq_dists_equal_float64_brute_force(key_dtype):
+    """Keys far from the origin (norms ~ 200) and queries equal or close to keys: the float32 sum of squared differences
+    keeps the small distances that ‖q‖² + ‖k‖² − 2 q·k would lose; chunking changes nothing."""
+    from knnlm.knn import exact_sq_dists
+
+    g = torch.Generator().manual_seed(0)
+    n, d, b, k = 500, 48, 13, 40
+    keys = (30.0 + torch.randn(n, d, generator=g) * 3).to(key_dtype)  # [N, d]
+    ids = torch.randint(0, n, (b, k), generator=g)  # [B, k]
+    q = keys[ids[:, 0]].float() + torch.randn(b, d, generator=g) * 1e-2  # [B, d] near neighbour 0
+    q[0] = keys[ids[0, 3]].float()  # one query equal to a key: distance exactly 0
+    ref = ((keys.double()[ids] - q.double()[:, None, :]) ** 2).sum(-1)  # [B, k] float64
+    got = exact_sq_dists(keys, q, ids)
+    assert got.dtype == torch.float32 and got.shape == (b, k)
+    assert got[0, 3] == 0.0
+    np.testing.assert_allclose(got.double().numpy(), ref.numpy(), rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(exact_sq_dists(keys, q, ids, max_floats=3 * k * d), got, rtol=0, atol=0)
+    # the expansion through norms is what this avoids: in float32 it is off by far more on the near neighbours
+    expanded = (keys.float()[ids] ** 2).sum(-1) + (q ** 2).sum(-1)[:, None] - 2 * (keys.float()[ids] @ q[:, :, None])[..., 0]
+    assert (expanded[:, 0].double() - ref[:, 0]).abs().max() > 10 * (got[:, 0].double() - ref[:, 0]).abs().max()

@@ -52,7 +52,7 @@ def test_key_points_reproduce_the_logits(arch, request):
         assert set(states) == {"ffn_input", "block_output"}
         torch.testing.assert_close(states["block_output"], keys["block_output"], atol=0, rtol=0)
         torch.testing.assert_close(lm.hidden_states(ids, mask, "ffn_input"), keys["ffn_input"], atol=0, rtol=0)
-    for module in (lm.ffn_norm, lm.mlp, lm.block, lm.final_norm):  # hooks are removed after each pass
+    for module in (lm._residual_entry, lm._ffn_entry, lm.block, lm._final_exit):  # hooks are removed after each pass
         assert not module._forward_hooks and not module._forward_pre_hooks
 
 
@@ -68,7 +68,7 @@ def test_gpt2_hidden_points_match_hf_hidden_states(tiny_lm):
         _, keys = tiny_lm.forward(ids, mask, ("final_hidden", "block_output"))
         out = tiny_lm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     torch.testing.assert_close(keys["final_hidden"], out.hidden_states[-1])  # GPT-2's last entry is after ln_f
-    torch.testing.assert_close(tiny_lm.final_norm(keys["block_output"]), out.hidden_states[-1])
+    torch.testing.assert_close(tiny_lm.final(keys["block_output"]), out.hidden_states[-1])
 
 
 def test_encode_and_special_tokens(tiny_lm, tiny_gpt2_dir):
@@ -87,7 +87,7 @@ def test_parallel_residual_neox_refuses_g_but_keeps_f(tiny_gpt2_dir):
     with torch.no_grad():
         logits, keys = lm.forward(ids, None, ("block_output", "ffn_residual"))
         torch.testing.assert_close(lm.f(keys["block_output"]), torch.log_softmax(logits, -1), atol=1e-5, rtol=1e-5)
-    with pytest.raises(KnnlmError, match="use_parallel_residual"):
+    with pytest.raises(KnnlmError, match="parallel block"):
         lm.g(keys["ffn_residual"])
 
 
@@ -124,15 +124,15 @@ def test_peft_lora_wrapped_gpt2(tiny_gpt2_dir, tiny_lm, tmp_path):
 
 
 def test_unsupported_model_type_is_named(tmp_path, tiny_gpt2_dir):
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import GPTJConfig, GPTJForCausalLM
 
-    config = OPTConfig(vocab_size=100, hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
-                       word_embed_proj_dim=16, max_position_embeddings=32)
-    config.save_pretrained(tmp_path / "opt")
-    with pytest.raises(KnnlmError, match=r"model_type 'opt'.*supported: gpt2, llama, mistral, gpt_neox"):
-        _load(tmp_path / "opt")
-    with pytest.raises(KnnlmError, match="model_type 'opt'"):
-        LM(OPTForCausalLM(config), AutoTokenizer.from_pretrained(tiny_gpt2_dir))
+    config = GPTJConfig(vocab_size=100, n_embd=16, n_layer=1, n_head=2, rotary_dim=4, n_positions=32)
+    config.save_pretrained(tmp_path / "gptj")
+    with pytest.raises(KnnlmError, match=r"model_type 'gptj'.*supported: gpt2, llama, mistral, qwen2") as e:
+        _load(tmp_path / "gptj")
+    assert "\n" not in str(e.value) and "falcon" in str(e.value) and "opt" in str(e.value)
+    with pytest.raises(KnnlmError, match="model_type 'gptj'"):
+        LM(GPTJForCausalLM(config), AutoTokenizer.from_pretrained(tiny_gpt2_dir))
 
 
 def test_bad_paths_give_one_line_errors(tmp_path):

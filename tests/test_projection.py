@@ -1,5 +1,6 @@
-"""Projection study (Eq. 2): the KL direction by hand, Adam as torch's, the stopping rule, recovery of a reachable
-target, fg_to_y, and the CLI's perplexities against `knnlm eval` on the same tokens."""
+"""Projection study (Eq. 2): the KL direction by hand, Adam as torch's, best iterate and stopping rules, the paper's f
+(output layer only) vs f_norm, recovery of a reachable target, fg_to_y, tolerance lists, and the CLI's perplexities
+against `knnlm eval` on the same tokens."""
 import json
 import math
 
@@ -37,36 +38,151 @@ def test_kl_direction_by_hand():
     torch.testing.assert_close(logits.grad[0], qt * (torch.log(qt / torch.tensor(p)) - by_hand))
 
 
-def test_solver_is_torch_adam():
+def test_solver_is_torch_adam_and_keeps_the_best_iterate():
     g = torch.Generator().manual_seed(0)
     z0, c = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
-    sol = P.solve(lambda z, rows: ((z - c[rows]) ** 4).sum(-1), z0, lr=0.05, tol=0.0, max_steps=7)
+    sol = P.solve(lambda z, rows: ((z - c[rows]) ** 4).sum(-1), z0, lr=0.5, tol=0.0, max_steps=12)
     z = z0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=0.05)
-    for _ in range(7):
+    opt = torch.optim.Adam([z], lr=0.5)
+    values = [((z0 - c) ** 4).sum(-1)]  # the trajectory's objective per step, z0 first
+    for _ in range(12):
         opt.zero_grad()
         ((z - c) ** 4).sum().backward()
         opt.step()
-    torch.testing.assert_close(sol.z, z.detach())
-    assert sol.steps.tolist() == [7, 7, 7]
-    torch.testing.assert_close(sol.objective, ((z.detach() - c) ** 4).sum(-1))
-    torch.testing.assert_close(sol.objective_init, ((z0 - c) ** 4).sum(-1))
+        values.append(((z.detach() - c) ** 4).sum(-1))
+    torch.testing.assert_close(sol.z_last, z.detach())  # the trajectory is torch's Adam
+    values = torch.stack(values)  # [13, 3]
+    torch.testing.assert_close(sol.objective[0], values.min(0).values)  # what is kept is the best iterate
+    assert sol.best_step[0].tolist() == values.argmin(0).tolist()
+    assert (values[-1] > values.min(0).values).any()  # lr 0.5 overshoots: the last iterate is not the best
+    torch.testing.assert_close(sol.objective[0], ((sol.z[0] - c) ** 4).sum(-1))
+    assert sol.steps.tolist() == [[12, 12, 12]] and sol.stop.tolist() == [[2, 2, 2]]  # tol 0: all by max_steps
+    torch.testing.assert_close(sol.objective_init, values[0])
 
 
-def test_stopping_rule_is_per_position(tiny_lm):
-    z0 = _states(tiny_lm, "the cat sat on the mat", "block_output")[:2].clone()  # [2, d]
+def test_optimal_start_keeps_z0(tiny_lm):
+    z0 = _states(tiny_lm, "the cat sat on the mat", "final_hidden")[:2].clone()  # [2, d]
+    fn = P.logits_fn(tiny_lm, "f_out")
     with torch.no_grad():
-        target = tiny_lm.f(z0)  # row 0: exactly f(z0[0]), already optimal
+        target = torch.log_softmax(fn(z0), -1)  # row 0: exactly f(z0[0]), already optimal
         target[1] = torch.log_softmax(torch.randn(target.shape[1], generator=torch.Generator().manual_seed(1)), -1)
-    fn = P.logits_fn(tiny_lm, "f")
     sol = P.solve(lambda z, rows: P.kl_from_logits(fn(z), target[rows]), z0, lr=0.1, tol=1e-3, max_steps=40)
-    assert sol.steps[0].item() == 1 and torch.equal(sol.z[0], z0[0])  # stopped after one step that changed nothing
-    assert sol.objective[0].item() == 0.0
-    assert sol.steps[1].item() > 1 and not torch.equal(sol.z[1], z0[1])  # the other one kept going
-    assert sol.objective[1] < sol.objective_init[1]
+    assert torch.equal(sol.z[0, 0], z0[0]) and sol.best_step[0, 0].item() == 0  # z0 kept
+    assert sol.steps[0, 0].item() == 1 and sol.stop[0, 0].item() == 0  # stopped by tol after one step
+    assert sol.objective[0, 0].item() == pytest.approx(0.0, abs=1e-6)
+    assert sol.steps[0, 1].item() > 1 and not torch.equal(sol.z[0, 1], z0[1])  # the other one kept going
+    assert sol.objective[0, 1] < sol.objective_init[1]
 
 
-@pytest.mark.parametrize("target", ["f", "fg"])
+@pytest.mark.parametrize("target", ["f_out", "f_norm", "fg"])
+def test_best_iterate_never_worse_than_start(tiny_lm, target):
+    """lr 1 makes Adam overshoot; whatever the trajectory does, no position ends above its KL at z0."""
+    z0 = _states(tiny_lm, "the cat sat on the mat. a dog sat on the log", P.TARGETS[target])
+    gold = torch.tensor(tiny_lm.encode("the cat sat on the mat. a dog sat on the log")[1:] + [0])
+    g = torch.Generator().manual_seed(3)
+    target_logp = torch.log_softmax(3 * torch.randn(len(z0), tiny_lm.vocab_size, generator=g), -1)
+    with torch.no_grad():  # half of the positions start near their optimum: a big step can only hurt them
+        target_logp[::2] = torch.log_softmax(P.logits_fn(tiny_lm, target)(z0[::2]) + 0.01 * target_logp[::2], -1)
+    res = P.project(tiny_lm, target, z0, target_logp, gold, lr=1.0, tol=[1e-3, 0.0], max_steps=15)
+    assert (res["kl"] <= res["kl_init"][:, None]).all()
+    fn = P.logits_fn(tiny_lm, target)
+    sol = P.solve(lambda z, rows: P.kl_from_logits(fn(z), target_logp[rows]), z0, lr=1.0, tol=0.0, max_steps=15)
+    with torch.no_grad():
+        last = P.kl_from_logits(fn(sol.z_last), target_logp)
+    assert (last > res["kl_init"]).any()  # the last iterate would have been worse somewhere
+    assert (res["kl"][:, 1] <= res["kl"][:, 0]).all()  # running longer never loses the best
+
+
+def test_paper_f_reaches_an_exactly_expressible_target(tiny_lm):
+    text = "the cat sat on the mat. a dog sat on the log"
+    states = _states(tiny_lm, text, "final_hidden")
+    z_true, z_start = states[1:7], states[:6]  # start each position from its left neighbour's state
+    gold = torch.tensor(tiny_lm.encode(text)[2:8])
+    with torch.no_grad():
+        target_logp = torch.log_softmax(tiny_lm.output_layer(z_true), -1)  # exactly f(z_true), f = output layer
+    res = P.project(tiny_lm, "f_out", z_start, target_logp, gold, lr=0.1, tol=0.0, max_steps=400)
+    assert res["kl_init"].min() > 1e-2  # the start is genuinely off
+    assert res["kl"].max() < 1e-4
+    ppl_target = math.exp(-float(target_logp.gather(1, gold[:, None]).mean()))
+    assert math.exp(-float(res["logp"].mean())) == pytest.approx(ppl_target, rel=1e-3)
+
+
+def test_without_final_norm_both_f_coincide(tiny_gpt2_dir):
+    """With the final norm removed (identity), final_hidden == block_output and f_out, f_norm give identical runs."""
+    from knnlm.models import ModelArgs, load_model
+
+    lm = load_model(ModelArgs(model_name_or_path=str(tiny_gpt2_dir), device="cpu"))  # a private copy
+    ident = torch.nn.Identity()
+    lm.base.transformer.ln_f = ident  # GPT-2 without its final norm; the adapter's map to the output layer follows
+    lm.final, lm._final_exit = torch.nn.Sequential(ident), ident
+    text = "the cat sat on the mat. a dog sat on the log"
+    ids = torch.tensor([lm.encode(text)])
+    with torch.no_grad():
+        h = lm.hidden_states(ids, torch.ones_like(ids), ("block_output", "final_hidden"))
+    assert torch.equal(h["block_output"], h["final_hidden"])
+    z0 = h["final_hidden"][0]
+    gold = ids[0, 1:].tolist() + [0]
+    gold = torch.tensor(gold)
+    target_logp = torch.log_softmax(torch.randn(len(z0), lm.vocab_size, generator=torch.Generator().manual_seed(4)), -1)
+    a = P.project(lm, "f_out", z0, target_logp, gold, lr=0.1, tol=[1e-3, 0.0], max_steps=20)
+    b = P.project(lm, "f_norm", h["block_output"][0], target_logp, gold, lr=0.1, tol=[1e-3, 0.0], max_steps=20)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_with_final_norm_the_two_f_differ(tiny_lm):
+    z = _states(tiny_lm, "the cat sat", "block_output")
+    with torch.no_grad():
+        assert not torch.allclose(P.logits_fn(tiny_lm, "f_out")(z), P.logits_fn(tiny_lm, "f_norm")(z))
+        h = _states(tiny_lm, "the cat sat", "final_hidden")
+        torch.testing.assert_close(P.logits_fn(tiny_lm, "f_out")(h), P.logits_fn(tiny_lm, "f_norm")(z))  # same LM at z0
+
+
+def test_tolerance_columns_share_one_trajectory(tiny_lm):
+    text = "the cat sat on the mat. a dog sat on the log"
+    z0 = _states(tiny_lm, text, "final_hidden")
+    gold = torch.tensor(tiny_lm.encode(text)[1:] + [0])
+    target_logp = torch.log_softmax(torch.randn(len(z0), tiny_lm.vocab_size, generator=torch.Generator().manual_seed(5)), -1)
+    both = P.project(tiny_lm, "f_out", z0, target_logp, gold, lr=0.1, tol=[1e-2, 1e-4], max_steps=300)
+    for j, tol in enumerate([1e-2, 1e-4]):
+        alone = P.project(tiny_lm, "f_out", z0, target_logp, gold, lr=0.1, tol=tol, max_steps=300)
+        assert torch.equal(alone["steps"][:, 0], both["steps"][:, j])
+        torch.testing.assert_close(alone["kl"][:, 0], both["kl"][:, j])
+    assert (both["steps"][:, 1] >= both["steps"][:, 0]).all() and (both["kl"][:, 1] <= both["kl"][:, 0]).all()
+    assert (both["steps"][:, 1] > both["steps"][:, 0]).any()
+
+
+def test_patience_stops_a_stalled_position():
+    z0 = torch.zeros(2, 1)
+    c = torch.tensor([[0.0], [5.0]])  # row 0 starts at its optimum; Adam's first steps move it off and back
+    sol = P.solve(lambda z, rows: ((z - c[rows]) ** 2).sum(-1), z0, lr=0.5, tol=0.0, max_steps=200, patience=5)
+    assert sol.stop[0, 0].item() == 1 and sol.steps[0, 0].item() == 5 and sol.best_step[0, 0].item() == 0
+    assert sol.objective[0, 0].item() == 0.0
+    assert sol.objective[0, 1] < 1e-2 and sol.steps[0, 1] > 5
+
+
+def test_deprecated_f_is_f_norm(caplog):
+    args = P.ProjectionArgs(output_dir="x", datastore="y", target=["f", "fg"], tol=[0.0, 1e-3])
+    with caplog.at_level("WARNING"):
+        args.validate()
+    assert args.target == ["f_norm", "fg"] and args.tol == [1e-3, 0.0]
+    assert "deprecated" in caplog.text and "f_out" in caplog.text
+    with pytest.raises(P.KnnlmError, match="--target"):
+        P.ProjectionArgs(output_dir="x", datastore="y", target=["f", "f_norm"]).validate()
+
+
+def test_share_of_gain_and_gain_ratio_by_hand():
+    lm, knn, proj = np.log([0.1, 0.1]), np.log([0.2, 0.2]), np.log([0.15, 0.15])
+    assert P.share_of_gain(lm, knn, proj) == pytest.approx(math.log(1.5) / math.log(2))
+    assert P.share_of_gain(lm, knn, knn) == pytest.approx(1.0) and P.share_of_gain(lm, knn, lm) == 0.0
+    assert P.gain_ratio(lm, knn, proj) == pytest.approx(math.log(1.5) / math.log(2))
+    assert P._verdict(0.91, 0.99, 0.9, above=True) is True
+    assert P._verdict(0.85, 0.95, 0.9, above=True) is None
+    assert P._verdict(0.5, 0.89, 0.9, above=True) is False
+    assert P._verdict(0.1, 0.4, 0.5, above=False) is True and P._verdict(0.6, 0.9, 0.5, above=False) is False
+
+
+@pytest.mark.parametrize("target", ["f_norm", "fg"])
 def test_reachable_target_is_recovered(tiny_lm, target):
     point = P.TARGETS[target]
     states = _states(tiny_lm, "the cat sat on the mat. a dog sat on the log", point)
@@ -82,7 +198,7 @@ def test_reachable_target_is_recovered(tiny_lm, target):
     ppl_target = math.exp(-float(target_logp.gather(1, gold[:, None]).mean()))
     ppl_proj = math.exp(-float(res["logp"].mean()))
     assert ppl_proj == pytest.approx(ppl_target, rel=2e-2)
-    assert (res["steps"] > 1).all() and (res["steps"] < 1000).all()
+    assert (res["steps"] > 1).all() and (res["steps"] < 1000).all() and (res["stop"] == 0).all()
 
 
 def test_fg_to_y_raises_gold_log_prob(tiny_lm):
@@ -93,7 +209,7 @@ def test_fg_to_y_raises_gold_log_prob(tiny_lm):
         before = tiny_lm.f(tiny_lm.g(z0)).gather(1, gold[:, None])[:, 0]
     res = P.project(tiny_lm, "fg_to_y", z0, before.new_zeros(len(gold), tiny_lm.vocab_size), gold, lr=0.1,
                     tol=1e-3, max_steps=30)
-    assert (res["logp"] > before + 0.5).all()
+    assert (res["logp"][:, 0] > before + 0.5).all()
     torch.testing.assert_close(res["objective"], -res["logp"], rtol=1e-4, atol=1e-4)
 
 
@@ -111,8 +227,8 @@ def common(tiny_gpt2_dir, tmp_path_factory):
 
 def test_cli_end_to_end_matches_eval(common, tiny_lm, tmp_path):
     out = tmp_path / "proj"
-    assert main(["analyze", "projection", *common, "--target", "f,fg,fg_to_y", "--max_steps", "10",
-                 "--batch_size", "7", "--output_dir", str(out)]) == 0
+    assert main(["analyze", "projection", *common, "--target", "f_out,f_norm,fg,fg_to_y", "--max_steps", "10",
+                 "--tol", "1e-3,0", "--batch_size", "7", "--n_boot", "200", "--output_dir", str(out)]) == 0
     assert main(["eval", *common, "--output_dir", str(tmp_path / "eval")]) == 0
     m = json.loads((out / "results.json").read_text())["metrics"]
     ev = json.loads((tmp_path / "eval" / "results.json").read_text())["metrics"]
@@ -120,24 +236,53 @@ def test_cli_end_to_end_matches_eval(common, tiny_lm, tmp_path):
     assert m["ppl_lm"] == pytest.approx(ev["ppl_lm"], rel=1e-5)
     assert m["ppl_knnlm"] == pytest.approx(ev["ppl_knnlm"], rel=1e-5)
     tg = m["targets"]
-    # f(block_output) and f(g(ffn_residual)) are the LM itself: the KL at z0 is KL[p_lm ‖ p_knnlm]
-    assert tg["f"]["kl_init_mean"] == pytest.approx(m["kl_lm_knnlm"]["mean"], rel=1e-3, abs=1e-6)
-    assert tg["fg"]["kl_init_mean"] == pytest.approx(m["kl_lm_knnlm"]["mean"], rel=1e-3, abs=1e-6)
-    # (a random tiny model's f cannot reach p_knnlm: its final norm bounds the logits, so no KL gain is asserted here)
+    # W final_hidden, f_norm(block_output) and f(g(ffn_residual)) are the LM itself: at z0 the KL is KL[p_lm ‖ p_knnlm]
+    for t in ("f_out", "f_norm", "fg"):
+        assert tg[t]["kl_init_mean"] == pytest.approx(m["kl_lm_knnlm"]["mean"], rel=1e-3, abs=1e-6)
+        assert tg[t]["kl_mean"] <= tg[t]["kl_init_mean"] and tg[t]["worse_than_start_fraction"] == 0.0
     assert tg["fg_to_y"]["ppl_proj"] < m["ppl_lm"]
-    assert 1 <= tg["f"]["steps_median"] <= 10 and tg["f"]["steps_max"] <= 10
+    assert 1 <= tg["f_out"]["steps_median"] <= 10 and tg["f_out"]["steps_max"] <= 10
+    assert sum(tg["f_out"]["stopped_by"].values()) == m["n_tokens"]
+    assert sum(c for _, _, c in tg["f_out"]["steps_histogram"]) == m["n_tokens"]
+    assert [e["tol"] for e in m["by_tol"]] == [1e-3, 0.0]
+    assert m["by_tol"][1]["targets"]["f_out"]["stopped_by"] == {"tol": 0, "patience": 0, "max_steps": m["n_tokens"]}
+    for e in m["by_tol"]:
+        for t in ("f_out", "fg"):
+            ci, share = e["targets"][t]["ppl_proj_ci"], e["targets"][t]["share_of_knn_gain_ci"]
+            assert ci["lo"] <= e["targets"][t]["ppl_proj"] <= ci["hi"] and share["lo"] <= share["point"] <= share["hi"]
+        assert set(e["fg_gain_over_f_gain"]) == {"f_out", "f_norm"}
+    assert m["ppl_lm_ci"]["lo"] <= m["ppl_lm"] <= m["ppl_lm_ci"]["hi"]
     arrays = np.load(out / "per_token.npz")
-    assert len(arrays["f.kl"]) == m["n_tokens"]
-    assert math.exp(-arrays["f.logp"].astype(np.float64).mean()) == pytest.approx(tg["f"]["ppl_proj"])
-    assert (out / "kl_f.png").stat().st_size > 0 and (out / "kl_fg_to_y.png").exists()
+    assert arrays["f_out.kl"].shape == (m["n_tokens"], 2)
+    assert math.exp(-arrays["f_out.logp"][:, 0].astype(np.float64).mean()) == pytest.approx(tg["f_out"]["ppl_proj"])
+    assert P.share_of_gain(arrays["lm"], arrays["knnlm"], arrays["fg.logp"][:, 0]) == pytest.approx(
+        tg["fg"]["share_of_knn_gain"])
+    assert (out / "kl_f_out.png").stat().st_size > 0 and (out / "kl_fg_to_y.png").exists()
+    assert (out / "steps_f_out_tol0.001.png").exists() and (out / "steps_fg_tol0.png").exists()
     md = (out / "results.md").read_text()
     assert "16.76" in md and "19.41" in md and "0.07" in md
+    assert md.count("## Tolerance 0.001\n") == 1 and md.count("## Tolerance 0\n") == 1
+    assert md.count("### Perplexity") == 2 and md.count("### KL[p_proj") == 2  # Tables 1 and 3 at each tolerance
+    assert "output layer + softmax, z from final_hidden (the paper's f)" in md
+    # knnlm reproduce's rows and verdicts from the same metrics: one Table 1/3 row per tolerance, one claim per
+    # tolerance and KL target, and Table 4's ratio of gains with its interval
+    from knnlm.experiments import reproduce as R
+
+    rows1, rows3, claims = R._projection_rows("tiny", m)
+    assert [r[1] for r in rows1] == ["0.001", "0"] and len(rows3) == 2 and len(claims) == 2 * 3
+    assert all(any(w in c for w in ("— holds", "— does not hold", "— inconclusive")) for c in claims)
+    row4, claim4 = R._table4_row("tiny", m)
+    ratio = m["by_tol"][0]["fg_gain_over_f_gain"]["f_out"]
+    assert claim4 is not None and f"ratio {ratio['point']:.2f}" in claim4
+    verdict = P.table4_verdict(m)
+    assert verdict["holds"] == P._verdict(ratio["lo"], ratio["hi"], 0.5, above=False)
     assert not (out / "partial.npz").exists()
 
 
 def test_resume_after_kill_gives_same_results(common, tmp_path, monkeypatch):
     args = ["analyze", "projection", *common, "--block_size", "8", "--stride", "4", "--max_tokens", "16",
-            "--target", "f", "--max_steps", "5", "--batch_size", "4"]  # groups of one window
+            "--target", "f_out", "--max_steps", "5", "--batch_size", "4",
+            "--tol", "1e-2,1e-3", "--n_boot", "50"]  # groups of one window
     assert main([*args, "--output_dir", str(tmp_path / "whole")]) == 0
     monkeypatch.setattr(P, "_CHECKPOINT_EVERY_S", 0.0)
     real, calls = P.project, []
@@ -164,6 +309,9 @@ def test_resume_after_kill_gives_same_results(common, tmp_path, monkeypatch):
     (["--lmbda", "1"], "--lmbda"),
     (["--lmbda", "0.25,0.5"], "--lmbda"),
     (["--lr", "0"], "--lr"),
+    (["--tol", "1e-3,-1"], "--tol"),
+    (["--patience", "-1"], "--patience"),
+    (["--target", "f,f_norm"], "--target"),
 ])
 def test_bad_input(common, tmp_path, capsys, extra, needle):
     assert main(["analyze", "projection", *common, *extra, "--output_dir", str(tmp_path / "out")]) == 2

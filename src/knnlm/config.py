@@ -81,7 +81,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             help_text += f" One of: {', '.join(map(str, typing.get_args(tp)))}."
         extra = {"nargs": "?", "const": "true"} if tp is bool else {}  # `--flag` alone means true
         group.add_argument(f"--{f.name}", default=None, metavar=f.name.upper(), dest=f.name,
-                           help=f"{help_text} (default: {shown})", **extra)
+                           help=f"{help_text} (default: {shown})".replace("%", "%%"), **extra)  # argparse %-formats help
+
+
+def add_config_flag(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """``--config FILE|PRESET``, the file that :func:`resolve` merges under the command's flags (one spelling for all)."""
+    parser.add_argument("--config", default=default, metavar="FILE|PRESET",
+                        help="YAML/JSON file, or a shipped preset name, setting this command's options (flags win)"
+                             + (f" (default: {default})" if default else ""))
 
 
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"

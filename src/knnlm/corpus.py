@@ -1,7 +1,9 @@
 """Corpora (plain text, JSONL, HF datasets) streamed to an int32 token file, and the sliding windows over it."""
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -9,15 +11,16 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
+import torch
 
 from .errors import KnnlmError
-from .fileio import atomic_path, sha256_file
+from .fileio import atomic_path, atomic_write_json, read_json, sha256_file, write_error
 
 log = logging.getLogger(__name__)
 
 # plain text is tokenized in 256k-character pieces: a fast tokenizer's per-token Python objects (ids, offsets) cost
 # ~150 bytes a token, so the piece size, not the file size, sets the peak memory
-_CHUNK_CHARS = 1 << 18
+_CHUNK_CHARS = 1 << 18  # bytes read per piece (at most as many characters)
 _CARRY_TOKENS = 8  # tokens re-tokenized across a piece boundary (see _encode_long_text)
 
 
@@ -33,10 +36,16 @@ class CorpusArgs:
     stride: int = field(default=0, metadata={"help": "Tokens the window advances by; 0 = block_size // 2. Each token is scored once, with the longest context the window allows."})
     concat_documents: bool = field(default=True, metadata={"help": "Join JSONL/dataset documents with EOS into one stream (run_clm style); false windows each document on its own."})
     max_tokens: Optional[int] = field(default=None, metadata={"help": "Use only the first N tokens of the corpus (quick runs)."})
+    encoding_errors: str = field(default="strict", metadata={"help": "Bytes that are not UTF-8 in a corpus file: strict (an error naming the byte offset), replace (U+FFFD) or ignore (dropped)."})
 
     def validate(self) -> None:
         if self.block_size < 0 or self.stride < 0:
             raise KnnlmError("--block_size/--stride: must be >= 0 (0 picks the default)")
+        if self.block_size == 1:
+            raise KnnlmError("--block_size: 1 leaves no context to predict a token from; use at least 2 (0 = the "
+                             "model's context length)")
+        if self.encoding_errors not in ("strict", "replace", "ignore"):
+            raise KnnlmError(f"--encoding_errors: {self.encoding_errors!r} is not one of strict, replace, ignore")
         if self.block_size and self.stride > self.block_size:
             raise KnnlmError(f"--stride: {self.stride} exceeds --block_size {self.block_size}; tokens would be skipped")
         if self.max_tokens is not None and self.max_tokens < 2:
@@ -52,9 +61,14 @@ class CorpusArgs:
         _check_file(path, f"--{which}_file")
 
     def resolved_window(self, model_context: int) -> tuple[int, int]:
+        """(block, stride) for a model with ``model_context`` positions: a window of ``block >= 2`` tokens that
+        advances by ``1 <= stride <= block`` tokens (so every window scores at least one new token)."""
         block = self.block_size or min(model_context, 1024)
         if block > model_context:
             raise KnnlmError(f"--block_size: {block} exceeds the model's context length {model_context}")
+        if block < 2:
+            raise KnnlmError(f"--block_size: {block} leaves no context to predict a token from (the model's context "
+                             f"length is {model_context}); use at least 2")
         stride = self.stride or max(1, block // 2)
         if stride > block:
             raise KnnlmError(f"--stride: {stride} exceeds the block size {block}; tokens would be skipped")
@@ -74,9 +88,41 @@ def _check_file(path: str, flag: str) -> Path:
     return p
 
 
-def _jsonl_texts(path: Path, text_field: str, flag: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+def _not_utf8(flag: str, path: Path, offset: int, e: UnicodeDecodeError) -> KnnlmError:
+    return KnnlmError(f"{flag}: {path} is not UTF-8 at byte {offset} (0x{e.object[e.start]:02x}); re-encode it "
+                      "(e.g. `iconv -f latin1 -t utf-8`) or pass --encoding_errors replace (or ignore)")
+
+
+def _text_pieces(path: Path, flag: str, errors: str = "strict", chunk: Optional[int] = None) -> Iterator[str]:
+    """The file decoded as UTF-8, ``chunk`` bytes at a time (newlines kept as they are); a byte that is not UTF-8 is
+    an error naming its offset, unless ``errors`` replaces or drops it."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    chunk = chunk or _CHUNK_CHARS
+    pos = 0  # bytes fed to the decoder so far
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            pending = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise _not_utf8(flag, path, pos - pending + e.start, e) from None
+            pos += len(block)
+            if text:
+                yield text
+            if not block:
+                return
+
+
+def _jsonl_texts(path: Path, text_field: str, flag: str, errors: str = "strict") -> Iterator[str]:
+    offset = 0
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8", errors)
+            except UnicodeDecodeError as e:
+                raise _not_utf8(flag, path, offset + e.start, e) from None
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -102,41 +148,45 @@ def _dataset_texts(args: CorpusArgs, split: str) -> Iterator[str]:
         yield row[args.text_field]
 
 
-def _encode_long_text(tokenizer, path: Path, add_special: bool) -> Iterator[np.ndarray]:
-    """Tokenizes a text file piece by piece with the result of tokenizing it as one string.
+def _encode_long_text(tokenizer, path: Path, add_special: bool, flag: str = "--train_file",
+                      errors: str = "strict") -> Iterator[tuple[np.ndarray, bool]]:
+    """Tokenizes a text file piece by piece with the result of tokenizing it as one string; yields (ids, whether the
+    piece's text holds anything but whitespace).
 
     Each piece's last few tokens are dropped and their text carried into the next piece, so no token straddling a
     piece boundary is ever cut (pre-tokenization regexes are local, so tokens further back are final).
     """
     carry, first = "", True
-    with open(path, encoding="utf-8", newline="") as fh:
-        while True:
-            piece = fh.read(_CHUNK_CHARS)
-            text = carry + piece
-            if not text:
-                return
-            enc = tokenizer(text, add_special_tokens=add_special and first, return_offsets_mapping=True)
-            ids, offsets = enc["input_ids"], enc["offset_mapping"]
-            if not piece:  # end of file: everything is final
-                yield np.asarray(ids, np.int32)
-                return
-            keep = max(0, len(ids) - _CARRY_TOKENS)
-            while keep > 0 and offsets[keep][0] == 0 and offsets[keep][1] == 0:  # special token: keep with the piece
-                keep -= 1
-            cut = offsets[keep][0] if keep < len(ids) else len(text)
-            final = np.asarray(ids[:keep], np.int32)
-            del enc, ids, offsets  # free this piece's Python objects before the next piece is tokenized
-            carry, first = text[cut:], False
-            yield final
+    pieces = _text_pieces(path, flag, errors)
+    while True:
+        piece = next(pieces, "")
+        text = carry + piece
+        if not text:
+            return
+        enc = tokenizer(text, add_special_tokens=add_special and first, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        if not piece:  # end of file: everything is final
+            yield np.asarray(ids, np.int32), bool(text.strip())
+            return
+        keep = max(0, len(ids) - _CARRY_TOKENS)
+        while keep > 0 and offsets[keep][0] == 0 and offsets[keep][1] == 0:  # special token: keep with the piece
+            keep -= 1
+        cut = offsets[keep][0] if keep < len(ids) else len(text)
+        final = np.asarray(ids[:keep], np.int32)
+        del enc, ids, offsets  # free this piece's Python objects before the next piece is tokenized
+        has_text = bool(text[:cut].strip())
+        carry, first = text[cut:], False
+        yield final, has_text
 
 
-def _documents(lm, args: CorpusArgs, which: str) -> Iterator[tuple[list[int] | np.ndarray, bool]]:
-    """Yields ``(token ids, continues_previous)``: documents encoded as ``lm.encode`` does (BOS where the tokenizer adds
-    one); a long plain-text document arrives in several pieces, all but the first marked as continuing."""
+def _documents(lm, args: CorpusArgs, which: str) -> Iterator[tuple[list[int] | np.ndarray, bool, bool]]:
+    """Yields ``(token ids, continues_previous, has_text)``: documents encoded as ``lm.encode`` does (BOS where the
+    tokenizer adds one); a long plain-text document arrives in several pieces, all but the first marked as continuing;
+    ``has_text`` is False for whitespace-only text."""
     if args.dataset_name:
         split = args.split or ("train" if which == "train" else "validation")
         for text in _dataset_texts(args, split):
-            yield lm.encode(text), False
+            yield lm.encode(text), False, bool(text.strip())
         return
     flag = f"--{which}_file"
     path_str = args.train_file if which == "train" else args.validation_file
@@ -144,13 +194,14 @@ def _documents(lm, args: CorpusArgs, which: str) -> Iterator[tuple[list[int] | n
         raise KnnlmError(f"{flag}: required (or --dataset_name)")
     path = _check_file(path_str, flag)
     if path.suffix in (".jsonl", ".json"):
-        for text in _jsonl_texts(path, args.text_field, flag):
-            yield lm.encode(text), False
+        for text in _jsonl_texts(path, args.text_field, flag, args.encoding_errors):
+            yield lm.encode(text), False, bool(text.strip())
     elif getattr(lm.tokenizer, "is_fast", False):
-        for i, piece in enumerate(_encode_long_text(lm.tokenizer, path, add_special=True)):
-            yield piece, i > 0
+        for i, (piece, has_text) in enumerate(_encode_long_text(lm.tokenizer, path, True, flag, args.encoding_errors)):
+            yield piece, i > 0, has_text
     else:
-        yield lm.encode(path.read_text(encoding="utf-8")), False
+        text = "".join(_text_pieces(path, flag, args.encoding_errors))
+        yield lm.encode(text), False, bool(text.strip())
 
 
 # ---------------------------------------------------------------------------------------------------------------- token file
@@ -173,38 +224,109 @@ class TokenFile:
         return sha256_file(self.path)[:16] + sha256_file(self.doc_path)[:16]
 
 
-def tokenize_to_file(lm, args: CorpusArgs, which: str, out_path: str | Path) -> TokenFile:
+def source_fingerprint(args: CorpusArgs, which: str) -> dict:
+    """What a corpus is, for checking cached work against: the file's name and sha256, or the dataset's coordinates."""
+    if args.dataset_name:
+        return {"dataset": args.dataset_name, "config": args.dataset_config_name, "split": args.split}
+    flag = f"--{which}_file"
+    path = _check_file((args.train_file if which == "train" else args.validation_file) or "", flag)
+    return {"file": path.name, "sha256": sha256_file(path)}
+
+
+def _tokenizer_id(lm) -> str:
+    if hasattr(lm, "tokenizer_hash"):
+        return lm.tokenizer_hash()
+    tok = lm.tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else f"{type(tok).__name__}:{getattr(tok, 'name_or_path', '')}"
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def _token_key(lm, args: CorpusArgs, which: str, source: Optional[dict]) -> dict:
+    """Everything a token file depends on (windowing is not among them: windows are cut from it afterwards)."""
+    return {"format": "knnlm-tokens/1", "source": source or source_fingerprint(args, which),
+            "tokenizer_hash": _tokenizer_id(lm), "eos_token_id": lm.eos_token_id, "text_field": args.text_field,
+            "concat_documents": args.concat_documents, "max_tokens": args.max_tokens,
+            "encoding_errors": args.encoding_errors}
+
+
+def _valid_token_files(out_path: Path, doc_path: Path, key_path: Path, key: dict) -> bool:
+    """True when the token files were finished for exactly ``key`` and have the sizes their record says."""
+    if not (out_path.is_file() and doc_path.is_file() and key_path.is_file()):
+        return False
+    try:
+        record = read_json(key_path)
+    except KnnlmError:
+        return False
+    if not isinstance(record, dict) or record.get("key") != json.loads(json.dumps(key)):
+        return False
+    n, n_docs = record.get("n_tokens"), record.get("n_documents")
+    return (isinstance(n, int) and isinstance(n_docs, int) and n >= 2 and out_path.stat().st_size == 4 * n
+            and doc_path.stat().st_size == 8 * (n_docs + 1) and int(np.fromfile(doc_path, np.int64)[-1]) == n)
+
+
+def tokenize_to_file(lm, args: CorpusArgs, which: str, out_path: str | Path, source: Optional[dict] = None) -> TokenFile:
     """Streams the corpus through the tokenizer into ``out_path`` (int32) and ``out_path.docs`` (document starts).
 
-    With ``concat_documents`` the documents form one stream joined by EOS. Written to temp names, renamed at the end.
+    With ``concat_documents`` the documents form one stream joined by EOS. Written to temp names, size-checked and
+    renamed at the end; ``out_path.json`` (written last) records what they were made from (corpus sha256, tokenizer
+    hash, options; ``source`` saves hashing the corpus again), so the files of another corpus or tokenizer, or short
+    or empty ones, are rebuilt rather than reused. A corpus of whitespace only is refused.
     """
     out_path = Path(out_path)
     doc_path = out_path.with_name(out_path.name + ".docs")
-    if out_path.exists() and doc_path.exists():
+    key_path = out_path.with_name(out_path.name + ".json")
+    key = _token_key(lm, args, which, source)
+    if _valid_token_files(out_path, doc_path, key_path, key):
         return TokenFile(out_path, doc_path)
+    for p in (key_path, out_path, doc_path):  # stale or partial: the record goes first, so no half state looks valid
+        p.unlink(missing_ok=True)
+    flag = "--dataset_name" if args.dataset_name else f"--{which}_file"
     starts, n, limit = [0], 0, args.max_tokens
+    n_docs = n_blank = 0  # documents read, and those of whitespace only
+    doc_has_text = True
     eos = lm.eos_token_id
-    with atomic_path(out_path) as tmp, open(tmp, "wb") as fh:
-        for ids, continued in _documents(lm, args, which):
-            if not continued and n > starts[-1]:  # a new document begins
-                if args.concat_documents:
-                    if eos is not None:
-                        fh.write(np.asarray([eos], np.int32).tobytes())
-                        n += 1
-                else:
-                    starts.append(n)
-            if limit is not None:
-                ids = ids[: max(0, limit - n)]
-            fh.write(np.asarray(ids, np.int32).tobytes())
-            n += len(ids)
-            if limit is not None and n >= limit:
-                break
-        starts.append(n)
-        if n < 2:
-            which_flag = "--dataset_name" if args.dataset_name else f"--{which}_file"
-            raise KnnlmError(f"{which_flag}: the corpus is empty (fewer than 2 tokens); pass a file with text in it")
-        with atomic_path(doc_path) as dtmp:
-            np.asarray(starts, np.int64).tofile(dtmp)
+    try:
+        with atomic_path(out_path) as tmp:
+            with open(tmp, "wb") as fh:
+                for ids, continued, has_text in _documents(lm, args, which):
+                    if continued:
+                        doc_has_text |= has_text
+                    else:
+                        n_blank += not doc_has_text
+                        n_docs, doc_has_text = n_docs + 1, has_text
+                    if not continued and n > starts[-1]:  # a new document begins
+                        if args.concat_documents:
+                            if eos is not None:
+                                fh.write(np.asarray([eos], np.int32).tobytes())
+                                n += 1
+                        else:
+                            starts.append(n)
+                    if limit is not None:
+                        ids = ids[: max(0, limit - n)]
+                    fh.write(np.asarray(ids, np.int32).tobytes())
+                    n += len(ids)
+                    if limit is not None and n >= limit:
+                        break
+            starts.append(n)
+            n_blank += not doc_has_text
+            if n < 2:
+                raise KnnlmError(f"{flag}: the corpus is empty (fewer than 2 tokens); pass a file with text in it")
+            if n_blank >= n_docs:
+                raise KnnlmError(f"{flag}: the corpus holds only whitespace ({n} tokens of blanks and line breaks); "
+                                 "pass a file with text in it")
+            if n_blank:
+                log.warning("%s: %d of %d documents hold only whitespace; they are kept (as run_clm does)", flag,
+                            n_blank, n_docs)
+            if tmp.stat().st_size != 4 * n:
+                raise KnnlmError(f"{flag}: {out_path}: wrote {tmp.stat().st_size} bytes, expected {4 * n} (a short "
+                                 "write: is the disk full?); rerun the same command")
+            with atomic_path(doc_path, expected_bytes=8 * len(starts)) as dtmp:
+                np.asarray(starts, np.int64).tofile(dtmp)
+        atomic_write_json(key_path, {"key": key, "n_tokens": n, "n_documents": len(starts) - 1})
+    except OSError as e:
+        doc_path.unlink(missing_ok=True)
+        raise write_error(out_path, e) from None
     log.info("tokenized %s corpus: %d tokens, %d documents", which, n, len(starts) - 1)
     return TokenFile(out_path, doc_path)
 
@@ -230,6 +352,8 @@ def windows(doc_starts, block_size: int, stride: int) -> list[Window]:
     Target ``t`` is predicted from position ``t - 1`` with context ``[start, t)``; windows advance by ``stride`` and a
     window scores only the tokens its predecessor did not, so each target gets the longest context the window allows.
     """
+    if block_size < 2:  # a 1-token window predicts nothing and would never advance
+        raise KnnlmError(f"--block_size: must be >= 2, got {block_size}")
     if stride > block_size or stride < 1:
         raise KnnlmError(f"--stride: must be in [1, block_size={block_size}], got {stride}")
     out: list[Window] = []
@@ -246,6 +370,40 @@ def windows(doc_starts, block_size: int, stride: int) -> list[Window]:
             prev_end = end
             start = min(start + stride, end - 1)  # a target's predicting position must lie inside its window
     return out
+
+
+def _token_array(tokens) -> np.ndarray:
+    return tokens.tokens if isinstance(tokens, TokenFile) else tokens
+
+
+def batch_inputs(tokens, batch: list[Window], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids [B, T] and attention mask [B, T] of a batch of windows over ``tokens`` (a
+    :class:`TokenFile`, read only where the windows are, or any int array)."""
+    length = max(w.end - w.start for w in batch)
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    token_arr = _token_array(tokens)
+    for i, w in enumerate(batch):
+        ids[i, : w.end - w.start] = torch.from_numpy(np.asarray(token_arr[w.start: w.end], dtype=np.int64))
+        mask[i, : w.end - w.start] = 1
+    return ids, mask
+
+
+def target_positions(batch: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row in the batch [n], predicting position [n]) of each scored target, in window order."""
+    rows, pos = [], []
+    for i, w in enumerate(batch):
+        p = torch.arange(w.first_target - 1 - w.start, w.end - 1 - w.start)
+        rows.append(torch.full_like(p, i))
+        pos.append(p)
+    return torch.cat(rows), torch.cat(pos)
+
+
+def target_tokens(tokens, batch: list[Window]) -> torch.Tensor:
+    """The scored (gold) tokens of a batch of windows, in the order of :func:`target_positions`: [n] int64."""
+    token_arr = _token_array(tokens)
+    return torch.from_numpy(np.concatenate([np.asarray(token_arr[w.first_target: w.end], dtype=np.int64)
+                                            for w in batch]))
 
 
 def count_targets(wins: list[Window]) -> int:

@@ -13,6 +13,7 @@ killed build resumes where it stopped and gives the same bytes as an uninterrupt
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -25,14 +26,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .corpus import CorpusArgs, TokenFile, Window, count_targets, tokenize_to_file, windowing_meta, windows
+from .corpus import (CorpusArgs, TokenFile, Window, batch_inputs, count_targets, source_fingerprint, tokenize_to_file,
+                     windowing_meta, windows)
+from .corpus import batch_inputs as _batch_inputs  # noqa: F401  (the old private name, still imported by other modules)
 from .errors import KnnlmError
-from .fileio import atomic_write_json, package_versions, read_json, sha256_file
+from .fileio import atomic_write_json, claim_output_dir, package_versions, read_json, write_error
 
 log = logging.getLogger(__name__)
 
 KEY_POINTS = ("ffn_input", "ffn_residual", "block_output", "final_hidden")
-_DATA_FILES = ("keys.f16", "vals.i32", "tokens.i32", "tokens.i32.docs", "done.u8", "build.json", "meta.json")
+_DATA_FILES = ("keys.f16", "vals.i32", "tokens.i32", "tokens.i32.docs", "tokens.i32.json", "done.u8", "build.json",
+               "meta.json")
+# what `knnlm datastore build` writes into its folder (an earlier build holds nothing else); `index` is `knnlm index build`'s
+OWN_FILES = (*_DATA_FILES, "index", "config.json")
+KIND = "datastore build"
 
 
 @dataclass
@@ -75,13 +82,20 @@ class Datastore:
     def open(cls, directory: str | Path) -> "Datastore":
         directory = Path(directory)
         if not directory.is_dir():
-            raise KnnlmError(f"--datastore: {directory} does not exist; build one with `knnlm datastore build`")
+            what = "is a file, not a datastore folder" if directory.exists() else "does not exist"
+            raise KnnlmError(f"--datastore: {directory} {what}; build one with `knnlm datastore build`")
         meta_path = directory / "meta.json"
         if not meta_path.is_file():
             hint = " (a build was started: rerun `knnlm datastore build` to finish it)" if (directory / "build.json").exists() else ""
             raise KnnlmError(f"--datastore: {directory} has no meta.json, so it is not a finished datastore{hint}")
-        meta = read_json(meta_path)
-        n, d = int(meta["N"]), int(meta["d"])
+        meta = read_json(meta_path, fix="rebuild the datastore with `knnlm datastore build ... --overwrite`")
+        try:
+            n, d = int(meta["N"]), int(meta["d"])
+            if n < 1 or d < 1 or meta.get("key_point") not in KEY_POINTS:
+                raise ValueError
+        except (TypeError, KeyError, ValueError):
+            raise KnnlmError(f"--datastore: {meta_path} is not the meta.json of a knnlm datastore (N, d, key_point); "
+                             "rebuild the datastore with `knnlm datastore build ... --overwrite`") from None
         for name, expected in (("keys.f16", n * d * 2), ("vals.i32", n * 4)):
             path = directory / name
             size = path.stat().st_size if path.exists() else -1
@@ -123,60 +137,64 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
-def _source_fingerprint(args: CorpusArgs, which: str) -> dict:
-    if args.dataset_name:
-        return {"dataset": args.dataset_name, "config": args.dataset_config_name, "split": args.split}
-    path = Path(args.train_file if which == "train" else args.validation_file or "")
-    if not path.is_file():
-        raise KnnlmError(f"--{which}_file: {path} does not exist or is not a file; pass a readable .txt or .jsonl file")
-    return {"file": path.name, "sha256": sha256_file(path)}
+def _build_fingerprint(lm, args: CorpusArgs, which: str, key_point: str, block: int, stride: int, batch_size: int,
+                       source: dict) -> dict:
+    fp = {"model_name_or_path": lm.name, "weights_hash": lm.weights_hash(), "tokenizer_hash": lm.tokenizer_hash(),
+          "key_point": key_point, "source": source, "text_field": args.text_field,
+          **windowing_meta(block, stride, args), "batch_size": batch_size}
+    if args.encoding_errors != "strict":  # recorded only when set, so stores built before the option still resume
+        fp["encoding_errors"] = args.encoding_errors
+    return fp
 
 
-def _build_fingerprint(lm, args: CorpusArgs, which: str, key_point: str, block: int, stride: int, batch_size: int) -> dict:
-    return {"model_name_or_path": lm.name, "weights_hash": lm.weights_hash(), "tokenizer_hash": lm.tokenizer_hash(),
-            "key_point": key_point, "source": _source_fingerprint(args, which), "text_field": args.text_field,
-            **windowing_meta(block, stride, args), "batch_size": batch_size}
+def _clear(out_dir: Path) -> None:
+    for name in _DATA_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "index", ignore_errors=True)
 
 
 def _prepare_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> bool:
     """Returns True when ``out_dir`` already holds this very datastore, finished."""
+    state = claim_output_dir(out_dir, KIND, fingerprint, overwrite, own_files=OWN_FILES)
+    if state == "replace":
+        _clear(out_dir)
+        return False
     meta, build = out_dir / "meta.json", out_dir / "build.json"
-    existing = read_json(meta)["build"] if meta.exists() else read_json(build) if build.exists() else None
+    fix = "pass --overwrite to rebuild the datastore"
+    existing = read_json(meta, fix).get("build") if meta.exists() else read_json(build, fix) if build.exists() else None
     if existing is not None and existing != fingerprint:
         if not overwrite:
             raise KnnlmError(f"--output_dir: {out_dir} already holds a different datastore "
                              f"({existing.get('model_name_or_path')}, {existing.get('key_point')}); pass --overwrite "
                              "to replace it or choose another folder")
-        for name in _DATA_FILES:
-            (out_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(out_dir / "index", ignore_errors=True)
+        _clear(out_dir)
         return False
     return meta.exists()
 
 
 def _preallocate(path: Path, nbytes: int) -> None:
-    if not path.exists() or path.stat().st_size != nbytes:
-        with open(path, "wb") as fh:
-            fh.truncate(nbytes)
-
-
-def _batch_inputs(tokens: TokenFile, batch: list[Window], pad_id: int):
-    """Right-padded input ids [B, T] and mask [B, T] for a batch of windows (reads only those tokens from disk)."""
-    length = max(w.end - w.start for w in batch)
-    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), length), dtype=torch.long)
-    token_arr = tokens.tokens
-    for i, w in enumerate(batch):
-        ids[i, : w.end - w.start] = torch.from_numpy(np.asarray(token_arr[w.start: w.end], dtype=np.int64))
-        mask[i, : w.end - w.start] = 1
-    return ids, mask
+    """Reserves the file's blocks up front, so a disk too small fails now, with the size, not after hours of encoding."""
+    if path.exists() and path.stat().st_size == nbytes:
+        return
+    with open(path, "wb") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, max(1, nbytes))
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):  # no fallocate on this filesystem: a sparse file will do
+                fh.truncate(nbytes)
+                return
+            fh.truncate(0)
+            free = shutil.disk_usage(path.parent).free
+            raise KnnlmError(f"--output_dir: {path} needs {nbytes / 2**20:.1f} MiB but only {free / 2**20:.1f} MiB "
+                             "are free; free some space or choose another folder, then rerun the same command") from None
+        fh.truncate(nbytes)
 
 
 def encode_batches(lm, tokens: TokenFile, batches: list[list[Window]], key_point: str):
     """Yields ``(batch index, keys [n, d] float16 numpy, values [n] int32 numpy)`` for the given batches of windows."""
     token_arr = tokens.tokens
     for b, batch in batches:
-        ids, mask = _batch_inputs(tokens, batch, lm.eos_token_id or 0)
+        ids, mask = batch_inputs(tokens, batch, lm.eos_token_id or 0)
         with torch.inference_mode():
             hidden = lm.hidden_states(ids.to(lm.device), mask.to(lm.device), key_point)  # [B, T, d]
         keys, vals = [], []
@@ -200,15 +218,23 @@ def build_datastore(lm, corpus: CorpusArgs, out_dir: str | Path, key_point: str 
     if batch_size < 1:
         raise KnnlmError("--batch_size: must be >= 1")
     out_dir = Path(out_dir)
+    try:
+        return _build(lm, corpus, out_dir, key_point, batch_size, overwrite, which, flush_every)
+    except OSError as e:  # a full disk or a read-only folder met mid-build: the done flags let a rerun resume
+        raise write_error(e.filename or out_dir, e) from None
+
+
+def _build(lm, corpus: CorpusArgs, out_dir: Path, key_point: str, batch_size: int, overwrite: bool, which: str,
+           flush_every: int) -> Datastore:
     rank, world = _dist()
     block, stride = corpus.resolved_window(lm.max_positions)
-    fingerprint = _build_fingerprint(lm, corpus, which, key_point, block, stride, batch_size)
+    source = source_fingerprint(corpus, which)
+    fingerprint = _build_fingerprint(lm, corpus, which, key_point, block, stride, batch_size, source)
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
         finished = _prepare_dir(out_dir, fingerprint, overwrite)
         if not finished:
             atomic_write_json(out_dir / "build.json", fingerprint)
-            tokenize_to_file(lm, corpus, which, out_dir / "tokens.i32")
+            tokenize_to_file(lm, corpus, which, out_dir / "tokens.i32", source=source)
     _barrier(world)
     if (out_dir / "meta.json").exists():
         log.info("datastore %s is already complete", out_dir)
@@ -216,7 +242,7 @@ def build_datastore(lm, corpus: CorpusArgs, out_dir: str | Path, key_point: str 
 
     tokens = TokenFile(out_dir / "tokens.i32", out_dir / "tokens.i32.docs")
     wins = windows(tokens.doc_starts, block, stride)
-    n, d = count_targets(wins), lm.hidden_size
+    n, d = count_targets(wins), lm.key_widths[key_point]
     batches = [wins[i: i + batch_size] for i in range(0, len(wins), batch_size)]
     if rank == 0:
         _preallocate(out_dir / "keys.f16", n * d * 2)

@@ -17,9 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .corpus import CorpusArgs, TokenFile, count_targets, tokenize_to_file, windows
-from .datastore import KEY_POINTS, _batch_inputs
+from .corpus import target_positions as _target_positions  # noqa: F401  (the old private name, imported elsewhere)
+from .datastore import KEY_POINTS
 from .errors import KnnlmError
 from .knn import KNNArgs, Retriever, interpolate, knn_gold_log_prob
+from .scoring import key_points, score_windows
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +110,6 @@ def storage_report(datastore=None, memory=None) -> dict:
     return out
 
 
-def _target_positions(batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row in batch, position) of each scored target's predicting position, in window order."""
-    rows, pos = [], []
-    for i, w in enumerate(batch):
-        p = torch.arange(w.first_target - 1 - w.start, w.end - 1 - w.start)
-        rows.append(torch.full_like(p, i))
-        pos.append(p)
-    return torch.cat(rows), torch.cat(pos)
-
-
 def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datastore=None,
              knn: Optional[KNNArgs] = None, memory=None, key_point: Optional[str] = None, index=None) -> dict:
     """Scores the validation corpus; returns the metrics (perplexities, token count, throughput).
@@ -131,57 +123,34 @@ def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datast
     if datastore is not None:
         datastore.check_compatible(lm, key_point)
         retriever = Retriever(datastore, knn, index=index)
-    points = tuple({p for p in (datastore.key_point if datastore else None, memory.key_point if memory else None)
-                    if p} | {"final_hidden"})
-    for p in points:
+    for p in key_points(retriever, memory):
         if p not in KEY_POINTS:
             raise KnnlmError(f"--key_point: {p!r} is not one of {', '.join(KEY_POINTS)}")
 
     tokens: TokenFile = tokenize_to_file(lm, corpus, "validation", out_dir / "tokens.i32")
     block, stride = corpus.resolved_window(lm.max_positions)
     wins = windows(tokens.doc_starts, block, stride)
-    token_arr = tokens.tokens
     lm_nll = _NLL()
     knn_nll = {lam: _NLL() for lam in knn.lmbda} if retriever else {}
     mlp_nll = {lam: _NLL() for lam in knn.lmbda} if memory is not None else {}
     cache = _NeighbourCache(out_dir / "neighbors", retriever.k - int(knn.ignore_top)) if retriever and args.save_neighbors else None
-    t_forward = t_search = t_mlp = 0.0
+    timing: dict = {}
     started = time.time()
+    batches = (wins[b: b + args.batch_size] for b in range(0, len(wins), args.batch_size))
     with tqdm(total=count_targets(wins), unit="tok", desc="eval") as bar:
-        for b in range(0, len(wins), args.batch_size):
-            batch = wins[b: b + args.batch_size]
-            ids, mask = _batch_inputs(tokens, batch, lm.eos_token_id or 0)
-            rows, pos = _target_positions(batch)
-            gold = torch.from_numpy(np.concatenate([np.asarray(token_arr[w.first_target: w.end]) for w in batch])).long()
-            t0 = time.time()
-            with torch.inference_mode():
-                hidden = lm.hidden_states(ids.to(lm.device), mask.to(lm.device), points)  # {point: [B, T, d]}
-                at = {p: h[rows.to(h.device), pos.to(h.device)] for p, h in hidden.items()}  # {point: [n, d]}
-                lm_logp = torch.log_softmax(lm.output_layer(at["final_hidden"]).float(), dim=-1)  # [n, V]
-                lm_gold = lm_logp.gather(1, gold.to(lm_logp.device)[:, None])[:, 0].cpu()  # [n]
-            t_forward += time.time() - t0
-            lm_nll.add(lm_gold)
-            if retriever is not None:
-                t0 = time.time()
-                dists, vals = retriever.search(at[datastore.key_point])
-                t_search += time.time() - t0
-                knn_gold = knn_gold_log_prob(dists, vals, gold, knn.knn_temp)
-                for lam, acc in knn_nll.items():
-                    acc.add(interpolate(lm_gold, knn_gold, lam))
-                if cache:
-                    cache.add(dists, vals, lm_gold, gold)
-            if memory is not None:
-                t0 = time.time()
-                with torch.inference_mode():
-                    mem_logp = memory.log_probs(at[memory.key_point])  # [n, V]
-                    mem_gold = mem_logp.gather(1, gold.to(mem_logp.device)[:, None])[:, 0].float().cpu()
-                t_mlp += time.time() - t0
-                for lam, acc in mlp_nll.items():
-                    acc.add(interpolate(lm_gold, mem_gold, lam))
-            bar.update(len(gold))
+        for scores in score_windows(lm, tokens, batches, retriever, memory, knn.lmbda, timing):
+            lm_nll.add(scores.lm)
+            for lam, acc in knn_nll.items():
+                acc.add(scores.knn_lm[lam])
+            for lam, acc in mlp_nll.items():
+                acc.add(scores.mlp_lm[lam])
+            if cache:
+                cache.add(scores.dists, scores.vals, scores.lm, scores.gold)
+            bar.update(len(scores.gold))
     if cache:
         cache.close()
     wall = time.time() - started
+    t_forward = timing.get("forward_s", 0.0) + timing.get("output_s", 0.0)  # the LM: body + output layer
     metrics = {"n_tokens": lm_nll.count, "ppl_lm": lm_nll.ppl, "block_size": block, "stride": stride,
                "timing": {"wall_s": wall, "forward_s": t_forward, "tokens_per_s": lm_nll.count / max(wall, 1e-9),
                           "lm_tokens_per_s": lm_nll.count / max(t_forward, 1e-9)}}
@@ -190,12 +159,13 @@ def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datast
         metrics.update(ppl_knnlm=knn_nll[first].ppl, lmbda=first, k=retriever.k - int(knn.ignore_top),
                        datastore_N=datastore.N)
         metrics["sweep_knn"] = {str(lam): acc.ppl for lam, acc in knn_nll.items()}
+        t_search = timing.get("search_s", 0.0)  # in a worker thread, overlapping the forward passes
         metrics["timing"].update(search_s=t_search, search_queries_per_s=lm_nll.count / max(t_search, 1e-9))
     if memory is not None:
         first = knn.lmbda[0]
         metrics.update(ppl_mlplm=mlp_nll[first].ppl, lmbda=first)
         metrics["sweep_mlp"] = {str(lam): acc.ppl for lam, acc in mlp_nll.items()}
-        metrics["timing"]["mlp_s"] = t_mlp
+        metrics["timing"]["mlp_s"] = timing.get("mlp_s", 0.0)
     metrics["storage"] = storage_report(datastore, memory)
     log.info("eval: %s", {k: v for k, v in metrics.items() if k.startswith("ppl")})
     return metrics

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -72,7 +73,51 @@ def interpolate(lm_logp: torch.Tensor, knn_logp: torch.Tensor, lmbda: float) -> 
     return torch.logaddexp(lm_logp + math.log1p(-lmbda), knn_logp + math.log(lmbda))
 
 
-_RECOMPUTE_FLOATS = 1 << 22  # 16 MB of float32 keys per chunk of queries
+_RECOMPUTE_FLOATS = 1 << 22  # 16 MB of float32 keys per chunk of queries (a whole batch is B x k x d floats)
+KEYS_IN_RAM_FRACTION = 0.5  # hold the keys in RAM for --recompute_dists when they take at most this share of free RAM
+
+
+def _available_ram() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def resident_keys(datastore) -> torch.Tensor:
+    """The store's float16 keys [N, d] as a tensor: copied into RAM when they fit in ``KEYS_IN_RAM_FRACTION`` of the
+    available memory (random row gathers then never wait for the disk), else a copy-on-write memory map of keys.f16."""
+    nbytes = datastore.N * datastore.d * 2
+    if nbytes <= KEYS_IN_RAM_FRACTION * _available_ram():
+        log.info("holding the %d datastore keys in RAM for exact distances (%.0f MiB)", datastore.N, nbytes / 2**20)
+        keys = np.fromfile(datastore.dir / "keys.f16", dtype=np.float16, count=datastore.N * datastore.d)
+    else:
+        log.info("exact distances read the %d datastore keys from disk (%.0f MiB do not fit in RAM)",
+                 datastore.N, nbytes / 2**20)
+        keys = np.memmap(datastore.dir / "keys.f16", dtype=np.float16, mode="c")  # writable view: torch wraps it
+    return torch.from_numpy(keys).view(datastore.N, datastore.d)
+
+
+def exact_sq_dists(keys: torch.Tensor, queries: torch.Tensor, ids: torch.Tensor,
+                   max_floats: Optional[int] = None) -> torch.Tensor:
+    """Squared L2 distances ‖keys[ids[b, j]] − queries[b]‖² as the sum of squared differences in float32 (no
+    ‖q‖² + ‖k‖² − 2 q·k, whose cancellation loses the small distances that weigh most in p_knn).
+
+    keys [N, d] (float16 or float32), queries [B, d] float32, ids [B, k] int64 -> [B, k] float32. A few queries at a
+    time: their keys are gathered into one reused float16 buffer, widened into one reused float32 buffer."""
+    n_q, k = ids.shape
+    d = keys.shape[1]
+    out = torch.empty(n_q, k, dtype=torch.float32)  # [B, k]
+    step = max(1, (max_floats or _RECOMPUTE_FLOATS) // (k * d))
+    gathered = torch.empty(min(step, n_q) * k, d, dtype=keys.dtype)  # [step * k, d]
+    wide = torch.empty(min(step, n_q) * k, d, dtype=torch.float32) if keys.dtype != torch.float32 else gathered
+    for s in range(0, n_q, step):
+        sel = ids[s: s + step].reshape(-1)  # [b * k]
+        b = sel.numel() // k
+        torch.index_select(keys, 0, sel, out=gathered[: sel.numel()])
+        diff = wide[: sel.numel()].copy_(gathered[: sel.numel()]).view(b, k, d)  # [b, k, d] float32
+        diff.sub_(queries[s: s + b, None, :])
+        torch.sum(diff.square_(), dim=-1, out=out[s: s + b])
+    return out
 
 
 class Retriever:
@@ -89,6 +134,7 @@ class Retriever:
         if args.k + int(args.ignore_top) > datastore.N:
             log.info("k=%d exceeds the datastore size %d: retrieving all keys", args.k, datastore.N)
         self.vals = torch.from_numpy(np.asarray(datastore.vals, dtype=np.int64))  # [N], small enough to hold
+        self.keys = resident_keys(datastore) if args.recompute_dists else None  # [N, d] float16
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [B, d] -> (squared L2 distances float32 [B, k'], values int64 [B, k']), nearest first."""
@@ -96,27 +142,14 @@ class Retriever:
         dists, ids = self.index.search(q, self.k)  # [B, k] each
         if self.args.ignore_top:
             dists, ids = dists[:, 1:], ids[:, 1:]
-        missing = ids < 0  # IVF may find fewer than k
-        ids_t = torch.from_numpy(np.where(missing, 0, ids))
+        missing = torch.from_numpy(ids < 0)  # IVF may find fewer than k
+        ids_t = torch.from_numpy(ids).masked_fill(missing, 0)
         if self.args.recompute_dists:
-            dists = self._exact_dists(q, np.where(missing, 0, ids))
-        dists_t = torch.from_numpy(np.asarray(dists, dtype=np.float32))
-        dists_t[torch.from_numpy(missing)] = math.inf
+            dists_t = exact_sq_dists(self.keys, torch.from_numpy(q), ids_t)
+        else:
+            dists_t = torch.from_numpy(np.ascontiguousarray(dists, dtype=np.float32))
+        dists_t.masked_fill_(missing, math.inf)
         return dists_t, self.vals[ids_t]
-
-    def _exact_dists(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Exact squared L2 distances [B, k] from the stored keys, a few queries at a time so that the gathered keys
-        stay within ``_RECOMPUTE_FLOATS`` floats (a whole batch would be B x k x d: gigabytes at d = 576)."""
-        out = np.empty(ids.shape, dtype=np.float32)
-        step = max(1, _RECOMPUTE_FLOATS // (ids.shape[1] * q.shape[1]))
-        for s in range(0, ids.shape[0], step):
-            qs, ids_s = q[s: s + step], ids[s: s + step]
-            order = np.argsort(ids_s, axis=None)  # read the memmap in file order
-            keys = np.empty((order.size, q.shape[1]), dtype=np.float32)
-            keys[order] = self.ds.keys[ids_s.reshape(-1)[order]]
-            diff = keys.reshape(ids_s.shape[0], ids_s.shape[1], -1) - qs[:, None, :]  # [b, k, d]
-            out[s: s + step] = np.einsum("bkd,bkd->bk", diff, diff)
-        return out
 
     def log_probs(self, queries: torch.Tensor, vocab_size: int) -> torch.Tensor:
         dists, vals = self.search(queries)

@@ -90,9 +90,11 @@ def _activation(name: str) -> nn.Module:
 
 
 def lm_activation(lm) -> str:
-    """The activation of the LM's MLPs (config ``activation_function`` or ``hidden_act``); gelu_new when unknown."""
+    """The activation of the LM's MLPs (config ``activation_function`` (GPT-2, OPT), ``hidden_activation`` (Gemma2/3),
+    ``hidden_act`` or ``activation`` (Falcon)); gelu_new when unknown."""
     config = getattr(getattr(lm, "base", lm.model), "config", None)
-    name = getattr(config, "activation_function", None) or getattr(config, "hidden_act", None)
+    names = (getattr(config, key, None) for key in ("activation_function", "hidden_activation", "hidden_act", "activation"))
+    name = next((n for n in names if n), None)
     return name if isinstance(name, str) else "gelu_new"
 
 
@@ -343,8 +345,10 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
     out = Path(out_dir or args.output_dir)
     activation = lm_activation(lm) if args.activation == "auto" else args.activation
     _activation(activation)
-    if ds.d != lm.hidden_size:
-        raise KnnlmError(f"--datastore: {ds.dir} has d={ds.d} keys but the model's hidden size is {lm.hidden_size}")
+    if ds.d != lm.output_layer.in_features:  # W reads z + LN(MLP(z)): as wide as the keys (not so in OPT-350m's ffn_input)
+        raise KnnlmError(f"--datastore: {ds.dir} has d={ds.d} keys but the model's output layer reads "
+                         f"{lm.output_layer.in_features}-wide inputs (a project_out, as in OPT-350m); the MLP memory "
+                         "adds W after a key-wide residual, so use kNN retrieval (knnlm eval --datastore) for this model")
     fp = _fingerprint(lm, ds, args, activation)
     out.mkdir(parents=True, exist_ok=True)
     status = _prepare_dir(out, fp, args.overwrite)

@@ -7,6 +7,12 @@ Key points (all [B, T, d], captured with forward hooks on the last block during 
   final_hidden  input of the output layer (after the final norm)
 so that ``f(block_output) == f(g(ffn_residual)) == log_softmax(logits)`` and ``output_layer(final_hidden) == logits``.
 
+Families (``ARCHS``, one row each: where the last block's FFN, its norms and the head live): gpt2, llama, mistral,
+qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, phi, olmo, olmo2, olmo3, stablelm, gpt_neox, opt, falcon. Where a family
+has no norm in front of the FFN (OLMo2/3, post-LN OPT) ffn_input == ffn_residual. In a parallel block (Phi, Falcon
+7B/40B layouts, GPT-NeoX/StableLM with use_parallel_residual) attention and FFN both read the block input, so
+ffn_residual is that input and g is refused. docs/models.md has the per-family table.
+
 A GGUF checkpoint is dequantized by transformers' GGUF loader once and cached as a plain HF folder (safetensors,
 float32) under ``knnlm.assets.cache_dir()/gguf``, so later loads take about a second instead of half a minute.
 """
@@ -19,9 +25,10 @@ import logging
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+from torch import nn
 
 from .assets import atomic_dir, cache_dir, resolve_model_source, resolve_tokenizer_source
 from .errors import KnnlmError
@@ -49,23 +56,73 @@ class ModelArgs:
 
 
 # ---------------------------------------------------------------------------------------------------------------- layouts
+def _never(config) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class _Arch:
-    layers: str  # attribute path, from the causal-LM module, of the list of blocks
-    final_norm: str  # attribute path, from the causal-LM module, of the norm before the output layer
-    ffn_norm: str  # in a block: the norm in front of the feed-forward sublayer
-    mlp: str  # in a block: the feed-forward network
-    mlp_dropout: Optional[str] = None  # in a block: dropout on the feed-forward output (identity in eval mode)
+    """Where one family keeps the pieces of its last block and its head (attribute paths; absent or None ones skipped)."""
+
+    layers: str  # from the causal-LM module: the list of blocks
+    final: tuple[str, ...]  # from the causal-LM module: what maps block_output to the output layer's input, in order
+    ffn_norm: tuple[str, ...]  # in a block: the norm in front of the FFN, the first present name wins; () = none (OLMo2)
+    mlp: tuple[str, ...] = ("mlp",)  # in a block: the feed-forward network as modules applied in order (OPT: fc1, act, fc2)
+    post_mlp: tuple[str, ...] = ()  # in a block: on the FFN output before the residual add (dropout, Gemma2's post norm)
+    post_block: tuple[str, ...] = ()  # in a block: on the residual sum (post-LN OPT's final_layer_norm)
+    parallel: Callable = _never  # config -> True when attention and FFN both read the block input (g is undefined)
 
 
-_LLAMA = _Arch("model.layers", "model.norm", "post_attention_layernorm", "mlp")
+_LLAMA = _Arch("model.layers", ("model.norm",), ("post_attention_layernorm",))
+_GEMMA2 = _Arch("model.layers", ("model.norm",), ("pre_feedforward_layernorm",), post_mlp=("post_feedforward_layernorm",))
+_OLMO2 = _Arch("model.layers", ("model.norm",), (), post_mlp=("post_feedforward_layernorm",))
+_OPT = dict(layers="model.decoder.layers", final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
+            mlp=("fc1", "activation_fn", "fc2"))
 ARCHS = {
-    "gpt2": _Arch("transformer.h", "transformer.ln_f", "ln_2", "mlp"),
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "gpt_neox": _Arch("gpt_neox.layers", "gpt_neox.final_layer_norm", "post_attention_layernorm", "mlp",
-                      "post_mlp_dropout"),
+    "gpt2": _Arch("transformer.h", ("transformer.ln_f",), ("ln_2",)),
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA, "olmo": _LLAMA,
+    "phi3": _Arch("model.layers", ("model.norm",), ("post_attention_layernorm",), post_mlp=("resid_mlp_dropout",)),
+    "gemma2": _GEMMA2, "gemma3_text": _GEMMA2, "olmo2": _OLMO2, "olmo3": _OLMO2,
+    "gpt_neox": _Arch("gpt_neox.layers", ("gpt_neox.final_layer_norm",), ("post_attention_layernorm",),
+                      post_mlp=("post_mlp_dropout",), parallel=lambda c: c.use_parallel_residual),
+    "stablelm": _Arch("model.layers", ("model.norm",), ("post_attention_layernorm", "input_layernorm"),
+                      parallel=lambda c: c.use_parallel_residual),
+    "phi": _Arch("model.layers", ("model.final_layernorm",), ("input_layernorm",), post_mlp=("resid_dropout",),
+                 parallel=lambda c: True),
+    "falcon": _Arch("transformer.h", ("transformer.ln_f",), ("ln_mlp", "post_attention_layernorm", "input_layernorm"),
+                    parallel=lambda c: c.parallel_attn or c.new_decoder_architecture),
+    # OPT-350m (do_layer_norm_before=False) is post-LN: no norm in front of the FFN, one after the residual sum
+    "opt": lambda c: _Arch(**_OPT, ffn_norm=("final_layer_norm",)) if c.do_layer_norm_before
+    else _Arch(**_OPT, ffn_norm=(), post_block=("final_layer_norm",)),
 }
+
+
+def _modules(root, paths: Sequence[str]) -> list:
+    """The modules at ``paths`` under ``root`` that exist and are not None (families and configs differ in which)."""
+    found = []
+    for path in paths:
+        m = root
+        for name in path.split("."):
+            m = getattr(m, name, None)
+        if m is not None:
+            found.append(m)
+    return found
+
+
+class _SoftCappedOutput(nn.Module):
+    """The output layer followed by Gemma-2's final logit soft-capping, cap * tanh(W h / cap); ``weight`` is W."""
+
+    def __init__(self, linear: nn.Linear, cap: float):
+        super().__init__()
+        self.linear, self.cap = linear, float(cap)
+
+    weight = property(lambda self: self.linear.weight)
+    bias = property(lambda self: self.linear.bias)
+    in_features = property(lambda self: self.linear.in_features)
+    out_features = property(lambda self: self.linear.out_features)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(h) / self.cap) * self.cap
 
 
 def _first_arg(args, kwargs):
@@ -74,6 +131,11 @@ def _first_arg(args, kwargs):
 
 def _output(out):
     return out[0] if isinstance(out, tuple) else out
+
+
+def _unflatten(x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B*T, d] (OPT runs its FFN on flattened rows) or [B, T, d] -> [B, T, d]."""
+    return x.reshape(*input_ids.shape[:2], x.shape[-1])
 
 
 def _hash_hex(h) -> str:
@@ -93,17 +155,27 @@ class LM:
         if model_type not in ARCHS:
             raise KnnlmError(f"--model_name_or_path: model_type {model_type!r} ({name or type(base).__name__}) is not "
                              f"supported; supported: {', '.join(ARCHS)}")
-        arch = ARCHS[model_type]
+        config = base.config
+        arch = ARCHS[model_type] if isinstance(ARCHS[model_type], _Arch) else ARCHS[model_type](config)
         self.model, self.base, self.tokenizer, self.name, self.model_type = model, base, tokenizer, name, model_type
         self.block = operator.attrgetter(arch.layers)(base)[-1]
-        self.final_norm = operator.attrgetter(arch.final_norm)(base)
-        self.ffn_norm = getattr(self.block, arch.ffn_norm)
-        self.mlp = getattr(self.block, arch.mlp)
-        self.mlp_dropout = getattr(self.block, arch.mlp_dropout) if arch.mlp_dropout else None
-        self.output_layer = base.get_output_embeddings()  # W: [V, d]
-        config = base.config
-        self.parallel_residual = bool(getattr(config, "use_parallel_residual", False))
+        # the last block's FFN branch as modules: z -> post_block(z + ffn(ffn_norm(z))); Identity where a family has none
+        self.ffn_norm = (_modules(self.block, arch.ffn_norm) or [nn.Identity()])[0]
+        mlp = _modules(self.block, arch.mlp)
+        self.ffn = nn.Sequential(*mlp, *_modules(self.block, arch.post_mlp))
+        self.post_block = nn.Sequential(*_modules(self.block, arch.post_block))
+        self.final = nn.Sequential(*_modules(base, arch.final))  # block_output -> output layer input (norm, project_out)
+        self.parallel = bool(arch.parallel(config))
+        # hook targets: the FFN's first module sees ffn_input (and ffn_residual where there is no norm in front of it)
+        self._ffn_entry = mlp[0]
+        self._residual_entry = self.ffn_norm if not isinstance(self.ffn_norm, nn.Identity) else mlp[0]
+        self._final_exit = self.final[-1] if len(self.final) else self.block
+        head = base.get_output_embeddings()  # W: [V, d_out]
+        cap = getattr(config, "final_logit_softcapping", None)
+        self.output_layer = _SoftCappedOutput(head, cap) if cap else head
         self.hidden_size = int(config.hidden_size)
+        # final_hidden is the output layer's input: narrower than hidden_size where a projection precedes the head (OPT-350m)
+        self.key_widths = {p: self.hidden_size for p in KEY_POINTS} | {"final_hidden": int(self.output_layer.weight.shape[1])}
         self.vocab_size = int(self.output_layer.weight.shape[0])
         self.max_positions = int(getattr(config, "n_positions", None) or config.max_position_embeddings)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -138,13 +210,13 @@ class LM:
         hooks = []
         try:
             if "ffn_residual" in points:
-                hooks.append(self.ffn_norm.register_forward_pre_hook(pre("ffn_residual"), with_kwargs=True))
+                hooks.append(self._residual_entry.register_forward_pre_hook(pre("ffn_residual"), with_kwargs=True))
             if "ffn_input" in points:
-                hooks.append(self.mlp.register_forward_pre_hook(pre("ffn_input"), with_kwargs=True))
+                hooks.append(self._ffn_entry.register_forward_pre_hook(pre("ffn_input"), with_kwargs=True))
             if "block_output" in points:
                 hooks.append(self.block.register_forward_hook(post("block_output")))
             if "final_hidden" in points:
-                hooks.append(self.final_norm.register_forward_hook(post("final_hidden")))
+                hooks.append(self._final_exit.register_forward_hook(post("final_hidden")))
             yield caps
         finally:
             for h in hooks:
@@ -155,35 +227,34 @@ class LM:
         points = (key_points,) if isinstance(key_points, str) else tuple(key_points)
         with self._capture(points) as caps:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.logits.float(), {p: caps[p] for p in points}
+        return out.logits.float(), {p: _unflatten(caps[p], input_ids) for p in points}
 
     def hidden_states(self, input_ids, attention_mask=None, key_points: Sequence[str] | str = ("ffn_input",)):
         """The captures of :meth:`forward` without the output layer: {point: [B, T, d]}, or [B, T, d] for one name."""
         points = (key_points,) if isinstance(key_points, str) else tuple(key_points)
         with self._capture(points) as caps:
             self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
-        return caps[key_points] if isinstance(key_points, str) else {p: caps[p] for p in points}
+        caps = {p: _unflatten(caps[p], input_ids) for p in points}
+        return caps[key_points] if isinstance(key_points, str) else caps
 
     # ------------------------------------------------------------------------------------------------------- last layers
     def f_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """Final norm + output layer: [..., d] -> [..., V] (model dtype)."""
-        return self.output_layer(self.final_norm(z.to(self.dtype)))
+        """Final norm (+ OPT's project_out) + output layer (+ Gemma-2's soft-cap): [..., d] -> [..., V] (model dtype)."""
+        return self.output_layer(self.final(z.to(self.dtype)))
 
     def f(self, z: torch.Tensor) -> torch.Tensor:
         """log_softmax(f_logits(z)) in float32: [..., d] -> [..., V]."""
         return torch.log_softmax(self.f_logits(z).float(), dim=-1)
 
     def g(self, z: torch.Tensor) -> torch.Tensor:
-        """The last block's feed-forward sublayer with its residual, z + MLP(LN(z)): [..., d] -> [..., d]."""
-        if self.parallel_residual:
-            raise KnnlmError(f"{self.name or self.model_type}: this GPT-NeoX model uses use_parallel_residual=True "
-                             "(attention and MLP both read the block input), so g is not a function of the residual "
-                             "alone; use the f target or a model with use_parallel_residual=False")
+        """The last block's feed-forward sublayer with its residual, z + FFN(norm(z)) (plus the family's post norms):
+        [..., d] -> [..., d]."""
+        if self.parallel:
+            raise KnnlmError(f"{self.name or self.model_type}: this {self.model_type} model has a parallel block "
+                             "(attention and MLP both read the block input, e.g. use_parallel_residual / parallel_attn), "
+                             "so g is not a function of the residual alone; use the f target")
         z = z.to(self.dtype)
-        out = self.mlp(self.ffn_norm(z))
-        if self.mlp_dropout is not None:
-            out = self.mlp_dropout(out)
-        return z + out
+        return self.post_block(z + self.ffn(self.ffn_norm(z)))
 
     # ------------------------------------------------------------------------------------------------------------ hashes
     def weights_hash(self) -> str:

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
 import importlib
 import logging
+import os
 import pkgutil
 import sys
+import traceback
 
 from ..errors import KnnlmError
 
@@ -13,6 +17,7 @@ from ..errors import KnnlmError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="knnlm", description="kNN-LM retrieval augmentation, the MLP memory and the studies of Chiang et al. Every command takes --help and --config FILE|PRESET.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="on an error, also print the Python traceback")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
@@ -33,7 +38,29 @@ def _quiet_libraries(verbose: bool) -> None:
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # hub retries before our one-line error
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (glibc malloc.h)
+_KEEP_FREED_BYTES = 512 << 20  # free memory at the top of the heap kept for reuse instead of returned to the OS
+
+
+def keep_freed_memory() -> bool:
+    """Makes glibc malloc reuse freed memory instead of returning it to the OS (docs/scaling.md, "Allocator").
+
+    By default every block over 32 MiB (a [256, 50257] float32 logits tensor is 51 MiB) is a fresh mmap, so each
+    batch page-faults its tensors in again and unmaps them after; that was a third of `knnlm demo`'s CPU time, as
+    system time. With mmap off for allocations (M_MMAP_MAX = 0) and a high trim threshold, big blocks come from the
+    heap and are reused. Set KNNLM_MALLOPT=0 to keep glibc's defaults. Returns whether the setting was applied."""
+    if os.environ.get("KNNLM_MALLOPT", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # glibc only (musl has no such tunables)
+    except (OSError, AttributeError):
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES))
+
+
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -41,12 +68,36 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries(args.verbose)
     try:
         return args.func(args) or 0
-    except KnnlmError as e:
-        print(f"knnlm: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("knnlm: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 -- the CLI boundary: one line, the traceback only with --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"knnlm: error: {_one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, (KnnlmError, OSError, MemoryError)) else 1
+
+
+_OS_FIXES = {errno.ENOSPC: "free some space (or choose another folder) and rerun the same command to resume",
+             errno.EDQUOT: "free some space (or choose another folder) and rerun the same command to resume",
+             errno.EACCES: "check the permissions or choose another folder",
+             errno.EPERM: "check the permissions or choose another folder",
+             errno.EROFS: "choose a writable folder"}
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of an error in one line. Library code raises ``KnnlmError`` for what it can check; an ``OSError``
+    that escapes it (a full disk or a read-only folder met mid-run) names its path; anything else is a bug."""
+    if isinstance(e, KnnlmError):
+        return " ".join(str(e).split("\n"))
+    if isinstance(e, OSError):
+        where = e.filename or "a file"
+        fix = _OS_FIXES.get(e.errno, "check the path and rerun the same command")
+        return f"{e.strerror or e}: {where}; {fix}"
+    if isinstance(e, MemoryError):
+        return "out of memory; use a smaller --batch_size (or --max_tokens) and rerun the same command"
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"internal error ({type(e).__name__}: {first}); rerun with --debug for the traceback and report it"
 
 
 if __name__ == "__main__":

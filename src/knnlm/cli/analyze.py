@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    from ..config import add_arguments
+    from ..config import add_arguments, add_config_flag
     from ..corpus import CorpusArgs
     from ..experiments.projection import ProjectionArgs
     from ..knn import KNNArgs
@@ -16,7 +16,7 @@ def register(sub) -> None:
     an_sub = an.add_subparsers(dest="action", required=True)
     pr = an_sub.add_parser("projection", help="project p_knnlm onto the output space of f / f∘g (Eq. 2): perplexity "
                                               "and KL of p_proj beside the LM and the kNN-LM")
-    pr.add_argument("--config", default=None, help="YAML/JSON file setting any of the options below (flags win)")
+    add_config_flag(pr)
     for cls in (ModelArgs, CorpusArgs, KNNArgs, ProjectionArgs):
         add_arguments(pr, cls)
     pr.set_defaults(func=cmd_projection)

@@ -1,15 +1,10 @@
 """`knnlm datastore build`, `knnlm index build`, `knnlm eval`: the kNN-LM core."""
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
-from ..config import add_arguments, resolve, save_config, to_dict
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML/JSON file setting any of the options below (flags win)")
+from ..config import add_arguments, add_config_flag, resolve, save_config, to_dict
 
 
 def register(sub) -> None:
@@ -23,7 +18,7 @@ def register(sub) -> None:
     ds = sub.add_parser("datastore", help="build a kNN datastore (keys + next tokens) from a corpus")
     ds_sub = ds.add_subparsers(dest="action", required=True)
     build = ds_sub.add_parser("build", help="encode a corpus into keys.f16 / vals.i32 (resumable; torchrun-aware)")
-    _common(build)
+    add_config_flag(build)
     for cls in (ModelArgs, CorpusArgs, DatastoreArgs):
         add_arguments(build, cls)
     build.set_defaults(func=cmd_datastore_build)
@@ -32,12 +27,12 @@ def register(sub) -> None:
     ix_sub = ix.add_subparsers(dest="action", required=True)
     ib = ix_sub.add_parser("build", help="Flat / IVF-PQ / any factory string; resumable; recall vs exact search")
     ib.add_argument("datastore", help="datastore folder")
-    _common(ib)
+    add_config_flag(ib)
     add_arguments(ib, IndexArgs)
     ib.set_defaults(func=cmd_index_build)
 
     ev = sub.add_parser("eval", help="perplexity of the LM, kNN-LM and MLP-LM on a corpus")
-    _common(ev)
+    add_config_flag(ev)
     for cls in (ModelArgs, CorpusArgs, KNNArgs, EvalArgs):
         add_arguments(ev, cls)
     ev.add_argument("--key_point", default=None, help="check the datastore holds this key point (default: its own)")

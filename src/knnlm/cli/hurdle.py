@@ -1,7 +1,7 @@
 """`knnlm hurdle run`: the MLP-hurdle study (paper Appendix E, Figures 4 and 5)."""
 from __future__ import annotations
 
-from ..config import add_arguments
+from ..config import add_arguments, add_config_flag
 
 
 def register(sub) -> None:
@@ -12,7 +12,7 @@ def register(sub) -> None:
     run = hurdle_sub.add_parser(
         "run", help="train GPT-2 with and without its last MLP on the same data, per seed; compare curves (resumable)",
         description="Example: knnlm hurdle run --preset cpu --data macondo --output_dir runs/hurdle-macondo")
-    run.add_argument("--config", default=None, help="YAML/JSON file setting any of the options below (flags win)")
+    add_config_flag(run)
     add_arguments(run, HurdleArgs)
     run.set_defaults(func=cmd_hurdle_run)
 

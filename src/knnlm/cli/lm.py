@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import add_arguments, resolve
+from ..config import add_arguments, add_config_flag, resolve
 
 
 def register(sub) -> None:
@@ -13,7 +13,7 @@ def register(sub) -> None:
     lm_sub = lm.add_subparsers(dest="action", required=True)
     train = lm_sub.add_parser("train", help="tokenizer + random-init GPT-2 + training with validation perplexity; "
                                             "rerun the same command to resume")
-    train.add_argument("--config", default=None, help="YAML/JSON file setting any of the options below (flags win)")
+    add_config_flag(train)
     for cls in (LMArgs, LMTrainArgs):
         add_arguments(train, cls)
     train.add_argument("--steps", dest="max_steps", default=None, metavar="MAX_STEPS", help="alias of --max_steps")

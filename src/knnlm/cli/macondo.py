@@ -1,13 +1,12 @@
 """`knnlm macondo generate` and `knnlm macondo score`: the over-specification dataset and its log-likelihood table."""
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..config import add_arguments, resolve, save_config, to_dict
+from ..config import add_arguments, add_config_flag, resolve, save_config, to_dict
 from ..errors import KnnlmError
 
 
@@ -29,10 +28,6 @@ class ScoreArgs:
             raise KnnlmError("--batch_size: must be >= 1")
 
 
-def _config_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML/JSON file setting any of the options below (flags win)")
-
-
 def register(sub) -> None:
     from ..knn import KNNArgs
     from ..macondo.generate import MacondoArgs
@@ -41,12 +36,12 @@ def register(sub) -> None:
     group = sub.add_parser("macondo", help="the Macondo over-specification dataset: generate it, score a model on it")
     actions = group.add_subparsers(dest="action", required=True)
     gen = actions.add_parser("generate", help="write a Macondo village (train/test/test_overspecified JSONL + meta)")
-    _config_flag(gen)
+    add_config_flag(gen)
     add_arguments(gen, MacondoArgs)
     gen.set_defaults(func=cmd_generate)
 
     score = actions.add_parser("score", help="log-likelihood of the children's names, vanilla / kNN / MLP memory")
-    _config_flag(score)
+    add_config_flag(score)
     for cls in (ModelArgs, ScoreArgs, KNNArgs):
         add_arguments(score, cls)
     score.set_defaults(func=cmd_score)

@@ -1,18 +1,13 @@
-"""`knnlm overspec run`: the over-specification study (paper §4.3, Figures 1 and 3, Table 5).
-
-The group also carries `knnlm overspec api` (Macondo-Conv through an OpenAI-compatible API) when
-``knnlm.experiments.overspec_api`` is installed; that module registers its own subcommand.
-"""
+"""`knnlm overspec run`: the over-specification study (paper §4.3, Figures 1 and 3, Table 5), and `knnlm overspec api`:
+Macondo-Conv through an OpenAI-compatible API (§4.4)."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
-
-from ..config import add_arguments
+from ..config import add_arguments, add_config_flag
 
 
 def register(sub) -> None:
     from ..experiments.overspec import OverspecArgs
+    from ..experiments.overspec_api import ApiArgs
 
     group = sub.add_parser("overspec", help="over-specification study: fine-tune on Macondo, vanilla vs kNN vs MLP "
                                             "log-likelihood over training (§4.3)")
@@ -20,11 +15,14 @@ def register(sub) -> None:
     run = actions.add_parser(
         "run", help="fine-tune per seed, evaluate at step 0 and every --eval_every steps (resumable)",
         description="Example: knnlm overspec run --config configs/cpu-tiny.yaml --output_dir runs/overspec-cpu-tiny")
-    run.add_argument("--config", default=None, help="YAML/JSON file setting any of the options below (flags win)")
+    add_config_flag(run)
     add_arguments(run, OverspecArgs)
     run.set_defaults(func=cmd_run)
-    if importlib.util.find_spec("knnlm.experiments.overspec_api") is not None:
-        importlib.import_module("knnlm.experiments.overspec_api").register_api(actions)
+    api = actions.add_parser("api", help="Macondo-Conv with an API model (§4.4): fine-tune via an OpenAI-compatible "
+                                          "API (--submit) or take a fine-tuned model, then score it with echo logprobs")
+    add_config_flag(api)
+    add_arguments(api, ApiArgs)
+    api.set_defaults(func=cmd_api)
 
 
 def cmd_run(args) -> int:
@@ -46,5 +44,15 @@ def cmd_run(args) -> int:
     print(f"over-specification {'shown' if v['shown'] else 'not shown'}{failed}")
     for path in out["plots"]:
         print(f"plot: {path}")
+    print(f"results: {out['results']}")
+    return 0
+
+
+def cmd_api(args) -> int:
+    from ..config import resolve
+    from ..experiments.overspec_api import ApiArgs, run_study
+
+    out = run_study(resolve(ApiArgs, args, args.config))
+    print(out["table"], end="")
     print(f"results: {out['results']}")
     return 0

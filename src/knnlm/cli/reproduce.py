@@ -6,18 +6,19 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    from ..config import add_arguments
+    from ..config import add_arguments, add_config_flag
     from ..experiments.reproduce import ReproduceArgs
 
     demo = sub.add_parser("demo", help="Macondo over-specification on a from-scratch GPT-2: vanilla vs kNN vs MLP "
                                        "memory over training (≤ 10 min on 2 CPU cores, nothing downloaded)")
-    demo.add_argument("--output_dir", default="knnlm-demo", help="run folder (a rerun resumes; default: ./knnlm-demo)")
-    demo.add_argument("--config", default="demo", help="overspec preset or YAML file (default: the demo preset)")
+    demo.add_argument("--output_dir", default="runs/knnlm-demo", help="run folder (a rerun resumes; default: runs/knnlm-demo, beside every other run)")
+    add_config_flag(demo, default="demo")
     demo.set_defaults(func=cmd_demo)
 
-    rep = sub.add_parser("reproduce", help="run the four studies and the kNN-LM baseline at a scale; write report.md "
-                                           "beside the paper's numbers (cached, resumable)")
-    rep.add_argument("--config", default=None, help="YAML/JSON file setting any of the options below (flags win)")
+    rep = sub.add_parser("reproduce", help="run the four studies and the kNN-LM baseline at a scale (cpu, gpu, paper); "
+                                           "write report.md beside the paper's numbers (cached, resumable; --smoke: "
+                                           "every stage in seconds on CPU)")
+    add_config_flag(rep)
     add_arguments(rep, ReproduceArgs)
     rep.set_defaults(func=cmd_reproduce)
 
@@ -39,12 +40,20 @@ def cmd_demo(args) -> int:
 
 def cmd_reproduce(args) -> int:
     from ..config import resolve, save_config
-    from ..experiments.reproduce import ReproduceArgs, run_stages, with_data_dir, write_report
+    from ..experiments.reproduce import (ReproduceArgs, check_run_kind, load_timings, run_stages, with_data_dir,
+                                         with_smoke_data, write_report)
     from . import main
 
-    rargs = with_data_dir(resolve(ReproduceArgs, args, args.config))
-    save_config(rargs.output_dir, rargs)
-    timings = run_stages(rargs, main)
+    started = time.time()
+    rargs = with_smoke_data(with_data_dir(resolve(ReproduceArgs, args, args.config)))
+    if rargs.report_only:
+        check_run_kind(Path(rargs.output_dir), rargs)
+        timings = load_timings(Path(rargs.output_dir))
+    else:
+        save_config(rargs.output_dir, rargs)
+        timings = run_stages(rargs, main)
     path = write_report(rargs, timings)
+    print(f"reproduce --scale {rargs.scale}{' --smoke' if rargs.smoke else ''}: {len(timings)} stage(s) finished, "
+          f"{sum(timings.values()):.0f}s of stage time recorded; this command took {time.time() - started:.0f}s")
     print(f"report: {path}")
     return 0

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import KnnlmError
 from ..fileio import atomic_write_json, read_json
-from ..train import TrainArgs, collate_causal, epoch_permutation, train
+from ..train import TrainArgs, epoch_permutation, train
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +189,10 @@ def block_batches(tokens: np.ndarray, block_size: int, batch_size: int):
 def perplexity(model, tokens: np.ndarray, block_size: int, batch_size: int = 16) -> dict:
     """Token-weighted perplexity over windows of ``block_size`` that overlap by one token, so every token but the first
     is scored exactly once (``corpus.windows`` with stride = block size): ``val_loss`` (mean NLL, nats), ``val_ppl``,
-    ``val_tokens``."""
-    from ..corpus import windows
+    ``val_tokens``. Gold log-probs come from the shared kernel (``knnlm.scoring``) on the model body's last hidden
+    states at the scored positions, so no [B, T, V] log-softmax is built."""
+    from ..corpus import batch_inputs, target_positions, target_tokens, windows
+    from ..scoring import head_gold_log_probs
 
     was_training = model.training
     model.eval()
@@ -198,18 +200,16 @@ def perplexity(model, tokens: np.ndarray, block_size: int, batch_size: int = 16)
     wins = windows(np.asarray([0, len(tokens)]), block_size, block_size)
     nll = torch.zeros((), dtype=torch.float64)
     count = 0
-    for i in range(0, len(wins), batch_size):
-        group = wins[i:i + batch_size]
-        batch = collate_causal([np.asarray(tokens[w.start:w.end]).tolist() for w in group], pad_id=0)
-        ids = batch["input_ids"].to(device)
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T-1, V]: position j predicts token j+1
-        tok_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).cpu()  # [B, T-1]
-        scored = torch.zeros_like(tok_logp, dtype=torch.bool)
-        for j, w in enumerate(group):
-            scored[j, w.first_target - w.start - 1: w.end - w.start - 1] = True
-        nll -= tok_logp[scored].double().sum()
-        count += int(scored.sum())
+    with torch.no_grad():
+        for i in range(0, len(wins), batch_size):
+            group = wins[i:i + batch_size]
+            ids, mask = batch_inputs(tokens, group, pad_id=0)  # [B, T] each
+            rows, pos = target_positions(group)  # [n] each: position pos of row rows predicts the next token
+            hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))[0]  # [B, T, d]
+            gold_logp = head_gold_log_probs(model.get_output_embeddings(), hidden[rows.to(device), pos.to(device)],
+                                            target_tokens(tokens, group))  # [n]
+            nll -= gold_logp.double().sum().cpu()
+            count += len(gold_logp)
     model.train(was_training)
     loss = float(nll) / count
     return {"val_loss": loss, "val_ppl": math.exp(loss), "val_tokens": count}

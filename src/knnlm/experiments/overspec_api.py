@@ -349,6 +349,24 @@ def score_split_cached(client, args: ApiArgs, model: str, data: Path, split: str
 
 
 # ------------------------------------------------------------------------------------------------------------ study
+def run_study(args: ApiArgs) -> dict:
+    """:func:`run_api`, then ``config.json`` (no API key), ``results.json`` and ``results.md`` in ``--output_dir``.
+
+    Returns {"metrics": ..., "table": the markdown text, "results": path of results.json}.
+    """
+    from ..config import save_config, to_dict
+    from ..report import write_markdown, write_results
+
+    started = time.time()
+    metrics = run_api(args)
+    out = Path(args.output_dir)
+    save_config(out, args.public())
+    results = write_results(out, to_dict(args.public()), metrics, started)
+    table = results_table(metrics)
+    write_markdown(out, table)
+    return {"metrics": metrics, "table": table, "results": results}
+
+
 def run_api(args: ApiArgs) -> dict:
     """The whole study; returns the metrics written to ``results.json`` (one entry per seed, mean and std over seeds)."""
     from ..macondo.score import summarize
@@ -431,32 +449,3 @@ def jobs_table(runs: list[dict]) -> str:
     return ("Fine-tuning jobs (last logged losses: mean token cross-entropy of the assistant messages)\n\n"
             + markdown_table(["seed", "job", "fine-tuned model", "trained tokens", "train loss", "valid loss"], rows,
                              digits=4))
-
-
-# ------------------------------------------------------------------------------------------------------------ CLI
-def register_api(subparsers) -> None:
-    """Adds ``api`` to the ``knnlm overspec`` command group."""
-    from ..config import add_arguments
-
-    p = subparsers.add_parser("api", help="Macondo-Conv with an API model (§4.4): fine-tune via an OpenAI-compatible "
-                                          "API (--submit) or take a fine-tuned model, then score it with echo logprobs")
-    p.add_argument("--config", default=None, help="YAML/JSON file setting any of the options below (flags win)")
-    add_arguments(p, ApiArgs)
-    p.set_defaults(func=cmd_api)
-
-
-def cmd_api(args) -> int:
-    from ..config import resolve, save_config, to_dict
-    from ..report import write_markdown, write_results
-
-    aargs = resolve(ApiArgs, args, args.config)
-    started = time.time()
-    metrics = run_api(aargs)
-    out = Path(aargs.output_dir)
-    save_config(out, aargs.public())
-    write_results(out, to_dict(aargs.public()), metrics, started)
-    table = results_table(metrics)
-    write_markdown(out, table)
-    print(table, end="")
-    print(f"results: {out / 'results.json'}")
-    return 0

@@ -5,12 +5,21 @@ the kNN-LM's distribution, z* = argmin_z KL[f(z) ‖ p_knnlm] (this direction: �
 from the LM's own hidden state. If the last layers could not express p_knnlm, p_proj = f(z*) would score no better than
 the LM. Targets:
 
-- ``f``: z starts at ``block_output`` (residual stream after the last block); p_proj = f(z) (final norm, output layer).
-- ``fg``: z starts at ``ffn_residual`` (residual stream entering the last feed-forward sublayer); p_proj = f(g(z)).
+- ``f_out`` (the paper's f): the output layer alone; z starts at ``final_hidden`` (the input of the output layer, after
+  the final norm); p_proj = softmax(W z). The paper's base LM has no norm between its last block and its output layer.
+- ``f_norm``: final norm + output layer; z starts at ``block_output`` (residual stream after the last block). The final
+  LayerNorm/RMSNorm is scale-invariant, so f_norm can only reach softmax(W u) with u of bounded norm. For a model
+  without a final norm f_norm and f_out are the same map from the same start.
+- ``fg``: z starts at ``ffn_residual`` (residual stream entering the last feed-forward sublayer); p_proj = f_norm(g(z))
+  (a pre-norm LM's final norm sits between g and the output layer; nothing else reproduces the LM at z0).
 - ``fg_to_y``: as ``fg``, but z maximises log f(g(z))[gold] (Table 4's third column).
+- ``f`` (deprecated): the old name of ``f_norm``.
 
-Each position has its own z; all positions of a batch are optimised together with Adam, and each one stops (its z
-frozen, its step count recorded) when one step changes its objective by less than ``tol``; ``max_steps`` caps it.
+Solver: each position has its own z; all positions of a batch are optimised together with Adam. A position stops by
+the paper's rule (one step changes its objective by less than ``tol``), by ``patience`` (that many steps without a new
+best) or at ``max_steps``; what it reports is its best iterate (lowest objective seen, z0 included), so no position
+ends worse than it started. Several tolerances share one trajectory: each tolerance takes the best iterate up to the
+step where *it* stops, so ``--tol 1e-3,1e-4,0`` costs one run to the smallest tolerance's stop.
 """
 from __future__ import annotations
 
@@ -20,7 +29,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,12 +42,22 @@ from ..evaluate import _target_positions
 from ..fileio import atomic_path, atomic_write_json, read_json
 from ..knn import KNNArgs, Retriever, interpolate
 from ..report import fmt, histogram, markdown_table
+from ..stats import bootstrap_ci, paired_bootstrap_ci
 
 log = logging.getLogger(__name__)
 
 # target -> the key point z starts from
-TARGETS = {"f": "block_output", "fg": "ffn_residual", "fg_to_y": "ffn_residual"}
-LABELS = {"f": "f → p_knnlm", "fg": "f∘g → p_knnlm", "fg_to_y": "f∘g → y"}
+TARGETS = {"f_out": "final_hidden", "f_norm": "block_output", "fg": "ffn_residual", "fg_to_y": "ffn_residual"}
+DEPRECATED = {"f": "f_norm"}  # old name -> new name
+LABELS = {"f_out": "f → p_knnlm", "f_norm": "f_norm → p_knnlm", "fg": "f∘g → p_knnlm", "fg_to_y": "f∘g → y"}
+# what each target's map is, for every table's caption
+MAPS = {"f_out": "f = output layer + softmax, z from final_hidden (the paper's f)",
+        "f_norm": "f_norm = final norm + output layer + softmax, z from block_output",
+        "fg": "f∘g = f_norm(g(z)), g = last feed-forward sublayer with its residual, z from ffn_residual",
+        "fg_to_y": "f∘g as above, maximising the gold token's log-probability"}
+# which paper column each target is compared with
+PAPER_COLUMN = {"f_out": "f", "f_norm": "f", "fg": "fg", "fg_to_y": "fg_to_y"}
+STOP_REASONS = ("tol", "patience", "max_steps")  # codes 0, 1, 2 in per_token.npz
 
 # Chiang et al.: a 16-layer LM on WikiText-103, k = 1024, λ = 0.25, L2
 PAPER = {
@@ -50,34 +69,57 @@ PAPER = {
 _CHECKPOINT_EVERY_S = 60.0
 
 
+def resolve_targets(names: Sequence[str]) -> list[str]:
+    """Maps deprecated target names to their new names (logging a deprecation warning); order kept."""
+    out = []
+    for t in names:
+        if t in DEPRECATED:
+            log.warning("--target %s is deprecated: it is %s (%s); the paper's f is f_out (output layer only). "
+                        "Running it as %s.", t, DEPRECATED[t], MAPS[DEPRECATED[t]], DEPRECATED[t])
+            t = DEPRECATED[t]
+        out.append(t)
+    return out
+
+
 @dataclass
 class ProjectionArgs:
-    output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for results.json, results.md, per_token.npz and the KL histograms (required)."})
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for results.json, results.md, per_token.npz, the KL and step histograms (required)."})
     datastore: Optional[str] = field(default=None, metadata={"help": "Datastore folder that defines p_knnlm (built with `knnlm datastore build` from the LM's training set; required)."})
-    target: list[str] = field(default_factory=lambda: ["f", "fg"], metadata={"help": "What to project through: f (z from block_output, p_proj = f(z)), fg (z from ffn_residual, p_proj = f(g(z))), fg_to_y (as fg, maximising the gold token's log-probability); a comma list runs several from one LM/kNN pass."})
+    target: list[str] = field(default_factory=lambda: ["f_out", "fg"], metadata={"help": "What to project through: f_out (the paper's f: output layer only, z from final_hidden), f_norm (final norm + output layer, z from block_output), fg (f_norm∘g, z from ffn_residual), fg_to_y (as fg, maximising the gold token's log-probability); a comma list runs several from one LM/kNN pass. f is a deprecated name of f_norm."})
     lr: float = field(default=0.1, metadata={"help": "Adam learning rate for z (paper: 0.1; Table 4: 0.001)."})
-    tol: float = field(default=1e-3, metadata={"help": "A position stops when one step changes its objective by less than this (paper: 1e-3); 0 runs every position for --max_steps."})
+    tol: list[float] = field(default_factory=lambda: [1e-3], metadata={"help": "A position stops when one step changes its objective by less than this (paper: 1e-3); 0 never stops early. A comma list (e.g. 1e-3,1e-4,0) reports each tolerance from one shared trajectory."})
     max_steps: int = field(default=1000, metadata={"help": "Cap on Adam steps per position (Table 4: 100)."})
+    patience: int = field(default=0, metadata={"help": "Also stop a position after this many consecutive steps without a new lowest objective (0: off)."})
     batch_size: int = field(default=512, metadata={"help": "Scored positions optimised together (memory grows as batch_size x vocabulary)."})
+    n_boot: int = field(default=1000, metadata={"help": "Bootstrap resamples (over positions) for the 95% intervals of perplexities and of the share of kNN's gain."})
+    seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
 
     def validate(self) -> None:
         if not self.output_dir:
             raise KnnlmError("--output_dir: required; the folder for results.json")
         if not self.datastore:
             raise KnnlmError("--datastore: required; p_knnlm needs a datastore (`knnlm datastore build`)")
-        bad = [t for t in self.target if t not in TARGETS]
+        bad = [t for t in self.target if t not in TARGETS and t not in DEPRECATED]
         if bad or not self.target:
             raise KnnlmError(f"--target: {','.join(bad) or 'empty'} is not one of {', '.join(TARGETS)}")
+        self.target = resolve_targets(self.target)
         if len(set(self.target)) != len(self.target):
-            raise KnnlmError(f"--target: {','.join(self.target)} names a target twice")
+            raise KnnlmError(f"--target: {','.join(self.target)} names a target twice (f is f_norm)")
         if not self.lr > 0:
             raise KnnlmError(f"--lr: must be > 0, got {self.lr}")
-        if self.tol < 0:
-            raise KnnlmError(f"--tol: must be >= 0, got {self.tol}")
+        if not self.tol or any(not t >= 0 for t in self.tol):
+            raise KnnlmError(f"--tol: every tolerance must be >= 0, got {','.join(map(str, self.tol)) or 'none'}")
+        if len(set(self.tol)) != len(self.tol):
+            raise KnnlmError(f"--tol: {','.join(map(str, self.tol))} names a tolerance twice")
+        self.tol = sorted(self.tol, reverse=True)  # largest first: its column stops earliest
         if self.max_steps < 1:
             raise KnnlmError(f"--max_steps: must be >= 1, got {self.max_steps}")
+        if self.patience < 0:
+            raise KnnlmError(f"--patience: must be >= 0 (0: off), got {self.patience}")
         if self.batch_size < 1:
             raise KnnlmError("--batch_size: must be >= 1")
+        if self.n_boot < 1:
+            raise KnnlmError(f"--n_boot: must be >= 1, got {self.n_boot}")
 
 
 # ---------------------------------------------------------------------------------------------------------------- objective
@@ -114,10 +156,15 @@ def kl_from_logits(logits: torch.Tensor, target_logp: torch.Tensor) -> torch.Ten
 # ---------------------------------------------------------------------------------------------------------------- solver
 @dataclass
 class Solution:
-    z: torch.Tensor  # [n, d] float32, each row where its position stopped
-    objective: torch.Tensor  # [n] at z
+    """Per tolerance j (``tols[j]``) and position i: the best iterate up to the step where that tolerance stopped i."""
+    tols: tuple[float, ...]
+    z: torch.Tensor  # [T, n, d] float32, best iterate (lowest objective seen, z0 included)
+    objective: torch.Tensor  # [T, n] at z
     objective_init: torch.Tensor  # [n] at z0
-    steps: torch.Tensor  # [n] int64, Adam steps taken by each position
+    steps: torch.Tensor  # [T, n] int64, Adam steps run before the position stopped
+    best_step: torch.Tensor  # [T, n] int64, the step that produced z (0: z0 itself)
+    stop: torch.Tensor  # [T, n] int8, why it stopped: 0 tol, 1 patience, 2 max_steps (STOP_REASONS)
+    z_last: torch.Tensor  # [n, d] the last iterate of the shared trajectory (for checks against torch's Adam)
 
 
 def _value_and_grad(objective: Callable, z: torch.Tensor, rows: torch.Tensor):
@@ -129,18 +176,32 @@ def _value_and_grad(objective: Callable, z: torch.Tensor, rows: torch.Tensor):
 
 
 def solve(objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z0: torch.Tensor, lr: float = 0.1,
-          tol: float = 1e-3, max_steps: int = 1000, betas: tuple[float, float] = (0.9, 0.999),
-          eps: float = 1e-8) -> Solution:
+          tol: float | Sequence[float] = 1e-3, max_steps: int = 1000, patience: int = 0,
+          betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> Solution:
     """Minimises ``objective(z[rows], rows) -> [len(rows)]`` for every row of ``z0 [n, d]`` with Adam (torch's update
-    rule and defaults), all rows together; row i stops after the first step that changes its objective by less than
-    ``tol`` (its z is then frozen and its step count kept), or after ``max_steps``."""
+    rule and defaults), all rows together, each row on its own trajectory.
+
+    Row i stops under tolerance ``tol[j]`` after the first step that changes its objective by less than ``tol[j]`` (the
+    paper's rule), after ``patience`` consecutive steps without a new lowest objective (0: off), or at ``max_steps``;
+    what it keeps is its best iterate up to then. A row keeps stepping while any tolerance is still running on it.
+    """
+    tols = (float(tol),) if isinstance(tol, (int, float)) else tuple(float(t) for t in tol)
     z = z0.detach().float().clone()  # [n, d]
     m, v = torch.zeros_like(z), torch.zeros_like(z)
-    n = z.shape[0]
-    steps = torch.zeros(n, dtype=torch.long, device=z.device)
-    active = torch.arange(n, device=z.device)
+    n, n_tol, dev = z.shape[0], len(tols), z.device
+    tol_t = torch.tensor(tols, device=dev)[:, None]  # [T, 1]
+    active = torch.arange(n, device=dev)
     value, grad = _value_and_grad(objective, z, active)
     objective_init, current = value.clone(), value.clone()
+    best_val, best_z = value.clone(), z.clone()  # [n], [n, d]
+    best_t = torch.zeros(n, dtype=torch.long, device=dev)
+    since_best = torch.zeros(n, dtype=torch.long, device=dev)
+    out_z = z.unsqueeze(0).repeat(n_tol, 1, 1)  # [T, n, d]
+    out_obj = value.unsqueeze(0).repeat(n_tol, 1)  # [T, n]
+    steps = torch.zeros(n_tol, n, dtype=torch.long, device=dev)
+    best_step = torch.zeros(n_tol, n, dtype=torch.long, device=dev)
+    stop = torch.full((n_tol, n), 2, dtype=torch.int8, device=dev)
+    live = torch.ones(n_tol, n, dtype=torch.bool, device=dev)
     b1, b2 = betas
     t = 0
     while active.numel() and t < max_steps:
@@ -149,27 +210,48 @@ def solve(objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z0: t
         v[active] = b2 * v[active] + (1 - b2) * grad * grad
         m_hat, v_hat = m[active] / (1 - b1 ** t), v[active] / (1 - b2 ** t)
         z[active] -= lr * m_hat / (v_hat.sqrt() + eps)
-        steps[active] = t
         value, grad = _value_and_grad(objective, z, active)
-        keep = (value - current[active]).abs() >= tol  # [a]
+        delta = (value - current[active]).abs()  # [a] change made by this step (the paper's stopping quantity)
         current[active] = value
+        improved = value < best_val[active]  # [a]
+        better = active[improved]
+        best_val[better], best_z[better], best_t[better] = value[improved], z[better], t
+        since_best[active] = torch.where(improved, 0, since_best[active] + 1)
+        by_tol = delta[None, :] < tol_t  # [T, a]
+        by_patience = since_best[active] >= patience if patience else torch.zeros_like(improved)  # [a]
+        ends = live[:, active] & (by_tol | by_patience[None, :] | (t >= max_steps))  # [T, a]
+        for j in range(n_tol):
+            if not ends[j].any():
+                continue
+            rows = active[ends[j]]
+            out_z[j, rows], out_obj[j, rows] = best_z[rows], best_val[rows]
+            steps[j, rows], best_step[j, rows] = t, best_t[rows]
+            why = torch.where(by_tol[j], 0, torch.where(by_patience, 1, 2)).to(torch.int8)[ends[j]]
+            stop[j, rows] = why
+            live[j, rows] = False
+        keep = live[:, active].any(dim=0)  # [a]
         active, grad = active[keep], grad[keep]
-    return Solution(z, current, objective_init, steps)
+    return Solution(tols, out_z, out_obj, objective_init, steps, best_step, stop, z)
 
 
 def logits_fn(lm, target: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """z [n, d] -> logits [n, V] float32 through the LM's frozen last layers: f for ``f``, f∘g for ``fg``/``fg_to_y``."""
-    if target == "f":
+    """z [n, d] -> logits [n, V] float32 through the LM's frozen last layers (see the module docstring)."""
+    if target == "f_out":
+        return lambda z: lm.output_layer(z.to(lm.dtype)).float()
+    if target == "f_norm":
         return lambda z: lm.f_logits(z.to(lm.dtype)).float()
-    return lambda z: lm.f_logits(lm.g(z.to(lm.dtype))).float()
+    if target in ("fg", "fg_to_y"):
+        return lambda z: lm.f_logits(lm.g(z.to(lm.dtype))).float()
+    raise KnnlmError(f"--target: {target!r} is not one of {', '.join(TARGETS)}")
 
 
-def project(lm, target: str, z0: torch.Tensor, target_logp: torch.Tensor, gold: torch.Tensor, lr: float, tol: float,
-            max_steps: int) -> dict[str, torch.Tensor]:
+def project(lm, target: str, z0: torch.Tensor, target_logp: torch.Tensor, gold: torch.Tensor, lr: float,
+            tol: float | Sequence[float], max_steps: int, patience: int = 0) -> dict[str, torch.Tensor]:
     """Solves Eq. 2 (or the gold objective for ``fg_to_y``) for a batch of positions.
 
-    z0 [n, d] (on the LM's device), target_logp [n, V] = log p_knnlm, gold [n]. Returns per position (CPU): ``logp``
-    (log p_proj of the gold token), ``kl`` (KL[p_proj ‖ p_knnlm]), ``kl_init`` (at z0), ``steps``, ``objective``.
+    z0 [n, d] (on the LM's device), target_logp [n, V] = log p_knnlm, gold [n]. Returns per position (CPU), one column
+    per tolerance: ``logp`` [n, T] (log p_proj of the gold token), ``kl`` [n, T] (KL[p_proj ‖ p_knnlm]), ``steps``,
+    ``best_step``, ``stop`` [n, T], ``objective`` [n, T]; and ``kl_init`` [n] (at z0).
     """
     fn = logits_fn(lm, target)
     if target == "fg_to_y":
@@ -178,14 +260,17 @@ def project(lm, target: str, z0: torch.Tensor, target_logp: torch.Tensor, gold: 
     else:
         def objective(z, rows):
             return kl_from_logits(fn(z), target_logp[rows])
-    sol = solve(objective, z0, lr=lr, tol=tol, max_steps=max_steps)
+    sol = solve(objective, z0, lr=lr, tol=tol, max_steps=max_steps, patience=patience)
+    logps, kls = [], []
     with torch.no_grad():
-        logits = fn(sol.z)  # [n, V]
-        logp = torch.log_softmax(logits, dim=-1).gather(1, gold[:, None])[:, 0]
-        kl = kl_from_logits(logits, target_logp)
+        for j in range(len(sol.tols)):
+            logits = fn(sol.z[j])  # [n, V]
+            logps.append(torch.log_softmax(logits, dim=-1).gather(1, gold[:, None])[:, 0])
+            kls.append(kl_from_logits(logits, target_logp))
         kl_init = kl_from_logits(fn(z0.float()), target_logp)
-    return {"logp": logp.cpu(), "kl": kl.cpu(), "kl_init": kl_init.cpu(), "steps": sol.steps.cpu(),
-            "objective": sol.objective.cpu()}
+    return {"logp": torch.stack(logps, 1).cpu(), "kl": torch.stack(kls, 1).cpu(), "kl_init": kl_init.cpu(),
+            "steps": sol.steps.T.cpu(), "best_step": sol.best_step.T.cpu(), "stop": sol.stop.T.cpu(),
+            "objective": sol.objective.T.cpu()}
 
 
 # ---------------------------------------------------------------------------------------------------------------- runner
@@ -202,11 +287,13 @@ class _Records:
         self.path, self.state = out_dir / "partial.npz", out_dir / "partial.json"
         self.columns: dict[str, list[np.ndarray]] = {}
         self.windows_done = 0
+        self.solve_s: dict[str, float] = {}  # target -> seconds spent in its solver (this run and resumed ones)
         self.last_save = time.time()
         if self.path.exists() and self.state.exists() and read_json(self.state)["fingerprint"] == fingerprint:
             with np.load(self.path) as saved:
                 self.columns = {k: [saved[k]] for k in saved.files}
             self.windows_done = int(read_json(self.state)["windows_done"])
+            self.solve_s = dict(read_json(self.state).get("solve_s", {}))
             log.info("resuming after %d windows (%d tokens)", self.windows_done, self.n_tokens)
         self.fingerprint = fingerprint
 
@@ -225,7 +312,8 @@ class _Records:
         self.windows_done += n
         if time.time() - self.last_save > _CHECKPOINT_EVERY_S:
             self.save(self.path)
-            atomic_write_json(self.state, {"fingerprint": self.fingerprint, "windows_done": self.windows_done})
+            atomic_write_json(self.state, {"fingerprint": self.fingerprint, "windows_done": self.windows_done,
+                                           "solve_s": self.solve_s})
             self.last_save = time.time()
 
     def save(self, path: Path) -> None:
@@ -282,15 +370,21 @@ def run_projection(lm, corpus: CorpusArgs, args: ProjectionArgs, datastore, knn:
                 _score_batch(lm, retriever, datastore.key_point, {p: a[sl] for p, a in at.items()}, gold[sl], lmbda,
                              args, records)
                 bar.update(len(gold[sl]))
-                bar.set_postfix(steps=float(records.columns[f"{args.target[0]}.steps"][-1].mean()))
+                bar.set_postfix(steps=float(records.columns[f"{args.target[0]}.steps"][-1][:, -1].mean()))
             records.windows_done_add(len(group))
     arrays = records.finish(out / "per_token.npz")
     metrics = summarize(arrays, args, lmbda=lmbda, k=retriever.k - int(knn.ignore_top), knn_temp=knn.knn_temp)
     metrics.update(datastore_N=datastore.N, block_size=block, stride=stride,
-                   timing={"wall_s": time.time() - started})
+                   timing={"wall_s": time.time() - started, "solve_s": dict(records.solve_s),
+                           "note": "wall_s counts this process only (a resumed run restarts it); solve_s adds up"})
     for t in args.target:
-        histogram(out / f"kl_{t}.png", arrays[f"{t}.kl"], title=f"KL[p_proj ‖ p_knnlm] per token, {LABELS[t]}",
-                  xlabel="KL (nats)", log_x=True)
+        last = len(args.tol) - 1  # the smallest-tolerance column holds the longest runs
+        histogram(out / f"kl_{t}.png", arrays[f"{t}.kl"][:, last],
+                  title=f"KL[p_proj ‖ p_knnlm] per token, {LABELS[t]}, tol {args.tol[last]}", xlabel="KL (nats)",
+                  log_x=True)
+        for j, tol in enumerate(args.tol):
+            histogram(out / f"steps_{t}_tol{tol:g}.png", arrays[f"{t}.steps"][:, j], bins=40,
+                      title=f"Adam steps per token, {LABELS[t]}, lr {args.lr}, tol {tol:g}", xlabel="steps")
     log.info("projection: %s", {k: v for k, v in metrics.items() if k.startswith("ppl")})
     return metrics
 
@@ -323,7 +417,9 @@ def _score_batch(lm, retriever, key_point: str, at: dict, gold: torch.Tensor, lm
     cols = {"gold": gold.int(), "lm": lm_logp.gather(1, gold[:, None])[:, 0],
             "knnlm": target_logp.gather(1, gold[:, None])[:, 0], "kl_lm": kl_from_logits(lm_logits, target_logp)}
     for t in args.target:
-        res = project(lm, t, at[TARGETS[t]], target_logp, gold, args.lr, args.tol, args.max_steps)
+        started = time.time()
+        res = project(lm, t, at[TARGETS[t]], target_logp, gold, args.lr, args.tol, args.max_steps, args.patience)
+        records.solve_s[t] = records.solve_s.get(t, 0.0) + time.time() - started
         cols.update({f"{t}.{k}": v for k, v in res.items()})
     records.add(**cols)
 
@@ -333,46 +429,175 @@ def _ppl(logp: np.ndarray) -> float:
     return math.exp(-float(np.mean(logp, dtype=np.float64)))
 
 
+def share_of_gain(lm: np.ndarray, knnlm: np.ndarray, proj: np.ndarray) -> float:
+    """(log ppl_lm − log ppl_proj) / (log ppl_lm − log ppl_knnlm) from per-token gold log-probabilities [n] each:
+    1 = p_proj gains all that kNN gains over the LM, 0 = nothing."""
+    m_lm = float(np.mean(lm, dtype=np.float64))
+    return _ratio(float(np.mean(proj, dtype=np.float64)) - m_lm, float(np.mean(knnlm, dtype=np.float64)) - m_lm)
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den != 0 else float("nan")  # no gain to share: undefined, and its verdict "inconclusive"
+
+
+def gain_ratio(lm: np.ndarray, f: np.ndarray, fg: np.ndarray) -> float:
+    """(log ppl_lm − log ppl_fg) / (log ppl_lm − log ppl_f): f∘g's gain over the LM as a share of f's (Table 4)."""
+    m_lm = float(np.mean(lm, dtype=np.float64))
+    return _ratio(float(np.mean(fg, dtype=np.float64)) - m_lm, float(np.mean(f, dtype=np.float64)) - m_lm)
+
+
+def _step_histogram(steps: np.ndarray, max_steps: int) -> list[list[int]]:
+    """[[lo, hi, count], ...] over bins 1, 2-5, 6-10, 11-20, 21-50, ... up to max_steps (empty bins kept)."""
+    edges = [0, 1]
+    for decade in (1, 10, 100, 1000, 10000, 100000):
+        for mult in (5, 10, 20) if decade == 1 else (2, 5, 10):
+            edge = mult * decade
+            if edge > edges[-1] and edge < max_steps:
+                edges.append(edge)
+    edges.append(max(max_steps, edges[-1] + 1))
+    counts, _ = np.histogram(steps, bins=np.array(edges) + 0.5)
+    return [[edges[i] + 1, edges[i + 1], int(c)] for i, c in enumerate(counts)]
+
+
 def summarize(arrays: dict[str, np.ndarray], args: ProjectionArgs, **extra) -> dict:
-    """Perplexities of the LM, the kNN-LM and each p_proj over the same tokens, KL and step statistics."""
-    metrics = {"n_tokens": int(len(arrays["gold"])), "ppl_lm": _ppl(arrays["lm"]), "ppl_knnlm": _ppl(arrays["knnlm"]),
+    """Perplexities (with bootstrap 95% intervals over positions) of the LM, the kNN-LM and each p_proj over the same
+    tokens, the share of kNN's gain each p_proj recovers, KL and solver statistics; per tolerance in ``by_tol``
+    (``targets`` repeats the first tolerance's entry)."""
+    lm, knn = arrays["lm"].astype(np.float64), arrays["knnlm"].astype(np.float64)
+
+    def ppl_ci(logp):
+        return bootstrap_ci(logp, _ppl, n_boot=args.n_boot, seed=args.seed).as_dict()
+
+    metrics = {"n_tokens": int(len(arrays["gold"])), "ppl_lm": _ppl(lm), "ppl_knnlm": _ppl(knn),
+               "ppl_lm_ci": ppl_ci(lm), "ppl_knnlm_ci": ppl_ci(knn),
                "kl_lm_knnlm": {"mean": float(np.mean(arrays["kl_lm"])), "median": float(np.median(arrays["kl_lm"]))},
-               **extra, "targets": {}}
-    for t in args.target:
-        steps = arrays[f"{t}.steps"]
-        metrics["targets"][t] = {
-            "z0": TARGETS[t], "ppl_proj": _ppl(arrays[f"{t}.logp"]),
-            "kl_mean": float(np.mean(arrays[f"{t}.kl"])), "kl_median": float(np.median(arrays[f"{t}.kl"])),
-            "kl_init_mean": float(np.mean(arrays[f"{t}.kl_init"])),
-            "steps_mean": float(np.mean(steps)), "steps_median": float(np.median(steps)), "steps_max": int(steps.max()),
-            "capped_fraction": float(np.mean(steps >= args.max_steps)),
-            "lr": args.lr, "tol": args.tol, "max_steps": args.max_steps}
+               "solver": {"lr": args.lr, "tols": list(args.tol), "max_steps": args.max_steps,
+                          "patience": args.patience, "n_boot": args.n_boot, "seed": args.seed},
+               "maps": {t: MAPS[t] for t in args.target}, **extra, "by_tol": []}
+    for j, tol in enumerate(args.tol):
+        entry = {"tol": tol, "targets": {}}
+        for t in args.target:
+            logp = arrays[f"{t}.logp"][:, j].astype(np.float64)
+            kl, kl_init = arrays[f"{t}.kl"][:, j], arrays[f"{t}.kl_init"]
+            steps, stop = arrays[f"{t}.steps"][:, j], arrays[f"{t}.stop"][:, j]
+            share = paired_bootstrap_ci([lm, knn, logp], share_of_gain, n_boot=args.n_boot, seed=args.seed)
+            entry["targets"][t] = {
+                "z0": TARGETS[t], "map": MAPS[t], "ppl_proj": _ppl(logp), "ppl_proj_ci": ppl_ci(logp),
+                "share_of_knn_gain": share.point, "share_of_knn_gain_ci": share.as_dict(),
+                "kl_mean": float(np.mean(kl)), "kl_median": float(np.median(kl)),
+                "kl_init_mean": float(np.mean(kl_init)), "kl_init_median": float(np.median(kl_init)),
+                # the best iterate includes z0, so this is 0 for the KL targets (fg_to_y minimises another objective)
+                "worse_than_start_fraction": float(np.mean(kl > kl_init)) if t != "fg_to_y" else None,
+                "steps_mean": float(np.mean(steps)), "steps_median": float(np.median(steps)),
+                "steps_max": int(steps.max()), "best_step_median": float(np.median(arrays[f"{t}.best_step"][:, j])),
+                "stopped_by": {r: int(np.sum(stop == i)) for i, r in enumerate(STOP_REASONS)},
+                "capped_fraction": float(np.mean(stop == 2)),
+                "steps_histogram": _step_histogram(steps, args.max_steps),
+                "lr": args.lr, "tol": tol, "max_steps": args.max_steps, "patience": args.patience}
+        if "fg" in args.target:  # Table 4: f∘g's gain over the LM as a share of each f's
+            fg = arrays["fg.logp"][:, j].astype(np.float64)
+            entry["fg_gain_over_f_gain"] = {
+                f: paired_bootstrap_ci([lm, arrays[f"{f}.logp"][:, j].astype(np.float64), fg], gain_ratio,
+                                       n_boot=args.n_boot, seed=args.seed).as_dict()
+                for f in ("f_out", "f_norm") if f in args.target}
+        metrics["by_tol"].append(entry)
+    metrics["targets"] = metrics["by_tol"][0]["targets"]
     metrics["paper"] = PAPER
     return metrics
 
 
+def _ci(d: dict, digits: int = 2) -> str:
+    return f"{d['point']:.{digits}f} [{d['lo']:.{digits}f}, {d['hi']:.{digits}f}]"
+
+
 def results_table(metrics: dict) -> str:
-    """Markdown in the layout of Tables 1 and 4 (perplexity) and Table 3 (KL), the paper's rows beside ours."""
-    tg = metrics["targets"]
-    any_t = next(iter(tg.values()))
-    ours = f"ours ({metrics['n_tokens']} tokens; lr {any_t['lr']}, tol {any_t['tol']}, ≤{any_t['max_steps']} steps)"
-    heads = ["run", "LM", "kNN-LM"] + [LABELS[t] for t in TARGETS]
-    rows = [[f"paper Table {n[-1]} ({PAPER[n]['setting']})", PAPER[n]["lm"], PAPER[n]["knnlm"]]
-            + [PAPER[n].get(t) for t in TARGETS] for n in ("table1", "table4")]
-    rows.append([ours, metrics["ppl_lm"], metrics["ppl_knnlm"]] + [tg[t]["ppl_proj"] if t in tg else None for t in TARGETS])
-    text = "### Perplexity (layout of Tables 1 and 4)\n\n" + markdown_table(heads, rows)
-    kl_rows = [["paper Table 3 (mean)"] + [PAPER["table3"].get(t) for t in TARGETS],
-               ["ours, mean"] + [tg[t]["kl_mean"] if t in tg else None for t in TARGETS],
-               ["ours, median"] + [tg[t]["kl_median"] if t in tg else None for t in TARGETS],
-               ["ours at z0 (before solving), mean"] + [tg[t]["kl_init_mean"] if t in tg else None for t in TARGETS]]
-    text += ("\n### KL[p_proj ‖ p_knnlm] in nats (layout of Table 3)\n\n"
-             + markdown_table(["run"] + [LABELS[t] for t in TARGETS], kl_rows, digits=4)
-             + f"\nKL[p_lm ‖ p_knnlm]: mean {fmt(metrics['kl_lm_knnlm']['mean'], 4)}, "
-               f"median {fmt(metrics['kl_lm_knnlm']['median'], 4)}.\n")
-    step_rows = [[LABELS[t], tg[t]["steps_mean"], tg[t]["steps_median"], tg[t]["steps_max"],
-                  100 * tg[t]["capped_fraction"]] for t in tg]
-    text += ("\n### Adam steps per token\n\n"
-             + markdown_table(["target", "mean", "median", "max", "% stopped by --max_steps"], step_rows, digits=1))
-    text += (f"\nk = {metrics.get('k')}, λ = {metrics.get('lmbda')} (weight of p_knn), T = {metrics.get('knn_temp')}, "
-             f"datastore N = {metrics.get('datastore_N')}.\n")
+    """Markdown: for each tolerance, perplexity in the layout of Tables 1 and 4 (with 95% intervals and the share of
+    kNN's gain), KL in the layout of Table 3, and the solver's statistics; every table names its maps."""
+    sv = metrics["solver"]
+    targets = list(metrics["maps"])
+    maps = "".join(f"- **{LABELS[t]}**: {metrics['maps'][t]}\n" for t in targets)
+    text = (f"Maps (`--target`):\n\n{maps}\nSolver: Adam, lr {sv['lr']}, ≤ {sv['max_steps']} steps, patience "
+            f"{sv['patience'] or 'off'}; each position keeps its best iterate (z0 included). "
+            f"{metrics['n_tokens']} tokens; intervals: bootstrap 95% over positions ({sv['n_boot']} resamples, seed "
+            f"{sv['seed']}); share = (log ppl_lm − log ppl_proj) / (log ppl_lm − log ppl_knnlm).\n")
+    heads = ["run", "LM", "kNN-LM"] + [LABELS[t] for t in targets]
+    paper_rows = [[f"paper Table {n[-1]} ({PAPER[n]['setting']})", PAPER[n]["lm"], PAPER[n]["knnlm"]]
+                  + [PAPER[n].get(PAPER_COLUMN[t]) for t in targets] for n in ("table1", "table4")]
+    for entry in metrics["by_tol"]:
+        tg, tol = entry["targets"], entry["tol"]
+        ours = [f"ours (tol {tol:g})", _ci(metrics["ppl_lm_ci"]), _ci(metrics["ppl_knnlm_ci"])]
+        rows = paper_rows + [ours + [_ci(tg[t]["ppl_proj_ci"]) for t in targets],
+                             ["share of kNN's gain", "0", "1"] + [_ci(tg[t]["share_of_knn_gain_ci"]) for t in targets]]
+        text += (f"\n## Tolerance {tol:g}\n\n### Perplexity (layout of Tables 1 and 4; f as listed above)\n\n"
+                 + markdown_table(heads, rows))
+        kl_rows = [["paper Table 3 (mean)"] + [PAPER["table3"].get(PAPER_COLUMN[t]) for t in targets],
+                   ["ours, mean"] + [tg[t]["kl_mean"] for t in targets],
+                   ["ours, median"] + [tg[t]["kl_median"] for t in targets],
+                   ["ours at z0 (before solving), mean"] + [tg[t]["kl_init_mean"] for t in targets],
+                   ["ours at z0, median"] + [tg[t]["kl_init_median"] for t in targets]]
+        text += (f"\n### KL[p_proj ‖ p_knnlm] in nats (layout of Table 3), tol {tol:g}\n\n"
+                 + markdown_table(["run"] + [LABELS[t] for t in targets], kl_rows, digits=4))
+        step_rows = [[LABELS[t], tg[t]["stopped_by"]["tol"], tg[t]["stopped_by"]["patience"],
+                      tg[t]["stopped_by"]["max_steps"], tg[t]["steps_mean"], tg[t]["steps_median"], tg[t]["steps_max"],
+                      tg[t]["best_step_median"],
+                      "–" if tg[t]["worse_than_start_fraction"] is None else 100 * tg[t]["worse_than_start_fraction"]]
+                     for t in targets]
+        text += (f"\n### Solver, tol {tol:g}\n\n"
+                 + markdown_table(["target", "stopped by tol", "by patience", "by max_steps", "steps mean",
+                                   "median", "max", "best step median", "% ending worse than z0"], step_rows, digits=1))
+        bins = tg[targets[0]]["steps_histogram"]
+        hist_rows = [[f"{lo}" if lo == hi else f"{lo}–{hi}"] + [
+            next(c for a, b, c in tg[t]["steps_histogram"] if a == lo) for t in targets] for lo, hi, _ in bins]
+        text += (f"\nSteps per position (histogram; PNGs `steps_<target>_tol{tol:g}.png`):\n\n"
+                 + markdown_table(["steps"] + [LABELS[t] for t in targets], hist_rows))
+    text += (f"\nKL[p_lm ‖ p_knnlm]: mean {fmt(metrics['kl_lm_knnlm']['mean'], 4)}, "
+             f"median {fmt(metrics['kl_lm_knnlm']['median'], 4)}. k = {metrics.get('k')}, λ = {metrics.get('lmbda')} "
+             f"(weight of p_knn), T = {metrics.get('knn_temp')}, datastore N = {metrics.get('datastore_N')}.\n")
+    timing = metrics.get("timing")
+    if timing:
+        text += (f"Wall time {timing['wall_s']:.0f} s; solver: "
+                 + ", ".join(f"{LABELS[t]} {s:.0f} s" for t, s in timing.get("solve_s", {}).items()) + ".\n")
     return text
+
+
+# ---------------------------------------------------------------------------------------------------------------- verdicts
+# The paper's criteria, fixed before any run (issue 16):
+#  Tables 1/3: f(z*) "reaches the kNN-LM's perplexity": the 95% interval of the share of kNN's gain lies above 0.9;
+#              the same for f∘g.
+#  Table 4:    at lr 0.001 for 100 steps f∘g gains less than half of what f gains: the 95% interval of
+#              gain_ratio = (log ppl_lm − log ppl_fg) / (log ppl_lm − log ppl_f) lies below 0.5.
+#  An interval on the threshold is "inconclusive"; one entirely on the wrong side is "does not hold".
+SHARE_THRESHOLD, RATIO_THRESHOLD = 0.9, 0.5
+
+
+def _verdict(lo: float, hi: float, threshold: float, above: bool) -> Optional[bool]:
+    """True (holds), False (does not hold) or None (inconclusive, or an undefined interval)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    if above:
+        return True if lo > threshold else (False if hi < threshold else None)
+    return True if hi < threshold else (False if lo > threshold else None)
+
+
+def table1_verdicts(metrics: dict) -> list[dict]:
+    """Per tolerance and per KL target (f_out, f_norm, fg present): does p_proj reach the kNN-LM (share > 0.9)?"""
+    out = []
+    for entry in metrics["by_tol"]:
+        for t in ("f_out", "f_norm", "fg"):
+            if t not in entry["targets"]:
+                continue
+            ci = entry["targets"][t]["share_of_knn_gain_ci"]
+            out.append({"target": t, "tol": entry["tol"], "share": ci, "ppl_proj": entry["targets"][t]["ppl_proj"],
+                        "holds": _verdict(ci["lo"], ci["hi"], SHARE_THRESHOLD, above=True)})
+    return out
+
+
+def table4_verdict(metrics: dict, f: str = "f_out") -> Optional[dict]:
+    """Does f∘g gain less than half of what ``f`` gains (first tolerance)? None when either target is missing."""
+    entry = metrics["by_tol"][0]
+    ci = entry.get("fg_gain_over_f_gain", {}).get(f)
+    if ci is None:
+        return None
+    return {"f": f, "tol": entry["tol"], "ratio": ci, "holds": _verdict(ci["lo"], ci["hi"], RATIO_THRESHOLD, above=False),
+            "ppl_lm": metrics["ppl_lm"], "ppl_f": entry["targets"][f]["ppl_proj"],
+            "ppl_fg": entry["targets"]["fg"]["ppl_proj"]}

@@ -1,0 +1,290 @@
+"""The kNN-LM (or MLP-LM) as a drop-in Hugging Face model: ``augment(model, datastore=...)``.
+
+``augment`` attaches two hooks to the causal-LM module itself and returns that same module, so everything that takes
+a ``PreTrainedModel`` takes the augmented one unchanged: ``model.generate()`` (greedy, sampling, beam search, KV cache),
+``transformers.pipeline("text-generation", model=...)``, lm-evaluation-harness's ``HFLM(pretrained=...)``.
+
+- A forward pre-hook opens :meth:`knnlm.models.LM._capture` at the store's key point for the duration of the call.
+- A forward hook replaces ``logits`` [B, T', V] by log p_knnlm = log((1 - λ) p_lm + λ p_knn) (``knn.interpolate``),
+  float32. Only the positions whose logits the model returns are queried: with a KV cache and ``logits_to_keep=1``
+  (what ``generate`` passes) that is one retrieval per new position, and none for padding (attention mask 0).
+
+The logits are log-probabilities, so ``softmax(logits)`` is p_knnlm and anything computing ``log_softmax(logits)``
+(the harness, beam search, ``knnlm serve``) gets log p_knnlm back. A ``labels`` loss is recomputed from them.
+``detach(model)`` (or ``model.knnlm.detach()``) removes the hooks: the model is bit-for-bit the plain one again.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .errors import KnnlmError
+from .knn import KNNArgs, Retriever, interpolate
+
+log = logging.getLogger(__name__)
+
+ATTR = "knnlm"  # the attribute of an augmented model holding its :class:`Augmentation`
+
+
+@dataclass
+class AugmentArgs:
+    datastore: Optional[str] = field(default=None, metadata={"help": "Datastore folder: the model's next-token distribution becomes the kNN-LM's (k, λ, T from --k --lmbda --knn_temp)."})
+    mlp_memory: Optional[str] = field(default=None, metadata={"help": "MLP memory folder (instead of --datastore): the distribution becomes the MLP-LM's, λ from --lmbda."})
+
+    def validate(self) -> None:
+        if self.datastore and self.mlp_memory:
+            raise KnnlmError("--datastore/--mlp_memory: pass one of them; the model interpolates with one memory")
+
+
+class Augmentation:
+    """The hooks that turn a causal LM's logits into log p_knnlm / log p_mlplm. Made by :func:`augment`.
+
+    One forward at a time: the capture hooks live on the model's modules, so two threads calling the same augmented
+    model at once would mix their keys (``knnlm serve`` computes one request at a time for this reason)."""
+
+    def __init__(self, lm, lmbda: float, retriever: Optional[Retriever] = None, memory=None):
+        self.lm, self.lmbda, self.retriever, self.memory = lm, float(lmbda), retriever, memory
+        self.key_point = retriever.ds.key_point if retriever is not None else memory.key_point
+        self.n_queries = 0  # positions queried so far (retrievals, or MLP-memory evaluations)
+        self._stack: Optional[contextlib.ExitStack] = None
+        self._caps: dict = {}
+        self._mask = None
+        model = lm.model
+        self._hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
+                       model.register_forward_hook(self._after, with_kwargs=True, always_call=True)]
+        setattr(model, ATTR, self)
+
+    @property
+    def model(self):
+        return self.lm.model
+
+    # -------------------------------------------------------------------------------------------------------- hooks
+    def _before(self, module, args, kwargs):
+        self._stack = contextlib.ExitStack()
+        self._caps = self._stack.enter_context(self.lm._capture((self.key_point,)))
+        self._mask = kwargs.get("attention_mask")
+
+    def _after(self, module, args, kwargs, out):
+        try:
+            if out is None:  # the forward raised (always_call): only release the capture hooks
+                return None
+            return self._replace_logits(out, kwargs.get("labels"))
+        finally:
+            self._stack.close()
+            self._stack, self._caps, self._mask = None, {}, None
+
+    @torch.no_grad()
+    def _replace_logits(self, out, labels):
+        tuple_out = isinstance(out, tuple)  # return_dict=False: (loss, logits, ...) with labels, else (logits, ...)
+        at = int(labels is not None) if tuple_out else None
+        logits = out[at] if tuple_out else out.logits  # [B, T', V]; T' = T or the positions kept
+        z = self._caps[self.key_point][:, -logits.shape[1]:]  # [B, T', d]: the queries of the returned positions
+        lm_logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T', V]
+        sel = torch.ones(lm_logp.shape[:2], dtype=torch.bool, device=lm_logp.device)  # [B, T']
+        mask = self._mask
+        if mask is not None and mask.dim() == 2 and mask.shape[1] >= logits.shape[1]:
+            sel = mask[:, -logits.shape[1]:].to(lm_logp.device).bool()  # padding is not queried
+        new = lm_logp
+        if sel.any():
+            q = z[sel.to(z.device)]  # [n, d]
+            self.n_queries += q.shape[0]
+            if self.retriever is not None:
+                aug_logp = self.retriever.log_probs(q, lm_logp.shape[-1])  # [n, V]
+            else:
+                aug_logp = self.memory.log_probs(q)  # [n, V]
+            new = lm_logp.clone()
+            new[sel] = interpolate(lm_logp[sel], aug_logp.to(lm_logp.device), self.lmbda)
+        loss = None
+        if labels is not None and new.shape[1] == labels.shape[1]:
+            # the causal-LM loss of the returned distribution: mean NLL of token t+1 at position t, -100 ignored
+            loss = torch.nn.functional.nll_loss(new[:, :-1].reshape(-1, new.shape[-1]),
+                                                labels[:, 1:].reshape(-1).to(new.device), ignore_index=-100)
+        if tuple_out:
+            return (loss, new, *out[2:]) if at == 1 else (new, *out[1:])
+        out.logits = new
+        if loss is not None and getattr(out, "loss", None) is not None:
+            out.loss = loss
+        return out
+
+    # ----------------------------------------------------------------------------------------------------- detaching
+    def detach(self):
+        """Removes the hooks; returns the plain model (its forward is the original one again)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if getattr(self.model, ATTR, None) is self:
+            delattr(self.model, ATTR)
+        return self.model
+
+    def summary(self) -> str:
+        """One line: what the logits come from."""
+        if self.retriever is not None:
+            return (f"kNN-LM: {self.retriever.ds.dir}, N={self.retriever.ds.N}, k={self.retriever.k}, "
+                    f"λ={self.lmbda}, T={self.retriever.args.knn_temp}, key {self.key_point}")
+        return f"MLP-LM: {self.memory.dir}, λ={self.lmbda}, key {self.key_point}"
+
+    def describe(self) -> dict:
+        out = {"lmbda": self.lmbda, "key_point": self.key_point}
+        if self.retriever is not None:
+            out.update(datastore=str(self.retriever.ds.dir), datastore_N=self.retriever.ds.N, k=self.retriever.k,
+                       knn_temp=self.retriever.args.knn_temp)
+        else:
+            out.update(mlp_memory=str(self.memory.dir))
+        return out
+
+
+def _as_lm(model, tokenizer):
+    """An ``LM`` (models.py) around a loaded HF causal LM, or the given ``LM`` itself."""
+    from .models import LM
+
+    if isinstance(model, LM):
+        return model
+    if tokenizer is None:
+        raise KnnlmError("augment: pass the tokenizer with an HF model (it is checked against the datastore's)")
+    return LM(model, tokenizer, name=getattr(model, "name_or_path", "") or "")
+
+
+def augment(model, tokenizer=None, *, datastore=None, mlp_memory=None, k: int = 1024, lmbda: float = 0.25,
+            knn_temp: float = 1.0, recompute_dists: bool = False, nprobe: int = 32, key_point: Optional[str] = None,
+            index=None):
+    """Makes ``model``'s forward return log p_knnlm (with ``datastore``) or log p_mlplm (with ``mlp_memory``).
+
+    ``model``: a ``knnlm.models.LM`` or a loaded HF causal LM (then ``tokenizer`` is required). ``datastore``: a folder
+    or an open ``Datastore``; ``mlp_memory``: a folder or a loaded ``MLPMemory``. A store or memory built for other
+    weights, another tokenizer or (when ``key_point`` is given) another key point is refused, as in ``knnlm eval``.
+    Returns the HF model itself, augmented in place; ``detach(model)`` restores it.
+    """
+    from .datastore import Datastore
+    from .memory import MLPMemory
+
+    lm = _as_lm(model, tokenizer)
+    if hasattr(lm.model, ATTR):
+        raise KnnlmError("augment: this model is augmented already; detach(model) first")
+    if (datastore is None) == (mlp_memory is None):
+        raise KnnlmError("augment: pass exactly one of datastore= and mlp_memory=")
+    if isinstance(lmbda, (list, tuple)):
+        raise KnnlmError(f"--lmbda: the augmented model takes one λ, got {list(lmbda)}")
+    args = KNNArgs(k=int(k), lmbda=[float(lmbda)], knn_temp=float(knn_temp), recompute_dists=recompute_dists,
+                   nprobe=int(nprobe))
+    args.validate()
+    retriever = memory = None
+    if datastore is not None:
+        ds = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)
+        ds.check_compatible(lm, key_point)
+        retriever = Retriever(ds, args, index=index)
+    else:
+        memory = mlp_memory if isinstance(mlp_memory, MLPMemory) else MLPMemory.load(Path(mlp_memory), lm, key_point)
+    aug = Augmentation(lm, args.lmbda[0], retriever=retriever, memory=memory)
+    log.info("augmented %s: %s", lm.name or lm.model_type, aug.describe())
+    return lm.model
+
+
+def detach(model):
+    """Removes what :func:`augment` attached; returns the plain model. A plain model is returned unchanged."""
+    aug = getattr(model, ATTR, None)
+    return aug.detach() if isinstance(aug, Augmentation) else model
+
+
+def augment_from_args(lm, aug: AugmentArgs, knn: KNNArgs):
+    """The CLI's entry: augments ``lm.model`` from ``--datastore``/``--mlp_memory`` and ``--k --lmbda --knn_temp``;
+    returns the model, or None when neither memory is given."""
+    if not aug.datastore and not aug.mlp_memory:
+        return None
+    if len(knn.lmbda) != 1:
+        raise KnnlmError(f"--lmbda: the augmented model takes one λ, got {','.join(map(str, knn.lmbda))}")
+    if knn.ignore_top:
+        raise KnnlmError("--ignore_top: not meaningful for an augmented model (it drops the nearest neighbour of "
+                         "every query); leave it off")
+    return augment(lm, datastore=aug.datastore, mlp_memory=aug.mlp_memory, k=knn.k, lmbda=knn.lmbda[0],
+                   knn_temp=knn.knn_temp, recompute_dists=knn.recompute_dists, nprobe=knn.nprobe)
+
+
+# ---------------------------------------------------------------------------------------------------------- generation
+@dataclass
+class GenerateArgs:
+    prompt_file: Optional[str] = field(default=None, metadata={"help": "Prompts, one per line (.txt) or one per JSONL row (field `prompt`, else `text`); adds to --prompt."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per prompt (GenerationConfig.max_new_tokens)."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy / beam search."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with --do_sample)."})
+    top_k: int = field(default=50, metadata={"help": "Sample from the k most likely tokens (0: all; with --do_sample)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with --do_sample)."})
+    num_beams: int = field(default=1, metadata={"help": "Beam search width (1: none)."})
+    seed: int = field(default=0, metadata={"help": "torch seed set before each prompt's generation (sampling)."})
+    compare: bool = field(default=False, metadata={"help": "Also generate with the plain LM and show both continuations."})
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for results.json / results.md (optional)."})
+
+    def validate(self) -> None:
+        import math
+
+        if self.max_new_tokens < 1:
+            raise KnnlmError(f"--max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise KnnlmError(f"--temperature: must be a finite number > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise KnnlmError(f"--top_k: must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise KnnlmError(f"--top_p: must be in (0, 1], got {self.top_p}")
+        if self.num_beams < 1:
+            raise KnnlmError(f"--num_beams: must be >= 1, got {self.num_beams}")
+
+    def generation_kwargs(self) -> dict:
+        """The keyword arguments of ``model.generate`` (sampling knobs only when sampling)."""
+        kw = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_beams": self.num_beams}
+        if self.do_sample:
+            kw.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        return kw
+
+
+def read_prompts(prompts: list[str] | None, prompt_file: Optional[str]) -> list[str]:
+    """--prompt values followed by the prompts of --prompt_file (.txt: one a line; .jsonl: `prompt` or `text`)."""
+    import json
+
+    out = list(prompts or [])
+    if prompt_file:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise KnnlmError(f"--prompt_file: {path} does not exist; pass a .txt (one prompt a line) or .jsonl file")
+        try:
+            lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except UnicodeDecodeError:
+            raise KnnlmError(f"--prompt_file: {path} is not UTF-8 text; convert it") from None
+        if path.suffix in (".jsonl", ".json"):
+            for i, ln in enumerate(lines, 1):
+                try:
+                    row = json.loads(ln)
+                    out.append(row["prompt"] if "prompt" in row else row["text"])
+                except (ValueError, KeyError, TypeError):
+                    raise KnnlmError(f"--prompt_file: {path} line {i} is not a JSON object with a `prompt` or "
+                                     "`text` field") from None
+        else:
+            out += lines
+    if not out or not all(isinstance(p, str) and p for p in out):
+        raise KnnlmError("--prompt/--prompt_file: give at least one non-empty prompt")
+    return out
+
+
+@torch.no_grad()
+def generate_continuations(lm, prompts: list[str], args: GenerateArgs) -> list[dict]:
+    """``lm.model.generate`` on each prompt (one at a time, seeded): [{"prompt", "text", "n_tokens", "seconds"}]."""
+    import time
+
+    out = []
+    for prompt in prompts:
+        ids = lm.encode(prompt)
+        if len(ids) + args.max_new_tokens > lm.max_positions:
+            raise KnnlmError(f"--max_new_tokens: the prompt {prompt[:40]!r} has {len(ids)} tokens; with "
+                             f"{args.max_new_tokens} new ones it exceeds the model's {lm.max_positions} positions")
+        x = torch.tensor([ids], device=lm.device)  # [1, T]
+        torch.manual_seed(args.seed)
+        t0 = time.perf_counter()
+        seq = lm.model.generate(x, attention_mask=torch.ones_like(x), pad_token_id=lm.tokenizer.pad_token_id,
+                                **args.generation_kwargs())[0, len(ids):]
+        seconds = time.perf_counter() - t0
+        text = lm.tokenizer.decode(seq, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        out.append({"prompt": prompt, "text": text, "n_tokens": int(seq.numel()), "seconds": seconds})
+    return out

@@ -1,0 +1,68 @@
+"""`knnlm generate`: continuations of prompts by the kNN-LM (--datastore) or MLP-LM (--mlp_memory), optionally next to
+the plain LM's (--compare)."""
+from __future__ import annotations
+
+import time
+
+from ..config import add_arguments, resolve, save_config, to_dict
+
+
+def register(sub) -> None:
+    from ..augmented import AugmentArgs, GenerateArgs
+    from ..knn import KNNArgs
+    from ..models import ModelArgs
+
+    p = sub.add_parser("generate", help="generate text with the kNN-LM / MLP-LM (model.generate: greedy, sampling, "
+                                        "beam search), optionally next to the plain LM")
+    p.add_argument("--config", default=None, help="YAML/JSON file setting any of the options below (flags win)")
+    p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat the flag for several)")
+    for cls in (ModelArgs, AugmentArgs, KNNArgs, GenerateArgs):
+        add_arguments(p, cls)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    from ..augmented import AugmentArgs, GenerateArgs, augment_from_args, generate_continuations, read_prompts
+    from ..datastore import Datastore
+    from ..errors import KnnlmError
+    from ..knn import KNNArgs
+    from ..models import ModelArgs, load_model
+    from ..report import markdown_table, write_markdown, write_results
+
+    margs, aargs, kargs, gargs = resolve([ModelArgs, AugmentArgs, KNNArgs, GenerateArgs], args, args.config)
+    prompts = read_prompts(args.prompt, gargs.prompt_file)
+    if not aargs.datastore and not aargs.mlp_memory and not gargs.compare:
+        raise KnnlmError("--datastore/--mlp_memory: give one (the memory to generate with), or --compare true to "
+                         "see the plain LM alone")
+    if aargs.datastore:
+        Datastore.open(aargs.datastore)  # a missing or truncated store is reported before the model loads
+    started = time.time()
+    lm = load_model(margs)
+    plain = generate_continuations(lm, prompts, gargs) if gargs.compare or not (aargs.datastore or aargs.mlp_memory) else None
+    model = augment_from_args(lm, aargs, kargs)
+    augmented = generate_continuations(lm, prompts, gargs) if model is not None else None
+    name = "kNN-LM" if aargs.datastore else "MLP-LM"
+    samples = []
+    for i, prompt in enumerate(prompts):
+        print(f"prompt: {prompt}")
+        row = {"prompt": prompt}
+        if plain:
+            print(f"  LM     : {plain[i]['text']}")
+            row["lm"] = plain[i]["text"]
+        if augmented:
+            print(f"  {name:7s}: {augmented[i]['text']}")
+            row["augmented"] = augmented[i]["text"]
+        samples.append(row)
+    if gargs.output_dir:
+        metrics = {"samples": samples, "augmentation": model.knnlm.describe() if model is not None else None}
+        for key, runs in (("lm", plain), ("augmented", augmented)):
+            if runs:
+                metrics[f"{key}_tokens_per_s"] = sum(r["n_tokens"] for r in runs) / max(sum(r["seconds"] for r in runs), 1e-9)
+        save_config(gargs.output_dir, margs, aargs, kargs, gargs)
+        write_results(gargs.output_dir, {**to_dict(margs, aargs, kargs, gargs), "prompt": args.prompt}, metrics, started)
+        headers = ["prompt"] + (["LM"] if plain else []) + ([name] if augmented else [])
+        rows = [[s["prompt"]] + ([s["lm"]] if plain else []) + ([s["augmented"]] if augmented else []) for s in samples]
+        write_markdown(gargs.output_dir, markdown_table(headers, [[str(c).replace("|", "\\|").replace("\n", " ")
+                                                                   for c in r] for r in rows]))
+        print(f"results: {gargs.output_dir}/results.json")
+    return 0

@@ -1,0 +1,171 @@
+"""Gold-token log-probabilities at a batch of positions: the LM's, p_knn's, the MLP memory's and their λ mixtures.
+
+The one scoring kernel behind evaluation (``evaluate.py``), the LM perplexities (``experiments/lm.py``), Macondo scoring
+and the projection study. Everything a caller sums or stores is a [n] vector per variant (n = scored positions).
+
+The LM's log p(gold) = logit[gold] − logsumexp(logits) is taken from ``torch.log_softmax`` over blocks of
+``SOFTMAX_ROWS`` rows: on the CPU its kernel computes each row's logsumexp in one fused pass over a cache-resident row,
+while ``torch.logsumexp`` runs max, subtract, exp and sum as four tensor ops (2.8x slower on [256, 50257], measured),
+and a whole-batch ``log_softmax`` allocates a second [n, V] tensor (51 MB at n = 256, V = 50257) whose page faults
+cost more than the arithmetic. The numbers are bit-identical to ``log_softmax(logits).gather(gold)`` (rows are
+independent). The output layer itself runs over blocks of ``OUTPUT_ROWS`` positions, so a long batch never holds all
+its [n, V] logits at once.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from .corpus import TokenFile, Window, batch_inputs, target_positions, target_tokens
+from .knn import interpolate, knn_gold_log_prob
+
+log = logging.getLogger(__name__)
+
+OUTPUT_ROWS = 256  # positions per output-layer call: [256, V] float32 logits (51 MB at V = 50257)
+SOFTMAX_ROWS = 16  # rows per log_softmax on the CPU: [16, V] (3 MB) stays in cache and is reused by the allocator
+SOFTMAX_ROWS_CUDA = 1024  # on a GPU, fewer larger kernels
+
+
+def gold_log_probs(logits: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[i, gold[i]]: logits [n, V] (any float dtype), gold [n] -> [n] float32, same device.
+
+    Computed a block of rows at a time, so no second [n, V] tensor is made (see the module docstring)."""
+    n = logits.shape[0]
+    out = torch.empty(n, dtype=torch.float32, device=logits.device)  # [n]
+    gold = gold.to(logits.device).long()
+    rows = SOFTMAX_ROWS_CUDA if logits.is_cuda else SOFTMAX_ROWS
+    for s in range(0, n, rows):
+        block = torch.log_softmax(logits[s: s + rows].float(), dim=-1)  # [r, V]
+        out[s: s + rows] = block.gather(1, gold[s: s + rows, None])[:, 0]
+    return out
+
+
+def head_gold_log_probs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                        gold: torch.Tensor, rows: int = OUTPUT_ROWS) -> torch.Tensor:
+    """log softmax(head(hidden))[gold] for an output layer ``head`` ([r, d] -> [r, V] logits): hidden [n, d], gold [n]
+    -> [n] float32 on the hidden's device; the head runs on ``rows`` positions at a time."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [n]
+    gold = gold.to(hidden.device)
+    for s in range(0, hidden.shape[0], rows):
+        out[s: s + rows] = gold_log_probs(head(hidden[s: s + rows]), gold[s: s + rows])  # head: [r, V]
+    return out
+
+
+@dataclass
+class Scores:
+    """Gold-token log-probabilities of one batch of n positions, each [n] float32 on the CPU."""
+
+    gold: torch.Tensor  # [n] int64 gold token ids
+    lm: torch.Tensor  # [n] log p_lm(gold)
+    knn: Optional[torch.Tensor] = None  # [n] log p_knn(gold) (with a retriever)
+    mlp: Optional[torch.Tensor] = None  # [n] log p_mlp(gold) (with an MLP memory)
+    knn_lm: dict = field(default_factory=dict)  # λ -> [n] log((1 - λ) p_lm + λ p_knn)
+    mlp_lm: dict = field(default_factory=dict)  # λ -> [n] log((1 - λ) p_lm + λ p_mlp)
+    dists: Optional[torch.Tensor] = None  # [n, k] float32 squared L2 distances of the neighbours (for caches)
+    vals: Optional[torch.Tensor] = None  # [n, k] int64 their values
+
+
+def key_points(retriever=None, memory=None) -> tuple[str, ...]:
+    """The hidden states a scoring pass captures: the output layer's input plus the kNN and MLP query points."""
+    points = ["final_hidden"]
+    if retriever is not None:
+        points.append(retriever.ds.key_point)
+    if memory is not None:
+        points.append(memory.key_point)
+    return tuple(dict.fromkeys(points))
+
+
+def _add(timing: Optional[dict], name: str, t0: float) -> None:
+    if timing is not None:
+        timing[name] = timing.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _lm_part(lm, at: dict, gold: torch.Tensor, timing: Optional[dict]) -> torch.Tensor:
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = head_gold_log_probs(lm.output_layer, at["final_hidden"], gold).cpu()  # [n]
+    _add(timing, "output_s", t0)
+    return out
+
+
+def _search(retriever, query: torch.Tensor, timing: Optional[dict]):
+    t0 = time.perf_counter()
+    found = retriever.search(query)  # ([n, k] float32, [n, k] int64)
+    _add(timing, "search_s", t0)
+    return found
+
+
+def _finish(scores: Scores, found, retriever, memory, at: dict, lmbdas: Sequence[float],
+            timing: Optional[dict]) -> Scores:
+    """Adds the kNN part (from the search result ``found``) and the MLP part to ``scores``."""
+    if found is not None:
+        scores.dists, scores.vals = found
+        scores.knn = knn_gold_log_prob(scores.dists, scores.vals, scores.gold, retriever.args.knn_temp)  # [n]
+        scores.knn_lm = {lam: interpolate(scores.lm, scores.knn, lam) for lam in lmbdas}
+    if memory is not None:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            scores.mlp = head_gold_log_probs(memory, at[memory.key_point], scores.gold).cpu()  # [n]
+        _add(timing, "mlp_s", t0)
+        scores.mlp_lm = {lam: interpolate(scores.lm, scores.mlp, lam) for lam in lmbdas}
+    return scores
+
+
+def score_positions(lm, at: dict, gold: torch.Tensor, retriever=None, memory=None,
+                    lmbdas: Sequence[float] = (0.25,), timing: Optional[dict] = None) -> Scores:
+    """Scores n positions whose hidden states are given.
+
+    ``at``: {key point: [n, d]} holding ``final_hidden`` (the output layer's input) and the retriever's / memory's key
+    points (:func:`key_points`); ``gold`` [n]: the token each position predicts. ``retriever``: a
+    :class:`knnlm.knn.Retriever` (its ``args.knn_temp`` is the temperature); ``memory``: an
+    :class:`knnlm.memory.MLPMemory`. ``timing``: a dict that accumulates ``output_s``, ``search_s``, ``mlp_s``."""
+    gold = gold.cpu().long()
+    scores = Scores(gold=gold, lm=_lm_part(lm, at, gold, timing))
+    found = _search(retriever, at[retriever.ds.key_point], timing) if retriever is not None else None
+    return _finish(scores, found, retriever, memory, at, lmbdas, timing)
+
+
+def encode_windows(lm, tokens: TokenFile, batch: list[Window], points: Sequence[str],
+                   timing: Optional[dict] = None) -> tuple[dict, torch.Tensor]:
+    """One forward pass over a batch of windows -> ({point: [n, d]} at the scored positions, gold [n] int64)."""
+    t0 = time.perf_counter()
+    ids, mask = batch_inputs(tokens, batch, lm.eos_token_id or 0)  # [B, T] each
+    rows, pos = target_positions(batch)  # [n] each
+    gold = target_tokens(tokens, batch)  # [n]
+    with torch.inference_mode():
+        hidden = lm.hidden_states(ids.to(lm.device), mask.to(lm.device), tuple(points))  # {point: [B, T, d]}
+        at = {p: h[rows.to(h.device), pos.to(h.device)] for p, h in hidden.items()}  # {point: [n, d]}
+    _add(timing, "forward_s", t0)
+    return at, gold
+
+
+def score_windows(lm, tokens: TokenFile, batches: Iterable[list[Window]], retriever=None, memory=None,
+                  lmbdas: Sequence[float] = (0.25,), timing: Optional[dict] = None,
+                  overlap: bool = True) -> Iterator[Scores]:
+    """Scores each batch of windows (targets in window order); yields one :class:`Scores` per batch, in order.
+
+    With a retriever and ``overlap``, a batch's FAISS search runs in a worker thread while the LM encodes the next
+    batch (FAISS and torch release the GIL), so on several cores search time hides behind the forward pass; the
+    results are the same either way."""
+    points = key_points(retriever, memory)
+    if retriever is None or not overlap:
+        for batch in batches:
+            at, gold = encode_windows(lm, tokens, batch, points, timing)
+            yield score_positions(lm, at, gold, retriever, memory, lmbdas, timing)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="knnlm-search") as pool:
+        pending = None  # (scores, at, future of the search) of the previous batch
+        for batch in batches:
+            at, gold = encode_windows(lm, tokens, batch, points, timing)
+            future = pool.submit(_search, retriever, at[retriever.ds.key_point], timing)
+            scores = Scores(gold=gold, lm=_lm_part(lm, at, gold, timing))
+            if pending is not None:
+                yield _finish(pending[0], pending[2].result(), retriever, memory, pending[1], lmbdas, timing)
+            pending = (scores, at, future)
+        if pending is not None:
+            yield _finish(pending[0], pending[2].result(), retriever, memory, pending[1], lmbdas, timing)

@@ -1,0 +1,254 @@
+"""The kNN-LM as a drop-in HF model (knnlm.augmented): perplexity equals `knnlm eval`, generate with a KV cache equals
+a no-cache recomputation with one retrieval per new position, pipeline, beam search, detach, refusals."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from knnlm.augmented import augment, detach
+from knnlm.cli import main
+from knnlm.corpus import CorpusArgs, TokenFile, windows
+from knnlm.datastore import Datastore, build_datastore
+from knnlm.errors import KnnlmError
+from knnlm.knn import KNNArgs, Retriever, interpolate
+from knnlm.memory import MLPMemory
+from knnlm.models import ModelArgs, load_model
+
+TRAIN = "the cat sat on the mat. the dog sat on the log. a cat and a dog sat together on a mat.\n" * 3
+VALID = "the dog sat on the mat. a cat sat on the log. the cat and the dog.\n" * 2
+K, LMBDA, TEMP = 8, 0.3, 2.0
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_gpt2_dir):
+    """A private copy of the tiny GPT-2 (the hooks must not leak into the session's tiny_lm)."""
+    return load_model(ModelArgs(model_name_or_path=str(tiny_gpt2_dir), device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("aug")
+    (d / "train.txt").write_text(TRAIN)
+    (d / "valid.txt").write_text(VALID)
+    return d
+
+
+@pytest.fixture(scope="module")
+def store(lm, files):
+    return build_datastore(lm, CorpusArgs(train_file=str(files / "train.txt"), block_size=64, stride=32),
+                           files / "ds", batch_size=4)
+
+
+@pytest.fixture()
+def knn_model(lm, store):
+    model = augment(lm, datastore=store, k=K, lmbda=LMBDA, knn_temp=TEMP)
+    yield model
+    detach(model)
+
+
+def _ppl_through_model(model, tokens: TokenFile, block: int, stride: int) -> tuple[float, int]:
+    """Perplexity over the windows of `knnlm eval`, each window one forward of ``model`` (logits = log-probs)."""
+    arr = np.asarray(tokens.tokens, dtype=np.int64)
+    nll, n = 0.0, 0
+    for w in windows(tokens.doc_starts, block, stride):
+        ids = torch.from_numpy(arr[w.start: w.end])[None]  # [1, T]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)  # [T, V]
+        pos = torch.arange(w.first_target - 1 - w.start, w.end - 1 - w.start)
+        gold = torch.from_numpy(arr[w.first_target: w.end])
+        nll -= float(logp[pos, gold].sum())
+        n += len(gold)
+    return math.exp(nll / n), n
+
+
+def test_perplexity_equals_knnlm_eval(lm, store, files, tiny_gpt2_dir, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["eval", "--model_name_or_path", str(tiny_gpt2_dir), "--device", "cpu", "--validation_file",
+                 str(files / "valid.txt"), "--block_size", "16", "--stride", "8", "--datastore", str(store.dir),
+                 "--k", str(K), "--lmbda", str(LMBDA), "--knn_temp", str(TEMP), "--output_dir", str(out)]) == 0
+    m = json.loads((out / "results.json").read_text())["metrics"]
+    tokens = TokenFile(out / "tokens.i32", out / "tokens.i32.docs")
+    model = augment(lm, datastore=store, k=K, lmbda=LMBDA, knn_temp=TEMP)
+    try:
+        ppl, n = _ppl_through_model(model, tokens, 16, 8)
+        assert model.knnlm.n_queries == sum(w.end - w.start for w in windows(tokens.doc_starts, 16, 8))
+    finally:
+        detach(model)
+    assert n == m["n_tokens"] == len(lm.encode(VALID)) - 1
+    assert ppl == pytest.approx(m["ppl_knnlm"], rel=1e-5)
+    assert m["ppl_knnlm"] != pytest.approx(m["ppl_lm"], rel=1e-3)  # the store changes the numbers
+    plain, _ = _ppl_through_model(lm.model, tokens, 16, 8)
+    assert plain == pytest.approx(m["ppl_lm"], rel=1e-5)
+
+
+def test_mlp_memory_perplexity_equals_evaluate(lm, files, tmp_path):
+    from knnlm.evaluate import EvalArgs, evaluate
+
+    torch.manual_seed(0)
+    mem = MLPMemory(lm.hidden_size, 32, lm.vocab_size, output_layer=lm.output_layer,
+                    reference={"key_point": "ffn_input"}).eval()
+    corpus = CorpusArgs(validation_file=str(files / "valid.txt"), block_size=16, stride=8)
+    m = evaluate(lm, corpus, tmp_path, EvalArgs(output_dir=str(tmp_path)), memory=mem, knn=KNNArgs(lmbda=[0.4]))
+    model = augment(lm, mlp_memory=mem, lmbda=0.4)
+    try:
+        ppl, _ = _ppl_through_model(model, TokenFile(tmp_path / "tokens.i32", tmp_path / "tokens.i32.docs"), 16, 8)
+    finally:
+        detach(model)
+    assert ppl == pytest.approx(m["ppl_mlplm"], rel=1e-5)
+
+
+def _augmented_logp(lm, retriever, ids: list[int]) -> torch.Tensor:
+    """log p_knnlm at the last position of ``ids``, recomputed from scratch (no cache, no hooks): [V] float32."""
+    assert not hasattr(lm.model, "knnlm")
+    logits, caps = lm.forward(torch.tensor([ids]), key_points="ffn_input")
+    lm_logp = torch.log_softmax(logits[0, -1], dim=-1)[None]  # [1, V]
+    return interpolate(lm_logp, retriever.log_probs(caps["ffn_input"][0, -1:], lm.vocab_size), LMBDA)[0]
+
+
+def test_generate_with_kv_cache_equals_recomputation(lm, store):
+    retriever = Retriever(store, KNNArgs(k=K, knn_temp=TEMP))
+    prompt = lm.encode("the cat sat")
+    seq, want_scores = list(prompt), []
+    for _ in range(6):  # greedy chain without cache
+        logp = _augmented_logp(lm, retriever, seq)
+        want_scores.append(logp)
+        seq.append(int(torch.argmax(logp)))
+    knn_model = augment(lm, datastore=store, k=K, lmbda=LMBDA, knn_temp=TEMP)
+    assert knn_model is lm.model  # augmented in place
+    out = knn_model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, use_cache=True,
+                             pad_token_id=lm.eos_token_id, output_logits=True, return_dict_in_generate=True)
+    assert out.sequences[0].tolist() == seq
+    assert knn_model.knnlm.n_queries == 6  # one retrieval per new position: the prompt's are not queried
+    for got, want in zip(out.logits, want_scores):  # the raw logits are log p_knnlm
+        assert torch.allclose(got[0], want, atol=1e-5)
+    # the store changes the continuation of the plain model
+    detach(knn_model)
+    plain_seq = lm.model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                  pad_token_id=lm.eos_token_id)[0].tolist()
+    assert plain_seq != seq
+
+
+def test_beam_search_sampling_and_pipeline(lm, knn_model):
+    from transformers import pipeline
+
+    prompt = torch.tensor([lm.encode("a dog")])
+    knn_model.knnlm.n_queries = 0
+    beams = knn_model.generate(prompt, max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=lm.eos_token_id,
+                               early_stopping=False, length_penalty=0.0)
+    assert knn_model.knnlm.n_queries == 4 * 3  # beams x new positions
+    greedy = knn_model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=lm.eos_token_id)
+    assert beams.shape == greedy.shape == (1, prompt.shape[1] + 4)
+    sample = [knn_model.generate(prompt, max_new_tokens=5, do_sample=True, top_k=20, top_p=0.9, temperature=0.8,
+                                 pad_token_id=lm.eos_token_id, generator=None) for _ in range(1)]
+    torch.manual_seed(11)
+    a = knn_model.generate(prompt, max_new_tokens=5, do_sample=True, temperature=0.8, pad_token_id=lm.eos_token_id)
+    torch.manual_seed(11)
+    b = knn_model.generate(prompt, max_new_tokens=5, do_sample=True, temperature=0.8, pad_token_id=lm.eos_token_id)
+    assert torch.equal(a, b) and sample[0].shape[1] == prompt.shape[1] + 5
+    pipe = pipeline("text-generation", model=knn_model, tokenizer=lm.tokenizer)
+    text = pipe("a dog", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert text == lm.tokenizer.decode(greedy[0])
+
+
+def test_padding_is_not_queried_and_rows_match(lm, knn_model):
+    lm.tokenizer.padding_side = "right"  # GPT-2's absolute positions: left padding would shift them
+    batch = lm.tokenizer(["the cat sat on", "a dog"], return_tensors="pt", padding=True)
+    knn_model.knnlm.n_queries = 0
+    with torch.no_grad():
+        logits = knn_model(**batch).logits  # [2, T, V]
+    assert knn_model.knnlm.n_queries == int(batch["attention_mask"].sum())
+    alone = knn_model(input_ids=torch.tensor([lm.encode("a dog")])).logits[0]  # [2, V]
+    assert torch.allclose(logits[1, :2], alone, atol=1e-4)
+
+
+def test_lambda0_detach_and_loss(lm, store):
+    ids = torch.tensor([lm.encode("the cat sat on the mat")])
+    with torch.no_grad():
+        plain = lm.model(input_ids=ids).logits.clone()
+        model = augment(lm, datastore=store, k=K, lmbda=0.0)
+        zero = model(input_ids=ids).logits
+        detach(model)
+        model = augment(lm, datastore=store, k=K, lmbda=0.5)
+        out = model(input_ids=ids, labels=ids)
+        logp = out.logits
+        want = -logp[0, :-1].gather(1, ids[0, 1:, None]).mean()
+        assert float(out.loss) == pytest.approx(float(want), rel=1e-6)
+        assert torch.allclose(logp.exp().sum(-1), torch.ones(1, ids.shape[1]), atol=1e-5)
+        loss_t, logits_t = model(input_ids=ids, labels=ids, return_dict=False)[:2]  # the tuple form
+        assert torch.equal(logits_t, logp) and float(loss_t) == pytest.approx(float(out.loss), rel=1e-6)
+        assert model.knnlm.detach() is lm.model and not hasattr(lm.model, "knnlm")
+        again = lm.model(input_ids=ids).logits
+    assert torch.equal(zero, torch.log_softmax(plain, dim=-1))  # λ = 0: the LM's distribution exactly
+    assert torch.equal(again, plain)  # detached: bit-for-bit the plain model
+    assert detach(lm.model) is lm.model  # detaching a plain model is a no-op
+
+
+def test_refusals(lm, store, files, tiny_llama_dir, tmp_path):
+    for kwargs, match in [(dict(k=0), "--k"), (dict(lmbda=1.5), "--lmbda"), (dict(knn_temp=0.0), "--knn_temp"),
+                          (dict(lmbda=[0.1, 0.2]), "one λ"), (dict(key_point="final_hidden"), "--key_point")]:
+        with pytest.raises(KnnlmError, match=match):
+            augment(lm, datastore=store, **kwargs)
+    with pytest.raises(KnnlmError, match="exactly one"):
+        augment(lm)
+    with pytest.raises(KnnlmError, match="tokenizer"):
+        augment(lm.model, datastore=store)
+    other = load_model(ModelArgs(model_name_or_path=str(tiny_llama_dir), device="cpu"))
+    with pytest.raises(KnnlmError, match="different model weights"):
+        augment(other, datastore=store)
+    with pytest.raises(KnnlmError, match="does not exist"):
+        augment(lm, datastore=tmp_path / "nothing")
+    model = augment(lm.model, lm.tokenizer, datastore=str(store.dir), k=K)  # an HF model + tokenizer works too
+    try:
+        with pytest.raises(KnnlmError, match="augmented already"):
+            augment(lm, datastore=store)
+    finally:
+        detach(model)
+    assert not hasattr(lm.model, "knnlm")
+
+
+def test_cli_generate_compare_writes_results(lm, store, tiny_gpt2_dir, tmp_path, capsys):
+    prompts = ["the cat", "a dog sat"]
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": prompts[1]}) + "\n")
+    out = tmp_path / "gen"
+    assert main(["generate", "--model_name_or_path", str(tiny_gpt2_dir), "--device", "cpu", "--datastore",
+                 str(store.dir), "--k", str(K), "--lmbda", str(LMBDA), "--knn_temp", str(TEMP), "--prompt", prompts[0],
+                 "--prompt_file", str(tmp_path / "p.jsonl"), "--max_new_tokens", "6", "--compare", "true",
+                 "--output_dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    samples = res["metrics"]["samples"]
+    assert [s["prompt"] for s in samples] == prompts and res["metrics"]["augmentation"]["k"] == K
+    for s in samples:
+        ids = torch.tensor([lm.encode(s["prompt"])])
+        plain = lm.model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=lm.eos_token_id)[0, ids.shape[1]:]
+        model = augment(lm, datastore=store, k=K, lmbda=LMBDA, knn_temp=TEMP)
+        try:
+            knn = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=lm.eos_token_id)[0, ids.shape[1]:]
+        finally:
+            detach(model)
+        assert s["lm"] == lm.tokenizer.decode(plain) and s["augmented"] == lm.tokenizer.decode(knn)
+        assert f"  kNN-LM : {s['augmented']}" in printed and f"  LM     : {s['lm']}" in printed
+    assert (out / "results.md").read_text().count("\n") == 4
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--prompt", "x", "--num_beams", "0"], "--num_beams"),
+    (["--prompt", "x", "--top_p", "0"], "--top_p"),
+    (["--prompt", "x", "--lmbda", "0.1,0.2"], "one λ"),
+    (["--prompt_file", "/nonexistent.txt"], "--prompt_file"),
+    (["--prompt", "x", "--max_new_tokens", "500"], "exceeds the model's 128 positions"),
+])
+def test_cli_generate_bad_input(store, tiny_gpt2_dir, argv, needle, capsys):
+    code = main(["generate", "--model_name_or_path", str(tiny_gpt2_dir), "--device", "cpu", "--datastore",
+                 str(store.dir), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("knnlm: error: ") and needle in err and "\n" not in err
+
+
+def test_package_level_names():
+    import knnlm
+    import knnlm.augmented
+
+    assert knnlm.augment is knnlm.augmented.augment and knnlm.detach is knnlm.augmented.detach

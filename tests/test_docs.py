@@ -1,0 +1,53 @@
+"""The docs: every page is linked from an index, every relative link resolves, and docs/python_api.md's example runs
+as written (on a tiny random GPT-2 and a few KB of WikiText-2)."""
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "python_api.md"
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def test_every_doc_is_linked_and_links_resolve():
+    index = REPO / "docs" / "README.md"
+    linked = {(index.parent / t).resolve() for t in LINK.findall(index.read_text())}
+    linked |= {(REPO / t).resolve() for t in LINK.findall((REPO / "README.md").read_text())}
+    pages = sorted(p for p in (REPO / "docs").glob("*.md") if p.name != "README.md")
+    assert len(pages) >= 10
+    unlinked = [p.name for p in pages if p.resolve() not in linked]
+    assert not unlinked, f"add these to docs/README.md: {unlinked}"
+    for page in [index, *pages]:
+        for target in LINK.findall(page.read_text()):
+            if not target.startswith(("http://", "https://", "mailto:")):
+                assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
+
+
+def _example() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    assert blocks, "docs/python_api.md has no python example"
+    return blocks[0]
+
+
+def test_python_api_example_runs(tiny_gpt2_dir, wikitext_dir, tmp_path, capsys):
+    text = (wikitext_dir / "valid.txt").read_text()
+    (tmp_path / "train.txt").write_text(text[:6000])
+    (tmp_path / "valid.txt").write_text(text[6000:8000])
+    code = _example()
+    values = {"MODEL": repr(str(tiny_gpt2_dir)), "TRAIN, VALID": f"{str(tmp_path / 'train.txt')!r}, "
+              f"{str(tmp_path / 'valid.txt')!r}", "OUT": repr(str(tmp_path / "out"))}
+    for name, value in values.items():  # the example's first three lines name the inputs: point them at test data
+        code, n = re.subn(rf"^{re.escape(name)} = .*$", f"{name} = {value}", code, count=1, flags=re.M)
+        assert n == 1, name
+    scope = {}
+    exec(compile(code, str(DOC), "exec"), scope)
+    ds, metrics, mem, lls, rows = (scope[k] for k in ("ds", "metrics", "mem", "lls", "rows"))
+    # the store holds one key per scored training token, and the example's objects are the real results
+    assert ds.N > 1000 and ds.d == 64 and ds.key_point == "ffn_input"
+    assert metrics["ppl_knnlm"] != metrics["ppl_lm"] and metrics["n_tokens"] > 300
+    assert (tmp_path / "out" / "mlp").is_dir() and mem.key_point == "ffn_input"
+    assert len(lls["lm"]) == len(rows) == 30 and len(lls["knn"][0.25]) == len(rows) and len(lls["mlp"][0.25]) == 30
+    T = scope["ids"].shape[1]
+    assert scope["knnlm_logp"].shape == scope["mlplm_logp"].shape == (T, 50257)
+    assert scope["knnlm_logp"].exp().sum(-1).sub(1).abs().max() < 1e-4  # a distribution
+    out = capsys.readouterr().out
+    assert f"{ds.N} 64 ffn_input" in out and "LM vs kNN-LM" in out

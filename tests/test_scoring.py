@@ -1,0 +1,80 @@
+"""The shared scoring kernel: gold log-probs equal log_softmax().gather; windows scored against a direct computation."""
+import numpy as np
+import pytest
+import torch
+
+from knnlm.corpus import TokenFile, windows
+from knnlm.datastore import Datastore
+from knnlm.fileio import atomic_write_json
+from knnlm.knn import KNNArgs, Retriever, interpolate, knn_gold_log_prob
+from knnlm.scoring import SOFTMAX_ROWS, gold_log_probs, head_gold_log_probs, score_windows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gold_log_probs_equal_log_softmax_gather(dtype):
+    g = torch.Generator().manual_seed(0)
+    n, v = 3 * SOFTMAX_ROWS + 5, 1000  # blocks of rows plus a short last one
+    logits = (torch.randn(n, v, generator=g) * 8).to(dtype)
+    gold = torch.randint(0, v, (n,), generator=g)
+    ref = torch.log_softmax(logits.float(), dim=-1).gather(1, gold[:, None])[:, 0]
+    got = gold_log_probs(logits, gold)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, ref)  # bit for bit: log_softmax works row by row
+    # and the value is logit[gold] - logsumexp(logits), by a float64 reference
+    ref64 = logits.double().gather(1, gold[:, None])[:, 0] - torch.logsumexp(logits.double(), -1)
+    torch.testing.assert_close(got.double(), ref64, rtol=1e-6, atol=1e-5)
+
+
+def test_head_in_blocks_matches_whole():
+    g = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(24, 300)
+    hidden, gold = torch.randn(29, 24, generator=g), torch.randint(0, 300, (29,), generator=g)
+    with torch.no_grad():
+        whole = torch.log_softmax(head(hidden), -1).gather(1, gold[:, None])[:, 0]
+        torch.testing.assert_close(head_gold_log_probs(head, hidden, gold, rows=7), whole)
+
+
+def _store(path, n, d, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True)
+    rng.normal(size=(n, d)).astype(np.float16).tofile(path / "keys.f16")
+    rng.integers(0, vocab, n).astype(np.int32).tofile(path / "vals.i32")
+    atomic_write_json(path / "meta.json", {"N": n, "d": d, "key_point": "final_hidden"})
+    return Datastore.open(path)
+
+
+def test_score_windows_against_direct_computation(tiny_lm, tmp_path):
+    """LM gold log-probs from a full forward's logits; p_knn from the retriever's own search; λ = 0 is the LM bit for
+    bit; overlapping the search with the next forward changes nothing."""
+    tokens = np.random.default_rng(0).integers(0, 500, 300).astype(np.int32)
+    tokens.tofile(tmp_path / "tok.i32")
+    np.asarray([0, len(tokens)], np.int64).tofile(tmp_path / "tok.i32.docs")
+    tf = TokenFile(tmp_path / "tok.i32", tmp_path / "tok.i32.docs")
+    wins = windows(tf.doc_starts, 64, 32)
+    batches = [wins[i: i + 3] for i in range(0, len(wins), 3)]
+    ds = _store(tmp_path / "ds", 700, tiny_lm.hidden_size, 500)
+    retriever = Retriever(ds, KNNArgs(k=16, recompute_dists=True))
+    lmbdas = [0.0, 0.25]
+    overlapped = list(score_windows(tiny_lm, tf, batches, retriever, None, lmbdas, overlap=True))
+    serial = list(score_windows(tiny_lm, tf, batches, retriever, None, lmbdas, overlap=False))
+    assert sum(len(s.gold) for s in serial) == len(tokens) - 1
+    for a, b in zip(overlapped, serial):
+        for name in ("gold", "lm", "knn", "dists", "vals"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for batch, s in zip(batches, serial):
+        assert s.knn_lm[0.0] is s.lm
+        with torch.no_grad():
+            for i, w in enumerate(batch):
+                ids = torch.from_numpy(tokens[w.start: w.end].astype(np.int64))[None]
+                logits, hidden = tiny_lm.forward(ids, torch.ones_like(ids), key_points=("final_hidden",))
+                pos = torch.arange(w.first_target - 1 - w.start, w.end - 1 - w.start)
+                gold = torch.from_numpy(tokens[w.first_target: w.end].astype(np.int64))
+                ref_lm = torch.log_softmax(logits[0, pos], -1).gather(1, gold[:, None])[:, 0]
+                lo = sum(x.n_targets for x in batch[:i])
+                sl = slice(lo, lo + len(gold))
+                assert torch.equal(s.gold[sl], gold)
+                torch.testing.assert_close(s.lm[sl], ref_lm, rtol=1e-5, atol=1e-5)
+                dists, vals = retriever.search(hidden["final_hidden"][0, pos])
+                torch.testing.assert_close(s.knn[sl], knn_gold_log_prob(dists, vals, gold), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(s.knn_lm[0.25][sl], interpolate(ref_lm, s.knn[sl], 0.25),
+                                           rtol=1e-5, atol=1e-5)
