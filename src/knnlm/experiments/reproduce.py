@@ -402,13 +402,29 @@ def _table4_row(label: str, pr4: dict) -> tuple[list, Optional[str]]:
                  f"20.13, f 16.70, f∘g 19.97, ratio 0.04)")
 
 
-def _overspec_section(out: Path, folder: str) -> tuple[str, list, list]:
+def _overspec_sections(out: Path, entries) -> tuple[str, list, list]:
+    """:func:`_overspec_section` for the recipe's ``report.overspec``: one folder name, or a list of {folder, label}
+    (e.g. the from-scratch model and SmolLM2); Table 2's paper row once."""
+    if isinstance(entries, str):
+        entries = [{"folder": entries, "label": ""}]
+    texts, claims, t2 = [], [], []
+    for i, e in enumerate(entries):
+        md, c, rows = _overspec_section(out, e["folder"], e.get("label", ""))
+        texts.append((f"### {e['label']}\n\n" if e.get("label") else "") + (md or "(stage not run)\n"))
+        claims += c
+        t2 += rows if i == 0 else rows[1:]
+    return "\n".join(texts), claims, t2
+
+
+def _overspec_section(out: Path, folder: str, label: str = "") -> tuple[str, list, list]:
     """The Macondo results.md, its claims, and Table 2's Macondo rows (perplexity of the children's names)."""
     m = _results(out, folder)
+    tag = f"{label}: " if label else ""
     paper_t2 = PAPER["table2"]["macondo"]
     t2 = [["paper (GPT-2 fine-tuned)", paper_t2["LM"], paper_t2["kNN-LM"], paper_t2["MLP-LM"]]]
     if not m:
-        return "", [_claim("kNN augmentation improves generalisation from over-specified data (Fig. 1)", None, "")], t2
+        return "", [_claim(f"{tag}over-specification shown (§4, Fig. 1-2)", None, ""),
+                    _claim(f"{tag}kNN augmentation improves generalisation from over-specified data (Fig. 1)", None, "")], t2
     report = (out / folder / "results.md").read_text() if (out / folder / "results.md").exists() else ""
     final = m["final"]["test"]
     van, knn = final["lm"]["avg_groups"], final["knn"]["avg_groups"]
@@ -418,25 +434,25 @@ def _overspec_section(out: Path, folder: str) -> tuple[str, list, list]:
         # log(1/n), and the kNN - vanilla interval is above 0 (knnlm.experiments.overspec_stats, docs/overspec.md)
         why = "; ".join(f"{'ok' if c['ok'] else 'FAILED'} {c['name']}: {c['detail']}" for c in verdict["conditions"])
         lead = "all three conditions hold" if verdict["shown"] else f"not shown: {', '.join(verdict['failed'])} failed"
-        claims = [_claim("over-specification shown: the LM fits its over-specified training sentences yet stays "
+        claims = [_claim(f"{tag}over-specification shown: the LM fits its over-specified training sentences yet stays "
                          "farther from log(1/n) on the bare ones than a model trained on them, and kNN narrows the gap "
                          "(§4, Fig. 1-2)", verdict["shown"], f"{lead}. {why}")]
     else:
-        claims = [_claim("over-specification shown (§4, Fig. 1-2)", None,
+        claims = [_claim(f"{tag}over-specification shown (§4, Fig. 1-2)", None,
                          "the overspec results hold no verdict (an older run: rerun the stage)")]
-    claims += [_claim("kNN augmentation beats the vanilla LM on the bare test sentences (Fig. 1)", knn > van,
+    claims += [_claim(f"{tag}kNN augmentation beats the vanilla LM on the bare test sentences (Fig. 1)", knn > van,
                      f"mean log-likelihood over groups at step {m['final']['step']}: vanilla {van:.2f}, kNN {knn:.2f} "
                      f"(kNN ahead at {final['knn_beats_lm_fraction']:.0%} of seed × eval points; paper GPT-2 XL at "
                      f"16k steps: {paper_van} / {paper_knn})" + _interval_text(m, "knn_minus_lm")),
-              _claim("the fine-tuned LM stays far from the optimum log(1/n)", final["lm_gap_to_optimum"]["avg_groups"] > 0.5,
+              _claim(f"{tag}the fine-tuned LM stays far from the optimum log(1/n)", final["lm_gap_to_optimum"]["avg_groups"] > 0.5,
                      f"gap to log(1/n): vanilla {final['lm_gap_to_optimum']['avg_groups']:.2f} nats, kNN "
                      f"{final['knn_gap_to_optimum']['avg_groups']:.2f}")]
     mlp = final["mlp"]["avg_groups"] if "mlp" in final else None
-    t2.append([f"this run (step {m['final']['step']})", math.exp(-van), math.exp(-knn),
+    t2.append([f"{label or 'this run'} (step {m['final']['step']})", math.exp(-van), math.exp(-knn),
                None if mlp is None else math.exp(-mlp)])
     if mlp is not None:
         loss = m.get("mlp_child_loss", {}).get("mean")
-        claims.append(_claim("the MLP memory beats kNN on Macondo (Table 2)", mlp > knn,
+        claims.append(_claim(f"{tag}the MLP memory beats kNN on Macondo (Table 2)", mlp > knn,
                              f"mean log-likelihood: MLP {mlp:.2f} vs kNN {knn:.2f} vs vanilla {van:.2f} "
                              f"(perplexity of the names: {math.exp(-mlp):.2f} / {math.exp(-knn):.2f} / "
                              f"{math.exp(-van):.2f}; paper 10.76 / 17.69 / 19.66)" + _interval_text(m, "mlp_minus_lm")
@@ -489,7 +505,7 @@ def write_report(args: ReproduceArgs, timings: dict) -> Path:
     out = Path(args.output_dir)
     rep = recipe.get("report", {})
     t1, t2, t3, t4, claims = _wikitext_rows(out, rep.get("wikitext_models", []))
-    overspec_md, overspec_claims, t2_macondo = _overspec_section(out, rep.get("overspec", "overspec"))
+    overspec_md, overspec_claims, t2_macondo = _overspec_sections(out, rep.get("overspec", "overspec"))
     hurdle_claims = [c for h in rep.get("hurdle", []) for c in _hurdle_claims(out, h["folder"], h["label"])]
     claims = claims + overspec_claims + hurdle_claims
     figures = []
