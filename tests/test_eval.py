@@ -117,10 +117,9 @@ _FAULTS = """
 import resource, sys, torch
 from knnlm.cli import keep_freed_memory
 applied = keep_freed_memory()
-x = torch.ones(1)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(20):
-    x = torch.empty(16 << 20).fill_(1.0)  # 64 MiB, freed on the next iteration
+    torch.empty(16 << 20).fill_(1.0)  # 64 MiB, freed at once (a batch's logits)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 print(applied, after - before)
 """
