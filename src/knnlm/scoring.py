@@ -121,15 +121,19 @@ def _finish(scores: Scores, found, retriever, memory, at: dict, lmbdas: Sequence
 
 
 def score_positions(lm, at: dict, gold: torch.Tensor, retriever=None, memory=None,
-                    lmbdas: Sequence[float] = (0.25,), timing: Optional[dict] = None) -> Scores:
+                    lmbdas: Sequence[float] = (0.25,), timing: Optional[dict] = None,
+                    lm_gold: Optional[torch.Tensor] = None) -> Scores:
     """Scores n positions whose hidden states are given.
 
     ``at``: {key point: [n, d]} holding ``final_hidden`` (the output layer's input) and the retriever's / memory's key
     points (:func:`key_points`); ``gold`` [n]: the token each position predicts. ``retriever``: a
     :class:`knnlm.knn.Retriever` (its ``args.knn_temp`` is the temperature); ``memory``: an
-    :class:`knnlm.memory.MLPMemory`. ``timing``: a dict that accumulates ``output_s``, ``search_s``, ``mlp_s``."""
+    :class:`knnlm.memory.MLPMemory`. ``timing``: a dict that accumulates ``output_s``, ``search_s``, ``mlp_s``.
+    ``lm_gold`` [n]: the LM's gold log-probs when the caller already has them (e.g. :func:`gold_log_probs` of the
+    logits of a model that exposes no hidden states); then ``at`` needs no ``final_hidden``."""
     gold = gold.cpu().long()
-    scores = Scores(gold=gold, lm=_lm_part(lm, at, gold, timing))
+    lm_part = lm_gold.float().cpu() if lm_gold is not None else _lm_part(lm, at, gold, timing)
+    scores = Scores(gold=gold, lm=lm_part)
     found = _search(retriever, at[retriever.ds.key_point], timing) if retriever is not None else None
     return _finish(scores, found, retriever, memory, at, lmbdas, timing)
 
