@@ -7,7 +7,8 @@ from knnlm.corpus import TokenFile, windows
 from knnlm.datastore import Datastore
 from knnlm.fileio import atomic_write_json
 from knnlm.knn import KNNArgs, Retriever, interpolate, knn_gold_log_prob
-from knnlm.scoring import SOFTMAX_ROWS, gold_log_probs, head_gold_log_probs, score_windows
+from knnlm.scoring import (SOFTMAX_ROWS, encode_windows, gold_log_probs, head_gold_log_probs, key_points,
+                            score_positions, score_windows)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -78,3 +79,8 @@ def test_score_windows_against_direct_computation(tiny_lm, tmp_path):
                 torch.testing.assert_close(s.knn[sl], knn_gold_log_prob(dists, vals, gold), rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(s.knn_lm[0.25][sl], interpolate(ref_lm, s.knn[sl], 0.25),
                                            rtol=1e-5, atol=1e-5)
+    # positions scored directly, with the LM part given by the caller (a model exposing only logits): same numbers
+    at, gold = encode_windows(tiny_lm, tf, batches[0], key_points(retriever))
+    again = score_positions(tiny_lm, {"final_hidden": at["final_hidden"]}, gold, retriever, None, lmbdas,
+                            lm_gold=serial[0].lm)
+    assert torch.equal(again.knn_lm[0.25], serial[0].knn_lm[0.25]) and torch.equal(again.gold, serial[0].gold)

@@ -84,17 +84,20 @@ def _available_ram() -> int:
 
 
 def resident_keys(datastore) -> torch.Tensor:
-    """The store's float16 keys [N, d] as a tensor: copied into RAM when they fit in ``KEYS_IN_RAM_FRACTION`` of the
-    available memory (random row gathers then never wait for the disk), else a copy-on-write memory map of keys.f16."""
-    nbytes = datastore.N * datastore.d * 2
-    if nbytes <= KEYS_IN_RAM_FRACTION * _available_ram():
-        log.info("holding the %d datastore keys in RAM for exact distances (%.0f MiB)", datastore.N, nbytes / 2**20)
-        keys = np.fromfile(datastore.dir / "keys.f16", dtype=np.float16, count=datastore.N * datastore.d)
-    else:
-        log.info("exact distances read the %d datastore keys from disk (%.0f MiB do not fit in RAM)",
-                 datastore.N, nbytes / 2**20)
-        keys = np.memmap(datastore.dir / "keys.f16", dtype=np.float16, mode="c")  # writable view: torch wraps it
-    return torch.from_numpy(keys).view(datastore.N, datastore.d)
+    """The store's keys [N, d] for exact distances: widened to float32 in RAM when that copy fits in
+    ``KEYS_IN_RAM_FRACTION`` of the available memory (random row reads never wait for the disk, and
+    :func:`exact_sq_dists` reads them in place), else a copy-on-write float16 memory map of keys.f16."""
+    n, d = datastore.N, datastore.d
+    if n * d * 4 <= KEYS_IN_RAM_FRACTION * _available_ram():
+        log.info("holding the %d datastore keys in RAM as float32 for exact distances (%.0f MiB)", n, n * d * 4 / 2**20)
+        keys = np.empty((n, d), dtype=np.float32)
+        for s in range(0, n, 1 << 16):  # widen in slices: no second full-size float16 copy
+            keys[s: s + (1 << 16)] = datastore.keys[s: s + (1 << 16)]
+        return torch.from_numpy(keys)
+    log.info("exact distances read the %d datastore keys from disk (%.0f MiB as float32 do not fit in RAM)",
+             n, n * d * 4 / 2**20)
+    keys16 = np.memmap(datastore.dir / "keys.f16", dtype=np.float16, mode="c", shape=(n, d))  # writable for torch
+    return torch.from_numpy(keys16)
 
 
 def exact_sq_dists(keys: torch.Tensor, queries: torch.Tensor, ids: torch.Tensor,
@@ -102,14 +105,24 @@ def exact_sq_dists(keys: torch.Tensor, queries: torch.Tensor, ids: torch.Tensor,
     """Squared L2 distances ‖keys[ids[b, j]] − queries[b]‖² as the sum of squared differences in float32 (no
     ‖q‖² + ‖k‖² − 2 q·k, whose cancellation loses the small distances that weigh most in p_knn).
 
-    keys [N, d] (float16 or float32), queries [B, d] float32, ids [B, k] int64 -> [B, k] float32. A few queries at a
-    time: their keys are gathered into one reused float16 buffer, widened into one reused float32 buffer."""
+    keys [N, d] (float32 in RAM, or float16), queries [B, d] float32, ids [B, k] int64 -> [B, k] float32. Float32 keys:
+    ``faiss.fvec_L2sqr_by_idx`` reads each row in place (one SIMD pass, no gathered copy). Float16 keys: a few queries
+    at a time, their rows are gathered into one reused float16 buffer and widened into one reused float32 buffer."""
     n_q, k = ids.shape
     d = keys.shape[1]
+    if keys.dtype == torch.float32 and keys.is_contiguous():
+        import faiss
+
+        out_np = np.empty((n_q, k), dtype=np.float32)
+        q_np = np.ascontiguousarray(queries.numpy(), dtype=np.float32)
+        ids_np = np.ascontiguousarray(ids.numpy(), dtype=np.int64)
+        faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(out_np), faiss.swig_ptr(q_np), faiss.swig_ptr(keys.numpy()),
+                                faiss.swig_ptr(ids_np), d, n_q, k)
+        return torch.from_numpy(out_np)
     out = torch.empty(n_q, k, dtype=torch.float32)  # [B, k]
     step = max(1, (max_floats or _RECOMPUTE_FLOATS) // (k * d))
     gathered = torch.empty(min(step, n_q) * k, d, dtype=keys.dtype)  # [step * k, d]
-    wide = torch.empty(min(step, n_q) * k, d, dtype=torch.float32) if keys.dtype != torch.float32 else gathered
+    wide = torch.empty(min(step, n_q) * k, d, dtype=torch.float32)
     for s in range(0, n_q, step):
         sel = ids[s: s + step].reshape(-1)  # [b * k]
         b = sel.numel() // k
@@ -134,7 +147,7 @@ class Retriever:
         if args.k + int(args.ignore_top) > datastore.N:
             log.info("k=%d exceeds the datastore size %d: retrieving all keys", args.k, datastore.N)
         self.vals = torch.from_numpy(np.asarray(datastore.vals, dtype=np.int64))  # [N], small enough to hold
-        self.keys = resident_keys(datastore) if args.recompute_dists else None  # [N, d] float16
+        self.keys = resident_keys(datastore) if args.recompute_dists else None  # [N, d]
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [B, d] -> (squared L2 distances float32 [B, k'], values int64 [B, k']), nearest first."""
