@@ -12,7 +12,7 @@ import torch
 
 from knnlm.errors import KnnlmError
 from knnlm.experiments import hurdle
-from knnlm.experiments.bootstrap import bootstrap_interval
+from knnlm.stats import bootstrap_interval
 from knnlm.experiments.hurdle import (MODELS, HurdleArgs, Vocab, area_statistics, batch_indices, build_pair, compare,
                                       count_params, gpt2_config, lr_at, paired_area, resolve_args, run_study)
 

@@ -91,3 +91,14 @@ def paired_bootstrap_ci(arrays: Sequence, stat: Callable[..., float], n_boot: in
     arrays = [np.asarray(a) for a in arrays]
     samples = bootstrap_samples(arrays, stat, n_boot, seed)
     return _interval(float(stat(*arrays)), samples, level)
+
+
+def bootstrap_interval(n_units: int, statistic: Callable[[np.ndarray], float], n_resamples: int = 10000,
+                       confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of ``statistic(idx)`` over resamples ``idx`` ([n_units] unit indices drawn with replacement),
+    for statistics that index several structures themselves (seeds of the hurdle areas, blocks of validation tokens).
+    The same draws as :func:`bootstrap_samples` with the same seed."""
+    samples = bootstrap_samples([np.arange(n_units)], statistic, n_resamples, seed)
+    tail = (1 - confidence) / 2
+    lo, hi = np.quantile(samples, [tail, 1 - tail])
+    return float(lo), float(hi)

@@ -691,7 +691,7 @@ def area_statistics(per_seed: dict[str, list[Optional[float]]], n_resamples: int
     """Mean and bootstrap 95% interval over seeds of each pruned model's paired area, of the last-minus-first
     difference (paired per seed), and the verdict fixed before the runs (issue 18): removing the last MLP speeds early
     learning iff the interval of its area lies above 0 and the interval of (last − first) lies above 0."""
-    from .bootstrap import bootstrap_interval
+    from ..stats import bootstrap_interval
 
     out: dict = {}
     series = dict(per_seed)

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import KnnlmError
 from ..fileio import read_json
-from .bootstrap import bootstrap_interval
+from ..stats import bootstrap_interval
 
 log = logging.getLogger(__name__)
 
