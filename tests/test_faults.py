@@ -249,6 +249,44 @@ def test_corrupt_meta_index_and_faiss_files_are_one_line_errors(tiny_gpt2_dir, f
     assert json.loads(meta.read_text())["build"] == json.loads(good_meta)["build"]
 
 
+def test_a_failed_index_rebuild_leaves_the_old_index_usable(tiny_gpt2_dir, files, tmp_path, capsys, monkeypatch):
+    """``index build --overwrite`` builds beside the old index and swaps it in only when complete."""
+    import faiss
+
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    clean_ds = shutil.copytree(ds.dir, tmp_path / "clean")
+    assert cli(["index", "build", clean_ds, "--factory", "Flat", "--shards", 2], capsys)[0] == 0
+    rc, err = cli(["index", "build", ds.dir, "--factory", "Flat"], capsys)
+    assert rc == 0, err
+    ev = ["--datastore", ds.dir, "--k", 8]
+    before = eval_metrics(tiny_gpt2_dir, files / "b.txt", tmp_path / "ev", capsys, *ev)
+    old = {p.name: p.read_bytes() for p in (ds.dir / "index").iterdir()}
+    real_write = faiss.write_index
+
+    def full_disk_at_shard1(index, path):  # the disk fills up while the second shard is written
+        if "shard1" in path:
+            raise RuntimeError("Error in faiss::FileIOWriter: fwrite failed: No space left on device")
+        real_write(index, path)
+
+    monkeypatch.setattr(faiss, "write_index", full_disk_at_shard1)
+    rc, err = cli(["index", "build", ds.dir, "--factory", "Flat", "--shards", 2, "--overwrite"], capsys)
+    assert_one_line(rc, err, "shard1.faiss", "No space left")
+    monkeypatch.setattr(faiss, "write_index", real_write)
+    assert {p.name: p.read_bytes() for p in (ds.dir / "index").iterdir()} == old  # untouched
+    assert (ds.dir / "index.rebuild-tmp" / "shard0.faiss").exists()  # the staged part a rerun resumes from
+    after = eval_metrics(tiny_gpt2_dir, files / "b.txt", tmp_path / "ev", capsys, *ev)
+    assert after["ppl_knnlm"] == before["ppl_knnlm"]
+    rc, err = cli(["index", "build", ds.dir, "--factory", "Flat", "--shards", 2, "--overwrite"], capsys)  # rerun
+    assert rc == 0, err
+    assert sorted(p.name for p in ds.dir.iterdir()) == sorted(p.name for p in clean_ds.iterdir())  # no staging left
+    rebuilt = {p.name: p.read_bytes() for p in (ds.dir / "index").iterdir() if p.suffix == ".faiss"}
+    assert rebuilt == {p.name: p.read_bytes() for p in (clean_ds / "index").iterdir() if p.suffix == ".faiss"}
+    assert set(rebuilt) == {"trained.faiss", "shard0.faiss", "shard1.faiss"}
+    def record(d):
+        return {k: v for k, v in json.loads((d / "index" / "index.json").read_text()).items() if k != "build_timing"}
+    assert record(ds.dir) == record(clean_ds)
+
+
 def test_ivf_with_more_lists_than_keys_is_a_one_line_error(tiny_gpt2_dir, files, tmp_path, capsys):
     ds = build_ds(tiny_gpt2_dir, files / "b.txt", tmp_path / "ds", capsys)
     rc, err = cli(["index", "build", ds.dir, "--factory", "IVF1024,Flat"], capsys)

@@ -105,6 +105,43 @@ def atomic_path(path: str | Path, expected_bytes: Optional[int] = None):
             tmp.unlink()
 
 
+_REBUILD, _REPLACED = ".rebuild-tmp", ".replaced-tmp"
+
+
+def staging_dir(final: str | Path) -> Path:
+    """Where a rebuild of the folder ``final`` is made (beside it), so the old one stays usable until the new one is
+    complete: ``<final>.rebuild-tmp``."""
+    final = Path(final)
+    return final.with_name(final.name + _REBUILD)
+
+
+def swap_into_place(staged: str | Path, final: str | Path) -> None:
+    """Replaces the folder ``final`` by the complete folder ``staged``: old -> ``<final>.replaced-tmp``, staged ->
+    final, then the old one is deleted. A kill between the two renames is undone by ``restore_interrupted_swap``."""
+    import shutil
+
+    staged, final = Path(staged), Path(final)
+    trash = final.with_name(final.name + _REPLACED)
+    shutil.rmtree(trash, ignore_errors=True)
+    if final.exists():
+        os.replace(final, trash)
+    os.replace(staged, final)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def restore_interrupted_swap(final: str | Path) -> None:
+    """Puts the old folder back when a swap was killed after moving it aside (the staged build then resumes)."""
+    import shutil
+
+    final = Path(final)
+    trash = final.with_name(final.name + _REPLACED)
+    if trash.exists() and not final.exists():
+        os.replace(trash, final)
+        log.info("restored %s (a rebuild was interrupted while swapping it)", final)
+    elif trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """UTF-8 whatever the locale: reports hold λ, ∘ and ≥, exported corpora any text."""
     with atomic_path(path) as tmp:
