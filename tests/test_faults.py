@@ -149,6 +149,30 @@ def test_model_and_datastore_folders_are_never_written_into(tiny_gpt2_dir, files
     assert_one_line(rc, err, "is a file")
 
 
+RUNNERS = {  # the cheapest invocation of each study runner; MODEL is the folder it is pointed at
+    "overspec run": ["overspec", "run", "--output_dir", "MODEL"],
+    "demo": ["demo", "--output_dir", "MODEL"],
+    "hurdle run": ["hurdle", "run", "--output_dir", "MODEL"],
+    "analyze projection": ["analyze", "projection", "--model_name_or_path", "MODEL", "--validation_file", "CORPUS",
+                           "--datastore", "MODEL/no-store", "--output_dir", "MODEL"],
+    "reproduce": ["reproduce", "--scale", "cpu", "--smoke", "true", "--output_dir", "MODEL"],
+    "macondo score": ["macondo", "score", "--model_name_or_path", "MODEL", "--data", "MODEL/no-data", "--output_dir",
+                      "MODEL"],
+    "generate": ["generate", "--model_name_or_path", "MODEL", "--prompt", "The", "--compare", "true", "--output_dir",
+                 "MODEL"],
+}
+
+
+@pytest.mark.parametrize("runner", sorted(RUNNERS))
+def test_study_runners_never_write_into_a_model_folder(runner, tiny_gpt2_dir, files, tmp_path, capsys):
+    model = shutil.copytree(tiny_gpt2_dir, tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    argv = [str(a).replace("MODEL", str(model)).replace("CORPUS", str(files / "a.txt")) for a in RUNNERS[runner]]
+    assert_one_line(*cli(argv, capsys), str(model), "a model", "never writes into it")
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before  # not a byte changed, nothing added
+    load_model(ModelArgs(model_name_or_path=str(model), device="cpu"))  # still loads
+
+
 # ---------------------------------------------------------------------------------------------------------------- stale caches
 def test_eval_never_reuses_tokens_of_another_corpus(tiny_gpt2_dir, files, tmp_path, capsys):
     clean_b = eval_metrics(tiny_gpt2_dir, files / "b.txt", tmp_path / "clean_b", capsys)
@@ -416,6 +440,18 @@ def test_claim_output_dir_states(tmp_path):
     (other / "results.json").write_text("{}")
     with pytest.raises(KnnlmError, match="the results of another run"):  # not the memory's files: refused
         claim_output_dir(other, "mlp train", {"x": 1}, own_files=("memory.json",))
+    # a study run from before the marker: its names match the runner's patterns; one foreign file is refused
+    from knnlm.experiments.overspec import OWN_FILES
+
+    study = tmp_path / "study"
+    (study / "seed-0").mkdir(parents=True)
+    (study / "config.json").write_text("{}")
+    (study / "overspec_control.png").write_bytes(b"")
+    (study / "thesis.tex").write_text("x")
+    with pytest.raises(KnnlmError, match="4 other file"):
+        claim_output_dir(study, "overspec run", {}, own_files=OWN_FILES)
+    (study / "thesis.tex").unlink()
+    assert claim_output_dir(study, "overspec run", {}, own_files=OWN_FILES) == "same"
 
 
 def test_stale_temp_files_of_dead_processes_are_removed(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import hashlib
 import importlib.metadata
 import json
@@ -238,7 +239,7 @@ def claim_output_dir(path: str | Path, kind: str, inputs: Optional[dict], overwr
     reuse it) or ``"replace"`` (its own run of other inputs and ``overwrite``: the caller replaces its files). A folder
     holding anything else (a model, a datastore, another command's run, unknown files, a file) is refused, with or
     without ``overwrite``. ``inputs=None`` only checks the folder (cheap, before a model is loaded) and writes nothing. ``own_files``: names this command writes, so a folder made before the marker existed (and
-    holding nothing else) is recognised as its own; ``what`` names the artefact in messages ("MLP memory"). Writes
+    holding nothing else) is recognised as its own (glob patterns allowed: ``seed-*``); ``what`` names the artefact in messages ("MLP memory"). Writes
     ``knnlm-run.json`` (the marker) atomically.
     """
     path = Path(path)
@@ -264,7 +265,7 @@ def claim_output_dir(path: str | Path, kind: str, inputs: Optional[dict], overwr
             raise KnnlmError(f"{flag}: {path} already holds a different {what or f'`knnlm {kind}` run'} (other "
                              f"inputs: {_first_difference(record.get('inputs'), inputs)}); pass --overwrite to replace "
                              "it or choose another folder")
-    elif own_files and set(entries) <= set(own_files):
+    elif own_files and all(any(fnmatch.fnmatchcase(e, pat) for pat in own_files) for e in entries):
         state = "same"  # made before the marker existed; the caller's own checks compare its inputs
     else:
         what = describe_folder(path) or f"{len(entries)} other file(s), e.g. {entries[0]}"
