@@ -273,6 +273,45 @@ def test_corrupt_meta_index_and_faiss_files_are_one_line_errors(tiny_gpt2_dir, f
     assert json.loads(meta.read_text())["build"] == json.loads(good_meta)["build"]
 
 
+def test_a_failed_datastore_rebuild_leaves_the_old_store_usable(tiny_gpt2_dir, files, tmp_path, capsys, monkeypatch):
+    """``datastore build --overwrite`` over another store builds beside it (``<out>.rebuild-tmp``) and swaps it in only
+    when complete; a rerun resumes the staged build and gives the bytes of a clean build."""
+    import errno
+
+    import knnlm.datastore as datastore_module
+
+    clean_b = build_ds(tiny_gpt2_dir, files / "b.txt", tmp_path / "clean_b", capsys, "--batch_size", 1)
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    assert cli(["index", "build", ds.dir, "--factory", "Flat"], capsys)[0] == 0
+    ev = ["--datastore", ds.dir, "--k", 8]
+    before = eval_metrics(tiny_gpt2_dir, files / "b.txt", tmp_path / "ev", capsys, *ev)
+    old = {p.name: p.read_bytes() for p in ds.dir.iterdir() if p.is_file()}
+    real_encode = datastore_module.encode_batches
+
+    def full_disk_after_one_batch(*args, **kwargs):
+        for i, batch in enumerate(real_encode(*args, **kwargs)):
+            if i == 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "ds.rebuild-tmp" / "keys.f16"))
+            yield batch
+
+    monkeypatch.setattr(datastore_module, "encode_batches", full_disk_after_one_batch)
+    rebuild = ["datastore", "build", *model_args(tiny_gpt2_dir), "--train_file", files / "b.txt", "--output_dir",
+               ds.dir, "--block_size", 32, "--batch_size", 1, "--overwrite"]
+    assert_one_line(*cli(rebuild, capsys), "keys.f16", "No space left")
+    monkeypatch.setattr(datastore_module, "encode_batches", real_encode)
+    assert {p.name: p.read_bytes() for p in ds.dir.iterdir() if p.is_file()} == old  # untouched, index included
+    assert (tmp_path / "ds.rebuild-tmp" / "done.u8").exists()  # the staged build a rerun resumes
+    after = eval_metrics(tiny_gpt2_dir, files / "b.txt", tmp_path / "ev", capsys, *ev)
+    assert after["ppl_knnlm"] == before["ppl_knnlm"]
+    rc, err = cli(rebuild, capsys)  # the rerun
+    assert rc == 0, err
+    assert not (tmp_path / "ds.rebuild-tmp").exists() and not (ds.dir / "index").exists()  # the old index went too
+    for name in ("keys.f16", "vals.i32", "tokens.i32"):
+        assert (ds.dir / name).read_bytes() == (clean_b.dir / name).read_bytes()
+    assert json.loads((ds.dir / "meta.json").read_text())["build"] == json.loads(
+        (clean_b.dir / "meta.json").read_text())["build"]
+
+
 def test_a_failed_index_rebuild_leaves_the_old_index_usable(tiny_gpt2_dir, files, tmp_path, capsys, monkeypatch):
     """``index build --overwrite`` builds beside the old index and swaps it in only when complete."""
     import faiss
