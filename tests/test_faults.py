@@ -149,6 +149,30 @@ def test_model_and_datastore_folders_are_never_written_into(tiny_gpt2_dir, files
     assert_one_line(rc, err, "is a file")
 
 
+RUNNERS = {  # the cheapest invocation of each study runner; MODEL is the folder it is pointed at
+    "overspec run": ["overspec", "run", "--output_dir", "MODEL"],
+    "demo": ["demo", "--output_dir", "MODEL"],
+    "hurdle run": ["hurdle", "run", "--output_dir", "MODEL"],
+    "analyze projection": ["analyze", "projection", "--model_name_or_path", "MODEL", "--validation_file", "CORPUS",
+                           "--datastore", "MODEL/no-store", "--output_dir", "MODEL"],
+    "reproduce": ["reproduce", "--scale", "cpu", "--smoke", "true", "--output_dir", "MODEL"],
+    "macondo score": ["macondo", "score", "--model_name_or_path", "MODEL", "--data", "MODEL/no-data", "--output_dir",
+                      "MODEL"],
+    "generate": ["generate", "--model_name_or_path", "MODEL", "--prompt", "The", "--compare", "true", "--output_dir",
+                 "MODEL"],
+}
+
+
+@pytest.mark.parametrize("runner", sorted(RUNNERS))
+def test_study_runners_never_write_into_a_model_folder(runner, tiny_gpt2_dir, files, tmp_path, capsys):
+    model = shutil.copytree(tiny_gpt2_dir, tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    argv = [str(a).replace("MODEL", str(model)).replace("CORPUS", str(files / "a.txt")) for a in RUNNERS[runner]]
+    assert_one_line(*cli(argv, capsys), str(model), "a model", "never writes into it")
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before  # not a byte changed, nothing added
+    load_model(ModelArgs(model_name_or_path=str(model), device="cpu"))  # still loads
+
+
 # ---------------------------------------------------------------------------------------------------------------- stale caches
 def test_eval_never_reuses_tokens_of_another_corpus(tiny_gpt2_dir, files, tmp_path, capsys):
     clean_b = eval_metrics(tiny_gpt2_dir, files / "b.txt", tmp_path / "clean_b", capsys)
@@ -247,6 +271,83 @@ def test_corrupt_meta_index_and_faiss_files_are_one_line_errors(tiny_gpt2_dir, f
     assert_one_line(rc, err, "meta.json", "--overwrite")
     assert build_ds(tiny_gpt2_dir, files / "a.txt", ds.dir, capsys, "--overwrite").N == ds.N
     assert json.loads(meta.read_text())["build"] == json.loads(good_meta)["build"]
+
+
+def test_a_failed_datastore_rebuild_leaves_the_old_store_usable(tiny_gpt2_dir, files, tmp_path, capsys, monkeypatch):
+    """``datastore build --overwrite`` over another store builds beside it (``<out>.rebuild-tmp``) and swaps it in only
+    when complete; a rerun resumes the staged build and gives the bytes of a clean build."""
+    import errno
+
+    import knnlm.datastore as datastore_module
+
+    clean_b = build_ds(tiny_gpt2_dir, files / "b.txt", tmp_path / "clean_b", capsys, "--batch_size", 1)
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    assert cli(["index", "build", ds.dir, "--factory", "Flat"], capsys)[0] == 0
+    ev = ["--datastore", ds.dir, "--k", 8]
+    before = eval_metrics(tiny_gpt2_dir, files / "b.txt", tmp_path / "ev", capsys, *ev)
+    old = {p.name: p.read_bytes() for p in ds.dir.iterdir() if p.is_file()}
+    real_encode = datastore_module.encode_batches
+
+    def full_disk_after_one_batch(*args, **kwargs):
+        for i, batch in enumerate(real_encode(*args, **kwargs)):
+            if i == 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "ds.rebuild-tmp" / "keys.f16"))
+            yield batch
+
+    monkeypatch.setattr(datastore_module, "encode_batches", full_disk_after_one_batch)
+    rebuild = ["datastore", "build", *model_args(tiny_gpt2_dir), "--train_file", files / "b.txt", "--output_dir",
+               ds.dir, "--block_size", 32, "--batch_size", 1, "--overwrite"]
+    assert_one_line(*cli(rebuild, capsys), "keys.f16", "No space left")
+    monkeypatch.setattr(datastore_module, "encode_batches", real_encode)
+    assert {p.name: p.read_bytes() for p in ds.dir.iterdir() if p.is_file()} == old  # untouched, index included
+    assert (tmp_path / "ds.rebuild-tmp" / "done.u8").exists()  # the staged build a rerun resumes
+    after = eval_metrics(tiny_gpt2_dir, files / "b.txt", tmp_path / "ev", capsys, *ev)
+    assert after["ppl_knnlm"] == before["ppl_knnlm"]
+    rc, err = cli(rebuild, capsys)  # the rerun
+    assert rc == 0, err
+    assert not (tmp_path / "ds.rebuild-tmp").exists() and not (ds.dir / "index").exists()  # the old index went too
+    for name in ("keys.f16", "vals.i32", "tokens.i32"):
+        assert (ds.dir / name).read_bytes() == (clean_b.dir / name).read_bytes()
+    assert json.loads((ds.dir / "meta.json").read_text())["build"] == json.loads(
+        (clean_b.dir / "meta.json").read_text())["build"]
+
+
+def test_a_failed_index_rebuild_leaves_the_old_index_usable(tiny_gpt2_dir, files, tmp_path, capsys, monkeypatch):
+    """``index build --overwrite`` builds beside the old index and swaps it in only when complete."""
+    import faiss
+
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    clean_ds = shutil.copytree(ds.dir, tmp_path / "clean")
+    assert cli(["index", "build", clean_ds, "--factory", "Flat", "--shards", 2], capsys)[0] == 0
+    rc, err = cli(["index", "build", ds.dir, "--factory", "Flat"], capsys)
+    assert rc == 0, err
+    ev = ["--datastore", ds.dir, "--k", 8]
+    before = eval_metrics(tiny_gpt2_dir, files / "b.txt", tmp_path / "ev", capsys, *ev)
+    old = {p.name: p.read_bytes() for p in (ds.dir / "index").iterdir()}
+    real_write = faiss.write_index
+
+    def full_disk_at_shard1(index, path):  # the disk fills up while the second shard is written
+        if "shard1" in path:
+            raise RuntimeError("Error in faiss::FileIOWriter: fwrite failed: No space left on device")
+        real_write(index, path)
+
+    monkeypatch.setattr(faiss, "write_index", full_disk_at_shard1)
+    rc, err = cli(["index", "build", ds.dir, "--factory", "Flat", "--shards", 2, "--overwrite"], capsys)
+    assert_one_line(rc, err, "shard1.faiss", "No space left")
+    monkeypatch.setattr(faiss, "write_index", real_write)
+    assert {p.name: p.read_bytes() for p in (ds.dir / "index").iterdir()} == old  # untouched
+    assert (ds.dir / "index.rebuild-tmp" / "shard0.faiss").exists()  # the staged part a rerun resumes from
+    after = eval_metrics(tiny_gpt2_dir, files / "b.txt", tmp_path / "ev", capsys, *ev)
+    assert after["ppl_knnlm"] == before["ppl_knnlm"]
+    rc, err = cli(["index", "build", ds.dir, "--factory", "Flat", "--shards", 2, "--overwrite"], capsys)  # rerun
+    assert rc == 0, err
+    assert sorted(p.name for p in ds.dir.iterdir()) == sorted(p.name for p in clean_ds.iterdir())  # no staging left
+    rebuilt = {p.name: p.read_bytes() for p in (ds.dir / "index").iterdir() if p.suffix == ".faiss"}
+    assert rebuilt == {p.name: p.read_bytes() for p in (clean_ds / "index").iterdir() if p.suffix == ".faiss"}
+    assert set(rebuilt) == {"trained.faiss", "shard0.faiss", "shard1.faiss"}
+    def record(d):
+        return {k: v for k, v in json.loads((d / "index" / "index.json").read_text()).items() if k != "build_timing"}
+    assert record(ds.dir) == record(clean_ds)
 
 
 def test_ivf_with_more_lists_than_keys_is_a_one_line_error(tiny_gpt2_dir, files, tmp_path, capsys):
@@ -378,6 +479,18 @@ def test_claim_output_dir_states(tmp_path):
     (other / "results.json").write_text("{}")
     with pytest.raises(KnnlmError, match="the results of another run"):  # not the memory's files: refused
         claim_output_dir(other, "mlp train", {"x": 1}, own_files=("memory.json",))
+    # a study run from before the marker: its names match the runner's patterns; one foreign file is refused
+    from knnlm.experiments.overspec import OWN_FILES
+
+    study = tmp_path / "study"
+    (study / "seed-0").mkdir(parents=True)
+    (study / "config.json").write_text("{}")
+    (study / "overspec_control.png").write_bytes(b"")
+    (study / "thesis.tex").write_text("x")
+    with pytest.raises(KnnlmError, match="4 other file"):
+        claim_output_dir(study, "overspec run", {}, own_files=OWN_FILES)
+    (study / "thesis.tex").unlink()
+    assert claim_output_dir(study, "overspec run", {}, own_files=OWN_FILES) == "same"
 
 
 def test_stale_temp_files_of_dead_processes_are_removed(tmp_path):

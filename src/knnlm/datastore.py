@@ -30,7 +30,8 @@ from .corpus import (CorpusArgs, TokenFile, Window, batch_inputs, count_targets,
                      tokenize_to_file, windowing_meta, windows)
 from .corpus import batch_inputs as _batch_inputs  # noqa: F401  (the old private name, still imported by other modules)
 from .errors import KnnlmError
-from .fileio import atomic_write_json, claim_output_dir, package_versions, read_json, write_error
+from .fileio import (atomic_write_json, claim_output_dir, package_versions, read_json, restore_interrupted_swap,
+                     staging_dir, swap_into_place, write_error)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ KEY_POINTS = ("ffn_input", "ffn_residual", "block_output", "final_hidden")
 _DATA_FILES = ("keys.f16", "vals.i32", "tokens.i32", "tokens.i32.docs", "tokens.i32.json", "done.u8", "build.json",
                "meta.json")
 # what `knnlm datastore build` writes into its folder (an earlier build holds nothing else); `index` is `knnlm index build`'s
-OWN_FILES = (*_DATA_FILES, "index", "config.json")
+OWN_FILES = (*_DATA_FILES, "index", "index.rebuild-tmp", "config.json")
 KIND = "datastore build"
 
 
@@ -150,7 +151,32 @@ def _build_fingerprint(lm, args: CorpusArgs, which: str, key_point: str, block: 
 def _clear(out_dir: Path) -> None:
     for name in _DATA_FILES:
         (out_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(out_dir / "index", ignore_errors=True)
+    for name in ("index", "index.rebuild-tmp", "index.replaced-tmp"):  # (an index rebuild's staging folders too)
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+
+
+def _prepare_work_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> tuple[Path, bool]:
+    """The folder to build in and whether it already holds this very datastore, finished.
+
+    ``--overwrite`` over another finished store builds beside it (``<out>.rebuild-tmp``, resumed by a rerun) and the
+    caller swaps it in when complete: a kill, a full disk or an error during the rebuild leaves the old store usable.
+    """
+    restore_interrupted_swap(out_dir)
+    staged = staging_dir(out_dir)
+    if overwrite and _holds_other_store(out_dir, fingerprint):
+        claim_output_dir(out_dir, KIND, None, own_files=OWN_FILES)  # a check only: the old store stays as it is
+        return staged, _prepare_dir(staged, fingerprint, True)
+    finished = _prepare_dir(out_dir, fingerprint, overwrite)
+    shutil.rmtree(staged, ignore_errors=True)  # a rebuild given up for this build
+    return out_dir, finished
+
+
+def _holds_other_store(out_dir: Path, fingerprint: dict) -> bool:
+    """A finished, readable datastore of other inputs (a corrupt one is not worth keeping: it is replaced in place)."""
+    try:
+        return (out_dir / "meta.json").is_file() and read_json(out_dir / "meta.json").get("build") != fingerprint
+    except (KnnlmError, AttributeError):
+        return False
 
 
 def _prepare_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> bool:
@@ -237,15 +263,23 @@ def _build(lm, corpus: CorpusArgs, out_dir: Path, key_point: str, batch_size: in
     block, stride = corpus.resolved_window(lm.max_positions)
     source = source_fingerprint(corpus, which)
     fingerprint = _build_fingerprint(lm, corpus, which, key_point, block, stride, batch_size, source)
+    final = out_dir
     if rank == 0:
-        finished = _prepare_dir(out_dir, fingerprint, overwrite)
+        out_dir, finished = _prepare_work_dir(final, fingerprint, overwrite)
         if not finished:
             atomic_write_json(out_dir / "build.json", fingerprint)
             tokenize_to_file(lm, corpus, which, out_dir / "tokens.i32", source=source)
     _barrier(world)
-    if (out_dir / "meta.json").exists():
-        log.info("datastore %s is already complete", out_dir)
-        return Datastore.open(out_dir)
+    staged = staging_dir(final)
+    out_dir = staged if (staged / "build.json").exists() or (staged / "meta.json").exists() else final  # every rank
+    complete = (out_dir / "meta.json").exists()
+    _barrier(world)
+    if complete:
+        if rank == 0 and out_dir != final:  # a rebuild killed between its last write and the swap
+            swap_into_place(out_dir, final)
+        _barrier(world)
+        log.info("datastore %s is already complete", final)
+        return Datastore.open(final)
 
     tokens = TokenFile(out_dir / "tokens.i32", out_dir / "tokens.i32.docs")
     wins = windows(tokens.doc_starts, block, stride)
@@ -281,8 +315,11 @@ def _build(lm, corpus: CorpusArgs, out_dir: Path, key_point: str, batch_size: in
     _barrier(world)
     if rank == 0:
         _finalise(lm, out_dir, fingerprint, tokens, n, d, len(batches), corpus)
+        if out_dir != final:
+            swap_into_place(out_dir, final)
+            log.info("datastore %s replaced by the rebuilt one", final)
     _barrier(world)
-    return Datastore.open(out_dir)
+    return Datastore.open(final)
 
 
 def _mark_done(kf, vf, df, pending: list[int]) -> None:

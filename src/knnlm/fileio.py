@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import hashlib
 import importlib.metadata
 import json
@@ -105,6 +106,43 @@ def atomic_path(path: str | Path, expected_bytes: Optional[int] = None):
             tmp.unlink()
 
 
+_REBUILD, _REPLACED = ".rebuild-tmp", ".replaced-tmp"
+
+
+def staging_dir(final: str | Path) -> Path:
+    """Where a rebuild of the folder ``final`` is made (beside it), so the old one stays usable until the new one is
+    complete: ``<final>.rebuild-tmp``."""
+    final = Path(final)
+    return final.with_name(final.name + _REBUILD)
+
+
+def swap_into_place(staged: str | Path, final: str | Path) -> None:
+    """Replaces the folder ``final`` by the complete folder ``staged``: old -> ``<final>.replaced-tmp``, staged ->
+    final, then the old one is deleted. A kill between the two renames is undone by ``restore_interrupted_swap``."""
+    import shutil
+
+    staged, final = Path(staged), Path(final)
+    trash = final.with_name(final.name + _REPLACED)
+    shutil.rmtree(trash, ignore_errors=True)
+    if final.exists():
+        os.replace(final, trash)
+    os.replace(staged, final)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def restore_interrupted_swap(final: str | Path) -> None:
+    """Puts the old folder back when a swap was killed after moving it aside (the staged build then resumes)."""
+    import shutil
+
+    final = Path(final)
+    trash = final.with_name(final.name + _REPLACED)
+    if trash.exists() and not final.exists():
+        os.replace(trash, final)
+        log.info("restored %s (a rebuild was interrupted while swapping it)", final)
+    elif trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """UTF-8 whatever the locale: reports hold λ, ∘ and ≥, exported corpora any text."""
     with atomic_path(path) as tmp:
@@ -201,7 +239,7 @@ def claim_output_dir(path: str | Path, kind: str, inputs: Optional[dict], overwr
     reuse it) or ``"replace"`` (its own run of other inputs and ``overwrite``: the caller replaces its files). A folder
     holding anything else (a model, a datastore, another command's run, unknown files, a file) is refused, with or
     without ``overwrite``. ``inputs=None`` only checks the folder (cheap, before a model is loaded) and writes nothing. ``own_files``: names this command writes, so a folder made before the marker existed (and
-    holding nothing else) is recognised as its own; ``what`` names the artefact in messages ("MLP memory"). Writes
+    holding nothing else) is recognised as its own (glob patterns allowed: ``seed-*``); ``what`` names the artefact in messages ("MLP memory"). Writes
     ``knnlm-run.json`` (the marker) atomically.
     """
     path = Path(path)
@@ -227,7 +265,7 @@ def claim_output_dir(path: str | Path, kind: str, inputs: Optional[dict], overwr
             raise KnnlmError(f"{flag}: {path} already holds a different {what or f'`knnlm {kind}` run'} (other "
                              f"inputs: {_first_difference(record.get('inputs'), inputs)}); pass --overwrite to replace "
                              "it or choose another folder")
-    elif own_files and set(entries) <= set(own_files):
+    elif own_files and all(any(fnmatch.fnmatchcase(e, pat) for pat in own_files) for e in entries):
         state = "same"  # made before the marker existed; the caller's own checks compare its inputs
     else:
         what = describe_folder(path) or f"{len(entries)} other file(s), e.g. {entries[0]}"

@@ -21,7 +21,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import KnnlmError
-from .fileio import atomic_path, atomic_write_json, read_json, sha256_file
+from .fileio import (atomic_path, atomic_write_json, read_json, restore_interrupted_swap, sha256_file, staging_dir,
+                     swap_into_place)
 
 log = logging.getLogger(__name__)
 
@@ -147,19 +148,23 @@ def _train(ds, factory: str, args: IndexArgs, use_gpu: bool):
 
 def build_index(ds, args: IndexArgs) -> dict:
     """Builds (or resumes building) the index of a datastore; returns the contents of ``index.json``."""
-    idir = _index_dir(ds.dir)
-    info_path = idir / "index.json"
+    final = _index_dir(ds.dir)
+    restore_interrupted_swap(final)
+    info_path = final / "index.json"
     factory = args.factory or default_factory(ds.N, ds.d, args.flat_threshold)
     identity = datastore_identity(ds.dir)
     if info_path.exists() and not args.overwrite:  # (with --overwrite even a corrupt index.json is replaced)
-        info = read_info(idir)
-        check_identity(idir, info, ds.dir)
+        info = read_info(final)
+        check_identity(final, info, ds.dir)
         if info["factory"] == factory and info["shards"] == args.shards:
-            log.info("index %s already built", idir)
+            log.info("index %s already built", final)
             return info
-        raise KnnlmError(f"--factory: {idir} already holds a '{info['factory']}' index with {info['shards']} "
+        raise KnnlmError(f"--factory: {final} already holds a '{info['factory']}' index with {info['shards']} "
                          f"shard(s); pass --overwrite to replace it")
-    info_path.unlink(missing_ok=True)
+    # --overwrite over a finished index: build beside it (a rerun resumes there) and swap it in only when complete,
+    # so a kill, a full disk or an error during the rebuild leaves the old index usable
+    idir = staging_dir(final) if info_path.exists() else final
+    (idir / "index.json").unlink(missing_ok=True)
     idir.mkdir(exist_ok=True)
     try:
         faiss.index_factory(ds.d, factory)
@@ -200,8 +205,11 @@ def build_index(ds, args: IndexArgs) -> dict:
         timing.lap("recall")
     info["build_timing"] = timing.laps
     log.info("index %s built: %s", factory, timing.laps)
-    atomic_write_json(info_path, info)
+    atomic_write_json(idir / "index.json", info)
     progress_path.unlink(missing_ok=True)
+    if idir != final:
+        swap_into_place(idir, final)
+        log.info("index %s replaced by the rebuilt one", final)
     return info
 
 

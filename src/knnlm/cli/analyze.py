@@ -27,6 +27,7 @@ def cmd_projection(args) -> int:
     from ..corpus import CorpusArgs
     from ..datastore import Datastore
     from ..errors import KnnlmError
+    from ..fileio import claim_output_dir
     from ..experiments.projection import ProjectionArgs, results_table, run_projection
     from ..knn import KNNArgs
     from ..models import ModelArgs, load_model
@@ -35,9 +36,12 @@ def cmd_projection(args) -> int:
     margs, cargs, kargs, pargs = resolve([ModelArgs, CorpusArgs, KNNArgs, ProjectionArgs], args, args.config)
     if not (cargs.validation_file or cargs.dataset_name):
         raise KnnlmError("--validation_file: required (or --dataset_name): the corpus whose tokens are projected")
+    own = ("config.json", "results.json", "results.md", "per_token.npz", "partial.*", "tokens.i32*", "*.png")
+    claim_output_dir(pargs.output_dir, "analyze projection", None, own_files=own)  # a model, a datastore: refused
     started = time.time()
     datastore = Datastore.open(pargs.datastore)
     lm = load_model(margs)
+    claim_output_dir(pargs.output_dir, "analyze projection", {}, own_files=own)  # (made only now)
     metrics = run_projection(lm, cargs, pargs, datastore, kargs)
     out = Path(pargs.output_dir)
     save_config(out, margs, cargs, kargs, pargs)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 from ..config import add_arguments, resolve, save_config, to_dict
+from ..fileio import claim_output_dir
+from .macondo import RESULT_FILES
 
 
 def register(sub) -> None:
@@ -36,6 +38,8 @@ def cmd_generate(args) -> int:
                          "see the plain LM alone")
     if aargs.datastore:
         Datastore.open(aargs.datastore)  # a missing or truncated store is reported before the model loads
+    if gargs.output_dir:  # a model, a datastore, another command's run: refused before the model loads
+        claim_output_dir(gargs.output_dir, "generate", None, own_files=RESULT_FILES)
     started = time.time()
     lm = load_model(margs)
     plain = generate_continuations(lm, prompts, gargs) if gargs.compare or not (aargs.datastore or aargs.mlp_memory) else None
@@ -58,6 +62,7 @@ def cmd_generate(args) -> int:
         for key, runs in (("lm", plain), ("augmented", augmented)):
             if runs:
                 metrics[f"{key}_tokens_per_s"] = sum(r["n_tokens"] for r in runs) / max(sum(r["seconds"] for r in runs), 1e-9)
+        claim_output_dir(gargs.output_dir, "generate", {}, own_files=RESULT_FILES)  # (made only now)
         save_config(gargs.output_dir, margs, aargs, kargs, gargs)
         write_results(gargs.output_dir, {**to_dict(margs, aargs, kargs, gargs), "prompt": args.prompt}, metrics, started)
         headers = ["prompt"] + (["LM"] if plain else []) + ([name] if augmented else [])

@@ -8,6 +8,9 @@ from typing import Optional
 
 from ..config import add_arguments, add_config_flag, resolve, save_config, to_dict
 from ..errors import KnnlmError
+from ..fileio import claim_output_dir
+
+RESULT_FILES = ("config.json", "results.json", "results.md")  # what a one-shot command writes into its folder
 
 
 @dataclass
@@ -75,6 +78,7 @@ def cmd_score(args) -> int:
     margs, sargs, kargs = resolve([ModelArgs, ScoreArgs, KNNArgs], args, args.config)
     if not margs.model_name_or_path:
         raise KnnlmError("--model_name_or_path: required; the model to score")
+    claim_output_dir(sargs.output_dir, "macondo score", None, own_files=RESULT_FILES)  # a model, a datastore: refused
     started = time.time()
     rows = read_split(sargs.data, sargs.split)
     datastore = Datastore.open(sargs.datastore) if sargs.datastore else None
@@ -96,6 +100,7 @@ def cmd_score(args) -> int:
     if retriever is not None:
         metrics["datastore_N"] = datastore.N
         metrics["k"] = retriever.k - int(kargs.ignore_top)
+    claim_output_dir(out, "macondo score", {}, own_files=RESULT_FILES)  # (made only now: bad input leaves no folder)
     save_config(out, margs, sargs, kargs)
     write_results(out, to_dict(margs, sargs, kargs), metrics, started)
     table = f"Macondo {sargs.split}: mean log-likelihood of the children's names\n\n" + results_table(summary)

@@ -40,12 +40,17 @@ def cmd_demo(args) -> int:
 
 def cmd_reproduce(args) -> int:
     from ..config import resolve, save_config
+    from ..fileio import claim_output_dir
     from ..experiments.reproduce import (ReproduceArgs, check_run_kind, load_timings, run_stages, with_data_dir,
                                          with_smoke_data, write_report)
     from . import main
 
     started = time.time()
-    rargs = with_smoke_data(with_data_dir(resolve(ReproduceArgs, args, args.config)))
+    rargs = resolve(ReproduceArgs, args, args.config)
+    out = Path(rargs.output_dir)  # a model, a datastore, another command's run: refused (a run from before the
+    # marker is recognised by its stage records); the scale is checked by check_run_kind
+    claim_output_dir(out, "reproduce", {}, own_files=("*",) if (out / "stages" / "run.json").is_file() else ())
+    rargs = with_smoke_data(with_data_dir(rargs))
     if rargs.report_only:
         check_run_kind(Path(rargs.output_dir), rargs)
         timings = load_timings(Path(rargs.output_dir))

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import KnnlmError
-from ..fileio import atomic_path, atomic_write_json, read_json
+from ..fileio import atomic_path, atomic_write_json, claim_output_dir, read_json
 
 log = logging.getLogger(__name__)
 
@@ -599,8 +599,10 @@ def run_study(args: HurdleArgs) -> dict:
 
     started = time.time()
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_resumable(out, args)
+    # a model, a datastore, another run: refused (a folder from before the run marker holds only these names)
+    claim_output_dir(out, "hurdle run", {}, own_files=("config.json", "results.json", "results.md", "*.png", "runs",
+                                                       "data", "macondo"))
+    _check_resumable(out, args)  # (its own earlier run: the settings must match)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     device = args.resolved_device()

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from ..errors import KnnlmError
-from ..fileio import atomic_write_json, read_json
+from ..fileio import atomic_write_json, claim_output_dir, read_json
 from ..knn import KNNArgs
 from ..macondo.generate import MacondoArgs
 from ..memory import MemoryArgs
@@ -198,6 +198,10 @@ class OverspecArgs:
 
 # Fields that do not change what a run computes: a rerun may change them and still resume.
 _FREE_KEYS = ("output_dir", "seeds", "num_threads", "eval_batch_size", "keep_datastores", "save_models", "bare_reference")
+
+
+# what `knnlm overspec run` writes into its folder (a folder from before the run marker holds nothing else)
+OWN_FILES = ("config.json", "results.json", "results.md", "overspec*.png", "seed-*", "tokenizer")
 
 
 def resolve_args(cli: dict | None = None, config_file: str | None = None) -> OverspecArgs:
@@ -543,8 +547,8 @@ def run_study(args: OverspecArgs) -> dict:
 
     started = time.time()
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    check_resumable(out, args)
+    claim_output_dir(out, "overspec run", {}, own_files=OWN_FILES)  # a model, a datastore, another run: refused
+    check_resumable(out, args)  # (its own earlier run: the settings must match)
     save_config(out, args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
