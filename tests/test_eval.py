@@ -141,6 +141,6 @@ def test_cli_allocator_setting_reuses_freed_memory():
     assert on[0] and not off[0]
     pages = (64 << 20) // 4096
     assert off[1] > 15 * pages  # glibc's default: a fresh mmap each time
-    # reused heap memory: 0.3 of the default's faults on a quiet machine, up to 0.75 with 9 jobs on 2 cores (the kernel
-    # reclaims some freed pages under memory pressure); without the setting the ratio is 1
+    # reused heap memory: 0.3 of the default's faults on a quiet machine, up to 0.75 with 9 jobs on 2 cores (cause not
+    # established); without the setting the ratio is 1
     assert on[1] < 0.9 * off[1]
