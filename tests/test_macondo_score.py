@@ -104,6 +104,8 @@ class _Memory:
         self.queries += z.shape[0]
         return self.lm.f(z)
 
+    __call__ = log_probs  # the scoring kernel calls the memory for logits; log-probabilities are logits too
+
 
 class _Uniform:
     key_point = "ffn_input"
@@ -113,6 +115,8 @@ class _Uniform:
 
     def log_probs(self, z):
         return torch.full((z.shape[0], self.vocab), -math.log(self.vocab))
+
+    __call__ = log_probs
 
 
 def test_memory_interpolation(tiny_lm, rows, datastore):

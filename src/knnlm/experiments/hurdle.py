@@ -444,16 +444,21 @@ def prepare_data(args: HurdleArgs, tokenizer) -> StudyData:
 # ---------------------------------------------------------------------------------------------------------------- metrics
 @torch.no_grad()
 def mean_loss(model: nn.Module, blocks: Examples, batch_size: int, device: torch.device) -> float:
-    """Mean next-token negative log-likelihood over every block (token-weighted)."""
+    """Mean next-token negative log-likelihood over every block (token-weighted). Gold log-probs come from the shared
+    kernel (``knnlm.scoring``) on the body's last hidden states, summed in float64: no [B, T, V] tensor is kept."""
+    from ..scoring import head_gold_log_probs
+
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        ids, _, _ = blocks.batch(np.arange(start, min(start + batch_size, len(blocks))))
-        ids = ids.to(device)
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()  # [B, T, V]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-        total, count = total + float(nll), count + ids[:, 1:].numel()
+    with torch.no_grad():
+        for start in range(0, len(blocks), batch_size):
+            ids, _, _ = blocks.batch(np.arange(start, min(start + batch_size, len(blocks))))
+            ids = ids.to(device)
+            hidden = model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids))[0]  # [B, T, d]
+            logp = head_gold_log_probs(model.get_output_embeddings(), hidden[:, :-1].flatten(0, 1),
+                                       ids[:, 1:].flatten())  # [B * (T - 1)]
+            total, count = total - float(logp.double().sum()), count + logp.numel()
     model.train(was_training)
     return total / count
 

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from ..errors import KnnlmError
-from ..knn import interpolate
+from ..scoring import gold_log_probs, score_positions
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +86,16 @@ def score_split(lm, rows: Sequence[dict], retriever=None, knn=None, memory=None,
         with torch.inference_mode():
             logits, hidden = lm.forward(ids.to(lm.device), mask.to(lm.device), key_points=points)  # [B, T, V]
             at = {p: h[brow.to(h.device), pos.to(h.device)] for p, h in hidden.items()}  # {point: [n, d]}
-            lm_logp = torch.log_softmax(logits[brow.to(logits.device), pos.to(logits.device)].float(), dim=-1)
-            lm_gold = lm_logp.gather(1, gold.to(lm_logp.device)[:, None])[:, 0].cpu()  # [n]
-            lm_ll.index_add_(0, owner, lm_gold.double())
-            if retriever is not None:
-                knn_gold = retriever.gold_log_prob(at[knn_point], gold)  # [n]
-                for lam, acc in knn_ll.items():
-                    acc.index_add_(0, owner, interpolate(lm_gold, knn_gold, lam).double())
-            if memory is not None:
-                mem_logp = memory.log_probs(at[mem_point])  # [n, V]
-                mem_gold = mem_logp.gather(1, gold.to(mem_logp.device)[:, None])[:, 0].float().cpu()
-                mem_ll.index_add_(0, owner, mem_gold.double())
-                for lam, acc in mlp_ll.items():
-                    acc.index_add_(0, owner, interpolate(lm_gold, mem_gold, lam).double())
+            lm_gold = gold_log_probs(logits[brow.to(logits.device), pos.to(logits.device)], gold).cpu()  # [n]
+            # the one scoring kernel (knnlm.scoring): kNN and MLP parts and their λ mixtures of these positions
+            scores = score_positions(lm, at, gold, retriever, memory, lmbdas, lm_gold=lm_gold)
+        lm_ll.index_add_(0, owner, scores.lm.double())
+        for lam, acc in knn_ll.items():
+            acc.index_add_(0, owner, scores.knn_lm[lam].double())
+        if memory is not None:
+            mem_ll.index_add_(0, owner, scores.mlp.double())
+            for lam, acc in mlp_ll.items():
+                acc.index_add_(0, owner, scores.mlp_lm[lam].double())
     return {"lm": lm_ll.tolist(), "knn": {lam: v.tolist() for lam, v in knn_ll.items()},
             "mlp": {lam: v.tolist() for lam, v in mlp_ll.items()}, "mem": mem_ll.tolist() if memory is not None else []}
 
