@@ -35,10 +35,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..corpus import CorpusArgs, count_targets, tokenize_to_file, windows
-from ..datastore import _batch_inputs
+from ..corpus import (CorpusArgs, batch_inputs, count_targets, target_positions, target_tokens, tokenize_to_file,
+                      windows)
 from ..errors import KnnlmError
-from ..evaluate import _target_positions
 from ..fileio import atomic_path, atomic_write_json, read_json
 from ..knn import KNNArgs, Retriever, interpolate
 from ..report import fmt, histogram, markdown_table
@@ -354,14 +353,13 @@ def run_projection(lm, corpus: CorpusArgs, args: ProjectionArgs, datastore, knn:
     block, stride = corpus.resolved_window(lm.max_positions)
     wins = windows(tokens.doc_starts, block, stride)
     points = tuple(sorted({datastore.key_point, "final_hidden"} | {TARGETS[t] for t in args.target}))
-    token_arr, device = tokens.tokens, lm.device
+    device = lm.device
     started = time.time()
     with tqdm(total=count_targets(wins), initial=records.n_tokens, unit="tok", desc="projection") as bar:
         for group in _groups(wins[records.windows_done:], args.batch_size):
-            ids, mask = _batch_inputs(tokens, group, lm.eos_token_id or 0)
-            rows, pos = _target_positions(group)
-            gold = torch.from_numpy(np.concatenate([np.asarray(token_arr[w.first_target: w.end], dtype=np.int64)
-                                                    for w in group])).to(device)  # [n]
+            ids, mask = batch_inputs(tokens, group, lm.eos_token_id or 0)  # [B, T] each
+            rows, pos = target_positions(group)  # [n] each
+            gold = target_tokens(tokens, group).to(device)  # [n]
             with torch.no_grad():
                 hidden = lm.hidden_states(ids.to(device), mask.to(device), points)  # {point: [B, T, d]}
                 at = {p: h[rows.to(h.device), pos.to(h.device)] for p, h in hidden.items()}  # {point: [n, d]}
