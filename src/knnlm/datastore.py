@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .corpus import (CorpusArgs, TokenFile, Window, batch_inputs, count_targets, source_fingerprint,
                      tokenize_to_file, windowing_meta, windows)
-from .corpus import batch_inputs as _batch_inputs  # noqa: F401  (the old private name: benchmarks/ run against pre-0.2 sources too)
+from .corpus import batch_inputs as _batch_inputs  # noqa: F401  (old private name: benchmarks/ --baseline_src runs older sources)
 from .errors import KnnlmError
 from .fileio import (atomic_write_json, claim_output_dir, package_versions, read_json, restore_interrupted_swap,
                      staging_dir, swap_into_place, write_error)

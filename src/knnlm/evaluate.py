@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .corpus import CorpusArgs, TokenFile, count_targets, tokenize_to_file, windows
-from .corpus import target_positions as _target_positions  # noqa: F401  (the old private name: benchmarks/knn_eval.py runs against pre-0.2 sources too)
+from .corpus import target_positions as _target_positions  # noqa: F401  (old private name: benchmarks/knn_eval.py --baseline_src runs older sources)
 from .datastore import KEY_POINTS
 from .errors import KnnlmError
 from .knn import KNNArgs, Retriever, interpolate, knn_gold_log_prob
