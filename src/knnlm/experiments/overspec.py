@@ -477,11 +477,17 @@ def run_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
     history[-1]["lls"] = saved["lls"]
     if "mlp_training" in saved:
         history[-1]["mlp_training"] = saved["mlp_training"]
-    record = {"seed": seed, "n_train": len(rows), "steps": history[-1]["step"], "history": history,
+    return _finish_run(done, seed, len(rows), history, started)
+
+
+def _finish_run(done: Path, seed: int, n_train: int, history: list, started: float) -> dict:
+    """The record of a finished training run (over-specified or bare): written to ``done``, which marks the run as
+    finished for a rerun, then the run's checkpoints beside it are removed."""
+    record = {"seed": seed, "n_train": n_train, "steps": history[-1]["step"], "history": history,
               "wall_s": round(time.time() - started, 3)}
     if _rank_world()[0] == 0:
         atomic_write_json(done, record)
-        shutil.rmtree(seed_dir / "ckpt", ignore_errors=True)
+        shutil.rmtree(done.parent / "ckpt", ignore_errors=True)
     return record
 
 
@@ -530,12 +536,7 @@ def run_bare_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
         saved = read_json(evals / f"step-{entry['step']:07d}.json")
         entry["summary"] = saved["summary"]
     history[-1]["lls"] = saved["lls"]
-    record = {"seed": seed, "n_train": len(rows), "steps": history[-1]["step"], "history": history,
-              "wall_s": round(time.time() - started, 3)}
-    if _rank_world()[0] == 0:
-        atomic_write_json(done, record)
-        shutil.rmtree(bare_dir / "ckpt", ignore_errors=True)
-    return record
+    return _finish_run(done, seed, len(rows), history, started)
 
 
 def run_study(args: OverspecArgs) -> dict:
