@@ -4,7 +4,7 @@
 a ``PreTrainedModel`` takes the augmented one unchanged: ``model.generate()`` (greedy, sampling, beam search, KV cache),
 ``transformers.pipeline("text-generation", model=...)``, lm-evaluation-harness's ``HFLM(pretrained=...)``.
 
-- A forward pre-hook opens :meth:`knnlm.models.LM._capture` at the store's key point for the duration of the call.
+- A forward pre-hook opens :meth:`knnlm.models.LM.capture` at the store's key point for the duration of the call.
 - A forward hook replaces ``logits`` [B, T', V] by log p_knnlm = log((1 - λ) p_lm + λ p_knn) (``knn.interpolate``),
   float32. Only the positions whose logits the model returns are queried: with a KV cache and ``logits_to_keep=1``
   (what ``generate`` passes) that is one retrieval per new position, and none for padding (attention mask 0).
@@ -66,7 +66,7 @@ class Augmentation:
     # -------------------------------------------------------------------------------------------------------- hooks
     def _before(self, module, args, kwargs):
         self._stack = contextlib.ExitStack()
-        self._caps = self._stack.enter_context(self.lm._capture((self.key_point,)))
+        self._caps = self._stack.enter_context(self.lm.capture((self.key_point,)))
         self._mask = kwargs.get("attention_mask")
 
     def _after(self, module, args, kwargs, out):

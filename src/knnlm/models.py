@@ -194,7 +194,7 @@ class LM:
 
     # ------------------------------------------------------------------------------------------------------------ capture
     @contextlib.contextmanager
-    def _capture(self, points: Sequence[str]):
+    def capture(self, points: Sequence[str]):
         """Registers hooks for ``points`` on the last block; yields the dict they fill; removes them afterwards."""
         for p in points:
             if p not in KEY_POINTS:
@@ -225,14 +225,14 @@ class LM:
     def forward(self, input_ids, attention_mask=None, key_points: Sequence[str] | str = ("ffn_input",)):
         """-> (logits [B, T, V] float32, {point: [B, T, d]}) from one forward pass."""
         points = (key_points,) if isinstance(key_points, str) else tuple(key_points)
-        with self._capture(points) as caps:
+        with self.capture(points) as caps:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.logits.float(), {p: _unflatten(caps[p], input_ids) for p in points}
 
     def hidden_states(self, input_ids, attention_mask=None, key_points: Sequence[str] | str = ("ffn_input",)):
         """The captures of :meth:`forward` without the output layer: {point: [B, T, d]}, or [B, T, d] for one name."""
         points = (key_points,) if isinstance(key_points, str) else tuple(key_points)
-        with self._capture(points) as caps:
+        with self.capture(points) as caps:
             self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
         caps = {p: _unflatten(caps[p], input_ids) for p in points}
         return caps[key_points] if isinstance(key_points, str) else caps
