@@ -394,3 +394,47 @@ def test_shipped_configs_resolve(tmp_path):
     text = _text_files(tmp_path)
     cpu_text = resolve_args({"output_dir": str(tmp_path / "o"), "data": str(text)}, str(configs / "hurdle-cpu.yaml"))
     assert (cpu_text.mode, cpu_text.steps, cpu_text.block_size) == ("text", 300, 64)
+
+
+# ---------------------------------------------------------------------------------------------------------------- golden numbers
+# Recorded from the seeded run below on the hurdle's own training loop (before it moved onto knnlm.train, issue 12):
+# the smoothed training-loss curve (steps 1..6), the eval metrics at steps 0, 3, 6, and the data digest's first 16 hex
+# digits, per model. The refactor had to keep every number (bit-identical on CPU; asserted to 1e-6).
+GOLDEN = {
+    "text": {
+        "with_last_mlp": ([2.82847261428833, 2.830578645070391, 2.8243669561911, 2.794130090120801, 2.780536048111989, 2.7651914179034307],
+                   {'0': {'val_loss': 2.8614971977869668}, '3': {'train_loss': 2.8243669561911, 'val_loss': 2.6950093669891357}, '6': {'train_loss': 2.7651914179034307, 'val_loss': 2.6797933209737144}},
+                   "9f2d3b347a5b884c"),
+        "without_first_mlp": ([2.826632261276245, 2.829793354477542, 2.822075271716718, 2.7896311141622716, 2.7739865299479107, 2.7587412987282476],
+                   {'0': {'val_loss': 2.861509759902954}, '3': {'train_loss': 2.822075271716718, 'val_loss': 2.689171255429586}, '6': {'train_loss': 2.7587412987282476, 'val_loss': 2.6795220432281495}},
+                   "9f2d3b347a5b884c"),
+        "without_last_mlp": ([2.8502297401428223, 2.8396090353378107, 2.8301616841117583, 2.7979356470930963, 2.785569358646075, 2.766911767421571],
+                   {'0': {'val_loss': 2.861929759979248}, '3': {'train_loss': 2.8301616841117583, 'val_loss': 2.6966076475779217}, '6': {'train_loss': 2.766911767421571, 'val_loss': 2.673478589693705}},
+                   "9f2d3b347a5b884c"),
+    },
+    "macondo": {
+        "with_last_mlp": ([3.3422977924346924, 3.1512681570920043, 2.964999495842166, 2.8319540721385854, 2.7112832798341877, 2.6334623294341504],
+                   {'0': {'ll_avg_groups': -3.3277993467119007, 'll_avg': -3.3677093982696533, 'll_1': -3.173030138015747, 'll_2': -3.3978774547576904, 'll_3': -3.412490447362264}, '3': {'train_loss': 2.964999495842166, 'll_avg_groups': -2.8945166799757214, 'll_avg': -2.882975618044535, 'll_1': -2.9137723445892334, 'll_2': -2.9252517223358154, 'll_3': -2.8445259730021157}, '6': {'train_loss': 2.6334623294341504, 'll_avg_groups': -2.7898419433169894, 'll_avg': -2.798955718676249, 'll_1': -2.735133171081543, 'll_2': -2.844576835632324, 'll_3': -2.789815823237101}},
+                   "cb672296e0f57244"),
+        "without_first_mlp": ([3.3285529613494873, 3.1832511665845127, 3.0044765496737216, 2.882703468275623, 2.7637465646609387, 2.690675373746216],
+                   {'0': {'ll_avg_groups': -3.354281796349419, 'll_avg': -3.362920602162679, 'll_1': -3.3026814460754395, 'll_2': -3.4056496620178223, 'll_3': -3.3545142809549966}, '3': {'train_loss': 3.0044765496737216, 'll_avg_groups': -3.0121925274531045, 'll_avg': -2.9897931814193726, 'll_1': -3.0594255924224854, 'll_2': -3.052122473716736, 'll_3': -2.9250295162200928}, '6': {'train_loss': 2.690675373746216, 'll_avg_groups': -2.879549172189501, 'll_avg': -2.8757688204447427, 'll_1': -2.861196279525757, 'll_2': -2.9389370679855347, 'll_3': -2.8385141690572104}},
+                   "cb672296e0f57244"),
+        "without_last_mlp": ([3.349161863327026, 3.194886619394472, 3.0045325473901623, 2.8749376380185256, 2.7553128319167093, 2.6784443089862915],
+                   {'0': {'ll_avg_groups': -3.336316532558865, 'll_avg': -3.3615037202835083, 'll_1': -3.237057685852051, 'll_2': -3.383711099624634, 'll_3': -3.3881808121999106}, '3': {'train_loss': 3.0045325473901623, 'll_avg_groups': -3.013475643263923, 'll_avg': -2.9953535000483194, 'll_1': -3.0413951873779297, 'll_2': -3.066369414329529, 'll_3': -2.93266232808431}, '6': {'train_loss': 2.6784443089862915, 'll_avg_groups': -2.902991612752279, 'll_avg': -2.896883010864258, 'll_1': -2.8827321529388428, 'll_2': -2.9801621437072754, 'll_3': -2.8460805416107178}},
+                   "cb672296e0f57244"),
+    },
+}
+
+
+@pytest.mark.parametrize("mode", ["text", "macondo"])
+def test_golden_numbers_of_a_seeded_tiny_run(tmp_path, mode):
+    data = _text_files(tmp_path) if mode == "text" else _macondo_folder(tmp_path)
+    run_study(_args(tmp_path, data=str(data), steps=6, eval_every=3, seeds=1))
+    for name, (curve, evals, digest) in GOLDEN[mode].items():
+        rec = json.loads((tmp_path / "out" / "runs" / f"seed0-{name}.json").read_text())
+        assert [rec["curve"][str(s)] for s in range(1, 7)] == pytest.approx(curve, abs=1e-6, rel=0)
+        assert list(rec["evals"]) == list(evals)
+        for step, metrics in evals.items():
+            got = {k: v for k, v in rec["evals"][step].items() if v is not None}
+            assert got == pytest.approx(metrics, abs=1e-6, rel=0), (name, step)
+        assert rec["data_digest"][:16] == digest
