@@ -302,26 +302,29 @@ def test_resume_after_an_interrupted_run_gives_identical_results(tmp_path, monke
     train = _text_files(tmp_path)
     whole = run_study(_args(tmp_path, data=str(train), output_dir=str(tmp_path / "whole")))["metrics"]
 
-    real_save = hurdle.save_checkpoint
+    import knnlm.train
 
-    def killed_after(path, state):  # the process dies right after the checkpoint of step 4 of seed 1's pruned model
-        real_save(path, state)
-        if state["record"]["seed"] == 1 and state["record"]["model"] == "without_last_mlp" and state["step"] == 4:
+    real_save = knnlm.train._save_checkpoint
+
+    def killed_after(ckpt_dir, *a):  # the process dies right after the checkpoint of step 4 of seed 1's pruned model
+        real_save(ckpt_dir, *a)
+        if ckpt_dir.name == "seed1-without_last_mlp" and a[-2].step == 4:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(hurdle, "save_checkpoint", killed_after)
+    monkeypatch.setattr(knnlm.train, "_save_checkpoint", killed_after)
     args = _args(tmp_path, data=str(train), output_dir=str(tmp_path / "resumed"))
     with pytest.raises(KeyboardInterrupt):
         run_study(args)
     runs = tmp_path / "resumed" / "runs"
-    assert (runs / "seed1-without_last_mlp.pt").is_file() and not (runs / "seed1-without_last_mlp.json").exists()
-    assert torch.load(runs / "seed1-without_last_mlp.pt", weights_only=False)["step"] == 4
-    monkeypatch.setattr(hurdle, "save_checkpoint", real_save)
+    ckpt = runs / "seed1-without_last_mlp"
+    assert json.loads((ckpt / "latest.json").read_text())["step"] == 4
+    assert not (runs / "seed1-without_last_mlp.json").exists()
+    monkeypatch.setattr(knnlm.train, "_save_checkpoint", real_save)
     finished = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.json")}
     resumed = run_study(args)["metrics"]
     assert {p.name: p.stat().st_mtime_ns for p in runs.glob("seed0-*.json")} == \
         {k: v for k, v in finished.items() if k.startswith("seed0-")}  # finished runs are skipped, not redone
-    assert not list(runs.glob("*.pt"))
+    assert not ckpt.exists()  # the finished run's checkpoint is removed
     assert _strip_timing(resumed) == _strip_timing(whole)
     assert resumed["steps"] == [0, 2, 4, 6, 8] and set(resumed["mean"]["with_last_mlp"]) == {"train_loss", "val_loss"}
 

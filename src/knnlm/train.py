@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 Batches = Callable[[int, int], Iterable[dict]]  # (epoch, seed) -> micro-batches {input_ids, attention_mask, labels}
 OnEval = Callable[[int, torch.nn.Module], dict]  # (step, model) -> metrics recorded in the history
+OnStep = Callable[[int, float, list], None]  # (step, mean loss of the step, its micro-batches) after each optimizer step
+LrSchedule = Callable[[int], float]  # optimizer step k (1-based) -> its learning rate
 _MODEL_KEYS = ("input_ids", "attention_mask", "labels")
 _LATEST = "latest.json"
 
@@ -118,6 +120,7 @@ class _State:
     loss_steps: int = 0
     elapsed_s: float = 0.0  # training wall time (evaluations excluded), summed over sessions
     done: bool = False
+    extra: dict = field(default_factory=dict)  # the caller's hook state (train(extra_state=...)), checkpointed with ours
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -202,8 +205,26 @@ def _optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.AdamW:
         raise KnnlmError("train: the model has no trainable parameters")
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    # the fused kernel where the caller has already put the model on a GPU (the hurdle study does; its numbers were
+    # recorded with it); a model that accelerate moves there later keeps the default (for-each) kernel
+    fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate,
-                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=fused or None)
+
+
+class _StepSchedule(torch.optim.lr_scheduler.LRScheduler):
+    """Sets the learning rate of optimizer step k (1-based) to ``fn(k)`` in every group: a schedule given by value, not
+    as a factor of the peak (``LambdaLR``), so a study's hand-written formula keeps its exact floats."""
+
+    def __init__(self, optimizer, fn: LrSchedule):
+        self.fn = fn
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        return [self.fn(self.last_epoch + 1) for _ in self.optimizer.param_groups]  # last_epoch = steps done
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "fn")}
 
 
 def _my_share(micro: Iterable[dict], rank: int, world: int, per_rank: int | None) -> Iterable[dict]:
@@ -214,7 +235,9 @@ def _my_share(micro: Iterable[dict], rank: int, world: int, per_rank: int | None
 
 
 def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: str | Path,
-          eval_every: int | None = None, on_eval: OnEval | None = None, progress_desc: str = "train") -> list[dict]:
+          eval_every: int | None = None, on_eval: OnEval | None = None, progress_desc: str = "train",
+          on_step: OnStep | None = None, extra_state: dict | None = None, lr_schedule: LrSchedule | None = None,
+          device: str = "auto") -> list[dict]:
     """Trains ``model`` in place (resuming from ``ckpt_dir`` when it holds a checkpoint); returns the eval history.
 
     The history has one entry per evaluation point (step 0, every ``eval_every`` steps, the last step): ``step``,
@@ -222,6 +245,11 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
     (training wall time so far; the only entry not reproduced bit for bit) and whatever ``on_eval(step, model)``
     returns. ``on_eval`` runs on every process under ``torch.no_grad()`` with the unwrapped model in eval mode.
     A finished run is not retrained: the final weights are loaded and the history returned.
+
+    Hooks for a study's own records: ``on_step(step, loss, micro_batches)`` runs after every optimizer step (before
+    that step's evaluation); ``extra_state`` is a dict the hooks keep their running values in (JSON-like or tensors):
+    it is saved in every checkpoint and restored in place on resume. ``lr_schedule(k)`` gives the learning rate of
+    step k (1-based) instead of ``args``' warm-up and decay. ``device="cpu"`` trains on the CPU on a machine with a GPU.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -231,7 +259,8 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
     if eval_every is not None and eval_every < 1:
         raise KnnlmError(f"--eval_every: must be >= 1 (or unset), got {eval_every}")
     # cpu=True where there is no GPU: under torchrun / accelerate launch that selects gloo (else accelerate sees no group)
-    accelerator = Accelerator(mixed_precision="bf16" if args.use_bf16() else "no", cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision="bf16" if args.use_bf16() else "no",
+                              cpu=device == "cpu" or not torch.cuda.is_available())
     world, rank, accum = accelerator.num_processes, accelerator.process_index, args.gradient_accumulation_steps
     epoch0 = batches(0, args.seed)
     if hasattr(epoch0, "__len__"):
@@ -245,15 +274,22 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
         raise KnnlmError("train: batches(epoch, seed) must return a sized iterable (e.g. a list) unless --max_steps is set")
 
     optimizer = _optimizer(model, args)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total),
-                              num_training_steps=total)
+    if lr_schedule is not None:
+        scheduler = _StepSchedule(optimizer, lr_schedule)
+    else:
+        scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
+                                  num_warmup_steps=math.ceil(args.warmup_ratio * total), num_training_steps=total)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand: once per optimizer step
     state = _load_checkpoint(ckpt_dir, accelerator, model, optimizer, scheduler, args)
     if state is None:
-        state = _State()
+        state = _State(extra=extra_state if extra_state is not None else {})
         torch.manual_seed(args.seed + rank)  # dropout; the data order comes from batches(epoch, seed)
         np.random.seed(args.seed + rank)
         random.seed(args.seed + rank)
+    elif extra_state is not None:  # the hooks' values as of the checkpoint, into the caller's dict
+        extra_state.clear()
+        extra_state.update(state.extra)
+        state.extra = extra_state
     if state.done:
         return _finish(accelerator, model, state)
 
@@ -305,6 +341,8 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
             end_of_epoch = len(group) < accum or (per_rank is not None and state.position >= per_rank)
             if end_of_epoch:
                 state.epoch, state.position = state.epoch + 1, 0
+            if on_step is not None:
+                on_step(state.step, loss, group)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
             window.add(loss, tokens * world)

@@ -10,7 +10,8 @@ another place). All are trained on the same batches in the same order, and evalu
 - Text mode (``--data FILE``): the metric is the training loss (EMA-smoothed, Figure 5) and the loss on a fixed
   validation slice.
 
-Each (seed, model) run checkpoints at every eval point (model, optimizer, RNG, EMA, metrics; atomic), so a rerun resumes.
+Each (seed, model) run trains on `knnlm.train`'s loop (its AdamW, checkpoints and exact resume) with the hurdle's own batches,
+schedule (:func:`lr_at`) and per-step records (EMA of the loss, data digest), so a rerun resumes.
 
 The verdict statistic is the paired area between a pruned model's curve and the full model's over the first
 ``--area_fraction`` (40%) of training, per seed (:func:`paired_area`), with a bootstrap interval over seeds.
@@ -21,8 +22,10 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import itertools
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +34,9 @@ from typing import Optional
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import KnnlmError
-from ..fileio import atomic_path, atomic_write_json, claim_output_dir, read_json
+from ..fileio import atomic_write_json, claim_output_dir, read_json
 
 log = logging.getLogger(__name__)
 
@@ -482,13 +484,6 @@ def evaluate_point(model: nn.Module, data: StudyData, args: HurdleArgs, device: 
 
 
 # ---------------------------------------------------------------------------------------------------------------- training
-def _optimizer(model: nn.Module, args: HurdleArgs) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    other = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": other, "weight_decay": 0.0}], lr=args.lr, fused=decay[0].is_cuda)
-
-
 def lr_at(step: int, args: HurdleArgs) -> float:
     """Learning rate of update ``step`` (1-based): linear warm-up to --lr, then linear decay to 0 at --steps."""
     warm = args.warmup_steps
@@ -497,86 +492,76 @@ def lr_at(step: int, args: HurdleArgs) -> float:
     return args.lr * max(0.0, (args.steps - step) / max(1, args.steps - warm))
 
 
-def _rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def train_args(args: HurdleArgs, seed: int):
+    """The shared loop's settings for one run (``knnlm.train``): AdamW at --lr (the schedule is :func:`lr_at`), float32,
+    one micro-batch per step, --steps steps."""
+    from ..train import TrainArgs
+
+    return TrainArgs(learning_rate=args.lr, warmup_ratio=0.0, batch_size=args.batch_size, max_steps=args.steps,
+                     max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay, seed=seed, bf16=False,
+                     log_every=args.log_every)
 
 
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: a killed write never leaves a checkpoint that looks valid."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+def _batches(data: StudyData, args: HurdleArgs):
+    """``knnlm.train``'s data: one unending stream per seed, batch k = :func:`batch_indices` of step k (epochs are the
+    hurdle's own: a batch may straddle two)."""
+    def stream(epoch: int, seed: int):
+        for step in itertools.count():
+            ids, mask, labels = data.train.batch(batch_indices(len(data.train), args.batch_size, seed, step))
+            yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return stream
 
 
 def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: HurdleArgs, run_dir: Path,
               device: torch.device) -> dict:
-    """Trains one (seed, model) run, resuming from its checkpoint; -> its record (metrics per eval step, curve, digest).
+    """Trains one (seed, model) run on ``knnlm.train``'s loop, resuming from its checkpoint folder; -> its record
+    (metrics per eval step, the smoothed loss curve, the digest of the batches fed).
 
     The record is written to ``run_dir/seed<s>-<name>.json`` when the run finishes; its checkpoint is then removed.
     """
+    from ..train import train
+
     done_path = run_dir / f"seed{seed}-{name}.json"
     if done_path.is_file():
         return read_json(done_path)
-    ckpt_path = run_dir / f"seed{seed}-{name}.pt"
-    model.to(device).train()
-    opt = _optimizer(model, args)
-    record = {"seed": seed, "model": name, "params": count_params(model), "evals": {}, "curve": {}}
-    step, ema, digest = 0, 0.0, b""  # digest chains the batches fed: d_k = sha256(d_{k-1} + input_ids_k)
-    torch.manual_seed(seed)  # dropout stream of this run
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay CPU tensors
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"], device)
-        step, ema, record = state["step"], state["ema"], state["record"]
-        digest = bytes.fromhex(state["digest"])
-        log.info("resumed seed %d %s at step %d", seed, name, step)
+    ckpt_dir = run_dir / f"seed{seed}-{name}"
+    old_ckpt = run_dir / f"seed{seed}-{name}.pt"  # the hurdle's own loop's checkpoint (before issue 12)
+    if old_ckpt.is_file() and not ckpt_dir.exists():
+        log.warning("%s: a checkpoint of the hurdle's earlier training loop; seed %d %s restarts from step 0 "
+                    "(the same numbers: the run is seeded)", old_ckpt, seed, name)
+    model.to(device).train()  # before the optimizer is built: on a GPU it takes the fused AdamW kernel
     eval_at = set(args.eval_steps())
-    if step == 0 and "0" not in record["evals"]:
-        record["evals"]["0"] = evaluate_point(model, data, args, device)
-    bar = tqdm(total=args.steps, initial=step, desc=f"seed {seed} {name}", leave=False, dynamic_ncols=True,
-               disable=None)  # shown on a terminal; the eval points are logged either way
-    t0 = time.time()
-    while step < args.steps:
-        ids, mask, labels = data.train.batch(batch_indices(len(data.train), args.batch_size, seed, step))
-        digest = hashlib.sha256(digest + ids.numpy().tobytes()).digest()
-        step += 1
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
-        loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
-        loss.backward()
-        if args.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema = args.ema_beta * ema + (1 - args.ema_beta) * loss.item()
-        smoothed = ema / (1 - args.ema_beta ** step)
+    # the hooks' running values, checkpointed by the loop: ema of the loss, digest chaining the batches fed
+    # (d_k = sha256(d_{k-1} + input_ids_k)) and the record under construction
+    extra = {"ema": 0.0, "smoothed": None, "digest": "",
+             "record": {"seed": seed, "model": name, "params": count_params(model), "evals": {}, "curve": {}}}
+
+    def on_step(step: int, loss: float, group: list[dict]) -> None:
+        digest = hashlib.sha256(bytes.fromhex(extra["digest"]) + group[0]["input_ids"].numpy().tobytes())
+        extra["digest"] = digest.hexdigest()
+        extra["ema"] = args.ema_beta * extra["ema"] + (1 - args.ema_beta) * loss
+        extra["smoothed"] = extra["ema"] / (1 - args.ema_beta ** step)
         if step % args.log_every == 0 or step in eval_at:
-            record["curve"][str(step)] = smoothed
-            bar.set_postfix(loss=f"{smoothed:.3f}")
-        bar.update(1)
-        if step in eval_at:
-            record["evals"][str(step)] = {"train_loss": smoothed, **evaluate_point(model, data, args, device)}
+            extra["record"]["curve"][str(step)] = extra["smoothed"]
+
+    def on_eval(step: int, model: nn.Module) -> dict:
+        metrics = evaluate_point(model, data, args, device)
+        evals = {**metrics, "train_loss": None} if step == 0 else {"train_loss": extra["smoothed"], **metrics}
+        extra["record"]["evals"][str(step)] = evals
+        if step:
             log.info("seed %d %s step %d/%d: %s", seed, name, step, args.steps,
-                     ", ".join(f"{k} {v:.4f}" for k, v in record["evals"][str(step)].items() if not k[3:].isdigit()))
-            record["train_s"] = record.get("train_s", 0.0) + time.time() - t0
-            t0 = time.time()
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                        "rng": _rng_state(device), "step": step, "ema": ema, "record": record,
-                                        "digest": digest.hex()})
-    bar.close()
-    record["evals"]["0"].setdefault("train_loss", None)
-    record["data_digest"] = digest.hex()
+                     ", ".join(f"{k} {v:.4f}" for k, v in evals.items() if not k[3:].isdigit()))
+        return evals
+
+    history = train(model, _batches(data, args), train_args(args, seed), ckpt_dir, eval_every=args.eval_every,
+                    on_eval=on_eval, progress_desc=f"seed {seed} {name}", on_step=on_step, extra_state=extra,
+                    lr_schedule=functools.partial(lr_at, args=args), device=device.type)
+    record = extra["record"]
+    record["train_s"] = history[-1]["elapsed_s"]  # training time, evaluations excluded
+    record["data_digest"] = extra["digest"]
     atomic_write_json(done_path, record)
-    ckpt_path.unlink(missing_ok=True)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    old_ckpt.unlink(missing_ok=True)
     return record
 
 
