@@ -199,15 +199,14 @@ def _load_checkpoint(ckpt_dir: Path, accelerator, model, optimizer, scheduler, a
 
 
 # ---------------------------------------------------------------------------------------------------------------- loop
-def _optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.AdamW:
+def _optimizer(model: torch.nn.Module, args: TrainArgs, fused: bool = False) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise KnnlmError("train: the model has no trainable parameters")
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    # the fused kernel where the caller has already put the model on a GPU (the hurdle study does; its numbers were
-    # recorded with it); a model that accelerate moves there later keeps the default (for-each) kernel
-    fused = all(p.is_cuda for p in params)
+    if fused and not all(p.is_cuda for p in params):
+        raise KnnlmError("train: the fused AdamW kernel needs the model on a GPU before train() is called")
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate,
                              betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=fused or None)
 
@@ -237,7 +236,7 @@ def _my_share(micro: Iterable[dict], rank: int, world: int, per_rank: int | None
 def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: str | Path,
           eval_every: int | None = None, on_eval: OnEval | None = None, progress_desc: str = "train",
           on_step: OnStep | None = None, extra_state: dict | None = None, lr_schedule: LrSchedule | None = None,
-          device: str = "auto") -> list[dict]:
+          device: str = "auto", fused_adamw: bool = False) -> list[dict]:
     """Trains ``model`` in place (resuming from ``ckpt_dir`` when it holds a checkpoint); returns the eval history.
 
     The history has one entry per evaluation point (step 0, every ``eval_every`` steps, the last step): ``step``,
@@ -250,6 +249,8 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
     that step's evaluation); ``extra_state`` is a dict the hooks keep their running values in (JSON-like or tensors):
     it is saved in every checkpoint and restored in place on resume. ``lr_schedule(k)`` gives the learning rate of
     step k (1-based) instead of ``args``' warm-up and decay. ``device="cpu"`` trains on the CPU on a machine with a GPU.
+``fused_adamw`` takes torch's fused AdamW kernel (the caller has put the model on the GPU already; the hurdle study's
+GPU numbers were recorded with it; other callers keep the default kernel and its numbers).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -273,7 +274,7 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
     else:
         raise KnnlmError("train: batches(epoch, seed) must return a sized iterable (e.g. a list) unless --max_steps is set")
 
-    optimizer = _optimizer(model, args)
+    optimizer = _optimizer(model, args, fused_adamw)
     if lr_schedule is not None:
         scheduler = _StepSchedule(optimizer, lr_schedule)
     else:

@@ -529,7 +529,7 @@ def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: Hur
     if old_ckpt.is_file() and not ckpt_dir.exists():
         log.warning("%s: a checkpoint of the hurdle's earlier training loop; seed %d %s restarts from step 0 "
                     "(the same numbers: the run is seeded)", old_ckpt, seed, name)
-    model.to(device).train()  # before the optimizer is built: on a GPU it takes the fused AdamW kernel
+    model.to(device).train()  # before the optimizer is built: on a GPU it takes the fused AdamW kernel, as it did
     eval_at = set(args.eval_steps())
     # the hooks' running values, checkpointed by the loop: ema of the loss, digest chaining the batches fed
     # (d_k = sha256(d_{k-1} + input_ids_k)) and the record under construction
@@ -555,7 +555,8 @@ def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: Hur
 
     history = train(model, _batches(data, args), train_args(args, seed), ckpt_dir, eval_every=args.eval_every,
                     on_eval=on_eval, progress_desc=f"seed {seed} {name}", on_step=on_step, extra_state=extra,
-                    lr_schedule=functools.partial(lr_at, args=args), device=device.type)
+                    lr_schedule=functools.partial(lr_at, args=args), device=device.type,
+                    fused_adamw=device.type == "cuda")
     record = extra["record"]
     record["train_s"] = history[-1]["elapsed_s"]  # training time, evaluations excluded
     record["data_digest"] = extra["digest"]
