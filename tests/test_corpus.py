@@ -1,5 +1,6 @@
 """Sliding windows: every target once, the longest context allowed, and the datastore row mapping."""
 import numpy as np
+import torch
 import pytest
 
 from knnlm.config import resolve
@@ -53,3 +54,15 @@ def test_pieced_tokenization_equals_one_string(tiny_lm, wikitext_dir, tmp_path, 
     out = corpus.tokenize_to_file(tiny_lm, CorpusArgs(train_file=str(path)), "train", tmp_path / "tokens.i32")
     assert out.tokens.tolist() == tiny_lm.encode(text)
     assert out.doc_starts.tolist() == [0, len(out.tokens)]
+
+
+def test_pad_right_hand_values():
+    """The one right-padding (batch_inputs, collate_causal, Macondo scoring and the hurdle's batches use it)."""
+    from knnlm.corpus import pad_right
+    from knnlm.train import collate_causal
+
+    ids, mask = pad_right([[5, 6, 7], np.array([8], dtype=np.int32), []], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]] and ids.dtype == torch.long
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]] and mask.dtype == torch.long
+    batch = collate_causal([[5, 6, 7], [8]], pad_id=9)
+    assert batch["labels"].tolist() == [[5, 6, 7], [8, -100, -100]] and batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 9]]

@@ -372,17 +372,23 @@ def _token_array(tokens) -> np.ndarray:
     return tokens.tokens if isinstance(tokens, TokenFile) else tokens
 
 
+def pad_right(seqs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The project's one right-padding: token sequences (lists or int arrays) -> input ids [B, T] (``pad_id`` after
+    each sequence) and attention mask [B, T] (1 on tokens, 0 on padding); T is the longest sequence's length."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
 def batch_inputs(tokens, batch: list[Window], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input ids [B, T] and attention mask [B, T] of a batch of windows over ``tokens`` (a
     :class:`TokenFile`, read only where the windows are, or any int array)."""
-    length = max(w.end - w.start for w in batch)
-    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), length), dtype=torch.long)
     token_arr = _token_array(tokens)
-    for i, w in enumerate(batch):
-        ids[i, : w.end - w.start] = torch.from_numpy(np.asarray(token_arr[w.start: w.end], dtype=np.int64))
-        mask[i, : w.end - w.start] = 1
-    return ids, mask
+    return pad_right([token_arr[w.start: w.end] for w in batch], pad_id)
 
 
 def target_positions(batch: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:

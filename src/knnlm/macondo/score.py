@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from ..corpus import pad_right
 from ..errors import KnnlmError
 from ..scoring import gold_log_probs, score_positions
 
@@ -41,13 +42,9 @@ def encode_rows(lm, rows: Sequence[dict]) -> list[tuple[list[int], int]]:
 
 def _batch(encoded: list[tuple[list[int], int]], pad_id: int):
     """Right-padded ids/mask [B, T] and, per target token: row in the batch, predicting position, gold id ([n] each)."""
-    length = max(len(ids) for ids, _ in encoded)
-    ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), length), dtype=torch.long)
+    ids, mask = pad_right([seq for seq, _ in encoded], pad_id)
     rows, pos = [], []
     for i, (seq, n_prefix) in enumerate(encoded):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
         for t in range(n_prefix, len(seq)):
             rows.append(i)
             pos.append(t - 1)
