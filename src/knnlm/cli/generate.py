@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ..config import add_arguments, resolve, save_config, to_dict
+from ..config import add_arguments, add_config_flag, resolve, save_config, to_dict
 from ..fileio import claim_output_dir
 from .macondo import RESULT_FILES
 
@@ -16,7 +16,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("generate", help="generate text with the kNN-LM / MLP-LM (model.generate: greedy, sampling, "
                                         "beam search), optionally next to the plain LM")
-    p.add_argument("--config", default=None, help="YAML/JSON file setting any of the options below (flags win)")
+    add_config_flag(p)
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat the flag for several)")
     for cls in (ModelArgs, AugmentArgs, KNNArgs, GenerateArgs):
         add_arguments(p, cls)
