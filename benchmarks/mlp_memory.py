@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", help="float32 keeps the weights hash of a CPU run (memories move freely)")
     p.add_argument("--hidden_size", type=int, default=4096)
-    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--learning_rate", type=float, default=1e-5)
     p.add_argument("--batch_tokens", type=int, default=9216)
     p.add_argument("--micro_batch_tokens", type=int, default=1024)
     p.add_argument("--epochs", type=int, default=2)
@@ -73,7 +73,7 @@ def main() -> None:
     ds = Datastore.open(ds_dir)
     print(f"datastore {ds.dir}: N={ds.N} keys, d={ds.d}, key point {ds.key_point}; device {lm.device}")
 
-    margs = MemoryArgs(datastore=str(ds.dir), output_dir=a.output_dir, hidden_size=a.hidden_size, lr=a.lr,
+    margs = MemoryArgs(datastore=str(ds.dir), output_dir=a.output_dir, hidden_size=a.hidden_size, learning_rate=a.learning_rate,
                        batch_tokens=a.batch_tokens, micro_batch_tokens=a.micro_batch_tokens, epochs=a.epochs,
                        max_steps=a.max_steps, chunk_keys=a.chunk_keys, train_output_layer=a.train_output_layer,
                        seed=a.seed)

@@ -47,7 +47,8 @@ def _macondo_folder(tmp_path):
 
 
 def _args(tmp_path, **kw) -> HurdleArgs:
-    base = dict(size="tiny", steps=8, eval_every=2, seeds=2, batch_size=4, block_size=16, lr=3e-3, warmup=2,
+    base = dict(size="tiny", max_steps=8, eval_every=2, num_seeds=2, batch_size=4, block_size=16, learning_rate=3e-3,
+                warmup=2,
                 vocab_size=64, log_every=1, eval_batch_size=8, device="cpu", output_dir=str(tmp_path / "out"))
     base.update(kw)
     args = HurdleArgs(**base)
@@ -185,9 +186,9 @@ def test_batch_indices_are_seeded_epoch_permutations():
 
 
 def test_lr_schedule_hand_values():
-    args = HurdleArgs(steps=10, warmup=2, lr=1.0)
+    args = HurdleArgs(max_steps=10, warmup=2, learning_rate=1.0)
     assert [lr_at(s, args) for s in range(1, 11)] == [0.5, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8, 0.0]
-    assert HurdleArgs(steps=200, warmup=0.05).warmup_steps == 10
+    assert HurdleArgs(max_steps=200, warmup=0.05).warmup_steps == 10
 
 
 def test_reduced_vocabulary_keeps_the_most_frequent_tokens():
@@ -240,14 +241,14 @@ def test_compare_finds_the_crossing_and_the_quarter_gap():
 def _digest_of(args, data, seed):
     """The chained sha256 of every batch the trainer should feed, recomputed from the sampler."""
     d = b""
-    for step in range(args.steps):
+    for step in range(args.max_steps):
         ids, _, _ = data.train.batch(batch_indices(len(data.train), args.batch_size, seed, step))
         d = hashlib.sha256(d + ids.numpy().tobytes()).digest()
     return d.hex()
 
 
 def test_macondo_mode_records_metrics_at_the_eval_steps_with_one_data_order(tmp_path):
-    args = _args(tmp_path, data=str(_macondo_folder(tmp_path)), steps=7, eval_every=3)
+    args = _args(tmp_path, data=str(_macondo_folder(tmp_path)), max_steps=7, eval_every=3)
     out = run_study(args)
     m = out["metrics"]
     assert args.eval_steps() == [0, 3, 6, 7] and m["steps"] == [0, 3, 6, 7]
@@ -256,7 +257,7 @@ def test_macondo_mode_records_metrics_at_the_eval_steps_with_one_data_order(tmp_
     assert len(data.train) == 6 and data.vocab.size == m["vocab_size"] < 64  # every token of the village kept
     assert data.vocab.unk not in np.concatenate(data.train.seqs)
     for seed in range(2):
-        recs = [json.loads((runs / f"seed{seed}-{name}.json").read_text()) for name in MODELS]
+        recs = [json.loads((runs / f"seed-{seed}-{name}.json").read_text()) for name in MODELS]
         for rec in recs:
             assert list(rec["evals"]) == ["0", "3", "6", "7"]
             assert set(rec["evals"]["3"]) == {"train_loss", "ll_avg", "ll_avg_groups", "ll_1", "ll_2", "ll_3"}
@@ -264,8 +265,8 @@ def test_macondo_mode_records_metrics_at_the_eval_steps_with_one_data_order(tmp_
             assert ev["ll_avg"] == pytest.approx((ev["ll_1"] + 2 * ev["ll_2"] + 3 * ev["ll_3"]) / 6)
             assert [int(s) for s in rec["curve"]] == list(range(1, 8))
         assert recs[0]["data_digest"] == recs[1]["data_digest"] == recs[2]["data_digest"] == _digest_of(args, data, seed)
-    assert json.loads((runs / "seed0-with_last_mlp.json").read_text())["data_digest"] != \
-        json.loads((runs / "seed1-with_last_mlp.json").read_text())["data_digest"]
+    assert json.loads((runs / "seed-0-with_last_mlp.json").read_text())["data_digest"] != \
+        json.loads((runs / "seed-1-with_last_mlp.json").read_text())["data_digest"]
     assert m["same_data_order"] is True
     # a random V-way model starts near log(1/V) per (one-token) name; training on the sentences raises it
     start = m["mean"]["with_last_mlp"]["ll_avg"][0]
@@ -308,7 +309,7 @@ def test_resume_after_an_interrupted_run_gives_identical_results(tmp_path, monke
 
     def killed_after(ckpt_dir, *a):  # the process dies right after the checkpoint of step 4 of seed 1's pruned model
         real_save(ckpt_dir, *a)
-        if ckpt_dir.name == "seed1-without_last_mlp" and a[-2].step == 4:
+        if ckpt_dir.name == "seed-1-without_last_mlp" and a[-2].step == 4:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(knnlm.train, "_save_checkpoint", killed_after)
@@ -316,14 +317,14 @@ def test_resume_after_an_interrupted_run_gives_identical_results(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         run_study(args)
     runs = tmp_path / "resumed" / "runs"
-    ckpt = runs / "seed1-without_last_mlp"
+    ckpt = runs / "seed-1-without_last_mlp"
     assert json.loads((ckpt / "latest.json").read_text())["step"] == 4
-    assert not (runs / "seed1-without_last_mlp.json").exists()
+    assert not (runs / "seed-1-without_last_mlp.json").exists()
     monkeypatch.setattr(knnlm.train, "_save_checkpoint", real_save)
     finished = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.json")}
     resumed = run_study(args)["metrics"]
-    assert {p.name: p.stat().st_mtime_ns for p in runs.glob("seed0-*.json")} == \
-        {k: v for k, v in finished.items() if k.startswith("seed0-")}  # finished runs are skipped, not redone
+    assert {p.name: p.stat().st_mtime_ns for p in runs.glob("seed-0-*.json")} == \
+        {k: v for k, v in finished.items() if k.startswith("seed-0-")}  # finished runs are skipped, not redone
     assert not ckpt.exists()  # the finished run's checkpoint is removed
     assert _strip_timing(resumed) == _strip_timing(whole)
     assert resumed["steps"] == [0, 2, 4, 6, 8] and set(resumed["mean"]["with_last_mlp"]) == {"train_loss", "val_loss"}
@@ -350,7 +351,7 @@ def test_bad_config_key_fails_before_training(tmp_path, capsys):
     assert "stepz" in err and "--config" in err and "Traceback" not in err
     assert not out.exists()
     with pytest.raises(KnnlmError, match="--eval_every"):
-        resolve_args({"data": "macondo", "steps": 10, "eval_every": 20, "output_dir": str(out)})
+        resolve_args({"data": "macondo", "max_steps": 10, "eval_every": 20, "output_dir": str(out)})
     with pytest.raises(KnnlmError, match="--size"):
         resolve_args({"size": "huge", "output_dir": str(out)})
     assert not out.exists()
@@ -359,15 +360,16 @@ def test_bad_config_key_fails_before_training(tmp_path, capsys):
 def test_presets_layer_under_config_and_flags(tmp_path):
     train = _text_files(tmp_path)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"preset: cpu\ndata: {train}\nsteps: 300\n")
+    cfg.write_text(f"preset: cpu\ndata: {train}\nmax_steps: 250\n")
     a = resolve_args({"output_dir": str(tmp_path / "o"), "eval_every": "30"}, str(cfg))
     text = hurdle.preset_values("cpu", "text")
-    assert (a.steps, a.eval_every, a.block_size, a.vocab_size) == (300, 30, text["block_size"], text["vocab_size"]) \
-        == (300, 30, 64, 2048)
+    assert (a.max_steps, a.eval_every, a.block_size, a.vocab_size) == (250, 30, text["block_size"], text["vocab_size"]) \
+        == (250, 30, 64, 2048)
+    assert text["max_steps"] == 300  # the file's value won over the preset's
     b = resolve_args({"output_dir": str(tmp_path / "o"), "preset": "cpu"})
     assert b.mode == "macondo" and b.macondo_num_parents == 50
     deep = resolve_args({"output_dir": str(tmp_path / "o"), "preset": "cpu-deep", "data": str(train)})
-    assert (deep.n_layer, deep.n_embd, deep.n_head, deep.seeds, deep.steps) == (4, 128, 4, 3, 200)
+    assert (deep.n_layer, deep.n_embd, deep.n_head, deep.num_seeds, deep.max_steps) == (4, 128, 4, 3, 200)
     config = gpt2_config(deep.size, 100, 64, 99, deep.n_layer, deep.n_embd, deep.n_head)
     assert (config.n_layer, config.n_embd, config.n_head) == (4, 128, 4)
     assert set(hurdle.preset_names()) == {"cpu", "cpu-deep", "paper"}
@@ -380,9 +382,9 @@ def test_presets_layer_under_config_and_flags(tmp_path):
 
 def test_rerun_with_other_settings_is_refused(tmp_path):
     train = _text_files(tmp_path)
-    run_study(_args(tmp_path, data=str(train), steps=4, seeds=1))
-    with pytest.raises(KnnlmError, match="lr"):
-        run_study(_args(tmp_path, data=str(train), steps=4, seeds=1, lr=1e-2))
+    run_study(_args(tmp_path, data=str(train), max_steps=4, num_seeds=1))
+    with pytest.raises(KnnlmError, match="learning_rate: 0.003 -> 0.01"):
+        run_study(_args(tmp_path, data=str(train), max_steps=4, num_seeds=1, learning_rate=1e-2))
 
 
 def test_shipped_configs_resolve(tmp_path):
@@ -390,13 +392,14 @@ def test_shipped_configs_resolve(tmp_path):
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     cpu = resolve_args({"output_dir": str(tmp_path / "o")}, str(configs / "hurdle-cpu.yaml"))
-    assert (cpu.preset, cpu.mode, cpu.size, cpu.steps, cpu.num_threads) == ("cpu", "macondo", "tiny", 800, 1)
+    assert (cpu.preset, cpu.mode, cpu.size, cpu.max_steps, cpu.num_threads) == ("cpu", "macondo", "tiny", 800, 1)
     paper = resolve_args({"output_dir": str(tmp_path / "o")}, str(configs / "hurdle-paper.yaml"))
-    assert (paper.size, paper.steps, paper.eval_every, paper.seeds, paper.vocab_size) == ("gpt2-small", 10000, 1000, 5, 0)
+    assert (paper.size, paper.max_steps, paper.eval_every, paper.num_seeds, paper.vocab_size) == \
+        ("gpt2-small", 10000, 1000, 5, 0)
     assert (paper.macondo_num_villagers, paper.macondo_num_parents) == (500, 100)
     text = _text_files(tmp_path)
     cpu_text = resolve_args({"output_dir": str(tmp_path / "o"), "data": str(text)}, str(configs / "hurdle-cpu.yaml"))
-    assert (cpu_text.mode, cpu_text.steps, cpu_text.block_size) == ("text", 300, 64)
+    assert (cpu_text.mode, cpu_text.max_steps, cpu_text.block_size) == ("text", 300, 64)
 
 
 # ---------------------------------------------------------------------------------------------------------------- golden numbers
@@ -432,12 +435,32 @@ GOLDEN = {
 @pytest.mark.parametrize("mode", ["text", "macondo"])
 def test_golden_numbers_of_a_seeded_tiny_run(tmp_path, mode):
     data = _text_files(tmp_path) if mode == "text" else _macondo_folder(tmp_path)
-    run_study(_args(tmp_path, data=str(data), steps=6, eval_every=3, seeds=1))
+    run_study(_args(tmp_path, data=str(data), max_steps=6, eval_every=3, num_seeds=1))
     for name, (curve, evals, digest) in GOLDEN[mode].items():
-        rec = json.loads((tmp_path / "out" / "runs" / f"seed0-{name}.json").read_text())
+        rec = json.loads((tmp_path / "out" / "runs" / f"seed-0-{name}.json").read_text())
         assert [rec["curve"][str(s)] for s in range(1, 7)] == pytest.approx(curve, abs=1e-6, rel=0)
         assert list(rec["evals"]) == list(evals)
         for step, metrics in evals.items():
             got = {k: v for k, v in rec["evals"][step].items() if v is not None}
             assert got == pytest.approx(metrics, abs=1e-6, rel=0), (name, step)
         assert rec["data_digest"][:16] == digest
+
+
+def test_old_setting_names_still_work_with_a_warning(tmp_path, caplog):
+    """lr / steps / seeds (before issue 12) are accepted for one release, from a config file and as flags, each with a
+    one-line warning naming the new name; a file's old name still wins over the preset's new one."""
+    from knnlm.cli import build_parser
+
+    train = _text_files(tmp_path)
+    cfg = tmp_path / "old.yaml"
+    cfg.write_text(f"preset: cpu\ndata: {train}\nsteps: 250\nlr: 2.0e-3\n")
+    with caplog.at_level("WARNING"):
+        a = resolve_args({"output_dir": str(tmp_path / "o"), "seeds": 2}, str(cfg))
+    assert (a.max_steps, a.learning_rate, a.num_seeds) == (250, 2e-3, 2)
+    warned = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert len(warned) == 3 and any("steps is deprecated, use max_steps" in m for m in warned)
+    assert any("lr is deprecated, use learning_rate" in m for m in warned)
+    ns = build_parser().parse_args(["hurdle", "run", "--steps", "12", "--lr", "0.01", "--output_dir", "o"])
+    assert (ns.max_steps, ns.learning_rate) == ("12", "0.01")
+    with pytest.raises(KnnlmError, match="both steps .deprecated. and max_steps"):
+        resolve_args({"output_dir": str(tmp_path / "o"), "steps": 5, "max_steps": 6})

@@ -61,7 +61,7 @@ def random_store(folder, lm, n=64, seed=0):
 
 
 def fast_args(ds, out, **kw):
-    base = dict(datastore=str(ds.dir), output_dir=str(out), hidden_size=32, lr=1e-2, batch_tokens=16,
+    base = dict(datastore=str(ds.dir), output_dir=str(out), hidden_size=32, learning_rate=1e-2, batch_tokens=16,
                 micro_batch_tokens=16, epochs=3, chunk_keys=24, checkpoint_every=1000, log_every=1)
     return MemoryArgs(**{**base, **kw})
 
@@ -132,7 +132,7 @@ def test_epoch_batches_visit_every_row_once_and_resume_mid_epoch(tmp_path):
 def test_overfits_a_tiny_datastore(tmp_path):
     lm = StubLM()
     ds = random_store(tmp_path / "ds", lm, n=64)
-    mem = train_memory(lm, ds, fast_args(ds, tmp_path / "mem", hidden_size=64, lr=3e-2, batch_tokens=64,
+    mem = train_memory(lm, ds, fast_args(ds, tmp_path / "mem", hidden_size=64, learning_rate=3e-2, batch_tokens=64,
                                          micro_batch_tokens=32, epochs=150, chunk_keys=64, log_every=10))
     record = json.loads((tmp_path / "mem" / "train.json").read_text())
     assert record["first_loss"] > 2.0 and record["final_loss"] < 0.05
@@ -206,7 +206,7 @@ def test_datastore_of_another_model_is_refused_before_training(tmp_path):
 
 def test_bad_arguments():
     for kw, flag in ((dict(datastore=None), "--datastore"), (dict(output_dir=None), "--output_dir"),
-                     (dict(hidden_size=0), "--hidden_size"), (dict(lr=0.0), "--lr"), (dict(max_steps=-1), "--max_steps")):
+                     (dict(hidden_size=0), "--hidden_size"), (dict(learning_rate=0.0), "--learning_rate"), (dict(max_steps=-1), "--max_steps")):
         args = MemoryArgs(**{"datastore": "ds", "output_dir": "out", **kw})
         with pytest.raises(KnnlmError, match=flag):
             args.validate()
@@ -273,7 +273,7 @@ def gpt2_store(tiny_lm, tmp_path_factory):
 def test_evaluate_lambda0_is_the_lm_and_mixture_matches_by_hand(tiny_lm, gpt2_store, tmp_path):
     ds = Datastore.open(gpt2_store / "ds")
     mem = train_memory(tiny_lm, ds, MemoryArgs(datastore=str(ds.dir), output_dir=str(tmp_path / "mem"), hidden_size=32,
-                                               lr=1e-2, batch_tokens=32, epochs=1))
+                                               learning_rate=1e-2, batch_tokens=32, epochs=1))
     corpus = CorpusArgs(validation_file=str(gpt2_store / "valid.txt"), block_size=64)
     metrics = evaluate(tiny_lm, corpus, tmp_path / "eval", EvalArgs(output_dir=str(tmp_path / "eval")),
                        knn=KNNArgs(lmbda=[0.0, 0.5]), memory=mem)
@@ -295,7 +295,7 @@ def test_cli_train_then_eval_reports_mlplm_and_storage(tiny_gpt2_dir, gpt2_store
     mem_dir = tmp_path / "mem"
     rc = main(["mlp", "train", "--datastore", str(gpt2_store / "ds"), "--model_name_or_path", str(tiny_gpt2_dir),
                "--device", "cpu", "--output_dir", str(mem_dir), "--hidden_size", "16", "--batch_tokens", "64",
-               "--epochs", "1", "--lr", "1e-3"])
+               "--epochs", "1", "--learning_rate", "1e-3"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "pairs/s" in out and "datastore (keys + values)" in out

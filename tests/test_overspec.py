@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 # 4 per epoch, 2 epochs = 8 steps; evaluation points 0, 4, 8.
 TINY = dict(model_name_or_path="tiny", seeds="0,1", num_villagers=12, num_parents=5, max_children=5, examples_per_child=1,
             epochs=2, eval_every=4, learning_rate=1e-3, mlp_hidden_size=16, mlp_epochs=1, mlp_batch_tokens=64,
-            mlp_lr=1e-3, eval_batch_size=16, device="cpu")
+            mlp_learning_rate=1e-3, eval_batch_size=16, device="cpu")
 STEPS = [0, 4, 8]
 # cpu-tiny / demo, seed 0, last step (480): training-split and test vanilla averages of the measured demo run
 GOLDEN_SEED0 = {"train_lm": -0.5326, "test_lm": -1.8063}

@@ -33,7 +33,7 @@ def test_datastore_over_the_lm_training_tokens_matches_by_hash(tmp_path):
     assert not more["match"] and more["datastore_tokens"] == 208
     # the eval's per-token cache (the additive mlp_gold.f32 hook) reproduces the eval's own perplexities
     assert main(["mlp", "train", "--datastore", str(tmp_path / "ds"), "--model_name_or_path", str(lm), "--hidden_size",
-                 "16", "--batch_tokens", "64", "--max_steps", "2", "--lr", "1e-2", "--output_dir", str(tmp_path / "mem")]) == 0
+                 "16", "--batch_tokens", "64", "--max_steps", "2", "--learning_rate", "1e-2", "--output_dir", str(tmp_path / "mem")]) == 0
     ev = tmp_path / "eval"
     assert main(["eval", "--model_name_or_path", str(lm), "--validation_file", str(tmp_path / "valid.txt"), "--datastore",
                  str(tmp_path / "ds"), "--mlp_memory", str(tmp_path / "mem"), "--k", "8", "--lmbda", "0.25",

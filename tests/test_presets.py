@@ -84,8 +84,12 @@ def test_every_preset_is_covered():
         assert _launch_commands(PRESETS_DIR / f"{name}.yaml"), f"{name}.yaml has no `knnlm ...` launch line"
 
 
+def _deprecated_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+
+
 @pytest.mark.parametrize("name", [p for p in presets() if not p.startswith("reproduce-")])
-def test_preset_resolves_against_its_command(name, tmp_path, monkeypatch):
+def test_preset_resolves_against_its_command(name, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(REPO)  # launch lines say configs/NAME.yaml, relative to the repository root
     path = PRESETS_DIR / f"{name}.yaml"
     for argv in _launch_commands(path):
@@ -99,6 +103,7 @@ def test_preset_resolves_against_its_command(name, tmp_path, monkeypatch):
             if flag not in argv:  # the file's value arrives unless the launch line overrides it
                 got = values[key]
                 assert got == want or got == [want] or str(got) == str(want), (name, key, got, want)
+        assert not _deprecated_warnings(caplog), (name, _deprecated_warnings(caplog))  # shipped: current names only
         bad = tmp_path / f"{name}-bad.yaml"
         bad.write_text(path.read_text() + "\nno_such_option: 1\n")
         with pytest.raises(KnnlmError, match="no_such_option"):
@@ -106,7 +111,7 @@ def test_preset_resolves_against_its_command(name, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("scale", ["cpu", "gpu", "paper"])
-def test_reproduce_recipe_stages_parse_and_resolve(scale, tmp_path, wikitext_dir):
+def test_reproduce_recipe_stages_parse_and_resolve(scale, tmp_path, wikitext_dir, caplog):
     from knnlm.experiments.reproduce import ReproduceArgs, load_recipe, stage_argv
 
     args = ReproduceArgs(scale=scale, data_dir=str(wikitext_dir), output_dir=str(tmp_path / "out"))
@@ -114,12 +119,43 @@ def test_reproduce_recipe_stages_parse_and_resolve(scale, tmp_path, wikitext_dir
     assert recipe == load_config_file(PRESETS_DIR / f"reproduce-{scale}.yaml") and len(recipe["stages"]) >= 5
     names = [s["name"] for s in recipe["stages"]]
     assert len(set(names)) == len(names)
+    smoke = dataclasses.replace(args, smoke=True)
     for stage in recipe["stages"]:
-        argv = stage_argv(stage, args)
-        assert not any("{" in a for a in argv), (stage["name"], argv)  # every placeholder filled
-        objs = _resolve_command(argv)
-        assert objs is not None, stage["name"]
+        for run_args in (args, smoke):  # as the recipe runs, and with --smoke's overrides on top
+            argv = stage_argv(stage, run_args)
+            assert not any("{" in a for a in argv), (stage["name"], argv)  # every placeholder filled
+            objs = _resolve_command(argv)
+            assert objs is not None, stage["name"]
+    assert not _deprecated_warnings(caplog), _deprecated_warnings(caplog)  # shipped: current flag names only
     # the recipe's own launch line (knnlm reproduce --scale ...) parses and resolves too
     (launch,) = _launch_commands(PRESETS_DIR / f"reproduce-{scale}.yaml")
     (rargs,) = _resolve_command(launch)
     assert rargs.scale == scale
+
+
+def test_deprecated_names_resolve_to_the_new_ones(caplog):
+    """Each renamed field (issue 12: one name per concept) accepts its old config key and old flag for one release,
+    with one warning naming the new name; both names at once is an error."""
+    from knnlm.config import deprecated_names, rename_deprecated
+
+    renamed = {cls.__name__: deprecated_names(cls) for cls in CLASSES.values() if deprecated_names(cls)}
+    assert renamed == {"HurdleArgs": {"steps": "max_steps", "seeds": "num_seeds", "lr": "learning_rate"},
+                       "ProjectionArgs": {"lr": "learning_rate"}, "MemoryArgs": {"lr": "learning_rate"},
+                       "OverspecArgs": {"mlp_lr": "mlp_learning_rate"}, "TrainArgs": {"steps": "max_steps"},
+                       "LMTrainArgs": {"steps": "max_steps"}}
+    for cls_name, table in renamed.items():
+        for old, new in table.items():
+            caplog.clear()
+            assert rename_deprecated({old: "7", "other": 1}, CLASSES[cls_name]) == {new: "7", "other": 1}
+            (msg,) = _deprecated_warnings(caplog)
+            assert f"{old} is deprecated, use {new}" in msg
+            with pytest.raises(KnnlmError, match=f"both {old} .deprecated. and {new}"):
+                rename_deprecated({old: "7", new: "8"}, CLASSES[cls_name])
+    caplog.clear()
+    for argv, dest in ((["mlp", "train", "--lr", "0.5"], "learning_rate"),
+                       (["analyze", "projection", "--lr", "0.5"], "learning_rate"),
+                       (["overspec", "run", "--mlp_lr", "0.5"], "mlp_learning_rate"),
+                       (["lm", "train", "--steps", "0.5"], "max_steps"),
+                       (["hurdle", "run", "--seeds", "0.5"], "num_seeds")):
+        assert getattr(build_parser().parse_args(argv), dest) == "0.5", argv
+    assert len(_deprecated_warnings(caplog)) == 5

@@ -316,7 +316,7 @@ def test_resume_after_kill_gives_same_results(common, tmp_path, monkeypatch):
     (["--target", "f,softmax"], "--target"),
     (["--lmbda", "1"], "--lmbda"),
     (["--lmbda", "0.25,0.5"], "--lmbda"),
-    (["--lr", "0"], "--lr"),
+    (["--learning_rate", "0"], "--learning_rate"),
     (["--tol", "1e-3,-1"], "--tol"),
     (["--patience", "-1"], "--patience"),
     (["--target", "f,f_norm"], "--target"),

@@ -398,7 +398,7 @@ def test_api_scorer_matches_direct_computation(server, tiny_lm, village, tmp_pat
     assert run["model"] == tiny_lm.name and run["village_seed"] == 3 and run["seed"] == 5
     for split in ("test", "test_overspecified"):
         rows = read_split(village, split)
-        examples = json.loads((out / "seed5" / f"scores_{split}.json").read_text())["examples"]
+        examples = json.loads((out / "seed-5" / f"scores_{split}.json").read_text())["examples"]
         assert len(examples) == len(rows) == 8  # 4 parents x 2 children
         direct = [_direct_ll(tiny_lm, r["prefix"], r["target"]) for r in rows]
         assert [e["ll"] for e in examples] == pytest.approx(direct, abs=1e-4)
@@ -407,6 +407,8 @@ def test_api_scorer_matches_direct_computation(server, tiny_lm, village, tmp_pat
         summary = run["splits"][split]["summary"]
         assert summary["2"] == pytest.approx(sum(direct) / 8, abs=1e-4)
         assert summary["optimum"]["2"] == pytest.approx(math.log(0.5))
+        over = res["metrics"]["over_seeds"][split]  # one seed: the mean is its value, the std null (docs/studies.md)
+        assert over["mean"]["2"] == summary["2"] and set(over["std"].values()) == {None}
     table = (out / "results.md").read_text()
     assert f"| 2 | 8 | {run['splits']['test']['summary']['2']:.2f} |" in table and "-0.69" in table
     assert "sk-secret" not in (out / "config.json").read_text() + (out / "results.json").read_text()

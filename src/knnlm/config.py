@@ -1,12 +1,17 @@
 """Dataclass configs, mirrored as CLI flags and settable from a YAML/JSON file.
 
 Every field carries ``metadata={"help": ...}``. Precedence: CLI flag > config file > dataclass default.
+
+One name per concept across commands (transformers' where it has one: ``learning_rate``, ``max_steps``; ``seeds`` is
+always a list of seeds, ``num_seeds`` a count). A renamed field lists its old names in ``metadata={"deprecated":
+(...)}``: for one release the old flag and the old config key still work, with a one-line warning naming the new one.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import logging
 import types
 import typing
 from pathlib import Path
@@ -16,6 +21,8 @@ import yaml
 
 from .errors import KnnlmError
 from .fileio import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 
 def _unwrap_optional(tp):
@@ -69,8 +76,46 @@ def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def deprecated_names(classes) -> dict[str, str]:
+    """``{old name: new name}`` over the fields of one dataclass or several (their ``metadata["deprecated"]``)."""
+    classes = classes if isinstance(classes, (list, tuple)) else [classes]
+    live = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    return {old: f.name for cls in classes for f in dataclasses.fields(cls)
+            for old in f.metadata.get("deprecated", ()) if old not in live}
+
+
+def rename_deprecated(values: dict, classes, warn: bool = True, source: str = "--config") -> dict:
+    """``values`` (config keys or CLI values) with deprecated names replaced by their new ones, warning once per name
+    (``source`` says where: a config file or the flags). Both names set is an error."""
+    table = deprecated_names(classes)
+    out = dict(values)
+    for old, new in table.items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        if value is None:
+            continue
+        if out.get(new) is not None:
+            raise KnnlmError(f"{source}: both {old} (deprecated) and {new} are set; keep {new} only")
+        if warn:
+            log.warning("%s: %s is deprecated, use %s (the old name is accepted until the next release)", source, old,
+                        new)
+        out[new] = value
+    return out
+
+
+class _DeprecatedFlag(argparse.Action):
+    """An old flag name: sets the new field and warns (hidden from --help)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        log.warning("%s is deprecated, use --%s (the old flag is accepted until the next release)", option_string,
+                    self.dest)
+        setattr(namespace, self.dest, values)
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """Adds one flag per dataclass field; unset flags stay None so a config file can fill them."""
+    """Adds one flag per dataclass field (and hidden ones for its deprecated names); unset flags stay None so a config
+    file can fill them."""
     group = parser.add_argument_group(cls.__name__)
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
@@ -84,6 +129,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         extra = {"nargs": "?", "const": "true"} if tp is bool else {}  # `--flag` alone means true
         group.add_argument(f"--{f.name}", default=None, metavar=f.name.upper(), dest=f.name,
                            help=f"{help_text} (default: {shown})".replace("%", "%%"), **extra)  # argparse %-formats help
+        for old in f.metadata.get("deprecated", ()):
+            group.add_argument(f"--{old}", dest=f.name, action=_DeprecatedFlag, help=argparse.SUPPRESS, **extra)
 
 
 def add_config_flag(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -132,7 +179,9 @@ def resolve(classes, namespace: argparse.Namespace | dict | None = None, config_
     single = not isinstance(classes, (list, tuple))
     classes = [classes] if single else list(classes)
     cli = vars(namespace) if isinstance(namespace, argparse.Namespace) else dict(namespace or {})
-    from_file = load_config_file(config_file) if config_file else {}
+    cli = rename_deprecated(cli, classes, source="flags")
+    from_file = rename_deprecated(load_config_file(config_file), classes, source=f"--config {config_file}") \
+        if config_file else {}
     known = {f.name for cls in classes for f in dataclasses.fields(cls)}
     unknown = sorted(set(from_file) - known)
     if unknown:

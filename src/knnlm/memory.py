@@ -44,7 +44,7 @@ class MemoryArgs:
     output_dir: Optional[str] = field(default=None, metadata={"help": "Folder the memory is written to (required)."})
     hidden_size: int = field(default=4096, metadata={"help": "Hidden units of the memory's one-hidden-layer MLP (paper: 4096)."})
     activation: str = field(default="auto", metadata={"help": "MLP activation, a transformers ACT2FN name; auto = the LM's own (gelu_new for GPT-2)."})
-    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate (paper: 1e-5)."})
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (paper: 1e-5).", "deprecated": ("lr",)})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     batch_tokens: int = field(default=9216, metadata={"help": "Key/value pairs per optimiser step (paper: 3x3072)."})
     micro_batch_tokens: int = field(default=1024, metadata={"help": "Pairs per forward/backward; gradients accumulate up to --batch_tokens (bounds the [n, V] logits in memory)."})
@@ -67,8 +67,8 @@ class MemoryArgs:
                 raise KnnlmError(f"--{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_steps < 0:
             raise KnnlmError(f"--max_steps: must be >= 0 (0 = no limit), got {self.max_steps}")
-        if not self.lr > 0:
-            raise KnnlmError(f"--lr: must be > 0, got {self.lr}")
+        if not self.learning_rate > 0:
+            raise KnnlmError(f"--learning_rate: must be > 0, got {self.learning_rate}")
         if self.weight_decay < 0:
             raise KnnlmError(f"--weight_decay: must be >= 0, got {self.weight_decay}")
 
@@ -274,7 +274,8 @@ _RESULT_FIELDS = ("hidden_size", "activation", "lr", "weight_decay", "batch_toke
 
 def _fingerprint(lm, ds: Datastore, args: MemoryArgs, activation: str) -> dict:
     """Everything the trained weights depend on (not the output folder, logging or checkpoint cadence)."""
-    training = {k: getattr(args, k) for k in _RESULT_FIELDS}
+    # the stored key of --learning_rate stays "lr": memories trained before the rename keep resuming / being found
+    training = {k: getattr(args, "learning_rate" if k == "lr" else k) for k in _RESULT_FIELDS}
     training["activation"] = activation
     return {"model_name_or_path": lm.name, "weights_hash": lm.weights_hash(), "tokenizer_hash": lm.tokenizer_hash(),
             "key_point": ds.key_point, "datastore": datastore_reference(ds), "training": training}
@@ -373,7 +374,7 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
     reference = {k: fp[k] for k in _REFERENCE_KEYS}
     mem = MLPMemory(ds.d, args.hidden_size, lm.output_layer.out_features, activation, output_layer=lm.output_layer,
                     train_output_layer=args.train_output_layer, reference=reference).to(lm.device)
-    opt = torch.optim.AdamW(mem.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(mem.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(ds.N / args.batch_tokens)
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps:
@@ -390,7 +391,7 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
         state = blob["state"]
         log.info("resuming memory training at step %d of %d", state["step"], total_steps)
     log.info("training MLP memory: N=%d pairs, d=%d, hidden %d, %d steps of %d pairs, lr %g, W %s", ds.N, ds.d,
-             args.hidden_size, total_steps, args.batch_tokens, args.lr,
+             args.hidden_size, total_steps, args.batch_tokens, args.learning_rate,
              "trained copy" if args.train_output_layer else "the LM's, frozen")
 
     mem.train()

@@ -295,7 +295,9 @@ class LM:
 
 
 # ---------------------------------------------------------------------------------------------------------------- loading
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (cuda when torch sees a GPU, else cpu), ``cpu`` or ``cuda[:N]`` -> a device; the project's one rule
+    (``--device`` of every command and study)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -422,7 +424,7 @@ def load_model(args: ModelArgs) -> LM:
     if not args.model_name_or_path:
         raise KnnlmError("--model_name_or_path: required (a model folder, a hub id, a .gguf file or smollm2-135m)")
     source, gguf = resolve_model_source(str(args.model_name_or_path), args.gguf_file and str(args.gguf_file))
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     local = _is_local(source)
     if gguf or source.endswith(".gguf"):

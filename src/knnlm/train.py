@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Literal, Optional
 import numpy as np
 import torch
 
+from .corpus import pad_right
 from .errors import KnnlmError
 from .fileio import atomic_write_json
 
@@ -50,7 +51,7 @@ class TrainArgs:
     batch_size: int = field(default=4, metadata={"help": "Sequences per micro-batch on each process (the caller's batches() decides; recorded here for the config)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step (per process); global batch = batch_size x this x processes."})
     epochs: int = field(default=50, metadata={"help": "Passes over the training data (ignored when --max_steps is set)."})
-    max_steps: Optional[int] = field(default=None, metadata={"help": "Total optimizer steps; overrides --epochs (the data is re-read epoch after epoch as needed)."})
+    max_steps: Optional[int] = field(default=None, metadata={"help": "Total optimizer steps; overrides --epochs (the data is re-read epoch after epoch as needed).", "deprecated": ("steps",)})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient L2 norm to this value before each step (0 = no clipping)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay, applied to matrices only (not to biases, norms)."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
@@ -99,12 +100,7 @@ def collate_causal(seqs: list[list[int]], pad_id: int) -> dict:
 
     Labels are the inputs (the model shifts them): the loss covers every token of the sentence but the first.
     """
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
+    ids, mask = pad_right(seqs, pad_id)
     labels = ids.masked_fill(mask == 0, -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 

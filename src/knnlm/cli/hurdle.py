@@ -23,7 +23,7 @@ def cmd_hurdle_run(args) -> int:
     hargs = resolve_args(vars(args), args.config)
     out = run_study(hargs)
     m = out["metrics"]
-    print(f"hurdle ({m['mode']} mode, size {hargs.size}, {len(m['seeds'])} seeds, {hargs.steps} steps, {m['device']}): "
+    print(f"hurdle ({m['mode']} mode, size {hargs.size}, {len(m['seeds'])} seeds, {hargs.max_steps} steps, {m['device']}): "
           + "; ".join(f"{name} {m['params'][name]:,} parameters" for name in MODELS))
     for key, a in m["areas"].items():
         parts = []

@@ -16,7 +16,6 @@ def register(sub) -> None:
     add_config_flag(train)
     for cls in (LMArgs, LMTrainArgs):
         add_arguments(train, cls)
-    train.add_argument("--steps", dest="max_steps", default=None, metavar="MAX_STEPS", help="alias of --max_steps")
     train.set_defaults(func=cmd_lm_train)
 
 

@@ -37,6 +37,8 @@ from torch import nn
 
 from ..errors import KnnlmError
 from ..fileio import atomic_write_json, claim_output_dir, read_json
+from ..corpus import pad_right
+from .study import check_resumable, mean_std, seed_path
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +58,13 @@ class HurdleArgs:
     area_fraction: float = field(default=0.4, metadata={"help": "The paired area (the verdict statistic) is taken over the first this fraction of training."})
     bootstrap: int = field(default=10000, metadata={"help": "Bootstrap resamples of the seeds for the interval of the paired area."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Run folder: checkpoints, results.json, results.md, PNGs (required). A rerun resumes it."})
-    steps: int = field(default=10000, metadata={"help": "Optimizer steps per model."})
+    max_steps: int = field(default=10000, metadata={"help": "Optimizer steps per model.", "deprecated": ("steps",)})
     eval_every: int = field(default=1000, metadata={"help": "Evaluate every N steps (and at step 0 and the last step); checkpoints are written at the same points."})
-    seeds: int = field(default=5, metadata={"help": "Number of seeds (0..seeds-1); each seed gives both models their initial weights and data order."})
+    num_seeds: int = field(default=5, metadata={"help": "Number of seeds (0..num_seeds-1); each seed gives both models their initial weights and data order.", "deprecated": ("seeds",)})
     batch_size: int = field(default=8, metadata={"help": "Examples per step: sentences in Macondo mode, blocks of --block_size tokens in text mode."})
     block_size: int = field(default=1024, metadata={"help": "Text mode: tokens per training block and validation block."})
-    lr: float = field(default=5e-4, metadata={"help": "Peak learning rate of AdamW."})
-    warmup: float = field(default=0.05, metadata={"help": "Linear warm-up: a fraction of --steps when < 1, else a number of steps; then linear decay to 0."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate of AdamW.", "deprecated": ("lr",)})
+    warmup: float = field(default=0.05, metadata={"help": "Linear warm-up: a fraction of --max_steps when < 1, else a number of steps; then linear decay to 0."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only; biases, norms untouched)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
     vocab_size: int = field(default=0, metadata={"help": "0: the tokenizer's full vocabulary. N > 0: keep the N-1 most frequent tokens of the training data and map the rest to one unknown id (a CPU speed-up; likelihoods are then over that reduced vocabulary)."})
@@ -86,10 +88,10 @@ class HurdleArgs:
 
     @property
     def warmup_steps(self) -> int:
-        return int(round(self.warmup * self.steps)) if self.warmup < 1 else int(self.warmup)
+        return int(round(self.warmup * self.max_steps)) if self.warmup < 1 else int(self.warmup)
 
     def eval_steps(self) -> list[int]:
-        return sorted(set(range(0, self.steps + 1, self.eval_every)) | {self.steps})
+        return sorted(set(range(0, self.max_steps + 1, self.eval_every)) | {self.max_steps})
 
     def validate(self) -> None:
         if not self.output_dir:
@@ -102,15 +104,17 @@ class HurdleArgs:
             raise KnnlmError(f"--data: {self.data} does not exist; pass `macondo`, a Macondo folder or a text file")
         if self.data != "macondo" and Path(self.data).is_dir() and not (Path(self.data) / "test.jsonl").is_file():
             raise KnnlmError(f"--data: {self.data} is a folder without test.jsonl; pass a folder from `knnlm macondo generate`")
-        for name in ("steps", "eval_every", "seeds", "batch_size", "block_size", "eval_batch_size", "log_every"):
+        for name in ("max_steps", "eval_every", "num_seeds", "batch_size", "block_size", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise KnnlmError(f"--{name}: must be >= 1, got {getattr(self, name)}")
-        if self.eval_every > self.steps:
-            raise KnnlmError(f"--eval_every: {self.eval_every} exceeds --steps {self.steps}; lower it")
-        if self.lr <= 0 or self.warmup < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise KnnlmError("--lr/--warmup/--weight_decay/--max_grad_norm: must be positive (lr) or >= 0")
-        if self.warmup_steps >= self.steps:
-            raise KnnlmError(f"--warmup: {self.warmup} gives {self.warmup_steps} warm-up steps, not fewer than --steps {self.steps}")
+        if self.eval_every > self.max_steps:
+            raise KnnlmError(f"--eval_every: {self.eval_every} exceeds --max_steps {self.max_steps}; lower it")
+        if self.learning_rate <= 0 or self.warmup < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise KnnlmError("--learning_rate/--warmup/--weight_decay/--max_grad_norm: must be positive (learning_rate) "
+                             "or >= 0")
+        if self.warmup_steps >= self.max_steps:
+            raise KnnlmError(f"--warmup: {self.warmup} gives {self.warmup_steps} warm-up steps, not fewer than --max_steps "
+                             f"{self.max_steps}")
         if not 0 <= self.ema_beta < 1:
             raise KnnlmError(f"--ema_beta: must be in [0, 1), got {self.ema_beta}")
         if min(self.n_layer, self.n_embd, self.n_head) < 0:
@@ -130,8 +134,7 @@ class HurdleArgs:
             raise KnnlmError("--vocab_size: 0 (full vocabulary) or >= 2")
         if self.device not in ("auto", "cpu", "cuda"):
             raise KnnlmError(f"--device: {self.device!r} is not one of auto, cpu, cuda")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise KnnlmError("--device: cuda requested but no CUDA device is visible; use --device cpu")
+        self.resolved_device()  # cuda without a GPU: the one-line error
         if self.mode == "text":
             val = self.validation_path()
             if val is None:
@@ -146,9 +149,9 @@ class HurdleArgs:
         return sibling if Path(self.data).name == "train.txt" and sibling.is_file() else None
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        from ..models import resolve_device
+
+        return resolve_device(self.device)
 
 
 # Presets are YAML files, one per (preset, mode): configs/hurdle-preset-<name>-<macondo|text>.yaml (flat keys of
@@ -170,18 +173,18 @@ def preset_values(preset: str, mode: str) -> dict:
     return load_config_file(path)
 
 
-# Fields that change what a run computes: a rerun into the same folder must agree on them to resume it.
-_RUN_KEYS = tuple(f.name for f in dataclasses.fields(HurdleArgs)
-                  if f.name not in ("output_dir", "device", "num_threads", "seeds", "eval_batch_size", "preset",
-                                    "area_fraction", "bootstrap"))
+# Fields that do not change what a run computes: a rerun into the same folder may change them and still resume it.
+_FREE_KEYS = ("output_dir", "device", "num_threads", "num_seeds", "eval_batch_size", "preset", "area_fraction",
+              "bootstrap")
 
 
 def resolve_args(cli: dict, config_file: Optional[str] = None) -> HurdleArgs:
     """HurdleArgs from CLI values (None = unset), a YAML/JSON config file and a preset: flag > file > preset > default."""
-    from ..config import load_config_file, resolve
+    from ..config import load_config_file, rename_deprecated, resolve
 
-    file_vals = load_config_file(config_file) if config_file else {}
-    cli = {k: v for k, v in cli.items() if v is not None}
+    # new names here (resolve() warns about the old ones), so that a preset's key does not shadow a file's old one
+    file_vals = rename_deprecated(load_config_file(config_file), HurdleArgs, warn=False) if config_file else {}
+    cli = rename_deprecated({k: v for k, v in cli.items() if v is not None}, HurdleArgs)
     preset = cli.get("preset", file_vals.get("preset"))
     if preset is not None:
         data = cli.get("data", file_vals.get("data", HurdleArgs.data))
@@ -304,17 +307,6 @@ class Vocab:
         return out
 
 
-def _pad(seqs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pads id sequences -> input_ids [B, T], attention_mask [B, T]."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
 @dataclass
 class Examples:
     """Training examples: Macondo sentences (variable length) or fixed text blocks, as model ids."""
@@ -329,7 +321,7 @@ class Examples:
     def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> input_ids [B, T], attention_mask [B, T], labels [B, T] (-100 on padding)."""
         if self.seqs is not None:
-            ids, mask = _pad([self.seqs[i] for i in idx], 0)
+            ids, mask = pad_right([self.seqs[i] for i in idx], 0)
         else:
             rows = [self.tokens[i * self.block_size:(i + 1) * self.block_size] for i in idx]
             ids = torch.as_tensor(np.stack(rows), dtype=torch.long)
@@ -485,19 +477,21 @@ def evaluate_point(model: nn.Module, data: StudyData, args: HurdleArgs, device: 
 
 # ---------------------------------------------------------------------------------------------------------------- training
 def lr_at(step: int, args: HurdleArgs) -> float:
-    """Learning rate of update ``step`` (1-based): linear warm-up to --lr, then linear decay to 0 at --steps."""
+    """Learning rate of update ``step`` (1-based): linear warm-up to --learning_rate, then linear decay to 0 at
+    --max_steps."""
     warm = args.warmup_steps
     if step <= warm:
-        return args.lr * step / max(1, warm)
-    return args.lr * max(0.0, (args.steps - step) / max(1, args.steps - warm))
+        return args.learning_rate * step / max(1, warm)
+    return args.learning_rate * max(0.0, (args.max_steps - step) / max(1, args.max_steps - warm))
 
 
 def train_args(args: HurdleArgs, seed: int):
-    """The shared loop's settings for one run (``knnlm.train``): AdamW at --lr (the schedule is :func:`lr_at`), float32,
-    one micro-batch per step, --steps steps."""
+    """The shared loop's settings for one run (``knnlm.train``): AdamW at --learning_rate (the schedule is :func:`lr_at`),
+    float32, one micro-batch per step, --max_steps steps."""
     from ..train import TrainArgs
 
-    return TrainArgs(learning_rate=args.lr, warmup_ratio=0.0, batch_size=args.batch_size, max_steps=args.steps,
+    return TrainArgs(learning_rate=args.learning_rate, warmup_ratio=0.0, batch_size=args.batch_size,
+                     max_steps=args.max_steps,
                      max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay, seed=seed, bf16=False,
                      log_every=args.log_every)
 
@@ -517,14 +511,15 @@ def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: Hur
     """Trains one (seed, model) run on ``knnlm.train``'s loop, resuming from its checkpoint folder; -> its record
     (metrics per eval step, the smoothed loss curve, the digest of the batches fed).
 
-    The record is written to ``run_dir/seed<s>-<name>.json`` when the run finishes; its checkpoint is then removed.
+    The record is written to ``run_dir/seed-<s>-<name>.json`` when the run finishes (``study.seed_path``: a folder's
+    earlier ``seed<s>-`` names are kept); its checkpoint is then removed.
     """
     from ..train import train
 
-    done_path = run_dir / f"seed{seed}-{name}.json"
+    done_path = seed_path(run_dir, seed, f"-{name}.json")
     if done_path.is_file():
         return read_json(done_path)
-    ckpt_dir = run_dir / f"seed{seed}-{name}"
+    ckpt_dir = seed_path(run_dir, seed, f"-{name}")
     old_ckpt = run_dir / f"seed{seed}-{name}.pt"  # the hurdle's own loop's checkpoint (before issue 12)
     if old_ckpt.is_file() and not ckpt_dir.exists():
         log.warning("%s: a checkpoint of the hurdle's earlier training loop; seed %d %s restarts from step 0 "
@@ -549,7 +544,7 @@ def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: Hur
         evals = {**metrics, "train_loss": None} if step == 0 else {"train_loss": extra["smoothed"], **metrics}
         extra["record"]["evals"][str(step)] = evals
         if step:
-            log.info("seed %d %s step %d/%d: %s", seed, name, step, args.steps,
+            log.info("seed %d %s step %d/%d: %s", seed, name, step, args.max_steps,
                      ", ".join(f"{k} {v:.4f}" for k, v in evals.items() if not k[3:].isdigit()))
         return evals
 
@@ -567,20 +562,6 @@ def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: Hur
 
 
 # ---------------------------------------------------------------------------------------------------------------- study
-def _check_resumable(out: Path, args: HurdleArgs) -> None:
-    """A rerun into a folder must use the settings its runs were trained with (more or fewer seeds are fine)."""
-    path = out / "config.json"
-    if not path.is_file() or not any((out / "runs").glob("seed*")):
-        return
-    old = read_json(path)
-    new = dataclasses.asdict(args)
-    changed = [k for k in _RUN_KEYS if k in old and old[k] != new[k]]
-    if changed:
-        diff = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
-        raise KnnlmError(f"--output_dir: {out} holds a run with other settings ({diff}); rerun with those settings "
-                         "to resume it, or pass a new --output_dir")
-
-
 def run_study(args: HurdleArgs) -> dict:
     """Trains both models for every seed (resuming), aggregates and writes results.json, results.md and PNGs.
 
@@ -593,7 +574,7 @@ def run_study(args: HurdleArgs) -> dict:
     # a model, a datastore, another run: refused (a folder from before the run marker holds only these names)
     claim_output_dir(out, "hurdle run", {}, own_files=("config.json", "results.json", "results.md", "*.png", "runs",
                                                        "data", "macondo"))
-    _check_resumable(out, args)  # (its own earlier run: the settings must match)
+    check_resumable(out, args, _FREE_KEYS)  # (its own earlier run: the settings must match)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     device = args.resolved_device()
@@ -611,8 +592,8 @@ def run_study(args: HurdleArgs) -> dict:
     for name, model in build_pair(config, 0).items():
         params[name] = count_params(model)
         log.info("%s: %d parameters", name, params[name])
-    for seed in range(args.seeds):
-        done = {name: run_dir / f"seed{seed}-{name}.json" for name in MODELS}
+    for seed in range(args.num_seeds):
+        done = {name: seed_path(run_dir, seed, f"-{name}.json") for name in MODELS}
         if all(p.is_file() for p in done.values()):  # a finished seed: nothing to build
             records_seed = {name: read_json(p) for name, p in done.items()}
         else:
@@ -632,14 +613,6 @@ def run_study(args: HurdleArgs) -> dict:
 # ---------------------------------------------------------------------------------------------------------------- aggregation
 def _higher_is_better(metric: str) -> bool:
     return metric.startswith("ll_")
-
-
-def _mean_std(values: list) -> tuple[Optional[float], Optional[float]]:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None, None
-    arr = np.asarray(vals, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else None  # sample std; none for one seed
 
 
 def compare(steps: list[int], with_mean: list, without_mean: list, higher_is_better: bool, total_steps: int) -> dict:
@@ -715,25 +688,25 @@ def aggregate(records: dict[str, dict[int, dict]], args: HurdleArgs, data: Study
     for m in models:
         for k in names:
             for s in steps:
-                mu, sd = _mean_std([r["evals"][str(s)].get(k) for r in records[m].values()])
+                mu, sd = mean_std([r["evals"][str(s)].get(k) for r in records[m].values()])
                 mean[m][k].append(mu)
                 std[m][k].append(sd)
     curve_steps = sorted({int(s) for r in records[MODELS[0]].values() for s in r["curve"]})
     curve = {m: {"mean": [], "std": []} for m in models}
     for m in models:
         for s in curve_steps:
-            mu, sd = _mean_std([r["curve"].get(str(s)) for r in records[m].values()])
+            mu, sd = mean_std([r["curve"].get(str(s)) for r in records[m].values()])
             curve[m]["mean"].append(mu)
             curve[m]["std"].append(sd)
     primary = ["ll_avg_groups", "ll_avg"] if data.mode == "macondo" else ["train_loss", "val_loss"]
     pruned = [m for m in PRUNED if m in models]
     comparison, by_model = {}, {}
     for m in pruned:
-        by_model[m] = {k: compare(steps, mean[MODELS[0]][k], mean[m][k], _higher_is_better(k), args.steps)
+        by_model[m] = {k: compare(steps, mean[MODELS[0]][k], mean[m][k], _higher_is_better(k), args.max_steps)
                        for k in primary}
         for k, c in by_model[m].items():  # the same advantage per seed (paired: same init, same batches), mean ± std
             sign = 1.0 if _higher_is_better(k) else -1.0
-            paired = [_mean_std([None if a.get(k) is None or b.get(k) is None else sign * (b[k] - a[k])
+            paired = [mean_std([None if a.get(k) is None or b.get(k) is None else sign * (b[k] - a[k])
                                  for a, b in ((records[MODELS[0]][seed]["evals"][str(s)],
                                                records[m][seed]["evals"][str(s)]) for seed in records[MODELS[0]])])
                       for s in steps]
@@ -742,7 +715,7 @@ def aggregate(records: dict[str, dict[int, dict]], args: HurdleArgs, data: Study
     comparison = by_model[PRUNED[0]]  # without_last_mlp vs with_last_mlp (the study's pair; kept at the top level)
     # The verdict statistic: per seed, the paired area over the first --area_fraction of training. The training loss
     # uses its --log_every curve (Figure 5), the others the eval points.
-    until = args.area_fraction * args.steps
+    until = args.area_fraction * args.max_steps
     areas = {}
     for k in primary:
         per_seed = {}
@@ -821,7 +794,7 @@ def markdown_report(args: HurdleArgs, metrics: dict) -> str:
     p = metrics["params"]
     shape = f"{args.n_layer or '-'}x{args.n_embd or '-'}" if args.n_layer or args.n_embd else ""
     text = [f"# MLP hurdle: {metrics['mode']} mode, size {args.size} {shape}, {len(metrics['seeds'])} seed(s), "
-            f"{args.steps} steps", "", "Parameters: " + "; ".join(f"{_LABELS[m]} {p[m]:,}" for m in models if m in p)
+            f"{args.max_steps} steps", "", "Parameters: " + "; ".join(f"{_LABELS[m]} {p[m]:,}" for m in models if m in p)
             + f" (vocabulary {metrics['vocab_size']:,}). Mean ± std over seeds.", "", markdown_table(headers, rows)]
     if metrics.get("areas"):
         text += area_lines(metrics)

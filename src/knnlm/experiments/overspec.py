@@ -51,6 +51,7 @@ from ..macondo.generate import MacondoArgs
 from ..memory import MemoryArgs
 from ..models import ModelArgs
 from ..train import TrainArgs
+from .study import check_resumable, mean_std, seed_path
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +70,16 @@ LORA_TARGETS = {
 }
 
 
-def _mirror(cls, name: str, default=dataclasses.MISSING, help: str | None = None):
-    """A field that mirrors ``cls.name``: same default (unless given) and help text (unless given)."""
+def _mirror(cls, name: str, default=dataclasses.MISSING, help: str | None = None, deprecated: tuple = ()):
+    """A field that mirrors ``cls.name``: same default (unless given) and help text (unless given); ``deprecated``: its
+    own old names (``knnlm.config``)."""
     src = {f.name: f for f in dataclasses.fields(cls)}[name]
-    text = help or src.metadata["help"]
+    meta = {"help": help or src.metadata["help"], **({"deprecated": deprecated} if deprecated else {})}
     if default is dataclasses.MISSING:
         if src.default_factory is not dataclasses.MISSING:
-            return field(default_factory=src.default_factory, metadata={"help": text})
+            return field(default_factory=src.default_factory, metadata=meta)
         default = src.default
-    return field(default=default, metadata={"help": text})
+    return field(default=default, metadata=meta)
 
 
 # ---------------------------------------------------------------------------------------------------------------- config
@@ -122,7 +124,7 @@ class OverspecArgs:
     # MLP memory
     mlp_memory: bool = field(default=True, metadata={"help": "Also train an MLP memory on each evaluation point's datastore and score the MLP-augmented model (costs time)."})
     mlp_hidden_size: int = _mirror(MemoryArgs, "hidden_size")
-    mlp_lr: float = _mirror(MemoryArgs, "lr")
+    mlp_learning_rate: float = _mirror(MemoryArgs, "learning_rate", deprecated=("mlp_lr",))
     mlp_epochs: int = _mirror(MemoryArgs, "epochs", default=10, help="Passes of the MLP memory over the datastore (the paper: 10 for Macondo).")
     mlp_batch_tokens: int = _mirror(MemoryArgs, "batch_tokens")
     mlp_at: Literal["every", "last"] = field(default="every", metadata={"help": "Evaluation points that train and score an MLP memory: every point, or only the last (cheaper, for a memory trained long enough to plateau)."})
@@ -155,7 +157,8 @@ class OverspecArgs:
                            max_children=self.max_children, examples_per_child=self.examples_per_child)
 
     def memory_args(self, datastore: str, output_dir: str, seed: int):
-        return MemoryArgs(datastore=datastore, output_dir=output_dir, hidden_size=self.mlp_hidden_size, lr=self.mlp_lr,
+        return MemoryArgs(datastore=datastore, output_dir=output_dir, hidden_size=self.mlp_hidden_size,
+                          learning_rate=self.mlp_learning_rate,
                           epochs=self.mlp_epochs, batch_tokens=self.mlp_batch_tokens,
                           micro_batch_tokens=min(1024, self.mlp_batch_tokens), seed=seed, overwrite=True)
 
@@ -192,8 +195,8 @@ class OverspecArgs:
         for name in ("mlp_hidden_size", "mlp_epochs", "mlp_batch_tokens"):
             if getattr(self, name) < 1:
                 raise KnnlmError(f"--{name}: must be >= 1, got {getattr(self, name)}")
-        if not self.mlp_lr > 0:
-            raise KnnlmError(f"--mlp_lr: must be > 0, got {self.mlp_lr}")
+        if not self.mlp_learning_rate > 0:
+            raise KnnlmError(f"--mlp_learning_rate: must be > 0, got {self.mlp_learning_rate}")
 
 
 # Fields that do not change what a run computes: a rerun may change them and still resume.
@@ -214,26 +217,7 @@ def resolve_args(cli: dict | None = None, config_file: str | None = None) -> Ove
     return resolve(OverspecArgs, cli or {}, config_file)
 
 
-def check_resumable(out: Path, args: OverspecArgs) -> None:
-    """A rerun into a run folder must use the settings it was started with (other seeds, threads, etc. are fine)."""
-    path = out / "config.json"
-    if not path.is_file():
-        return
-    old, new = read_json(path), dataclasses.asdict(args)
-    changed = [k for k in new if k not in _FREE_KEYS and k in old and old[k] != new[k]]
-    if changed:
-        diff = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
-        raise KnnlmError(f"--output_dir: {out} holds a run with other settings ({diff}); rerun with those settings to "
-                         "resume it, or pass a new --output_dir")
-
-
 # ---------------------------------------------------------------------------------------------------------------- models
-def _device(args: OverspecArgs) -> torch.device:
-    if args.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(args.device)
-
-
 def _model_dtype(args: OverspecArgs, device: torch.device) -> str:
     if args.dtype != "auto":
         return args.dtype
@@ -245,9 +229,9 @@ def _model_dtype(args: OverspecArgs, device: torch.device) -> str:
 def build_lm(args: OverspecArgs, seed: int, seed_dir: Path):
     """The model of one seed, ready to train: loaded (or built from scratch with the seed), LoRA-wrapped with --lora."""
     from ..assets import build_scratch_gpt2
-    from ..models import LM, load_model
+    from ..models import LM, load_model, resolve_device
 
-    device = _device(args)
+    device = resolve_device(args.device)
     source = args.model_name_or_path
     if args.scratch:
         source = str(build_scratch_gpt2(args.model_name_or_path, seed_dir / "init", seed=seed))
@@ -450,7 +434,7 @@ def run_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
     from ..macondo.generate import read_split
     from ..train import train
 
-    seed_dir = out / f"seed-{seed}"
+    seed_dir = seed_path(out, seed)
     done = seed_dir / "history.json"
     if done.is_file():
         log.info("seed %d: finished earlier (%s)", seed, done)
@@ -501,7 +485,7 @@ def run_bare_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
     from ..models import LM
     from ..train import train
 
-    seed_dir = out / f"seed-{seed}"
+    seed_dir = seed_path(out, seed)
     bare_dir = seed_dir / "bare"
     done = bare_dir / "history.json"
     if done.is_file():
@@ -549,7 +533,7 @@ def run_study(args: OverspecArgs) -> dict:
     started = time.time()
     out = Path(args.output_dir)
     claim_output_dir(out, "overspec run", {}, own_files=OWN_FILES)  # a model, a datastore, another run: refused
-    check_resumable(out, args)  # (its own earlier run: the settings must match)
+    check_resumable(out, args, _FREE_KEYS)  # (its own earlier run: the settings must match)
     save_config(out, args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -568,14 +552,6 @@ def run_study(args: OverspecArgs) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------- aggregation
-def _mean_std(values: list) -> tuple[Optional[float], Optional[float]]:
-    """Mean and std over seeds of the values that exist (None where a point has no such score, e.g. --mlp_at last)."""
-    arr = np.asarray([v for v in values if v is not None], dtype=float)
-    if not len(arr):
-        return None, None
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-
-
 def _point_value(entry: dict, split: str, method: str, lam: str, group: str) -> Optional[float]:
     s = entry["splits"].get(split)
     if s is None:
@@ -641,7 +617,7 @@ def aggregate(records: list[dict], args: OverspecArgs, bare: Optional[list[dict]
             std[split][m] = {g: [] for g in groups}
             for i in range(len(steps)):
                 for g in groups:
-                    mu, sd = _mean_std([_point_value(r["history"][i], split, m, lam, g) for r in records])
+                    mu, sd = mean_std([_point_value(r["history"][i], split, m, lam, g) for r in records])
                     mean[split][m][g].append(mu)
                     std[split][m][g].append(sd)
     if bare:
@@ -649,7 +625,7 @@ def aggregate(records: list[dict], args: OverspecArgs, bare: Optional[list[dict]
         std["test"]["bare"] = {g: [] for g in groups}
         for i in range(len(steps)):
             for g in groups:
-                mu, sd = _mean_std([b["history"][i]["summary"][g] for b in bare])
+                mu, sd = mean_std([b["history"][i]["summary"][g] for b in bare])
                 mean["test"]["bare"][g].append(mu)
                 std["test"]["bare"][g].append(sd)
     optimum = first["optimum"]

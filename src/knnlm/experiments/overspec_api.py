@@ -1,12 +1,12 @@
 """Macondo-Conv with an API model (the paper's §4.4): fine-tune through an OpenAI-compatible API, score through one.
 
-Per seed: a Macondo-Conv village (``--data``, or generated into ``OUT/seed<S>/data``); with ``--submit`` its chat JSONL
+Per seed: a Macondo-Conv village (``--data``, or generated into ``OUT/seed-<S>/data``); with ``--submit`` its chat JSONL
 is uploaded (``files.create``), a fine-tuning job started (``fine_tuning.jobs.create``) and polled until it ends; the job
-id is kept in ``OUT/seed<S>/job.json`` so a rerun waits for the same job instead of paying for a new one. Without
+id is kept in ``OUT/seed-<S>/job.json`` so a rerun waits for the same job instead of paying for a new one. Without
 ``--submit``, ``--model`` names the already fine-tuned model(s). Then every example of the scored splits goes through
 ``/v1/completions`` with ``prompt = prefix + target, echo=True, max_tokens=0, logprobs=1``; the target's log-likelihood
 is the sum of the echoed token log-probs whose ``text_offset`` falls in the target's span. Any endpoint that returns
-prompt log-probs works: vLLM, ``knnlm serve``. Per-seed scores are cached in ``OUT/seed<S>/scores_<split>.json``.
+prompt log-probs works: vLLM, ``knnlm serve``. Per-seed scores are cached in ``OUT/seed-<S>/scores_<split>.json``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import math
 import os
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..errors import KnnlmError
 from ..fileio import atomic_write_json, atomic_write_text, read_json, sha256_file
+from .study import mean_std, seed_path
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class ApiArgs:
     base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": "OpenAI-compatible API root (…/v1) used for fine-tuning and scoring: https://api.openai.com/v1, a vLLM server, `knnlm serve`."})
     model: list[str] = field(default_factory=list, metadata={"help": "With --submit: the base model to fine-tune (e.g. gpt-4o-mini-2024-07-18). Without: the fine-tuned model to score, one per seed (comma-separated, in seed order)."})
     api_key: Optional[str] = field(default=None, metadata={"help": "API key (default: $OPENAI_API_KEY, else 'EMPTY' for local servers). Never written to config.json."})
-    data: Optional[str] = field(default=None, metadata={"help": "A Macondo-Conv folder (generated there with the seed when absent); only with one seed. Default: OUT/seed<S>/data per seed."})
+    data: Optional[str] = field(default=None, metadata={"help": "A Macondo-Conv folder (generated there with the seed when absent); only with one seed. Default: OUT/seed-<S>/data per seed."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Village seeds, one fine-tuned model each (the paper: 5 runs, 0,1,2,3,4)."})
     tokenizer: str = field(default="tiktoken:cl100k_base", metadata={"help": "Tokenizer under which generated children's names are single tokens (the paper: tiktoken, GPT-3.5's cl100k_base)."})
     splits: list[str] = field(default_factory=lambda: ["test", "test_overspecified"], metadata={"help": "Splits to score (test: the paper's; test_overspecified: the control). Empty with --submit: fine-tune only (for an API without prompt log-probs, e.g. OpenAI's; the job's metrics.csv then holds the train/validation loss)."})
@@ -376,7 +376,7 @@ def run_api(args: ApiArgs) -> dict:
     client = make_client(args.base_url, args.resolved_api_key())
     runs = []
     for i, seed in enumerate(args.seeds):
-        run_dir = out / f"seed{seed}"
+        run_dir = seed_path(out, seed)
         run_dir.mkdir(parents=True, exist_ok=True)
         data = Path(args.data) if args.data else run_dir / "data"
         meta = ensure_village(data, seed, args.tokenizer)
@@ -395,14 +395,14 @@ def run_api(args: ApiArgs) -> dict:
 
 
 def _over_seeds(runs: list[dict], splits: list[str]) -> dict:
-    """Mean and sample std over seeds of every group mean, per split (std is 0.0 with one seed)."""
+    """Mean and sample std over seeds of every group mean, per split (``knnlm.experiments.study.mean_std``: std None
+    with one seed)."""
     agg = {}
     for split in splits:
         summaries = [r["splits"][split]["summary"] for r in runs]
         keys = [k for k in summaries[0] if isinstance(summaries[0][k], float)]
-        agg[split] = {"mean": {k: statistics.fmean(s[k] for s in summaries) for k in keys},
-                      "std": {k: statistics.stdev(s[k] for s in summaries) if len(summaries) > 1 else 0.0
-                              for k in keys},
+        stats = {k: mean_std(s[k] for s in summaries) for k in keys}
+        agg[split] = {"mean": {k: mu for k, (mu, _) in stats.items()}, "std": {k: sd for k, (_, sd) in stats.items()},
                       "optimum": summaries[0]["optimum"], "count": summaries[0]["count"]}
     return agg
 

@@ -85,7 +85,7 @@ class ProjectionArgs:
     output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for results.json, results.md, per_token.npz, the KL and step histograms (required)."})
     datastore: Optional[str] = field(default=None, metadata={"help": "Datastore folder that defines p_knnlm (built with `knnlm datastore build` from the LM's training set; required)."})
     target: list[str] = field(default_factory=lambda: ["f_out", "fg"], metadata={"help": "What to project through: f_out (the paper's f: output layer only, z from final_hidden), f_norm (final norm + output layer, z from block_output), fg (f_norm∘g, z from ffn_residual), fg_to_y (as fg, maximising the gold token's log-probability); a comma list runs several from one LM/kNN pass. f is a deprecated name of f_norm."})
-    lr: float = field(default=0.1, metadata={"help": "Adam learning rate for z (paper: 0.1; Table 4: 0.001)."})
+    learning_rate: float = field(default=0.1, metadata={"help": "Adam learning rate for z (paper: 0.1; Table 4: 0.001).", "deprecated": ("lr",)})
     tol: list[float] = field(default_factory=lambda: [1e-3], metadata={"help": "A position stops when one step changes its objective by less than this (paper: 1e-3); 0 never stops early. A comma list (e.g. 1e-3,1e-4,0) reports each tolerance from one shared trajectory."})
     max_steps: int = field(default=1000, metadata={"help": "Cap on Adam steps per position (Table 4: 100)."})
     patience: int = field(default=0, metadata={"help": "Also stop a position after this many consecutive steps without a new lowest objective (0: off)."})
@@ -104,8 +104,8 @@ class ProjectionArgs:
         self.target = resolve_targets(self.target)
         if len(set(self.target)) != len(self.target):
             raise KnnlmError(f"--target: {','.join(self.target)} names a target twice (f is f_norm)")
-        if not self.lr > 0:
-            raise KnnlmError(f"--lr: must be > 0, got {self.lr}")
+        if not self.learning_rate > 0:
+            raise KnnlmError(f"--learning_rate: must be > 0, got {self.learning_rate}")
         if not self.tol or any(not t >= 0 for t in self.tol):
             raise KnnlmError(f"--tol: every tolerance must be >= 0, got {','.join(map(str, self.tol)) or 'none'}")
         if len(set(self.tol)) != len(self.tol):
@@ -339,7 +339,7 @@ def run_projection(lm, corpus: CorpusArgs, args: ProjectionArgs, datastore, knn:
     datastore.check_compatible(lm)
     if lm.dtype != torch.float32:
         log.warning("the LM runs in %s: z is optimised in float32 but f and g round it to %s, so steps below that "
-                    "resolution are lost (most with a small --lr); use --dtype float32 for the datastore and this run",
+                    "resolution are lost (most with a small --learning_rate); use --dtype float32 for the datastore and this run",
                     lm.dtype, lm.dtype)
     retriever = Retriever(datastore, knn)
     out = Path(args.output_dir)
@@ -382,7 +382,7 @@ def run_projection(lm, corpus: CorpusArgs, args: ProjectionArgs, datastore, knn:
                   log_x=True)
         for j, tol in enumerate(args.tol):
             histogram(out / f"steps_{t}_tol{tol:g}.png", arrays[f"{t}.steps"][:, j], bins=40,
-                      title=f"Adam steps per token, {LABELS[t]}, lr {args.lr}, tol {tol:g}", xlabel="steps")
+                      title=f"Adam steps per token, {LABELS[t]}, lr {args.learning_rate}, tol {tol:g}", xlabel="steps")
     log.info("projection: %s", {k: v for k, v in metrics.items() if k.startswith("ppl")})
     return metrics
 
@@ -416,7 +416,7 @@ def _score_batch(lm, retriever, key_point: str, at: dict, gold: torch.Tensor, lm
             "knnlm": target_logp.gather(1, gold[:, None])[:, 0], "kl_lm": kl_from_logits(lm_logits, target_logp)}
     for t in args.target:
         started = time.time()
-        res = project(lm, t, at[TARGETS[t]], target_logp, gold, args.lr, args.tol, args.max_steps, args.patience)
+        res = project(lm, t, at[TARGETS[t]], target_logp, gold, args.learning_rate, args.tol, args.max_steps, args.patience)
         records.solve_s[t] = records.solve_s.get(t, 0.0) + time.time() - started
         cols.update({f"{t}.{k}": v for k, v in res.items()})
     records.add(**cols)
@@ -469,7 +469,7 @@ def summarize(arrays: dict[str, np.ndarray], args: ProjectionArgs, **extra) -> d
     metrics = {"n_tokens": int(len(arrays["gold"])), "ppl_lm": _ppl(lm), "ppl_knnlm": _ppl(knn),
                "ppl_lm_ci": ppl_ci(lm), "ppl_knnlm_ci": ppl_ci(knn),
                "kl_lm_knnlm": {"mean": float(np.mean(arrays["kl_lm"])), "median": float(np.median(arrays["kl_lm"]))},
-               "solver": {"lr": args.lr, "tols": list(args.tol), "max_steps": args.max_steps,
+               "solver": {"lr": args.learning_rate, "tols": list(args.tol), "max_steps": args.max_steps,
                           "patience": args.patience, "n_boot": args.n_boot, "seed": args.seed},
                "maps": {t: MAPS[t] for t in args.target}, **extra, "by_tol": []}
     for j, tol in enumerate(args.tol):
@@ -491,7 +491,7 @@ def summarize(arrays: dict[str, np.ndarray], args: ProjectionArgs, **extra) -> d
                 "stopped_by": {r: int(np.sum(stop == i)) for i, r in enumerate(STOP_REASONS)},
                 "capped_fraction": float(np.mean(stop == 2)),
                 "steps_histogram": _step_histogram(steps, args.max_steps),
-                "lr": args.lr, "tol": tol, "max_steps": args.max_steps, "patience": args.patience}
+                "lr": args.learning_rate, "tol": tol, "max_steps": args.max_steps, "patience": args.patience}
         if "fg" in args.target:  # Table 4: f∘g's gain over the LM as a share of each f's
             fg = arrays["fg.logp"][:, j].astype(np.float64)
             entry["fg_gain_over_f_gain"] = {

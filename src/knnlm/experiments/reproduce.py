@@ -144,7 +144,7 @@ SMOKE_OVERRIDES: dict[str, dict[str, Optional[str]]] = {
     "overspec run": {"--device": "cpu", "--seeds": "0", "--num_villagers": "10", "--num_parents": "2",
                      "--max_children": "2", "--examples_per_child": "1", "--batch_size": "4", "--max_steps": "2",
                      "--eval_every": "2", "--mlp_hidden_size": "64", "--mlp_epochs": "1", "--mlp_batch_tokens": "64"},
-    "hurdle run": {"--device": "cpu", "--size": "tiny", "--seeds": "2", "--steps": "4", "--eval_every": "2",
+    "hurdle run": {"--device": "cpu", "--size": "tiny", "--num_seeds": "2", "--max_steps": "4", "--eval_every": "2",
                    "--batch_size": "4", "--block_size": "32", "--val_tokens": "256", "--macondo_num_villagers": "20",
                    "--macondo_num_parents": "5", "--log_every": "1"},
 }

@@ -1,0 +1,60 @@
+"""What every study runner shares: run-folder names per seed, the resume check, seed aggregation, the device.
+
+- **Run folders.** A seed's files live under ``seed-<S>`` (``seed_path(root, 0, "/data")`` -> ``root/seed-0/data``,
+  ``seed_path(root, 0, "-with_last_mlp.json")`` -> ``root/seed-0-with_last_mlp.json``). Before issue 12 two studies
+  wrote ``seed<S>``; where only that name exists it is the one returned, so an earlier run folder resumes in place.
+- **Resume.** :func:`check_resumable`: a rerun into a folder holding ``config.json`` must agree with it on every setting
+  that changes what a run computes (the runner names the ones free to change); old setting names are read through
+  the deprecated-name table of ``knnlm.config``.
+- **Seeds.** :func:`mean_std` is the one aggregation over seeds: the mean and the sample standard deviation (ddof 1) of
+  the values that exist (None entries, e.g. a metric a seed has no score for, are left out). The single-seed rule:
+  with one value the std is None (JSON null): one seed measures no spread, and 0.0 would claim it did. Tables then
+  print the mean alone and plots draw no band. Intervals over seeds are ``knnlm.stats.bootstrap_interval``'s.
+- **Device.** ``--device auto|cpu|cuda`` resolves through ``knnlm.models.resolve_device`` (the one rule of the
+  project: auto = cuda when torch sees a GPU; cuda without one is a one-line error).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+from ..errors import KnnlmError
+from ..fileio import read_json
+
+
+def seed_path(root: str | Path, seed: int, rest: str = "") -> Path:
+    """``root/seed-<seed><rest>``, or the pre-issue-12 ``root/seed<seed><rest>`` where only that one exists."""
+    root = Path(root)
+    new, old = root / f"seed-{seed}{rest}", root / f"seed{seed}{rest}"
+    return old if old.exists() and not new.exists() else new
+
+
+def check_resumable(out: Path, args, free_keys: Iterable[str]) -> None:
+    """Refuses a rerun into ``out`` whose ``config.json`` differs from ``args`` (a dataclass) on any field outside
+    ``free_keys`` (threads, output folder, number of seeds and the like). Fields the old config lacks are not compared;
+    deprecated names in it count as their new ones."""
+    from ..config import rename_deprecated
+
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    old = rename_deprecated(read_json(path), type(args), warn=False)
+    new = dataclasses.asdict(args)
+    free = set(free_keys)
+    changed = [k for k in new if k not in free and k in old and old[k] != new[k]]
+    if changed:
+        diff = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
+        raise KnnlmError(f"--output_dir: {out} holds a run with other settings ({diff}); rerun with those settings to "
+                         "resume it, or pass a new --output_dir")
+
+
+def mean_std(values: Iterable[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
+    """Mean and sample std (ddof 1) over seeds of the values that are not None; (None, None) without any, std None
+    with one (the single-seed rule above)."""
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    if not len(arr):
+        return None, None
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else None
