@@ -245,8 +245,8 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
     that step's evaluation); ``extra_state`` is a dict the hooks keep their running values in (JSON-like or tensors):
     it is saved in every checkpoint and restored in place on resume. ``lr_schedule(k)`` gives the learning rate of
     step k (1-based) instead of ``args``' warm-up and decay. ``device="cpu"`` trains on the CPU on a machine with a GPU.
-``fused_adamw`` takes torch's fused AdamW kernel (the caller has put the model on the GPU already; the hurdle study's
-GPU numbers were recorded with it; other callers keep the default kernel and its numbers).
+    ``fused_adamw`` takes torch's fused AdamW kernel (the caller has put the model on the GPU already; the hurdle
+    study's GPU numbers were recorded with it; other callers keep the default kernel and its numbers).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm

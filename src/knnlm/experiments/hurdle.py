@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..corpus import pad_right
 from ..errors import KnnlmError
 from ..fileio import atomic_write_json, claim_output_dir, read_json
-from ..corpus import pad_right
 from .study import check_resumable, mean_std, seed_path
 
 log = logging.getLogger(__name__)
@@ -491,9 +491,8 @@ def train_args(args: HurdleArgs, seed: int):
     from ..train import TrainArgs
 
     return TrainArgs(learning_rate=args.learning_rate, warmup_ratio=0.0, batch_size=args.batch_size,
-                     max_steps=args.max_steps,
-                     max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay, seed=seed, bf16=False,
-                     log_every=args.log_every)
+                     max_steps=args.max_steps, max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay,
+                     seed=seed, bf16=False, log_every=args.log_every)
 
 
 def _batches(data: StudyData, args: HurdleArgs):

@@ -11,6 +11,7 @@ prompt log-probs works: vLLM, ``knnlm serve``. Per-seed scores are cached in ``O
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -408,9 +409,10 @@ def _over_seeds(runs: list[dict], splits: list[str]) -> dict:
 
 
 def results_table(metrics: dict) -> str:
-    """Markdown in the layout of the Macondo score table: rows = number of children and the two averages; one column
-    per split (mean ± std over seeds when there are several), and the optimum log(1/n)."""
-    from ..report import fmt, markdown_table
+    """The Macondo table (``knnlm.macondo.score.table``) with one column per split (mean ± std over seeds when there
+    are several)."""
+    from ..macondo.score import table
+    from ..report import fmt
 
     agg = metrics["over_seeds"]
     splits = list(agg)
@@ -425,15 +427,11 @@ def results_table(metrics: dict) -> str:
         mean = a["mean"].get(key, math.nan)
         return fmt(mean) + (f" ± {fmt(a['std'][key])}" if n_seeds > 1 else "")
 
-    rows = [[n, first["count"][n], *(cell(s, n) for s in splits), first["optimum"][n]] for n in first["count"]]
-    total = sum(first["count"].values())
-    rows.append(["average (groups)", total, *(cell(s, "avg_groups") for s in splits), first["optimum"]["avg_groups"]])
-    rows.append(["average (examples)", total, *(cell(s, "avg") for s in splits), first["optimum"]["avg"]])
-    headers = ["# children", "examples", *splits, "optimum log(1/n)"]
+    columns = {s: functools.partial(cell, s) for s in splits}
     models = ", ".join(f"seed {r['seed']}: {r['model']}" for r in metrics["runs"])
     note = f"{n_seeds} seed(s), mean ± std over seeds" if n_seeds > 1 else "1 seed"
     return (f"Macondo-Conv: mean log-likelihood of the children's names ({note}; {models})\n\n"
-            + markdown_table(headers, rows) + (f"\n{jobs}" if jobs else ""))
+            + table(first["count"], first["optimum"], columns) + (f"\n{jobs}" if jobs else ""))
 
 
 def jobs_table(runs: list[dict]) -> str:

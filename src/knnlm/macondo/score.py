@@ -155,18 +155,23 @@ def summarize_scores(rows: Sequence[dict], lls: dict, row_optimum: Sequence[floa
     return out
 
 
-def results_table(summary: dict) -> str:
-    """Markdown: rows 1..5 children, the average over groups (the paper's) and over examples; columns vanilla, kNN and
-    MLP per λ, and the optimum log(1/n)."""
+def table(count: dict, optimum: dict, columns: dict) -> str:
+    """The Macondo table (``macondo score``, ``overspec api``): a row per number of children, then the average over
+    groups (the paper's) and over examples; ``columns`` maps a header to a function of the group key ("1".., "avg_groups",
+    "avg") giving the cell; the optimum log(1/n) last."""
     from ..report import markdown_table
 
+    total = sum(count.values())
+    rows = [[n, count[n], *(cell(n) for cell in columns.values()), optimum[n]] for n in count]
+    rows.append(["average (groups)", total, *(cell("avg_groups") for cell in columns.values()), optimum["avg_groups"]])
+    rows.append(["average (examples)", total, *(cell("avg") for cell in columns.values()), optimum["avg"]])
+    return markdown_table(["# children", "examples", *columns, "optimum log(1/n)"], rows)
+
+
+def results_table(summary: dict) -> str:
+    """Markdown (:func:`table`): columns vanilla, kNN and MLP per λ."""
     lm = summary["lm"]
     cols = [("vanilla", lm)]
     cols += [(f"kNN λ={lam}", s) for lam, s in summary.get("knn", {}).items()]
     cols += [(f"MLP λ={lam}", s) for lam, s in summary.get("mlp", {}).items()]
-    groups = list(lm["count"])
-    table_rows = [[n, lm["count"][n], *(s[n] for _, s in cols), lm["optimum"][n]] for n in groups]
-    total = sum(lm["count"].values())
-    table_rows.append(["average (groups)", total, *(s["avg_groups"] for _, s in cols), lm["optimum"]["avg_groups"]])
-    table_rows.append(["average (examples)", total, *(s["avg"] for _, s in cols), lm["optimum"]["avg"]])
-    return markdown_table(["# children", "examples", *(name for name, _ in cols), "optimum log(1/n)"], table_rows)
+    return table(lm["count"], lm["optimum"], {name: s.__getitem__ for name, s in cols})
