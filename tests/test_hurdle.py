@@ -464,3 +464,31 @@ def test_old_setting_names_still_work_with_a_warning(tmp_path, caplog):
     assert (ns.max_steps, ns.learning_rate) == ("12", "0.01")
     with pytest.raises(KnnlmError, match="both steps .deprecated. and max_steps"):
         resolve_args({"output_dir": str(tmp_path / "o"), "steps": 5, "max_steps": 6})
+
+
+def test_a_folder_written_before_issue_12_resumes_to_the_same_numbers(tmp_path, caplog):
+    """Old run folders (seed<s>-<model>.json records, a seed<s>-<model>.pt checkpoint of the hurdle's own loop, a
+    config.json with lr/steps/seeds) resume: finished records are read, the old checkpoint's run restarts (seeded: the
+    same numbers), and the old setting names count as the new ones in the resume check."""
+    train = _text_files(tmp_path)
+    args = _args(tmp_path, data=str(train), max_steps=4)
+    whole = run_study(args)["metrics"]
+    out, runs = tmp_path / "out", tmp_path / "out" / "runs"
+    for p in runs.glob("seed-0-*.json"):
+        p.rename(runs / p.name.replace("seed-0-", "seed0-"))
+    for p in runs.glob("seed-1-*.json"):
+        p.unlink()
+    (runs / "seed1-without_last_mlp.pt").write_bytes(b"a checkpoint of the earlier loop")
+    config = json.loads((out / "config.json").read_text())
+    for old, new in (("lr", "learning_rate"), ("steps", "max_steps"), ("seeds", "num_seeds")):
+        config[old] = config.pop(new)
+    (out / "config.json").write_text(json.dumps(config))
+    kept = {p.name: p.stat().st_mtime_ns for p in runs.glob("seed0-*.json")}
+    with caplog.at_level("WARNING"):
+        resumed = run_study(args)["metrics"]
+    assert _strip_timing(resumed) == _strip_timing(whole)
+    assert {p.name: p.stat().st_mtime_ns for p in runs.glob("seed0-*.json")} == kept  # read, not retrained
+    assert not (runs / "seed1-without_last_mlp.pt").exists() and (runs / "seed-1-without_last_mlp.json").is_file()
+    assert any("earlier training loop" in r.getMessage() for r in caplog.records)
+    with pytest.raises(KnnlmError, match="learning_rate: 0.003 -> 0.01"):  # an old config's lr is compared as learning_rate
+        run_study(_args(tmp_path, data=str(train), max_steps=4, learning_rate=1e-2))

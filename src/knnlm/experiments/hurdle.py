@@ -184,7 +184,7 @@ def resolve_args(cli: dict, config_file: Optional[str] = None) -> HurdleArgs:
 
     # new names here (resolve() warns about the old ones), so that a preset's key does not shadow a file's old one
     file_vals = rename_deprecated(load_config_file(config_file), HurdleArgs, warn=False) if config_file else {}
-    cli = rename_deprecated({k: v for k, v in cli.items() if v is not None}, HurdleArgs)
+    cli = rename_deprecated({k: v for k, v in cli.items() if v is not None}, HurdleArgs, source="flags")
     preset = cli.get("preset", file_vals.get("preset"))
     if preset is not None:
         data = cli.get("data", file_vals.get("data", HurdleArgs.data))
