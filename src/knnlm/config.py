@@ -140,6 +140,18 @@ def add_config_flag(parser: argparse.ArgumentParser, default: str | None = None)
                              + (f" (default: {default})" if default else ""))
 
 
+def add_command(sub, name: str, classes, func, **parser_kwargs) -> argparse.ArgumentParser:
+    """A subcommand of ``sub`` (an argparse subparsers action): ``--config`` (:func:`add_config_flag`), one flag per
+    field of each dataclass in ``classes`` (:func:`add_arguments`), and ``func`` as its handler; ``parser_kwargs`` go
+    to ``add_parser`` (help, description). Every command of the CLI is made here."""
+    parser = sub.add_parser(name, **parser_kwargs)
+    add_config_flag(parser)
+    for cls in classes if isinstance(classes, (list, tuple)) else [classes]:
+        add_arguments(parser, cls)
+    parser.set_defaults(func=func)
+    return parser
+
+
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
 
 

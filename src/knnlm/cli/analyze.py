@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    from ..config import add_arguments, add_config_flag
+    from ..config import add_command
     from ..corpus import CorpusArgs
     from ..experiments.projection import ProjectionArgs
     from ..knn import KNNArgs
@@ -14,12 +14,9 @@ def register(sub) -> None:
 
     an = sub.add_parser("analyze", help="analyses of an LM against its kNN-LM")
     an_sub = an.add_subparsers(dest="action", required=True)
-    pr = an_sub.add_parser("projection", help="project p_knnlm onto the output space of f / f∘g (Eq. 2): perplexity "
-                                              "and KL of p_proj beside the LM and the kNN-LM")
-    add_config_flag(pr)
-    for cls in (ModelArgs, CorpusArgs, KNNArgs, ProjectionArgs):
-        add_arguments(pr, cls)
-    pr.set_defaults(func=cmd_projection)
+    add_command(an_sub, "projection", (ModelArgs, CorpusArgs, KNNArgs, ProjectionArgs), cmd_projection,
+                help="project p_knnlm onto the output space of f / f∘g (Eq. 2): perplexity and KL of p_proj beside the "
+                     "LM and the kNN-LM")
 
 
 def cmd_projection(args) -> int:

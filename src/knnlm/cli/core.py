@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..config import add_arguments, add_config_flag, resolve, save_config, to_dict
+from ..config import add_command, resolve, save_config, to_dict
 
 
 def register(sub) -> None:
@@ -17,29 +17,21 @@ def register(sub) -> None:
 
     ds = sub.add_parser("datastore", help="build a kNN datastore (keys + next tokens) from a corpus")
     ds_sub = ds.add_subparsers(dest="action", required=True)
-    build = ds_sub.add_parser("build", help="encode a corpus into keys.f16 / vals.i32 (resumable; torchrun-aware)")
-    add_config_flag(build)
-    for cls in (ModelArgs, CorpusArgs, DatastoreArgs):
-        add_arguments(build, cls)
-    build.set_defaults(func=cmd_datastore_build)
+    add_command(ds_sub, "build", (ModelArgs, CorpusArgs, DatastoreArgs), cmd_datastore_build,
+                help="encode a corpus into keys.f16 / vals.i32 (resumable; torchrun-aware)")
 
     ix = sub.add_parser("index", help="build a FAISS index over a datastore")
     ix_sub = ix.add_subparsers(dest="action", required=True)
-    ib = ix_sub.add_parser("build", help="Flat / IVF-PQ / any factory string; resumable; recall vs exact search")
+    ib = add_command(ix_sub, "build", IndexArgs, cmd_index_build,
+                     help="Flat / IVF-PQ / any factory string; resumable; recall vs exact search")
     ib.add_argument("datastore", help="datastore folder")
-    add_config_flag(ib)
-    add_arguments(ib, IndexArgs)
-    ib.set_defaults(func=cmd_index_build)
 
-    ev = sub.add_parser("eval", help="perplexity of the LM, kNN-LM and MLP-LM on a corpus")
-    add_config_flag(ev)
-    for cls in (ModelArgs, CorpusArgs, KNNArgs, EvalArgs):
-        add_arguments(ev, cls)
+    ev = add_command(sub, "eval", (ModelArgs, CorpusArgs, KNNArgs, EvalArgs), cmd_eval,
+                     help="perplexity of the LM, kNN-LM and MLP-LM on a corpus")
     ev.add_argument("--key_point", default=None, help="check the datastore holds this key point (default: its own)")
     ev.add_argument("--overwrite", action="store_true",
                     help="replace an earlier `knnlm eval` run of other inputs in --output_dir (anything else is never "
                          "overwritten)")
-    ev.set_defaults(func=cmd_eval)
 
 
 def cmd_datastore_build(args) -> int:

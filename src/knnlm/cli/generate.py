@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ..config import add_arguments, add_config_flag, resolve, save_config, to_dict
+from ..config import add_command, resolve, save_config, to_dict
 from ..fileio import claim_output_dir
 from .macondo import RESULT_FILES
 
@@ -14,13 +14,10 @@ def register(sub) -> None:
     from ..knn import KNNArgs
     from ..models import ModelArgs
 
-    p = sub.add_parser("generate", help="generate text with the kNN-LM / MLP-LM (model.generate: greedy, sampling, "
-                                        "beam search), optionally next to the plain LM")
-    add_config_flag(p)
+    p = add_command(sub, "generate", (ModelArgs, AugmentArgs, KNNArgs, GenerateArgs), cmd_generate,
+                    help="generate text with the kNN-LM / MLP-LM (model.generate: greedy, sampling, beam search), "
+                         "optionally next to the plain LM")
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat the flag for several)")
-    for cls in (ModelArgs, AugmentArgs, KNNArgs, GenerateArgs):
-        add_arguments(p, cls)
-    p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args) -> int:

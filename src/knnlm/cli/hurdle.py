@@ -1,7 +1,7 @@
 """`knnlm hurdle run`: the MLP-hurdle study (paper Appendix E, Figures 4 and 5)."""
 from __future__ import annotations
 
-from ..config import add_arguments, add_config_flag
+from ..config import add_command
 
 
 def register(sub) -> None:
@@ -9,12 +9,10 @@ def register(sub) -> None:
 
     hurdle = sub.add_parser("hurdle", help="MLP hurdle: does the last MLP layer slow early training? (Appendix E)")
     hurdle_sub = hurdle.add_subparsers(dest="action", required=True)
-    run = hurdle_sub.add_parser(
-        "run", help="train GPT-2 with all MLPs, without the last and without the first (control) on the same data, per seed; compare curves (resumable)",
-        description="Example: knnlm hurdle run --preset cpu --data macondo --output_dir runs/hurdle-macondo")
-    add_config_flag(run)
-    add_arguments(run, HurdleArgs)
-    run.set_defaults(func=cmd_hurdle_run)
+    add_command(hurdle_sub, "run", HurdleArgs, cmd_hurdle_run,
+                help="train GPT-2 with all MLPs, without the last and without the first (control) on the same data, per "
+                     "seed; compare curves (resumable)",
+                description="Example: knnlm hurdle run --preset cpu --data macondo --output_dir runs/hurdle-macondo")
 
 
 def cmd_hurdle_run(args) -> int:

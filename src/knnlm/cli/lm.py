@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import add_arguments, add_config_flag, resolve
+from ..config import add_command, resolve
 
 
 def register(sub) -> None:
@@ -11,12 +11,9 @@ def register(sub) -> None:
 
     lm = sub.add_parser("lm", help="train a small GPT-2 language model from scratch (e.g. on WikiText-2)")
     lm_sub = lm.add_subparsers(dest="action", required=True)
-    train = lm_sub.add_parser("train", help="tokenizer + random-init GPT-2 + training with validation perplexity; "
-                                            "rerun the same command to resume")
-    add_config_flag(train)
-    for cls in (LMArgs, LMTrainArgs):
-        add_arguments(train, cls)
-    train.set_defaults(func=cmd_lm_train)
+    add_command(lm_sub, "train", (LMArgs, LMTrainArgs), cmd_lm_train,
+                help="tokenizer + random-init GPT-2 + training with validation perplexity; rerun the same command to "
+                     "resume")
 
 
 def cmd_lm_train(args) -> int:

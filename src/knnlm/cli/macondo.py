@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..config import add_arguments, add_config_flag, resolve, save_config, to_dict
+from ..config import add_command, resolve, save_config, to_dict
 from ..errors import KnnlmError
 from ..fileio import claim_output_dir
 
@@ -38,16 +38,10 @@ def register(sub) -> None:
 
     group = sub.add_parser("macondo", help="the Macondo over-specification dataset: generate it, score a model on it")
     actions = group.add_subparsers(dest="action", required=True)
-    gen = actions.add_parser("generate", help="write a Macondo village (train/test/test_overspecified JSONL + meta)")
-    add_config_flag(gen)
-    add_arguments(gen, MacondoArgs)
-    gen.set_defaults(func=cmd_generate)
-
-    score = actions.add_parser("score", help="log-likelihood of the children's names, vanilla / kNN / MLP memory")
-    add_config_flag(score)
-    for cls in (ModelArgs, ScoreArgs, KNNArgs):
-        add_arguments(score, cls)
-    score.set_defaults(func=cmd_score)
+    add_command(actions, "generate", MacondoArgs, cmd_generate,
+                help="write a Macondo village (train/test/test_overspecified JSONL + meta)")
+    add_command(actions, "score", (ModelArgs, ScoreArgs, KNNArgs), cmd_score,
+                help="log-likelihood of the children's names, vanilla / kNN / MLP memory")
 
 
 def cmd_generate(args) -> int:

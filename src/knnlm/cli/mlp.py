@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..config import add_arguments, add_config_flag, resolve, save_config, to_dict
+from ..config import add_command, resolve, save_config, to_dict
 
 
 def register(sub) -> None:
@@ -13,11 +13,8 @@ def register(sub) -> None:
 
     mlp = sub.add_parser("mlp", help="MLP memory: a trained network in place of the kNN datastore")
     mlp_sub = mlp.add_subparsers(dest="action", required=True)
-    train = mlp_sub.add_parser("train", help="train W(z + LN(MLP(z))) on a datastore's (key, next token) pairs (resumable)")
-    add_config_flag(train)
-    for cls in (ModelArgs, MemoryArgs):
-        add_arguments(train, cls)
-    train.set_defaults(func=cmd_mlp_train)
+    add_command(mlp_sub, "train", (ModelArgs, MemoryArgs), cmd_mlp_train,
+                help="train W(z + LN(MLP(z))) on a datastore's (key, next token) pairs (resumable)")
 
 
 def cmd_mlp_train(args) -> int:

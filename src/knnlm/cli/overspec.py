@@ -2,7 +2,7 @@
 Macondo-Conv through an OpenAI-compatible API (§4.4)."""
 from __future__ import annotations
 
-from ..config import add_arguments, add_config_flag
+from ..config import add_command
 
 
 def register(sub) -> None:
@@ -12,17 +12,12 @@ def register(sub) -> None:
     group = sub.add_parser("overspec", help="over-specification study: fine-tune on Macondo, vanilla vs kNN vs MLP "
                                             "log-likelihood over training (§4.3)")
     actions = group.add_subparsers(dest="action", required=True)
-    run = actions.add_parser(
-        "run", help="fine-tune per seed, evaluate at step 0 and every --eval_every steps (resumable)",
-        description="Example: knnlm overspec run --config configs/cpu-tiny.yaml --output_dir runs/overspec-cpu-tiny")
-    add_config_flag(run)
-    add_arguments(run, OverspecArgs)
-    run.set_defaults(func=cmd_run)
-    api = actions.add_parser("api", help="Macondo-Conv with an API model (§4.4): fine-tune via an OpenAI-compatible "
-                                          "API (--submit) or take a fine-tuned model, then score it with echo logprobs")
-    add_config_flag(api)
-    add_arguments(api, ApiArgs)
-    api.set_defaults(func=cmd_api)
+    add_command(actions, "run", OverspecArgs, cmd_run,
+                help="fine-tune per seed, evaluate at step 0 and every --eval_every steps (resumable)",
+                description="Example: knnlm overspec run --config configs/cpu-tiny.yaml --output_dir runs/overspec-cpu-tiny")
+    add_command(actions, "api", ApiArgs, cmd_api,
+                help="Macondo-Conv with an API model (§4.4): fine-tune via an OpenAI-compatible API (--submit) or take a "
+                     "fine-tuned model, then score it with echo logprobs")
 
 
 def cmd_run(args) -> int:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    from ..config import add_arguments, add_config_flag
+    from ..config import add_command, add_config_flag
     from ..experiments.reproduce import ReproduceArgs
 
     demo = sub.add_parser("demo", help="Macondo over-specification on a from-scratch GPT-2: vanilla vs kNN vs MLP "
@@ -15,12 +15,9 @@ def register(sub) -> None:
     add_config_flag(demo, default="demo")
     demo.set_defaults(func=cmd_demo)
 
-    rep = sub.add_parser("reproduce", help="run the four studies and the kNN-LM baseline at a scale (cpu, gpu, paper); "
-                                           "write report.md beside the paper's numbers (cached, resumable; --smoke: "
-                                           "every stage in seconds on CPU)")
-    add_config_flag(rep)
-    add_arguments(rep, ReproduceArgs)
-    rep.set_defaults(func=cmd_reproduce)
+    add_command(sub, "reproduce", ReproduceArgs, cmd_reproduce,
+                help="run the four studies and the kNN-LM baseline at a scale (cpu, gpu, paper); write report.md beside "
+                     "the paper's numbers (cached, resumable; --smoke: every stage in seconds on CPU)")
 
 
 def cmd_demo(args) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from ..config import add_arguments, add_config_flag, resolve
+from ..config import add_command, resolve
 
 
 def register(sub) -> None:
@@ -13,12 +13,9 @@ def register(sub) -> None:
     from ..models import ModelArgs
     from ..serve import ServeArgs
 
-    p = sub.add_parser("serve", help="serve a local model (or its kNN-LM / MLP-LM) as an OpenAI-compatible "
-                                     "/v1/completions endpoint with logprobs")
-    add_config_flag(p)
-    for cls in (ModelArgs, ServeArgs, AugmentArgs, KNNArgs):
-        add_arguments(p, cls)
-    p.set_defaults(func=cmd_serve)
+    add_command(sub, "serve", (ModelArgs, ServeArgs, AugmentArgs, KNNArgs), cmd_serve,
+                help="serve a local model (or its kNN-LM / MLP-LM) as an OpenAI-compatible /v1/completions endpoint "
+                     "with logprobs")
 
 
 def cmd_serve(args) -> int:
