@@ -246,7 +246,7 @@ def test_lm_train_cli_saves_a_loadable_model(tmp_path, capsys):
     (tmp_path / "valid.txt").write_text(TEXT[:300], encoding="utf-8")
     out = tmp_path / "m"
     argv = ["lm", "train", "--train_file", str(tmp_path / "train.txt"), "--validation_file", str(tmp_path / "valid.txt"),
-            "--size", "tiny", "--tokenizer", "bpe:280", "--block_size", "32", "--batch_size", "4", "--steps", "6",
+            "--size", "tiny", "--tokenizer", "bpe:280", "--block_size", "32", "--batch_size", "4", "--max_steps", "6",
             "--eval_every", "3", "--learning_rate", "5e-3", "--output_dir", str(out)]
     assert main(argv) == 0
     rec = json.loads((out / "training.json").read_text())
