@@ -189,12 +189,16 @@ def _eval_report(args) -> None:
         print(f"{var:>10} {v:>6}: {_median(rs, 'wall_s'):8.1f} | {statistics.median(cpu):8.1f} | "
               f"{statistics.median(r['sys_s'] / (r['user_s'] + r['sys_s']) for r in rs):.3f} | "
               f"{_median(rs, 'minflt'):10.0f} | {_median(rs, 'peak_rss_mib'):6.0f}")
+    n_tok = runs[(versions[0], variants[0])][0]["n_tokens"]
+    print("\ntokens/s of the scoring loop (medians): " + ", ".join(
+        f"{var} {v} {n_tok / _median(runs[(v, var)], 'wall_s'):,.0f}" for v in versions for var in variants))
     print("\nratios (medians; wall time, then CPU time)   target")
     for v in versions:
         def ratio(a, b, key):
             return _median(runs[(v, a)], key) / _median(runs[(v, b)], key)
 
-        for a, b, target in (("knn_exact", "lm", 1.3), ("knn_pq", "lm", 1.15), ("lm", "bare", 1.05)):
+        for a, b, target in (("knn_exact", "lm", 1.3), ("knn_pq", "lm", 1.15), ("knn_flat", "lm", "(exact search)"),
+                             ("lm", "bare", 1.05)):
             if a not in variants or b not in variants:
                 continue
             cpu = [statistics.median(r["user_s"] + r["sys_s"] for r in runs[(v, x)]) for x in (a, b)]
@@ -229,7 +233,7 @@ def _index_report(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model_name_or_path", required=True)
-    p.add_argument("--datastore", required=True, help="a finished datastore with a built index")
+    p.add_argument("--datastore", required=True, help="a finished datastore (with a built index for knn_pq / knn_exact)")
     p.add_argument("--validation_file", required=True)
     p.add_argument("--max_tokens", type=int, default=32_768)
     p.add_argument("--k", type=int, default=1024)
@@ -254,7 +258,8 @@ def main() -> None:
     if args.index_worker:
         return index_worker(args)
     if not args.skip_eval:
-        if not (Path(args.datastore) / "index" / "index.json").exists():
+        needs_index = {"knn_pq", "knn_exact"} & set(args.variants.split(","))  # knn_flat builds its own exact index
+        if needs_index and not (Path(args.datastore) / "index" / "index.json").exists():
             sys.exit(f"{args.datastore} has no index: build it first (knnlm index build --factory {args.factory})")
         _eval_report(args)
     if args.index_build:

@@ -100,7 +100,7 @@ def test_gpu_recipe_fits_its_budget(wikitext_dir):
     from knnlm.experiments.reproduce import load_recipe
 
     stages = load_recipe(ReproduceArgs(scale="gpu", output_dir="/o", data_dir=str(wikitext_dir)))["stages"]
-    unbudgeted = [s["name"] for s in stages if "budget_s" not in s and s.get("when") != "no-faiss-gpu"]
+    unbudgeted = [s["name"] for s in stages if "budget_s" not in s and s.get("when") != "no-gpu-search"]
     assert unbudgeted == []  # only the CPU-FAISS fallback stages run outside the budget
     assert sum(s.get("budget_s", 0) for s in stages) <= 600
 
@@ -170,7 +170,7 @@ def test_when_conditions_and_run_kinds(tiny_gpt2_dir, data_dir, tmp_path, monkey
 
     recipe["stages"][1]["when"] = "gpu"
     path.write_text(yaml.safe_dump(recipe))
-    with pytest.raises(KnnlmError, match="when: 'gpu' is not one of faiss-gpu, no-faiss-gpu, cuda, no-cuda"):
+    with pytest.raises(KnnlmError, match="when: 'gpu' is not one of faiss-gpu, no-faiss-gpu, gpu-search, no-gpu-search, cuda, no-cuda"):
         run_stages(args, run)
     recipe["stages"][1] = {"name": "index", "argv": ["index"], "budget": 3}
     path.write_text(yaml.safe_dump(recipe))

@@ -58,7 +58,15 @@ def default_factory(n: int, d: int, flat_threshold: int) -> str:
 
 
 def gpu_available() -> bool:
+    """Whether this faiss build has GPU support and sees a GPU (faiss-gpu-cu12)."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def gpu_search_available() -> bool:
+    """Whether exact search can run on a GPU: with GPU FAISS, else with torch (:mod:`knnlm.gpu_search`)."""
+    from .gpu_search import torch_gpu_available
+
+    return gpu_available() or torch_gpu_available()
 
 
 def _to_gpu(index):
@@ -288,7 +296,15 @@ def load_index(ds_dir: str | Path, nprobe: int = 32, use_gpu: bool | None = None
 
 
 def flat_index(ds, use_gpu: bool | None = None, chunk: int = 262_144):
-    """An exact in-memory L2 index over the store's keys (float32)."""
+    """An exact in-memory L2 index over the store's keys (float32): FAISS's, moved to the GPU with GPU FAISS; on a GPU
+    that only torch sees (faiss-cpu installed), :class:`knnlm.gpu_search.TorchFlatIndex`."""
+    if (use_gpu or use_gpu is None) and not gpu_available():
+        from .gpu_search import TorchFlatIndex, torch_gpu_available
+
+        if torch_gpu_available():
+            return TorchFlatIndex(ds.keys, device="cuda", load_chunk=chunk)
+        if use_gpu:
+            raise KnnlmError("use_gpu: no GPU is visible to faiss or torch; drop it to search on the CPU")
     index = faiss.IndexFlatL2(ds.d)
     for _, block in _key_chunks(ds.keys, 0, ds.N, chunk):
         index.add(block)

@@ -65,6 +65,12 @@ def _faiss_gpu() -> bool:
     return gpu_available()
 
 
+def _gpu_search() -> bool:
+    from ..index import gpu_search_available
+
+    return gpu_search_available()
+
+
 def _cuda() -> bool:
     import torch
 
@@ -72,7 +78,7 @@ def _cuda() -> bool:
 
 
 # Conditions a stage's ``when`` can name (``no-<name>`` negates): facts about this machine.
-CONDITIONS = {"faiss-gpu": _faiss_gpu, "cuda": _cuda}
+CONDITIONS = {"faiss-gpu": _faiss_gpu, "gpu-search": _gpu_search, "cuda": _cuda}
 
 
 def condition_holds(when: str) -> bool:
@@ -519,7 +525,7 @@ def write_report(args: ReproduceArgs, timings: dict) -> Path:
     stage_rows, ordered, budgets = _stage_rows(recipe, timings)
     total = stage_rows[-1][2]
     header = [f"# knnlm reproduce — scale `{args.scale}`{' (smoke run)' if args.smoke else ''}\n",
-              f"Machine: {run_info()['device']}; FAISS on GPU: {'yes' if _faiss_gpu() else 'no'}.\n"]
+              f"Machine: {run_info()['device']}; FAISS on GPU: {'yes' if _faiss_gpu() else 'no'}; exact search on GPU: {'FAISS' if _faiss_gpu() else 'torch' if _gpu_search() else 'no'}.\n"]
     if args.smoke:
         header.append("**Smoke run** (`--smoke`): every stage shrunk to seconds on CPU to check that the recipe runs "
                       "end to end. The numbers below mean nothing.\n")
