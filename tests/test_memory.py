@@ -136,6 +136,7 @@ def test_overfits_a_tiny_datastore(tmp_path):
                                          micro_batch_tokens=32, epochs=150, chunk_keys=64, log_every=10))
     record = json.loads((tmp_path / "mem" / "train.json").read_text())
     assert record["first_loss"] > 2.0 and record["final_loss"] < 0.05
+    assert record["last_fifth_drop"] is not None and record["last_fifth_drop"] < 0.5  # recorded with every memory
     assert record["steps"] == 150 and record["pairs"] == 150 * 64 and record["pairs_per_s"] > 0
     with torch.no_grad():
         logp = mem.log_probs(torch.from_numpy(np.array(ds.keys)))
@@ -344,3 +345,12 @@ def test_cli_truncated_datastore_is_reported_before_training(tiny_gpt2_dir, gpt2
     rc = main(["mlp", "train", "--datastore", str(tmp_path / "missing"), "--model_name_or_path", str(tiny_gpt2_dir),
                "--output_dir", str(tmp_path / "mem")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err and not (tmp_path / "mem").exists()
+
+
+def test_last_fifth_drop_on_constructed_curves():
+    from knnlm.memory import last_fifth_drop
+
+    falling = [{"loss": float(x)} for x in range(10, 0, -1)]  # 10 points: fifths of 2; (3.5 - 1.5) / 3.5
+    assert abs(last_fifth_drop(falling) - 2.0 / 3.5) < 1e-12
+    assert last_fifth_drop([{"loss": 2.0}] * 7) == 0.0  # flat: plateaued
+    assert last_fifth_drop([{"loss": 1.0}] * 4) is None  # too short to say

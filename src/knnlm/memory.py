@@ -424,13 +424,25 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
     return mem
 
 
+def last_fifth_drop(curve: list[dict]) -> Optional[float]:
+    """Relative drop of a loss curve over its last fifth (mean loss of the fifth before it minus that of the last
+    fifth, over the former): near 0 once the loss has plateaued; None for curves of fewer than 5 points."""
+    losses = [p["loss"] for p in curve]
+    k = len(losses) // 5
+    if k < 1:
+        return None
+    before, last = float(np.mean(losses[-2 * k: -k])), float(np.mean(losses[-k:]))
+    return (before - last) / before if before else None
+
+
 def _training_record(state: dict, args: MemoryArgs, steps_per_epoch: int) -> dict:
     losses = state["losses"]
     curve = [{"step": min(i + args.log_every, len(losses)), "epoch": min(i + args.log_every, len(losses)) / steps_per_epoch,
               "loss": float(np.mean(losses[i: i + args.log_every]))} for i in range(0, len(losses), args.log_every)]
     return {"steps": state["step"], "pairs": state["pairs"], "train_s": state["train_s"],
             "pairs_per_s": state["pairs"] / max(state["train_s"], 1e-9), "first_loss": losses[0] if losses else None,
-            "final_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve}
+            "final_loss": curve[-1]["loss"] if curve else None, "last_fifth_drop": last_fifth_drop(curve),
+            "loss_curve": curve}
 
 
 def _write_train_log(out: Path, record: dict) -> None:

@@ -43,7 +43,9 @@ def cmd_mlp_train(args) -> int:
     write_markdown(out, table)
     print(f"memory {out}: {mem.n_parameters()} parameters, key point {mem.key_point}, "
           f"loss {_fmt(training.get('first_loss'))} -> {_fmt(training.get('final_loss'))} over {training.get('steps')} steps, "
-          f"{training.get('pairs_per_s', 0):.0f} pairs/s")
+          f"{training.get('pairs_per_s', 0):.0f} pairs/s"
+          + (f", loss drop over the last fifth {training['last_fifth_drop']:.1%}"
+             if training.get("last_fifth_drop") is not None else ""))
     print(table, end="")
     print(f"results: {out / 'results.json'}")
     return 0

@@ -48,7 +48,7 @@ from ..errors import KnnlmError
 from ..fileio import atomic_write_json, claim_output_dir, read_json
 from ..knn import KNNArgs
 from ..macondo.generate import MacondoArgs
-from ..memory import MemoryArgs
+from ..memory import MemoryArgs, last_fifth_drop
 from ..models import ModelArgs
 from ..train import TrainArgs
 from .study import check_resumable, mean_std, seed_path
@@ -560,17 +560,6 @@ def _point_value(entry: dict, split: str, method: str, lam: str, group: str) -> 
     return None if summary is None else summary[group]
 
 
-def _plateau(curve: list[dict]) -> Optional[float]:
-    """Relative drop of the memory's loss over the last fifth of its training (mean loss of the fifth before it minus
-    that of the last fifth, over the former): near 0 when the loss has plateaued."""
-    losses = [p["loss"] for p in curve]
-    k = len(losses) // 5
-    if k < 1:
-        return None
-    before, last = float(np.mean(losses[-2 * k: -k])), float(np.mean(losses[-k:]))
-    return (before - last) / before if before else None
-
-
 def _intervals(records: list[dict], bare: Optional[list[dict]], methods: list[str], lam: str) -> dict:
     """Paired bootstrap intervals at the last step over seeds and examples (stratified by number of children) of the
     Average (mean of the group means): kNN/MLP - vanilla per split, bare-trained - vanilla on the test split."""
@@ -671,7 +660,7 @@ def aggregate(records: list[dict], args: OverspecArgs, bare: Optional[list[dict]
                                          "per_seed": {str(r["seed"]): -x["avg"] for r, x in zip(records, mem)}}
     curves = [r["history"][-1].get("mlp_training") for r in records]
     if curves and all(curves):
-        metrics["mlp_training"] = {str(r["seed"]): {**c, "plateau": _plateau(c["loss_curve"])}
+        metrics["mlp_training"] = {str(r["seed"]): {**c, "plateau": last_fifth_drop(c["loss_curve"])}
                                    for r, c in zip(records, curves)}
     if bare:
         metrics["bare"] = {"train_loss": {str(b["seed"]): [e["train_loss"] for e in b["history"]] for b in bare},
