@@ -53,3 +53,22 @@ def test_cuda_matches_cpu():
     d_gpu, i_gpu = TorchFlatIndex(keys, device="cuda").search(queries, 128)
     assert (np.sort(i_cpu, 1) == np.sort(i_gpu, 1)).all()
     np.testing.assert_allclose(d_gpu, d_cpu, rtol=1e-5, atol=1e-5)
+
+
+def test_retriever_takes_its_exact_distances_without_a_second_key_copy(tmp_path):
+    """A Retriever over a TorchFlatIndex with --recompute_dists: the index's distances are already exact, so no keys
+    are held for recomputation, and the result equals recomputing them over FAISS's exact search."""
+    from test_index import make_store
+
+    from knnlm.knn import KNNArgs, Retriever
+
+    ds = make_store(tmp_path / "ds")
+    q = torch.from_numpy(np.asarray(ds.keys[:29], dtype=np.float32) + 0.05)
+    args = KNNArgs(k=10, recompute_dists=True)
+    torch_ret = Retriever(ds, args, index=TorchFlatIndex(ds.keys, device="cpu", key_chunk=300))
+    assert torch_ret.keys is None
+    faiss_ret = Retriever(ds, args)  # FAISS Flat (no built index), distances recomputed from the keys
+    assert faiss_ret.keys is not None
+    (d1, v1), (d2, v2) = torch_ret.search(q), faiss_ret.search(q)
+    np.testing.assert_allclose(d1.numpy(), d2.numpy(), rtol=1e-5, atol=1e-6)
+    assert (v1 == v2).all()

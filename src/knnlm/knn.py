@@ -147,7 +147,11 @@ class Retriever:
         if args.k + int(args.ignore_top) > datastore.N:
             log.info("k=%d exceeds the datastore size %d: retrieving all keys", args.k, datastore.N)
         self.vals = torch.from_numpy(np.asarray(datastore.vals, dtype=np.int64))  # [N], small enough to hold
-        self.keys = resident_keys(datastore) if args.recompute_dists else None  # [N, d]
+        from .gpu_search import TorchFlatIndex
+
+        # TorchFlatIndex already returns exact distances: a second copy of the keys for --recompute_dists would add nothing
+        self.recompute = args.recompute_dists and not isinstance(self.index, TorchFlatIndex)
+        self.keys = resident_keys(datastore) if self.recompute else None  # [N, d]
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [B, d] -> (squared L2 distances float32 [B, k'], values int64 [B, k']), nearest first."""
@@ -157,7 +161,7 @@ class Retriever:
             dists, ids = dists[:, 1:], ids[:, 1:]
         missing = torch.from_numpy(ids < 0)  # IVF may find fewer than k
         ids_t = torch.from_numpy(ids).masked_fill(missing, 0)
-        if self.args.recompute_dists:
+        if self.recompute:
             dists_t = exact_sq_dists(self.keys, torch.from_numpy(q), ids_t)
         else:
             dists_t = torch.from_numpy(np.ascontiguousarray(dists, dtype=np.float32))
