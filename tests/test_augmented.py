@@ -10,7 +10,7 @@ import torch
 from knnlm.augmented import augment, detach
 from knnlm.cli import main
 from knnlm.corpus import CorpusArgs, TokenFile, windows
-from knnlm.datastore import Datastore, build_datastore
+from knnlm.datastore import build_datastore
 from knnlm.errors import KnnlmError
 from knnlm.knn import KNNArgs, Retriever, interpolate
 from knnlm.memory import MLPMemory

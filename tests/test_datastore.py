@@ -1,7 +1,6 @@
 """Datastore: values are the next tokens, keys the hidden states; resume and 2-process builds are byte-identical."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -1,7 +1,6 @@
 """lm-evaluation-harness on the kNN-LM: the Macondo task through HFLM (augmented model in process) and through
 local-completions against a live `knnlm serve` on 127.0.0.1 give knnlm's own Macondo scores (macondo/score.py)."""
 import pytest
-import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
