@@ -1,6 +1,6 @@
 """Exact nearest-neighbour search with torch on a GPU, for machines whose FAISS has no GPU support.
 
-FAISS's GPU build on PyPI (``faiss-gpu-cu12``) needs CUDA 12's runtime libraries; a machine with only CUDA 13 (or only
+FAISS's GPU build on PyPI (``faiss-gpu-cu12``) needs CUDA 12's runtime libraries; a machine without them (or only
 ``faiss-cpu`` installed) would otherwise search on the CPU. :class:`TorchFlatIndex` is the exact (Flat) search of
 ``faiss.IndexFlatL2`` written in torch: the keys live on the device in float32, candidates come from one GEMM per key
 chunk (‖k‖² − 2 q·k, as FAISS ranks them), and the k distances it returns are recomputed as sums of squared
