@@ -31,10 +31,11 @@ class TorchFlatIndex:
         self.d, self.ntotal, self.device = int(d), int(n), torch.device(device)
         self.query_batch, self.key_chunk, self.refine_batch = query_batch, key_chunk, refine_batch
         self.keys = torch.empty(n, d, dtype=torch.float32, device=self.device)  # [N, d]
+        self.sq_norms = torch.empty(n, dtype=torch.float32, device=self.device)  # [N]
         for s in range(0, n, load_chunk):  # keys may be a float16 memmap: widen slice by slice, no full host copy
-            block = np.ascontiguousarray(keys[s: s + load_chunk], dtype=np.float32)
-            self.keys[s: s + len(block)] = torch.from_numpy(block).to(self.device, non_blocking=False)
-        self.sq_norms = self.keys.square().sum(dim=1)  # [N]
+            block = torch.from_numpy(np.ascontiguousarray(keys[s: s + load_chunk], dtype=np.float32)).to(self.device)
+            self.keys[s: s + len(block)] = block
+            self.sq_norms[s: s + len(block)] = block.square().sum(dim=1)  # per slice: no [N, d] temporary
         log.info("exact search with torch on %s: %d keys of width %d (%.0f MiB float32)",
                  self.device, n, d, n * d * 4 / 2**20)
 
