@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..corpus import pad_right
 from ..errors import KnnlmError
 from ..fileio import atomic_write_json, claim_output_dir, read_json
+from ..train import collate_causal
 from .study import check_resumable, mean_std, seed_path
 
 log = logging.getLogger(__name__)
@@ -321,12 +321,11 @@ class Examples:
     def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> input_ids [B, T], attention_mask [B, T], labels [B, T] (-100 on padding)."""
         if self.seqs is not None:
-            ids, mask = pad_right([self.seqs[i] for i in idx], 0)
-        else:
-            rows = [self.tokens[i * self.block_size:(i + 1) * self.block_size] for i in idx]
-            ids = torch.as_tensor(np.stack(rows), dtype=torch.long)
-            mask = torch.ones_like(ids)
-        return ids, mask, ids.masked_fill(mask == 0, -100)
+            b = collate_causal([self.seqs[i] for i in idx], 0)
+            return b["input_ids"], b["attention_mask"], b["labels"]
+        rows = [self.tokens[i * self.block_size:(i + 1) * self.block_size] for i in idx]
+        ids = torch.as_tensor(np.stack(rows), dtype=torch.long)  # full blocks: no padding
+        return ids, torch.ones_like(ids), ids.clone()
 
 
 @dataclass
