@@ -354,3 +354,61 @@ def test_last_fifth_drop_on_constructed_curves():
     assert abs(last_fifth_drop(falling) - 2.0 / 3.5) < 1e-12
     assert last_fifth_drop([{"loss": 2.0}] * 7) == 0.0  # flat: plateaued
     assert last_fifth_drop([{"loss": 1.0}] * 4) is None  # too short to say
+
+
+# ---------------------------------------------------------------------------------------------------------------- schedule, held-out loss
+def test_cosine_schedule_decays_to_zero_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    lm = StubLM()
+    ds = random_store(tmp_path / "ds", lm, n=60)
+    args = dict(epochs=3, checkpoint_every=2, lr_scheduler_type="cosine")  # 4 steps per epoch, 12 in all
+    seen = []
+    real = memory_mod._train_step
+    monkeypatch.setattr(memory_mod, "_train_step", lambda mem, opt, *a, **k: seen.append(opt.param_groups[0]["lr"]) or real(mem, opt, *a, **k))
+    train_memory(lm, ds, fast_args(ds, tmp_path / "ref", **args))
+    want = [1e-2 * 0.5 * (1 + math.cos(math.pi * k / 12)) for k in range(12)]  # lr of step k+1: cosine over 12 steps
+    assert seen == pytest.approx(want, rel=1e-9, abs=1e-15) and seen[-1] < 1e-3
+    calls = {"n": 0}
+
+    def dying(*a, **k):  # dies during step 8, after the checkpoint at step 6
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(memory_mod, "_train_step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_memory(lm, ds, fast_args(ds, tmp_path / "resumed", **args))
+    seen.clear()
+    monkeypatch.setattr(memory_mod, "_train_step", lambda mem, opt, *a, **k: seen.append(opt.param_groups[0]["lr"]) or real(mem, opt, *a, **k))
+    train_memory(lm, ds, fast_args(ds, tmp_path / "resumed", **args))
+    assert seen == pytest.approx(want[6:], rel=1e-9, abs=1e-15)  # the schedule resumed at step 6, not from the top
+    assert (tmp_path / "resumed" / "memory.safetensors").read_bytes() == (tmp_path / "ref" / "memory.safetensors").read_bytes()
+    # constant (the default) keeps the old fingerprint; a cosine memory is a different memory
+    assert "lr_scheduler_type" not in memory_mod._fingerprint(lm, ds, fast_args(ds, tmp_path / "x"), "gelu_new")["training"]
+    with pytest.raises(KnnlmError, match="different MLP memory"):
+        train_memory(lm, ds, fast_args(ds, tmp_path / "ref", epochs=3))
+    with pytest.raises(KnnlmError, match="--lr_scheduler_type"):
+        fast_args(ds, tmp_path / "y", lr_scheduler_type="step").validate()
+
+
+def test_heldout_loss_is_the_mean_cross_entropy_measured_every_epoch(tmp_path):
+    lm = StubLM()
+    ds = random_store(tmp_path / "ds", lm, n=48, seed=0)
+    held = random_store(tmp_path / "held", lm, n=20, seed=1)
+    (held.dir / "meta.json").write_text((held.dir / "meta.json").read_text().replace("c0ffee", "feed"))
+    mem = train_memory(lm, ds, fast_args(ds, tmp_path / "mem", epochs=3, validation_datastore=str(held.dir)))
+    record = json.loads((tmp_path / "mem" / "train.json").read_text())
+    assert [p["epoch"] for p in record["heldout_curve"]] == [0.0, 1.0, 2.0, 3.0]  # untrained, then after every epoch
+    with torch.no_grad():  # brute force: -log softmax of the memory's logits at the held-out values, averaged
+        logp = torch.log_softmax(mem(torch.from_numpy(np.array(held.keys)).float()).double(), -1)
+    want = -logp[torch.arange(20), torch.from_numpy(np.asarray(held.vals).astype(np.int64))].mean().item()
+    assert record["heldout_final_loss"] == pytest.approx(want, rel=1e-5)
+    assert record["heldout_best_loss"] == min(p["loss"] for p in record["heldout_curve"])
+    # the training store itself, or a store of another model, is refused naming the flag
+    with pytest.raises(KnnlmError, match="--validation_datastore: .* same text"):
+        train_memory(lm, ds, fast_args(ds, tmp_path / "m2", validation_datastore=str(ds.dir)))
+    other = random_store(tmp_path / "other", StubLM(seed=3), n=8)
+    with pytest.raises(KnnlmError, match="--validation_datastore: .* different model weights"):
+        train_memory(lm, ds, fast_args(ds, tmp_path / "m3", validation_datastore=str(other.dir)))
+    with pytest.raises(KnnlmError, match="--validation_datastore: "):
+        train_memory(lm, ds, fast_args(ds, tmp_path / "m4", validation_datastore=str(tmp_path / "nope")))

@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from .fileio import atomic_path, atomic_write_json, claim_output_dir, package_ve
 log = logging.getLogger(__name__)
 
 FORMAT = "knnlm-mlp-memory/1"
+LR_SCHEDULES = ("constant", "linear", "cosine")
 WEIGHTS_FILE, CONFIG_FILE, CHECKPOINT_FILE, TRAIN_LOG = "memory.safetensors", "memory.json", "checkpoint.pt", "train.json"
 
 
@@ -45,6 +46,7 @@ class MemoryArgs:
     hidden_size: int = field(default=4096, metadata={"help": "Hidden units of the memory's one-hidden-layer MLP (paper: 4096)."})
     activation: str = field(default="auto", metadata={"help": "MLP activation, a transformers ACT2FN name; auto = the LM's own (gelu_new for GPT-2)."})
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (paper: 1e-5).", "deprecated": ("lr",)})
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = field(default="constant", metadata={"help": "Learning-rate schedule over all optimiser steps, no warm-up (transformers.get_scheduler): constant (the paper's), linear or cosine decay to 0."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     batch_tokens: int = field(default=9216, metadata={"help": "Key/value pairs per optimiser step (paper: 3x3072)."})
     micro_batch_tokens: int = field(default=1024, metadata={"help": "Pairs per forward/backward; gradients accumulate up to --batch_tokens (bounds the [n, V] logits in memory)."})
@@ -55,6 +57,7 @@ class MemoryArgs:
     seed: int = field(default=0, metadata={"help": "Seed of the initialisation and of the chunk/row shuffles."})
     checkpoint_every: int = field(default=200, metadata={"help": "Optimiser steps between resumable checkpoints."})
     log_every: int = field(default=10, metadata={"help": "Optimiser steps per point of the recorded loss curve."})
+    validation_datastore: Optional[str] = field(default=None, metadata={"help": "A datastore of held-out text built with the same model (knnlm datastore build on the validation file): the memory's loss on it is measured before training and after every epoch, recorded and plotted."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a different memory (or unfinished training) already in --output_dir."})
 
     def validate(self) -> None:
@@ -71,6 +74,8 @@ class MemoryArgs:
             raise KnnlmError(f"--learning_rate: must be > 0, got {self.learning_rate}")
         if self.weight_decay < 0:
             raise KnnlmError(f"--weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.lr_scheduler_type not in LR_SCHEDULES:
+            raise KnnlmError(f"--lr_scheduler_type: one of {', '.join(LR_SCHEDULES)}, got {self.lr_scheduler_type!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------- module
@@ -277,6 +282,8 @@ def _fingerprint(lm, ds: Datastore, args: MemoryArgs, activation: str) -> dict:
     # the stored key of --learning_rate stays "lr": memories trained before the rename keep resuming / being found
     training = {k: getattr(args, "learning_rate" if k == "lr" else k) for k in _RESULT_FIELDS}
     training["activation"] = activation
+    if args.lr_scheduler_type != "constant":  # absent for constant: memories trained before the option keep matching
+        training["lr_scheduler_type"] = args.lr_scheduler_type
     return {"model_name_or_path": lm.name, "weights_hash": lm.weights_hash(), "tokenizer_hash": lm.tokenizer_hash(),
             "key_point": ds.key_point, "datastore": datastore_reference(ds), "training": training}
 
@@ -322,9 +329,9 @@ def _prepare_dir(out: Path, fp: dict, overwrite: bool) -> Optional[str]:
     return None
 
 
-def _save_checkpoint(path: Path, fp: dict, mem: MLPMemory, opt: torch.optim.Optimizer, state: dict) -> None:
+def _save_checkpoint(path: Path, fp: dict, mem: MLPMemory, opt: torch.optim.Optimizer, state: dict, scheduler) -> None:
     blob = {"fingerprint": fp, "model": mem.state_dict(), "optim": opt.state_dict(), "state": state,
-            "torch_rng": torch.get_rng_state()}
+            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():
         blob["cuda_rng"] = torch.cuda.get_rng_state_all()
     with atomic_path(path) as tmp:
@@ -349,6 +356,34 @@ def _train_step(mem: MLPMemory, opt, keys: np.ndarray, vals: np.ndarray, micro: 
     return total / n
 
 
+@torch.no_grad()
+def heldout_loss(mem: MLPMemory, ds: Datastore, micro: int, device) -> float:
+    """Mean cross-entropy (nats) of the memory's next-token distribution over every (key, value) pair of ``ds``."""
+    was_training = mem.training
+    mem.eval()
+    total = 0.0
+    for lo in range(0, ds.N, micro):
+        z = torch.from_numpy(np.array(ds.keys[lo: lo + micro])).to(device).float()  # [m, d] (a copy: memmaps are read-only)
+        y = torch.from_numpy(np.asarray(ds.vals[lo: lo + micro]).astype(np.int64)).to(device)  # [m]
+        total += float(F.cross_entropy(mem(z).float(), y, reduction="sum"))
+    mem.train(was_training)
+    return total / ds.N
+
+
+def _open_heldout(path: Optional[str], lm, ds: Datastore) -> Optional[Datastore]:
+    if not path:
+        return None
+    try:
+        held = Datastore.open(path)
+        held.check_compatible(lm, key_point=ds.key_point)
+    except KnnlmError as e:  # name this flag, not --datastore
+        raise KnnlmError(str(e).replace("--datastore:", "--validation_datastore:", 1).replace("--key_point:", "--validation_datastore:", 1)) from None
+    if held.meta.get("corpus_hash") is not None and held.meta.get("corpus_hash") == ds.meta.get("corpus_hash"):
+        raise KnnlmError(f"--validation_datastore: {held.dir} was built from the same text as --datastore {ds.dir}; "
+                         "build it from held-out text (e.g. the validation file)")
+    return held
+
+
 def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) -> MLPMemory:
     """Trains an MLP memory on the datastore's (key, next token) pairs; resumable; returns the finished memory.
 
@@ -365,6 +400,7 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
                          f"{lm.output_layer.in_features}-wide inputs (a project_out, as in OPT-350m); the MLP memory "
                          "adds W after a key-wide residual, so use kNN retrieval (knnlm eval --datastore) for this model")
     fp = _fingerprint(lm, ds, args, activation)
+    held = _open_heldout(args.validation_datastore, lm, ds)
     status = _prepare_dir(out, fp, args.overwrite)
     if status == "finished":
         log.info("memory %s is already trained", out)
@@ -379,19 +415,25 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
-    state = {"step": 0, "pairs": 0, "train_s": 0.0, "losses": []}
+    from transformers import get_scheduler
+    scheduler = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=0, num_training_steps=total_steps)
+    state = {"step": 0, "pairs": 0, "train_s": 0.0, "losses": [], "heldout": []}
     ckpt_path = out / CHECKPOINT_FILE
     if status == "resume":
         blob = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         mem.load_state_dict(blob["model"])
         opt.load_state_dict(blob["optim"])
+        if "scheduler" in blob:
+            scheduler.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["torch_rng"])
         if "cuda_rng" in blob and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(blob["cuda_rng"])
-        state = blob["state"]
+        state = {"heldout": [], **blob["state"]}
         log.info("resuming memory training at step %d of %d", state["step"], total_steps)
-    log.info("training MLP memory: N=%d pairs, d=%d, hidden %d, %d steps of %d pairs, lr %g, W %s", ds.N, ds.d,
-             args.hidden_size, total_steps, args.batch_tokens, args.learning_rate,
+    if held is not None and not state["heldout"]:  # the untrained memory's held-out loss: the curve's first point
+        state["heldout"].append({"step": 0, "epoch": 0.0, "loss": heldout_loss(mem, held, args.micro_batch_tokens, lm.device)})
+    log.info("training MLP memory: N=%d pairs, d=%d, hidden %d, %d steps of %d pairs, lr %g (%s), W %s", ds.N, ds.d,
+             args.hidden_size, total_steps, args.batch_tokens, args.learning_rate, args.lr_scheduler_type,
              "trained copy" if args.train_output_layer else "the LM's, frozen")
 
     mem.train()
@@ -401,17 +443,22 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
             for keys, vals in epoch_batches(ds, args.batch_tokens, args.chunk_keys, args.seed, epoch, start):
                 t0 = time.time()
                 loss = _train_step(mem, opt, keys, vals, args.micro_batch_tokens, lm.device)
+                scheduler.step()
                 state["train_s"] += time.time() - t0
                 state["step"] += 1
                 state["pairs"] += len(vals)
                 state["losses"].append(loss)
                 bar.update(1)
+                if held is not None and (state["step"] % steps_per_epoch == 0 or state["step"] >= total_steps):
+                    state["heldout"].append({"step": state["step"], "epoch": state["step"] / steps_per_epoch,
+                                             "loss": heldout_loss(mem, held, args.micro_batch_tokens, lm.device)})
+                    log.info("epoch %.2f: held-out loss %.4f", state["heldout"][-1]["epoch"], state["heldout"][-1]["loss"])
                 if state["step"] % args.log_every == 0:
                     bar.set_postfix(loss=f"{np.mean(state['losses'][-args.log_every:]):.3f}",
                                     pairs_s=f"{state['pairs'] / max(state['train_s'], 1e-9):.0f}")
                 done = state["step"] >= total_steps
                 if done or state["step"] % args.checkpoint_every == 0:
-                    _save_checkpoint(ckpt_path, fp, mem, opt, state)
+                    _save_checkpoint(ckpt_path, fp, mem, opt, state, scheduler)
                 if done:
                     break
     mem.eval()
@@ -439,17 +486,26 @@ def _training_record(state: dict, args: MemoryArgs, steps_per_epoch: int) -> dic
     losses = state["losses"]
     curve = [{"step": min(i + args.log_every, len(losses)), "epoch": min(i + args.log_every, len(losses)) / steps_per_epoch,
               "loss": float(np.mean(losses[i: i + args.log_every]))} for i in range(0, len(losses), args.log_every)]
-    return {"steps": state["step"], "pairs": state["pairs"], "train_s": state["train_s"],
-            "pairs_per_s": state["pairs"] / max(state["train_s"], 1e-9), "first_loss": losses[0] if losses else None,
-            "final_loss": curve[-1]["loss"] if curve else None, "last_fifth_drop": last_fifth_drop(curve),
-            "loss_curve": curve}
+    record = {"steps": state["step"], "pairs": state["pairs"], "train_s": state["train_s"],
+              "pairs_per_s": state["pairs"] / max(state["train_s"], 1e-9), "first_loss": losses[0] if losses else None,
+              "final_loss": curve[-1]["loss"] if curve else None, "last_fifth_drop": last_fifth_drop(curve),
+              "loss_curve": curve}
+    heldout = state.get("heldout") or []
+    if heldout:
+        best = min(heldout, key=lambda p: p["loss"])
+        record.update(heldout_curve=heldout, heldout_final_loss=heldout[-1]["loss"], heldout_best_loss=best["loss"],
+                      heldout_best_epoch=best["epoch"])
+    return record
 
 
 def _write_train_log(out: Path, record: dict) -> None:
     from .report import line_plot
 
     atomic_write_json(out / TRAIN_LOG, record)
-    curve = record["loss_curve"]
+    curve, heldout = record["loss_curve"], record.get("heldout_curve") or []
     if curve:
-        line_plot(out / "loss.png", [{"x": [p["step"] for p in curve], "y": [p["loss"] for p in curve], "label": "train loss"}],
+        lines = [{"x": [p["step"] for p in curve], "y": [p["loss"] for p in curve], "label": "train loss"}]
+        if heldout:
+            lines.append({"x": [p["step"] for p in heldout], "y": [p["loss"] for p in heldout], "label": "held-out loss"})
+        line_plot(out / "loss.png", lines,
                   title="MLP memory training", xlabel="optimiser step", ylabel="cross-entropy (nats)")

@@ -45,7 +45,10 @@ def cmd_mlp_train(args) -> int:
           f"loss {_fmt(training.get('first_loss'))} -> {_fmt(training.get('final_loss'))} over {training.get('steps')} steps, "
           f"{training.get('pairs_per_s', 0):.0f} pairs/s"
           + (f", loss drop over the last fifth {training['last_fifth_drop']:.1%}"
-             if training.get("last_fifth_drop") is not None else ""))
+             if training.get("last_fifth_drop") is not None else "")
+          + (f"; held-out loss {_fmt(training['heldout_curve'][0]['loss'])} -> {_fmt(training['heldout_final_loss'])}, "
+             f"best {_fmt(training['heldout_best_loss'])} at epoch {training['heldout_best_epoch']:g}"
+             if training.get("heldout_curve") else ""))
     print(table, end="")
     print(f"results: {out / 'results.json'}")
     return 0
