@@ -83,6 +83,10 @@ def test_exact_sq_dists_equal_float64_brute_force(key_dtype):
     assert got[0, 3] == 0.0
     np.testing.assert_allclose(got.double().numpy(), ref.numpy(), rtol=2e-6, atol=1e-6)
     torch.testing.assert_close(exact_sq_dists(keys, q, ids, max_floats=3 * k * d), got, rtol=0, atol=0)
+    if key_dtype == torch.float32:  # the gather path (GPU keys, or float32 not laid out for FAISS) gives the same sums
+        strided = torch.cat([keys, keys], dim=1)[:, :d]  # [N, d], not contiguous
+        np.testing.assert_allclose(exact_sq_dists(strided, q, ids, max_floats=3 * k * d).double().numpy(), ref.numpy(),
+                                   rtol=2e-6, atol=1e-6)
     # the expansion through norms is what this avoids: in float32 it is off by far more on the near neighbours
     expanded = (keys.float()[ids] ** 2).sum(-1) + (q ** 2).sum(-1)[:, None] - 2 * (keys.float()[ids] @ q[:, :, None])[..., 0]
     assert (expanded[:, 0].double() - ref[:, 0]).abs().max() > 10 * (got[:, 0].double() - ref[:, 0]).abs().max()

@@ -189,13 +189,15 @@ def test_without_data_dir_wikitext_is_exported_from_datasets(tmp_path, monkeypat
     def load_dataset(name, config):
         asked.append((name, config))
         split = lambda lines: datasets.Dataset.from_dict({"text": lines})  # noqa: E731
-        return datasets.DatasetDict({"train": split([" = A = \n", " the cat sat .\n"]), "validation": split([" b c\n"])})
+        return datasets.DatasetDict({"train": split([" = A = \n", " the cat sat .\n"]), "validation": split([" b c\n"]),
+                                     "test": split([" d e\n"])})
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     args = with_data_dir(ReproduceArgs(output_dir=str(tmp_path / "out"), scale="cpu"))
     assert args.data_dir == str(tmp_path / "out" / "data") and asked == [("wikitext", "wikitext-2-raw-v1")]
     assert (tmp_path / "out" / "data" / "train.txt").read_text() == " = A = \n the cat sat .\n"
     assert (tmp_path / "out" / "data" / "valid.txt").read_text() == " b c\n"
+    assert (tmp_path / "out" / "data" / "test.txt").read_text() == " d e\n"
     with_data_dir(ReproduceArgs(output_dir=str(tmp_path / "out"), scale="cpu"))
     assert len(asked) == 1  # exported once
 

@@ -25,6 +25,8 @@ class TorchFlatIndex:
     """Exact squared-L2 search over keys [N, d] held on ``device`` in float32; ``search`` returns (D, I) as numpy,
     nearest first, like ``faiss.IndexFlatL2.search``."""
 
+    exact_distances = True  # the distances it returns are sums of squared differences: --recompute_dists adds nothing
+
     def __init__(self, keys, device: str | torch.device = "cuda", load_chunk: int = 262_144,
                  query_batch: int = 1024, key_chunk: int = 1 << 20, refine_batch: int = 64):
         n, d = keys.shape
@@ -69,9 +71,7 @@ class TorchFlatIndex:
         return out_d, out_i
 
     def _exact(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """‖keys[ids[b, j]] − q[b]‖² summed in float32, a few queries at a time (the gathered keys are [b', k, d])."""
-        out = torch.empty(ids.shape, dtype=torch.float32, device=self.device)
-        for s in range(0, len(q), self.refine_batch):
-            diff = self.keys[ids[s: s + self.refine_batch]] - q[s: s + self.refine_batch, None, :]  # [b', k, d]
-            out[s: s + self.refine_batch] = diff.square_().sum(dim=-1)
-        return out
+        """‖keys[ids[b, j]] − q[b]‖² summed in float32, ``refine_batch`` queries at a time: [b, kk] on the device."""
+        from .knn import exact_sq_dists
+
+        return exact_sq_dists(self.keys, q, ids, max_floats=self.refine_batch * ids.shape[1] * self.d)

@@ -105,12 +105,13 @@ def exact_sq_dists(keys: torch.Tensor, queries: torch.Tensor, ids: torch.Tensor,
     """Squared L2 distances ‖keys[ids[b, j]] − queries[b]‖² as the sum of squared differences in float32 (no
     ‖q‖² + ‖k‖² − 2 q·k, whose cancellation loses the small distances that weigh most in p_knn).
 
-    keys [N, d] (float32 in RAM, or float16), queries [B, d] float32, ids [B, k] int64 -> [B, k] float32. Float32 keys:
-    ``faiss.fvec_L2sqr_by_idx`` reads each row in place (one SIMD pass, no gathered copy). Float16 keys: a few queries
-    at a time, their rows are gathered into one reused float16 buffer and widened into one reused float32 buffer."""
+    keys [N, d] (float32 in RAM, or float16; or on a GPU), queries [B, d] float32, ids [B, k] int64 -> [B, k] float32
+    on the keys' device. Float32 keys in RAM: ``faiss.fvec_L2sqr_by_idx`` reads each row in place (one SIMD pass, no
+    gathered copy). Otherwise a few queries at a time (``max_floats`` gathered floats), their rows are gathered into one
+    reused buffer (and float16 rows widened into one reused float32 buffer)."""
     n_q, k = ids.shape
     d = keys.shape[1]
-    if keys.dtype == torch.float32 and keys.is_contiguous():
+    if keys.dtype == torch.float32 and keys.is_contiguous() and keys.device.type == "cpu":
         import faiss
 
         out_np = np.empty((n_q, k), dtype=np.float32)
@@ -119,16 +120,20 @@ def exact_sq_dists(keys: torch.Tensor, queries: torch.Tensor, ids: torch.Tensor,
         faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(out_np), faiss.swig_ptr(q_np), faiss.swig_ptr(keys.numpy()),
                                 faiss.swig_ptr(ids_np), d, n_q, k)
         return torch.from_numpy(out_np)
-    out = torch.empty(n_q, k, dtype=torch.float32)  # [B, k]
+    dev = keys.device
+    out = torch.empty(n_q, k, dtype=torch.float32, device=dev)  # [B, k]
     step = max(1, (max_floats or _RECOMPUTE_FLOATS) // (k * d))
-    gathered = torch.empty(min(step, n_q) * k, d, dtype=keys.dtype)  # [step * k, d]
-    wide = torch.empty(min(step, n_q) * k, d, dtype=torch.float32)
+    gathered = torch.empty(min(step, n_q) * k, d, dtype=keys.dtype, device=dev)  # [step * k, d]
+    wide = gathered if keys.dtype == torch.float32 else torch.empty(min(step, n_q) * k, d, dtype=torch.float32, device=dev)
     for s in range(0, n_q, step):
-        sel = ids[s: s + step].reshape(-1)  # [b * k]
+        sel = ids[s: s + step].reshape(-1).to(dev)  # [b * k]
         b = sel.numel() // k
         torch.index_select(keys, 0, sel, out=gathered[: sel.numel()])
-        diff = wide[: sel.numel()].copy_(gathered[: sel.numel()]).view(b, k, d)  # [b, k, d] float32
-        diff.sub_(queries[s: s + b, None, :])
+        diff = wide[: sel.numel()]
+        if wide is not gathered:
+            diff.copy_(gathered[: sel.numel()])
+        diff = diff.view(b, k, d)  # [b, k, d] float32
+        diff.sub_(queries[s: s + b, None, :].to(dev))
         torch.sum(diff.square_(), dim=-1, out=out[s: s + b])
     return out
 
@@ -147,10 +152,8 @@ class Retriever:
         if args.k + int(args.ignore_top) > datastore.N:
             log.info("k=%d exceeds the datastore size %d: retrieving all keys", args.k, datastore.N)
         self.vals = torch.from_numpy(np.asarray(datastore.vals, dtype=np.int64))  # [N], small enough to hold
-        from .gpu_search import TorchFlatIndex
-
-        # TorchFlatIndex already returns exact distances: a second copy of the keys for --recompute_dists would add nothing
-        self.recompute = args.recompute_dists and not isinstance(self.index, TorchFlatIndex)
+        # an index whose distances are already exact (TorchFlatIndex): a second copy of the keys would add nothing
+        self.recompute = args.recompute_dists and not getattr(self.index, "exact_distances", False)
         self.keys = resident_keys(datastore) if self.recompute else None  # [N, d]
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -104,11 +104,12 @@ def load_recipe(args: ReproduceArgs) -> dict:
         if when is not None and str(when).removeprefix("no-") not in CONDITIONS:
             raise KnnlmError(f"--recipe: {path}: stage {stage['name']}: when: {when!r} is not one of "
                              + ", ".join(f"{c}, no-{c}" for c in CONDITIONS))
-    needs_data = any("{data}" in " ".join(map(str, s["argv"])) for s in recipe["stages"])
-    if needs_data:
-        if not args.data_dir or not (Path(args.data_dir) / "train.txt").is_file():
-            raise KnnlmError(f"--data_dir: {args.data_dir} must hold WikiText train.txt and valid.txt "
-                             "(e.g. ../shared/data/wikitext-2)")
+    data_files = sorted({a.split("/", 1)[1] for s in recipe["stages"] for a in map(str, s["argv"]) if a.startswith("{data}/")})
+    if data_files:
+        missing = [f for f in data_files if not args.data_dir or not (Path(args.data_dir) / f).is_file()]
+        if missing:
+            raise KnnlmError(f"--data_dir: {args.data_dir} must hold WikiText {', '.join(data_files)} (lacks "
+                             f"{', '.join(missing)}; e.g. ../shared/data/wikitext-2)")
     return recipe
 
 
@@ -128,15 +129,15 @@ def with_data_dir(args: ReproduceArgs) -> ReproduceArgs:
             ds = datasets.load_dataset("wikitext", config)
         except Exception as e:  # offline, no such config, ...: all mean "give a folder instead"
             raise KnnlmError(f"--data_dir: not given, and HF datasets 'wikitext' ({config}) cannot be loaded "
-                             f"({str(e).splitlines()[0]}); pass a folder with train.txt and valid.txt") from None
-        for split, name in (("train", "train.txt"), ("validation", "valid.txt")):  # valid.txt last: marks a finished export
+                             f"({str(e).splitlines()[0]}); pass a folder with train.txt, valid.txt and test.txt") from None
+        for split, name in (("train", "train.txt"), ("test", "test.txt"), ("validation", "valid.txt")):  # valid.txt last: marks a finished export
             atomic_write_text(folder / name, "".join(ds[split]["text"]))
         log.info("exported wikitext %s to %s", config, folder)
     return dataclasses.replace(args, data_dir=str(folder))
 
 
 # --smoke: how much of each data file the stages read (cut at a line end), and the flags that shrink each command.
-SMOKE_DATA_BYTES = {"train.txt": 12_000, "valid.txt": 3_000}
+SMOKE_DATA_BYTES = {"train.txt": 12_000, "valid.txt": 3_000, "test.txt": 3_000}
 _CPU = {"--device": "cpu", "--dtype": "float32"}
 SMOKE_OVERRIDES: dict[str, dict[str, Optional[str]]] = {
     "lm train": {"--size": "tiny", "--block_size": "64", "--batch_size": "4", "--max_steps": "3", "--eval_every": "3",
