@@ -430,8 +430,10 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
             torch.cuda.set_rng_state_all(blob["cuda_rng"])
         state = {"heldout": [], **blob["state"]}
         log.info("resuming memory training at step %d of %d", state["step"], total_steps)
-    if held is not None and not state["heldout"]:  # the untrained memory's held-out loss: the curve's first point
-        state["heldout"].append({"step": 0, "epoch": 0.0, "loss": heldout_loss(mem, held, args.micro_batch_tokens, lm.device)})
+    if held is not None and not state["heldout"]:  # the curve's first point: the untrained memory (or where a run
+        # started without --validation_datastore resumes with it)
+        state["heldout"].append({"step": state["step"], "epoch": state["step"] / steps_per_epoch,
+                                 "loss": heldout_loss(mem, held, args.micro_batch_tokens, lm.device)})
     log.info("training MLP memory: N=%d pairs, d=%d, hidden %d, %d steps of %d pairs, lr %g (%s), W %s", ds.N, ds.d,
              args.hidden_size, total_steps, args.batch_tokens, args.learning_rate, args.lr_scheduler_type,
              "trained copy" if args.train_output_layer else "the LM's, frozen")
