@@ -157,25 +157,30 @@ def test_frozen_output_layer_is_not_updated_and_trained_copy_is(tmp_path):
     assert not torch.equal(mem.output.weight, before)  # the memory's own copy moved
 
 
+def _train_until_killed(lm, ds, args, monkeypatch, at_step: int) -> None:
+    """Trains until the process "dies" (KeyboardInterrupt) during optimiser step ``at_step``; restores _train_step."""
+    real, calls = memory_mod._train_step, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == at_step:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(memory_mod, "_train_step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_memory(lm, ds, args)
+    monkeypatch.setattr(memory_mod, "_train_step", real)
+
+
 def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     lm = StubLM()
     ds = random_store(tmp_path / "ds", lm, n=60)
     args = dict(epochs=3, checkpoint_every=2)  # 4 steps per epoch (60 pairs / 16), 12 in all
     train_memory(lm, ds, fast_args(ds, tmp_path / "ref", **args))
     real = memory_mod._train_step
-    calls = {"n": 0}
-
-    def dying(*a, **k):  # the process dies during step 8 (after the checkpoint at step 6)
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(memory_mod, "_train_step", dying)
-    with pytest.raises(KeyboardInterrupt):
-        train_memory(lm, ds, fast_args(ds, tmp_path / "resumed", **args))
+    _train_until_killed(lm, ds, fast_args(ds, tmp_path / "resumed", **args), monkeypatch, at_step=8)  # checkpoint: step 6
     assert (tmp_path / "resumed" / "checkpoint.pt").exists() and not (tmp_path / "resumed" / "memory.json").exists()
-    monkeypatch.setattr(memory_mod, "_train_step", real)
     resumed_steps = []
     monkeypatch.setattr(memory_mod, "_train_step", lambda *a, **k: resumed_steps.append(1) or real(*a, **k))
     train_memory(lm, ds, fast_args(ds, tmp_path / "resumed", **args))
@@ -367,17 +372,7 @@ def test_cosine_schedule_decays_to_zero_and_resumes_to_the_same_weights(tmp_path
     train_memory(lm, ds, fast_args(ds, tmp_path / "ref", **args))
     want = [1e-2 * 0.5 * (1 + math.cos(math.pi * k / 12)) for k in range(12)]  # lr of step k+1: cosine over 12 steps
     assert seen == pytest.approx(want, rel=1e-9, abs=1e-15) and seen[-1] < 1e-3
-    calls = {"n": 0}
-
-    def dying(*a, **k):  # dies during step 8, after the checkpoint at step 6
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(memory_mod, "_train_step", dying)
-    with pytest.raises(KeyboardInterrupt):
-        train_memory(lm, ds, fast_args(ds, tmp_path / "resumed", **args))
+    _train_until_killed(lm, ds, fast_args(ds, tmp_path / "resumed", **args), monkeypatch, at_step=8)  # checkpoint: step 6
     seen.clear()
     monkeypatch.setattr(memory_mod, "_train_step", lambda mem, opt, *a, **k: seen.append(opt.param_groups[0]["lr"]) or real(mem, opt, *a, **k))
     train_memory(lm, ds, fast_args(ds, tmp_path / "resumed", **args))
