@@ -80,44 +80,48 @@ class Datastore:
         return self.meta["key_point"]
 
     @classmethod
-    def open(cls, directory: str | Path) -> "Datastore":
+    def open(cls, directory: str | Path, flag: str = "--datastore") -> "Datastore":
+        """The finished store in ``directory``; a missing, unfinished or truncated one is refused in one line naming
+        ``flag`` (the option the caller read the folder from)."""
         directory = Path(directory)
         if not directory.is_dir():
             what = "is a file, not a datastore folder" if directory.exists() else "does not exist"
-            raise KnnlmError(f"--datastore: {directory} {what}; build one with `knnlm datastore build`")
+            raise KnnlmError(f"{flag}: {directory} {what}; build one with `knnlm datastore build`")
         meta_path = directory / "meta.json"
         if not meta_path.is_file():
             hint = " (a build was started: rerun `knnlm datastore build` to finish it)" if (directory / "build.json").exists() else ""
-            raise KnnlmError(f"--datastore: {directory} has no meta.json, so it is not a finished datastore{hint}")
+            raise KnnlmError(f"{flag}: {directory} has no meta.json, so it is not a finished datastore{hint}")
         meta = read_json(meta_path, fix="rebuild the datastore with `knnlm datastore build ... --overwrite`")
         try:
             n, d = int(meta["N"]), int(meta["d"])
             if n < 1 or d < 1 or meta.get("key_point") not in KEY_POINTS:
                 raise ValueError
         except (TypeError, KeyError, ValueError):
-            raise KnnlmError(f"--datastore: {meta_path} is not the meta.json of a knnlm datastore (N, d, key_point); "
+            raise KnnlmError(f"{flag}: {meta_path} is not the meta.json of a knnlm datastore (N, d, key_point); "
                              "rebuild the datastore with `knnlm datastore build ... --overwrite`") from None
         for name, expected in (("keys.f16", n * d * 2), ("vals.i32", n * 4)):
             path = directory / name
             size = path.stat().st_size if path.exists() else -1
             if size != expected:
-                raise KnnlmError(f"--datastore: {path} is {'missing' if size < 0 else f'{size} bytes'}, expected "
+                raise KnnlmError(f"{flag}: {path} is {'missing' if size < 0 else f'{size} bytes'}, expected "
                                  f"{expected} (N={n}, d={d}); the store is truncated: rebuild it with --overwrite")
         keys = np.memmap(directory / "keys.f16", dtype=np.float16, mode="r", shape=(n, d))
         vals = np.memmap(directory / "vals.i32", dtype=np.int32, mode="r", shape=(n,))
         return cls(directory, meta, keys, vals)
 
-    def check_compatible(self, lm, key_point: str | None = None) -> None:
-        """Refuses a store built with another model, tokenizer or key point than the one querying it."""
+    def check_compatible(self, lm, key_point: str | None = None, flag: str = "--datastore",
+                         key_point_flag: str = "--key_point") -> None:
+        """Refuses a store built with another model, tokenizer or key point than the one querying it; the message names
+        ``flag`` (or ``key_point_flag`` for a key point other than the one asked for)."""
         checks = [("weights_hash", lm.weights_hash(), "model weights"),
                   ("tokenizer_hash", lm.tokenizer_hash(), "tokenizer")]
         for key, mine, what in checks:
             if self.meta.get(key) != mine:
-                raise KnnlmError(f"--datastore: {self.dir} was built with different {what} "
+                raise KnnlmError(f"{flag}: {self.dir} was built with different {what} "
                                  f"({self.meta.get('model_name_or_path')}, {key} {str(self.meta.get(key))[:12]} vs "
                                  f"{mine[:12]}); rebuild it with this model")
         if key_point is not None and key_point != self.key_point:
-            raise KnnlmError(f"--key_point: the datastore {self.dir} holds '{self.key_point}' keys, not '{key_point}'")
+            raise KnnlmError(f"{key_point_flag}: the datastore {self.dir} holds '{self.key_point}' keys, not '{key_point}'")
 
     def nbytes(self) -> int:
         return (self.dir / "keys.f16").stat().st_size + (self.dir / "vals.i32").stat().st_size

@@ -373,11 +373,9 @@ def heldout_loss(mem: MLPMemory, ds: Datastore, micro: int, device) -> float:
 def _open_heldout(path: Optional[str], lm, ds: Datastore) -> Optional[Datastore]:
     if not path:
         return None
-    try:
-        held = Datastore.open(path)
-        held.check_compatible(lm, key_point=ds.key_point)
-    except KnnlmError as e:  # name this flag, not --datastore
-        raise KnnlmError(str(e).replace("--datastore:", "--validation_datastore:", 1).replace("--key_point:", "--validation_datastore:", 1)) from None
+    flag = "--validation_datastore"
+    held = Datastore.open(path, flag=flag)
+    held.check_compatible(lm, key_point=ds.key_point, flag=flag, key_point_flag=flag)
     if held.meta.get("corpus_hash") is not None and held.meta.get("corpus_hash") == ds.meta.get("corpus_hash"):
         raise KnnlmError(f"--validation_datastore: {held.dir} was built from the same text as --datastore {ds.dir}; "
                          "build it from held-out text (e.g. the validation file)")
