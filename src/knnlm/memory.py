@@ -358,14 +358,17 @@ def _train_step(mem: MLPMemory, opt, keys: np.ndarray, vals: np.ndarray, micro: 
 
 @torch.no_grad()
 def heldout_loss(mem: MLPMemory, ds: Datastore, micro: int, device) -> float:
-    """Mean cross-entropy (nats) of the memory's next-token distribution over every (key, value) pair of ``ds``."""
+    """Mean cross-entropy (nats) of the memory's next-token distribution over every (key, value) pair of ``ds``, from
+    the project's scoring kernel (``scoring.head_gold_log_probs``, as `knnlm eval` scores the memory)."""
+    from .scoring import head_gold_log_probs
+
     was_training = mem.training
     mem.eval()
     total = 0.0
     for lo in range(0, ds.N, micro):
         z = torch.from_numpy(np.array(ds.keys[lo: lo + micro])).to(device).float()  # [m, d] (a copy: memmaps are read-only)
-        y = torch.from_numpy(np.asarray(ds.vals[lo: lo + micro]).astype(np.int64)).to(device)  # [m]
-        total += float(F.cross_entropy(mem(z).float(), y, reduction="sum"))
+        y = torch.from_numpy(np.asarray(ds.vals[lo: lo + micro]).astype(np.int64))  # [m]
+        total -= float(head_gold_log_probs(mem, z, y).double().sum())
     mem.train(was_training)
     return total / ds.N
 
