@@ -159,3 +159,20 @@ def test_deprecated_names_resolve_to_the_new_ones(caplog):
                        (["hurdle", "run", "--seeds", "0.5"], "num_seeds")):
         assert getattr(build_parser().parse_args(argv), dest) == "0.5", argv
     assert len(_deprecated_warnings(caplog)) == 5
+
+
+@pytest.mark.parametrize("argv", [["mlp", "train", "--lr", "0.1", "--learning_rate", "0.2"],
+                                  ["mlp", "train", "--learning_rate", "0.2", "--lr", "0.1"],
+                                  ["lm", "train", "--max_steps", "3", "--steps", "5"]])
+def test_a_deprecated_flag_and_its_new_name_together_are_refused(argv, capsys):
+    """argparse alone lets the last one win; either order is one error line naming both flags, before anything runs."""
+    from knnlm.cli import main
+
+    assert main(argv + ["--output_dir", "/nonexistent/never-made"]) == 2
+    old, new = (argv[2], argv[4]) if argv[2] in ("--lr", "--steps") else (argv[4], argv[2])
+    err = capsys.readouterr().err
+    assert err == f"knnlm: error: flags: both {old} (deprecated) and {new} are set; keep {new} only\n"
+
+
+def test_a_deprecated_flag_given_twice_keeps_the_last(caplog):
+    assert build_parser().parse_args(["mlp", "train", "--lr", "0.1", "--lr", "0.3"]).learning_rate == "0.3"

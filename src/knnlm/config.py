@@ -104,13 +104,36 @@ def rename_deprecated(values: dict, classes, warn: bool = True, source: str = "-
     return out
 
 
+_OLD_FLAGS = "_knnlm_old_flags"  # namespace attribute: {dest: the deprecated option string that set it}
+_FLAG_CLASH = "_knnlm_flag_clash"  # namespace attribute: the "both set" message, raised by resolve() in one line
+
+
+def _clash(namespace, old: str, new: str) -> None:
+    setattr(namespace, _FLAG_CLASH, f"flags: both {old} (deprecated) and {new} are set; keep {new} only")
+
+
 class _DeprecatedFlag(argparse.Action):
-    """An old flag name: sets the new field and warns (hidden from --help)."""
+    """An old flag name: sets the new field and warns (hidden from --help). Given together with its new flag, in either
+    order, it is an error (argparse alone would let the last one win silently)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
+        old_flags = getattr(namespace, _OLD_FLAGS, None) or {}
+        if getattr(namespace, self.dest, None) is not None and self.dest not in old_flags:
+            _clash(namespace, option_string, f"--{self.dest}")
         log.warning("%s is deprecated, use --%s (the old flag is accepted until the next release)", option_string,
                     self.dest)
+        setattr(namespace, _OLD_FLAGS, {**old_flags, self.dest: option_string})
         setattr(namespace, self.dest, values)
+
+
+class _RenamedFlag(argparse._StoreAction):
+    """The current name of a renamed field: notes a clash with its deprecated flag (see :class:`_DeprecatedFlag`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        old = (getattr(namespace, _OLD_FLAGS, None) or {}).get(self.dest)
+        if old is not None:
+            _clash(namespace, old, option_string)
+        super().__call__(parser, namespace, values, option_string)
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -127,7 +150,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if typing.get_origin(tp) is typing.Literal:
             help_text += f" One of: {', '.join(map(str, typing.get_args(tp)))}."
         extra = {"nargs": "?", "const": "true"} if tp is bool else {}  # `--flag` alone means true
-        group.add_argument(f"--{f.name}", default=None, metavar=f.name.upper(), dest=f.name,
+        renamed = {"action": _RenamedFlag} if f.metadata.get("deprecated") else {}
+        group.add_argument(f"--{f.name}", default=None, metavar=f.name.upper(), dest=f.name, **renamed,
                            help=f"{help_text} (default: {shown})".replace("%", "%%"), **extra)  # argparse %-formats help
         for old in f.metadata.get("deprecated", ()):
             group.add_argument(f"--{old}", dest=f.name, action=_DeprecatedFlag, help=argparse.SUPPRESS, **extra)
@@ -191,6 +215,8 @@ def resolve(classes, namespace: argparse.Namespace | dict | None = None, config_
     single = not isinstance(classes, (list, tuple))
     classes = [classes] if single else list(classes)
     cli = vars(namespace) if isinstance(namespace, argparse.Namespace) else dict(namespace or {})
+    if cli.get(_FLAG_CLASH):
+        raise KnnlmError(cli[_FLAG_CLASH])
     cli = rename_deprecated(cli, classes, source="flags")
     from_file = rename_deprecated(load_config_file(config_file), classes, source=f"--config {config_file}") \
         if config_file else {}
