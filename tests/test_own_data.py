@@ -86,20 +86,23 @@ def test_gain_share_hand_computed(tmp_path):
     assert m["best"]["ppl_knnlm"] == min(v["ppl_knnlm"] for v in m["lmbda"].values())
 
 
-def test_recipe_builds_the_own_datastore_over_the_lm_training_slice():
+def test_recipe_builds_the_own_datastore_over_the_lm_training_tokens():
     recipe = yaml.safe_load((PRESETS_DIR / "reproduce-cpu.yaml").read_text())
     stages = {s["name"]: s["argv"] for s in recipe["stages"]}
-    lm_cfg = yaml.safe_load((PRESETS_DIR / "lm-wikitext2-own-cpu.yaml").read_text())
-    flag = lambda argv, name: argv[argv.index(name) + 1]  # noqa: E731
-    lm, ds, mlp, ev = (stages[k] for k in ("lm-own", "datastore-own", "mlp-own", "eval-own"))
-    assert flag(lm, "--config") == "lm-wikitext2-own-cpu"
+    lm_cfg = yaml.safe_load((PRESETS_DIR / "lm-wikitext2-full-cpu.yaml").read_text())
+    flag = lambda argv, name: argv[argv.index(name) + 1] if name in argv else None  # noqa: E731
+    lm, ds, held, mlp, ev = (stages[k] for k in ("lm-full", "datastore-full", "datastore-full-heldout", "mlp-full",
+                                                 "eval-full"))
+    assert flag(lm, "--config") == "lm-wikitext2-full-cpu"
     assert flag(ds, "--train_file") == flag(lm, "--train_file") == "{data}/train.txt"
-    assert int(flag(ds, "--max_tokens")) == lm_cfg["max_train_tokens"]
-    assert lm_cfg["max_train_tokens"] % lm_cfg["block_size"] == 0  # no ragged tail: every stored token was trained on
-    assert flag(ds, "--model_name_or_path") == flag(lm, "--output_dir") == flag(mlp, "--model_name_or_path")
+    assert flag(ds, "--max_tokens") is None and lm_cfg.get("max_train_tokens") is None  # the same tokens: all of the file
+    assert flag(ds, "--model_name_or_path") == flag(lm, "--output_dir") == flag(mlp, "--model_name_or_path") == \
+        flag(held, "--model_name_or_path")
+    assert flag(held, "--train_file") == "{data}/test.txt" and flag(ev, "--validation_file") == "{data}/valid.txt"
+    assert flag(mlp, "--validation_datastore") == flag(held, "--output_dir")
     assert flag(mlp, "--datastore") == flag(ds, "--output_dir") == flag(ev, "--datastore")
     assert flag(ev, "--mlp_memory") == flag(mlp, "--output_dir") and flag(ev, "--save_neighbors") == "true"
     assert lm_cfg["size"] == "small"  # 4 x 256: wider than the rank-64 regime
     rows = {m["eval"]: m for m in recipe["report"]["wikitext_models"]}
-    assert rows["eval-own"]["data"] == "own" and rows["eval-smollm2"]["data"] == "other"
-    assert (rows["eval-own"]["lm"], rows["eval-own"]["datastore"]) == ("lm-own", "ds-own")
+    assert rows["eval-full"]["data"] == "own" and rows["eval-smollm2"]["data"] == "other"
+    assert (rows["eval-full"]["lm"], rows["eval-full"]["datastore"]) == ("lm-full", "ds-full")
