@@ -84,6 +84,10 @@ def deprecated_names(classes) -> dict[str, str]:
             for old in f.metadata.get("deprecated", ()) if old not in live}
 
 
+def _both_set(source: str, old: str, new: str) -> str:
+    return f"{source}: both {old} (deprecated) and {new} are set; keep {new} only"
+
+
 def rename_deprecated(values: dict, classes, warn: bool = True, source: str = "--config") -> dict:
     """``values`` (config keys or CLI values) with deprecated names replaced by their new ones, warning once per name
     (``source`` says where: a config file or the flags). Both names set is an error."""
@@ -96,7 +100,7 @@ def rename_deprecated(values: dict, classes, warn: bool = True, source: str = "-
         if value is None:
             continue
         if out.get(new) is not None:
-            raise KnnlmError(f"{source}: both {old} (deprecated) and {new} are set; keep {new} only")
+            raise KnnlmError(_both_set(source, old, new))
         if warn:
             log.warning("%s: %s is deprecated, use %s (the old name is accepted until the next release)", source, old,
                         new)
@@ -104,35 +108,30 @@ def rename_deprecated(values: dict, classes, warn: bool = True, source: str = "-
     return out
 
 
-_OLD_FLAGS = "_knnlm_old_flags"  # namespace attribute: {dest: the deprecated option string that set it}
-_FLAG_CLASH = "_knnlm_flag_clash"  # namespace attribute: the "both set" message, raised by resolve() in one line
+_GIVEN = "_knnlm_renamed_flags"  # namespace attribute: {dest of a renamed field: the option strings given for it}
 
 
-def _clash(namespace, old: str, new: str) -> None:
-    setattr(namespace, _FLAG_CLASH, f"flags: both {old} (deprecated) and {new} are set; keep {new} only")
+def _note_given(namespace, dest: str, option_string: str) -> None:
+    given = getattr(namespace, _GIVEN, None) or {}
+    setattr(namespace, _GIVEN, {**given, dest: [*given.get(dest, ()), option_string]})
 
 
 class _DeprecatedFlag(argparse.Action):
     """An old flag name: sets the new field and warns (hidden from --help). Given together with its new flag, in either
-    order, it is an error (argparse alone would let the last one win silently)."""
+    order, :func:`resolve` refuses it (argparse alone would let the last one win silently)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        old_flags = getattr(namespace, _OLD_FLAGS, None) or {}
-        if getattr(namespace, self.dest, None) is not None and self.dest not in old_flags:
-            _clash(namespace, option_string, f"--{self.dest}")
         log.warning("%s is deprecated, use --%s (the old flag is accepted until the next release)", option_string,
                     self.dest)
-        setattr(namespace, _OLD_FLAGS, {**old_flags, self.dest: option_string})
+        _note_given(namespace, self.dest, option_string)
         setattr(namespace, self.dest, values)
 
 
 class _RenamedFlag(argparse._StoreAction):
-    """The current name of a renamed field: notes a clash with its deprecated flag (see :class:`_DeprecatedFlag`)."""
+    """The current name of a renamed field: stores as usual and notes that it was given (see :class:`_DeprecatedFlag`)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        old = (getattr(namespace, _OLD_FLAGS, None) or {}).get(self.dest)
-        if old is not None:
-            _clash(namespace, old, option_string)
+        _note_given(namespace, self.dest, option_string)
         super().__call__(parser, namespace, values, option_string)
 
 
@@ -215,8 +214,10 @@ def resolve(classes, namespace: argparse.Namespace | dict | None = None, config_
     single = not isinstance(classes, (list, tuple))
     classes = [classes] if single else list(classes)
     cli = vars(namespace) if isinstance(namespace, argparse.Namespace) else dict(namespace or {})
-    if cli.get(_FLAG_CLASH):
-        raise KnnlmError(cli[_FLAG_CLASH])
+    for dest, given in (cli.get(_GIVEN) or {}).items():  # a renamed field's old and new flag on one command line
+        old = [flag for flag in given if flag != f"--{dest}"]
+        if old and f"--{dest}" in given:
+            raise KnnlmError(_both_set("flags", old[0], f"--{dest}"))
     cli = rename_deprecated(cli, classes, source="flags")
     from_file = rename_deprecated(load_config_file(config_file), classes, source=f"--config {config_file}") \
         if config_file else {}
