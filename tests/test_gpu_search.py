@@ -66,9 +66,9 @@ def test_retriever_takes_its_exact_distances_without_a_second_key_copy(tmp_path)
     q = torch.from_numpy(np.asarray(ds.keys[:29], dtype=np.float32) + 0.05)
     args = KNNArgs(k=10, recompute_dists=True)
     torch_ret = Retriever(ds, args, index=TorchFlatIndex(ds.keys, device="cpu", key_chunk=300))
-    assert torch_ret.keys is None
+    assert not torch_ret.recompute
     faiss_ret = Retriever(ds, args)  # FAISS Flat (no built index), distances recomputed from the keys
-    assert faiss_ret.keys is not None
+    assert faiss_ret.recompute
     (d1, v1), (d2, v2) = torch_ret.search(q), faiss_ret.search(q)
     np.testing.assert_allclose(d1.numpy(), d2.numpy(), rtol=1e-5, atol=1e-6)
     assert (v1 == v2).all()

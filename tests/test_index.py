@@ -91,7 +91,7 @@ def test_default_factory_and_errors(tmp_path):
 
 def test_recomputed_distances_are_exact(tmp_path, monkeypatch):
     """With a PQ index, --recompute_dists gives numpy's exact distances to the retrieved keys, chunked or not."""
-    import knnlm.knn as knn_mod
+    import knnlm.distances as knn_mod
     from knnlm.knn import KNNArgs, Retriever
 
     ds = make_store(tmp_path / "ds")
@@ -104,8 +104,8 @@ def test_recomputed_distances_are_exact(tmp_path, monkeypatch):
         monkeypatch.setattr(knn_mod, "_RECOMPUTE_FLOATS", floats)
         monkeypatch.setattr(knn_mod, "_available_ram", lambda: ram)
         retriever = Retriever(ds, KNNArgs(k=10, recompute_dists=True, nprobe=8))
-        assert retriever.keys.dtype == (torch.float32 if ram else torch.float16)
-        _, ids = retriever.index.search(q, 10)
+        assert retriever.backend.keys.dtype == (torch.float32 if ram else torch.float16)
+        _, ids = retriever.backend.index.search(q, 10)
         dists, vals = retriever.search(torch.from_numpy(q))
         ref = ((q[:, None, :] - keys[ids]) ** 2).sum(-1)
         np.testing.assert_allclose(dists.numpy(), ref, rtol=1e-5)

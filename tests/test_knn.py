@@ -69,7 +69,7 @@ def test_bad_knn_args(kwargs, flag):
 def test_exact_sq_dists_equal_float64_brute_force(key_dtype):
     """Keys far from the origin (norms ~ 200) and queries equal or close to keys: the float32 sum of squared differences
     keeps the small distances that ‖q‖² + ‖k‖² − 2 q·k would lose; chunking changes nothing."""
-    from knnlm.knn import exact_sq_dists
+    from knnlm.distances import exact_sq_dists
 
     g = torch.Generator().manual_seed(0)
     n, d, b, k = 500, 48, 13, 40

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -149,14 +149,15 @@ def _as_lm(model, tokenizer):
     return LM(model, tokenizer, name=getattr(model, "name_or_path", "") or "")
 
 
-def augment(model, tokenizer=None, *, datastore=None, mlp_memory=None, k: int = 1024, lmbda: float = 0.25,
-            knn_temp: float = 1.0, recompute_dists: bool = False, nprobe: int = 32, key_point: Optional[str] = None,
-            index=None):
+def augment(model, tokenizer=None, *, datastore=None, mlp_memory=None, key_point: Optional[str] = None, index=None,
+            **knn_settings):
     """Makes ``model``'s forward return log p_knnlm (with ``datastore``) or log p_mlplm (with ``mlp_memory``).
 
     ``model``: a ``knnlm.models.LM`` or a loaded HF causal LM (then ``tokenizer`` is required). ``datastore``: a folder
     or an open ``Datastore``; ``mlp_memory``: a folder or a loaded ``MLPMemory``. A store or memory built for other
     weights, another tokenizer or (when ``key_point`` is given) another key point is refused, as in ``knnlm eval``.
+    ``knn_settings``: any field of :class:`knnlm.knn.KNNArgs` (``k``, ``lmbda`` — one value —, ``knn_temp``,
+    ``recompute_dists``, ``nprobe``, ``search_backend``, ...), with its defaults.
     Returns the HF model itself, augmented in place; ``detach(model)`` restores it.
     """
     from .datastore import Datastore
@@ -167,11 +168,7 @@ def augment(model, tokenizer=None, *, datastore=None, mlp_memory=None, k: int = 
         raise KnnlmError("augment: this model is augmented already; detach(model) first")
     if (datastore is None) == (mlp_memory is None):
         raise KnnlmError("augment: pass exactly one of datastore= and mlp_memory=")
-    if isinstance(lmbda, (list, tuple)):
-        raise KnnlmError(f"--lmbda: the augmented model takes one λ, got {list(lmbda)}")
-    args = KNNArgs(k=int(k), lmbda=[float(lmbda)], knn_temp=float(knn_temp), recompute_dists=recompute_dists,
-                   nprobe=int(nprobe))
-    args.validate()
+    args = knn_args(**knn_settings)
     retriever = memory = None
     if datastore is not None:
         ds = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)
@@ -182,6 +179,24 @@ def augment(model, tokenizer=None, *, datastore=None, mlp_memory=None, k: int = 
     aug = Augmentation(lm, args.lmbda[0], retriever=retriever, memory=memory)
     log.info("augmented %s: %s", lm.name or lm.model_type, aug.describe())
     return lm.model
+
+
+def knn_args(**settings) -> KNNArgs:
+    """KNNArgs from keyword settings (KNNArgs' defaults for the rest), validated; ``lmbda`` is one value (a float or
+    a one-element list): an augmented model interpolates with one λ."""
+    names = {f.name for f in fields(KNNArgs)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise KnnlmError(f"augment: unknown setting(s) {', '.join(unknown)}; the kNN settings are {', '.join(sorted(names))}")
+    if "lmbda" in settings:
+        lmbda = settings["lmbda"]
+        lmbda = list(lmbda) if isinstance(lmbda, (list, tuple)) else [lmbda]
+        if len(lmbda) != 1:
+            raise KnnlmError(f"--lmbda: the augmented model takes one λ, got {','.join(map(str, lmbda))}")
+        settings["lmbda"] = [float(lmbda[0])]
+    args = KNNArgs(**settings)
+    args.validate()
+    return args
 
 
 def detach(model):
@@ -195,13 +210,10 @@ def augment_from_args(lm, aug: AugmentArgs, knn: KNNArgs):
     returns the model, or None when neither memory is given."""
     if not aug.datastore and not aug.mlp_memory:
         return None
-    if len(knn.lmbda) != 1:
-        raise KnnlmError(f"--lmbda: the augmented model takes one λ, got {','.join(map(str, knn.lmbda))}")
     if knn.ignore_top:
         raise KnnlmError("--ignore_top: not meaningful for an augmented model (it drops the nearest neighbour of "
                          "every query); leave it off")
-    return augment(lm, datastore=aug.datastore, mlp_memory=aug.mlp_memory, k=knn.k, lmbda=knn.lmbda[0],
-                   knn_temp=knn.knn_temp, recompute_dists=knn.recompute_dists, nprobe=knn.nprobe)
+    return augment(lm, datastore=aug.datastore, mlp_memory=aug.mlp_memory, **asdict(knn))
 
 
 # ---------------------------------------------------------------------------------------------------------- generation

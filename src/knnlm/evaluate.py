@@ -139,7 +139,7 @@ def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datast
     lm_nll = _NLL()
     knn_nll = {lam: _NLL() for lam in knn.lmbda} if retriever else {}
     mlp_nll = {lam: _NLL() for lam in knn.lmbda} if memory is not None else {}
-    cache = _NeighbourCache(out_dir / "neighbors", retriever.k - int(knn.ignore_top)) if retriever and args.save_neighbors else None
+    cache = _NeighbourCache(out_dir / "neighbors", retriever.k) if retriever and args.save_neighbors else None
     timing: dict = {}
     started = time.time()
     batches = (wins[b: b + args.batch_size] for b in range(0, len(wins), args.batch_size))
@@ -164,7 +164,7 @@ def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datast
                           "lm_tokens_per_s": lm_nll.count / max(t_forward, 1e-9)}}
     if retriever is not None:
         first = knn.lmbda[0]
-        metrics.update(ppl_knnlm=knn_nll[first].ppl, lmbda=first, k=retriever.k - int(knn.ignore_top),
+        metrics.update(ppl_knnlm=knn_nll[first].ppl, lmbda=first, k=retriever.k,
                        datastore_N=datastore.N)
         metrics["sweep_knn"] = {str(lam): acc.ppl for lam, acc in knn_nll.items()}
         t_search = timing.get("search_s", 0.0)  # in a worker thread, overlapping the forward passes

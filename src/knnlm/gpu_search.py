@@ -14,6 +14,9 @@ import logging
 import numpy as np
 import torch
 
+from .distances import exact_sq_dists
+from .search import IndexBackend, register_backend
+
 log = logging.getLogger(__name__)
 
 
@@ -72,6 +75,15 @@ class TorchFlatIndex:
 
     def _exact(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """‖keys[ids[b, j]] − q[b]‖² summed in float32, ``refine_batch`` queries at a time: [b, kk] on the device."""
-        from .knn import exact_sq_dists
-
         return exact_sq_dists(self.keys, q, ids, max_floats=self.refine_batch * ids.shape[1] * self.d)
+
+
+def _torch_backend(datastore, args, index=None, use_gpu=None):
+    """``--search_backend torch``: exact search over the keys held on the GPU (the CPU when torch sees none)."""
+    if index is not None:
+        return IndexBackend(index, datastore)
+    device = "cuda" if torch_gpu_available() and use_gpu is not False else "cpu"
+    return IndexBackend(TorchFlatIndex(datastore.keys, device=device), datastore, exact_distances=True)
+
+
+register_backend("torch", _torch_backend)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ class KNNArgs:
     recompute_dists: bool = field(default=False, metadata={"help": "Recompute exact squared L2 distances from the stored keys (needed with PQ indexes)."})
     ignore_top: bool = field(default=False, metadata={"help": "Drop the nearest neighbour (for querying a store with its own training text)."})
     nprobe: int = field(default=32, metadata={"help": "IVF lists visited per query (approximate indexes only)."})
+    search_backend: str = field(default="auto", metadata={"help": "Where the keys are searched: faiss (in-process FAISS index), torch (keys on a torch device: a GPU without GPU FAISS), auto (faiss; torch on a GPU that only torch sees)."})
 
     def validate(self) -> None:
         if self.k < 1:
@@ -39,6 +39,11 @@ class KNNArgs:
             raise KnnlmError(f"--knn_temp: must be > 0, got {self.knn_temp}")
         if self.nprobe < 1:
             raise KnnlmError(f"--nprobe: must be >= 1, got {self.nprobe}")
+        from .search import backend_names
+
+        if self.search_backend not in backend_names():
+            raise KnnlmError(f"--search_backend: unknown backend {self.search_backend!r}; choose one of "
+                             f"{', '.join(backend_names())}")
 
 
 def _neighbour_logits(dists: torch.Tensor, temp: float) -> torch.Tensor:
@@ -73,103 +78,47 @@ def interpolate(lm_logp: torch.Tensor, knn_logp: torch.Tensor, lmbda: float) -> 
     return torch.logaddexp(lm_logp + math.log1p(-lmbda), knn_logp + math.log(lmbda))
 
 
-_RECOMPUTE_FLOATS = 1 << 22  # 16 MB of float32 keys per chunk of queries (a whole batch is B x k x d floats)
-KEYS_IN_RAM_FRACTION = 0.5  # hold the keys in RAM for --recompute_dists when they take at most this share of free RAM
-
-
-def _available_ram() -> int:
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
-def resident_keys(datastore) -> torch.Tensor:
-    """The store's keys [N, d] for exact distances: widened to float32 in RAM when that copy fits in
-    ``KEYS_IN_RAM_FRACTION`` of the available memory (random row reads never wait for the disk, and
-    :func:`exact_sq_dists` reads them in place), else a copy-on-write float16 memory map of keys.f16."""
-    n, d = datastore.N, datastore.d
-    if n * d * 4 <= KEYS_IN_RAM_FRACTION * _available_ram():
-        log.info("holding the %d datastore keys in RAM as float32 for exact distances (%.0f MiB)", n, n * d * 4 / 2**20)
-        keys = np.empty((n, d), dtype=np.float32)
-        for s in range(0, n, 1 << 16):  # widen in slices: no second full-size float16 copy
-            keys[s: s + (1 << 16)] = datastore.keys[s: s + (1 << 16)]
-        return torch.from_numpy(keys)
-    log.info("exact distances read the %d datastore keys from disk (%.0f MiB as float32 do not fit in RAM)",
-             n, n * d * 4 / 2**20)
-    keys16 = np.memmap(datastore.dir / "keys.f16", dtype=np.float16, mode="c", shape=(n, d))  # writable for torch
-    return torch.from_numpy(keys16)
-
-
-def exact_sq_dists(keys: torch.Tensor, queries: torch.Tensor, ids: torch.Tensor,
-                   max_floats: Optional[int] = None) -> torch.Tensor:
-    """Squared L2 distances ‖keys[ids[b, j]] − queries[b]‖² as the sum of squared differences in float32 (no
-    ‖q‖² + ‖k‖² − 2 q·k, whose cancellation loses the small distances that weigh most in p_knn).
-
-    keys [N, d] (float32 in RAM, or float16; or on a GPU), queries [B, d] float32, ids [B, k] int64 -> [B, k] float32
-    on the keys' device. Float32 keys in RAM: ``faiss.fvec_L2sqr_by_idx`` reads each row in place (one SIMD pass, no
-    gathered copy). Otherwise a few queries at a time (``max_floats`` gathered floats), their rows are gathered into one
-    reused buffer (and float16 rows widened into one reused float32 buffer)."""
-    n_q, k = ids.shape
-    d = keys.shape[1]
-    if keys.dtype == torch.float32 and keys.is_contiguous() and keys.device.type == "cpu":
-        import faiss
-
-        out_np = np.empty((n_q, k), dtype=np.float32)
-        q_np = np.ascontiguousarray(queries.numpy(), dtype=np.float32)
-        ids_np = np.ascontiguousarray(ids.numpy(), dtype=np.int64)
-        faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(out_np), faiss.swig_ptr(q_np), faiss.swig_ptr(keys.numpy()),
-                                faiss.swig_ptr(ids_np), d, n_q, k)
-        return torch.from_numpy(out_np)
-    dev = keys.device
-    out = torch.empty(n_q, k, dtype=torch.float32, device=dev)  # [B, k]
-    step = max(1, (max_floats or _RECOMPUTE_FLOATS) // (k * d))
-    gathered = torch.empty(min(step, n_q) * k, d, dtype=keys.dtype, device=dev)  # [step * k, d]
-    wide = gathered if keys.dtype == torch.float32 else torch.empty(min(step, n_q) * k, d, dtype=torch.float32, device=dev)
-    for s in range(0, n_q, step):
-        sel = ids[s: s + step].reshape(-1).to(dev)  # [b * k]
-        b = sel.numel() // k
-        torch.index_select(keys, 0, sel, out=gathered[: sel.numel()])
-        diff = wide[: sel.numel()]
-        if wide is not gathered:
-            diff.copy_(gathered[: sel.numel()])
-        diff = diff.view(b, k, d)  # [b, k, d] float32
-        diff.sub_(queries[s: s + b, None, :].to(dev))
-        torch.sum(diff.square_(), dim=-1, out=out[s: s + b])
-    return out
-
-
 class Retriever:
-    """Batched nearest-neighbour search over a datastore: one FAISS search per batch of positions."""
+    """Batched nearest-neighbour search over a datastore through one :class:`knnlm.search.SearchBackend`.
+
+    ``k`` is the number of neighbours each search returns (``--k`` clamped to the store's size; with ``--ignore_top``
+    one more is searched and the nearest dropped). ``index``: a prebuilt FAISS-like index or a backend to use."""
 
     def __init__(self, datastore, args: KNNArgs, index=None, use_gpu: bool | None = None):
-        from .index import load_index, flat_index
+        from .search import make_backend
 
         self.ds, self.args = datastore, args
-        self.index = index if index is not None else load_index(datastore.dir, nprobe=args.nprobe, use_gpu=use_gpu)
-        if self.index is None:
-            self.index = flat_index(datastore, use_gpu=use_gpu)
-        self.k = min(args.k + int(args.ignore_top), datastore.N)
+        self.backend = make_backend(datastore, args, index=index, use_gpu=use_gpu)
+        self._k_search = min(args.k + int(args.ignore_top), datastore.N)
+        self.k = self._k_search - int(args.ignore_top)
         if args.k + int(args.ignore_top) > datastore.N:
             log.info("k=%d exceeds the datastore size %d: retrieving all keys", args.k, datastore.N)
         self.vals = torch.from_numpy(np.asarray(datastore.vals, dtype=np.int64))  # [N], small enough to hold
-        # an index whose distances are already exact (TorchFlatIndex): a second copy of the keys would add nothing
-        self.recompute = args.recompute_dists and not getattr(self.index, "exact_distances", False)
-        self.keys = resident_keys(datastore) if self.recompute else None  # [N, d]
+        # a backend whose distances are already exact (torch): recomputing them would add nothing
+        self.recompute = args.recompute_dists and not self.backend.exact_distances
 
-    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries [B, d] -> (squared L2 distances float32 [B, k'], values int64 [B, k']), nearest first."""
-        q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
-        dists, ids = self.index.search(q, self.k)  # [B, k] each
+    def search_ids(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries [B, d] -> (squared L2 distances float32 [B, k], row ids int64 [B, k]), nearest first; a row the
+        index could not fill has id -1 and distance inf. Distances are exact with ``--recompute_dists``."""
+        dists, ids = self.backend.search(queries, self._k_search)  # [B, k] each
         if self.args.ignore_top:
             dists, ids = dists[:, 1:], ids[:, 1:]
-        missing = torch.from_numpy(ids < 0)  # IVF may find fewer than k
-        ids_t = torch.from_numpy(ids).masked_fill(missing, 0)
         if self.recompute:
-            dists_t = exact_sq_dists(self.keys, torch.from_numpy(q), ids_t)
-        else:
-            dists_t = torch.from_numpy(np.ascontiguousarray(dists, dtype=np.float32))
-        dists_t.masked_fill_(missing, math.inf)
-        return dists_t, self.vals[ids_t]
+            dists = self.backend.distances(queries, ids)
+        return dists, ids
+
+    def distances(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Exact squared L2 from queries [B, d] to the rows ids [B, m] (-1: none) -> [B, m] float32 (inf for -1)."""
+        return self.backend.distances(queries, ids)
+
+    def values(self, ids: torch.Tensor) -> torch.Tensor:
+        """The next tokens stored at rows ids [...] (any value where id is -1: its distance is inf)."""
+        return self.vals.to(ids.device)[ids.clamp_min(0)]
+
+    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries [B, d] -> (squared L2 distances float32 [B, k], values int64 [B, k]), nearest first."""
+        dists, ids = self.search_ids(queries)
+        return dists, self.values(ids)
 
     def log_probs(self, queries: torch.Tensor, vocab_size: int) -> torch.Tensor:
         dists, vals = self.search(queries)
@@ -177,4 +126,8 @@ class Retriever:
 
     def gold_log_prob(self, queries: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
         dists, vals = self.search(queries)
-        return knn_gold_log_prob(dists, vals, gold.cpu(), self.args.knn_temp)
+        return knn_gold_log_prob(dists, vals, gold.to(dists.device), self.args.knn_temp)
+
+    def close(self) -> None:
+        """Releases the backend (a Ray backend's actors, a GPU's keys)."""
+        self.backend.close()

@@ -93,7 +93,7 @@ def cmd_score(args) -> int:
                                **{f"mlp_{lam}": v for lam, v in lls["mlp"].items()}}}
     if retriever is not None:
         metrics["datastore_N"] = datastore.N
-        metrics["k"] = retriever.k - int(kargs.ignore_top)
+        metrics["k"] = retriever.k
     claim_output_dir(out, "macondo score", {}, own_files=RESULT_FILES)  # (made only now: bad input leaves no folder)
     save_config(out, margs, sargs, kargs)
     write_results(out, to_dict(margs, sargs, kargs), metrics, started)

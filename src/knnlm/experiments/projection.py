@@ -371,7 +371,7 @@ def run_projection(lm, corpus: CorpusArgs, args: ProjectionArgs, datastore, knn:
                 bar.set_postfix(steps=float(records.columns[f"{args.target[0]}.steps"][-1][:, -1].mean()))
             records.windows_done_add(len(group))
     arrays = records.finish(out / "per_token.npz")
-    metrics = summarize(arrays, args, lmbda=lmbda, k=retriever.k - int(knn.ignore_top), knn_temp=knn.knn_temp)
+    metrics = summarize(arrays, args, lmbda=lmbda, k=retriever.k, knn_temp=knn.knn_temp)
     metrics.update(datastore_N=datastore.N, block_size=block, stride=stride,
                    timing={"wall_s": time.time() - started, "solve_s": dict(records.solve_s),
                            "note": "wall_s counts this process only (a resumed run restarts it); solve_s adds up"})
