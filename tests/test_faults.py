@@ -408,14 +408,14 @@ def test_rerun_after_a_wedged_tokenization_restarts_cleanly(tiny_gpt2_dir, files
 def test_full_disk_during_tokenization_and_key_writing_then_resume(tiny_gpt2_dir, files, tmp_path, capsys):
     clean = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "clean", capsys)
     assert (clean.dir / "tokens.i32").stat().st_size <= 4096 < (clean.dir / "keys.f16").stat().st_size - 8192
-    # tmpfs counts whole 4 KiB pages: 8k holds the marker and build.json, not the tokens
-    with tmpfs(tmp_path / "disk", "8k") as disk:
+    # tmpfs counts whole 4 KiB pages: 12k holds the lock, the marker and build.json, not the tokens
+    with tmpfs(tmp_path / "disk", "12k") as disk:
         out = disk / "ds"
         rc, err = cli(["datastore", "build", *model_args(tiny_gpt2_dir), "--train_file", files / "a.txt",
                        "--output_dir", out, "--block_size", 32], capsys)
         assert_one_line(rc, err, "tokens.i32", "space")
         assert not (out / "tokens.i32").exists() and not list(out.glob("*.tmp-*"))
-        remount(disk, "size=24k")  # the tokens (3 files) fit, the keys do not
+        remount(disk, "size=28k")  # the tokens (3 files) fit, the keys do not
         rc, err = cli(["datastore", "build", *model_args(tiny_gpt2_dir), "--train_file", files / "a.txt",
                        "--output_dir", out, "--block_size", 32], capsys)
         assert_one_line(rc, err, "keys.f16", "MiB")
@@ -424,9 +424,9 @@ def test_full_disk_during_tokenization_and_key_writing_then_resume(tiny_gpt2_dir
         ds = build_ds(tiny_gpt2_dir, files / "a.txt", out, capsys)
         assert (ds.dir / "keys.f16").read_bytes() == (clean.dir / "keys.f16").read_bytes()
         assert not list(out.glob("*.tmp-*"))
-    # eval: 16k holds the marker and the token files, not the results; the rerun gives the clean numbers
+    # eval: 20k holds the lock, the marker and the token files, not the results; the rerun gives the clean numbers
     clean_ev = eval_metrics(tiny_gpt2_dir, files / "a.txt", tmp_path / "ev", capsys)
-    with tmpfs(tmp_path / "disk2", "16k") as disk:
+    with tmpfs(tmp_path / "disk2", "20k") as disk:
         rc, err = cli(["eval", *model_args(tiny_gpt2_dir), "--validation_file", files / "a.txt", "--output_dir",
                        disk / "ev", "--block_size", 32], capsys)
         assert_one_line(rc, err, str(disk / "ev"), "space")

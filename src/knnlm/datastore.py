@@ -30,8 +30,8 @@ from .corpus import (CorpusArgs, TokenFile, Window, batch_inputs, count_targets,
                      tokenize_to_file, windowing_meta, windows)
 from .corpus import batch_inputs as _batch_inputs  # noqa: F401  (old private name: benchmarks/ --baseline_src runs older sources)
 from .errors import KnnlmError
-from .fileio import (atomic_write_json, claim_output_dir, package_versions, read_json, restore_interrupted_swap,
-                     staging_dir, swap_into_place, write_error)
+from .fileio import (atomic_write_json, claim_output_dir, lock_output_dir, package_versions, read_json,
+                     restore_interrupted_swap, sha256_file, staging_dir, swap_into_place, write_error)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ KEY_POINTS = ("ffn_input", "ffn_residual", "block_output", "final_hidden")
 _DATA_FILES = ("keys.f16", "vals.i32", "tokens.i32", "tokens.i32.docs", "tokens.i32.json", "done.u8", "build.json",
                "meta.json")
 # what `knnlm datastore build` writes into its folder (an earlier build holds nothing else); `index` is `knnlm index build`'s
-OWN_FILES = (*_DATA_FILES, "index", "index.rebuild-tmp", "config.json")
+OWN_FILES = (*_DATA_FILES, "index", "index.rebuild-tmp", "index.replaced-tmp", "config.json")
+CHECKSUMMED = ("keys.f16", "vals.i32", "tokens.i32", "tokens.i32.docs")  # sha256 recorded in meta.json at build time
 KIND = "datastore build"
 
 
@@ -66,6 +67,7 @@ class Datastore:
     meta: dict
     keys: np.memmap  # float16 [N, d]
     vals: np.memmap  # int32 [N]
+    max_val: int = -1  # the largest token id among the values (checked against a model's vocabulary)
 
     @property
     def N(self) -> int:
@@ -107,7 +109,13 @@ class Datastore:
                                  f"{expected} (N={n}, d={d}); the store is truncated: rebuild it with --overwrite")
         keys = np.memmap(directory / "keys.f16", dtype=np.float16, mode="r", shape=(n, d))
         vals = np.memmap(directory / "vals.i32", dtype=np.int32, mode="r", shape=(n,))
-        return cls(directory, meta, keys, vals)
+        lo, hi = _value_range(vals)
+        vocab = meta.get("vocab_size")
+        if lo < 0 or (isinstance(vocab, int) and hi >= vocab):
+            raise KnnlmError(f"{flag}: {directory / 'vals.i32'} holds token ids outside [0, {vocab or 'vocab'}) "
+                             f"(min {lo}, max {hi}): the store is corrupt; rebuild it with `knnlm datastore build ... "
+                             "--overwrite`")
+        return cls(directory, meta, keys, vals, hi)
 
     def check_compatible(self, lm, key_point: str | None = None, flag: str = "--datastore",
                          key_point_flag: str = "--key_point") -> None:
@@ -120,11 +128,71 @@ class Datastore:
                 raise KnnlmError(f"{flag}: {self.dir} was built with different {what} "
                                  f"({self.meta.get('model_name_or_path')}, {key} {str(self.meta.get(key))[:12]} vs "
                                  f"{mine[:12]}); rebuild it with this model")
+        if self.max_val >= lm.vocab_size:
+            raise KnnlmError(f"{flag}: {self.dir / 'vals.i32'} holds token id {self.max_val}, beyond the model's "
+                             f"vocabulary of {lm.vocab_size}: the store is corrupt or not this model's; rebuild it")
         if key_point is not None and key_point != self.key_point:
             raise KnnlmError(f"{key_point_flag}: the datastore {self.dir} holds '{self.key_point}' keys, not '{key_point}'")
 
     def nbytes(self) -> int:
         return (self.dir / "keys.f16").stat().st_size + (self.dir / "vals.i32").stat().st_size
+
+
+def _value_range(vals: np.ndarray, chunk: int = 1 << 24) -> tuple[int, int]:
+    """(min, max) of the values, read in 64 MiB pieces (one pass over vals.i32: cheap next to the keys)."""
+    lo, hi = 0, -1
+    for s in range(0, len(vals), chunk):
+        piece = vals[s: s + chunk]
+        lo, hi = (min(lo, int(piece.min())), max(hi, int(piece.max()))) if s else (int(piece.min()), int(piece.max()))
+    return lo, hi
+
+
+def check_finite(keys: np.ndarray, store: Path, first_row: int = 0, rows: Optional[np.ndarray] = None) -> None:
+    """Refuses NaN/inf among keys read from ``store``: ``keys`` [n, d] are rows ``first_row + i`` (or ``rows[i]``)."""
+    bad = ~np.isfinite(keys).all(axis=1)  # [n]
+    if bad.any():
+        i = int(np.argmax(bad))
+        row = int(rows[i]) if rows is not None else first_row + i
+        raise KnnlmError(f"--datastore: {store} holds non-finite keys (NaN/inf; {int(bad.sum())} of the {len(bad)} "
+                         f"rows read here, the first row {row}): the store is corrupt; see `knnlm datastore verify "
+                         f"{store}` and rebuild it with `knnlm datastore build ... --overwrite`")
+
+
+# ---------------------------------------------------------------------------------------------------------------- verifying
+def checksums(directory: str | Path) -> dict:
+    """sha256 of the store's data files (what meta.json records at build time)."""
+    return {name: sha256_file(Path(directory) / name) for name in CHECKSUMMED if (Path(directory) / name).is_file()}
+
+
+def verify(directory: str | Path, flag: str = "--datastore", index: bool = True, chunk: int = 1 << 16) -> dict:
+    """Checks a finished store in full: sizes and value range (:meth:`Datastore.open`), every key finite, the sha256
+    of keys, values and tokens against those recorded at build time and, with ``index``, its built index against its
+    own record. Returns what was checked; raises one ``KnnlmError`` listing what is damaged."""
+    ds = Datastore.open(directory, flag=flag)
+    problems = []
+    n_bad = 0
+    for lo in range(0, ds.N, chunk):
+        n_bad += int((~np.isfinite(np.asarray(ds.keys[lo: lo + chunk], dtype=np.float32)).all(axis=1)).sum())
+    if n_bad:
+        problems.append(f"{n_bad} of {ds.N} keys are not finite (NaN/inf)")
+    recorded = ds.meta.get("sha256")
+    report = {"N": ds.N, "d": ds.d, "values": [0, ds.max_val], "checksums": "none recorded"}
+    if isinstance(recorded, dict):
+        actual = checksums(ds.dir)
+        bad = [name for name, h in recorded.items() if actual.get(name) != h]
+        problems += [f"{name} differs from the sha256 recorded at build time" for name in bad]
+        report["checksums"] = {name: "ok" if name not in bad else "differs" for name in recorded}
+    if index:
+        from .index import verify_index
+
+        try:
+            report["index"] = verify_index(ds.dir)
+        except KnnlmError as e:
+            problems.append(f"its index: {str(e).split(': ', 1)[-1]}")
+    if problems:
+        raise KnnlmError(f"{flag}: {ds.dir} is damaged: {'; '.join(problems)}; rebuild it with `knnlm datastore "
+                         "build ... --overwrite` (the index with `knnlm index build DS --overwrite`)")
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------------------- building
@@ -165,10 +233,11 @@ def _prepare_work_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> tupl
     ``--overwrite`` over another finished store builds beside it (``<out>.rebuild-tmp``, resumed by a rerun) and the
     caller swaps it in when complete: a kill, a full disk or an error during the rebuild leaves the old store usable.
     """
+    claim_output_dir(out_dir, KIND, None, overwrite, own_files=OWN_FILES)  # refused before anything is written
+    lock_output_dir(out_dir, KIND)  # held through a rebuild beside it and the swap
     restore_interrupted_swap(out_dir)
     staged = staging_dir(out_dir)
     if overwrite and _holds_other_store(out_dir, fingerprint):
-        claim_output_dir(out_dir, KIND, None, own_files=OWN_FILES)  # a check only: the old store stays as it is
         return staged, _prepare_dir(staged, fingerprint, True)
     finished = _prepare_dir(out_dir, fingerprint, overwrite)
     shutil.rmtree(staged, ignore_errors=True)  # a rebuild given up for this build
@@ -206,6 +275,13 @@ def _prepare_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> bool:
                              "to replace it or choose another folder")
         _clear(out_dir)
         return False
+    if meta.exists() and overwrite:  # this very store: --overwrite rebuilds it only if it is damaged
+        try:
+            verify(out_dir, flag="--output_dir", index=False)
+        except KnnlmError as e:
+            log.warning("%s; rebuilding it (--overwrite)", e)
+            _clear(out_dir)
+            return False
     return meta.exists()
 
 
@@ -306,6 +382,7 @@ def _build(lm, corpus: CorpusArgs, out_dir: Path, key_point: str, batch_size: in
         pending: list[int] = []
         for b, keys, vals in encode_batches(lm, tokens, todo, key_point):
             row = batches[b][0].row
+            _check_encoded(keys, row, key_point, lm)
             kf.seek(row * d * 2)
             kf.write(keys.tobytes())
             vf.seek(row * 4)
@@ -324,6 +401,16 @@ def _build(lm, corpus: CorpusArgs, out_dir: Path, key_point: str, batch_size: in
             log.info("datastore %s replaced by the rebuilt one", final)
     _barrier(world)
     return Datastore.open(final)
+
+
+def _check_encoded(keys: np.ndarray, row: int, key_point: str, lm) -> None:
+    """Refuses keys [n, d] float16 that are not finite (a state beyond float16's ±65504, or a model that overflowed
+    in its own precision): a store holding them would give meaningless neighbours."""
+    bad = ~np.isfinite(keys).all(axis=1)
+    if bad.any():
+        raise KnnlmError(f"--model_name_or_path: {lm.name} gives non-finite '{key_point}' keys in float16 (NaN/inf, "
+                         f"{int(bad.sum())} of {len(bad)} in the batch from row {row}: values beyond float16's range "
+                         "±65504, or an overflow in the model's precision); try --dtype float32 or another --key_point")
 
 
 def _mark_done(kf, vf, df, pending: list[int]) -> None:
@@ -345,10 +432,13 @@ def _finalise(lm, out_dir: Path, fingerprint: dict, tokens: TokenFile, n: int, d
     if int(done.sum()) != n_batches:
         raise KnnlmError(f"--output_dir: {out_dir}: {n_batches - int(done.sum())} batches were not encoded; rerun the "
                          "same command to finish the build")
+    sums = checksums(out_dir)  # one more read of the files: `knnlm datastore verify` compares against these
     meta = {"format": "knnlm-datastore/1", "model_name_or_path": lm.name, "weights_hash": lm.weights_hash(),
             "tokenizer_hash": lm.tokenizer_hash(), "key_point": fingerprint["key_point"], "d": d, "N": n,
-            "n_tokens": int(tokens.doc_starts[-1]), "n_documents": int(len(tokens.doc_starts) - 1),
-            "corpus_hash": tokens.sha256(), "corpus": {k: v for k, v in vars(corpus).items()},
+            "vocab_size": int(lm.vocab_size), "n_tokens": int(tokens.doc_starts[-1]),
+            "n_documents": int(len(tokens.doc_starts) - 1),
+            "corpus_hash": sums["tokens.i32"][:16] + sums["tokens.i32.docs"][:16],  # = TokenFile.sha256()
+            "sha256": {name: sums[name] for name in CHECKSUMMED}, "corpus": {k: v for k, v in vars(corpus).items()},
             "dtype_keys": "float16", "dtype_vals": "int32", "build": fingerprint, "versions": package_versions()}
     atomic_write_json(out_dir / "meta.json", meta)
     (out_dir / "done.u8").unlink()

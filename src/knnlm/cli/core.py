@@ -20,6 +20,11 @@ def register(sub) -> None:
     add_command(ds_sub, "build", (ModelArgs, CorpusArgs, DatastoreArgs), cmd_datastore_build,
                 help="encode a corpus into keys.f16 / vals.i32 (resumable; torchrun-aware)")
 
+    dv = ds_sub.add_parser("verify", help="check a store in full: sizes, value range, finite keys, the sha256 of "
+                                          "keys/values/tokens (and of its index) against those recorded at build time")
+    dv.add_argument("datastore", help="datastore folder")
+    dv.set_defaults(func=cmd_datastore_verify)
+
     ix = sub.add_parser("index", help="build a FAISS index over a datastore")
     ix_sub = ix.add_subparsers(dest="action", required=True)
     ib = add_command(ix_sub, "build", IndexArgs, cmd_index_build,
@@ -44,7 +49,7 @@ def cmd_datastore_build(args) -> int:
 
     margs, cargs, dargs = resolve([ModelArgs, CorpusArgs, DatastoreArgs], args, args.config)
     cargs.require("train")
-    claim_output_dir(dargs.output_dir, KIND, None, own_files=OWN_FILES)  # a model folder etc.: refused before loading
+    claim_output_dir(dargs.output_dir, KIND, None, dargs.overwrite, own_files=OWN_FILES)  # before the model loads
     lm = load_model(margs)
     started = time.time()
     ds = build_datastore(lm, cargs, dargs.output_dir, key_point=dargs.key_point, batch_size=dargs.batch_size,
@@ -52,6 +57,24 @@ def cmd_datastore_build(args) -> int:
     save_config(dargs.output_dir, margs, cargs, dargs)
     print(f"datastore {ds.dir}: N={ds.N} keys, d={ds.d}, key point {ds.key_point}, "
           f"{ds.nbytes() / 2**20:.1f} MiB, {time.time() - started:.1f}s")
+    return 0
+
+
+def cmd_datastore_verify(args) -> int:
+    from ..datastore import verify
+
+    started = time.time()
+    report = verify(args.datastore)
+    sums = report["checksums"]
+    index = report.get("index")
+    print(f"datastore {args.datastore}: intact: N={report['N']} keys (all finite), d={report['d']}, values in "
+          f"[0, {report['values'][1]}]; sha256 "
+          + (f"of {', '.join(sums)} as recorded at build time" if isinstance(sums, dict) else
+             "not recorded (built by an older knnlm: rebuild with --overwrite to record them)")
+          + ("" if index is None else f"; index {index['factory']}: " + (
+              f"sha256 of {', '.join(index['checksums'])} as recorded" if isinstance(index["checksums"], dict)
+              else "built for this store, no sha256 recorded"))
+          + f" ({time.time() - started:.1f}s)")
     return 0
 
 
