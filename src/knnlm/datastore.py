@@ -31,7 +31,7 @@ from .corpus import (CorpusArgs, TokenFile, Window, batch_inputs, count_targets,
 from .corpus import batch_inputs as _batch_inputs  # noqa: F401  (old private name: benchmarks/ --baseline_src runs older sources)
 from .errors import KnnlmError
 from .fileio import (atomic_write_json, claim_output_dir, lock_output_dir, package_versions, read_json,
-                     restore_interrupted_swap, sha256_file, staging_dir, swap_into_place, write_error)
+                     releases_locks, restore_interrupted_swap, sha256_file, staging_dir, swap_into_place, write_error)
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,8 @@ def _build_fingerprint(lm, args: CorpusArgs, which: str, key_point: str, block: 
           **windowing_meta(block, stride, args), "batch_size": batch_size}
     if args.encoding_errors != "strict":  # recorded only when set, so stores built before the option still resume
         fp["encoding_errors"] = args.encoding_errors
+    if args.skip_bad_rows:
+        fp["skip_bad_rows"] = True
     return fp
 
 
@@ -319,6 +321,7 @@ def encode_batches(lm, tokens: TokenFile, batches: list[list[Window]], key_point
         yield b, np.concatenate(keys), np.concatenate(vals)
 
 
+@releases_locks
 def build_datastore(lm, corpus: CorpusArgs, out_dir: str | Path, key_point: str = "ffn_input", batch_size: int = 8,
                     overwrite: bool = False, which: str = "train", flush_every: int = 32) -> Datastore:
     """Encodes the corpus with ``lm`` and writes the datastore to ``out_dir`` (see the module doc).
@@ -436,7 +439,7 @@ def _finalise(lm, out_dir: Path, fingerprint: dict, tokens: TokenFile, n: int, d
     meta = {"format": "knnlm-datastore/1", "model_name_or_path": lm.name, "weights_hash": lm.weights_hash(),
             "tokenizer_hash": lm.tokenizer_hash(), "key_point": fingerprint["key_point"], "d": d, "N": n,
             "vocab_size": int(lm.vocab_size), "n_tokens": int(tokens.doc_starts[-1]),
-            "n_documents": int(len(tokens.doc_starts) - 1),
+            "n_documents": int(len(tokens.doc_starts) - 1), "skipped_rows": tokens.skipped_rows,
             "corpus_hash": sums["tokens.i32"][:16] + sums["tokens.i32.docs"][:16],  # = TokenFile.sha256()
             "sha256": {name: sums[name] for name in CHECKSUMMED}, "corpus": {k: v for k, v in vars(corpus).items()},
             "dtype_keys": "float16", "dtype_vals": "int32", "build": fingerprint, "versions": package_versions()}

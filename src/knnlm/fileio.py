@@ -76,6 +76,13 @@ def _fsync(path: Path) -> None:
             os.close(fd)
 
 
+def temp_path(path: str | Path) -> Path:
+    """This process's temp name for ``path`` (``<name>.tmp-<pid>``): skipped by output-folder claims and removed by
+    :func:`remove_stale_temps` once the process is gone."""
+    path = Path(path)
+    return path.with_name(f"{path.name}{_TMP}{os.getpid()}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, expected_bytes: Optional[int] = None):
     """Yields a temp path beside ``path``; renames it onto ``path`` only if the block succeeds.
@@ -87,7 +94,7 @@ def atomic_path(path: str | Path, expected_bytes: Optional[int] = None):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent, path.name)
-    tmp = path.with_name(f"{path.name}{_TMP}{os.getpid()}")
+    tmp = temp_path(path)
     try:
         yield tmp
         if expected_bytes is not None and tmp.stat().st_size != expected_bytes:
@@ -417,17 +424,35 @@ def check_not_locked(path: str | Path, flag: str = "--output_dir") -> None:
         os.close(fd)
 
 
-def release_output_dirs() -> None:
-    """Releases every folder lock this process holds (deleting the lock files that are still its own)."""
+def release_output_dirs(keys: Optional[Iterable[Path]] = None) -> None:
+    """Releases the folder locks this process holds (all, or those of the resolved folders ``keys``), deleting the
+    lock files that are still its own."""
     held = {os.fstat(fd)[1:3] for fd in _held.values()}  # (inode, device) of each
-    for key, fd in list(_held.items()):
+    for key in list(_held if keys is None else keys):
+        fd = _held.pop(key, None)
+        if fd is None:
+            continue
         lock = key / LOCK_FILE
         with contextlib.suppress(OSError):
             if os.stat(lock)[1:3] in held:
                 lock.unlink()
         with contextlib.suppress(OSError):
             os.close(fd)
-    _held.clear()
+
+
+def releases_locks(func):
+    """Decorates a library function that writes output folders: the locks it takes are released when it returns or
+    raises (the CLI releases a command's locks at its end anyway; this serves Python callers)."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        before = set(_held)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            release_output_dirs(set(_held) - before)
+    return wrapper
 
 
 atexit.register(release_output_dirs)

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from .datastore import check_finite
 from .errors import KnnlmError
-from .fileio import (atomic_path, atomic_write_json, lock_output_dir, read_json, restore_interrupted_swap, sha256_file, staging_dir,
-                     swap_into_place)
+from .fileio import (atomic_path, atomic_write_json, lock_output_dir, read_json, releases_locks,
+                     restore_interrupted_swap, sha256_file, staging_dir, swap_into_place)
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,7 @@ def _train(ds, factory: str, args: IndexArgs, use_gpu: bool):
     return index
 
 
+@releases_locks
 def build_index(ds, args: IndexArgs) -> dict:
     """Builds (or resumes building) the index of a datastore; returns the contents of ``index.json``."""
     final = _index_dir(ds.dir)

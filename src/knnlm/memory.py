@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .datastore import Datastore
 from .errors import KnnlmError
-from .fileio import atomic_path, atomic_write_json, claim_output_dir, package_versions, read_json
+from .fileio import atomic_path, atomic_write_json, claim_output_dir, package_versions, read_json, releases_locks
 
 log = logging.getLogger(__name__)
 
@@ -385,6 +385,7 @@ def _open_heldout(path: Optional[str], lm, ds: Datastore) -> Optional[Datastore]
     return held
 
 
+@releases_locks
 def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) -> MLPMemory:
     """Trains an MLP memory on the datastore's (key, next token) pairs; resumable; returns the finished memory.
 

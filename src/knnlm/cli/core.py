@@ -55,8 +55,10 @@ def cmd_datastore_build(args) -> int:
     ds = build_datastore(lm, cargs, dargs.output_dir, key_point=dargs.key_point, batch_size=dargs.batch_size,
                          overwrite=dargs.overwrite)
     save_config(dargs.output_dir, margs, cargs, dargs)
+    skipped = ds.meta.get("skipped_rows")
     print(f"datastore {ds.dir}: N={ds.N} keys, d={ds.d}, key point {ds.key_point}, "
-          f"{ds.nbytes() / 2**20:.1f} MiB, {time.time() - started:.1f}s")
+          f"{ds.nbytes() / 2**20:.1f} MiB, {time.time() - started:.1f}s"
+          + (f"; {skipped} rows without text skipped" if skipped else ""))
     return 0
 
 
@@ -107,11 +109,16 @@ def cmd_eval(args) -> int:
         cargs.require("validation")
     _claim_eval_dir(out, margs, cargs, eargs, args.overwrite)
     if eargs.from_neighbors:
-        sweep = sweep_from_cache(eargs.from_neighbors, kargs.lmbda, eargs.sweep_temps)
-        metrics = {"sweep_knn_cached": sweep}
+        held, k, temps = _cache_settings(args, margs, kargs, eargs)
+        sweep = sweep_from_cache(eargs.from_neighbors, kargs.lmbda, temps, k)
+        metrics = {"sweep_knn_cached": sweep, "k": k, "k_cached": held["k"], "temps": temps, "cache": held}
+        # the run's config says what the numbers were computed from: the cache's model and store, this k and T
+        margs.model_name_or_path, eargs.datastore = held.get("model_name_or_path"), held.get("datastore")
+        kargs.k, kargs.knn_temp = k, temps[0]
         rows = [[k, v] for k, v in sweep.items()]
         table = markdown_table(["setting", "ppl_knnlm"], rows)
     else:
+        from ..corpus import skipped_rows
         from ..models import load_model
 
         datastore = Datastore.open(eargs.datastore) if eargs.datastore else None
@@ -121,6 +128,7 @@ def cmd_eval(args) -> int:
             from ..memory import MLPMemory
             memory = MLPMemory.load(eargs.mlp_memory, lm)
         metrics = evaluate(lm, cargs, out, eargs, datastore=datastore, knn=kargs, memory=memory, key_point=args.key_point)
+        metrics["skipped_rows"] = skipped_rows(out / "tokens.i32")
         table = results_table(metrics)
     save_config(out, margs, cargs, kargs, eargs)
     write_results(out, to_dict(margs, cargs, kargs, eargs), metrics, started)
@@ -128,6 +136,49 @@ def cmd_eval(args) -> int:
     print(table, end="")
     print(f"results: {out / 'results.json'}")
     return 0
+
+
+def _cache_settings(args, margs, kargs, eargs) -> tuple[dict, int, list[float]]:
+    """What a neighbour cache holds (k, and from the eval run that wrote it: model, datastore, search settings), the
+    k and temperatures this run computes from it, or a one-line error for a setting it cannot honour: a larger k,
+    another model or datastore, other search settings. A smaller k and any temperature are recomputed exactly
+    from the cached distances."""
+    from ..errors import KnnlmError
+    from ..fileio import read_json
+    from ..knn import KNNArgs
+
+    cache = Path(eargs.from_neighbors)
+    if not (cache / "k.txt").is_file():
+        raise KnnlmError(f"--from_neighbors: {cache} holds no neighbour cache (no k.txt); pass the neighbors/ folder "
+                         "of an eval run made with --save_neighbors true")
+    held = {"k": int((cache / "k.txt").read_text())}
+    run = cache.parent / "config.json"
+    config = read_json(run) if run.is_file() else {}
+    for key in ("model_name_or_path", "datastore", "recompute_dists", "ignore_top", "key_point"):
+        if key in config:
+            held[key] = config[key]
+    default = KNNArgs()
+    k = kargs.k if (getattr(args, "k", None) is not None or kargs.k != default.k) else held["k"]
+    if k > held["k"]:
+        raise KnnlmError(f"--k: the cache {cache} holds {held['k']} neighbours per token, fewer than --k {k}; use "
+                         f"--k {held['k']} or less, or run a new eval with --save_neighbors true --k {k}")
+    given = {"model_name_or_path": margs.model_name_or_path, "datastore": eargs.datastore,
+             "recompute_dists": kargs.recompute_dists if kargs.recompute_dists != default.recompute_dists else None,
+             "ignore_top": kargs.ignore_top if kargs.ignore_top != default.ignore_top else None}
+    for key, value in given.items():
+        if value is None:
+            continue
+        mine, theirs = value, held.get(key)
+        if key == "datastore" and theirs:
+            mine, theirs = Path(mine).resolve(), Path(theirs).resolve()
+        if mine != theirs:
+            raise KnnlmError(f"--{key}: the cache {cache} was made with {key} {held.get(key, 'unrecorded')}; "
+                             f"--from_neighbors cannot change it: drop --{key} or run a new eval with "
+                             "--save_neighbors true")
+    temps = list(eargs.sweep_temps)
+    if kargs.knn_temp != default.knn_temp or getattr(args, "knn_temp", None) is not None:
+        temps = [kargs.knn_temp] + [t for t in temps if t != kargs.knn_temp]
+    return held, k, temps
 
 
 # what `knnlm eval` writes into its folder (a folder made before the knnlm-run.json marker holds nothing else)
@@ -147,7 +198,8 @@ def _claim_eval_dir(out: Path, margs, cargs, eargs, overwrite: bool) -> None:
     if eargs.from_neighbors:
         inputs = {"from_neighbors": str(Path(eargs.from_neighbors).resolve())}
     else:
-        corpus = {k: v for k, v in dataclasses.asdict(cargs).items() if k not in ("train_file", "validation_file")}
+        corpus = {k: v for k, v in dataclasses.asdict(cargs).items()
+                  if k not in ("train_file", "validation_file") and (k != "skip_bad_rows" or v)}  # (older runs)
         model = {k: v for k, v in dataclasses.asdict(margs).items() if k != "device"}
         inputs = {"model": model, "corpus": corpus, "source": source_fingerprint(cargs, "validation"),
                   "datastore": eargs.datastore and str(Path(eargs.datastore).resolve()),
