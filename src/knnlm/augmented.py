@@ -74,7 +74,9 @@ class Augmentation:
         try:
             if out is None:  # the forward raised (always_call): only release the capture hooks
                 return None
-            return self._replace_logits(out, kwargs.get("labels"))
+            logits = out[int(kwargs.get("labels") is not None)] if isinstance(out, tuple) else out.logits
+            new = self._replace_logits(out, kwargs.get("labels"))
+            return _inference_only(new) if torch.is_grad_enabled() and logits.requires_grad else new
         finally:
             self._stack.close()
             self._stack, self._caps, self._mask = None, {}, None
@@ -215,6 +217,33 @@ def augment_from_args(lm, aug: AugmentArgs, knn: KNNArgs):
         raise KnnlmError("--ignore_top: not meaningful for an augmented model (it drops the nearest neighbour of "
                          "every query); leave it off")
     return augment(lm, datastore=aug.datastore, mlp_memory=aug.mlp_memory, **asdict(knn))
+
+
+class _NoBackward(torch.autograd.Function):
+    """Passes a tensor through; its backward is a clear error: the kNN / MLP scores are computed without gradients,
+    so an augmented model cannot be trained (docs/python_api.md, "Fine-tuning")."""
+
+    @staticmethod
+    def forward(ctx, value):
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise KnnlmError("backward(): a knnlm-augmented model is inference-only (its kNN/MLP scores carry no "
+                         "gradient); fine-tune the plain model (augmentation.detach(), or before knnlm.augment) and "
+                         "augment it again")
+
+
+def _inference_only(out):
+    """The augmented logits and loss of ``out`` made to fail clearly on ``backward()`` (with grad enabled)."""
+    if isinstance(out, tuple):
+        return tuple(_NoBackward.apply(t.detach().requires_grad_()) if torch.is_tensor(t) and t.is_floating_point()
+                     and i < 2 else t for i, t in enumerate(out))
+    for name in ("logits", "loss"):
+        value = getattr(out, name, None)
+        if torch.is_tensor(value):
+            setattr(out, name, _NoBackward.apply(value.detach().requires_grad_()))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------- generation

@@ -87,7 +87,8 @@ class Datastore:
         ``flag`` (the option the caller read the folder from)."""
         directory = Path(directory)
         if not directory.is_dir():
-            what = "is a file, not a datastore folder" if directory.exists() else "does not exist"
+            what = "is a file, not a datastore folder" if directory.exists() else \
+                "is a symlink to nothing (or a symlink loop)" if directory.is_symlink() else "does not exist"
             raise KnnlmError(f"{flag}: {directory} {what}; build one with `knnlm datastore build`")
         meta_path = directory / "meta.json"
         if not meta_path.is_file():
@@ -127,7 +128,8 @@ class Datastore:
             if self.meta.get(key) != mine:
                 raise KnnlmError(f"{flag}: {self.dir} was built with different {what} "
                                  f"({self.meta.get('model_name_or_path')}, {key} {str(self.meta.get(key))[:12]} vs "
-                                 f"{mine[:12]}); rebuild it with this model")
+                                 f"{mine[:12]}){dtype_hint(self.meta, lm) if key == 'weights_hash' else ''}; "
+                                 "rebuild it with this model")
         if self.max_val >= lm.vocab_size:
             raise KnnlmError(f"{flag}: {self.dir / 'vals.i32'} holds token id {self.max_val}, beyond the model's "
                              f"vocabulary of {lm.vocab_size}: the store is corrupt or not this model's; rebuild it")
@@ -136,6 +138,22 @@ class Datastore:
 
     def nbytes(self) -> int:
         return (self.dir / "keys.f16").stat().st_size + (self.dir / "vals.i32").stat().st_size
+
+    def check_keys_finite(self, chunk: int = 1 << 16) -> None:
+        """Reads every key once; a NaN/inf one is a one-line error (:func:`check_finite`)."""
+        for lo in range(0, self.N, chunk):
+            check_finite(np.asarray(self.keys[lo: lo + chunk], dtype=np.float32), self.dir, lo)
+
+
+def dtype_hint(record: dict, lm) -> str:
+    """Why the weights of the same model may hash differently: the hash covers the weights as loaded, so another
+    --dtype is another model to a store or memory. '' when the record names another model."""
+    dtype, mine = record.get("dtype"), str(lm.dtype).replace("torch.", "")
+    if dtype and dtype != mine:
+        return f": it was built with the model in {dtype}, this run loads it in {mine}; pass --dtype {dtype}"
+    if record.get("model_name_or_path") == lm.name and not dtype:
+        return ": the same model name, so perhaps another --dtype than at build time (the hash covers the weights as loaded)"
+    return ""
 
 
 def _value_range(vals: np.ndarray, chunk: int = 1 << 24) -> tuple[int, int]:
@@ -156,6 +174,47 @@ def check_finite(keys: np.ndarray, store: Path, first_row: int = 0, rows: Option
         raise KnnlmError(f"--datastore: {store} holds non-finite keys (NaN/inf; {int(bad.sum())} of the {len(bad)} "
                          f"rows read here, the first row {row}): the store is corrupt; see `knnlm datastore verify "
                          f"{store}` and rebuild it with `knnlm datastore build ... --overwrite`")
+
+
+# ---------------------------------------------------------------------------------------------------------------- overlap
+def _find_span(haystack: np.ndarray, probe: np.ndarray) -> int:
+    """The first position of ``probe`` as a contiguous span of ``haystack`` (-1 if none); vectorised: candidates
+    matching the first token are narrowed one token at a time."""
+    n = len(haystack) - len(probe) + 1
+    if n < 1:
+        return -1
+    cand = np.flatnonzero(np.asarray(haystack[:n]) == probe[0])
+    for j in range(1, len(probe)):
+        if not len(cand):
+            break
+        cand = cand[np.asarray(haystack[cand + j]) == probe[j]]
+    return int(cand[0]) if len(cand) else -1
+
+
+def shared_text(held: "Datastore", train: "Datastore", probes: int = 16, span: int = 32,
+                min_span: int = 8) -> tuple[int, int, int]:
+    """How much of ``held``'s corpus is ``train``'s text: ``(found, tried, position)``: of ``tried`` spans of up to
+    ``span`` tokens spread over ``held``'s documents (one document each, at least ``min_span`` tokens), ``found``
+    occur verbatim in ``train``'s corpus (the first at token ``position`` there, else -1)."""
+    a = TokenFile(train.dir / "tokens.i32", train.dir / "tokens.i32.docs")
+    b = TokenFile(held.dir / "tokens.i32", held.dir / "tokens.i32.docs")
+    ta, tb, starts = a.tokens, b.tokens, b.doc_starts
+    if len(ta) == 0 or len(tb) == 0:
+        return 0, 0, -1
+    spans = set()
+    for p in np.linspace(0, len(tb) - 1, probes).astype(np.int64):  # spread over the corpus, each inside a document
+        d = int(np.searchsorted(starts, p, side="right")) - 1
+        s, e = int(starts[d]), int(starts[d + 1])
+        lo = max(s, min(int(p), e - span))
+        if min(e, lo + span) - lo >= min_span:
+            spans.add((lo, min(e, lo + span)))
+    found, first = 0, -1
+    for lo, hi in sorted(spans):
+        pos = _find_span(ta, np.asarray(tb[lo:hi]))
+        if pos >= 0:
+            found += 1
+            first = pos if first < 0 else first
+    return found, len(spans), first
 
 
 # ---------------------------------------------------------------------------------------------------------------- verifying
@@ -438,7 +497,7 @@ def _finalise(lm, out_dir: Path, fingerprint: dict, tokens: TokenFile, n: int, d
     sums = checksums(out_dir)  # one more read of the files: `knnlm datastore verify` compares against these
     meta = {"format": "knnlm-datastore/1", "model_name_or_path": lm.name, "weights_hash": lm.weights_hash(),
             "tokenizer_hash": lm.tokenizer_hash(), "key_point": fingerprint["key_point"], "d": d, "N": n,
-            "vocab_size": int(lm.vocab_size), "n_tokens": int(tokens.doc_starts[-1]),
+            "vocab_size": int(lm.vocab_size), "dtype": str(lm.dtype).replace("torch.", ""), "n_tokens": int(tokens.doc_starts[-1]),
             "n_documents": int(len(tokens.doc_starts) - 1), "skipped_rows": tokens.skipped_rows,
             "corpus_hash": sums["tokens.i32"][:16] + sums["tokens.i32.docs"][:16],  # = TokenFile.sha256()
             "sha256": {name: sums[name] for name in CHECKSUMMED}, "corpus": {k: v for k, v in vars(corpus).items()},

@@ -9,6 +9,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -160,7 +161,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_json(path: str | Path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    """Valid JSON whatever ``obj`` holds: NaN/inf floats become null (:func:`_finite_json`), other types ``str``."""
+    return atomic_write_text(path, json.dumps(_finite_json(obj), indent=2, sort_keys=False, default=str,
+                                              allow_nan=False) + "\n")
 
 
 def read_json(path: str | Path, fix: str = "delete it or rebuild what it belongs to"):
@@ -170,6 +173,25 @@ def read_json(path: str | Path, fix: str = "delete it or rebuild what it belongs
         return json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise KnnlmError(f"{path} is corrupt (not valid JSON: {str(e).splitlines()[0][:80]}); {fix}") from None
+
+
+def resolve_path(path: str | Path, flag: str) -> Path:
+    """``Path(path).resolve()``, with a symlink loop (a RuntimeError or ELOOP from pathlib) as a one-line error."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError):
+        raise KnnlmError(f"{flag}: {path} is a symlink loop; point it at a real folder") from None
+
+
+def _finite_json(obj):
+    """``obj`` with every NaN/inf float replaced by None: JSON has no such numbers (a bare NaN is invalid JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(v) for v in obj]
+    return obj
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -287,6 +309,8 @@ def _is_own(name: str, own_files: tuple) -> bool:
 
 
 def _claim_state(path: Path, kind: str, inputs, overwrite: bool, own_files: tuple, flag: str, what) -> str:
+    if path.is_symlink() and not path.exists():
+        raise KnnlmError(f"{flag}: {path} is a symlink to nothing (or a symlink loop); pass a real folder")
     if path.exists() and not path.is_dir():
         raise KnnlmError(f"{flag}: {path} is a file, not a folder; pass a new or empty folder")
     inputs = json.loads(json.dumps(inputs, default=str)) if inputs is not None else None

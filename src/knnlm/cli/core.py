@@ -129,6 +129,7 @@ def cmd_eval(args) -> int:
             memory = MLPMemory.load(eargs.mlp_memory, lm)
         metrics = evaluate(lm, cargs, out, eargs, datastore=datastore, knn=kargs, memory=memory, key_point=args.key_point)
         metrics["skipped_rows"] = skipped_rows(out / "tokens.i32")
+        _refuse_non_finite(metrics)
         table = results_table(metrics)
     save_config(out, margs, cargs, kargs, eargs)
     write_results(out, to_dict(margs, cargs, kargs, eargs), metrics, started)
@@ -138,13 +139,31 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _refuse_non_finite(metrics: dict) -> None:
+    """A NaN/inf perplexity is never a result: it comes from a corrupt store or memory."""
+    import math
+
+    from ..errors import KnnlmError
+
+    bad = {k: v for k, v in metrics.items() if k.startswith("ppl") and not math.isfinite(v)}
+    bad.update({f"{name}[{lam}]": v for name in ("sweep_knn", "sweep_mlp") for lam, v in metrics.get(name, {}).items()
+                if not math.isfinite(v)})
+    if bad:
+        name = next(iter(bad))
+        source = ("--mlp_memory" if "mlp" in name else "--datastore") if ("mlp" in name or "knn" in name) else \
+            "--model_name_or_path"
+        raise KnnlmError(f"{source}: the evaluation gave {name} = {bad[name]} (NaN/inf scores): the "
+                         f"{'memory' if 'mlp' in name else 'store' if 'knn' in name else 'model'} is corrupt; check "
+                         "stores with `knnlm datastore verify DS`, retrain or rebuild it; no results were written")
+
+
 def _cache_settings(args, margs, kargs, eargs) -> tuple[dict, int, list[float]]:
     """What a neighbour cache holds (k, and from the eval run that wrote it: model, datastore, search settings), the
     k and temperatures this run computes from it, or a one-line error for a setting it cannot honour: a larger k,
     another model or datastore, other search settings. A smaller k and any temperature are recomputed exactly
     from the cached distances."""
     from ..errors import KnnlmError
-    from ..fileio import read_json
+    from ..fileio import read_json, resolve_path
     from ..knn import KNNArgs
 
     cache = Path(eargs.from_neighbors)
@@ -170,7 +189,7 @@ def _cache_settings(args, margs, kargs, eargs) -> tuple[dict, int, list[float]]:
             continue
         mine, theirs = value, held.get(key)
         if key == "datastore" and theirs:
-            mine, theirs = Path(mine).resolve(), Path(theirs).resolve()
+            mine, theirs = resolve_path(mine, "--datastore"), resolve_path(theirs, "--from_neighbors")
         if mine != theirs:
             raise KnnlmError(f"--{key}: the cache {cache} was made with {key} {held.get(key, 'unrecorded')}; "
                              f"--from_neighbors cannot change it: drop --{key} or run a new eval with "
@@ -195,17 +214,19 @@ def _claim_eval_dir(out: Path, margs, cargs, eargs, overwrite: bool) -> None:
     from ..corpus import source_fingerprint
     from ..fileio import claim_output_dir
 
+    from ..fileio import resolve_path
+
     if eargs.from_neighbors:
-        inputs = {"from_neighbors": str(Path(eargs.from_neighbors).resolve())}
+        inputs = {"from_neighbors": str(resolve_path(eargs.from_neighbors, "--from_neighbors"))}
     else:
         corpus = {k: v for k, v in dataclasses.asdict(cargs).items()
                   if k not in ("train_file", "validation_file") and (k != "skip_bad_rows" or v)}  # (older runs)
         model = {k: v for k, v in dataclasses.asdict(margs).items() if k != "device"}
         inputs = {"model": model, "corpus": corpus, "source": source_fingerprint(cargs, "validation"),
-                  "datastore": eargs.datastore and str(Path(eargs.datastore).resolve()),
-                  "mlp_memory": eargs.mlp_memory and str(Path(eargs.mlp_memory).resolve())}
+                  "datastore": eargs.datastore and str(resolve_path(eargs.datastore, "--datastore")),
+                  "mlp_memory": eargs.mlp_memory and str(resolve_path(eargs.mlp_memory, "--mlp_memory"))}
     if claim_output_dir(out, "eval", inputs, overwrite, own_files=_EVAL_FILES) == "replace":
-        keep = Path(eargs.from_neighbors).resolve() if eargs.from_neighbors else None  # the cache this run reads
+        keep = resolve_path(eargs.from_neighbors, "--from_neighbors") if eargs.from_neighbors else None  # (read)
         for name in _EVAL_FILES:  # the earlier run's files go: none may be mistaken for this run's
             p = out / name
             if keep is not None and (p.resolve() == keep or p.resolve() in keep.parents):
