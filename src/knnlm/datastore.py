@@ -148,10 +148,10 @@ class Datastore:
 def dtype_hint(record: dict, lm) -> str:
     """Why the weights of the same model may hash differently: the hash covers the weights as loaded, so another
     --dtype is another model to a store or memory. '' when the record names another model."""
-    dtype, mine = record.get("dtype"), str(lm.dtype).replace("torch.", "")
-    if dtype and dtype != mine:
+    dtype, mine = record.get("dtype"), str(getattr(lm, "dtype", "")).replace("torch.", "")
+    if dtype and mine and dtype != mine:
         return f": it was built with the model in {dtype}, this run loads it in {mine}; pass --dtype {dtype}"
-    if record.get("model_name_or_path") == lm.name and not dtype:
+    if record.get("model_name_or_path") == getattr(lm, "name", None) and not dtype:
         return ": the same model name, so perhaps another --dtype than at build time (the hash covers the weights as loaded)"
     return ""
 
@@ -198,6 +198,8 @@ def shared_text(held: "Datastore", train: "Datastore", probes: int = 16, span: i
     occur verbatim in ``train``'s corpus (the first at token ``position`` there, else -1)."""
     a = TokenFile(train.dir / "tokens.i32", train.dir / "tokens.i32.docs")
     b = TokenFile(held.dir / "tokens.i32", held.dir / "tokens.i32.docs")
+    if not all(p.is_file() for p in (a.path, a.doc_path, b.path, b.doc_path)):  # a store written without its corpus
+        return 0, 0, -1
     ta, tb, starts = a.tokens, b.tokens, b.doc_starts
     if len(ta) == 0 or len(tb) == 0:
         return 0, 0, -1
