@@ -522,6 +522,13 @@ def test_non_string_text_fields_are_errors_or_skipped_and_counted(tiny_gpt2_dir,
         ds = build_ds(tiny_gpt2_dir, corpus, tmp_path / f"skip{i}", capsys, "--skip_bad_rows", "true")
         assert ds.meta["skipped_rows"] == 1 and ds.N == ref.N  # the clean rows only
         assert (ds.dir / "keys.f16").read_bytes() == (ref.dir / "keys.f16").read_bytes()
+    data = tmp_path / "dataset"  # a local `datasets` folder: rows are checked the same way
+    data.mkdir()
+    (data / "train.jsonl").write_text(good + '{"text": null}\n' + good * 2)
+    build = ["datastore", "build", *model_args(tiny_gpt2_dir), "--dataset_name", data, "--block_size", 32]
+    assert_one_line(*cli([*build, "--output_dir", tmp_path / "dsd"], capsys), "--dataset_name", "row 1", "null")
+    assert cli([*build, "--output_dir", tmp_path / "dsd2", "--skip_bad_rows", "true"], capsys)[0] == 0
+    assert Datastore.open(tmp_path / "dsd2").meta["skipped_rows"] == 1
     corpus = tmp_path / "bad0.jsonl"
     rc, err = cli(["eval", *model_args(tiny_gpt2_dir), "--validation_file", corpus, "--output_dir", tmp_path / "ev"],
                   capsys)

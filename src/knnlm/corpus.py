@@ -148,8 +148,8 @@ class BadRows:
         value = row[name]
         if not isinstance(value, str):
             what = _JSON_TYPES.get(type(value), type(value).__name__)
-            self.bad(where, f"has {what} in its '{name}' field ({json.dumps(value, default=str)[:40]}), not a string",
-                     "fix the row")
+            shown = "" if value is None else f" ({json.dumps(value, default=str)[:40]})"
+            self.bad(where, f"has {what} in its '{name}' field{shown}, not a string", "fix the row")
             return None
         return value
 
