@@ -849,3 +849,14 @@ def test_backward_through_an_augmented_model_is_a_clear_error(tiny_lm, files, tm
         again = model(input_ids=ids, labels=ids)
     assert torch.equal(again.logits, out.logits.detach()) and not again.logits.requires_grad
     knnlm.detach(model)
+
+
+def test_a_swap_killed_between_its_renames_restores_the_old_store(tiny_gpt2_dir, files, tmp_path, capsys):
+    """A rebuild killed after moving the old store aside: the rerun puts it back (the folder lock must not hide it)."""
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    assert cli(["index", "build", ds.dir, "--factory", "Flat"], capsys)[0] == 0  # (a fresh build would have none)
+    before = {p.name: p.read_bytes() for p in (ds.dir / "index").iterdir()}
+    os.replace(ds.dir, tmp_path / "ds.replaced-tmp")  # the state between the two renames of swap_into_place
+    again = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)  # the old store's own inputs
+    assert {p.name: p.read_bytes() for p in (again.dir / "index").iterdir()} == before
+    assert not (tmp_path / "ds.replaced-tmp").exists()

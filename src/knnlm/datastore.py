@@ -49,7 +49,7 @@ class DatastoreArgs:
     output_dir: Optional[str] = field(default=None, metadata={"help": "Folder of the datastore (required)."})
     key_point: str = field(default="ffn_input", metadata={"help": f"Hidden state used as key: {', '.join(KEY_POINTS)}."})
     batch_size: int = field(default=8, metadata={"help": "Windows per forward pass."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace a different datastore already in --output_dir."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a different datastore already in --output_dir (built beside it, swapped in when complete); with the same inputs, rebuild it only if it is damaged (truncated, checksums differ). Never deletes files the build did not write: a folder holding any is refused."})
 
     def validate(self) -> None:
         if not self.output_dir:
@@ -296,9 +296,9 @@ def _prepare_work_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> tupl
     ``--overwrite`` over another finished store builds beside it (``<out>.rebuild-tmp``, resumed by a rerun) and the
     caller swaps it in when complete: a kill, a full disk or an error during the rebuild leaves the old store usable.
     """
+    restore_interrupted_swap(out_dir)  # (before the lock, whose folder would hide a store moved aside)
     claim_output_dir(out_dir, KIND, None, overwrite, own_files=OWN_FILES)  # refused before anything is written
     lock_output_dir(out_dir, KIND)  # held through a rebuild beside it and the swap
-    restore_interrupted_swap(out_dir)
     staged = staging_dir(out_dir)
     if overwrite and _holds_other_store(out_dir, fingerprint):
         return staged, _prepare_dir(staged, fingerprint, True)

@@ -68,7 +68,7 @@ class MacondoArgs:
     min_children: Optional[int] = field(default=None, metadata={"help": "Fewest children of a parent (default 1; 2 with --format conv)."})
     max_children: Optional[int] = field(default=None, metadata={"help": "Most children of a parent; parents are shared equally over min..max (default 5; 2 with --format conv)."})
     examples_per_child: int = field(default=5, metadata={"help": "Over-specified training sentences per parent-child pair."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace a different dataset already in --output_dir."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a different Macondo dataset already in --output_dir (its own files only; a folder holding anything else is refused)."})
 
     def __post_init__(self) -> None:
         for name, value in _DEFAULTS.get(self.format, _DEFAULTS["plain"]).items():
