@@ -408,14 +408,14 @@ def test_rerun_after_a_wedged_tokenization_restarts_cleanly(tiny_gpt2_dir, files
 def test_full_disk_during_tokenization_and_key_writing_then_resume(tiny_gpt2_dir, files, tmp_path, capsys):
     clean = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "clean", capsys)
     assert (clean.dir / "tokens.i32").stat().st_size <= 4096 < (clean.dir / "keys.f16").stat().st_size - 8192
-    # tmpfs counts whole 4 KiB pages: 8k holds the marker and build.json, not the tokens
-    with tmpfs(tmp_path / "disk", "8k") as disk:
+    # tmpfs counts whole 4 KiB pages: 12k holds the lock, the marker and build.json, not the tokens
+    with tmpfs(tmp_path / "disk", "12k") as disk:
         out = disk / "ds"
         rc, err = cli(["datastore", "build", *model_args(tiny_gpt2_dir), "--train_file", files / "a.txt",
                        "--output_dir", out, "--block_size", 32], capsys)
         assert_one_line(rc, err, "tokens.i32", "space")
         assert not (out / "tokens.i32").exists() and not list(out.glob("*.tmp-*"))
-        remount(disk, "size=24k")  # the tokens (3 files) fit, the keys do not
+        remount(disk, "size=28k")  # the tokens (3 files) fit, the keys do not
         rc, err = cli(["datastore", "build", *model_args(tiny_gpt2_dir), "--train_file", files / "a.txt",
                        "--output_dir", out, "--block_size", 32], capsys)
         assert_one_line(rc, err, "keys.f16", "MiB")
@@ -424,9 +424,9 @@ def test_full_disk_during_tokenization_and_key_writing_then_resume(tiny_gpt2_dir
         ds = build_ds(tiny_gpt2_dir, files / "a.txt", out, capsys)
         assert (ds.dir / "keys.f16").read_bytes() == (clean.dir / "keys.f16").read_bytes()
         assert not list(out.glob("*.tmp-*"))
-    # eval: 16k holds the marker and the token files, not the results; the rerun gives the clean numbers
+    # eval: 20k holds the lock, the marker and the token files, not the results; the rerun gives the clean numbers
     clean_ev = eval_metrics(tiny_gpt2_dir, files / "a.txt", tmp_path / "ev", capsys)
-    with tmpfs(tmp_path / "disk2", "16k") as disk:
+    with tmpfs(tmp_path / "disk2", "20k") as disk:
         rc, err = cli(["eval", *model_args(tiny_gpt2_dir), "--validation_file", files / "a.txt", "--output_dir",
                        disk / "ev", "--block_size", 32], capsys)
         assert_one_line(rc, err, str(disk / "ev"), "space")
@@ -500,3 +500,363 @@ def test_stale_temp_files_of_dead_processes_are_removed(tmp_path):
     atomic_write_text(tmp_path / "a.json", "{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", f"a.json.tmp-{os.getppid()}"]
     assert remove_stale_temps(tmp_path) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------- issue 30
+BAD_VALUES = {"null": "null", "a number": "3", "a float": "2.5", "a boolean": "true", "a list": "[1, 2]",
+              "an object": '{"a": 1}'}
+
+
+def test_non_string_text_fields_are_errors_or_skipped_and_counted(tiny_gpt2_dir, files, tmp_path, capsys):
+    """Before: ``{"text": null}`` was tokenized as the word "None" (a number as its digits, a list as its repr)."""
+    good = '{"text": "The river was seen by the people of Macondo ."}\n'
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text(good * 3)
+    ref = build_ds(tiny_gpt2_dir, clean, tmp_path / "ds-clean", capsys)
+    for i, (what, value) in enumerate(BAD_VALUES.items()):
+        corpus = tmp_path / f"bad{i}.jsonl"
+        corpus.write_text(good + f'{{"text": {value}}}\n' + good * 2)
+        rc, err = cli(["datastore", "build", *model_args(tiny_gpt2_dir), "--train_file", corpus, "--output_dir",
+                       tmp_path / f"ds{i}", "--block_size", 32], capsys)
+        assert_one_line(rc, err, f"bad{i}.jsonl:2", what.replace("a float", "a number"), "--skip_bad_rows")
+        ds = build_ds(tiny_gpt2_dir, corpus, tmp_path / f"skip{i}", capsys, "--skip_bad_rows", "true")
+        assert ds.meta["skipped_rows"] == 1 and ds.N == ref.N  # the clean rows only
+        assert (ds.dir / "keys.f16").read_bytes() == (ref.dir / "keys.f16").read_bytes()
+    data = tmp_path / "dataset"  # a local `datasets` folder: rows are checked the same way
+    data.mkdir()
+    (data / "train.jsonl").write_text(good + '{"text": null}\n' + good * 2)
+    build = ["datastore", "build", *model_args(tiny_gpt2_dir), "--dataset_name", data, "--block_size", 32]
+    assert_one_line(*cli([*build, "--output_dir", tmp_path / "dsd"], capsys), "--dataset_name", "row 1", "null")
+    assert cli([*build, "--output_dir", tmp_path / "dsd2", "--skip_bad_rows", "true"], capsys)[0] == 0
+    assert Datastore.open(tmp_path / "dsd2").meta["skipped_rows"] == 1
+    corpus = tmp_path / "bad0.jsonl"
+    rc, err = cli(["eval", *model_args(tiny_gpt2_dir), "--validation_file", corpus, "--output_dir", tmp_path / "ev"],
+                  capsys)
+    assert_one_line(rc, err, "bad0.jsonl:2", "null")
+    m = eval_metrics(tiny_gpt2_dir, corpus, tmp_path / "ev", capsys, "--skip_bad_rows", "true", "--overwrite")
+    assert m["skipped_rows"] == 1 and m["ppl_lm"] == eval_metrics(tiny_gpt2_dir, clean, tmp_path / "ev-c", capsys)["ppl_lm"]
+    lm = ["lm", "train", "--size", "tiny", "--train_file", corpus, "--validation_file", files / "b.txt",
+          "--max_steps", 1, "--block_size", 8, "--batch_size", 1, "--output_dir", tmp_path / "lm"]
+    assert_one_line(*cli(lm, capsys), "bad0.jsonl:2", "null")
+    assert cli([*lm, "--skip_bad_rows", "true", "--overwrite", "true"], capsys)[0] == 0
+    assert json.loads((tmp_path / "lm" / "training.json").read_text())["skipped_rows"] == {"train": 1, "validation": 0}
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "The river"}\n{"prompt": 7}\n')
+    gen = ["generate", *model_args(tiny_gpt2_dir), "--prompt_file", prompts, "--compare", "true", "--max_new_tokens", 2]
+    assert_one_line(*cli(gen, capsys), "prompts.jsonl:2", "a number")
+    assert cli([*gen, "--skip_bad_rows", "true", "--output_dir", tmp_path / "gen"], capsys)[0] == 0
+    metrics = json.loads((tmp_path / "gen" / "results.json").read_text())["metrics"]
+    assert metrics["skipped_prompt_rows"] == 1 and [s["prompt"] for s in metrics["samples"]] == ["The river"]
+
+
+def test_out_of_range_values_and_non_finite_keys_are_refused(tiny_gpt2_dir, files, tmp_path, capsys):
+    """Before: values beyond the vocabulary gave a perplexity (and an internal error in generate); NaN keys passed
+    eval, a Flat index, `mlp train` (a NaN memory, then `ppl_mlplm nan` with exit 0) and an IVF build said "use a
+    smaller index"."""
+    import numpy as np
+
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    assert ds.meta["vocab_size"] == 50257 and ds.meta["dtype"] == "float32"
+    ev = ["eval", *model_args(tiny_gpt2_dir), "--validation_file", files / "b.txt", "--output_dir", tmp_path / "ev",
+          "--block_size", 32, "--k", 8]
+    bad = shutil.copytree(ds.dir, tmp_path / "oor")
+    vals = np.fromfile(bad / "vals.i32", dtype=np.int32)
+    vals[5] = 999999
+    vals.tofile(bad / "vals.i32")
+    for cmd in (ev, ["generate", *model_args(tiny_gpt2_dir), "--prompt", "The", "--max_new_tokens", 2],
+                ["index", "build"], ["datastore", "verify"]):
+        args = [bad] if cmd[0] in ("index", "datastore") else ["--datastore", bad]
+        assert_one_line(*cli([*cmd, *args], capsys), "vals.i32", "outside [0, 50257)", "max 999999")
+    meta = json.loads((bad / "meta.json").read_text())  # a store from before vocab_size was recorded: checked
+    del meta["vocab_size"]  # against the model's vocabulary instead
+    (bad / "meta.json").write_text(json.dumps(meta))
+    assert_one_line(*cli([*ev, "--datastore", bad], capsys), "token id 999999", "vocabulary of 50257")
+
+    nan = shutil.copytree(ds.dir, tmp_path / "nan")
+    keys = np.fromfile(nan / "keys.f16", dtype=np.float16).reshape(ds.N, ds.d)
+    keys[::10, 3] = np.nan  # 10% of the keys
+    keys[7, 0] = np.inf
+    keys.tofile(nan / "keys.f16")
+    n_bad = len(range(0, ds.N, 10)) + 1
+    assert_one_line(*cli([*ev, "--datastore", nan], capsys), "non-finite keys", "row 0", "datastore verify")
+    assert not (tmp_path / "ev" / "results.json").exists()
+    for factory in ("Flat", "IVF4,Flat"):
+        assert_one_line(*cli(["index", "build", nan, "--factory", factory], capsys), "non-finite keys")
+    rc, err = cli(["mlp", "train", *model_args(tiny_gpt2_dir), "--datastore", nan, "--output_dir", tmp_path / "mem",
+                   "--max_steps", 2], capsys)
+    assert_one_line(rc, err, "non-finite keys")
+    assert_one_line(*cli(["datastore", "verify", nan], capsys), f"{n_bad} of {ds.N} keys are not finite",
+                    "keys.f16 differs")
+
+
+def test_non_finite_keys_from_the_model_stop_the_build(tiny_gpt2_dir, files, tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    import knnlm.datastore as datastore_module
+
+    real = datastore_module.encode_batches
+
+    def overflowing(*args, **kwargs):  # float16 keys beyond ±65504 become inf
+        for b, keys, vals in real(*args, **kwargs):
+            yield b, np.full_like(keys, np.inf) if b == 1 else keys, vals
+
+    monkeypatch.setattr(datastore_module, "encode_batches", overflowing)
+    rc, err = cli(["datastore", "build", *model_args(tiny_gpt2_dir), "--train_file", files / "a.txt", "--output_dir",
+                   tmp_path / "ds", "--block_size", 32, "--batch_size", 1], capsys)
+    assert_one_line(rc, err, "non-finite 'ffn_input' keys", "--dtype float32")
+    assert not (tmp_path / "ds" / "meta.json").exists()
+
+
+def test_datastore_verify_intact_padded_and_bit_flipped(tiny_gpt2_dir, files, tmp_path, capsys):
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    assert set(ds.meta["sha256"]) == {"keys.f16", "vals.i32", "tokens.i32", "tokens.i32.docs"}
+    assert cli(["index", "build", ds.dir, "--factory", "Flat"], capsys)[0] == 0
+    originals = {p.name: p.read_bytes() for p in ds.dir.iterdir() if p.is_file()}
+    rc = main(["datastore", "verify", str(ds.dir)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "intact" in out and "keys.f16, vals.i32, tokens.i32" in out and "shard0.faiss" in out
+    keys = ds.dir / "keys.f16"
+    good = keys.read_bytes()
+    keys.write_bytes(good[:-100] + b"\0" * 100)  # truncated, then padded back to its size
+    assert_one_line(*cli(["datastore", "verify", ds.dir], capsys), "keys.f16 differs", "--overwrite")
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x01  # one bit
+    keys.write_bytes(bytes(flipped))
+    line = assert_one_line(*cli(["datastore", "verify", ds.dir], capsys), "keys.f16 differs")
+    assert "vals.i32" not in line and "tokens.i32" not in line
+    tokens = ds.dir / "tokens.i32"
+    tokens.write_bytes(tokens.read_bytes()[:-4] + b"\1\0\0\0")
+    assert_one_line(*cli(["datastore", "verify", ds.dir], capsys), "keys.f16 differs", "tokens.i32 differs")
+    tokens.write_bytes(originals["tokens.i32"])
+    keys.write_bytes(good)
+    shard = ds.dir / "index" / "shard0.faiss"
+    shard_bytes = shard.read_bytes()
+    shard.write_bytes(shard_bytes[:-8] + bytes(8))
+    assert_one_line(*cli(["datastore", "verify", ds.dir], capsys), "shard0.faiss", "index build")
+    shard.write_bytes(shard_bytes)
+    assert cli(["datastore", "verify", ds.dir], capsys)[0] == 0
+    # a truncated store: its own error says --overwrite, and --overwrite (same inputs) rebuilds it
+    keys.write_bytes(good[:-64])
+    assert_one_line(*cli(["datastore", "verify", ds.dir], capsys), "truncated", "--overwrite")
+    again = build_ds(tiny_gpt2_dir, files / "a.txt", ds.dir, capsys, "--overwrite")
+    assert keys.read_bytes() == good and again.meta["sha256"] == ds.meta["sha256"]
+    keys.write_bytes(bytes(flipped))  # a bit flip is found by --overwrite's check too
+    build_ds(tiny_gpt2_dir, files / "a.txt", ds.dir, capsys, "--overwrite")
+    assert keys.read_bytes() == good
+    build_ds(tiny_gpt2_dir, files / "a.txt", ds.dir, capsys, "--overwrite")  # an intact one is kept as it is
+
+
+_HOLDER = """
+import sys
+from knnlm.fileio import claim_output_dir
+claim_output_dir(sys.argv[1], "datastore build", {"held": True}, own_files=("*",))
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def _knnlm_env() -> dict:
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+
+
+def test_a_second_writer_is_refused_naming_the_first_and_a_dead_ones_lock_is_taken_over(tiny_gpt2_dir, files,
+                                                                                         tmp_path, capsys):
+    """Before: the second build failed with "cannot write dsc/done.u8 (No such file or directory)"."""
+    import signal
+    import socket
+    import sys
+
+    out = tmp_path / "ds"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env=_knnlm_env(), text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        build = ["datastore", "build", *model_args(tiny_gpt2_dir), "--train_file", files / "a.txt", "--output_dir",
+                 out, "--block_size", 32]
+        assert_one_line(*cli(build, capsys), "in use", f"another knnlm process, pid {holder.pid} on "
+                        f"{socket.gethostname()}", "building this store")
+        assert_one_line(*cli(["eval", *model_args(tiny_gpt2_dir), "--validation_file", files / "a.txt",
+                              "--output_dir", out], capsys), f"pid {holder.pid}", "building this store")
+        assert_one_line(*cli(["macondo", "generate", "--output_dir", out], capsys), f"pid {holder.pid}")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert json.loads((out / ".knnlm.lock").read_text())["pid"] == holder.pid  # left behind by the killed process
+    (out / "knnlm-run.json").unlink()  # (the holder's claim of other inputs)
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", out, capsys)  # the dead process's lock is taken over
+    assert ds.N > 0 and not (out / ".knnlm.lock").exists()  # released at the end of the command
+
+
+def test_two_concurrent_builds_into_one_folder(tiny_gpt2_dir, files, tmp_path, capsys):
+    import sys
+
+    clean = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "clean", capsys)
+    out = tmp_path / "ds"
+    argv = [sys.executable, "-m", "knnlm", "datastore", "build", *model_args(tiny_gpt2_dir), "--train_file",
+            str(files / "a.txt"), "--output_dir", str(out), "--block_size", "32", "--batch_size", "1"]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_knnlm_env(), text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
+    assert sorted(rc for rc, _ in results)[0] == 0, results
+    for rc, err in results:
+        if rc != 0:  # started while the other was building: refused, naming it
+            assert rc == 2 and "another knnlm process, pid" in err and "Traceback" not in err, err
+    for name in ("keys.f16", "vals.i32", "tokens.i32"):
+        assert (out / name).read_bytes() == (clean.dir / name).read_bytes()
+
+
+def test_overwrite_never_deletes_what_is_not_the_commands(tiny_gpt2_dir, files, tmp_path, capsys, monkeypatch):
+    """Before: `macondo generate --overwrite` rmtree'd its folder whatever it held, `--output_dir .` failed with
+    "ValueError: empty name", `lm train --overwrite` deleted a user's file and a store in its folder, `datastore build
+    --overwrite` dropped unknown files, and `generate --output_dir` replaced an earlier run's results silently."""
+    def snapshot(folder):
+        return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    small = ["--num_villagers", 40, "--num_parents", 4, "--max_children", 2]
+    model = shutil.copytree(tiny_gpt2_dir, tmp_path / "model")
+    before = snapshot(model)
+    assert_one_line(*cli(["macondo", "generate", "--output_dir", model, "--overwrite", *small], capsys), "a model")
+    assert snapshot(model) == before
+    data = tmp_path / "data"
+    assert cli(["macondo", "generate", "--output_dir", data, *small], capsys)[0] == 0
+    (data / "notes.txt").write_text("mine")
+    assert_one_line(*cli(["macondo", "generate", "--output_dir", data, "--seed", 1, "--overwrite", *small], capsys),
+                    "notes.txt", "never deletes")
+    assert (data / "notes.txt").read_text() == "mine"
+    (data / "notes.txt").unlink()
+    assert_one_line(*cli(["macondo", "generate", "--output_dir", data, "--seed", 1, *small], capsys), "--overwrite")
+    assert cli(["macondo", "generate", "--output_dir", data, "--seed", 1, "--overwrite", *small], capsys)[0] == 0
+    assert json.loads((data / "meta.json").read_text())["seed"] == 1
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert cli(["macondo", "generate", "--output_dir", ".", *small], capsys)[0] == 0
+    assert (here / "train.jsonl").is_file() and not list(here.glob("*tmp*"))
+    monkeypatch.chdir(tmp_path)
+
+    lm_dir = tmp_path / "lm"
+    lm = ["lm", "train", "--size", "tiny", "--train_file", files / "a.txt", "--validation_file", files / "b.txt",
+          "--max_steps", 1, "--block_size", 16, "--batch_size", 2, "--output_dir", lm_dir]
+    assert cli(lm, capsys)[0] == 0
+    (lm_dir / "notes.txt").write_text("mine")
+    build_ds(lm_dir, files / "a.txt", lm_dir / "ds", capsys, "--block_size", 16)
+    kept = snapshot(lm_dir)
+    for extra in ([], ["--learning_rate", 0.01]):
+        assert_one_line(*cli([*lm, *extra, "--overwrite", "true"], capsys), "2 file(s)", "e.g. ds", "never deletes")
+        assert snapshot(lm_dir) == kept
+    (lm_dir / "notes.txt").unlink()
+    shutil.rmtree(lm_dir / "ds")
+    assert cli([*lm, "--learning_rate", 0.01, "--overwrite", "true"], capsys)[0] == 0
+    assert json.loads((lm_dir / "training.json").read_text())["train_args"]["learning_rate"] == 0.01
+
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    (ds.dir / "README.txt").write_text("how I built it")
+    (ds.dir / "experiments").mkdir()
+    (ds.dir / "experiments" / "run1.json").write_text("{}")
+    kept = snapshot(ds.dir)
+    rc, err = cli(["datastore", "build", *model_args(tiny_gpt2_dir), "--train_file", files / "b.txt", "--output_dir",
+                   ds.dir, "--block_size", 32, "--overwrite"], capsys)
+    assert_one_line(rc, err, "README.txt", "never deletes")
+    assert snapshot(ds.dir) == kept and not (tmp_path / "ds.rebuild-tmp").exists()
+
+    gen = ["generate", *model_args(tiny_gpt2_dir), "--prompt", "The", "--compare", "true", "--max_new_tokens", 2,
+           "--output_dir", tmp_path / "gen"]
+    assert cli(gen, capsys)[0] == 0
+    first = (tmp_path / "gen" / "results.json").read_text()
+    assert_one_line(*cli([*gen, "--max_new_tokens", 3], capsys), "--overwrite", "max_new_tokens")
+    assert (tmp_path / "gen" / "results.json").read_text() == first
+    assert cli([*gen[:-2], "--max_new_tokens", 3, "--output_dir", tmp_path / "gen", "--overwrite"], capsys)[0] == 0
+    assert json.loads((tmp_path / "gen" / "results.json").read_text())["config"]["max_new_tokens"] == 3
+
+
+def test_eval_from_neighbors_honours_or_refuses_k_and_temperature(tiny_gpt2_dir, files, tmp_path, capsys):
+    """Before: --k, --knn_temp, --model_name_or_path and --datastore were ignored but recorded (a k = 64 cache run
+    with --k 16 was labelled k = 16)."""
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    eval_metrics(tiny_gpt2_dir, files / "b.txt", tmp_path / "full", capsys, "--datastore", ds.dir, "--k", 16,
+                 "--save_neighbors", "true")
+    cache = tmp_path / "full" / "neighbors"
+    for k, temp in ((8, 1.0), (16, 2.0), (8, 0.5)):
+        real = eval_metrics(tiny_gpt2_dir, files / "b.txt", tmp_path / f"real{k}-{temp}", capsys, "--datastore", ds.dir,
+                            "--k", k, "--knn_temp", temp)
+        rc, err = cli(["eval", "--from_neighbors", cache, "--k", k, "--knn_temp", temp, "--output_dir",
+                       tmp_path / f"c{k}-{temp}"], capsys)
+        assert rc == 0, err
+        res = json.loads((tmp_path / f"c{k}-{temp}" / "results.json").read_text())
+        assert res["metrics"]["sweep_knn_cached"][f"lmbda=0.25,T={temp}"] == pytest.approx(real["ppl_knnlm"], rel=1e-5)
+        assert (res["config"]["k"], res["config"]["knn_temp"], res["metrics"]["k_cached"]) == (k, temp, 16)
+        assert res["config"]["datastore"] == str(ds.dir) and res["config"]["model_name_or_path"] == str(tiny_gpt2_dir)
+    assert_one_line(*cli(["eval", "--from_neighbors", cache, "--k", 32, "--output_dir", tmp_path / "c32"], capsys),
+                    "--k", "16 neighbours", "--save_neighbors")
+    other = build_ds(tiny_gpt2_dir, files / "b.txt", tmp_path / "other", capsys)
+    assert_one_line(*cli(["eval", "--from_neighbors", cache, "--datastore", other.dir, "--output_dir",
+                          tmp_path / "c-other"], capsys), "--datastore", "cannot change it")
+
+
+def test_validation_datastore_of_training_text_is_refused(tiny_gpt2_dir, files, tmp_path, capsys):
+    """Before: a held-out store built from the first part of the training text was accepted as held out."""
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    (tmp_path / "prefix.txt").write_text(TEXT_A[: len(TEXT_A) // 3])
+    prefix = build_ds(tiny_gpt2_dir, tmp_path / "prefix.txt", tmp_path / "prefix", capsys)
+    assert prefix.meta["corpus_hash"] != ds.meta["corpus_hash"]
+    mlp = ["mlp", "train", *model_args(tiny_gpt2_dir), "--datastore", ds.dir, "--max_steps", 1]
+    assert_one_line(*cli([*mlp, "--validation_datastore", prefix.dir, "--output_dir", tmp_path / "m1"], capsys),
+                    "--validation_datastore", "occur verbatim in the training corpus")
+    held = build_ds(tiny_gpt2_dir, files / "b.txt", tmp_path / "held", capsys)
+    rc, err = cli([*mlp, "--validation_datastore", held.dir, "--output_dir", tmp_path / "m2"], capsys)
+    assert rc == 0, err
+
+
+def test_smaller_issue_30_cases(tiny_gpt2_dir, files, tmp_path, capsys):
+    import math
+
+    from knnlm.report import write_results
+
+    assert_one_line(*cli(["macondo", "generate", "--output_dir", tmp_path / "m", "--seed", -1], capsys), "--seed", ">= 0")
+    assert not (tmp_path / "m").exists()
+    assert_one_line(*cli(["generate", *model_args(tiny_gpt2_dir), "--prompt", "The", "--compare", "true",
+                          "--num_beams", 60000], capsys), "--num_beams", "[1, 64]")
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(loop)
+    for cmd in (["eval", "--validation_file", files / "a.txt", "--output_dir", tmp_path / "ev"],
+                ["generate", "--prompt", "The"], ["mlp", "train", "--output_dir", tmp_path / "mem"]):
+        assert_one_line(*cli([*cmd, *model_args(tiny_gpt2_dir), "--datastore", loop], capsys), str(loop), "symlink")
+    assert_one_line(*cli(["datastore", "build", *model_args(tiny_gpt2_dir), "--train_file", files / "a.txt",
+                          "--output_dir", loop], capsys), "symlink")
+    write_results(tmp_path / "r", {"lmbda": 0.0}, {"ratio": math.nan, "gain": -math.inf, "ok": [1.0, math.nan]})
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["metrics"] == {"ratio": None, "gain": None,
+                                                                                    "ok": [1.0, None]}
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    assert_one_line(*cli(["eval", *model_args(tiny_gpt2_dir), "--dtype", "bfloat16", "--validation_file",
+                          files / "b.txt", "--datastore", ds.dir, "--output_dir", tmp_path / "ev16"], capsys),
+                    "different model weights", "in float32", "--dtype float32")
+
+
+def test_backward_through_an_augmented_model_is_a_clear_error(tiny_lm, files, tmp_path, capsys):
+    import torch
+
+    import knnlm
+
+    ds = build_ds(Path(tiny_lm.name), files / "a.txt", tmp_path / "ds", capsys)
+    model = knnlm.augment(tiny_lm, datastore=ds.dir, k=4)
+    ids = torch.tensor([tiny_lm.encode("The river of Macondo was seen")])
+    out = model(input_ids=ids, labels=ids)
+    with pytest.raises(KnnlmError, match="inference-only.*detach"):
+        out.loss.backward()
+    with torch.no_grad():  # inference is unchanged: no wrapper, same numbers
+        again = model(input_ids=ids, labels=ids)
+    assert torch.equal(again.logits, out.logits.detach()) and not again.logits.requires_grad
+    knnlm.detach(model)
+
+
+def test_a_swap_killed_between_its_renames_restores_the_old_store(tiny_gpt2_dir, files, tmp_path, capsys):
+    """A rebuild killed after moving the old store aside: the rerun puts it back (the folder lock must not hide it)."""
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    assert cli(["index", "build", ds.dir, "--factory", "Flat"], capsys)[0] == 0  # (a fresh build would have none)
+    before = {p.name: p.read_bytes() for p in (ds.dir / "index").iterdir()}
+    os.replace(ds.dir, tmp_path / "ds.replaced-tmp")  # the state between the two renames of swap_into_place
+    again = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)  # the old store's own inputs
+    assert {p.name: p.read_bytes() for p in (again.dir / "index").iterdir()} == before
+    assert not (tmp_path / "ds.replaced-tmp").exists()

@@ -138,7 +138,8 @@ def test_deterministic_and_seed_dependent(tmp_path):
     b = generate_macondo(MacondoArgs(seed=7, output_dir=str(tmp_path / "b"), **SMALL))
     c = generate_macondo(MacondoArgs(seed=8, output_dir=str(tmp_path / "c"), **SMALL))
     names = sorted(p.name for p in a.iterdir())
-    assert names == ["meta.json", "test.jsonl", "test_overspecified.jsonl", "train.jsonl", "villagers.json"]
+    assert names == ["knnlm-run.json", "meta.json", "test.jsonl", "test_overspecified.jsonl", "train.jsonl",
+                     "villagers.json"]
     assert names == sorted(p.name for p in b.iterdir())
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name

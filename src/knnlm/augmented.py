@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from .corpus import skip_bad_rows_field
 from .errors import KnnlmError
 from .knn import KNNArgs, Retriever, interpolate
 
@@ -73,7 +74,9 @@ class Augmentation:
         try:
             if out is None:  # the forward raised (always_call): only release the capture hooks
                 return None
-            return self._replace_logits(out, kwargs.get("labels"))
+            logits = out[int(kwargs.get("labels") is not None)] if isinstance(out, tuple) else out.logits
+            new = self._replace_logits(out, kwargs.get("labels"))
+            return _inference_only(new) if torch.is_grad_enabled() and logits.requires_grad else new
         finally:
             self._stack.close()
             self._stack, self._caps, self._mask = None, {}, None
@@ -216,7 +219,37 @@ def augment_from_args(lm, aug: AugmentArgs, knn: KNNArgs):
     return augment(lm, datastore=aug.datastore, mlp_memory=aug.mlp_memory, **asdict(knn))
 
 
+class _NoBackward(torch.autograd.Function):
+    """Passes a tensor through; its backward is a clear error: the kNN / MLP scores are computed without gradients,
+    so an augmented model cannot be trained (docs/python_api.md, "Fine-tuning")."""
+
+    @staticmethod
+    def forward(ctx, value):
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise KnnlmError("backward(): a knnlm-augmented model is inference-only (its kNN/MLP scores carry no "
+                         "gradient); fine-tune the plain model (augmentation.detach(), or before knnlm.augment) and "
+                         "augment it again")
+
+
+def _inference_only(out):
+    """The augmented logits and loss of ``out`` made to fail clearly on ``backward()`` (with grad enabled)."""
+    if isinstance(out, tuple):
+        return tuple(_NoBackward.apply(t.detach().requires_grad_()) if torch.is_tensor(t) and t.is_floating_point()
+                     and i < 2 else t for i, t in enumerate(out))
+    for name in ("logits", "loss"):
+        value = getattr(out, name, None)
+        if torch.is_tensor(value):
+            setattr(out, name, _NoBackward.apply(value.detach().requires_grad_()))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------- generation
+MAX_BEAMS = 64
+
+
 @dataclass
 class GenerateArgs:
     prompt_file: Optional[str] = field(default=None, metadata={"help": "Prompts, one per line (.txt) or one per JSONL row (field `prompt`, else `text`); adds to --prompt."})
@@ -229,6 +262,7 @@ class GenerateArgs:
     seed: int = field(default=0, metadata={"help": "torch seed set before each prompt's generation (sampling)."})
     compare: bool = field(default=False, metadata={"help": "Also generate with the plain LM and show both continuations."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for results.json / results.md (optional)."})
+    skip_bad_rows: bool = skip_bad_rows_field()
 
     def validate(self) -> None:
         import math
@@ -241,8 +275,9 @@ class GenerateArgs:
             raise KnnlmError(f"--top_k: must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise KnnlmError(f"--top_p: must be in (0, 1], got {self.top_p}")
-        if self.num_beams < 1:
-            raise KnnlmError(f"--num_beams: must be >= 1, got {self.num_beams}")
+        if not 1 <= self.num_beams <= MAX_BEAMS:  # each beam holds its own KV cache and vocabulary-wide scores
+            raise KnnlmError(f"--num_beams: must be in [1, {MAX_BEAMS}], got {self.num_beams} (memory grows with the "
+                             "beams: each keeps its own KV cache and a score per vocabulary entry)")
 
     def generation_kwargs(self) -> dict:
         """The keyword arguments of ``model.generate`` (sampling knobs only when sampling)."""
@@ -252,32 +287,39 @@ class GenerateArgs:
         return kw
 
 
-def read_prompts(prompts: list[str] | None, prompt_file: Optional[str]) -> list[str]:
-    """--prompt values followed by the prompts of --prompt_file (.txt: one a line; .jsonl: `prompt` or `text`)."""
+def read_prompts(prompts: list[str] | None, prompt_file: Optional[str],
+                 skip_bad_rows: bool = False) -> tuple[list[str], int]:
+    """--prompt values followed by the prompts of --prompt_file (.txt: one a line; .jsonl: `prompt` or `text`, a
+    string); returns them and the number of JSONL rows skipped (``skip_bad_rows``; else such a row is an error)."""
     import json
 
+    from .corpus import BadRows
+
     out = list(prompts or [])
+    rows = BadRows("--prompt_file", "prompt", skip_bad_rows)
     if prompt_file:
         path = Path(prompt_file)
         if not path.is_file():
             raise KnnlmError(f"--prompt_file: {path} does not exist; pass a .txt (one prompt a line) or .jsonl file")
         try:
-            lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            lines = [(i, ln) for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
         except UnicodeDecodeError:
             raise KnnlmError(f"--prompt_file: {path} is not UTF-8 text; convert it") from None
         if path.suffix in (".jsonl", ".json"):
-            for i, ln in enumerate(lines, 1):
+            for i, ln in lines:
                 try:
                     row = json.loads(ln)
-                    out.append(row["prompt"] if "prompt" in row else row["text"])
-                except (ValueError, KeyError, TypeError):
-                    raise KnnlmError(f"--prompt_file: {path} line {i} is not a JSON object with a `prompt` or "
-                                     "`text` field") from None
+                except ValueError:
+                    rows.bad(f"{path}:{i}", "is not valid JSON", "one JSON object per line is expected")
+                    continue
+                text = rows.text(row, f"{path}:{i}", fields=("prompt", "text"))
+                if text is not None:
+                    out.append(text)
         else:
-            out += lines
+            out += [ln for _, ln in lines]
     if not out or not all(isinstance(p, str) and p for p in out):
         raise KnnlmError("--prompt/--prompt_file: give at least one non-empty prompt")
-    return out
+    return out, rows.count
 
 
 @torch.no_grad()

@@ -24,6 +24,11 @@ _CHUNK_CHARS = 1 << 18  # bytes read per piece (at most as many characters)
 _CARRY_TOKENS = 8  # tokens re-tokenized across a piece boundary (see _encode_long_text)
 
 
+def skip_bad_rows_field():
+    """The one ``--skip_bad_rows`` option (corpora, `lm train`'s files, `generate`'s prompt files)."""
+    return field(default=False, metadata={"help": "JSONL/dataset rows that are not a JSON object with a string in the text field (null, a number, a list, an object, a boolean, a missing field, a line that is not JSON): false refuses the file naming the row; true skips them and counts them in the output."})
+
+
 @dataclass
 class CorpusArgs:
     train_file: Optional[str] = field(default=None, metadata={"help": "Training corpus: a .txt file (one document) or .jsonl/.json (one document per line)."})
@@ -37,6 +42,7 @@ class CorpusArgs:
     concat_documents: bool = field(default=True, metadata={"help": "Join JSONL/dataset documents with EOS into one stream (run_clm style); false windows each document on its own."})
     max_tokens: Optional[int] = field(default=None, metadata={"help": "Use only the first N tokens of the corpus (quick runs)."})
     encoding_errors: str = field(default="strict", metadata={"help": "Bytes that are not UTF-8 in a corpus file: strict (an error naming the byte offset), replace (U+FFFD) or ignore (dropped)."})
+    skip_bad_rows: bool = skip_bad_rows_field()
 
     def validate(self) -> None:
         if self.block_size < 0 or self.stride < 0:
@@ -114,7 +120,43 @@ def _text_pieces(path: Path, flag: str, errors: str = "strict", chunk: Optional[
                 return
 
 
-def _jsonl_texts(path: Path, text_field: str, flag: str, errors: str = "strict") -> Iterator[str]:
+_JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list",
+               dict: "an object"}
+
+
+class BadRows:
+    """Rows of a JSONL file or dataset that hold no text: an error naming the first, or (``skip``) counted."""
+
+    def __init__(self, flag: str, text_field: str, skip: bool):
+        self.flag, self.text_field, self.skip, self.count = flag, text_field, skip, 0
+
+    def bad(self, where: str, what: str, fix: str) -> None:
+        if not self.skip:
+            raise KnnlmError(f"{self.flag}: {where} {what}; {fix}, or pass --skip_bad_rows true to skip such rows")
+        if not self.count:
+            log.warning("%s: skipping rows without text (the first: %s %s)", self.flag, where, what)
+        self.count += 1
+
+    def text(self, row, where: str, fields: tuple[str, ...] = ()) -> Optional[str]:
+        """The string in the row's text field (the first of ``fields`` present, default the text field); None for a
+        skipped row."""
+        fields = fields or (self.text_field,)
+        name = next((f for f in fields if isinstance(row, dict) and f in row), None)
+        if name is None:
+            self.bad(where, f"has no field {' or '.join(repr(f) for f in fields)}", "set --text_field")
+            return None
+        value = row[name]
+        if not isinstance(value, str):
+            what = _JSON_TYPES.get(type(value), type(value).__name__)
+            shown = "" if value is None else f" ({json.dumps(value, default=str)[:40]})"
+            self.bad(where, f"has {what} in its '{name}' field{shown}, not a string", "fix the row")
+            return None
+        return value
+
+
+def _jsonl_texts(path: Path, text_field: str, flag: str, errors: str = "strict",
+                 rows: Optional[BadRows] = None) -> Iterator[str]:
+    rows = rows or BadRows(flag, text_field, False)
     offset = 0
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
@@ -128,15 +170,17 @@ def _jsonl_texts(path: Path, text_field: str, flag: str, errors: str = "strict")
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                raise KnnlmError(f"{flag}: {path}:{lineno} is not valid JSON; one JSON object per line is expected") from None
-            if not isinstance(row, dict) or text_field not in row:
-                raise KnnlmError(f"{flag}: {path}:{lineno} has no field '{text_field}'; set --text_field")
-            yield str(row[text_field])
+                rows.bad(f"{path}:{lineno}", "is not valid JSON", "one JSON object per line is expected")
+                continue
+            text = rows.text(row, f"{path}:{lineno}")
+            if text is not None:
+                yield text
 
 
-def _dataset_texts(args: CorpusArgs, split: str) -> Iterator[str]:
+def _dataset_texts(args: CorpusArgs, split: str, rows: Optional[BadRows] = None) -> Iterator[str]:
     import datasets
 
+    rows = rows or BadRows("--dataset_name", args.text_field, False)
     try:
         ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=split)
     except Exception as e:  # datasets raises many kinds; all mean the same thing to the user
@@ -144,8 +188,10 @@ def _dataset_texts(args: CorpusArgs, split: str) -> Iterator[str]:
                          f"{split}): {str(e).splitlines()[0]}") from None
     if args.text_field not in ds.column_names:
         raise KnnlmError(f"--text_field: dataset has no column '{args.text_field}' (columns: {ds.column_names})")
-    for row in ds:
-        yield row[args.text_field]
+    for i, row in enumerate(ds):
+        text = rows.text(row, f"{args.dataset_name} ({split}) row {i}")
+        if text is not None:
+            yield text
 
 
 def _encode_long_text(tokenizer, path: Path, add_special: bool, flag: str = "--train_file",
@@ -179,13 +225,14 @@ def _encode_long_text(tokenizer, path: Path, add_special: bool, flag: str = "--t
         yield final, has_text
 
 
-def _documents(lm, args: CorpusArgs, which: str) -> Iterator[tuple[list[int] | np.ndarray, bool, bool]]:
+def _documents(lm, args: CorpusArgs, which: str,
+               rows: Optional[BadRows] = None) -> Iterator[tuple[list[int] | np.ndarray, bool, bool]]:
     """Yields ``(token ids, continues_previous, has_text)``: documents encoded as ``lm.encode`` does (BOS where the
     tokenizer adds one); a long plain-text document arrives in several pieces, all but the first marked as continuing;
-    ``has_text`` is False for whitespace-only text."""
+    ``has_text`` is False for whitespace-only text. ``rows`` counts the JSONL/dataset rows skipped."""
     if args.dataset_name:
         split = args.split or ("train" if which == "train" else "validation")
-        for text in _dataset_texts(args, split):
+        for text in _dataset_texts(args, split, rows):
             yield lm.encode(text), False, bool(text.strip())
         return
     flag = f"--{which}_file"
@@ -194,7 +241,7 @@ def _documents(lm, args: CorpusArgs, which: str) -> Iterator[tuple[list[int] | n
         raise KnnlmError(f"{flag}: required (or --dataset_name)")
     path = _check_file(path_str, flag)
     if path.suffix in (".jsonl", ".json"):
-        for text in _jsonl_texts(path, args.text_field, flag, args.encoding_errors):
+        for text in _jsonl_texts(path, args.text_field, flag, args.encoding_errors, rows):
             yield lm.encode(text), False, bool(text.strip())
     elif getattr(lm.tokenizer, "is_fast", False):
         for i, (piece, has_text) in enumerate(_encode_long_text(lm.tokenizer, path, True, flag, args.encoding_errors)):
@@ -223,6 +270,20 @@ class TokenFile:
     def sha256(self) -> str:
         return sha256_file(self.path)[:16] + sha256_file(self.doc_path)[:16]
 
+    @property
+    def skipped_rows(self) -> int:
+        """JSONL/dataset rows skipped for holding no text (``--skip_bad_rows``), as recorded when tokenized."""
+        return skipped_rows(self.path)
+
+
+def skipped_rows(token_path: str | Path) -> int:
+    record_path = Path(token_path).with_name(Path(token_path).name + ".json")
+    try:
+        record = read_json(record_path) if record_path.is_file() else {}
+    except KnnlmError:
+        return 0
+    return int(record.get("skipped_rows", 0)) if isinstance(record, dict) else 0
+
 
 def source_fingerprint(args: CorpusArgs, which: str) -> dict:
     """What a corpus is, for checking cached work against: the file's name and sha256, or the dataset's coordinates."""
@@ -247,7 +308,8 @@ def _token_key(lm, args: CorpusArgs, which: str, source: Optional[dict]) -> dict
     return {"format": "knnlm-tokens/1", "source": source or source_fingerprint(args, which),
             "tokenizer_hash": _tokenizer_id(lm), "eos_token_id": lm.eos_token_id, "text_field": args.text_field,
             "concat_documents": args.concat_documents, "max_tokens": args.max_tokens,
-            "encoding_errors": args.encoding_errors}
+            "encoding_errors": args.encoding_errors,
+            **({"skip_bad_rows": True} if args.skip_bad_rows else {})}  # (only when set: older files stay valid)
 
 
 def _valid_token_files(out_path: Path, doc_path: Path, key_path: Path, key: dict) -> bool:
@@ -286,9 +348,10 @@ def tokenize_to_file(lm, args: CorpusArgs, which: str, out_path: str | Path, sou
     n_docs = n_blank = 0  # documents read, and those of whitespace only
     doc_has_text = True
     eos = lm.eos_token_id
+    rows = BadRows(flag, args.text_field, args.skip_bad_rows)
     with atomic_path(out_path) as tmp:  # a full disk here is a one-line error naming the file; nothing is renamed
         with open(tmp, "wb") as fh:
-            for ids, continued, has_text in _documents(lm, args, which):
+            for ids, continued, has_text in _documents(lm, args, which, rows):
                 if continued:
                     doc_has_text |= has_text
                 else:
@@ -322,8 +385,10 @@ def tokenize_to_file(lm, args: CorpusArgs, which: str, out_path: str | Path, sou
                              "write: is the disk full?); rerun the same command")
         with atomic_path(doc_path, expected_bytes=8 * len(starts)) as dtmp:
             np.asarray(starts, np.int64).tofile(dtmp)
-    atomic_write_json(key_path, {"key": key, "n_tokens": n, "n_documents": len(starts) - 1})  # last: marks them valid
-    log.info("tokenized %s corpus: %d tokens, %d documents", which, n, len(starts) - 1)
+    record = {"key": key, "n_tokens": n, "n_documents": len(starts) - 1, "skipped_rows": rows.count}
+    atomic_write_json(key_path, record)  # last: marks them valid
+    log.info("tokenized %s corpus: %d tokens, %d documents%s", which, n, len(starts) - 1,
+             f", {rows.count} rows without text skipped" if rows.count else "")
     return TokenFile(out_path, doc_path)
 
 

@@ -30,8 +30,8 @@ from .corpus import (CorpusArgs, TokenFile, Window, batch_inputs, count_targets,
                      tokenize_to_file, windowing_meta, windows)
 from .corpus import batch_inputs as _batch_inputs  # noqa: F401  (old private name: benchmarks/ --baseline_src runs older sources)
 from .errors import KnnlmError
-from .fileio import (atomic_write_json, claim_output_dir, package_versions, read_json, restore_interrupted_swap,
-                     staging_dir, swap_into_place, write_error)
+from .fileio import (atomic_write_json, claim_output_dir, lock_output_dir, package_versions, read_json,
+                     releases_locks, restore_interrupted_swap, sha256_file, staging_dir, swap_into_place, write_error)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ KEY_POINTS = ("ffn_input", "ffn_residual", "block_output", "final_hidden")
 _DATA_FILES = ("keys.f16", "vals.i32", "tokens.i32", "tokens.i32.docs", "tokens.i32.json", "done.u8", "build.json",
                "meta.json")
 # what `knnlm datastore build` writes into its folder (an earlier build holds nothing else); `index` is `knnlm index build`'s
-OWN_FILES = (*_DATA_FILES, "index", "index.rebuild-tmp", "config.json")
+OWN_FILES = (*_DATA_FILES, "index", "index.rebuild-tmp", "index.replaced-tmp", "config.json")
+CHECKSUMMED = ("keys.f16", "vals.i32", "tokens.i32", "tokens.i32.docs")  # sha256 recorded in meta.json at build time
 KIND = "datastore build"
 
 
@@ -48,7 +49,7 @@ class DatastoreArgs:
     output_dir: Optional[str] = field(default=None, metadata={"help": "Folder of the datastore (required)."})
     key_point: str = field(default="ffn_input", metadata={"help": f"Hidden state used as key: {', '.join(KEY_POINTS)}."})
     batch_size: int = field(default=8, metadata={"help": "Windows per forward pass."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace a different datastore already in --output_dir."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a different datastore already in --output_dir (built beside it, swapped in when complete); with the same inputs, rebuild it only if it is damaged (truncated, checksums differ). Never deletes files the build did not write: a folder holding any is refused."})
 
     def validate(self) -> None:
         if not self.output_dir:
@@ -66,6 +67,7 @@ class Datastore:
     meta: dict
     keys: np.memmap  # float16 [N, d]
     vals: np.memmap  # int32 [N]
+    max_val: int = -1  # the largest token id among the values (checked against a model's vocabulary)
 
     @property
     def N(self) -> int:
@@ -85,7 +87,8 @@ class Datastore:
         ``flag`` (the option the caller read the folder from)."""
         directory = Path(directory)
         if not directory.is_dir():
-            what = "is a file, not a datastore folder" if directory.exists() else "does not exist"
+            what = "is a file, not a datastore folder" if directory.exists() else \
+                "is a symlink to nothing (or a symlink loop)" if directory.is_symlink() else "does not exist"
             raise KnnlmError(f"{flag}: {directory} {what}; build one with `knnlm datastore build`")
         meta_path = directory / "meta.json"
         if not meta_path.is_file():
@@ -107,7 +110,13 @@ class Datastore:
                                  f"{expected} (N={n}, d={d}); the store is truncated: rebuild it with --overwrite")
         keys = np.memmap(directory / "keys.f16", dtype=np.float16, mode="r", shape=(n, d))
         vals = np.memmap(directory / "vals.i32", dtype=np.int32, mode="r", shape=(n,))
-        return cls(directory, meta, keys, vals)
+        lo, hi = _value_range(vals)
+        vocab = meta.get("vocab_size")
+        if lo < 0 or (isinstance(vocab, int) and hi >= vocab):
+            raise KnnlmError(f"{flag}: {directory / 'vals.i32'} holds token ids outside [0, {vocab or 'vocab'}) "
+                             f"(min {lo}, max {hi}): the store is corrupt; rebuild it with `knnlm datastore build ... "
+                             "--overwrite`")
+        return cls(directory, meta, keys, vals, hi)
 
     def check_compatible(self, lm, key_point: str | None = None, flag: str = "--datastore",
                          key_point_flag: str = "--key_point") -> None:
@@ -119,12 +128,132 @@ class Datastore:
             if self.meta.get(key) != mine:
                 raise KnnlmError(f"{flag}: {self.dir} was built with different {what} "
                                  f"({self.meta.get('model_name_or_path')}, {key} {str(self.meta.get(key))[:12]} vs "
-                                 f"{mine[:12]}); rebuild it with this model")
+                                 f"{mine[:12]}){dtype_hint(self.meta, lm) if key == 'weights_hash' else ''}; "
+                                 "rebuild it with this model")
+        if self.max_val >= lm.vocab_size:
+            raise KnnlmError(f"{flag}: {self.dir / 'vals.i32'} holds token id {self.max_val}, beyond the model's "
+                             f"vocabulary of {lm.vocab_size}: the store is corrupt or not this model's; rebuild it")
         if key_point is not None and key_point != self.key_point:
             raise KnnlmError(f"{key_point_flag}: the datastore {self.dir} holds '{self.key_point}' keys, not '{key_point}'")
 
     def nbytes(self) -> int:
         return (self.dir / "keys.f16").stat().st_size + (self.dir / "vals.i32").stat().st_size
+
+    def check_keys_finite(self, chunk: int = 1 << 16) -> None:
+        """Reads every key once; a NaN/inf one is a one-line error (:func:`check_finite`)."""
+        for lo in range(0, self.N, chunk):
+            check_finite(np.asarray(self.keys[lo: lo + chunk], dtype=np.float32), self.dir, lo)
+
+
+def dtype_hint(record: dict, lm) -> str:
+    """Why the weights of the same model may hash differently: the hash covers the weights as loaded, so another
+    --dtype is another model to a store or memory. '' when the record names another model."""
+    dtype, mine = record.get("dtype"), str(getattr(lm, "dtype", "")).replace("torch.", "")
+    if dtype and mine and dtype != mine:
+        return f": it was built with the model in {dtype}, this run loads it in {mine}; pass --dtype {dtype}"
+    if record.get("model_name_or_path") == getattr(lm, "name", None) and not dtype:
+        return ": the same model name, so perhaps another --dtype than at build time (the hash covers the weights as loaded)"
+    return ""
+
+
+def _value_range(vals: np.ndarray, chunk: int = 1 << 24) -> tuple[int, int]:
+    """(min, max) of the values, read in 64 MiB pieces (one pass over vals.i32: cheap next to the keys)."""
+    lo, hi = 0, -1
+    for s in range(0, len(vals), chunk):
+        piece = vals[s: s + chunk]
+        lo, hi = (min(lo, int(piece.min())), max(hi, int(piece.max()))) if s else (int(piece.min()), int(piece.max()))
+    return lo, hi
+
+
+def check_finite(keys: np.ndarray, store: Path, first_row: int = 0, rows: Optional[np.ndarray] = None) -> None:
+    """Refuses NaN/inf among keys read from ``store``: ``keys`` [n, d] are rows ``first_row + i`` (or ``rows[i]``)."""
+    bad = ~np.isfinite(keys).all(axis=1)  # [n]
+    if bad.any():
+        i = int(np.argmax(bad))
+        row = int(rows[i]) if rows is not None else first_row + i
+        raise KnnlmError(f"--datastore: {store} holds non-finite keys (NaN/inf; {int(bad.sum())} of the {len(bad)} "
+                         f"rows read here, the first row {row}): the store is corrupt; see `knnlm datastore verify "
+                         f"{store}` and rebuild it with `knnlm datastore build ... --overwrite`")
+
+
+# ---------------------------------------------------------------------------------------------------------------- overlap
+def _find_span(haystack: np.ndarray, probe: np.ndarray) -> int:
+    """The first position of ``probe`` as a contiguous span of ``haystack`` (-1 if none); vectorised: candidates
+    matching the first token are narrowed one token at a time."""
+    n = len(haystack) - len(probe) + 1
+    if n < 1:
+        return -1
+    cand = np.flatnonzero(np.asarray(haystack[:n]) == probe[0])
+    for j in range(1, len(probe)):
+        if not len(cand):
+            break
+        cand = cand[np.asarray(haystack[cand + j]) == probe[j]]
+    return int(cand[0]) if len(cand) else -1
+
+
+def shared_text(held: "Datastore", train: "Datastore", probes: int = 16, span: int = 32,
+                min_span: int = 8) -> tuple[int, int, int]:
+    """How much of ``held``'s corpus is ``train``'s text: ``(found, tried, position)``: of ``tried`` spans of up to
+    ``span`` tokens spread over ``held``'s documents (one document each, at least ``min_span`` tokens), ``found``
+    occur verbatim in ``train``'s corpus (the first at token ``position`` there, else -1)."""
+    a = TokenFile(train.dir / "tokens.i32", train.dir / "tokens.i32.docs")
+    b = TokenFile(held.dir / "tokens.i32", held.dir / "tokens.i32.docs")
+    if not all(p.is_file() for p in (a.path, a.doc_path, b.path, b.doc_path)):  # a store written without its corpus
+        return 0, 0, -1
+    ta, tb, starts = a.tokens, b.tokens, b.doc_starts
+    if len(ta) == 0 or len(tb) == 0:
+        return 0, 0, -1
+    spans = set()
+    for p in np.linspace(0, len(tb) - 1, probes).astype(np.int64):  # spread over the corpus, each inside a document
+        d = int(np.searchsorted(starts, p, side="right")) - 1
+        s, e = int(starts[d]), int(starts[d + 1])
+        lo = max(s, min(int(p), e - span))
+        if min(e, lo + span) - lo >= min_span:
+            spans.add((lo, min(e, lo + span)))
+    found, first = 0, -1
+    for lo, hi in sorted(spans):
+        pos = _find_span(ta, np.asarray(tb[lo:hi]))
+        if pos >= 0:
+            found += 1
+            first = pos if first < 0 else first
+    return found, len(spans), first
+
+
+# ---------------------------------------------------------------------------------------------------------------- verifying
+def checksums(directory: str | Path) -> dict:
+    """sha256 of the store's data files (what meta.json records at build time)."""
+    return {name: sha256_file(Path(directory) / name) for name in CHECKSUMMED if (Path(directory) / name).is_file()}
+
+
+def verify(directory: str | Path, flag: str = "--datastore", index: bool = True, chunk: int = 1 << 16) -> dict:
+    """Checks a finished store in full: sizes and value range (:meth:`Datastore.open`), every key finite, the sha256
+    of keys, values and tokens against those recorded at build time and, with ``index``, its built index against its
+    own record. Returns what was checked; raises one ``KnnlmError`` listing what is damaged."""
+    ds = Datastore.open(directory, flag=flag)
+    problems = []
+    n_bad = 0
+    for lo in range(0, ds.N, chunk):
+        n_bad += int((~np.isfinite(np.asarray(ds.keys[lo: lo + chunk], dtype=np.float32)).all(axis=1)).sum())
+    if n_bad:
+        problems.append(f"{n_bad} of {ds.N} keys are not finite (NaN/inf)")
+    recorded = ds.meta.get("sha256")
+    report = {"N": ds.N, "d": ds.d, "values": [0, ds.max_val], "checksums": "none recorded"}
+    if isinstance(recorded, dict):
+        actual = checksums(ds.dir)
+        bad = [name for name, h in recorded.items() if actual.get(name) != h]
+        problems += [f"{name} differs from the sha256 recorded at build time" for name in bad]
+        report["checksums"] = {name: "ok" if name not in bad else "differs" for name in recorded}
+    if index:
+        from .index import verify_index
+
+        try:
+            report["index"] = verify_index(ds.dir)
+        except KnnlmError as e:
+            problems.append(f"its index: {str(e).split(': ', 1)[-1]}")
+    if problems:
+        raise KnnlmError(f"{flag}: {ds.dir} is damaged: {'; '.join(problems)}; rebuild it with `knnlm datastore "
+                         "build ... --overwrite` (the index with `knnlm index build DS --overwrite`)")
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------------------- building
@@ -149,6 +278,8 @@ def _build_fingerprint(lm, args: CorpusArgs, which: str, key_point: str, block: 
           **windowing_meta(block, stride, args), "batch_size": batch_size}
     if args.encoding_errors != "strict":  # recorded only when set, so stores built before the option still resume
         fp["encoding_errors"] = args.encoding_errors
+    if args.skip_bad_rows:
+        fp["skip_bad_rows"] = True
     return fp
 
 
@@ -165,10 +296,11 @@ def _prepare_work_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> tupl
     ``--overwrite`` over another finished store builds beside it (``<out>.rebuild-tmp``, resumed by a rerun) and the
     caller swaps it in when complete: a kill, a full disk or an error during the rebuild leaves the old store usable.
     """
-    restore_interrupted_swap(out_dir)
+    restore_interrupted_swap(out_dir)  # (before the lock, whose folder would hide a store moved aside)
+    claim_output_dir(out_dir, KIND, None, overwrite, own_files=OWN_FILES)  # refused before anything is written
+    lock_output_dir(out_dir, KIND)  # held through a rebuild beside it and the swap
     staged = staging_dir(out_dir)
     if overwrite and _holds_other_store(out_dir, fingerprint):
-        claim_output_dir(out_dir, KIND, None, own_files=OWN_FILES)  # a check only: the old store stays as it is
         return staged, _prepare_dir(staged, fingerprint, True)
     finished = _prepare_dir(out_dir, fingerprint, overwrite)
     shutil.rmtree(staged, ignore_errors=True)  # a rebuild given up for this build
@@ -206,6 +338,13 @@ def _prepare_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> bool:
                              "to replace it or choose another folder")
         _clear(out_dir)
         return False
+    if meta.exists() and overwrite:  # this very store: --overwrite rebuilds it only if it is damaged
+        try:
+            verify(out_dir, flag="--output_dir", index=False)
+        except KnnlmError as e:
+            log.warning("%s; rebuilding it (--overwrite)", e)
+            _clear(out_dir)
+            return False
     return meta.exists()
 
 
@@ -243,6 +382,7 @@ def encode_batches(lm, tokens: TokenFile, batches: list[list[Window]], key_point
         yield b, np.concatenate(keys), np.concatenate(vals)
 
 
+@releases_locks
 def build_datastore(lm, corpus: CorpusArgs, out_dir: str | Path, key_point: str = "ffn_input", batch_size: int = 8,
                     overwrite: bool = False, which: str = "train", flush_every: int = 32) -> Datastore:
     """Encodes the corpus with ``lm`` and writes the datastore to ``out_dir`` (see the module doc).
@@ -306,6 +446,7 @@ def _build(lm, corpus: CorpusArgs, out_dir: Path, key_point: str, batch_size: in
         pending: list[int] = []
         for b, keys, vals in encode_batches(lm, tokens, todo, key_point):
             row = batches[b][0].row
+            _check_encoded(keys, row, key_point, lm)
             kf.seek(row * d * 2)
             kf.write(keys.tobytes())
             vf.seek(row * 4)
@@ -324,6 +465,16 @@ def _build(lm, corpus: CorpusArgs, out_dir: Path, key_point: str, batch_size: in
             log.info("datastore %s replaced by the rebuilt one", final)
     _barrier(world)
     return Datastore.open(final)
+
+
+def _check_encoded(keys: np.ndarray, row: int, key_point: str, lm) -> None:
+    """Refuses keys [n, d] float16 that are not finite (a state beyond float16's ±65504, or a model that overflowed
+    in its own precision): a store holding them would give meaningless neighbours."""
+    bad = ~np.isfinite(keys).all(axis=1)
+    if bad.any():
+        raise KnnlmError(f"--model_name_or_path: {lm.name} gives non-finite '{key_point}' keys in float16 (NaN/inf, "
+                         f"{int(bad.sum())} of {len(bad)} in the batch from row {row}: values beyond float16's range "
+                         "±65504, or an overflow in the model's precision); try --dtype float32 or another --key_point")
 
 
 def _mark_done(kf, vf, df, pending: list[int]) -> None:
@@ -345,10 +496,13 @@ def _finalise(lm, out_dir: Path, fingerprint: dict, tokens: TokenFile, n: int, d
     if int(done.sum()) != n_batches:
         raise KnnlmError(f"--output_dir: {out_dir}: {n_batches - int(done.sum())} batches were not encoded; rerun the "
                          "same command to finish the build")
+    sums = checksums(out_dir)  # one more read of the files: `knnlm datastore verify` compares against these
     meta = {"format": "knnlm-datastore/1", "model_name_or_path": lm.name, "weights_hash": lm.weights_hash(),
             "tokenizer_hash": lm.tokenizer_hash(), "key_point": fingerprint["key_point"], "d": d, "N": n,
-            "n_tokens": int(tokens.doc_starts[-1]), "n_documents": int(len(tokens.doc_starts) - 1),
-            "corpus_hash": tokens.sha256(), "corpus": {k: v for k, v in vars(corpus).items()},
+            "vocab_size": int(lm.vocab_size), "dtype": str(lm.dtype).replace("torch.", ""), "n_tokens": int(tokens.doc_starts[-1]),
+            "n_documents": int(len(tokens.doc_starts) - 1), "skipped_rows": tokens.skipped_rows,
+            "corpus_hash": sums["tokens.i32"][:16] + sums["tokens.i32.docs"][:16],  # = TokenFile.sha256()
+            "sha256": {name: sums[name] for name in CHECKSUMMED}, "corpus": {k: v for k, v in vars(corpus).items()},
             "dtype_keys": "float16", "dtype_vals": "int32", "build": fingerprint, "versions": package_versions()}
     atomic_write_json(out_dir / "meta.json", meta)
     (out_dir / "done.u8").unlink()

@@ -86,12 +86,16 @@ class _NeighbourCache:
         (self.dir / "k.txt").write_text(str(self.k))
 
 
-def sweep_from_cache(cache_dir: str | Path, lmbdas: list[float], temps: list[float]) -> dict:
-    """kNN-LM perplexity for every (λ, T) from a neighbour cache, with no new search."""
+def sweep_from_cache(cache_dir: str | Path, lmbdas: list[float], temps: list[float], k: Optional[int] = None) -> dict:
+    """kNN-LM perplexity for every (λ, T) from a neighbour cache, with no new search; ``k`` (at most the cached k)
+    keeps each token's ``k`` nearest cached neighbours, as a search for ``k`` would have returned."""
     cache_dir = Path(cache_dir)
-    k = int((cache_dir / "k.txt").read_text())
-    dists = torch.from_numpy(np.fromfile(cache_dir / "dists.f32", dtype=np.float32).reshape(-1, k))
-    vals = torch.from_numpy(np.fromfile(cache_dir / "vals.i32", dtype=np.int32).reshape(-1, k))
+    k_cached = int((cache_dir / "k.txt").read_text())
+    dists = torch.from_numpy(np.fromfile(cache_dir / "dists.f32", dtype=np.float32).reshape(-1, k_cached))
+    vals = torch.from_numpy(np.fromfile(cache_dir / "vals.i32", dtype=np.int32).reshape(-1, k_cached))
+    if k is not None and k < k_cached:
+        dists, order = dists.sort(dim=-1, stable=True)  # [n, k_cached] nearest first (unfilled rows: inf, last)
+        dists, vals = dists[:, :k], vals.gather(1, order[:, :k])
     lm_gold = torch.from_numpy(np.fromfile(cache_dir / "lm_gold.f32", dtype=np.float32))
     gold = torch.from_numpy(np.fromfile(cache_dir / "gold.i32", dtype=np.int32))
     out = {}

@@ -1,6 +1,7 @@
 """Atomic writes, hashing and run provenance (versions, git hash)."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import fnmatch
@@ -8,9 +9,11 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -74,6 +77,13 @@ def _fsync(path: Path) -> None:
             os.close(fd)
 
 
+def temp_path(path: str | Path) -> Path:
+    """This process's temp name for ``path`` (``<name>.tmp-<pid>``): skipped by output-folder claims and removed by
+    :func:`remove_stale_temps` once the process is gone."""
+    path = Path(path)
+    return path.with_name(f"{path.name}{_TMP}{os.getpid()}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, expected_bytes: Optional[int] = None):
     """Yields a temp path beside ``path``; renames it onto ``path`` only if the block succeeds.
@@ -85,7 +95,7 @@ def atomic_path(path: str | Path, expected_bytes: Optional[int] = None):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent, path.name)
-    tmp = path.with_name(f"{path.name}{_TMP}{os.getpid()}")
+    tmp = temp_path(path)
     try:
         yield tmp
         if expected_bytes is not None and tmp.stat().st_size != expected_bytes:
@@ -151,7 +161,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_json(path: str | Path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    """Valid JSON whatever ``obj`` holds: NaN/inf floats become null (:func:`_finite_json`), other types ``str``."""
+    return atomic_write_text(path, json.dumps(_finite_json(obj), indent=2, sort_keys=False, default=str,
+                                              allow_nan=False) + "\n")
 
 
 def read_json(path: str | Path, fix: str = "delete it or rebuild what it belongs to"):
@@ -161,6 +173,25 @@ def read_json(path: str | Path, fix: str = "delete it or rebuild what it belongs
         return json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise KnnlmError(f"{path} is corrupt (not valid JSON: {str(e).splitlines()[0][:80]}); {fix}") from None
+
+
+def resolve_path(path: str | Path, flag: str) -> Path:
+    """``Path(path).resolve()``, with a symlink loop (a RuntimeError or ELOOP from pathlib) as a one-line error."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError):
+        raise KnnlmError(f"{flag}: {path} is a symlink loop; point it at a real folder") from None
+
+
+def _finite_json(obj):
+    """``obj`` with every NaN/inf float replaced by None: JSON has no such numbers (a bare NaN is invalid JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(v) for v in obj]
+    return obj
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -236,51 +267,219 @@ def claim_output_dir(path: str | Path, kind: str, inputs: Optional[dict], overwr
     what the outputs are made from), or refuses it with a one-line ``KnnlmError``.
 
     Returns ``"new"`` (a new or empty folder), ``"same"`` (this command's own earlier run of the same inputs: resume or
-    reuse it) or ``"replace"`` (its own run of other inputs and ``overwrite``: the caller replaces its files). A folder
-    holding anything else (a model, a datastore, another command's run, unknown files, a file) is refused, with or
-    without ``overwrite``. ``inputs=None`` only checks the folder (cheap, before a model is loaded) and writes nothing. ``own_files``: names this command writes, so a folder made before the marker existed (and
-    holding nothing else) is recognised as its own (glob patterns allowed: ``seed-*``); ``what`` names the artefact in messages ("MLP memory"). Writes
-    ``knnlm-run.json`` (the marker) atomically.
+    reuse it) or ``"replace"`` (its own run of other inputs and ``overwrite``: the caller replaces its own files,
+    :func:`remove_own_files`). A folder holding anything else (a model, a datastore, another command's run, unknown
+    files, a file) is refused, with or without ``overwrite``; with ``overwrite`` a folder of this command that also
+    holds files it did not write (names outside ``own_files``) is refused too, so an overwrite never drops them.
+    ``own_files``: names this command writes (glob patterns allowed: ``seed-*``), which also lets a folder made before
+    the marker existed be recognised as its own; ``what`` names the artefact in messages ("MLP memory").
+
+    ``inputs=None`` only checks the folder (cheap, before a model is loaded), including that no live process holds
+    it, and writes nothing. Otherwise the folder is locked for this process (:func:`lock_output_dir`: a second
+    process writing the same folder is refused, naming the holder), checked again under the lock, and
+    ``knnlm-run.json`` (the marker) is written atomically.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise KnnlmError(f"{flag}: {path} is a file, not a folder; pass a new or empty folder")
-    inputs = json.loads(json.dumps(inputs, default=str)) if inputs is not None else None  # as read back from JSON
-    marker = path / RUN_MARKER
-    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-    entries = [e for e in entries if _TMP not in e]  # temp files of killed runs are cleaned below
-    if not entries or entries == [RUN_MARKER]:
-        state = "new"
-    elif marker.is_file():
-        record = read_json(marker, fix=f"delete {marker} if the folder is yours, or choose another {flag}")
-        if not isinstance(record, dict) or record.get("kind") != kind:
-            other = record.get("kind") if isinstance(record, dict) else "?"
-            raise KnnlmError(f"{flag}: {path} holds the output of `knnlm {other}`, not of `knnlm {kind}`; "
-                             "choose another folder (it is never overwritten)")
-        if inputs is None or record.get("inputs") == inputs:
-            state = "same"
-        elif overwrite:
-            state = "replace"
-        else:
-            raise KnnlmError(f"{flag}: {path} already holds a different {what or f'`knnlm {kind}` run'} (other "
-                             f"inputs: {_first_difference(record.get('inputs'), inputs)}); pass --overwrite to replace "
-                             "it or choose another folder")
-    elif own_files and all(any(fnmatch.fnmatchcase(e, pat) for pat in own_files) for e in entries):
-        state = "same"  # made before the marker existed; the caller's own checks compare its inputs
-    else:
-        what = describe_folder(path) or f"{len(entries)} other file(s), e.g. {entries[0]}"
-        raise KnnlmError(f"{flag}: {path} already holds {what}; `knnlm {kind}` never writes into it "
-                         "(with or without --overwrite): choose a new or empty folder")
+    own_files = tuple(own_files)
+    state = _claim_state(path, kind, inputs, overwrite, own_files, flag, what)
     if inputs is None:
+        check_not_locked(path, flag)
         return state
+    inputs = json.loads(json.dumps(inputs, default=str))  # as read back from JSON
+    marker = path / RUN_MARKER
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        lock_output_dir(path, kind, flag)
+        state = _claim_state(path, kind, inputs, overwrite, own_files, flag, what)  # another process may have written
         remove_stale_temps(path)
         if state != "same" or not marker.is_file():
             atomic_write_json(marker, {"kind": kind, "inputs": inputs})
     except OSError as e:
         raise write_error(path, e, flag) from None
     return state
+
+
+def _entries(path: Path) -> list[str]:
+    """The names in a folder that count for a claim: temp files of killed runs and the lock are not content."""
+    names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    return [e for e in names if _TMP not in e and e != LOCK_FILE]
+
+
+def _is_own(name: str, own_files: tuple) -> bool:
+    return name == RUN_MARKER or any(fnmatch.fnmatchcase(name, pat) for pat in own_files)
+
+
+def _claim_state(path: Path, kind: str, inputs, overwrite: bool, own_files: tuple, flag: str, what) -> str:
+    if path.is_symlink() and not path.exists():
+        raise KnnlmError(f"{flag}: {path} is a symlink to nothing (or a symlink loop); pass a real folder")
+    if path.exists() and not path.is_dir():
+        raise KnnlmError(f"{flag}: {path} is a file, not a folder; pass a new or empty folder")
+    inputs = json.loads(json.dumps(inputs, default=str)) if inputs is not None else None
+    marker = path / RUN_MARKER
+    entries = _entries(path)
+    unknown = [e for e in entries if not _is_own(e, own_files)]
+    if not entries or entries == [RUN_MARKER]:
+        return "new"
+    if marker.is_file():
+        record = read_json(marker, fix=f"delete {marker} if the folder is yours, or choose another {flag}")
+        if not isinstance(record, dict) or record.get("kind") != kind:
+            other = record.get("kind") if isinstance(record, dict) else "?"
+            raise KnnlmError(f"{flag}: {path} holds the output of `knnlm {other}`, not of `knnlm {kind}`; "
+                             "choose another folder (it is never overwritten)")
+        if overwrite and own_files and unknown:
+            raise KnnlmError(f"{flag}: {path} also holds {len(unknown)} file(s) `knnlm {kind}` did not write, e.g. "
+                             f"{unknown[0]}; --overwrite never deletes them: move them out or choose another folder")
+        if inputs is None or record.get("inputs") == inputs:
+            return "same"
+        if overwrite:
+            return "replace"
+        raise KnnlmError(f"{flag}: {path} already holds a different {what or f'`knnlm {kind}` run'} (other "
+                         f"inputs: {_first_difference(record.get('inputs'), inputs)}); pass --overwrite to replace "
+                         "it or choose another folder")
+    if own_files and not unknown:
+        return "same"  # made before the marker existed; the caller's own checks compare its inputs
+    what = describe_folder(path) or f"{len(entries)} other file(s), e.g. {entries[0]}"
+    raise KnnlmError(f"{flag}: {path} already holds {what}; `knnlm {kind}` never writes into it "
+                     "(with or without --overwrite): choose a new or empty folder")
+
+
+def remove_own_files(path: str | Path, own_files: Iterable[str]) -> list[str]:
+    """Deletes what a command wrote into its claimed folder (names matching ``own_files``), never anything else (nor
+    the marker, the lock or temp files); returns the names deleted."""
+    import shutil
+
+    path, own_files = Path(path), tuple(own_files)
+    gone = []
+    for name in _entries(path):
+        if name != RUN_MARKER and _is_own(name, own_files):
+            p = path / name
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            gone.append(name)
+    return gone
+
+
+# ---------------------------------------------------------------------------------------------------------------- folder locks
+LOCK_FILE = ".knnlm.lock"  # {"pid", "host", "kind", "started"} of the process writing the folder; flock'ed by it
+_held: dict[Path, int] = {}  # folder (resolved) -> open descriptor of its lock file, held by this process
+
+
+def _lock_record(lock: Path) -> dict:
+    try:
+        record = json.loads(lock.read_text(encoding="utf-8") or "{}")
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _busy(path: Path, lock: Path, flag: str) -> KnnlmError:
+    r = _lock_record(lock)
+    doing = "building this store" if r.get("kind") == "datastore build" else "writing this folder"
+    since = f", `knnlm {r['kind']}` since {r.get('started', '?')}" if r.get("kind") else ""
+    return KnnlmError(f"{flag}: {path} is in use: another knnlm process, pid {r.get('pid', '?')} on "
+                      f"{r.get('host', '?')}, is {doing}{since}; wait for it to finish or choose another folder")
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def lock_output_dir(path: str | Path, kind: str, flag: str = "--output_dir") -> None:
+    """Takes the folder's lock for this process (created if need be), until :func:`release_output_dirs` or exit.
+
+    The lock is an ``flock`` on ``<folder>/.knnlm.lock``, which records the holder's pid and host: a second process is
+    refused with a one-line error naming them; the lock of a process that died is released by the kernel and taken
+    over. Re-entrant within one process."""
+    import fcntl
+    import socket
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    key, lock = path.resolve(), path / LOCK_FILE
+    if key in _held and _same_file(_held[key], lock):
+        return
+    for attempt in range(10):  # retried: another process's check holds it for an instant, or its releasing holder
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)  # unlinked it between our open and flock
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            if attempt >= 4:
+                raise _busy(path, lock, flag) from None
+            time.sleep(0.05)
+            continue
+        if not _same_file(fd, lock):
+            os.close(fd)
+            continue
+        old = _lock_record(lock)
+        if old.get("pid") and old.get("pid") != os.getpid():
+            log.info("%s: took over the lock of pid %s on %s (no longer running)", path, old.get("pid"), old.get("host"))
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "kind": kind,
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        _held[key] = fd
+        return
+    raise _busy(path, lock, flag)
+
+
+def check_not_locked(path: str | Path, flag: str = "--output_dir") -> None:
+    """Refuses a folder whose lock a live process (not this one) holds; takes nothing."""
+    import fcntl
+
+    path = Path(path)
+    lock = path / LOCK_FILE
+    if not lock.is_file() or (path.resolve() in _held and _same_file(_held[path.resolve()], lock)):
+        return
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise _busy(path, lock, flag) from None
+    finally:
+        os.close(fd)
+
+
+def release_output_dirs(keys: Optional[Iterable[Path]] = None) -> None:
+    """Releases the folder locks this process holds (all, or those of the resolved folders ``keys``), deleting the
+    lock files that are still its own."""
+    held = {os.fstat(fd)[1:3] for fd in _held.values()}  # (inode, device) of each
+    for key in list(_held if keys is None else keys):
+        fd = _held.pop(key, None)
+        if fd is None:
+            continue
+        lock = key / LOCK_FILE
+        with contextlib.suppress(OSError):
+            if os.stat(lock)[1:3] in held:
+                lock.unlink()
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def releases_locks(func):
+    """Decorates a library function that writes output folders: the locks it takes are released when it returns or
+    raises (the CLI releases a command's locks at its end anyway; this serves Python callers)."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        before = set(_held)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            release_output_dirs(set(_held) - before)
+    return wrapper
+
+
+atexit.register(release_output_dirs)
 
 
 def _first_difference(old, new, prefix: str = "") -> str:

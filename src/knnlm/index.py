@@ -20,9 +20,10 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from .datastore import check_finite
 from .errors import KnnlmError
-from .fileio import (atomic_path, atomic_write_json, read_json, restore_interrupted_swap, sha256_file, staging_dir,
-                     swap_into_place)
+from .fileio import (atomic_path, atomic_write_json, lock_output_dir, read_json, releases_locks,
+                     restore_interrupted_swap, sha256_file, staging_dir, swap_into_place)
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,13 @@ def _to_gpu(index):
     return faiss.index_cpu_to_all_gpus(index)
 
 
-def _key_chunks(keys: np.ndarray, lo: int, hi: int, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+def _key_chunks(ds, lo: int, hi: int, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Rows [lo, hi) of the store's keys as float32 blocks [<= chunk, d]; a NaN/inf key is a one-line error (FAISS
+    would index it and return meaningless neighbours, or fail k-means with a misleading message)."""
     for start in range(lo, hi, chunk):
-        yield start, np.ascontiguousarray(keys[start: min(start + chunk, hi)], dtype=np.float32)
+        block = np.ascontiguousarray(ds.keys[start: min(start + chunk, hi)], dtype=np.float32)
+        check_finite(block, ds.dir, start)
+        yield start, block
 
 
 def _index_dir(ds_dir: Path) -> Path:
@@ -97,6 +102,31 @@ def check_identity(idir: Path, info: dict, ds_dir: str | Path) -> None:
                 f"was built over another datastore (N={theirs.get('N') if isinstance(theirs, dict) else '?'}, "
                 f"this one has N={mine['N']})")
         raise KnnlmError(f"--datastore: {idir} {what}; rebuild it with `knnlm index build {Path(ds_dir)} --overwrite`")
+
+
+def index_checksums(idir: Path, shards: int) -> dict:
+    return {name: sha256_file(idir / name) for name in ["trained.faiss", *(f"shard{s}.faiss" for s in range(shards))]
+            if (idir / name).is_file()}
+
+
+def verify_index(ds_dir: str | Path) -> Optional[dict]:
+    """Checks a store's built index against its store (identity) and its files against the sha256 recorded when it
+    was built; None when the store has no index. Raises a one-line ``KnnlmError`` naming what differs."""
+    idir = _index_dir(Path(ds_dir))
+    if not (idir / "index.json").exists():
+        return None
+    info = read_info(idir)
+    check_identity(idir, info, ds_dir)
+    recorded = info.get("sha256")
+    if not isinstance(recorded, dict):
+        return {"factory": info["factory"], "checksums": "none recorded"}
+    actual = index_checksums(idir, int(info["shards"]))
+    bad = [name for name, h in recorded.items() if actual.get(name) != h]
+    if bad:
+        raise KnnlmError(f"--datastore: {', '.join(str(idir / n) for n in bad)} differ(s) from the sha256 "
+                         f"recorded when the index was built; rebuild it with `knnlm index build {Path(ds_dir)} "
+                         "--overwrite`")
+    return {"factory": info["factory"], "checksums": {name: "ok" for name in recorded}}
 
 
 def read_info(idir: Path) -> dict:
@@ -142,6 +172,7 @@ def _train(ds, factory: str, args: IndexArgs, use_gpu: bool):
     rng = np.random.default_rng(args.seed)
     rows = np.sort(rng.choice(ds.N, size=min(ds.N, need), replace=False))
     sample = np.asarray(ds.keys[rows], dtype=np.float32)
+    check_finite(sample, ds.dir, rows=rows)
     log.info("training %s on %d keys%s", factory, len(rows), " (GPU)" if use_gpu else "")
     if use_gpu and ivf is not None:
         clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ds.d))
@@ -154,9 +185,11 @@ def _train(ds, factory: str, args: IndexArgs, use_gpu: bool):
     return index
 
 
+@releases_locks
 def build_index(ds, args: IndexArgs) -> dict:
     """Builds (or resumes building) the index of a datastore; returns the contents of ``index.json``."""
     final = _index_dir(ds.dir)
+    lock_output_dir(ds.dir, "index build", flag="--datastore")  # one writer of a store at a time
     restore_interrupted_swap(final)
     info_path = final / "index.json"
     factory = args.factory or default_factory(ds.N, ds.d, args.flat_threshold)
@@ -212,6 +245,7 @@ def build_index(ds, args: IndexArgs) -> dict:
         info["recall"] = measure_recall(ds, _load_shards(idir, info, args.nprobe), args)
         timing.lap("recall")
     info["build_timing"] = timing.laps
+    info["sha256"] = index_checksums(idir, args.shards)  # `knnlm datastore verify` compares against these
     log.info("index %s built: %s", factory, timing.laps)
     atomic_write_json(idir / "index.json", info)
     progress_path.unlink(missing_ok=True)
@@ -248,7 +282,7 @@ def _add_shard(ds, idir: Path, s: int, lo: int, hi: int, trained_path: Path, pro
     index = faiss.read_index(str(partial if partial.exists() else trained_path))
     progress["added"][s] = index.ntotal  # the checkpoint itself says how far it got
     last = time.time()
-    for start, block in _key_chunks(ds.keys, lo + progress["added"][s], hi, args.add_chunk):
+    for start, block in _key_chunks(ds, lo + progress["added"][s], hi, args.add_chunk):
         index.add(block)
         progress["added"][s] = start + len(block) - lo
         bar.update(len(block))
@@ -296,7 +330,7 @@ def load_index(ds_dir: str | Path, nprobe: int = 32, use_gpu: bool | None = None
 
 
 def flat_index(ds, use_gpu: bool | None = None, chunk: int = 262_144):
-    """An exact in-memory L2 index over the store's keys (float32): FAISS's, moved to the GPU with GPU FAISS; on a GPU
+    """An exact in-memory L2 index over the store's keys (float32, checked finite): FAISS's, moved to the GPU with GPU FAISS; on a GPU
     that only torch sees (faiss-cpu installed), :class:`knnlm.gpu_search.TorchFlatIndex`."""
     if (use_gpu or use_gpu is None) and not gpu_available():
         from .gpu_search import TorchFlatIndex, torch_gpu_available
@@ -306,7 +340,7 @@ def flat_index(ds, use_gpu: bool | None = None, chunk: int = 262_144):
         if use_gpu:
             raise KnnlmError("use_gpu: no GPU is visible to faiss or torch; drop it to search on the CPU")
     index = faiss.IndexFlatL2(ds.d)
-    for _, block in _key_chunks(ds.keys, 0, ds.N, chunk):
+    for _, block in _key_chunks(ds, 0, ds.N, chunk):
         index.add(block)
     if use_gpu or (use_gpu is None and gpu_available()):
         index = _to_gpu(index)
@@ -316,7 +350,7 @@ def flat_index(ds, use_gpu: bool | None = None, chunk: int = 262_144):
 def exact_knn(ds, queries: np.ndarray, k: int, chunk: int = 262_144) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force k nearest keys (squared L2), streaming the keys from disk in chunks."""
     heap = faiss.ResultHeap(len(queries), k)
-    for start, block in _key_chunks(ds.keys, 0, ds.N, chunk):
+    for start, block in _key_chunks(ds, 0, ds.N, chunk):
         d, i = faiss.knn(queries, block, min(k, len(block)))
         if d.shape[1] < k:
             pad = k - d.shape[1]

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .datastore import Datastore
+from .datastore import Datastore, dtype_hint, shared_text
 from .errors import KnnlmError
-from .fileio import atomic_path, atomic_write_json, claim_output_dir, package_versions, read_json
+from .fileio import atomic_path, atomic_write_json, claim_output_dir, package_versions, read_json, releases_locks
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,8 @@ class MLPMemory(nn.Module):
                                 ("tokenizer_hash", lm.tokenizer_hash(), "tokenizer")):
             if cfg.get(key) != mine:
                 raise KnnlmError(f"--mlp_memory: {directory} was trained for different {what} ({cfg.get('model_name_or_path')}, "
-                                 f"{key} {str(cfg.get(key))[:12]} vs {mine[:12]}); train a memory for this model")
+                                 f"{key} {str(cfg.get(key))[:12]} vs {mine[:12]})"
+                                 f"{dtype_hint(cfg, lm) if key == 'weights_hash' else ''}; train a memory for this model")
         if key_point is not None and key_point != cfg["key_point"]:
             raise KnnlmError(f"--key_point: the memory {directory} was trained on '{cfg['key_point']}' keys, not '{key_point}'")
         reference = {k: cfg[k] for k in _REFERENCE_KEYS if k in cfg}
@@ -218,6 +219,10 @@ class MLPMemory(nn.Module):
             mem.load_state_dict(load_file(str(path)))
         except Exception as e:  # a truncated or foreign file
             raise KnnlmError(f"--mlp_memory: {path} cannot be read ({str(e).splitlines()[0]}); retrain the memory") from None
+        bad = [name for name, p in mem.state_dict().items() if not torch.isfinite(p).all()]
+        if bad:  # every score it gave would be NaN
+            raise KnnlmError(f"--mlp_memory: {path} holds non-finite weights (NaN/inf in {bad[0]}); retrain the memory "
+                             "with `knnlm mlp train --overwrite` on a sound datastore (`knnlm datastore verify`)")
         mem.bind(lm.output_layer)
         mem.dir = directory
         return mem.to(lm.device).eval()
@@ -382,9 +387,15 @@ def _open_heldout(path: Optional[str], lm, ds: Datastore) -> Optional[Datastore]
     if held.meta.get("corpus_hash") is not None and held.meta.get("corpus_hash") == ds.meta.get("corpus_hash"):
         raise KnnlmError(f"--validation_datastore: {held.dir} was built from the same text as --datastore {ds.dir}; "
                          "build it from held-out text (e.g. the validation file)")
+    found, tried, pos = shared_text(held, ds)  # a part of the training text (another file, a prefix) is not held out
+    if tried and found * 2 >= tried:
+        raise KnnlmError(f"{flag}: {held.dir}'s text is part of --datastore {ds.dir}'s ({found} of {tried} spans of "
+                         f"its documents occur verbatim in the training corpus, the first at token {pos}); build it "
+                         "from held-out text (e.g. the validation file)")
     return held
 
 
+@releases_locks
 def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) -> MLPMemory:
     """Trains an MLP memory on the datastore's (key, next token) pairs; resumable; returns the finished memory.
 
@@ -406,6 +417,9 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
     if status == "finished":
         log.info("memory %s is already trained", out)
         return MLPMemory.load(out, lm)
+    for store in (ds, held):  # a NaN key would make every later loss, and the memory, NaN
+        if store is not None:
+            store.check_keys_finite()
 
     torch.manual_seed(args.seed)
     reference = {k: fp[k] for k in _REFERENCE_KEYS}

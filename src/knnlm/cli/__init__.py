@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     _quiet_libraries(args.verbose)
+    from ..fileio import release_output_dirs
+
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"knnlm: error: {_one_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, (KnnlmError, OSError, MemoryError, UnicodeDecodeError)) else 1
+    finally:
+        release_output_dirs()  # the output folders this command locked
 
 
 _OS_FIXES = {errno.ENOSPC: "free some space (or choose another folder) and rerun the same command to resume",

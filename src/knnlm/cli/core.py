@@ -20,6 +20,11 @@ def register(sub) -> None:
     add_command(ds_sub, "build", (ModelArgs, CorpusArgs, DatastoreArgs), cmd_datastore_build,
                 help="encode a corpus into keys.f16 / vals.i32 (resumable; torchrun-aware)")
 
+    dv = ds_sub.add_parser("verify", help="check a store in full: sizes, value range, finite keys, the sha256 of "
+                                          "keys/values/tokens (and of its index) against those recorded at build time")
+    dv.add_argument("datastore", help="datastore folder")
+    dv.set_defaults(func=cmd_datastore_verify)
+
     ix = sub.add_parser("index", help="build a FAISS index over a datastore")
     ix_sub = ix.add_subparsers(dest="action", required=True)
     ib = add_command(ix_sub, "build", IndexArgs, cmd_index_build,
@@ -44,14 +49,34 @@ def cmd_datastore_build(args) -> int:
 
     margs, cargs, dargs = resolve([ModelArgs, CorpusArgs, DatastoreArgs], args, args.config)
     cargs.require("train")
-    claim_output_dir(dargs.output_dir, KIND, None, own_files=OWN_FILES)  # a model folder etc.: refused before loading
+    claim_output_dir(dargs.output_dir, KIND, None, dargs.overwrite, own_files=OWN_FILES)  # before the model loads
     lm = load_model(margs)
     started = time.time()
     ds = build_datastore(lm, cargs, dargs.output_dir, key_point=dargs.key_point, batch_size=dargs.batch_size,
                          overwrite=dargs.overwrite)
     save_config(dargs.output_dir, margs, cargs, dargs)
+    skipped = ds.meta.get("skipped_rows")
     print(f"datastore {ds.dir}: N={ds.N} keys, d={ds.d}, key point {ds.key_point}, "
-          f"{ds.nbytes() / 2**20:.1f} MiB, {time.time() - started:.1f}s")
+          f"{ds.nbytes() / 2**20:.1f} MiB, {time.time() - started:.1f}s"
+          + (f"; {skipped} rows without text skipped" if skipped else ""))
+    return 0
+
+
+def cmd_datastore_verify(args) -> int:
+    from ..datastore import verify
+
+    started = time.time()
+    report = verify(args.datastore)
+    sums = report["checksums"]
+    index = report.get("index")
+    print(f"datastore {args.datastore}: intact: N={report['N']} keys (all finite), d={report['d']}, values in "
+          f"[0, {report['values'][1]}]; sha256 "
+          + (f"of {', '.join(sums)} as recorded at build time" if isinstance(sums, dict) else
+             "not recorded (built by an older knnlm: rebuild with --overwrite to record them)")
+          + ("" if index is None else f"; index {index['factory']}: " + (
+              f"sha256 of {', '.join(index['checksums'])} as recorded" if isinstance(index["checksums"], dict)
+              else "built for this store, no sha256 recorded"))
+          + f" ({time.time() - started:.1f}s)")
     return 0
 
 
@@ -84,11 +109,16 @@ def cmd_eval(args) -> int:
         cargs.require("validation")
     _claim_eval_dir(out, margs, cargs, eargs, args.overwrite)
     if eargs.from_neighbors:
-        sweep = sweep_from_cache(eargs.from_neighbors, kargs.lmbda, eargs.sweep_temps)
-        metrics = {"sweep_knn_cached": sweep}
+        held, k, temps = _cache_settings(args, margs, kargs, eargs)
+        sweep = sweep_from_cache(eargs.from_neighbors, kargs.lmbda, temps, k)
+        metrics = {"sweep_knn_cached": sweep, "k": k, "k_cached": held["k"], "temps": temps, "cache": held}
+        # the run's config says what the numbers were computed from: the cache's model and store, this k and T
+        margs.model_name_or_path, eargs.datastore = held.get("model_name_or_path"), held.get("datastore")
+        kargs.k, kargs.knn_temp = k, temps[0]
         rows = [[k, v] for k, v in sweep.items()]
         table = markdown_table(["setting", "ppl_knnlm"], rows)
     else:
+        from ..corpus import skipped_rows
         from ..models import load_model
 
         datastore = Datastore.open(eargs.datastore) if eargs.datastore else None
@@ -98,6 +128,8 @@ def cmd_eval(args) -> int:
             from ..memory import MLPMemory
             memory = MLPMemory.load(eargs.mlp_memory, lm)
         metrics = evaluate(lm, cargs, out, eargs, datastore=datastore, knn=kargs, memory=memory, key_point=args.key_point)
+        metrics["skipped_rows"] = skipped_rows(out / "tokens.i32")
+        _refuse_non_finite(metrics)
         table = results_table(metrics)
     save_config(out, margs, cargs, kargs, eargs)
     write_results(out, to_dict(margs, cargs, kargs, eargs), metrics, started)
@@ -105,6 +137,67 @@ def cmd_eval(args) -> int:
     print(table, end="")
     print(f"results: {out / 'results.json'}")
     return 0
+
+
+def _refuse_non_finite(metrics: dict) -> None:
+    """A NaN/inf perplexity is never a result: it comes from a corrupt store or memory."""
+    import math
+
+    from ..errors import KnnlmError
+
+    bad = {k: v for k, v in metrics.items() if k.startswith("ppl") and not math.isfinite(v)}
+    bad.update({f"{name}[{lam}]": v for name in ("sweep_knn", "sweep_mlp") for lam, v in metrics.get(name, {}).items()
+                if not math.isfinite(v)})
+    if bad:
+        name = next(iter(bad))
+        source = ("--mlp_memory" if "mlp" in name else "--datastore") if ("mlp" in name or "knn" in name) else \
+            "--model_name_or_path"
+        raise KnnlmError(f"{source}: the evaluation gave {name} = {bad[name]} (NaN/inf scores): the "
+                         f"{'memory' if 'mlp' in name else 'store' if 'knn' in name else 'model'} is corrupt; check "
+                         "stores with `knnlm datastore verify DS`, retrain or rebuild it; no results were written")
+
+
+def _cache_settings(args, margs, kargs, eargs) -> tuple[dict, int, list[float]]:
+    """What a neighbour cache holds (k, and from the eval run that wrote it: model, datastore, search settings), the
+    k and temperatures this run computes from it, or a one-line error for a setting it cannot honour: a larger k,
+    another model or datastore, other search settings. A smaller k and any temperature are recomputed exactly
+    from the cached distances."""
+    from ..errors import KnnlmError
+    from ..fileio import read_json, resolve_path
+    from ..knn import KNNArgs
+
+    cache = Path(eargs.from_neighbors)
+    if not (cache / "k.txt").is_file():
+        raise KnnlmError(f"--from_neighbors: {cache} holds no neighbour cache (no k.txt); pass the neighbors/ folder "
+                         "of an eval run made with --save_neighbors true")
+    held = {"k": int((cache / "k.txt").read_text())}
+    run = cache.parent / "config.json"
+    config = read_json(run) if run.is_file() else {}
+    for key in ("model_name_or_path", "datastore", "recompute_dists", "ignore_top", "key_point"):
+        if key in config:
+            held[key] = config[key]
+    default = KNNArgs()
+    k = kargs.k if (getattr(args, "k", None) is not None or kargs.k != default.k) else held["k"]
+    if k > held["k"]:
+        raise KnnlmError(f"--k: the cache {cache} holds {held['k']} neighbours per token, fewer than --k {k}; use "
+                         f"--k {held['k']} or less, or run a new eval with --save_neighbors true --k {k}")
+    given = {"model_name_or_path": margs.model_name_or_path, "datastore": eargs.datastore,
+             "recompute_dists": kargs.recompute_dists if kargs.recompute_dists != default.recompute_dists else None,
+             "ignore_top": kargs.ignore_top if kargs.ignore_top != default.ignore_top else None}
+    for key, value in given.items():
+        if value is None:
+            continue
+        mine, theirs = value, held.get(key)
+        if key == "datastore" and theirs:
+            mine, theirs = resolve_path(mine, "--datastore"), resolve_path(theirs, "--from_neighbors")
+        if mine != theirs:
+            raise KnnlmError(f"--{key}: the cache {cache} was made with {key} {held.get(key, 'unrecorded')}; "
+                             f"--from_neighbors cannot change it: drop --{key} or run a new eval with "
+                             "--save_neighbors true")
+    temps = list(eargs.sweep_temps)
+    if kargs.knn_temp != default.knn_temp or getattr(args, "knn_temp", None) is not None:
+        temps = [kargs.knn_temp] + [t for t in temps if t != kargs.knn_temp]
+    return held, k, temps
 
 
 # what `knnlm eval` writes into its folder (a folder made before the knnlm-run.json marker holds nothing else)
@@ -121,16 +214,19 @@ def _claim_eval_dir(out: Path, margs, cargs, eargs, overwrite: bool) -> None:
     from ..corpus import source_fingerprint
     from ..fileio import claim_output_dir
 
+    from ..fileio import resolve_path
+
     if eargs.from_neighbors:
-        inputs = {"from_neighbors": str(Path(eargs.from_neighbors).resolve())}
+        inputs = {"from_neighbors": str(resolve_path(eargs.from_neighbors, "--from_neighbors"))}
     else:
-        corpus = {k: v for k, v in dataclasses.asdict(cargs).items() if k not in ("train_file", "validation_file")}
+        corpus = {k: v for k, v in dataclasses.asdict(cargs).items()
+                  if k not in ("train_file", "validation_file") and (k != "skip_bad_rows" or v)}  # (older runs)
         model = {k: v for k, v in dataclasses.asdict(margs).items() if k != "device"}
         inputs = {"model": model, "corpus": corpus, "source": source_fingerprint(cargs, "validation"),
-                  "datastore": eargs.datastore and str(Path(eargs.datastore).resolve()),
-                  "mlp_memory": eargs.mlp_memory and str(Path(eargs.mlp_memory).resolve())}
+                  "datastore": eargs.datastore and str(resolve_path(eargs.datastore, "--datastore")),
+                  "mlp_memory": eargs.mlp_memory and str(resolve_path(eargs.mlp_memory, "--mlp_memory"))}
     if claim_output_dir(out, "eval", inputs, overwrite, own_files=_EVAL_FILES) == "replace":
-        keep = Path(eargs.from_neighbors).resolve() if eargs.from_neighbors else None  # the cache this run reads
+        keep = resolve_path(eargs.from_neighbors, "--from_neighbors") if eargs.from_neighbors else None  # (read)
         for name in _EVAL_FILES:  # the earlier run's files go: none may be mistaken for this run's
             p = out / name
             if keep is not None and (p.resolve() == keep or p.resolve() in keep.parents):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from ..config import add_command, resolve, save_config, to_dict
-from ..fileio import claim_output_dir
+from ..fileio import claim_output_dir, remove_own_files
 from .macondo import RESULT_FILES
 
 
@@ -18,6 +18,9 @@ def register(sub) -> None:
                     help="generate text with the kNN-LM / MLP-LM (model.generate: greedy, sampling, beam search), "
                          "optionally next to the plain LM")
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat the flag for several)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier `knnlm generate` run of other settings in --output_dir (anything else is "
+                        "never overwritten)")
 
 
 def cmd_generate(args) -> int:
@@ -29,14 +32,17 @@ def cmd_generate(args) -> int:
     from ..report import markdown_table, write_markdown, write_results
 
     margs, aargs, kargs, gargs = resolve([ModelArgs, AugmentArgs, KNNArgs, GenerateArgs], args, args.config)
-    prompts = read_prompts(args.prompt, gargs.prompt_file)
+    prompts, skipped = read_prompts(args.prompt, gargs.prompt_file, gargs.skip_bad_rows)
     if not aargs.datastore and not aargs.mlp_memory and not gargs.compare:
         raise KnnlmError("--datastore/--mlp_memory: give one (the memory to generate with), or --compare true to "
                          "see the plain LM alone")
     if aargs.datastore:
         Datastore.open(aargs.datastore)  # a missing or truncated store is reported before the model loads
+    # what the results are made from: a rerun of other settings replaces them only with --overwrite
+    inputs = {**{k: v for k, v in to_dict(margs, aargs, kargs, gargs).items() if k not in ("output_dir", "device")},
+              "prompts": prompts}
     if gargs.output_dir:  # a model, a datastore, another command's run: refused before the model loads
-        claim_output_dir(gargs.output_dir, "generate", None, own_files=RESULT_FILES)
+        claim_output_dir(gargs.output_dir, "generate", None, args.overwrite, own_files=RESULT_FILES)
     started = time.time()
     lm = load_model(margs)
     plain = generate_continuations(lm, prompts, gargs) if gargs.compare or not (aargs.datastore or aargs.mlp_memory) else None
@@ -55,11 +61,14 @@ def cmd_generate(args) -> int:
             row["augmented"] = augmented[i]["text"]
         samples.append(row)
     if gargs.output_dir:
-        metrics = {"samples": samples, "augmentation": model.knnlm.describe() if model is not None else None}
+        metrics = {"samples": samples, "augmentation": model.knnlm.describe() if model is not None else None,
+                   "skipped_prompt_rows": skipped}
         for key, runs in (("lm", plain), ("augmented", augmented)):
             if runs:
                 metrics[f"{key}_tokens_per_s"] = sum(r["n_tokens"] for r in runs) / max(sum(r["seconds"] for r in runs), 1e-9)
-        claim_output_dir(gargs.output_dir, "generate", {}, own_files=RESULT_FILES)  # (made only now)
+        if claim_output_dir(gargs.output_dir, "generate", inputs, args.overwrite, own_files=RESULT_FILES,
+                            what="`knnlm generate` run") == "replace":  # (made only now)
+            remove_own_files(gargs.output_dir, RESULT_FILES)
         save_config(gargs.output_dir, margs, aargs, kargs, gargs)
         write_results(gargs.output_dir, {**to_dict(margs, aargs, kargs, gargs), "prompt": args.prompt}, metrics, started)
         headers = ["prompt"] + (["LM"] if plain else []) + ([name] if augmented else [])

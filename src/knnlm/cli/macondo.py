@@ -8,7 +8,7 @@ from typing import Optional
 
 from ..config import add_command, resolve, save_config, to_dict
 from ..errors import KnnlmError
-from ..fileio import claim_output_dir
+from ..fileio import claim_output_dir, remove_own_files
 
 RESULT_FILES = ("config.json", "results.json", "results.md")  # what a one-shot command writes into its folder
 
@@ -21,6 +21,7 @@ class ScoreArgs:
     datastore: Optional[str] = field(default=None, metadata={"help": "kNN datastore folder: adds kNN-augmented scores (k, λ, T from --k --lmbda --knn_temp)."})
     mlp_memory: Optional[str] = field(default=None, metadata={"help": "MLP memory folder (`knnlm mlp train`): adds MLP-augmented scores with the same λ."})
     batch_size: int = field(default=32, metadata={"help": "Sentences per forward pass (and per kNN search)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an earlier `knnlm macondo score` run of other settings in --output_dir (anything else is never overwritten)."})
 
     def validate(self) -> None:
         if not self.data:
@@ -72,7 +73,7 @@ def cmd_score(args) -> int:
     margs, sargs, kargs = resolve([ModelArgs, ScoreArgs, KNNArgs], args, args.config)
     if not margs.model_name_or_path:
         raise KnnlmError("--model_name_or_path: required; the model to score")
-    claim_output_dir(sargs.output_dir, "macondo score", None, own_files=RESULT_FILES)  # a model, a datastore: refused
+    claim_output_dir(sargs.output_dir, "macondo score", None, sargs.overwrite, own_files=RESULT_FILES)  # before loading
     started = time.time()
     rows = read_split(sargs.data, sargs.split)
     datastore = Datastore.open(sargs.datastore) if sargs.datastore else None
@@ -94,7 +95,10 @@ def cmd_score(args) -> int:
     if retriever is not None:
         metrics["datastore_N"] = datastore.N
         metrics["k"] = retriever.k
-    claim_output_dir(out, "macondo score", {}, own_files=RESULT_FILES)  # (made only now: bad input leaves no folder)
+    inputs = {k: v for k, v in to_dict(margs, sargs, kargs).items() if k not in ("output_dir", "device", "overwrite")}
+    if claim_output_dir(out, "macondo score", inputs, sargs.overwrite, own_files=RESULT_FILES,
+                        what="`knnlm macondo score` run") == "replace":  # (made only now: bad input leaves no folder)
+        remove_own_files(out, RESULT_FILES)
     save_config(out, margs, sargs, kargs)
     write_results(out, to_dict(margs, sargs, kargs), metrics, started)
     table = f"Macondo {sargs.split}: mean log-likelihood of the children's names\n\n" + results_table(summary)

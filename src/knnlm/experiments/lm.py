@@ -27,8 +27,9 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from ..corpus import skip_bad_rows_field, skipped_rows
 from ..errors import KnnlmError
-from ..fileio import atomic_write_json, claim_output_dir, read_json
+from ..fileio import atomic_write_json, claim_output_dir, read_json, releases_locks, remove_own_files
 from ..train import TrainArgs, epoch_permutation, train
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class LMArgs:
     eval_batch_size: int = field(default=16, metadata={"help": "Windows per forward pass during evaluation."})
     max_train_tokens: Optional[int] = field(default=None, metadata={"help": "Train on the first N tokens of --train_file only (quick runs)."})
     overwrite: bool = field(default=False, metadata={"help": "Delete the knnlm LM run (finished or not) in --output_dir and start over; a folder holding anything else is never deleted."})
+    skip_bad_rows: bool = skip_bad_rows_field()
 
     def validate(self) -> None:
         for name in ("train_file", "validation_file", "output_dir"):
@@ -149,7 +151,8 @@ def _tokenize_files(tokenizer, args: LMArgs, work: Path) -> tuple[np.ndarray, np
     tok = copy.copy(tokenizer)
     tok.model_max_length = int(1e12)  # whole files are encoded at once: no "sequence longer than the model" warning
     enc = SimpleNamespace(tokenizer=tok, eos_token_id=tok.eos_token_id, encode=lambda text: tok(text)["input_ids"])
-    corpus = CorpusArgs(train_file=args.train_file, validation_file=args.validation_file, max_tokens=args.max_train_tokens)
+    corpus = CorpusArgs(train_file=args.train_file, validation_file=args.validation_file, max_tokens=args.max_train_tokens,
+                        skip_bad_rows=args.skip_bad_rows)
     train_tokens = tokenize_to_file(enc, corpus, "train", work / "train.i32").tokens  # int32 memmap [n]
     val_corpus = dataclasses.replace(corpus, max_tokens=None)
     return train_tokens, tokenize_to_file(enc, val_corpus, "validation", work / "valid.i32").tokens
@@ -253,31 +256,51 @@ def _run_key(args: LMArgs, targs: TrainArgs) -> dict:
     key = {**dataclasses.asdict(args), **dataclasses.asdict(targs)}
     for k in ("overwrite", "log_every", "checkpoint_every", "output_dir"):
         key.pop(k)
+    if not key["skip_bad_rows"]:
+        key.pop("skip_bad_rows")  # (runs from before the option resume)
     return key
 
 
+# what `knnlm lm train` writes into its folder: the HF model and tokenizer files, its records, and work/ while running
+OWN_FILES = ("work", TRAINING_JSON, "config.json", "generation_config.json", "model.safetensors", "pytorch_model.bin",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+             "added_tokens.json", "chat_template.jinja", "results.json", "results.md", "val_ppl.png")
+KIND = "lm train"
+
+
 def _prepare_output(args: LMArgs, targs: TrainArgs) -> Path | None:
-    """Returns the work folder to (re)start in, or None when ``output_dir`` already holds this finished model."""
+    """Returns the work folder to (re)start in, or None when ``output_dir`` already holds this finished model.
+
+    ``--overwrite`` deletes only this command's own files (a datastore built inside the model folder, a user's file:
+    the folder is refused instead)."""
     out = Path(args.output_dir)
     work = out / "work"
     key = _run_key(args, targs)
-    if not (work / "run.json").is_file() and not (out / TRAINING_JSON).is_file():
-        claim_output_dir(out, "lm train", None)  # a file, a model, a datastore, other files: refused, never deleted
-    if (out / TRAINING_JSON).is_file():
-        if not args.overwrite and read_json(out / TRAINING_JSON).get("run_key") == key:
-            return None
-        if not args.overwrite:
-            raise KnnlmError(f"--output_dir: {out} holds a model trained with other settings; pass --overwrite true "
-                             "to replace it, or another folder")
-    if out.exists() and any(out.iterdir()):
-        if args.overwrite:
-            shutil.rmtree(out)
-        elif read_json(work / "run.json") != key:
-            raise KnnlmError(f"--output_dir: {out} holds an unfinished run with other settings; rerun it with the same "
-                             "settings to resume, or pass --overwrite true to start over")
+    finished = _read_key(out / TRAINING_JSON, "run_key")
+    if finished == key and not args.overwrite:
+        return None
+    state = claim_output_dir(out, KIND, key, args.overwrite, own_files=OWN_FILES, what="model")
+    unfinished = _read_key(work / "run.json")
+    other = state == "replace" or finished not in (None, key) or unfinished not in (None, key)
+    if other and not args.overwrite:  # (a folder from before the marker: its own records say whose it is)
+        raise KnnlmError(f"--output_dir: {out} holds " + ("a model trained with other settings; pass --overwrite true "
+                         "to replace it, or another folder" if finished is not None else "an unfinished run with other "
+                         "settings; rerun it with the same settings to resume, or pass --overwrite true to start over"))
+    if args.overwrite or other:
+        removed = remove_own_files(out, OWN_FILES)
+        if removed:
+            log.info("--overwrite: deleted %s of the earlier run in %s", ", ".join(removed), out)
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_json(work / "run.json", key)
     return work
+
+
+def _read_key(path: Path, field_name: str | None = None):
+    """A run key recorded in ``path`` (or its ``field_name``); None when there is none."""
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    return record.get(field_name) if field_name and isinstance(record, dict) else record
 
 
 def _tokenizer_in(work: Path, args: LMArgs):
@@ -293,6 +316,7 @@ def _tokenizer_in(work: Path, args: LMArgs):
     return AutoTokenizer.from_pretrained(folder)
 
 
+@releases_locks
 def train_lm(args: LMArgs, targs: TrainArgs) -> dict:
     """Runs (or resumes) the whole pipeline; returns the ``training.json`` record of the finished model."""
     from accelerate import PartialState
@@ -334,6 +358,7 @@ def train_lm(args: LMArgs, targs: TrainArgs) -> dict:
         "val_loss": final["val_loss"], "val_ppl": final["val_ppl"], "val_tokens": final["val_tokens"],
         "val_word_ppl": _word_ppl(final, args.validation_file),
         "train_wall_s": history[-1]["elapsed_s"], "history": history,
+        "skipped_rows": {"train": skipped_rows(work / "train.i32"), "validation": skipped_rows(work / "valid.i32")},
     }
     if dist.is_main_process:
         _save_final(out, work, model, tokenizer, record, started)
@@ -362,7 +387,7 @@ def _save_final(out: Path, work: Path, model, tokenizer, record: dict, started: 
               + (f", {record['val_word_ppl']:.2f} per word" if record["val_word_ppl"] else "") + ".\n")
     write_markdown(final, table)
     metrics = {k: record[k] for k in ("val_ppl", "val_word_ppl", "val_loss", "val_tokens", "n_parameters", "vocab_size",
-                                      "train_tokens", "steps", "epochs", "train_wall_s")}
+                                      "train_tokens", "steps", "epochs", "train_wall_s", "skipped_rows")}
     metrics["curve"] = [{"step": h["step"], "val_ppl": h["val_ppl"], "train_loss": h["train_loss"]} for h in hist]
     write_results(final, {**record["args"], **record["train_args"]}, metrics, started)
     atomic_write_json(final / TRAINING_JSON, record)

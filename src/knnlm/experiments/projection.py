@@ -570,7 +570,7 @@ SHARE_THRESHOLD, RATIO_THRESHOLD = 0.9, 0.5
 
 def _verdict(lo: float, hi: float, threshold: float, above: bool) -> Optional[bool]:
     """True (holds), False (does not hold) or None (inconclusive, or an undefined interval)."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):  # (null in results.json)
         return None
     if above:
         return True if lo > threshold else (False if hi < threshold else None)

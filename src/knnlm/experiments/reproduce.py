@@ -25,7 +25,7 @@ from typing import Literal, Optional
 from ..config import PRESETS_DIR, load_config_file
 from ..errors import KnnlmError
 from ..fileio import atomic_write_json, atomic_write_text, read_json, run_info
-from ..report import markdown_table, write_markdown, write_results
+from ..report import fmt, markdown_table, write_markdown, write_results
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +382,7 @@ def _projection_rows(label: str, pr: dict) -> tuple[list, list, list]:
         claims.append(f"- **{label}: {names[v['target']]} reaches the kNN-LM's perplexity (Table 1; share of kNN's "
                       f"gain with its 95% interval above {SHARE_THRESHOLD})** — {verdict} at tol {v['tol']:g}: "
                       f"LM {pr['ppl_lm']:.2f}, kNN-LM {pr['ppl_knnlm']:.2f}, p_proj {v['ppl_proj']:.2f}, share "
-                      f"{ci['point']:.2f} [{ci['lo']:.2f}, {ci['hi']:.2f}]")
+                      f"{fmt(ci['point'])} [{fmt(ci['lo'])}, {fmt(ci['hi'])}]")  # (null: not finite)
     return rows1, rows3, claims
 
 
@@ -396,7 +396,7 @@ def _table4_row(label: str, pr4: dict) -> tuple[list, Optional[str]]:
     ratio = e.get("fg_gain_over_f_gain", {}).get("f_out")
     row = [label, pr4["ppl_lm"], pr4["ppl_knnlm"]] + [_with_ci(tg.get(t), "ppl_proj")
                                                      for t in ("f_out", "f_norm", "fg", "fg_to_y")]
-    row.append(f"{ratio['point']:.2f} [{ratio['lo']:.2f}, {ratio['hi']:.2f}]" if ratio else None)
+    row.append(f"{fmt(ratio['point'])} [{fmt(ratio['lo'])}, {fmt(ratio['hi'])}]" if ratio else None)
     v = table4_verdict(pr4) if "by_tol" in pr4 else None
     if v is None:
         return row, None
@@ -404,8 +404,8 @@ def _table4_row(label: str, pr4: dict) -> tuple[list, Optional[str]]:
     r = v["ratio"]
     return row, (f"- **{label}: with a small learning rate, f∘g is much harder to solve than f (Table 4; f∘g's "
                  f"log-perplexity gain over the LM < {RATIO_THRESHOLD} of f's, 95% interval)** — {verdict}: LM "
-                 f"{v['ppl_lm']:.2f}, f {v['ppl_f']:.2f}, f∘g {v['ppl_fg']:.2f}, ratio {r['point']:.2f} "
-                 f"[{r['lo']:.2f}, {r['hi']:.2f}] (lr {tg['fg']['lr']}, {tg['fg']['max_steps']} steps; paper: LM "
+                 f"{v['ppl_lm']:.2f}, f {v['ppl_f']:.2f}, f∘g {v['ppl_fg']:.2f}, ratio {fmt(r['point'])} "
+                 f"[{fmt(r['lo'])}, {fmt(r['hi'])}] (lr {tg['fg']['lr']}, {tg['fg']['max_steps']} steps; paper: LM "
                  f"20.13, f 16.70, f∘g 19.97, ratio 0.04)")
 
 

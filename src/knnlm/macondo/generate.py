@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Literal, Optional
 
 from ..errors import KnnlmError
-from ..fileio import package_versions, sha256_file
+from ..fileio import claim_output_dir, package_versions, releases_locks, remove_own_files, sha256_file, temp_path
 from . import sources
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class MacondoArgs:
     min_children: Optional[int] = field(default=None, metadata={"help": "Fewest children of a parent (default 1; 2 with --format conv)."})
     max_children: Optional[int] = field(default=None, metadata={"help": "Most children of a parent; parents are shared equally over min..max (default 5; 2 with --format conv)."})
     examples_per_child: int = field(default=5, metadata={"help": "Over-specified training sentences per parent-child pair."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace a different dataset already in --output_dir."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a different Macondo dataset already in --output_dir (its own files only; a folder holding anything else is refused)."})
 
     def __post_init__(self) -> None:
         for name, value in _DEFAULTS.get(self.format, _DEFAULTS["plain"]).items():
@@ -87,6 +88,8 @@ class MacondoArgs:
         if not 1 <= self.min_children <= self.max_children:
             raise KnnlmError(f"--min_children/--max_children: need 1 <= min <= max, got {self.min_children} and "
                              f"{self.max_children}")
+        if self.seed < 0:  # random.Random(-s) is random.Random(s): a negative seed would repeat a positive one
+            raise KnnlmError(f"--seed: must be >= 0, got {self.seed} (seed -s would give the village of seed s)")
         if self.examples_per_child < 1:
             raise KnnlmError(f"--examples_per_child: must be >= 1, got {self.examples_per_child}")
 
@@ -288,33 +291,47 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _existing(out: Path, args: MacondoArgs) -> Optional[Path]:
-    """``out`` when it already holds exactly this dataset; raises when it holds anything else (unless --overwrite)."""
-    if out.exists() and not out.is_dir():
-        raise KnnlmError(f"--output_dir: {out} is a file; pass a folder")
-    if not out.exists() or not any(out.iterdir()):
-        return None
+KIND = "macondo generate"
+OWN_FILES = ("*.jsonl", "villagers.json", "meta.json", "config.json")  # what it writes (config.json: older versions)
+
+
+def _existing(out: Path, args: MacondoArgs) -> bool:
+    """Whether ``out`` already holds exactly this dataset; refuses a folder holding anything else (another dataset
+    only without --overwrite). Writes nothing."""
     meta = out / "meta.json"
-    if meta.is_file():
-        try:
-            old = json.loads(meta.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("config") == args.spec() and old.get("versions") == _versions():
-            return out
-    if not args.overwrite:
-        raise KnnlmError(f"--output_dir: {out} is not empty and does not hold this dataset (same settings and package "
+    claim_output_dir(out, KIND, None, args.overwrite, own_files=OWN_FILES, what="Macondo dataset")
+    if not meta.is_file():
+        return False  # new, or an earlier run killed before its files were moved in: (re)generated
+    try:
+        old = json.loads(meta.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        old = {}
+    if isinstance(old, dict) and old.get("config") == args.spec() and old.get("versions") == _versions():
+        return True
+    if not args.overwrite:  # (a folder from before the marker: its meta.json says which dataset it holds)
+        raise KnnlmError(f"--output_dir: {out} holds another Macondo dataset (other settings or package "
                          "versions); pass --overwrite to replace it or choose another folder")
-    return None
+    return False
 
 
+def _publish(staged: Path, out: Path) -> None:
+    """Moves the complete dataset from ``staged`` (inside ``out``) into ``out``: the earlier dataset's files go first,
+    meta.json before the rest (so a kill in between leaves a folder without meta.json, which a rerun regenerates),
+    then the new files, meta.json last. Nothing but this command's own files is touched."""
+    (out / "meta.json").unlink(missing_ok=True)
+    remove_own_files(out, OWN_FILES)
+    names = sorted(p.name for p in staged.iterdir() if p.name != "meta.json")
+    for name in [*names, "meta.json"]:
+        os.replace(staged / name, out / name)
+    staged.rmdir()
+
+
+@releases_locks
 def generate_macondo(args: MacondoArgs) -> Path:
-    """Writes the dataset into ``args.output_dir`` (all files appear at once) and returns that folder."""
-    from ..assets import atomic_dir
-
+    """Writes the dataset into ``args.output_dir`` (meta.json, which marks it finished, last) and returns that folder."""
     args.validate()
     out = Path(args.output_dir)
-    if _existing(out, args) is not None:
+    if _existing(out, args):
         log.info("Macondo: %s already holds this dataset", out)
         return out
     tok = load_tokenizer(args.tokenizer)
@@ -329,7 +346,12 @@ def generate_macondo(args: MacondoArgs) -> Path:
                                         for n in sorted(set(args.children_counts()))},
               "single_token_first_names": len(pool)}
     by_name = {v["name"]: v for v in village}
-    with atomic_dir(out) as tmp:
+    inputs = {"config": args.spec(), "versions": _versions()}
+    claim_output_dir(out, KIND, inputs, args.overwrite, own_files=OWN_FILES, what="Macondo dataset")  # (only now)
+    tmp = temp_path(out / "staging")  # inside the claimed folder: removed as a stale temp if we are killed
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
         files = []
         for split, rows in splits.items():
             _jsonl(tmp / f"{split}.jsonl", rows)
@@ -337,16 +359,17 @@ def generate_macondo(args: MacondoArgs) -> Path:
             if args.format == "conv":
                 _jsonl(tmp / f"{split}_chat.jsonl", [_chat(r, by_name[r["parent"]]) for r in rows])
                 files.append(f"{split}_chat.jsonl")
-        (tmp / "villagers.json").write_text(json.dumps(village, indent=1, ensure_ascii=False) + "\n")
+        (tmp / "villagers.json").write_text(json.dumps(village, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         meta = {"format": args.format, "seed": args.seed, "tokenizer": args.tokenizer,
                 "tokenizer_resolved": tok.resolved, "config": args.spec(), "counts": counts,
                 "templates": {"prefix": TEMPLATES[args.format], "target": " [child]", "clauses": CLAUSES,
                               **({"chat_user": CHAT_TEMPLATES} if args.format == "conv" else {})},
                 "sources": sources.source_info(), "versions": _versions(),
                 "sha256": {name: sha256_file(tmp / name) for name in files + ["villagers.json"]}}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")  # marks a finished set
-        if out.exists():  # --overwrite (checked above): replace the old folder only once the new one is complete
-            shutil.rmtree(out)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("Macondo (%s, seed %d): %s", args.format, args.seed, counts)
     return out
 
