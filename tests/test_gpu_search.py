@@ -197,6 +197,31 @@ def test_perplexity_equals_faiss_flat_through_evaluate(tiny_lm, real_store, wiki
         assert out["torch"]["sweep_knn"][lam] == pytest.approx(ppl, rel=1e-5)
 
 
+def _benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_search.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu_search", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_runs_at_tiny_size(tiny_gpt2_dir, real_store, wikitext_dir, tmp_path):
+    """benchmarks/gpu_search.py's plumbing on the CPU (its timings mean nothing at this size)."""
+    bench = _benchmark()
+    rec = bench.main(["recall", "--random", "3000,16", "--queries", "20", "--k", "32", "--margins", "0,64",
+                      "--device", "cpu", "--out", str(tmp_path / "recall.json")])
+    assert rec["recall"]["float16"][64] == {"mean": 1.0, "min": 1.0} and (tmp_path / "recall.json").exists()
+    assert 0.5 < rec["recall"]["bfloat16"][0]["mean"] <= 1.0
+    res = bench.main(["eval", "--model_name_or_path", str(tiny_gpt2_dir), "--datastore", str(real_store.dir),
+                      "--validation_file", str(wikitext_dir / "valid.txt"), "--max_tokens", "400", "--reps", "1",
+                      "--k", "64", "--device", "cpu", "--threads", "1", "--batch_size", "2"])
+    assert res["n_tokens"] > 300 and res["ratio_knn_over_lm"] > 0 and res["ppl_relative_difference"] < 1e-5
+    assert res["ppl_knnlm"] != res["ppl_lm"]
+
+
 # ------------------------------------------------------------------------------------------------------ CUDA only
 @cuda
 def test_cuda_matches_cpu_and_keeps_results_on_the_gpu():

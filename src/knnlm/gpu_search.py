@@ -120,6 +120,12 @@ class KeyShard:
             hi, lo = _split(self.bias[s: s + (1 << 20)] / scale, torch.float16)
             self.aug[s: s + len(hi), self.d], self.aug[s: s + len(hi), self.d + 1] = hi, lo
 
+    def fit(self, q: torch.Tensor) -> None:
+        """Grows the scale when queries q [B, d] lie farther out than the keys (one wait for the device per call)."""
+        needed = _scale_for(float(q.square().sum(dim=1).max()))
+        if needed > self.scale:
+            self.rescale(needed)
+
     def chunk(self, idx, dtype: torch.dtype) -> torch.Tensor:
         """The augmented keys of rows ``idx`` [n_c, d'] in the GEMM dtype (bias columns re-split in that dtype)."""
         keys = self.aug[idx]
@@ -198,7 +204,7 @@ class TorchSearch:
         with self._on_stream(self.device):
             dists = torch.cat([f[0].to(self.device) for f in found], dim=1)  # [B, S * k]
             ids = torch.cat([f[1].to(self.device) for f in found], dim=1)
-            dists, ids = _nearest(dists, ids, k)
+            dists, ids = nearest(dists, ids, k)
         return self._handed_over(dists), self._handed_over(ids)
 
     def _search_shard(self, shard: KeyShard, queries: torch.Tensor, k: int):
@@ -207,9 +213,7 @@ class TorchSearch:
         out_i = torch.full((len(q), k), -1, dtype=torch.int64, device=shard.device)
         if shard.n == 0 or len(q) == 0:
             return out_d, out_i
-        q_sq = float(q.square().sum(dim=1).max())  # the one wait per call: a query far out needs a larger scale
-        if _scale_for(q_sq) > shard.scale:
-            shard.rescale(_scale_for(q_sq))
+        shard.fit(q)
         probe = self._probe(q, shard.device) if self.centroids is not None else None  # [B, nprobe]
         order = probe[:, 0].argsort() if probe is not None else None  # queries of one list searched together
         for s in range(0, len(q), self.query_batch):
@@ -226,7 +230,7 @@ class TorchSearch:
             dist = exact_sq_dists(shard.keys, qb, cand.clamp_min(0), max_floats=_refine_floats(shard.device))
             dist = dist.masked_fill_(cand < 0, math.inf)  # [b, c]
             ids = shard.store_rows(cand.clamp_min(0)).masked_fill_(cand < 0, -1)
-            out_d[sel], out_i[sel] = _nearest(dist, ids, k)
+            out_d[sel], out_i[sel] = nearest(dist, ids, k)
         return out_d, out_i
 
     def _candidates(self, shard: KeyShard, q: torch.Tensor, k: int, rows: Optional[torch.Tensor] = None,
@@ -265,6 +269,18 @@ class TorchSearch:
         out[:, self.d: self.d + 2] = 1.0
         out[:, self.d + 2], out[:, self.d + 3] = _split(q.square().sum(dim=1) / shard.scale, self.dtype)
         return out
+
+    @torch.no_grad()
+    def ranked_candidates(self, queries: torch.Tensor, count: int) -> torch.Tensor:
+        """The first stage alone, for measuring recall by margin: the store rows [B, count] of the best
+        half-precision scores, best first (one device, no IVF)."""
+        if len(self.shards) != 1 or self.centroids is not None:
+            raise KnnlmError("ranked_candidates: one device and no IVF only (a measurement helper)")
+        shard = self.shards[0]
+        q = queries.detach().to(shard.device, torch.float32)  # [B, d]
+        shard.fit(q)
+        score = self._augmented_queries(shard, q) @ shard.chunk(slice(None), self.dtype).T  # [B, N]
+        return shard.store_rows(torch.topk(score.float(), min(count, shard.n), dim=1, largest=False).indices)
 
     # ------------------------------------------------------------------------------------------------ IVF
     def _probe(self, q: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -335,7 +351,7 @@ class TorchSearch:
         self.shards, self._centroids_on, self._streams = [], {}, {}
 
 
-def _nearest(dists: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest(dists: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k smallest of dists [b, c] with their ids, nearest first, ties by id (so every chunking and shard split
     returns the same rows); padded with inf / -1 when c < k."""
     ids, by_id = torch.sort(ids, dim=1)
