@@ -197,6 +197,21 @@ def test_perplexity_equals_faiss_flat_through_evaluate(tiny_lm, real_store, wiki
         assert out["torch"]["sweep_knn"][lam] == pytest.approx(ppl, rel=1e-5)
 
 
+def test_augmented_model_distribution_equals_faiss(tiny_lm, real_store):
+    """Generation's full distribution (augment's logits) with the torch backend: the faiss backend's, to 1e-5."""
+    from knnlm.augmented import augment, detach
+
+    ids = torch.tensor([tiny_lm.encode(" The game was released in Japan and the United States in 2011 .")])
+    out = {}
+    for backend in ("torch", "faiss"):
+        model = augment(tiny_lm, datastore=real_store, k=128, lmbda=0.3, search_backend=backend)
+        with torch.no_grad():
+            out[backend] = model(ids).logits  # [1, T, V] log p_knnlm
+        assert model.knnlm.retriever.backend.name == backend
+        detach(model)
+    torch.testing.assert_close(out["torch"], out["faiss"], rtol=1e-5, atol=1e-5)
+
+
 def _benchmark():
     import importlib.util
     from pathlib import Path

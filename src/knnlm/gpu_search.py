@@ -109,7 +109,7 @@ class KeyShard:
         for s in range(0, self.n, load_chunk):
             k = self.keys[s: s + load_chunk].float()  # [c, d]
             sq = k.square().sum(dim=1)
-            self.bias[s: s + load_chunk] = sq - 2.0 * (k @ mean)
+            self.bias[s: s + load_chunk] = sq - 2.0 * (k * mean).sum(dim=1)  # no matmul: TF32 would round it
             largest = max(largest, float(sq.max()), float(self.bias[s: s + load_chunk].abs().max()))
         self.rescale(_scale_for(largest))
 
@@ -175,6 +175,7 @@ class TorchSearch:
             self.centroids = torch.from_numpy(centroids)
             self.nprobe = min(self.nprobe, len(centroids))
         bounds = np.linspace(0, n, len(devices) + 1).round().astype(np.int64)
+        _check_fits(devices, int(np.diff(bounds).max()), d, work=2 * self.query_batch * min(self.key_chunk, n) * 2)
         self.shards = [KeyShard(keys[bounds[i]: bounds[i + 1]], int(bounds[i]), dev,
                                 None if assign is None else assign[bounds[i]: bounds[i + 1]],
                                 0 if centroids is None else len(centroids), load_chunk)
@@ -349,6 +350,19 @@ class TorchSearch:
 
     def close(self) -> None:
         self.shards, self._centroids_on, self._streams = [], {}, {}
+
+
+def _check_fits(devices: Sequence[torch.device], rows: int, d: int, work: int) -> None:
+    """A one-line error, not a CUDA out-of-memory crash, when a GPU's share of the keys (and ``work`` bytes: the
+    scores of two key chunks) does not fit."""
+    need = rows * (-(-(d + _EXTRA) // 8) * 8) * 2 + work
+    for dev in dict.fromkeys(devices):
+        if dev.type == "cuda":
+            free = torch.cuda.mem_get_info(dev)[0]
+            if need > free:
+                raise KnnlmError(f"--search_backend torch: {rows:,} keys need {need / 2**30:.1f} GiB on {dev}, "
+                                 f"{free / 2**30:.1f} GiB free; make more GPUs visible, or search a built IVF-PQ "
+                                 "index with --search_backend faiss")
 
 
 def nearest(dists: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
