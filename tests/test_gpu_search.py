@@ -16,7 +16,8 @@ def _random(n=30_000, d=48, b=40, seed=0, offset=0.0):
     """Gaussian keys (float16, as stores keep them) around ``offset``; queries near keys (not keys themselves)."""
     rng = np.random.default_rng(seed)
     keys = (rng.standard_normal((n, d)) + offset).astype(np.float16)
-    queries = keys[rng.choice(n, b, replace=False)].astype(np.float32) + 0.3 * rng.standard_normal((b, d)).astype(np.float32)
+    noise = 0.3 * rng.standard_normal((b, d)).astype(np.float32)
+    queries = keys[rng.choice(n, b, replace=False)].astype(np.float32) + noise
     return keys, torch.from_numpy(queries)
 
 

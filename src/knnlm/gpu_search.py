@@ -8,17 +8,18 @@ in two steps:
    two; :class:`KeyShard` says how the norms ride along as extra columns), accumulated in float32 and rounded once
    to half precision. A two-stage top-k keeps ``k + margin`` candidates per chunk, then across chunks.
    ``--search_dtype`` picks the GEMM's precision: ``float16`` (the stored keys as they are), ``bfloat16`` (keys cast
-   chunk by chunk: fewer mantissa bits, a larger margin needed) or ``float32`` (2-4x slower on tensor cores).
+   chunk by chunk: fewer mantissa bits, a larger margin needed) or ``float32`` (no tensor cores: ~15x the GEMM time).
 2. **Exact re-ranking**: the candidates' distances as float32 sums of squared differences
    (:func:`knnlm.distances.exact_sq_dists`: no cancellation), and the k nearest of those, ties broken by row id.
 
 Rounding moves a key's score by about 2⁻¹¹ of its distance (float16); the margin (``--search_margin``) keeps the true
 k nearest among the candidates although their approximate ranks shift (docs/scaling.md gives the measured recall).
 
-Stores larger than one device: ``--search_nlist L`` adds an IVF (L centroids from FAISS k-means on the CPU; each list's
-keys contiguous on the device): a query batch is searched over the union of the lists its queries probe (``--nprobe``
-each), every query masked to its own lists, which is FAISS's IVF-Flat with the same centroids. The rows are split
-across all visible GPUs (contiguous ranges, one :class:`KeyShard` each) and the shards' exact top-k are merged.
+Large stores: ``--search_nlist L`` adds an IVF that cuts the work per query (L centroids from FAISS k-means on the
+CPU; each list's keys contiguous on the device): a query batch is searched over the union of the lists its queries
+probe (``--nprobe`` each), every query masked to its own lists, which is FAISS's IVF-Flat with the same centroids.
+Stores larger than one GPU: the rows are split across all visible GPUs (contiguous ranges, one :class:`KeyShard`
+each) and the shards' exact top-k are merged.
 
 Tensors in, tensors out: queries from any device, results on the first device. On a GPU the search runs on its own
 CUDA stream, so it overlaps the LM's forward pass of the next batch (``scoring.score_windows``)."""
@@ -150,16 +151,20 @@ class TorchSearch:
 
     ``devices``: where the rows go (split in contiguous ranges; the same device may repeat, which the tests use to
     stand in for several GPUs). ``dtype``: the candidate GEMM's (a :data:`knnlm.models.DTYPES` name); ``margin``:
-    extra candidates kept beyond k. ``centroids`` [L, d]: IVF centroids (``nprobe`` lists per query); None searches every key.
-    ``query_batch`` queries and ``key_chunk`` keys per GEMM: their [query_batch, key_chunk] scores are the largest
-    temporary (2 GiB at the defaults in half precision)."""
+    extra candidates kept beyond k (both default to :class:`knnlm.knn.KNNArgs`'). ``centroids`` [L, d]: IVF
+    centroids (``nprobe`` lists per query); None searches every key. ``query_batch`` queries and ``key_chunk`` keys
+    per GEMM: their [query_batch, key_chunk] scores are the largest temporary (2 GiB at the defaults in float16)."""
 
     name = "torch"
     exact_distances = True  # distances are sums of squared differences of the stored keys: nothing to recompute
 
-    def __init__(self, keys, devices: Sequence[str | torch.device] = ("cpu",), dtype: str = "float16",
-                 margin: int = 64, centroids: Optional[np.ndarray] = None, nprobe: int = 32,
+    def __init__(self, keys, devices: Sequence[str | torch.device] = ("cpu",), dtype: Optional[str] = None,
+                 margin: Optional[int] = None, centroids: Optional[np.ndarray] = None, nprobe: int = 32,
                  query_batch: int = 2048, key_chunk: int = 1 << 19, load_chunk: int = 262_144):
+        from .knn import KNNArgs
+
+        dtype = KNNArgs.search_dtype if dtype is None else dtype
+        margin = KNNArgs.search_margin if margin is None else margin
         if dtype not in DTYPES:
             raise KnnlmError(f"--search_dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
         n, d = keys.shape
@@ -301,7 +306,8 @@ class TorchSearch:
         keep = ends > starts
         starts, ends, lists = starts[keep], ends[keep], lists[keep]
         if len(lists) == 0:
-            return torch.empty(0, dtype=torch.int64, device=shard.device), probe.new_zeros(len(probe), 0, dtype=torch.bool)
+            none = torch.empty(0, dtype=torch.int64, device=shard.device)
+            return none, probe.new_zeros(len(probe), 0, dtype=torch.bool)
         lengths = torch.from_numpy(ends - starts)
         first = torch.repeat_interleave(torch.from_numpy(starts) - torch.cumsum(lengths, 0) + lengths, lengths)
         rows = (first + torch.arange(int(lengths.sum()))).to(shard.device)  # [m] device rows, list by list
