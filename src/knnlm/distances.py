@@ -69,11 +69,10 @@ def exact_sq_dists(keys: torch.Tensor, queries: torch.Tensor, ids: torch.Tensor,
         sel = ids[s: s + step].reshape(-1).to(dev)  # [b * k]
         b = sel.numel() // k
         torch.index_select(keys, 0, sel, out=gathered[: sel.numel()])
-        diff = wide[: sel.numel()]
-        if wide is not gathered:
-            diff.copy_(gathered[: sel.numel()])
-        diff = diff.view(b, k, d)  # [b, k, d] float32
-        diff.sub_(queries[s: s + b, None, :].to(dev))
+        diff = wide[: sel.numel()].view(b, k, d)  # [b, k, d] float32
+        # widening and subtracting in one pass (float16 - float32 computes in float32: the same bits as widen, then
+        # subtract); on a GPU each pass over [b, k, d] is most of the time of a re-ranking
+        torch.sub(gathered[: sel.numel()].view(b, k, d), queries[s: s + b, None, :].to(dev, torch.float32), out=diff)
         torch.sum(diff.square_(), dim=-1, out=out[s: s + b])
     return out
 

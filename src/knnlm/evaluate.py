@@ -69,8 +69,8 @@ class _NeighbourCache:
         self.files = {name: open(out / name, "wb") for name in ("dists.f32", "vals.i32", "lm_gold.f32", "gold.i32")}
 
     def add(self, dists, vals, lm_gold, gold) -> None:
-        self.files["dists.f32"].write(dists.numpy().astype(np.float32).tobytes())
-        self.files["vals.i32"].write(vals.numpy().astype(np.int32).tobytes())
+        self.files["dists.f32"].write(dists.cpu().numpy().astype(np.float32).tobytes())  # from the search's device
+        self.files["vals.i32"].write(vals.cpu().numpy().astype(np.int32).tobytes())
         self.files["lm_gold.f32"].write(lm_gold.numpy().astype(np.float32).tobytes())
         self.files["gold.i32"].write(gold.numpy().astype(np.int32).tobytes())
 

@@ -330,13 +330,14 @@ def load_index(ds_dir: str | Path, nprobe: int = 32, use_gpu: bool | None = None
 
 
 def flat_index(ds, use_gpu: bool | None = None, chunk: int = 262_144):
-    """An exact in-memory L2 index over the store's keys (float32, checked finite): FAISS's, moved to the GPU with GPU FAISS; on a GPU
-    that only torch sees (faiss-cpu installed), :class:`knnlm.gpu_search.TorchFlatIndex`."""
+    """An exact in-memory L2 index over the store's keys (float32, checked finite): FAISS's, moved to the GPU with GPU
+    FAISS; on a GPU that only torch sees (faiss-cpu installed), :class:`knnlm.gpu_search.TorchSearch` ranking in float32
+    (a backend)."""
     if (use_gpu or use_gpu is None) and not gpu_available():
-        from .gpu_search import TorchFlatIndex, torch_gpu_available
+        from .gpu_search import TorchSearch, search_devices, torch_gpu_available
 
         if torch_gpu_available():
-            return TorchFlatIndex(ds.keys, device="cuda", load_chunk=chunk)
+            return TorchSearch(ds.keys, devices=search_devices(True), dtype="float32", margin=0, load_chunk=chunk)
         if use_gpu:
             raise KnnlmError("use_gpu: no GPU is visible to faiss or torch; drop it to search on the CPU")
     index = faiss.IndexFlatL2(ds.d)

@@ -28,6 +28,9 @@ class KNNArgs:
     ignore_top: bool = field(default=False, metadata={"help": "Drop the nearest neighbour (for querying a store with its own training text)."})
     nprobe: int = field(default=32, metadata={"help": "IVF lists visited per query (approximate indexes only)."})
     search_backend: str = field(default="auto", metadata={"help": "Where the keys are searched: faiss (in-process FAISS index), torch (keys on a torch device: a GPU without GPU FAISS), auto (faiss; torch on a GPU that only torch sees)."})
+    search_dtype: str = field(default="float16", metadata={"help": "--search_backend torch: precision of the GEMM that ranks candidates (float16, bfloat16, float32); their distances are then recomputed exactly."})
+    search_margin: int = field(default=64, metadata={"help": "--search_backend torch: candidates kept beyond k from the half-precision ranking, so the exact k nearest are among them (docs/scaling.md: recall by margin)."})
+    search_nlist: int = field(default=0, metadata={"help": "--search_backend torch: IVF lists (FAISS k-means on the CPU; --nprobe of them searched per query); 0 searches every key."})
 
     def validate(self) -> None:
         if self.k < 1:
@@ -39,6 +42,14 @@ class KNNArgs:
             raise KnnlmError(f"--knn_temp: must be > 0, got {self.knn_temp}")
         if self.nprobe < 1:
             raise KnnlmError(f"--nprobe: must be >= 1, got {self.nprobe}")
+        from .models import DTYPES
+
+        if self.search_dtype not in DTYPES:
+            raise KnnlmError(f"--search_dtype: {self.search_dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.search_margin < 0:
+            raise KnnlmError(f"--search_margin: must be >= 0, got {self.search_margin}")
+        if self.search_nlist < 0:
+            raise KnnlmError(f"--search_nlist: must be >= 0 (0: no IVF), got {self.search_nlist}")
         from .search import backend_names
 
         if self.search_backend not in backend_names():
@@ -94,6 +105,7 @@ class Retriever:
         if args.k + int(args.ignore_top) > datastore.N:
             log.info("k=%d exceeds the datastore size %d: retrieving all keys", args.k, datastore.N)
         self.vals = torch.from_numpy(np.asarray(datastore.vals, dtype=np.int64))  # [N], small enough to hold
+        self._vals_on = {self.vals.device: self.vals}  # a copy per device searched on, made once
         # a backend whose distances are already exact (torch): recomputing them would add nothing
         self.recompute = args.recompute_dists and not self.backend.exact_distances
 
@@ -113,7 +125,9 @@ class Retriever:
 
     def values(self, ids: torch.Tensor) -> torch.Tensor:
         """The next tokens stored at rows ids [...] (any value where id is -1: its distance is inf)."""
-        return self.vals.to(ids.device)[ids.clamp_min(0)]
+        if ids.device not in self._vals_on:
+            self._vals_on[ids.device] = self.vals.to(ids.device)
+        return self._vals_on[ids.device][ids.clamp_min(0)]
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [B, d] -> (squared L2 distances float32 [B, k], values int64 [B, k]), nearest first."""

@@ -62,7 +62,8 @@ def head_gold_log_probs(head: Callable[[torch.Tensor], torch.Tensor], hidden: to
 
 @dataclass
 class Scores:
-    """Gold-token log-probabilities of one batch of n positions, each [n] float32 on the CPU."""
+    """Gold-token log-probabilities of one batch of n positions, each [n] float32 on the CPU (the [n, k] neighbours
+    stay where the search put them)."""
 
     gold: torch.Tensor  # [n] int64 gold token ids
     lm: torch.Tensor  # [n] log p_lm(gold)
@@ -70,8 +71,8 @@ class Scores:
     mlp: Optional[torch.Tensor] = None  # [n] log p_mlp(gold) (with an MLP memory)
     knn_lm: dict = field(default_factory=dict)  # λ -> [n] log((1 - λ) p_lm + λ p_knn)
     mlp_lm: dict = field(default_factory=dict)  # λ -> [n] log((1 - λ) p_lm + λ p_mlp)
-    dists: Optional[torch.Tensor] = None  # [n, k] float32 squared L2 distances of the neighbours (for caches)
-    vals: Optional[torch.Tensor] = None  # [n, k] int64 their values
+    dists: Optional[torch.Tensor] = None  # [n, k] float32 neighbour distances (for caches), on the search's device
+    vals: Optional[torch.Tensor] = None  # [n, k] int64 their values, on the search's device
 
 
 def key_points(retriever=None, memory=None) -> tuple[str, ...]:
@@ -107,10 +108,14 @@ def _search(retriever, query: torch.Tensor, timing: Optional[dict]):
 def _finish(scores: Scores, found, retriever, memory, at: dict, lmbdas: Sequence[float],
             timing: Optional[dict]) -> Scores:
     """Adds the kNN part (from the search result ``found``) and the MLP part to ``scores``."""
-    if found is not None:
+    if found is not None:  # p_knn and the mixtures where the neighbours are (a GPU backend's device); [n] come back
         scores.dists, scores.vals = found
-        scores.knn = knn_gold_log_prob(scores.dists, scores.vals, scores.gold, retriever.args.knn_temp)  # [n]
-        scores.knn_lm = {lam: interpolate(scores.lm, scores.knn, lam) for lam in lmbdas}
+        dev = scores.dists.device
+        knn = knn_gold_log_prob(scores.dists, scores.vals, scores.gold.to(dev), retriever.args.knn_temp)  # [n]
+        lm, mixed = scores.lm.to(dev), [lam for lam in lmbdas if lam != 0]  # λ = 0 is the LM itself
+        per_token = torch.stack([knn] + [interpolate(lm, knn, lam) for lam in mixed]).cpu()  # [1 + λs, n]
+        scores.knn = per_token[0]
+        scores.knn_lm = {lam: per_token[1 + mixed.index(lam)] if lam != 0 else scores.lm for lam in lmbdas}
     if memory is not None:
         t0 = time.perf_counter()
         with torch.inference_mode():

@@ -13,7 +13,8 @@ Tensors in, tensors out, on ``backend.device`` (queries may come from any device
 computes them, so a GPU backend keeps them on the GPU). Backends, chosen by ``--search_backend``:
 
 - ``faiss``: an in-process FAISS index (the store's built index, else an exact Flat one; GPU FAISS where it sees a GPU).
-- ``torch``: the keys on a torch device (:mod:`knnlm.gpu_search`), for GPUs without GPU FAISS; also runs on the CPU.
+- ``torch``: the keys on the torch device(s) (:mod:`knnlm.gpu_search`: half-precision candidates, exact re-ranking),
+  for GPUs without GPU FAISS; also runs on the CPU.
 - ``auto`` (default): ``faiss``, except ``torch`` where torch sees a GPU, FAISS does not, and the store has no built
   index (the choice made before backends had names).
 
@@ -100,6 +101,12 @@ def _faiss_backend(datastore, args, index=None, use_gpu=None) -> SearchBackend:
 
 
 def _auto_backend(datastore, args, index=None, use_gpu=None) -> SearchBackend:
+    from .index import gpu_available, load_index
+
+    if index is None:
+        index = load_index(datastore.dir, nprobe=args.nprobe, use_gpu=use_gpu)
+    if index is None and use_gpu is not False and torch.cuda.is_available() and not gpu_available():
+        return BACKENDS["torch"](datastore, args, use_gpu=use_gpu)  # a GPU that only torch sees
     return _faiss_backend(datastore, args, index=index, use_gpu=use_gpu)
 
 
