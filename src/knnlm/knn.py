@@ -28,6 +28,12 @@ class KNNArgs:
     ignore_top: bool = field(default=False, metadata={"help": "Drop the nearest neighbour (for querying a store with its own training text)."})
     nprobe: int = field(default=32, metadata={"help": "IVF lists visited per query (approximate indexes only)."})
     search_backend: str = field(default="auto", metadata={"help": "Where the keys are searched: faiss (in-process FAISS index), torch (keys on a torch device: a GPU without GPU FAISS), auto (faiss; torch on a GPU that only torch sees)."})
+    retomaton: bool = field(default=False, metadata={"help": "RetoMaton (Alon et al. 2022): follow the neighbours whose value was the next token to their successor entries and search only when fewer than --min_knns survive (docs/retomaton.md)."})
+    min_knns: int = field(default=1, metadata={"help": "RetoMaton: search when fewer than this many pointers survive (larger: more searches, closer to the kNN-LM)."})
+    max_knns: int = field(default=1024, metadata={"help": "RetoMaton: at most this many pointer candidates per step (successors first, then their clusters' members)."})
+    no_pointer: bool = field(default=False, metadata={"help": "RetoMaton: search at every step and use no pointers (equals the kNN-LM with exact distances)."})
+    no_clusters: bool = field(default=True, metadata={"help": "RetoMaton: follow pointers to successors only; false also adds the other members of their clusters (`knnlm datastore cluster` first)."})
+    skip_search_prob: float = field(default=0.0, metadata={"help": "A kNN-LM that skips each search with this probability (seeded per position) and uses the LM alone there: RetoMaton's baseline."})
 
     def validate(self) -> None:
         if self.k < 1:
@@ -39,11 +45,25 @@ class KNNArgs:
             raise KnnlmError(f"--knn_temp: must be > 0, got {self.knn_temp}")
         if self.nprobe < 1:
             raise KnnlmError(f"--nprobe: must be >= 1, got {self.nprobe}")
+        if self.min_knns < 1:
+            raise KnnlmError(f"--min_knns: must be >= 1, got {self.min_knns}")
+        if self.max_knns < 1:
+            raise KnnlmError(f"--max_knns: must be >= 1, got {self.max_knns}")
+        if not 0.0 <= self.skip_search_prob < 1.0:
+            raise KnnlmError(f"--skip_search_prob: must be in [0, 1), got {self.skip_search_prob}")
+        if self.retomaton and self.skip_search_prob > 0:
+            raise KnnlmError("--skip_search_prob: the random-skip kNN-LM is RetoMaton's baseline; pass it without "
+                             "--retomaton true")
         from .search import backend_names
 
         if self.search_backend not in backend_names():
             raise KnnlmError(f"--search_backend: unknown backend {self.search_backend!r}; choose one of "
                              f"{', '.join(backend_names())}")
+
+    @property
+    def stateful(self) -> bool:
+        """Whether scoring a position depends on the positions before it (RetoMaton, random skips)."""
+        return self.retomaton or self.skip_search_prob > 0
 
 
 def _neighbour_logits(dists: torch.Tensor, temp: float) -> torch.Tensor:
