@@ -230,3 +230,58 @@ class Streams:
         for r, d in enumerate(got_d):
             dists[r, : len(d)] = d
         return dists, self.automaton.r.values(ids)
+
+
+# ---------------------------------------------------------------------------------------------------------- generation
+class Tracker:
+    """The automaton across the forward calls of an augmented model (:mod:`knnlm.augmented`), one state per batch row.
+
+    A call that starts a sequence (an empty KV cache, or none: a recomputation from scratch) steps every real
+    position of its input from empty states, following pointers with the input's own next tokens; a call that
+    continues a cached sequence first follows the previous call's last neighbours with the tokens chosen since (its
+    first input token), then steps its positions. So a generation with the KV cache follows the sampled tokens and
+    equals a recomputation without it. One path per row: beam search reorders rows and is not followed."""
+
+    def __init__(self, automaton: Automaton):
+        self.automaton = automaton
+        self.states: list = []
+        self.pending = None  # (ids [a, m], dists [a, m], rows [a]) of each row's last stepped position
+
+    def log_probs(self, z: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, past: int, keep: int,
+                  vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """z [B, T, d] queries of every input position, ids [B, T] input tokens, mask [B, T] bool (real tokens),
+        ``past`` tokens already cached, the last ``keep`` positions returned -> (log p_knn [n, V] of the returned
+        real positions, row-major; [n] bool: no neighbours there)."""
+        from .knn import knn_log_probs
+
+        b, t = ids.shape
+        if past == 0 or len(self.states) != b:
+            self.states, self.pending = [EMPTY] * b, None
+        elif self.pending is not None:
+            p_ids, p_dists, rows = self.pending
+            self._advance(p_ids, p_dists, rows, ids[rows, 0])
+        self.pending = None
+        got: dict = {}
+        for p in range(t):
+            rows = torch.nonzero(mask[:, p].cpu(), as_tuple=True)[0]  # [a]
+            if len(rows) == 0:
+                continue
+            pos = np.full(len(rows), past + p, dtype=np.int64)
+            dists, nb = self.automaton.step(z[rows, p], [self.states[r] for r in rows.tolist()], pos)
+            if p >= t - keep:
+                logp = knn_log_probs(dists, self.automaton.r.values(nb), vocab, self.automaton.r.args.knn_temp)
+                none = torch.isinf(dists).all(dim=-1)
+                for i, r in enumerate(rows.tolist()):
+                    got[(r, p)] = (logp[i], none[i])
+            if p < t - 1:
+                self._advance(nb, dists, rows, ids[rows, p + 1])
+            else:
+                self.pending = (nb, dists, rows)
+        order = [got[(r, p)] for r in range(b) for p in range(t - keep, t) if (r, p) in got]
+        if not order:
+            return torch.zeros(0, vocab), torch.zeros(0, dtype=torch.bool)
+        return torch.stack([o[0] for o in order]), torch.stack([o[1] for o in order])
+
+    def _advance(self, nb, dists, rows, tokens) -> None:
+        for r, s in zip(rows.tolist(), self.automaton.advance(nb, dists, tokens)):
+            self.states[r] = s

@@ -35,6 +35,9 @@ def cmd_generate(args) -> int:
                          "see the plain LM alone")
     if aargs.datastore:
         Datastore.open(aargs.datastore)  # a missing or truncated store is reported before the model loads
+    if aargs.datastore and kargs.stateful and gargs.num_beams > 1:
+        raise KnnlmError("--num_beams: RetoMaton / --skip_search_prob follow one path per sequence; use greedy "
+                         "decoding or --do_sample true")
     if gargs.output_dir:  # a model, a datastore, another command's run: refused before the model loads
         claim_output_dir(gargs.output_dir, "generate", None, own_files=RESULT_FILES)
     started = time.time()
