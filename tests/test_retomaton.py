@@ -206,11 +206,7 @@ def test_clusters_seeded_bytes_resume_and_refusals(lm, files, store, tmp_path, m
 
     first = (store.dir / "clusters.i32").read_bytes()
     copy = tmp_path / "ds"
-    shutil.copytree(store.dir, copy)
-    meta = json.loads((copy / "meta.json").read_text())
-    del meta["clusters"]
-    (copy / "meta.json").write_text(json.dumps(meta))
-    (copy / "clusters.i32").unlink()
+    shutil.copytree(store.dir, copy, ignore=shutil.ignore_patterns("clusters.*"))
     ds = Datastore.open(copy)
     with pytest.raises(KnnlmError, match="no clusters; run `knnlm datastore cluster"):
         load_clusters(ds)
@@ -233,8 +229,15 @@ def test_clusters_seeded_bytes_resume_and_refusals(lm, files, store, tmp_path, m
     assert (copy / "clusters.i32").read_bytes() == first and not (copy / "clusters.work").exists()
     other = build_clusters(ds, ClusterArgs(num_clusters=24, sample_size=200, seed=4))  # another seed, other bytes
     assert (copy / "clusters.i32").read_bytes() != first and other["settings"]["seed"] == 4
-    # a clusters file of another store (here: of other settings, copied over) is refused
+    # a clusters file not the one recorded (here: of other settings, copied over) is refused, and so are clusters
+    # recorded for a store whose meta.json changed since (a rebuild)
     shutil.copy(store.dir / "clusters.i32", copy / "clusters.i32")
+    with pytest.raises(KnnlmError, match="was not built from this datastore"):
+        load_clusters(Datastore.open(copy))
+    build_clusters(ds, ClusterArgs(num_clusters=24, sample_size=200, seed=3))
+    assert load_clusters(Datastore.open(copy)).tobytes() == first
+    meta = json.loads((copy / "meta.json").read_text())
+    (copy / "meta.json").write_text(json.dumps({**meta, "n_tokens": meta["n_tokens"] + 1}))
     with pytest.raises(KnnlmError, match="was not built from this datastore"):
         load_clusters(Datastore.open(copy))
 
@@ -243,10 +246,7 @@ def test_cli_cluster_and_no_clusters_refusal(lm, files, store, tiny_gpt2_dir, tm
     import shutil
 
     copy = tmp_path / "ds"
-    shutil.copytree(store.dir, copy, ignore=shutil.ignore_patterns("clusters.i32"))
-    meta = json.loads((copy / "meta.json").read_text())
-    del meta["clusters"]
-    (copy / "meta.json").write_text(json.dumps(meta))
+    shutil.copytree(store.dir, copy, ignore=shutil.ignore_patterns("clusters.*"))
     argv = ["eval", "--model_name_or_path", str(tiny_gpt2_dir), "--validation_file", str(files / "valid.jsonl"),
             "--concat_documents", "false", "--block_size", "16", "--stride", "8", "--datastore", str(copy),
             "--k", str(K), "--retomaton", "true", "--no_clusters", "false", "--output_dir", str(tmp_path / "out")]

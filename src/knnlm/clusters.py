@@ -1,9 +1,10 @@
 """k-means clusters of a datastore's keys: the automaton states of RetoMaton (docs/retomaton.md).
 
 ``knnlm datastore cluster DS`` trains FAISS k-means on a seeded sample of the keys, assigns every key to its nearest
-centroid and writes ``clusters.i32`` (int32 [N], the cluster of each row) beside the store; ``meta.json`` then records
-the settings and the file's sha256, so a clusters file of another store (or of this folder before a rebuild) is
-refused. Work in progress lives in ``clusters.work/`` (the centroids, then the assignment in chunks flagged done), so a
+centroid and writes ``clusters.i32`` (int32 [N], the cluster of each row) beside the store; ``clusters.json`` (written
+last) records the settings, the file's sha256 and the store it was built from (N and the sha256 of its meta.json, as
+the FAISS index records it), so a clusters file of another store (or of this folder before a rebuild) is refused. The
+record is not written into meta.json itself: the index identifies its store by that file's hash. Work in progress lives in ``clusters.work/`` (the centroids, then the assignment in chunks flagged done), so a
 killed run resumes and gives the same bytes as an uninterrupted one.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .fileio import atomic_path, atomic_write_json, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
-FILE, WORK = "clusters.i32", "clusters.work"
+FILE, RECORD, WORK = "clusters.i32", "clusters.json", "clusters.work"
 ASSIGN_ROWS = 1 << 16  # keys assigned (and flagged done) per chunk
 
 
@@ -41,24 +42,29 @@ class ClusterArgs:
             raise KnnlmError(f"--niter: must be >= 1, got {self.niter}")
 
 
-def _store_id(ds) -> dict:
-    """What the clusters were computed from: the store's build and size."""
-    return {"N": ds.N, "d": ds.d, "corpus_hash": ds.meta.get("corpus_hash"), "weights_hash": ds.meta.get("weights_hash"),
-            "key_point": ds.key_point}
-
-
 def _record(ds, args: ClusterArgs) -> dict:
-    return {"settings": asdict(args), "store": _store_id(ds)}
+    from .index import datastore_identity
+
+    return {"settings": asdict(args), "datastore": datastore_identity(ds.dir)}
+
+
+def _read_record(ds) -> dict | None:
+    path = ds.dir / RECORD
+    try:
+        record = read_json(path) if path.is_file() else None
+    except KnnlmError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def build_clusters(ds, args: ClusterArgs) -> dict:
-    """Clusters the keys of the open store ``ds`` (resumable); returns the record written into its meta.json."""
+    """Clusters the keys of the open store ``ds`` (resumable); returns the record written to clusters.json."""
     args.validate()
     if args.num_clusters > min(ds.N, args.sample_size):
         raise KnnlmError(f"--num_clusters: {args.num_clusters} clusters need at least as many sampled keys (the store "
                          f"has {ds.N}, --sample_size {args.sample_size}); pass fewer clusters")
     want = _record(ds, args)
-    done = ds.meta.get("clusters")
+    done = _read_record(ds)
     if done and {k: done.get(k) for k in want} == want and _file_matches(ds, done):
         log.info("clusters of %s are already built (%d clusters)", ds.dir, args.num_clusters)
         return done
@@ -66,15 +72,13 @@ def build_clusters(ds, args: ClusterArgs) -> dict:
     _prepare_work(work, want)
     centroids = _train(ds, args, work)  # [C, d] float32
     assign = _assign(ds, centroids, work)  # [N] int32
+    (ds.dir / RECORD).unlink(missing_ok=True)  # (the record of other settings goes before their file)
     with atomic_path(ds.dir / FILE, expected_bytes=4 * ds.N) as tmp:
         assign.tofile(tmp)
     record = {**want, "file": FILE, "sha256": sha256_file(ds.dir / FILE),
               "sizes": {"min": int(np.bincount(assign, minlength=args.num_clusters).min()),
                         "max": int(np.bincount(assign, minlength=args.num_clusters).max())}}
-    meta = read_json(ds.dir / "meta.json")
-    meta["clusters"] = record
-    atomic_write_json(ds.dir / "meta.json", meta)  # last: the clusters count as built from here on
-    ds.meta = meta
+    atomic_write_json(ds.dir / RECORD, record)  # last: the clusters count as built from here on
     shutil.rmtree(work, ignore_errors=True)
     log.info("clusters of %s: %d clusters, sizes %d-%d", ds.dir, args.num_clusters, record["sizes"]["min"],
              record["sizes"]["max"])
@@ -150,11 +154,11 @@ def _assign(ds, centroids: np.ndarray, work: Path) -> np.ndarray:
 
 def load_clusters(ds, flag: str = "--no_clusters") -> np.ndarray:
     """The cluster of every row, int32 [N]; refused in one line when the store has none or they are not its own."""
-    record = ds.meta.get("clusters")
+    record = _read_record(ds)
     if not record:
         raise KnnlmError(f"{flag}: the datastore {ds.dir} has no clusters; run `knnlm datastore cluster {ds.dir}` "
                          "or pass --no_clusters true")
-    if record.get("store") != _store_id(ds) or not _file_matches(ds, record):
+    if record.get("datastore") != _record(ds, ClusterArgs())["datastore"] or not _file_matches(ds, record):
         raise KnnlmError(f"{flag}: {ds.dir / FILE} was not built from this datastore (missing, changed or from an "
                          f"earlier build); rerun `knnlm datastore cluster {ds.dir}`")
     return np.fromfile(ds.dir / FILE, dtype=np.int32)

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 KEY_POINTS = ("ffn_input", "ffn_residual", "block_output", "final_hidden")
 _DATA_FILES = ("keys.f16", "vals.i32", "tokens.i32", "tokens.i32.docs", "tokens.i32.json", "done.u8", "build.json",
-               "meta.json", "clusters.i32")
+               "meta.json", "clusters.i32", "clusters.json")
 # what `knnlm datastore build` writes into its folder (an earlier build holds nothing else); `index` is `knnlm index build`'s,
 # `clusters.*` `knnlm datastore cluster`'s
 OWN_FILES = (*_DATA_FILES, "index", "index.rebuild-tmp", "clusters.work", "config.json")
