@@ -117,13 +117,14 @@ class Retriever:
         # a backend whose distances are already exact (torch): recomputing them would add nothing
         self.recompute = args.recompute_dists and not self.backend.exact_distances
 
-    def search_ids(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def search_ids(self, queries: torch.Tensor, recompute: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [B, d] -> (squared L2 distances float32 [B, k], row ids int64 [B, k]), nearest first; a row the
-        index could not fill has id -1 and distance inf. Distances are exact with ``--recompute_dists``."""
+        index could not fill has id -1 and distance inf. Distances are exact with ``--recompute_dists`` (``recompute``
+        False: the index's own, for a caller that computes exact ones of more rows itself)."""
         dists, ids = self.backend.search(queries, self._k_search)  # [B, k] each
         if self.args.ignore_top:
             dists, ids = dists[:, 1:], ids[:, 1:]
-        if self.recompute:
+        if self.recompute and recompute is not False:
             dists = self.backend.distances(queries, ids)
         return dists, ids
 

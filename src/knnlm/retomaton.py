@@ -125,7 +125,7 @@ class Automaton:
         cands = _pad([self._candidates(s) for s in states]) if self.pointers else torch.full((a, 0), -1)
         found = torch.full((a, 0), -1, dtype=torch.long)
         if search.any():
-            _, ids = self.r.search_ids(queries[search])  # [s, k]
+            _, ids = self.r.search_ids(queries[search], recompute=False)  # [s, k]; exact distances below
             found = torch.full((a, ids.shape[1]), -1, dtype=torch.long)
             found[search] = ids.cpu()
         ids = _dedupe(torch.cat([found, cands], dim=1))  # [a, m]
