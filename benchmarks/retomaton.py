@@ -5,7 +5,7 @@
         --datastore runs/retomaton/ds-own610k --validation_file ../shared/data/wikitext-2/valid.txt \
         --max_tokens 32768 --min_knns 1,2,4,8,16,32,64 --skip_probs 0.25,0.5,0.75 --output_dir runs/retomaton/sweep
     # the cost: LM-only, the kNN-LM (one search per token, exact distances) and RetoMaton at one setting
-    .venv/bin/python benchmarks/retomaton.py timing ... --min_knns 8 [--clusters] --reps 3
+    .venv/bin/python benchmarks/retomaton.py timing ... --min_knns 1 [--clusters --cluster_min_knns 4] --reps 3
 
 Every run is a fresh process (`knn_eval.py`'s method: one torch and one FAISS thread, the scoring loop timed from its
 progress bar on, wall and user + system CPU time). ``sweep`` writes ``sweep.json``, ``sweep.md`` (the table) and
@@ -132,9 +132,11 @@ def sweep(args) -> None:
 
 
 def timing(args) -> None:
-    rt = {"retomaton": True, "min_knns": int(args.min_knns), "max_knns": args.max_knns,
-          "no_clusters": not args.clusters}
-    variants = {"lm": "lm", "knn_exact": {}, "retomaton": rt}
+    variants = {"lm": "lm", "knn_exact": {},
+                "retomaton": {"retomaton": True, "min_knns": int(args.min_knns), "max_knns": args.max_knns}}
+    if args.clusters:
+        variants["retomaton_clusters"] = {"retomaton": True, "min_knns": args.cluster_min_knns,
+                                          "max_knns": args.max_knns, "no_clusters": False}
     runs: dict = {name: [] for name in variants}
     for rep in range(args.reps):
         for name in (list(variants) if rep % 2 == 0 else list(variants)[::-1]):
@@ -145,7 +147,7 @@ def timing(args) -> None:
     for name, m in med.items():
         print(f"  {name:>10}: {m['wall']:7.2f} | {m['cpu']:7.2f}   ppl {runs[name][0]['ppl']:.4f}"
               + (f", fraction saved {runs[name][0]['foss']:.3f}" if runs[name][0]["foss"] is not None else ""))
-    for name in ("knn_exact", "retomaton"):
+    for name in [v for v in variants if v != "lm"]:
         print(f"  {name} / lm: wall {med[name]['wall'] / med['lm']['wall']:.3f}, "
               f"CPU {med[name]['cpu'] / med['lm']['cpu']:.3f}   target <= 1.3")
 
@@ -163,7 +165,8 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass = RetoMaton's streams")
     p.add_argument("--min_knns", default="1,2,4,8,16,32,64", help="sweep: a comma list; timing: one value")
     p.add_argument("--max_knns", type=int, default=1024)
-    p.add_argument("--clusters", action="store_true", help="sweep: also RetoMaton with clusters; timing: with them")
+    p.add_argument("--clusters", action="store_true", help="also RetoMaton with clusters (timing: at --cluster_min_knns)")
+    p.add_argument("--cluster_min_knns", type=int, default=4, help="timing: min_knns of RetoMaton with clusters")
     p.add_argument("--skip_probs", default="0.25,0.5,0.75", help="sweep: the random-skip kNN-LM's probabilities")
     p.add_argument("--within", type=float, default=0.01, help="sweep: perplexity tolerance against the kNN-LM")
     p.add_argument("--output_dir", default="runs/retomaton/sweep")

@@ -128,8 +128,12 @@ class Automaton:
             _, ids = self.r.search_ids(queries[search], recompute=False)  # [s, k]; exact distances below
             found = torch.full((a, ids.shape[1]), -1, dtype=torch.long)
             found[search] = ids.cpu()
-        ids = _dedupe(torch.cat([found, cands], dim=1))  # [a, m]
-        dists = self.r.distances(queries, ids).cpu()  # [a, m]; inf for -1
+        ids = _dedupe(torch.cat([found, cands], dim=1))  # [a, m]; each row's -1s first
+        counts = (ids >= 0).sum(dim=1).tolist()
+        dists = torch.full(ids.shape, math.inf)  # [a, m]
+        for i, c in enumerate(counts):  # row by row: rows differ in width, and padding would cost full distances
+            if c:
+                dists[i, -c:] = self.r.distances(queries[i: i + 1], ids[i: i + 1, -c:])[0].cpu()
         self.steps += a
         self.searches += int(search.sum())
         self.candidates += int((ids >= 0).sum())
