@@ -9,7 +9,8 @@
 
 Every run is a fresh process (`knn_eval.py`'s method: one torch and one FAISS thread, the scoring loop timed from its
 progress bar on, wall and user + system CPU time). ``sweep`` writes ``sweep.json``, ``sweep.md`` (the table) and
-``retomaton.png`` (perplexity against the fraction of saved searches, report.line_plot) into --output_dir and prints
+``retomaton.png`` (perplexity against the fraction of saved searches, report.line_plot; ``plot`` redraws it from
+sweep.json) into --output_dir and prints
 the smallest --min_knns whose perplexity is within --within of the kNN-LM's; ``timing`` prints medians and ratios.
 The kNN-LM and RetoMaton use exact distances (``--recompute_dists``; RetoMaton's are always exact).
 """
@@ -90,8 +91,8 @@ def _ints(text: str) -> list[int]:
 
 
 def sweep(args) -> None:
-    from knnlm.report import line_plot, markdown_table, write_markdown
     from knnlm.fileio import atomic_write_json
+    from knnlm.report import markdown_table, write_markdown
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,17 +119,32 @@ def sweep(args) -> None:
     write_markdown(out, table, "sweep.md")
     atomic_write_json(out / "sweep.json", {"knn": knn, "runs": {n: [{"settings": s, **r} for s, r in rs]
                                                                  for n, rs in runs.items()}, "args": vars(args)})
+    _figure(out / "retomaton.png", knn, {n: [r for _, r in rs] for n, rs in runs.items()})
+    print(table)
+    print(f"wrote {out / 'sweep.md'}, {out / 'retomaton.png'}")
+
+
+def _figure(path: Path, knn: dict, runs: dict) -> None:
+    """Perplexity against the fraction of saved searches, each series from the kNN-LM's point (0 saved) on."""
+    from knnlm.report import line_plot
+
     styles = {"RetoMaton": ("tab:blue", "o"), "RetoMaton, clusters": ("tab:green", "s"),
               "kNN-LM, random skips": ("tab:red", "^")}
-    line_plot(out / "retomaton.png", [{"x": [0.0] + [r["foss"] for _, r in rs], "y": [knn["ppl"]] + [r["ppl"] for _, r in rs],
-                                       "label": name, "color": styles[name][0], "marker": styles[name][1]}
-                                      for name, rs in runs.items()],
-              title=f"RetoMaton: perplexity vs saved searches ({knn['n_tokens']} tokens)",
+    series = []
+    for name, rs in runs.items():
+        points = sorted([(0.0, knn["ppl"])] + [(r["foss"], r["ppl"]) for r in rs])
+        series.append({"x": [x for x, _ in points], "y": [y for _, y in points], "label": name,
+                       "color": styles[name][0], "marker": styles[name][1]})
+    line_plot(path, series, title=f"RetoMaton: perplexity vs saved searches ({knn['n_tokens']} tokens)",
               xlabel="fraction of saved searches", ylabel="perplexity",
               hlines=[{"y": knn["ppl"], "color": "gray", "linestyle": ":", "label": "kNN-LM"},
                       {"y": knn["ppl_lm"], "color": "black", "linestyle": "--", "label": "LM"}])
-    print(table)
-    print(f"wrote {out / 'sweep.md'}, {out / 'retomaton.png'}")
+
+
+def plot(args) -> None:
+    """Redraws retomaton.png from --output_dir's sweep.json."""
+    data = json.loads((Path(args.output_dir) / "sweep.json").read_text())
+    _figure(Path(args.output_dir) / "retomaton.png", data["knn"], data["runs"])
 
 
 def timing(args) -> None:
@@ -154,10 +170,10 @@ def timing(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=("sweep", "timing", "worker"))
-    p.add_argument("--model_name_or_path", required=True)
-    p.add_argument("--datastore", required=True)
-    p.add_argument("--validation_file", required=True)
+    p.add_argument("mode", choices=("sweep", "timing", "plot", "worker"))
+    p.add_argument("--model_name_or_path")
+    p.add_argument("--datastore")
+    p.add_argument("--validation_file")
     p.add_argument("--max_tokens", type=int, default=32_768)
     p.add_argument("--k", type=int, default=1024)
     p.add_argument("--lmbda", type=float, default=0.25)
@@ -173,7 +189,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--settings", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    {"sweep": sweep, "timing": timing, "worker": worker}[args.mode](args)
+    {"sweep": sweep, "timing": timing, "plot": plot, "worker": worker}[args.mode](args)
 
 
 if __name__ == "__main__":
