@@ -274,6 +274,8 @@ def test_generation_with_kv_cache_follows_the_chosen_tokens(lm, store, sample):
         cached = model.generate(prompt, use_cache=True, **kw)
         automaton = model.knnlm.tracker.automaton
         steps, searches = automaton.steps, automaton.searches
+        described = model.knnlm.describe()
+        assert described["retomaton"] and described["searches"] == searches and described["steps"] == steps
         torch.manual_seed(7)
         recomputed = model.generate(prompt, use_cache=False, **kw)
     finally:

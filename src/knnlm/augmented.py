@@ -163,6 +163,11 @@ class Augmentation:
         if self.retriever is not None:
             out.update(datastore=str(self.retriever.ds.dir), datastore_N=self.retriever.ds.N, k=self.retriever.k,
                        knn_temp=self.retriever.args.knn_temp)
+            if self.tracker is not None:
+                a = self.retriever.args
+                out.update(retomaton=a.retomaton, min_knns=a.min_knns, max_knns=a.max_knns, no_pointer=a.no_pointer,
+                           no_clusters=a.no_clusters, skip_search_prob=a.skip_search_prob,
+                           **self.tracker.automaton.metrics())
         else:
             out.update(mlp_memory=str(self.memory.dir))
         return out
