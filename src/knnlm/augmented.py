@@ -54,7 +54,13 @@ class Augmentation:
         self.n_queries = 0  # positions queried so far (retrievals, or MLP-memory evaluations)
         self._stack: Optional[contextlib.ExitStack] = None
         self._caps: dict = {}
-        self._mask = None
+        self._mask = self._ids = None
+        self._past = 0
+        self.tracker = None  # RetoMaton / the random-skip kNN-LM: state carried across calls
+        if retriever is not None and retriever.args.stateful:
+            from .retomaton import Automaton, Tracker
+
+            self.tracker = Tracker(Automaton(retriever))
         model = lm.model
         self._hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
                        model.register_forward_hook(self._after, with_kwargs=True, always_call=True)]
@@ -69,6 +75,9 @@ class Augmentation:
         self._stack = contextlib.ExitStack()
         self._caps = self._stack.enter_context(self.lm.capture((self.key_point,)))
         self._mask = kwargs.get("attention_mask")
+        self._ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # (the name of transformers 5, then 4)
+        self._past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
 
     def _after(self, module, args, kwargs, out):
         try:
@@ -79,7 +88,7 @@ class Augmentation:
             return _inference_only(new) if torch.is_grad_enabled() and logits.requires_grad else new
         finally:
             self._stack.close()
-            self._stack, self._caps, self._mask = None, {}, None
+            self._stack, self._caps, self._mask, self._ids = None, {}, None, None
 
     @torch.no_grad()
     def _replace_logits(self, out, labels):
@@ -93,6 +102,8 @@ class Augmentation:
         if mask is not None and mask.dim() == 2 and mask.shape[1] >= logits.shape[1]:
             sel = mask[:, -logits.shape[1]:].to(lm_logp.device).bool()  # padding is not queried
         new = lm_logp
+        if self.tracker is not None:
+            return self._finish_out(out, tuple_out, at, self._stateful(lm_logp, sel), labels)
         if sel.any():
             q = z[sel.to(z.device)]  # [n, d]
             self.n_queries += q.shape[0]
@@ -102,6 +113,25 @@ class Augmentation:
                 aug_logp = self.memory.log_probs(q)  # [n, V]
             new = lm_logp.clone()
             new[sel] = interpolate(lm_logp[sel], aug_logp.to(lm_logp.device), self.lmbda)
+        return self._finish_out(out, tuple_out, at, new, labels)
+
+    def _stateful(self, lm_logp: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        """log p_knnlm [B, T', V] of RetoMaton / the random-skip kNN-LM: the tracker steps every real input position
+        (the state needs them) and returns p_knn at the returned ones; a position without neighbours keeps the LM."""
+        z = self._caps[self.key_point]  # [B, T, d]
+        ids = self._ids if self._ids is not None else torch.zeros(z.shape[:2], dtype=torch.long)
+        mask = torch.ones(z.shape[:2], dtype=torch.bool)
+        if self._mask is not None and self._mask.dim() == 2 and self._mask.shape[1] >= ids.shape[1]:
+            mask = self._mask[:, -ids.shape[1]:].cpu().bool()  # (with a cache the mask covers the past too)
+        before = self.tracker.automaton.steps
+        knn_logp, none = self.tracker.log_probs(z, ids.cpu(), mask, self._past, lm_logp.shape[1], lm_logp.shape[-1])
+        self.n_queries += self.tracker.automaton.steps - before
+        mixed = interpolate(lm_logp[sel], knn_logp.to(lm_logp.device), self.lmbda)  # [n, V]
+        new = lm_logp.clone()
+        new[sel] = torch.where(none.to(lm_logp.device)[:, None], lm_logp[sel], mixed)
+        return new
+
+    def _finish_out(self, out, tuple_out: bool, at, new: torch.Tensor, labels):
         loss = None
         if labels is not None and new.shape[1] == labels.shape[1]:
             # the causal-LM loss of the returned distribution: mean NLL of token t+1 at position t, -100 ignored
@@ -136,6 +166,11 @@ class Augmentation:
         if self.retriever is not None:
             out.update(datastore=str(self.retriever.ds.dir), datastore_N=self.retriever.ds.N, k=self.retriever.k,
                        knn_temp=self.retriever.args.knn_temp)
+            if self.tracker is not None:
+                a = self.retriever.args
+                out.update(retomaton=a.retomaton, min_knns=a.min_knns, max_knns=a.max_knns, no_pointer=a.no_pointer,
+                           no_clusters=a.no_clusters, skip_search_prob=a.skip_search_prob,
+                           **self.tracker.automaton.metrics())
         else:
             out.update(mlp_memory=str(self.memory.dir))
         return out

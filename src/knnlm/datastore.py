@@ -37,9 +37,10 @@ log = logging.getLogger(__name__)
 
 KEY_POINTS = ("ffn_input", "ffn_residual", "block_output", "final_hidden")
 _DATA_FILES = ("keys.f16", "vals.i32", "tokens.i32", "tokens.i32.docs", "tokens.i32.json", "done.u8", "build.json",
-               "meta.json")
-# what `knnlm datastore build` writes into its folder (an earlier build holds nothing else); `index` is `knnlm index build`'s
-OWN_FILES = (*_DATA_FILES, "index", "index.rebuild-tmp", "index.replaced-tmp", "config.json")
+               "meta.json", "clusters.i32", "clusters.json")
+# what `knnlm datastore build` writes into its folder (an earlier build holds nothing else); `index` is `knnlm index build`'s,
+# `clusters.*` `knnlm datastore cluster`'s
+OWN_FILES = (*_DATA_FILES, "index", "index.rebuild-tmp", "index.replaced-tmp", "clusters.work", "config.json")
 CHECKSUMMED = ("keys.f16", "vals.i32", "tokens.i32", "tokens.i32.docs")  # sha256 recorded in meta.json at build time
 KIND = "datastore build"
 
@@ -286,7 +287,7 @@ def _build_fingerprint(lm, args: CorpusArgs, which: str, key_point: str, block: 
 def _clear(out_dir: Path) -> None:
     for name in _DATA_FILES:
         (out_dir / name).unlink(missing_ok=True)
-    for name in ("index", "index.rebuild-tmp", "index.replaced-tmp"):  # (an index rebuild's staging folders too)
+    for name in ("index", "index.rebuild-tmp", "index.replaced-tmp", "clusters.work"):  # (staging folders too)
         shutil.rmtree(out_dir / name, ignore_errors=True)
 
 

@@ -120,6 +120,16 @@ def storage_report(datastore=None, memory=None) -> dict:
     return out
 
 
+def _streams(retriever, knn: KNNArgs, args: EvalArgs, wins, tokens: TokenFile):
+    """RetoMaton's (or the random-skip kNN-LM's) evaluation order: ``--batch_size`` contiguous streams."""
+    from .retomaton import Automaton, Streams
+
+    if args.save_neighbors:
+        raise KnnlmError("--save_neighbors: the neighbour cache holds one search per token; leave it off with "
+                         "--retomaton / --skip_search_prob")
+    return Streams(Automaton(retriever, knn), wins, tokens.doc_starts, args.batch_size)
+
+
 def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datastore=None,
              knn: Optional[KNNArgs] = None, memory=None, key_point: Optional[str] = None, index=None) -> dict:
     """Scores the validation corpus; returns the metrics (perplexities, token count, throughput).
@@ -147,8 +157,11 @@ def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datast
     timing: dict = {}
     started = time.time()
     batches = (wins[b: b + args.batch_size] for b in range(0, len(wins), args.batch_size))
+    streams = _streams(retriever, knn, args, wins, tokens) if retriever is not None and knn.stateful else None
+    if streams is not None:  # the automaton's state flows along the text: batch_size streams scored side by side
+        batches = streams.batches()
     with tqdm(total=count_targets(wins), unit="tok", desc="eval") as bar:
-        for scores in score_windows(lm, tokens, batches, retriever, memory, knn.lmbda, timing):
+        for scores in score_windows(lm, tokens, batches, retriever, memory, knn.lmbda, timing, searcher=streams):
             lm_nll.add(scores.lm)
             for lam, acc in knn_nll.items():
                 acc.add(scores.knn_lm[lam])
@@ -171,6 +184,9 @@ def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datast
         metrics.update(ppl_knnlm=knn_nll[first].ppl, lmbda=first, k=retriever.k,
                        datastore_N=datastore.N)
         metrics["sweep_knn"] = {str(lam): acc.ppl for lam, acc in knn_nll.items()}
+        metrics.update(streams.automaton.metrics() if streams is not None else
+                       {"searches": lm_nll.count, "steps": lm_nll.count, "foss": 0.0,
+                        "candidates_per_step": float(retriever.k)})
         t_search = timing.get("search_s", 0.0)  # in a worker thread, overlapping the forward passes
         metrics["timing"].update(search_s=t_search, search_queries_per_s=lm_nll.count / max(t_search, 1e-9))
     if memory is not None:

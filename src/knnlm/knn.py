@@ -31,6 +31,12 @@ class KNNArgs:
     search_dtype: str = field(default="float16", metadata={"help": "--search_backend torch: precision of the GEMM that ranks candidates (float16, bfloat16, float32); their distances are then recomputed exactly."})
     search_margin: int = field(default=64, metadata={"help": "--search_backend torch: candidates kept beyond k from the half-precision ranking, so the exact k nearest are among them (docs/scaling.md: recall by margin)."})
     search_nlist: int = field(default=0, metadata={"help": "--search_backend torch: IVF lists (FAISS k-means on the CPU; --nprobe of them searched per query); 0 searches every key."})
+    retomaton: bool = field(default=False, metadata={"help": "RetoMaton (Alon et al. 2022): follow the neighbours whose value was the next token to their successor entries and search only when fewer than --min_knns survive (docs/retomaton.md)."})
+    min_knns: int = field(default=1, metadata={"help": "RetoMaton: search when fewer than this many pointers survive (larger: more searches, closer to the kNN-LM)."})
+    max_knns: int = field(default=1024, metadata={"help": "RetoMaton: at most this many pointer candidates per step (successors first, then their clusters' members)."})
+    no_pointer: bool = field(default=False, metadata={"help": "RetoMaton: search at every step and use no pointers (equals the kNN-LM with exact distances)."})
+    no_clusters: bool = field(default=True, metadata={"help": "RetoMaton: follow pointers to successors only; false also adds the other members of their clusters (`knnlm datastore cluster` first)."})
+    skip_search_prob: float = field(default=0.0, metadata={"help": "A kNN-LM that skips each search with this probability (seeded per position) and uses the LM alone there: RetoMaton's baseline."})
 
     def validate(self) -> None:
         if self.k < 1:
@@ -50,11 +56,25 @@ class KNNArgs:
             raise KnnlmError(f"--search_margin: must be >= 0, got {self.search_margin}")
         if self.search_nlist < 0:
             raise KnnlmError(f"--search_nlist: must be >= 0 (0: no IVF), got {self.search_nlist}")
+        if self.min_knns < 1:
+            raise KnnlmError(f"--min_knns: must be >= 1, got {self.min_knns}")
+        if self.max_knns < 1:
+            raise KnnlmError(f"--max_knns: must be >= 1, got {self.max_knns}")
+        if not 0.0 <= self.skip_search_prob < 1.0:
+            raise KnnlmError(f"--skip_search_prob: must be in [0, 1), got {self.skip_search_prob}")
+        if self.retomaton and self.skip_search_prob > 0:
+            raise KnnlmError("--skip_search_prob: the random-skip kNN-LM is RetoMaton's baseline; pass it without "
+                             "--retomaton true")
         from .search import backend_names
 
         if self.search_backend not in backend_names():
             raise KnnlmError(f"--search_backend: unknown backend {self.search_backend!r}; choose one of "
                              f"{', '.join(backend_names())}")
+
+    @property
+    def stateful(self) -> bool:
+        """Whether scoring a position depends on the positions before it (RetoMaton, random skips)."""
+        return self.retomaton or self.skip_search_prob > 0
 
 
 def _neighbour_logits(dists: torch.Tensor, temp: float) -> torch.Tensor:
@@ -109,13 +129,14 @@ class Retriever:
         # a backend whose distances are already exact (torch): recomputing them would add nothing
         self.recompute = args.recompute_dists and not self.backend.exact_distances
 
-    def search_ids(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def search_ids(self, queries: torch.Tensor, recompute: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [B, d] -> (squared L2 distances float32 [B, k], row ids int64 [B, k]), nearest first; a row the
-        index could not fill has id -1 and distance inf. Distances are exact with ``--recompute_dists``."""
+        index could not fill has id -1 and distance inf. Distances are exact with ``--recompute_dists`` (``recompute``
+        False: the index's own, for a caller that computes exact ones of more rows itself)."""
         dists, ids = self.backend.search(queries, self._k_search)  # [B, k] each
         if self.args.ignore_top:
             dists, ids = dists[:, 1:], ids[:, 1:]
-        if self.recompute:
+        if self.recompute and recompute is not False:
             dists = self.backend.distances(queries, ids)
         return dists, ids
 

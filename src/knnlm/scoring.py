@@ -98,9 +98,10 @@ def _lm_part(lm, at: dict, gold: torch.Tensor, timing: Optional[dict]) -> torch.
     return out
 
 
-def _search(retriever, query: torch.Tensor, timing: Optional[dict]):
+def _search(retriever, query: torch.Tensor, timing: Optional[dict], searcher=None, gold=None, batch=None):
     t0 = time.perf_counter()
-    found = retriever.search(query)  # ([n, k] float32, [n, k] int64)
+    # ([n, k] float32, [n, k] int64); a searcher (RetoMaton's streams) also sees the gold tokens and the windows
+    found = retriever.search(query) if searcher is None else searcher(query, gold, batch)
     _add(timing, "search_s", t0)
     return found
 
@@ -116,6 +117,10 @@ def _finish(scores: Scores, found, retriever, memory, at: dict, lmbdas: Sequence
         per_token = torch.stack([knn] + [interpolate(lm, knn, lam) for lam in mixed]).cpu()  # [1 + λs, n]
         scores.knn = per_token[0]
         scores.knn_lm = {lam: per_token[1 + mixed.index(lam)] if lam != 0 else scores.lm for lam in lmbdas}
+        none = torch.isinf(scores.dists).all(dim=-1).cpu()  # [n] positions without neighbours (a skipped search)
+        if none.any():  # p_knn is the LM's there, so the mixture is the LM itself for every λ
+            scores.knn = torch.where(none, scores.lm, scores.knn)
+            scores.knn_lm = {lam: torch.where(none, scores.lm, v) for lam, v in scores.knn_lm.items()}
     if memory is not None:
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -159,23 +164,27 @@ def encode_windows(lm, tokens: TokenFile, batch: list[Window], points: Sequence[
 
 def score_windows(lm, tokens: TokenFile, batches: Iterable[list[Window]], retriever=None, memory=None,
                   lmbdas: Sequence[float] = (0.25,), timing: Optional[dict] = None,
-                  overlap: bool = True) -> Iterator[Scores]:
+                  overlap: bool = True, searcher=None) -> Iterator[Scores]:
     """Scores each batch of windows (targets in window order); yields one :class:`Scores` per batch, in order.
 
     With a retriever and ``overlap``, a batch's FAISS search runs in a worker thread while the LM encodes the next
     batch (FAISS and torch release the GIL), so on several cores search time hides behind the forward pass; the
-    results are the same either way."""
+    results are the same either way. ``searcher(queries [n, d], gold [n], batch) -> (dists, values)`` replaces
+    ``retriever.search`` (RetoMaton's :class:`knnlm.retomaton.Streams`; called once per batch, in order)."""
     points = key_points(retriever, memory)
     if retriever is None or not overlap:
         for batch in batches:
             at, gold = encode_windows(lm, tokens, batch, points, timing)
-            yield score_positions(lm, at, gold, retriever, memory, lmbdas, timing)
+            scores = Scores(gold=gold, lm=_lm_part(lm, at, gold, timing))
+            found = (_search(retriever, at[retriever.ds.key_point], timing, searcher, gold, batch)
+                     if retriever is not None else None)
+            yield _finish(scores, found, retriever, memory, at, lmbdas, timing)
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="knnlm-search") as pool:
         pending = None  # (scores, at, future of the search) of the previous batch
         for batch in batches:
             at, gold = encode_windows(lm, tokens, batch, points, timing)
-            future = pool.submit(_search, retriever, at[retriever.ds.key_point], timing)
+            future = pool.submit(_search, retriever, at[retriever.ds.key_point], timing, searcher, gold, batch)
             scores = Scores(gold=gold, lm=_lm_part(lm, at, gold, timing))
             if pending is not None:
                 yield _finish(pending[0], pending[2].result(), retriever, memory, pending[1], lmbdas, timing)

@@ -25,6 +25,12 @@ def register(sub) -> None:
     dv.add_argument("datastore", help="datastore folder")
     dv.set_defaults(func=cmd_datastore_verify)
 
+    from ..clusters import ClusterArgs
+
+    dc = add_command(ds_sub, "cluster", ClusterArgs, cmd_datastore_cluster,
+                     help="k-means clusters of the keys for RetoMaton (--retomaton true --no_clusters false); resumable")
+    dc.add_argument("datastore", help="datastore folder")
+
     ix = sub.add_parser("index", help="build a FAISS index over a datastore")
     ix_sub = ix.add_subparsers(dest="action", required=True)
     ib = add_command(ix_sub, "build", IndexArgs, cmd_index_build,
@@ -77,6 +83,19 @@ def cmd_datastore_verify(args) -> int:
               f"sha256 of {', '.join(index['checksums'])} as recorded" if isinstance(index["checksums"], dict)
               else "built for this store, no sha256 recorded"))
           + f" ({time.time() - started:.1f}s)")
+    return 0
+
+
+def cmd_datastore_cluster(args) -> int:
+    from ..clusters import FILE, ClusterArgs, build_clusters
+    from ..datastore import Datastore
+
+    cargs = resolve(ClusterArgs, args, args.config)
+    ds = Datastore.open(args.datastore, flag="datastore")
+    started = time.time()
+    record = build_clusters(ds, cargs)
+    print(f"clusters {ds.dir / FILE}: {cargs.num_clusters} clusters of {ds.N} keys (sizes {record['sizes']['min']}-"
+          f"{record['sizes']['max']}), {time.time() - started:.1f}s")
     return 0
 
 
@@ -241,4 +260,8 @@ def results_table(metrics: dict) -> str:
     for name, key in (("kNN-LM", "sweep_knn"), ("MLP-LM", "sweep_mlp")):
         for lam, ppl in metrics.get(key, {}).items():
             rows.append([name, lam, ppl])
-    return markdown_table(["model", "λ", f"perplexity ({metrics['n_tokens']} tokens)"], rows)
+    table = markdown_table(["model", "λ", f"perplexity ({metrics['n_tokens']} tokens)"], rows)
+    if "searches" in metrics:
+        table += (f"\nkNN searches: {metrics['searches']} of {metrics['steps']} positions (fraction saved "
+                  f"{metrics['foss']:.3f}), {metrics['candidates_per_step']:.1f} neighbours per position\n")
+    return table

@@ -41,6 +41,9 @@ def cmd_generate(args) -> int:
     # what the results are made from: a rerun of other settings replaces them only with --overwrite
     inputs = {**{k: v for k, v in to_dict(margs, aargs, kargs, gargs).items() if k not in ("output_dir", "device")},
               "prompts": prompts}
+    if aargs.datastore and kargs.stateful and gargs.num_beams > 1:
+        raise KnnlmError("--num_beams: RetoMaton / --skip_search_prob follow one path per sequence; use greedy "
+                         "decoding or --do_sample true")
     if gargs.output_dir:  # a model, a datastore, another command's run: refused before the model loads
         claim_output_dir(gargs.output_dir, "generate", None, args.overwrite, own_files=RESULT_FILES)
     started = time.time()
