@@ -24,19 +24,24 @@ def _available_ram() -> int:
 
 
 def resident_keys(datastore) -> torch.Tensor:
-    """The store's keys [N, d] for exact distances: widened to float32 in RAM when that copy fits in
-    ``KEYS_IN_RAM_FRACTION`` of the available memory (random row reads never wait for the disk, and
-    :func:`exact_sq_dists` reads them in place), else a copy-on-write float16 memory map of keys.f16."""
-    n, d = datastore.N, datastore.d
+    """The store's keys [N, d] for exact distances (:func:`resident_rows` of all of keys.f16)."""
+    return resident_rows(datastore.dir / "keys.f16", datastore.d, 0, datastore.N)
+
+
+def resident_rows(path, d: int, start: int, n: int) -> torch.Tensor:
+    """Rows [start, start + n) of a float16 key file [*, d] (a store's keys.f16, or a shard's slice of it) for exact
+    distances: widened to float32 in RAM when that copy fits in ``KEYS_IN_RAM_FRACTION`` of the available memory
+    (random row reads never wait for the disk, and :func:`exact_sq_dists` reads them in place), else a copy-on-write
+    float16 memory map of those rows."""
+    keys16 = np.memmap(path, dtype=np.float16, mode="c", offset=start * d * 2, shape=(n, d))  # writable for torch
     if n * d * 4 <= KEYS_IN_RAM_FRACTION * _available_ram():
         log.info("holding the %d datastore keys in RAM as float32 for exact distances (%.0f MiB)", n, n * d * 4 / 2**20)
         keys = np.empty((n, d), dtype=np.float32)
         for s in range(0, n, 1 << 16):  # widen in slices: no second full-size float16 copy
-            keys[s: s + (1 << 16)] = datastore.keys[s: s + (1 << 16)]
+            keys[s: s + (1 << 16)] = keys16[s: s + (1 << 16)]
         return torch.from_numpy(keys)
     log.info("exact distances read the %d datastore keys from disk (%.0f MiB as float32 do not fit in RAM)",
              n, n * d * 4 / 2**20)
-    keys16 = np.memmap(datastore.dir / "keys.f16", dtype=np.float16, mode="c", shape=(n, d))  # writable for torch
     return torch.from_numpy(keys16)
 
 
