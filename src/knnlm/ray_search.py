@@ -38,6 +38,7 @@ NAMESPACE = "knnlm"  # Ray namespace of served groups: `index serve`, evaluation
 MAX_TASK_RETRIES = 3  # a search on an actor that died is resubmitted this many times (to the restarted actor)
 START_TIMEOUT_S = 300.0  # the shard actors must be placed and loaded within this
 SHARD_RESOURCE = "knnlm_shard_{}"  # a node started with this custom resource gets shard <s>'s actor (docs/ray.md)
+INLINE_BYTES = 64 << 10  # queries up to this size travel inside each call (Ray inlines arguments under 100 KiB)
 PAIR_CHUNK = 1 << 14  # (query, row) pairs per exact-distance step on an actor: [chunk, d] float32 of gathered queries
 
 
@@ -384,8 +385,18 @@ class RayBackend:
             raise
         log.info("ray search over %d shard(s): %s", len(self.actors), "; ".join(_where(d) for d in self.descs))
 
+    def _shared(self, queries: torch.Tensor):
+        """queries [B, d] as every shard's argument: put into the object store once when large (each actor then reads
+        that copy), else passed inline with each call (cheaper than an object-store round trip for a few rows)."""
+        q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
+        return self.ray.put(q) if q.nbytes > INLINE_BYTES else q
+
     def _gather(self, refs: dict) -> dict:
         """{shard: ObjectRef} -> {shard: result}; a shard that failed after Ray's retries is one line naming it."""
+        try:
+            return dict(zip(refs, self.ray.get(list(refs.values()))))
+        except self.ray.exceptions.RayError:
+            pass  # find which shard failed, below
         out = {}
         for s, ref in refs.items():
             try:
@@ -402,7 +413,7 @@ class RayBackend:
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         import faiss
 
-        q = self.ray.put(np.ascontiguousarray(queries.detach().float().cpu().numpy()))  # [B, d], sent once
+        q = self._shared(queries)  # [B, d]
         results = self._gather({s: a.search.remote(q, k, self.args.nprobe) for s, a in enumerate(self.actors)})
         all_d = np.stack([results[s][0] for s in range(len(self.actors))])  # [S, B, k]
         all_i = np.stack([np.where(results[s][1] >= 0, results[s][1].astype(np.int64) + self.bounds[s], -1)
@@ -415,7 +426,7 @@ class RayBackend:
     def distances(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.cpu().long()  # [B, m]
         out = torch.full(ids.shape, math.inf, dtype=torch.float32)
-        q = self.ray.put(np.ascontiguousarray(queries.detach().float().cpu().numpy()))  # [B, d]
+        q = self._shared(queries)  # [B, d]
         refs, where = {}, {}
         for s, actor in enumerate(self.actors):
             lo, hi = self.bounds[s], self.bounds[s + 1]
