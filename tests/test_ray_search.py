@@ -244,3 +244,19 @@ def test_serve_two_evaluations_stop(lm_store, faiss_ppl, tmp_path, capsys):
                  *served]) == 2
     assert "the served group 't27' has 0 shard actor(s)" in capsys.readouterr().err
     assert main(["index", "stop", "t27"]) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pair_distances_equal_the_batch_layout(dtype):
+    """What a shard actor computes for its (query, row) pairs is what exact_sq_dists gives for [B, k] ids."""
+    from knnlm.distances import exact_sq_dists, exact_sq_dists_pairs
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(300, 24, generator=g).to(dtype)  # float32 in RAM, or float16 as a memory map would be
+    queries = torch.randn(5, 24, generator=g)
+    ids = torch.randint(0, 300, (5, 40), generator=g)
+    qrows = torch.arange(5).repeat_interleave(40)
+    got = exact_sq_dists_pairs(keys, queries, qrows, ids.reshape(-1))
+    assert torch.equal(got, exact_sq_dists(keys, queries, ids).reshape(-1))
+    ref = ((keys.double()[ids] - queries.double()[:, None]) ** 2).sum(-1).reshape(-1)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)

@@ -83,3 +83,24 @@ def exact_sq_dists(keys: torch.Tensor, queries: torch.Tensor, ids: torch.Tensor,
     return out
 
 
+def exact_sq_dists_pairs(keys: torch.Tensor, queries: torch.Tensor, qrows: torch.Tensor,
+                         rows: torch.Tensor) -> torch.Tensor:
+    """‖keys[rows[j]] − queries[qrows[j]]‖² for n (query, row) pairs, the same sums of squared differences as
+    :func:`exact_sq_dists`: keys [N, d], queries [B, d] float32, qrows and rows [n] int64 -> [n] float32.
+    Float32 keys in RAM: ``faiss.pairwise_indexed_L2sqr`` reads both rows in place (no gathered copy of queries);
+    otherwise chunks of pairs go through :func:`exact_sq_dists`."""
+    n, d = len(rows), keys.shape[1]
+    if keys.dtype == torch.float32 and keys.is_contiguous() and keys.device.type == "cpu":
+        import faiss
+
+        out = np.empty(n, dtype=np.float32)
+        q_np = np.ascontiguousarray(queries.numpy(), dtype=np.float32)
+        ix, iy = (np.ascontiguousarray(t.numpy(), dtype=np.int64) for t in (qrows, rows))
+        faiss.pairwise_indexed_L2sqr(d, n, faiss.swig_ptr(q_np), faiss.swig_ptr(ix), faiss.swig_ptr(keys.numpy()),
+                                     faiss.swig_ptr(iy), faiss.swig_ptr(out))
+        return torch.from_numpy(out)
+    out = torch.empty(n, dtype=torch.float32, device=keys.device)
+    step = max(1, _RECOMPUTE_FLOATS // d)
+    for s in range(0, n, step):
+        out[s: s + step] = exact_sq_dists(keys, queries[qrows[s: s + step]], rows[s: s + step, None])[:, 0]
+    return out

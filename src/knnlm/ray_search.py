@@ -39,7 +39,6 @@ MAX_TASK_RETRIES = 3  # a search on an actor that died is resubmitted this many 
 START_TIMEOUT_S = 300.0  # the shard actors must be placed and loaded within this
 SHARD_RESOURCE = "knnlm_shard_{}"  # a node started with this custom resource gets shard <s>'s actor (docs/ray.md)
 INLINE_BYTES = 64 << 10  # queries up to this size travel inside each call (Ray inlines arguments under 100 KiB)
-PAIR_CHUNK = 1 << 14  # (query, row) pairs per exact-distance step on an actor: [chunk, d] float32 of gathered queries
 
 
 @dataclass
@@ -194,7 +193,7 @@ class ShardSearcher:
 
     def distances(self, queries: np.ndarray, qrows: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Exact squared L2 of the pairs (queries[qrows[j]], shard row rows[j]): [B, d], [n] int32, [n] int32 -> [n]."""
-        from .distances import exact_sq_dists, resident_rows
+        from .distances import exact_sq_dists_pairs, resident_rows
 
         self._ready()
         if self.keys is None:
@@ -204,12 +203,8 @@ class ShardSearcher:
                                  f"index/shard{self.shard}.keys.f16) is not on this node; copy it there (docs/ray.md)")
             start = 0 if path.endswith(".keys.f16") else self.lo
             self.keys = resident_rows(path, self.d, start, self.rows)  # [rows, d]
-        out = np.empty(len(rows), dtype=np.float32)
-        for s in range(0, len(rows), PAIR_CHUNK):
-            sel = torch.from_numpy(rows[s: s + PAIR_CHUNK].astype(np.int64))[:, None]  # [c, 1]
-            qs = torch.from_numpy(queries[qrows[s: s + PAIR_CHUNK]])  # [c, d], a copy (Ray's arrays are read-only)
-            out[s: s + len(sel)] = exact_sq_dists(self.keys, qs, sel)[:, 0].numpy()
-        return out
+        pairs = (torch.from_numpy(a.astype(np.int64)) for a in (qrows, rows))
+        return exact_sq_dists_pairs(self.keys, torch.from_numpy(np.array(queries)), *pairs).numpy()  # [n]
 
 
 _ACTOR_CLS = None
