@@ -358,6 +358,8 @@ class RayBackend:
     def __init__(self, datastore, args):
         self.ds, self.args = datastore, args
         self.ntotal = int(datastore.N)
+        self.owned, self.actors = False, []
+        self.last_search_s = 0.0  # the slowest shard's own FAISS seconds in the last search (benchmarks/ray_search.py)
         self.ray = connect(args.ray_address)
         expected = _expected(Path(datastore.dir))
         self.bounds = expected["bounds"]
@@ -413,7 +415,7 @@ class RayBackend:
         all_d = np.stack([results[s][0] for s in range(len(self.actors))])  # [S, B, k]
         all_i = np.stack([np.where(results[s][1] >= 0, results[s][1].astype(np.int64) + self.bounds[s], -1)
                           for s in range(len(self.actors))])  # [S, B, k] global rows
-        self.last_search_s = max(r[2] for r in results.values())  # the slowest shard's own FAISS time
+        self.last_search_s = max(r[2] for r in results.values())
         dists, ids = faiss.merge_knn_results(all_d, all_i)  # [B, k] each: IndexShards' merge
         dists, ids = torch.from_numpy(np.ascontiguousarray(dists)), torch.from_numpy(np.ascontiguousarray(ids))
         return dists.masked_fill_(ids < 0, math.inf), ids
@@ -436,7 +438,7 @@ class RayBackend:
 
     def close(self) -> None:
         """Kills the actors this backend started (a served group stays up for others)."""
-        if getattr(self, "owned", False):
+        if self.owned:
             _kill(self.ray, self.actors)
         self.actors = []
 
