@@ -24,19 +24,24 @@ def _available_ram() -> int:
 
 
 def resident_keys(datastore) -> torch.Tensor:
-    """The store's keys [N, d] for exact distances: widened to float32 in RAM when that copy fits in
-    ``KEYS_IN_RAM_FRACTION`` of the available memory (random row reads never wait for the disk, and
-    :func:`exact_sq_dists` reads them in place), else a copy-on-write float16 memory map of keys.f16."""
-    n, d = datastore.N, datastore.d
+    """The store's keys [N, d] for exact distances (:func:`resident_rows` of all of keys.f16)."""
+    return resident_rows(datastore.dir / "keys.f16", datastore.d, 0, datastore.N)
+
+
+def resident_rows(path, d: int, start: int, n: int) -> torch.Tensor:
+    """Rows [start, start + n) of a float16 key file [*, d] (a store's keys.f16, or a shard's slice of it) for exact
+    distances: widened to float32 in RAM when that copy fits in ``KEYS_IN_RAM_FRACTION`` of the available memory
+    (random row reads never wait for the disk, and :func:`exact_sq_dists` reads them in place), else a copy-on-write
+    float16 memory map of those rows."""
+    keys16 = np.memmap(path, dtype=np.float16, mode="c", offset=start * d * 2, shape=(n, d))  # writable for torch
     if n * d * 4 <= KEYS_IN_RAM_FRACTION * _available_ram():
         log.info("holding the %d datastore keys in RAM as float32 for exact distances (%.0f MiB)", n, n * d * 4 / 2**20)
         keys = np.empty((n, d), dtype=np.float32)
         for s in range(0, n, 1 << 16):  # widen in slices: no second full-size float16 copy
-            keys[s: s + (1 << 16)] = datastore.keys[s: s + (1 << 16)]
+            keys[s: s + (1 << 16)] = keys16[s: s + (1 << 16)]
         return torch.from_numpy(keys)
     log.info("exact distances read the %d datastore keys from disk (%.0f MiB as float32 do not fit in RAM)",
              n, n * d * 4 / 2**20)
-    keys16 = np.memmap(datastore.dir / "keys.f16", dtype=np.float16, mode="c", shape=(n, d))  # writable for torch
     return torch.from_numpy(keys16)
 
 
@@ -77,3 +82,24 @@ def exact_sq_dists(keys: torch.Tensor, queries: torch.Tensor, ids: torch.Tensor,
     return out
 
 
+def exact_sq_dists_pairs(keys: torch.Tensor, queries: torch.Tensor, qrows: torch.Tensor,
+                         rows: torch.Tensor) -> torch.Tensor:
+    """‖keys[rows[j]] − queries[qrows[j]]‖² for n (query, row) pairs, the same sums of squared differences as
+    :func:`exact_sq_dists`: keys [N, d], queries [B, d] float32, qrows and rows [n] int64 -> [n] float32.
+    Float32 keys in RAM: ``faiss.pairwise_indexed_L2sqr`` reads both rows in place (no gathered copy of queries);
+    otherwise chunks of pairs go through :func:`exact_sq_dists`."""
+    n, d = len(rows), keys.shape[1]
+    if keys.dtype == torch.float32 and keys.is_contiguous() and keys.device.type == "cpu":
+        import faiss
+
+        out = np.empty(n, dtype=np.float32)
+        q_np = np.ascontiguousarray(queries.numpy(), dtype=np.float32)
+        ix, iy = (np.ascontiguousarray(t.numpy(), dtype=np.int64) for t in (qrows, rows))
+        faiss.pairwise_indexed_L2sqr(d, n, faiss.swig_ptr(q_np), faiss.swig_ptr(ix), faiss.swig_ptr(keys.numpy()),
+                                     faiss.swig_ptr(iy), faiss.swig_ptr(out))
+        return torch.from_numpy(out)
+    out = torch.empty(n, dtype=torch.float32, device=keys.device)
+    step = max(1, _RECOMPUTE_FLOATS // d)
+    for s in range(0, n, step):
+        out[s: s + step] = exact_sq_dists(keys, queries[qrows[s: s + step]], rows[s: s + step, None])[:, 0]
+    return out

@@ -9,6 +9,7 @@ inverted lists on disk with ``faiss.contrib.ondisk.merge_ondisk`` (see docs/scal
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -295,6 +296,31 @@ def _add_shard(ds, idir: Path, s: int, lo: int, hi: int, trained_path: Path, pro
         faiss.write_index(index, str(tmp))
     atomic_write_json(idir / "progress.json", progress)
     partial.unlink(missing_ok=True)
+
+
+def trained_fingerprint(index) -> str:
+    """A hash of what training fixed in ``index`` (linear pre-transforms such as OPQ, the IVF coarse centroids, the PQ
+    / SQ codebooks), not of the vectors added: every shard built from one trained index has the same fingerprint as
+    ``trained.faiss``, and a shard of another build (even of the same store) has another. Untrained kinds (Flat, HNSW)
+    hash only their type, d and metric."""
+    idx = faiss.downcast_index(index)
+    h = hashlib.sha256(f"{type(idx).__name__},{idx.d},{idx.metric_type}".encode())
+    if isinstance(idx, faiss.IndexPreTransform):
+        for i in range(idx.chain.size()):
+            vt = faiss.downcast_VectorTransform(idx.chain.at(i))
+            for name in ("A", "b", "mean"):  # LinearTransform (OPQ, PCA, ITQ) and centring
+                if hasattr(vt, name):
+                    h.update(faiss.vector_to_array(getattr(vt, name)).tobytes())
+        idx = faiss.downcast_index(idx.index)
+    ivf = faiss.try_extract_index_ivf(idx)
+    if ivf is not None:
+        idx = faiss.downcast_index(ivf)
+        h.update(faiss.serialize_index(idx.quantizer).tobytes())  # the coarse centroids
+    if getattr(idx, "pq", None) is not None:
+        h.update(faiss.vector_to_array(idx.pq.centroids).tobytes())
+    if getattr(idx, "sq", None) is not None:
+        h.update(faiss.vector_to_array(idx.sq.trained).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _set_nprobe(index, nprobe: int) -> None:

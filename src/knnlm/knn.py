@@ -27,7 +27,7 @@ class KNNArgs:
     recompute_dists: bool = field(default=False, metadata={"help": "Recompute exact squared L2 distances from the stored keys (needed with PQ indexes)."})
     ignore_top: bool = field(default=False, metadata={"help": "Drop the nearest neighbour (for querying a store with its own training text)."})
     nprobe: int = field(default=32, metadata={"help": "IVF lists visited per query (approximate indexes only)."})
-    search_backend: str = field(default="auto", metadata={"help": "Where the keys are searched: faiss (in-process FAISS index), torch (keys on a torch device: a GPU without GPU FAISS), auto (faiss; torch on a GPU that only torch sees)."})
+    search_backend: str = field(default="auto", metadata={"help": "Where the keys are searched: faiss (in-process FAISS index), torch (keys on a torch device: a GPU without GPU FAISS), ray (the index shards on Ray actors: docs/ray.md), auto (faiss; torch on a GPU that only torch sees)."})
     search_dtype: str = field(default="float16", metadata={"help": "--search_backend torch: precision of the GEMM that ranks candidates (float16, bfloat16, float32); their distances are then recomputed exactly."})
     search_margin: int = field(default=64, metadata={"help": "--search_backend torch: candidates kept beyond k from the half-precision ranking, so the exact k nearest are among them (docs/scaling.md: recall by margin)."})
     search_nlist: int = field(default=0, metadata={"help": "--search_backend torch: IVF lists (FAISS k-means on the CPU; --nprobe of them searched per query); 0 searches every key."})
@@ -37,6 +37,9 @@ class KNNArgs:
     no_pointer: bool = field(default=False, metadata={"help": "RetoMaton: search at every step and use no pointers (equals the kNN-LM with exact distances)."})
     no_clusters: bool = field(default=True, metadata={"help": "RetoMaton: follow pointers to successors only; false also adds the other members of their clusters (`knnlm datastore cluster` first)."})
     skip_search_prob: float = field(default=0.0, metadata={"help": "A kNN-LM that skips each search with this probability (seeded per position) and uses the LM alone there: RetoMaton's baseline."})
+    ray_address: str = field(default="local", metadata={"help": "With --search_backend ray: local (a Ray on this machine for this run), auto (the running cluster: `ray start`), or ray://HOST:PORT."})
+    ray_index: str = field(default="", metadata={"help": "With --search_backend ray: the name of a group of shard actors kept loaded by `knnlm index serve` (else this run starts its own)."})
+    ray_shard_cpus: float = field(default=1.0, metadata={"help": "With --search_backend ray: CPUs Ray reserves for each shard actor it starts; FAISS searches with that many threads."})
 
     def validate(self) -> None:
         if self.k < 1:
@@ -70,6 +73,10 @@ class KNNArgs:
         if self.search_backend not in backend_names():
             raise KnnlmError(f"--search_backend: unknown backend {self.search_backend!r}; choose one of "
                              f"{', '.join(backend_names())}")
+        if self.search_backend == "ray" or self.ray_index:
+            from .ray_search import check_knn_args
+
+            check_knn_args(self)
 
     @property
     def stateful(self) -> bool:

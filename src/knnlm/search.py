@@ -15,6 +15,7 @@ computes them, so a GPU backend keeps them on the GPU). Backends, chosen by ``--
 - ``faiss``: an in-process FAISS index (the store's built index, else an exact Flat one; GPU FAISS where it sees a GPU).
 - ``torch``: the keys on the torch device(s) (:mod:`knnlm.gpu_search`: half-precision candidates, exact re-ranking),
   for GPUs without GPU FAISS; also runs on the CPU.
+- ``ray``: the built index's shard files searched by Ray actors, on one machine or a cluster (:mod:`knnlm.ray_search`).
 - ``auto`` (default): ``faiss``, except ``torch`` where torch sees a GPU, FAISS does not, and the store has no built
   index (the choice made before backends had names).
 
@@ -124,7 +125,7 @@ def backend_names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from . import gpu_search  # noqa: F401  registers "torch"
+    from . import gpu_search, ray_search  # noqa: F401  register "torch" and "ray" (ray itself is imported on use)
 
 
 def make_backend(datastore, args, index=None, use_gpu: bool | None = None) -> SearchBackend:

@@ -36,6 +36,14 @@ def register(sub) -> None:
     ib = add_command(ix_sub, "build", IndexArgs, cmd_index_build,
                      help="Flat / IVF-PQ / any factory string; resumable; recall vs exact search")
     ib.add_argument("datastore", help="datastore folder")
+    from ..ray_search import RayServeArgs
+
+    serve = add_command(ix_sub, "serve", RayServeArgs, cmd_index_serve,
+                        help="keep the index's shards loaded on named Ray actors (--search_backend ray --ray_index NAME)")
+    serve.add_argument("datastore", help="datastore folder (the same path on every Ray node)")
+    stop = add_command(ix_sub, "stop", (), cmd_index_stop, help="stop a group of shard actors started by `knnlm index serve`")
+    stop.add_argument("name", help="the group's --name")
+    stop.add_argument("--ray_address", default=RayServeArgs.ray_address, help="the Ray cluster (auto or ray://HOST:PORT)")
 
     ev = add_command(sub, "eval", (ModelArgs, CorpusArgs, KNNArgs, EvalArgs), cmd_eval,
                      help="perplexity of the LM, kNN-LM and MLP-LM on a corpus")
@@ -110,6 +118,24 @@ def cmd_index_build(args) -> int:
     recall = info.get("recall")
     print(f"index {Path(args.datastore) / 'index'}: {info['factory']} over {info['ntotal']} keys, "
           f"{info['shards']} shard(s), {time.time() - started:.1f}s" + (f"; recall vs exact: {recall}" if recall else ""))
+    return 0
+
+
+def cmd_index_serve(args) -> int:
+    from ..ray_search import RayServeArgs, serve
+
+    sargs = resolve(RayServeArgs, args, args.config)
+    for d in serve(args.datastore, sargs):
+        print(f"shard {d['shard']}: rows {d['bounds'][0]}..{d['bounds'][1]} on node {d['node_ip']} ({d['node_id'][:8]})")
+    print(f"serving {sargs.name}: evaluate with --search_backend ray --ray_address {sargs.ray_address} "
+          f"--ray_index {sargs.name}; stop with `knnlm index stop {sargs.name}`")
+    return 0
+
+
+def cmd_index_stop(args) -> int:
+    from ..ray_search import stop
+
+    print(f"stopped {args.name}: {stop(args.name, args.ray_address)} shard actor(s)")
     return 0
 
 
