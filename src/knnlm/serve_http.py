@@ -320,6 +320,10 @@ class CompletionServer(HTTPServer):
         finally:
             with self._cond:
                 self._looping = False
+            for key, _ in sel.select(0):  # requests that arrived before the stop are served, not dropped
+                if isinstance(key.data, _Conn):
+                    self._unwatch(key.data)
+                    self._dispatch(key.data)
             for conn in list(self._idle):
                 self._unwatch(conn)
                 self._close(conn)
