@@ -119,6 +119,11 @@ class Detokenizer:
         self.read = len(self.ids)  # ids up to here have given their text
         self.prefix = max(0, self.read - _DETOK_WINDOW)  # decoding starts here
 
+    def copy(self) -> "Detokenizer":
+        twin = Detokenizer(self.decode)
+        twin.ids, twin.read, twin.prefix = list(self.ids), self.read, self.prefix
+        return twin
+
     @property
     def pending(self) -> bool:
         """Whether tokens have arrived whose text is held back (an incomplete character so far)."""
@@ -194,6 +199,11 @@ class Choice:
             self.tops.append(None if first else self.engine.top_dict(logp[t - 1], tok, self.req.logprobs))
         self.n_echo = len(ids)
         self._settle()
+
+    def echo_as(self, other: "Choice") -> None:
+        """The echoed prompt of ``other`` (another choice of the same prompt), without decoding it again."""
+        self.texts, self.lps, self.tops = list(other.texts), list(other.lps), list(other.tops)
+        self.detok, self.n_echo, self.ready = other.detok.copy(), other.n_echo, other.ready
 
     def add(self, tok: int, logp: torch.Tensor) -> None:
         """One generated token; ``logp`` [V]: the log-probs of the distribution it was chosen from."""
@@ -452,8 +462,10 @@ class CompletionEngine:
                 group = [Choice(self, p * req.n + j, ids, req) for j in range(req.n)]
                 if req.echo:
                     logp = self._prompt_log_probs(ids) if req.logprobs is not None else None  # [T, V]
+                    group[0].echo(ids, logp)
                     for choice in group:
-                        choice.echo(ids, logp)
+                        if choice is not group[0]:
+                            choice.echo_as(group[0])
                         if emit is not None:
                             emit(choice)
                 if req.max_tokens and not self.abort.is_set():
