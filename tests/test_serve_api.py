@@ -467,9 +467,8 @@ def test_n_sampled_choices_are_seeded_and_scored_by_the_model(server, tiny_lm):
         seq, want = list(ids), []
         for tok_text, lp in zip(c["logprobs"]["tokens"], c["logprobs"]["token_logprobs"]):
             ref = _log_softmax(tiny_lm, seq)[-1]
-            tok = next(t for t in torch.argsort(ref, descending=True).tolist()
-                       if abs(float(ref[t]) - lp) < 1e-5 and tiny_lm.tokenizer.decode([t]) == tok_text)
-            seq.append(tok)
+            same = [t for t in torch.nonzero((ref - lp).abs() < 1e-5).flatten().tolist()]  # tokens of that log-prob
+            seq.append(next((t for t in same if tiny_lm.tokenizer.decode([t]) == tok_text), same[0]))
         assert tiny_lm.tokenizer.decode(seq[len(ids):]) == c["text"]
     assert r["usage"]["completion_tokens"] == 18
 

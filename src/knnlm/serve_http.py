@@ -416,13 +416,15 @@ class CompletionServer(HTTPServer):
             if conn is None:
                 return
             try:
-                self._serve(conn)
+                keep = self._serve(conn)
             finally:
                 self._slots.release()
-                self._end(conn)
+                self._end(conn)  # before the hand-back: the loop may give the connection to another worker at once
+            if keep:
+                self._hand_back(conn)
 
-    def _serve(self, conn: _Conn) -> None:
-        """Serves the requests that have arrived on ``conn``; hands it back to the loop when it falls silent."""
+    def _serve(self, conn: _Conn) -> bool:
+        """Serves the requests that have arrived on ``conn``; True when it stays open (silent now), else closes it."""
         h = conn.handler
         try:
             while True:
@@ -431,14 +433,18 @@ class CompletionServer(HTTPServer):
                 if h.close_connection or self.stopping:
                     break
                 if not self._has_buffered(conn):  # a pipelined request is served at once; else back to the loop
-                    with self._cond:
-                        if self._looping:
-                            self._returned.put(conn)
-                            self._wake()
-                            return
-                    break
+                    return True
         except Exception:
             self.handle_error(conn.sock, conn.address)
+        self._close(conn)
+        return False
+
+    def _hand_back(self, conn: _Conn) -> None:
+        with self._cond:
+            if self._looping:
+                self._returned.put(conn)
+                self._wake()
+                return
         self._close(conn)
 
     def _has_buffered(self, conn: _Conn) -> bool:
