@@ -207,6 +207,20 @@ def _request(body: bytes, length: str | None = "auto", method: str = "POST", pat
     (_request(b'{"prompt": [true, false]}'), 400, "prompt"),
     (_request(b'{"prompt": "a", "model": 5}'), 400, "`model` must be a string"),
     (_request(b'{"prompt": "a", "n": "2"}'), 400, "`n`"),
+    (_request(b'{"prompt": "a\\ud800b", "max_tokens": 1}'), 400, "`prompt` holds a lone surrogate (U+D800 at character 1)"),
+    (_request(b'{"prompt": "a", "stop": ["\\udfff"]}'), 400, "`stop` holds a lone surrogate"),
+    (_request(b'{"prompt": "a", "seed": 1180591620717411303424}'), 400, "`seed` must be a 64-bit signed integer"),
+    (_request(b'{"prompt": "a", "seed": -9223372036854775809}'), 400, "`seed` must be a 64-bit signed integer"),
+    (_request(b'{"prompt": "a", "top_p": 0}'), 400, "`top_p` must be in (0, 1]"),
+    (_request(b'{"prompt": "a", "top_p": 1.5}'), 400, "`top_p` must be in (0, 1]"),
+    (_request(b'{"prompt": "a", "frequency_penalty": 1.5}'), 400, "`frequency_penalty`: penalising repeated tokens is not supported"),
+    (_request(b'{"prompt": "a", "presence_penalty": -1}'), 400, "`presence_penalty`"),
+    (_request(b'{"prompt": "a", "logit_bias": {"50256": -100}}'), 400, "`logit_bias`"),
+    (_request(b'{"prompt": "a", "suffix": "end"}'), 400, "`suffix`"),
+    (_request(b'{"prompt": "a", "best_of": 3}'), 400, "`best_of` = 3 with n = 1"),
+    (_request(b'{"prompt": "a", "n": 17}'), 400, "`n` must be an integer in [1, 16] (knnlm serve --max_n), got 17"),
+    (_request(b'{"prompt": "a", "n": 0}'), 400, "`n` must be an integer in [1, 16]"),
+    (_request(b'{"prompt": "a", "stream_options": {"include_usage": true}}'), 400, "only allowed with stream=true"),
     (_request(b'"just a string"'), 400, "JSON object"),
     (_request(b'{"prompt": "a"}', method="PUT"), 405, "not allowed"),
     (b"GARBAGE\r\n\r\n", 400, "Bad request"),
@@ -366,6 +380,307 @@ def test_cli_serve_subprocess(tiny_gpt2_dir, tiny_lm):
         proc.send_signal(signal.SIGTERM)  # handled like Ctrl-C: shut down, exit 0
         assert proc.wait(timeout=30) == 0
         assert "stopping" in proc.stdout.read()
+
+
+# ------------------------------------------------------------------------------------ serve: sampling, n, streaming
+def _client(url: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=url, api_key="EMPTY", max_retries=0, timeout=60)
+
+
+def _collect(stream) -> tuple[dict, list]:
+    """Streamed completion chunks -> ({index: {"text", "tokens", "token_logprobs", "finish_reason"}}, usage chunks)."""
+    out, usage = {}, []
+    for chunk in stream:
+        if not chunk.choices:
+            usage.append(chunk.usage)
+        for c in chunk.choices:
+            acc = out.setdefault(c.index, {"text": "", "tokens": [], "token_logprobs": [], "finish_reason": None})
+            acc["text"] += c.text
+            if c.logprobs is not None:
+                acc["tokens"] += c.logprobs.tokens
+                acc["token_logprobs"] += c.logprobs.token_logprobs
+            assert acc["finish_reason"] is None  # nothing comes after a choice's finish reason
+            acc["finish_reason"] = c.finish_reason
+    return out, usage
+
+
+@pytest.mark.parametrize("extra", [{}, {"echo": True, "logprobs": 2}, {"stop": "STOP"}])
+def test_streamed_chunks_equal_the_non_streamed_greedy_text(server, tiny_lm, extra):
+    """The openai client, greedy, 2 prompts x n = 2: the concatenated chunks of each choice are the whole answer."""
+    client = _client(server.url)
+    prompts = ["the cat sat on", "h\u00e9llo w\u00f6rld"]
+    kw = {"model": tiny_lm.name, "prompt": prompts, "max_tokens": 12, "temperature": 0, "n": 2, **extra}
+    if extra.get("stop"):  # a stop string the greedy text contains, in its middle
+        text = client.completions.create(**{**kw, "stop": None}).choices[0].text
+        kw["stop"] = text[len(text) // 3: len(text) // 3 + 4]
+    whole = client.completions.create(**kw)
+    streamed, usage = _collect(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert sorted(streamed) == [c.index for c in whole.choices] == [0, 1, 2, 3]
+    for c in whole.choices:
+        assert streamed[c.index]["text"] == c.text and streamed[c.index]["finish_reason"] == c.finish_reason
+        if c.logprobs is not None:
+            assert streamed[c.index]["tokens"] == c.logprobs.tokens
+            assert streamed[c.index]["token_logprobs"] == c.logprobs.token_logprobs
+    assert whole.choices[0].text == whole.choices[1].text  # greedy: n copies of one answer
+    if extra.get("stop"):
+        assert kw["stop"] not in whole.choices[0].text and whole.choices[0].finish_reason == "stop"
+        assert text.startswith(whole.choices[0].text) and len(whole.choices[0].text) == text.find(kw["stop"])
+    if extra.get("echo"):
+        assert whole.choices[0].text.startswith(prompts[0]) and whole.choices[2].text.startswith(prompts[1])
+    assert len(usage) == 1 and usage[0].completion_tokens == whole.usage.completion_tokens
+    assert usage[0].prompt_tokens == whole.usage.prompt_tokens == sum(len(tiny_lm.encode(p)) for p in prompts)
+
+
+def test_stream_is_server_sent_events_ending_with_done(server):
+    req = urllib.request.Request(server.url + "/completions", data=json.dumps(
+        {"prompt": "the cat", "max_tokens": 3, "temperature": 0, "stream": True}).encode())
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.headers["Content-Type"] == "text/event-stream" and r.headers["Transfer-Encoding"] == "chunked"
+        events = r.read().decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""] and all(e.startswith("data: {") for e in events[:-2])
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+
+
+def test_client_leaving_mid_stream_does_not_stop_the_server(server):
+    body = json.dumps({"prompt": "the cat", "max_tokens": 100, "temperature": 0, "stream": True}).encode()
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert s.recv(100).startswith(b"HTTP/1.1 200")
+    assert _post(server.url + "/completions", {"prompt": "a", "max_tokens": 1})[0] == 200
+
+
+def test_n_sampled_choices_are_seeded_and_scored_by_the_model(server, tiny_lm):
+    """n = 3 samples at T = 1: reproducible with a seed, not all equal, and each token's log-prob is the model's own."""
+    body = {"prompt": "the", "max_tokens": 6, "n": 3, "seed": 11, "logprobs": 0}
+    status, r = _post(server.url + "/completions", body)
+    assert status == 200 and [c["index"] for c in r["choices"]] == [0, 1, 2]
+    assert _post(server.url + "/completions", body)[1]["choices"] == r["choices"]
+    texts = [c["text"] for c in r["choices"]]
+    assert len(set(texts)) > 1, texts
+    ids = tiny_lm.encode("the")
+    for c in r["choices"]:
+        seq, want = list(ids), []
+        for tok_text, lp in zip(c["logprobs"]["tokens"], c["logprobs"]["token_logprobs"]):
+            ref = _log_softmax(tiny_lm, seq)[-1]
+            same = [t for t in torch.nonzero((ref - lp).abs() < 1e-5).flatten().tolist()]  # tokens of that log-prob
+            seq.append(next((t for t in same if tiny_lm.tokenizer.decode([t]) == tok_text), same[0]))
+        assert tiny_lm.tokenizer.decode(seq[len(ids):]) == c["text"]
+    assert r["usage"]["completion_tokens"] == 18
+
+
+def test_top_p_is_nucleus_sampling(server, tiny_lm):
+    """top_p so small that only the most likely token is in the nucleus: sampling at T = 1 gives the greedy text."""
+    greedy = _post(server.url + "/completions", {"prompt": "the cat", "max_tokens": 8, "temperature": 0})[1]
+    for seed in (1, 2):
+        nucleus = _post(server.url + "/completions", {"prompt": "the cat", "max_tokens": 8, "top_p": 1e-6,
+                                                      "seed": seed})[1]
+        assert nucleus["choices"][0]["text"] == greedy["choices"][0]["text"]
+    full = [_post(server.url + "/completions", {"prompt": "the cat", "max_tokens": 8, "top_p": 1.0, "seed": s})[1]
+            for s in (1, 2)]
+    assert greedy["choices"][0]["text"] not in [f["choices"][0]["text"] for f in full]
+    neutral = {"prompt": "a", "max_tokens": 1, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {},
+               "best_of": 1, "seed": (1 << 63) - 1}
+    assert _post(server.url + "/completions", neutral)[0] == 200
+
+
+def test_multibyte_characters_survive_echo_and_detokenization(server, tiny_lm):
+    from knnlm.serve import Detokenizer
+
+    prompt = "日本語 🙂 ok"
+    status, r = _post(server.url + "/completions", {"prompt": prompt, "echo": True, "max_tokens": 0, "logprobs": 0})
+    c = r["choices"][0]
+    assert status == 200 and c["text"] == prompt and "".join(c["logprobs"]["tokens"]) == prompt
+    assert len(c["logprobs"]["tokens"]) == len(tiny_lm.encode(prompt)) > len(prompt.split())  # bytes split across
+    assert c["logprobs"]["text_offset"] == [sum(map(len, c["logprobs"]["tokens"][:i])) for i in range(len(
+        c["logprobs"]["tokens"]))]
+    decode = server.engine.decode
+    ids = tiny_lm.encode("x 日本 " + prompt)  # generated tokens after a context: pushed one at a time
+    cut = len(tiny_lm.encode("x 日"))
+    d = Detokenizer(decode, ids[:cut])
+    pieces = [d.push(t) for t in ids[cut:]]
+    assert "".join(pieces) + d.flush() == decode(ids)[len(decode(ids[:cut])):] and "\ufffd" not in "".join(pieces)
+    d = Detokenizer(decode, [])
+    half = tiny_lm.encode("🙂")[:1]  # a sequence that ends inside a character: its bytes come out at the end
+    assert d.push(half[0]) == "" and d.pending and d.flush() == decode(half)
+
+
+# ------------------------------------------------------------------------------------------ serve: connections, stop
+def _host_port(srv) -> tuple[str, int]:
+    return srv.server_address[0], srv.server_address[1]
+
+
+def _is_open(sock) -> bool:
+    """Whether the server has left ``sock`` open (no FIN or reset waiting to be read)."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.settimeout(timeout)
+
+
+def test_idle_connections_do_not_starve_workers(tiny_lm):
+    """With 2 workers, 10 silent connections (never sending) and an idle keep-alive: a request is answered while
+    they all stay open (before: it waited for them to time out)."""
+    import http.client
+
+    srv, thread = start_server(tiny_lm, ServeArgs(port=0, workers=2, max_queue=0, request_timeout_s=120))
+    try:
+        silent = [socket.create_connection(_host_port(srv), timeout=30) for _ in range(10)]
+        keep = http.client.HTTPConnection(*_host_port(srv), timeout=30)
+        keep.request("GET", "/health")
+        assert keep.getresponse().read() == b'{"status": "ok"}'
+        status, r = _post(srv.url + "/completions", {"prompt": "a", "max_tokens": 1})
+        assert status == 200 and srv.rejected == 0
+        assert all(_is_open(s) for s in silent) and _is_open(keep.sock)
+        keep.request("GET", "/health")  # the kept-alive connection still serves
+        assert keep.getresponse().status == 200
+        for s in silent:
+            s.close()
+    finally:
+        srv.stop()
+        srv.server_close()
+        thread.join(timeout=10)
+
+
+def _partial_request(srv, body: bytes, sent: int):
+    """A connection that has sent headers and the first ``sent`` bytes of ``body``: a request in flight."""
+    s = socket.create_connection(_host_port(srv), timeout=30)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:sent]))
+    return s
+
+
+def _refused(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+        return False
+    except ConnectionRefusedError:
+        return True
+
+
+def _read_response(sock) -> tuple[str, dict]:
+    buf = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    head, body = buf.split(b"\r\n\r\n", 1)
+    return head.decode("latin-1"), json.loads(body)
+
+
+def test_graceful_stop_answers_in_flight_and_closes_idle_connections(tiny_lm):
+    """stop(): new connections refused at once, an idle keep-alive closed, a request in flight (its body still
+    arriving) answered with Connection: close, then stop returns with nothing cut."""
+    import http.client
+
+    srv, thread = start_server(tiny_lm, ServeArgs(port=0, request_timeout_s=120, shutdown_grace_s=60))
+    host, port = _host_port(srv)
+    keep = http.client.HTTPConnection(host, port, timeout=30)
+    keep.request("GET", "/health")
+    keep.getresponse().read()
+    body = json.dumps({"prompt": "the cat", "max_tokens": 2, "temperature": 0}).encode()
+    inflight = _partial_request(srv, body, 5)
+    for _ in range(200):  # the server has handed the request to a worker
+        if srv._active:
+            break
+        time.sleep(0.01)
+    result = []
+    stopper = threading.Thread(target=lambda: result.append(srv.stop()))
+    stopper.start()
+    for _ in range(500):
+        if _refused(host, port):
+            break
+        time.sleep(0.01)
+    assert _refused(host, port)
+    assert keep.sock.recv(1) == b""  # the idle keep-alive was closed
+    assert stopper.is_alive()  # still waiting for the request in flight
+    inflight.sendall(body[5:])
+    head, r = _read_response(inflight)
+    stopper.join(timeout=30)
+    assert head.startswith("HTTP/1.1 200") and "Connection: close" in head
+    assert r["choices"][0]["text"] == _post_direct(tiny_lm, "the cat", 2)
+    assert result == [0] and not stopper.is_alive()
+    srv.server_close()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def _post_direct(lm, prompt: str, n: int) -> str:
+    """The greedy continuation recomputed without a KV cache."""
+    seq = lm.encode(prompt)
+    start = len(seq)
+    for _ in range(n):
+        seq.append(int(torch.argmax(_log_softmax(lm, seq)[-1])))
+    return lm.tokenizer.decode(seq[start:])
+
+
+def test_graceful_stop_cuts_what_outlives_the_grace_period(tiny_lm):
+    srv, thread = start_server(tiny_lm, ServeArgs(port=0, request_timeout_s=120, shutdown_grace_s=0.2))
+    stalled = _partial_request(srv, b'{"prompt": "a", "max_tokens": 1}', 3)  # never completed
+    for _ in range(200):
+        if srv._active:
+            break
+        time.sleep(0.01)
+    assert srv.stop() == 1
+    assert stalled.recv(1) == b""
+    srv.server_close()
+    thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_cli_serve_stops_on_signal_with_an_idle_openai_connection(tiny_gpt2_dir, tiny_lm, sig):
+    """The real CLI: the openai client's idle keep-alive connection open, a request in flight, then SIGTERM/SIGINT:
+    new connections refused, the request answered, exit 0 within --shutdown_grace_s (before: still running 30 s
+    after `kill`, until the idle connection timed out)."""
+    port, grace = _free_port(), 20
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "knnlm", "serve", "--model_name_or_path", str(tiny_gpt2_dir),
+                             "--device", "cpu", "--port", str(port), "--request_timeout_s", "120",
+                             "--shutdown_grace_s", str(grace)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=REPO)
+    try:
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/v1" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        client = _client(f"http://127.0.0.1:{port}/v1")
+        assert client.completions.create(model=str(tiny_gpt2_dir), prompt="the cat", max_tokens=2).choices
+        body = json.dumps({"prompt": "the cat", "max_tokens": 2, "temperature": 0}).encode()
+        inflight = socket.create_connection(("127.0.0.1", port), timeout=30)
+        inflight.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # answered: the connection is accepted
+        got = b""
+        while not got.endswith(b'{"status": "ok"}'):
+            chunk = inflight.recv(65536)
+            assert chunk, got
+            got += chunk
+        inflight.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body[:5]))
+        proc.send_signal(sig)
+        for _ in range(1000):
+            if _refused("127.0.0.1", port):
+                break
+            time.sleep(0.01)
+        assert _refused("127.0.0.1", port)
+        inflight.sendall(body[5:])
+        head, r = _read_response(inflight)
+        assert head.startswith("HTTP/1.1 200") and r["choices"][0]["text"] == _post_direct(tiny_lm, "the cat", 2)
+        assert proc.wait(timeout=grace) == 0
+        out = proc.stdout.read()
+        assert "stopping" in out and "stopped\n" in out
+        client.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # ------------------------------------------------------------------------------------------------------------ scorer

@@ -1,36 +1,35 @@
 """`knnlm serve`: a minimal OpenAI-compatible completions endpoint with log-probabilities over a local HF model.
 
 ``POST /v1/completions`` takes ``model``, ``prompt`` (a string, a list of strings, a list of token ids or a list of such
-lists), ``max_tokens`` (0 allowed), ``echo``, ``logprobs`` (int: how many alternatives per position), ``temperature``
-(0 = greedy), ``seed`` and ``stop`` (strings that end the generated text, which excludes them). Each choice carries
-``logprobs`` = ``tokens``, ``token_logprobs``, ``top_logprobs`` and ``text_offset`` as the legacy OpenAI API and vLLM
-return them: with ``echo`` the prompt's tokens come first, the first one with a null log-probability (nothing
-predicts it). ``GET /v1/models`` lists the one served model.
+lists), ``max_tokens`` (0 allowed with ``echo``), ``echo``, ``logprobs`` (int: how many alternatives per position),
+``temperature`` (0 = greedy), ``top_p``, ``seed``, ``stop`` (strings that end the generated text, which excludes them),
+``n`` (choices per prompt, up to ``--max_n``), ``best_of`` (only equal to ``n``) and ``stream`` (server-sent events in
+the OpenAI chunk format, ending with ``data: [DONE]``; ``stream_options.include_usage`` adds a usage chunk). Each choice
+carries ``logprobs`` = ``tokens``, ``token_logprobs``, ``top_logprobs`` and ``text_offset`` as the legacy OpenAI API and
+vLLM return them: with ``echo`` the prompt's tokens come first, the first one with a null log-probability (nothing
+predicts it). ``frequency_penalty``, ``presence_penalty``, ``logit_bias`` and ``suffix`` are refused with a 400 unless
+they are their neutral value. ``GET /v1/models`` lists the one served model.
 
-Log-probabilities are the model's raw ``log_softmax`` (float32), independent of ``temperature``. With a model augmented
-by :func:`knnlm.augmented.augment` (``knnlm serve --datastore``) they are log p_knnlm, and generation samples from it.
-The server is meant for local scoring: it binds 127.0.0.1 by default and checks a bearer key only when one is set.
+Completions come from the model's own ``generate`` (the sampling path of ``knnlm generate``): greedy, or sampling with
+temperature and nucleus (``top_p``) from the distribution the model's logits define, with none of the model's own
+``generation_config`` sampling settings (top-k, repetition penalty...) applied. Log-probabilities are the model's raw
+``log_softmax`` (float32), independent of ``temperature`` and ``top_p``. With a model augmented by
+:func:`knnlm.augmented.augment` (``knnlm serve --datastore``) they are log p_knnlm, and generation samples from it.
 
-Robustness: every malformed request gets a 4xx JSON error (bad JSON, non-UTF-8 bodies, NaN/Infinity, nesting too deep,
-wrong types, a missing, invalid or lying Content-Length). Connections are served by a bounded pool of ``--workers``
-threads with up to ``--max_queue`` more waiting, behind a listen backlog of ``REQUEST_QUEUE_SIZE``; a connection beyond
-that capacity is answered 503 with ``Retry-After`` (its request is read first, so the client sees the answer rather
-than a reset). The model computes one request at a time.
+Token texts are detokenized incrementally: a token that ends inside a multi-byte character adds ``""`` and the token
+completing the character carries all of it, so the tokens of a choice always join to its text.
+The HTTP side (connections, capacity, graceful stop) is :mod:`knnlm.serve_http`.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
-import socket
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -38,11 +37,16 @@ from .errors import KnnlmError
 
 log = logging.getLogger(__name__)
 
-_DETOK_WINDOW = 6  # tokens of left context used to decode one token's text (incremental detokenization)
-REQUEST_QUEUE_SIZE = 256  # listen backlog: connections the kernel holds before accept (http.server's default is 5)
-MAX_BODY_BYTES = 8 << 20  # a larger Content-Length is refused with 413
+_DETOK_WINDOW = 6  # tokens of left context a prompt-less choice decodes its first token with
 MIN_TEMPERATURE = 1e-5  # below this (but > 0) logits / T overflow; 0 means greedy (vLLM's _SAMPLING_EPS)
-RETRY_AFTER_S = 1
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # torch seeds are 64-bit; this range maps one-to-one onto them
+# generation_config fields that would change the distribution: set to their neutral values so that a model's own
+# generation_config.json (a repetition penalty, n-gram blocking...) does not leak into OpenAI-style sampling
+_NEUTRAL_GENERATION = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+                       "min_length": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+# OpenAI request fields this server does not implement, with the value that means "off" (accepted)
+_REFUSED = {"frequency_penalty": (0, "penalising repeated tokens"), "presence_penalty": (0, "penalising present tokens"),
+            "logit_bias": ({}, "biasing logits"), "suffix": ("", "insertion (a suffix)")}
 
 
 @dataclass
@@ -52,21 +56,27 @@ class ServeArgs:
     served_model_name: Optional[str] = field(default=None, metadata={"help": "Model name clients send in `model` (default: --model_name_or_path)."})
     api_key: Optional[str] = field(default=None, metadata={"help": "When set, requests must send `Authorization: Bearer <key>`."})
     max_logprobs: int = field(default=20, metadata={"help": "Largest `logprobs` a request may ask for."})
-    workers: int = field(default=32, metadata={"help": "Threads serving connections (the model itself computes one request at a time)."})
-    max_queue: int = field(default=64, metadata={"help": "Connections that may wait for a worker; beyond workers + max_queue a request gets 503 with Retry-After."})
-    request_timeout_s: float = field(default=30.0, metadata={"help": "Seconds a connection may stay silent (an idle keep-alive, or a body shorter than its Content-Length: 408)."})
+    max_n: int = field(default=16, metadata={"help": "Largest `n` (choices per prompt) a request may ask for."})
+    workers: int = field(default=32, metadata={"help": "Threads serving requests (the model itself computes one request at a time); an idle keep-alive connection holds none."})
+    max_queue: int = field(default=64, metadata={"help": "Requests that may wait for a worker; beyond workers + max_queue a request gets 503 with Retry-After."})
+    request_timeout_s: float = field(default=30.0, metadata={"help": "Seconds a connection may stay silent (an idle keep-alive is closed; a body shorter than its Content-Length gets 408)."})
+    shutdown_grace_s: float = field(default=10.0, metadata={"help": "On SIGTERM / SIGINT: seconds requests in flight may take to finish (no new connections are accepted, idle ones are closed at once)."})
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise KnnlmError(f"--port: {self.port} is not a TCP port; use 0-65535")
         if self.max_logprobs < 0:
             raise KnnlmError("--max_logprobs: must be >= 0")
+        if self.max_n < 1:
+            raise KnnlmError(f"--max_n: must be >= 1, got {self.max_n}")
         if self.workers < 1:
             raise KnnlmError(f"--workers: must be >= 1, got {self.workers}")
         if self.max_queue < 0:
             raise KnnlmError(f"--max_queue: must be >= 0, got {self.max_queue}")
         if not self.request_timeout_s > 0:
             raise KnnlmError(f"--request_timeout_s: must be > 0, got {self.request_timeout_s}")
+        if not (math.isfinite(self.shutdown_grace_s) and self.shutdown_grace_s >= 0):
+            raise KnnlmError(f"--shutdown_grace_s: must be a finite number >= 0, got {self.shutdown_grace_s}")
 
 
 class ApiError(Exception):
@@ -80,39 +90,220 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
 
 
+@dataclass
+class Request:
+    """A parsed, checked ``/v1/completions`` body."""
+    prompts: list[list[int]]
+    max_tokens: int = 16
+    logprobs: Optional[int] = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    echo: bool = False
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+
+
+# ------------------------------------------------------------------------------------------------------- detokenizing
+class Detokenizer:
+    """The text each new token adds to a sequence's decoded text (special tokens add '').
+
+    Decodes a short window ``ids[prefix:]`` against ``ids[prefix:read]`` (so tokenizers that strip a leading space see
+    the same context on both sides) and holds text back while it ends in U+FFFD: a token ending inside a multi-byte
+    character adds '' and the token that completes the character adds all of it."""
+
+    def __init__(self, decode: Callable[[list[int]], str], context: list[int] = ()):
+        self.decode, self.ids = decode, list(context)
+        self.read = len(self.ids)  # ids up to here have given their text
+        self.prefix = max(0, self.read - _DETOK_WINDOW)  # decoding starts here
+
+    def copy(self) -> "Detokenizer":
+        twin = Detokenizer(self.decode)
+        twin.ids, twin.read, twin.prefix = list(self.ids), self.read, self.prefix
+        return twin
+
+    @property
+    def pending(self) -> bool:
+        """Whether tokens have arrived whose text is held back (an incomplete character so far)."""
+        return self.read < len(self.ids)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        new = self.decode(self.ids[self.prefix:])
+        if new.endswith("\ufffd"):
+            return ""
+        return self._advance(new)
+
+    def flush(self) -> str:
+        """What held-back tokens add, incomplete characters included (the end of the sequence)."""
+        return self._advance(self.decode(self.ids[self.prefix:])) if self.pending else ""
+
+    def _advance(self, new: str) -> str:
+        before = self.decode(self.ids[self.prefix:self.read])
+        common = len(before) if new.startswith(before) else _common_prefix(before, new)
+        self.prefix, self.read = self.read, len(self.ids)
+        return new[common:]
+
+
+def _common_prefix(a: str, b: str) -> int:
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _holdback(text: str, stops: list[str]) -> int:
+    """Characters at the end of ``text`` that may be the start of a stop string (not yet known to be output)."""
+    best = 0
+    for st in stops:
+        for k in range(min(len(st) - 1, len(text)), best, -1):
+            if text.endswith(st[:k]):
+                best = k
+                break
+    return best
+
+
+# ------------------------------------------------------------------------------------------------------------ choices
+class Choice:
+    """One choice of a completion, built token by token: its pieces (text, log-prob, top alternatives per token) and
+    how many of them are final. Streaming sends the final pieces as they come; both paths build the same pieces."""
+
+    def __init__(self, engine: "CompletionEngine", index: int, ids: list[int], req: Request):
+        self.engine, self.index, self.req = engine, index, req
+        self.detok = Detokenizer(engine.decode, [] if req.echo else ids)
+        self.texts: list[str] = []  # one per token: echoed prompt tokens first, then generated ones
+        self.lps: list[Optional[float]] = []
+        self.tops: list[Optional[dict]] = []
+        self.n_echo = 0  # pieces that are the echoed prompt
+        self.ready = 0  # pieces that can no longer change
+        self.sent = 0  # pieces streamed so far
+        self.finish_reason: Optional[str] = None
+        self._reported = False
+
+    @property
+    def n_new(self) -> int:
+        return len(self.texts) - self.n_echo
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def echo(self, ids: list[int], logp: Optional[torch.Tensor]) -> None:
+        """The prompt's pieces; ``logp`` [T, V]: the log-probs at each prompt position (None without logprobs)."""
+        for t, tok in enumerate(ids):
+            self.texts.append(self.detok.push(tok))
+            first = t == 0 or logp is None
+            self.lps.append(None if first else float(logp[t - 1, tok]))
+            self.tops.append(None if first else self.engine.top_dict(logp[t - 1], tok, self.req.logprobs))
+        self.n_echo = len(ids)
+        self._settle()
+
+    def echo_as(self, other: "Choice") -> None:
+        """The echoed prompt of ``other`` (another choice of the same prompt), without decoding it again."""
+        self.texts, self.lps, self.tops = list(other.texts), list(other.lps), list(other.tops)
+        self.detok, self.n_echo, self.ready = other.detok.copy(), other.n_echo, other.ready
+
+    def add(self, tok: int, logp: torch.Tensor) -> None:
+        """One generated token; ``logp`` [V]: the log-probs of the distribution it was chosen from."""
+        self.texts.append(self.detok.push(tok))
+        want = self.req.logprobs
+        self.lps.append(float(logp[tok]) if want is not None else None)
+        self.tops.append(self.engine.top_dict(logp, tok, want) if want is not None else None)
+        if tok == self.engine.lm.eos_token_id:
+            self.finish("stop")
+        else:
+            self._settle()
+
+    def finish(self, reason: str = "length") -> None:
+        """The end of generation (EOS, max_tokens, or no generation at all); a choice cut at a stop string has ended
+        already (held-back bytes lie after the cut)."""
+        if self.finished:
+            return
+        rest = self.detok.flush()
+        if rest and self.texts:
+            self.texts[-1] += rest
+        self.finish_reason = reason
+        self._settle()
+
+    def _settle(self) -> None:
+        """Cuts the text at the first stop string (which ends the choice) and moves ``ready`` up to the pieces no
+        later token can change: not a piece with held-back bytes, nor text that may begin a stop string."""
+        stops, gen = self.req.stop, self.texts[self.n_echo:]
+        text = "".join(gen)
+        cut = min((i for i in (text.find(st) for st in stops) if i >= 0), default=None)
+        if cut is not None:  # the text ends before the stop string; the tokens up to it stay, the last one clipped
+            kept, pos = [], 0
+            for piece in gen:
+                if pos >= cut and kept:
+                    break
+                kept.append(piece[: max(0, cut - pos)])
+                pos += len(piece)
+            end = self.n_echo + len(kept)
+            self.texts[self.n_echo:] = kept
+            del self.lps[end:], self.tops[end:]
+            self.finish_reason = "stop"
+        if self.finished:
+            self.ready = len(self.texts)
+            return
+        limit, pos, ready = len(text) - _holdback(text, stops), 0, self.n_echo
+        for piece in gen:
+            pos += len(piece)
+            if pos > limit:
+                break
+            ready += 1
+        if self.detok.pending and ready == len(self.texts):
+            ready -= 1  # the last piece still gets the rest of its character
+        self.ready = max(self.ready, ready)
+
+    def _logprobs(self, lo: int, hi: int) -> Optional[dict]:
+        if self.req.logprobs is None:
+            return None
+        start = sum(len(t) for t in self.texts[:lo])
+        offsets = []
+        for piece in self.texts[lo:hi]:
+            offsets.append(start)
+            start += len(piece)
+        return {"tokens": self.texts[lo:hi], "token_logprobs": self.lps[lo:hi], "top_logprobs": self.tops[lo:hi],
+                "text_offset": offsets}
+
+    def result(self) -> dict:
+        """The whole choice (a non-streamed response)."""
+        return {"index": self.index, "text": "".join(self.texts), "logprobs": self._logprobs(0, len(self.texts)),
+                "finish_reason": self.finish_reason}
+
+    def chunk(self) -> Optional[dict]:
+        """The pieces that became final since the last chunk (and the finish reason once all are), or None."""
+        lo, hi = self.sent, self.ready
+        done = self.finished and hi == len(self.texts) and not self._reported
+        if hi == lo and not done:
+            return None
+        self.sent, self._reported = hi, self._reported or done
+        return {"index": self.index, "text": "".join(self.texts[lo:hi]), "logprobs": self._logprobs(lo, hi),
+                "finish_reason": self.finish_reason if done else None}
+
+
 # ------------------------------------------------------------------------------------------------------------ engine
 class CompletionEngine:
     """Answers completion requests with one local LM (``knnlm.models.LM``). One request computes at a time."""
 
-    def __init__(self, lm, name: str | None = None, max_logprobs: int = 20):
-        self.lm, self.name, self.max_logprobs = lm, name or lm.name, max_logprobs
+    def __init__(self, lm, name: str | None = None, max_logprobs: int = 20, max_n: int = 16):
+        self.lm, self.name, self.max_logprobs, self.max_n = lm, name or lm.name, max_logprobs, max_n
         self.created = int(time.time())
+        self.abort = threading.Event()  # set by a server that stops: generation ends at the next token
         self._lock = threading.Lock()
-        # the KV-cache argument was renamed from past_key_values to cache in transformers 5
-        params = inspect.signature(getattr(lm, "base", lm.model).forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        # only the last position's logits are needed while generating (and, augmented, only it is queried)
-        self._keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     # -- tokens <-> text
-    def _decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int]) -> str:
         return self.lm.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def token_texts(self, ids: list[int], context: list[int] = ()) -> list[str]:
-        """The text each token adds to the decoded string (special tokens add ''); ``context`` precedes ``ids``."""
-        seq, out = list(context) + list(ids), []
-        for i in range(len(context), len(seq)):
-            start = max(0, i - _DETOK_WINDOW)
-            before = self._decode(seq[start:i])
-            out.append(self._decode(seq[start:i + 1])[len(before):])
-        return out
-
-    def _top_dict(self, logp: torch.Tensor, chosen: int, n: int) -> dict[str, float]:
+    def top_dict(self, logp: torch.Tensor, chosen: int, n: int) -> dict[str, float]:
         """The ``n`` most likely tokens at one position plus the chosen one, as {token text: log-prob}."""
         top = torch.topk(logp, n).indices.tolist() if n > 0 else []
         if chosen not in top:
             top.append(chosen)
-        return {self._decode([t]): float(logp[t]) for t in top}
+        return {self.decode([t]): float(logp[t]) for t in top}
 
     # -- model
     @torch.no_grad()
@@ -122,34 +313,58 @@ class CompletionEngine:
         logits = self.lm.model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0]  # [T, V]
         return torch.log_softmax(logits.float(), dim=-1).cpu()
 
-    @torch.no_grad()
-    def _generate(self, ids: list[int], max_tokens: int, temperature: float, seed: int | None, stop=()):
-        """Greedy (temperature 0) or sampled continuation: (new ids, [n, V] log-probs of each step's distribution).
+    def _generation_config(self, req: Request):
+        from transformers import GenerationConfig
 
-        Stops after EOS, ``max_tokens``, or the first token that completes one of the ``stop`` strings."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        x = torch.tensor([ids], dtype=torch.long, device=self.lm.device)  # [1, T]
-        past, new, steps = None, [], []
+        from .augmented import GenerateArgs
+
+        sampling = GenerateArgs(max_new_tokens=req.max_tokens, do_sample=req.temperature > 0,
+                                temperature=req.temperature or 1.0, top_k=0, top_p=req.top_p)
         eos = self.lm.eos_token_id
-        for _ in range(max_tokens):
-            out = self.lm.model(input_ids=x, use_cache=True, **self._keep, **{self._cache_kw: past})
-            past = getattr(out, self._cache_kw)
-            logits = out.logits[0, -1].float().cpu()  # [V]
-            logp = torch.log_softmax(logits, dim=-1)
-            if temperature == 0:
-                tok = int(torch.argmax(logits))
-            else:
-                tok = int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen))
-            new.append(tok)
-            steps.append(logp)
-            if tok == eos or (stop and any(st in self._decode(new) for st in stop)):
-                break
-            x = torch.tensor([[tok]], dtype=torch.long, device=self.lm.device)
-        return new, steps
+        pad = self.lm.tokenizer.pad_token_id
+        return GenerationConfig(**_NEUTRAL_GENERATION, **sampling.generation_kwargs(), eos_token_id=eos,
+                                pad_token_id=eos if pad is None else pad)
+
+    @torch.no_grad()
+    def _generate(self, ids: list[int], req: Request, group: list[Choice], emit) -> None:
+        """``model.generate`` for the ``len(group)`` choices of one prompt (a batch of copies); each new token goes to
+        its choice as it is chosen, with the log-probs of the distribution it came from (a forward hook reads them).
+        A choice that meets a stop string ends there while the others go on."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        step = {}
+
+        def record(module, args, out):  # registered after any augmentation hook: sees log p_knnlm
+            step["logp"] = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [n, V]
+
+        engine = self
+
+        class Feed(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):  # input_ids [n, T + t]: the new tokens are the last
+                logp, done = step.pop("logp"), []
+                for i, (choice, tok) in enumerate(zip(group, input_ids[:, -1].tolist())):
+                    if not choice.finished:
+                        choice.add(tok, logp[i])
+                        if emit is not None:
+                            emit(choice)
+                    done.append(choice.finished or engine.abort.is_set())
+                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+        x = torch.tensor([ids] * len(group), dtype=torch.long, device=self.lm.device)  # [n, T]
+        if req.seed is not None:
+            torch.manual_seed(req.seed)
+        else:
+            torch.seed()
+        hook = self.lm.model.register_forward_hook(record)
+        try:
+            self.lm.model.generate(x, attention_mask=torch.ones_like(x), generation_config=self._generation_config(req),
+                                   stopping_criteria=StoppingCriteriaList([Feed()]))
+        finally:
+            hook.remove()
 
     # -- request
-    def _prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
-        """Normalises ``prompt`` to a list of (text or None, token ids)."""
+    def _prompts(self, prompt) -> list[list[int]]:
+        """Normalises ``prompt`` to a list of token-id lists."""
         if isinstance(prompt, str):
             prompt = [prompt]
         if not isinstance(prompt, list) or not prompt:
@@ -159,17 +374,19 @@ class CompletionEngine:
         out = []
         for p in prompt:
             if isinstance(p, str):
-                out.append((p, list(self.lm.encode(p))))
+                _check_unicode(p, "prompt")
+                out.append(list(self.lm.encode(p)))
             elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool)
                                                    and 0 <= t < self.lm.vocab_size for t in p):
-                out.append((None, list(p)))
+                out.append(list(p))
             else:
                 raise ApiError(400, "each prompt must be a non-empty string or a non-empty list of valid token ids", "prompt")
-            if not out[-1][1]:
+            if not out[-1]:
                 raise ApiError(400, "a prompt encodes to no tokens", "prompt")
         return out
 
-    def _parse(self, body: dict) -> dict:
+    def parse(self, body) -> Request:
+        """Checks a request body; every problem is an ApiError (4xx) raised before any computation."""
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         model = body.get("model")
@@ -178,6 +395,10 @@ class CompletionEngine:
         if model is not None and model != self.name:
             raise ApiError(404, f"The model `{model}` does not exist; this server serves `{self.name}`", "model",
                            "NotFoundError")
+        for name, (off, what) in _REFUSED.items():
+            if body.get(name) not in (None, off):
+                raise ApiError(400, f"`{name}`: {what} is not supported by knnlm serve; leave it out (or {json.dumps(off)})",
+                               name)
         max_tokens = _field(body, "max_tokens", int, 16)
         if max_tokens < 0:
             raise ApiError(400, "`max_tokens` must be an integer >= 0", "max_tokens")
@@ -194,76 +415,87 @@ class CompletionEngine:
         if 0 < temperature < MIN_TEMPERATURE:
             raise ApiError(400, f"`temperature` {temperature} is too small to sample with (the logits would "
                                 f"overflow); use 0 for greedy decoding or a value >= {MIN_TEMPERATURE}", "temperature")
+        top_p = float(_field(body, "top_p", float, 1.0))
+        if not 0 < top_p <= 1:
+            raise ApiError(400, f"`top_p` must be in (0, 1], got {top_p}", "top_p")
         echo = _field(body, "echo", bool, False)
-        if _field(body, "stream", bool, False) or _field(body, "n", int, 1) != 1:
-            raise ApiError(400, "only n=1 without streaming is supported", "n")
         if not echo and max_tokens == 0:
             raise ApiError(400, "max_tokens=0 returns nothing without echo=true", "max_tokens")
+        n = _field(body, "n", int, 1)
+        if not 1 <= n <= self.max_n:
+            raise ApiError(400, f"`n` must be an integer in [1, {self.max_n}] (knnlm serve --max_n), got {n}", "n")
+        best_of = _field(body, "best_of", int, None)
+        if best_of is not None and best_of != n:
+            raise ApiError(400, f"`best_of` = {best_of} with n = {n}: choosing the best of extra candidates is not "
+                                "supported; leave best_of out (or equal to n)", "best_of")
+        stream = _field(body, "stream", bool, False)
+        options = body.get("stream_options")
+        if options is not None and (not stream or not isinstance(options, dict)):
+            raise ApiError(400, "`stream_options` must be an object, and is only allowed with stream=true",
+                           "stream_options")
+        include_usage = _field(options or {}, "include_usage", bool, False)
         seed = _field(body, "seed", int, None)
+        if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise ApiError(400, f"`seed` must be a 64-bit signed integer (from -2**63 to 2**63 - 1), got "
+                                f"{str(seed)[:30]}", "seed")
         stop = body.get("stop")
         stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
         if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(x, str) and x for x in stop):
             raise ApiError(400, "`stop` must be a non-empty string or a list of at most 16 of them", "stop")
-        return {"prompts": self._prompts(body.get("prompt")), "max_tokens": max_tokens, "logprobs": logprobs,
-                "temperature": temperature, "echo": echo, "seed": seed, "stop": stop}
-
-    def _choice(self, index: int, ids: list[int], req: dict) -> tuple[dict, int]:
+        for st in stop:
+            _check_unicode(st, "stop")
+        prompts = self._prompts(body.get("prompt"))
         n_ctx = self.lm.max_positions
-        if len(ids) + req["max_tokens"] > n_ctx:
-            raise ApiError(400, f"This model's maximum context length is {n_ctx} tokens; the prompt has {len(ids)} "
-                                f"and max_tokens is {req['max_tokens']}", "prompt")
-        want = req["logprobs"]
-        tokens, token_lps, tops = [], [], []
-        if req["echo"]:
-            tokens = self.token_texts(ids)
-            token_lps.append(None)
-            tops.append(None)
-            if want is not None:
-                logp = self._prompt_log_probs(ids)  # [T, V]
-                for t in range(1, len(ids)):
-                    token_lps.append(float(logp[t - 1, ids[t]]))
-                    tops.append(self._top_dict(logp[t - 1], ids[t], want))
-        new, steps = self._generate(ids, req["max_tokens"], req["temperature"], req["seed"], req["stop"]) \
-            if req["max_tokens"] else ([], [])
-        new_texts = self.token_texts(new, context=ids)
-        cut = min((i for i in ("".join(new_texts).find(st) for st in req["stop"]) if i >= 0), default=None)
-        if cut is not None:  # the text ends before the stop string; the tokens up to it stay, the last one clipped
-            kept, pos = [], 0
-            for piece in new_texts:
-                if pos >= cut and kept:
-                    break
-                kept.append(piece[: max(0, cut - pos)])
-                pos += len(piece)
-            new_texts, new, steps = kept, new[: len(kept)], steps[: len(kept)]
-        tokens += new_texts
-        if want is not None:
-            for tok, logp in zip(new, steps):
-                token_lps.append(float(logp[tok]))
-                tops.append(self._top_dict(logp, tok, want))
-        text = "".join(tokens) if req["echo"] else "".join(new_texts)
-        logprobs = None
-        if want is not None:
-            offsets, pos = [], 0
-            for piece in tokens:
-                offsets.append(pos)
-                pos += len(piece)
-            logprobs = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-        finish = "stop" if cut is not None or (new and new[-1] == self.lm.eos_token_id) else "length"
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}, len(new)
+        for ids in prompts:
+            if len(ids) + max_tokens > n_ctx:
+                raise ApiError(400, f"This model's maximum context length is {n_ctx} tokens; the prompt has "
+                                    f"{len(ids)} and max_tokens is {max_tokens}", "prompt")
+        return Request(prompts=prompts, max_tokens=max_tokens, logprobs=logprobs, temperature=temperature, top_p=top_p,
+                       echo=echo, seed=seed, stop=stop, n=n, stream=stream, include_usage=include_usage)
+
+    def run(self, req: Request, emit: Optional[Callable[[Choice], None]] = None) -> list[Choice]:
+        """Computes every choice (prompt by prompt, ``n`` each; index = prompt * n + j). ``emit(choice)`` is called
+        whenever a choice may have new final pieces (streaming); it runs with the model held."""
+        out = []
+        with self._lock:
+            for p, ids in enumerate(req.prompts):
+                group = [Choice(self, p * req.n + j, ids, req) for j in range(req.n)]
+                if req.echo:
+                    logp = self._prompt_log_probs(ids) if req.logprobs is not None else None  # [T, V]
+                    group[0].echo(ids, logp)
+                    for choice in group:
+                        if choice is not group[0]:
+                            choice.echo_as(group[0])
+                        if emit is not None:
+                            emit(choice)
+                if req.max_tokens and not self.abort.is_set():
+                    self._generate(ids, req, group, emit)
+                for choice in group:
+                    choice.finish()
+                    if emit is not None:
+                        emit(choice)
+                out += group
+        return out
+
+    def response(self, req: Request, choices: list[Choice]) -> dict:
+        """The response body of a non-streamed request."""
+        return {**self.chunk_head(), "choices": [c.result() for c in choices], "usage": self.usage(req, choices)}
+
+    def chunk_head(self, cid: str | None = None) -> dict:
+        return {"id": cid or f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.name}
+
+    @staticmethod
+    def usage(req: Request, choices: list[Choice]) -> dict:
+        n_prompt, n_new = sum(len(ids) for ids in req.prompts), sum(c.n_new for c in choices)
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
 
     def complete(self, body: dict) -> dict:
-        """One ``/v1/completions`` request body -> the response body (raises ApiError on a bad request)."""
-        req = self._parse(body)
-        choices, n_prompt, n_new = [], 0, 0
-        with self._lock:
-            for i, (_, ids) in enumerate(req["prompts"]):
-                choice, generated = self._choice(i, ids, req)
-                choices.append(choice)
-                n_prompt += len(ids)
-                n_new += generated
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.name, "choices": choices,
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}}
+        """One non-streamed ``/v1/completions`` request body -> the response body (raises ApiError on a bad request)."""
+        req = self.parse(body)
+        if req.stream:
+            raise ApiError(400, "stream=true needs the HTTP server (knnlm serve)", "stream")
+        return self.response(req, self.run(req))
 
     def models(self) -> dict:
         card = {"id": self.name, "object": "model", "created": self.created, "owned_by": "knnlm",
@@ -285,7 +517,18 @@ def _field(body: dict, name: str, kind: type, default):
     if not ok:
         what = {int: "an integer", float: "a number", bool: "true or false"}[kind]
         raise ApiError(400, f"`{name}` must be {what}, got {json.dumps(value)[:40]}", name)
+    if kind is float and not math.isfinite(float(value)):
+        raise ApiError(400, f"`{name}` must be a finite number, got {value}", name)
     return value
+
+
+def _check_unicode(text: str, name: str) -> None:
+    """A JSON string may hold a lone UTF-16 surrogate (``"\\ud800"``), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"`{name}` holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), "
+                            "which is not a character; send valid Unicode (pair it or drop it)", name) from None
 
 
 def _reject_constant(name: str):
@@ -306,213 +549,15 @@ def parse_body(raw: bytes):
         raise ApiError(400, f"the request body is not valid JSON ({str(e)[:80]})") from None
 
 
-# ------------------------------------------------------------------------------------------------------------ HTTP
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "knnlm-serve"
-    protocol_version = "HTTP/1.1"
+def start_server(lm, args: ServeArgs):
+    """Starts serving ``lm`` in a background thread -> (server, thread); stop with ``server.stop()`` (graceful, then
+    closed) or ``server.shutdown(); server.server_close()``."""
+    from .serve_http import CompletionServer
 
-    def setup(self):
-        self.timeout = self.server.request_timeout_s  # socket timeout: idle keep-alives and short bodies end
-        super().setup()
-
-    def log_message(self, fmt, *args):  # route http.server's access log through logging
-        log.debug("%s %s", self.address_string(), fmt % args)
-
-    def _send(self, status: int, body: dict, headers: dict | None = None) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (bad request line, header too long, unknown method) as JSON bodies."""
-        self.close_connection = True
-        if self.request_version == "HTTP/0.9":  # an unparsable request line: answer with a status line anyway
-            self.request_version = "HTTP/1.0"
-        try:
-            self._send(code, ApiError(code, message or self.responses.get(code, ("error",))[0]).body())
-        except OSError:
-            pass
-
-    def _error(self, e: ApiError, close: bool = False) -> None:
-        if close:  # the rest of the connection cannot be parsed: answer, then close without a reset
-            self.close_connection = True
-        self._send(e.status, e.body())
-        if close:
-            _drain(self.connection)
-
-    def _authorized(self) -> bool:
-        key = self.server.api_key
-        if key and self.headers.get("Authorization") != f"Bearer {key}":
-            self._send(401, ApiError(401, "missing or wrong API key", kind="authentication_error").body())
-            return False
-        return True
-
-    def _read_body(self) -> bytes:
-        """The request body by Content-Length; ApiError (411, 400, 413, 408) when it is missing, invalid or short."""
-        if self.headers.get("Transfer-Encoding"):
-            raise ApiError(411, "chunked bodies are not supported; send a Content-Length")
-        value = self.headers.get("Content-Length")
-        if value is None:
-            raise ApiError(411, "a POST needs a Content-Length header")
-        if not value.strip().isdigit():
-            raise ApiError(400, f"Content-Length {value[:40]!r} is not a non-negative integer")
-        length = int(value)
-        if length > MAX_BODY_BYTES:
-            raise ApiError(413, f"the body ({length} bytes) exceeds {MAX_BODY_BYTES} bytes")
-        chunks, got = [], 0
-        try:
-            while got < length:  # read1: what has arrived is kept when the socket times out
-                chunk = self.rfile.read1(length - got)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                got += len(chunk)
-        except (TimeoutError, socket.timeout):
-            pass
-        raw = b"".join(chunks)
-        if len(raw) != length:
-            raise ApiError(408, f"the body ended after {len(raw)} of the {length} bytes its Content-Length announced")
-        return raw
-
-    def do_GET(self):
-        path = self.path.split("?")[0].rstrip("/")
-        if path == "/health":
-            self._send(200, {"status": "ok"})
-        elif path == "/v1/models":
-            if self._authorized():
-                self._send(200, self.server.engine.models())
-        else:
-            self._send(404, ApiError(404, f"no route GET {path}", kind="not_found_error").body())
-
-    def do_POST(self):
-        path = self.path.split("?")[0].rstrip("/")
-        try:
-            raw = self._read_body()
-        except ApiError as e:
-            self._error(e, close=True)
-            return
-        if not self._authorized():
-            return
-        if path != "/v1/completions":
-            self._send(404, ApiError(404, f"no route POST {path}; this server offers /v1/completions",
-                                     kind="not_found_error").body())
-            return
-        try:
-            self._send(200, self.server.engine.complete(parse_body(raw)))
-        except ApiError as e:
-            self._send(e.status, e.body())
-        except Exception as e:  # a bug or an out-of-memory: answer 500 and keep serving
-            log.exception("completion failed")
-            self._send(500, ApiError(500, f"{type(e).__name__}: {e}", kind="server_error").body())
-
-    def _not_allowed(self):
-        self.close_connection = True
-        self._send(405, ApiError(405, f"method {self.command} is not allowed; use GET or POST").body(),
-                   {"Allow": "GET, POST"})
-        _drain(self.connection)
-
-    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed
-
-
-class _BusyHandler(_Handler):
-    """Answers any request with 503 + Retry-After, after reading it (closing on unread data would reset)."""
-
-    def _busy(self):
-        try:
-            self._read_body() if self.command == "POST" else None
-        except ApiError:
-            pass
-        self.close_connection = True
-        self._send(503, ApiError(503, f"the server is at capacity ({self.server.workers} workers, "
-                                      f"{self.server.max_queue} waiting); retry after {RETRY_AFTER_S} s",
-                                 kind="server_overloaded").body(), {"Retry-After": str(RETRY_AFTER_S)})
-        _drain(self.connection)
-
-    do_GET = do_POST = _busy
-
-
-def _drain(sock, limit: int = 1 << 20, wait_s: float = 0.5) -> None:
-    """Half-closes ``sock`` and reads what the client still sends, so that closing it sends FIN, not RST."""
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(wait_s)
-        got = 0
-        while got < limit:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            got += len(chunk)
-    except OSError:
-        pass
-
-
-class CompletionServer(HTTPServer):
-    """An HTTP server with a bounded worker pool: ``workers`` threads, ``max_queue`` waiting connections, and 503 +
-    Retry-After (from at most ``workers`` short-lived threads) for connections beyond that."""
-
-    request_queue_size = REQUEST_QUEUE_SIZE
-    allow_reuse_address = True
-
-    def __init__(self, engine: CompletionEngine, host: str, port: int, api_key: str | None = None, workers: int = 32,
-                 max_queue: int = 64, request_timeout_s: float = 30.0):
-        self.engine, self.api_key = engine, api_key
-        self.workers, self.max_queue, self.request_timeout_s = workers, max_queue, request_timeout_s
-        self._slots = threading.BoundedSemaphore(workers + max_queue)
-        self._reject_slots = threading.BoundedSemaphore(workers)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="knnlm-serve")
-        self.rejected = 0
-        try:
-            super().__init__((host, port), _Handler)
-        except OSError as e:
-            self._pool.shutdown(wait=False)
-            raise KnnlmError(f"--port: cannot bind {host}:{port} ({e.strerror}); pick another port or stop the "
-                             "process using it") from None
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}/v1"
-
-    def process_request(self, request, client_address):
-        if self._slots.acquire(blocking=False):
-            self._pool.submit(self._serve, request, client_address, _Handler, self._slots)
-        elif self._reject_slots.acquire(blocking=False):
-            self.rejected += 1
-            threading.Thread(target=self._serve, args=(request, client_address, _BusyHandler, self._reject_slots),
-                             daemon=True).start()
-        else:  # even the rejecters are busy: close at once (the kernel may reset it)
-            self.rejected += 1
-            self.shutdown_request(request)
-
-    def _serve(self, request, client_address, handler, slots) -> None:
-        try:
-            handler(request, client_address, self)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
-            slots.release()
-
-    def handle_error(self, request, client_address):  # a client that went away: not worth a traceback
-        log.debug("connection from %s ended with an error", client_address, exc_info=True)
-
-    def server_close(self):
-        super().server_close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def start_server(lm, args: ServeArgs) -> tuple[CompletionServer, threading.Thread]:
-    """Starts serving ``lm`` in a background thread; stop with ``server.shutdown(); server.server_close()``."""
-    engine = CompletionEngine(lm, args.served_model_name, args.max_logprobs)
+    engine = CompletionEngine(lm, args.served_model_name, args.max_logprobs, args.max_n)
     server = CompletionServer(engine, args.host, args.port, args.api_key, workers=args.workers,
-                              max_queue=args.max_queue, request_timeout_s=args.request_timeout_s)
+                              max_queue=args.max_queue, request_timeout_s=args.request_timeout_s,
+                              shutdown_grace_s=args.shutdown_grace_s)
     thread = threading.Thread(target=server.serve_forever, name="knnlm-serve", daemon=True)
     thread.start()
     log.info("serving %s at %s", engine.name, server.url)

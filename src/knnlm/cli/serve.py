@@ -3,6 +3,7 @@ the kNN-LM (--datastore) or MLP-LM (--mlp_memory) built on it."""
 from __future__ import annotations
 
 import signal
+import threading
 
 from ..config import add_command, resolve
 
@@ -31,22 +32,26 @@ def cmd_serve(args) -> int:
     lm = load_model(margs)
     model = augment_from_args(lm, aargs, kargs)
     server, thread = start_server(lm, sargs)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):  # the first SIGTERM / SIGINT stops gracefully, a second one cuts the grace short
+        if stop.is_set():
+            server.force()
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     what = f" ({model.knnlm.summary()})" if model is not None else ""
-    print(f"serving {server.engine.name}{what} at {server.url} (POST /completions, GET /models); Ctrl-C stops",
-          flush=True)
+    print(f"serving {server.engine.name}{what} at {server.url} (POST /completions, GET /models); Ctrl-C or SIGTERM "
+          "stops", flush=True)
     if sargs.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: bound to {sargs.host}: reachable from other machines" +
               ("" if sargs.api_key else "; set --api_key to require a key"), flush=True)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops it as cleanly as Ctrl-C
-    try:
-        thread.join()
-    except KeyboardInterrupt:
-        print("stopping", flush=True)
-    finally:
-        server.shutdown()
-        server.server_close()
+    while thread.is_alive() and not stop.wait(1.0):
+        pass
+    print(f"stopping: no new connections; requests in flight get up to {sargs.shutdown_grace_s:g} s "
+          "(--shutdown_grace_s); a second signal stops at once", flush=True)
+    cut = server.stop()
+    server.server_close()
+    print(f"stopped ({cut} request(s) cut off)" if cut else "stopped", flush=True)
     return 0
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
