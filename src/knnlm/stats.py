@@ -7,6 +7,9 @@ the (1 − level)/2 and (1 + level)/2 quantiles. The point estimate is the stati
 
       bootstrap_ci(logp, lambda x: math.exp(-x.mean()), n_boot=1000, seed=0)
 
+- :func:`block_bootstrap_ci`: a statistic of the *means* of several per-token arrays, resampling blocks of consecutive
+  tokens (neighbouring tokens of a text are not independent): the projection's perplexities and shares and the memory's
+  share of kNN's gain use it, so both studies' intervals mean the same thing.
 - :func:`paired_bootstrap_ci`: several arrays measured on the same units, resampled with the *same* indices (a paired
   design: LM, kNN-LM and projection scores of the same tokens), e.g. the share of kNN's gain recovered::
 
@@ -40,9 +43,21 @@ class Interval:
     def as_dict(self) -> dict:
         return {"point": self.point, "lo": self.lo, "hi": self.hi, "level": self.level, "n_boot": self.n_boot}
 
-    def fmt(self, digits: int = 2) -> str:
-        """'12.34 [12.01, 12.70]'."""
-        return f"{self.point:.{digits}f} [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
+    def fmt(self, digits: int = 2, sign: str = "") -> str:
+        """'12.34 [12.01, 12.70]' (``sign="+"``: '+0.06 [-0.01, +0.12]')."""
+        spec = f"{sign}.{digits}f"
+        return f"{self.point:{spec}} [{self.lo:{spec}}, {self.hi:{spec}}]"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Interval":
+        """The inverse of :meth:`as_dict`."""
+        return cls(float(d["point"]), float(d["lo"]), float(d["hi"]), float(d.get("level", 0.95)),
+                   int(d.get("n_boot", 0)))
+
+    @classmethod
+    def exact(cls, value: float) -> "Interval":
+        """A measured quantity with no sampling spread (a byte ratio): its interval is the point itself."""
+        return cls(float(value), float(value), float(value), 0.95, 0)
 
 
 def bootstrap_samples(arrays: Sequence[np.ndarray], stat: Callable[..., float], n_boot: int = 1000,
@@ -91,6 +106,30 @@ def paired_bootstrap_ci(arrays: Sequence, stat: Callable[..., float], n_boot: in
     arrays = [np.asarray(a) for a in arrays]
     samples = bootstrap_samples(arrays, stat, n_boot, seed)
     return _interval(float(stat(*arrays)), samples, level)
+
+
+def block_bootstrap_ci(arrays: Sequence, stat_of_means: Callable[..., float], block: int = 256, n_boot: int = 1000,
+                       seed: int = 0, level: float = 0.95) -> Interval:
+    """Percentile bootstrap interval of ``stat_of_means(*[mean of each array])`` over per-token arrays ([n] each, paired:
+    the same tokens), resampling blocks of ``block`` consecutive tokens with replacement (the last block may be
+    shorter; a resample's means weigh every drawn token equally)."""
+    arrays = [np.asarray(a, dtype=np.float64) for a in arrays]
+    n = len(arrays[0]) if arrays else 0
+    if not arrays or any(len(a) != n for a in arrays):
+        raise KnnlmError(f"bootstrap: paired arrays must have the same length, got {[len(a) for a in arrays]}")
+    if n == 0:
+        raise KnnlmError("bootstrap: empty sample")
+    unit = np.arange(n) // block
+    n_units = int(unit[-1]) + 1
+    counts = np.bincount(unit, minlength=n_units).astype(np.float64)  # [U]
+    sums = [np.bincount(unit, weights=a, minlength=n_units) for a in arrays]  # [U] each
+
+    def stat(idx: np.ndarray) -> float:
+        total = counts[idx].sum()
+        return float(stat_of_means(*(s[idx].sum() / total for s in sums)))
+
+    samples = bootstrap_samples([np.arange(n_units)], stat, n_boot, seed)
+    return _interval(stat(np.arange(n_units)), samples, level)
 
 
 def bootstrap_interval(n_units: int, statistic: Callable[[np.ndarray], float], n_resamples: int = 10000,
