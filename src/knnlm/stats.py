@@ -10,6 +10,8 @@ the (1 − level)/2 and (1 + level)/2 quantiles. The point estimate is the stati
 - :func:`block_bootstrap_ci`: a statistic of the *means* of several per-token arrays, resampling blocks of consecutive
   tokens (neighbouring tokens of a text are not independent): the projection's perplexities and shares and the memory's
   share of kNN's gain use it, so both studies' intervals mean the same thing.
+- :func:`hierarchical_bootstrap` (and :func:`paired_bootstrap` of differences): two levels, units (seeds) and items
+  within each unit (test examples), optionally stratified: the over-specification study's intervals.
 - :func:`paired_bootstrap_ci`: several arrays measured on the same units, resampled with the *same* indices (a paired
   design: LM, kNN-LM and projection scores of the same tokens), e.g. the share of kNN's gain recovered::
 
@@ -22,12 +24,13 @@ bounded for large samples. The statistic gets numpy arrays and must return a flo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from .errors import KnnlmError
 
+BLOCK_TOKENS = 256  # the block of consecutive tokens a text's intervals resample (neighbours are not independent)
 _CHUNK_ELEMENTS = 4_000_000  # index draws held at once (n_boot × n), about 32 MB of int64
 
 
@@ -58,6 +61,16 @@ class Interval:
     def exact(cls, value: float) -> "Interval":
         """A measured quantity with no sampling spread (a byte ratio): its interval is the point itself."""
         return cls(float(value), float(value), float(value), 0.95, 0)
+
+
+def as_interval(d: dict) -> Interval:
+    """An interval as results.json stores it, read through the one adapter for runs recorded before the one shape:
+    {point, lo, hi, level}; overspec's {estimate, low, high, confidence}; hurdle's {mean, ci95: [lo, hi]}."""
+    if "point" in d:
+        return Interval.from_dict(d)
+    if "estimate" in d:
+        return Interval(d["estimate"], d["low"], d["high"], d.get("confidence", 0.95), d.get("n_boot", 0))
+    return Interval(d["mean"], d["ci95"][0], d["ci95"][1])
 
 
 def bootstrap_samples(arrays: Sequence[np.ndarray], stat: Callable[..., float], n_boot: int = 1000,
@@ -108,8 +121,8 @@ def paired_bootstrap_ci(arrays: Sequence, stat: Callable[..., float], n_boot: in
     return _interval(float(stat(*arrays)), samples, level)
 
 
-def block_bootstrap_ci(arrays: Sequence, stat_of_means: Callable[..., float], block: int = 256, n_boot: int = 1000,
-                       seed: int = 0, level: float = 0.95) -> Interval:
+def block_bootstrap_ci(arrays: Sequence, stat_of_means: Callable[..., float], block: int = BLOCK_TOKENS,
+                       n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> Interval:
     """Percentile bootstrap interval of ``stat_of_means(*[mean of each array])`` over per-token arrays ([n] each, paired:
     the same tokens), resampling blocks of ``block`` consecutive tokens with replacement (the last block may be
     shorter; a resample's means weigh every drawn token equally)."""
@@ -141,3 +154,51 @@ def bootstrap_interval(n_units: int, statistic: Callable[[np.ndarray], float], n
     tail = (1 - confidence) / 2
     lo, hi = np.quantile(samples, [tail, 1 - tail])
     return float(lo), float(hi)
+
+
+def hierarchical_bootstrap(values: Sequence[Sequence[float]], strata: Optional[Sequence[Sequence]] = None,
+                           n_boot: int = 10000, level: float = 0.95, seed: int = 0) -> Interval:
+    """Percentile bootstrap interval of the mean over units of the mean over strata of each stratum's mean.
+
+    ``values``: one sequence of item values per unit (e.g. per seed: the per-example differences kNN - vanilla);
+    units may hold different numbers of items. ``strata``: per unit, a label per item (e.g. the number of children);
+    None = one stratum. Each replicate draws units with replacement and, independently for every drawn unit, its items
+    with replacement within each stratum (so every stratum keeps its size). With one unit only the items are resampled.
+
+    The point is the statistic on the data as given (the over-specification study's "Average": the mean of the group
+    means, averaged over seeds). Deterministic for a given ``seed``.
+    """
+    if not values or any(len(v) == 0 for v in values):
+        raise ValueError("hierarchical_bootstrap: need at least one unit, each with at least one item")
+    if not 0 < level < 1 or n_boot < 1:
+        raise ValueError("hierarchical_bootstrap: need 0 < level < 1 and n_boot >= 1")
+    rng = np.random.default_rng(seed)
+    units = [np.asarray(v, dtype=float) for v in values]
+    labels = [np.zeros(len(u), dtype=int) if strata is None else np.asarray(s) for u, s in
+              zip(units, strata if strata is not None else [None] * len(units))]
+    n_units = len(units)
+    # per unit: the statistic on the data ([]) and on n_boot x n_units independent item resamples ([B, U])
+    point = np.empty(n_units)
+    resampled = np.empty((n_units, n_boot, n_units))
+    for u, (vals, lab) in enumerate(zip(units, labels)):
+        if len(lab) != len(vals):
+            raise ValueError(f"hierarchical_bootstrap: unit {u} has {len(vals)} values but {len(lab)} stratum labels")
+        groups = [vals[lab == g] for g in np.unique(lab)]
+        point[u] = np.mean([g.mean() for g in groups])
+        means = np.zeros((n_boot, n_units))
+        for g in groups:
+            idx = rng.integers(0, len(g), size=(n_boot, n_units, len(g)))  # [B, U, n_g]
+            means += g[idx].mean(axis=2)
+        resampled[u] = means / len(groups)
+    pick = rng.integers(0, n_units, size=(n_boot, n_units)) if n_units > 1 else np.zeros((n_boot, 1), dtype=int)
+    # replicate b, slot j: unit pick[b, j] with its own item resample (b, j)
+    reps = resampled[pick, np.arange(n_boot)[:, None], np.arange(n_units)[None, :]].mean(axis=1)  # [B]
+    return _interval(float(point.mean()), reps, level)
+
+
+def paired_bootstrap(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]],
+                     strata: Optional[Sequence[Sequence]] = None, **kw) -> Interval:
+    """:func:`hierarchical_bootstrap` of the paired differences ``a - b`` (per unit, item by item)."""
+    if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
+        raise ValueError("paired_bootstrap: a and b must have the same units and items")
+    return hierarchical_bootstrap([np.asarray(x, float) - np.asarray(y, float) for x, y in zip(a, b)], strata, **kw)
