@@ -55,7 +55,10 @@ def test_records_round_trip_and_are_checked():
         check_record(bad)
     table = claims_table(claims)
     assert "| kNN beats vanilla | tiny, 5 seeds | 95% CI > 0 | kNN − vanilla (nats): +0.00 [-0.06, +0.06] | inconclusive |" in table
-    assert "| inconclusive (not converged) (not converged) |" in table and "not judged (other text)" in table
+    assert "| share: 0.35 [0.20, 0.50] | inconclusive (not converged) — not converged |" in table
+    assert "| 95% CI > 0.333 | share: 0.70 [0.50, 0.90] | not judged — other text |" in table
+    undefined = Claim("c", "s", "share", Interval(0.84, float("nan"), float("nan")), 0.5, "below", not_judged="no CI")
+    assert undefined.row()[3:] == ["share: 0.84 (no interval)", "not judged — no CI"]
 
 
 def test_block_bootstrap_means_and_blocks():
@@ -75,3 +78,22 @@ def test_block_bootstrap_means_and_blocks():
     wide = block_bootstrap_ci([walk], lambda m: m, block=25, n_boot=500)
     narrow = block_bootstrap_ci([walk], lambda m: m, block=1, n_boot=500)
     assert (wide.hi - wide.lo) > 3 * (narrow.hi - narrow.lo)
+
+
+def test_recorded_cpu_claims_and_the_readme_agree():
+    """The recorded cpu run's claims (docs/results/cpu-2026-11-29/claims.json): every stored verdict is the one its
+    interval gives, and README's "What reproduces" table and the run's claims.md are that table, not hand copies."""
+    import json
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    recorded = repo / "docs" / "results" / "cpu-2026-11-29"
+    records = json.loads((recorded / "claims.json").read_text())["claims"]
+    for rec in records:
+        check_record(rec)
+    table = claims_table([from_record(r) for r in records])
+    block = re.search(r"<!-- claims: docs/results/cpu-2026-11-29/claims.json -->\n(.*?)<!-- /claims -->",
+                      (repo / "README.md").read_text(), re.S)
+    assert block and block.group(1) == table
+    assert table in (recorded / "claims.md").read_text() and table in (recorded / "report.md").read_text()

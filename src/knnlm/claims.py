@@ -69,7 +69,7 @@ class Claim:
 
     @property
     def criterion(self) -> str:
-        return f"95% CI {'>' if self.direction == 'above' else '<'} {self.threshold:g}"
+        return f"95% CI {'>' if self.direction == 'above' else '<'} {self.threshold:.3g}"
 
     def record(self) -> dict:
         i = self.interval
@@ -81,8 +81,14 @@ class Claim:
 
     def row(self) -> list[str]:
         """The report's claims-table row: claim, setting, criterion, statistic [95% CI], verdict."""
-        value = self.interval.fmt(self.digits, "+" if self.threshold == 0 else "")
-        verdict = f"{self.verdict} ({self.reason})" if self.reason else self.verdict
+        i, sign = self.interval, "+" if self.threshold == 0 else ""
+        if not math.isfinite(i.point):
+            value = "not measured"
+        elif math.isfinite(i.lo) and math.isfinite(i.hi):
+            value = i.fmt(self.digits, sign)
+        else:
+            value = f"{i.point:{sign}.{self.digits}f} (no interval)"
+        verdict = f"{self.verdict} — {self.reason}" if self.reason else self.verdict
         return [self.claim, self.setting, self.criterion, f"{self.statistic}: {value}", verdict]
 
 
