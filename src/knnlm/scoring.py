@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 
 from .corpus import TokenFile, Window, batch_inputs, target_positions, target_tokens
-from .knn import interpolate, knn_gold_log_prob
+from .knn import KNNArgs, interpolate, knn_gold_log_prob
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,11 @@ def _search(retriever, query: torch.Tensor, timing: Optional[dict]):
     return found
 
 
-def _finish(scores: Scores, found, retriever, memory, at: dict, lmbdas: Sequence[float],
+def _finish(scores: Scores, found, retriever, memory, at: dict, lmbdas: Optional[Sequence[float]],
             timing: Optional[dict]) -> Scores:
-    """Adds the kNN part (from the search result ``found``) and the MLP part to ``scores``."""
+    """Adds the kNN part (from the search result ``found``) and the MLP part to ``scores`` (λs: KNNArgs' default when
+    None)."""
+    lmbdas = KNNArgs().lmbda if lmbdas is None else lmbdas
     if found is not None:
         scores.dists, scores.vals = found
         scores.knn = knn_gold_log_prob(scores.dists, scores.vals, scores.gold, retriever.args.knn_temp)  # [n]
@@ -121,7 +123,7 @@ def _finish(scores: Scores, found, retriever, memory, at: dict, lmbdas: Sequence
 
 
 def score_positions(lm, at: dict, gold: torch.Tensor, retriever=None, memory=None,
-                    lmbdas: Sequence[float] = (0.25,), timing: Optional[dict] = None,
+                    lmbdas: Optional[Sequence[float]] = None, timing: Optional[dict] = None,
                     lm_gold: Optional[torch.Tensor] = None) -> Scores:
     """Scores n positions whose hidden states are given.
 
@@ -153,7 +155,7 @@ def encode_windows(lm, tokens: TokenFile, batch: list[Window], points: Sequence[
 
 
 def score_windows(lm, tokens: TokenFile, batches: Iterable[list[Window]], retriever=None, memory=None,
-                  lmbdas: Sequence[float] = (0.25,), timing: Optional[dict] = None,
+                  lmbdas: Optional[Sequence[float]] = None, timing: Optional[dict] = None,
                   overlap: bool = True) -> Iterator[Scores]:
     """Scores each batch of windows (targets in window order); yields one :class:`Scores` per batch, in order.
 

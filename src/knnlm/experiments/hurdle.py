@@ -520,7 +520,7 @@ def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: Hur
     if done_path.is_file():
         return read_json(done_path)
     ckpt_dir = seed_path(run_dir, seed, f"-{name}")
-    old_ckpt = run_dir / f"seed{seed}-{name}.pt"  # the hurdle's own loop's checkpoint (before issue 12)
+    old_ckpt = run_dir / f"seed{seed}-{name}.pt"  # the checkpoint of the hurdle's former own training loop
     if old_ckpt.is_file() and not ckpt_dir.exists():
         log.warning("%s: a checkpoint of the hurdle's earlier training loop; seed %d %s restarts from step 0 "
                     "(the same numbers: the run is seeded)", old_ckpt, seed, name)

@@ -166,7 +166,7 @@ class OverspecArgs:
                           micro_batch_tokens=min(1024, self.mlp_batch_tokens), seed=seed, overwrite=True)
 
     def validate(self) -> None:
-        from ..datastore import KEY_POINTS
+        from ..models import KEY_POINTS
 
         if not self.output_dir:
             raise KnnlmError("--output_dir: required; the run folder for checkpoints and results")

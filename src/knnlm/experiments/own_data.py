@@ -154,7 +154,9 @@ def _share_ci(out: Path, entry: dict, ev: dict) -> Optional[dict]:
     cache = out / entry["folder"] / "neighbors"
     if not (cache / "mlp_gold.f32").is_file():
         return None
-    lam = ev.get("lmbda", 0.25)
+    from ..knn import KNNArgs
+
+    lam = ev.get("lmbda", KNNArgs().lmbda[0])
     return gain_share(cache, [lam])["lmbda"][str(lam)]["share_ci"]
 
 
