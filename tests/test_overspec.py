@@ -243,7 +243,7 @@ def test_outputs_follow_table5_and_figure1(tiny_run):
             "control vanilla | control kNN | control MLP |") in overview
     train_part = text[text.index("## Training split"):]
     assert f"| training optimum | {m['optimum_fit']['1']:.2f} |" in train_part
-    assert "test_overspecified" in text and "## Claims" in text and "| not judged (the model did not fit" in text
+    assert "test_overspecified" in text and "## Claims" in text and "| not judged — the model did not fit" in text
     for name in ("overspec.png", "overspec_control.png", "overspec_train.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "results.json").read_text())
@@ -410,7 +410,7 @@ def test_reproduce_reports_the_claims(tiny_run, tmp_path):
     final = result["metrics"]["final"]["test"]
     assert [r[0] for r in tables["table2_macondo"]] == ["paper (GPT-2 fine-tuned)", "A (step 8)"]
     assert tables["table2_macondo"][1][1:] == pytest.approx([math.exp(-final[m]["avg_groups"]) for m in ("lm", "knn", "mlp")])
-    assert tables["table5"][0].startswith("### A\n\n# Over-specification")
+    assert tables["table5"][0].startswith("### A\n\n### Over-specification")
     assert missing == ["overspec: B (missing)"]
     saved = json.loads((out / "results.json").read_text())["claims"]
     assert [c.record() for c in claims] == [{**r, "setting": r["setting"].replace("this run", "A")} for r in saved]

@@ -895,5 +895,7 @@ def report_part(metrics: dict, entry: dict, out: Path) -> tuple[dict, list[Claim
     row = [f"{entry['label']} (step {metrics['final']['step']})"] + [
         math.exp(-final[m]["avg_groups"]) if m in final else None for m in ("lm", "knn", "mlp")]
     md = out / entry["folder"] / "results.md"
-    section = (f"### {entry['label']}\n\n" if entry.get("label") else "") + (md.read_text() if md.is_file() else "")
+    text = md.read_text() if md.is_file() else ""
+    text = "\n".join("##" + line if line.startswith("#") else line for line in text.splitlines()) + "\n"  # under ##
+    section = (f"### {entry['label']}\n\n" if entry.get("label") else "") + text
     return {"table2_macondo": [row], "table5": [section]}, overspec_claims(metrics, entry["label"])
