@@ -13,8 +13,9 @@ import torch
 from knnlm.errors import KnnlmError
 from knnlm.experiments import hurdle
 from knnlm.stats import bootstrap_interval
-from knnlm.experiments.hurdle import (MODELS, HurdleArgs, Vocab, area_statistics, batch_indices, build_pair, compare,
-                                      count_params, gpt2_config, lr_at, paired_area, resolve_args, run_study)
+from knnlm.experiments.hurdle import (CONTROL_CLAIM, FASTER_CLAIM, MODELS, HurdleArgs, Vocab, area_statistics,
+                                      batch_indices, build_pair, compare, count_params, gpt2_config, hurdle_claims,
+                                      lr_at, paired_area, resolve_args, run_study)
 
 torch.set_num_threads(1)
 
@@ -155,16 +156,28 @@ def test_area_statistics_bootstrap_and_verdict():
     lo, hi = bootstrap_interval(2, lambda idx: float(vals[idx].mean()), 2000, seed=1)
     assert (lo, hi) == (0.0, 1.0)  # resample means are 0, 0.5 or 1 (1/4, 1/2, 1/4): the 2.5%/97.5% quantiles
     ahead = area_statistics({"without_last_mlp": [0.10, 0.12, 0.11], "without_first_mlp": [0.01, 0.02, 0.00]}, 500)
-    assert ahead["without_last_mlp"]["mean"] == pytest.approx(0.11)
+    assert ahead["without_last_mlp"]["interval"]["point"] == pytest.approx(0.11)
     assert ahead["last_minus_first"]["per_seed"] == pytest.approx([0.09, 0.10, 0.11])
-    assert 0.10 <= ahead["without_last_mlp"]["ci95"][0] <= ahead["without_last_mlp"]["ci95"][1] <= 0.12
-    assert ahead["last_mlp_speeds_early_learning"] is True
-    # above 0 but not above the control: no
+    ci = ahead["without_last_mlp"]["interval"]
+    assert 0.10 <= ci["lo"] <= ci["hi"] <= 0.12
+    same = bootstrap_interval(3, lambda i: float(np.asarray([0.10, 0.12, 0.11])[i].mean()), 500)
+    assert (ci["lo"], ci["hi"]) == pytest.approx(same)
+
+    def verdicts(areas):
+        m = {"mode": "macondo", "seeds": [0, 1, 2], "area_until_step": 4, "areas": {"ll_avg_groups": areas}}
+        return [c.verdict for c in hurdle_claims(m, "t")]
+
+    assert verdicts(ahead) == ["holds", "holds"]
+    # above 0 but not above the control: the control claim fails
     tie = area_statistics({"without_last_mlp": [0.10, 0.12, 0.11], "without_first_mlp": [0.11, 0.12, 0.12]}, 500)
-    assert tie["last_mlp_speeds_early_learning"] is False
-    # one seed behind: the interval reaches below 0: no
+    assert verdicts(tie) == ["holds", "inconclusive"]
+    # one seed behind: the interval reaches below 0: inconclusive
     mixed = area_statistics({"without_last_mlp": [0.10, -0.2, 0.11], "without_first_mlp": [-1.0, -1.0, -1.0]}, 500)
-    assert mixed["without_last_mlp"]["ci95"][0] < 0 and mixed["last_mlp_speeds_early_learning"] is False
+    assert mixed["without_last_mlp"]["interval"]["lo"] < 0 and verdicts(mixed) == ["inconclusive", "holds"]
+    # a run recorded before the one interval shape reads the same
+    old = {k: {"mean": v["interval"]["point"], "ci95": [v["interval"]["lo"], v["interval"]["hi"]]}
+           for k, v in ahead.items()}
+    assert verdicts(old) == ["holds", "holds"]
 
 
 def test_pair_depends_on_the_seed_only():
@@ -279,7 +292,7 @@ def test_macondo_mode_records_metrics_at_the_eval_steps_with_one_data_order(tmp_
                               [m["per_seed"][name][s][t]["ll_avg_groups"] for t in ("0", "3")], True, 2.8)
                   for s in ("0", "1")]
         assert m["areas"]["ll_avg_groups"][name]["per_seed"] == pytest.approx(expect)
-    assert isinstance(m["areas"]["ll_avg_groups"]["last_mlp_speeds_early_learning"], bool)
+    assert [c.claim for c in hurdle_claims(m, "t")] == [FASTER_CLAIM, CONTROL_CLAIM]
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| 7 |" in table and "±" in table
     assert sorted(p.name for p in out["plots"]) == ["advantage.png", "ll_avg.png", "ll_avg_groups.png",

@@ -71,7 +71,7 @@ def test_gain_share_hand_computed(tmp_path):
     ppl_lm, ppl_knn, ppl_mlp = 1 / 0.1, 1 / 0.3, 1 / 0.2
     assert (r["ppl_lm"], r["ppl_knnlm"], r["ppl_mlplm"]) == pytest.approx((ppl_lm, ppl_knn, ppl_mlp), rel=1e-5)
     assert r["share"] == pytest.approx((ppl_lm - ppl_mlp) / (ppl_lm - ppl_knn), rel=1e-5)  # 5 / (20/3) = 0.75
-    assert r["share_ci95"] == pytest.approx([0.75, 0.75], rel=1e-5)  # identical units: no spread
+    assert (r["share_ci"]["lo"], r["share_ci"]["hi"]) == pytest.approx((0.75, 0.75), rel=1e-5)  # identical units: no spread
     assert g["n_units"] == 8
     # unequal blocks: the interval has width and holds the point estimate
     mixed_mlp = [0.3] * 32 + [0.1] * 32
@@ -82,7 +82,7 @@ def test_gain_share_hand_computed(tmp_path):
     nll = lambda ps: -np.mean(np.log(0.75 * 0.1 + 0.25 * np.asarray(ps)))  # noqa: E731
     share = (10 - math.exp(nll(mixed_mlp))) / (10 - math.exp(nll(mixed_knn)))
     assert r["share"] == pytest.approx(share, rel=1e-5)
-    assert r["share_ci95"][0] < share < r["share_ci95"][1]
+    assert r["share_ci"]["lo"] < share < r["share_ci"]["hi"]
     assert m["best"]["ppl_knnlm"] == min(v["ppl_knnlm"] for v in m["lmbda"].values())
 
 
@@ -103,6 +103,6 @@ def test_recipe_builds_the_own_datastore_over_the_lm_training_tokens():
     assert flag(mlp, "--datastore") == flag(ds, "--output_dir") == flag(ev, "--datastore")
     assert flag(ev, "--mlp_memory") == flag(mlp, "--output_dir") and flag(ev, "--save_neighbors") == "true"
     assert lm_cfg["size"] == "small"  # 4 x 256: wider than the rank-64 regime
-    rows = {m["eval"]: m for m in recipe["report"]["wikitext_models"]}
+    rows = {m["folder"]: m for m in recipe["report"]["studies"] if m["study"] == "memory"}
     assert rows["eval-full"]["data"] == "own" and rows["eval-smollm2"]["data"] == "other"
     assert (rows["eval-full"]["lm"], rows["eval-full"]["datastore"]) == ("lm-full", "ds-full")

@@ -30,12 +30,12 @@ from .corpus import (CorpusArgs, TokenFile, Window, batch_inputs, count_targets,
                      tokenize_to_file, windowing_meta, windows)
 from .corpus import batch_inputs as _batch_inputs  # noqa: F401  (old private name: benchmarks/ --baseline_src runs older sources)
 from .errors import KnnlmError
+from .models import KEY_POINTS  # noqa: F401  (the key points a store can hold; callers import it from here too)
 from .fileio import (atomic_write_json, claim_output_dir, lock_output_dir, package_versions, read_json,
                      releases_locks, restore_interrupted_swap, sha256_file, staging_dir, swap_into_place, write_error)
 
 log = logging.getLogger(__name__)
 
-KEY_POINTS = ("ffn_input", "ffn_residual", "block_output", "final_hidden")
 _DATA_FILES = ("keys.f16", "vals.i32", "tokens.i32", "tokens.i32.docs", "tokens.i32.json", "done.u8", "build.json",
                "meta.json", "clusters.i32", "clusters.json")
 # what `knnlm datastore build` writes into its folder (an earlier build holds nothing else); `index` is `knnlm index build`'s,

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 
 from .corpus import TokenFile, Window, batch_inputs, target_positions, target_tokens
-from .knn import interpolate, knn_gold_log_prob
+from .knn import KNNArgs, interpolate, knn_gold_log_prob
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,11 @@ def _search(retriever, query: torch.Tensor, timing: Optional[dict], searcher=Non
     return found
 
 
-def _finish(scores: Scores, found, retriever, memory, at: dict, lmbdas: Sequence[float],
+def _finish(scores: Scores, found, retriever, memory, at: dict, lmbdas: Optional[Sequence[float]],
             timing: Optional[dict]) -> Scores:
-    """Adds the kNN part (from the search result ``found``) and the MLP part to ``scores``."""
+    """Adds the kNN part (from the search result ``found``) and the MLP part to ``scores`` (λs: KNNArgs' default when
+    None)."""
+    lmbdas = KNNArgs().lmbda if lmbdas is None else lmbdas
     if found is not None:  # p_knn and the mixtures where the neighbours are (a GPU backend's device); [n] come back
         scores.dists, scores.vals = found
         dev = scores.dists.device
@@ -131,7 +133,7 @@ def _finish(scores: Scores, found, retriever, memory, at: dict, lmbdas: Sequence
 
 
 def score_positions(lm, at: dict, gold: torch.Tensor, retriever=None, memory=None,
-                    lmbdas: Sequence[float] = (0.25,), timing: Optional[dict] = None,
+                    lmbdas: Optional[Sequence[float]] = None, timing: Optional[dict] = None,
                     lm_gold: Optional[torch.Tensor] = None) -> Scores:
     """Scores n positions whose hidden states are given.
 
@@ -163,7 +165,7 @@ def encode_windows(lm, tokens: TokenFile, batch: list[Window], points: Sequence[
 
 
 def score_windows(lm, tokens: TokenFile, batches: Iterable[list[Window]], retriever=None, memory=None,
-                  lmbdas: Sequence[float] = (0.25,), timing: Optional[dict] = None,
+                  lmbdas: Optional[Sequence[float]] = None, timing: Optional[dict] = None,
                   overlap: bool = True, searcher=None) -> Iterator[Scores]:
     """Scores each batch of windows (targets in window order); yields one :class:`Scores` per batch, in order.
 

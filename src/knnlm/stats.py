@@ -7,6 +7,11 @@ the (1 − level)/2 and (1 + level)/2 quantiles. The point estimate is the stati
 
       bootstrap_ci(logp, lambda x: math.exp(-x.mean()), n_boot=1000, seed=0)
 
+- :func:`block_bootstrap_ci`: a statistic of the *means* of several per-token arrays, resampling blocks of consecutive
+  tokens (neighbouring tokens of a text are not independent): the projection's perplexities and shares and the memory's
+  share of kNN's gain use it, so both studies' intervals mean the same thing.
+- :func:`hierarchical_bootstrap` (and :func:`paired_bootstrap` of differences): two levels, units (seeds) and items
+  within each unit (test examples), optionally stratified: the over-specification study's intervals.
 - :func:`paired_bootstrap_ci`: several arrays measured on the same units, resampled with the *same* indices (a paired
   design: LM, kNN-LM and projection scores of the same tokens), e.g. the share of kNN's gain recovered::
 
@@ -18,13 +23,15 @@ bounded for large samples. The statistic gets numpy arrays and must return a flo
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from .errors import KnnlmError
 
+BLOCK_TOKENS = 256  # the block of consecutive tokens a text's intervals resample (neighbours are not independent)
 _CHUNK_ELEMENTS = 4_000_000  # index draws held at once (n_boot × n), about 32 MB of int64
 
 
@@ -40,9 +47,31 @@ class Interval:
     def as_dict(self) -> dict:
         return {"point": self.point, "lo": self.lo, "hi": self.hi, "level": self.level, "n_boot": self.n_boot}
 
-    def fmt(self, digits: int = 2) -> str:
-        """'12.34 [12.01, 12.70]'."""
-        return f"{self.point:.{digits}f} [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
+    def fmt(self, digits: int = 2, sign: str = "") -> str:
+        """'12.34 [12.01, 12.70]' (``sign="+"``: '+0.06 [-0.01, +0.12]')."""
+        spec = f"{sign}.{digits}f"
+        return f"{self.point:{spec}} [{self.lo:{spec}}, {self.hi:{spec}}]"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Interval":
+        """The inverse of :meth:`as_dict` (a null end, how results.json stores a non-finite one, is read as NaN)."""
+        end = lambda v: math.nan if v is None else float(v)  # noqa: E731
+        return cls(end(d["point"]), end(d["lo"]), end(d["hi"]), float(d.get("level", 0.95)), int(d.get("n_boot", 0)))
+
+    @classmethod
+    def exact(cls, value: float) -> "Interval":
+        """A measured quantity with no sampling spread (a byte ratio): its interval is the point itself."""
+        return cls(float(value), float(value), float(value), 0.95, 0)
+
+
+def as_interval(d: dict) -> Interval:
+    """An interval as results.json stores it, read through the one adapter for runs recorded before the one shape:
+    {point, lo, hi, level}; overspec's {estimate, low, high, confidence}; hurdle's {mean, ci95: [lo, hi]}."""
+    if "point" in d:
+        return Interval.from_dict(d)
+    if "estimate" in d:
+        return Interval(d["estimate"], d["low"], d["high"], d.get("confidence", 0.95), d.get("n_boot", 0))
+    return Interval(d["mean"], d["ci95"][0], d["ci95"][1])
 
 
 def bootstrap_samples(arrays: Sequence[np.ndarray], stat: Callable[..., float], n_boot: int = 1000,
@@ -93,6 +122,30 @@ def paired_bootstrap_ci(arrays: Sequence, stat: Callable[..., float], n_boot: in
     return _interval(float(stat(*arrays)), samples, level)
 
 
+def block_bootstrap_ci(arrays: Sequence, stat_of_means: Callable[..., float], block: int = BLOCK_TOKENS,
+                       n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> Interval:
+    """Percentile bootstrap interval of ``stat_of_means(*[mean of each array])`` over per-token arrays ([n] each, paired:
+    the same tokens), resampling blocks of ``block`` consecutive tokens with replacement (the last block may be
+    shorter; a resample's means weigh every drawn token equally)."""
+    arrays = [np.asarray(a, dtype=np.float64) for a in arrays]
+    n = len(arrays[0]) if arrays else 0
+    if not arrays or any(len(a) != n for a in arrays):
+        raise KnnlmError(f"bootstrap: paired arrays must have the same length, got {[len(a) for a in arrays]}")
+    if n == 0:
+        raise KnnlmError("bootstrap: empty sample")
+    unit = np.arange(n) // block
+    n_units = int(unit[-1]) + 1
+    counts = np.bincount(unit, minlength=n_units).astype(np.float64)  # [U]
+    sums = [np.bincount(unit, weights=a, minlength=n_units) for a in arrays]  # [U] each
+
+    def stat(idx: np.ndarray) -> float:
+        total = counts[idx].sum()
+        return float(stat_of_means(*(s[idx].sum() / total for s in sums)))
+
+    samples = bootstrap_samples([np.arange(n_units)], stat, n_boot, seed)
+    return _interval(stat(np.arange(n_units)), samples, level)
+
+
 def bootstrap_interval(n_units: int, statistic: Callable[[np.ndarray], float], n_resamples: int = 10000,
                        confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile interval of ``statistic(idx)`` over resamples ``idx`` ([n_units] unit indices drawn with replacement),
@@ -102,3 +155,51 @@ def bootstrap_interval(n_units: int, statistic: Callable[[np.ndarray], float], n
     tail = (1 - confidence) / 2
     lo, hi = np.quantile(samples, [tail, 1 - tail])
     return float(lo), float(hi)
+
+
+def hierarchical_bootstrap(values: Sequence[Sequence[float]], strata: Optional[Sequence[Sequence]] = None,
+                           n_boot: int = 10000, level: float = 0.95, seed: int = 0) -> Interval:
+    """Percentile bootstrap interval of the mean over units of the mean over strata of each stratum's mean.
+
+    ``values``: one sequence of item values per unit (e.g. per seed: the per-example differences kNN - vanilla);
+    units may hold different numbers of items. ``strata``: per unit, a label per item (e.g. the number of children);
+    None = one stratum. Each replicate draws units with replacement and, independently for every drawn unit, its items
+    with replacement within each stratum (so every stratum keeps its size). With one unit only the items are resampled.
+
+    The point is the statistic on the data as given (the over-specification study's "Average": the mean of the group
+    means, averaged over seeds). Deterministic for a given ``seed``.
+    """
+    if not values or any(len(v) == 0 for v in values):
+        raise ValueError("hierarchical_bootstrap: need at least one unit, each with at least one item")
+    if not 0 < level < 1 or n_boot < 1:
+        raise ValueError("hierarchical_bootstrap: need 0 < level < 1 and n_boot >= 1")
+    rng = np.random.default_rng(seed)
+    units = [np.asarray(v, dtype=float) for v in values]
+    labels = [np.zeros(len(u), dtype=int) if strata is None else np.asarray(s) for u, s in
+              zip(units, strata if strata is not None else [None] * len(units))]
+    n_units = len(units)
+    # per unit: the statistic on the data ([]) and on n_boot x n_units independent item resamples ([B, U])
+    point = np.empty(n_units)
+    resampled = np.empty((n_units, n_boot, n_units))
+    for u, (vals, lab) in enumerate(zip(units, labels)):
+        if len(lab) != len(vals):
+            raise ValueError(f"hierarchical_bootstrap: unit {u} has {len(vals)} values but {len(lab)} stratum labels")
+        groups = [vals[lab == g] for g in np.unique(lab)]
+        point[u] = np.mean([g.mean() for g in groups])
+        means = np.zeros((n_boot, n_units))
+        for g in groups:
+            idx = rng.integers(0, len(g), size=(n_boot, n_units, len(g)))  # [B, U, n_g]
+            means += g[idx].mean(axis=2)
+        resampled[u] = means / len(groups)
+    pick = rng.integers(0, n_units, size=(n_boot, n_units)) if n_units > 1 else np.zeros((n_boot, 1), dtype=int)
+    # replicate b, slot j: unit pick[b, j] with its own item resample (b, j)
+    reps = resampled[pick, np.arange(n_boot)[:, None], np.arange(n_units)[None, :]].mean(axis=1)  # [B]
+    return _interval(float(point.mean()), reps, level)
+
+
+def paired_bootstrap(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]],
+                     strata: Optional[Sequence[Sequence]] = None, **kw) -> Interval:
+    """:func:`hierarchical_bootstrap` of the paired differences ``a - b`` (per unit, item by item)."""
+    if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
+        raise ValueError("paired_bootstrap: a and b must have the same units and items")
+    return hierarchical_bootstrap([np.asarray(x, float) - np.asarray(y, float) for x, y in zip(a, b)], strata, **kw)

@@ -16,22 +16,15 @@ def register(sub) -> None:
 
 
 def cmd_hurdle_run(args) -> int:
-    from ..experiments.hurdle import MODELS, resolve_args, run_study
+    from ..experiments.hurdle import MODELS, hurdle_claims, resolve_args, run_study
 
     hargs = resolve_args(vars(args), args.config)
     out = run_study(hargs)
     m = out["metrics"]
     print(f"hurdle ({m['mode']} mode, size {hargs.size}, {len(m['seeds'])} seeds, {hargs.max_steps} steps, {m['device']}): "
           + "; ".join(f"{name} {m['params'][name]:,} parameters" for name in MODELS))
-    for key, a in m["areas"].items():
-        parts = []
-        for name in ("without_last_mlp", "without_first_mlp", "last_minus_first"):
-            st = a.get(name, {})
-            if st.get("mean") is not None:
-                parts.append(f"{name} {st['mean']:+.4f} [{st['ci95'][0]:+.4f}, {st['ci95'][1]:+.4f}]")
-        verdict = a.get("last_mlp_speeds_early_learning")
-        print(f"  {key}: paired area over steps 0-{m['area_until_step']:g} (mean advantage, 95% CI over seeds): "
-              + "; ".join(parts) + f"; last MLP removal speeds early learning: {'–' if verdict is None else verdict}")
+    for claim in hurdle_claims(m, "this run"):
+        print("  " + " | ".join(claim.row()))
     print(f"table: {out['table']}")
     for path in out["plots"]:
         print(f"plot: {path}")

@@ -34,9 +34,6 @@ def cmd_run(args) -> int:
         gaps = [f"{METHOD_NAMES[k]} {f[f'{k}_gap_to_optimum']['avg_groups']:.3f}" for k in shown]
         print(f"{split} at step {m['final']['step']} (average over groups): {', '.join(parts)}; "
               f"gap to log(1/n): {', '.join(gaps)}")
-    v = m["verdict"]
-    failed = f" (failed: {', '.join(v['failed'])})" if v["failed"] else ""
-    print(f"over-specification {'shown' if v['shown'] else 'not shown'}{failed}")
     for path in out["plots"]:
         print(f"plot: {path}")
     print(f"results: {out['results']}")

@@ -35,8 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..claims import Claim, claims_table
 from ..errors import KnnlmError
 from ..fileio import atomic_write_json, claim_output_dir, read_json
+from ..stats import Interval, as_interval
 from ..train import collate_causal
 from .study import check_resumable, mean_std, seed_path
 
@@ -518,7 +520,7 @@ def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: Hur
     if done_path.is_file():
         return read_json(done_path)
     ckpt_dir = seed_path(run_dir, seed, f"-{name}")
-    old_ckpt = run_dir / f"seed{seed}-{name}.pt"  # the hurdle's own loop's checkpoint (before issue 12)
+    old_ckpt = run_dir / f"seed{seed}-{name}.pt"  # the checkpoint of the hurdle's former own training loop
     if old_ckpt.is_file() and not ckpt_dir.exists():
         log.warning("%s: a checkpoint of the hurdle's earlier training loop; seed %d %s restarts from step 0 "
                     "(the same numbers: the run is seeded)", old_ckpt, seed, name)
@@ -652,10 +654,9 @@ def paired_area(steps: list[int], full: list, pruned: list, higher_is_better: bo
 
 
 def area_statistics(per_seed: dict[str, list[Optional[float]]], n_resamples: int, seed: int = 0) -> dict:
-    """Mean and bootstrap 95% interval over seeds of each pruned model's paired area, of the last-minus-first
-    difference (paired per seed), and the verdict fixed before the runs (issue 18): removing the last MLP speeds early
-    learning iff the interval of its area lies above 0 and the interval of (last − first) lies above 0."""
-    from ..stats import bootstrap_interval
+    """Per pruned model and for the last-minus-first difference (paired per seed): the mean over seeds of the paired
+    area with its bootstrap 95% interval over seeds (``interval``, None without a value) and the per-seed values."""
+    from ..stats import bootstrap_ci
 
     out: dict = {}
     series = dict(per_seed)
@@ -664,15 +665,37 @@ def area_statistics(per_seed: dict[str, list[Optional[float]]], n_resamples: int
                                       for a, b in zip(per_seed[PRUNED[0]], per_seed[PRUNED[1]])]
     for name, values in series.items():
         vals = np.asarray([v for v in values if v is not None], dtype=float)
-        if len(vals) == 0:
-            out[name] = {"mean": None, "ci95": None, "per_seed": values}
-            continue
-        ci = bootstrap_interval(len(vals), lambda idx: float(vals[idx].mean()), n_resamples, seed=seed)
-        out[name] = {"mean": float(vals.mean()), "ci95": list(ci), "per_seed": values}
-    last, diff = out.get(PRUNED[0], {}), out.get("last_minus_first", {})
-    if last.get("ci95") and diff.get("ci95"):
-        out["last_mlp_speeds_early_learning"] = bool(last["ci95"][0] > 0 and diff["ci95"][0] > 0)
+        ci = bootstrap_ci(vals, np.mean, n_resamples, seed=seed).as_dict() if len(vals) else None
+        out[name] = {"interval": ci, "per_seed": values}
     return out
+
+
+# The verdict fixed before the runs: removing the last MLP speeds early learning when the interval of its paired area
+# lies above 0 and the interval of (last − first) too (the first-MLP control loses the same parameters elsewhere).
+AREA_THRESHOLD = 0.0
+FASTER_CLAIM = "without the last MLP the model learns faster early on (Appendix E)"
+CONTROL_CLAIM = "... and faster than without the first MLP (the control)"
+
+
+def _area_interval(area: dict) -> Optional[Interval]:
+    """An area's interval (a run recorded before the one interval shape stores {mean, ci95})."""
+    if area.get("interval"):
+        return as_interval(area["interval"])
+    return as_interval(area) if area.get("ci95") else None
+
+
+def hurdle_claims(metrics: dict, label: str) -> list[Claim]:
+    """The two claims of one hurdle run on its verdict metric (the paired area over the first --area_fraction)."""
+    key = "ll_avg_groups" if metrics["mode"] == "macondo" else "train_loss"
+    areas = metrics.get("areas", {}).get(key, {})
+    setting = f"{label}, {key}, {len(metrics['seeds'])} seeds"
+    stat = f"paired area, steps 0–{metrics['area_until_step']:g}"
+    claims = []
+    for text, name, suffix in ((FASTER_CLAIM, "without_last_mlp", ""), (CONTROL_CLAIM, "last_minus_first", ", last − first")):
+        interval = _area_interval(areas.get(name, {}))
+        if interval is not None:
+            claims.append(Claim(text, setting, stat + suffix, interval, AREA_THRESHOLD, "above", digits=4))
+    return claims
 
 
 def aggregate(records: dict[str, dict[int, dict]], args: HurdleArgs, data: StudyData) -> dict:
@@ -759,26 +782,22 @@ def _pm(mu, sd, signed: bool = False) -> str:
 
 
 def _ci(stat: dict) -> str:
-    if not stat or stat.get("mean") is None:
-        return "–"
-    lo, hi = stat["ci95"]
-    return f"{stat['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+    interval = _area_interval(stat or {})
+    return "–" if interval is None else interval.fmt(4, "+")
 
 
 def area_lines(metrics: dict) -> list[str]:
     """The verdict table: paired areas (mean advantage over the first --area_fraction of training) with intervals."""
     from ..report import markdown_table
 
-    rows = []
-    for k, a in metrics.get("areas", {}).items():
-        rows.append([k, _ci(a.get("without_last_mlp")), _ci(a.get("without_first_mlp")), _ci(a.get("last_minus_first")),
-                     {True: "yes", False: "no"}.get(a.get("last_mlp_speeds_early_learning"), "–")])
+    rows = [[k, _ci(a.get("without_last_mlp")), _ci(a.get("without_first_mlp")), _ci(a.get("last_minus_first"))]
+            for k, a in metrics.get("areas", {}).items()]
     return [f"Paired area over steps 0–{metrics['area_until_step']:g} (the first {metrics['area_until_step'] / metrics['steps'][-1]:.0%} "
             "of training): the pruned model's mean advantage over the full one, per seed (same initial weights, same "
             "batches), mean [bootstrap 95% interval over seeds]; > 0 = ahead. Verdict (fixed before the runs): removing "
             "the last MLP speeds early learning iff its interval and the interval of (last − first) both lie above 0.",
-            "", markdown_table(["metric", "without last MLP", "without first MLP", "last − first", "speeds early learning"],
-                               rows)]
+            "", markdown_table(["metric", "without last MLP", "without first MLP", "last − first"], rows), "",
+            claims_table(hurdle_claims(metrics, "this run"))]
 
 
 def markdown_report(args: HurdleArgs, metrics: dict) -> str:
@@ -858,6 +877,12 @@ def write_outputs(out: Path, args: HurdleArgs, metrics: dict, started: float) ->
         plots.append(line_plot(out / "ll_by_children.png", series, title="log-likelihood per number of children n\n"
                                "(sparse dots: the optimum log 1/n)",
                                xlabel="training step", ylabel="log-likelihood", hlines=hl))
-    results = write_results(out, dataclasses.asdict(args), metrics, started=started)
+    results = write_results(out, dataclasses.asdict(args), metrics, started=started,
+                            claims=[c.record() for c in hurdle_claims(metrics, "this run")])
     table = write_markdown(out, markdown_report(args, metrics))
     return {"results": results, "table": table, "plots": plots}
+
+
+def report_part(metrics: dict, entry: dict, out: Path) -> tuple[dict, list[Claim]]:
+    """knnlm reproduce: the hurdle run's claims (its tables and figures stay in its own results.md and PNGs)."""
+    return {}, hurdle_claims(metrics, entry["label"])

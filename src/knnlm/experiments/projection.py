@@ -37,11 +37,12 @@ from tqdm.auto import tqdm
 
 from ..corpus import (CorpusArgs, batch_inputs, count_targets, target_positions, target_tokens, tokenize_to_file,
                       windows)
+from ..claims import Claim
 from ..errors import KnnlmError
 from ..fileio import atomic_path, atomic_write_json, read_json
 from ..knn import KNNArgs, Retriever, interpolate
 from ..report import fmt, histogram, markdown_table
-from ..stats import bootstrap_ci, paired_bootstrap_ci
+from ..stats import BLOCK_TOKENS, Interval, block_bootstrap_ci
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class ProjectionArgs:
     max_steps: int = field(default=1000, metadata={"help": "Cap on Adam steps per position (Table 4: 100)."})
     patience: int = field(default=0, metadata={"help": "Also stop a position after this many consecutive steps without a new lowest objective (0: off)."})
     batch_size: int = field(default=512, metadata={"help": "Scored positions optimised together (memory grows as batch_size x vocabulary)."})
-    n_boot: int = field(default=1000, metadata={"help": "Bootstrap resamples (over positions) for the 95% intervals of perplexities and of the share of kNN's gain."})
+    n_boot: int = field(default=1000, metadata={"help": "Bootstrap resamples (over blocks of 256 consecutive positions) for the 95% intervals of perplexities and of the share of kNN's gain."})
     seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
 
     def validate(self) -> None:
@@ -427,21 +428,25 @@ def _ppl(logp: np.ndarray) -> float:
     return math.exp(-float(np.mean(logp, dtype=np.float64)))
 
 
+def _gain_share(m_lm: float, m_other: float, m_ref: float) -> float:
+    """(m_other − m_lm) / (m_ref − m_lm) of mean gold log-probabilities: 1 = all of the reference's gain over the LM,
+    0 = none; nan where the reference gains nothing (undefined: its claim is inconclusive)."""
+    return (m_other - m_lm) / (m_ref - m_lm) if m_ref != m_lm else float("nan")
+
+
+def _mean(x: np.ndarray) -> float:
+    return float(np.mean(x, dtype=np.float64))
+
+
 def share_of_gain(lm: np.ndarray, knnlm: np.ndarray, proj: np.ndarray) -> float:
     """(log ppl_lm − log ppl_proj) / (log ppl_lm − log ppl_knnlm) from per-token gold log-probabilities [n] each:
     1 = p_proj gains all that kNN gains over the LM, 0 = nothing."""
-    m_lm = float(np.mean(lm, dtype=np.float64))
-    return _ratio(float(np.mean(proj, dtype=np.float64)) - m_lm, float(np.mean(knnlm, dtype=np.float64)) - m_lm)
-
-
-def _ratio(num: float, den: float) -> float:
-    return num / den if den != 0 else float("nan")  # no gain to share: undefined, and its verdict "inconclusive"
+    return _gain_share(_mean(lm), _mean(proj), _mean(knnlm))
 
 
 def gain_ratio(lm: np.ndarray, f: np.ndarray, fg: np.ndarray) -> float:
     """(log ppl_lm − log ppl_fg) / (log ppl_lm − log ppl_f): f∘g's gain over the LM as a share of f's (Table 4)."""
-    m_lm = float(np.mean(lm, dtype=np.float64))
-    return _ratio(float(np.mean(fg, dtype=np.float64)) - m_lm, float(np.mean(f, dtype=np.float64)) - m_lm)
+    return _gain_share(_mean(lm), _mean(fg), _mean(f))
 
 
 def _step_histogram(steps: np.ndarray, max_steps: int) -> list[list[int]]:
@@ -463,8 +468,11 @@ def summarize(arrays: dict[str, np.ndarray], args: ProjectionArgs, **extra) -> d
     (``targets`` repeats the first tolerance's entry)."""
     lm, knn = arrays["lm"].astype(np.float64), arrays["knnlm"].astype(np.float64)
 
+    def ci(arrays_, stat) -> dict:  # over blocks of consecutive positions, as the memory study's share
+        return block_bootstrap_ci(arrays_, stat, BLOCK_TOKENS, n_boot=args.n_boot, seed=args.seed).as_dict()
+
     def ppl_ci(logp):
-        return bootstrap_ci(logp, _ppl, n_boot=args.n_boot, seed=args.seed).as_dict()
+        return ci([logp], lambda m: math.exp(-m))
 
     metrics = {"n_tokens": int(len(arrays["gold"])), "ppl_lm": _ppl(lm), "ppl_knnlm": _ppl(knn),
                "ppl_lm_ci": ppl_ci(lm), "ppl_knnlm_ci": ppl_ci(knn),
@@ -478,26 +486,27 @@ def summarize(arrays: dict[str, np.ndarray], args: ProjectionArgs, **extra) -> d
             logp = arrays[f"{t}.logp"][:, j].astype(np.float64)
             kl, kl_init = arrays[f"{t}.kl"][:, j], arrays[f"{t}.kl_init"]
             steps, stop = arrays[f"{t}.steps"][:, j], arrays[f"{t}.stop"][:, j]
-            share = paired_bootstrap_ci([lm, knn, logp], share_of_gain, n_boot=args.n_boot, seed=args.seed)
+            share = ci([lm, knn, logp], lambda a, b, c: _gain_share(a, c, b))
+            best_step = arrays[f"{t}.best_step"][:, j]
             entry["targets"][t] = {
                 "z0": TARGETS[t], "map": MAPS[t], "ppl_proj": _ppl(logp), "ppl_proj_ci": ppl_ci(logp),
-                "share_of_knn_gain": share.point, "share_of_knn_gain_ci": share.as_dict(),
+                "share_of_knn_gain": share["point"], "share_of_knn_gain_ci": share,
                 "kl_mean": float(np.mean(kl)), "kl_median": float(np.median(kl)),
                 "kl_init_mean": float(np.mean(kl_init)), "kl_init_median": float(np.median(kl_init)),
                 # the best iterate includes z0, so this is 0 for the KL targets (fg_to_y minimises another objective)
                 "worse_than_start_fraction": float(np.mean(kl > kl_init)) if t != "fg_to_y" else None,
                 "steps_mean": float(np.mean(steps)), "steps_median": float(np.median(steps)),
-                "steps_max": int(steps.max()), "best_step_median": float(np.median(arrays[f"{t}.best_step"][:, j])),
+                "steps_max": int(steps.max()), "best_step_median": float(np.median(best_step)),
+                # stopped by the cap with the best iterate at the last step: still improving, the solution unfinished
+                "still_improving_fraction": float(np.mean((stop == 2) & (best_step == steps))),
                 "stopped_by": {r: int(np.sum(stop == i)) for i, r in enumerate(STOP_REASONS)},
                 "capped_fraction": float(np.mean(stop == 2)),
                 "steps_histogram": _step_histogram(steps, args.max_steps),
                 "lr": args.learning_rate, "tol": tol, "max_steps": args.max_steps, "patience": args.patience}
         if "fg" in args.target:  # Table 4: f∘g's gain over the LM as a share of each f's
             fg = arrays["fg.logp"][:, j].astype(np.float64)
-            entry["fg_gain_over_f_gain"] = {
-                f: paired_bootstrap_ci([lm, arrays[f"{f}.logp"][:, j].astype(np.float64), fg], gain_ratio,
-                                       n_boot=args.n_boot, seed=args.seed).as_dict()
-                for f in ("f_out", "f_norm") if f in args.target}
+            entry["fg_gain_over_f_gain"] = {f: ci([lm, arrays[f"{f}.logp"][:, j], fg], lambda a, b, c: _gain_share(a, c, b))
+                                            for f in ("f_out", "f_norm") if f in args.target}
         metrics["by_tol"].append(entry)
     metrics["targets"] = metrics["by_tol"][0]["targets"]
     metrics["paper"] = PAPER
@@ -558,44 +567,97 @@ def results_table(metrics: dict) -> str:
     return text
 
 
-# ---------------------------------------------------------------------------------------------------------------- verdicts
-# The paper's criteria, fixed before any run (issue 16):
-#  Tables 1/3: f(z*) "reaches the kNN-LM's perplexity": the 95% interval of the share of kNN's gain lies above 0.9;
-#              the same for f∘g.
+# ---------------------------------------------------------------------------------------------------------------- claims
+# The paper's criteria, fixed before any run:
+#  Tables 1/3: f(z*) "reaches the kNN-LM's perplexity": the 95% interval of the share of kNN's gain lies above 0.9.
 #  Table 4:    at lr 0.001 for 100 steps f∘g gains less than half of what f gains: the 95% interval of
-#              gain_ratio = (log ppl_lm − log ppl_fg) / (log ppl_lm − log ppl_f) lies below 0.5.
-#  An interval on the threshold is "inconclusive"; one entirely on the wrong side is "does not hold".
-SHARE_THRESHOLD, RATIO_THRESHOLD = 0.9, 0.5
+#              (log ppl_lm − log ppl_fg) / (log ppl_lm − log ppl_f) lies below 0.5. f∘g is f_norm∘g, so f_norm is the
+#              like-for-like f; the paper's f (f_out, no norm) is reported beside it.
+#  A Table 1 solution is unfinished when more than NOT_CONVERGED_SHARE of its positions hit --max_steps still improving:
+#  its share is then a lower bound of the converged one (claims.Claim.lower_bound).
+SHARE_THRESHOLD, RATIO_THRESHOLD, NOT_CONVERGED_SHARE = 0.9, 0.5, 0.05
+CLAIM_NAMES = {"f_out": "f(z*) reaches the kNN-LM's perplexity (Table 1; f = output layer, the paper's f)",
+               "f_norm": "f_norm(z*) reaches the kNN-LM's perplexity (Table 1; final norm + output layer)",
+               "fg": "f∘g(z*) reaches the kNN-LM's perplexity (Table 1)"}
+TABLE4_CLAIM = "with a small learning rate f∘g gains less than half of what f gains (Table 4)"
 
 
-def _verdict(lo: float, hi: float, threshold: float, above: bool) -> Optional[bool]:
-    """True (holds), False (does not hold) or None (inconclusive, or an undefined interval)."""
-    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):  # (null in results.json)
-        return None
-    if above:
-        return True if lo > threshold else (False if hi < threshold else None)
-    return True if hi < threshold else (False if lo > threshold else None)
+def _still_improving(v: dict, max_steps: int) -> Optional[float]:
+    """The share of positions still improving at the cap; for a run that predates the count, at least half when the
+    median best step is the cap, else unknown (None)."""
+    if "still_improving_fraction" in v:
+        return v["still_improving_fraction"]
+    return 0.5 if v.get("best_step_median", 0) >= max_steps else None
 
 
-def table1_verdicts(metrics: dict) -> list[dict]:
-    """Per tolerance and per KL target (f_out, f_norm, fg present): does p_proj reach the kNN-LM (share > 0.9)?"""
+def table1_claims(metrics: dict, label: str) -> list[Claim]:
+    """Per tolerance and KL target: does p_proj reach the kNN-LM (share of kNN's gain above 0.9)?"""
     out = []
     for entry in metrics["by_tol"]:
         for t in ("f_out", "f_norm", "fg"):
-            if t not in entry["targets"]:
+            v = entry["targets"].get(t)
+            if v is None:
                 continue
-            ci = entry["targets"][t]["share_of_knn_gain_ci"]
-            out.append({"target": t, "tol": entry["tol"], "share": ci, "ppl_proj": entry["targets"][t]["ppl_proj"],
-                        "holds": _verdict(ci["lo"], ci["hi"], SHARE_THRESHOLD, above=True)})
+            share = _still_improving(v, v.get("max_steps", metrics["solver"]["max_steps"]))
+            unfinished = "" if share is None or share <= NOT_CONVERGED_SHARE else (
+                f"not converged: {share:.0%} of positions still improving at step {v['max_steps']}")
+            out.append(Claim(CLAIM_NAMES[t], f"{label}, tol {entry['tol']:g}", "share of kNN's gain",
+                             Interval.from_dict(v["share_of_knn_gain_ci"]), SHARE_THRESHOLD, "above",
+                             lower_bound=unfinished))
     return out
 
 
-def table4_verdict(metrics: dict, f: str = "f_out") -> Optional[dict]:
-    """Does f∘g gain less than half of what ``f`` gains (first tolerance)? None when either target is missing."""
-    entry = metrics["by_tol"][0]
-    ci = entry.get("fg_gain_over_f_gain", {}).get(f)
-    if ci is None:
-        return None
-    return {"f": f, "tol": entry["tol"], "ratio": ci, "holds": _verdict(ci["lo"], ci["hi"], RATIO_THRESHOLD, above=False),
-            "ppl_lm": metrics["ppl_lm"], "ppl_f": entry["targets"][f]["ppl_proj"],
-            "ppl_fg": entry["targets"]["fg"]["ppl_proj"]}
+def table4_claims(metrics: dict, label: str) -> list[Claim]:
+    """f∘g's gain as a share of f_norm's (like with like) and of f_out's (the paper's f), first tolerance."""
+    ratios = metrics["by_tol"][0].get("fg_gain_over_f_gain", {})
+    names = {"f_norm": "vs f_norm (like with like)", "f_out": "vs f_out (the paper's f)"}
+    return [Claim(TABLE4_CLAIM, f"{label}, {names[f]}", "f∘g gain / f gain (log ppl)", Interval.from_dict(ratios[f]),
+                  RATIO_THRESHOLD, "below") for f in ("f_norm", "f_out") if f in ratios]
+
+
+# ---------------------------------------------------------------------------------------------------------------- report
+# knnlm reproduce's tables: (title, headers, the paper's rows). f = the paper's f (f_out); f_norm = final norm + output
+# layer; f∘g = f_norm∘g (docs/projection.md).
+_GAIN_RATIO = math.log(PAPER["table4"]["lm"] / PAPER["table4"]["fg"]) / math.log(PAPER["table4"]["lm"] / PAPER["table4"]["f"])
+TABLES = {
+    "table1": ("Table 1 — perplexity of p_proj (Eq. 2, lr 0.1), 95% block-bootstrap intervals, by stopping tolerance",
+               ["model", "tol", "LM", "kNN-LM", "f → p_knnlm", "f_norm → p_knnlm", "f∘g → p_knnlm",
+                "still improving at the cap (f, f_norm, f∘g)"],
+               [["paper (16-layer WT-103 LM)", "", PAPER["table1"]["lm"], PAPER["table1"]["knnlm"],
+                 PAPER["table1"]["f"], "–", PAPER["table1"]["fg"], ""]]),
+    "table3": ("Table 3 — mean KL[p_proj ‖ p_knnlm], by stopping tolerance", ["model", "tol", "f", "f_norm", "f∘g"],
+               [["paper", "", PAPER["table3"]["f"], "–", PAPER["table3"]["fg"]]]),
+    "table4": ("Table 4 — projection with lr 0.001, 100 steps (f = output layer only; f∘g = f_norm∘g, so f_norm is "
+               "the like-for-like f)",
+               ["model", "LM", "kNN-LM", "f", "f_norm", "f∘g", "f∘g → y", "f∘g gain / f_norm gain",
+                "f∘g gain / f gain"],
+               [["paper", PAPER["table4"]["lm"], PAPER["table4"]["knnlm"], PAPER["table4"]["f"], "–",
+                 PAPER["table4"]["fg"], PAPER["table4"]["fg_to_y"], "–", f"{_GAIN_RATIO:.2f}"]]),
+}
+
+
+def _ppl_cell(v: Optional[dict]) -> Optional[str]:
+    return None if not v else Interval.from_dict(v["ppl_proj_ci"]).fmt()
+
+
+def table1_rows(metrics: dict, entry: dict, out: Path) -> dict[str, list]:
+    """Tables 1 and 3: one row per tolerance."""
+    lm, knn = Interval.from_dict(metrics["ppl_lm_ci"]).fmt(), Interval.from_dict(metrics["ppl_knnlm_ci"]).fmt()
+    rows1, rows3 = [], []
+    for e in metrics["by_tol"]:
+        tg = {t: e["targets"].get(t) for t in ("f_out", "f_norm", "fg")}
+        cells = [None if v is None else f"{_ppl_cell(v)}; share {v['share_of_knn_gain']:.2f}" for v in tg.values()]
+        improving = ", ".join("–" if v is None or "still_improving_fraction" not in v else
+                              f"{v['still_improving_fraction']:.0%}" for v in tg.values())
+        rows1.append([entry["label"], f"{e['tol']:g}", lm, knn, *cells, improving])
+        rows3.append([entry["label"], f"{e['tol']:g}"] + [None if v is None else v["kl_mean"] for v in tg.values()])
+    return {"table1": rows1, "table3": rows3}
+
+
+def table4_rows(metrics: dict, entry: dict, out: Path) -> dict[str, list]:
+    e = metrics["by_tol"][0]
+    ratios = e.get("fg_gain_over_f_gain", {})
+    return {"table4": [[entry["label"], metrics["ppl_lm"], metrics["ppl_knnlm"]]
+                       + [_ppl_cell(e["targets"].get(t)) for t in ("f_out", "f_norm", "fg", "fg_to_y")]
+                       + [Interval.from_dict(ratios[f]).fmt() if f in ratios else None for f in ("f_norm", "f_out")]]}
+

@@ -1,7 +1,7 @@
 """What every study runner shares: run-folder names per seed, the resume check, seed aggregation, the device.
 
 - **Run folders.** A seed's files live under ``seed-<S>`` (``seed_path(root, 0, "/data")`` -> ``root/seed-0/data``,
-  ``seed_path(root, 0, "-with_last_mlp.json")`` -> ``root/seed-0-with_last_mlp.json``). Before issue 12 two studies
+  ``seed_path(root, 0, "-with_last_mlp.json")`` -> ``root/seed-0-with_last_mlp.json``). Earlier versions of two studies
   wrote ``seed<S>``; where only that name exists it is the one returned, so an earlier run folder resumes in place.
 - **Resume.** :func:`check_resumable`: a rerun into a folder holding ``config.json`` must agree with it on every setting
   that changes what a run computes (the runner names the ones free to change); old setting names are read through
@@ -26,7 +26,7 @@ from ..fileio import read_json
 
 
 def seed_path(root: str | Path, seed: int, rest: str = "") -> Path:
-    """``root/seed-<seed><rest>``, or the pre-issue-12 ``root/seed<seed><rest>`` where only that one exists."""
+    """``root/seed-<seed><rest>``, or the older ``root/seed<seed><rest>`` where only that one exists."""
     root = Path(root)
     new, old = root / f"seed-{seed}{rest}", root / f"seed{seed}{rest}"
     return old if old.exists() and not new.exists() else new

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -54,7 +54,7 @@ def _batch(encoded: list[tuple[list[int], int]], pad_id: int):
 
 
 def score_split(lm, rows: Sequence[dict], retriever=None, knn=None, memory=None,
-                lmbdas: Sequence[float] = (0.25,), batch_size: int = 32) -> dict:
+                lmbdas: Optional[Sequence[float]] = None, batch_size: int = 32) -> dict:
     """Per-row log-likelihoods of the targets: {"lm": [..], "knn": {λ: [..]}, "mlp": {λ: [..]}, "mem": [..]}.
 
     "mem" is the MLP memory's own log-likelihood (not interpolated; empty without a memory): on training sentences its
@@ -67,7 +67,10 @@ def score_split(lm, rows: Sequence[dict], retriever=None, knn=None, memory=None,
     """
     if batch_size < 1:
         raise KnnlmError("--batch_size: must be >= 1")
-    lmbdas = [float(x) for x in (knn.lmbda if knn is not None else lmbdas)]
+    from ..knn import KNNArgs
+
+    given = knn.lmbda if knn is not None else lmbdas
+    lmbdas = [float(x) for x in (KNNArgs().lmbda if given is None else given)]
     knn_point = retriever.ds.meta["key_point"] if retriever is not None else None
     mem_point = memory.key_point if memory is not None else None
     points = tuple(dict.fromkeys(p for p in (knn_point, mem_point) if p))

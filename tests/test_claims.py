@@ -1,0 +1,99 @@
+"""Claims (knnlm.claims): the verdict from the interval, threshold and direction alone; "not judged" and lower bounds
+from the setting; records round-trip; and the block bootstrap (knnlm.stats) the studies' intervals come from."""
+import math
+
+import numpy as np
+import pytest
+
+from knnlm.claims import (FAILS, HOLDS, INCONCLUSIVE, NOT_CONVERGED, NOT_JUDGED, Claim, check_record, claims_table,
+                          from_record, judge)
+from knnlm.stats import Interval, block_bootstrap_ci, bootstrap_interval
+
+
+def _i(lo, hi, point=None):
+    return Interval((lo + hi) / 2 if point is None else point, lo, hi)
+
+
+@pytest.mark.parametrize("lo, hi, above, below", [
+    (0.91, 0.99, HOLDS, FAILS), (0.85, 0.95, INCONCLUSIVE, INCONCLUSIVE), (0.5, 0.89, FAILS, HOLDS),
+    (0.9, 0.95, INCONCLUSIVE, INCONCLUSIVE),  # touching the threshold is not "wholly on one side"
+    (float("nan"), float("nan"), INCONCLUSIVE, INCONCLUSIVE), (-math.inf, 2.0, INCONCLUSIVE, INCONCLUSIVE)])
+def test_judge_from_the_interval_only(lo, hi, above, below):
+    assert judge(_i(lo, hi), 0.9, "above") == above and judge(_i(lo, hi), 0.9, "below") == below
+
+
+def test_a_point_estimate_past_the_threshold_does_not_decide():
+    # the defect this replaces: 64% [-291%, 389%] of kNN's gain read as "holds" against a third
+    assert judge(Interval(0.64, -2.91, 3.89), 1 / 3, "above") == INCONCLUSIVE
+    assert judge(Interval(0.0, -0.06, 0.06), 0.0, "above") == INCONCLUSIVE
+
+
+def test_not_judged_and_lower_bounds():
+    c = Claim("memory keeps a third", "other text", "share", _i(0.5, 0.9), 1 / 3, "above", not_judged="other text")
+    assert c.verdict == NOT_JUDGED and c.reason == "other text"
+    lb = dict(statistic="share", threshold=0.9, lower_bound="62% of positions still improving at their last step")
+    assert Claim("reaches", "s", interval=_i(0.95, 0.99), direction="above", **lb).verdict == HOLDS  # a bound above holds
+    assert Claim("reaches", "s", interval=_i(0.2, 0.5), direction="above", **lb).verdict == NOT_CONVERGED
+    assert Claim("reaches", "s", interval=_i(0.8, 0.95), direction="above", **lb).verdict == NOT_CONVERGED
+    assert Claim("small", "s", interval=_i(0.95, 0.99), direction="below", **lb).verdict == FAILS  # already too big
+    assert Claim("small", "s", interval=_i(0.1, 0.2), direction="below", **lb).verdict == NOT_CONVERGED
+
+
+def test_records_round_trip_and_are_checked():
+    claims = [Claim("kNN beats vanilla", "tiny, 5 seeds", "kNN − vanilla (nats)", Interval(0.0, -0.06, 0.06), 0.0,
+                    "above"),
+              Claim("reaches", "s", "share", _i(0.2, 0.5), 0.9, "above", lower_bound="not converged"),
+              Claim("keeps", "s", "share", _i(0.5, 0.9), 1 / 3, "above", not_judged="other text")]
+    for c in claims:
+        rec = c.record()
+        assert set(rec) >= {"claim", "setting", "statistic", "interval", "threshold", "direction", "verdict", "reason"}
+        assert set(rec["interval"]) == {"point", "lo", "hi", "level"}
+        check_record(rec)
+        assert from_record(rec) == c
+    bad = {**claims[0].record(), "verdict": HOLDS}
+    with pytest.raises(AssertionError, match="derived 'inconclusive'"):
+        check_record(bad)
+    table = claims_table(claims)
+    assert "| kNN beats vanilla | tiny, 5 seeds | 95% CI > 0 | kNN − vanilla (nats): +0.00 [-0.06, +0.06] | inconclusive |" in table
+    assert "| share: 0.35 [0.20, 0.50] | inconclusive (not converged) — not converged |" in table
+    assert "| 95% CI > 0.333 | share: 0.70 [0.50, 0.90] | not judged — other text |" in table
+    undefined = Claim("c", "s", "share", Interval(0.84, float("nan"), float("nan")), 0.5, "below", not_judged="no CI")
+    assert undefined.row()[3:] == ["share: 0.84 (no interval)", "not judged — no CI"]
+
+
+def test_block_bootstrap_means_and_blocks():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=1000)
+    ci = block_bootstrap_ci([a, a + 1.0], lambda x, y: y - x, block=50, n_boot=200)
+    assert (ci.point, ci.lo, ci.hi) == pytest.approx((1.0, 1.0, 1.0))  # paired: every resample's difference is 1
+    one = block_bootstrap_ci([a], lambda m: m, block=1, n_boot=300, seed=3)
+    assert one.point == pytest.approx(a.mean()) and one.lo < a.mean() < one.hi
+    # the same draws as bootstrap_interval over the blocks (the memory study's former code path)
+    sums, counts = np.add.reduceat(a, np.arange(0, 1000, 64)), np.diff(np.r_[np.arange(0, 1000, 64), 1000])
+    lo, hi = bootstrap_interval(len(sums), lambda idx: sums[idx].sum() / counts[idx].sum(), 300, seed=5)
+    ci = block_bootstrap_ci([a], lambda m: m, block=64, n_boot=300, seed=5)
+    assert (ci.lo, ci.hi) == pytest.approx((lo, hi))
+    # correlated neighbours: blocks see the spread that independent tokens hide
+    walk = np.repeat(rng.normal(size=40), 25)  # 40 runs of 25 equal tokens
+    wide = block_bootstrap_ci([walk], lambda m: m, block=25, n_boot=500)
+    narrow = block_bootstrap_ci([walk], lambda m: m, block=1, n_boot=500)
+    assert (wide.hi - wide.lo) > 3 * (narrow.hi - narrow.lo)
+
+
+def test_recorded_cpu_claims_and_the_readme_agree():
+    """The recorded cpu run's claims (docs/results/cpu-2026-11-29/claims.json): every stored verdict is the one its
+    interval gives, and README's "What reproduces" table and the run's claims.md are that table, not hand copies."""
+    import json
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    recorded = repo / "docs" / "results" / "cpu-2026-11-29"
+    records = json.loads((recorded / "claims.json").read_text())["claims"]
+    for rec in records:
+        check_record(rec)
+    table = claims_table([from_record(r) for r in records])
+    block = re.search(r"<!-- claims: docs/results/cpu-2026-11-29/claims.json -->\n(.*?)<!-- /claims -->",
+                      (repo / "README.md").read_text(), re.S)
+    assert block and block.group(1) == table
+    assert table in (recorded / "claims.md").read_text() and table in (recorded / "report.md").read_text()
