@@ -151,6 +151,22 @@ class Retriever:
         """Exact squared L2 from queries [B, d] to the rows ids [B, m] (-1: none) -> [B, m] float32 (inf for -1)."""
         return self.backend.distances(queries, ids)
 
+    def distance_pairs(self, queries: torch.Tensor, qrows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Exact squared L2 of n (query, row) pairs: queries [B, d], qrows [n] and ids [n] int64 (rows >= 0) ->
+        [n] float32. A backend with ``distance_pairs`` computes only those; otherwise each query's rows are padded
+        into one :meth:`distances` call."""
+        pairs = getattr(self.backend, "distance_pairs", None)
+        if pairs is not None:
+            return pairs(queries, qrows, ids)
+        qrows, ids = qrows.cpu().long(), ids.cpu().long()
+        order = torch.argsort(qrows, stable=True)  # [n]
+        counts = torch.bincount(qrows, minlength=queries.shape[0])  # [B]
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order)) - (torch.cumsum(counts, 0) - counts)[qrows[order]]
+        padded = torch.full((queries.shape[0], max(int(counts.max()) if len(ids) else 0, 1)), -1, dtype=torch.long)
+        padded[qrows, rank] = ids
+        return self.backend.distances(queries, padded).cpu()[qrows, rank]
+
     def values(self, ids: torch.Tensor) -> torch.Tensor:
         """The next tokens stored at rows ids [...] (any value where id is -1: its distance is inf)."""
         if ids.device not in self._vals_on:
