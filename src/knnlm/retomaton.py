@@ -98,23 +98,11 @@ def _put(states: np.ndarray, rows: np.ndarray, new: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Neighbours:
-    """The neighbours of a step's ``a`` positions, flat and grouped by position (each row once a position):
-    ``qrow`` [e] the position, ``ids`` [e] int64 rows, ``dists`` [e] float32 exact squared L2."""
+    """The neighbours of a step's ``a`` positions: ``ids`` int64 [a, m] (each position's rows, each once, then -1;
+    m >= 1) and ``dists`` float32 [a, m] their exact squared L2 (inf after them)."""
 
-    qrow: np.ndarray
     ids: np.ndarray
     dists: np.ndarray
-    a: int
-
-    def padded(self) -> tuple[np.ndarray, np.ndarray]:
-        """(dists float32 [a, m], ids int64 [a, m]): each position's neighbours, then inf / -1 (m >= 1)."""
-        m = max(int(np.bincount(self.qrow, minlength=self.a).max()) if len(self.qrow) else 0, 1)
-        out_i = np.full((self.a, m), -1, dtype=np.int64)
-        out_d = np.full((self.a, m), np.inf, dtype=np.float32)
-        rank = _rank(self.qrow)
-        out_i[self.qrow, rank] = self.ids
-        out_d[self.qrow, rank] = self.dists
-        return out_d, out_i
 
 
 class Automaton:
@@ -131,8 +119,9 @@ class Automaton:
         self.args = args or retriever.args
         self.pointers = self.args.retomaton and not self.args.no_pointer
         self.n = int(retriever.ds.N)
-        self.next_ok = successors(retriever.ds) if self.pointers else None  # [N] bool
-        self.vals = retriever.vals.numpy()  # [N] int64
+        # [N] int32: the token of row i where row i + 1 is its successor, else -1 (matches no token): one gather
+        self.next_token = (np.where(successors(retriever.ds), retriever.vals.numpy(), -1).astype(np.int32)
+                           if self.pointers else None)
         self.members = self.offsets = self.cluster_of = None
         if self.pointers and not self.args.no_clusters:
             from .clusters import load_clusters
@@ -151,28 +140,40 @@ class Automaton:
         exact distances (p_knn does not depend on their order)."""
         a = states.shape[0]
         search = self._search_mask(states, positions)  # [a] bool
-        cands = self._candidates(states) if self.pointers else _empty_states(a)  # [a, c]
+        cands = self._candidates(states) if self.pointers else _empty_states(a)  # [a, c], rows first, then -1
         if search.any():
-            sel = np.flatnonzero(search)  # [s]
-            _, found = self.r.search_ids(queries[torch.from_numpy(sel)], recompute=False)  # [s, k]; exact below
-            found = found.cpu().numpy()
-            mixed = (cands[sel] >= 0).any(axis=1)  # [s] searched positions that also have pointers
-            if mixed.any():  # a searched row already a pointer candidate counts once
-                held = np.flatnonzero(cands >= 0)  # flat positions into cands [a, c]
-                packed = (held // cands.shape[1]) * self.n + cands.ravel()[held]
-                dup = np.isin(sel[:, None] * self.n + found, packed) & (found >= 0)
-                found[dup] = -1
-            both = np.full((a, cands.shape[1] + found.shape[1]), -1, dtype=np.int64)  # [a, c + k]
-            both[:, : cands.shape[1]] = cands
-            both[sel, cands.shape[1]:] = found
-            cands = both
-        qrow, col = np.nonzero(cands >= 0)  # [e] each, grouped by position
-        ids = cands[qrow, col]
-        dists = self.r.distance_pairs(queries, torch.from_numpy(qrow), torch.from_numpy(ids)).cpu().numpy()  # [e]
+            cands = self._add_searched(queries, cands, np.flatnonzero(search))
+        if cands.shape[1] == 0:
+            cands = np.full((a, 1), -1, dtype=np.int64)
+        valid = cands >= 0  # [a, m]
+        qrow = valid.nonzero()[0]  # [e] row-major: grouped by position
+        flat = self.r.distance_pairs(queries, torch.from_numpy(qrow), torch.from_numpy(cands[valid]))  # [e]
+        dists = np.full(cands.shape, np.inf, dtype=np.float32)
+        dists[valid] = flat.cpu().numpy()
         self.steps += a
         self.searches += int(search.sum())
-        self.candidates += len(ids)
-        return Neighbours(qrow, ids, dists, a)
+        self.candidates += len(qrow)
+        return Neighbours(cands, dists)
+
+    def _add_searched(self, queries: torch.Tensor, cands: np.ndarray, sel: np.ndarray) -> np.ndarray:
+        """Pointer candidates [a, c] and the searched positions sel [s] -> [a, m]: after each searched position's
+        pointers, the searched rows not among them (rows first, then -1 in every row)."""
+        _, found = self.r.search_ids(queries[torch.from_numpy(sel)], recompute=False)  # [s, k]; exact below
+        found = found.cpu().numpy()  # FAISS's unfilled -1 come last
+        held = (cands[sel] >= 0).sum(axis=1)  # [s] pointers of each searched position
+        k = found.shape[1]
+        out = np.full((len(cands), max(cands.shape[1], int(held.max()) + k)), -1, dtype=np.int64)
+        out[:, : cands.shape[1]] = cands
+        if not held.any():  # (always with --min_knns 1: a position is searched when it has no pointers)
+            out[sel, :k] = found
+            return out
+        rows = np.flatnonzero(cands >= 0)  # a searched row already a pointer candidate counts once
+        packed = (rows // cands.shape[1]) * self.n + cands.ravel()[rows]
+        dup = np.isin(sel[:, None] * self.n + found, packed) & (found >= 0)  # [s, k]
+        order = np.argsort(dup, axis=1, kind="stable")  # the repeats last, the others in order
+        found = np.take_along_axis(np.where(dup, -1, found), order, axis=1)
+        out[sel[:, None], held[:, None] + np.arange(k)] = found
+        return out
 
     def _search_mask(self, states: np.ndarray, positions) -> np.ndarray:
         a = states.shape[0]
@@ -216,13 +217,15 @@ class Automaton:
         """The next states [a, w'] from a step's neighbours and the tokens [a] that came next: each the successors of
         the neighbours whose value is that token, nearest neighbour first (ties: lower row first)."""
         if not self.pointers:
-            return _empty_states(nb.a)
-        tok = tokens.cpu().numpy().astype(np.int64)  # [a]
-        keep = (self.vals[nb.ids] == tok[nb.qrow]) & self.next_ok[nb.ids]  # [e]
-        q, i, d = nb.qrow[keep], nb.ids[keep], nb.dists[keep]
+            return _empty_states(len(nb.ids))
+        tok = tokens.cpu().numpy().astype(np.int32)  # [a]
+        keep = self.next_token[np.maximum(nb.ids, 0)] == tok[:, None]  # [a, m]; a -1 neighbour: inf, dropped below
+        keep &= nb.ids >= 0
+        q, col = keep.nonzero()
+        i, d = nb.ids[q, col], nb.dists[q, col]
         order = np.lexsort((i, d, q))  # by position, then distance, then row
         q, succ = q[order], i[order] + 1
-        out = np.full((nb.a, int(np.bincount(q).max()) if len(q) else 0), -1, dtype=np.int64)
+        out = np.full((len(nb.ids), int(np.bincount(q).max()) if len(q) else 0), -1, dtype=np.int64)
         out[q, _rank(q)] = succ
         return out
 
@@ -269,7 +272,7 @@ class Streams:
             rows = offsets[act] + j  # [a] their rows in the batch
             nb = self.automaton.step(queries[torch.from_numpy(rows)], self.states[act], starts[act] + j)
             self.states = _put(self.states, act, self.automaton.advance(nb, gold[torch.from_numpy(rows)]))
-            got.append((rows, *nb.padded()))
+            got.append((rows, nb.dists, nb.ids))
         m = max(g[1].shape[1] for g in got)
         ids = np.full((len(gold), m), -1, dtype=np.int64)  # [n, m]
         dists = np.full((len(gold), m), np.inf, dtype=np.float32)
@@ -317,7 +320,7 @@ class Tracker:
             pos = np.full(len(rows), past + p, dtype=np.int64)
             nb = self.automaton.step(z[torch.from_numpy(rows), p], self.states[rows], pos)
             if p >= t - keep:
-                dists, nb_ids = (torch.from_numpy(x) for x in nb.padded())  # [a, m] each
+                dists, nb_ids = torch.from_numpy(nb.dists), torch.from_numpy(nb.ids)  # [a, m] each
                 logp = knn_log_probs(dists, self.automaton.r.values(nb_ids), vocab, self.automaton.r.args.knn_temp)
                 none = torch.isinf(dists).all(dim=-1)
                 for i, r in enumerate(rows.tolist()):
