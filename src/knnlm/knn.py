@@ -135,6 +135,8 @@ class Retriever:
         self._vals_on = {self.vals.device: self.vals}  # a copy per device searched on, made once
         # a backend whose distances are already exact (torch): recomputing them would add nothing
         self.recompute = args.recompute_dists and not self.backend.exact_distances
+        if (self.recompute or args.stateful) and hasattr(self.backend, "load_keys"):
+            self.backend.load_keys()  # exact distances from the first query on: read the keys now, with the index
 
     def search_ids(self, queries: torch.Tensor, recompute: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [B, d] -> (squared L2 distances float32 [B, k], row ids int64 [B, k]), nearest first; a row the

@@ -69,6 +69,10 @@ class IndexBackend:
 
     @property
     def keys(self) -> torch.Tensor:
+        return self.load_keys()
+
+    def load_keys(self) -> torch.Tensor:
+        """The keys for exact distances, read on the first call (:func:`knnlm.distances.resident_keys`)."""
         if self._keys is None:
             self._keys = resident_keys(self.ds)
         return self._keys
