@@ -14,7 +14,7 @@ The random-skip kNN-LM (``--skip_search_prob``), the paper's baseline, lives her
 probability 1 - p, drawn from the position's index (the same draw however the positions are batched); a position
 without neighbours takes the LM's distribution (:mod:`knnlm.scoring`, :mod:`knnlm.augmented`).
 
-Distances are always exact (``Retriever.distances``), for searched neighbours and pointers alike, so the two mix.
+Distances are always exact (``Retriever.distance_pairs``), for searched neighbours and pointers alike, so the two mix.
 """
 from __future__ import annotations
 
@@ -110,8 +110,8 @@ class Automaton:
 
     The states of ``a`` streams are one int64 array [a, w]: each row the stream's successor rows, nearest predecessor
     first, then -1 (a row of -1 at a stream's start). :meth:`step` gives each stream's neighbours at its current
-    position, :meth:`advance` the next states from the tokens that followed; both work on all streams at once (flat
-    (stream, row) arrays, no loop over streams). Counters: ``steps`` (positions scored), ``searches``, ``candidates``
+    position, :meth:`advance` the next states from the tokens that followed; both work on all streams at once (padded
+    [a, m] arrays, no loop over streams but the clusters' candidates, found a state at a time). Counters: ``steps`` (positions scored), ``searches``, ``candidates``
     (neighbours summed)."""
 
     def __init__(self, retriever, args=None):
