@@ -188,6 +188,17 @@ def test_batched_streams_equal_one_stream_reference(lm, files, store, tmp_path, 
     assert got["ppl_lm"] == pytest.approx(math.exp(-float(lm_gold.double().mean())), rel=1e-6)
 
 
+def test_backend_without_pair_distances_equals_faiss(lm, files, store, tmp_path):
+    """The torch backend has no distance_pairs: the Retriever pads each position's rows into one distances() call;
+    both backends search exactly here (a Flat index, every key), so the results agree."""
+    settings = dict(retomaton=True, min_knns=3, max_knns=12)
+    ref = _eval(lm, files, store, tmp_path / "faiss", **settings)
+    got = _eval(lm, files, store, tmp_path / "torch", search_backend="torch", **settings)
+    assert got["searches"] == ref["searches"] and got["candidates_per_step"] == ref["candidates_per_step"]
+    for lam in map(str, LMBDAS):
+        assert got["sweep_knn"][lam] == pytest.approx(ref["sweep_knn"][lam], rel=1e-6)
+
+
 def test_random_skip_knnlm(lm, files, store, tmp_path):
     one = _eval(lm, files, store, tmp_path / "s1", batch_size=1, skip_search_prob=0.5)
     three = _eval(lm, files, store, tmp_path / "s3", batch_size=3, skip_search_prob=0.5)

@@ -84,3 +84,35 @@ def test_score_windows_against_direct_computation(tiny_lm, tmp_path):
     again = score_positions(tiny_lm, {"final_hidden": at["final_hidden"]}, gold, retriever, None, lmbdas,
                             lm_gold=serial[0].lm)
     assert torch.equal(again.knn_lm[0.25], serial[0].knn_lm[0.25]) and torch.equal(again.gold, serial[0].gold)
+
+
+def test_search_worker_takes_the_callers_faiss_threads(tiny_lm, tmp_path):
+    """FAISS's OpenMP thread count is per thread: the overlapped search's worker must search with the caller's, not
+    with a new thread's default."""
+    import threading
+
+    import faiss
+
+    fresh = []
+    t = threading.Thread(target=lambda: fresh.append(faiss.omp_get_max_threads()))
+    t.start()
+    t.join()
+    tokens = np.random.default_rng(1).integers(0, 500, 100).astype(np.int32)
+    tokens.tofile(tmp_path / "tok.i32")
+    np.asarray([0, len(tokens)], np.int64).tofile(tmp_path / "tok.i32.docs")
+    tf = TokenFile(tmp_path / "tok.i32", tmp_path / "tok.i32.docs")
+    wins = windows(tf.doc_starts, 32, 16)
+    retriever = Retriever(_store(tmp_path / "ds", 200, tiny_lm.hidden_size, 500), KNNArgs(k=4))
+    seen = []
+
+    def searcher(queries, gold, batch):
+        seen.append(faiss.omp_get_max_threads())
+        return retriever.search(queries)
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(fresh[0] + 1)  # not what a new thread starts with
+    try:
+        list(score_windows(tiny_lm, tf, [wins[:2], wins[2:]], retriever, overlap=True, searcher=searcher))
+    finally:
+        faiss.omp_set_num_threads(before)
+    assert seen == [fresh[0] + 1] * 2

@@ -135,6 +135,8 @@ class Retriever:
         self._vals_on = {self.vals.device: self.vals}  # a copy per device searched on, made once
         # a backend whose distances are already exact (torch): recomputing them would add nothing
         self.recompute = args.recompute_dists and not self.backend.exact_distances
+        if (self.recompute or args.stateful) and hasattr(self.backend, "load_keys"):
+            self.backend.load_keys()  # exact distances from the first query on: read the keys now, with the index
 
     def search_ids(self, queries: torch.Tensor, recompute: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [B, d] -> (squared L2 distances float32 [B, k], row ids int64 [B, k]), nearest first; a row the
@@ -150,6 +152,22 @@ class Retriever:
     def distances(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Exact squared L2 from queries [B, d] to the rows ids [B, m] (-1: none) -> [B, m] float32 (inf for -1)."""
         return self.backend.distances(queries, ids)
+
+    def distance_pairs(self, queries: torch.Tensor, qrows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Exact squared L2 of n (query, row) pairs: queries [B, d], qrows [n] and ids [n] int64 (rows >= 0) ->
+        [n] float32. A backend with ``distance_pairs`` computes only those; otherwise each query's rows are padded
+        into one :meth:`distances` call."""
+        pairs = getattr(self.backend, "distance_pairs", None)
+        if pairs is not None:
+            return pairs(queries, qrows, ids)
+        qrows, ids = qrows.cpu().long(), ids.cpu().long()
+        order = torch.argsort(qrows, stable=True)  # [n]
+        counts = torch.bincount(qrows, minlength=queries.shape[0])  # [B]
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order)) - (torch.cumsum(counts, 0) - counts)[qrows[order]]
+        padded = torch.full((queries.shape[0], max(int(counts.max()) if len(ids) else 0, 1)), -1, dtype=torch.long)
+        padded[qrows, rank] = ids
+        return self.backend.distances(queries, padded).cpu()[qrows, rank]
 
     def values(self, ids: torch.Tensor) -> torch.Tensor:
         """The next tokens stored at rows ids [...] (any value where id is -1: its distance is inf)."""

@@ -14,14 +14,14 @@ The random-skip kNN-LM (``--skip_search_prob``), the paper's baseline, lives her
 probability 1 - p, drawn from the position's index (the same draw however the positions are batched); a position
 without neighbours takes the LM's distribution (:mod:`knnlm.scoring`, :mod:`knnlm.augmented`).
 
-Distances are always exact (``Retriever.distances``), for searched neighbours and pointers alike, so the two mix.
+Distances are always exact (``Retriever.distance_pairs``), for searched neighbours and pointers alike, so the two mix.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -30,7 +30,6 @@ from .errors import KnnlmError
 
 log = logging.getLogger(__name__)
 
-EMPTY = torch.zeros(0, dtype=torch.long)  # the state of a stream with no pointers
 SKIP_SEED = 0x5EED  # the random-skip draws are a fixed function of (seed, position)
 
 
@@ -74,37 +73,55 @@ def skip_draws(positions: np.ndarray) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
-def _pad(rows: Sequence[torch.Tensor], width: int = 0) -> torch.Tensor:
-    """Variable-length id rows -> [a, m] int64, -1 after each row."""
-    m = max([width, *(len(r) for r in rows)])
-    out = torch.full((len(rows), m), -1, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return out
+def _rank(rows: np.ndarray) -> np.ndarray:
+    """Each entry's index within its run of equal values of ``rows`` (runs contiguous, e.g. sorted): [e] -> [e]."""
+    if len(rows) == 0:
+        return rows
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # [runs]
+    return np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
 
 
-def _dedupe(ids: torch.Tensor) -> torch.Tensor:
-    """Each row's distinct ids, ascending, -1 (none) first, trimmed to the longest row: [a, m] -> [a, m']."""
-    ids = ids.sort(dim=1).values
-    dup = torch.zeros_like(ids, dtype=torch.bool)
-    dup[:, 1:] = ids[:, 1:] == ids[:, :-1]
-    ids = ids.masked_fill(dup, -1).sort(dim=1).values
-    width = int((ids >= 0).sum(dim=1).max()) if ids.numel() else 0
-    return ids[:, ids.shape[1] - max(width, 1):]
+def _empty_states(a: int) -> np.ndarray:
+    return np.full((a, 0), -1, dtype=np.int64)
+
+
+def _put(states: np.ndarray, rows: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """``states`` [n, w] with its rows ``rows`` [a] replaced by ``new`` [a, w'] (both -1 after each state's rows)."""
+    if len(rows) == states.shape[0] and np.array_equal(rows, np.arange(len(rows))):
+        return new  # every state replaced: no wider than it must be
+    if new.shape[1] > states.shape[1]:
+        states = np.pad(states, ((0, 0), (0, new.shape[1] - states.shape[1])), constant_values=-1)
+    states[rows] = -1
+    states[rows, : new.shape[1]] = new
+    return states
+
+
+@dataclass
+class Neighbours:
+    """The neighbours of a step's ``a`` positions: ``ids`` int64 [a, m] (each position's rows, each once, then -1;
+    m >= 1) and ``dists`` float32 [a, m] their exact squared L2 (inf after them)."""
+
+    ids: np.ndarray
+    dists: np.ndarray
 
 
 class Automaton:
     """RetoMaton's (or the random-skip kNN-LM's) step over a batch of independent streams, each with its own state.
 
-    A state is a 1-D int64 tensor of successor rows, nearest predecessor first (``EMPTY`` at a stream's start).
-    :meth:`step` gives each stream's neighbours at its current position, :meth:`advance` the next states from the
-    tokens that followed. Counters: ``steps`` (positions scored), ``searches``, ``candidates`` (neighbours summed)."""
+    The states of ``a`` streams are one int64 array [a, w]: each row the stream's successor rows, nearest predecessor
+    first, then -1 (a row of -1 at a stream's start). :meth:`step` gives each stream's neighbours at its current
+    position, :meth:`advance` the next states from the tokens that followed; both work on all streams at once (padded
+    [a, m] arrays, no loop over streams but the clusters' candidates, found a state at a time). Counters: ``steps`` (positions scored), ``searches``, ``candidates``
+    (neighbours summed)."""
 
     def __init__(self, retriever, args=None):
         self.r = retriever
         self.args = args or retriever.args
         self.pointers = self.args.retomaton and not self.args.no_pointer
-        self.next_ok = torch.from_numpy(successors(retriever.ds)) if self.pointers else None  # [N] bool
+        self.n = int(retriever.ds.N)
+        # [N] int32: the token of row i where row i + 1 is its successor, else -1 (matches no token): one gather
+        self.next_token = (np.where(successors(retriever.ds), retriever.vals.numpy(), -1).astype(np.int32)
+                           if self.pointers else None)
         self.members = self.offsets = self.cluster_of = None
         if self.pointers and not self.args.no_clusters:
             from .clusters import load_clusters
@@ -116,46 +133,73 @@ class Automaton:
         self.steps = self.searches = self.candidates = 0
 
     # ------------------------------------------------------------------------------------------------------ one step
-    def step(self, queries: torch.Tensor, states: Sequence[torch.Tensor],
-             positions: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries [a, d], one state per row, ``positions`` [a] (the rows' position indices: the random skips) ->
-        (exact squared L2 distances float32 [a, m], row ids int64 [a, m]; -1 and inf where a row has fewer)."""
-        a = len(states)
+    def step(self, queries: torch.Tensor, states: np.ndarray,
+             positions: Optional[np.ndarray] = None) -> Neighbours:
+        """queries [a, d], states [a, w], ``positions`` [a] (the rows' position indices: the random skips) -> each
+        position's neighbours: its pointer candidates, then where searched the searched rows not among them, with
+        exact distances (p_knn does not depend on their order)."""
+        a = states.shape[0]
         search = self._search_mask(states, positions)  # [a] bool
-        cands = _pad([self._candidates(s) for s in states]) if self.pointers else torch.full((a, 0), -1)
-        found = torch.full((a, 0), -1, dtype=torch.long)
+        cands = self._candidates(states) if self.pointers else _empty_states(a)  # [a, c], rows first, then -1
         if search.any():
-            _, ids = self.r.search_ids(queries[search], recompute=False)  # [s, k]; exact distances below
-            found = torch.full((a, ids.shape[1]), -1, dtype=torch.long)
-            found[search] = ids.cpu()
-        ids = _dedupe(torch.cat([found, cands], dim=1))  # [a, m]; each row's -1s first
-        counts = (ids >= 0).sum(dim=1).tolist()
-        dists = torch.full(ids.shape, math.inf)  # [a, m]
-        for i, c in enumerate(counts):  # row by row: rows differ in width, and padding would cost full distances
-            if c:
-                dists[i, -c:] = self.r.distances(queries[i: i + 1], ids[i: i + 1, -c:])[0].cpu()
+            cands = self._add_searched(queries, cands, np.flatnonzero(search))
+        if cands.shape[1] == 0:
+            cands = np.full((a, 1), -1, dtype=np.int64)
+        valid = cands >= 0  # [a, m]
+        qrow = valid.nonzero()[0]  # [e] row-major: grouped by position
+        flat = self.r.distance_pairs(queries, torch.from_numpy(qrow), torch.from_numpy(cands[valid]))  # [e]
+        dists = np.full(cands.shape, np.inf, dtype=np.float32)
+        dists[valid] = flat.cpu().numpy()
         self.steps += a
         self.searches += int(search.sum())
-        self.candidates += int((ids >= 0).sum())
-        return dists, ids
+        self.candidates += len(qrow)
+        return Neighbours(cands, dists)
 
-    def _search_mask(self, states, positions) -> torch.Tensor:
-        a = len(states)
+    def _add_searched(self, queries: torch.Tensor, cands: np.ndarray, sel: np.ndarray) -> np.ndarray:
+        """Pointer candidates [a, c] and the searched positions sel [s] -> [a, m]: after each searched position's
+        pointers, the searched rows not among them (rows first, then -1 in every row)."""
+        _, found = self.r.search_ids(queries[torch.from_numpy(sel)], recompute=False)  # [s, k]; exact below
+        found = found.cpu().numpy()  # FAISS's unfilled -1 come last
+        held = (cands[sel] >= 0).sum(axis=1)  # [s] pointers of each searched position
+        k = found.shape[1]
+        out = np.full((len(cands), max(cands.shape[1], int(held.max()) + k)), -1, dtype=np.int64)
+        out[:, : cands.shape[1]] = cands
+        if not held.any():  # (always with --min_knns 1: a position is searched when it has no pointers)
+            out[sel, :k] = found
+            return out
+        rows = np.flatnonzero(cands >= 0)  # a searched row already a pointer candidate counts once
+        packed = (rows // cands.shape[1]) * self.n + cands.ravel()[rows]
+        dup = np.isin(sel[:, None] * self.n + found, packed) & (found >= 0)  # [s, k]
+        order = np.argsort(dup, axis=1, kind="stable")  # the repeats last, the others in order
+        found = np.take_along_axis(np.where(dup, -1, found), order, axis=1)
+        out[sel[:, None], held[:, None] + np.arange(k)] = found
+        return out
+
+    def _search_mask(self, states: np.ndarray, positions) -> np.ndarray:
+        a = states.shape[0]
         if self.args.skip_search_prob > 0:
             if positions is None:
                 raise ValueError("the random-skip kNN-LM needs the positions' indices")
-            return torch.from_numpy(skip_draws(np.asarray(positions)) >= self.args.skip_search_prob)
+            return skip_draws(np.asarray(positions)) >= self.args.skip_search_prob
         if not self.pointers:
-            return torch.ones(a, dtype=torch.bool)
-        return torch.tensor([len(s) < self.args.min_knns for s in states], dtype=torch.bool)
+            return np.ones(a, dtype=bool)
+        return (states >= 0).sum(axis=1) < self.args.min_knns
 
-    def _candidates(self, state: torch.Tensor) -> torch.Tensor:
-        """The pointer candidates of a state: its successors, then (with clusters) the other members of their
-        clusters, the clusters most pointed into first; at most ``max_knns``."""
+    def _candidates(self, states: np.ndarray) -> np.ndarray:
+        """The pointer candidates of states [a, w] -> [a, c] (-1 after each row): the successors, then (with
+        clusters) the other members of their clusters, the clusters most pointed into first; at most ``max_knns``."""
         cap = self.args.max_knns
-        if self.members is None or len(state) == 0 or len(state) >= cap:
-            return state[:cap]
-        s = state.numpy()
+        if self.members is None:
+            return states[:, :cap]
+        rows = [self._cluster_candidates(s[s >= 0], cap) for s in states]  # clusters: a row at a time
+        out = np.full((len(rows), max([0, *(len(r) for r in rows)])), -1, dtype=np.int64)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = r
+        return out
+
+    def _cluster_candidates(self, s: np.ndarray, cap: int) -> np.ndarray:
+        if len(s) == 0 or len(s) >= cap:
+            return s[:cap]
         clusters, counts = np.unique(self.cluster_of[s], return_counts=True)
         parts, extra = [s], 0
         for c in clusters[np.lexsort((clusters, -counts))]:  # most pointed into first, then by cluster id
@@ -166,21 +210,24 @@ class Automaton:
                 break
         rows = np.concatenate(parts)
         _, first = np.unique(rows, return_index=True)
-        return torch.from_numpy(rows[np.sort(first)][:cap])
+        return rows[np.sort(first)][:cap]
 
     # ---------------------------------------------------------------------------------------------------- transition
-    def advance(self, ids: torch.Tensor, dists: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
-        """The next states: ids/dists [a, m] of :meth:`step`, tokens [a] that came next -> a states, each the
-        successors of the neighbours whose value is that token, nearest neighbour first (ties: lower row first)."""
-        a = ids.shape[0]
+    def advance(self, nb: Neighbours, tokens: torch.Tensor) -> np.ndarray:
+        """The next states [a, w'] from a step's neighbours and the tokens [a] that came next: each the successors of
+        the neighbours whose value is that token, nearest neighbour first (ties: lower row first)."""
         if not self.pointers:
-            return [EMPTY] * a
-        keep = (ids >= 0) & (self.r.values(ids).cpu() == tokens.cpu().long()[:, None])
-        keep &= self.next_ok[ids.clamp_min(0)]
-        order = dists.masked_fill(~keep, math.inf).sort(dim=1, stable=True).indices  # ids ascend: ties by row
-        succ = ids.gather(1, order) + 1  # [a, m]
-        counts = keep.sum(dim=1).tolist()
-        return [succ[i, :c].clone() for i, c in enumerate(counts)]
+            return _empty_states(len(nb.ids))
+        tok = tokens.cpu().numpy().astype(np.int32)  # [a]
+        keep = self.next_token[np.maximum(nb.ids, 0)] == tok[:, None]  # [a, m]; a -1 neighbour: inf, dropped below
+        keep &= nb.ids >= 0
+        q, col = keep.nonzero()
+        i, d = nb.ids[q, col], nb.dists[q, col]
+        order = np.lexsort((i, d, q))  # by position, then distance, then row
+        q, succ = q[order], i[order] + 1
+        out = np.full((len(nb.ids), int(np.bincount(q).max()) if len(q) else 0), -1, dtype=np.int64)
+        out[q, _rank(q)] = succ
+        return out
 
     def metrics(self) -> dict:
         """``searches``, ``steps``, ``foss`` (fraction of saved searches), ``candidates_per_step``."""
@@ -204,7 +251,7 @@ class Streams:
         self.chunks = [wins[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
         doc_set = {int(s) for s in doc_starts}
         self.resets = {c[0].row for c in self.chunks if c} | {w.row for w in wins if w.start in doc_set}
-        self.states = [EMPTY] * n
+        self.states = _empty_states(n)  # [n, w]
 
     def batches(self):
         for j in range(len(self.chunks[0]) if self.chunks else 0):
@@ -215,24 +262,24 @@ class Streams:
         values [n, m] int64), inf where a position has fewer neighbours."""
         for i, w in enumerate(batch):
             if w.row in self.resets:
-                self.states[i] = EMPTY
-        sizes = [w.n_targets for w in batch]
+                self.states[i] = -1
+        sizes = np.asarray([w.n_targets for w in batch])
         offsets = np.concatenate([[0], np.cumsum(sizes)])[:-1]
-        got_d: list = [None] * len(gold)
-        got_i: list = [None] * len(gold)
-        for j in range(max(sizes)):
-            act = [i for i, s in enumerate(sizes) if j < s]
-            rows = torch.from_numpy(offsets[act] + j)
-            pos = np.asarray([batch[i].row + j for i in act], dtype=np.int64)
-            dists, ids = self.automaton.step(queries[rows], [self.states[i] for i in act], pos)
-            for i, s in zip(act, self.automaton.advance(ids, dists, gold[rows])):
-                self.states[i] = s
-            for r, d, x in zip(rows.tolist(), dists, ids):
-                got_d[r], got_i[r] = d, x
-        ids = _pad(got_i)  # [n, m]
-        dists = torch.full(ids.shape, math.inf)
-        for r, d in enumerate(got_d):
-            dists[r, : len(d)] = d
+        starts = np.asarray([w.row for w in batch], dtype=np.int64)
+        got = []  # (rows [a], dists [a, m], ids [a, m]) of each step
+        for j in range(int(sizes.max())):
+            act = np.flatnonzero(sizes > j)  # [a] the windows with a j-th target
+            rows = offsets[act] + j  # [a] their rows in the batch
+            nb = self.automaton.step(queries[torch.from_numpy(rows)], self.states[act], starts[act] + j)
+            self.states = _put(self.states, act, self.automaton.advance(nb, gold[torch.from_numpy(rows)]))
+            got.append((rows, nb.dists, nb.ids))
+        m = max(g[1].shape[1] for g in got)
+        ids = np.full((len(gold), m), -1, dtype=np.int64)  # [n, m]
+        dists = np.full((len(gold), m), np.inf, dtype=np.float32)
+        for rows, d, i in got:
+            dists[rows, : d.shape[1]] = d
+            ids[rows, : i.shape[1]] = i
+        dists, ids = torch.from_numpy(dists), torch.from_numpy(ids)
         return dists, self.automaton.r.values(ids)
 
 
@@ -248,8 +295,8 @@ class Tracker:
 
     def __init__(self, automaton: Automaton):
         self.automaton = automaton
-        self.states: list = []
-        self.pending = None  # (ids [a, m], dists [a, m], rows [a]) of each row's last stepped position
+        self.states = _empty_states(0)  # [b, w]
+        self.pending = None  # (neighbours, rows [a]) of each row's last stepped position
 
     def log_probs(self, z: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, past: int, keep: int,
                   vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,33 +306,33 @@ class Tracker:
         from .knn import knn_log_probs
 
         b, t = ids.shape
-        if past == 0 or len(self.states) != b:
-            self.states, self.pending = [EMPTY] * b, None
+        if past == 0 or self.states.shape[0] != b:
+            self.states, self.pending = _empty_states(b), None
         elif self.pending is not None:
-            p_ids, p_dists, rows = self.pending
-            self._advance(p_ids, p_dists, rows, ids[rows, 0])
+            nb, rows = self.pending
+            self._advance(nb, rows, ids[torch.from_numpy(rows), 0])
         self.pending = None
         got: dict = {}
         for p in range(t):
-            rows = torch.nonzero(mask[:, p].cpu(), as_tuple=True)[0]  # [a]
+            rows = np.flatnonzero(mask[:, p].cpu().numpy())  # [a]
             if len(rows) == 0:
                 continue
             pos = np.full(len(rows), past + p, dtype=np.int64)
-            dists, nb = self.automaton.step(z[rows, p], [self.states[r] for r in rows.tolist()], pos)
+            nb = self.automaton.step(z[torch.from_numpy(rows), p], self.states[rows], pos)
             if p >= t - keep:
-                logp = knn_log_probs(dists, self.automaton.r.values(nb), vocab, self.automaton.r.args.knn_temp)
+                dists, nb_ids = torch.from_numpy(nb.dists), torch.from_numpy(nb.ids)  # [a, m] each
+                logp = knn_log_probs(dists, self.automaton.r.values(nb_ids), vocab, self.automaton.r.args.knn_temp)
                 none = torch.isinf(dists).all(dim=-1)
                 for i, r in enumerate(rows.tolist()):
                     got[(r, p)] = (logp[i], none[i])
             if p < t - 1:
-                self._advance(nb, dists, rows, ids[rows, p + 1])
+                self._advance(nb, rows, ids[torch.from_numpy(rows), p + 1])
             else:
-                self.pending = (nb, dists, rows)
+                self.pending = (nb, rows)
         order = [got[(r, p)] for r in range(b) for p in range(t - keep, t) if (r, p) in got]
         if not order:
             return torch.zeros(0, vocab), torch.zeros(0, dtype=torch.bool)
         return torch.stack([o[0] for o in order]), torch.stack([o[1] for o in order])
 
-    def _advance(self, nb, dists, rows, tokens) -> None:
-        for r, s in zip(rows.tolist(), self.automaton.advance(nb, dists, tokens)):
-            self.states[r] = s
+    def _advance(self, nb: Neighbours, rows: np.ndarray, tokens: torch.Tensor) -> None:
+        self.states = _put(self.states, rows, self.automaton.advance(nb, tokens))

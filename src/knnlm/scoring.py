@@ -164,6 +164,15 @@ def encode_windows(lm, tokens: TokenFile, batch: list[Window], points: Sequence[
     return at, gold
 
 
+def _search_pool() -> ThreadPoolExecutor:
+    """The search's worker thread, with the caller's FAISS thread count: OpenMP keeps that count per thread, and a new
+    thread starts from OMP_NUM_THREADS or all cores, whose spinning threads would take the cores the LM runs on."""
+    import faiss
+
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="knnlm-search", initializer=faiss.omp_set_num_threads,
+                              initargs=(faiss.omp_get_max_threads(),))
+
+
 def score_windows(lm, tokens: TokenFile, batches: Iterable[list[Window]], retriever=None, memory=None,
                   lmbdas: Optional[Sequence[float]] = None, timing: Optional[dict] = None,
                   overlap: bool = True, searcher=None) -> Iterator[Scores]:
@@ -171,7 +180,7 @@ def score_windows(lm, tokens: TokenFile, batches: Iterable[list[Window]], retrie
 
     With a retriever and ``overlap``, a batch's FAISS search runs in a worker thread while the LM encodes the next
     batch (FAISS and torch release the GIL), so on several cores search time hides behind the forward pass; the
-    results are the same either way. ``searcher(queries [n, d], gold [n], batch) -> (dists, values)`` replaces
+    results are the same either way; the worker searches with the caller's FAISS threads. ``searcher(queries [n, d], gold [n], batch) -> (dists, values)`` replaces
     ``retriever.search`` (RetoMaton's :class:`knnlm.retomaton.Streams`; called once per batch, in order)."""
     points = key_points(retriever, memory)
     if retriever is None or not overlap:
@@ -182,7 +191,7 @@ def score_windows(lm, tokens: TokenFile, batches: Iterable[list[Window]], retrie
                      if retriever is not None else None)
             yield _finish(scores, found, retriever, memory, at, lmbdas, timing)
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="knnlm-search") as pool:
+    with _search_pool() as pool:
         pending = None  # (scores, at, future of the search) of the previous batch
         for batch in batches:
             at, gold = encode_windows(lm, tokens, batch, points, timing)

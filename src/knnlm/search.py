@@ -30,7 +30,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from .distances import exact_sq_dists, resident_keys
+from .distances import exact_sq_dists, exact_sq_dists_pairs, resident_keys
 from .errors import KnnlmError
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,10 @@ class IndexBackend:
 
     @property
     def keys(self) -> torch.Tensor:
+        return self.load_keys()
+
+    def load_keys(self) -> torch.Tensor:
+        """The keys for exact distances, read on the first call (:func:`knnlm.distances.resident_keys`)."""
         if self._keys is None:
             self._keys = resident_keys(self.ds)
         return self._keys
@@ -84,6 +88,11 @@ class IndexBackend:
         missing = ids < 0
         out = exact_sq_dists(self.keys, torch.from_numpy(_as_f32_numpy(queries)), ids.masked_fill(missing, 0))
         return out.masked_fill_(missing, math.inf)  # [B, m]
+
+    def distance_pairs(self, queries: torch.Tensor, qrows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Exact squared L2 of n (query, row) pairs: queries [B, d], qrows and ids [n] int64 (rows >= 0) -> [n]."""
+        return exact_sq_dists_pairs(self.keys, torch.from_numpy(_as_f32_numpy(queries)), qrows.cpu().long(),
+                                    ids.cpu().long())
 
     def close(self) -> None:
         self.index = self._keys = None
