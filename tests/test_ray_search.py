@@ -134,12 +134,24 @@ def test_foreign_store_and_wrong_rows_refused():
         assert needle in msg and "shard 1 on node 10.0.0.7 (abcdef12)" in msg and "\n" not in msg
 
 
+def _wait_dead(actor, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=10)
+        except ray.exceptions.RayError:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the killed shard actor still answers")
+
+
 def test_dead_shard_after_retries_is_one_line(stores):
     backend = make_backend(stores["flat"], _args())
     try:
         q = torch.from_numpy(np.asarray(stores["flat"].keys[:4], dtype=np.float32))
         backend.search(q, 5)
         ray.kill(backend.actors[1], no_restart=True)  # gone for good: Ray's retries cannot bring it back
+        _wait_dead(backend.actors[1])  # ray.kill is asynchronous: a search sent at once could still be answered
         with pytest.raises(KnnlmError) as e:
             backend.search(q, 5)
         msg = str(e.value)
