@@ -362,16 +362,19 @@ class CompletionServer(HTTPServer):
             pass
 
     def _take_back(self) -> None:
-        """Watches again the keep-alive connections workers are done with (closes them when stopping)."""
+        """Watches again the keep-alive connections workers are done with; when stopping, serves the ones whose next
+        request has already begun to arrive (a request sent before the stop is in flight) and closes the rest."""
         while True:
             try:
                 conn = self._returned.get_nowait()
             except queue.Empty:
                 return
-            if self.stopping:
-                self._close(conn)
-            else:
+            if not self.stopping:
                 self._watch(conn)
+            elif self._has_buffered(conn):
+                self._dispatch(conn)
+            else:
+                self._close(conn)
 
     def _expire(self) -> None:
         """Closes connections silent for longer than request_timeout_s (the oldest come first)."""
@@ -430,9 +433,11 @@ class CompletionServer(HTTPServer):
             while True:
                 h.close_connection = True
                 h.handle_one_request()
-                if h.close_connection or self.stopping:
+                if h.close_connection:
                     break
                 if not self._has_buffered(conn):  # a pipelined request is served at once; else back to the loop
+                    if self.stopping:
+                        break
                     return True
         except Exception:
             self.handle_error(conn.sock, conn.address)
@@ -445,7 +450,17 @@ class CompletionServer(HTTPServer):
                 self._returned.put(conn)
                 self._wake()
                 return
-        self._close(conn)
+            pending = self._has_buffered(conn)  # a request that began to arrive as the loop ended: in flight
+            if pending:
+                self._active.add(conn)  # a stop still in its grace period waits for it
+        if pending:
+            try:
+                if self._serve(conn):  # silent again, and no loop is left to watch it
+                    self._close(conn)
+            finally:
+                self._end(conn)
+        else:
+            self._close(conn)
 
     def _has_buffered(self, conn: _Conn) -> bool:
         """Whether the next request is already in the handler's read buffer (the selector cannot see it there)."""
