@@ -5,7 +5,7 @@ import math
 import pytest
 
 from knnlm.errors import KnnlmError
-from knnlm.experiments.hurdle import HurdleArgs
+from knnlm.experiments.hurdle.settings import HurdleArgs
 from knnlm.experiments.study import check_resumable, mean_std, seed_path
 
 
