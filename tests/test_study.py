@@ -7,8 +7,8 @@ import pytest
 
 from knnlm.errors import KnnlmError
 from knnlm.experiments.hurdle.settings import HurdleArgs
-from knnlm.experiments.study import (check_resumable, curve_mean_std, finish_run, mean_std, mirror, reusable,
-                                    seed_path)
+from knnlm.experiments.study import check_resumable, curve_mean_std, finish_run, mean_std, mirror, seed_path
+from knnlm.fileio import reusable
 
 
 def test_seed_path_is_seed_dash_n_and_keeps_an_earlier_seedn_folder(tmp_path):

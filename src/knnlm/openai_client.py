@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from tqdm.auto import tqdm
 
 from .errors import KnnlmError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_json, atomic_write_text, reusable, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -184,3 +184,50 @@ def score_rows(client, base_url: str, model: str, rows: list[dict], batch_size: 
         log.warning("%s: %d target(s) share a token with their prefix under %s's tokenizer; their scores include "
                     "that token", label, straddled, model)
     return out
+
+
+def finetune(client, base_url: str, base_model: str, train: Path, valid: Optional[Path], n_epochs: int, seed: int,
+             run_dir: Path, poll_s: float, label: str = "", sleep: Callable[[float], None] = time.sleep) -> dict:
+    """Uploads ``train`` (and ``valid``), starts a fine-tuning job of ``base_model`` and waits for it; returns its state
+    (with ``fine_tuned_model``; ``n_epochs`` 0: the API's default).
+
+    State lives in ``run_dir/job.json``, saved after every step: a rerun with the same base model and training file
+    reuses the uploaded files and waits for the same job (or, once it succeeded, asks the API nothing); a failed or
+    cancelled job is replaced by a new one.
+    """
+    spec = {"base_url": base_url, "base_model": base_model, "training_sha256": sha256_file(train),
+            "validation_sha256": sha256_file(valid) if valid else None, "n_epochs": n_epochs, "seed": seed}
+    state_path = run_dir / "job.json"
+    state = reusable(state_path, spec, "spec") or {"spec": spec}
+
+    def save():
+        atomic_write_json(state_path, state)
+
+    if "training_file_id" not in state:
+        state["training_file_id"] = upload(client, base_url, train)
+        save()
+    if valid and "validation_file_id" not in state:
+        state["validation_file_id"] = upload(client, base_url, valid)
+        save()
+    if state.get("status") == "succeeded" and state.get("fine_tuned_model"):
+        return job_metrics(client, base_url, state, run_dir)
+    if "job_id" not in state or state.get("status") in ("failed", "cancelled"):
+        for old in run_dir.glob("metrics*.csv"):  # result files of an earlier job
+            old.unlink()
+        method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": n_epochs or "auto"}}}
+        extra = {"validation_file": state["validation_file_id"]} if valid else {}
+        job = api_call(lambda: client.fine_tuning.jobs.create(model=base_model, training_file=state["training_file_id"],
+                                                              method=method, seed=seed, **extra),
+                       base_url, f"starting a fine-tuning job of {base_model}", base_model)
+        state.update(job_id=job.id, status=job.status)
+        save()
+        log.info("%sstarted fine-tuning job %s of %s", label, job.id, base_model)
+    job = wait_for_job(client, base_url, state["job_id"], poll_s, label, sleep)
+    state.update(status=job.status, fine_tuned_model=job.fine_tuned_model, result_files=list(job.result_files or []),
+                 trained_tokens=job.trained_tokens)
+    save()
+    if job.status != "succeeded" or not job.fine_tuned_model:
+        reason = getattr(job.error, "message", None) if job.error else None
+        raise KnnlmError(f"--submit: fine-tuning job {job.id} (seed {seed}) ended {job.status}"
+                         f"{f' ({reason})' if reason else ''}; fix the cause and rerun to start a new job")
+    return job_metrics(client, base_url, state, run_dir)

@@ -11,8 +11,8 @@
   with one value the std is None (JSON null): one seed measures no spread, and 0.0 would claim it did. Tables then
   print the mean alone and plots draw no band. Intervals over seeds are ``knnlm.stats.bootstrap_interval``'s.
 - **Finished runs and cached results.** :func:`finish_run` writes a run's record (what a rerun reads back instead of
-  training) and then removes its checkpoint; :func:`reusable` returns a saved result only when it was computed from
-  the same inputs (its key equals this run's): the one "same run, may resume" test of every study.
+  training) and then removes its checkpoint; ``knnlm.fileio.reusable`` returns a saved result only when it was
+  computed from the same inputs (its key equals this run's): the one "same run, may resume" test of every study.
 - **Output.** :func:`write_outputs`: a run's ``results.json`` (its settings, metrics and claim records) and
   ``results.md``, beside the PNGs it drew.
 - **Device.** ``--device auto|cpu|cuda`` resolves through ``knnlm.models.resolve_device`` (the one rule of the
@@ -81,14 +81,6 @@ def finish_run(done: Path, record: dict, ckpt: Path, write: bool = True) -> dict
         atomic_write_json(done, record)
         shutil.rmtree(ckpt, ignore_errors=True)
     return record
-
-
-def reusable(path: Path, key, field: str = "key") -> Optional[dict]:
-    """The record saved at ``path`` when it was computed from the same inputs (its ``field`` equals ``key``), else None."""
-    if not Path(path).is_file():
-        return None
-    record = read_json(path)
-    return record if isinstance(record, dict) and record.get(field) == key else None
 
 
 def mirror(cls, name: str, default=dataclasses.MISSING, help: str | None = None, deprecated: tuple = ()):

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ...errors import KnnlmError
-from ...fileio import atomic_write_json, sha256_file
-from ...openai_client import api_call, job_metrics, make_client, score_rows, upload, wait_for_job
-from ..study import mean_std, reusable, seed_path
+from ...fileio import atomic_write_json, reusable, sha256_file
+from ...openai_client import finetune as finetune_job, make_client, score_rows
+from ..study import mean_std, seed_path
 
 log = logging.getLogger(__name__)
 
@@ -109,51 +109,11 @@ def _training_path(args: ApiArgs, data: Path) -> Path:
 
 def finetune(client, args: ApiArgs, data: Path, run_dir: Path, seed: int,
              sleep: Callable[[float], None] = time.sleep) -> dict:
-    """Uploads, starts and waits for the fine-tuning job of one seed; returns its state (with ``fine_tuned_model``).
-
-    State lives in ``run_dir/job.json``, saved after every step: a rerun with the same base model and training file
-    reuses the uploaded files and waits for the same job (or, once it succeeded, asks the API nothing); a failed or
-    cancelled job is replaced by a new one.
-    """
-    base_url, base_model = args.base_url, args.model[0]
-    train = _training_path(args, data)
+    """The fine-tuning job of one seed on the village in ``data`` (``openai_client.finetune``, resumable through
+    ``run_dir/job.json``); -> its state (with ``fine_tuned_model``)."""
     valid = data / f"{args.validation_split}_chat.jsonl" if args.validation_split else None
-    spec = {"base_url": base_url, "base_model": base_model, "training_sha256": sha256_file(train),
-            "validation_sha256": sha256_file(valid) if valid else None, "n_epochs": args.n_epochs, "seed": seed}
-    state_path = run_dir / "job.json"
-    state = reusable(state_path, spec, "spec") or {"spec": spec}
-
-    def save():
-        atomic_write_json(state_path, state)
-
-    if "training_file_id" not in state:
-        state["training_file_id"] = upload(client, base_url, train)
-        save()
-    if valid and "validation_file_id" not in state:
-        state["validation_file_id"] = upload(client, base_url, valid)
-        save()
-    if state.get("status") == "succeeded" and state.get("fine_tuned_model"):
-        return job_metrics(client, base_url, state, run_dir)
-    if "job_id" not in state or state.get("status") in ("failed", "cancelled"):
-        for old in run_dir.glob("metrics*.csv"):  # result files of an earlier job
-            old.unlink()
-        method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": args.n_epochs or "auto"}}}
-        extra = {"validation_file": state["validation_file_id"]} if valid else {}
-        job = api_call(lambda: client.fine_tuning.jobs.create(model=base_model, training_file=state["training_file_id"],
-                                                               method=method, seed=seed, **extra),
-                        base_url, f"starting a fine-tuning job of {base_model}", base_model)
-        state.update(job_id=job.id, status=job.status)
-        save()
-        log.info("seed %d: started fine-tuning job %s of %s", seed, job.id, base_model)
-    job = wait_for_job(client, base_url, state["job_id"], args.poll_s, f"seed {seed}: ", sleep)
-    state.update(status=job.status, fine_tuned_model=job.fine_tuned_model, result_files=list(job.result_files or []),
-                 trained_tokens=job.trained_tokens)
-    save()
-    if job.status != "succeeded" or not job.fine_tuned_model:
-        reason = getattr(job.error, "message", None) if job.error else None
-        raise KnnlmError(f"--submit: fine-tuning job {job.id} (seed {seed}) ended {job.status}"
-                         f"{f' ({reason})' if reason else ''}; fix the cause and rerun to start a new job")
-    return job_metrics(client, base_url, state, run_dir)
+    return finetune_job(client, args.base_url, args.model[0], _training_path(args, data), valid, args.n_epochs, seed,
+                        run_dir, args.poll_s, f"seed {seed}: ", sleep)
 
 
 def score_split_cached(client, args: ApiArgs, model: str, data: Path, split: str, run_dir: Path, label: str) -> dict:

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from ...errors import KnnlmError
-from ...fileio import atomic_write_json, claim_output_dir, read_json
+from ...fileio import atomic_write_json, claim_output_dir, read_json, reusable
 from ...models import ModelArgs
-from ..study import check_resumable, finish_run, reusable, seed_path
+from ..study import check_resumable, finish_run, seed_path
 from .report import aggregate, write_outputs
 from .settings import _FREE_KEYS, METHODS, OWN_FILES, SPLITS, OverspecArgs
 

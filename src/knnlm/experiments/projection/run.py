@@ -15,10 +15,9 @@ from tqdm.auto import tqdm
 from ...corpus import (CorpusArgs, batch_inputs, count_targets, target_positions, target_tokens, tokenize_to_file,
                        windows)
 from ...errors import KnnlmError
-from ...fileio import atomic_path, atomic_write_json
+from ...fileio import atomic_path, atomic_write_json, reusable
 from ...knn import KNNArgs, Retriever, interpolate
 from ...report import histogram
-from ..study import reusable
 from .report import summarize
 from .settings import LABELS, TARGETS, ProjectionArgs
 from .solver import kl_from_logits, project
