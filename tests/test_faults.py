@@ -479,7 +479,7 @@ def test_claim_output_dir_states(tmp_path):
     with pytest.raises(KnnlmError, match="the results of another run"):  # not the memory's files: refused
         claim_output_dir(other, "mlp train", {"x": 1}, own_files=("memory.json",))
     # a study run from before the marker: its names match the runner's patterns; one foreign file is refused
-    from knnlm.experiments.overspec import OWN_FILES
+    from knnlm.experiments.overspec.settings import OWN_FILES
 
     study = tmp_path / "study"
     (study / "seed-0").mkdir(parents=True)

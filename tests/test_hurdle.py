@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from knnlm.errors import KnnlmError
-from knnlm.experiments import hurdle
+from knnlm.experiments.hurdle import data as hurdle_data, run as hurdle_run, settings as hurdle_settings
+from knnlm.experiments.hurdle.data import Vocab, batch_indices
+from knnlm.experiments.hurdle.report import (CONTROL_CLAIM, FASTER_CLAIM, area_statistics, compare, hurdle_claims,
+                                             paired_area)
+from knnlm.experiments.hurdle.run import build_pair, count_params, gpt2_config, lr_at, run_study
+from knnlm.experiments.hurdle.settings import MODELS, HurdleArgs, resolve_args
 from knnlm.stats import bootstrap_interval
-from knnlm.experiments.hurdle import (CONTROL_CLAIM, FASTER_CLAIM, MODELS, HurdleArgs, Vocab, area_statistics,
-                                      batch_indices, build_pair, compare, count_params, gpt2_config, hurdle_claims,
-                                      lr_at, paired_area, resolve_args, run_study)
 
 torch.set_num_threads(1)
 
@@ -127,8 +129,8 @@ def test_first_mlp_control_removes_exactly_that_sublayer_and_keeps_every_other_w
         plain = m_full(input_ids=ids).logits
         out = m_ctrl(input_ids=ids).logits
     assert torch.equal(zeroed, out) and (plain - out).abs().max() > 1e-3
-    assert isinstance(m_ctrl.transformer.h[0].mlp, hurdle.ZeroMLP)
-    assert not isinstance(m_ctrl.transformer.h[-1].mlp, hurdle.ZeroMLP)
+    assert isinstance(m_ctrl.transformer.h[0].mlp, hurdle_run.ZeroMLP)
+    assert not isinstance(m_ctrl.transformer.h[-1].mlp, hurdle_run.ZeroMLP)
 
 
 def test_paired_area_on_constructed_curves():
@@ -218,11 +220,11 @@ def test_macondo_metric_is_knnlm_macondo_score_through_the_real_lm_adapter(tmp_p
     from knnlm.models import LM
 
     args = _args(tmp_path, data=str(_macondo_folder(tmp_path)), vocab_size=0)
-    tok = hurdle.load_tokenizer()
-    data = hurdle.prepare_data(args, tok)
+    tok = hurdle_data.load_tokenizer()
+    data = hurdle_data.prepare_data(args, tok)
     config = gpt2_config("tiny", data.vocab.size, 32, data.eos_id)
     model = build_pair(config, 0)["with_last_mlp"].eval()
-    got = hurdle.evaluate_point(model, data, args, torch.device("cpu"))
+    got = hurdle_run.evaluate_point(model, data, args, torch.device("cpu"))
     ref = summarize(data.rows, score_split(LM(model, tok), data.rows)["lm"])
     assert got["ll_avg"] == pytest.approx(ref["avg"], abs=1e-9) and got["ll_2"] == pytest.approx(ref["2"], abs=1e-9)
     assert got["ll_avg_groups"] == pytest.approx((got["ll_1"] + got["ll_2"] + got["ll_3"]) / 3)
@@ -234,7 +236,7 @@ def test_macondo_metric_is_knnlm_macondo_score_through_the_real_lm_adapter(tmp_p
         logp = torch.log_softmax(model(input_ids=torch.tensor([prefix])).logits[0, -1], -1)[maria[0]]
     assert got["ll_1"] == pytest.approx(float(logp), abs=1e-4)
     # with a reduced vocabulary the training sentences are the scored ids, mapped
-    small = hurdle.prepare_data(_args(tmp_path, data=args.data, output_dir=str(tmp_path / "o2")), tok)
+    small = hurdle_data.prepare_data(_args(tmp_path, data=args.data, output_dir=str(tmp_path / "o2")), tok)
     assert small.train.seqs[0].tolist() == small.vocab.map(prefix + maria).tolist()
 
 
@@ -266,7 +268,7 @@ def test_macondo_mode_records_metrics_at_the_eval_steps_with_one_data_order(tmp_
     m = out["metrics"]
     assert args.eval_steps() == [0, 3, 6, 7] and m["steps"] == [0, 3, 6, 7]
     runs = tmp_path / "out" / "runs"
-    data = hurdle.prepare_data(args, hurdle.load_tokenizer())
+    data = hurdle_data.prepare_data(args, hurdle_data.load_tokenizer())
     assert len(data.train) == 6 and data.vocab.size == m["vocab_size"] < 64  # every token of the village kept
     assert data.vocab.unk not in np.concatenate(data.train.seqs)
     for seed in range(2):
@@ -375,7 +377,7 @@ def test_presets_layer_under_config_and_flags(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"preset: cpu\ndata: {train}\nmax_steps: 250\n")
     a = resolve_args({"output_dir": str(tmp_path / "o"), "eval_every": "30"}, str(cfg))
-    text = hurdle.preset_values("cpu", "text")
+    text = hurdle_settings.preset_values("cpu", "text")
     assert (a.max_steps, a.eval_every, a.block_size, a.vocab_size) == (250, 30, text["block_size"], text["vocab_size"]) \
         == (250, 30, 64, 2048)
     assert text["max_steps"] == 300  # the file's value won over the preset's
@@ -385,7 +387,7 @@ def test_presets_layer_under_config_and_flags(tmp_path):
     assert (deep.n_layer, deep.n_embd, deep.n_head, deep.num_seeds, deep.max_steps) == (4, 128, 4, 3, 200)
     config = gpt2_config(deep.size, 100, 64, 99, deep.n_layer, deep.n_embd, deep.n_head)
     assert (config.n_layer, config.n_embd, config.n_head) == (4, 128, 4)
-    assert set(hurdle.preset_names()) == {"cpu", "cpu-deep", "paper"}
+    assert set(hurdle_settings.preset_names()) == {"cpu", "cpu-deep", "paper"}
     with pytest.raises(KnnlmError, match="--preset"):
         resolve_args({"output_dir": str(tmp_path / "o"), "preset": "huge"})
     with pytest.raises(KnnlmError, match="--n_head"):

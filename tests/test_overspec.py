@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from knnlm.errors import KnnlmError
-from knnlm.experiments.overspec import OVERSPEC_CLAIMS, fit_reason, resolve_args, run_study
+from knnlm.experiments.overspec.report import OVERSPEC_CLAIMS, fit_reason
+from knnlm.experiments.overspec.run import run_study
+from knnlm.experiments.overspec.settings import resolve_args
 
 REPO = Path(__file__).resolve().parents[1]
 # 12 villagers, 5 parents with 1..5 children (15 pairs), 1 training sentence per pair: 15 sentences, 4 micro-batches of
@@ -319,7 +321,7 @@ def test_training_split_scores_equal_a_hand_computation(tiny_run):
 
 
 def test_train_sample_takes_each_pairs_first_sentences():
-    from knnlm.experiments.overspec import train_sample
+    from knnlm.experiments.overspec.run import train_sample
 
     rows = [{"parent": p, "child": c, "i": i} for p, c, n in (("A", "x", 3), ("A", "y", 2), ("B", "z", 3))
             for i in range(n)]
@@ -334,7 +336,7 @@ def test_bare_reference_trains_on_exactly_the_bare_sentences(tiny_run, tmp_path,
     weights (same step-0 hash and scores) and takes as many steps."""
     import shutil
 
-    import knnlm.experiments.overspec as ov
+    import knnlm.experiments.overspec.run as ov
 
     out, result = tiny_run
     seen = []

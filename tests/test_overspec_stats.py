@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from knnlm.experiments.overspec import FIT_MARGIN_NATS, overspec_claims
+from knnlm.experiments.overspec.report import FIT_MARGIN_NATS, overspec_claims
 from knnlm.stats import hierarchical_bootstrap, paired_bootstrap
 
 

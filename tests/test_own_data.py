@@ -8,7 +8,7 @@ import yaml
 
 from knnlm.cli import main
 from knnlm.config import PRESETS_DIR
-from knnlm.experiments.own_data import gain_share, own_data_check
+from knnlm.experiments.memory.check import gain_share, own_data_check
 
 TEXT = ("the river rose in the spring and the village moved its mills to the hill . " * 40
         + "a cat sat on the mat and a dog sat on the log . " * 40)

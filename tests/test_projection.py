@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from knnlm.cli import main
-from knnlm.experiments import projection as P
+from knnlm.experiments.projection import report as PR, run as PRUN, settings as PS, solver as PV
 
 TRAIN = "the cat sat on the mat. the dog sat on the log. a cat and a dog sat together on a mat.\n" * 3
 VALID = "the dog sat on the mat. a cat sat on the log. the cat and the dog.\n"
@@ -24,7 +24,7 @@ def _states(lm, text, point):
 def test_kl_direction_by_hand():
     q, p = [0.7, 0.2, 0.1], [0.4, 0.4, 0.2]
     logits = torch.tensor([[math.log(x) + 3.0 for x in q]], requires_grad=True)  # softmax(logits) = q
-    kl = P.kl_from_logits(logits, torch.tensor([[math.log(x) for x in p]]))
+    kl = PV.kl_from_logits(logits, torch.tensor([[math.log(x) for x in p]]))
     by_hand = 0.7 * math.log(0.7 / 0.4) + 0.2 * math.log(0.2 / 0.4) + 0.1 * math.log(0.1 / 0.2)  # KL[q ‖ p] = 0.18379
     reverse = 0.4 * math.log(0.4 / 0.7) + 0.4 * math.log(0.4 / 0.2) + 0.2 * math.log(0.2 / 0.1)  # KL[p ‖ q] = 0.19204
     assert kl.item() == pytest.approx(by_hand, abs=1e-6) and abs(kl.item() - reverse) > 5e-3
@@ -41,7 +41,7 @@ def test_kl_direction_by_hand():
 def test_solver_is_torch_adam_and_keeps_the_best_iterate():
     g = torch.Generator().manual_seed(0)
     z0, c = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
-    sol = P.solve(lambda z, rows: ((z - c[rows]) ** 4).sum(-1), z0, lr=0.5, tol=0.0, max_steps=12)
+    sol = PV.solve(lambda z, rows: ((z - c[rows]) ** 4).sum(-1), z0, lr=0.5, tol=0.0, max_steps=12)
     z = z0.clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=0.5)
     values = [((z0 - c) ** 4).sum(-1)]  # the trajectory's objective per step, z0 first
@@ -62,11 +62,11 @@ def test_solver_is_torch_adam_and_keeps_the_best_iterate():
 
 def test_optimal_start_keeps_z0(tiny_lm):
     z0 = _states(tiny_lm, "the cat sat on the mat", "final_hidden")[:2].clone()  # [2, d]
-    fn = P.logits_fn(tiny_lm, "f_out")
+    fn = PV.logits_fn(tiny_lm, "f_out")
     with torch.no_grad():
         target = torch.log_softmax(fn(z0), -1)  # row 0: exactly f(z0[0]), already optimal
         target[1] = torch.log_softmax(torch.randn(target.shape[1], generator=torch.Generator().manual_seed(1)), -1)
-    sol = P.solve(lambda z, rows: P.kl_from_logits(fn(z), target[rows]), z0, lr=0.1, tol=1e-3, max_steps=40)
+    sol = PV.solve(lambda z, rows: PV.kl_from_logits(fn(z), target[rows]), z0, lr=0.1, tol=1e-3, max_steps=40)
     assert torch.equal(sol.z[0, 0], z0[0]) and sol.best_step[0, 0].item() == 0  # z0 kept
     assert sol.steps[0, 0].item() == 1 and sol.stop[0, 0].item() == 0  # stopped by tol after one step
     assert sol.objective[0, 0].item() == pytest.approx(0.0, abs=1e-6)
@@ -77,18 +77,18 @@ def test_optimal_start_keeps_z0(tiny_lm):
 @pytest.mark.parametrize("target", ["f_out", "f_norm", "fg"])
 def test_best_iterate_never_worse_than_start(tiny_lm, target):
     """lr 1 makes Adam overshoot; whatever the trajectory does, no position ends above its KL at z0."""
-    z0 = _states(tiny_lm, "the cat sat on the mat. a dog sat on the log", P.TARGETS[target])
+    z0 = _states(tiny_lm, "the cat sat on the mat. a dog sat on the log", PS.TARGETS[target])
     gold = torch.tensor(tiny_lm.encode("the cat sat on the mat. a dog sat on the log")[1:] + [0])
     g = torch.Generator().manual_seed(3)
     target_logp = torch.log_softmax(3 * torch.randn(len(z0), tiny_lm.vocab_size, generator=g), -1)
     with torch.no_grad():  # half of the positions start near their optimum: a big step can only hurt them
-        target_logp[::2] = torch.log_softmax(P.logits_fn(tiny_lm, target)(z0[::2]) + 0.01 * target_logp[::2], -1)
-    res = P.project(tiny_lm, target, z0, target_logp, gold, lr=1.0, tol=[1e-3, 0.0], max_steps=15)
+        target_logp[::2] = torch.log_softmax(PV.logits_fn(tiny_lm, target)(z0[::2]) + 0.01 * target_logp[::2], -1)
+    res = PV.project(tiny_lm, target, z0, target_logp, gold, lr=1.0, tol=[1e-3, 0.0], max_steps=15)
     assert (res["kl"] <= res["kl_init"][:, None]).all()
-    fn = P.logits_fn(tiny_lm, target)
-    sol = P.solve(lambda z, rows: P.kl_from_logits(fn(z), target_logp[rows]), z0, lr=1.0, tol=0.0, max_steps=15)
+    fn = PV.logits_fn(tiny_lm, target)
+    sol = PV.solve(lambda z, rows: PV.kl_from_logits(fn(z), target_logp[rows]), z0, lr=1.0, tol=0.0, max_steps=15)
     with torch.no_grad():
-        last = P.kl_from_logits(fn(sol.z_last), target_logp)
+        last = PV.kl_from_logits(fn(sol.z_last), target_logp)
     assert (last > res["kl_init"]).any()  # the last iterate would have been worse somewhere
     assert (res["kl"][:, 1] <= res["kl"][:, 0]).all()  # running longer never loses the best
 
@@ -100,7 +100,7 @@ def test_paper_f_reaches_an_exactly_expressible_target(tiny_lm):
     gold = torch.tensor(tiny_lm.encode(text)[2:8])
     with torch.no_grad():
         target_logp = torch.log_softmax(tiny_lm.output_layer(z_true), -1)  # exactly f(z_true), f = output layer
-    res = P.project(tiny_lm, "f_out", z_start, target_logp, gold, lr=0.1, tol=0.0, max_steps=400)
+    res = PV.project(tiny_lm, "f_out", z_start, target_logp, gold, lr=0.1, tol=0.0, max_steps=400)
     assert res["kl_init"].min() > 1e-2  # the start is genuinely off
     assert res["kl"].max() < 1e-4
     ppl_target = math.exp(-float(target_logp.gather(1, gold[:, None]).mean()))
@@ -124,8 +124,8 @@ def test_without_final_norm_both_f_coincide(tiny_gpt2_dir):
     gold = ids[0, 1:].tolist() + [0]
     gold = torch.tensor(gold)
     target_logp = torch.log_softmax(torch.randn(len(z0), lm.vocab_size, generator=torch.Generator().manual_seed(4)), -1)
-    a = P.project(lm, "f_out", z0, target_logp, gold, lr=0.1, tol=[1e-3, 0.0], max_steps=20)
-    b = P.project(lm, "f_norm", h["block_output"][0], target_logp, gold, lr=0.1, tol=[1e-3, 0.0], max_steps=20)
+    a = PV.project(lm, "f_out", z0, target_logp, gold, lr=0.1, tol=[1e-3, 0.0], max_steps=20)
+    b = PV.project(lm, "f_norm", h["block_output"][0], target_logp, gold, lr=0.1, tol=[1e-3, 0.0], max_steps=20)
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
@@ -133,9 +133,9 @@ def test_without_final_norm_both_f_coincide(tiny_gpt2_dir):
 def test_with_final_norm_the_two_f_differ(tiny_lm):
     z = _states(tiny_lm, "the cat sat", "block_output")
     with torch.no_grad():
-        assert not torch.allclose(P.logits_fn(tiny_lm, "f_out")(z), P.logits_fn(tiny_lm, "f_norm")(z))
+        assert not torch.allclose(PV.logits_fn(tiny_lm, "f_out")(z), PV.logits_fn(tiny_lm, "f_norm")(z))
         h = _states(tiny_lm, "the cat sat", "final_hidden")
-        torch.testing.assert_close(P.logits_fn(tiny_lm, "f_out")(h), P.logits_fn(tiny_lm, "f_norm")(z))  # same LM at z0
+        torch.testing.assert_close(PV.logits_fn(tiny_lm, "f_out")(h), PV.logits_fn(tiny_lm, "f_norm")(z))  # same LM at z0
 
 
 def test_tolerance_columns_share_one_trajectory(tiny_lm):
@@ -143,9 +143,9 @@ def test_tolerance_columns_share_one_trajectory(tiny_lm):
     z0 = _states(tiny_lm, text, "final_hidden")
     gold = torch.tensor(tiny_lm.encode(text)[1:] + [0])
     target_logp = torch.log_softmax(torch.randn(len(z0), tiny_lm.vocab_size, generator=torch.Generator().manual_seed(5)), -1)
-    both = P.project(tiny_lm, "f_out", z0, target_logp, gold, lr=0.1, tol=[1e-2, 1e-4], max_steps=300)
+    both = PV.project(tiny_lm, "f_out", z0, target_logp, gold, lr=0.1, tol=[1e-2, 1e-4], max_steps=300)
     for j, tol in enumerate([1e-2, 1e-4]):
-        alone = P.project(tiny_lm, "f_out", z0, target_logp, gold, lr=0.1, tol=tol, max_steps=300)
+        alone = PV.project(tiny_lm, "f_out", z0, target_logp, gold, lr=0.1, tol=tol, max_steps=300)
         assert torch.equal(alone["steps"][:, 0], both["steps"][:, j])
         torch.testing.assert_close(alone["kl"][:, 0], both["kl"][:, j])
     assert (both["steps"][:, 1] >= both["steps"][:, 0]).all() and (both["kl"][:, 1] <= both["kl"][:, 0]).all()
@@ -155,48 +155,48 @@ def test_tolerance_columns_share_one_trajectory(tiny_lm):
 def test_patience_stops_a_stalled_position():
     z0 = torch.zeros(2, 1)
     c = torch.tensor([[0.0], [5.0]])  # row 0 starts at its optimum; Adam's first steps move it off and back
-    sol = P.solve(lambda z, rows: ((z - c[rows]) ** 2).sum(-1), z0, lr=0.5, tol=0.0, max_steps=200, patience=5)
+    sol = PV.solve(lambda z, rows: ((z - c[rows]) ** 2).sum(-1), z0, lr=0.5, tol=0.0, max_steps=200, patience=5)
     assert sol.stop[0, 0].item() == 1 and sol.steps[0, 0].item() == 5 and sol.best_step[0, 0].item() == 0
     assert sol.objective[0, 0].item() == 0.0
     assert sol.objective[0, 1] < 1e-2 and sol.steps[0, 1] > 5
 
 
 def test_deprecated_f_is_f_norm(caplog):
-    args = P.ProjectionArgs(output_dir="x", datastore="y", target=["f", "fg"], tol=[0.0, 1e-3])
+    args = PS.ProjectionArgs(output_dir="x", datastore="y", target=["f", "fg"], tol=[0.0, 1e-3])
     with caplog.at_level("WARNING"):
         args.validate()
     assert args.target == ["f_norm", "fg"] and args.tol == [1e-3, 0.0]
     assert "deprecated" in caplog.text and "f_out" in caplog.text
-    with pytest.raises(P.KnnlmError, match="--target"):
-        P.ProjectionArgs(output_dir="x", datastore="y", target=["f", "f_norm"]).validate()
+    with pytest.raises(PS.KnnlmError, match="--target"):
+        PS.ProjectionArgs(output_dir="x", datastore="y", target=["f", "f_norm"]).validate()
 
 
 def test_scalar_tol_in_a_config_file_is_a_one_item_list(tmp_path):
     from knnlm.config import resolve
 
     (tmp_path / "c.yaml").write_text("output_dir: o\ndatastore: d\ntol: 0.001\n")  # written before --tol took a list
-    (args,) = resolve([P.ProjectionArgs], {}, tmp_path / "c.yaml")
+    (args,) = resolve([PS.ProjectionArgs], {}, tmp_path / "c.yaml")
     assert args.tol == [0.001]
 
 
 def test_share_of_gain_and_gain_ratio_by_hand():
     lm, knn, proj = np.log([0.1, 0.1]), np.log([0.2, 0.2]), np.log([0.15, 0.15])
-    assert P.share_of_gain(lm, knn, proj) == pytest.approx(math.log(1.5) / math.log(2))
-    assert P.share_of_gain(lm, knn, knn) == pytest.approx(1.0) and P.share_of_gain(lm, knn, lm) == 0.0
-    assert P.gain_ratio(lm, knn, proj) == pytest.approx(math.log(1.5) / math.log(2))
+    assert PR.share_of_gain(lm, knn, proj) == pytest.approx(math.log(1.5) / math.log(2))
+    assert PR.share_of_gain(lm, knn, knn) == pytest.approx(1.0) and PR.share_of_gain(lm, knn, lm) == 0.0
+    assert PR.gain_ratio(lm, knn, proj) == pytest.approx(math.log(1.5) / math.log(2))
 
 
 @pytest.mark.parametrize("target", ["f_norm", "fg"])
 def test_reachable_target_is_recovered(tiny_lm, target):
-    point = P.TARGETS[target]
+    point = PS.TARGETS[target]
     states = _states(tiny_lm, "the cat sat on the mat. a dog sat on the log", point)
     z_true, z_start = states[1:7], states[:6]  # start each position from its left neighbour's state
     gold = torch.tensor(tiny_lm.encode("the cat sat on the mat. a dog sat on the log")[2:8])
-    fn = P.logits_fn(tiny_lm, target)
+    fn = PV.logits_fn(tiny_lm, target)
     with torch.no_grad():
         target_logp = torch.log_softmax(fn(z_true), -1)  # exactly f(z_true) (or f(g(z_true)))
     # tol well below the KL asked for: the stopping rule halts once a step gains < tol, i.e. at KL ~ tol
-    res = P.project(tiny_lm, target, z_start, target_logp, gold, lr=0.1, tol=1e-5, max_steps=1000)
+    res = PV.project(tiny_lm, target, z_start, target_logp, gold, lr=0.1, tol=1e-5, max_steps=1000)
     assert res["kl_init"].mean() > 1e-2  # the start is genuinely off
     assert res["kl"].max() < 1e-3
     ppl_target = math.exp(-float(target_logp.gather(1, gold[:, None]).mean()))
@@ -211,7 +211,7 @@ def test_fg_to_y_raises_gold_log_prob(tiny_lm):
     gold = torch.tensor(tiny_lm.encode(text)[1:])
     with torch.no_grad():
         before = tiny_lm.f(tiny_lm.g(z0)).gather(1, gold[:, None])[:, 0]
-    res = P.project(tiny_lm, "fg_to_y", z0, before.new_zeros(len(gold), tiny_lm.vocab_size), gold, lr=0.1,
+    res = PV.project(tiny_lm, "fg_to_y", z0, before.new_zeros(len(gold), tiny_lm.vocab_size), gold, lr=0.1,
                     tol=1e-3, max_steps=30)
     assert (res["logp"][:, 0] > before + 0.5).all()
     torch.testing.assert_close(res["objective"], -res["logp"], rtol=1e-4, atol=1e-4)
@@ -259,7 +259,7 @@ def test_cli_end_to_end_matches_eval(common, tiny_lm, tmp_path):
     arrays = np.load(out / "per_token.npz")
     assert arrays["f_out.kl"].shape == (m["n_tokens"], 2)
     assert math.exp(-arrays["f_out.logp"][:, 0].astype(np.float64).mean()) == pytest.approx(tg["f_out"]["ppl_proj"])
-    assert P.share_of_gain(arrays["lm"], arrays["knnlm"], arrays["fg.logp"][:, 0]) == pytest.approx(
+    assert PR.share_of_gain(arrays["lm"], arrays["knnlm"], arrays["fg.logp"][:, 0]) == pytest.approx(
         tg["fg"]["share_of_knn_gain"])
     assert (out / "kl_f_out.png").stat().st_size > 0 and (out / "kl_fg_to_y.png").exists()
     assert (out / "steps_f_out_tol0.001.png").exists() and (out / "steps_fg_tol0.png").exists()
@@ -272,22 +272,22 @@ def test_cli_end_to_end_matches_eval(common, tiny_lm, tmp_path):
     # tolerance and KL target; Table 4's ratio of gains against f_norm (like with like) and f_out, with intervals
     from knnlm.claims import check_record
 
-    rows = P.table1_rows(m, {"label": "tiny"}, out)
+    rows = PR.table1_rows(m, {"label": "tiny"}, out)
     assert [r[1] for r in rows["table1"]] == ["0.001", "0"] and len(rows["table3"]) == 2
-    claims = P.table1_claims(m, "tiny")
+    claims = PR.table1_claims(m, "tiny")
     assert len(claims) == 2 * 3 and all(c.threshold == 0.9 and c.direction == "above" for c in claims)
     for c in claims:
         check_record(c.record())
     # at tol 0 every position ran to the cap: still improving there, the share is a lower bound
     improving = m["by_tol"][1]["targets"]["f_out"]["still_improving_fraction"]
-    assert 0 <= improving <= 1 and (claims[3].lower_bound != "") == (improving > P.NOT_CONVERGED_SHARE)
-    t4 = P.table4_claims(m, "tiny")
+    assert 0 <= improving <= 1 and (claims[3].lower_bound != "") == (improving > PR.NOT_CONVERGED_SHARE)
+    t4 = PR.table4_claims(m, "tiny")
     ratio = m["by_tol"][0]["fg_gain_over_f_gain"]
     assert [c.setting for c in t4] == ["tiny, vs f_norm (like with like)", "tiny, vs f_out (the paper's f)"]
     # (a ratio of two zero gains is not finite: null in results.json, NaN in the interval; NaN compares equal here)
     np.testing.assert_array_equal([c.interval.point for c in t4],
-                                  [P.Interval.from_dict(ratio[f]).point for f in ("f_norm", "f_out")])
-    assert P.table4_rows(m, {"label": "tiny"}, out)["table4"][0][-1] == P.Interval.from_dict(ratio["f_out"]).fmt()
+                                  [PR.Interval.from_dict(ratio[f]).point for f in ("f_norm", "f_out")])
+    assert PR.table4_rows(m, {"label": "tiny"}, out)["table4"][0][-1] == PR.Interval.from_dict(ratio["f_out"]).fmt()
     assert not (out / "partial.npz").exists()
 
 
@@ -296,8 +296,8 @@ def test_resume_after_kill_gives_same_results(common, tmp_path, monkeypatch):
             "--target", "f_out", "--max_steps", "5", "--batch_size", "4",
             "--tol", "1e-2,1e-3", "--n_boot", "50"]  # groups of one window
     assert main([*args, "--output_dir", str(tmp_path / "whole")]) == 0
-    monkeypatch.setattr(P, "_CHECKPOINT_EVERY_S", 0.0)
-    real, calls = P.project, []
+    monkeypatch.setattr(PRUN, "_CHECKPOINT_EVERY_S", 0.0)
+    real, calls = PV.project, []
 
     def dies_on_third_batch(*a, **kw):
         calls.append(1)
@@ -305,10 +305,10 @@ def test_resume_after_kill_gives_same_results(common, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(P, "project", dies_on_third_batch)
+    monkeypatch.setattr(PRUN, "project", dies_on_third_batch)
     assert main([*args, "--output_dir", str(tmp_path / "resumed")]) == 130
     assert json.loads((tmp_path / "resumed" / "partial.json").read_text())["windows_done"] == 1  # [7, 4, 4] targets
-    monkeypatch.setattr(P, "project", real)
+    monkeypatch.setattr(PRUN, "project", real)
     assert main([*args, "--output_dir", str(tmp_path / "resumed")]) == 0
     a, b = np.load(tmp_path / "whole" / "per_token.npz"), np.load(tmp_path / "resumed" / "per_token.npz")
     assert sorted(a.files) == sorted(b.files)

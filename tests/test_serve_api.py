@@ -27,7 +27,8 @@ import pytest
 import torch
 
 from knnlm.errors import KnnlmError
-from knnlm.experiments import overspec_api as A
+from knnlm import openai_client as OC
+from knnlm.experiments.overspec import api as A
 from knnlm.serve import CompletionEngine, ServeArgs, start_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -737,11 +738,11 @@ def test_api_scorer_matches_direct_computation(server, tiny_lm, village, tmp_pat
 def test_target_log_likelihood_straddle():
     lp = argparse.Namespace(tokens=["ab", "c:", " X", "y"], token_logprobs=[None, -1.0, -2.0, -0.5],
                             text_offset=[0, 2, 4, 6])
-    assert A.target_log_likelihood(lp, 4, 7) == (-2.5, 2, False)  # " Xy" of "abc: Xy"
-    assert A.target_log_likelihood(lp, 3, 7) == (-3.5, 3, True)  # ": Xy": "c:" starts before the target
-    assert A.target_log_likelihood(lp, 4, 6) == (-2.0, 1, False)  # " X": a token after the span is left out
+    assert OC.target_log_likelihood(lp, 4, 7) == (-2.5, 2, False)  # " Xy" of "abc: Xy"
+    assert OC.target_log_likelihood(lp, 3, 7) == (-3.5, 3, True)  # ": Xy": "c:" starts before the target
+    assert OC.target_log_likelihood(lp, 4, 6) == (-2.0, 1, False)  # " X": a token after the span is left out
     with pytest.raises(ValueError):
-        A.target_log_likelihood(lp, 0, 2)  # the first token has no log-probability
+        OC.target_log_likelihood(lp, 0, 2)  # the first token has no log-probability
 
 
 def test_unreachable_endpoint_one_line_error(village, tmp_path):
@@ -905,7 +906,7 @@ def _submit_args(url: str, village: Path, out: Path, **kw) -> A.ApiArgs:
 def test_submit_uploads_polls_and_resumes(stub_api, village, tmp_path):
     api = stub_api()
     args = _submit_args(api.url, village, tmp_path)
-    client = A.make_client(api.url, "EMPTY")
+    client = OC.make_client(api.url, "EMPTY")
     sleeps = []
     state = A.finetune(client, args, village, tmp_path, 2, sleep=sleeps.append)
     assert state["fine_tuned_model"] == "ft:base-model:ftjob-0" and state["status"] == "succeeded"
@@ -928,7 +929,7 @@ def test_submit_uploads_polls_and_resumes(stub_api, village, tmp_path):
 def test_submit_killed_while_waiting_resumes_same_job(stub_api, village, tmp_path):
     api = stub_api()
     args = _submit_args(api.url, village, tmp_path, validation_split="")
-    client = A.make_client(api.url, "EMPTY")
+    client = OC.make_client(api.url, "EMPTY")
 
     def killed(_):
         raise KeyboardInterrupt
@@ -945,7 +946,7 @@ def test_submit_killed_while_waiting_resumes_same_job(stub_api, village, tmp_pat
 def test_failed_job_is_reported_and_replaced_on_rerun(stub_api, village, tmp_path):
     api = stub_api(statuses=("running", "failed"))
     args = _submit_args(api.url, village, tmp_path)
-    client = A.make_client(api.url, "EMPTY")
+    client = OC.make_client(api.url, "EMPTY")
     with pytest.raises(KnnlmError, match=r"^--submit: fine-tuning job ftjob-0 \(seed 2\) ended failed \(training file "
                                          r"has too few examples\)"):
         A.finetune(client, args, village, tmp_path, 2, sleep=lambda _: None)
@@ -984,7 +985,7 @@ def test_server_refusing_zero_max_tokens_gets_one_token_ignored(stub_api, tiny_l
 
     api = stub_api(engine=CompletionEngine(tiny_lm, name="m"), min_tokens=1)
     rows = read_split(village, "test")
-    scores = A.score_rows(A.make_client(api.url, "EMPTY"), api.url, "m", rows, batch_size=3)
+    scores = OC.score_rows(OC.make_client(api.url, "EMPTY"), api.url, "m", rows, batch_size=3)
     assert api.max_tokens_seen == [0, 1, 1, 1]  # refused once, then 1 token for each of the 3 batches
     direct = [_direct_ll(tiny_lm, r["prefix"], r["target"]) for r in rows]
     assert [s["ll"] for s in scores] == pytest.approx(direct, abs=1e-4)

@@ -1,12 +1,14 @@
-"""The study runners' shared helpers (knnlm.experiments.study): run-folder names, the resume check, seed aggregation."""
+"""The study runners' shared helpers (knnlm.experiments.study): run-folder names, the resume check, seed aggregation,
+finished runs and reusable results, the settings declared from a library dataclass."""
 import json
 import math
 
 import pytest
 
 from knnlm.errors import KnnlmError
-from knnlm.experiments.hurdle import HurdleArgs
-from knnlm.experiments.study import check_resumable, mean_std, seed_path
+from knnlm.experiments.hurdle.settings import HurdleArgs
+from knnlm.experiments.study import check_resumable, curve_mean_std, finish_run, mean_std, mirror, seed_path
+from knnlm.fileio import reusable
 
 
 def test_seed_path_is_seed_dash_n_and_keeps_an_earlier_seedn_folder(tmp_path):
@@ -41,3 +43,42 @@ def test_check_resumable_compares_settings_under_their_current_names(tmp_path):
                         ("output_dir", "num_seeds"))
     with pytest.raises(KnnlmError, match=r"num_seeds: 5 -> 2"):
         check_resumable(tmp_path, args, ("output_dir",))
+
+
+def test_curve_mean_std_is_mean_std_per_point():
+    # three seeds, three points; the middle point lacks seed 1's value, the last has one value only
+    means, stds = curve_mean_std([[1.0, 2.0, None], [3.0, None, None], [5.0, 6.0, 7.0]])
+    assert means == [3.0, 4.0, 7.0]
+    assert stds[0] == pytest.approx(2.0) and stds[1] == pytest.approx(math.sqrt(8.0)) and stds[2] is None
+
+
+def test_reusable_only_with_the_same_key_and_finish_run_marks_a_run_done(tmp_path):
+    path = tmp_path / "point.json"
+    assert reusable(path, "abc", "weights_hash") is None  # nothing saved
+    path.write_text(json.dumps({"weights_hash": "abc", "loss": 1.5}))
+    assert reusable(path, "abc", "weights_hash") == {"weights_hash": "abc", "loss": 1.5}
+    assert reusable(path, "abd", "weights_hash") is None  # computed from other inputs
+    path.write_text(json.dumps({"key": {"model": "m", "sha": 1}}))
+    assert reusable(path, {"model": "m", "sha": 1}) is not None and reusable(path, {"model": "m", "sha": 2}) is None
+
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "step-3").mkdir(parents=True)
+    record = {"seed": 0, "steps": 3}
+    assert finish_run(tmp_path / "history.json", record, ckpt, write=False) is record  # not the main process
+    assert ckpt.exists() and not (tmp_path / "history.json").exists()
+    finish_run(tmp_path / "history.json", record, ckpt)
+    assert json.loads((tmp_path / "history.json").read_text()) == record and not ckpt.exists()
+
+
+def test_mirror_takes_the_library_default_and_help_unless_given():
+    import dataclasses
+
+    from knnlm.train import TrainArgs
+
+    fields = {f.name: f for f in dataclasses.fields(HurdleArgs)}
+    lib = {f.name: f for f in dataclasses.fields(TrainArgs)}
+    assert fields["weight_decay"].default == lib["weight_decay"].default == 0.0
+    assert fields["weight_decay"].metadata["help"] == lib["weight_decay"].metadata["help"]
+    assert fields["learning_rate"].default == 5e-4 and fields["learning_rate"].metadata["deprecated"] == ("lr",)
+    f = mirror(TrainArgs, "max_steps", default=7, help="steps")
+    assert f.default == 7 and dict(f.metadata) == {"help": "steps"}

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from knnlm.errors import KnnlmError
-from knnlm.experiments.lm import BlockBatches, perplexity, train_bpe_tokenizer
+from knnlm.experiments.lm.data import BlockBatches, perplexity, train_bpe_tokenizer
 from knnlm.train import TrainArgs, collate_causal, train
 
 torch.set_num_threads(1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import codecs
+import copy
 import dataclasses
 import hashlib
 import json
@@ -325,6 +326,20 @@ def _valid_token_files(out_path: Path, doc_path: Path, key_path: Path, key: dict
     n, n_docs = record.get("n_tokens"), record.get("n_documents")
     return (isinstance(n, int) and isinstance(n_docs, int) and n >= 2 and out_path.stat().st_size == 4 * n
             and doc_path.stat().st_size == 8 * (n_docs + 1) and int(np.fromfile(doc_path, np.int64)[-1]) == n)
+
+
+class TextEncoder:
+    """What :func:`tokenize_to_file` needs from an LM (``tokenizer``, ``eos_token_id``, ``encode``), for a bare tokenizer:
+    a study that tokenizes before it has a model. Whole files are encoded at once, so its copy of the tokenizer has no
+    length limit (no "sequence longer than the model" warning)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = copy.copy(tokenizer)
+        self.tokenizer.model_max_length = int(1e12)
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
 
 
 def tokenize_to_file(lm, args: CorpusArgs, which: str, out_path: str | Path, source: Optional[dict] = None) -> TokenFile:

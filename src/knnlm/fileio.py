@@ -175,6 +175,15 @@ def read_json(path: str | Path, fix: str = "delete it or rebuild what it belongs
         raise KnnlmError(f"{path} is corrupt (not valid JSON: {str(e).splitlines()[0][:80]}); {fix}") from None
 
 
+def reusable(path: str | Path, key, field: str = "key") -> Optional[dict]:
+    """The JSON record saved at ``path`` when it was computed from the same inputs (its ``field`` equals ``key``), else
+    None: the one "same run, may resume" test of a saved result (an evaluation point, a cached score, a job's state)."""
+    if not Path(path).is_file():
+        return None
+    record = read_json(path)
+    return record if isinstance(record, dict) and record.get(field) == key else None
+
+
 def resolve_path(path: str | Path, flag: str) -> Path:
     """``Path(path).resolve()``, with a symlink loop (a RuntimeError or ELOOP from pathlib) as a one-line error."""
     try:

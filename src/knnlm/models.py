@@ -295,6 +295,36 @@ class LM:
 
 
 # ---------------------------------------------------------------------------------------------------------------- loading
+# LoRA targets per architecture: embeddings, attention q/k/v/o and every MLP projection (the paper's Mistral setting).
+LORA_TARGETS = {
+    "gpt2": ["wte", "c_attn", "c_proj", "c_fc"],  # c_attn: fused q/k/v; c_proj: attention output and MLP down
+    "llama": ["embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt_neox": ["embed_in", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+
+
+def add_lora(lm: LM, r: int, alpha: float, dropout: float, targets: list[str], seed: int) -> LM:
+    """``lm`` with LoRA adapters (peft) on ``targets`` (empty: ``LORA_TARGETS`` of its family), initialised with
+    ``seed``; only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = targets or LORA_TARGETS.get(lm.model_type)
+    if not targets:
+        raise KnnlmError(f"--lora_targets: no default adapter targets for model_type {lm.model_type!r}; name them")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        fan_in_fan_out=lm.model_type == "gpt2", task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the adapters' initialisation
+        try:
+            model = get_peft_model(lm.model, config)
+        except ValueError as e:
+            raise KnnlmError(f"--lora_targets: {targets} do not fit {lm.model_type} ({str(e).splitlines()[0][:160]})") from None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA r=%d alpha=%g on %s: %d trainable parameters", r, alpha, ",".join(targets), trainable)
+    return LM(model, lm.tokenizer, lm.name)
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` (cuda when torch sees a GPU, else cpu), ``cpu`` or ``cuda[:N]`` -> a device; the project's one rule
     (``--device`` of every command and study)."""

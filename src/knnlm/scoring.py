@@ -1,6 +1,6 @@
 """Gold-token log-probabilities at a batch of positions: the LM's, p_knn's, the MLP memory's and their λ mixtures.
 
-The one scoring kernel behind evaluation (``evaluate.py``), the LM perplexities (``experiments/lm.py``), Macondo scoring
+The one scoring kernel behind evaluation (``evaluate.py``), the LM perplexities (``experiments/lm/``), Macondo scoring
 and the projection study. Everything a caller sums or stores is a [n] vector per variant (n = scored positions).
 
 The LM's log p(gold) = logit[gold] − logsumexp(logits) is taken from ``torch.log_softmax`` over blocks of

@@ -8,7 +8,7 @@ from pathlib import Path
 def register(sub) -> None:
     from ..config import add_command
     from ..corpus import CorpusArgs
-    from ..experiments.projection import ProjectionArgs
+    from ..experiments.projection.settings import ProjectionArgs
     from ..knn import KNNArgs
     from ..models import ModelArgs
 
@@ -25,7 +25,9 @@ def cmd_projection(args) -> int:
     from ..datastore import Datastore
     from ..errors import KnnlmError
     from ..fileio import claim_output_dir
-    from ..experiments.projection import ProjectionArgs, results_table, run_projection
+    from ..experiments.projection.report import results_table
+    from ..experiments.projection.run import run_projection
+    from ..experiments.projection.settings import ProjectionArgs
     from ..knn import KNNArgs
     from ..models import ModelArgs, load_model
     from ..report import write_markdown, write_results

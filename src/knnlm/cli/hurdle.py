@@ -5,7 +5,7 @@ from ..config import add_command
 
 
 def register(sub) -> None:
-    from ..experiments.hurdle import HurdleArgs
+    from ..experiments.hurdle.settings import HurdleArgs
 
     hurdle = sub.add_parser("hurdle", help="MLP hurdle: does the last MLP layer slow early training? (Appendix E)")
     hurdle_sub = hurdle.add_subparsers(dest="action", required=True)
@@ -16,7 +16,9 @@ def register(sub) -> None:
 
 
 def cmd_hurdle_run(args) -> int:
-    from ..experiments.hurdle import MODELS, hurdle_claims, resolve_args, run_study
+    from ..experiments.hurdle.report import hurdle_claims
+    from ..experiments.hurdle.run import run_study
+    from ..experiments.hurdle.settings import MODELS, resolve_args
 
     hargs = resolve_args(vars(args), args.config)
     out = run_study(hargs)

@@ -7,7 +7,7 @@ from ..config import add_command, resolve
 
 
 def register(sub) -> None:
-    from ..experiments.lm import LMArgs, LMTrainArgs
+    from ..experiments.lm.settings import LMArgs, LMTrainArgs
 
     lm = sub.add_parser("lm", help="train a small GPT-2 language model from scratch (e.g. on WikiText-2)")
     lm_sub = lm.add_subparsers(dest="action", required=True)
@@ -17,7 +17,8 @@ def register(sub) -> None:
 
 
 def cmd_lm_train(args) -> int:
-    from ..experiments.lm import LMArgs, LMTrainArgs, train_lm
+    from ..experiments.lm.run import train_lm
+    from ..experiments.lm.settings import LMArgs, LMTrainArgs
     from ..report import markdown_table
 
     largs, targs = resolve([LMArgs, LMTrainArgs], args, args.config)

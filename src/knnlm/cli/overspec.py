@@ -6,8 +6,8 @@ from ..config import add_command
 
 
 def register(sub) -> None:
-    from ..experiments.overspec import OverspecArgs
-    from ..experiments.overspec_api import ApiArgs
+    from ..experiments.overspec.api import ApiArgs
+    from ..experiments.overspec.settings import OverspecArgs
 
     group = sub.add_parser("overspec", help="over-specification study: fine-tune on Macondo, vanilla vs kNN vs MLP "
                                             "log-likelihood over training (§4.3)")
@@ -21,7 +21,9 @@ def register(sub) -> None:
 
 
 def cmd_run(args) -> int:
-    from ..experiments.overspec import METHOD_NAMES, resolve_args, run_study
+    from ..experiments.overspec.report import METHOD_NAMES
+    from ..experiments.overspec.run import run_study
+    from ..experiments.overspec.settings import resolve_args
 
     oargs = resolve_args(vars(args), args.config)
     out = run_study(oargs)
@@ -42,7 +44,7 @@ def cmd_run(args) -> int:
 
 def cmd_api(args) -> int:
     from ..config import resolve
-    from ..experiments.overspec_api import ApiArgs, run_study
+    from ..experiments.overspec.api import ApiArgs, run_study
 
     out = run_study(resolve(ApiArgs, args, args.config))
     print(out["table"], end="")

@@ -1,19 +1,14 @@
-"""`knnlm reproduce`: every study of the paper at a chosen scale, then one report beside the published numbers.
-
-A scale is a recipe (``configs/reproduce-<scale>.yaml``): an ordered list of stages, each one `knnlm` command line
-with ``{data}`` and ``{out}`` placeholders. A finished stage leaves ``OUT/stages/<name>.done``; a rerun skips it, and
-each command resumes its own work when it was killed half-way. The report stage reads the stages' results.json files.
-
-A recipe may name ``requires`` (a condition of this machine, e.g. ``cuda``, without which it is refused unless
-``--smoke``). A stage may also carry ``when`` (run it only where a condition of this machine holds, e.g. ``no-faiss-gpu``),
-``budget_s`` (its estimated wall time at the recipe's scale, shown beside the measured one) and ``smoke`` (flag
-overrides for ``--smoke``). ``--smoke`` runs every stage in seconds on a CPU, so a recipe cannot rot between the runs it
-was written for: ``{data}`` becomes a few kB cut from the data folder, and each command gets the overrides of
-``SMOKE_OVERRIDES`` (tiny models, a few steps and tokens, CPU, float32) and then its stage's own ``smoke`` ones.
+"""`knnlm reproduce` (docs/reproduce.md): every study of the paper at a chosen scale, then one report beside the
+published numbers. A scale is a recipe (``configs/reproduce-<scale>.yaml``): ordered stages, each one `knnlm` command
+line with ``{data}`` and ``{out}`` placeholders, optional ``when`` (a condition of this machine), ``budget_s`` and
+``smoke`` (flag overrides); a finished stage leaves ``OUT/stages/<name>.done`` and a rerun skips it. ``--smoke`` runs
+every stage in seconds on a CPU (a few kB of the data; ``SMOKE_OVERRIDES``, then the stage's own ``smoke``). The report
+is one loop over the recipe's registered studies (``studies.STUDIES``): their claims, then the paper's tables.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import shutil
 import time
@@ -48,26 +43,14 @@ class ReproduceArgs:
 STAGE_KEYS = {"name", "argv", "when", "budget_s", "smoke"}
 
 
-def _faiss_gpu() -> bool:
-    from ..index import gpu_available
-
-    return gpu_available()
-
-
-def _gpu_search() -> bool:
-    from ..index import gpu_search_available
-
-    return gpu_search_available()
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+def _index_check(name: str):
+    """A condition that ``knnlm.index`` answers (imported when asked: FAISS is slow to import)."""
+    return lambda: getattr(importlib.import_module("knnlm.index"), name)()
 
 
 # Conditions a stage's ``when`` can name (``no-<name>`` negates): facts about this machine.
-CONDITIONS = {"faiss-gpu": _faiss_gpu, "gpu-search": _gpu_search, "cuda": _cuda}
+CONDITIONS = {"faiss-gpu": _index_check("gpu_available"), "gpu-search": _index_check("gpu_search_available"),
+              "cuda": lambda: importlib.import_module("torch").cuda.is_available()}
 
 
 def condition_holds(when: str) -> bool:
@@ -129,20 +112,10 @@ def with_data_dir(args: ReproduceArgs) -> ReproduceArgs:
 SMOKE_DATA_BYTES = {"train.txt": 12_000, "valid.txt": 3_000, "test.txt": 3_000}
 _CPU = {"--device": "cpu", "--dtype": "float32"}
 SMOKE_OVERRIDES: dict[str, dict[str, Optional[str]]] = {
-    "lm train": {"--size": "tiny", "--block_size": "64", "--batch_size": "4", "--max_steps": "3", "--eval_every": "3",
-                 "--eval_tokens": "256", "--bf16": "false"},
     "datastore build": {**_CPU, "--max_tokens": "400", "--batch_size": "2"},
     "index build": {"--factory": "Flat", "--use_gpu": "false", "--recall_queries": "0"},
-    "mlp train": {**_CPU, "--hidden_size": "64", "--batch_tokens": "128", "--micro_batch_tokens": "128",
-                  "--max_steps": "3"},
     "eval": {**_CPU, "--max_tokens": "200", "--batch_size": "2"},
-    "analyze projection": {**_CPU, "--max_tokens": "64", "--max_steps": "5", "--batch_size": "64"},
-    "overspec run": {"--device": "cpu", "--seeds": "0", "--num_villagers": "10", "--num_parents": "2",
-                     "--max_children": "2", "--examples_per_child": "1", "--batch_size": "4", "--max_steps": "2",
-                     "--eval_every": "2", "--mlp_hidden_size": "64", "--mlp_epochs": "1", "--mlp_batch_tokens": "64"},
-    "hurdle run": {"--device": "cpu", "--size": "tiny", "--num_seeds": "2", "--max_steps": "4", "--eval_every": "2",
-                   "--batch_size": "4", "--block_size": "32", "--val_tokens": "256", "--macondo_num_villagers": "20",
-                   "--macondo_num_parents": "5", "--log_every": "1"},
+    **{command: flags for study in STUDIES.values() for command, flags in study.smoke.items()},
 }
 
 
@@ -252,9 +225,10 @@ def collect(out: Path, entries: list[dict]) -> tuple[list[Claim], dict[str, list
     tables: dict[str, list] = {}
     missing = []
     for entry in entries:
-        if entry.get("study") not in STUDIES:
-            raise KnnlmError(f"--recipe: report study {entry.get('study')!r} is not one of {', '.join(STUDIES)}")
-        study = STUDIES[entry["study"]]
+        study = STUDIES.get(entry.get("study"))
+        if study is None or study.report is None:
+            raise KnnlmError(f"--recipe: report study {entry.get('study')!r} is not one of "
+                             + ", ".join(name for name, s in STUDIES.items() if s.report))
         for name, (_, _, paper) in study.tables.items():
             tables.setdefault(name, list(paper))
         metrics = _results(out, entry["folder"])
@@ -309,9 +283,10 @@ def write_report(args: ReproduceArgs, timings: dict) -> Path:
             figures.append(f"![{fig['caption']}](figures/{fig['name']})\n\n*{fig['caption']}*\n")
     stage_rows, ordered, budgets = _stage_rows(recipe, timings)
     total = stage_rows[-1][2]
-    search = "FAISS" if _faiss_gpu() else "torch" if _gpu_search() else "no"
+    faiss_gpu = condition_holds("faiss-gpu")
+    search = "FAISS" if faiss_gpu else "torch" if condition_holds("gpu-search") else "no"
     header = [f"# knnlm reproduce — scale `{args.scale}`{' (smoke run)' if args.smoke else ''}\n",
-              f"Machine: {run_info()['device']}; FAISS on GPU: {'yes' if _faiss_gpu() else 'no'}; exact search on "
+              f"Machine: {run_info()['device']}; FAISS on GPU: {'yes' if faiss_gpu else 'no'}; exact search on "
               f"GPU: {search}.\n"]
     if args.smoke:
         header.append("**Smoke run** (`--smoke`): every stage shrunk to seconds on CPU to check that the recipe runs "

@@ -1,37 +1,39 @@
-"""The registry of studies ``knnlm reproduce`` reports: a name (a recipe's ``report: studies:`` entry names it) -> the
-study's report part ``(metrics, entry, out) -> ({table: rows}, [Claim])`` and the tables it fills (title, headers,
-the paper's rows; ``headers`` None: a text section).
+"""The registry of studies: a name (a recipe's ``report: studies:`` entry names it) -> the study's report part
+``(metrics, entry, out) -> ({table: rows}, [Claim])`` (None: the study fills no table and makes no claim), the tables it
+fills (title, headers, the paper's rows; ``headers`` None: a text section) and the ``--smoke`` flags of its commands.
 
 A recipe entry is ``{study: NAME, folder: STAGE_FOLDER, label: TEXT, ...}`` (extra keys are the study's: ``data``,
-``lm``, ``datastore`` for the memory). Adding a study: its module with a ``report_part``, one line here, recipe stages.
+``lm``, ``datastore`` for the memory). Adding a study: its folder ``experiments/<study>/`` (settings, run, report), one
+line here, its recipe stages.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
-from . import hurdle, overspec, own_data, projection
+from .hurdle import report as hurdle, settings as hurdle_settings
+from .lm import settings as lm_settings
+from .memory import report as memory
+from .overspec import report as overspec, settings as overspec_settings
+from .projection import report as projection, settings as projection_settings
 
 
 @dataclass(frozen=True)
 class Study:
-    report: Callable[[dict, dict, Path], tuple]  # (metrics, entry, out) -> ({table: rows}, [Claim])
+    report: Optional[Callable[[dict, dict, Path], tuple]]  # (metrics, entry, out) -> ({table: rows}, [Claim])
     tables: dict  # table -> (title, headers | None, paper rows)
-
-
-def _projection(rows, claims):
-    return lambda m, e, out: (rows(m, e, out), claims(m, e["label"]))
+    smoke: dict = field(default_factory=dict)  # `knnlm reproduce --smoke`: command -> the flags that shrink it
 
 
 STUDIES = {
-    "memory": Study(own_data.report_part, own_data.TABLES),
-    "projection": Study(_projection(projection.table1_rows, projection.table1_claims),
-                        {k: projection.TABLES[k] for k in ("table1", "table3")}),
-    "table4": Study(_projection(projection.table4_rows, projection.table4_claims),
-                    {"table4": projection.TABLES["table4"]}),
-    "overspec": Study(overspec.report_part, overspec.TABLES),
-    "hurdle": Study(hurdle.report_part, {}),
+    "lm": Study(None, {}, lm_settings.SMOKE),
+    "memory": Study(memory.report_part, memory.TABLES, memory.SMOKE),
+    "projection": Study(projection.table1_part, {k: projection.TABLES[k] for k in ("table1", "table3")},
+                        projection_settings.SMOKE),
+    "table4": Study(projection.table4_part, {"table4": projection.TABLES["table4"]}, projection_settings.SMOKE),
+    "overspec": Study(overspec.report_part, overspec.TABLES, overspec_settings.SMOKE),
+    "hurdle": Study(hurdle.report_part, hurdle.TABLES, hurdle_settings.SMOKE),
 }
 # The report's order of tables (a study's tables outside it come after).
 TABLE_ORDER = ("table1", "table2", "table2_macondo", "table3", "table4", "table5")

@@ -10,19 +10,26 @@
   the values that exist (None entries, e.g. a metric a seed has no score for, are left out). The single-seed rule:
   with one value the std is None (JSON null): one seed measures no spread, and 0.0 would claim it did. Tables then
   print the mean alone and plots draw no band. Intervals over seeds are ``knnlm.stats.bootstrap_interval``'s.
+- **Finished runs and cached results.** :func:`finish_run` writes a run's record (what a rerun reads back instead of
+  training) and then removes its checkpoint; ``knnlm.fileio.reusable`` returns a saved result only when it was
+  computed from the same inputs (its key equals this run's): the one "same run, may resume" test of every study.
+- **Output.** :func:`write_outputs`: a run's ``results.json`` (its settings, metrics and claim records) and
+  ``results.md``, beside the PNGs it drew.
 - **Device.** ``--device auto|cpu|cuda`` resolves through ``knnlm.models.resolve_device`` (the one rule of the
   project: auto = cuda when torch sees a GPU; cuda without one is a one-line error).
 """
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
+from dataclasses import field
 from typing import Iterable, Optional
 
 import numpy as np
 
 from ..errors import KnnlmError
-from ..fileio import read_json
+from ..fileio import atomic_write_json, read_json
 
 
 def seed_path(root: str | Path, seed: int, rest: str = "") -> Path:
@@ -58,3 +65,40 @@ def mean_std(values: Iterable[Optional[float]]) -> tuple[Optional[float], Option
     if not len(arr):
         return None, None
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else None
+
+
+def curve_mean_std(curves: Iterable[list]) -> tuple[list, list]:
+    """Per point of curves aligned over seeds (one list per seed): :func:`mean_std` of the seeds' values there;
+    -> (means, stds)."""
+    pairs = [mean_std(point) for point in zip(*curves)]
+    return [m for m, _ in pairs], [s for _, s in pairs]
+
+
+def finish_run(done: Path, record: dict, ckpt: Path, write: bool = True) -> dict:
+    """Marks a run finished: ``record`` written to ``done`` (a rerun reads it back instead of training), then the run's
+    checkpoint ``ckpt`` removed. ``write`` False (a process other than the main one): nothing is touched."""
+    if write:
+        atomic_write_json(done, record)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return record
+
+
+def mirror(cls, name: str, default=dataclasses.MISSING, help: str | None = None, deprecated: tuple = ()):
+    """A study setting declared from the library's dataclass ``cls``: the field ``name`` with its default (unless given)
+    and help text (unless given); ``deprecated``: the study's own old names for it (``knnlm.config``)."""
+    src = {f.name: f for f in dataclasses.fields(cls)}[name]
+    meta = {"help": help or src.metadata["help"], **({"deprecated": deprecated} if deprecated else {})}
+    if default is dataclasses.MISSING:
+        if src.default_factory is not dataclasses.MISSING:
+            return field(default_factory=src.default_factory, metadata=meta)
+        default = src.default
+    return field(default=default, metadata=meta)
+
+
+def write_outputs(out: Path, args, metrics: dict, started: float, claims: list, markdown: str, plots: list) -> dict:
+    """Writes ``results.json`` (``args`` as its config, ``metrics``, the claims as records) and ``results.md``;
+    -> ``{"results": path, "table": path, "plots": plots}``."""
+    from ..report import write_markdown, write_results
+
+    results = write_results(out, dataclasses.asdict(args), metrics, started=started, claims=[c.record() for c in claims])
+    return {"results": results, "table": write_markdown(out, markdown), "plots": plots}

@@ -1,0 +1,151 @@
+"""`knnlm lm train`'s run: a seeded GPT-2 of a named size trained on ``knnlm.train``; ``OUTPUT_DIR/work`` holds what a
+rerun resumes from."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ...corpus import skipped_rows
+from ...errors import KnnlmError
+from ...fileio import atomic_write_json, claim_output_dir, read_json, releases_locks, remove_own_files
+from ...train import TrainArgs, train
+from .data import _tokenize_files, _word_ppl, block_batches, build_tokenizer, perplexity
+from .report import save_final
+from .settings import TRAINING_JSON, LMArgs
+
+log = logging.getLogger(__name__)
+
+
+def build_model(size: str, tokenizer, block_size: int, dropout: float, seed: int):
+    """A seeded random-init ``GPT2LMHeadModel`` of a named size with the tokenizer's vocabulary and context ``block_size``."""
+    from transformers import GPT2LMHeadModel
+
+    from ...assets import scratch_config
+
+    config = scratch_config(size, n_positions=block_size)
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = dropout
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(config)
+
+
+# ---------------------------------------------------------------------------------------------------------------- runner
+def _run_key(args: LMArgs, targs: TrainArgs) -> dict:
+    key = {**dataclasses.asdict(args), **dataclasses.asdict(targs)}
+    for k in ("overwrite", "log_every", "checkpoint_every", "output_dir"):
+        key.pop(k)
+    if not key["skip_bad_rows"]:
+        key.pop("skip_bad_rows")  # (runs from before the option resume)
+    return key
+
+
+# what `knnlm lm train` writes into its folder: the HF model and tokenizer files, its records, and work/ while running
+OWN_FILES = ("work", TRAINING_JSON, "config.json", "generation_config.json", "model.safetensors", "pytorch_model.bin",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+             "added_tokens.json", "chat_template.jinja", "results.json", "results.md", "val_ppl.png")
+KIND = "lm train"
+
+
+def _prepare_output(args: LMArgs, targs: TrainArgs) -> Path | None:
+    """Returns the work folder to (re)start in, or None when ``output_dir`` already holds this finished model.
+
+    ``--overwrite`` deletes only this command's own files (a datastore built inside the model folder, a user's file:
+    the folder is refused instead)."""
+    out = Path(args.output_dir)
+    work = out / "work"
+    key = _run_key(args, targs)
+    finished = _read_key(out / TRAINING_JSON, "run_key")
+    if finished == key and not args.overwrite:
+        return None
+    state = claim_output_dir(out, KIND, key, args.overwrite, own_files=OWN_FILES, what="model")
+    unfinished = _read_key(work / "run.json")
+    other = state == "replace" or finished not in (None, key) or unfinished not in (None, key)
+    if other and not args.overwrite:  # (a folder from before the marker: its own records say whose it is)
+        raise KnnlmError(f"--output_dir: {out} holds " + ("a model trained with other settings; pass --overwrite true "
+                         "to replace it, or another folder" if finished is not None else "an unfinished run with other "
+                         "settings; rerun it with the same settings to resume, or pass --overwrite true to start over"))
+    if args.overwrite or other:
+        removed = remove_own_files(out, OWN_FILES)
+        if removed:
+            log.info("--overwrite: deleted %s of the earlier run in %s", ", ".join(removed), out)
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(work / "run.json", key)
+    return work
+
+
+def _read_key(path: Path, field_name: str | None = None):
+    """A run key recorded in ``path`` (or its ``field_name``); None when there is none."""
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    return record.get(field_name) if field_name and isinstance(record, dict) else record
+
+
+def _tokenizer_in(work: Path, args: LMArgs):
+    from transformers import AutoTokenizer
+
+    from ...assets import atomic_dir
+
+    folder = work / "tokenizer"
+    if not (folder / "tokenizer_config.json").is_file():
+        tok = build_tokenizer(args.tokenizer, args.train_file, args.block_size)
+        with atomic_dir(folder) as tmp:
+            tok.save_pretrained(tmp)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@releases_locks
+def train_lm(args: LMArgs, targs: TrainArgs) -> dict:
+    """Runs (or resumes) the whole pipeline; returns the ``training.json`` record of the finished model."""
+    from accelerate import PartialState
+
+    started = time.time()
+    dist = PartialState(cpu=not torch.cuda.is_available())  # several processes: the main one prepares and saves
+    out = Path(args.output_dir)
+    work = _prepare_output(args, targs) if dist.is_main_process else None
+    dist.wait_for_everyone()
+    if not dist.is_main_process:
+        work = out / "work" if (out / "work" / "run.json").is_file() else None
+    if work is None:
+        log.info("%s already holds this model; nothing to do (--overwrite true retrains)", out)
+        return read_json(out / TRAINING_JSON)
+    with dist.main_process_first():
+        tokenizer = _tokenizer_in(work, args)
+        train_tokens, val_tokens = _tokenize_files(tokenizer, args, work)
+    model = build_model(args.size, tokenizer, args.block_size, args.dropout, targs.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("GPT-2 %s: %d parameters, vocabulary %d; %d training tokens (%d blocks of %d), %d validation tokens",
+             args.size, n_params, len(tokenizer), len(train_tokens), len(train_tokens) // args.block_size,
+             args.block_size, len(val_tokens))
+
+    val_eval = val_tokens if args.eval_tokens is None else val_tokens[: args.eval_tokens]
+
+    def on_eval(step: int, m) -> dict:
+        return perplexity(m, val_eval, args.block_size, args.eval_batch_size)
+
+    history = train(model, block_batches(train_tokens, args.block_size, targs.batch_size), targs, work / "checkpoint",
+                    eval_every=args.eval_every, on_eval=on_eval, progress_desc=f"lm {args.size} seed {targs.seed}")
+    final = history[-1] if args.eval_tokens is None else perplexity(model, val_tokens, args.block_size,
+                                                                    args.eval_batch_size)
+    tokens_seen = history[-1]["step"] * targs.batch_size * targs.gradient_accumulation_steps * dist.num_processes \
+        * args.block_size
+    record = {
+        "run_key": _run_key(args, targs), "args": dataclasses.asdict(args), "train_args": dataclasses.asdict(targs),
+        "n_parameters": n_params, "vocab_size": len(tokenizer), "train_tokens": int(len(train_tokens)),
+        "steps": history[-1]["step"], "epochs": tokens_seen / (len(train_tokens) // args.block_size * args.block_size),
+        "val_loss": final["val_loss"], "val_ppl": final["val_ppl"], "val_tokens": final["val_tokens"],
+        "val_word_ppl": _word_ppl(final, args.validation_file),
+        "train_wall_s": history[-1]["elapsed_s"], "history": history,
+        "skipped_rows": {"train": skipped_rows(work / "train.i32"), "validation": skipped_rows(work / "valid.i32")},
+    }
+    if dist.is_main_process:
+        save_final(out, work, model, tokenizer, record, started)
+    dist.wait_for_everyone()
+    return record

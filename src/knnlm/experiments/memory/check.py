@@ -1,0 +1,92 @@
+"""The memory study's measurements: is the datastore the LM's own training data, and the share of kNN's gain the memory
+keeps (with its block-bootstrap interval)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...errors import KnnlmError
+from ...fileio import read_json
+from ...stats import BLOCK_TOKENS, block_bootstrap_ci
+
+log = logging.getLogger(__name__)
+
+
+def own_data_check(lm_dir: str | Path, ds_dir: str | Path) -> dict:
+    """Whether the datastore in ``ds_dir`` was built over exactly the training tokens of the LM in ``lm_dir``.
+
+    Returns ``match`` (the token files' hashes agree), both hashes and token counts, and ``lm_trained_tokens``: the
+    tokens inside the LM's training blocks (``knnlm lm train`` drops a ragged tail shorter than one block).
+    """
+    from transformers import AutoTokenizer
+
+    from ...corpus import TokenFile
+    from ..lm.data import _tokenize_files
+    from ..lm.settings import TRAINING_JSON, LMArgs
+
+    lm_dir, ds_dir = Path(lm_dir), Path(ds_dir)
+    if not (lm_dir / TRAINING_JSON).is_file():
+        raise KnnlmError(f"--model_name_or_path: {lm_dir} holds no finished `knnlm lm train` model ({TRAINING_JSON})")
+    if not (ds_dir / "meta.json").is_file():
+        raise KnnlmError(f"--datastore: {ds_dir} holds no finished datastore (meta.json)")
+    record, meta = read_json(lm_dir / TRAINING_JSON), read_json(ds_dir / "meta.json")
+    fields = {f.name for f in dataclasses.fields(LMArgs)}
+    args = LMArgs(**{k: v for k, v in record["args"].items() if k in fields})
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        train, _ = _tokenize_files(tokenizer, args, Path(tmp))  # the training run's own code path
+        n = int(len(train))
+        del train  # release the memmap before the folder goes
+        lm_hash = TokenFile(Path(tmp) / "train.i32", Path(tmp) / "train.i32.docs").sha256()
+    block = args.block_size
+    return {"match": lm_hash == meta["corpus_hash"] and n == meta["n_tokens"], "lm_tokens_sha256": lm_hash,
+            "datastore_corpus_hash": meta["corpus_hash"], "lm_train_tokens": n, "datastore_tokens": meta["n_tokens"],
+            "lm_trained_tokens": n // block * block, "datastore_keys": meta["N"],
+            "same_model": Path(meta["model_name_or_path"]).resolve() == lm_dir.resolve()}
+
+
+def _read_cache(cache_dir: Path) -> dict[str, torch.Tensor]:
+    if not (cache_dir / "mlp_gold.f32").is_file():
+        raise KnnlmError(f"{cache_dir}: no mlp_gold.f32; run `knnlm eval` with --datastore, --mlp_memory and "
+                         "--save_neighbors true")
+    k = int((cache_dir / "k.txt").read_text())
+    read = lambda name, dt: torch.from_numpy(np.fromfile(cache_dir / name, dtype=dt))  # noqa: E731
+    return {"dists": read("dists.f32", np.float32).reshape(-1, k), "vals": read("vals.i32", np.int32).reshape(-1, k),
+            "lm": read("lm_gold.f32", np.float32), "gold": read("gold.i32", np.int32),
+            "mlp": read("mlp_gold.f32", np.float32)}
+
+
+def gain_share(cache_dir: str | Path, lmbdas: list[float], temp: float = 1.0, unit_tokens: int = BLOCK_TOKENS,
+               n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Per λ: ppl of the LM, kNN-LM and MLP-LM over the cached tokens, the share of kNN's gain the memory keeps, and
+    its bootstrap 95% interval (``share_ci``, over blocks of ``unit_tokens`` consecutive tokens: neighbouring tokens are
+    not independent). Also the share comparing each method at its best λ (point estimate)."""
+    from ...knn import interpolate, knn_gold_log_prob
+
+    c = _read_cache(Path(cache_dir))
+    knn_gold = knn_gold_log_prob(c["dists"], c["vals"], c["gold"], temp)  # [n]
+    n = len(c["lm"])
+    out: dict = {"n_tokens": n, "unit_tokens": unit_tokens, "n_units": -(-n // unit_tokens),
+                 "n_resamples": n_resamples, "lmbda": {}}
+
+    def share(nll_lm: float, nll_knn: float, nll_mlp: float) -> float:  # mean NLLs -> share of the perplexity gain
+        return (math.exp(nll_lm) - math.exp(nll_mlp)) / (math.exp(nll_lm) - math.exp(nll_knn))
+
+    for lam in lmbdas:
+        nll = [-c["lm"].double().numpy()] + [-interpolate(c["lm"], gold, lam).double().numpy()
+                                             for gold in (knn_gold, c["mlp"])]  # [n] each: LM, kNN-LM, MLP-LM
+        ci = block_bootstrap_ci(nll, share, unit_tokens, n_resamples, seed)
+        ppl = [math.exp(float(np.mean(x))) for x in nll]
+        out["lmbda"][str(lam)] = {"ppl_lm": ppl[0], "ppl_knnlm": ppl[1], "ppl_mlplm": ppl[2], "share": ci.point,
+                                  "share_ci": ci.as_dict()}
+    rows = out["lmbda"].values()
+    best_knn, best_mlp = min(r["ppl_knnlm"] for r in rows), min(r["ppl_mlplm"] for r in rows)
+    ppl_lm = next(iter(rows))["ppl_lm"]
+    out["best"] = {"ppl_knnlm": best_knn, "ppl_mlplm": best_mlp, "share": (ppl_lm - best_mlp) / (ppl_lm - best_knn)}
+    return out
