@@ -20,7 +20,7 @@ ENTRIES = [
     {"study": "hurdle", "folder": "hurdle-deep-macondo", "label": "Macondo (cpu-deep)"},
     {"study": "hurdle", "folder": "hurdle-deep-wikitext", "label": "WikiText-2 (cpu-deep)"},
     {"study": "overspec_lengths", "folder": "overspec-smollm2-lengths",
-     "label": "SmolLM2-135M fine-tuned (cpu-smollm2-lengths, 3 seeds)"},
+     "label": "SmolLM2-135M fine-tuned (cpu-smollm2-lengths; 3 seeds)"},
 ]
 # Student t 0.975 quantiles by degrees of freedom (the hurdle's secondary reading, criteria.md)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}

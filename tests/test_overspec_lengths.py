@@ -23,11 +23,12 @@ def _avg_groups(values):
     return float(np.mean([v[:2].mean(), v[2:].mean()]))
 
 
-def _run(tmp_path, gap_by_step: dict, fit_gap_by_step: dict, knn_gain: float = 0.1, seeds=(0, 1)):
+def _run(tmp_path, gap_by_step: dict, fit_gap_by_step: dict, knn_gain: float = 0.1, seeds=(0, 1),
+         schedule="constant_with_warmup"):
     """A run folder: per seed and step, test scores at log(1/n) - gap (+ a per-seed, per-example spread), kNN at
     vanilla + knn_gain, and a training split fit_gap below its optimum -0.4."""
     steps = [0] + sorted(gap_by_step)
-    _write(tmp_path / "config.json", {"lmbda": [0.25], "epochs": 8})
+    _write(tmp_path / "config.json", {"lmbda": [0.25], "epochs": 8, "lr_scheduler_type": schedule})
     _write(tmp_path / "results.json", {"metrics": {"steps": steps, "seeds": list(seeds)}})
     for s in seeds:
         for step in steps[1:]:
@@ -83,3 +84,12 @@ def test_persistence_not_judged_when_the_last_length_is_not_fitted(tmp_path):
     claims = studies.overspec_length_claims(got, "t")
     assert claims[-1].verdict == NOT_JUDGED and "fewer than two" in claims[-1].reason
     assert claims[-2].verdict == NOT_JUDGED and f"> {FIT_MARGIN_NATS}" in claims[-2].reason
+
+
+def test_a_decaying_schedule_is_not_judged(tmp_path):
+    # with a linear decay the 4-epoch point is not a 4-epoch run: every claim is reported, none judged
+    run = _run(tmp_path, {4: 1.0, 8: 0.9}, {4: 0.1, 8: 0.05}, schedule="linear")
+    claims = studies.overspec_length_claims(studies.overspec_lengths(run), "t")
+    assert [c.verdict for c in claims] == [NOT_JUDGED] * 5
+    assert all("lr decays (linear)" in c.reason for c in claims)
+    assert math.isclose(claims[-1].interval.point, 0.9 - 0.5 * 1.0, abs_tol=1e-12)  # the numbers stay for reference
