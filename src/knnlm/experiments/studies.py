@@ -79,7 +79,7 @@ def overspec_lengths(run_dir: Path) -> dict:
 def overspec_length_claims(lengths: dict, label: str) -> list[Claim]:
     """Per length: the gap to log(1/n) stays > overspec.FAR_NATS and kNN beats vanilla (not judged where the model does
     not fit its training sentences); across lengths: the gap persists (:data:`PERSIST_CLAIM`)."""
-    (far, far_key, far_stat, far_t), (knn, _, knn_stat, knn_t) = (
+    (far, _, far_stat, far_t), (knn, _, knn_stat, knn_t) = (
         next(c for c in overspec.OVERSPEC_CLAIMS if c[1] == key) for key in ("lm_gap_to_optimum", "knn_minus_lm"))
     claims = []
     # with a decaying lr an intermediate point is a model part-way down its schedule, not a run of that length
