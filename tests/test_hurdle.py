@@ -384,7 +384,7 @@ def test_presets_layer_under_config_and_flags(tmp_path):
     b = resolve_args({"output_dir": str(tmp_path / "o"), "preset": "cpu"})
     assert b.mode == "macondo" and b.macondo_num_parents == 50
     deep = resolve_args({"output_dir": str(tmp_path / "o"), "preset": "cpu-deep", "data": str(train)})
-    assert (deep.n_layer, deep.n_embd, deep.n_head, deep.num_seeds, deep.max_steps) == (4, 128, 4, 3, 200)
+    assert (deep.n_layer, deep.n_embd, deep.n_head, deep.num_seeds, deep.max_steps) == (4, 128, 4, 10, 200)
     config = gpt2_config(deep.size, 100, 64, 99, deep.n_layer, deep.n_embd, deep.n_head)
     assert (config.n_layer, config.n_embd, config.n_head) == (4, 128, 4)
     assert set(hurdle_settings.preset_names()) == {"cpu", "cpu-deep", "paper"}

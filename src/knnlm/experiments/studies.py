@@ -15,7 +15,7 @@ from typing import Callable, Optional
 from .hurdle import report as hurdle, settings as hurdle_settings
 from .lm import settings as lm_settings
 from .memory import report as memory
-from .overspec import report as overspec, settings as overspec_settings
+from .overspec import lengths as overspec_lengths, report as overspec, settings as overspec_settings
 from .projection import report as projection, settings as projection_settings
 
 
@@ -34,6 +34,7 @@ STUDIES = {
     "table4": Study(projection.table4_part, {"table4": projection.TABLES["table4"]}, projection_settings.SMOKE),
     "overspec": Study(overspec.report_part, overspec.TABLES, overspec_settings.SMOKE),
     "hurdle": Study(hurdle.report_part, hurdle.TABLES, hurdle_settings.SMOKE),
+    "overspec_lengths": Study(overspec_lengths.report_part, overspec_lengths.TABLES, overspec_settings.SMOKE),
 }
 # The report's order of tables (a study's tables outside it come after).
 TABLE_ORDER = ("table1", "table2", "table2_macondo", "table3", "table4", "table5")

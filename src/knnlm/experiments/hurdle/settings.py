@@ -27,7 +27,7 @@ class HurdleArgs:
     n_layer: int = field(default=0, metadata={"help": "Blocks, overriding --size's (0: the size's). GPT-2 small's shape at reduced width: e.g. --n_layer 4 --n_embd 128 --n_head 4."})
     n_embd: int = field(default=0, metadata={"help": "Width, overriding --size's (0: the size's)."})
     n_head: int = field(default=0, metadata={"help": "Attention heads, overriding --size's (0: the size's); must divide the width."})
-    preset: Optional[str] = field(default=None, metadata={"help": "Preset values (flags and --config win), from configs/hurdle-preset-<name>-<mode>.yaml: `cpu` (2x64, 2 CPU cores, <= 10 min per mode), `cpu-deep` (4x128, 3 seeds: the depth at which removing one MLP of four can show the paper's effect) or `paper` (GPT-2 small, a GPU)."})
+    preset: Optional[str] = field(default=None, metadata={"help": "Preset values (flags and --config win), from configs/hurdle-preset-<name>-<mode>.yaml: `cpu` (2x64, 2 CPU cores, <= 10 min per mode), `cpu-deep` (4x128, 10 seeds: the depth at which removing one MLP of four can show the paper's effect) or `paper` (GPT-2 small, a GPU)."})
     area_fraction: float = field(default=0.4, metadata={"help": "The paired area (the verdict statistic) is taken over the first this fraction of training."})
     bootstrap: int = field(default=10000, metadata={"help": "Bootstrap resamples of the seeds for the interval of the paired area."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Run folder: checkpoints, results.json, results.md, PNGs (required). A rerun resumes it."})
