@@ -61,7 +61,7 @@ def test_demo_smoke_from_scratch_runs_end_to_end_and_prints_the_verdicts(tmp_pat
 @pytest.mark.slow
 @smollm2
 def test_demo_smoke_with_smollm2(tmp_path, capsys):
-    """The default preset (SmolLM2-135M) under --smoke: ~1 CPU-minute (two model loads, 4 steps of AdamW on 135M
+    """The default preset (SmolLM2-135M) under --smoke: ~26 s on one thread (two model loads, 4 steps of AdamW on 135M
     weights), hence slow."""
     res = _smoke(tmp_path, capsys, [])
     assert res["config"]["model_name_or_path"] == "smollm2-135m" and res["config"]["mlp_memory"]
