@@ -417,3 +417,22 @@ def test_reproduce_reports_the_claims(tiny_run, tmp_path):
     saved = json.loads((out / "results.json").read_text())["claims"]
     assert [c.record() for c in claims] == [{**r, "setting": r["setting"].replace("this run", "A")} for r in saved]
     assert {c.verdict for c in claims} == {"not judged"}
+
+def test_memory_claims_not_judged_before_the_memory_plateaus():
+    """The MLP memory's claims are judged only where every seed's memory loss dropped by at most memory.PLATEAU_DROP
+    (1%) over the last fifth of its curve; the other claims are untouched; the interval is kept either way."""
+    from knnlm.claims import NOT_JUDGED
+    from knnlm.experiments.overspec.report import overspec_claims, plateau_reason
+
+    iv = {"estimate": 0.2, "low": 0.1, "high": 0.3}
+    metrics = {"final": {"step": 10, "train": {"lm": {"avg_groups": -0.5}}}, "optimum_fit": {"avg_groups": -0.4},
+               "methods": ["lm", "knn", "mlp"], "intervals": {"test": {"knn_minus_lm": iv, "mlp_minus_knn": iv}},
+               "mlp_training": {"0": {"plateau": 0.005}, "1": {"plateau": 0.0142}}}
+    assert plateau_reason(metrics) == ("the memory's loss still fell 1.4% over its last fifth (> 1%: not at its "
+                                       "plateau)")
+    by = {c.statistic.split(" (")[0]: c for c in overspec_claims(metrics, "t")}
+    assert by["MLP − kNN"].verdict == NOT_JUDGED and by["MLP − kNN"].interval.lo == 0.1
+    assert by["kNN − vanilla"].verdict == "holds"
+    metrics["mlp_training"]["1"]["plateau"] = 0.01  # at the limit: plateaued
+    assert plateau_reason(metrics) == ""
+    assert {c.statistic.split(" (")[0]: c for c in overspec_claims(metrics, "t")}["MLP − kNN"].verdict == "holds"

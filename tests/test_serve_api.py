@@ -565,7 +565,7 @@ def _refused(host: str, port: int) -> bool:
     try:
         socket.create_connection((host, port), timeout=5).close()
         return False
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):  # reset: a probe caught in the backlog as the socket closed
         return True
 
 

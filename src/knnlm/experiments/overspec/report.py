@@ -170,9 +170,21 @@ def fit_reason(metrics: dict, margin: float = FIT_MARGIN_NATS) -> str:
     return f"the model did not fit its training sentences ({opt - van:.2f} nats from their optimum > {margin})"
 
 
+def plateau_reason(metrics: dict) -> str:
+    """Why the MLP memory's claims are not judged ("" when every seed's memory loss has plateaued: memory.PLATEAU_DROP)."""
+    from ...memory import PLATEAU_DROP
+
+    drops = [t["plateau"] for t in metrics.get("mlp_training", {}).values() if t.get("plateau") is not None]
+    if not drops or max(drops) <= PLATEAU_DROP:
+        return ""
+    return (f"the memory's loss still fell {max(drops):.1%} over its last fifth (> {PLATEAU_DROP:.0%}: not at its "
+            "plateau)")
+
+
 def overspec_claims(metrics: dict, label: str) -> list[Claim]:
-    """The study's claims on the test split at the last step, each from its paired interval over seeds and examples."""
-    unfit = fit_reason(metrics)
+    """The study's claims on the test split at the last step, each from its paired interval over seeds and examples;
+    the MLP memory's only where its training loss has plateaued (:func:`plateau_reason`)."""
+    unfit, unplateaued = fit_reason(metrics), plateau_reason(metrics)
     intervals = metrics.get("intervals", {}).get("test", {})
     nan = float("nan")
     setting = f"{label}, step {metrics['final']['step']}"
@@ -182,7 +194,8 @@ def overspec_claims(metrics: dict, label: str) -> list[Claim]:
             continue
         missing = "" if key in intervals else f"no {statistic.split(' (')[0]} interval in this run"
         interval = as_interval(intervals[key]) if key in intervals else Interval(nan, nan, nan)
-        claims.append(Claim(claim, setting, statistic, interval, threshold, "above", not_judged=unfit or missing))
+        reason = unfit or missing or (unplateaued if key.startswith("mlp") else "")
+        claims.append(Claim(claim, setting, statistic, interval, threshold, "above", not_judged=reason))
     return claims
 
 
