@@ -106,3 +106,26 @@ def test_recipe_builds_the_own_datastore_over_the_lm_training_tokens():
     rows = {m["folder"]: m for m in recipe["report"]["studies"] if m["study"] == "memory"}
     assert rows["eval-full"]["data"] == "own" and rows["eval-smollm2"]["data"] == "other"
     assert (rows["eval-full"]["lm"], rows["eval-full"]["datastore"]) == ("lm-full", "ds-full")
+
+
+def test_share_not_judged_before_the_memory_plateaus(tmp_path):
+    """The share of kNN's gain is judged only where the memory's `mlp train` stage (the recipe entry's `mlp:`) ended
+    with its loss dropping by at most memory.PLATEAU_DROP (1%) over the last fifth of its curve."""
+    import json
+
+    from knnlm.claims import NOT_JUDGED
+    from knnlm.experiments.memory.report import report_part
+
+    ev = {"ppl_lm": 20.0, "ppl_knnlm": 16.0, "ppl_mlplm": 18.0, "storage": {"datastore_over_mlp": 40.0}}
+    entry = {"folder": "eval", "label": "t", "data": "own", "mlp": "mlp"}
+    (tmp_path / "mlp").mkdir()
+
+    def share_claim(drop):
+        (tmp_path / "mlp" / "results.json").write_text(json.dumps({"metrics": {"training": {"last_fifth_drop": drop}}}))
+        return report_part(ev, entry, tmp_path)[1][0]
+
+    assert share_claim(0.0142).reason == ("the memory's loss still fell 1.4% over its last fifth (> 1%: not at its "
+                                          "plateau)")
+    assert share_claim(0.0142).verdict == NOT_JUDGED
+    # plateaued: judged on its own merits (here no per-token cache, so not judged for that reason instead)
+    assert share_claim(0.0093).reason == "no per-token cache for an interval (eval --save_neighbors true)"

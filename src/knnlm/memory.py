@@ -494,6 +494,14 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
 PLATEAU_DROP = 0.01
 
 
+def plateau_reason(drops: list[Optional[float]]) -> str:
+    """Why a memory claim is not judged: "" when every known last-fifth drop is at most :data:`PLATEAU_DROP`."""
+    known = [d for d in drops if d is not None]
+    if not known or max(known) <= PLATEAU_DROP:
+        return ""
+    return f"the memory's loss still fell {max(known):.1%} over its last fifth (> {PLATEAU_DROP:.0%}: not at its plateau)"
+
+
 def last_fifth_drop(curve: list[dict]) -> Optional[float]:
     """Relative drop of a loss curve over its last fifth (mean loss of the fifth before it minus that of the last
     fifth, over the former): near 0 once the loss has plateaued; None for curves of fewer than 5 points."""

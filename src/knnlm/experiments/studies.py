@@ -2,7 +2,7 @@
 ``(metrics, entry, out) -> ({table: rows}, [Claim])`` (None: the study fills no table and makes no claim), the tables it
 fills (title, headers, the paper's rows; ``headers`` None: a text section) and the ``--smoke`` flags of its commands.
 
-A recipe entry is ``{study: NAME, folder: STAGE_FOLDER, label: TEXT, ...}`` (extra keys are the study's: ``data``,
+A recipe entry is ``{study: NAME, folder: STAGE_FOLDER, label: TEXT, ...}`` (extra keys are the study's: ``data``, ``mlp``,
 ``lm``, ``datastore`` for the memory). Adding a study: its folder ``experiments/<study>/`` (settings, run, report), one
 line here, its recipe stages.
 """

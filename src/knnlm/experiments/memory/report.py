@@ -23,16 +23,18 @@ SHARE_CLAIM = "the MLP memory keeps much (> 1/3) of kNN's gain (Table 2)"
 STORAGE_CLAIM = "the MLP memory takes > 25x less storage than the datastore (§5)"
 
 
-def memory_claims(ev: dict, share_ci: Optional[dict], label: str, data: str, own: bool) -> list[Claim]:
-    """The share of kNN's gain (its block-bootstrap interval; a run without the per-token cache has none: not judged)
-    and the storage ratio (a byte count: an exact interval) of one eval run."""
+def memory_claims(ev: dict, share_ci: Optional[dict], label: str, data: str, own: bool,
+                  unplateaued: str = "") -> list[Claim]:
+    """The share of kNN's gain (its block-bootstrap interval; a run without the per-token cache has none, a memory
+    whose loss has not plateaued is not judged: ``unplateaued`` says why) and the storage ratio (a byte count: an
+    exact interval) of one eval run."""
     setting = f"{label} [{data}]"
     other = "" if own else f"{data}: the memory adapts the LM to text it was not trained on, not the paper's setting"
     no_ci = "" if share_ci else "no per-token cache for an interval (eval --save_neighbors true)"
     nan = float("nan")
     share = Interval.from_dict(share_ci) if share_ci else Interval(nan, nan, nan)
     claims = [Claim(SHARE_CLAIM, setting, "share of kNN's gain", share, SHARE_THRESHOLD, "above",
-                    not_judged=other or no_ci)]
+                    not_judged=other or unplateaued or no_ci)]
     storage = ev.get("storage", {}).get("datastore_over_mlp")
     if storage:
         claims.append(Claim(STORAGE_CLAIM, setting, "datastore / memory bytes", Interval.exact(storage),
@@ -73,6 +75,18 @@ def _share_ci(out: Path, entry: dict, ev: dict) -> Optional[dict]:
     return gain_share(cache, [lam])["lmbda"][str(lam)]["share_ci"]
 
 
+def _plateau(out: Path, entry: dict) -> str:
+    """Why the share is not judged for the memory's training (the recipe entry's ``mlp:`` names its `mlp train`
+    stage; "" without one or when its loss plateaued: memory.PLATEAU_DROP)."""
+    from ...fileio import read_json
+    from ...memory import plateau_reason
+
+    path = out / entry["mlp"] / "results.json" if entry.get("mlp") else None
+    if path is None or not path.is_file():
+        return ""
+    return plateau_reason([read_json(path)["metrics"].get("training", {}).get("last_fifth_drop")])
+
+
 def report_part(ev: dict, entry: dict, out: Path) -> tuple[dict, list[Claim]]:
     """Table 2's row and the memory claims of one eval run."""
     data, own = _memory_setting(out, entry)
@@ -80,5 +94,6 @@ def report_part(ev: dict, entry: dict, out: Path) -> tuple[dict, list[Claim]]:
     storage = ev.get("storage", {}).get("datastore_over_mlp")
     row = [entry["label"], ev["ppl_lm"], ev.get("ppl_knnlm"), ev.get("ppl_mlplm"), f"{storage:.1f}x" if storage else "–",
            data, Interval.from_dict(share).fmt() if share else "–"]
-    claims = memory_claims(ev, share, entry["label"], data, own) if ev.get("ppl_mlplm") and ev.get("ppl_knnlm") else []
+    claims = (memory_claims(ev, share, entry["label"], data, own, _plateau(out, entry))
+              if ev.get("ppl_mlplm") and ev.get("ppl_knnlm") else [])
     return {"table2": [row]}, claims

@@ -172,13 +172,9 @@ def fit_reason(metrics: dict, margin: float = FIT_MARGIN_NATS) -> str:
 
 def plateau_reason(metrics: dict) -> str:
     """Why the MLP memory's claims are not judged ("" when every seed's memory loss has plateaued: memory.PLATEAU_DROP)."""
-    from ...memory import PLATEAU_DROP
+    from ...memory import plateau_reason as reason
 
-    drops = [t["plateau"] for t in metrics.get("mlp_training", {}).values() if t.get("plateau") is not None]
-    if not drops or max(drops) <= PLATEAU_DROP:
-        return ""
-    return (f"the memory's loss still fell {max(drops):.1%} over its last fifth (> {PLATEAU_DROP:.0%}: not at its "
-            "plateau)")
+    return reason([t.get("plateau") for t in metrics.get("mlp_training", {}).values()])
 
 
 def overspec_claims(metrics: dict, label: str) -> list[Claim]:
