@@ -78,12 +78,14 @@ def test_rows_equal_knnlm_eval_and_rerun_reuses(tiny_gpt2_dir, files, tmp_path, 
     assert not list(out.glob("eval-*"))  # evaluate's scratch folders are removed
     # a rerun after a kill (the last setting's record gone) evaluates only that setting
     (out / "settings" / "05.json").unlink()
+    (out / "eval-killed").mkdir()  # the killed setting's scratch folder
     calls = []
     real = study_run.evaluate
     monkeypatch.setattr(study_run, "evaluate", lambda *a, **kw: calls.append(kw["knn"]) or real(*a, **kw))
     again = _study(tiny_gpt2_dir, files, out)
     assert [k.skip_search_prob for k in calls] == [0.5]
     assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in m["runs"]]
+    assert not (out / "eval-killed").exists()
     # another --k changes every setting's key: all evaluated again
     calls.clear()
     _study(tiny_gpt2_dir, files, out, "--k", "8")

@@ -32,6 +32,8 @@ def run_retomaton(lm, corpus: CorpusArgs, args: RetomatonArgs, datastore) -> dic
     if args.clusters:  # refused before the first setting, not after the kNN-LM's and RetoMaton's evaluations
         load_clusters(datastore, "--clusters")
     out = Path(args.output_dir)
+    for stale in out.glob("eval-*"):  # a killed setting's scratch folder (the output folder is locked to this run)
+        shutil.rmtree(stale, ignore_errors=True)
     saved = out / "settings"
     saved.mkdir(parents=True, exist_ok=True)
     runs = []
