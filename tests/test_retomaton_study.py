@@ -1,15 +1,19 @@
 """`knnlm analyze retomaton` (knnlm.experiments.retomaton): its kNN-LM row equals `knnlm eval --recompute_dists true`,
-a RetoMaton row `knnlm eval --retomaton true --min_knns M`, a random-skip row `--skip_search_prob P`; a rerun reuses
-finished settings; the figure holds the series; refusals are one line."""
+a RetoMaton row `knnlm eval --retomaton true --min_knns M`, a random-skip row `--skip_search_prob P`; the per-token
+log-probabilities give the rows' perplexities and the claim's interval; a rerun reuses finished settings; the figure
+holds the series; refusals are one line."""
 import json
+import math
 
+import numpy as np
 import pytest
 
+from knnlm.claims import check_record
 from knnlm.cli import main
 from knnlm.clusters import ClusterArgs, build_clusters
 from knnlm.corpus import CorpusArgs
 from knnlm.datastore import Datastore, build_datastore
-from knnlm.experiments.retomaton import run as study_run
+from knnlm.experiments.retomaton import report, run as study_run
 from knnlm.models import ModelArgs, load_model
 
 SENTENCES = ["the cat sat on the mat.", "the dog sat on the log.", "a cat and a dog sat together on a mat.",
@@ -70,9 +74,23 @@ def test_rows_equal_knnlm_eval_and_rerun_reuses(tiny_gpt2_dir, files, tmp_path, 
                   "--no_clusters", "false"), rel=1e-9, abs=0)
     assert runs[("kNN-LM, random skips", "skip 0.5")]["ppl_knnlm"] == pytest.approx(
         _eval_ppl(tiny_gpt2_dir, files, tmp_path / "e3", "--skip_search_prob", "0.5"), rel=1e-9, abs=0)
-    assert 0 < runs[("RetoMaton", "min_knns 1")]["foss"] < 1  # the tiny store does save searches
-    # results.md: a row per setting; the figure is a PNG
     md = (out / "results.md").read_text()
+    assert 0 < runs[("RetoMaton", "min_knns 1")]["foss"] < 1  # the tiny store does save searches
+    # the per-token log-probabilities (text order) give each row's perplexity; the claim's interval is of their ratio
+    for i, r in enumerate(m["runs"]):
+        logp = np.load(out / "settings" / f"{i:02d}.npy")
+        assert len(logp) == knn["n_tokens"] and math.exp(-logp.mean()) == pytest.approx(r["metrics"]["ppl_knnlm"],
+                                                                                         rel=1e-9)
+    c = m["claim"]
+    rt = runs[("RetoMaton", "min_knns 1")]
+    assert c["min_knns"] == 1 and c["foss"] == rt["foss"]
+    ci = c["ppl_ratio_minus_1"]
+    assert ci["point"] == pytest.approx(rt["ppl_knnlm"] / knn["ppl_knnlm"] - 1, rel=1e-9) and ci["lo"] <= ci["point"] <= ci["hi"]
+    (claim,) = report.report_part(m, {"label": "tiny"}, out)[1]
+    check_record(claim.record())
+    assert claim.verdict == ("holds" if ci["hi"] < 0.01 else "does not hold" if ci["lo"] > 0.01 else "inconclusive")
+    assert claim.claim in md and claim.verdict in md
+    # results.md: a row per setting; the figure is a PNG
     assert md.count("| RetoMaton |") == 2 and md.count("| RetoMaton, clusters |") == 2
     assert (out / "retomaton.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob("eval-*"))  # evaluate's scratch folders are removed
@@ -93,8 +111,6 @@ def test_rows_equal_knnlm_eval_and_rerun_reuses(tiny_gpt2_dir, files, tmp_path, 
 
 
 def test_figure_series(tiny_gpt2_dir, files, tmp_path, monkeypatch):
-    from knnlm.experiments.retomaton import report
-
     drawn = {}
     monkeypatch.setattr(report, "line_plot", lambda path, series, **kw: drawn.update(series=series, **kw))
     m = _study(tiny_gpt2_dir, files, tmp_path / "study")

@@ -3,6 +3,6 @@ for RetoMaton over ``--min_knns`` (with and without clusters) and a kNN-LM that 
 kNN-LM that searches at every token.
 
 Parts: ``settings`` (RetomatonArgs, the swept settings), ``run`` (one ``knnlm.evaluate.evaluate`` per setting, each
-saved as it finishes and reused on a rerun), ``report`` (results.md's table, the figure, the report part of
-``knnlm reproduce``).
+saved as it finishes and reused on a rerun), ``report`` (results.md's table, the figure, the claim judged from a
+block-bootstrap interval, the report part of ``knnlm reproduce``).
 """

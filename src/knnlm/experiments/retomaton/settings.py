@@ -26,6 +26,8 @@ class RetomatonArgs(KNNArgs):
     clusters: bool = field(default=False, metadata={"help": "Also RetoMaton with clusters at each --min_knns (`knnlm datastore cluster` first)."})
     datastore: Optional[str] = field(default=None, metadata={"help": "Datastore folder (its index and, with --clusters true, its clusters; read only; required)."})
     batch_size: int = field(default=4, metadata={"help": "Windows per forward pass = RetoMaton's streams (the same for every setting)."})
+    n_boot: int = field(default=1000, metadata={"help": "Bootstrap resamples (over blocks of 256 consecutive tokens) for the interval of RetoMaton's perplexity against the kNN-LM's."})
+    seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for results.json, results.md, retomaton.png and each setting's saved metrics (required)."})
 
     def validate(self) -> None:
@@ -44,6 +46,8 @@ class RetomatonArgs(KNNArgs):
             raise KnnlmError(f"--skip_probs: each must be in (0, 1), got {','.join(map(str, self.skip_probs))}")
         if len(self.lmbda) != 1:
             raise KnnlmError(f"--lmbda: the study takes one λ, got {','.join(map(str, self.lmbda))}")
+        if self.n_boot < 1:
+            raise KnnlmError(f"--n_boot: must be >= 1, got {self.n_boot}")
         if self.batch_size < 1:
             raise KnnlmError(f"--batch_size: must be >= 1, got {self.batch_size}")
         self.knn_args().validate()
