@@ -145,3 +145,24 @@ def test_clusters_refused_without_clusters(tiny_gpt2_dir, files, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert err.startswith("knnlm: error: --clusters:") and "knnlm datastore cluster" in err and "\n" not in err
     assert not (tmp_path / "o" / "settings").exists()
+
+
+def test_token_log_probs_pair_the_same_targets(tiny_gpt2_dir, files, tmp_path):
+    """evaluate(token_log_probs=): every target once, whatever the scoring order (RetoMaton's streams reorder the
+    windows); the log-probabilities average to the run's perplexity."""
+    from knnlm.evaluate import EvalArgs, evaluate
+    from knnlm.knn import KNNArgs
+
+    lm = load_model(ModelArgs(model_name_or_path=str(tiny_gpt2_dir), device="cpu"))
+    corpus = CorpusArgs(validation_file=str(files / "valid.jsonl"), concat_documents=False, block_size=16, stride=8)
+    ds = Datastore.open(files / "ds")
+    got = {}
+    for name, extra in {"knn": {}, "retomaton": {"retomaton": True}}.items():
+        per = {}
+        m = evaluate(lm, corpus, tmp_path / name, EvalArgs(output_dir=str(tmp_path / name), batch_size=3), datastore=ds,
+                     knn=KNNArgs(k=K, knn_temp=TEMP, lmbda=[0.25], recompute_dists=True, **extra), token_log_probs=per)
+        assert len(per["row"]) == len(set(per["row"].tolist())) == m["n_tokens"]
+        assert math.exp(-per["log_prob"].mean()) == pytest.approx(m["ppl_knnlm"], rel=1e-9)
+        got[name] = per
+    assert sorted(got["knn"]["row"].tolist()) == sorted(got["retomaton"]["row"].tolist())
+    assert got["knn"]["row"].tolist() != got["retomaton"]["row"].tolist()  # the streams do score in another order
