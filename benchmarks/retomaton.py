@@ -1,18 +1,17 @@
 """RetoMaton: perplexity against the fraction of saved searches (the paper's Fig. 2), and its cost against LM-only.
 
-    # the sweep: RetoMaton with and without clusters over --min_knns, the random-skip kNN-LM over --skip_probs
+    # the sweep = `knnlm analyze retomaton` (RetoMaton with and without clusters over --min_knns, the random-skip
+    # kNN-LM over --skip_probs; results.md, results.json, retomaton.png in --output_dir)
     .venv/bin/python benchmarks/retomaton.py sweep --model_name_or_path runs/bench/lm-own \
         --datastore runs/retomaton/ds-own610k --validation_file ../shared/data/wikitext-2/valid.txt \
         --max_tokens 32768 --min_knns 1,2,4,8,16,32,64 --skip_probs 0.25,0.5,0.75 --output_dir runs/retomaton/sweep
     # the cost: LM-only, the kNN-LM (one search per token, exact distances) and RetoMaton at one setting
     .venv/bin/python benchmarks/retomaton.py timing ... --min_knns 1 [--clusters --cluster_min_knns 4] --reps 3
 
-Every run is a fresh process (`knn_eval.py`'s method: one torch and one FAISS thread, the scoring loop timed from its
-progress bar on, wall and user + system CPU time). ``sweep`` writes ``sweep.json``, ``sweep.md`` (the table) and
-``retomaton.png`` (perplexity against the fraction of saved searches, report.line_plot; ``plot`` redraws it from
-sweep.json) into --output_dir and prints
-the smallest --min_knns whose perplexity is within --within of the kNN-LM's; ``timing`` prints medians and ratios.
-The kNN-LM and RetoMaton use exact distances (``--recompute_dists``; RetoMaton's are always exact).
+``sweep`` runs `knnlm analyze retomaton` with these flags (docs/retomaton.md). Every ``timing`` run is a fresh process
+(`knn_eval.py`'s method: one torch and one FAISS thread, the scoring loop timed from its progress bar on, wall and
+user + system CPU time); ``timing`` prints medians and ratios. The kNN-LM and RetoMaton use exact distances
+(``--recompute_dists``; RetoMaton's are always exact).
 """
 from __future__ import annotations
 
@@ -86,65 +85,15 @@ def _run(args, settings) -> dict:
     return out
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def sweep(args) -> None:
-    from knnlm.fileio import atomic_write_json
-    from knnlm.report import markdown_table, write_markdown
+    """The sweep is the study `knnlm analyze retomaton` (one process, each setting saved and reused on a rerun)."""
+    from knnlm.cli import main as knnlm_main
 
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    knn = _run(args, {})
-    series = {"RetoMaton": [{"retomaton": True, "min_knns": m, "max_knns": args.max_knns} for m in _ints(args.min_knns)],
-              "RetoMaton, clusters": [{"retomaton": True, "min_knns": m, "max_knns": args.max_knns,
-                                       "no_clusters": False} for m in _ints(args.min_knns)] if args.clusters else [],
-              "kNN-LM, random skips": [{"skip_search_prob": float(p)} for p in args.skip_probs.split(",") if p]}
-    runs = {name: [(s, _run(args, s)) for s in settings] for name, settings in series.items() if settings}
-    rows = [["kNN-LM (a search per token)", "–", 0.0, knn["ppl"], knn["candidates_per_step"], 0.0]]
-    for name, rs in runs.items():
-        for s, r in rs:
-            setting = f"min_knns {s['min_knns']}" if "min_knns" in s else f"skip {s['skip_search_prob']}"
-            rows.append([name, setting, r["foss"], r["ppl"], r["candidates_per_step"], r["ppl"] / knn["ppl"] - 1])
-    table = markdown_table(["variant", "setting", "fraction of saved searches", "perplexity", "neighbours per step",
-                            "vs kNN-LM"], rows, digits=3)
-    table += (f"\nLM perplexity {knn['ppl_lm']:.3f}; {knn['n_tokens']} tokens, k {args.k}, nprobe {args.nprobe}, "
-              f"λ {args.lmbda}, exact distances, {args.batch_size} streams.\n")
-    best = [(s["min_knns"], r) for s, r in runs.get("RetoMaton", []) if r["ppl"] <= knn["ppl"] * (1 + args.within)]
-    if best:
-        m, r = max(best, key=lambda x: x[1]["foss"])
-        table += (f"\nMost searches saved within {args.within:.0%} of the kNN-LM's perplexity (no clusters): "
-                  f"min_knns {m}, fraction saved {r['foss']:.3f}, perplexity {r['ppl']:.3f}.\n")
-    write_markdown(out, table, "sweep.md")
-    atomic_write_json(out / "sweep.json", {"knn": knn, "runs": {n: [{"settings": s, **r} for s, r in rs]
-                                                                 for n, rs in runs.items()}, "args": vars(args)})
-    _figure(out / "retomaton.png", knn, {n: [r for _, r in rs] for n, rs in runs.items()})
-    print(table)
-    print(f"wrote {out / 'sweep.md'}, {out / 'retomaton.png'}")
-
-
-def _figure(path: Path, knn: dict, runs: dict) -> None:
-    """Perplexity against the fraction of saved searches, each series from the kNN-LM's point (0 saved) on."""
-    from knnlm.report import line_plot
-
-    styles = {"RetoMaton": ("tab:blue", "o"), "RetoMaton, clusters": ("tab:green", "s"),
-              "kNN-LM, random skips": ("tab:red", "^")}
-    series = []
-    for name, rs in runs.items():
-        points = sorted([(0.0, knn["ppl"])] + [(r["foss"], r["ppl"]) for r in rs])
-        series.append({"x": [x for x, _ in points], "y": [y for _, y in points], "label": name,
-                       "color": styles[name][0], "marker": styles[name][1]})
-    line_plot(path, series, title=f"RetoMaton: perplexity vs saved searches ({knn['n_tokens']} tokens)",
-              xlabel="fraction of saved searches", ylabel="perplexity",
-              hlines=[{"y": knn["ppl"], "color": "gray", "linestyle": ":", "label": "kNN-LM"},
-                      {"y": knn["ppl_lm"], "color": "black", "linestyle": "--", "label": "LM"}])
-
-
-def plot(args) -> None:
-    """Redraws retomaton.png from --output_dir's sweep.json."""
-    data = json.loads((Path(args.output_dir) / "sweep.json").read_text())
-    _figure(Path(args.output_dir) / "retomaton.png", data["knn"], data["runs"])
+    argv = ["analyze", "retomaton", "--device", "cpu"]
+    for name in ("model_name_or_path", "datastore", "validation_file", "max_tokens", "k", "lmbda", "nprobe",
+                 "batch_size", "min_knns", "max_knns", "skip_probs", "output_dir"):
+        argv += [f"--{name}", str(getattr(args, name))]
+    sys.exit(knnlm_main(argv + ["--clusters", "true" if args.clusters else "false"]))
 
 
 def timing(args) -> None:
@@ -170,7 +119,7 @@ def timing(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=("sweep", "timing", "plot", "worker"))
+    p.add_argument("mode", choices=("sweep", "timing", "worker"))
     p.add_argument("--model_name_or_path")
     p.add_argument("--datastore")
     p.add_argument("--validation_file")
@@ -184,12 +133,11 @@ def main() -> None:
     p.add_argument("--clusters", action="store_true", help="also RetoMaton with clusters (timing: at --cluster_min_knns)")
     p.add_argument("--cluster_min_knns", type=int, default=4, help="timing: min_knns of RetoMaton with clusters")
     p.add_argument("--skip_probs", default="0.25,0.5,0.75", help="sweep: the random-skip kNN-LM's probabilities")
-    p.add_argument("--within", type=float, default=0.01, help="sweep: perplexity tolerance against the kNN-LM")
     p.add_argument("--output_dir", default="runs/retomaton/sweep")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--settings", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    {"sweep": sweep, "timing": timing, "plot": plot, "worker": worker}[args.mode](args)
+    {"sweep": sweep, "timing": timing, "worker": worker}[args.mode](args)
 
 
 if __name__ == "__main__":

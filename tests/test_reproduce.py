@@ -240,7 +240,9 @@ def test_gpu_recipe_smoke_runs_every_stage_on_cpu(wikitext_dir, tmp_path):
     from knnlm.experiments.studies import STUDIES
 
     entries = load_recipe(ReproduceArgs(scale="gpu", output_dir=str(out), data_dir=str(wikitext_dir)))["report"]
-    assert {e["study"] for e in entries["studies"]} == {name for name, study in STUDIES.items() if study.report}
+    # (RetoMaton's index, clusters and 16 evaluations have no measured room in the gpu recipe's 15 minutes: cpu only)
+    assert {e["study"] for e in entries["studies"]} == {name for name, study in STUDIES.items() if study.report} - {
+        "retomaton"}
     assert {e["label"] for e in entries["studies"]} == {c["setting"].split(",")[0].split(" [")[0] for c in res["claims"]}
     for rec in res["claims"]:
         check_record(rec)
@@ -271,3 +273,8 @@ def test_cpu_recipe_smoke_runs_every_stage(wikitext_dir, tmp_path):
     stages = load_recipe(ReproduceArgs(scale="cpu", output_dir=str(out), data_dir=str(wikitext_dir)))["stages"]
     assert list(json.loads((out / "results.json").read_text())["metrics"]["stage_wall_s"]) == [s["name"] for s in stages]
     assert "**Smoke run**" in (out / "report.md").read_text()
+    # the RetoMaton study's rows reached the report's table, and its figure the figures
+    rt = json.loads((out / "retomaton-full" / "results.json").read_text())["metrics"]
+    rows = json.loads((out / "results.json").read_text())["metrics"]["tables"]["retomaton"]
+    assert [r[1:3] for r in rows] == [[r["series"], r["setting"]] for r in rt["runs"]]
+    assert (out / "figures" / "retomaton.png").exists()

@@ -5,6 +5,7 @@ exp of the mean negative log-likelihood over all scored tokens.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import time
@@ -130,11 +131,22 @@ def _streams(retriever, knn: KNNArgs, args: EvalArgs, wins, tokens: TokenFile):
     return Streams(Automaton(retriever, knn), wins, tokens.doc_starts, args.batch_size)
 
 
+def _recorded(batches, seen: "collections.deque"):
+    """``batches`` unchanged, each appended to ``seen`` as it is handed out."""
+    for batch in batches:
+        seen.append(batch)
+        yield batch
+
+
 def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datastore=None,
-             knn: Optional[KNNArgs] = None, memory=None, key_point: Optional[str] = None, index=None) -> dict:
+             knn: Optional[KNNArgs] = None, memory=None, key_point: Optional[str] = None, index=None,
+             token_log_probs: Optional[dict] = None) -> dict:
     """Scores the validation corpus; returns the metrics (perplexities, token count, throughput).
 
     ``index``: a FAISS index to search instead of the store's own (e.g. exact Flat to compare with its IVF-PQ).
+    ``token_log_probs``: a dict filled with ``row`` (each target's row: its place in the text, in scoring order, [n]
+    int64) and ``log_prob`` (its gold log-probability under the kNN-LM at the first λ, or the LM without a store, [n]
+    float64), for paired per-token intervals between runs whose scoring orders differ (RetoMaton's streams).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,8 +172,15 @@ def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datast
     streams = _streams(retriever, knn, args, wins, tokens) if retriever is not None and knn.stateful else None
     if streams is not None:  # the automaton's state flows along the text: batch_size streams scored side by side
         batches = streams.batches()
+    scored = collections.deque()  # the windows of each batch handed to scoring, in order (scores come in that order)
+    if token_log_probs is not None:
+        batches = _recorded(batches, scored)
+        rows_seen, logp_seen = [], []
     with tqdm(total=count_targets(wins), unit="tok", desc="eval") as bar:
         for scores in score_windows(lm, tokens, batches, retriever, memory, knn.lmbda, timing, searcher=streams):
+            if token_log_probs is not None:
+                rows_seen.append(np.concatenate([np.arange(w.row, w.row + w.n_targets) for w in scored.popleft()]))
+                logp_seen.append((scores.knn_lm[knn.lmbda[0]] if retriever else scores.lm).double().numpy())
             lm_nll.add(scores.lm)
             for lam, acc in knn_nll.items():
                 acc.add(scores.knn_lm[lam])
@@ -174,6 +193,8 @@ def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datast
             bar.update(len(scores.gold))
     if cache:
         cache.close()
+    if token_log_probs is not None:
+        token_log_probs.update(row=np.concatenate(rows_seen), log_prob=np.concatenate(logp_seen))
     wall = time.time() - started
     t_forward = timing.get("forward_s", 0.0) + timing.get("output_s", 0.0)  # the LM: body + output layer
     metrics = {"n_tokens": lm_nll.count, "ppl_lm": lm_nll.ppl, "block_size": block, "stride": stride,

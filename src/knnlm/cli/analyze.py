@@ -1,4 +1,5 @@
-"""`knnlm analyze projection`: can the LM's own last layers express p_knnlm? (Chiang et al. Eq. 2, Tables 1, 3, 4)."""
+"""`knnlm analyze projection`: can the LM's own last layers express p_knnlm? (Chiang et al. Eq. 2, Tables 1, 3, 4).
+`knnlm analyze retomaton`: perplexity against the fraction of saved searches (Alon et al. 2022, Fig. 2)."""
 from __future__ import annotations
 
 import time
@@ -9,6 +10,7 @@ def register(sub) -> None:
     from ..config import add_command
     from ..corpus import CorpusArgs
     from ..experiments.projection.settings import ProjectionArgs
+    from ..experiments.retomaton.settings import RetomatonArgs
     from ..knn import KNNArgs
     from ..models import ModelArgs
 
@@ -17,6 +19,9 @@ def register(sub) -> None:
     add_command(an_sub, "projection", (ModelArgs, CorpusArgs, KNNArgs, ProjectionArgs), cmd_projection,
                 help="project p_knnlm onto the output space of f / f∘g (Eq. 2): perplexity and KL of p_proj beside the "
                      "LM and the kNN-LM")
+    add_command(an_sub, "retomaton", (ModelArgs, CorpusArgs, RetomatonArgs), cmd_retomaton,
+                help="RetoMaton over --min_knns (and with clusters), a kNN-LM skipping searches at random, and the "
+                     "kNN-LM: perplexity against the fraction of saved searches (table and figure)")
 
 
 def cmd_projection(args) -> int:
@@ -50,4 +55,37 @@ def cmd_projection(args) -> int:
     print(table, end="")
     print(f"results: {out / 'results.json'}; KL histograms: {', '.join(str(out / f'kl_{t}.png') for t in pargs.target)}; "
           f"step histograms: {out}/steps_<target>_tol<tol>.png")
+    return 0
+
+
+def cmd_retomaton(args) -> int:
+    from ..config import resolve, save_config, to_dict
+    from ..corpus import CorpusArgs
+    from ..datastore import Datastore
+    from ..errors import KnnlmError
+    from ..experiments.retomaton.report import FIGURE, figure, results_table
+    from ..experiments.retomaton.run import run_retomaton
+    from ..experiments.retomaton.settings import RetomatonArgs
+    from ..fileio import claim_output_dir
+    from ..models import ModelArgs, load_model
+    from ..report import write_markdown, write_results
+
+    margs, cargs, rargs = resolve([ModelArgs, CorpusArgs, RetomatonArgs], args, args.config)
+    if not (cargs.validation_file or cargs.dataset_name):
+        raise KnnlmError("--validation_file: required (or --dataset_name): the corpus every setting scores")
+    own = ("config.json", "results.json", "results.md", FIGURE, "settings", "eval-*")
+    claim_output_dir(rargs.output_dir, "analyze retomaton", None, own_files=own)  # a model, a datastore: refused
+    started = time.time()
+    datastore = Datastore.open(rargs.datastore)
+    lm = load_model(margs)
+    claim_output_dir(rargs.output_dir, "analyze retomaton", {}, own_files=own)  # (made only now)
+    metrics = run_retomaton(lm, cargs, rargs, datastore)
+    out = Path(rargs.output_dir)
+    save_config(out, margs, cargs, rargs)
+    write_results(out, to_dict(margs, cargs, rargs), metrics, started)
+    table = results_table(metrics)
+    write_markdown(out, table)
+    figure(out / FIGURE, metrics)
+    print(table, end="")
+    print(f"results: {out / 'results.json'}; figure: {out / FIGURE}")
     return 0

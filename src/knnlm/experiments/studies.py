@@ -17,6 +17,7 @@ from .lm import settings as lm_settings
 from .memory import report as memory
 from .overspec import lengths as overspec_lengths, report as overspec, settings as overspec_settings
 from .projection import report as projection, settings as projection_settings
+from .retomaton import report as retomaton, settings as retomaton_settings
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ STUDIES = {
     "overspec": Study(overspec.report_part, overspec.TABLES, overspec_settings.SMOKE),
     "hurdle": Study(hurdle.report_part, hurdle.TABLES, hurdle_settings.SMOKE),
     "overspec_lengths": Study(overspec_lengths.report_part, overspec_lengths.TABLES, overspec_settings.SMOKE),
+    "retomaton": Study(retomaton.report_part, retomaton.TABLES, retomaton_settings.SMOKE),
 }
 # The report's order of tables (a study's tables outside it come after).
 TABLE_ORDER = ("table1", "table2", "table2_macondo", "table3", "table4", "table5")
