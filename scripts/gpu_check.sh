@@ -61,7 +61,7 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), GPU {gpu}; faiss 
 EOF
 [ -n "${DATA_DIR:-}" ] || { echo "gpu_check: no WikiText-2 folder found; set DATA_DIR"; exit 1; }
 
-# ------------------------------------------------------------------------------------------------ search (issue 28)
+# ------------------------------------------------------------------------------------------------ search (GPU kNN search)
 search_check() {
   local limit=${SEARCH_TIMEOUT_S:-480} start store model report rc
   start=$(date +%s)

@@ -1,4 +1,4 @@
-"""Fault injection through the real CLI (issue 13): bad input, foreign folders, stale caches, full disks, corrupt files.
+"""Fault injection through the real CLI: bad input, foreign folders, stale caches, full disks, corrupt files.
 
 Every case asserts exit code 2, one ``knnlm: error:`` line and no traceback, that what was there still loads, and that a
 rerun after the fault gives the same numbers as a clean run. Full disks and read-only folders use a tiny tmpfs (root
@@ -502,7 +502,7 @@ def test_stale_temp_files_of_dead_processes_are_removed(tmp_path):
     assert remove_stale_temps(tmp_path) == 0
 
 
-# ---------------------------------------------------------------------------------------------------------------- issue 30
+# ---------------------------------------------------------------------- output folders, stores, caches, held-out checks
 BAD_VALUES = {"null": "null", "a number": "3", "a float": "2.5", "a boolean": "true", "a list": "[1, 2]",
               "an object": '{"a": 1}'}
 

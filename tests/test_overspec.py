@@ -279,7 +279,7 @@ def test_cpu_tiny_preset(tmp_path):
     assert last["test_lm"] == pytest.approx(GOLDEN_SEED0["test_lm"], abs=0.02)
 
 
-# ---------------------------------------------------------------------------------------------------------------- issue 17
+# -------------------------------------------------------------------- the training split and the bare-trained reference
 def test_training_split_scores_equal_a_hand_computation(tiny_run):
     """The 'train' split (each pair's first training sentence: all 15 here) at the last point of seed 0: vanilla
     log-likelihoods recomputed from the saved model with plain transformers equal the recorded ones; the training
