@@ -12,6 +12,7 @@ from ...fileio import read_json
 from ...stats import Interval, as_interval
 from ..study import seed_path
 from .report import FAR_NATS, FIT_MARGIN_NATS, OVERSPEC_CLAIMS
+from .settings import point_dir
 
 # One overspec run per seed evaluated at several lengths (every point's per-example scores are
 # in seed-S/evals/step-N.json). Fixed before the runs (docs/results/fidelity-2026-12-05/criteria.md): a length is judged
@@ -24,7 +25,7 @@ PERSIST_CLAIM = "the gap to log(1/n) persists as training goes on and fits the t
 
 
 def _point(run_dir: Path, seed: int, step: int) -> dict:
-    return read_json(seed_path(run_dir, seed) / "evals" / f"step-{step:07d}.json")
+    return read_json(point_dir(seed_path(run_dir, seed), step).with_suffix(".json"))
 
 
 def overspec_lengths(run_dir: Path) -> dict:

@@ -17,7 +17,7 @@ from ...fileio import atomic_write_json, claim_output_dir, read_json, reusable
 from ...models import ModelArgs
 from ..study import check_resumable, finish_run, seed_path
 from .report import aggregate, write_outputs
-from .settings import _FREE_KEYS, METHODS, OWN_FILES, SPLITS, OverspecArgs
+from .settings import _FREE_KEYS, METHODS, OWN_FILES, SPLITS, OverspecArgs, point_dir as eval_dir
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def make_on_eval(lm, args: OverspecArgs, data: Path, seed_dir: Path, seed: int, 
 
     def on_eval(step: int, model) -> dict:
         point = lm if model is lm.model else LM(model, lm.tokenizer, lm.name)  # one LM: its hashes are cached
-        point_dir = seed_dir / "evals" / f"step-{step:07d}"
+        point_dir = eval_dir(seed_dir, step)
 
         def score() -> dict:
             result = evaluate_point(point, args, data, point_dir, seed, last=last_step is None or step >= last_step)
@@ -257,7 +257,7 @@ def _train_run(lm, rows: list[dict], args: OverspecArgs, seed: int, run_dir: Pat
     history = train(lm.model, make_batches(lm, rows, args.batch_size), args.train_args(seed), run_dir / "ckpt",
                     eval_every=args.eval_every, on_eval=on_eval, progress_desc=desc)
     for entry in history:
-        saved = read_json(run_dir / "evals" / f"step-{entry['step']:07d}.json")
+        saved = read_json(eval_dir(run_dir, entry["step"]).with_suffix(".json"))
         entry.update({k: saved[k] for k in per_point})
     history[-1].update({k: saved[k] for k in last_point if k in saved})
     record = {"seed": seed, "n_train": len(rows), "steps": history[-1]["step"], "history": history,
@@ -295,7 +295,7 @@ def run_bare_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
             lls = score_split(point, test, batch_size=args.eval_batch_size)["lm"]
             return {"lls": lls, "summary": summarize(test, lls)}
 
-        saved = _scored_point(bare_dir / "evals" / f"step-{step:07d}.json", point, seed, step, score)
+        saved = _scored_point(eval_dir(bare_dir, step).with_suffix(".json"), point, seed, step, score)
         return {"test_bare": saved["summary"]["avg_groups"]}
 
     return _train_run(lm, rows, args, seed, bare_dir, on_eval, started, ("summary",), ("lls",))

@@ -149,6 +149,12 @@ _FREE_KEYS = ("output_dir", "seeds", "num_threads", "eval_batch_size", "keep_dat
 OWN_FILES = ("config.json", "results.json", "results.md", "overspec*.png", "seed-*", "tokenizer")
 
 
+def point_dir(run_dir: Path, step: int) -> Path:
+    """The folder of an evaluation point of a training run (``run_dir``: a seed's folder or its ``bare`` run); its
+    scores are the file of the same name with ``.json``."""
+    return run_dir / "evals" / f"step-{step:07d}"
+
+
 def resolve_args(cli: dict | None = None, config_file: str | None = None) -> OverspecArgs:
     """OverspecArgs from CLI values (None = unset), a YAML/JSON config file and defaults (flag > file > default).
 
