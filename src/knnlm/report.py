@@ -30,6 +30,14 @@ def fmt(value, digits: int = 2) -> str:
     return str(value)
 
 
+def pm(mean, std, digits: int = 2, sign: str = "") -> str:
+    """'mean ± std' with ``digits`` decimals: '–' without a mean, the mean alone without a std (a single seed)."""
+    if mean is None:
+        return "–"
+    value = f"{mean:{sign}.{digits}f}"
+    return value if std is None else f"{value} ± {std:.{digits}f}"
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], digits: int = 2) -> str:
     """A GitHub markdown table; floats shown with ``digits`` decimals."""
     lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "|".join("---" for _ in headers) + "|"]

@@ -58,24 +58,24 @@ def condition_holds(when: str) -> bool:
     return CONDITIONS[when.removeprefix("no-")]() != when.startswith("no-")
 
 
+def _check_condition(value, where: str) -> None:
+    """A recipe's ``requires`` or a stage's ``when`` (absent, or a name of ``CONDITIONS`` with or without ``no-``)."""
+    if value is not None and str(value).removeprefix("no-") not in CONDITIONS:
+        raise KnnlmError(f"--recipe: {where}: {value!r} is not one of " + ", ".join(f"{c}, no-{c}" for c in CONDITIONS))
+
+
 def load_recipe(args: ReproduceArgs) -> dict:
     path = args.recipe or PRESETS_DIR / f"reproduce-{args.scale}.yaml"
     recipe = load_config_file(path)
     if "stages" not in recipe:
         raise KnnlmError(f"--recipe: {path} has no 'stages' list")
-    requires = recipe.get("requires")
-    if requires is not None and str(requires).removeprefix("no-") not in CONDITIONS:
-        raise KnnlmError(f"--recipe: {path}: requires: {requires!r} is not one of "
-                         + ", ".join(f"{c}, no-{c}" for c in CONDITIONS))
+    _check_condition(recipe.get("requires"), f"{path}: requires")
     for stage in recipe["stages"]:
         extra = set(stage) - STAGE_KEYS
         if extra or "name" not in stage or "argv" not in stage:
             raise KnnlmError(f"--recipe: {path}: stage {stage.get('name')!r} needs 'name' and 'argv' and may have only "
                              f"{', '.join(sorted(STAGE_KEYS))} (got {', '.join(sorted(map(str, stage)))})")
-        when = stage.get("when")
-        if when is not None and str(when).removeprefix("no-") not in CONDITIONS:
-            raise KnnlmError(f"--recipe: {path}: stage {stage['name']}: when: {when!r} is not one of "
-                             + ", ".join(f"{c}, no-{c}" for c in CONDITIONS))
+        _check_condition(stage.get("when"), f"{path}: stage {stage['name']}: when")
     data_files = sorted({a.split("/", 1)[1] for s in recipe["stages"] for a in map(str, s["argv"]) if a.startswith("{data}/")})
     if data_files:
         missing = [f for f in data_files if not args.data_dir or not (Path(args.data_dir) / f).is_file()]
@@ -213,11 +213,6 @@ def run_stages(args: ReproduceArgs, run_command) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------- report
-def _results(out: Path, folder: str) -> Optional[dict]:
-    path = out / folder / "results.json"
-    return read_json(path)["metrics"] if path.exists() else None
-
-
 def collect(out: Path, entries: list[dict]) -> tuple[list[Claim], dict[str, list], list[str]]:
     """One loop over the recipe's studies: each finished stage's report part gives its table rows and claims; a study
     whose stage has not run yet is named in the third list."""
@@ -231,11 +226,11 @@ def collect(out: Path, entries: list[dict]) -> tuple[list[Claim], dict[str, list
                              + ", ".join(name for name, s in STUDIES.items() if s.report))
         for name, (_, _, paper) in study.tables.items():
             tables.setdefault(name, list(paper))
-        metrics = _results(out, entry["folder"])
-        if metrics is None:
+        path = out / entry["folder"] / "results.json"
+        if not path.exists():
             missing.append(f"{entry['study']}: {entry.get('label', '')} ({entry['folder']})")
             continue
-        rows, found = study.report(metrics, entry, out)
+        rows, found = study.report(read_json(path)["metrics"], entry, out)
         claims += found
         for name, r in rows.items():
             tables[name] += r

@@ -1,22 +1,7 @@
-"""What every study runner shares: run-folder names per seed, the resume check, seed aggregation, the device.
-
-- **Run folders.** A seed's files live under ``seed-<S>`` (``seed_path(root, 0, "/data")`` -> ``root/seed-0/data``,
-  ``seed_path(root, 0, "-with_last_mlp.json")`` -> ``root/seed-0-with_last_mlp.json``). Earlier versions of two studies
-  wrote ``seed<S>``; where only that name exists it is the one returned, so an earlier run folder resumes in place.
-- **Resume.** :func:`check_resumable`: a rerun into a folder holding ``config.json`` must agree with it on every setting
-  that changes what a run computes (the runner names the ones free to change); old setting names are read through
-  the deprecated-name table of ``knnlm.config``.
-- **Seeds.** :func:`mean_std` is the one aggregation over seeds: the mean and the sample standard deviation (ddof 1) of
-  the values that exist (None entries, e.g. a metric a seed has no score for, are left out). The single-seed rule:
-  with one value the std is None (JSON null): one seed measures no spread, and 0.0 would claim it did. Tables then
-  print the mean alone and plots draw no band. Intervals over seeds are ``knnlm.stats.bootstrap_interval``'s.
-- **Finished runs and cached results.** :func:`finish_run` writes a run's record (what a rerun reads back instead of
-  training) and then removes its checkpoint; ``knnlm.fileio.reusable`` returns a saved result only when it was
-  computed from the same inputs (its key equals this run's): the one "same run, may resume" test of every study.
-- **Output.** :func:`write_outputs`: a run's ``results.json`` (its settings, metrics and claim records) and
-  ``results.md``, beside the PNGs it drew.
-- **Device.** ``--device auto|cpu|cuda`` resolves through ``knnlm.models.resolve_device`` (the one rule of the
-  project: auto = cuda when torch sees a GPU; cuda without one is a one-line error).
+"""What every study runner shares (docs/studies.md: run folders, resuming, aggregating seeds, devices): run-folder
+names per seed, the resume check, finished runs, seed aggregation, settings declared from and composed into the
+library's dataclasses, and the run's output files. A saved result is reused through ``knnlm.fileio.reusable`` (the one
+"same run, may resume" test) and the device resolved by ``knnlm.models.resolve_device``.
 """
 from __future__ import annotations
 
@@ -60,7 +45,7 @@ def check_resumable(out: Path, args, free_keys: Iterable[str]) -> None:
 
 def mean_std(values: Iterable[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
     """Mean and sample std (ddof 1) over seeds of the values that are not None; (None, None) without any, std None
-    with one (the single-seed rule above)."""
+    with one: one seed measures no spread, and 0.0 would claim it did (tables then print the mean alone)."""
     arr = np.asarray([v for v in values if v is not None], dtype=float)
     if not len(arr):
         return None, None
@@ -93,6 +78,14 @@ def mirror(cls, name: str, default=dataclasses.MISSING, help: str | None = None,
             return field(default_factory=src.default_factory, metadata=meta)
         default = src.default
     return field(default=default, metadata=meta)
+
+
+def library_args(cls, settings, prefix: str = "", **given):
+    """The library's dataclass ``cls`` composed from a study's ``settings``: every field of ``cls`` the settings declare
+    as ``prefix + name`` (e.g. ``mlp_epochs`` for ``MemoryArgs.epochs``), then ``given`` (which wins)."""
+    names = {f.name for f in dataclasses.fields(settings)}
+    values = {f.name: getattr(settings, prefix + f.name) for f in dataclasses.fields(cls) if prefix + f.name in names}
+    return cls(**{**values, **given})
 
 
 def write_outputs(out: Path, args, metrics: dict, started: float, claims: list, markdown: str, plots: list) -> dict:

@@ -13,6 +13,7 @@ from torch import nn
 
 from ...errors import KnnlmError
 from ...train import collate_causal, epoch_permutation
+from ..study import library_args
 from .settings import HurdleArgs
 
 
@@ -118,11 +119,8 @@ def _macondo_rows(args: HurdleArgs, out: Path) -> list[dict]:
         return read_split(args.data, "test")
     folder = out / "macondo"
     if not (folder / "meta.json").is_file():
-        generate_macondo(MacondoArgs(seed=args.macondo_seed, output_dir=str(folder),
-                                     num_villagers=args.macondo_num_villagers, num_parents=args.macondo_num_parents,
-                                     max_children=args.macondo_max_children,
-                                     examples_per_child=args.macondo_examples_per_child, tokenizer="gpt2",
-                                     format="plain"))
+        generate_macondo(library_args(MacondoArgs, args, "macondo_", output_dir=str(folder), tokenizer="gpt2",
+                                      format="plain"))
     return read_split(folder, "test")
 
 

@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 
 from ...claims import Claim, claims_table
+from ...report import line_plot, markdown_table, pm
 from ...stats import Interval, as_interval
 from .. import study
 from ..study import curve_mean_std
@@ -21,11 +22,16 @@ def _higher_is_better(metric: str) -> bool:
     return metric.startswith("ll_")
 
 
+def _advantage(full: list, pruned: list, higher_is_better: bool) -> list:
+    """The pruned model's advantage per point, in the metric's units (> 0: ahead; None where either has no value)."""
+    sign = 1.0 if higher_is_better else -1.0
+    return [None if a is None or b is None else sign * (b - a) for a, b in zip(full, pruned)]
+
+
 def compare(steps: list[int], with_mean: list, without_mean: list, higher_is_better: bool, total_steps: int) -> dict:
     """Where the pruned model leads: its advantage per step (positive = without_last_mlp ahead, in the metric's units),
     the eval steps at which the lead changes hands, and the advantage at the eval step nearest 1/4 of training."""
-    sign = 1.0 if higher_is_better else -1.0
-    adv = [None if a is None or b is None else sign * (b - a) for a, b in zip(with_mean, without_mean)]
+    adv = _advantage(with_mean, without_mean, higher_is_better)
     crossings, prev = [], None
     for step, a in zip(steps, adv):
         if step == 0 or a is None or a == 0:
@@ -45,8 +51,7 @@ def paired_area(steps: list[int], full: list, pruned: list, higher_is_better: bo
     the pruned model's mean advantage there (metric units; > 0: it is ahead). Trapezoids between the points, the curves
     interpolated linearly at ``until`` when it falls between two points. None when fewer than two points lie in range.
     """
-    sign = 1.0 if higher_is_better else -1.0
-    pts = [(s, sign * (b - a)) for s, a, b in zip(steps, full, pruned) if a is not None and b is not None]
+    pts = [(s, v) for s, v in zip(steps, _advantage(full, pruned, higher_is_better)) if v is not None]
     inside = [(s, v) for s, v in pts if s <= until]
     after = [(s, v) for s, v in pts if s > until]
     if inside and after and inside[-1][0] < until:  # close the window exactly at `until`
@@ -104,18 +109,32 @@ def hurdle_claims(metrics: dict, label: str) -> list[Claim]:
     return claims
 
 
+def _evals(run: dict, k: str, steps: list) -> list:  # None where the run has no value
+    return [run["evals"][str(s)].get(k) for s in steps]
+
+
+def _seed_area(full: dict, pruned: dict, k: str, steps: list, until: float) -> Optional[float]:
+    """One seed's paired area of metric ``k``: the training loss over its --log_every curve (Figure 5), the others over
+    the eval points."""
+    if k != "train_loss":
+        return paired_area(steps, _evals(full, k, steps), _evals(pruned, k, steps), _higher_is_better(k), until)
+    xs = sorted(int(s) for s in full["curve"])
+    a, b = [full["curve"][str(s)] for s in xs], [pruned["curve"].get(str(s)) for s in xs]
+    return paired_area(xs, a, b, _higher_is_better(k), until)
+
+
 def aggregate(records: dict[str, dict[int, dict]], args: HurdleArgs, data) -> dict:
-    """Mean and std over seeds of every metric at every eval step (and of the training-loss curve)."""
+    """Mean and std over seeds of every metric at every eval step (and of the training-loss curve); the comparisons."""
     steps = args.eval_steps()
     models = [m for m in MODELS if records.get(m)]
+    full = records[MODELS[0]]
     names = sorted({k for recs in records.values() for r in recs.values() for ev in r["evals"].values() for k in ev},
                    key=lambda k: (not k.startswith("ll_avg"), k))  # ll_avg, ll_avg_groups, ll_1.., train_loss
     mean, std = {m: {} for m in models}, {m: {} for m in models}
     for m in models:
         for k in names:
-            mean[m][k], std[m][k] = curve_mean_std([r["evals"][str(s)].get(k) for s in steps]
-                                                   for r in records[m].values())
-    curve_steps = sorted({int(s) for r in records[MODELS[0]].values() for s in r["curve"]})
+            mean[m][k], std[m][k] = curve_mean_std(_evals(r, k, steps) for r in records[m].values())
+    curve_steps = sorted({int(s) for r in full.values() for s in r["curve"]})
     curve = {m: dict(zip(("mean", "std"), curve_mean_std([r["curve"].get(str(s)) for s in curve_steps]
                                                           for r in records[m].values()))) for m in models}
     primary = ["ll_avg_groups", "ll_avg"] if data.mode == "macondo" else ["train_loss", "val_loss"]
@@ -125,35 +144,19 @@ def aggregate(records: dict[str, dict[int, dict]], args: HurdleArgs, data) -> di
         by_model[m] = {k: compare(steps, mean[MODELS[0]][k], mean[m][k], _higher_is_better(k), args.max_steps)
                        for k in primary}
         for k, c in by_model[m].items():  # the same advantage per seed (paired: same init, same batches), mean ± std
-            sign = 1.0 if _higher_is_better(k) else -1.0
             c["paired_mean"], c["paired_std"] = curve_mean_std(
-                [None if a.get(k) is None or b.get(k) is None else sign * (b[k] - a[k])
-                 for a, b in ((records[MODELS[0]][seed]["evals"][str(s)], records[m][seed]["evals"][str(s)])
-                              for s in steps)] for seed in records[MODELS[0]])
+                _advantage(_evals(full[seed], k, steps), _evals(records[m][seed], k, steps), _higher_is_better(k))
+                for seed in full)
             c["paired_std_at_quarter"] = c["paired_std"][steps.index(c["quarter_step"])]
     comparison = by_model[PRUNED[0]]  # without_last_mlp vs with_last_mlp (the study's pair; kept at the top level)
-    # The verdict statistic: per seed, the paired area over the first --area_fraction of training. The training loss
-    # uses its --log_every curve (Figure 5), the others the eval points.
+    # The verdict statistic: per seed, the paired area over the first --area_fraction of training.
     until = args.area_fraction * args.max_steps
     areas = {}
     for k in primary:
-        per_seed = {}
-        for m in pruned:
-            vals = []
-            for seed in sorted(records[MODELS[0]]):
-                full, mine = records[MODELS[0]][seed], records[m][seed]
-                if k == "train_loss":
-                    xs = sorted(int(s) for s in full["curve"])
-                    a, b = [full["curve"][str(s)] for s in xs], [mine["curve"].get(str(s)) for s in xs]
-                else:
-                    xs = steps
-                    a = [full["evals"][str(s)].get(k) for s in xs]
-                    b = [mine["evals"][str(s)].get(k) for s in xs]
-                vals.append(paired_area(xs, a, b, _higher_is_better(k), until))
-            per_seed[m] = vals
+        per_seed = {m: [_seed_area(full[s], records[m][s], k, steps, until) for s in sorted(full)] for m in pruned}
         areas[k] = area_statistics(per_seed, args.bootstrap)
     digests = {m: {str(s): r["data_digest"] for s, r in records[m].items()} for m in models}
-    return {"mode": data.mode, "steps": steps, "seeds": sorted(records[MODELS[0]]), "mean": mean, "std": std,
+    return {"mode": data.mode, "steps": steps, "seeds": sorted(full), "mean": mean, "std": std,
             "models": models, "curve": {"steps": curve_steps, **curve}, "comparison": comparison,
             "comparison_by_model": by_model, "areas": areas, "area_until_step": until,
             "verdict_metric": primary[0],
@@ -172,13 +175,6 @@ _TITLES = {"ll_avg_groups": "log-likelihood of children's names (mean over numbe
            "val_loss": "validation loss"}
 
 
-def _pm(mu, sd, signed: bool = False) -> str:
-    if mu is None:
-        return "–"
-    value = f"{mu:+.3f}" if signed else f"{mu:.3f}"
-    return value if sd is None else f"{value} ± {sd:.3f}"
-
-
 def _ci(stat: dict) -> str:
     interval = _area_interval(stat or {})
     return "–" if interval is None else interval.fmt(4, "+")
@@ -186,8 +182,6 @@ def _ci(stat: dict) -> str:
 
 def area_lines(metrics: dict) -> list[str]:
     """The verdict table: paired areas (mean advantage over the first --area_fraction of training) with intervals."""
-    from ...report import markdown_table
-
     rows = [[k, _ci(a.get("without_last_mlp")), _ci(a.get("without_first_mlp")), _ci(a.get("last_minus_first"))]
             for k, a in metrics.get("areas", {}).items()]
     return [f"Paired area over steps 0–{metrics['area_until_step']:g} (the first {metrics['area_until_step'] / metrics['steps'][-1]:.0%} "
@@ -199,12 +193,10 @@ def area_lines(metrics: dict) -> list[str]:
 
 
 def markdown_report(args: HurdleArgs, metrics: dict) -> str:
-    from ...report import markdown_table
-
     models = metrics.get("models", list(MODELS[:2]))
     primary = list(metrics["comparison"])
     headers = ["step"] + [f"{_LABELS[m]}: {k}" for k in primary for m in models]
-    rows = [[s] + [_pm(metrics["mean"][m][k][i], metrics["std"][m][k][i]) for k in primary for m in models]
+    rows = [[s] + [pm(metrics["mean"][m][k][i], metrics["std"][m][k][i], 3) for k in primary for m in models]
             for i, s in enumerate(metrics["steps"])]
     p = metrics["params"]
     shape = f"{args.n_layer or '-'}x{args.n_embd or '-'}" if args.n_layer or args.n_embd else ""
@@ -219,18 +211,18 @@ def markdown_report(args: HurdleArgs, metrics: dict) -> str:
         text += [f"Per number of children at step {metrics['steps'][last]} (optimum log(1/n)):", "",
                  markdown_table(["children", "optimum"] + [_LABELS[m] for m in models],
                                 [[k[3:], f"{math.log(1 / int(k[3:])):.3f}"] +
-                                 [_pm(metrics["mean"][m][k][last], metrics["std"][m][k][last]) for m in models]
+                                 [pm(metrics["mean"][m][k][last], metrics["std"][m][k][last], 3) for m in models]
                                  for k in ns])]
     for m, comp in metrics.get("comparison_by_model", {MODELS[1]: metrics["comparison"]}).items():
         text.append(f"Advantage of the model {_LABELS[m]} (positive = ahead), paired per seed, mean ± std:\n")
         text.append(markdown_table(["step"] + list(comp),
-                                   [[s] + [_pm(c["paired_mean"][i], c["paired_std"][i], signed=True) for c in comp.values()]
+                                   [[s] + [pm(c["paired_mean"][i], c["paired_std"][i], 3, "+") for c in comp.values()]
                                     for i, s in enumerate(metrics["steps"])]))
         for k, c in comp.items():
             adv = c["advantage_at_quarter"]
             text.append(f"- {k}: lead changes hands at step(s) {c['crossings'] or 'none'}; at step {c['quarter_step']} "
                         f"(~1/4 of training) the model {_LABELS[m]} is ahead by "
-                        f"{_pm(adv, c['paired_std_at_quarter'], signed=True)} "
+                        f"{pm(adv, c['paired_std_at_quarter'], 3, '+')} "
                         f"({'higher' if _higher_is_better(k) else 'lower'} is better).")
     return "\n".join(text) + "\n"
 
@@ -241,8 +233,6 @@ def _band(std: list) -> Optional[list]:
 
 
 def write_outputs(out: Path, args: HurdleArgs, metrics: dict, started: float) -> dict:
-    from ...report import line_plot
-
     steps = metrics["steps"]
     models = metrics.get("models", list(MODELS[:2]))
     plots = []

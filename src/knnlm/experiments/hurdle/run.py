@@ -53,24 +53,16 @@ def remove_mlp(model, block_index: int) -> nn.Module:
     return model
 
 
-def remove_last_mlp(model) -> nn.Module:
-    return remove_mlp(model, -1)
-
-
-def remove_first_mlp(model) -> nn.Module:
-    """The control: the first block's MLP goes instead of the last's (the same parameters lost, another place)."""
-    return remove_mlp(model, 0)
-
-
 def build_pair(config, seed: int) -> dict[str, nn.Module]:
-    """The models of one seed (``MODELS``): the same initial weights everywhere they share (the pruned ones are copies)."""
+    """The models of one seed (``MODELS``): the same initial weights everywhere they share (the pruned ones are copies;
+    the control loses the first block's MLP instead of the last's: the same parameters, another place)."""
     from transformers import GPT2LMHeadModel
 
     torch.manual_seed(seed)
     full = GPT2LMHeadModel(config)
     full.loss_type = "ForCausalLM"  # transformers warns when it has to guess
-    return {"with_last_mlp": full, "without_last_mlp": remove_last_mlp(copy.deepcopy(full)),
-            "without_first_mlp": remove_first_mlp(copy.deepcopy(full))}
+    return {"with_last_mlp": full, "without_last_mlp": remove_mlp(copy.deepcopy(full), -1),
+            "without_first_mlp": remove_mlp(copy.deepcopy(full), 0)}
 
 
 def count_params(model: nn.Module) -> int:
@@ -88,14 +80,13 @@ def mean_loss(model: nn.Module, blocks: Examples, batch_size: int, device: torch
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(blocks), batch_size):
-            ids, _, _ = blocks.batch(np.arange(start, min(start + batch_size, len(blocks))))
-            ids = ids.to(device)
-            hidden = model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids))[0]  # [B, T, d]
-            logp = head_gold_log_probs(model.get_output_embeddings(), hidden[:, :-1].flatten(0, 1),
-                                       ids[:, 1:].flatten())  # [B * (T - 1)]
-            total, count = total - float(logp.double().sum()), count + logp.numel()
+    for start in range(0, len(blocks), batch_size):
+        ids, _, _ = blocks.batch(np.arange(start, min(start + batch_size, len(blocks))))
+        ids = ids.to(device)
+        hidden = model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids))[0]  # [B, T, d]
+        logp = head_gold_log_probs(model.get_output_embeddings(), hidden[:, :-1].flatten(0, 1),
+                                   ids[:, 1:].flatten())  # [B * (T - 1)]
+        total, count = total - float(logp.double().sum()), count + logp.numel()
     model.train(was_training)
     return total / count
 
@@ -141,11 +132,8 @@ def _batches(data: StudyData, args: HurdleArgs):
 def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: HurdleArgs, run_dir: Path,
               device: torch.device) -> dict:
     """Trains one (seed, model) run on ``knnlm.train``'s loop, resuming from its checkpoint folder; -> its record
-    (metrics per eval step, the smoothed loss curve, the digest of the batches fed).
-
-    The record is written to ``run_dir/seed-<s>-<name>.json`` when the run finishes (``study.seed_path``: a folder's
-    earlier ``seed<s>-`` names are kept); its checkpoint is then removed.
-    """
+    (metrics per eval step, the smoothed loss curve, the digest of the batches fed), kept in ``seed-<s>-<name>.json``
+    once finished (``study.finish_run``)."""
     from ...train import train
 
     done_path = seed_path(run_dir, seed, f"-{name}.json")
@@ -193,10 +181,8 @@ def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: Hur
 
 # ---------------------------------------------------------------------------------------------------------------- study
 def run_study(args: HurdleArgs) -> dict:
-    """Trains both models for every seed (resuming), aggregates and writes results.json, results.md and PNGs.
-
-    Returns ``{"results": path, "table": path, "plots": [paths], "metrics": metrics}``.
-    """
+    """Trains every model of every seed (resuming), aggregates and writes results.json, results.md and PNGs;
+    -> ``{"results": path, "table": path, "plots": [paths], "metrics": metrics}``."""
     from ...config import save_config
 
     started = time.time()
@@ -232,9 +218,6 @@ def run_study(args: HurdleArgs) -> dict:
         for name in MODELS:
             records[name][seed] = records_seed[name]
     metrics = aggregate(records, args, data)
-    metrics["params"] = params
-    metrics["vocab_size"] = data.vocab.size
-    metrics["train_examples"] = len(data.train)
-    metrics["device"] = str(device)
+    metrics.update(params=params, vocab_size=data.vocab.size, train_examples=len(data.train), device=str(device))
     paths = write_outputs(out, args, metrics, started)
     return {**paths, "metrics": metrics}

@@ -10,7 +10,7 @@ import torch
 
 from ...errors import KnnlmError
 from ...train import TrainArgs
-from ..study import mirror
+from ..study import library_args, mirror
 
 MODELS = ("with_last_mlp", "without_last_mlp", "without_first_mlp")
 PRUNED = MODELS[1:]  # compared with MODELS[0], paired per seed
@@ -69,9 +69,7 @@ class HurdleArgs:
     def train_args(self, seed: int) -> TrainArgs:
         """The shared loop's settings for one run (``knnlm.train``): AdamW at --learning_rate (the schedule is the
         hurdle's own, ``run.lr_at``), float32, one micro-batch per step, --max_steps steps."""
-        return TrainArgs(learning_rate=self.learning_rate, warmup_ratio=0.0, batch_size=self.batch_size,
-                         max_steps=self.max_steps, max_grad_norm=self.max_grad_norm, weight_decay=self.weight_decay,
-                         seed=seed, bf16=False, log_every=self.log_every)
+        return library_args(TrainArgs, self, warmup_ratio=0.0, seed=seed, bf16=False)
 
     def validate(self) -> None:
         if not self.output_dir:
@@ -84,7 +82,8 @@ class HurdleArgs:
             raise KnnlmError(f"--data: {self.data} does not exist; pass `macondo`, a Macondo folder or a text file")
         if self.data != "macondo" and Path(self.data).is_dir() and not (Path(self.data) / "test.jsonl").is_file():
             raise KnnlmError(f"--data: {self.data} is a folder without test.jsonl; pass a folder from `knnlm macondo generate`")
-        for name in ("max_steps", "eval_every", "num_seeds", "batch_size", "block_size", "eval_batch_size", "log_every"):
+        for name in ("max_steps", "eval_every", "num_seeds", "batch_size", "block_size", "eval_batch_size", "log_every",
+                     "bootstrap"):
             if getattr(self, name) < 1:
                 raise KnnlmError(f"--{name}: must be >= 1, got {getattr(self, name)}")
         if self.eval_every > self.max_steps:
@@ -106,8 +105,6 @@ class HurdleArgs:
             raise KnnlmError(f"--n_layer: {layers} blocks leave no first-vs-last MLP control; use >= 2")
         if not 0 < self.area_fraction <= 1:
             raise KnnlmError(f"--area_fraction: must be in (0, 1], got {self.area_fraction}")
-        if self.bootstrap < 1:
-            raise KnnlmError(f"--bootstrap: must be >= 1, got {self.bootstrap}")
         if self.vocab_size < 0 or self.vocab_size == 1:
             raise KnnlmError("--vocab_size: 0 (full vocabulary) or >= 2")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -1,13 +1,7 @@
-"""Macondo-Conv with an API model (the paper's §4.4): fine-tune through an OpenAI-compatible API, score through one.
-
-Per seed: a Macondo-Conv village (``--data``, or generated into ``OUT/seed-<S>/data``); with ``--submit`` its chat JSONL
-is uploaded (``files.create``), a fine-tuning job started (``fine_tuning.jobs.create``) and polled until it ends; the job
-id is kept in ``OUT/seed-<S>/job.json`` so a rerun waits for the same job instead of paying for a new one. Without
-``--submit``, ``--model`` names the already fine-tuned model(s). Then every example of the scored splits goes through
-``/v1/completions`` with ``prompt = prefix + target, echo=True, max_tokens=0, logprobs=1``; the target's log-likelihood
-is the sum of the echoed token log-probs whose ``text_offset`` falls in the target's span. Any endpoint that returns
-prompt log-probs works: vLLM, ``knnlm serve``. Per-seed scores are cached in ``OUT/seed-<S>/scores_<split>.json``.
-"""
+"""Macondo-Conv with an API model (the paper's §4.4; docs/overspec_api.md): per seed a village, with ``--submit`` a
+fine-tuning job through an OpenAI-compatible API (kept in ``OUT/seed-<S>/job.json``, so a rerun waits for the same job
+instead of paying for a new one), then each target's log-likelihood from the echoed prompt log-probs of
+``/v1/completions`` (vLLM, ``knnlm serve``), cached per seed and split."""
 from __future__ import annotations
 
 import dataclasses
@@ -136,10 +130,8 @@ def score_split_cached(client, args: ApiArgs, model: str, data: Path, split: str
 
 # ------------------------------------------------------------------------------------------------------------ study
 def run_study(args: ApiArgs) -> dict:
-    """:func:`run_api`, then ``config.json`` (no API key), ``results.json`` and ``results.md`` in ``--output_dir``.
-
-    Returns {"metrics": ..., "table": the markdown text, "results": path of results.json}.
-    """
+    """:func:`run_api`, then ``config.json`` (no API key), ``results.json`` and ``results.md`` in ``--output_dir``;
+    -> {"metrics": ..., "table": the markdown text, "results": path of results.json}."""
     from ...config import save_config, to_dict
     from ...report import write_markdown, write_results
 
@@ -197,7 +189,7 @@ def results_table(metrics: dict) -> str:
     """The Macondo table (``knnlm.macondo.score.table``) with one column per split (mean ± std over seeds when there
     are several)."""
     from ...macondo.score import table
-    from ...report import fmt
+    from ...report import pm
 
     agg = metrics["over_seeds"]
     splits = list(agg)
@@ -207,10 +199,8 @@ def results_table(metrics: dict) -> str:
         return jobs
     first = agg[splits[0]]
 
-    def cell(split: str, key: str) -> str:
-        a = agg[split]
-        mean = a["mean"].get(key, math.nan)
-        return fmt(mean) + (f" ± {fmt(a['std'][key])}" if n_seeds > 1 else "")
+    def cell(split: str, key: str) -> str:  # mean ± std over seeds (the mean alone for one seed)
+        return pm(agg[split]["mean"].get(key, math.nan), agg[split]["std"].get(key))
 
     columns = {s: functools.partial(cell, s) for s in splits}
     models = ", ".join(f"seed {r['seed']}: {r['model']}" for r in metrics["runs"])

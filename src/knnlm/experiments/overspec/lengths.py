@@ -14,11 +14,10 @@ from ..study import seed_path
 from .report import FAR_NATS, FIT_MARGIN_NATS, OVERSPEC_CLAIMS
 from .settings import point_dir
 
-# One overspec run per seed evaluated at several lengths (every point's per-example scores are
-# in seed-S/evals/step-N.json). Fixed before the runs (docs/results/fidelity-2026-12-05/criteria.md): a length is judged
-# only where the model fits its training sentences (FIT_MARGIN_NATS, mean over seeds); the gap "persists" from
-# the first fitted length to the last when less than PERSIST_SHARE of it is closed, i.e. the interval of
-# gap(last) - PERSIST_SHARE * gap(first fitted), per example paired over seeds and examples, lies above 0.
+# Fixed before the runs (docs/results/fidelity-2026-12-05/criteria.md): a length is judged only where the model fits
+# its training sentences (FIT_MARGIN_NATS, mean over seeds); the gap "persists" from the first fitted length to the last
+# when less than PERSIST_SHARE of it is closed, i.e. the interval of gap(last) - PERSIST_SHARE * gap(first fitted), per
+# example paired over seeds and examples, lies above 0.
 PERSIST_SHARE = 0.5
 CONSTANT_LR = ("constant_with_warmup",)  # schedules whose intermediate points are runs of that length
 PERSIST_CLAIM = "the gap to log(1/n) persists as training goes on and fits the training split (Table 5)"

@@ -11,6 +11,7 @@ import numpy as np
 from ...claims import Claim, claims_table
 from ...errors import KnnlmError
 from ...memory import last_fifth_drop
+from ...report import line_plot, markdown_table, pm
 from ...stats import Interval, as_interval
 from .. import study
 from .settings import SPLITS, OverspecArgs
@@ -204,10 +205,10 @@ def _step_label(step: int) -> str:
     return f"{step // 1000}k" if step and step % 1000 == 0 else str(step)
 
 
-def _cell(mu: Optional[float], sd: Optional[float], n_seeds: int) -> str:
-    if mu is None:
-        return "–"
-    return f"{mu:.2f} ± {sd:.2f}" if n_seeds > 1 else f"{mu:.2f}"
+def _step_rows(metrics: dict, cols: list[tuple]) -> list[list]:
+    """A row per evaluation step: mean ± std over seeds of each (split, method, group) column."""
+    return [[_step_label(step)] + [pm(metrics["mean"][s][m][g][i], metrics["std"][s][m][g][i]) for s, m, g in cols]
+            for i, step in enumerate(metrics["steps"])]
 
 
 def _split_methods(metrics: dict, split: str) -> list[str]:
@@ -218,16 +219,10 @@ def table5(metrics: dict, split: str) -> str:
     """Table 5's layout: rows are steps; per number of children and the average (of the group means), one column
     per method (vanilla / kNN [/ MLP] [/ bare-trained on the test split]); mean ± std over seeds; a last row with the
     optimum log(1/n) (and, for the training split, the training optimum: the empirical distribution)."""
-    from ...report import markdown_table
-
     groups = [g for g in metrics["groups"] if g != "avg"]
     methods = _split_methods(metrics, split)
-    n = len(metrics["seeds"])
     headers = ["steps"] + [f"{'Average' if g == 'avg_groups' else g} {METHOD_NAMES[m]}" for g in groups for m in methods]
-    rows = []
-    for i, step in enumerate(metrics["steps"]):
-        rows.append([_step_label(step)] + [_cell(metrics["mean"][split][m][g][i], metrics["std"][split][m][g][i], n)
-                                           for g in groups for m in methods])
+    rows = _step_rows(metrics, [(split, m, g) for g in groups for m in methods])
     rows.append(["log(1/n)"] + [f"{metrics['optimum'][g]:.2f}" for g in groups for _ in methods])
     if split == "train" and "optimum_fit" in metrics:
         rows.append(["training optimum"] + [f"{metrics['optimum_fit'][g]:.2f}" for g in groups for _ in methods])
@@ -237,15 +232,11 @@ def table5(metrics: dict, split: str) -> str:
 def overview_table(metrics: dict) -> str:
     """The Average (mean of the group means) per step: test, training and control splits side by side, and the
     bare-trained reference."""
-    from ...report import markdown_table
-
-    n = len(metrics["seeds"])
     cols = [(split, m) for split in ("test", "train", "test_overspecified") if split in metrics["mean"]
             for m in _split_methods(metrics, split)]
     short = {"test": "test", "train": "train", "test_overspecified": "control"}
     headers = ["steps"] + [f"{short[s]} {METHOD_NAMES[m]}" for s, m in cols]
-    rows = [[_step_label(step)] + [_cell(metrics["mean"][s][m]["avg_groups"][i], metrics["std"][s][m]["avg_groups"][i], n)
-                                   for s, m in cols] for i, step in enumerate(metrics["steps"])]
+    rows = _step_rows(metrics, [(s, m, "avg_groups") for s, m in cols])
     opt = [f"{metrics['optimum']['avg_groups']:.2f}" if s != "train" or "optimum_fit" not in metrics
            else f"{metrics['optimum']['avg_groups']:.2f} / {metrics['optimum_fit']['avg_groups']:.2f}" for s, _ in cols]
     rows.append(["optimum"] + opt)
@@ -310,8 +301,6 @@ def markdown_report(args: OverspecArgs, metrics: dict) -> str:
 def figure1(path: Path, metrics: dict, split: str, title: str) -> Path:
     """Figure 1's style: one colour per number of children; vanilla solid, kNN dotted, MLP dash-dot, bare-trained
     dash-dot-dot; dashed horizontal lines at log(1/n). The legend names the colours once and the line styles once."""
-    from ...report import line_plot
-
     groups = [g for g in metrics["groups"] if g not in ("avg", "avg_groups")]
     methods = _split_methods(metrics, split)
     series, hlines = [], []

@@ -121,6 +121,7 @@ def evaluate_point(lm, args: OverspecArgs, data: Path, point_dir: Path, seed: in
     sample (--train_eval_per_pair) vanilla / kNN / MLP; the training sample's vanilla summary carries "optimum_fit".
     """
     from ...corpus import CorpusArgs
+    from ...datastore import build_datastore
     from ...knn import Retriever
     from ...macondo.generate import read_split
     from ...macondo.score import fit_optimum, score_split, summarize_scores
@@ -128,7 +129,8 @@ def evaluate_point(lm, args: OverspecArgs, data: Path, point_dir: Path, seed: in
 
     t0 = time.time()
     corpus = CorpusArgs(train_file=str(data / "train.jsonl"), concat_documents=False)
-    ds = build_datastore_point(lm, corpus, point_dir / "datastore", args)
+    ds = build_datastore(lm, corpus, point_dir / "datastore", key_point=args.key_point,
+                         batch_size=args.eval_batch_size, overwrite=True)
     t_ds = time.time() - t0
     rank, world = _rank_world()
     if rank != 0:
@@ -159,11 +161,11 @@ def evaluate_point(lm, args: OverspecArgs, data: Path, point_dir: Path, seed: in
     return out
 
 
-def build_datastore_point(lm, corpus, ds_dir: Path, args: OverspecArgs):
-    from ...datastore import build_datastore
+def _point_lm(lm, model):
+    """The model the trainer evaluates, as an LM (``lm`` itself when it is its model: one LM, its hashes cached)."""
+    from ...models import LM
 
-    return build_datastore(lm, corpus, ds_dir, key_point=args.key_point, batch_size=args.eval_batch_size,
-                           overwrite=True)
+    return lm if model is lm.model else LM(model, lm.tokenizer, lm.name)
 
 
 def _scored_point(path: Path, point, seed: int, step: int, score) -> dict:
@@ -183,10 +185,8 @@ def _scored_point(path: Path, point, seed: int, step: int, score) -> dict:
 def make_on_eval(lm, args: OverspecArgs, data: Path, seed_dir: Path, seed: int, last_step: int | None = None):
     """``on_eval(step, model)`` for the trainer: scores the point (or reuses its saved result when the weights match)
     and returns the compact metrics stored in the trainer's history."""
-    from ...models import LM
-
     def on_eval(step: int, model) -> dict:
-        point = lm if model is lm.model else LM(model, lm.tokenizer, lm.name)  # one LM: its hashes are cached
+        point = _point_lm(lm, model)
         point_dir = eval_dir(seed_dir, step)
 
         def score() -> dict:
@@ -272,7 +272,6 @@ def run_bare_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
     "n_train", "steps", "wall_s"}; the last history entry carries the per-row test scores ("lls")."""
     from ...macondo.generate import read_split
     from ...macondo.score import score_split, summarize
-    from ...models import LM
 
     seed_dir = seed_path(out, seed)
     bare_dir = seed_dir / "bare"
@@ -289,7 +288,7 @@ def run_bare_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
     lm = build_lm(args, seed, seed_dir)  # the same initial weights (scratch: seed-S/init; LoRA: seeded adapters)
 
     def on_eval(step: int, model) -> dict:
-        point = lm if model is lm.model else LM(model, lm.tokenizer, lm.name)
+        point = _point_lm(lm, model)
 
         def score() -> dict:
             lls = score_split(point, test, batch_size=args.eval_batch_size)["lm"]
@@ -302,10 +301,8 @@ def run_bare_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
 
 
 def run_study(args: OverspecArgs) -> dict:
-    """Runs every seed (resuming), aggregates, writes results.json, results.md and the PNGs.
-
-    Returns ``{"results": path, "table": path, "plots": [paths], "metrics": metrics}``.
-    """
+    """Runs every seed (resuming), aggregates, writes results.json, results.md and the PNGs;
+    -> ``{"results": path, "table": path, "plots": [paths], "metrics": metrics}``."""
     from ...config import save_config
 
     started = time.time()

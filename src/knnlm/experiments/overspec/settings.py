@@ -12,7 +12,7 @@ from ...macondo.generate import MacondoArgs
 from ...memory import MemoryArgs
 from ...models import ModelArgs
 from ...train import TrainArgs
-from ..study import mirror as _mirror
+from ..study import library_args, mirror as _mirror
 
 # `knnlm reproduce --smoke`: the flags that shrink an `overspec run` stage to seconds
 SMOKE = {"overspec run": {"--device": "cpu", "--seeds": "0", "--num_villagers": "10", "--num_parents": "2",
@@ -85,24 +85,19 @@ class OverspecArgs:
 
         return self.model_name_or_path in SCRATCH_SIZES and not Path(self.model_name_or_path).exists()
 
-    def train_args(self, seed: int):
-        names = ("learning_rate", "warmup_ratio", "lr_scheduler_type", "batch_size", "gradient_accumulation_steps",
-                 "epochs", "max_steps", "max_grad_norm", "weight_decay", "bf16")
-        return TrainArgs(**{n: getattr(self, n) for n in names}, seed=seed)
+    def train_args(self, seed: int) -> TrainArgs:
+        return library_args(TrainArgs, self, seed=seed)
 
-    def knn_args(self):
-        return KNNArgs(k=self.k, lmbda=list(self.lmbda), knn_temp=self.knn_temp)
+    def knn_args(self) -> KNNArgs:
+        return library_args(KNNArgs, self, lmbda=list(self.lmbda))
 
-    def macondo_args(self, seed: int, output_dir: str, tokenizer: str):
-        return MacondoArgs(output_dir=output_dir, seed=seed, tokenizer=tokenizer, format="plain",
-                           num_villagers=self.num_villagers, num_parents=self.num_parents, min_children=1,
-                           max_children=self.max_children, examples_per_child=self.examples_per_child)
+    def macondo_args(self, seed: int, output_dir: str, tokenizer: str) -> MacondoArgs:
+        return library_args(MacondoArgs, self, output_dir=output_dir, seed=seed, tokenizer=tokenizer, format="plain",
+                            min_children=1)
 
-    def memory_args(self, datastore: str, output_dir: str, seed: int):
-        return MemoryArgs(datastore=datastore, output_dir=output_dir, hidden_size=self.mlp_hidden_size,
-                          learning_rate=self.mlp_learning_rate,
-                          epochs=self.mlp_epochs, batch_tokens=self.mlp_batch_tokens,
-                          micro_batch_tokens=min(1024, self.mlp_batch_tokens), seed=seed, overwrite=True)
+    def memory_args(self, datastore: str, output_dir: str, seed: int) -> MemoryArgs:
+        return library_args(MemoryArgs, self, "mlp_", datastore=datastore, output_dir=output_dir, seed=seed,
+                            micro_batch_tokens=min(1024, self.mlp_batch_tokens), overwrite=True)
 
     def validate(self) -> None:
         from ...models import KEY_POINTS
@@ -113,8 +108,9 @@ class OverspecArgs:
             raise KnnlmError("--model_name_or_path: required (a hub id, a local folder, smollm2-135m, tiny or small)")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
             raise KnnlmError(f"--seeds: need one or more distinct seeds >= 0, got {self.seeds}")
-        if self.eval_every < 1:
-            raise KnnlmError(f"--eval_every: must be >= 1, got {self.eval_every}")
+        for name in ("eval_every", "max_children", "mlp_hidden_size", "mlp_epochs", "mlp_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise KnnlmError(f"--{name}: must be >= 1, got {getattr(self, name)}")
         if self.eval_batch_size < 1 or self.num_threads < 0:
             raise KnnlmError("--eval_batch_size/--num_threads: must be >= 1 / >= 0")
         if self.key_point not in KEY_POINTS:
@@ -127,16 +123,10 @@ class OverspecArgs:
         if self.train_eval_per_pair < 0 or self.train_eval_per_pair > self.examples_per_child:
             raise KnnlmError(f"--train_eval_per_pair: must be in 0..--examples_per_child ({self.examples_per_child}), "
                              f"got {self.train_eval_per_pair}")
-        if self.max_children < 1:
-            raise KnnlmError(f"--max_children: must be >= 1, got {self.max_children}")
-        ModelArgs(model_name_or_path=self.model_name_or_path, revision=self.revision,
-                  dtype=self.dtype, device=self.device).validate()
+        library_args(ModelArgs, self).validate()
         self.train_args(self.seeds[0]).validate()
         self.knn_args().validate()
         self.macondo_args(self.seeds[0], str(self.output_dir), "gpt2").validate()
-        for name in ("mlp_hidden_size", "mlp_epochs", "mlp_batch_tokens"):
-            if getattr(self, name) < 1:
-                raise KnnlmError(f"--{name}: must be >= 1, got {getattr(self, name)}")
         if not self.mlp_learning_rate > 0:
             raise KnnlmError(f"--mlp_learning_rate: must be > 0, got {self.mlp_learning_rate}")
 
@@ -156,10 +146,8 @@ def point_dir(run_dir: Path, step: int) -> Path:
 
 
 def resolve_args(cli: dict | None = None, config_file: str | None = None) -> OverspecArgs:
-    """OverspecArgs from CLI values (None = unset), a YAML/JSON config file and defaults (flag > file > default).
-
-    Unknown config keys and bad values raise :class:`KnnlmError` here, before anything is loaded or trained.
-    """
+    """OverspecArgs from CLI values (None = unset), a YAML/JSON config file and defaults (flag > file > default);
+    unknown config keys and bad values raise :class:`KnnlmError` here, before anything is loaded or trained."""
     from ...config import resolve
 
     return resolve(OverspecArgs, cli or {}, config_file)

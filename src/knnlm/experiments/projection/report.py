@@ -111,8 +111,8 @@ def summarize(arrays: dict[str, np.ndarray], args: ProjectionArgs, **extra) -> d
     return metrics
 
 
-def _ci(d: dict, digits: int = 2) -> str:
-    return f"{d['point']:.{digits}f} [{d['lo']:.{digits}f}, {d['hi']:.{digits}f}]"
+def _ci(d: dict) -> str:
+    return Interval.from_dict(d).fmt()
 
 
 def results_table(metrics: dict) -> str:
@@ -235,12 +235,12 @@ TABLES = {
 
 
 def _ppl_cell(v: Optional[dict]) -> Optional[str]:
-    return None if not v else Interval.from_dict(v["ppl_proj_ci"]).fmt()
+    return None if not v else _ci(v["ppl_proj_ci"])
 
 
 def table1_rows(metrics: dict, entry: dict, out: Path) -> dict[str, list]:
     """Tables 1 and 3: one row per tolerance."""
-    lm, knn = Interval.from_dict(metrics["ppl_lm_ci"]).fmt(), Interval.from_dict(metrics["ppl_knnlm_ci"]).fmt()
+    lm, knn = _ci(metrics["ppl_lm_ci"]), _ci(metrics["ppl_knnlm_ci"])
     rows1, rows3 = [], []
     for e in metrics["by_tol"]:
         tg = {t: e["targets"].get(t) for t in ("f_out", "f_norm", "fg")}
@@ -257,7 +257,7 @@ def table4_rows(metrics: dict, entry: dict, out: Path) -> dict[str, list]:
     ratios = e.get("fg_gain_over_f_gain", {})
     return {"table4": [[entry["label"], metrics["ppl_lm"], metrics["ppl_knnlm"]]
                        + [_ppl_cell(e["targets"].get(t)) for t in ("f_out", "f_norm", "fg", "fg_to_y")]
-                       + [Interval.from_dict(ratios[f]).fmt() if f in ratios else None for f in ("f_norm", "f_out")]]}
+                       + [_ci(ratios[f]) if f in ratios else None for f in ("f_norm", "f_out")]]}
 
 
 def table1_part(metrics: dict, entry: dict, out: Path) -> tuple[dict, list[Claim]]:

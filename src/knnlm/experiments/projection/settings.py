@@ -70,11 +70,8 @@ class ProjectionArgs:
         if len(set(self.tol)) != len(self.tol):
             raise KnnlmError(f"--tol: {','.join(map(str, self.tol))} names a tolerance twice")
         self.tol = sorted(self.tol, reverse=True)  # largest first: its column stops earliest
-        if self.max_steps < 1:
-            raise KnnlmError(f"--max_steps: must be >= 1, got {self.max_steps}")
+        for name in ("max_steps", "batch_size", "n_boot"):
+            if getattr(self, name) < 1:
+                raise KnnlmError(f"--{name}: must be >= 1, got {getattr(self, name)}")
         if self.patience < 0:
             raise KnnlmError(f"--patience: must be >= 0 (0: off), got {self.patience}")
-        if self.batch_size < 1:
-            raise KnnlmError("--batch_size: must be >= 1")
-        if self.n_boot < 1:
-            raise KnnlmError(f"--n_boot: must be >= 1, got {self.n_boot}")
