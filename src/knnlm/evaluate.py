@@ -35,7 +35,7 @@ class EvalArgs:
     from_neighbors: Optional[str] = field(default=None, metadata={"help": "Sweep λ and T over a neighbour cache of an earlier --save_neighbors run, with no model or search."})
     sweep_temps: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "Temperatures swept with --from_neighbors."})
     batch_size: int = field(default=4, metadata={"help": "Windows per forward pass (and per FAISS search)."})
-    save_neighbors: bool = field(default=False, metadata={"help": "Cache neighbour distances/values and LM log-probs in OUT/neighbors so later λ/T sweeps need no search."})
+    save_neighbors: bool = field(default=False, metadata={"help": "Cache neighbour distances/values and LM log-probs in OUT/neighbors so later λ/T sweeps need no search; without --datastore, the LM's per-token gold log-probs only (paired intervals against another eval of the same text)."})
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -62,16 +62,19 @@ class _NLL:
 
 
 class _NeighbourCache:
-    """Appends per-token neighbour distances/values, LM gold log-probs and gold ids to raw files."""
+    """Appends per-token neighbour distances/values, LM gold log-probs and gold ids to raw files; with ``k`` 0 (no
+    datastore) the LM gold log-probs and gold ids only. ``k.txt``, written last, marks a finished cache."""
 
     def __init__(self, out: Path, k: int):
         out.mkdir(parents=True, exist_ok=True)
         self.dir, self.k = out, k
-        self.files = {name: open(out / name, "wb") for name in ("dists.f32", "vals.i32", "lm_gold.f32", "gold.i32")}
+        names = ("dists.f32", "vals.i32", "lm_gold.f32", "gold.i32") if k else ("lm_gold.f32", "gold.i32")
+        self.files = {name: open(out / name, "wb") for name in names}
 
     def add(self, dists, vals, lm_gold, gold) -> None:
-        self.files["dists.f32"].write(dists.cpu().numpy().astype(np.float32).tobytes())  # from the search's device
-        self.files["vals.i32"].write(vals.cpu().numpy().astype(np.int32).tobytes())
+        if self.k:
+            self.files["dists.f32"].write(dists.cpu().numpy().astype(np.float32).tobytes())  # from the search's device
+            self.files["vals.i32"].write(vals.cpu().numpy().astype(np.int32).tobytes())
         self.files["lm_gold.f32"].write(lm_gold.numpy().astype(np.float32).tobytes())
         self.files["gold.i32"].write(gold.numpy().astype(np.int32).tobytes())
 
@@ -165,7 +168,7 @@ def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datast
     lm_nll = _NLL()
     knn_nll = {lam: _NLL() for lam in knn.lmbda} if retriever else {}
     mlp_nll = {lam: _NLL() for lam in knn.lmbda} if memory is not None else {}
-    cache = _NeighbourCache(out_dir / "neighbors", retriever.k) if retriever and args.save_neighbors else None
+    cache = _NeighbourCache(out_dir / "neighbors", retriever.k if retriever else 0) if args.save_neighbors else None
     timing: dict = {}
     started = time.time()
     batches = (wins[b: b + args.batch_size] for b in range(0, len(wins), args.batch_size))

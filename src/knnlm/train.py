@@ -9,6 +9,12 @@ Checkpoint layout (``ckpt_dir``): ``latest.json`` (pointer, written last) -> ``s
 parameters and persistent buffers, optimizer, scheduler, counters, eval history, the args) and ``step-<N>/rng-<rank>.pt``
 (torch/CUDA/numpy/python RNG states of each process). Only parameters with ``requires_grad`` are stored: for a PEFT model
 that is the adapter, so a resume must rebuild the same frozen base model before calling ``train`` again.
+
+Early stopping (``--early_stopping_patience``, off by default): after each evaluation the monitored loss (a mean NLL,
+``val_loss`` unless the caller names another) is compared with the best so far; an evaluation whose perplexity is not
+at least ``--early_stopping_min_delta`` (relative) below the best perplexity counts against the patience, and when
+``patience`` evaluations in a row have done so the run stops. The lowest loss seen is the best iterate: its trainable
+tensors are kept in ``best.pt`` (atomically, beside the checkpoint) and loaded into the model when the run ends.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ import torch
 
 from .corpus import pad_right
 from .errors import KnnlmError
-from .fileio import atomic_write_json
+from .fileio import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,8 @@ OnStep = Callable[[int, float, list], None]  # (step, mean loss of the step, its
 LrSchedule = Callable[[int], float]  # optimizer step k (1-based) -> its learning rate
 _MODEL_KEYS = ("input_ids", "attention_mask", "labels")
 _LATEST = "latest.json"
+_BEST = "best.pt"  # early stopping: the best evaluation's trainable tensors
+_EARLY_STOPPING = ("early_stopping_patience", "early_stopping_min_delta")
 
 
 @dataclass
@@ -61,6 +69,8 @@ class TrainArgs:
     bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 mixed precision (autocast, float32 master weights); unset = on CUDA only, float32 on CPU."})
     log_every: int = field(default=50, metadata={"help": "Log loss, learning rate and gradient norm every N steps."})
     checkpoint_every: Optional[int] = field(default=None, metadata={"help": "Also checkpoint every N steps (evaluation points always checkpoint)."})
+    early_stopping_patience: Optional[int] = field(default=None, metadata={"help": "Stop when this many evaluations in a row fail to lower the best validation perplexity by --early_stopping_min_delta; the model kept is the best evaluation's (unset = off: train to the last step)."})
+    early_stopping_min_delta: float = field(default=0.0, metadata={"help": "With --early_stopping_patience: the relative drop of validation perplexity below the best so far (0.005 = 0.5%) that counts as an improvement."})
 
     def validate(self) -> None:
         if self.learning_rate <= 0:
@@ -73,6 +83,10 @@ class TrainArgs:
         for name in ("max_steps", "checkpoint_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise KnnlmError(f"--{name}: must be >= 1 (or unset), got {getattr(self, name)}")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise KnnlmError(f"--early_stopping_patience: must be >= 1 (or unset), got {self.early_stopping_patience}")
+        if not 0 <= self.early_stopping_min_delta < 1:
+            raise KnnlmError(f"--early_stopping_min_delta: must be in [0, 1), got {self.early_stopping_min_delta}")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise KnnlmError("--max_grad_norm/--weight_decay: must be >= 0")
         if self.bf16 and not torch.cuda.is_available():
@@ -86,6 +100,9 @@ class TrainArgs:
         d = dataclasses.asdict(self)
         for k in ("log_every", "checkpoint_every"):
             d.pop(k)
+        if self.early_stopping_patience is None:  # off: the key of every run from before the option
+            for k in _EARLY_STOPPING:
+                d.pop(k)
         return d
 
 
@@ -117,6 +134,10 @@ class _State:
     elapsed_s: float = 0.0  # training wall time (evaluations excluded), summed over sessions
     done: bool = False
     extra: dict = field(default_factory=dict)  # the caller's hook state (train(extra_state=...)), checkpointed with ours
+    best_step: Optional[int] = None  # early stopping: the evaluation with the lowest monitored loss so far
+    best_value: Optional[float] = None
+    bad_evals: int = 0  # evaluations in a row without an improvement of --early_stopping_min_delta
+    stopped_early: bool = False
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -194,6 +215,45 @@ def _load_checkpoint(ckpt_dir: Path, accelerator, model, optimizer, scheduler, a
     return state
 
 
+# ---------------------------------------------------------------------------------------------------------------- early stopping
+def _track_best(state: _State, value: float, args: TrainArgs) -> tuple[bool, bool]:
+    """Updates the best-so-far of ``state`` with an evaluation's monitored loss ``value`` (a mean NLL); returns
+    (new best: its weights are to be kept, the patience has run out).
+
+    Counted as an improvement: a perplexity at least ``min_delta`` (relative) below the best perplexity,
+    ``1 - exp(value - best) >= min_delta``; a smaller drop still makes this the best iterate but counts against the
+    patience."""
+    if not math.isfinite(value):
+        raise KnnlmError(f"--early_stopping_patience: the monitored validation loss is {value} at step {state.step}; "
+                         "lower --learning_rate or turn early stopping off")
+    first = state.best_value is None
+    new_best = first or value < state.best_value
+    improved = first or (new_best and 1.0 - math.exp(value - state.best_value) >= args.early_stopping_min_delta)
+    if new_best:
+        state.best_step, state.best_value = state.step, value
+    state.bad_evals = 0 if improved else state.bad_evals + 1
+    return new_best, state.bad_evals >= args.early_stopping_patience
+
+
+def _save_best(ckpt_dir: Path, accelerator, model, step: int) -> None:
+    """The best iterate's trainable tensors into ``best.pt`` (written whole or not at all)."""
+    if accelerator.is_main_process:
+        with atomic_path(ckpt_dir / _BEST) as tmp:
+            torch.save({"step": step, "model": _trainable(accelerator.unwrap_model(model))}, tmp)
+    accelerator.wait_for_everyone()
+
+
+def _load_best(ckpt_dir: Path, accelerator, model, step: int) -> None:
+    payload = torch.load(ckpt_dir / _BEST, map_location="cpu", weights_only=False)
+    if payload["step"] != step:  # (a kill between best.pt and the checkpoint is redone identically on resume)
+        raise KnnlmError(f"{ckpt_dir / _BEST} holds step {payload['step']}, the run's best is step {step}; "
+                         "rerun the same command to resume, or use a new output folder")
+    with torch.no_grad():
+        for name, t in _trainable(accelerator.unwrap_model(model)).items():
+            t.copy_(payload["model"][name])
+    log.info("early stopping: kept the weights of step %d (the best evaluation)", step)
+
+
 # ---------------------------------------------------------------------------------------------------------------- loop
 def _optimizer(model: torch.nn.Module, args: TrainArgs, fused: bool = False) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
@@ -232,7 +292,7 @@ def _my_share(micro: Iterable[dict], rank: int, world: int, per_rank: int | None
 def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: str | Path,
           eval_every: int | None = None, on_eval: OnEval | None = None, progress_desc: str = "train",
           on_step: OnStep | None = None, extra_state: dict | None = None, lr_schedule: LrSchedule | None = None,
-          device: str = "auto", fused_adamw: bool = False) -> list[dict]:
+          device: str = "auto", fused_adamw: bool = False, monitor: str = "val_loss") -> list[dict]:
     """Trains ``model`` in place (resuming from ``ckpt_dir`` when it holds a checkpoint); returns the eval history.
 
     The history has one entry per evaluation point (step 0, every ``eval_every`` steps, the last step): ``step``,
@@ -247,6 +307,10 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
     step k (1-based) instead of ``args``' warm-up and decay. ``device="cpu"`` trains on the CPU on a machine with a GPU.
     ``fused_adamw`` takes torch's fused AdamW kernel (the caller has put the model on the GPU already; the hurdle
     study's GPU numbers were recorded with it; other callers keep the default kernel and its numbers).
+
+    With ``args.early_stopping_patience`` set, ``on_eval`` must return ``monitor`` (a mean NLL); each history entry then
+    also has ``best_step``, ``evals_without_improvement`` and ``stopped_early`` (True on the entry where the patience ran
+    out before the last step), and the model handed back holds the best evaluation's weights (module docstring).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -287,8 +351,9 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
         extra_state.clear()
         extra_state.update(state.extra)
         state.extra = extra_state
+    early = args.early_stopping_patience is not None
     if state.done:
-        return _finish(accelerator, model, state)
+        return _finish(accelerator, model, state, ckpt_dir if early else None)
 
     def evaluate() -> None:
         unwrapped = accelerator.unwrap_model(model)
@@ -304,6 +369,17 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
             with torch.no_grad():
                 entry.update(on_eval(state.step, unwrapped) or {})
             unwrapped.train(was_training)
+        if early:
+            if monitor not in entry:
+                raise KnnlmError(f"--early_stopping_patience: the evaluation records no {monitor!r} to monitor "
+                                 f"(it has {', '.join(entry)}); turn early stopping off for this run")
+            new_best, exhausted = _track_best(state, float(entry[monitor]), args)
+            if new_best:
+                _save_best(ckpt_dir, accelerator, model, state.step)
+            state.stopped_early = exhausted and state.step < total
+            state.done = state.done or state.stopped_early
+            entry.update(best_step=state.best_step, evals_without_improvement=state.bad_evals,
+                         stopped_early=state.stopped_early)
         state.history.append(entry)
         state.loss_sum, state.loss_steps = 0.0, 0
         log.info("%s step %d: %s", progress_desc, state.step,
@@ -318,11 +394,11 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
                dynamic_ncols=True)
     window = _Window()
     session_t0 = time.time() - state.elapsed_s
-    while state.step < total:
+    while state.step < total and not state.done:
         micro = _my_share(batches(state.epoch, args.seed), rank, world, per_rank)
         micro = iter(itertools.islice(micro, state.position, None))  # skip what a resumed run already consumed
         end_of_epoch = False
-        while state.step < total and not end_of_epoch:
+        while state.step < total and not end_of_epoch and not state.done:
             group = list(itertools.islice(micro, accum))
             if not group:  # an unsized epoch ran out exactly at a step boundary
                 if state.position == 0:
@@ -355,7 +431,10 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
             if is_eval or (args.checkpoint_every and state.step % args.checkpoint_every == 0):
                 _save_checkpoint(ckpt_dir, accelerator, model, optimizer, scheduler, state, args)
     bar.close()
-    return _finish(accelerator, model, state)
+    if state.stopped_early:
+        log.info("%s: early stopping at step %d: %d evaluation(s) without a %.3g relative improvement; best step %d",
+                 progress_desc, state.step, state.bad_evals, args.early_stopping_min_delta, state.best_step)
+    return _finish(accelerator, model, state, ckpt_dir if early else None)
 
 
 def _step(accelerator, model, optimizer, scheduler, group: list[dict], args: TrainArgs) -> tuple[float, int, float | None]:
@@ -394,7 +473,10 @@ class _Window:
         return text
 
 
-def _finish(accelerator, model, state: _State) -> list[dict]:
+def _finish(accelerator, model, state: _State, best_dir: Optional[Path] = None) -> list[dict]:
+    """The model in eval mode (with ``best_dir``: the best evaluation's weights loaded); the history."""
+    if best_dir is not None:
+        _load_best(best_dir, accelerator, model, state.best_step)
     accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
     accelerator.free_memory()
     return state.history

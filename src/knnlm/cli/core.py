@@ -216,6 +216,9 @@ def _cache_settings(args, margs, kargs, eargs) -> tuple[dict, int, list[float]]:
         raise KnnlmError(f"--from_neighbors: {cache} holds no neighbour cache (no k.txt); pass the neighbors/ folder "
                          "of an eval run made with --save_neighbors true")
     held = {"k": int((cache / "k.txt").read_text())}
+    if held["k"] == 0:
+        raise KnnlmError(f"--from_neighbors: {cache} is the cache of an eval without --datastore (LM log-probs, no "
+                         "neighbours); pass the neighbors/ folder of an eval run with --datastore and --save_neighbors true")
     run = cache.parent / "config.json"
     config = read_json(run) if run.is_file() else {}
     for key in ("model_name_or_path", "datastore", "recompute_dists", "ignore_top", "key_point"):

@@ -31,5 +31,8 @@ def cmd_lm_train(args) -> int:
           f"validation perplexity {record['val_ppl']:.2f} per token"
           + (f", {word:.2f} per word" if word else "")
           + f" after {record['steps']} steps ({record['epochs']:.2f} epochs, {record['train_wall_s']:.0f}s of training)")
+    if targs.early_stopping_patience is not None:
+        print(f"early stopping: {'stopped' if record['stopped_early'] else 'not stopped'} before the step cap; kept "
+              f"step {record['best_step']} (validation perplexity {record['best_val_ppl']:.2f} on the evaluation prefix)")
     print(f"model: {out}  (results: {out / 'results.json'})")
     return 0

@@ -3,7 +3,7 @@
 fills (title, headers, the paper's rows; ``headers`` None: a text section) and the ``--smoke`` flags of its commands.
 
 A recipe entry is ``{study: NAME, folder: STAGE_FOLDER, label: TEXT, ...}`` (extra keys are the study's: ``data``, ``mlp``,
-``lm``, ``datastore`` for the memory). Adding a study: its folder ``experiments/<study>/`` (settings, run, report), one
+``lm``, ``datastore``, ``converged`` for the memory; ``memory`` for memory_control). Adding a study: its folder ``experiments/<study>/`` (settings, run, report), one
 line here, its recipe stages.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ class Study:
 STUDIES = {
     "lm": Study(None, {}, lm_settings.SMOKE),
     "memory": Study(memory.report_part, memory.TABLES, memory.SMOKE),
+    "memory_control": Study(memory.control_part, memory.CONTROL_TABLES),
     "projection": Study(projection.table1_part, {k: projection.TABLES[k] for k in ("table1", "table3")},
                         projection_settings.SMOKE),
     "table4": Study(projection.table4_part, {"table4": projection.TABLES["table4"]}, projection_settings.SMOKE),

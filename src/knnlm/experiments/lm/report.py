@@ -31,9 +31,14 @@ def save_final(out: Path, work: Path, model, tokenizer, record: dict, started: f
     table = markdown_table(["step", "epoch", "train loss", "val ppl", "val tokens", "train s"], rows)
     table += (f"\nFinal: validation perplexity {record['val_ppl']:.2f} per token over all {record['val_tokens']} tokens"
               + (f", {record['val_word_ppl']:.2f} per word" if record["val_word_ppl"] else "") + ".\n")
+    if record["train_args"].get("early_stopping_patience") is not None:
+        table += (f"Early stopping: {'stopped' if record['stopped_early'] else 'did not stop'} before the step cap "
+                  f"(last step {record['steps']}); the model kept is step {record['best_step']}'s (validation "
+                  f"perplexity {record['best_val_ppl']:.2f} on the evaluation prefix).\n")
     write_markdown(final, table)
     metrics = {k: record[k] for k in ("val_ppl", "val_word_ppl", "val_loss", "val_tokens", "n_parameters", "vocab_size",
-                                      "train_tokens", "steps", "epochs", "train_wall_s", "skipped_rows")}
+                                      "train_tokens", "steps", "epochs", "train_wall_s", "skipped_rows",
+                                      "n_trainable_parameters", "stopped_early", "best_step", "best_val_ppl")}
     metrics["curve"] = [{"step": h["step"], "val_ppl": h["val_ppl"], "train_loss": h["train_loss"]} for h in hist]
     write_results(final, {**record["args"], **record["train_args"]}, metrics, started)
     atomic_write_json(final / TRAINING_JSON, record)

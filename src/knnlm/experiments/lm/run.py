@@ -14,6 +14,7 @@ from ...errors import KnnlmError
 from ...fileio import atomic_write_json, claim_output_dir, read_json, releases_locks, remove_own_files
 from ...train import TrainArgs, train
 from .data import _tokenize_files, _word_ppl, block_batches, build_tokenizer, perplexity
+from .init import init_key, init_record, kept_step_lr, load_init, train_output_layer_only
 from .report import save_final
 from .settings import TRAINING_JSON, LMArgs
 
@@ -38,11 +39,14 @@ def build_model(size: str, tokenizer, block_size: int, dropout: float, seed: int
 
 # ---------------------------------------------------------------------------------------------------------------- runner
 def _run_key(args: LMArgs, targs: TrainArgs) -> dict:
-    key = {**dataclasses.asdict(args), **dataclasses.asdict(targs)}
-    for k in ("overwrite", "log_every", "checkpoint_every", "output_dir"):
+    key = {**dataclasses.asdict(args), **targs.resume_key()}
+    for k in ("overwrite", "output_dir"):
         key.pop(k)
-    if not key["skip_bad_rows"]:
-        key.pop("skip_bad_rows")  # (runs from before the option resume)
+    for k, off in (("skip_bad_rows", False), ("init_from", None), ("train_only", "all"), ("lr_from_init", False)):
+        if key[k] == off:
+            key.pop(k)  # (runs from before the option resume)
+    if args.init_from:
+        key.update(init_key(args))
     return key
 
 
@@ -107,6 +111,9 @@ def train_lm(args: LMArgs, targs: TrainArgs) -> dict:
     from accelerate import PartialState
 
     started = time.time()
+    if args.lr_from_init:  # resolved before the run key: the record says the rate this run trained at
+        targs = dataclasses.replace(targs, learning_rate=kept_step_lr(init_record(args), args.init_from))
+        log.info("--lr_from_init: peak learning rate %.4g (the init run's after its kept step)", targs.learning_rate)
     dist = PartialState(cpu=not torch.cuda.is_available())  # several processes: the main one prepares and saves
     out = Path(args.output_dir)
     work = _prepare_output(args, targs) if dist.is_main_process else None
@@ -119,11 +126,17 @@ def train_lm(args: LMArgs, targs: TrainArgs) -> dict:
     with dist.main_process_first():
         tokenizer = _tokenizer_in(work, args)
         train_tokens, val_tokens = _tokenize_files(tokenizer, args, work)
-    model = build_model(args.size, tokenizer, args.block_size, args.dropout, targs.seed)
+    if args.init_from:
+        model = load_init(args, tokenizer, args.block_size)
+    else:
+        model = build_model(args.size, tokenizer, args.block_size, args.dropout, targs.seed)
+    if args.train_only == "lm_head":
+        train_output_layer_only(model)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("GPT-2 %s: %d parameters, vocabulary %d; %d training tokens (%d blocks of %d), %d validation tokens",
-             args.size, n_params, len(tokenizer), len(train_tokens), len(train_tokens) // args.block_size,
-             args.block_size, len(val_tokens))
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("GPT-2 %s: %d parameters (%d trained), vocabulary %d; %d training tokens (%d blocks of %d), %d validation "
+             "tokens", args.size, n_params, n_trainable, len(tokenizer), len(train_tokens),
+             len(train_tokens) // args.block_size, args.block_size, len(val_tokens))
 
     val_eval = val_tokens if args.eval_tokens is None else val_tokens[: args.eval_tokens]
 
@@ -132,13 +145,18 @@ def train_lm(args: LMArgs, targs: TrainArgs) -> dict:
 
     history = train(model, block_batches(train_tokens, args.block_size, targs.batch_size), targs, work / "checkpoint",
                     eval_every=args.eval_every, on_eval=on_eval, progress_desc=f"lm {args.size} seed {targs.seed}")
-    final = history[-1] if args.eval_tokens is None else perplexity(model, val_tokens, args.block_size,
-                                                                    args.eval_batch_size)
+    # the model now holds the kept step's weights: with early stopping the best evaluation's, else the last step's
+    early = targs.early_stopping_patience is not None
+    kept = next(h for h in history if h["step"] == history[-1]["best_step"]) if early else history[-1]
+    final = kept if args.eval_tokens is None else perplexity(model, val_tokens, args.block_size, args.eval_batch_size)
     tokens_seen = history[-1]["step"] * targs.batch_size * targs.gradient_accumulation_steps * dist.num_processes \
         * args.block_size
     record = {
         "run_key": _run_key(args, targs), "args": dataclasses.asdict(args), "train_args": dataclasses.asdict(targs),
-        "n_parameters": n_params, "vocab_size": len(tokenizer), "train_tokens": int(len(train_tokens)),
+        "n_parameters": n_params, "n_trainable_parameters": n_trainable, "vocab_size": len(tokenizer),
+        "train_tokens": int(len(train_tokens)),
+        "stopped_early": bool(early and history[-1]["stopped_early"]), "best_step": kept["step"],
+        "best_val_ppl": kept["val_ppl"],
         "steps": history[-1]["step"], "epochs": tokens_seen / (len(train_tokens) // args.block_size * args.block_size),
         "val_loss": final["val_loss"], "val_ppl": final["val_ppl"], "val_tokens": final["val_tokens"],
         "val_word_ppl": _word_ppl(final, args.validation_file),

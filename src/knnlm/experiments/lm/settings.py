@@ -3,7 +3,7 @@ from-scratch defaults)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 from ...corpus import skip_bad_rows_field
 from ...errors import KnnlmError
@@ -31,6 +31,9 @@ class LMArgs:
     max_train_tokens: Optional[int] = field(default=None, metadata={"help": "Train on the first N tokens of --train_file only (quick runs)."})
     overwrite: bool = field(default=False, metadata={"help": "Delete the knnlm LM run (finished or not) in --output_dir and start over; a folder holding anything else is never deleted."})
     skip_bad_rows: bool = skip_bad_rows_field()
+    init_from: Optional[str] = field(default=None, metadata={"help": "Start from this finished `knnlm lm train` model folder instead of a random init (training it further): --tokenizer on --train_file must build its tokenizer, --size and --block_size must be its."})
+    train_only: Literal["all", "lm_head"] = field(default="all", metadata={"help": "all: train every parameter; lm_head: only the output layer (needs --init_from; GPT-2 ties it to the input embedding, so it gets its own trainable copy, everything else is frozen and the model is saved untied)."})
+    lr_from_init: bool = field(default=False, metadata={"help": "With --init_from: the peak learning rate is the init run's at its kept step (its training.json) instead of --learning_rate; with --lr_scheduler_type linear --warmup_ratio 0 its decay continues from there to 0 over this run."})
 
     def validate(self) -> None:
         for name in ("train_file", "validation_file", "output_dir"):
@@ -50,6 +53,9 @@ class LMArgs:
         if self.eval_batch_size < 1:
             raise KnnlmError(f"--eval_batch_size: must be >= 1, got {self.eval_batch_size}")
         bpe_vocab(self.tokenizer)  # checks a bpe:N spec
+        for name, on in (("train_only", self.train_only != "all"), ("lr_from_init", self.lr_from_init)):
+            if on and not self.init_from:
+                raise KnnlmError(f"--{name}: needs --init_from (a trained model to continue from)")
 
 
 @dataclass

@@ -90,3 +90,31 @@ def gain_share(cache_dir: str | Path, lmbdas: list[float], temp: float = 1.0, un
     ppl_lm = next(iter(rows))["ppl_lm"]
     out["best"] = {"ppl_knnlm": best_knn, "ppl_mlplm": best_mlp, "share": (ppl_lm - best_mlp) / (ppl_lm - best_knn)}
     return out
+
+
+def _lm_cache(cache_dir: Path) -> dict[str, np.ndarray]:
+    """An eval's per-token LM gold log-probabilities and gold ids (any `knnlm eval --save_neighbors true`)."""
+    if not (cache_dir / "k.txt").is_file():
+        raise KnnlmError(f"{cache_dir}: no finished per-token cache (k.txt); run `knnlm eval` with --save_neighbors true")
+    return {"lm": np.fromfile(cache_dir / "lm_gold.f32", dtype=np.float32),
+            "gold": np.fromfile(cache_dir / "gold.i32", dtype=np.int32)}
+
+
+def control_gap(control_cache: str | Path, memory_cache: str | Path, lmbda: float, unit_tokens: int = BLOCK_TOKENS,
+                n_resamples: int = 2000, seed: int = 0) -> dict:
+    """log ppl(control LM) - log ppl(MLP-LM at ``lmbda``) on the same tokens, with its block-bootstrap 95% interval
+    (the two evals' per-token caches paired token by token; positive: the memory beats the LM trained further).
+
+    ``control_cache``: an eval of the control LM (LM only); ``memory_cache``: the eval with the memory (mlp_gold.f32).
+    Refused in one line when the two caches do not score the same gold tokens in the same order."""
+    from ...knn import interpolate
+
+    ctrl, mem = _lm_cache(Path(control_cache)), _read_cache(Path(memory_cache))
+    if not np.array_equal(ctrl["gold"], mem["gold"].numpy()):
+        raise KnnlmError(f"{control_cache}: its {len(ctrl['gold'])} scored tokens are not those of {memory_cache} "
+                         f"({len(mem['gold'])}); evaluate both on the same --validation_file and --max_tokens")
+    nll_ctrl = -ctrl["lm"].astype(np.float64)  # [n]
+    nll_mlplm = -interpolate(mem["lm"], mem["mlp"], lmbda).double().numpy()  # [n]
+    ci = block_bootstrap_ci([nll_ctrl, nll_mlplm], lambda a, b: a - b, unit_tokens, n_resamples, seed)
+    return {"n_tokens": len(nll_ctrl), "lmbda": lmbda, "ppl_control": math.exp(nll_ctrl.mean()),
+            "ppl_mlplm": math.exp(nll_mlplm.mean()), "gap_ci": ci.as_dict()}

@@ -1,5 +1,6 @@
 """The memory study's report: its claims (the share of kNN's gain, the storage ratio) and Table 2's row of one eval
-run, for ``knnlm reproduce``."""
+run, for ``knnlm reproduce``; and the equal-compute controls (study ``memory_control``): the memory against the same LM
+trained further with the memory's training compute."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +8,7 @@ from typing import Optional
 
 from ...claims import Claim
 from ...stats import Interval
-from .check import gain_share, own_data_check
+from .check import control_gap, gain_share, own_data_check
 
 # `knnlm reproduce --smoke`: the flags that shrink an `mlp train` stage to seconds
 SMOKE = {"mlp train": {"--device": "cpu", "--dtype": "float32", "--hidden_size": "64", "--batch_tokens": "128",
@@ -21,6 +22,13 @@ SMOKE = {"mlp train": {"--device": "cpu", "--dtype": "float32", "--hidden_size":
 SHARE_THRESHOLD, STORAGE_THRESHOLD = 1 / 3, 25.0
 SHARE_CLAIM = "the MLP memory keeps much (> 1/3) of kNN's gain (Table 2)"
 STORAGE_CLAIM = "the MLP memory takes > 25x less storage than the datastore (§5)"
+# The memory's claim is about storing what the LM cannot, not about training it more: the LM trained until its
+# validation perplexity stopped improving (early stopping), and a control spending the memory's training compute on
+# more training of that LM (or of its output layer) must do worse than the MLP-LM on the same tokens. Fixed before the
+# runs (docs/results/fidelity-2026-12-05/PLAN.md, item 3).
+CONTROL_THRESHOLD = 0.0
+CONTROL_CLAIM = "the memory adds what more training of the LM does not (equal compute)"
+LM_STILL_IMPROVING = "LM still improving: the patience rule did not fire before the step cap"
 
 
 def memory_claims(ev: dict, share_ci: Optional[dict], label: str, data: str, own: bool,
@@ -75,6 +83,17 @@ def _share_ci(out: Path, entry: dict, ev: dict) -> Optional[dict]:
     return gain_share(cache, [lam])["lmbda"][str(lam)]["share_ci"]
 
 
+def _lm_still_improving(out: Path, entry: dict) -> str:
+    """Why the share is not judged for the LM's training: a recipe entry with ``converged: true`` is judged only where
+    its ``lm:`` stage's results.json says the early-stopping rule fired before the step cap (``stopped_early``)."""
+    if not entry.get("converged"):
+        return ""
+    from ...fileio import read_json
+
+    path = out / entry["lm"] / "results.json"
+    return "" if path.is_file() and read_json(path)["metrics"].get("stopped_early") else LM_STILL_IMPROVING
+
+
 def _plateau(out: Path, entry: dict) -> str:
     """Why the share is not judged for the memory's training (the recipe entry's ``mlp:`` names its `mlp train`
     stage; "" without one or when its loss plateaued: memory.PLATEAU_DROP)."""
@@ -94,6 +113,64 @@ def report_part(ev: dict, entry: dict, out: Path) -> tuple[dict, list[Claim]]:
     storage = ev.get("storage", {}).get("datastore_over_mlp")
     row = [entry["label"], ev["ppl_lm"], ev.get("ppl_knnlm"), ev.get("ppl_mlplm"), f"{storage:.1f}x" if storage else "–",
            data, Interval.from_dict(share).fmt() if share else "–"]
-    claims = (memory_claims(ev, share, entry["label"], data, own, _plateau(out, entry))
+    claims = (memory_claims(ev, share, entry["label"], data, own, _lm_still_improving(out, entry) or _plateau(out, entry))
               if ev.get("ppl_mlplm") and ev.get("ppl_knnlm") else [])
     return {"table2": [row]}, claims
+
+
+# ---------------------------------------------------------------------------------------------------------------- controls
+CONTROL_TABLES = {"memory_control": ("The memory against more training of the LM (equal compute)",
+                                     ["model", "perplexity", "log ppl(model) − log ppl(MLP-LM) [95% CI]", "note"], [])}
+
+
+def under_training_note(ppl_memory: float, ppl_lm: float) -> str:
+    """The flag (a note, not a claim): a memory alone (the MLP without the LM) better than the LM it was built from
+    says the LM is still under-trained relative to its data."""
+    if ppl_memory < ppl_lm:
+        return (f"memory alone {ppl_memory:.2f} < LM {ppl_lm:.2f}: the LM is still under-trained relative to its data "
+                "(part of the memory's gain is training the LM never got)")
+    return f"memory alone {ppl_memory:.2f} >= LM {ppl_lm:.2f}"
+
+
+def _memory_rows(ev: dict, entry: dict, out: Path) -> list[list]:
+    """The reference rows of the memory's own eval: the LM, the memory alone (with the under-training flag), the
+    MLP-LM."""
+    import math
+
+    import numpy as np
+
+    cache = out / entry["folder"] / "neighbors" / "mlp_gold.f32"
+    mem = math.exp(-float(np.fromfile(cache, dtype=np.float32).astype(np.float64).mean())) if cache.is_file() else None
+    return [[f"{entry['label']}: LM", ev["ppl_lm"], "–", ""],
+            [f"{entry['label']}: memory alone", mem, "–", under_training_note(mem, ev["ppl_lm"]) if mem else
+             "no per-token cache (eval --save_neighbors true)"],
+            [f"{entry['label']}: MLP-LM (λ {ev.get('lmbda')})", ev.get("ppl_mlplm"), "0 (reference)", ""]]
+
+
+def control_claim(gap: Optional[dict], label: str, reason: str = "") -> Claim:
+    """Claim 2 of one control: log ppl(control) − log ppl(MLP-LM) on the same tokens, holds iff its interval is above 0."""
+    nan = float("nan")
+    interval = Interval.from_dict(gap["gap_ci"]) if gap else Interval(nan, nan, nan)
+    return Claim(CONTROL_CLAIM, label, "log ppl(LM trained further) − log ppl(MLP-LM)", interval, CONTROL_THRESHOLD,
+                 "above", not_judged=reason, digits=3)
+
+
+def control_part(ev: dict, entry: dict, out: Path) -> tuple[dict, list[Claim]]:
+    """A recipe entry ``{study: memory_control, folder: EVAL, label, memory: MEMORY_EVAL}``: EVAL is an LM-only eval
+    of a control LM with its per-token cache, paired with MEMORY_EVAL's (the MLP-LM at its first λ) -> its table row
+    and claim. Without ``memory:`` the entry is the memory's own eval: its reference rows and the under-training note."""
+    if not entry.get("memory"):
+        return {"memory_control": _memory_rows(ev, entry, out)}, []
+    from ...fileio import read_json
+
+    mem_results = out / entry["memory"] / "results.json"
+    caches = [out / entry["folder"] / "neighbors", out / entry["memory"] / "neighbors"]
+    missing = next((f"{c.parent.name} has no per-token cache (eval --save_neighbors true)" for c in caches
+                    if not (c / "k.txt").is_file()), "")
+    if not mem_results.is_file():
+        missing = f"the memory's eval ({entry['memory']}) has not run"
+    gap = None
+    if not missing:
+        gap = control_gap(caches[0], caches[1], read_json(mem_results)["metrics"]["lmbda"])
+    row = [entry["label"], ev["ppl_lm"], Interval.from_dict(gap["gap_ci"]).fmt(3, "+") if gap else "–", missing]
+    return {"memory_control": [row]}, [control_claim(gap, entry["label"], missing)]

@@ -1,0 +1,154 @@
+"""The memory against more training of the LM (equal compute): the LM-only eval's per-token cache, the paired gap
+log ppl(control) - log ppl(MLP-LM) with its block-bootstrap interval on hand-made arrays and its verdicts, claim 1 not
+judged while the LM is still improving, the under-training note, and the recipe's wiring."""
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from knnlm.claims import FAILS, HOLDS, INCONCLUSIVE, NOT_JUDGED
+from knnlm.cli import main
+from knnlm.config import PRESETS_DIR
+from knnlm.errors import KnnlmError
+from knnlm.experiments.memory.check import control_gap
+from knnlm.experiments.memory.report import LM_STILL_IMPROVING, control_part, report_part, under_training_note
+
+
+def _memory_cache(folder, lm_p, mlp_p):
+    """An eval-with-memory cache (k = 1 neighbour, the gold token) with per-token p_lm and p_mlp."""
+    n = len(lm_p)
+    folder.mkdir(parents=True)
+    gold = np.arange(n, dtype=np.int32) % 7
+    np.zeros((n, 1), np.float32).tofile(folder / "dists.f32")
+    gold.reshape(n, 1).tofile(folder / "vals.i32")
+    np.log(np.asarray(lm_p, np.float32)).tofile(folder / "lm_gold.f32")
+    gold.tofile(folder / "gold.i32")
+    np.log(np.asarray(mlp_p, np.float32)).tofile(folder / "mlp_gold.f32")
+    (folder / "k.txt").write_text("1")
+
+
+def _lm_cache(folder, lm_p, gold=None):
+    """An LM-only eval's cache (what `knnlm eval --save_neighbors true` writes without --datastore)."""
+    n = len(lm_p)
+    folder.mkdir(parents=True)
+    np.log(np.asarray(lm_p, np.float32)).tofile(folder / "lm_gold.f32")
+    (np.arange(n, dtype=np.int32) % 7 if gold is None else gold).tofile(folder / "gold.i32")
+    (folder / "k.txt").write_text("0")
+
+
+N, LAM = 1024, 0.5  # MLP-LM on LM_es: p = 0.5 * 0.1 + 0.5 * 0.3 = 0.2 on every token -> log ppl = log 5
+
+
+def _setup(tmp_path, ctrl_p, lmbda=LAM):
+    _memory_cache(tmp_path / "eval-es" / "neighbors", [0.1] * N, [0.3] * N)
+    (tmp_path / "eval-es" / "results.json").write_text(json.dumps({"metrics": {"ppl_lm": 10.0, "lmbda": lmbda,
+                                                                               "ppl_mlplm": 5.0}}))
+    _lm_cache(tmp_path / "eval-ctrl" / "neighbors", ctrl_p)
+    ev = {"ppl_lm": math.exp(-float(np.mean(np.log(ctrl_p))))}
+    return control_part(ev, {"folder": "eval-ctrl", "label": "ctrl", "memory": "eval-es"}, tmp_path)
+
+
+def test_gap_hand_computed(tmp_path):
+    _setup(tmp_path, [0.1] * N)
+    g = control_gap(tmp_path / "eval-ctrl" / "neighbors", tmp_path / "eval-es" / "neighbors", LAM, unit_tokens=8,
+                    n_resamples=200)
+    assert g["ppl_control"] == pytest.approx(10.0, rel=1e-5) and g["ppl_mlplm"] == pytest.approx(5.0, rel=1e-5)
+    ci = g["gap_ci"]  # log 10 - log 5 on every token: no spread
+    assert (ci["point"], ci["lo"], ci["hi"]) == pytest.approx((math.log(2),) * 3, rel=1e-5)
+
+
+@pytest.mark.parametrize("ctrl_p, verdict", [
+    ([0.1] * N, HOLDS),  # control ppl 10 vs MLP-LM 5: +log 2 everywhere
+    ([0.4] * N, FAILS),  # control ppl 2.5: -log 2 everywhere
+    ([0.1] * 512 + [0.4] * 512, INCONCLUSIVE),  # +log 2 on 2 of the 4 blocks of 256, -log 2 on 2: holds 0
+])
+def test_control_claim_verdicts(tmp_path, ctrl_p, verdict):
+    rows, (claim,) = _setup(tmp_path, ctrl_p)
+    assert claim.verdict == verdict and claim.threshold == 0 and claim.direction == "above"
+    if verdict == INCONCLUSIVE:
+        assert claim.interval.point == pytest.approx(0.0, abs=1e-6) and claim.interval.lo < 0 < claim.interval.hi
+    (row,) = rows["memory_control"]
+    assert row[0] == "ctrl" and row[1] == pytest.approx(math.exp(-np.mean(np.log(ctrl_p))))
+
+
+def test_control_not_judged_without_the_memory_eval_and_refused_on_other_tokens(tmp_path):
+    _lm_cache(tmp_path / "eval-ctrl" / "neighbors", [0.1] * N)
+    _, (claim,) = control_part({"ppl_lm": 10.0}, {"folder": "eval-ctrl", "label": "c", "memory": "eval-es"}, tmp_path)
+    assert claim.verdict == NOT_JUDGED and claim.reason == "the memory's eval (eval-es) has not run"
+    _memory_cache(tmp_path / "eval-es" / "neighbors", [0.1] * N, [0.3] * N)
+    _lm_cache(tmp_path / "other" / "neighbors", [0.1] * N, gold=np.full(N, 3, np.int32))
+    with pytest.raises(KnnlmError, match="not those of"):
+        control_gap(tmp_path / "other" / "neighbors", tmp_path / "eval-es" / "neighbors", LAM)
+
+
+def test_reference_rows_carry_the_under_training_note(tmp_path):
+    _memory_cache(tmp_path / "eval-es" / "neighbors", [0.1] * N, [0.3] * N)  # memory alone: ppl 1/0.3 < LM's 10
+    rows, claims = control_part({"ppl_lm": 10.0, "ppl_mlplm": 5.0, "lmbda": LAM},
+                                {"folder": "eval-es", "label": "LM_es"}, tmp_path)
+    assert claims == []
+    lm, mem, mlplm = rows["memory_control"]
+    assert mem[1] == pytest.approx(1 / 0.3, rel=1e-5) and "still under-trained" in mem[3]
+    assert under_training_note(60.0, 56.0) == "memory alone 60.00 >= LM 56.00"
+
+
+def test_share_not_judged_while_the_lm_still_improves(tmp_path):
+    ev = {"ppl_lm": 20.0, "ppl_knnlm": 16.0, "ppl_mlplm": 18.0, "storage": {"datastore_over_mlp": 40.0}}
+    entry = {"folder": "eval", "label": "t", "data": "own", "lm": "lm", "converged": True}
+    (tmp_path / "lm").mkdir()
+
+    def share_claim(stopped):
+        (tmp_path / "lm" / "results.json").write_text(json.dumps({"metrics": {"stopped_early": stopped}}))
+        return report_part(ev, entry, tmp_path)[1][0]
+
+    assert share_claim(False).verdict == NOT_JUDGED and share_claim(False).reason == LM_STILL_IMPROVING
+    assert share_claim(True).reason == "no per-token cache for an interval (eval --save_neighbors true)"
+    assert report_part(ev, {**entry, "converged": False}, tmp_path)[1][0].reason != LM_STILL_IMPROVING
+
+
+def test_lm_only_eval_saves_per_token_log_probs(tiny_gpt2_dir, tmp_path, capsys):
+    (tmp_path / "valid.txt").write_text("the cat sat on the mat . " * 20)
+    out = tmp_path / "ev"
+    assert main(["eval", "--model_name_or_path", str(tiny_gpt2_dir), "--validation_file", str(tmp_path / "valid.txt"),
+                 "--max_tokens", "100", "--save_neighbors", "true", "--output_dir", str(out)]) == 0
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    lm = np.fromfile(out / "neighbors" / "lm_gold.f32", np.float32)
+    assert lm.shape == (metrics["n_tokens"],) == np.fromfile(out / "neighbors" / "gold.i32", np.int32).shape
+    assert math.exp(-lm.astype(np.float64).mean()) == pytest.approx(metrics["ppl_lm"], rel=1e-5)
+    assert sorted(p.name for p in (out / "neighbors").iterdir()) == ["gold.i32", "k.txt", "lm_gold.f32"]
+    capsys.readouterr()
+    assert main(["eval", "--from_neighbors", str(out / "neighbors"), "--output_dir", str(tmp_path / "sweep")]) == 2
+    assert "is the cache of an eval without --datastore" in capsys.readouterr().err
+
+
+def test_recipe_wires_the_controls_to_lm_es():
+    recipe = yaml.safe_load((PRESETS_DIR / "reproduce-cpu.yaml").read_text())
+    stages = {s["name"]: s["argv"] for s in recipe["stages"]}
+    flag = lambda argv, f: argv[argv.index(f) + 1]  # noqa: E731
+    for name in ("datastore-es", "datastore-es-heldout", "mlp-es", "eval-es"):  # the *-full stages on lm-es
+        full = stages[name.replace("-es", "-full")]
+        assert [a.replace("-full", "-es") for a in map(str, full)] == stages[name]
+    for ctrl in ("lm-ctrl", "lm-ctrl-head"):
+        assert flag(stages[ctrl], "--init_from") == "{out}/lm-es"
+    for ev, lm in (("eval-ctrl", "lm-ctrl"), ("eval-ctrl-head", "lm-ctrl-head")):
+        assert flag(stages[ev], "--model_name_or_path") == f"{{out}}/{lm}" and "--datastore" not in stages[ev]
+        for f in ("--validation_file", "--max_tokens", "--save_neighbors"):
+            assert flag(stages[ev], f) == flag(stages["eval-es"], f)
+    es = yaml.safe_load((PRESETS_DIR / "lm-wikitext2-es-cpu.yaml").read_text())
+    full = yaml.safe_load((PRESETS_DIR / "lm-wikitext2-full-cpu.yaml").read_text())
+    assert {k: v for k, v in es.items() if k not in full} == {"early_stopping_patience": 2,
+                                                              "early_stopping_min_delta": 0.005}
+    assert {k for k in es if es[k] != full.get(k)} == {"max_steps", "early_stopping_patience",
+                                                       "early_stopping_min_delta"}
+    assert es["max_steps"] == 10 * full["max_steps"] and es["eval_every"] == 500 and es["eval_tokens"] == 10000
+    ctrl = yaml.safe_load((PRESETS_DIR / "lm-wikitext2-ctrl-cpu.yaml").read_text())
+    head = yaml.safe_load((PRESETS_DIR / "lm-wikitext2-ctrl-head-cpu.yaml").read_text())
+    assert ctrl["max_steps"] == 4 * full["max_steps"] and head["train_only"] == "lm_head"
+    # the head's steps: the memory's FLOPs (6 x 2,099,968 params x 3,058,088 pairs x 8 epochs) over 6 x V d x 2,048
+    memory_flops = 6 * (256 * 2048 + 2048 + 2048 * 256 + 256 + 2 * 256 + 4096 * 256) * 3_058_088 * 8
+    assert head["max_steps"] == round(memory_flops / (6 * 4096 * 256 * 16 * 128))
+    rows = {(m["study"], m["folder"]): m for m in recipe["report"]["studies"]}
+    assert rows[("memory", "eval-es")]["converged"] is True and rows[("memory", "eval-es")]["lm"] == "lm-es"
+    assert rows[("memory_control", "eval-ctrl")]["memory"] == rows[("memory_control", "eval-ctrl-head")]["memory"] \
+        == "eval-es"
