@@ -51,15 +51,26 @@ def own_data_check(lm_dir: str | Path, ds_dir: str | Path) -> dict:
             "same_model": Path(meta["model_name_or_path"]).resolve() == lm_dir.resolve()}
 
 
+def _lm_cache(cache_dir: Path) -> dict[str, torch.Tensor]:
+    """An eval's per-token LM gold log-probabilities and gold ids (any `knnlm eval --save_neighbors true`; with a
+    datastore or without)."""
+    if not (cache_dir / "k.txt").is_file():
+        raise KnnlmError(f"{cache_dir}: no finished per-token cache (k.txt); run `knnlm eval` with --save_neighbors true")
+    return {"lm": torch.from_numpy(np.fromfile(cache_dir / "lm_gold.f32", dtype=np.float32)),
+            "gold": torch.from_numpy(np.fromfile(cache_dir / "gold.i32", dtype=np.int32))}
+
+
 def _read_cache(cache_dir: Path) -> dict[str, torch.Tensor]:
+    """The cache of an eval with a datastore and a memory: its LM columns, the neighbours and the memory's gold
+    log-probabilities."""
     if not (cache_dir / "mlp_gold.f32").is_file():
         raise KnnlmError(f"{cache_dir}: no mlp_gold.f32; run `knnlm eval` with --datastore, --mlp_memory and "
                          "--save_neighbors true")
+    lm = _lm_cache(cache_dir)
     k = int((cache_dir / "k.txt").read_text())
     read = lambda name, dt: torch.from_numpy(np.fromfile(cache_dir / name, dtype=dt))  # noqa: E731
     return {"dists": read("dists.f32", np.float32).reshape(-1, k), "vals": read("vals.i32", np.int32).reshape(-1, k),
-            "lm": read("lm_gold.f32", np.float32), "gold": read("gold.i32", np.int32),
-            "mlp": read("mlp_gold.f32", np.float32)}
+            **lm, "mlp": read("mlp_gold.f32", np.float32)}
 
 
 def gain_share(cache_dir: str | Path, lmbdas: list[float], temp: float = 1.0, unit_tokens: int = BLOCK_TOKENS,
@@ -92,14 +103,6 @@ def gain_share(cache_dir: str | Path, lmbdas: list[float], temp: float = 1.0, un
     return out
 
 
-def _lm_cache(cache_dir: Path) -> dict[str, np.ndarray]:
-    """An eval's per-token LM gold log-probabilities and gold ids (any `knnlm eval --save_neighbors true`)."""
-    if not (cache_dir / "k.txt").is_file():
-        raise KnnlmError(f"{cache_dir}: no finished per-token cache (k.txt); run `knnlm eval` with --save_neighbors true")
-    return {"lm": np.fromfile(cache_dir / "lm_gold.f32", dtype=np.float32),
-            "gold": np.fromfile(cache_dir / "gold.i32", dtype=np.int32)}
-
-
 def control_gap(control_cache: str | Path, memory_cache: str | Path, lmbda: float, unit_tokens: int = BLOCK_TOKENS,
                 n_resamples: int = 2000, seed: int = 0) -> dict:
     """log ppl(control LM) - log ppl(MLP-LM at ``lmbda``) on the same tokens, with its block-bootstrap 95% interval
@@ -110,10 +113,10 @@ def control_gap(control_cache: str | Path, memory_cache: str | Path, lmbda: floa
     from ...knn import interpolate
 
     ctrl, mem = _lm_cache(Path(control_cache)), _read_cache(Path(memory_cache))
-    if not np.array_equal(ctrl["gold"], mem["gold"].numpy()):
+    if not torch.equal(ctrl["gold"], mem["gold"]):
         raise KnnlmError(f"{control_cache}: its {len(ctrl['gold'])} scored tokens are not those of {memory_cache} "
                          f"({len(mem['gold'])}); evaluate both on the same --validation_file and --max_tokens")
-    nll_ctrl = -ctrl["lm"].astype(np.float64)  # [n]
+    nll_ctrl = -ctrl["lm"].double().numpy()  # [n]
     nll_mlplm = -interpolate(mem["lm"], mem["mlp"], lmbda).double().numpy()  # [n]
     ci = block_bootstrap_ci([nll_ctrl, nll_mlplm], lambda a, b: a - b, unit_tokens, n_resamples, seed)
     return {"n_tokens": len(nll_ctrl), "lmbda": lmbda, "ppl_control": math.exp(nll_ctrl.mean()),

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from ...claims import Claim
+from ...fileio import read_json
 from ...stats import Interval
 from .check import control_gap, gain_share, own_data_check
 
@@ -88,8 +89,6 @@ def _lm_still_improving(out: Path, entry: dict) -> str:
     its ``lm:`` stage's results.json says the early-stopping rule fired before the step cap (``stopped_early``)."""
     if not entry.get("converged"):
         return ""
-    from ...fileio import read_json
-
     path = out / entry["lm"] / "results.json"
     return "" if path.is_file() and read_json(path)["metrics"].get("stopped_early") else LM_STILL_IMPROVING
 
@@ -97,7 +96,6 @@ def _lm_still_improving(out: Path, entry: dict) -> str:
 def _plateau(out: Path, entry: dict) -> str:
     """Why the share is not judged for the memory's training (the recipe entry's ``mlp:`` names its `mlp train`
     stage; "" without one or when its loss plateaued: memory.PLATEAU_DROP)."""
-    from ...fileio import read_json
     from ...memory import plateau_reason
 
     path = out / entry["mlp"] / "results.json" if entry.get("mlp") else None
@@ -161,8 +159,6 @@ def control_part(ev: dict, entry: dict, out: Path) -> tuple[dict, list[Claim]]:
     and claim. Without ``memory:`` the entry is the memory's own eval: its reference rows and the under-training note."""
     if not entry.get("memory"):
         return {"memory_control": _memory_rows(ev, entry, out)}, []
-    from ...fileio import read_json
-
     mem_results = out / entry["memory"] / "results.json"
     caches = [out / entry["folder"] / "neighbors", out / entry["memory"] / "neighbors"]
     missing = next((f"{c.parent.name} has no per-token cache (eval --save_neighbors true)" for c in caches
