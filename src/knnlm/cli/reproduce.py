@@ -55,8 +55,8 @@ def cmd_demo(args) -> int:
 def cmd_reproduce(args) -> int:
     from ..config import resolve, save_config
     from ..fileio import claim_output_dir
-    from ..experiments.reproduce import (ReproduceArgs, check_run_kind, load_timings, run_stages, with_data_dir,
-                                         with_smoke_data, write_report)
+    from ..experiments.reproduce import (ReproduceArgs, check_run_kind, load_recipe, load_timings, run_stages,
+                                         with_data_dir, with_smoke_data, write_report)
     from . import main
 
     started = time.time()
@@ -65,13 +65,14 @@ def cmd_reproduce(args) -> int:
     # marker is recognised by its stage records); the scale is checked by check_run_kind
     claim_output_dir(out, "reproduce", {}, own_files=("*",) if (out / "stages" / "run.json").is_file() else ())
     rargs = with_smoke_data(with_data_dir(rargs))
+    recipe = load_recipe(rargs)  # read once: a recipe edited during a long run does not change its report
     if rargs.report_only:
         check_run_kind(Path(rargs.output_dir), rargs)
         timings = load_timings(Path(rargs.output_dir))
     else:
         save_config(rargs.output_dir, rargs)
-        timings = run_stages(rargs, main)
-    path = write_report(rargs, timings)
+        timings = run_stages(rargs, main, recipe)
+    path = write_report(rargs, timings, recipe)
     print(f"reproduce --scale {rargs.scale}{' --smoke' if rargs.smoke else ''}: {len(timings)} stage(s) finished, "
           f"{sum(timings.values()):.0f}s of stage time recorded; this command took {time.time() - started:.0f}s")
     print(f"report: {path}")

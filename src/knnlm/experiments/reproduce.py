@@ -178,9 +178,10 @@ def load_timings(out: Path) -> dict:
     return read_json(path) if path.exists() else {}
 
 
-def run_stages(args: ReproduceArgs, run_command) -> dict:
-    """Runs the recipe's stages in order with ``run_command(argv) -> exit code``; returns their timings."""
-    recipe = load_recipe(args)
+def run_stages(args: ReproduceArgs, run_command, recipe: Optional[dict] = None) -> dict:
+    """Runs the recipe's stages in order with ``run_command(argv) -> exit code``; returns their timings. ``recipe``:
+    the one ``load_recipe(args)`` read (the caller's, so that its report describes the stages that ran)."""
+    recipe = recipe or load_recipe(args)
     out = Path(args.output_dir)
     (out / "stages").mkdir(parents=True, exist_ok=True)
     names = [s["name"] for s in recipe["stages"]]
@@ -261,10 +262,10 @@ def _stage_rows(recipe: dict, timings: dict) -> tuple[list, dict, dict]:
     return rows, ordered, budgets
 
 
-def write_report(args: ReproduceArgs, timings: dict) -> Path:
+def write_report(args: ReproduceArgs, timings: dict, recipe: Optional[dict] = None) -> Path:
     """Writes ``OUT/report.md`` (the claims table, then the paper's tables beside ours, figures, stage times) and
-    ``OUT/results.json`` (the claims as records, the tables, the times)."""
-    recipe = load_recipe(args)
+    ``OUT/results.json`` (the claims as records, the tables, the times); ``recipe`` as for :func:`run_stages`."""
+    recipe = recipe or load_recipe(args)
     out = Path(args.output_dir)
     rep = recipe.get("report", {})
     claims, tables, missing = collect(out, rep.get("studies", []))
