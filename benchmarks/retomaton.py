@@ -7,17 +7,26 @@
         --max_tokens 32768 --min_knns 1,2,4,8,16,32,64 --skip_probs 0.25,0.5,0.75 --output_dir runs/retomaton/sweep
     # the cost: LM-only, the kNN-LM (one search per token, exact distances) and RetoMaton at one setting
     .venv/bin/python benchmarks/retomaton.py timing ... --min_knns 1 [--clusters --cluster_min_knns 4] --reps 3
+    # the floor: LM-only, and the searches a RetoMaton saving --saved of them still makes (with their exact distances)
+    .venv/bin/python benchmarks/retomaton.py bound ... --saved 0.634 --reps 3
 
 ``sweep`` runs `knnlm analyze retomaton` with these flags (docs/retomaton.md). Every ``timing`` run is a fresh process
 (`knn_eval.py`'s method: one torch and one FAISS thread, the scoring loop timed from its progress bar on, wall and
 user + system CPU time); ``timing`` prints medians and ratios. The kNN-LM and RetoMaton use exact distances
 (``--recompute_dists``; RetoMaton's are always exact).
+
+``bound`` measures what no bookkeeping can remove: the LM-only loop, and (1 − ``--saved``) × tokens searches (k,
+nprobe as given, in batches of ``--batch_size`` queries like the streams) plus the exact distances of the rows they
+return, timed alone in one process with one thread. The queries are stored keys (seeded sample): they lie where the
+validation queries lie, so the IVF lists scanned are of the same sizes. RetoMaton's CPU / LM-only is at least
+1 + (search CPU / LM CPU), whatever its pointers cost.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -69,8 +78,71 @@ def worker(args) -> None:
     print(json.dumps(res))
 
 
+def search_worker(args) -> None:
+    """One process: ``--n_searches`` searches of stored keys (seeded sample) in batches of ``--batch_size``, each with
+    the exact distances of its k rows, through the eval's own Retriever -> one JSON line (CPU and wall seconds)."""
+    import faiss
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    from knnlm.datastore import Datastore
+    from knnlm.knn import KNNArgs, Retriever
+
+    ds = Datastore.open(args.datastore)
+    r = Retriever(ds, KNNArgs(k=args.k, nprobe=args.nprobe, lmbda=[args.lmbda], recompute_dists=True))
+    rows = np.sort(np.random.default_rng(0).choice(ds.N, size=args.n_searches, replace=False))
+    queries = torch.from_numpy(np.asarray(ds.keys[rows], dtype=np.float32))  # [n, d]
+    split = {"search_s": 0.0, "distances_s": 0.0}
+    start = _usage()
+    for i in range(0, len(queries), args.batch_size):
+        q = queries[i:i + args.batch_size]  # [B, d]
+        t0 = resource.getrusage(resource.RUSAGE_SELF)
+        _, ids = r.backend.search(q, r.k)  # [B, k]
+        t1 = resource.getrusage(resource.RUSAGE_SELF)
+        r.backend.distances(q, ids)
+        t2 = resource.getrusage(resource.RUSAGE_SELF)
+        split["search_s"] += (t1.ru_utime + t1.ru_stime) - (t0.ru_utime + t0.ru_stime)
+        split["distances_s"] += (t2.ru_utime + t2.ru_stime) - (t1.ru_utime + t1.ru_stime)
+    end = _usage()
+    print(json.dumps({"cpu_s": end["user_s"] + end["sys_s"] - start["user_s"] - start["sys_s"],
+                      "wall_s": end["wall"] - start["wall"], "n_searches": len(queries), **split}))
+
+
+def bound(args) -> None:
+    """LM-only and the searches left at ``--saved``, alternating, medians; the floor of RetoMaton's ratio."""
+    lm_runs, search_runs = [], []
+    for rep in range(args.reps):
+        lm_first = rep % 2 == 0
+        for which in ("lm", "search") if lm_first else ("search", "lm"):
+            if which == "lm":
+                lm_runs.append(_run(args, "lm"))
+                args.n_searches = round((1 - args.saved) * lm_runs[-1]["n_tokens"])
+            else:
+                if args.n_searches is None:  # the first rep ran the search first: the token count is not known yet
+                    args.n_searches = round((1 - args.saved) * args.max_tokens)
+                search_runs.append(_run(args, "search"))
+    lm_cpu = statistics.median(r["user_s"] + r["sys_s"] for r in lm_runs)
+    lm_wall = statistics.median(r["wall_s"] for r in lm_runs)
+    s = {k: statistics.median(r[k] for r in search_runs) for k in ("cpu_s", "wall_s", "search_s", "distances_s")}
+    n = search_runs[-1]["n_searches"]
+    print(f"\n{lm_runs[0]['n_tokens']} tokens; medians of {args.reps} alternating runs, one thread each")
+    print(f"  LM only: {lm_wall:.2f} s wall, {lm_cpu:.2f} s CPU")
+    print(f"  {n} searches ({1 - args.saved:.3f} of the tokens; k {args.k}, nprobe {args.nprobe}, {args.batch_size} "
+          f"queries a call): {s['cpu_s']:.2f} s CPU = search {s['search_s']:.2f} + exact distances "
+          f"{s['distances_s']:.2f}; {1e3 * s['search_s'] / n:.3f} ms a search")
+    print(f"  floor of RetoMaton's CPU / LM-only at {args.saved:.3f} saved: {1 + s['cpu_s'] / lm_cpu:.3f} "
+          f"(searches alone {1 + s['search_s'] / lm_cpu:.3f})   target <= 1.3")
+    print(f"  saved fraction at which the searches alone reach 1.3x: "
+          f"{1 - 0.3 * lm_cpu / (s['search_s'] / n * lm_runs[0]['n_tokens']):.3f}")
+
+
 def _run(args, settings) -> dict:
-    cmd = [sys.executable, __file__, "worker", "--settings", settings if settings == "lm" else json.dumps(settings)]
+    if settings == "search":
+        cmd = [sys.executable, __file__, "search_worker", "--n_searches", str(args.n_searches)]
+    else:
+        cmd = [sys.executable, __file__, "worker", "--settings", settings if settings == "lm" else json.dumps(settings)]
     for name in ("model_name_or_path", "datastore", "validation_file", "max_tokens", "k", "lmbda", "nprobe",
                  "batch_size"):
         cmd += [f"--{name}", str(getattr(args, name))]
@@ -119,7 +191,7 @@ def timing(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=("sweep", "timing", "worker"))
+    p.add_argument("mode", choices=("sweep", "timing", "bound", "worker", "search_worker"))
     p.add_argument("--model_name_or_path")
     p.add_argument("--datastore")
     p.add_argument("--validation_file")
@@ -135,9 +207,12 @@ def main() -> None:
     p.add_argument("--skip_probs", default="0.25,0.5,0.75", help="sweep: the random-skip kNN-LM's probabilities")
     p.add_argument("--output_dir", default="runs/retomaton/sweep")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--saved", type=float, default=0.634,
+                   help="bound: the fraction of searches saved (default: RetoMaton min_knns 1 on the 610k store)")
+    p.add_argument("--n_searches", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--settings", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    {"sweep": sweep, "timing": timing, "worker": worker}[args.mode](args)
+    {"sweep": sweep, "timing": timing, "bound": bound, "worker": worker, "search_worker": search_worker}[args.mode](args)
 
 
 if __name__ == "__main__":
