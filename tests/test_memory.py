@@ -407,3 +407,20 @@ def test_heldout_loss_is_the_mean_cross_entropy_measured_every_epoch(tmp_path):
         train_memory(lm, ds, fast_args(ds, tmp_path / "m3", validation_datastore=str(other.dir)))
     with pytest.raises(KnnlmError, match="--validation_datastore: "):
         train_memory(lm, ds, fast_args(ds, tmp_path / "m4", validation_datastore=str(tmp_path / "nope")))
+
+
+# ---------------------------------------------------------------------------------------------------------------- golden run
+def test_seeded_training_gives_the_recorded_losses_and_weights(tmp_path):
+    """Golden numbers of one seeded run (recorded 2026-12-06): 60 pairs in batches of 16 and micro-batches of 8, so
+    every epoch ends on a short batch split unevenly (8 + 4). A change to the training loop that moves them changes
+    every memory's numbers, and must say so."""
+    lm = StubLM()
+    ds = random_store(tmp_path / "ds", lm, n=60)
+    mem = train_memory(lm, ds, fast_args(ds, tmp_path / "mem", micro_batch_tokens=8, epochs=3))
+    record = json.loads((tmp_path / "mem" / "train.json").read_text())
+    want = [13.5780582, 13.5174146, 12.0430412, 12.3452816, 8.1019394, 7.6891656, 9.1384759, 7.5670675, 4.448895,
+            7.8120308, 6.0877457, 7.2877636]
+    assert [p["loss"] for p in record["loss_curve"]] == pytest.approx(want, rel=1e-5)
+    sums = {k: float(v.double().abs().sum()) for k, v in mem.state_dict().items()}
+    assert sums == pytest.approx({"mlp.0.weight": 68.056588, "mlp.0.bias": 3.432234, "mlp.2.weight": 48.879904,
+                                  "mlp.2.bias": 1.702361, "ln.weight": 14.942558, "ln.bias": 0.725703}, rel=1e-5)
