@@ -420,7 +420,8 @@ def test_seeded_training_gives_the_recorded_losses_and_weights(tmp_path):
     record = json.loads((tmp_path / "mem" / "train.json").read_text())
     want = [13.5780582, 13.5174146, 12.0430412, 12.3452816, 8.1019394, 7.6891656, 9.1384759, 7.5670675, 4.448895,
             7.8120308, 6.0877457, 7.2877636]
-    assert [p["loss"] for p in record["loss_curve"]] == pytest.approx(want, rel=1e-5)
+    # rel 1e-4: room for another CPU's float rounding over 12 steps; a change of the loss or the step moves them more
+    assert [p["loss"] for p in record["loss_curve"]] == pytest.approx(want, rel=1e-4)
     sums = {k: float(v.double().abs().sum()) for k, v in mem.state_dict().items()}
     assert sums == pytest.approx({"mlp.0.weight": 68.056588, "mlp.0.bias": 3.432234, "mlp.2.weight": 48.879904,
-                                  "mlp.2.bias": 1.702361, "ln.weight": 14.942558, "ln.bias": 0.725703}, rel=1e-5)
+                                  "mlp.2.bias": 1.702361, "ln.weight": 14.942558, "ln.bias": 0.725703}, rel=1e-4)
