@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -94,34 +93,33 @@ def search_worker(args) -> None:
     r = Retriever(ds, KNNArgs(k=args.k, nprobe=args.nprobe, lmbda=[args.lmbda], recompute_dists=True))
     rows = np.sort(np.random.default_rng(0).choice(ds.N, size=args.n_searches, replace=False))
     queries = torch.from_numpy(np.asarray(ds.keys[rows], dtype=np.float32))  # [n, d]
+    def cpu() -> float:
+        u = _usage()
+        return u["user_s"] + u["sys_s"]
+
     split = {"search_s": 0.0, "distances_s": 0.0}
-    start = _usage()
+    start, cpu0 = _usage(), cpu()
     for i in range(0, len(queries), args.batch_size):
         q = queries[i:i + args.batch_size]  # [B, d]
-        t0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = cpu()
         _, ids = r.backend.search(q, r.k)  # [B, k]
-        t1 = resource.getrusage(resource.RUSAGE_SELF)
+        t1 = cpu()
         r.backend.distances(q, ids)
-        t2 = resource.getrusage(resource.RUSAGE_SELF)
-        split["search_s"] += (t1.ru_utime + t1.ru_stime) - (t0.ru_utime + t0.ru_stime)
-        split["distances_s"] += (t2.ru_utime + t2.ru_stime) - (t1.ru_utime + t1.ru_stime)
-    end = _usage()
-    print(json.dumps({"cpu_s": end["user_s"] + end["sys_s"] - start["user_s"] - start["sys_s"],
-                      "wall_s": end["wall"] - start["wall"], "n_searches": len(queries), **split}))
+        split["search_s"] += t1 - t0
+        split["distances_s"] += cpu() - t1
+    print(json.dumps({"cpu_s": cpu() - cpu0, "wall_s": _usage()["wall"] - start["wall"], "n_searches": len(queries),
+                      **split}))
 
 
 def bound(args) -> None:
     """LM-only and the searches left at ``--saved``, alternating, medians; the floor of RetoMaton's ratio."""
     lm_runs, search_runs = [], []
-    for rep in range(args.reps):
-        lm_first = rep % 2 == 0
-        for which in ("lm", "search") if lm_first else ("search", "lm"):
+    for rep in range(args.reps):  # rep 0 runs the LM first: its token count sets the number of searches
+        for which in ("lm", "search") if rep % 2 == 0 else ("search", "lm"):
             if which == "lm":
                 lm_runs.append(_run(args, "lm"))
-                args.n_searches = round((1 - args.saved) * lm_runs[-1]["n_tokens"])
+                args.n_searches = round((1 - args.saved) * lm_runs[0]["n_tokens"])
             else:
-                if args.n_searches is None:  # the first rep ran the search first: the token count is not known yet
-                    args.n_searches = round((1 - args.saved) * args.max_tokens)
                 search_runs.append(_run(args, "search"))
     lm_cpu = statistics.median(r["user_s"] + r["sys_s"] for r in lm_runs)
     lm_wall = statistics.median(r["wall_s"] for r in lm_runs)
