@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import knnlm.memory as memory_mod
+import knnlm.train as train_mod
 from knnlm.cli import main
 from knnlm.corpus import CorpusArgs, TokenFile
 from knnlm.datastore import Datastore, build_datastore
@@ -141,7 +142,7 @@ def test_overfits_a_tiny_datastore(tmp_path):
     with torch.no_grad():
         logp = mem.log_probs(torch.from_numpy(np.array(ds.keys)))
     assert (logp.argmax(-1).numpy() == np.asarray(ds.vals)).all()
-    assert not (tmp_path / "mem" / "checkpoint.pt").exists() and (tmp_path / "mem" / "loss.png").is_file()
+    assert not (tmp_path / "mem" / "checkpoint").exists() and (tmp_path / "mem" / "loss.png").is_file()
     # W stayed the LM's and is not stored
     assert mem.output is None and "output.weight" not in mem.state_dict()
 
@@ -158,8 +159,8 @@ def test_frozen_output_layer_is_not_updated_and_trained_copy_is(tmp_path):
 
 
 def _train_until_killed(lm, ds, args, monkeypatch, at_step: int) -> None:
-    """Trains until the process "dies" (KeyboardInterrupt) during optimiser step ``at_step``; restores _train_step."""
-    real, calls = memory_mod._train_step, {"n": 0}
+    """Trains until the process "dies" (KeyboardInterrupt) during optimiser step ``at_step``; restores the step."""
+    real, calls = train_mod._step, {"n": 0}
 
     def dying(*a, **k):
         calls["n"] += 1
@@ -167,10 +168,10 @@ def _train_until_killed(lm, ds, args, monkeypatch, at_step: int) -> None:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(memory_mod, "_train_step", dying)
+    monkeypatch.setattr(train_mod, "_step", dying)
     with pytest.raises(KeyboardInterrupt):
         train_memory(lm, ds, args)
-    monkeypatch.setattr(memory_mod, "_train_step", real)
+    monkeypatch.setattr(train_mod, "_step", real)
 
 
 def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
@@ -178,11 +179,11 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     ds = random_store(tmp_path / "ds", lm, n=60)
     args = dict(epochs=3, checkpoint_every=2)  # 4 steps per epoch (60 pairs / 16), 12 in all
     train_memory(lm, ds, fast_args(ds, tmp_path / "ref", **args))
-    real = memory_mod._train_step
+    real = train_mod._step
     _train_until_killed(lm, ds, fast_args(ds, tmp_path / "resumed", **args), monkeypatch, at_step=8)  # checkpoint: step 6
-    assert (tmp_path / "resumed" / "checkpoint.pt").exists() and not (tmp_path / "resumed" / "memory.json").exists()
+    assert (tmp_path / "resumed" / "checkpoint").is_dir() and not (tmp_path / "resumed" / "memory.json").exists()
     resumed_steps = []
-    monkeypatch.setattr(memory_mod, "_train_step", lambda *a, **k: resumed_steps.append(1) or real(*a, **k))
+    monkeypatch.setattr(train_mod, "_step", lambda *a, **k: resumed_steps.append(1) or real(*a, **k))
     train_memory(lm, ds, fast_args(ds, tmp_path / "resumed", **args))
     assert len(resumed_steps) == 12 - 6  # continued from the checkpoint at step 6
     ref = (tmp_path / "ref" / "memory.safetensors").read_bytes()
@@ -195,7 +196,7 @@ def test_rerun_returns_the_trained_memory_and_different_args_are_refused(tmp_pat
     lm = StubLM()
     ds = random_store(tmp_path / "ds", lm, n=32)
     first = train_memory(lm, ds, fast_args(ds, tmp_path / "mem", epochs=1))
-    monkeypatch.setattr(memory_mod, "_train_step", lambda *a, **k: pytest.fail("a finished memory was retrained"))
+    monkeypatch.setattr(train_mod, "_step", lambda *a, **k: pytest.fail("a finished memory was retrained"))
     again = train_memory(lm, ds, fast_args(ds, tmp_path / "mem", epochs=1, log_every=5))  # logging is free to change
     z = torch.from_numpy(np.array(ds.keys))
     assert torch.equal(first.log_probs(z), again.log_probs(z))
@@ -367,14 +368,14 @@ def test_cosine_schedule_decays_to_zero_and_resumes_to_the_same_weights(tmp_path
     ds = random_store(tmp_path / "ds", lm, n=60)
     args = dict(epochs=3, checkpoint_every=2, lr_scheduler_type="cosine")  # 4 steps per epoch, 12 in all
     seen = []
-    real = memory_mod._train_step
-    monkeypatch.setattr(memory_mod, "_train_step", lambda mem, opt, *a, **k: seen.append(opt.param_groups[0]["lr"]) or real(mem, opt, *a, **k))
+    real = train_mod._step
+    monkeypatch.setattr(train_mod, "_step", lambda acc, mem, opt, *a, **k: seen.append(opt.param_groups[0]["lr"]) or real(acc, mem, opt, *a, **k))
     train_memory(lm, ds, fast_args(ds, tmp_path / "ref", **args))
     want = [1e-2 * 0.5 * (1 + math.cos(math.pi * k / 12)) for k in range(12)]  # lr of step k+1: cosine over 12 steps
     assert seen == pytest.approx(want, rel=1e-9, abs=1e-15) and seen[-1] < 1e-3
     _train_until_killed(lm, ds, fast_args(ds, tmp_path / "resumed", **args), monkeypatch, at_step=8)  # checkpoint: step 6
     seen.clear()
-    monkeypatch.setattr(memory_mod, "_train_step", lambda mem, opt, *a, **k: seen.append(opt.param_groups[0]["lr"]) or real(mem, opt, *a, **k))
+    monkeypatch.setattr(train_mod, "_step", lambda acc, mem, opt, *a, **k: seen.append(opt.param_groups[0]["lr"]) or real(acc, mem, opt, *a, **k))
     train_memory(lm, ds, fast_args(ds, tmp_path / "resumed", **args))
     assert seen == pytest.approx(want[6:], rel=1e-9, abs=1e-15)  # the schedule resumed at step 6, not from the top
     assert (tmp_path / "resumed" / "memory.safetensors").read_bytes() == (tmp_path / "ref" / "memory.safetensors").read_bytes()

@@ -9,7 +9,11 @@ Layout of a memory folder::
     memory.safetensors  float32 parameters: mlp.0.*, mlp.2.*, ln.* (+ output.* with --train_output_layer)
     memory.json         written last: architecture, model/tokenizer hashes, key point, datastore hash, training record
     train.json          loss curve and throughput;  loss.png  the curve
-    checkpoint.pt       only while training (model + optimizer + RNG + position); removed when training finishes
+    checkpoint/         only while training: train.train's checkpoint (model, optimizer, RNG, position) and
+                        fingerprint.json (what the weights depend on); removed when training finishes
+
+Training runs on the shared loop (``train.train``: AdamW, no warm-up, no clipping, a resumable checkpoint) with the
+memory's own loss, the cross-entropy summed over a micro-batch's pairs: a step's loss is the mean over its pairs.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import hashlib
 import json
 import logging
 import math
-import time
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Optional
@@ -31,12 +35,14 @@ from tqdm.auto import tqdm
 from .datastore import Datastore, dtype_hint, shared_text
 from .errors import KnnlmError
 from .fileio import atomic_path, atomic_write_json, claim_output_dir, package_versions, read_json, releases_locks
+from .train import TrainArgs, train
 
 log = logging.getLogger(__name__)
 
 FORMAT = "knnlm-mlp-memory/1"
 LR_SCHEDULES = ("constant", "linear", "cosine")
-WEIGHTS_FILE, CONFIG_FILE, CHECKPOINT_FILE, TRAIN_LOG = "memory.safetensors", "memory.json", "checkpoint.pt", "train.json"
+WEIGHTS_FILE, CONFIG_FILE, CHECKPOINT_DIR, TRAIN_LOG = "memory.safetensors", "memory.json", "checkpoint", "train.json"
+_FINGERPRINT = "fingerprint.json"  # in CHECKPOINT_DIR: the fingerprint of the training it holds
 
 
 @dataclass
@@ -195,7 +201,7 @@ class MLPMemory(nn.Module):
         directory = Path(directory)
         cfg_path = directory / CONFIG_FILE
         if not cfg_path.is_file():
-            hint = " (training was started: rerun `knnlm mlp train` to finish it)" if (directory / CHECKPOINT_FILE).exists() else ""
+            hint = " (training was started: rerun `knnlm mlp train` to finish it)" if (directory / CHECKPOINT_DIR).exists() else ""
             raise KnnlmError(f"--mlp_memory: {directory} has no {CONFIG_FILE}, so it is not a trained memory{hint}; "
                              "train one with `knnlm mlp train`")
         cfg = read_json(cfg_path)
@@ -305,8 +311,14 @@ def _same(a: dict, b: dict) -> bool:
 
 
 # what `knnlm mlp train` writes into its folder (a folder made before the knnlm-run.json marker holds nothing else)
-_OWN_FILES = (CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_FILE, TRAIN_LOG, "loss.png", "config.json", "results.json",
-              "results.md")
+_OWN_FILES = (CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_DIR, TRAIN_LOG, "loss.png", "config.json", "results.json",
+              "results.md", "checkpoint.pt")  # (checkpoint.pt: a training killed before the shared loop was used)
+
+
+def _remove(out: Path, names) -> None:
+    for name in names:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _prepare_dir(out: Path, fp: dict, overwrite: bool) -> Optional[str]:
@@ -315,50 +327,46 @@ def _prepare_dir(out: Path, fp: dict, overwrite: bool) -> Optional[str]:
     A folder holding anything but this command's own output (a model, a datastore, another run) is refused."""
     if claim_output_dir(out, "mlp train", _strip(fp), overwrite, own_files=_OWN_FILES,
                         what="MLP memory") == "replace":
-        for name in _OWN_FILES:
-            (out / name).unlink(missing_ok=True)
+        _remove(out, _OWN_FILES)
         return None
-    cfg, ckpt = out / CONFIG_FILE, out / CHECKPOINT_FILE
+    cfg, ckpt = out / CONFIG_FILE, out / CHECKPOINT_DIR / _FINGERPRINT
     existing, state = None, None
     if cfg.exists():
         existing, state = read_json(cfg).get("fingerprint"), "finished"
     elif ckpt.exists():
-        existing, state = torch.load(ckpt, map_location="cpu", weights_only=True)["fingerprint"], "resume"
+        existing, state = read_json(ckpt), "resume"
     if existing is None or _same(existing, fp):
         return state
     if not overwrite:
         raise KnnlmError(f"--output_dir: {out} already holds a different MLP memory ({existing.get('model_name_or_path')}, "
                          f"{existing.get('training')}); pass --overwrite to replace it or choose another folder")
-    for name in (CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_FILE, TRAIN_LOG, "loss.png"):
-        (out / name).unlink(missing_ok=True)
+    _remove(out, (CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_DIR, "checkpoint.pt", TRAIN_LOG, "loss.png"))
     return None
 
 
-def _save_checkpoint(path: Path, fp: dict, mem: MLPMemory, opt: torch.optim.Optimizer, state: dict, scheduler) -> None:
-    blob = {"fingerprint": fp, "model": mem.state_dict(), "optim": opt.state_dict(), "state": state,
-            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        blob["cuda_rng"] = torch.cuda.get_rng_state_all()
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
+class _EpochPairs:
+    """One epoch's micro-batches {keys [m, d] float16, labels [m] int64} in :func:`epoch_batches`' order: each batch of
+    ``batch_tokens`` pairs split into micro-batches of ``micro`` (the shared loop groups them back into steps)."""
+
+    def __init__(self, ds: Datastore, args: MemoryArgs, epoch: int):
+        self.ds, self.args, self.epoch = ds, args, epoch
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.ds.N, self.args.batch_tokens)
+        return full * math.ceil(self.args.batch_tokens / self.args.micro_batch_tokens) + \
+            math.ceil(rest / self.args.micro_batch_tokens)
+
+    def __iter__(self) -> Iterator[dict]:
+        a, micro = self.args, self.args.micro_batch_tokens
+        for keys, vals in epoch_batches(self.ds, a.batch_tokens, a.chunk_keys, a.seed, self.epoch):
+            for lo in range(0, len(vals), micro):
+                yield {"keys": torch.from_numpy(keys[lo: lo + micro]),
+                       "labels": torch.from_numpy(vals[lo: lo + micro].astype(np.int64))}
 
 
-def _train_step(mem: MLPMemory, opt, keys: np.ndarray, vals: np.ndarray, micro: int, device) -> float:
-    """One optimiser step over a batch, in micro-batches (gradient accumulation); returns the batch's mean loss."""
-    n = len(vals)
-    use_bf16 = torch.device(device).type == "cuda"
-    opt.zero_grad(set_to_none=True)
-    total = 0.0
-    for lo in range(0, n, micro):  # enable_grad: callers (e.g. a trainer's evaluation) may hold torch.no_grad()
-        z = torch.from_numpy(keys[lo: lo + micro]).to(device).float()  # [m, d]
-        y = torch.from_numpy(vals[lo: lo + micro].astype(np.int64)).to(device)  # [m]
-        with torch.enable_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            logits = mem(z)  # [m, V] float32
-            loss = F.cross_entropy(logits, y, reduction="sum")
-        (loss / n).backward()
-        total += float(loss.detach())
-    opt.step()
-    return total / n
+def _pair_loss(mem: MLPMemory, batch: dict) -> torch.Tensor:
+    """The cross-entropy of the memory's logits at the stored next tokens, summed over the micro-batch's pairs."""
+    return F.cross_entropy(mem(batch["keys"].float()), batch["labels"], reduction="sum")
 
 
 @torch.no_grad()
@@ -425,67 +433,51 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
     reference = {k: fp[k] for k in _REFERENCE_KEYS}
     mem = MLPMemory(ds.d, args.hidden_size, lm.output_layer.out_features, activation, output_layer=lm.output_layer,
                     train_output_layer=args.train_output_layer, reference=reference).to(lm.device)
-    opt = torch.optim.AdamW(mem.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(ds.N / args.batch_tokens)
-    total_steps = args.epochs * steps_per_epoch
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-    from transformers import get_scheduler
-    scheduler = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=0, num_training_steps=total_steps)
-    state = {"step": 0, "pairs": 0, "train_s": 0.0, "losses": [], "heldout": []}
-    ckpt_path = out / CHECKPOINT_FILE
-    if status == "resume":
-        blob = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        mem.load_state_dict(blob["model"])
-        opt.load_state_dict(blob["optim"])
-        if "scheduler" in blob:
-            scheduler.load_state_dict(blob["scheduler"])
-        torch.set_rng_state(blob["torch_rng"])
-        if "cuda_rng" in blob and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(blob["cuda_rng"])
-        state = {"heldout": [], **blob["state"]}
-        log.info("resuming memory training at step %d of %d", state["step"], total_steps)
-    if held is not None and not state["heldout"]:  # the curve's first point: the untrained memory (or where a run
-        # started without --validation_datastore resumes with it)
-        state["heldout"].append({"step": state["step"], "epoch": state["step"] / steps_per_epoch,
-                                 "loss": heldout_loss(mem, held, args.micro_batch_tokens, lm.device)})
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    ckpt = out / CHECKPOINT_DIR
+    if status != "resume":
+        (out / "checkpoint.pt").unlink(missing_ok=True)  # a training begun before the shared loop starts over
+        ckpt.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(ckpt / _FINGERPRINT, fp)
     log.info("training MLP memory: N=%d pairs, d=%d, hidden %d, %d steps of %d pairs, lr %g (%s), W %s", ds.N, ds.d,
              args.hidden_size, total_steps, args.batch_tokens, args.learning_rate, args.lr_scheduler_type,
              "trained copy" if args.train_output_layer else "the LM's, frozen")
+    record = {"losses": [], "pairs": 0}  # checkpointed with the loop's own state
 
-    mem.train()
-    with tqdm(total=total_steps, initial=state["step"], unit="step", desc=f"mlp memory {out.name}") as bar:
-        while state["step"] < total_steps:
-            epoch, start = divmod(state["step"], steps_per_epoch)
-            for keys, vals in epoch_batches(ds, args.batch_tokens, args.chunk_keys, args.seed, epoch, start):
-                t0 = time.time()
-                loss = _train_step(mem, opt, keys, vals, args.micro_batch_tokens, lm.device)
-                scheduler.step()
-                state["train_s"] += time.time() - t0
-                state["step"] += 1
-                state["pairs"] += len(vals)
-                state["losses"].append(loss)
-                bar.update(1)
-                if held is not None and (state["step"] % steps_per_epoch == 0 or state["step"] >= total_steps):
-                    state["heldout"].append({"step": state["step"], "epoch": state["step"] / steps_per_epoch,
-                                             "loss": heldout_loss(mem, held, args.micro_batch_tokens, lm.device)})
-                    log.info("epoch %.2f: held-out loss %.4f", state["heldout"][-1]["epoch"], state["heldout"][-1]["loss"])
-                if state["step"] % args.log_every == 0:
-                    bar.set_postfix(loss=f"{np.mean(state['losses'][-args.log_every:]):.3f}",
-                                    pairs_s=f"{state['pairs'] / max(state['train_s'], 1e-9):.0f}")
-                done = state["step"] >= total_steps
-                if done or state["step"] % args.checkpoint_every == 0:
-                    _save_checkpoint(ckpt_path, fp, mem, opt, state, scheduler)
-                if done:
-                    break
-    mem.eval()
+    def on_step(step: int, loss: float, group: list[dict]) -> None:
+        record["losses"].append(loss)
+        record["pairs"] += sum(len(b["labels"]) for b in group)
+
+    def on_eval(step: int, model) -> dict:
+        return {} if held is None else {"heldout_loss": heldout_loss(mem, held, args.micro_batch_tokens, lm.device)}
+
+    history = train(mem, lambda epoch, seed: _EpochPairs(ds, args, epoch), _loop_args(args, total_steps), ckpt,
+                    eval_every=steps_per_epoch, on_eval=on_eval, on_step=on_step, extra_state=record,
+                    progress_desc=f"mlp memory {out.name}", loss_fn=_pair_loss,
+                    device="cpu" if torch.device(lm.device).type == "cpu" else "auto")
+    state = {"step": history[-1]["step"], "pairs": record["pairs"], "train_s": history[-1]["elapsed_s"],
+             "losses": record["losses"], "heldout": [{"step": h["step"], "epoch": h["step"] / steps_per_epoch,
+                                                      "loss": h["heldout_loss"]} for h in history if "heldout_loss" in h]}
+    for h in state["heldout"][1:]:
+        log.info("epoch %.2f: held-out loss %.4f", h["epoch"], h["loss"])
     record = _training_record(state, args, steps_per_epoch)
     _write_train_log(out, record)
     mem.save(out, extra={"fingerprint": fp, "training": {**fp["training"], **{k: v for k, v in record.items() if k != "loss_curve"}},
                          "versions": package_versions()})
-    ckpt_path.unlink(missing_ok=True)
+    shutil.rmtree(ckpt, ignore_errors=True)
     log.info("memory %s: final loss %.4f, %.0f pairs/s, %d bytes", out, record["final_loss"], record["pairs_per_s"], mem.nbytes())
     return mem
+
+
+def _loop_args(args: MemoryArgs, total_steps: int) -> TrainArgs:
+    """The shared loop's settings for a memory: AdamW at a fixed schedule without warm-up or gradient clipping, one
+    step per ``batch_tokens`` pairs, float32 (a CUDA GPU: bf16 autocast, as before the shared loop)."""
+    return TrainArgs(learning_rate=args.learning_rate, warmup_ratio=0.0, lr_scheduler_type=args.lr_scheduler_type,
+                     batch_size=args.micro_batch_tokens, max_steps=total_steps, max_grad_norm=0.0,
+                     gradient_accumulation_steps=math.ceil(args.batch_tokens / args.micro_batch_tokens),
+                     weight_decay=args.weight_decay, seed=args.seed, log_every=args.checkpoint_every,
+                     checkpoint_every=args.checkpoint_every)
 
 
 # A memory's training loss has plateaued when it drops by at most this share over the last fifth of its curve: the

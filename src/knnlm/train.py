@@ -45,6 +45,7 @@ Batches = Callable[[int, int], Iterable[dict]]  # (epoch, seed) -> micro-batches
 OnEval = Callable[[int, torch.nn.Module], dict]  # (step, model) -> metrics recorded in the history
 OnStep = Callable[[int, float, list], None]  # (step, mean loss of the step, its micro-batches) after each optimizer step
 LrSchedule = Callable[[int], float]  # optimizer step k (1-based) -> its learning rate
+LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]  # (model, micro-batch) -> loss SUMMED over its labels != -100
 _MODEL_KEYS = ("input_ids", "attention_mask", "labels")
 _LATEST = "latest.json"
 _BEST = "best.pt"  # early stopping: the best evaluation's trainable tensors
@@ -292,7 +293,8 @@ def _my_share(micro: Iterable[dict], rank: int, world: int, per_rank: int | None
 def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: str | Path,
           eval_every: int | None = None, on_eval: OnEval | None = None, progress_desc: str = "train",
           on_step: OnStep | None = None, extra_state: dict | None = None, lr_schedule: LrSchedule | None = None,
-          device: str = "auto", fused_adamw: bool = False, monitor: str = "val_loss") -> list[dict]:
+          device: str = "auto", fused_adamw: bool = False, monitor: str = "val_loss",
+          loss_fn: LossFn | None = None) -> list[dict]:
     """Trains ``model`` in place (resuming from ``ckpt_dir`` when it holds a checkpoint); returns the eval history.
 
     The history has one entry per evaluation point (step 0, every ``eval_every`` steps, the last step): ``step``,
@@ -307,6 +309,10 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
     step k (1-based) instead of ``args``' warm-up and decay. ``device="cpu"`` trains on the CPU on a machine with a GPU.
     ``fused_adamw`` takes torch's fused AdamW kernel (the caller has put the model on the GPU already; the hurdle
     study's GPU numbers were recorded with it; other callers keep the default kernel and its numbers).
+    ``loss_fn(model, micro_batch)`` replaces ``model(**batch).loss`` for a model that is not a causal LM (the MLP
+    memory): it returns the loss summed over the micro-batch's labels (those != -100), and a step's loss is then the
+    mean over every label of its micro-batches, however unevenly they are split (the LM's default: the mean of the
+    micro-batches' mean losses). Every tensor of such a micro-batch is moved to the device.
 
     With ``args.early_stopping_patience`` set, ``on_eval`` must return ``monitor`` (a mean NLL); each history entry then
     also has ``best_step``, ``evals_without_improvement`` and ``stopped_early`` (True on the entry where the patience ran
@@ -405,7 +411,7 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
                     raise KnnlmError(f"train: batches(epoch={state.epoch}, seed={args.seed}) yielded no micro-batch")
                 state.epoch, state.position = state.epoch + 1, 0
                 break
-            loss, tokens, grad_norm = _step(accelerator, model, optimizer, scheduler, group, args)
+            loss, tokens, grad_norm = _step(accelerator, model, optimizer, scheduler, group, args, loss_fn)
             state.step += 1
             state.position += len(group)
             state.loss_sum += loss
@@ -437,17 +443,27 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
     return _finish(accelerator, model, state, ckpt_dir if early else None)
 
 
-def _step(accelerator, model, optimizer, scheduler, group: list[dict], args: TrainArgs) -> tuple[float, int, float | None]:
+def _step(accelerator, model, optimizer, scheduler, group: list[dict], args: TrainArgs,
+          loss_fn: LossFn | None = None) -> tuple[float, int, float | None]:
     """One optimizer step over ``group`` (micro-batches): -> (mean loss, scored tokens, gradient norm before clipping)."""
+    if loss_fn is not None:
+        n = sum(int((b["labels"] != -100).sum()) for b in group)  # every label of the step weighs the same
     step_loss, tokens = 0.0, 0
     for i, batch in enumerate(group):
-        batch = {k: batch[k].to(accelerator.device) for k in _MODEL_KEYS}
+        batch = {k: batch[k].to(accelerator.device) for k in (_MODEL_KEYS if loss_fn is None else batch)}
         sync = i == len(group) - 1  # DDP all-reduces gradients on the last micro-batch only
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            loss = model(**batch).loss  # mean token cross-entropy (labels -100 excluded); autocast from prepare()
-            accelerator.backward(loss / len(group))
-        step_loss += float(loss.detach()) / len(group)
-        tokens += int((batch["labels"][:, 1:] != -100).sum())
+            if loss_fn is None:
+                loss = model(**batch).loss  # mean token cross-entropy (labels -100 excluded); autocast from prepare()
+                accelerator.backward(loss / len(group))
+                step_loss += float(loss.detach()) / len(group)
+                tokens += int((batch["labels"][:, 1:] != -100).sum())
+            else:
+                loss = loss_fn(model, batch)  # summed over this micro-batch's labels
+                accelerator.backward(loss / n)
+                step_loss += float(loss.detach())
+    if loss_fn is not None:
+        step_loss, tokens = step_loss / n, n
     grad_norm = None
     if args.max_grad_norm:
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
