@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .datastore import Datastore, dtype_hint, shared_text
 from .errors import KnnlmError
 from .fileio import atomic_path, atomic_write_json, claim_output_dir, package_versions, read_json, releases_locks
-from .train import TrainArgs, train
+from .train import TrainArgs, _rng_state, _set_rng_state, train
 
 log = logging.getLogger(__name__)
 
@@ -452,10 +452,12 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
     def on_eval(step: int, model) -> dict:
         return {} if held is None else {"heldout_loss": heldout_loss(mem, held, args.micro_batch_tokens, lm.device)}
 
+    rng = _rng_state()  # the loop reseeds the global RNGs; a caller mid-training (overspec's evaluation points) keeps its own
     history = train(mem, lambda epoch, seed: _EpochPairs(ds, args, epoch), _loop_args(args, total_steps), ckpt,
                     eval_every=steps_per_epoch, on_eval=on_eval, on_step=on_step, extra_state=record,
                     progress_desc=f"mlp memory {out.name}", loss_fn=_pair_loss,
                     device="cpu" if torch.device(lm.device).type == "cpu" else "auto")
+    _set_rng_state(rng)
     state = {"step": history[-1]["step"], "pairs": record["pairs"], "train_s": history[-1]["elapsed_s"],
              "losses": record["losses"], "heldout": [{"step": h["step"], "epoch": h["step"] / steps_per_epoch,
                                                       "loss": h["heldout_loss"]} for h in history if "heldout_loss" in h]}
