@@ -424,5 +424,8 @@ def test_seeded_training_gives_the_recorded_losses_and_weights(tmp_path):
     # rel 1e-4: room for another CPU's float rounding over 12 steps; a change of the loss or the step moves them more
     assert [p["loss"] for p in record["loss_curve"]] == pytest.approx(want, rel=1e-4)
     sums = {k: float(v.double().abs().sum()) for k, v in mem.state_dict().items()}
+    with torch.no_grad():  # trained from inside another loop's evaluation (overspec): the same memory
+        again = train_memory(lm, ds, fast_args(ds, tmp_path / "again", micro_batch_tokens=8, epochs=3))
+    assert all(torch.equal(a, b) for a, b in zip(mem.state_dict().values(), again.state_dict().values()))
     assert sums == pytest.approx({"mlp.0.weight": 68.056588, "mlp.0.bias": 3.432234, "mlp.2.weight": 48.879904,
                                   "mlp.2.bias": 1.702361, "ln.weight": 14.942558, "ln.bias": 0.725703}, rel=1e-4)

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .datastore import Datastore, dtype_hint, shared_text
 from .errors import KnnlmError

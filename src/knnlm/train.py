@@ -452,7 +452,8 @@ def _step(accelerator, model, optimizer, scheduler, group: list[dict], args: Tra
     for i, batch in enumerate(group):
         batch = {k: batch[k].to(accelerator.device) for k in (_MODEL_KEYS if loss_fn is None else batch)}
         sync = i == len(group) - 1  # DDP all-reduces gradients on the last micro-batch only
-        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+        # enable_grad: a caller may train from inside another loop's evaluation (no_grad), as overspec's memories do
+        with torch.enable_grad(), contextlib.nullcontext() if sync else accelerator.no_sync(model):
             if loss_fn is None:
                 loss = model(**batch).loss  # mean token cross-entropy (labels -100 excluded); autocast from prepare()
                 accelerator.backward(loss / len(group))

@@ -137,8 +137,7 @@ def evaluate_point(lm, args: OverspecArgs, data: Path, point_dir: Path, seed: in
         return {}
     memory = None
     if args.mlp_memory and (last or args.mlp_at == "every"):
-        with torch.enable_grad():  # the trainer evaluates under no_grad
-            memory = train_memory(lm, ds, args.memory_args(str(ds.dir), str(point_dir / "memory"), seed))
+        memory = train_memory(lm, ds, args.memory_args(str(ds.dir), str(point_dir / "memory"), seed))
     t_mem = time.time() - t0 - t_ds
     retriever = Retriever(ds, args.knn_args())
     out = {"n_keys": ds.N, "splits": {}, "lls": {}}
