@@ -42,6 +42,7 @@ FORMAT = "knnlm-mlp-memory/1"
 LR_SCHEDULES = ("constant", "linear", "cosine")
 WEIGHTS_FILE, CONFIG_FILE, CHECKPOINT_DIR, TRAIN_LOG = "memory.safetensors", "memory.json", "checkpoint", "train.json"
 _FINGERPRINT = "fingerprint.json"  # in CHECKPOINT_DIR: the fingerprint of the training it holds
+_OLD_CHECKPOINT = "checkpoint.pt"  # a training killed before memories ran on the shared loop: not resumable, removed
 
 
 @dataclass
@@ -311,7 +312,7 @@ def _same(a: dict, b: dict) -> bool:
 
 # what `knnlm mlp train` writes into its folder (a folder made before the knnlm-run.json marker holds nothing else)
 _OWN_FILES = (CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_DIR, TRAIN_LOG, "loss.png", "config.json", "results.json",
-              "results.md", "checkpoint.pt")  # (checkpoint.pt: a training killed before the shared loop was used)
+              "results.md", _OLD_CHECKPOINT)
 
 
 def _remove(out: Path, names) -> None:
@@ -339,7 +340,7 @@ def _prepare_dir(out: Path, fp: dict, overwrite: bool) -> Optional[str]:
     if not overwrite:
         raise KnnlmError(f"--output_dir: {out} already holds a different MLP memory ({existing.get('model_name_or_path')}, "
                          f"{existing.get('training')}); pass --overwrite to replace it or choose another folder")
-    _remove(out, (CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_DIR, "checkpoint.pt", TRAIN_LOG, "loss.png"))
+    _remove(out, (CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_DIR, _OLD_CHECKPOINT, TRAIN_LOG, "loss.png"))
     return None
 
 
@@ -436,7 +437,7 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     ckpt = out / CHECKPOINT_DIR
     if status != "resume":
-        (out / "checkpoint.pt").unlink(missing_ok=True)  # a training begun before the shared loop starts over
+        (out / _OLD_CHECKPOINT).unlink(missing_ok=True)  # that training starts over
         ckpt.mkdir(parents=True, exist_ok=True)
         atomic_write_json(ckpt / _FINGERPRINT, fp)
     log.info("training MLP memory: N=%d pairs, d=%d, hidden %d, %d steps of %d pairs, lr %g (%s), W %s", ds.N, ds.d,
