@@ -158,6 +158,17 @@ def test_frozen_output_layer_is_not_updated_and_trained_copy_is(tmp_path):
     assert not torch.equal(mem.output.weight, before)  # the memory's own copy moved
 
 
+def test_epoch_pairs_start_at_equals_skipping_the_first_micro_batches(tmp_path):
+    lm = StubLM(d=4, vocab=1000)
+    ds = make_store(tmp_path / "ds", lm, np.arange(50 * 4).reshape(50, 4) % 97, np.arange(50))
+    # batches of 16 split into micro-batches 6, 6, 4; chunks of 12 rows, so batches span chunks; the last batch is 2
+    pairs = memory_mod._EpochPairs(ds, fast_args(ds, tmp_path / "m", micro_batch_tokens=6, chunk_keys=12), epoch=1)
+    every = [b["labels"].tolist() for b in pairs]
+    assert len(every) == len(pairs) == 3 * 3 + 1 and sum(map(len, every)) == 50
+    for i in range(len(every) + 1):
+        assert [b["labels"].tolist() for b in pairs.start_at(i)] == every[i:], i
+
+
 def _train_until_killed(lm, ds, args, monkeypatch, at_step: int) -> None:
     """Trains until the process "dies" (KeyboardInterrupt) during optimiser step ``at_step``; restores the step."""
     real, calls = train_mod._step, {"n": 0}
@@ -182,10 +193,15 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     real = train_mod._step
     _train_until_killed(lm, ds, fast_args(ds, tmp_path / "resumed", **args), monkeypatch, at_step=8)  # checkpoint: step 6
     assert (tmp_path / "resumed" / "checkpoint").is_dir() and not (tmp_path / "resumed" / "memory.json").exists()
-    resumed_steps = []
+    resumed_steps, reads = [], []
     monkeypatch.setattr(train_mod, "_step", lambda *a, **k: resumed_steps.append(1) or real(*a, **k))
+    real_batches = memory_mod.epoch_batches
+    monkeypatch.setattr(memory_mod, "epoch_batches",
+                        lambda *a, **k: reads.append((a[4], k.get("start_batch", 0))) or real_batches(*a, **k))
     train_memory(lm, ds, fast_args(ds, tmp_path / "resumed", **args))
     assert len(resumed_steps) == 12 - 6  # continued from the checkpoint at step 6
+    # the interrupted epoch (1) is entered at its third batch, not read from its start; epoch 2 from the start
+    assert [r for r in reads if r[0] >= 1][:1] == [(1, 2)] and (2, 0) in reads
     ref = (tmp_path / "ref" / "memory.safetensors").read_bytes()
     assert (tmp_path / "resumed" / "memory.safetensors").read_bytes() == ref
     losses = [json.loads((tmp_path / d / "train.json").read_text())["loss_curve"] for d in ("ref", "resumed")]

@@ -357,11 +357,18 @@ class _EpochPairs:
             math.ceil(rest / self.args.micro_batch_tokens)
 
     def __iter__(self) -> Iterator[dict]:
+        return self.start_at(0)
+
+    def start_at(self, i: int) -> Iterator[dict]:
+        """The micro-batches from the ``i``-th on, seeking to its batch's chunk (a resumed run reads no earlier one)."""
         a, micro = self.args, self.args.micro_batch_tokens
-        for keys, vals in epoch_batches(self.ds, a.batch_tokens, a.chunk_keys, a.seed, self.epoch):
-            for lo in range(0, len(vals), micro):
+        per_batch = math.ceil(a.batch_tokens / micro)  # every batch but an epoch's last is full
+        first, skip = divmod(i, per_batch)
+        for keys, vals in epoch_batches(self.ds, a.batch_tokens, a.chunk_keys, a.seed, self.epoch, start_batch=first):
+            for lo in range(skip * micro, len(vals), micro):
                 yield {"keys": torch.from_numpy(keys[lo: lo + micro]),
                        "labels": torch.from_numpy(vals[lo: lo + micro].astype(np.int64))}
+            skip = 0
 
 
 def _pair_loss(mem: MLPMemory, batch: dict) -> torch.Tensor:

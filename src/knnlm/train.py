@@ -30,7 +30,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Optional
+from typing import Callable, Iterable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -41,7 +41,8 @@ from .fileio import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-Batches = Callable[[int, int], Iterable[dict]]  # (epoch, seed) -> micro-batches {input_ids, attention_mask, labels}
+Batches = Callable[[int, int], Iterable[dict]]  # (epoch, seed) -> micro-batches {input_ids, attention_mask, labels};
+# an epoch may offer start_at(i) -> its micro-batches from the i-th on, for a cheap resume (_my_share)
 OnEval = Callable[[int, torch.nn.Module], dict]  # (step, model) -> metrics recorded in the history
 OnStep = Callable[[int, float, list], None]  # (step, mean loss of the step, its micro-batches) after each optimizer step
 LrSchedule = Callable[[int], float]  # optimizer step k (1-based) -> its learning rate
@@ -283,11 +284,21 @@ class _StepSchedule(torch.optim.lr_scheduler.LRScheduler):
         return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "fn")}
 
 
-def _my_share(micro: Iterable[dict], rank: int, world: int, per_rank: int | None) -> Iterable[dict]:
-    """Micro-batch i goes to process i % world; every process gets the same count (a ragged tail is dropped)."""
+def _my_share(micro: Iterable[dict], rank: int, world: int, per_rank: int | None, position: int = 0) -> Iterator[dict]:
+    """This process's micro-batches of an epoch from its ``position``-th on: micro-batch i goes to process i % world;
+    every process gets the same count (a ragged tail is dropped).
+
+    A resumed run starts at global micro-batch ``position * world``: through the epoch's own ``start_at(i)`` where it
+    has one (the memory's datastore epoch seeks to its chunk instead of reading and shuffling the ones before),
+    else by reading past the consumed ones."""
+    start = position * world
+    if start and hasattr(micro, "start_at"):
+        micro = micro.start_at(start)
+    else:
+        micro = itertools.islice(micro, start, None)
     if world == 1:
-        return micro
-    return itertools.islice(itertools.islice(micro, rank, None, world), per_rank)
+        return iter(micro)
+    return itertools.islice(itertools.islice(micro, rank, None, world), None if per_rank is None else per_rank - position)
 
 
 def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: str | Path,
@@ -401,8 +412,7 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
     window = _Window()
     session_t0 = time.time() - state.elapsed_s
     while state.step < total and not state.done:
-        micro = _my_share(batches(state.epoch, args.seed), rank, world, per_rank)
-        micro = iter(itertools.islice(micro, state.position, None))  # skip what a resumed run already consumed
+        micro = _my_share(batches(state.epoch, args.seed), rank, world, per_rank, state.position)
         end_of_epoch = False
         while state.step < total and not end_of_epoch and not state.done:
             group = list(itertools.islice(micro, accum))
