@@ -13,7 +13,8 @@ from knnlm.cli import main
 from knnlm.config import PRESETS_DIR
 from knnlm.errors import KnnlmError
 from knnlm.experiments.memory.check import control_gap
-from knnlm.experiments.memory.report import LM_STILL_IMPROVING, control_part, report_part, under_training_note
+from knnlm.experiments.memory.report import (LM_SCHEDULE_UNFINISHED, LM_STILL_IMPROVING, control_part, report_part,
+                                            under_training_note)
 
 
 def _memory_cache(folder, lm_p, mlp_p):
@@ -105,6 +106,26 @@ def test_share_not_judged_while_the_lm_still_improves(tmp_path):
     assert share_claim(False).verdict == NOT_JUDGED and share_claim(False).reason == LM_STILL_IMPROVING
     assert share_claim(True).reason == "no per-token cache for an interval (eval --save_neighbors true)"
     assert report_part(ev, {**entry, "converged": False}, tmp_path)[1][0].reason != LM_STILL_IMPROVING
+
+
+def test_share_not_judged_unless_the_annealed_lm_ended_its_schedule(tmp_path):
+    ev = {"ppl_lm": 20.0, "ppl_knnlm": 16.0, "ppl_mlplm": 18.0}
+    entry = {"folder": "eval", "label": "t", "data": "own", "lm": "lm", "converged": "annealed"}
+    assert report_part(ev, entry, tmp_path)[1][0].reason == LM_SCHEDULE_UNFINISHED  # no LM run recorded
+    (tmp_path / "lm").mkdir()
+
+    def reason(schedule, steps, max_steps, stopped=False):
+        (tmp_path / "lm" / "results.json").write_text(json.dumps(
+            {"config": {"lr_scheduler_type": schedule, "max_steps": max_steps},
+             "metrics": {"steps": steps, "stopped_early": stopped}}))
+        return report_part(ev, entry, tmp_path)[1][0].reason
+
+    assert reason("linear", 5972, 5972) == "no per-token cache for an interval (eval --save_neighbors true)"
+    assert reason("cosine", 100, 100) != LM_SCHEDULE_UNFINISHED
+    assert reason("linear", 4000, 5972) == LM_SCHEDULE_UNFINISHED  # killed or cut before the end
+    assert reason("constant_with_warmup", 5972, 5972) == LM_SCHEDULE_UNFINISHED  # the rate never decays
+    assert reason("linear", 3000, 5972, stopped=True) == LM_SCHEDULE_UNFINISHED
+    assert reason("linear", 5972, None) == LM_SCHEDULE_UNFINISHED  # judged only by a recorded step cap
 
 
 def test_lm_only_eval_saves_per_token_log_probs(tiny_gpt2_dir, tmp_path, capsys):

@@ -30,6 +30,7 @@ STORAGE_CLAIM = "the MLP memory takes > 25x less storage than the datastore (§5
 CONTROL_THRESHOLD = 0.0
 CONTROL_CLAIM = "the memory adds what more training of the LM does not (equal compute)"
 LM_STILL_IMPROVING = "LM still improving: the patience rule did not fire before the step cap"
+LM_SCHEDULE_UNFINISHED = "LM's schedule not ended: its learning rate did not decay to 0 at its last step"
 
 
 def memory_claims(ev: dict, share_ci: Optional[dict], label: str, data: str, own: bool,
@@ -86,11 +87,20 @@ def _share_ci(out: Path, entry: dict, ev: dict) -> Optional[dict]:
 
 def _lm_still_improving(out: Path, entry: dict) -> str:
     """Why the share is not judged for the LM's training: a recipe entry with ``converged: true`` is judged only where
-    its ``lm:`` stage's results.json says the early-stopping rule fired before the step cap (``stopped_early``)."""
+    its ``lm:`` stage's results.json says the early-stopping rule fired before the step cap (``stopped_early``);
+    ``converged: annealed`` only where the LM ran its whole linear or cosine schedule to its ``max_steps`` (the learning
+    rate reached 0)."""
     if not entry.get("converged"):
         return ""
     path = out / entry["lm"] / "results.json"
-    return "" if path.is_file() and read_json(path)["metrics"].get("stopped_early") else LM_STILL_IMPROVING
+    if not path.is_file():
+        return LM_SCHEDULE_UNFINISHED if entry["converged"] == "annealed" else LM_STILL_IMPROVING
+    run = read_json(path)
+    if entry["converged"] == "annealed":
+        ended = run["config"].get("lr_scheduler_type") in ("linear", "cosine") and \
+            run["metrics"].get("steps") == run["config"].get("max_steps") and not run["metrics"].get("stopped_early")
+        return "" if ended else LM_SCHEDULE_UNFINISHED
+    return "" if run["metrics"].get("stopped_early") else LM_STILL_IMPROVING
 
 
 def _plateau(out: Path, entry: dict) -> str:
