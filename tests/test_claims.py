@@ -80,6 +80,29 @@ def test_block_bootstrap_means_and_blocks():
     assert (wide.hi - wide.lo) > 3 * (narrow.hi - narrow.lo)
 
 
+def test_too_few_blocks_carry_no_verdict():
+    from knnlm.experiments.memory.report import memory_claims
+    from knnlm.experiments.projection import report as PR
+    from knnlm.stats import too_few_blocks
+
+    assert too_few_blocks(1000) == "4 block(s) of 256 tokens: too few (< 10) for a block-bootstrap interval to judge on"
+    assert too_few_blocks(9 * 256) != "" and too_few_blocks(9 * 256 + 1) == ""  # 10 blocks, the last one short
+    assert too_few_blocks(None) == ""  # a run that did not record its token count keeps its verdict
+    share = {"point": 0.5, "lo": 0.2, "hi": 0.6}  # below 0.9: does not hold, where judged
+    m = {"n_tokens": 1000, "solver": {"max_steps": 10},
+         "by_tol": [{"tol": 0.0, "targets": {"f_out": {"share_of_knn_gain_ci": share, "still_improving_fraction": 0.0,
+                                                       "max_steps": 10}},
+                     "fg_gain_over_f_gain": {"f_out": {"point": 0.2, "lo": 0.1, "hi": 0.3}}}]}
+    claims = PR.table1_claims(m, "t") + PR.table4_claims(m, "t")
+    assert [c.verdict for c in claims] == [NOT_JUDGED] * 2 and claims[0].reason.startswith("4 block(s)")
+    m["n_tokens"] = 5000
+    assert [c.verdict for c in PR.table1_claims(m, "t") + PR.table4_claims(m, "t")] == [FAILS, HOLDS]
+    ev = {"n_tokens": 1000, "ppl_lm": 20.0}
+    assert memory_claims(ev, {"point": 0.5, "lo": 0.4, "hi": 0.6}, "t", "own", True)[0].verdict == NOT_JUDGED
+    assert memory_claims({**ev, "n_tokens": 15000}, {"point": 0.5, "lo": 0.4, "hi": 0.6}, "t", "own", True)[0].verdict \
+        == HOLDS
+
+
 def test_recorded_cpu_claims_and_the_readme_agree():
     """The recorded cpu run's claims (docs/results/cpu-2026-11-29/claims.json): every stored verdict is the one its
     interval gives, and README's "What reproduces" table and the run's claims.md are that table, not hand copies."""

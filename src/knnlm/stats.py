@@ -32,6 +32,10 @@ import numpy as np
 from .errors import KnnlmError
 
 BLOCK_TOKENS = 256  # the block of consecutive tokens a text's intervals resample (neighbours are not independent)
+# A block-bootstrap interval over fewer blocks than this carries no verdict: 4 blocks give 35 distinct resamples and a
+# percentile interval far narrower than the statistic's spread (SmolLM2's 1,000-token projections). Set on 2026-12-06
+# after those intervals were seen; the verdicts they would give are kept beside (docs/results/cpu-2026-12-06).
+MIN_BLOCKS = 10
 _CHUNK_ELEMENTS = 4_000_000  # index draws held at once (n_boot × n), about 32 MB of int64
 
 
@@ -120,6 +124,16 @@ def paired_bootstrap_ci(arrays: Sequence, stat: Callable[..., float], n_boot: in
     arrays = [np.asarray(a) for a in arrays]
     samples = bootstrap_samples(arrays, stat, n_boot, seed)
     return _interval(float(stat(*arrays)), samples, level)
+
+
+def too_few_blocks(n_tokens: Optional[int], block: int = BLOCK_TOKENS) -> str:
+    """Why a block-bootstrap interval over ``n_tokens`` cannot be judged on ("" with >= MIN_BLOCKS blocks, or when the
+    count is unknown)."""
+    if not n_tokens:
+        return ""
+    n = math.ceil(n_tokens / block)
+    return "" if n >= MIN_BLOCKS else \
+        f"{n} block(s) of {block} tokens: too few (< {MIN_BLOCKS}) for a block-bootstrap interval to judge on"
 
 
 def block_bootstrap_ci(arrays: Sequence, stat_of_means: Callable[..., float], block: int = BLOCK_TOKENS,

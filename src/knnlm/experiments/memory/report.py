@@ -8,7 +8,7 @@ from typing import Optional
 
 from ...claims import Claim
 from ...fileio import read_json
-from ...stats import Interval
+from ...stats import Interval, too_few_blocks
 from .check import control_gap, gain_share, own_data_check
 
 # `knnlm reproduce --smoke`: the flags that shrink an `mlp train` stage to seconds
@@ -44,7 +44,7 @@ def memory_claims(ev: dict, share_ci: Optional[dict], label: str, data: str, own
     nan = float("nan")
     share = Interval.from_dict(share_ci) if share_ci else Interval(nan, nan, nan)
     claims = [Claim(SHARE_CLAIM, setting, "share of kNN's gain", share, SHARE_THRESHOLD, "above",
-                    not_judged=other or unplateaued or no_ci)]
+                    not_judged=other or unplateaued or no_ci or too_few_blocks(ev.get("n_tokens")))]
     storage = ev.get("storage", {}).get("datastore_over_mlp")
     if storage:
         claims.append(Claim(STORAGE_CLAIM, setting, "datastore / memory bytes", Interval.exact(storage),
@@ -179,4 +179,5 @@ def control_part(ev: dict, entry: dict, out: Path) -> tuple[dict, list[Claim]]:
     if not missing:
         gap = control_gap(caches[0], caches[1], read_json(mem_results)["metrics"]["lmbda"])
     row = [entry["label"], ev["ppl_lm"], Interval.from_dict(gap["gap_ci"]).fmt(3, "+") if gap else "–", missing]
-    return {"memory_control": [row]}, [control_claim(gap, entry["label"], missing)]
+    reason = missing or too_few_blocks(ev.get("n_tokens"))
+    return {"memory_control": [row]}, [control_claim(gap, entry["label"], reason)]

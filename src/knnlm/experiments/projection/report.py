@@ -10,7 +10,7 @@ import numpy as np
 
 from ...claims import Claim
 from ...report import fmt, markdown_table
-from ...stats import BLOCK_TOKENS, Interval, block_bootstrap_ci
+from ...stats import BLOCK_TOKENS, Interval, block_bootstrap_ci, too_few_blocks
 from .settings import LABELS, MAPS, PAPER_COLUMN, STOP_REASONS, TARGETS, ProjectionArgs
 
 # Chiang et al.: a 16-layer LM on WikiText-103, k = 1024, λ = 0.25, L2
@@ -123,8 +123,9 @@ def results_table(metrics: dict) -> str:
     maps = "".join(f"- **{LABELS[t]}**: {metrics['maps'][t]}\n" for t in targets)
     text = (f"Maps (`--target`):\n\n{maps}\nSolver: Adam, lr {sv['lr']}, ≤ {sv['max_steps']} steps, patience "
             f"{sv['patience'] or 'off'}; each position keeps its best iterate (z0 included). "
-            f"{metrics['n_tokens']} tokens; intervals: bootstrap 95% over positions ({sv['n_boot']} resamples, seed "
-            f"{sv['seed']}); share = (log ppl_lm − log ppl_proj) / (log ppl_lm − log ppl_knnlm).\n")
+            f"{metrics['n_tokens']} tokens; intervals: bootstrap 95% over blocks of {BLOCK_TOKENS} consecutive "
+            f"positions ({sv['n_boot']} resamples, seed {sv['seed']}); "
+            "share = (log ppl_lm − log ppl_proj) / (log ppl_lm − log ppl_knnlm).\n")
     heads = ["run", "LM", "kNN-LM"] + [LABELS[t] for t in targets]
     paper_rows = [[f"paper Table {n[-1]} ({PAPER[n]['setting']})", PAPER[n]["lm"], PAPER[n]["knnlm"]]
                   + [PAPER[n].get(PAPER_COLUMN[t]) for t in targets] for n in ("table1", "table4")]
@@ -190,7 +191,7 @@ def _still_improving(v: dict, max_steps: int) -> Optional[float]:
 
 def table1_claims(metrics: dict, label: str) -> list[Claim]:
     """Per tolerance and KL target: does p_proj reach the kNN-LM (share of kNN's gain above 0.9)?"""
-    out = []
+    out, few = [], too_few_blocks(metrics.get("n_tokens"))
     for entry in metrics["by_tol"]:
         for t in ("f_out", "f_norm", "fg"):
             v = entry["targets"].get(t)
@@ -201,7 +202,7 @@ def table1_claims(metrics: dict, label: str) -> list[Claim]:
                 f"not converged: {share:.0%} of positions still improving at step {v['max_steps']}")
             out.append(Claim(CLAIM_NAMES[t], f"{label}, tol {entry['tol']:g}", "share of kNN's gain",
                              Interval.from_dict(v["share_of_knn_gain_ci"]), SHARE_THRESHOLD, "above",
-                             lower_bound=unfinished))
+                             not_judged=few, lower_bound=unfinished))
     return out
 
 
@@ -209,8 +210,9 @@ def table4_claims(metrics: dict, label: str) -> list[Claim]:
     """f∘g's gain as a share of f_norm's (like with like) and of f_out's (the paper's f), first tolerance."""
     ratios = metrics["by_tol"][0].get("fg_gain_over_f_gain", {})
     names = {"f_norm": "vs f_norm (like with like)", "f_out": "vs f_out (the paper's f)"}
+    few = too_few_blocks(metrics.get("n_tokens"))
     return [Claim(TABLE4_CLAIM, f"{label}, {names[f]}", "f∘g gain / f gain (log ppl)", Interval.from_dict(ratios[f]),
-                  RATIO_THRESHOLD, "below") for f in ("f_norm", "f_out") if f in ratios]
+                  RATIO_THRESHOLD, "below", not_judged=few) for f in ("f_norm", "f_out") if f in ratios]
 
 
 # ---------------------------------------------------------------------------------------------------------------- report

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ...claims import Claim
 from ...report import line_plot, markdown_table
-from ...stats import Interval
+from ...stats import Interval, too_few_blocks
 from .settings import CLUSTERS, RANDOM, RETOMATON
 
 HEADERS = ["variant", "setting", "fraction of saved searches", "perplexity", "neighbours per step", "vs kNN-LM"]
@@ -33,7 +33,7 @@ def claim(metrics: dict, label: str) -> list[Claim]:
         f"it saves {c['foss']:.1%} of the searches (< {SAVED_AT_LEAST:.0%}): not the claim's setting")
     return [Claim(CLAIM, f"{label}, min_knns {c['min_knns']} (saved {c['foss']:.1%})",
                   "ppl_retomaton / ppl_knnlm − 1", Interval.from_dict(c["ppl_ratio_minus_1"]), WITHIN, "below",
-                  not_judged=few, digits=3)]
+                  not_judged=few or too_few_blocks(metrics.get("n_tokens")), digits=3)]
 
 
 def rows(metrics: dict) -> list[list]:
