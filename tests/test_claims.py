@@ -37,6 +37,10 @@ def test_not_judged_and_lower_bounds():
     assert Claim("reaches", "s", interval=_i(0.8, 0.95), direction="above", **lb).verdict == NOT_CONVERGED
     assert Claim("small", "s", interval=_i(0.95, 0.99), direction="below", **lb).verdict == FAILS  # already too big
     assert Claim("small", "s", interval=_i(0.1, 0.2), direction="below", **lb).verdict == NOT_CONVERGED
+    both = Claim("reaches", "s", interval=_i(0.2, 0.5), direction="above", not_judged="4 blocks", **lb)
+    assert both.verdict == NOT_JUDGED and both.reason == "4 blocks; " + lb["lower_bound"]  # both facts are said
+    again = from_record(both.record())
+    assert again.verdict == NOT_JUDGED and again.reason == both.reason and again.row() == both.row()
 
 
 def test_records_round_trip_and_are_checked():

@@ -65,6 +65,9 @@ class Claim:
 
     @property
     def reason(self) -> str:
+        """Both facts where both hold (a record read back carries the joined text in both: it is not repeated)."""
+        if self.not_judged and self.lower_bound and self.lower_bound not in self.not_judged:
+            return f"{self.not_judged}; {self.lower_bound}"
         return self.not_judged or self.lower_bound
 
     @property
