@@ -105,6 +105,9 @@ def test_too_few_blocks_carry_no_verdict():
     assert memory_claims(ev, {"point": 0.5, "lo": 0.4, "hi": 0.6}, "t", "own", True)[0].verdict == NOT_JUDGED
     assert memory_claims({**ev, "n_tokens": 15000}, {"point": 0.5, "lo": 0.4, "hi": 0.6}, "t", "own", True)[0].verdict \
         == HOLDS
+    # without a per-token cache: the point share from the perplexities, shown, not judged
+    bare = memory_claims({"ppl_lm": 20.0, "ppl_knnlm": 16.0, "ppl_mlplm": 18.0}, None, "t", "own", True)[0]
+    assert bare.verdict == NOT_JUDGED and bare.interval.point == pytest.approx(math.log(20 / 18) / math.log(20 / 16))
 
 
 def test_recorded_cpu_claims_and_the_readme_agree():

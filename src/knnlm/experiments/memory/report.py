@@ -33,6 +33,14 @@ LM_STILL_IMPROVING = "LM still improving: the patience rule did not fire before 
 LM_SCHEDULE_UNFINISHED = "LM's schedule not ended: its learning rate did not decay to 0 at its last step"
 
 
+def _point_share(ev: dict) -> float:
+    """The share of kNN's gain from the eval's perplexities alone (shown, never judged, where no interval exists)."""
+    import math
+
+    lm, knn, mlp = ev.get("ppl_lm"), ev.get("ppl_knnlm"), ev.get("ppl_mlplm")
+    return math.log(lm / mlp) / math.log(lm / knn) if lm and knn and mlp and knn != lm else float("nan")
+
+
 def memory_claims(ev: dict, share_ci: Optional[dict], label: str, data: str, own: bool,
                   unplateaued: str = "") -> list[Claim]:
     """The share of kNN's gain (its block-bootstrap interval; a run without the per-token cache has none, a memory
@@ -42,7 +50,7 @@ def memory_claims(ev: dict, share_ci: Optional[dict], label: str, data: str, own
     other = "" if own else f"{data}: the memory adapts the LM to text it was not trained on, not the paper's setting"
     no_ci = "" if share_ci else "no per-token cache for an interval (eval --save_neighbors true)"
     nan = float("nan")
-    share = Interval.from_dict(share_ci) if share_ci else Interval(nan, nan, nan)
+    share = Interval.from_dict(share_ci) if share_ci else Interval(_point_share(ev), nan, nan)
     claims = [Claim(SHARE_CLAIM, setting, "share of kNN's gain", share, SHARE_THRESHOLD, "above",
                     not_judged=other or unplateaued or no_ci or too_few_blocks(ev.get("n_tokens")))]
     storage = ev.get("storage", {}).get("datastore_over_mlp")
