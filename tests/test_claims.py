@@ -111,19 +111,19 @@ def test_too_few_blocks_carry_no_verdict():
 
 
 def test_recorded_cpu_claims_and_the_readme_agree():
-    """The recorded cpu run's claims (docs/results/cpu-2026-11-29/claims.json): every stored verdict is the one its
+    """The recorded cpu run's claims (docs/results/cpu-2026-12-06/claims.json): every stored verdict is the one its
     interval gives, and README's "What reproduces" table and the run's claims.md are that table, not hand copies."""
     import json
     import re
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    recorded = repo / "docs" / "results" / "cpu-2026-11-29"
+    recorded = repo / "docs" / "results" / "cpu-2026-12-06"
     records = json.loads((recorded / "claims.json").read_text())["claims"]
     for rec in records:
         check_record(rec)
     table = claims_table([from_record(r) for r in records])
-    block = re.search(r"<!-- claims: docs/results/cpu-2026-11-29/claims.json -->\n(.*?)<!-- /claims -->",
+    block = re.search(r"<!-- claims: docs/results/cpu-2026-12-06/claims.json -->\n(.*?)<!-- /claims -->",
                       (repo / "README.md").read_text(), re.S)
     assert block and block.group(1) == table
     assert table in (recorded / "claims.md").read_text() and table in (recorded / "report.md").read_text()
@@ -138,7 +138,7 @@ def test_every_claims_block_of_the_readme_is_its_recorded_file():
 
     repo = Path(__file__).resolve().parents[1]
     blocks = re.findall(r"<!-- claims: (\S+) -->\n(.*?)<!-- /claims -->", (repo / "README.md").read_text(), re.S)
-    assert {path for path, _ in blocks} >= {"docs/results/cpu-2026-11-29/claims.json",
+    assert {path for path, _ in blocks} >= {"docs/results/cpu-2026-12-06/claims.json",
                                             "docs/results/demo-2026-12-05/claims.json"}
     for path, body in blocks:
         records = json.loads((repo / path).read_text())["claims"]
