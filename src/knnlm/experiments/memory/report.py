@@ -9,7 +9,7 @@ from typing import Optional
 from ...claims import Claim
 from ...fileio import read_json
 from ...stats import Interval, too_few_blocks
-from .check import control_gap, gain_share, own_data_check
+from .check import control_gap, gain_share, own_data_check, share_of_knn_gain
 
 # `knnlm reproduce --smoke`: the flags that shrink an `mlp train` stage to seconds
 SMOKE = {"mlp train": {"--device": "cpu", "--dtype": "float32", "--hidden_size": "64", "--batch_tokens": "128",
@@ -33,14 +33,6 @@ LM_STILL_IMPROVING = "LM still improving: the patience rule did not fire before 
 LM_SCHEDULE_UNFINISHED = "LM's schedule not ended: its learning rate did not decay to 0 at its last step"
 
 
-def _point_share(ev: dict) -> float:
-    """The share of kNN's gain from the eval's perplexities alone (shown, never judged, where no interval exists)."""
-    import math
-
-    lm, knn, mlp = ev.get("ppl_lm"), ev.get("ppl_knnlm"), ev.get("ppl_mlplm")
-    return math.log(lm / mlp) / math.log(lm / knn) if lm and knn and mlp and knn != lm else float("nan")
-
-
 def memory_claims(ev: dict, share_ci: Optional[dict], label: str, data: str, own: bool,
                   unplateaued: str = "") -> list[Claim]:
     """The share of kNN's gain (its block-bootstrap interval; a run without the per-token cache has none, a memory
@@ -50,7 +42,8 @@ def memory_claims(ev: dict, share_ci: Optional[dict], label: str, data: str, own
     other = "" if own else f"{data}: the memory adapts the LM to text it was not trained on, not the paper's setting"
     no_ci = "" if share_ci else "no per-token cache for an interval (eval --save_neighbors true)"
     nan = float("nan")
-    share = Interval.from_dict(share_ci) if share_ci else Interval(_point_share(ev), nan, nan)
+    point = share_of_knn_gain(ev["ppl_lm"], ev["ppl_knnlm"], ev["ppl_mlplm"]) if ev.get("ppl_mlplm") else nan
+    share = Interval.from_dict(share_ci) if share_ci else Interval(point, nan, nan)
     claims = [Claim(SHARE_CLAIM, setting, "share of kNN's gain", share, SHARE_THRESHOLD, "above",
                     not_judged=other or unplateaued or no_ci or too_few_blocks(ev.get("n_tokens")))]
     storage = ev.get("storage", {}).get("datastore_over_mlp")
