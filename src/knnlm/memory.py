@@ -344,6 +344,11 @@ def _prepare_dir(out: Path, fp: dict, overwrite: bool) -> Optional[str]:
     return None
 
 
+def _micro_per_batch(args: MemoryArgs) -> int:
+    """Micro-batches in a full batch of ``batch_tokens`` pairs (every batch but an epoch's last is full)."""
+    return math.ceil(args.batch_tokens / args.micro_batch_tokens)
+
+
 class _EpochPairs:
     """One epoch's micro-batches {keys [m, d] float16, labels [m] int64} in :func:`epoch_batches`' order: each batch of
     ``batch_tokens`` pairs split into micro-batches of ``micro`` (the shared loop groups them back into steps)."""
@@ -353,8 +358,7 @@ class _EpochPairs:
 
     def __len__(self) -> int:
         full, rest = divmod(self.ds.N, self.args.batch_tokens)
-        return full * math.ceil(self.args.batch_tokens / self.args.micro_batch_tokens) + \
-            math.ceil(rest / self.args.micro_batch_tokens)
+        return full * _micro_per_batch(self.args) + math.ceil(rest / self.args.micro_batch_tokens)
 
     def __iter__(self) -> Iterator[dict]:
         return self.start_at(0)
@@ -362,8 +366,7 @@ class _EpochPairs:
     def start_at(self, i: int) -> Iterator[dict]:
         """The micro-batches from the ``i``-th on, seeking to its batch's chunk (a resumed run reads no earlier one)."""
         a, micro = self.args, self.args.micro_batch_tokens
-        per_batch = math.ceil(a.batch_tokens / micro)  # every batch but an epoch's last is full
-        first, skip = divmod(i, per_batch)
+        first, skip = divmod(i, _micro_per_batch(a))
         for keys, vals in epoch_batches(self.ds, a.batch_tokens, a.chunk_keys, a.seed, self.epoch, start_batch=first):
             for lo in range(skip * micro, len(vals), micro):
                 yield {"keys": torch.from_numpy(keys[lo: lo + micro]),
@@ -484,7 +487,7 @@ def _loop_args(args: MemoryArgs, total_steps: int) -> TrainArgs:
     step per ``batch_tokens`` pairs, float32 (a CUDA GPU: bf16 autocast, as before the shared loop)."""
     return TrainArgs(learning_rate=args.learning_rate, warmup_ratio=0.0, lr_scheduler_type=args.lr_scheduler_type,
                      batch_size=args.micro_batch_tokens, max_steps=total_steps, max_grad_norm=0.0,
-                     gradient_accumulation_steps=math.ceil(args.batch_tokens / args.micro_batch_tokens),
+                     gradient_accumulation_steps=_micro_per_batch(args),
                      weight_decay=args.weight_decay, seed=args.seed, log_every=args.checkpoint_every,
                      checkpoint_every=args.checkpoint_every)
 
