@@ -10,6 +10,7 @@ import torch
 
 from knnlm.cli import main
 from knnlm.experiments.projection import report as PR, run as PRUN, settings as PS, solver as PV
+from knnlm.stats import share_of_gain
 
 TRAIN = "the cat sat on the mat. the dog sat on the log. a cat and a dog sat together on a mat.\n" * 3
 VALID = "the dog sat on the mat. a cat sat on the log. the cat and the dog.\n"
@@ -179,11 +180,13 @@ def test_scalar_tol_in_a_config_file_is_a_one_item_list(tmp_path):
     assert args.tol == [0.001]
 
 
-def test_share_of_gain_and_gain_ratio_by_hand():
-    lm, knn, proj = np.log([0.1, 0.1]), np.log([0.2, 0.2]), np.log([0.15, 0.15])
-    assert PR.share_of_gain(lm, knn, proj) == pytest.approx(math.log(1.5) / math.log(2))
-    assert PR.share_of_gain(lm, knn, knn) == pytest.approx(1.0) and PR.share_of_gain(lm, knn, lm) == 0.0
-    assert PR.gain_ratio(lm, knn, proj) == pytest.approx(math.log(1.5) / math.log(2))
+def test_share_of_gain_by_hand():
+    # mean gold log-probs: LM log 0.1, kNN-LM log 0.2, p_proj log 0.15 -> log(1.5) / log(2) of kNN's gain
+    lm, knn, proj = math.log(0.1), math.log(0.2), math.log(0.15)
+    assert share_of_gain(lm, knn, proj) == pytest.approx(math.log(1.5) / math.log(2))
+    assert share_of_gain(lm, knn, knn) == 1.0 and share_of_gain(lm, knn, lm) == 0.0
+    # perplexities (lower is better) give the same share: LM 20, kNN-LM 16, memory 18 keeps half
+    assert share_of_gain(20.0, 16.0, 18.0) == 0.5 and math.isnan(share_of_gain(20.0, 20.0, 18.0))
 
 
 @pytest.mark.parametrize("target", ["f_norm", "fg"])
@@ -259,7 +262,8 @@ def test_cli_end_to_end_matches_eval(common, tiny_lm, tmp_path):
     arrays = np.load(out / "per_token.npz")
     assert arrays["f_out.kl"].shape == (m["n_tokens"], 2)
     assert math.exp(-arrays["f_out.logp"][:, 0].astype(np.float64).mean()) == pytest.approx(tg["f_out"]["ppl_proj"])
-    assert PR.share_of_gain(arrays["lm"], arrays["knnlm"], arrays["fg.logp"][:, 0]) == pytest.approx(
+    mean = lambda x: float(np.mean(x, dtype=np.float64))  # noqa: E731
+    assert share_of_gain(mean(arrays["lm"]), mean(arrays["knnlm"]), mean(arrays["fg.logp"][:, 0])) == pytest.approx(
         tg["fg"]["share_of_knn_gain"])
     assert (out / "kl_f_out.png").stat().st_size > 0 and (out / "kl_fg_to_y.png").exists()
     assert (out / "steps_f_out_tol0.001.png").exists() and (out / "steps_fg_tol0.png").exists()

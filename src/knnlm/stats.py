@@ -126,6 +126,12 @@ def paired_bootstrap_ci(arrays: Sequence, stat: Callable[..., float], n_boot: in
     return _interval(float(stat(*arrays)), samples, level)
 
 
+def share_of_gain(base: float, ref: float, other: float) -> float:
+    """(other − base) / (ref − base): the share of the reference's gain over the base that ``other`` keeps (1 = all of
+    it, 0 = none), for perplexities and mean log-probabilities alike; nan where the reference gains nothing."""
+    return (other - base) / (ref - base) if ref != base else float("nan")
+
+
 def too_few_blocks(n_tokens: Optional[int], block: int = BLOCK_TOKENS) -> str:
     """Why a block-bootstrap interval over ``n_tokens`` cannot be judged on ("" with >= MIN_BLOCKS blocks, or when the
     count is unknown)."""

@@ -1,7 +1,6 @@
 """What every study runner shares (docs/studies.md: run folders, resuming, aggregating seeds, devices): run-folder
 names per seed, the resume check, finished runs, seed aggregation, settings declared from and composed into the
-library's dataclasses, and the run's output files. A saved result is reused through ``knnlm.fileio.reusable`` (the one
-"same run, may resume" test) and the device resolved by ``knnlm.models.resolve_device``.
+library's dataclasses, and the run's output files.
 """
 from __future__ import annotations
 

@@ -3,7 +3,6 @@ keeps (with its block-bootstrap interval)."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import tempfile
 from pathlib import Path
@@ -13,9 +12,7 @@ import torch
 
 from ...errors import KnnlmError
 from ...fileio import read_json
-from ...stats import BLOCK_TOKENS, block_bootstrap_ci
-
-log = logging.getLogger(__name__)
+from ...stats import BLOCK_TOKENS, block_bootstrap_ci, share_of_gain
 
 
 def own_data_check(lm_dir: str | Path, ds_dir: str | Path) -> dict:
@@ -73,12 +70,6 @@ def _read_cache(cache_dir: Path) -> dict[str, torch.Tensor]:
             **lm, "mlp": read("mlp_gold.f32", np.float32)}
 
 
-def share_of_knn_gain(ppl_lm: float, ppl_knn: float, ppl_mlp: float) -> float:
-    """The share of kNN's perplexity gain the memory keeps: (ppl_lm − ppl_mlp) / (ppl_lm − ppl_knn); nan where kNN
-    gains nothing."""
-    return (ppl_lm - ppl_mlp) / (ppl_lm - ppl_knn) if ppl_knn != ppl_lm else float("nan")
-
-
 def gain_share(cache_dir: str | Path, lmbdas: list[float], temp: float = 1.0, unit_tokens: int = BLOCK_TOKENS,
                n_resamples: int = 2000, seed: int = 0) -> dict:
     """Per λ: ppl of the LM, kNN-LM and MLP-LM over the cached tokens, the share of kNN's gain the memory keeps, and
@@ -93,7 +84,7 @@ def gain_share(cache_dir: str | Path, lmbdas: list[float], temp: float = 1.0, un
                  "n_resamples": n_resamples, "lmbda": {}}
 
     def share(nll_lm: float, nll_knn: float, nll_mlp: float) -> float:  # mean NLLs -> share of the perplexity gain
-        return share_of_knn_gain(math.exp(nll_lm), math.exp(nll_knn), math.exp(nll_mlp))
+        return share_of_gain(math.exp(nll_lm), math.exp(nll_knn), math.exp(nll_mlp))
 
     for lam in lmbdas:
         nll = [-c["lm"].double().numpy()] + [-interpolate(c["lm"], gold, lam).double().numpy()
@@ -105,7 +96,7 @@ def gain_share(cache_dir: str | Path, lmbdas: list[float], temp: float = 1.0, un
     rows = out["lmbda"].values()
     best_knn, best_mlp = min(r["ppl_knnlm"] for r in rows), min(r["ppl_mlplm"] for r in rows)
     ppl_lm = next(iter(rows))["ppl_lm"]
-    out["best"] = {"ppl_knnlm": best_knn, "ppl_mlplm": best_mlp, "share": share_of_knn_gain(ppl_lm, best_knn, best_mlp)}
+    out["best"] = {"ppl_knnlm": best_knn, "ppl_mlplm": best_mlp, "share": share_of_gain(ppl_lm, best_knn, best_mlp)}
     return out
 
 

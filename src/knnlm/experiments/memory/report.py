@@ -3,13 +3,16 @@ run, for ``knnlm reproduce``; and the equal-compute controls (study ``memory_con
 trained further with the memory's training compute."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from ...claims import Claim
 from ...fileio import read_json
-from ...stats import Interval, too_few_blocks
-from .check import control_gap, gain_share, own_data_check, share_of_knn_gain
+from ...stats import Interval, share_of_gain, too_few_blocks
+from .check import control_gap, gain_share, own_data_check
 
 # `knnlm reproduce --smoke`: the flags that shrink an `mlp train` stage to seconds
 SMOKE = {"mlp train": {"--device": "cpu", "--dtype": "float32", "--hidden_size": "64", "--batch_tokens": "128",
@@ -42,7 +45,7 @@ def memory_claims(ev: dict, share_ci: Optional[dict], label: str, data: str, own
     other = "" if own else f"{data}: the memory adapts the LM to text it was not trained on, not the paper's setting"
     no_ci = "" if share_ci else "no per-token cache for an interval (eval --save_neighbors true)"
     nan = float("nan")
-    point = share_of_knn_gain(ev["ppl_lm"], ev["ppl_knnlm"], ev["ppl_mlplm"]) if ev.get("ppl_mlplm") else nan
+    point = share_of_gain(ev["ppl_lm"], ev["ppl_knnlm"], ev["ppl_mlplm"]) if ev.get("ppl_mlplm") else nan
     share = Interval.from_dict(share_ci) if share_ci else Interval(point, nan, nan)
     claims = [Claim(SHARE_CLAIM, setting, "share of kNN's gain", share, SHARE_THRESHOLD, "above",
                     not_judged=other or unplateaued or no_ci or too_few_blocks(ev.get("n_tokens")))]
@@ -144,10 +147,6 @@ def under_training_note(ppl_memory: float, ppl_lm: float) -> str:
 def _memory_rows(ev: dict, entry: dict, out: Path) -> list[list]:
     """The reference rows of the memory's own eval: the LM, the memory alone (with the under-training flag), the
     MLP-LM."""
-    import math
-
-    import numpy as np
-
     cache = out / entry["folder"] / "neighbors" / "mlp_gold.f32"
     mem = math.exp(-float(np.fromfile(cache, dtype=np.float32).astype(np.float64).mean())) if cache.is_file() else None
     return [[f"{entry['label']}: LM", ev["ppl_lm"], "–", ""],

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 import os
 import time
@@ -18,8 +17,6 @@ from ...errors import KnnlmError
 from ...fileio import atomic_write_json, reusable, sha256_file
 from ...openai_client import finetune as finetune_job, make_client, score_rows
 from ..study import mean_std, seed_path
-
-log = logging.getLogger(__name__)
 
 _SPLITS = ("train", "test", "test_overspecified")
 

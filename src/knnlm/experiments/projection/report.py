@@ -10,7 +10,7 @@ import numpy as np
 
 from ...claims import Claim
 from ...report import fmt, markdown_table
-from ...stats import BLOCK_TOKENS, Interval, block_bootstrap_ci, too_few_blocks
+from ...stats import BLOCK_TOKENS, Interval, block_bootstrap_ci, share_of_gain, too_few_blocks
 from .settings import LABELS, MAPS, PAPER_COLUMN, STOP_REASONS, TARGETS, ProjectionArgs
 
 # Chiang et al.: a 16-layer LM on WikiText-103, k = 1024, λ = 0.25, L2
@@ -24,27 +24,6 @@ PAPER = {
 
 def _ppl(logp: np.ndarray) -> float:
     return math.exp(-float(np.mean(logp, dtype=np.float64)))
-
-
-def _gain_share(m_lm: float, m_other: float, m_ref: float) -> float:
-    """(m_other − m_lm) / (m_ref − m_lm) of mean gold log-probabilities: 1 = all of the reference's gain over the LM,
-    0 = none; nan where the reference gains nothing (undefined: its claim is inconclusive)."""
-    return (m_other - m_lm) / (m_ref - m_lm) if m_ref != m_lm else float("nan")
-
-
-def _mean(x: np.ndarray) -> float:
-    return float(np.mean(x, dtype=np.float64))
-
-
-def share_of_gain(lm: np.ndarray, knnlm: np.ndarray, proj: np.ndarray) -> float:
-    """(log ppl_lm − log ppl_proj) / (log ppl_lm − log ppl_knnlm) from per-token gold log-probabilities [n] each:
-    1 = p_proj gains all that kNN gains over the LM, 0 = nothing."""
-    return _gain_share(_mean(lm), _mean(proj), _mean(knnlm))
-
-
-def gain_ratio(lm: np.ndarray, f: np.ndarray, fg: np.ndarray) -> float:
-    """(log ppl_lm − log ppl_fg) / (log ppl_lm − log ppl_f): f∘g's gain over the LM as a share of f's (Table 4)."""
-    return _gain_share(_mean(lm), _mean(fg), _mean(f))
 
 
 def _step_histogram(steps: np.ndarray, max_steps: int) -> list[list[int]]:
@@ -84,7 +63,8 @@ def summarize(arrays: dict[str, np.ndarray], args: ProjectionArgs, **extra) -> d
             logp = arrays[f"{t}.logp"][:, j].astype(np.float64)
             kl, kl_init = arrays[f"{t}.kl"][:, j], arrays[f"{t}.kl_init"]
             steps, stop = arrays[f"{t}.steps"][:, j], arrays[f"{t}.stop"][:, j]
-            share = ci([lm, knn, logp], lambda a, b, c: _gain_share(a, c, b))
+            # of mean gold log-probabilities: (log ppl_lm − log ppl_proj) / (log ppl_lm − log ppl_knnlm)
+            share = ci([lm, knn, logp], share_of_gain)
             best_step = arrays[f"{t}.best_step"][:, j]
             entry["targets"][t] = {
                 "z0": TARGETS[t], "map": MAPS[t], "ppl_proj": _ppl(logp), "ppl_proj_ci": ppl_ci(logp),
@@ -103,7 +83,7 @@ def summarize(arrays: dict[str, np.ndarray], args: ProjectionArgs, **extra) -> d
                 "lr": args.learning_rate, "tol": tol, "max_steps": args.max_steps, "patience": args.patience}
         if "fg" in args.target:  # Table 4: f∘g's gain over the LM as a share of each f's
             fg = arrays["fg.logp"][:, j].astype(np.float64)
-            entry["fg_gain_over_f_gain"] = {f: ci([lm, arrays[f"{f}.logp"][:, j], fg], lambda a, b, c: _gain_share(a, c, b))
+            entry["fg_gain_over_f_gain"] = {f: ci([lm, arrays[f"{f}.logp"][:, j], fg], share_of_gain)
                                             for f in ("f_out", "f_norm") if f in args.target}
         metrics["by_tol"].append(entry)
     metrics["targets"] = metrics["by_tol"][0]["targets"]

@@ -2,12 +2,12 @@
 study's own flags; beside ``ModelArgs`` and ``CorpusArgs`` on ``knnlm analyze retomaton``) and the swept settings."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ...errors import KnnlmError
 from ...knn import KNNArgs
+from ..study import library_args
 
 # `knnlm reproduce --smoke`: the flags that shrink the study's stages to seconds
 SMOKE = {"analyze retomaton": {"--device": "cpu", "--dtype": "float32", "--max_tokens": "128", "--batch_size": "2",
@@ -17,6 +17,7 @@ SMOKE = {"analyze retomaton": {"--device": "cpu", "--dtype": "float32", "--max_t
 KNN, RETOMATON, CLUSTERS, RANDOM = "kNN-LM (a search per token)", "RetoMaton", "RetoMaton, clusters", "kNN-LM, random skips"
 # KNNArgs fields the study sets per setting: a value given for them would be silently overridden
 _SWEPT = ("retomaton", "no_clusters", "skip_search_prob", "no_pointer")
+_DEFAULTS = KNNArgs()
 
 
 @dataclass
@@ -32,7 +33,7 @@ class RetomatonArgs(KNNArgs):
 
     def validate(self) -> None:
         for name in _SWEPT:
-            if getattr(self, name) != _default(name):
+            if getattr(self, name) != getattr(_DEFAULTS, name):
                 raise KnnlmError(f"--{name}: the study sets it per setting; leave it out (use --min_knns, "
                                  "--skip_probs, --clusters)")
         if not self.output_dir:
@@ -54,9 +55,7 @@ class RetomatonArgs(KNNArgs):
 
     def knn_args(self, **setting) -> KNNArgs:
         """The library's KNNArgs of one setting: this run's k, nprobe, λ, temperature, … with exact distances."""
-        common = {f.name: getattr(self, f.name) for f in dataclasses.fields(KNNArgs) if f.name != "min_knns"}
-        common["recompute_dists"] = True
-        return KNNArgs(**{**common, **setting})
+        return library_args(KNNArgs, self, **{"min_knns": _DEFAULTS.min_knns, "recompute_dists": True, **setting})
 
     def settings(self) -> list[tuple[str, str, dict]]:
         """[(series, setting label, KNNArgs overrides)]: the kNN-LM first, then RetoMaton, with clusters, random skips."""
@@ -67,8 +66,3 @@ class RetomatonArgs(KNNArgs):
                     for m in self.min_knns]
         out += [(RANDOM, f"skip {p:g}", {"skip_search_prob": p}) for p in self.skip_probs]
         return out
-
-
-def _default(name: str):
-    f = next(f for f in dataclasses.fields(KNNArgs) if f.name == name)
-    return f.default
