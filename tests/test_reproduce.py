@@ -110,6 +110,21 @@ def test_gpu_recipe_fits_its_budget(wikitext_dir):
     assert sum(s.get("budget_s", 0) for s in stages) <= 900
 
 
+def test_cpu_stage_costs_documented(wikitext_dir):
+    """docs/reproduce.md's stage-cost table is the cpu recipe's budget_s, stage by stage and in total."""
+    import pathlib
+    import re
+
+    from knnlm.experiments.reproduce import load_recipe
+
+    stages = load_recipe(ReproduceArgs(scale="cpu", output_dir="/o", data_dir=str(wikitext_dir)))["stages"]
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "reproduce.md").read_text()
+    section = doc.split("## Stage costs of the cpu recipe", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| ([\w-]+) \| ([\d,]+) \|", section, flags=re.M))
+    assert {n: int(b.replace(",", "")) for n, b in rows.items()} == \
+        {**{s["name"]: s["budget_s"] for s in stages}, "total": sum(s["budget_s"] for s in stages)}
+
+
 def test_override_flags():
     from knnlm.experiments.reproduce import override_flags
 
