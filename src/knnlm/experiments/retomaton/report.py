@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...claims import Claim
+from ...claims import Claim, claims_table
 from ...report import line_plot, markdown_table
 from ...stats import Interval, too_few_blocks
 from .settings import CLUSTERS, RANDOM, RETOMATON
@@ -49,10 +49,8 @@ def results_table(metrics: dict) -> str:
             + f"\nLM perplexity {metrics['ppl_lm']:.3f}; {metrics['n_tokens']} tokens, k {metrics['k']}, nprobe "
               f"{metrics['nprobe']}, λ {metrics['lmbda']}, T {metrics['knn_temp']}, datastore N "
               f"{metrics['datastore_N']}, exact distances, {metrics['batch_size']} streams; the rows are point estimates (one "
-              f"evaluation per setting).\n" + "".join(
-                f"\n{c.claim}: {c.setting}; {c.statistic} {c.interval.fmt(3)} (95% block bootstrap over tokens; "
-                f"criterion {c.criterion}): **{c.verdict}**{f' ({c.reason})' if c.reason else ''}.\n"
-                for c in claim(metrics, "this run")))
+              f"evaluation per setting; the claim's interval: 95% block bootstrap over tokens).\n"
+            + (f"\n## Claims\n\n{claims_table(cs)}" if (cs := claim(metrics, "this run")) else ""))
 
 
 def figure(path: Path, metrics: dict) -> Path:
