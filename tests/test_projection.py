@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from knnlm.claims import check_record
 from knnlm.cli import main
 from knnlm.experiments.projection import report as PR, run as PRUN, settings as PS, solver as PV
 from knnlm.stats import share_of_gain
@@ -259,6 +260,13 @@ def test_cli_end_to_end_matches_eval(common, tiny_lm, tmp_path):
             assert ci["lo"] <= e["targets"][t]["ppl_proj"] <= ci["hi"] and share["lo"] <= share["point"] <= share["hi"]
         assert set(e["fg_gain_over_f_gain"]) == {"f_out", "f_norm"}
     assert m["ppl_lm_ci"]["lo"] <= m["ppl_lm"] <= m["ppl_lm_ci"]["hi"]
+    # results.json carries Table 1's claims (3 targets x 2 tolerances) and Table 4's (2), each verdict re-derivable
+    records = json.loads((out / "results.json").read_text())["claims"]
+    assert len(records) == 8 and {r["statistic"] for r in records} == {"share of kNN's gain", "f∘g gain / f gain (log ppl)"}
+    for rec in records:
+        check_record(rec)
+        assert rec["verdict"] == "not judged"  # a one-line text: 1 block of 256 tokens
+    assert (out / "results.md").read_text().count("| not judged") == 8
     arrays = np.load(out / "per_token.npz")
     assert arrays["f_out.kl"].shape == (m["n_tokens"], 2)
     assert math.exp(-arrays["f_out.logp"][:, 0].astype(np.float64).mean()) == pytest.approx(tg["f_out"]["ppl_proj"])
@@ -274,8 +282,6 @@ def test_cli_end_to_end_matches_eval(common, tiny_lm, tmp_path):
     assert "output layer + softmax, z from final_hidden (the paper's f)" in md
     # knnlm reproduce's rows and claims from the same metrics: one Table 1/3 row per tolerance, one claim per
     # tolerance and KL target; Table 4's ratio of gains against f_norm (like with like) and f_out, with intervals
-    from knnlm.claims import check_record
-
     rows = PR.table1_rows(m, {"label": "tiny"}, out)
     assert [r[1] for r in rows["table1"]] == ["0.001", "0"] and len(rows["table3"]) == 2
     claims = PR.table1_claims(m, "tiny")

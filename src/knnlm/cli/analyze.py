@@ -30,7 +30,7 @@ def cmd_projection(args) -> int:
     from ..datastore import Datastore
     from ..errors import KnnlmError
     from ..fileio import claim_output_dir
-    from ..experiments.projection.report import results_table
+    from ..experiments.projection.report import claims, results_table
     from ..experiments.projection.run import run_projection
     from ..experiments.projection.settings import ProjectionArgs
     from ..knn import KNNArgs
@@ -49,7 +49,8 @@ def cmd_projection(args) -> int:
     metrics = run_projection(lm, cargs, pargs, datastore, kargs)
     out = Path(pargs.output_dir)
     save_config(out, margs, cargs, kargs, pargs)
-    write_results(out, to_dict(margs, cargs, kargs, pargs), metrics, started)
+    write_results(out, to_dict(margs, cargs, kargs, pargs), metrics, started,
+                  claims=[c.record() for c in claims(metrics, "this run")])
     table = results_table(metrics)
     write_markdown(out, table)
     print(table, end="")
@@ -63,7 +64,7 @@ def cmd_retomaton(args) -> int:
     from ..corpus import CorpusArgs
     from ..datastore import Datastore
     from ..errors import KnnlmError
-    from ..experiments.retomaton.report import FIGURE, figure, results_table
+    from ..experiments.retomaton.report import FIGURE, claim, figure, results_table
     from ..experiments.retomaton.run import run_retomaton
     from ..experiments.retomaton.settings import RetomatonArgs
     from ..fileio import claim_output_dir
@@ -82,7 +83,8 @@ def cmd_retomaton(args) -> int:
     metrics = run_retomaton(lm, cargs, rargs, datastore)
     out = Path(rargs.output_dir)
     save_config(out, margs, cargs, rargs)
-    write_results(out, to_dict(margs, cargs, rargs), metrics, started)
+    write_results(out, to_dict(margs, cargs, rargs), metrics, started,
+                  claims=[c.record() for c in claim(metrics, "this run")])
     table = results_table(metrics)
     write_markdown(out, table)
     figure(out / FIGURE, metrics)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from ...claims import Claim
+from ...claims import Claim, claims_table
 from ...report import fmt, markdown_table
 from ...stats import BLOCK_TOKENS, Interval, block_bootstrap_ci, share_of_gain, too_few_blocks
 from .settings import LABELS, MAPS, PAPER_COLUMN, STOP_REASONS, TARGETS, ProjectionArgs
@@ -143,7 +143,8 @@ def results_table(metrics: dict) -> str:
     if timing:
         text += (f"Wall time {timing['wall_s']:.0f} s; solver: "
                  + ", ".join(f"{LABELS[t]} {s:.0f} s" for t, s in timing.get("solve_s", {}).items()) + ".\n")
-    return text
+    cs = claims(metrics, "this run")
+    return text + (f"\n## Claims\n\n{claims_table(cs)}" if cs else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------- claims
@@ -184,6 +185,11 @@ def table1_claims(metrics: dict, label: str) -> list[Claim]:
                              Interval.from_dict(v["share_of_knn_gain_ci"]), SHARE_THRESHOLD, "above",
                              not_judged=few, lower_bound=unfinished))
     return out
+
+
+def claims(metrics: dict, label: str) -> list[Claim]:
+    """Table 1's claims and Table 4's of one run (what `knnlm analyze projection` writes into results.json)."""
+    return table1_claims(metrics, label) + table4_claims(metrics, label)
 
 
 def table4_claims(metrics: dict, label: str) -> list[Claim]:
