@@ -92,8 +92,7 @@ def test_rows_equal_knnlm_eval_and_rerun_reuses(tiny_gpt2_dir, files, tmp_path, 
         "holds" if ci["hi"] < 0.01 else "does not hold" if ci["lo"] > 0.01 else "inconclusive")
     assert claim.verdict == "not judged" and claim.reason.startswith(f"{-(-knn['n_tokens'] // 256)} block(s)")  # tiny
     assert claim.claim in md
-    assert json.loads((out / "results.json").read_text())["claims"] == [claim.record() | {"setting": claim.record()[
-        "setting"].replace("tiny", "this run", 1)}]
+    assert json.loads((out / "results.json").read_text())["claims"] == [c.record() for c in report.claim(m, "this run")]
     # results.md: a row per setting; the figure is a PNG
     assert md.count("| RetoMaton |") == 2 and md.count("| RetoMaton, clusters |") == 2
     assert (out / "retomaton.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
