@@ -2,6 +2,7 @@
 report puts our numbers beside the paper's."""
 import importlib.util
 import json
+import time
 
 import pytest
 import yaml
@@ -52,11 +53,15 @@ def test_stages_resume_and_report(tiny_gpt2_dir, data_dir, tmp_path):
         run_stages(bad, run)  # --k 0 is refused: the run stops at the eval stage
     assert calls == ["datastore", "eval"] and (out / "stages" / "ds.done").exists()
     assert not (out / "stages" / "eval.done").exists()
+    failed = json.loads((out / "stages" / "eval.elapsed.json").read_text())  # the failed run's time is kept
+    assert failed["runs"] == 1 and not (out / "stages" / "ds.elapsed.json").exists()
 
     good = ReproduceArgs(output_dir=str(out), data_dir=str(data_dir), recipe=_recipe(tmp_path, tiny_gpt2_dir, "4"))
     timings = run_stages(good, run)
     assert calls == ["datastore", "eval", "eval"]  # the finished datastore stage was skipped
     assert set(timings) == {"ds", "eval"}
+    assert json.loads((out / "stages" / "runs.json").read_text()) == {"ds": 1, "eval": 2}
+    assert timings["eval"] >= failed["wall_s"] and not (out / "stages" / "eval.elapsed.json").exists()
     run_stages(good, run)
     assert calls == ["datastore", "eval", "eval"]  # everything finished: nothing runs
 
@@ -72,6 +77,7 @@ def test_stages_resume_and_report(tiny_gpt2_dir, data_dir, tmp_path):
     assert res["claims"] == []  # an eval without an MLP memory makes no memory claim
     text = report.read_text()
     assert f"{m['ppl_knnlm']:.2f}" in text and "| total |" in text
+    assert f"| eval | – | {timings['eval']:.1f} | 2 |" in text and res["metrics"]["stage_runs"] == {"ds": 1, "eval": 2}
     assert "- not run yet: overspec: no such stage (overspec)" in text
     assert text.index("## Claims") < text.index("| claim | setting | criterion | statistic [95% CI] | verdict |") \
         < text.index("## Table 2 — kNN vs MLP memory (WikiText)")
@@ -277,6 +283,37 @@ def test_gpu_recipe_smoke_runs_every_stage_on_cpu(wikitext_dir, tmp_path):
     assert main(argv + ["--report_only"]) == 0
     assert json.loads((out / "results.json").read_text())["metrics"] == res["metrics"]
     assert (out / "report.md").read_text() == text
+
+
+def test_timed_run_adds_killed_and_failed_runs(tmp_path, monkeypatch):
+    """A stage's time is all of its runs': a killed run's last heartbeat, a failed run's end, this run."""
+    from knnlm.experiments import reproduce
+
+    monkeypatch.setattr(reproduce, "HEARTBEAT_S", 0.01)
+    path = tmp_path / "s.elapsed.json"
+    path.write_text(json.dumps({"wall_s": 100.0, "runs": 1}))  # what a killed run left at its last heartbeat
+    seen = []
+
+    def run():  # returns once the heartbeat has saved this run's time beside the killed run's
+        deadline = time.time() + 30
+        while time.time() < deadline and not seen:
+            now = json.loads(path.read_text())
+            if now["runs"] == 2:
+                seen.append(now)
+            time.sleep(0.005)
+        return 3
+
+    code, spent = reproduce.timed_run(path, run)
+    assert code == 3 and seen and seen[0]["wall_s"] >= 100.0
+    assert spent["runs"] == 2 and spent["wall_s"] >= seen[0]["wall_s"]
+    assert json.loads(path.read_text()) == spent
+
+    def crash():
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        reproduce.timed_run(path, crash)
+    assert json.loads(path.read_text())["runs"] == 3 and json.loads(path.read_text())["wall_s"] >= spent["wall_s"]
 
 
 @pytest.mark.slow

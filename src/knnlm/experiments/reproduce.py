@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import logging
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,10 +173,41 @@ def check_run_kind(out: Path, args: ReproduceArgs) -> None:
         atomic_write_json(path, kind)
 
 
-def load_timings(out: Path) -> dict:
-    """Wall seconds of each finished stage, as ``run_stages`` recorded them (``OUT/stages/timings.json``)."""
-    path = Path(out) / "stages" / "timings.json"
+def load_timings(out: Path, name: str = "timings.json") -> dict:
+    """Wall seconds of each finished stage, as ``run_stages`` recorded them (``OUT/stages/timings.json``; with
+    ``name="runs.json"``, how many runs each took)."""
+    path = Path(out) / "stages" / name
     return read_json(path) if path.exists() else {}
+
+
+# How often a running stage saves its wall time so far: a run ended by a kill still counts, up to its last save.
+HEARTBEAT_S = 30.0
+
+
+def timed_run(path: Path, run) -> tuple[int, dict]:
+    """``run()``'s exit code and ``{"wall_s", "runs"}``: its wall time added to what earlier runs of the stage spent
+    (``path``, saved every ``HEARTBEAT_S`` and when it ends or fails), so a resumed stage's time is all of its runs'."""
+    before = read_json(path) if path.exists() else {"wall_s": 0.0, "runs": 0}
+    started, stop = time.time(), threading.Event()
+
+    def save() -> dict:
+        now = {"wall_s": round(before["wall_s"] + time.time() - started, 1), "runs": before["runs"] + 1}
+        atomic_write_json(path, now)
+        return now
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            save()
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        code = run()
+    finally:
+        stop.set()
+        thread.join()
+        spent = save()
+    return code, spent
 
 
 def run_stages(args: ReproduceArgs, run_command, recipe: Optional[dict] = None) -> dict:
@@ -192,7 +224,7 @@ def run_stages(args: ReproduceArgs, run_command, recipe: Optional[dict] = None) 
         raise KnnlmError(f"--scale: the {args.scale} recipe requires {recipe['requires']}, which this machine lacks; "
                          "run it where it holds, or pass --smoke to check it here in seconds")
     check_run_kind(out, args)
-    timings = load_timings(out)
+    timings, runs = load_timings(out), load_timings(out, "runs.json")
     for stage in recipe["stages"]:
         name = stage["name"]
         done = out / "stages" / f"{name}.done"
@@ -203,13 +235,15 @@ def run_stages(args: ReproduceArgs, run_command, recipe: Optional[dict] = None) 
             continue
         argv = stage_argv(stage, args)
         log.info("stage %s: knnlm %s", name, " ".join(argv))
-        started = time.time()
-        code = run_command(argv)
+        elapsed = out / "stages" / f"{name}.elapsed.json"
+        code, spent = timed_run(elapsed, lambda: run_command(argv))
         if code:
             raise KnnlmError(f"stage {name} failed (exit {code}); fix the cause and rerun the same command to resume")
-        timings[name] = round(time.time() - started, 1)
+        timings[name], runs[name] = spent["wall_s"], spent["runs"]
         atomic_write_json(out / "stages" / "timings.json", timings)
+        atomic_write_json(out / "stages" / "runs.json", runs)
         done.write_text(" ".join(argv) + "\n")
+        elapsed.unlink()
     return timings
 
 
@@ -249,16 +283,16 @@ def _table_sections(tables: dict[str, list]) -> list[str]:
     return parts
 
 
-def _stage_rows(recipe: dict, timings: dict) -> tuple[list, dict, dict]:
-    """Rows (stage, budget s, wall s) in recipe order plus a total; the measured times and the budgets as dicts."""
+def _stage_rows(recipe: dict, timings: dict, runs: dict) -> tuple[list, dict, dict]:
+    """Rows (stage, budget s, wall s, runs) in recipe order plus a total; the measured times and the budgets as dicts."""
     order = [s["name"] for s in recipe["stages"]]
     ordered = {k: timings[k] for k in sorted(timings, key=lambda k: order.index(k) if k in order else len(order))}
     budgets = {s["name"]: s["budget_s"] for s in recipe["stages"] if "budget_s" in s}
     rows = [[s["name"], budgets.get(s["name"]),
              timings.get(s["name"], f"skipped (when: {s['when']})" if s.get("when") and not condition_holds(s["when"])
-                         else None)] for s in recipe["stages"]]
-    rows += [[k, None, v] for k, v in ordered.items() if k not in order]
-    rows.append(["total", sum(budgets.values()) if budgets else None, round(sum(timings.values()), 1)])
+                         else None), runs.get(s["name"])] for s in recipe["stages"]]
+    rows += [[k, None, v, runs.get(k)] for k, v in ordered.items() if k not in order]
+    rows.append(["total", sum(budgets.values()) if budgets else None, round(sum(timings.values()), 1), None])
     return rows, ordered, budgets
 
 
@@ -277,7 +311,8 @@ def write_report(args: ReproduceArgs, timings: dict, recipe: Optional[dict] = No
             dst.parent.mkdir(exist_ok=True)
             shutil.copyfile(src, dst)
             figures.append(f"![{fig['caption']}](figures/{fig['name']})\n\n*{fig['caption']}*\n")
-    stage_rows, ordered, budgets = _stage_rows(recipe, timings)
+    runs = load_timings(out, "runs.json")
+    stage_rows, ordered, budgets = _stage_rows(recipe, timings, runs)
     total = stage_rows[-1][2]
     faiss_gpu = condition_holds("faiss-gpu")
     search = "FAISS" if faiss_gpu else "torch" if condition_holds("gpu-search") else "no"
@@ -290,10 +325,12 @@ def write_report(args: ReproduceArgs, timings: dict, recipe: Optional[dict] = No
     parts = [*header, "## Claims\n", CLAIMS_NOTE, claims_table(claims),
              *(f"- not run yet: {m}\n" for m in missing), "", *_table_sections(tables),
              "## Figures\n", *figures, *(f"- {note}\n" for note in rep.get("figure_notes", [])),
-             "## Stages\n", "Wall time of each stage's last (completing) run; a stage skipped as finished keeps its time. "
-             "Budget: the recipe's estimate for this scale's machine (`budget_s`).\n",
-             markdown_table(["stage", "budget s", "wall s"], stage_rows, digits=1)]
-    write_results(out, dataclasses.asdict(args), {"stage_wall_s": ordered, "total_wall_s": total,
+             "## Stages\n", "Wall time of each stage summed over its runs (a stage failed, or killed and resumed, "
+             f"counts every run; a killed run up to its last save, every {HEARTBEAT_S:.0f} s); a stage skipped as "
+             "finished keeps its time. Runs –: not counted (the time is its last, completing run's). Budget: the "
+             "recipe's estimate for this scale's machine (`budget_s`).\n",
+             markdown_table(["stage", "budget s", "wall s", "runs"], stage_rows, digits=1)]
+    write_results(out, dataclasses.asdict(args), {"stage_wall_s": ordered, "total_wall_s": total, "stage_runs": runs,
                                                   "stage_budget_s": budgets, "tables": tables},
                   claims=[c.record() for c in claims])
     return write_markdown(out, "\n".join(parts), name="report.md")
