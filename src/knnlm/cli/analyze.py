@@ -49,9 +49,9 @@ def cmd_projection(args) -> int:
     metrics = run_projection(lm, cargs, pargs, datastore, kargs)
     out = Path(pargs.output_dir)
     save_config(out, margs, cargs, kargs, pargs)
-    write_results(out, to_dict(margs, cargs, kargs, pargs), metrics, started,
-                  claims=[c.record() for c in claims(metrics, "this run")])
-    table = results_table(metrics)
+    found = claims(metrics, "this run")
+    write_results(out, to_dict(margs, cargs, kargs, pargs), metrics, started, claims=[c.record() for c in found])
+    table = results_table(metrics, found)
     write_markdown(out, table)
     print(table, end="")
     print(f"results: {out / 'results.json'}; KL histograms: {', '.join(str(out / f'kl_{t}.png') for t in pargs.target)}; "
@@ -83,9 +83,9 @@ def cmd_retomaton(args) -> int:
     metrics = run_retomaton(lm, cargs, rargs, datastore)
     out = Path(rargs.output_dir)
     save_config(out, margs, cargs, rargs)
-    write_results(out, to_dict(margs, cargs, rargs), metrics, started,
-                  claims=[c.record() for c in claim(metrics, "this run")])
-    table = results_table(metrics)
+    found = claim(metrics, "this run")
+    write_results(out, to_dict(margs, cargs, rargs), metrics, started, claims=[c.record() for c in found])
+    table = results_table(metrics, found)
     write_markdown(out, table)
     figure(out / FIGURE, metrics)
     print(table, end="")

@@ -95,9 +95,9 @@ def _ci(d: dict) -> str:
     return Interval.from_dict(d).fmt()
 
 
-def results_table(metrics: dict) -> str:
+def results_table(metrics: dict, claims: list[Claim]) -> str:
     """Markdown: for each tolerance, perplexity in the layout of Tables 1 and 4 (with 95% intervals and the share of
-    kNN's gain), KL in the layout of Table 3, and the solver's statistics; every table names its maps."""
+    kNN's gain), KL in the layout of Table 3, the solver's statistics (every table names its maps), then ``claims``."""
     sv = metrics["solver"]
     targets = list(metrics["maps"])
     maps = "".join(f"- **{LABELS[t]}**: {metrics['maps'][t]}\n" for t in targets)
@@ -143,8 +143,7 @@ def results_table(metrics: dict) -> str:
     if timing:
         text += (f"Wall time {timing['wall_s']:.0f} s; solver: "
                  + ", ".join(f"{LABELS[t]} {s:.0f} s" for t, s in timing.get("solve_s", {}).items()) + ".\n")
-    cs = claims(metrics, "this run")
-    return text + (f"\n## Claims\n\n{claims_table(cs)}" if cs else "")
+    return text + (f"\n## Claims\n\n{claims_table(claims)}" if claims else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------- claims
