@@ -45,8 +45,11 @@ def memory_claims(ev: dict, share_ci: Optional[dict], label: str, data: str, own
     other = "" if own else f"{data}: the memory adapts the LM to text it was not trained on, not the paper's setting"
     no_ci = "" if share_ci else "no per-token cache for an interval (eval --save_neighbors true)"
     nan = float("nan")
-    point = share_of_gain(ev["ppl_lm"], ev["ppl_knnlm"], ev["ppl_mlplm"]) if ev.get("ppl_mlplm") else nan
-    share = Interval.from_dict(share_ci) if share_ci else Interval(point, nan, nan)
+    if share_ci:
+        share = Interval.from_dict(share_ci)
+    else:  # shown beside its reason, never judged
+        share = Interval(share_of_gain(ev["ppl_lm"], ev["ppl_knnlm"], ev["ppl_mlplm"]) if ev.get("ppl_mlplm") else nan,
+                         nan, nan)
     claims = [Claim(SHARE_CLAIM, setting, "share of kNN's gain", share, SHARE_THRESHOLD, "above",
                     not_judged=other or unplateaued or no_ci or too_few_blocks(ev.get("n_tokens")))]
     storage = ev.get("storage", {}).get("datastore_over_mlp")
