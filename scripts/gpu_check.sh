@@ -15,7 +15,7 @@
 # Environment of the recipe (all optional):
 #   DATA_DIR   WikiText-2 folder (train.txt, valid.txt); default ../shared/data/wikitext-2, else shared/data/wikitext-2
 #   RUN_DIR    the reproduce output folder (default runs/reproduce-gpu); a rerun resumes it
-#   TIMEOUT_S  wall-clock limit of the reproduce command (default 1200: twice the 10-minute budget); 124 = timed out,
+#   TIMEOUT_S  wall-clock limit of the reproduce command (default 1200: the recipe's budgets, 1,047 s, and a margin); 124 = timed out,
 #              rerun the same command to continue
 #   STAGES     a comma list: run only these stages of the recipe (--stages), e.g. where some assets are missing
 #   SMOKE=1    add --smoke (every stage in seconds on CPU: checks this script on a machine without a GPU)

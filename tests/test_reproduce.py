@@ -116,19 +116,25 @@ def test_gpu_recipe_fits_its_budget(wikitext_dir):
     assert sum(s.get("budget_s", 0) for s in stages) <= 900
 
 
-def test_cpu_stage_costs_documented(wikitext_dir):
-    """docs/reproduce.md's stage-cost table is the cpu recipe's budget_s, stage by stage and in total."""
+@pytest.mark.parametrize("scale, heading", [("cpu", "## Stage costs of the cpu recipe"),
+                                            ("gpu", "### Stages and budget")])
+def test_stage_budgets_documented(wikitext_dir, scale, heading):
+    """docs/reproduce.md's stage table of each recipe shows its budget_s, stage by stage and in total."""
     import pathlib
-    import re
 
     from knnlm.experiments.reproduce import load_recipe
 
-    stages = load_recipe(ReproduceArgs(scale="cpu", output_dir="/o", data_dir=str(wikitext_dir)))["stages"]
+    stages = load_recipe(ReproduceArgs(scale=scale, output_dir="/o", data_dir=str(wikitext_dir)))["stages"]
     doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "reproduce.md").read_text()
-    section = doc.split("## Stage costs of the cpu recipe", 1)[1].split("\n## ", 1)[0]
-    rows = dict(re.findall(r"^\| ([\w-]+) \| ([\d,]+) \|", section, flags=re.M))
-    assert {n: int(b.replace(",", "")) for n, b in rows.items()} == \
-        {**{s["name"]: s["budget_s"] for s in stages}, "total": sum(s["budget_s"] for s in stages)}
+    section = doc.split(heading + "\n", 1)[1].split("\n#", 1)[0]
+    table = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+             if line.startswith("| ") and not line.startswith("| ---")]
+    col = table[0].index("budget s")
+    documented = {row[0]: row[col] for row in table[1:]}
+    assert set(documented) == {s["name"] for s in stages} | {"total"}
+    budgets = {s["name"]: s.get("budget_s") for s in stages}
+    budgets["total"] = sum(b for b in budgets.values() if b)
+    assert {n: None if b == "–" else int(b.replace(",", "")) for n, b in documented.items()} == budgets
 
 
 def test_override_flags():
