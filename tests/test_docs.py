@@ -51,3 +51,28 @@ def test_python_api_example_runs(tiny_gpt2_dir, wikitext_dir, tmp_path, capsys):
     assert scope["knnlm_logp"].exp().sum(-1).sub(1).abs().max() < 1e-4  # a distribution
     out = capsys.readouterr().out
     assert f"{ds.N} 64 ffn_input" in out and "LM vs kNN-LM" in out
+
+
+def _map_rows(path: Path) -> dict[str, str]:
+    """A doc's "## Module map" table: each name in its first column (backticked) -> the row's text."""
+    section = path.read_text().split("## Module map", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            first, rest = line[2:].split(" | ", 1)
+            rows.update({name: rest for name in re.findall(r"`([^`]+)`", first)})
+    return rows
+
+
+def test_module_maps_name_every_module():
+    """README's and DEVELOPERS.md's module maps name every module, package and study folder of src/knnlm."""
+    src = REPO / "src" / "knnlm"
+    modules = {p.name for p in src.glob("*.py") if not p.name.startswith("__")}
+    packages = {p.name + "/" for p in src.iterdir() if (p / "__init__.py").is_file()}
+    studies = {p.name + "/" for p in (src / "experiments").iterdir() if (p / "__init__.py").is_file()}
+    for doc in (REPO / "README.md", REPO / "DEVELOPERS.md"):
+        rows = _map_rows(doc)
+        named = set(rows) | {n.split("/", 1)[0] + "/" for n in rows if "/" in n}
+        assert modules - named == set() and packages - named == set(), doc.name
+        experiments = " ".join(text for name, text in rows.items() if name.startswith("experiments/"))
+        assert {s for s in studies if f"`{s}`" not in experiments} == set(), doc.name
