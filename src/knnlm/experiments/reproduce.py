@@ -328,7 +328,7 @@ def write_report(args: ReproduceArgs, timings: dict, recipe: Optional[dict] = No
              "## Stages\n", "Wall time of each stage summed over its runs (a stage failed, or killed and resumed, "
              f"counts every run; a killed run up to its last save, every {HEARTBEAT_S:.0f} s); a stage skipped as "
              "finished keeps its time. Runs –: not counted (the time is its last, completing run's). Budget: the "
-             "recipe's estimate for this scale's machine (`budget_s`).\n",
+             "recipe's `budget_s`, the stage's cost measured on this scale's machine (or estimated where not).\n",
              markdown_table(["stage", "budget s", "wall s", "runs"], stage_rows, digits=1)]
     write_results(out, dataclasses.asdict(args), {"stage_wall_s": ordered, "total_wall_s": total, "stage_runs": runs,
                                                   "stage_budget_s": budgets, "tables": tables},
