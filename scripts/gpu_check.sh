@@ -19,6 +19,8 @@
 #              recipe's budgets are 1,857 s, so it takes several runs); 124 = timed out,
 #              rerun the same command to continue
 #   STAGES     a comma list: run only these stages of the recipe (--stages), e.g. where some assets are missing
+#              issue 29 item 6 alone (~15 min of stage time with its prerequisites, two runs under TIMEOUT_S):
+#              STAGES=lm-gpt2small,datastore-gpt2small,projection-converged-gpt2small,overspec-smollm2-lengths
 #   SMOKE=1    add --smoke (every stage in seconds on CPU: checks this script on a machine without a GPU)
 #   OUT        a folder that receives report.md, results.json, timings.json, gpu_check.log and stage-results.tar.gz
 #              (every stage's results.json / results.md / config.json and the figures)
