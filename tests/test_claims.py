@@ -110,6 +110,34 @@ def test_too_few_blocks_carry_no_verdict():
     assert bare.verdict == NOT_JUDGED and bare.interval.point == pytest.approx((20 - 18) / (20 - 16))  # gain_share's
 
 
+def test_a_share_of_no_gain_is_not_judged():
+    """A ratio of gains turns over where its reference loses to the LM: the kNN-LM worse than the LM gives an MLP-LM
+    as bad a share of 1.0 [0.9, 1.1], and f worse than the LM gives f∘g (better than the LM) a negative ratio; neither
+    may read "holds"."""
+    from knnlm.experiments.memory.report import memory_claims
+    from knnlm.experiments.projection import report as PR
+    from knnlm.stats import no_gain, share_of_gain
+
+    assert share_of_gain(20.0, 21.0, 21.0) == 1.0  # (21 - 20) / (21 - 20): a loss "kept" in full
+    assert no_gain(20.0, 19.9, "the kNN-LM") == "" and no_gain(20.0, None, "x") == ""
+    assert no_gain(20.0, 21.0, "the kNN-LM") == \
+        "the kNN-LM does not gain over the LM (21.00 >= 20.00): a share of its gain has no meaning"
+    ev = {"n_tokens": 15000, "ppl_lm": 20.0, "ppl_knnlm": 21.0, "ppl_mlplm": 21.0}
+    share = memory_claims(ev, {"point": 1.0, "lo": 0.9, "hi": 1.1}, "t", "own", True)[0]
+    assert share.verdict == NOT_JUDGED and share.reason.startswith("the kNN-LM does not gain")
+    assert memory_claims({**ev, "ppl_knnlm": 16.0}, {"point": 1.0, "lo": 0.9, "hi": 1.1}, "t", "own", True)[0].verdict \
+        == HOLDS
+    m = {"n_tokens": 5000, "ppl_lm": 20.0, "ppl_knnlm": 16.0, "solver": {"max_steps": 10},
+         "by_tol": [{"tol": 0.0, "targets": {"f_out": {"share_of_knn_gain_ci": {"point": 0.95, "lo": 0.92, "hi": 0.97},
+                                                       "still_improving_fraction": 0.0, "max_steps": 10,
+                                                       "ppl_proj": 21.0}},
+                     "fg_gain_over_f_gain": {"f_out": {"point": -1.0, "lo": -1.1, "hi": -0.9}}}]}
+    t1, t4 = PR.table1_claims(m, "t")[0], PR.table4_claims(m, "t")[0]
+    assert t1.verdict == HOLDS and t4.verdict == NOT_JUDGED and t4.reason.startswith("f_out does not gain")
+    m["ppl_knnlm"] = 20.5
+    assert PR.table1_claims(m, "t")[0].verdict == NOT_JUDGED
+
+
 def test_recorded_cpu_claims_and_the_readme_agree():
     """The recorded cpu run's claims (docs/results/cpu-2026-12-06/claims.json): every stored verdict is the one its
     interval gives, and README's "What reproduces" table and the run's claims.md are that table, not hand copies."""

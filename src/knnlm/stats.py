@@ -132,6 +132,14 @@ def share_of_gain(base: float, ref: float, other: float) -> float:
     return (other - base) / (ref - base) if ref != base else float("nan")
 
 
+def no_gain(ppl_base: Optional[float], ppl_ref: Optional[float], ref: str) -> str:
+    """Why a share of ``ref``'s gain over the base cannot be judged ("" where ``ref``'s perplexity is below the base's):
+    with no gain the ratio's sign turns over and "keeps more than a third of the gain" would read a loss as a keep."""
+    if ppl_base is None or ppl_ref is None or ppl_ref < ppl_base:
+        return ""
+    return f"{ref} does not gain over the LM ({ppl_ref:.2f} >= {ppl_base:.2f}): a share of its gain has no meaning"
+
+
 def too_few_blocks(n_tokens: Optional[int], block: int = BLOCK_TOKENS) -> str:
     """Why a block-bootstrap interval over ``n_tokens`` cannot be judged on ("" with >= MIN_BLOCKS blocks, or when the
     count is unknown)."""

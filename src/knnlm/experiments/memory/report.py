@@ -11,7 +11,7 @@ import numpy as np
 
 from ...claims import Claim
 from ...fileio import read_json
-from ...stats import Interval, share_of_gain, too_few_blocks
+from ...stats import Interval, no_gain, share_of_gain, too_few_blocks
 from .check import control_gap, gain_share, own_data_check
 
 # `knnlm reproduce --smoke`: the flags that shrink an `mlp train` stage to seconds
@@ -51,7 +51,8 @@ def memory_claims(ev: dict, share_ci: Optional[dict], label: str, data: str, own
         share = Interval(share_of_gain(ev["ppl_lm"], ev["ppl_knnlm"], ev["ppl_mlplm"]) if ev.get("ppl_mlplm") else nan,
                          nan, nan)
     claims = [Claim(SHARE_CLAIM, setting, "share of kNN's gain", share, SHARE_THRESHOLD, "above",
-                    not_judged=other or unplateaued or no_ci or too_few_blocks(ev.get("n_tokens")))]
+                    not_judged=other or unplateaued or no_ci or too_few_blocks(ev.get("n_tokens"))
+                    or no_gain(ev["ppl_lm"], ev.get("ppl_knnlm"), "the kNN-LM"))]
     storage = ev.get("storage", {}).get("datastore_over_mlp")
     if storage:
         claims.append(Claim(STORAGE_CLAIM, setting, "datastore / memory bytes", Interval.exact(storage),

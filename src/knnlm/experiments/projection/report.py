@@ -10,7 +10,7 @@ import numpy as np
 
 from ...claims import Claim, claims_table
 from ...report import fmt, markdown_table
-from ...stats import BLOCK_TOKENS, Interval, block_bootstrap_ci, share_of_gain, too_few_blocks
+from ...stats import BLOCK_TOKENS, Interval, block_bootstrap_ci, no_gain, share_of_gain, too_few_blocks
 from .settings import LABELS, MAPS, PAPER_COLUMN, STOP_REASONS, TARGETS, ProjectionArgs
 
 # Chiang et al.: a 16-layer LM on WikiText-103, k = 1024, λ = 0.25, L2
@@ -171,7 +171,8 @@ def _still_improving(v: dict, max_steps: int) -> Optional[float]:
 
 def table1_claims(metrics: dict, label: str) -> list[Claim]:
     """Per tolerance and KL target: does p_proj reach the kNN-LM (share of kNN's gain above 0.9)?"""
-    out, few = [], too_few_blocks(metrics.get("n_tokens"))
+    out = []
+    few = too_few_blocks(metrics.get("n_tokens")) or no_gain(metrics.get("ppl_lm"), metrics.get("ppl_knnlm"), "the kNN-LM")
     for entry in metrics["by_tol"]:
         for t in ("f_out", "f_norm", "fg"):
             v = entry["targets"].get(t)
@@ -193,11 +194,14 @@ def claims(metrics: dict, label: str) -> list[Claim]:
 
 def table4_claims(metrics: dict, label: str) -> list[Claim]:
     """f∘g's gain as a share of f_norm's (like with like) and of f_out's (the paper's f), first tolerance."""
-    ratios = metrics["by_tol"][0].get("fg_gain_over_f_gain", {})
+    first = metrics["by_tol"][0]
+    ratios = first.get("fg_gain_over_f_gain", {})
     names = {"f_norm": "vs f_norm (like with like)", "f_out": "vs f_out (the paper's f)"}
     few = too_few_blocks(metrics.get("n_tokens"))
     return [Claim(TABLE4_CLAIM, f"{label}, {names[f]}", "f∘g gain / f gain (log ppl)", Interval.from_dict(ratios[f]),
-                  RATIO_THRESHOLD, "below", not_judged=few) for f in ("f_norm", "f_out") if f in ratios]
+                  RATIO_THRESHOLD, "below",
+                  not_judged=few or no_gain(metrics.get("ppl_lm"), first["targets"].get(f, {}).get("ppl_proj"), f))
+            for f in ("f_norm", "f_out") if f in ratios]
 
 
 # ---------------------------------------------------------------------------------------------------------------- report
