@@ -94,9 +94,29 @@ def test_reference_rows_carry_the_under_training_note(tmp_path):
     assert under_training_note(60.0, 56.0) == "memory alone 60.00 >= LM 56.00"
 
 
+def _plateaued_memory(root):
+    """An `mlp train` stage's record whose loss plateaued (the share's other gate)."""
+    (root / "mlp").mkdir()
+    (root / "mlp" / "results.json").write_text(json.dumps({"metrics": {"training": {"last_fifth_drop": 0.005}}}))
+
+
+def test_memory_entry_without_its_mlp_stage_is_not_judged(tmp_path):
+    """A recipe entry that names no `mlp train` stage (or one with no record) leaves the memory's plateau unknown."""
+    from knnlm.memory import PLATEAU_UNKNOWN
+
+    ev = {"ppl_lm": 20.0, "ppl_knnlm": 16.0, "ppl_mlplm": 18.0}
+    entry = {"folder": "eval", "label": "t", "data": "own"}
+    assert report_part(ev, entry, tmp_path)[1][0].reason == PLATEAU_UNKNOWN
+    assert report_part(ev, {**entry, "mlp": "mlp"}, tmp_path)[1][0].reason == PLATEAU_UNKNOWN
+    _plateaued_memory(tmp_path)
+    assert report_part(ev, {**entry, "mlp": "mlp"}, tmp_path)[1][0].reason == \
+        "no per-token cache for an interval (eval --save_neighbors true)"
+
+
 def test_share_not_judged_while_the_lm_still_improves(tmp_path):
     ev = {"ppl_lm": 20.0, "ppl_knnlm": 16.0, "ppl_mlplm": 18.0, "storage": {"datastore_over_mlp": 40.0}}
-    entry = {"folder": "eval", "label": "t", "data": "own", "lm": "lm", "converged": True}
+    entry = {"folder": "eval", "label": "t", "data": "own", "lm": "lm", "converged": True, "mlp": "mlp"}
+    _plateaued_memory(tmp_path)
     (tmp_path / "lm").mkdir()
 
     def share_claim(stopped):
@@ -110,7 +130,8 @@ def test_share_not_judged_while_the_lm_still_improves(tmp_path):
 
 def test_share_not_judged_unless_the_annealed_lm_ended_its_schedule(tmp_path):
     ev = {"ppl_lm": 20.0, "ppl_knnlm": 16.0, "ppl_mlplm": 18.0}
-    entry = {"folder": "eval", "label": "t", "data": "own", "lm": "lm", "converged": "annealed"}
+    entry = {"folder": "eval", "label": "t", "data": "own", "lm": "lm", "converged": "annealed", "mlp": "mlp"}
+    _plateaued_memory(tmp_path)
     assert report_part(ev, entry, tmp_path)[1][0].reason == LM_SCHEDULE_UNFINISHED  # no LM run recorded
     (tmp_path / "lm").mkdir()
 

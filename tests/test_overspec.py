@@ -437,3 +437,8 @@ def test_memory_claims_not_judged_before_the_memory_plateaus():
     metrics["mlp_training"]["1"]["plateau"] = 0.01  # at the limit: plateaued
     assert plateau_reason(metrics) == ""
     assert {c.statistic.split(" (")[0]: c for c in overspec_claims(metrics, "t")}["MLP − kNN"].verdict == "holds"
+    # a seed whose memory curve is missing, or too short to tell: unknown, not judged
+    from knnlm.memory import PLATEAU_UNKNOWN, plateau_reason as drops_reason
+
+    assert plateau_reason({**metrics, "seeds": [0, 1, 2]}) == PLATEAU_UNKNOWN
+    assert drops_reason([0.005, None]) == PLATEAU_UNKNOWN and drops_reason([]) == ""

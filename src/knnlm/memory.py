@@ -498,12 +498,17 @@ def _loop_args(args: MemoryArgs, total_steps: int) -> TrainArgs:
 PLATEAU_DROP = 0.01
 
 
+PLATEAU_UNKNOWN = "the memory's plateau is unknown (no recorded loss curve of at least 5 points)"
+
+
 def plateau_reason(drops: list[Optional[float]]) -> str:
-    """Why a memory claim is not judged: "" when every known last-fifth drop is at most :data:`PLATEAU_DROP`."""
-    known = [d for d in drops if d is not None]
-    if not known or max(known) <= PLATEAU_DROP:
+    """Why a memory claim is not judged: "" when every last-fifth drop (one per memory) is at most
+    :data:`PLATEAU_DROP`; a memory whose drop is unknown (None: no curve, or one too short) is not judged either."""
+    if any(d is None for d in drops):
+        return PLATEAU_UNKNOWN
+    if not drops or max(drops) <= PLATEAU_DROP:
         return ""
-    return f"the memory's loss still fell {max(known):.1%} over its last fifth (> {PLATEAU_DROP:.0%}: not at its plateau)"
+    return f"the memory's loss still fell {max(drops):.1%} over its last fifth (> {PLATEAU_DROP:.0%}: not at its plateau)"
 
 
 def last_fifth_drop(curve: list[dict]) -> Optional[float]:

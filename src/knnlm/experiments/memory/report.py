@@ -113,12 +113,12 @@ def _lm_still_improving(out: Path, entry: dict) -> str:
 
 def _plateau(out: Path, entry: dict) -> str:
     """Why the share is not judged for the memory's training (the recipe entry's ``mlp:`` names its `mlp train`
-    stage; "" without one or when its loss plateaued: memory.PLATEAU_DROP)."""
+    stage; "" when its loss plateaued: memory.PLATEAU_DROP; without the stage's record the plateau is unknown)."""
     from ...memory import plateau_reason
 
     path = out / entry["mlp"] / "results.json" if entry.get("mlp") else None
     if path is None or not path.is_file():
-        return ""
+        return plateau_reason([None])
     return plateau_reason([read_json(path)["metrics"].get("training", {}).get("last_fifth_drop")])
 
 

@@ -175,7 +175,10 @@ def plateau_reason(metrics: dict) -> str:
     """Why the MLP memory's claims are not judged ("" when every seed's memory loss has plateaued: memory.PLATEAU_DROP)."""
     from ...memory import plateau_reason as reason
 
-    return reason([t.get("plateau") for t in metrics.get("mlp_training", {}).values()])
+    curves = metrics.get("mlp_training", {})
+    if not metrics.get("seeds"):
+        return reason([t.get("plateau") for t in curves.values()])
+    return reason([curves.get(str(seed), {}).get("plateau") for seed in metrics["seeds"]])  # a seed without a curve: unknown
 
 
 def overspec_claims(metrics: dict, label: str) -> list[Claim]:
