@@ -144,6 +144,13 @@ def test_bad_requests(server, body, status, needle):
     assert got == status and needle in r["error"]["message"]
 
 
+def test_port_in_use_is_a_one_line_error(server, tiny_lm):
+    """Binding a port another server holds: the --port error (socketserver's cleanup after a failed bind used to hit
+    the server's half-made state and hide it behind an AttributeError)."""
+    with pytest.raises(KnnlmError, match=r"^--port: cannot bind 127\.0\.0\.1:\d+ \(Address already in use\); pick"):
+        start_server(tiny_lm, ServeArgs(port=server.server_address[1]))
+
+
 def test_models_route_and_api_key(tiny_lm):
     srv, thread = start_server(tiny_lm, ServeArgs(port=0, served_model_name="tiny", api_key="k1"))
     try:

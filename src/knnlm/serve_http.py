@@ -278,14 +278,15 @@ class CompletionServer(HTTPServer):
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        self._threads: list[threading.Thread] = []  # before binding: a failed bind calls server_close -> stop
         try:
             super().__init__((host, port), _Handler)
         except OSError as e:
             self._selector.close()
             raise KnnlmError(f"--port: cannot bind {host}:{port} ({e.strerror}); pick another port or stop the "
                              "process using it") from None
-        self._threads = [threading.Thread(target=self._work, name=f"knnlm-serve-{i}", daemon=True)
-                         for i in range(workers)]
+        self._threads += [threading.Thread(target=self._work, name=f"knnlm-serve-{i}", daemon=True)
+                          for i in range(workers)]
         for t in self._threads:
             t.start()
 
