@@ -92,6 +92,38 @@ def test_bad_arguments(tiny_gpt2_dir, data_dir, tmp_path):
         run_stages(ReproduceArgs(output_dir=str(tmp_path / "o"), data_dir=str(tmp_path / "missing"), recipe=recipe), main)
 
 
+@pytest.mark.parametrize("stages, needle", [
+    (5, "has no 'stages' list"),
+    (["lm-small"], "stage 1 is 'lm-small', not a mapping"),
+    ([{"name": "a", "argv": "lm train"}], "stage a: argv must be a list of words"),
+    ([{"name": "a", "argv": ["eval", "--help"]}, {"name": "a", "argv": ["eval"]}], "stage name(s) a used twice"),
+    ([{"name": "a", "argv": ["eval", "--k", "4"]}, {"name": "b", "argv": ["nosuchcmd", "--x", "1"]}],
+     "stage b: `knnlm nosuchcmd --x 1`: knnlm: error: argument COMMAND: invalid choice: 'nosuchcmd'"),
+    ([{"name": "a", "argv": ["eval", "--kk", "4"]}], "stage a: `knnlm eval --kk 4`: knnlm: error: unrecognized arguments: --kk 4"),
+])
+def test_bad_recipes_fail_before_any_stage_runs(data_dir, tmp_path, capsys, stages, needle):
+    """A malformed recipe, or a stage whose command line does not parse (even the last one), is one error line naming
+    the recipe and the stage; no stage runs and nothing is written for it."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"stages": stages}))
+    out = tmp_path / "o"
+    assert main(["reproduce", "--recipe", str(path), "--data_dir", str(data_dir), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"knnlm: error: --recipe: {path}") and needle in err[0], err
+    assert not (out / "stages").exists() and not (out / "config.json").exists()
+
+
+def test_unknown_stages_flag_writes_nothing(data_dir, tmp_path, capsys):
+    recipe = yaml.safe_dump({"stages": [{"name": "a", "argv": ["eval", "--k", "4"]}]})
+    (tmp_path / "r.yaml").write_text(recipe)
+    out = tmp_path / "o"
+    argv = ["reproduce", "--recipe", str(tmp_path / "r.yaml"), "--data_dir", str(data_dir), "--output_dir", str(out),
+            "--smoke", "--stages", "a,nope"]
+    assert main(argv) == 2
+    assert "--stages: unknown stage(s) nope; the recipe" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["knnlm-run.json"]  # the folder's marker: no config, data, stages
+
+
 def test_shipped_recipes_name_real_subcommands(wikitext_dir):
     """Every stage of the shipped recipes parses with the real CLI parser (no typo in a flag), as written and with the
     --smoke overrides (which must name flags the command has)."""

@@ -52,6 +52,28 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def check_stage_commands(recipe: dict, rargs) -> None:
+    """Every stage's command line parses with the real parser before any stage runs: a typo in a late stage fails now,
+    not after hours of the earlier ones."""
+    import contextlib
+    import io
+
+    from ..errors import KnnlmError
+    from ..experiments.reproduce import stage_argv
+    from . import build_parser
+
+    parser = build_parser()
+    for stage in recipe["stages"]:
+        argv, err = stage_argv(stage, rargs), io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                parser.parse_args(argv)
+        except SystemExit:
+            why = (err.getvalue().strip().splitlines() or ["it does not parse"])[-1]
+            raise KnnlmError(f"--recipe: {rargs.recipe or f'the {rargs.scale} recipe'}: stage {stage['name']}: "
+                             f"`knnlm {' '.join(argv)[:120]}`: {why}; fix the stage's argv") from None
+
+
 def cmd_reproduce(args) -> int:
     from ..config import resolve, save_config
     from ..fileio import claim_output_dir
@@ -64,8 +86,11 @@ def cmd_reproduce(args) -> int:
     out = Path(rargs.output_dir)  # a model, a datastore, another command's run: refused (a run from before the
     # marker is recognised by its stage records); the scale is checked by check_run_kind
     claim_output_dir(out, "reproduce", {}, own_files=("*",) if (out / "stages" / "run.json").is_file() else ())
-    rargs = with_smoke_data(with_data_dir(rargs))
+    rargs = with_data_dir(rargs)
     recipe = load_recipe(rargs)  # read once: a recipe edited during a long run does not change its report
+    rargs = with_smoke_data(rargs)
+    if not rargs.report_only:
+        check_stage_commands(recipe, rargs)
     if rargs.report_only:
         check_run_kind(Path(rargs.output_dir), rargs)
         timings = load_timings(Path(rargs.output_dir))

@@ -68,15 +68,27 @@ def _check_condition(value, where: str) -> None:
 def load_recipe(args: ReproduceArgs) -> dict:
     path = args.recipe or PRESETS_DIR / f"reproduce-{args.scale}.yaml"
     recipe = load_config_file(path)
-    if "stages" not in recipe:
-        raise KnnlmError(f"--recipe: {path} has no 'stages' list")
+    if not isinstance(recipe.get("stages"), list):
+        raise KnnlmError(f"--recipe: {path} has no 'stages' list (a list of {{name, argv}} mappings)")
     _check_condition(recipe.get("requires"), f"{path}: requires")
-    for stage in recipe["stages"]:
+    for i, stage in enumerate(recipe["stages"], 1):
+        if not isinstance(stage, dict):
+            raise KnnlmError(f"--recipe: {path}: stage {i} is {stage!r}, not a mapping with 'name' and 'argv'")
         extra = set(stage) - STAGE_KEYS
         if extra or "name" not in stage or "argv" not in stage:
             raise KnnlmError(f"--recipe: {path}: stage {stage.get('name')!r} needs 'name' and 'argv' and may have only "
                              f"{', '.join(sorted(STAGE_KEYS))} (got {', '.join(sorted(map(str, stage)))})")
+        if not isinstance(stage["argv"], list) or not stage["argv"]:
+            raise KnnlmError(f"--recipe: {path}: stage {stage['name']}: argv must be a list of words, e.g. "
+                             f"[eval, --model_name_or_path, ...] (got {stage['argv']!r})")
         _check_condition(stage.get("when"), f"{path}: stage {stage['name']}: when")
+    names = [str(s["name"]) for s in recipe["stages"]]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise KnnlmError(f"--recipe: {path}: stage name(s) {', '.join(twice)} used twice; each stage needs its own name")
+    unknown = sorted(set(args.stages) - set(names))
+    if unknown:
+        raise KnnlmError(f"--stages: unknown stage(s) {', '.join(unknown)}; the recipe {path} has {', '.join(names)}")
     data_files = sorted({a.split("/", 1)[1] for s in recipe["stages"] for a in map(str, s["argv"]) if a.startswith("{data}/")})
     if data_files:
         missing = [f for f in data_files if not args.data_dir or not (Path(args.data_dir) / f).is_file()]
@@ -216,10 +228,6 @@ def run_stages(args: ReproduceArgs, run_command, recipe: Optional[dict] = None) 
     recipe = recipe or load_recipe(args)
     out = Path(args.output_dir)
     (out / "stages").mkdir(parents=True, exist_ok=True)
-    names = [s["name"] for s in recipe["stages"]]
-    unknown = sorted(set(args.stages) - set(names))
-    if unknown:
-        raise KnnlmError(f"--stages: unknown stage(s) {', '.join(unknown)}; the {args.scale} recipe has {', '.join(names)}")
     if recipe.get("requires") and not args.smoke and not condition_holds(recipe["requires"]):
         raise KnnlmError(f"--scale: the {args.scale} recipe requires {recipe['requires']}, which this machine lacks; "
                          "run it where it holds, or pass --smoke to check it here in seconds")
