@@ -1,5 +1,6 @@
 """The study runners' shared helpers (knnlm.experiments.study): run-folder names, the resume check, seed aggregation,
 finished runs and reusable results, the settings declared from a library dataclass."""
+import dataclasses
 import json
 import math
 
@@ -32,11 +33,28 @@ def test_mean_std_hand_values_and_the_single_seed_rule():
     assert mean_std(iter([3.0, 3.0])) == (3.0, 0.0)  # two equal seeds: a measured spread of 0
 
 
+def test_check_resumable_lets_a_run_that_did_no_work_be_rerun_with_other_settings(tmp_path):
+    """An earlier run that stopped at a bad flag after writing config.json (and empty seed folders) holds nothing to
+    resume: a rerun with corrected settings is accepted; once a file of work exists, other settings are refused."""
+    from knnlm.experiments.hurdle.settings import HurdleArgs
+
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(HurdleArgs(output_dir=str(tmp_path)))))
+    (tmp_path / "knnlm-run.json").write_text("{}")
+    (tmp_path / "runs" / "seed-0").mkdir(parents=True)
+    other = HurdleArgs(output_dir=str(tmp_path), learning_rate=1e-3)
+    check_resumable(tmp_path, other, ("output_dir",))
+    (tmp_path / "runs" / "seed-0" / "step-10.json").write_text("{}")
+    with pytest.raises(KnnlmError, match="holds a run with other settings"):
+        check_resumable(tmp_path, other, ("output_dir",))
+
+
 def test_check_resumable_compares_settings_under_their_current_names(tmp_path):
     args = HurdleArgs(output_dir=str(tmp_path), learning_rate=1e-3, max_steps=100, num_seeds=2)
     check_resumable(tmp_path, args, ("output_dir", "num_seeds"))  # no config.json: a fresh folder
     old = {"output_dir": "elsewhere", "lr": 1e-3, "steps": 100, "seeds": 5, "size": "gpt2-small"}  # before issue 12
     (tmp_path / "config.json").write_text(json.dumps(old))
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "seed-0-with_last_mlp.json").write_text("{}")  # the run did work: its settings bind
     check_resumable(tmp_path, args, ("output_dir", "num_seeds"))  # same settings under old names; seeds may grow
     with pytest.raises(KnnlmError, match=r"max_steps: 100 -> 200"):
         check_resumable(tmp_path, HurdleArgs(output_dir=str(tmp_path), learning_rate=1e-3, max_steps=200),
