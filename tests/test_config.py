@@ -42,6 +42,8 @@ def test_errors(tmp_path):
         resolve(Demo, _parse(["--k", "x"]))
     with pytest.raises(KnnlmError, match="does not exist"):
         load_config_file(tmp_path / "missing.yaml")
+    with pytest.raises(KnnlmError, match=r"^--config: .* is a folder; pass a YAML or JSON file"):
+        load_config_file(tmp_path)  # e.g. a model folder given to --config by mistake
 
 
 def test_presets_resolve_by_name():

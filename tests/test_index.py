@@ -50,6 +50,13 @@ def test_ivfpq_recall_and_shards(tmp_path):
     assert list(ids[:, 0]) == list(range(100, 110))  # shard ids are global rows
 
 
+def test_more_shards_than_keys_is_refused(tmp_path):
+    ds = make_store(tmp_path / "ds", n=50)
+    with pytest.raises(KnnlmError, match=r"^--shards: 51 shards for 50 keys would leave shards empty; use at most 50$"):
+        build_index(ds, IndexArgs(factory="Flat", shards=51, recall_queries=0))
+    assert not (ds.dir / "index" / "shard50.faiss").exists()
+
+
 def test_resume_after_kill(tmp_path, monkeypatch):
     import knnlm.index as index_mod
 

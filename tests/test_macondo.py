@@ -231,6 +231,8 @@ def test_tiktoken_encoding_unavailable_offline(monkeypatch, tmp_path):
 def test_read_split_missing(paper):
     with pytest.raises(KnnlmError, match=r"--split: .* has no validation.jsonl \(splits there: test, test_overspecified, train\)"):
         read_split(paper, "validation")
+    with pytest.raises(KnnlmError, match=r"^--data: .* holds no Macondo dataset \(no meta.json\)"):
+        read_split(paper / "train.jsonl", "test")  # a file, or any folder that is not a Macondo dataset
 
 
 def test_loads_with_datasets(paper):

@@ -188,6 +188,9 @@ def load_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file() and (PRESETS_DIR / f"{path.name}.yaml").is_file() and path.suffix == "":
         path = PRESETS_DIR / f"{path.name}.yaml"
+    if path.is_dir():
+        raise KnnlmError(f"--config: {path} is a folder; pass a YAML or JSON file or a preset name "
+                         f"({', '.join(presets())})")
     if not path.is_file():
         raise KnnlmError(f"--config: {path} does not exist; pass a YAML or JSON file or a preset name "
                          f"({', '.join(presets())})")

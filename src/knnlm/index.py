@@ -193,6 +193,8 @@ def build_index(ds, args: IndexArgs) -> dict:
     lock_output_dir(ds.dir, "index build", flag="--datastore")  # one writer of a store at a time
     restore_interrupted_swap(final)
     info_path = final / "index.json"
+    if args.shards > ds.N:
+        raise KnnlmError(f"--shards: {args.shards} shards for {ds.N} keys would leave shards empty; use at most {ds.N}")
     factory = args.factory or default_factory(ds.N, ds.d, args.flat_threshold)
     identity = datastore_identity(ds.dir)
     if info_path.exists() and not args.overwrite:  # (with --overwrite even a corrupt index.json is replaced)

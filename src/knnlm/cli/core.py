@@ -112,7 +112,7 @@ def cmd_index_build(args) -> int:
     from ..index import IndexArgs, build_index
 
     iargs = resolve(IndexArgs, args, args.config)
-    ds = Datastore.open(args.datastore)
+    ds = Datastore.open(args.datastore, flag="datastore")  # the positional argument
     started = time.time()
     info = build_index(ds, iargs)
     recall = info.get("recall")

@@ -385,6 +385,8 @@ def read_split(data_dir: str | Path, split: str) -> list[dict]:
     """The rows of one split: dicts with text, prefix, target, parent, n_children, attribute, child."""
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.is_file():
+        if not (Path(data_dir) / "meta.json").is_file():  # not a Macondo folder at all: the fault is --data's
+            read_meta(data_dir)
         have = sorted(p.stem for p in Path(data_dir).glob("*.jsonl")) if Path(data_dir).is_dir() else []
         raise KnnlmError(f"--split: {data_dir} has no {split}.jsonl (splits there: {', '.join(have) or 'none'}); "
                          "run `knnlm macondo generate` or pick another --split")
