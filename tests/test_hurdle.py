@@ -165,20 +165,26 @@ def test_area_statistics_bootstrap_and_verdict():
     same = bootstrap_interval(3, lambda i: float(np.asarray([0.10, 0.12, 0.11])[i].mean()), 500)
     assert (ci["lo"], ci["hi"]) == pytest.approx(same)
 
-    def verdicts(areas):
-        m = {"mode": "macondo", "seeds": [0, 1, 2], "area_until_step": 4, "areas": {"ll_avg_groups": areas}}
+    def verdicts(areas, n=5):
+        m = {"mode": "macondo", "seeds": list(range(n)), "area_until_step": 4, "areas": {"ll_avg_groups": areas}}
         return [c.verdict for c in hurdle_claims(m, "t")]
 
-    assert verdicts(ahead) == ["holds", "holds"]
+    # three seeds: the 95% interval is their range (lo, hi == min, max above), so nothing is judged on it
+    assert verdicts(ahead, 3) == ["not judged", "not judged"]
+    assert hurdle_claims({"mode": "macondo", "seeds": [0, 1, 2], "area_until_step": 4,
+                          "areas": {"ll_avg_groups": ahead}}, "t")[0].reason.startswith("3 seed(s): a 95% percentile")
+    last = [0.10, 0.12, 0.11, 0.13, 0.10]
+    five = area_statistics({"without_last_mlp": last, "without_first_mlp": [0.01, 0.02, 0.00, 0.01, 0.02]}, 500)
+    assert verdicts(five) == ["holds", "holds"]
     # above 0 but not above the control: the control claim fails
-    tie = area_statistics({"without_last_mlp": [0.10, 0.12, 0.11], "without_first_mlp": [0.11, 0.12, 0.12]}, 500)
+    tie = area_statistics({"without_last_mlp": last, "without_first_mlp": [0.11, 0.12, 0.12, 0.12, 0.11]}, 500)
     assert verdicts(tie) == ["holds", "inconclusive"]
     # one seed behind: the interval reaches below 0: inconclusive
-    mixed = area_statistics({"without_last_mlp": [0.10, -0.2, 0.11], "without_first_mlp": [-1.0, -1.0, -1.0]}, 500)
+    mixed = area_statistics({"without_last_mlp": [0.10, -0.2, 0.11, 0.12, 0.10], "without_first_mlp": [-1.0] * 5}, 500)
     assert mixed["without_last_mlp"]["interval"]["lo"] < 0 and verdicts(mixed) == ["inconclusive", "holds"]
     # a run recorded before the one interval shape reads the same
     old = {k: {"mean": v["interval"]["point"], "ci95": [v["interval"]["lo"], v["interval"]["hi"]]}
-           for k, v in ahead.items()}
+           for k, v in five.items()}
     assert verdicts(old) == ["holds", "holds"]
 
 

@@ -36,6 +36,11 @@ BLOCK_TOKENS = 256  # the block of consecutive tokens a text's intervals resampl
 # percentile interval far narrower than the statistic's spread (SmolLM2's 1,000-token projections). Set on 2026-12-06
 # after those intervals were seen; the verdicts they would give are kept beside (docs/results/cpu-2026-12-06).
 MIN_BLOCKS = 10
+# A percentile interval over this few seeds (or fewer) is the seeds' range: one seed drawn n times has probability n^-n,
+# >= 2.5% for n <= 3, so the 95% interval's ends are the smallest and largest seed and "holds" means "every seed
+# agrees" (a sign test at 1/8 for 3 seeds). Set on 2026-12-06 after the 3-seed GPU hurdle run read "holds"; its
+# reading is kept beside (README's hurdle row).
+MAX_RANGE_SEEDS = 3
 _CHUNK_ELEMENTS = 4_000_000  # index draws held at once (n_boot × n), about 32 MB of int64
 
 
@@ -130,6 +135,14 @@ def share_of_gain(base: float, ref: float, other: float) -> float:
     """(other − base) / (ref − base): the share of the reference's gain over the base that ``other`` keeps (1 = all of
     it, 0 = none), for perplexities and mean log-probabilities alike; nan where the reference gains nothing."""
     return (other - base) / (ref - base) if ref != base else float("nan")
+
+
+def too_few_seeds(n_seeds: int) -> str:
+    """Why a percentile interval over ``n_seeds`` seeds cannot be judged on ("" above :data:`MAX_RANGE_SEEDS`)."""
+    if n_seeds > MAX_RANGE_SEEDS:
+        return ""
+    return (f"{n_seeds} seed(s): a 95% percentile interval over {MAX_RANGE_SEEDS} or fewer seeds is their range, "
+            "too few to judge on")
 
 
 def no_gain(ppl_base: Optional[float], ppl_ref: Optional[float], ref: str) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 
 from ...claims import Claim, claims_table
 from ...report import line_plot, markdown_table, pm
-from ...stats import Interval, as_interval
+from ...stats import Interval, as_interval, too_few_seeds
 from .. import study
 from ..study import curve_mean_std
 from .settings import MODELS, PRUNED, HurdleArgs
@@ -105,7 +105,8 @@ def hurdle_claims(metrics: dict, label: str) -> list[Claim]:
     for text, name, suffix in ((FASTER_CLAIM, "without_last_mlp", ""), (CONTROL_CLAIM, "last_minus_first", ", last − first")):
         interval = _area_interval(areas.get(name, {}))
         if interval is not None:
-            claims.append(Claim(text, setting, stat + suffix, interval, AREA_THRESHOLD, "above", digits=4))
+            claims.append(Claim(text, setting, stat + suffix, interval, AREA_THRESHOLD, "above", digits=4,
+                                not_judged=too_few_seeds(len(metrics["seeds"]))))
     return claims
 
 
