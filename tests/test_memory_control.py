@@ -194,3 +194,21 @@ def test_recipe_wires_the_controls_to_lm_es():
     assert rows[("memory", "eval-es")]["converged"] is True and rows[("memory", "eval-es")]["lm"] == "lm-es"
     assert rows[("memory_control", "eval-ctrl")]["memory"] == rows[("memory_control", "eval-ctrl-head")]["memory"] \
         == "eval-es"
+
+
+def test_share_interval_uses_the_evals_knn_temp(tmp_path, monkeypatch):
+    """The share's interval recomputes p_knn from the cache at the eval's own --knn_temp (as its Table 2 perplexity)."""
+    from knnlm.experiments.memory import report as R
+
+    (tmp_path / "eval" / "neighbors").mkdir(parents=True)
+    (tmp_path / "eval" / "neighbors" / "mlp_gold.f32").write_bytes(b"")
+    (tmp_path / "eval" / "results.json").write_text(json.dumps({"config": {"knn_temp": 2.5}, "metrics": {}}))
+    seen = {}
+
+    def fake_gain_share(cache, lmbdas, temp=1.0):
+        seen["temp"] = temp
+        return {"lmbda": {str(lmbdas[0]): {"share_ci": {"point": 0.5, "lo": 0.4, "hi": 0.6}}}}
+
+    monkeypatch.setattr(R, "gain_share", fake_gain_share)
+    assert R._share_ci(tmp_path, {"folder": "eval"}, {"lmbda": 0.25}) == {"point": 0.5, "lo": 0.4, "hi": 0.6}
+    assert seen["temp"] == 2.5

@@ -90,7 +90,8 @@ def _share_ci(out: Path, entry: dict, ev: dict) -> Optional[dict]:
     from ...knn import KNNArgs
 
     lam = ev.get("lmbda", KNNArgs().lmbda[0])
-    return gain_share(cache, [lam])["lmbda"][str(lam)]["share_ci"]
+    config = read_json(out / entry["folder"] / "results.json").get("config", {})  # the eval's --knn_temp, as its ppl
+    return gain_share(cache, [lam], temp=config.get("knn_temp", KNNArgs().knn_temp))["lmbda"][str(lam)]["share_ci"]
 
 
 def _lm_still_improving(out: Path, entry: dict) -> str:
