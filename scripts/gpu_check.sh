@@ -16,7 +16,7 @@
 #   DATA_DIR   WikiText-2 folder (train.txt, valid.txt); default ../shared/data/wikitext-2, else shared/data/wikitext-2
 #   RUN_DIR    the reproduce output folder (default runs/reproduce-gpu); a rerun resumes it
 #   TIMEOUT_S  wall-clock limit of the reproduce command (default 540: under a lent device's 10 minutes a command; the
-#              recipe's budgets are 1,857 s, so it takes several runs); 124 = timed out,
+#              recipe's budgets are 2,026 s, so it takes several runs); 124 = timed out,
 #              rerun the same command to continue
 #   STAGES     a comma list: run only these stages of the recipe (--stages), e.g. where some assets are missing
 #              issue 29 item 6 alone (~15 min of stage time with its prerequisites, two runs under TIMEOUT_S):

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ReproduceArgs:
-    scale: Literal["cpu", "gpu", "paper"] = field(default="cpu", metadata={"help": "cpu: WikiText-2, a small GPT-2 trained here, SmolLM2-135M and from-scratch models on a laptop; gpu: all of WikiText-2 with SmolLM2-135M and GPT-2-small-shaped models trained here, ~31 min of stage time on one H100-class GPU (measured on an H200 shared by two chains, two stages estimated; offline); paper: the paper's models and WikiText-103 on GPUs."})
+    scale: Literal["cpu", "gpu", "paper"] = field(default="cpu", metadata={"help": "cpu: WikiText-2, a small GPT-2 trained here, SmolLM2-135M and from-scratch models on a laptop; gpu: all of WikiText-2 with SmolLM2-135M and GPT-2-small-shaped models trained here, ~34 min of stage time on one H100-class GPU (measured on an H200 shared by two chains, three stages estimated; offline); paper: the paper's models and WikiText-103 on GPUs."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for every stage's outputs and report.md (required); a rerun resumes."})
     data_dir: Optional[str] = field(default=None, metadata={"help": "Folder with WikiText train.txt / valid.txt: WikiText-2 for cpu and gpu (e.g. ../shared/data/wikitext-2), WikiText-103 for paper. Omitted: the scale's WikiText is exported once from HF datasets (hub access) into OUT/data."})
     stages: list[str] = field(default_factory=list, metadata={"help": "Run only these stages (comma list; default: all of the recipe)."})
