@@ -84,6 +84,18 @@ def test_control_not_judged_without_the_memory_eval_and_refused_on_other_tokens(
         control_gap(tmp_path / "other" / "neighbors", tmp_path / "eval-es" / "neighbors", LAM)
 
 
+def test_control_claim_takes_the_memorys_plateau_gate(tmp_path):
+    """An entry naming the memory's `mlp train` stage is judged only where that memory plateaued, as its share is."""
+    _setup(tmp_path, [0.1] * N)
+    ev, entry = {"ppl_lm": 10.0}, {"folder": "eval-ctrl", "label": "ctrl", "memory": "eval-es", "mlp": "mlp"}
+    (tmp_path / "mlp").mkdir()
+    (tmp_path / "mlp" / "results.json").write_text(json.dumps({"metrics": {"training": {"last_fifth_drop": 0.03}}}))
+    _, (claim,) = control_part(ev, entry, tmp_path)
+    assert claim.verdict == NOT_JUDGED and "still fell 3.0% over its last fifth" in claim.reason
+    (tmp_path / "mlp" / "results.json").write_text(json.dumps({"metrics": {"training": {"last_fifth_drop": 0.004}}}))
+    assert control_part(ev, entry, tmp_path)[1][0].verdict == HOLDS
+
+
 def test_reference_rows_carry_the_under_training_note(tmp_path):
     _memory_cache(tmp_path / "eval-es" / "neighbors", [0.1] * N, [0.3] * N)  # memory alone: ppl 1/0.3 < LM's 10
     rows, claims = control_part({"ppl_lm": 10.0, "ppl_mlplm": 5.0, "lmbda": LAM},

@@ -169,7 +169,7 @@ def control_claim(gap: Optional[dict], label: str, reason: str = "") -> Claim:
 
 
 def control_part(ev: dict, entry: dict, out: Path) -> tuple[dict, list[Claim]]:
-    """A recipe entry ``{study: memory_control, folder: EVAL, label, memory: MEMORY_EVAL}``: EVAL is an LM-only eval
+    """A recipe entry ``{study: memory_control, folder: EVAL, label, memory: MEMORY_EVAL[, mlp: MLP]}``: EVAL is an LM-only eval
     of a control LM with its per-token cache, paired with MEMORY_EVAL's (the MLP-LM at its first λ) -> its table row
     and claim. Without ``memory:`` the entry is the memory's own eval: its reference rows and the under-training note."""
     if not entry.get("memory"):
@@ -184,5 +184,7 @@ def control_part(ev: dict, entry: dict, out: Path) -> tuple[dict, list[Claim]]:
     if not missing:
         gap = control_gap(caches[0], caches[1], read_json(mem_results)["metrics"]["lmbda"])
     row = [entry["label"], ev["ppl_lm"], Interval.from_dict(gap["gap_ci"]).fmt(3, "+") if gap else "–", missing]
-    reason = missing or too_few_blocks(ev.get("n_tokens"))
+    # the memory's own gate as for its share: an entry naming the memory's `mlp train` stage (mlp:) is judged only
+    # where that memory's loss plateaued
+    reason = missing or too_few_blocks(ev.get("n_tokens")) or (_plateau(out, entry) if entry.get("mlp") else "")
     return {"memory_control": [row]}, [control_claim(gap, entry["label"], reason)]
