@@ -73,6 +73,41 @@ def test_k_larger_than_store_and_neighbour_cache(tiny_gpt2_dir, tmp_path):
     assert sweep["lmbda=0.5,T=1.0"] == pytest.approx(m["sweep_knn"]["0.5"], rel=1e-6)
 
 
+def test_killed_rerun_keeps_the_finished_neighbour_cache(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """A rerun into a finished eval folder (other λ) that dies mid-way leaves the earlier cache whole and marked
+    finished, beside the results.json that describes it; the next rerun replaces both."""
+    import hashlib
+
+    import knnlm.evaluate as E
+
+    (tmp_path / "train.txt").write_text(TRAIN)
+    (tmp_path / "valid.txt").write_text(VALID * 6)  # several windows of 16 tokens: several batches
+    model = ["--model_name_or_path", str(tiny_gpt2_dir)]
+    main(["datastore", "build", *model, "--train_file", str(tmp_path / "train.txt"), "--output_dir", str(tmp_path / "ds")])
+    argv = ["eval", *model, "--validation_file", str(tmp_path / "valid.txt"), "--datastore", str(tmp_path / "ds"),
+            "--k", "8", "--save_neighbors", "true", "--batch_size", "1", "--block_size", "16",
+            "--output_dir", str(tmp_path / "out")]
+    assert main(argv + ["--lmbda", "0.25"]) == 0
+    cache = tmp_path / "out" / "neighbors"
+    digest = lambda: {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(cache.iterdir())}  # noqa: E731
+    before, results = digest(), (tmp_path / "out" / "results.json").read_text()
+    real_add, calls = E._NeighbourCache.add, []
+
+    def dying_add(self, *a):  # the process "dies" at the second batch
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_add(self, *a)
+
+    monkeypatch.setattr(E._NeighbourCache, "add", dying_add)
+    assert main(argv + ["--lmbda", "0.5"]) == 130
+    assert digest() == before and (tmp_path / "out" / "results.json").read_text() == results
+    monkeypatch.setattr(E._NeighbourCache, "add", real_add)
+    assert main(argv + ["--lmbda", "0.5"]) == 0
+    assert not (tmp_path / "out" / "neighbors.partial").exists() and (cache / "k.txt").read_text() == "8"
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["config"]["lmbda"] == [0.5]
+
+
 def _run_cli(argv, capsys):
     code = main(argv)
     err = capsys.readouterr().err.strip()

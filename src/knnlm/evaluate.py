@@ -63,13 +63,19 @@ class _NLL:
 
 class _NeighbourCache:
     """Appends per-token neighbour distances/values, LM gold log-probs and gold ids to raw files; with ``k`` 0 (no
-    datastore) the LM gold log-probs and gold ids only. ``k.txt``, written last, marks a finished cache."""
+    datastore) the LM gold log-probs and gold ids only. ``k.txt``, written last, marks a finished cache. The files are
+    written in ``<out>.partial`` and swapped in on :meth:`close`: a killed run leaves an earlier finished cache (and the
+    results.json that describes it) as it was, never a cut-off one."""
 
     def __init__(self, out: Path, k: int):
-        out.mkdir(parents=True, exist_ok=True)
-        self.dir, self.k = out, k
+        import shutil
+
+        self.final, self.k = out, k
+        self.dir = out.with_name(out.name + ".partial")
+        shutil.rmtree(self.dir, ignore_errors=True)  # a killed run's files: restarted, not resumed
+        self.dir.mkdir(parents=True)
         names = ("dists.f32", "vals.i32", "lm_gold.f32", "gold.i32") if k else ("lm_gold.f32", "gold.i32")
-        self.files = {name: open(out / name, "wb") for name in names}
+        self.files = {name: open(self.dir / name, "wb") for name in names}
 
     def add(self, dists, vals, lm_gold, gold) -> None:
         if self.k:
@@ -85,9 +91,16 @@ class _NeighbourCache:
         self.files["mlp_gold.f32"].write(mem_gold.numpy().astype(np.float32).tobytes())
 
     def close(self) -> None:
+        import shutil
+
         for fh in self.files.values():
             fh.close()
         (self.dir / "k.txt").write_text(str(self.k))
+        old = self.final.with_name(self.final.name + ".old")
+        if self.final.exists():
+            self.final.rename(old)
+        self.dir.rename(self.final)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def sweep_from_cache(cache_dir: str | Path, lmbdas: list[float], temps: list[float], k: Optional[int] = None) -> dict:
