@@ -211,6 +211,7 @@ def timed_run(path: Path, run) -> tuple[int, dict]:
         while not stop.wait(HEARTBEAT_S):
             save()
 
+    save()  # the run counts from its start, even if killed before the first heartbeat
     thread = threading.Thread(target=beat, daemon=True)
     thread.start()
     try:
