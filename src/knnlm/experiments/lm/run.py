@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -67,6 +68,7 @@ def _prepare_output(args: LMArgs, targs: TrainArgs) -> Path | None:
     key = _run_key(args, targs)
     finished = _read_key(out / TRAINING_JSON, "run_key")
     if finished == key and not args.overwrite:
+        shutil.rmtree(work, ignore_errors=True)  # what a run killed after writing its record had left to delete
         return None
     state = claim_output_dir(out, KIND, key, args.overwrite, own_files=OWN_FILES, what="model")
     unfinished = _read_key(work / "run.json")
