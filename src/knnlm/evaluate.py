@@ -64,8 +64,8 @@ class _NLL:
 class _NeighbourCache:
     """Appends per-token neighbour distances/values, LM gold log-probs and gold ids to raw files; with ``k`` 0 (no
     datastore) the LM gold log-probs and gold ids only. ``k.txt``, written last, marks a finished cache. The files are
-    written in ``<out>.partial`` and swapped in on :meth:`close`: a killed run leaves an earlier finished cache (and the
-    results.json that describes it) as it was, never a cut-off one."""
+    written in ``<out>.partial`` and swapped in by :func:`commit_neighbour_cache`: a killed or refused run leaves an
+    earlier finished cache (and the results.json that describes it) as it was, never a cut-off one."""
 
     def __init__(self, out: Path, k: int):
         import shutil
@@ -91,16 +91,26 @@ class _NeighbourCache:
         self.files["mlp_gold.f32"].write(mem_gold.numpy().astype(np.float32).tobytes())
 
     def close(self) -> None:
-        import shutil
-
+        """Finishes the cache in ``<out>.partial`` (``k.txt``); :func:`commit_neighbour_cache` puts it in place."""
         for fh in self.files.values():
             fh.close()
         (self.dir / "k.txt").write_text(str(self.k))
-        old = self.final.with_name(self.final.name + ".old")
-        if self.final.exists():
-            self.final.rename(old)
-        self.dir.rename(self.final)
-        shutil.rmtree(old, ignore_errors=True)
+
+
+def commit_neighbour_cache(out_dir: str | Path) -> None:
+    """Swaps a finished ``OUT/neighbors.partial`` in as ``OUT/neighbors`` (the earlier cache removed); nothing to do
+    without one. The CLI calls it once results.json is written, so a cache is never newer than its results."""
+    import shutil
+
+    final = Path(out_dir) / "neighbors"
+    partial, old = final.with_name("neighbors.partial"), final.with_name("neighbors.old")
+    if not (partial / "k.txt").is_file():
+        return
+    shutil.rmtree(old, ignore_errors=True)  # a swap killed after its first rename left it
+    if final.exists():
+        final.rename(old)
+    partial.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def sweep_from_cache(cache_dir: str | Path, lmbdas: list[float], temps: list[float], k: Optional[int] = None) -> dict:
@@ -156,8 +166,11 @@ def _recorded(batches, seen: "collections.deque"):
 
 def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datastore=None,
              knn: Optional[KNNArgs] = None, memory=None, key_point: Optional[str] = None, index=None,
-             token_log_probs: Optional[dict] = None) -> dict:
+             token_log_probs: Optional[dict] = None, commit_cache: bool = True) -> dict:
     """Scores the validation corpus; returns the metrics (perplexities, token count, throughput).
+
+    ``commit_cache``: with ``--save_neighbors``, put the finished cache in place at the end (False: the caller does,
+    with :func:`commit_neighbour_cache`, after it has written the results that describe it).
 
     ``index``: a FAISS index to search instead of the store's own (e.g. exact Flat to compare with its IVF-PQ).
     ``token_log_probs``: a dict filled with ``row`` (each target's row: its place in the text, in scoring order, [n]
@@ -209,6 +222,8 @@ def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datast
             bar.update(len(scores.gold))
     if cache:
         cache.close()
+        if commit_cache:
+            commit_neighbour_cache(out_dir)
     if token_log_probs is not None:
         token_log_probs.update(row=np.concatenate(rows_seen), log_prob=np.concatenate(logp_seen))
     wall = time.time() - started

@@ -142,7 +142,7 @@ def cmd_index_stop(args) -> int:
 def cmd_eval(args) -> int:
     from ..corpus import CorpusArgs
     from ..datastore import Datastore
-    from ..evaluate import EvalArgs, evaluate, sweep_from_cache
+    from ..evaluate import EvalArgs, commit_neighbour_cache, evaluate, sweep_from_cache
     from ..knn import KNNArgs
     from ..models import ModelArgs
     from ..report import markdown_table, write_markdown, write_results
@@ -172,12 +172,14 @@ def cmd_eval(args) -> int:
         if eargs.mlp_memory:
             from ..memory import MLPMemory
             memory = MLPMemory.load(eargs.mlp_memory, lm)
-        metrics = evaluate(lm, cargs, out, eargs, datastore=datastore, knn=kargs, memory=memory, key_point=args.key_point)
+        metrics = evaluate(lm, cargs, out, eargs, datastore=datastore, knn=kargs, memory=memory, key_point=args.key_point,
+                           commit_cache=False)
         metrics["skipped_rows"] = skipped_rows(out / "tokens.i32")
         _refuse_non_finite(metrics)
         table = results_table(metrics)
     save_config(out, margs, cargs, kargs, eargs)
     write_results(out, to_dict(margs, cargs, kargs, eargs), metrics, started)
+    commit_neighbour_cache(out)  # after the results that describe it (a refused or killed run keeps the earlier one)
     write_markdown(out, table)
     print(table, end="")
     print(f"results: {out / 'results.json'}")
