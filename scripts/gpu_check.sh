@@ -15,7 +15,7 @@
 # Environment of the recipe (all optional):
 #   DATA_DIR   WikiText-2 folder (train.txt, valid.txt); default ../shared/data/wikitext-2, else shared/data/wikitext-2
 #   RUN_DIR    the reproduce output folder (default runs/reproduce-gpu); a rerun resumes it
-#   TIMEOUT_S  wall-clock limit of the reproduce command (default 540: under a lent device's 10 minutes a command; the
+#   TIMEOUT_S  wall-clock limit of the reproduce command (default 450: with set-up and the report, under a lent device's 10 minutes a command; the
 #              recipe's budgets are 2,026 s, so it takes several runs); 124 = timed out,
 #              rerun the same command to continue
 #   STAGES     a comma list: run only these stages of the recipe (--stages), e.g. where some assets are missing
@@ -35,7 +35,7 @@ if [ "$MODE" = search ]; then
 else
   RUN_DIR=${RUN_DIR:-runs/reproduce-gpu$([ "${SMOKE:-0}" = 1 ] && echo -smoke)}
 fi
-TIMEOUT_S=${TIMEOUT_S:-540}
+TIMEOUT_S=${TIMEOUT_S:-450}
 if [ -z "${DATA_DIR:-}" ]; then
   for d in ../shared/data/wikitext-2 shared/data/wikitext-2; do
     if [ -f "$d/train.txt" ]; then DATA_DIR=$d; break; fi

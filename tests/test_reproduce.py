@@ -113,6 +113,15 @@ def test_bad_recipes_fail_before_any_stage_runs(data_dir, tmp_path, capsys, stag
     assert not (out / "stages").exists() and not (out / "config.json").exists()
 
 
+def test_smoke_refuses_a_data_file_it_does_not_cut(data_dir, tmp_path, capsys):
+    (data_dir / "extra.txt").write_text("x\n")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"stages": [{"name": "a", "argv": ["eval", "--validation_file", "{data}/extra.txt"]}]}))
+    argv = ["reproduce", "--recipe", str(path), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "o")]
+    assert main(argv + ["--smoke"]) == 2
+    assert "--smoke cuts only train.txt, valid.txt, test.txt of --data_dir, not extra.txt" in capsys.readouterr().err
+
+
 def test_unknown_stages_flag_writes_nothing(data_dir, tmp_path, capsys):
     recipe = yaml.safe_dump({"stages": [{"name": "a", "argv": ["eval", "--k", "4"]}]})
     (tmp_path / "r.yaml").write_text(recipe)

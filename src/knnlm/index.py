@@ -190,7 +190,7 @@ def _train(ds, factory: str, args: IndexArgs, use_gpu: bool):
 def build_index(ds, args: IndexArgs) -> dict:
     """Builds (or resumes building) the index of a datastore; returns the contents of ``index.json``."""
     final = _index_dir(ds.dir)
-    lock_output_dir(ds.dir, "index build", flag="--datastore")  # one writer of a store at a time
+    lock_output_dir(ds.dir, "index build", flag="datastore")  # one writer of a store at a time (its positional argument)
     restore_interrupted_swap(final)
     info_path = final / "index.json"
     if args.shards > ds.N:

@@ -90,6 +90,10 @@ def load_recipe(args: ReproduceArgs) -> dict:
     if unknown:
         raise KnnlmError(f"--stages: unknown stage(s) {', '.join(unknown)}; the recipe {path} has {', '.join(names)}")
     data_files = sorted({a.split("/", 1)[1] for s in recipe["stages"] for a in map(str, s["argv"]) if a.startswith("{data}/")})
+    uncut = [f for f in data_files if f not in SMOKE_DATA_BYTES]
+    if args.smoke and uncut:
+        raise KnnlmError(f"--recipe: {path}: --smoke cuts only {', '.join(SMOKE_DATA_BYTES)} of --data_dir, not "
+                         f"{', '.join(uncut)}; run that recipe without --smoke")
     if data_files:
         missing = [f for f in data_files if not args.data_dir or not (Path(args.data_dir) / f).is_file()]
         if missing:

@@ -105,8 +105,9 @@ def hurdle_claims(metrics: dict, label: str) -> list[Claim]:
     for text, name, suffix in ((FASTER_CLAIM, "without_last_mlp", ""), (CONTROL_CLAIM, "last_minus_first", ", last − first")):
         interval = _area_interval(areas.get(name, {}))
         if interval is not None:
+            n = sum(v is not None for v in areas[name].get("per_seed", metrics["seeds"]))  # the seeds it resamples
             claims.append(Claim(text, setting, stat + suffix, interval, AREA_THRESHOLD, "above", digits=4,
-                                not_judged=too_few_seeds(len(metrics["seeds"]))))
+                                not_judged=too_few_seeds(n)))
     return claims
 
 
