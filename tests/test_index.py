@@ -55,6 +55,9 @@ def test_more_shards_than_keys_is_refused(tmp_path):
     with pytest.raises(KnnlmError, match=r"^--shards: 51 shards for 50 keys would leave shards empty; use at most 50$"):
         build_index(ds, IndexArgs(factory="Flat", shards=51, recall_queries=0))
     assert not (ds.dir / "index" / "shard50.faiss").exists()
+    with pytest.raises(KnnlmError, match=r"^--factory: 'IVF4,Bogus' is not a valid faiss.index_factory string"):
+        build_index(ds, IndexArgs(factory="IVF4,Bogus", recall_queries=0))
+    assert not (ds.dir / "index").exists()  # nothing half-made left beside the store
 
 
 def test_resume_after_kill(tmp_path, monkeypatch):

@@ -208,8 +208,6 @@ def build_index(ds, args: IndexArgs) -> dict:
     # --overwrite over a finished index: build beside it (a rerun resumes there) and swap it in only when complete,
     # so a kill, a full disk or an error during the rebuild leaves the old index usable
     idir = staging_dir(final) if info_path.exists() else final
-    (idir / "index.json").unlink(missing_ok=True)
-    idir.mkdir(exist_ok=True)
     try:
         faiss.index_factory(ds.d, factory)
     except RuntimeError as e:
@@ -218,6 +216,8 @@ def build_index(ds, args: IndexArgs) -> dict:
     use_gpu = gpu_available() if args.use_gpu is None else args.use_gpu
     if use_gpu and not gpu_available():
         raise KnnlmError("--use_gpu: this faiss build has no GPU support (pip install faiss-gpu-cu12, or drop the flag)")
+    (idir / "index.json").unlink(missing_ok=True)
+    idir.mkdir(exist_ok=True)  # only now: a refused flag leaves no index folder behind
 
     progress_path = idir / "progress.json"
     try:
