@@ -12,7 +12,7 @@ def register(sub) -> None:
 
     demo = sub.add_parser("demo", help="Macondo over-specification on the paper's setting: SmolLM2-135M fine-tuned on a "
                                        "village, vanilla vs kNN vs MLP memory over training, judged by the claims "
-                                       "(≤ 10 min on 2 CPU cores, nothing downloaded; --config demo-scratch: a "
+                                       "(~10 min on 2 CPU cores, nothing downloaded; --config demo-scratch: a "
                                        "from-scratch GPT-2)")
     demo.add_argument("--output_dir", default=None, help="run folder (a rerun resumes; default: runs/knnlm-demo, beside "
                                                          "every other run; with --smoke runs/knnlm-demo-smoke)")
