@@ -104,12 +104,12 @@ def test_killed_rerun_keeps_the_finished_neighbour_cache(tiny_gpt2_dir, tmp_path
     assert digest() == before and (tmp_path / "out" / "results.json").read_text() == results
     monkeypatch.setattr(E._NeighbourCache, "add", real_add)
     assert main(argv + ["--lmbda", "0.5"]) == 0
-    assert not (tmp_path / "out" / "neighbors.partial").exists() and (cache / "k.txt").read_text() == "8"
+    assert not (tmp_path / "out" / "neighbors.rebuild-tmp").exists() and (cache / "k.txt").read_text() == "8"
     assert json.loads((tmp_path / "out" / "results.json").read_text())["config"]["lmbda"] == [0.5]
-    # a swap killed after moving the earlier cache aside left neighbors.old: the next run is not stopped by it
-    (tmp_path / "out" / "neighbors.old").mkdir()
-    (tmp_path / "out" / "neighbors.old" / "k.txt").write_text("8")
-    assert main(argv + ["--lmbda", "0.25"]) == 0 and not (tmp_path / "out" / "neighbors.old").exists()
+    # a swap killed after moving the earlier cache aside left it there: the next run is not stopped by it
+    (tmp_path / "out" / "neighbors.replaced-tmp").mkdir()
+    (tmp_path / "out" / "neighbors.replaced-tmp" / "k.txt").write_text("8")
+    assert main(argv + ["--lmbda", "0.25"]) == 0 and not (tmp_path / "out" / "neighbors.replaced-tmp").exists()
 
 
 def _run_cli(argv, capsys):

@@ -64,14 +64,17 @@ class _NLL:
 class _NeighbourCache:
     """Appends per-token neighbour distances/values, LM gold log-probs and gold ids to raw files; with ``k`` 0 (no
     datastore) the LM gold log-probs and gold ids only. ``k.txt``, written last, marks a finished cache. The files are
-    written in ``<out>.partial`` and swapped in by :func:`commit_neighbour_cache`: a killed or refused run leaves an
-    earlier finished cache (and the results.json that describes it) as it was, never a cut-off one."""
+    written beside ``out`` (``fileio.staging_dir``) and swapped in by :func:`commit_neighbour_cache`: a killed or
+    refused run leaves an earlier finished cache (and the results.json that describes it) as it was, never a cut-off
+    one."""
 
     def __init__(self, out: Path, k: int):
         import shutil
 
-        self.final, self.k = out, k
-        self.dir = out.with_name(out.name + ".partial")
+        from .fileio import restore_interrupted_swap, staging_dir
+
+        restore_interrupted_swap(out)  # a swap killed half-way: the earlier cache goes back in place
+        self.dir, self.k = staging_dir(out), k
         shutil.rmtree(self.dir, ignore_errors=True)  # a killed run's files: restarted, not resumed
         self.dir.mkdir(parents=True)
         names = ("dists.f32", "vals.i32", "lm_gold.f32", "gold.i32") if k else ("lm_gold.f32", "gold.i32")
@@ -91,26 +94,20 @@ class _NeighbourCache:
         self.files["mlp_gold.f32"].write(mem_gold.numpy().astype(np.float32).tobytes())
 
     def close(self) -> None:
-        """Finishes the cache in ``<out>.partial`` (``k.txt``); :func:`commit_neighbour_cache` puts it in place."""
+        """Finishes the staged cache (``k.txt``); :func:`commit_neighbour_cache` puts it in place."""
         for fh in self.files.values():
             fh.close()
         (self.dir / "k.txt").write_text(str(self.k))
 
 
 def commit_neighbour_cache(out_dir: str | Path) -> None:
-    """Swaps a finished ``OUT/neighbors.partial`` in as ``OUT/neighbors`` (the earlier cache removed); nothing to do
-    without one. The CLI calls it once results.json is written, so a cache is never newer than its results."""
-    import shutil
+    """Swaps a finished staged cache in as ``OUT/neighbors`` (``fileio.swap_into_place``); nothing to do without one.
+    The CLI calls it once results.json is written, so a cache is never newer than its results."""
+    from .fileio import staging_dir, swap_into_place
 
     final = Path(out_dir) / "neighbors"
-    partial, old = final.with_name("neighbors.partial"), final.with_name("neighbors.old")
-    if not (partial / "k.txt").is_file():
-        return
-    shutil.rmtree(old, ignore_errors=True)  # a swap killed after its first rename left it
-    if final.exists():
-        final.rename(old)
-    partial.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    if (staging_dir(final) / "k.txt").is_file():
+        swap_into_place(staging_dir(final), final)
 
 
 def sweep_from_cache(cache_dir: str | Path, lmbdas: list[float], temps: list[float], k: Optional[int] = None) -> dict:

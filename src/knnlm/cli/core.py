@@ -252,7 +252,7 @@ def _cache_settings(args, margs, kargs, eargs) -> tuple[dict, int, list[float]]:
 
 # what `knnlm eval` writes into its folder (a folder made before the knnlm-run.json marker holds nothing else)
 _EVAL_FILES = ("config.json", "results.json", "results.md", "tokens.i32", "tokens.i32.docs", "tokens.i32.json",
-               "neighbors", "neighbors.partial", "neighbors.old")
+               "neighbors", "neighbors.*-tmp")  # (its staged rebuild and the one it replaces, fileio.staging_dir)
 
 
 def _claim_eval_dir(out: Path, margs, cargs, eargs, overwrite: bool) -> None:
