@@ -15,11 +15,12 @@
 # Environment of the recipe (all optional):
 #   DATA_DIR   WikiText-2 folder (train.txt, valid.txt); default ../shared/data/wikitext-2, else shared/data/wikitext-2
 #   RUN_DIR    the reproduce output folder (default runs/reproduce-gpu); a rerun resumes it
-#   TIMEOUT_S  wall-clock limit of the reproduce command (default 450: with set-up and the report, under a lent device's 10 minutes a command; the
-#              recipe's budgets are 2,026 s, so it takes several runs); 124 = timed out,
+#   TIMEOUT_S  wall-clock limit of the reproduce command (default 450: with set-up and the report, under a lent
+#              device's 10 minutes a command; the recipe's budgets are 2,026 s, so it takes several runs); 124 = timed out,
 #              rerun the same command to continue
 #   STAGES     a comma list: run only these stages of the recipe (--stages), e.g. where some assets are missing
-#              issue 29 item 6 alone (~15 min of stage time with its prerequisites, two runs under TIMEOUT_S):
+#              the converged projection and the 24-epoch lengths run alone (~15 min of stage time with their
+#              prerequisites, several runs under TIMEOUT_S):
 #              STAGES=lm-gpt2small,datastore-gpt2small,projection-converged-gpt2small,overspec-smollm2-lengths
 #   SMOKE=1    add --smoke (every stage in seconds on CPU: checks this script on a machine without a GPU)
 #   OUT        a folder that receives report.md, results.json, timings.json, gpu_check.log and stage-results.tar.gz

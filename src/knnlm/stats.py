@@ -38,8 +38,7 @@ BLOCK_TOKENS = 256  # the block of consecutive tokens a text's intervals resampl
 MIN_BLOCKS = 10
 # A percentile interval over this few seeds (or fewer) is the seeds' range: one seed drawn n times has probability n^-n,
 # >= 2.5% for n <= 3, so the 95% interval's ends are the smallest and largest seed and "holds" means "every seed
-# agrees" (a sign test at 1/8 for 3 seeds). Set on 2026-12-06 after the 3-seed GPU hurdle run read "holds"; its
-# reading is kept beside (README's hurdle row).
+# agrees" (a sign test at 1/8 for 3 seeds).
 MAX_RANGE_SEEDS = 3
 _CHUNK_ELEMENTS = 4_000_000  # index draws held at once (n_boot × n), about 32 MB of int64
 

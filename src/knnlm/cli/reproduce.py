@@ -89,12 +89,11 @@ def cmd_reproduce(args) -> int:
     rargs = with_data_dir(rargs)
     recipe = load_recipe(rargs)  # read once: a recipe edited during a long run does not change its report
     rargs = with_smoke_data(rargs)
-    if not rargs.report_only:
-        check_stage_commands(recipe, rargs)
     if rargs.report_only:
         check_run_kind(Path(rargs.output_dir), rargs)
         timings = load_timings(Path(rargs.output_dir))
     else:
+        check_stage_commands(recipe, rargs)
         save_config(rargs.output_dir, rargs)
         timings = run_stages(rargs, main, recipe)
     path = write_report(rargs, timings, recipe)

@@ -176,9 +176,8 @@ def plateau_reason(metrics: dict) -> str:
     from ...memory import plateau_reason as reason
 
     curves = metrics.get("mlp_training", {})
-    if not metrics.get("seeds"):
-        return reason([t.get("plateau") for t in curves.values()])
-    return reason([curves.get(str(seed), {}).get("plateau") for seed in metrics["seeds"]])  # a seed without a curve: unknown
+    seeds = metrics.get("seeds") or list(curves)
+    return reason([curves.get(str(seed), {}).get("plateau") for seed in seeds])  # a seed without a curve: unknown
 
 
 def overspec_claims(metrics: dict, label: str) -> list[Claim]:

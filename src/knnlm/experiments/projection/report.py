@@ -172,7 +172,8 @@ def _still_improving(v: dict, max_steps: int) -> Optional[float]:
 def table1_claims(metrics: dict, label: str) -> list[Claim]:
     """Per tolerance and KL target: does p_proj reach the kNN-LM (share of kNN's gain above 0.9)?"""
     out = []
-    few = too_few_blocks(metrics.get("n_tokens")) or no_gain(metrics.get("ppl_lm"), metrics.get("ppl_knnlm"), "the kNN-LM")
+    few = (too_few_blocks(metrics.get("n_tokens"))
+           or no_gain(metrics.get("ppl_lm"), metrics.get("ppl_knnlm"), "the kNN-LM"))
     for entry in metrics["by_tol"]:
         for t in ("f_out", "f_norm", "fg"):
             v = entry["targets"].get(t)
