@@ -77,21 +77,29 @@ def test_rows_equal_knnlm_eval_and_rerun_reuses(tiny_gpt2_dir, files, tmp_path, 
     md = (out / "results.md").read_text()
     assert 0 < runs[("RetoMaton", "min_knns 1")]["foss"] < 1  # the tiny store does save searches
     # the per-token log-probabilities (text order) give each row's perplexity; the claim's interval is of their ratio
+    # and the search flags each row's fraction of saved searches (the automaton's own count)
     for i, r in enumerate(m["runs"]):
         logp = np.load(out / "settings" / f"{i:02d}.npy")
         assert len(logp) == knn["n_tokens"] and math.exp(-logp.mean()) == pytest.approx(r["metrics"]["ppl_knnlm"],
                                                                                          rel=1e-9)
+        searched = np.load(out / "settings" / f"{i:02d}-searched.npy")
+        assert searched.dtype == bool and 1 - searched.mean() == pytest.approx(r["metrics"]["foss"], abs=1e-12)
     c = m["claim"]
     rt = runs[("RetoMaton", "min_knns 1")]
     assert c["min_knns"] == 1 and c["foss"] == rt["foss"]
-    ci = c["ppl_ratio_minus_1"]
+    ci, saved = c["ppl_ratio_minus_1"], c["saved"]
     assert ci["point"] == pytest.approx(rt["ppl_knnlm"] / knn["ppl_knnlm"] - 1, rel=1e-9) and ci["lo"] <= ci["point"] <= ci["hi"]
-    (claim,) = report.report_part(m, {"label": "tiny"}, out)[1]
-    check_record(claim.record())
-    assert judge(claim.interval, 0.01, "below") == (
+    assert saved["point"] == pytest.approx(rt["foss"], abs=1e-12) and saved["lo"] <= saved["point"] <= saved["hi"]
+    claims = report.report_part(m, {"label": "tiny"}, out)[1]
+    assert [(x.claim, x.threshold, x.direction) for x in claims] == [
+        (report.CLAIM_SAVED, 0.5, "above"), (report.CLAIM_PPL, 0.01, "below")]
+    for claim, interval in zip(claims, (saved, ci)):
+        check_record(claim.record())
+        assert claim.interval.as_dict() == interval
+        assert claim.verdict == "not judged" and claim.reason.startswith(f"{-(-knn['n_tokens'] // 256)} block(s)")  # tiny
+        assert claim.claim in md
+    assert judge(claims[1].interval, 0.01, "below") == (
         "holds" if ci["hi"] < 0.01 else "does not hold" if ci["lo"] > 0.01 else "inconclusive")
-    assert claim.verdict == "not judged" and claim.reason.startswith(f"{-(-knn['n_tokens'] // 256)} block(s)")  # tiny
-    assert claim.claim in md
     assert json.loads((out / "results.json").read_text())["claims"] == [c.record() for c in report.claim(m, "this run")]
     # results.md: a row per setting; the figure is a PNG
     assert md.count("| RetoMaton |") == 2 and md.count("| RetoMaton, clusters |") == 2
@@ -152,20 +160,25 @@ def test_clusters_refused_without_clusters(tiny_gpt2_dir, files, tmp_path, capsy
 
 def test_token_log_probs_pair_the_same_targets(tiny_gpt2_dir, files, tmp_path):
     """evaluate(token_log_probs=): every target once, whatever the scoring order (RetoMaton's streams reorder the
-    windows); the log-probabilities average to the run's perplexity."""
+    windows); the log-probabilities average to the run's perplexity; the search flags sit on their targets' rows (the
+    random skips draw from the row: searched where skip_draws(row) >= p; the kNN-LM searches every target)."""
     from knnlm.evaluate import EvalArgs, evaluate
     from knnlm.knn import KNNArgs
+    from knnlm.retomaton import skip_draws
 
     lm = load_model(ModelArgs(model_name_or_path=str(tiny_gpt2_dir), device="cpu"))
     corpus = CorpusArgs(validation_file=str(files / "valid.jsonl"), concat_documents=False, block_size=16, stride=8)
     ds = Datastore.open(files / "ds")
     got = {}
-    for name, extra in {"knn": {}, "retomaton": {"retomaton": True}}.items():
+    for name, extra in {"knn": {}, "retomaton": {"retomaton": True}, "skip": {"skip_search_prob": 0.5}}.items():
         per = {}
         m = evaluate(lm, corpus, tmp_path / name, EvalArgs(output_dir=str(tmp_path / name), batch_size=3), datastore=ds,
                      knn=KNNArgs(k=K, knn_temp=TEMP, lmbda=[0.25], recompute_dists=True, **extra), token_log_probs=per)
         assert len(per["row"]) == len(set(per["row"].tolist())) == m["n_tokens"]
         assert math.exp(-per["log_prob"].mean()) == pytest.approx(m["ppl_knnlm"], rel=1e-9)
+        assert 1 - per["searched"].mean() == pytest.approx(m["foss"], abs=1e-12)
         got[name] = per
+    assert got["knn"]["searched"].all() and 0 < got["retomaton"]["searched"].mean() < 1
+    assert got["skip"]["searched"].tolist() == (skip_draws(got["skip"]["row"]) >= 0.5).tolist()
     assert sorted(got["knn"]["row"].tolist()) == sorted(got["retomaton"]["row"].tolist())
     assert got["knn"]["row"].tolist() != got["retomaton"]["row"].tolist()  # the streams do score in another order

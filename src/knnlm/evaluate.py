@@ -171,8 +171,9 @@ def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datast
 
     ``index``: a FAISS index to search instead of the store's own (e.g. exact Flat to compare with its IVF-PQ).
     ``token_log_probs``: a dict filled with ``row`` (each target's row: its place in the text, in scoring order, [n]
-    int64) and ``log_prob`` (its gold log-probability under the kNN-LM at the first λ, or the LM without a store, [n]
-    float64), for paired per-token intervals between runs whose scoring orders differ (RetoMaton's streams).
+    int64), ``log_prob`` (its gold log-probability under the kNN-LM at the first λ, or the LM without a store, [n]
+    float64) and ``searched`` (whether its neighbours came from a search: RetoMaton's pointers save some; [n] bool),
+    for paired per-token intervals between runs whose scoring orders differ (RetoMaton's streams).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +223,10 @@ def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datast
         if commit_cache:
             commit_neighbour_cache(out_dir)
     if token_log_probs is not None:
-        token_log_probs.update(row=np.concatenate(rows_seen), log_prob=np.concatenate(logp_seen))
+        row = np.concatenate(rows_seen)
+        searched = (np.isin(row, np.concatenate(streams.searched_rows)) if streams is not None
+                    else np.full(len(row), retriever is not None))
+        token_log_probs.update(row=row, log_prob=np.concatenate(logp_seen), searched=searched)
     wall = time.time() - started
     t_forward = timing.get("forward_s", 0.0) + timing.get("output_s", 0.0)  # the LM: body + output layer
     metrics = {"n_tokens": lm_nll.count, "ppl_lm": lm_nll.ppl, "block_size": block, "stride": stride,

@@ -99,10 +99,12 @@ def _put(states: np.ndarray, rows: np.ndarray, new: np.ndarray) -> np.ndarray:
 @dataclass
 class Neighbours:
     """The neighbours of a step's ``a`` positions: ``ids`` int64 [a, m] (each position's rows, each once, then -1;
-    m >= 1) and ``dists`` float32 [a, m] their exact squared L2 (inf after them)."""
+    m >= 1), ``dists`` float32 [a, m] their exact squared L2 (inf after them) and ``searched`` bool [a] (the positions
+    whose neighbours came from a search, not from pointers alone)."""
 
     ids: np.ndarray
     dists: np.ndarray
+    searched: np.ndarray
 
 
 class Automaton:
@@ -153,7 +155,7 @@ class Automaton:
         self.steps += a
         self.searches += int(search.sum())
         self.candidates += len(qrow)
-        return Neighbours(cands, dists)
+        return Neighbours(cands, dists, search)
 
     def _add_searched(self, queries: torch.Tensor, cands: np.ndarray, sel: np.ndarray) -> np.ndarray:
         """Pointer candidates [a, c] and the searched positions sel [s] -> [a, m]: after each searched position's
@@ -241,7 +243,8 @@ class Streams:
     """Evaluation order for a stateful kNN-LM: the windows cut into ``n`` contiguous streams (the first ones one
     window longer), batch j holding window j of every stream still running, so the active streams are always the
     first ones, in order. Each stream carries its automaton state from window to window; a state starts empty at a
-    stream's first window and at a document's first window. Called as the scoring kernel's searcher."""
+    stream's first window and at a document's first window. Called as the scoring kernel's searcher.
+    ``searched_rows``: the text rows (token positions) whose neighbours came from a search, one array per step."""
 
     def __init__(self, automaton: Automaton, wins: list, doc_starts, n: int):
         self.automaton = automaton
@@ -252,6 +255,7 @@ class Streams:
         doc_set = {int(s) for s in doc_starts}
         self.resets = {c[0].row for c in self.chunks if c} | {w.row for w in wins if w.start in doc_set}
         self.states = _empty_states(n)  # [n, w]
+        self.searched_rows: list[np.ndarray] = []
 
     def batches(self):
         for j in range(len(self.chunks[0]) if self.chunks else 0):
@@ -271,6 +275,7 @@ class Streams:
             act = np.flatnonzero(sizes > j)  # [a] the windows with a j-th target
             rows = offsets[act] + j  # [a] their rows in the batch
             nb = self.automaton.step(queries[torch.from_numpy(rows)], self.states[act], starts[act] + j)
+            self.searched_rows.append((starts[act] + j)[nb.searched])
             self.states = _put(self.states, act, self.automaton.advance(nb, gold[torch.from_numpy(rows)]))
             got.append((rows, nb.dists, nb.ids))
         m = max(g[1].shape[1] for g in got)

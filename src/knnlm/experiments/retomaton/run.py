@@ -1,6 +1,7 @@
 """The RetoMaton study's run: one ``knnlm.evaluate.evaluate`` per setting in this process, each setting's metrics and
-per-token gold log-probabilities saved as it finishes (``settings/<n>.json`` keyed by everything that made them, and
-``settings/<n>.npy`` in text order) and reused on a rerun, so a killed run resumes at the first unfinished setting."""
+per-token gold log-probabilities and search flags saved as it finishes (``settings/<n>.json`` keyed by everything that
+made them, ``settings/<n>.npy`` and ``settings/<n>-searched.npy`` in text order) and reused on a rerun, so a killed run
+resumes at the first unfinished setting."""
 from __future__ import annotations
 
 import dataclasses
@@ -40,13 +41,14 @@ def run_retomaton(lm, corpus: CorpusArgs, args: RetomatonArgs, datastore) -> dic
         shutil.rmtree(stale, ignore_errors=True)
     saved = out / "settings"
     saved.mkdir(parents=True, exist_ok=True)
-    runs, log_probs = [], []  # log_probs: per setting, [n] gold log-probabilities in text order
+    runs, log_probs, searched = [], [], []  # per setting, in text order: [n] gold log-probabilities, [n] bool
     todo = args.settings()
     for i, (series, label, overrides) in enumerate(todo):
         knn = args.knn_args(**overrides)
         key = _key(lm, corpus, args, datastore, knn)
         path = saved / f"{i:02d}.json"
-        record = reusable(path, key) if path.with_suffix(".npy").is_file() else None
+        arrays = {"log_prob": path.with_suffix(".npy"), "searched": saved / f"{i:02d}-searched.npy"}
+        record = reusable(path, key) if all(a.is_file() for a in arrays.values()) else None
         if record is not None:
             log.info("setting %d/%d (%s, %s): reused %s", i + 1, len(todo), series, label, path)
         else:
@@ -59,26 +61,29 @@ def run_retomaton(lm, corpus: CorpusArgs, args: RetomatonArgs, datastore) -> dic
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             order = np.argsort(per_token["row"], kind="stable")  # text order: the settings' tokens paired
-            with atomic_path(path.with_suffix(".npy")) as tmp, open(tmp, "wb") as fh:  # before the record
-                np.save(fh, per_token["log_prob"][order])
+            for name, file in arrays.items():  # before the record
+                with atomic_path(file) as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, per_token[name][order])
             record = {"key": key, "series": series, "setting": label, "overrides": overrides,
                       "metrics": {k: m.get(k) for k in KEPT}, "wall_s": m["timing"]["wall_s"]}
             atomic_write_json(path, record)
             log.info("setting %d/%d (%s, %s): perplexity %.4f, fraction of saved searches %.3f", i + 1, len(todo),
                      series, label, m["ppl_knnlm"], m["foss"])
         runs.append({k: record[k] for k in ("series", "setting", "overrides", "metrics", "wall_s")})
-        log_probs.append(np.load(path.with_suffix(".npy")))
-    return {"runs": runs, "claim": claim_interval(runs, log_probs, args),
+        log_probs.append(np.load(arrays["log_prob"]))
+        searched.append(np.load(arrays["searched"]))
+    return {"runs": runs, "claim": claim_interval(runs, log_probs, searched, args),
             "n_tokens": runs[0]["metrics"]["n_tokens"], "ppl_lm": runs[0]["metrics"]["ppl_lm"],
             "ppl_knnlm": runs[0]["metrics"]["ppl_knnlm"], "k": runs[0]["metrics"]["k"], "nprobe": args.nprobe,
             "lmbda": args.lmbda[0], "knn_temp": args.knn_temp, "batch_size": args.batch_size,
             "datastore_N": datastore.N, "max_knns": args.max_knns}
 
 
-def claim_interval(runs: list[dict], log_probs: list[np.ndarray], args: RetomatonArgs) -> dict | None:
-    """RetoMaton at the smallest --min_knns (no clusters) against the kNN-LM on the same tokens: its fraction of saved
-    searches and a block-bootstrap 95% interval of ppl_retomaton / ppl_knnlm − 1 (resampling blocks of consecutive
-    tokens; None without a RetoMaton setting)."""
+def claim_interval(runs: list[dict], log_probs: list[np.ndarray], searched: list[np.ndarray],
+                   args: RetomatonArgs) -> dict | None:
+    """RetoMaton at the smallest --min_knns (no clusters) against the kNN-LM on the same tokens: block-bootstrap 95%
+    intervals (resampling blocks of consecutive tokens) of its fraction of saved searches and of ppl_retomaton /
+    ppl_knnlm − 1 (None without a RetoMaton setting)."""
     smallest = min(args.min_knns)
     at = next((i for i, r in enumerate(runs) if r["series"] == RETOMATON and r["overrides"]["min_knns"] == smallest),
               None)
@@ -86,4 +91,6 @@ def claim_interval(runs: list[dict], log_probs: list[np.ndarray], args: Retomato
         return None
     ratio = block_bootstrap_ci([log_probs[at], log_probs[0]], lambda rt, knn: math.exp(knn - rt) - 1, BLOCK_TOKENS,
                                n_boot=args.n_boot, seed=args.seed)
-    return {"min_knns": smallest, "foss": runs[at]["metrics"]["foss"], "ppl_ratio_minus_1": ratio.as_dict()}
+    saved = block_bootstrap_ci([~searched[at]], lambda s: s, BLOCK_TOKENS, n_boot=args.n_boot, seed=args.seed)
+    return {"min_knns": smallest, "foss": runs[at]["metrics"]["foss"], "saved": saved.as_dict(),
+            "ppl_ratio_minus_1": ratio.as_dict()}
