@@ -49,17 +49,6 @@ def build_lm(args: OverspecArgs, seed: int, seed_dir: Path):
 
 
 # ---------------------------------------------------------------------------------------------------------------- data
-def ensure_village(args: OverspecArgs, seed: int, seed_dir: Path, tokenizer_dir: Path) -> Path:
-    """Generates the seed's village (children's names single tokens under the model's tokenizer), or reuses the one a
-    previous session of this run generated."""
-    from ...macondo.generate import generate_macondo
-
-    data = seed_dir / "data"
-    if (data / "meta.json").is_file():
-        return data
-    return generate_macondo(args.macondo_args(seed, str(data), str(tokenizer_dir.resolve())))
-
-
 def train_sample(train_rows: list[dict], per_pair: int) -> list[dict]:
     """The fixed sample of training sentences scored as the 'train' split: each parent-child pair's first ``per_pair``
     sentences (rows are ordered by parent, child, example), in file order."""
@@ -108,18 +97,16 @@ def make_batches(lm, rows: list[dict], batch_size: int):
     return batches
 
 
-# ---------------------------------------------------------------------------------------------------------------- evaluation
-def _rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+# ----------------------------------------------------------------------------------------------------------- evaluation
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def evaluate_point(lm, args: OverspecArgs, data: Path, point_dir: Path, seed: int, last: bool = True) -> dict:
-    """Scores one evaluation point: -> {"splits": {split: summarize_scores}, "lls": {split: per-row scores}, ...}.
-
-    Builds the datastore of the current model over every training token, trains the MLP memory on it (with
-    --mlp_memory; with --mlp_at last only when ``last``), and scores the test and control splits and the training
-    sample (--train_eval_per_pair) vanilla / kNN / MLP; the training sample's vanilla summary carries "optimum_fit".
-    """
+    """Scores one evaluation point: builds the datastore of the current model over every training token, trains the
+    MLP memory on it (with --mlp_memory; with --mlp_at last only when ``last``) and scores the test and control splits
+    and the training sample (--train_eval_per_pair) vanilla / kNN / MLP; -> {"splits": {split: summarize_scores},
+    "lls": {split: per-row scores}, ...}, the training sample's vanilla summary with "optimum_fit"."""
     from ...corpus import CorpusArgs
     from ...datastore import build_datastore
     from ...knn import Retriever
@@ -132,14 +119,14 @@ def evaluate_point(lm, args: OverspecArgs, data: Path, point_dir: Path, seed: in
     ds = build_datastore(lm, corpus, point_dir / "datastore", key_point=args.key_point,
                          batch_size=args.eval_batch_size, overwrite=True)
     t_ds = time.time() - t0
-    rank, world = _rank_world()
-    if rank != 0:
+    if not _is_main():
         return {}
     memory = None
     if args.mlp_memory and (last or args.mlp_at == "every"):
         memory = train_memory(lm, ds, args.memory_args(str(ds.dir), str(point_dir / "memory"), seed))
     t_mem = time.time() - t0 - t_ds
-    retriever = Retriever(ds, args.knn_args())
+    knn = args.knn_args()
+    retriever = Retriever(ds, knn)
     out = {"n_keys": ds.N, "splits": {}, "lls": {}}
     if memory is not None:  # the memory's loss curve over all datastore pairs (does it plateau?)
         rec = read_json(point_dir / "memory" / "train.json")
@@ -149,57 +136,53 @@ def evaluate_point(lm, args: OverspecArgs, data: Path, point_dir: Path, seed: in
         if split == "train" and not args.train_eval_per_pair:
             continue
         rows = train_sample(all_train, args.train_eval_per_pair) if split == "train" else read_split(data, split)
-        lls = score_split(lm, rows, retriever=retriever, knn=args.knn_args(), memory=memory,
-                          batch_size=args.eval_batch_size)
+        lls = score_split(lm, rows, retriever=retriever, knn=knn, memory=memory, batch_size=args.eval_batch_size)
         out["lls"][split] = {"lm": lls["lm"], "mem": lls["mem"],
-                             **{m: {str(lam): v for lam, v in lls[m].items()} for m in ("knn", "mlp")}}
-        out["lls"][split]["n_children"] = [int(r["n_children"]) for r in rows]
+                             **{m: {str(lam): v for lam, v in lls[m].items()} for m in ("knn", "mlp")},
+                             "n_children": [int(r["n_children"]) for r in rows]}
         out["splits"][split] = summarize_scores(rows, lls, fit_optimum(rows, all_train) if split == "train" else None)
     out["time_s"] = {"datastore": round(t_ds, 3), "mlp_memory": round(t_mem, 3),
                      "total": round(time.time() - t0, 3)}
     return out
 
 
-def _point_lm(lm, model):
-    """The model the trainer evaluates, as an LM (``lm`` itself when it is its model: one LM, its hashes cached)."""
+def _scored_point(lm, model, run_dir: Path, seed: int, step: int, score) -> dict:
+    """One evaluation point's saved result (:func:`point_dir`'s ``.json``): reused when it was scored with these
+    weights, else ``score(point)`` (a dict), recorded with the step, the seed and the weights hash (by the main
+    process). ``point``: the trainer's ``model`` as an LM, ``lm`` itself when it is its model (its hashes cached)."""
     from ...models import LM
 
-    return lm if model is lm.model else LM(model, lm.tokenizer, lm.name)
-
-
-def _scored_point(path: Path, point, seed: int, step: int, score) -> dict:
-    """One evaluation point's saved result: reused when it was scored with these weights, else ``score()`` (a dict),
-    recorded with the step, the seed and the weights hash (by the main process)."""
+    point = lm if model is lm.model else LM(model, lm.tokenizer, lm.name)
+    path = eval_dir(run_dir, step).with_suffix(".json")
     weights = point.weights_hash()
     saved = reusable(path, weights, "weights_hash")
     if saved is not None:
         log.info("seed %d step %d: reusing %s", seed, step, path)
         return saved
-    saved = {**score(), "step": step, "seed": seed, "weights_hash": weights}
-    if _rank_world()[0] == 0:
+    saved = {**score(point), "step": step, "seed": seed, "weights_hash": weights}
+    if _is_main():
         atomic_write_json(path, saved)
     return saved
 
 
-def make_on_eval(lm, args: OverspecArgs, data: Path, seed_dir: Path, seed: int, last_step: int | None = None):
+def make_on_eval(lm, args: OverspecArgs, data: Path, seed_dir: Path, seed: int, last_step: int):
     """``on_eval(step, model)`` for the trainer: scores the point (or reuses its saved result when the weights match)
     and returns the compact metrics stored in the trainer's history."""
     def on_eval(step: int, model) -> dict:
-        point = _point_lm(lm, model)
         point_dir = eval_dir(seed_dir, step)
 
-        def score() -> dict:
-            result = evaluate_point(point, args, data, point_dir, seed, last=last_step is None or step >= last_step)
-            if _rank_world()[0] == 0 and args.save_models:
+        def score(point) -> dict:
+            result = evaluate_point(point, args, data, point_dir, seed, last=step >= last_step)
+            if _is_main() and args.save_models:
                 model.save_pretrained(point_dir / "model")
                 lm.tokenizer.save_pretrained(point_dir / "model")
             return result
 
-        result = _scored_point(point_dir.with_suffix(".json"), point, seed, step, score)
-        if not args.keep_datastores and _rank_world()[0] == 0:
+        result = _scored_point(lm, model, seed_dir, seed, step, score)
+        if not args.keep_datastores and _is_main():
             shutil.rmtree(point_dir / "datastore", ignore_errors=True)
             shutil.rmtree(point_dir / "memory", ignore_errors=True)
-        if _rank_world()[1] > 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             torch.distributed.barrier()
             result = read_json(point_dir.with_suffix(".json"))
         return _compact(result)
@@ -221,8 +204,9 @@ def _compact(result: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------- seeds
 def run_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
-    """Trains and evaluates one seed (resuming); -> its record: {"seed", "history", "n_train", "steps", "wall_s"}."""
-    from ...macondo.generate import read_split
+    """Trains and evaluates one seed (resuming) on its village, whose children's names are single tokens under the
+    model's tokenizer; -> its record: {"seed", "history", "n_train", "steps", "wall_s"}."""
+    from ...macondo.generate import generate_macondo, read_split
 
     seed_dir = seed_path(out, seed)
     done = seed_dir / "history.json"
@@ -238,7 +222,9 @@ def run_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
 
         with atomic_dir(tokenizer_dir) as tmp:
             lm.tokenizer.save_pretrained(tmp)
-    data = ensure_village(args, seed, seed_dir, tokenizer_dir)
+    data = seed_dir / "data"
+    if not (data / "meta.json").is_file():  # else generated by an earlier session of this run
+        generate_macondo(args.macondo_args(seed, str(data), str(tokenizer_dir.resolve())))
     rows = read_split(data, "train")
     on_eval = make_on_eval(lm, args, data, seed_dir, seed, total_steps(args, len(rows)))
     return _train_run(lm, rows, args, seed, seed_dir, on_eval, started, ("splits",), ("lls", "mlp_training"))
@@ -261,7 +247,7 @@ def _train_run(lm, rows: list[dict], args: OverspecArgs, seed: int, run_dir: Pat
     history[-1].update({k: saved[k] for k in last_point if k in saved})
     record = {"seed": seed, "n_train": len(rows), "steps": history[-1]["step"], "history": history,
               "wall_s": round(time.time() - started, 3)}
-    return finish_run(run_dir / "history.json", record, run_dir / "ckpt", write=_rank_world()[0] == 0)
+    return finish_run(run_dir / "history.json", record, run_dir / "ckpt", write=_is_main())
 
 
 def run_bare_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
@@ -286,15 +272,12 @@ def run_bare_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
     test = read_split(data, "test")
     lm = build_lm(args, seed, seed_dir)  # the same initial weights (scratch: seed-S/init; LoRA: seeded adapters)
 
+    def score(point) -> dict:
+        lls = score_split(point, test, batch_size=args.eval_batch_size)["lm"]
+        return {"lls": lls, "summary": summarize(test, lls)}
+
     def on_eval(step: int, model) -> dict:
-        point = _point_lm(lm, model)
-
-        def score() -> dict:
-            lls = score_split(point, test, batch_size=args.eval_batch_size)["lm"]
-            return {"lls": lls, "summary": summarize(test, lls)}
-
-        saved = _scored_point(eval_dir(bare_dir, step).with_suffix(".json"), point, seed, step, score)
-        return {"test_bare": saved["summary"]["avg_groups"]}
+        return {"test_bare": _scored_point(lm, model, bare_dir, seed, step, score)["summary"]["avg_groups"]}
 
     return _train_run(lm, rows, args, seed, bare_dir, on_eval, started, ("summary",), ("lls",))
 
@@ -319,7 +302,7 @@ def run_study(args: OverspecArgs) -> dict:
             log.info("seed %d: the bare-trained reference", seed)
             bare.append(run_bare_seed(args, seed, out))
     metrics = aggregate(records, args, bare or None)
-    if _rank_world()[0] != 0:
+    if not _is_main():
         return {"metrics": metrics}
     paths = write_outputs(out, args, metrics, started)
     return {**paths, "metrics": metrics}
