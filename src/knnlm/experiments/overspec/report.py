@@ -57,37 +57,39 @@ def _intervals(records: list[dict], bare: Optional[list[dict]], methods: list[st
     return out
 
 
-def _final(records: list[dict], mean: dict, methods: list[str], splits: list[str], groups: list[str], optimum: dict,
-           lam: str, with_bare: bool) -> dict:
-    """Per split at the last step: each method's means, gaps to log(1/n), differences from vanilla and the share of
-    (seed, step > 0) points where it beats vanilla (descriptive; the claims use the intervals)."""
+def _final(records: list[dict], mean: dict, groups: list[str], optimum: dict, lam: str) -> dict:
+    """Per split at the last step: each method's means (``mean``: split -> method -> group -> curve), gaps to log(1/n),
+    differences from vanilla and the share of (seed, step > 0) points where it beats vanilla (descriptive; the claims
+    use the intervals)."""
     final = {}
-    n_steps = len(records[0]["history"])
-    for split in splits:
+    for split, curves in mean.items():
         f = {}
-        extra = ["bare"] if split == "test" and with_bare else []
-        for m in methods + extra:
-            if mean[split][m]["avg_groups"][-1] is None:
+        for m, by_group in curves.items():
+            if by_group["avg_groups"][-1] is not None:
+                f[m] = {g: by_group[g][-1] for g in groups}
+                f[f"{m}_gap_to_optimum"] = {g: optimum[g] - f[m][g] for g in groups}
+        for m in [m for m in curves if m != "lm" and m in f]:
+            f[f"{m}_minus_lm"] = {g: f[m][g] - f["lm"][g] for g in groups}
+            if m == "bare":  # its points are in the bare-trained run's records, not in ``records``
                 continue
-            f[m] = {g: mean[split][m][g][-1] for g in groups}
-            f[f"{m}_gap_to_optimum"] = {g: optimum[g] - mean[split][m][g][-1] for g in groups}
-        for m in [m for m in methods[1:] + extra if m in f]:
-            f[f"{m}_minus_lm"] = {g: mean[split][m][g][-1] - mean[split]["lm"][g][-1] for g in groups}
-            if m == "bare":
-                continue
-            pairs = [(_point_value(r["history"][i], split, m, lam, "avg_groups"),
-                      _point_value(r["history"][i], split, "lm", lam, "avg_groups"))
-                     for r in records for i in range(1, n_steps)]
+            pairs = [(_point_value(e, split, m, lam, "avg_groups"), _point_value(e, split, "lm", lam, "avg_groups"))
+                     for r in records for e in r["history"][1:]]
             wins = [a > b for a, b in pairs if a is not None]
             f[f"{m}_beats_lm_fraction"] = sum(wins) / len(wins) if wins else None
         final[split] = f
     return final
 
 
+def _over_seeds(runs: list[dict], groups: list[str], value) -> tuple[dict, dict]:
+    """Per group g: the mean and the std over seeds (``study.curve_mean_std``) of each run's curve, ``value(entry, g)``
+    at every entry of its history."""
+    stats = {g: study.curve_mean_std([value(e, g) for e in r["history"]] for r in runs) for g in groups}
+    return {g: mean for g, (mean, _) in stats.items()}, {g: std for g, (_, std) in stats.items()}
+
+
 def aggregate(records: list[dict], args: OverspecArgs, bare: Optional[list[dict]] = None) -> dict:
     """Mean and std over seeds for every (split, method, group) at every evaluation step; the bare-trained reference
     (test split, vanilla) as method "bare"; the last step's gaps, differences and bootstrap intervals."""
-
     steps = [e["step"] for e in records[0]["history"]]
     for r in list(records) + list(bare or []):
         if [e["step"] for e in r["history"]] != steps:
@@ -98,20 +100,15 @@ def aggregate(records: list[dict], args: OverspecArgs, bare: Optional[list[dict]
     groups = [g for g in first["count"]] + ["avg_groups", "avg"]
     methods = ["lm", "knn"] + (["mlp"] if args.mlp_memory else [])
     splits = [s for s in SPLITS if s in records[0]["history"][0]["splits"]]
-    mean: dict = {split: {m: {} for m in methods} for split in splits}
-    std: dict = {split: {m: {} for m in methods} for split in splits}
+    mean: dict = {split: {} for split in splits}  # split -> method -> group -> curve over the steps
+    std: dict = {split: {} for split in splits}
     for split in splits:
         for m in methods:
-            for g in groups:
-                mean[split][m][g], std[split][m][g] = study.curve_mean_std(
-                    [_point_value(e, split, m, lam, g) for e in r["history"]] for r in records)
+            mean[split][m], std[split][m] = _over_seeds(records, groups, lambda e, g: _point_value(e, split, m, lam, g))
     if bare:
-        mean["test"]["bare"], std["test"]["bare"] = {}, {}
-        for g in groups:
-            mean["test"]["bare"][g], std["test"]["bare"][g] = study.curve_mean_std(
-                [e["summary"][g] for e in b["history"]] for b in bare)
+        mean["test"]["bare"], std["test"]["bare"] = _over_seeds(bare, groups, lambda e, g: e["summary"][g])
     optimum = first["optimum"]
-    final = _final(records, mean, methods, splits, groups, optimum, lam, with_bare=bool(bare))
+    final = _final(records, mean, groups, optimum, lam)
     final["step"] = steps[-1]
     metrics = {"steps": steps, "seeds": [r["seed"] for r in records], "lmbda": float(args.lmbda[0]), "methods": methods,
                "splits": splits, "groups": groups, "optimum": optimum, "counts": first["count"], "mean": mean,
@@ -132,7 +129,7 @@ def aggregate(records: list[dict], args: OverspecArgs, bare: Optional[list[dict]
             metrics["mlp_child_loss"] = {"mean": -float(np.mean([x["avg"] for x in mem])),
                                          "per_seed": {str(r["seed"]): -x["avg"] for r, x in zip(records, mem)}}
     curves = [r["history"][-1].get("mlp_training") for r in records]
-    if curves and all(curves):
+    if all(curves):
         metrics["mlp_training"] = {str(r["seed"]): {**c, "plateau": last_fifth_drop(c["loss_curve"])}
                                    for r, c in zip(records, curves)}
     if bare:
@@ -160,15 +157,15 @@ OVERSPEC_CLAIMS = (  # (claim, interval key in metrics["intervals"]["test"], sta
 )
 
 
-def fit_reason(metrics: dict, margin: float = FIT_MARGIN_NATS) -> str:
+def fit_reason(metrics: dict) -> str:
     """Why the setting is not the paper's ("" when the vanilla model fits its training sentences)."""
     train = metrics.get("final", {}).get("train")
     if not (train and train.get("lm") and "optimum_fit" in metrics):
         return "no training-split score to show the model fits its data (rerun with --train_eval_per_pair 1)"
     van, opt = train["lm"]["avg_groups"], metrics["optimum_fit"]["avg_groups"]
-    if van >= opt - margin:
+    if van >= opt - FIT_MARGIN_NATS:
         return ""
-    return f"the model did not fit its training sentences ({opt - van:.2f} nats from their optimum > {margin})"
+    return f"the model did not fit its training sentences ({opt - van:.2f} nats from their optimum > {FIT_MARGIN_NATS})"
 
 
 def plateau_reason(metrics: dict) -> str:
@@ -185,14 +182,13 @@ def overspec_claims(metrics: dict, label: str) -> list[Claim]:
     the MLP memory's only where its training loss has plateaued (:func:`plateau_reason`)."""
     unfit, unplateaued = fit_reason(metrics), plateau_reason(metrics)
     intervals = metrics.get("intervals", {}).get("test", {})
-    nan = float("nan")
     setting = f"{label}, step {metrics['final']['step']}"
     claims = []
     for claim, key, statistic, threshold in OVERSPEC_CLAIMS:
         if key.startswith("mlp") and "mlp" not in metrics.get("methods", ()):
             continue
         missing = "" if key in intervals else f"no {statistic.split(' (')[0]} interval in this run"
-        interval = as_interval(intervals[key]) if key in intervals else Interval(nan, nan, nan)
+        interval = as_interval(intervals[key]) if key in intervals else Interval(math.nan, math.nan, math.nan)
         reason = unfit or missing or (unplateaued if key.startswith("mlp") else "")
         claims.append(Claim(claim, setting, statistic, interval, threshold, "above", not_judged=reason))
     return claims
@@ -234,9 +230,8 @@ def table5(metrics: dict, split: str) -> str:
 def overview_table(metrics: dict) -> str:
     """The Average (mean of the group means) per step: test, training and control splits side by side, and the
     bare-trained reference."""
-    cols = [(split, m) for split in ("test", "train", "test_overspecified") if split in metrics["mean"]
-            for m in _split_methods(metrics, split)]
-    short = {"test": "test", "train": "train", "test_overspecified": "control"}
+    short = {"test": "test", "train": "train", "test_overspecified": "control"}  # in the columns' order
+    cols = [(split, m) for split in short if split in metrics["mean"] for m in _split_methods(metrics, split)]
     headers = ["steps"] + [f"{short[s]} {METHOD_NAMES[m]}" for s, m in cols]
     rows = _step_rows(metrics, [(s, m, "avg_groups") for s, m in cols])
     opt = [f"{metrics['optimum']['avg_groups']:.2f}" if s != "train" or "optimum_fit" not in metrics
@@ -266,17 +261,15 @@ def markdown_report(args: OverspecArgs, metrics: dict) -> str:
     text += ["## At the last step", ""]
     for split in metrics["splits"]:
         f = metrics["final"][split]
+        shown = [m for m in metrics["methods"] + ["bare"] if m in f]  # "lm" first
         line = [f"- {split}, step {metrics['final']['step']}: average vanilla {f['lm']['avg_groups']:.3f}"]
-        for m in metrics["methods"][1:] + ["bare"]:
-            if m not in f:
-                continue
-            extra = "" if f.get(f"{m}_beats_lm_fraction") is None else (
-                f"; better than vanilla at {100 * f[f'{m}_beats_lm_fraction']:.0f}% of (seed, step > 0) points")
+        for m in shown[1:]:
+            beats = f.get(f"{m}_beats_lm_fraction")
+            extra = "" if beats is None else f"; better than vanilla at {100 * beats:.0f}% of (seed, step > 0) points"
             line.append(f"{METHOD_NAMES[m]} {f[m]['avg_groups']:.3f} ({f[f'{m}_minus_lm']['avg_groups']:+.3f} over "
                         f"vanilla{extra})")
         line.append("gap to log(1/n): " + ", ".join(
-            f"{METHOD_NAMES[m]} {f[f'{m}_gap_to_optimum']['avg_groups']:.3f}" for m in metrics["methods"] + ["bare"]
-            if f"{m}_gap_to_optimum" in f))
+            f"{METHOD_NAMES[m]} {f[f'{m}_gap_to_optimum']['avg_groups']:.3f}" for m in shown))
         if split == "train" and "lm_gap_to_fit_optimum" in f:
             line.append(f"vanilla gap to the training optimum {f['lm_gap_to_fit_optimum']['avg_groups']:.3f}")
         text.append("; ".join(line) + ".")
@@ -321,15 +314,15 @@ def figure1(path: Path, metrics: dict, split: str, title: str) -> Path:
     return line_plot(path, series, title=title, xlabel="training step", ylabel="log-likelihood", hlines=hlines)
 
 
+FIGURES = (("test", "overspec.png", "test log-likelihood of the children's names ({n} seeds)"),
+           ("test_overspecified", "overspec_control.png", "control split test_overspecified ({n} seeds)"),
+           ("train", "overspec_train.png", "training sentences (fixed sample, {n} seeds)"))
+
+
 def write_outputs(out: Path, args: OverspecArgs, metrics: dict, started: float) -> dict:
     n = len(metrics["seeds"])
-    plots = [figure1(out / "overspec.png", metrics, "test",
-                     f"{args.model_name_or_path}: test log-likelihood of the children's names ({n} seeds)"),
-             figure1(out / "overspec_control.png", metrics, "test_overspecified",
-                     f"{args.model_name_or_path}: control split test_overspecified ({n} seeds)")]
-    if "train" in metrics["splits"]:
-        plots.append(figure1(out / "overspec_train.png", metrics, "train",
-                             f"{args.model_name_or_path}: training sentences (fixed sample, {n} seeds)"))
+    plots = [figure1(out / name, metrics, split, f"{args.model_name_or_path}: {title.format(n=n)}")
+             for split, name, title in FIGURES if split in metrics["splits"]]
     return study.write_outputs(out, args, metrics, started, overspec_claims(metrics, "this run"),
                                markdown_report(args, metrics), plots)
 
