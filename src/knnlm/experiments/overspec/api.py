@@ -67,9 +67,6 @@ class ApiArgs:
         if self.batch_size < 1:
             raise KnnlmError("--batch_size: must be >= 1")
 
-    def resolved_api_key(self) -> str:
-        return self.api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
-
     def public(self) -> "ApiArgs":
         """A copy safe to write to disk: the key is masked."""
         return dataclasses.replace(self, api_key="***" if self.api_key else None)
@@ -90,21 +87,17 @@ def ensure_village(data: Path, seed: int, tokenizer: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------ fine-tune
-def _training_path(args: ApiArgs, data: Path) -> Path:
-    path = data / f"{args.training_file}_chat.jsonl" if args.training_file in _SPLITS else Path(args.training_file)
-    if not path.is_file():
-        raise KnnlmError(f"--training_file: {path} does not exist; pass a split name ({', '.join(_SPLITS)}) of a "
-                         "Macondo-Conv village or a chat JSONL file")
-    return path
-
-
 def finetune(client, args: ApiArgs, data: Path, run_dir: Path, seed: int,
              sleep: Callable[[float], None] = time.sleep) -> dict:
     """The fine-tuning job of one seed on the village in ``data`` (``openai_client.finetune``, resumable through
     ``run_dir/job.json``); -> its state (with ``fine_tuned_model``)."""
+    train = data / f"{args.training_file}_chat.jsonl" if args.training_file in _SPLITS else Path(args.training_file)
+    if not train.is_file():
+        raise KnnlmError(f"--training_file: {train} does not exist; pass a split name ({', '.join(_SPLITS)}) of a "
+                         "Macondo-Conv village or a chat JSONL file")
     valid = data / f"{args.validation_split}_chat.jsonl" if args.validation_split else None
-    return finetune_job(client, args.base_url, args.model[0], _training_path(args, data), valid, args.n_epochs, seed,
-                        run_dir, args.poll_s, f"seed {seed}: ", sleep)
+    return finetune_job(client, args.base_url, args.model[0], train, valid, args.n_epochs, seed, run_dir, args.poll_s,
+                        f"seed {seed}: ", sleep)
 
 
 def score_split_cached(client, args: ApiArgs, model: str, data: Path, split: str, run_dir: Path, label: str) -> dict:
@@ -148,7 +141,7 @@ def run_api(args: ApiArgs) -> dict:
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    client = make_client(args.base_url, args.resolved_api_key())
+    client = make_client(args.base_url, args.api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY")
     runs = []
     for i, seed in enumerate(args.seeds):
         run_dir = seed_path(out, seed)
@@ -188,20 +181,18 @@ def results_table(metrics: dict) -> str:
     from ...macondo.score import table
     from ...report import pm
 
-    agg = metrics["over_seeds"]
-    splits = list(agg)
-    n_seeds = len(metrics["runs"])
-    jobs = jobs_table(metrics["runs"])
-    if not splits:
+    agg, runs = metrics["over_seeds"], metrics["runs"]
+    jobs = jobs_table(runs)
+    if not agg:
         return jobs
-    first = agg[splits[0]]
+    first = next(iter(agg.values()))
 
     def cell(split: str, key: str) -> str:  # mean ± std over seeds (the mean alone for one seed)
         return pm(agg[split]["mean"].get(key, math.nan), agg[split]["std"].get(key))
 
-    columns = {s: functools.partial(cell, s) for s in splits}
-    models = ", ".join(f"seed {r['seed']}: {r['model']}" for r in metrics["runs"])
-    note = f"{n_seeds} seed(s), mean ± std over seeds" if n_seeds > 1 else "1 seed"
+    columns = {s: functools.partial(cell, s) for s in agg}
+    models = ", ".join(f"seed {r['seed']}: {r['model']}" for r in runs)
+    note = f"{len(runs)} seed(s), mean ± std over seeds" if len(runs) > 1 else "1 seed"
     return (f"Macondo-Conv: mean log-likelihood of the children's names ({note}; {models})\n\n"
             + table(first["count"], first["optimum"], columns) + (f"\n{jobs}" if jobs else ""))
 

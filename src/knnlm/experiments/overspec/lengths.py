@@ -11,7 +11,7 @@ from ...claims import Claim
 from ...fileio import read_json
 from ...stats import Interval, as_interval
 from ..study import seed_path
-from .report import FAR_NATS, FIT_MARGIN_NATS, OVERSPEC_CLAIMS
+from .report import FIT_MARGIN_NATS, OVERSPEC_CLAIMS
 from .settings import point_dir
 
 # Fixed before the runs (docs/results/fidelity-2026-12-05/criteria.md): a length is judged only where the model fits
@@ -21,10 +21,6 @@ from .settings import point_dir
 PERSIST_SHARE = 0.5
 CONSTANT_LR = ("constant_with_warmup",)  # schedules whose intermediate points are runs of that length
 PERSIST_CLAIM = "the gap to log(1/n) persists as training goes on and fits the training split (Table 5)"
-
-
-def _point(run_dir: Path, seed: int, step: int) -> dict:
-    return read_json(point_dir(seed_path(run_dir, seed), step).with_suffix(".json"))
 
 
 def overspec_lengths(run_dir: Path) -> dict:
@@ -39,7 +35,7 @@ def overspec_lengths(run_dir: Path) -> dict:
     lam, steps, seeds = str(float(config["lmbda"][0])), metrics["steps"], metrics["seeds"]
     points, gaps = [], {}
     for step in steps[1:]:
-        saved = [_point(run_dir, s, step) for s in seeds]
+        saved = [read_json(point_dir(seed_path(run_dir, s), step).with_suffix(".json")) for s in seeds]
         test = [x["lls"]["test"] for x in saved]
         strata = [t["n_children"] for t in test]
         lm = [np.asarray(t["lm"], float) for t in test]
