@@ -153,8 +153,7 @@ def run_api(args: ApiArgs) -> dict:
         run = {"seed": seed, "model": model, "data": str(data), "village_seed": meta["seed"],
                "village_tokenizer": meta["tokenizer"], "job": job, "splits": {}}
         for split in args.splits:
-            scored = score_split_cached(client, args, model, data, split, run_dir, f"seed {seed} {split}")
-            ex = scored["examples"]
+            ex = score_split_cached(client, args, model, data, split, run_dir, f"seed {seed} {split}")["examples"]
             summary = summarize(ex, [e["ll"] for e in ex])
             run["splits"][split] = {"summary": summary, "n_examples": len(ex),
                                     "straddled": sum(e["straddle"] for e in ex)}

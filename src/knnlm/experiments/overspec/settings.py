@@ -24,7 +24,6 @@ SPLITS = ("test", "test_overspecified", "train")  # "train": a fixed sample of t
 METHODS = ("lm", "knn", "mlp")
 
 
-
 @dataclass
 class OverspecArgs:
     # model
