@@ -100,8 +100,7 @@ def aggregate(records: list[dict], args: OverspecArgs, bare: Optional[list[dict]
     groups = [g for g in first["count"]] + ["avg_groups", "avg"]
     methods = ["lm", "knn"] + (["mlp"] if args.mlp_memory else [])
     splits = [s for s in SPLITS if s in records[0]["history"][0]["splits"]]
-    mean: dict = {split: {} for split in splits}  # split -> method -> group -> curve over the steps
-    std: dict = {split: {} for split in splits}
+    mean, std = {s: {} for s in splits}, {s: {} for s in splits}  # split -> method -> group -> curve over the steps
     for split in splits:
         for m in methods:
             mean[split][m], std[split][m] = _over_seeds(records, groups, lambda e, g: _point_value(e, split, m, lam, g))
