@@ -208,16 +208,12 @@ def _step_rows(metrics: dict, cols: list[tuple]) -> list[list]:
             for i, step in enumerate(metrics["steps"])]
 
 
-def _split_methods(metrics: dict, split: str) -> list[str]:
-    return [m for m in list(metrics["methods"]) + ["bare"] if m in metrics["mean"][split]]
-
-
 def table5(metrics: dict, split: str) -> str:
     """Table 5's layout: rows are steps; per number of children and the average (of the group means), one column
     per method (vanilla / kNN [/ MLP] [/ bare-trained on the test split]); mean ± std over seeds; a last row with the
     optimum log(1/n) (and, for the training split, the training optimum: the empirical distribution)."""
     groups = [g for g in metrics["groups"] if g != "avg"]
-    methods = _split_methods(metrics, split)
+    methods = list(metrics["mean"][split])  # metrics["methods"], then "bare" where it was run
     headers = ["steps"] + [f"{'Average' if g == 'avg_groups' else g} {METHOD_NAMES[m]}" for g in groups for m in methods]
     rows = _step_rows(metrics, [(split, m, g) for g in groups for m in methods])
     rows.append(["log(1/n)"] + [f"{metrics['optimum'][g]:.2f}" for g in groups for _ in methods])
@@ -230,7 +226,7 @@ def overview_table(metrics: dict) -> str:
     """The Average (mean of the group means) per step: test, training and control splits side by side, and the
     bare-trained reference."""
     short = {"test": "test", "train": "train", "test_overspecified": "control"}  # in the columns' order
-    cols = [(split, m) for split in short if split in metrics["mean"] for m in _split_methods(metrics, split)]
+    cols = [(split, m) for split in short if split in metrics["mean"] for m in metrics["mean"][split]]
     headers = ["steps"] + [f"{short[s]} {METHOD_NAMES[m]}" for s, m in cols]
     rows = _step_rows(metrics, [(s, m, "avg_groups") for s, m in cols])
     opt = [f"{metrics['optimum']['avg_groups']:.2f}" if s != "train" or "optimum_fit" not in metrics
@@ -296,7 +292,7 @@ def figure1(path: Path, metrics: dict, split: str, title: str) -> Path:
     """Figure 1's style: one colour per number of children; vanilla solid, kNN dotted, MLP dash-dot, bare-trained
     dash-dot-dot; dashed horizontal lines at log(1/n). The legend names the colours once and the line styles once."""
     groups = [g for g in metrics["groups"] if g not in ("avg", "avg_groups")]
-    methods = _split_methods(metrics, split)
+    methods = list(metrics["mean"][split])  # metrics["methods"], then "bare" where it was run
     series, hlines = [], []
     for i, g in enumerate(groups):
         color = COLORS[i % len(COLORS)]
