@@ -12,7 +12,8 @@ from knnlm.lm_eval_tasks import TASKS_DIR  # noqa: E402
 from knnlm.macondo.generate import MacondoArgs, generate_macondo, read_split  # noqa: E402
 from knnlm.macondo.score import score_split  # noqa: E402
 from knnlm.models import ModelArgs, load_model  # noqa: E402
-from knnlm.serve import ServeArgs, start_server  # noqa: E402
+from knnlm.serve import ServeArgs  # noqa: E402
+from knnlm.serve_http import start_server  # noqa: E402
 
 K, LMBDA, TEMP = 16, 0.4, 5.0
 

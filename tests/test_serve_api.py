@@ -29,7 +29,8 @@ import torch
 from knnlm.errors import KnnlmError
 from knnlm import openai_client as OC
 from knnlm.experiments.overspec import api as A
-from knnlm.serve import CompletionEngine, ServeArgs, start_server
+from knnlm.serve import CompletionEngine, ServeArgs
+from knnlm.serve_http import start_server
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -226,10 +226,9 @@ def checksums(directory: str | Path) -> dict:
     return {name: sha256_file(Path(directory) / name) for name in CHECKSUMMED if (Path(directory) / name).is_file()}
 
 
-def verify(directory: str | Path, flag: str = "--datastore", index: bool = True, chunk: int = 1 << 16) -> dict:
+def store_problems(directory: str | Path, flag: str = "--datastore", chunk: int = 1 << 16) -> tuple[dict, list[str]]:
     """Checks a finished store in full: sizes and value range (:meth:`Datastore.open`), every key finite, the sha256
-    of keys, values and tokens against those recorded at build time and, with ``index``, its built index against its
-    own record. Returns what was checked; raises one ``KnnlmError`` listing what is damaged."""
+    of keys, values and tokens against those recorded at build time -> (what was checked, what is damaged)."""
     ds = Datastore.open(directory, flag=flag)
     problems = []
     n_bad = 0
@@ -244,16 +243,21 @@ def verify(directory: str | Path, flag: str = "--datastore", index: bool = True,
         bad = [name for name, h in recorded.items() if actual.get(name) != h]
         problems += [f"{name} differs from the sha256 recorded at build time" for name in bad]
         report["checksums"] = {name: "ok" if name not in bad else "differs" for name in recorded}
-    if index:
-        from .index import verify_index
+    return report, problems
 
-        try:
-            report["index"] = verify_index(ds.dir)
-        except KnnlmError as e:
-            problems.append(f"its index: {str(e).split(': ', 1)[-1]}")
+
+def refuse_damaged(directory: str | Path, flag: str, problems: list[str]) -> None:
+    """One ``KnnlmError`` listing what is damaged (nothing: returns)."""
     if problems:
-        raise KnnlmError(f"{flag}: {ds.dir} is damaged: {'; '.join(problems)}; rebuild it with `knnlm datastore "
-                         "build ... --overwrite` (the index with `knnlm index build DS --overwrite`)")
+        raise KnnlmError(f"{flag}: {Path(directory)} is damaged: {'; '.join(problems)}; rebuild it with `knnlm "
+                         "datastore build ... --overwrite` (the index with `knnlm index build DS --overwrite`)")
+
+
+def verify(directory: str | Path, flag: str = "--datastore", chunk: int = 1 << 16) -> dict:
+    """:func:`store_problems`, raising one ``KnnlmError`` listing what is damaged; returns what was checked (the store
+    with its index: :func:`knnlm.index.verify_store`)."""
+    report, problems = store_problems(directory, flag, chunk)
+    refuse_damaged(directory, flag, problems)
     return report
 
 
@@ -341,7 +345,7 @@ def _prepare_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> bool:
         return False
     if meta.exists() and overwrite:  # this very store: --overwrite rebuilds it only if it is damaged
         try:
-            verify(out_dir, flag="--output_dir", index=False)
+            verify(out_dir, flag="--output_dir")
         except KnnlmError as e:
             log.warning("%s; rebuilding it (--overwrite)", e)
             _clear(out_dir)

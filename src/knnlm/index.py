@@ -21,7 +21,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from .datastore import check_finite
+from .datastore import check_finite, refuse_damaged, store_problems
 from .errors import KnnlmError
 from .fileio import (atomic_path, atomic_write_json, lock_output_dir, read_json, releases_locks,
                      restore_interrupted_swap, sha256_file, staging_dir, swap_into_place)
@@ -108,6 +108,18 @@ def check_identity(idir: Path, info: dict, ds_dir: str | Path) -> None:
 def index_checksums(idir: Path, shards: int) -> dict:
     return {name: sha256_file(idir / name) for name in ["trained.faiss", *(f"shard{s}.faiss" for s in range(shards))]
             if (idir / name).is_file()}
+
+
+def verify_store(directory: str | Path, flag: str = "--datastore") -> dict:
+    """A store and its built index checked in full (``knnlm datastore verify``): what was checked, the index's under
+    ``"index"``; raises one ``KnnlmError`` listing everything damaged in either."""
+    report, problems = store_problems(directory, flag)
+    try:
+        report["index"] = verify_index(directory)
+    except KnnlmError as e:
+        problems.append(f"its index: {str(e).split(': ', 1)[-1]}")
+    refuse_damaged(directory, flag, problems)
+    return report
 
 
 def verify_index(ds_dir: str | Path) -> Optional[dict]:

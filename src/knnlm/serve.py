@@ -18,7 +18,7 @@ temperature and nucleus (``top_p``) from the distribution the model's logits def
 
 Token texts are detokenized incrementally: a token that ends inside a multi-byte character adds ``""`` and the token
 completing the character carries all of it, so the tokens of a choice always join to its text.
-The HTTP side (connections, capacity, graceful stop) is :mod:`knnlm.serve_http`.
+The HTTP side (connections, capacity, graceful stop, :func:`start_server`) is :mod:`knnlm.serve_http`.
 """
 from __future__ import annotations
 
@@ -547,18 +547,3 @@ def parse_body(raw: bytes):
         raise ApiError(400, "the request body is nested too deeply") from None
     except ValueError as e:  # JSONDecodeError and NaN/Infinity
         raise ApiError(400, f"the request body is not valid JSON ({str(e)[:80]})") from None
-
-
-def start_server(lm, args: ServeArgs):
-    """Starts serving ``lm`` in a background thread -> (server, thread); stop with ``server.stop()`` (graceful, then
-    closed) or ``server.shutdown(); server.server_close()``."""
-    from .serve_http import CompletionServer
-
-    engine = CompletionEngine(lm, args.served_model_name, args.max_logprobs, args.max_n)
-    server = CompletionServer(engine, args.host, args.port, args.api_key, workers=args.workers,
-                              max_queue=args.max_queue, request_timeout_s=args.request_timeout_s,
-                              shutdown_grace_s=args.shutdown_grace_s)
-    thread = threading.Thread(target=server.serve_forever, name="knnlm-serve", daemon=True)
-    thread.start()
-    log.info("serving %s at %s", engine.name, server.url)
-    return server, thread

@@ -27,7 +27,7 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from .errors import KnnlmError
-from .serve import ApiError, CompletionEngine, parse_body
+from .serve import ApiError, CompletionEngine, ServeArgs, parse_body
 
 log = logging.getLogger(__name__)
 
@@ -551,3 +551,16 @@ def _recv_all(sock) -> None:
             pass
     except OSError:
         pass
+
+
+def start_server(lm, args: ServeArgs):
+    """Starts serving ``lm`` in a background thread -> (server, thread); stop with ``server.stop()`` (graceful, then
+    closed) or ``server.shutdown(); server.server_close()``."""
+    engine = CompletionEngine(lm, args.served_model_name, args.max_logprobs, args.max_n)
+    server = CompletionServer(engine, args.host, args.port, args.api_key, workers=args.workers,
+                              max_queue=args.max_queue, request_timeout_s=args.request_timeout_s,
+                              shutdown_grace_s=args.shutdown_grace_s)
+    thread = threading.Thread(target=server.serve_forever, name="knnlm-serve", daemon=True)
+    thread.start()
+    log.info("serving %s at %s", engine.name, server.url)
+    return server, thread

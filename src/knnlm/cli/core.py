@@ -77,10 +77,10 @@ def cmd_datastore_build(args) -> int:
 
 
 def cmd_datastore_verify(args) -> int:
-    from ..datastore import verify
+    from ..index import verify_store
 
     started = time.time()
-    report = verify(args.datastore)
+    report = verify_store(args.datastore)
     sums = report["checksums"]
     index = report.get("index")
     print(f"datastore {args.datastore}: intact: N={report['N']} keys (all finite), d={report['d']}, values in "

@@ -24,7 +24,8 @@ def cmd_serve(args) -> int:
     from ..datastore import Datastore
     from ..knn import KNNArgs
     from ..models import ModelArgs, load_model
-    from ..serve import ServeArgs, start_server
+    from ..serve import ServeArgs
+    from ..serve_http import start_server
 
     margs, sargs, aargs, kargs = resolve([ModelArgs, ServeArgs, AugmentArgs, KNNArgs], args, args.config)
     if aargs.datastore:
