@@ -37,10 +37,11 @@ import torch
 from .distances import exact_sq_dists
 from .errors import KnnlmError
 from .models import DTYPES
-from .search import register_backend
 
 log = logging.getLogger(__name__)
 
+# --search_dtype and --search_margin of KNNArgs: the candidates' GEMM precision, the candidates kept beyond k
+SEARCH_DTYPE, SEARCH_MARGIN = "float16", 64
 _SCORE_LIMIT = 2.0 ** 13  # norms² / scale stay below this: sums of four such terms fit float16 (max 65504)
 _REFINE_FLOATS = 1 << 26  # gathered key floats per exact-distance step on a GPU (256 MiB as float32)
 _EXTRA = 4  # columns appended to each key: (‖k‖² − 2 μ·k) / s as a high and a low half, then 1, 1
@@ -161,10 +162,8 @@ class TorchSearch:
     def __init__(self, keys, devices: Sequence[str | torch.device] = ("cpu",), dtype: Optional[str] = None,
                  margin: Optional[int] = None, centroids: Optional[np.ndarray] = None, nprobe: int = 32,
                  query_batch: int = 2048, key_chunk: int = 1 << 19, load_chunk: int = 262_144):
-        from .knn import KNNArgs
-
-        dtype = KNNArgs.search_dtype if dtype is None else dtype
-        margin = KNNArgs.search_margin if margin is None else margin
+        dtype = SEARCH_DTYPE if dtype is None else dtype
+        margin = SEARCH_MARGIN if margin is None else margin
         if dtype not in DTYPES:
             raise KnnlmError(f"--search_dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
         n, d = keys.shape
@@ -426,17 +425,9 @@ def search_devices(use_gpu: Optional[bool]) -> list[torch.device]:
     return [torch.device("cpu")]
 
 
-def torch_backend(datastore, args, index=None, use_gpu=None):
+def torch_backend(datastore, args, use_gpu=None) -> TorchSearch:
     """``--search_backend torch``: the store's keys on every visible GPU (the CPU when torch sees none), searched as
-    ``--search_dtype``, ``--search_margin``, ``--search_nlist`` / ``--nprobe`` say. A given FAISS ``index`` is
-    searched as it is instead."""
-    if index is not None:
-        from .search import IndexBackend
-
-        return index if hasattr(index, "distances") else IndexBackend(index, datastore)
+    ``--search_dtype``, ``--search_margin``, ``--search_nlist`` / ``--nprobe`` say."""
     centroids = train_centroids(datastore.keys, args.search_nlist) if args.search_nlist else None
     return TorchSearch(datastore.keys, devices=search_devices(use_gpu), dtype=args.search_dtype,
                        margin=args.search_margin, centroids=centroids, nprobe=args.nprobe)
-
-
-register_backend("torch", torch_backend)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from .errors import KnnlmError
+from .gpu_search import SEARCH_DTYPE, SEARCH_MARGIN
+from .ray_search import SHARD_CPUS, check_knn_args
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +30,8 @@ class KNNArgs:
     ignore_top: bool = field(default=False, metadata={"help": "Drop the nearest neighbour (for querying a store with its own training text)."})
     nprobe: int = field(default=32, metadata={"help": "IVF lists visited per query (approximate indexes only)."})
     search_backend: str = field(default="auto", metadata={"help": "Where the keys are searched: faiss (in-process FAISS index), torch (keys on a torch device: a GPU without GPU FAISS), ray (the index shards on Ray actors: docs/ray.md), auto (faiss; torch on a GPU that only torch sees)."})
-    search_dtype: str = field(default="float16", metadata={"help": "--search_backend torch: precision of the GEMM that ranks candidates (float16, bfloat16, float32); their distances are then recomputed exactly."})
-    search_margin: int = field(default=64, metadata={"help": "--search_backend torch: candidates kept beyond k from the half-precision ranking, so the exact k nearest are among them (docs/scaling.md: recall by margin)."})
+    search_dtype: str = field(default=SEARCH_DTYPE, metadata={"help": "--search_backend torch: precision of the GEMM that ranks candidates (float16, bfloat16, float32); their distances are then recomputed exactly."})
+    search_margin: int = field(default=SEARCH_MARGIN, metadata={"help": "--search_backend torch: candidates kept beyond k from the half-precision ranking, so the exact k nearest are among them (docs/scaling.md: recall by margin)."})
     search_nlist: int = field(default=0, metadata={"help": "--search_backend torch: IVF lists (FAISS k-means on the CPU; --nprobe of them searched per query); 0 searches every key."})
     retomaton: bool = field(default=False, metadata={"help": "RetoMaton (Alon et al. 2022): follow the neighbours whose value was the next token to their successor entries and search only when fewer than --min_knns survive (docs/retomaton.md)."})
     min_knns: int = field(default=1, metadata={"help": "RetoMaton: search when fewer than this many pointers survive (larger: more searches, closer to the kNN-LM)."})
@@ -39,7 +41,7 @@ class KNNArgs:
     skip_search_prob: float = field(default=0.0, metadata={"help": "A kNN-LM that skips each search with this probability (seeded per position) and uses the LM alone there: RetoMaton's baseline."})
     ray_address: str = field(default="local", metadata={"help": "With --search_backend ray: local (a Ray on this machine for this run), auto (the running cluster: `ray start`), or ray://HOST:PORT."})
     ray_index: str = field(default="", metadata={"help": "With --search_backend ray: the name of a group of shard actors kept loaded by `knnlm index serve` (else this run starts its own)."})
-    ray_shard_cpus: float = field(default=1.0, metadata={"help": "With --search_backend ray: CPUs Ray reserves for each shard actor it starts; FAISS searches with that many threads."})
+    ray_shard_cpus: float = field(default=SHARD_CPUS, metadata={"help": "With --search_backend ray: CPUs Ray reserves for each shard actor it starts; FAISS searches with that many threads."})
 
     def validate(self) -> None:
         if self.k < 1:
@@ -74,8 +76,6 @@ class KNNArgs:
             raise KnnlmError(f"--search_backend: unknown backend {self.search_backend!r}; choose one of "
                              f"{', '.join(backend_names())}")
         if self.search_backend == "ray" or self.ray_index:
-            from .ray_search import check_knn_args
-
             check_knn_args(self)
 
     @property

@@ -29,8 +29,6 @@ import numpy as np
 import torch
 
 from .errors import KnnlmError
-from .knn import KNNArgs
-from .search import register_backend
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +37,14 @@ MAX_TASK_RETRIES = 3  # a search on an actor that died is resubmitted this many 
 START_TIMEOUT_S = 300.0  # the shard actors must be placed and loaded within this
 SHARD_RESOURCE = "knnlm_shard_{}"  # a node started with this custom resource gets shard <s>'s actor (docs/ray.md)
 INLINE_BYTES = 64 << 10  # queries up to this size travel inside each call (Ray inlines arguments under 100 KiB)
+SHARD_CPUS = 1.0  # CPUs Ray reserves for each shard actor (--ray_shard_cpus of knnlm eval and knnlm index serve)
 
 
 @dataclass
 class RayServeArgs:
     name: str = field(default="", metadata={"help": "Name of the served group of shard actors (evaluations pass it as --ray_index)."})
     ray_address: str = field(default="auto", metadata={"help": "The Ray cluster: auto (the one `ray start` runs on this machine) or ray://HOST:PORT."})
-    ray_shard_cpus: float = field(default=KNNArgs.ray_shard_cpus, metadata={"help": "CPUs Ray reserves for each shard actor; FAISS searches with that many threads."})
+    ray_shard_cpus: float = field(default=SHARD_CPUS, metadata={"help": "CPUs Ray reserves for each shard actor; FAISS searches with that many threads."})
 
     def validate(self) -> None:
         if not self.name or "/" in self.name:
@@ -443,11 +442,9 @@ class RayBackend:
         self.actors = []
 
 
-def _ray_backend(datastore, args, index=None, use_gpu=None) -> RayBackend:
+def ray_backend(datastore, args, index=None, use_gpu=None) -> RayBackend:
+    """``--search_backend ray``: the store's built shards searched by Ray actors (``use_gpu``: not used)."""
     if index is not None:
         raise KnnlmError("--search_backend ray: searches the store's own built shards; a prebuilt index is searched "
                          "with --search_backend faiss")
     return RayBackend(datastore, args)
-
-
-register_backend("ray", _ray_backend)

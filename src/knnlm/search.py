@@ -19,7 +19,9 @@ computes them, so a GPU backend keeps them on the GPU). Backends, chosen by ``--
 - ``auto`` (default): ``faiss``, except ``torch`` where torch sees a GPU, FAISS does not, and the store has no built
   index (the choice made before backends had names).
 
-A backend registers itself with :func:`register_backend`; :func:`make_backend` is what the Retriever calls.
+The built-in backends are listed in ``BACKENDS`` (their modules imported when one is made: this module imports them,
+not the other way round); another backend registers with :func:`register_backend`. :func:`make_backend` is what the
+Retriever calls.
 """
 from __future__ import annotations
 
@@ -120,7 +122,24 @@ def _auto_backend(datastore, args, index=None, use_gpu=None) -> SearchBackend:
     return _faiss_backend(datastore, args, index=index, use_gpu=use_gpu)
 
 
-BACKENDS: dict[str, Callable[..., SearchBackend]] = {"auto": _auto_backend, "faiss": _faiss_backend}
+def _torch_backend(datastore, args, index=None, use_gpu=None) -> SearchBackend:
+    """``--search_backend torch`` (:func:`knnlm.gpu_search.torch_backend`); a given FAISS ``index`` is searched as it
+    is instead."""
+    if index is not None:
+        return index if hasattr(index, "distances") else IndexBackend(index, datastore)
+    from .gpu_search import torch_backend
+
+    return torch_backend(datastore, args, use_gpu=use_gpu)
+
+
+def _ray_backend(datastore, args, index=None, use_gpu=None) -> SearchBackend:
+    from .ray_search import ray_backend  # Ray itself is imported when a backend starts
+
+    return ray_backend(datastore, args, index=index, use_gpu=use_gpu)
+
+
+BACKENDS: dict[str, Callable[..., SearchBackend]] = {"auto": _auto_backend, "faiss": _faiss_backend,
+                                                     "torch": _torch_backend, "ray": _ray_backend}
 
 
 def register_backend(name: str, factory: Callable[..., SearchBackend]) -> None:
@@ -129,17 +148,11 @@ def register_backend(name: str, factory: Callable[..., SearchBackend]) -> None:
 
 
 def backend_names() -> list[str]:
-    _load_builtin()
     return sorted(BACKENDS)
-
-
-def _load_builtin() -> None:
-    from . import gpu_search, ray_search  # noqa: F401  register "torch" and "ray" (ray itself is imported on use)
 
 
 def make_backend(datastore, args, index=None, use_gpu: bool | None = None) -> SearchBackend:
     """The backend ``args.search_backend`` names, over ``datastore``; ``index``: a prebuilt index or backend to use."""
-    _load_builtin()
     name = getattr(args, "search_backend", "auto")
     if name not in BACKENDS:
         raise KnnlmError(f"--search_backend: unknown backend {name!r}; choose one of {', '.join(backend_names())}")
