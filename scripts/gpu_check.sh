@@ -42,8 +42,9 @@ if [ -z "${DATA_DIR:-}" ]; then
     if [ -f "$d/train.txt" ]; then DATA_DIR=$d; break; fi
   done
 fi
-mkdir -p "$RUN_DIR"
-LOG="$RUN_DIR/gpu_check.log"
+# The log sits beside RUN_DIR, not in it: `knnlm reproduce` refuses an output folder holding files it did not write.
+mkdir -p "$(dirname "$RUN_DIR")"
+LOG="${RUN_DIR%/}.gpu_check.log"
 exec > >(tee -a "$LOG") 2>&1
 
 echo "== gpu_check $(date -u +%FT%TZ) on $(hostname)"
@@ -72,6 +73,7 @@ search_check() {
   store=${STORE:-$RUN_DIR/ds-smollm2}
   model=${MODEL:-smollm2-135m}
   report=$RUN_DIR/report.md
+  mkdir -p "$RUN_DIR"
   step() {  # step NAME CMD...: runs CMD within the time left, appends its outcome to the report
     local name=$1 t0 code budget
     shift

