@@ -40,10 +40,10 @@ def compare(steps: list[int], with_mean: list, without_mean: list, higher_is_bet
             crossings.append(step)
         prev = a
     quarter = min((s for s in steps if s > 0), key=lambda s: (abs(s - total_steps / 4), s))
+    at_quarter = adv[steps.index(quarter)]
     return {"advantage_without_last_mlp": dict(zip(map(str, steps), adv)), "crossings": crossings,
-            "quarter_step": quarter, "advantage_at_quarter": adv[steps.index(quarter)],
-            "leader_at_quarter": None if not adv[steps.index(quarter)] else
-            ("without_last_mlp" if adv[steps.index(quarter)] > 0 else "with_last_mlp")}
+            "quarter_step": quarter, "advantage_at_quarter": at_quarter,
+            "leader_at_quarter": None if not at_quarter else ("without_last_mlp" if at_quarter > 0 else "with_last_mlp")}
 
 
 def paired_area(steps: list[int], full: list, pruned: list, higher_is_better: bool, until: float) -> Optional[float]:
@@ -237,16 +237,13 @@ def _band(std: list) -> Optional[list]:
 def write_outputs(out: Path, args: HurdleArgs, metrics: dict, started: float) -> dict:
     steps = metrics["steps"]
     models = metrics.get("models", list(MODELS[:2]))
-    plots = []
+    plots, curve = [], metrics["curve"]
+    shape = f" ({args.n_layer or '-'} blocks x {args.n_embd or '-'})" if args.n_layer or args.n_embd else ""
     for k in metrics["comparison"]:  # Figures 4 and 5: all three variants
-        if k == "train_loss":  # Figure 5: the smoothed training loss at --log_every resolution
-            c = metrics["curve"]
-            series = [dict(x=c["steps"], y=c[m]["mean"], std=_band(c[m]["std"]), label=_LABELS[m], color=_COLORS[m],
-                           linestyle=_STYLES[m]) for m in models]
-        else:
-            series = [dict(x=steps, y=metrics["mean"][m][k], std=_band(metrics["std"][m][k]), label=_LABELS[m],
-                           color=_COLORS[m], marker="o", linestyle=_STYLES[m]) for m in models]
-        shape = f" ({args.n_layer or '-'} blocks x {args.n_embd or '-'})" if args.n_layer or args.n_embd else ""
+        fig5 = k == "train_loss"  # Figure 5: the smoothed training loss at --log_every resolution, no markers
+        series = [dict(x=curve["steps"] if fig5 else steps, y=curve[m]["mean"] if fig5 else metrics["mean"][m][k],
+                       std=_band(curve[m]["std"] if fig5 else metrics["std"][m][k]), label=_LABELS[m],
+                       color=_COLORS[m], marker=None if fig5 else "o", linestyle=_STYLES[m]) for m in models]
         plots.append(line_plot(out / f"{k}.png", series, title=f"{_TITLES[k]}\n{args.size}{shape}, mean ± std over "
                                f"{len(metrics['seeds'])} seed(s)", xlabel="training step", ylabel=k))
     series = []

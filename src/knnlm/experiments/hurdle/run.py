@@ -32,8 +32,7 @@ class ZeroMLP(nn.Module):
 
 def gpt2_config(size: str, vocab_size: int, n_positions: int, eos_token_id: int, n_layer: int = 0, n_embd: int = 0,
                 n_head: int = 0):
-    """The GPT2Config of a named from-scratch size (``knnlm.assets.scratch_config``) with this vocabulary; non-zero
-    ``n_layer`` / ``n_embd`` / ``n_head`` override the size's shape."""
+    """The GPT2Config of a named from-scratch size (``knnlm.assets.scratch_config``) with this vocabulary and shape."""
     from ...assets import scratch_config
 
     config = scratch_config(size, n_positions=max(1024, n_positions))  # GPT-2's context, as the paper's models
@@ -203,20 +202,19 @@ def run_study(args: HurdleArgs) -> dict:
     save_config(out, args)
     run_dir = out / "runs"
     run_dir.mkdir(exist_ok=True)
+    params = {name: count_params(model) for name, model in build_pair(config, 0).items()}
+    for name, n in params.items():
+        log.info("%s: %d parameters", name, n)
     records: dict[str, dict[int, dict]] = {m: {} for m in MODELS}
-    params: dict[str, int] = {}
-    for name, model in build_pair(config, 0).items():
-        params[name] = count_params(model)
-        log.info("%s: %d parameters", name, params[name])
     for seed in range(args.num_seeds):
         done = {name: seed_path(run_dir, seed, f"-{name}.json") for name in MODELS}
         if all(p.is_file() for p in done.values()):  # a finished seed: nothing to build
-            records_seed = {name: read_json(p) for name, p in done.items()}
+            runs = {name: read_json(p) for name, p in done.items()}
         else:
-            records_seed = {name: train_one(model, name, seed, data, args, run_dir, device)
-                            for name, model in build_pair(config, seed).items()}
-        for name in MODELS:
-            records[name][seed] = records_seed[name]
+            runs = {name: train_one(model, name, seed, data, args, run_dir, device)
+                    for name, model in build_pair(config, seed).items()}
+        for name, record in runs.items():
+            records[name][seed] = record
     metrics = aggregate(records, args, data)
     metrics.update(params=params, vocab_size=data.vocab.size, train_examples=len(data.train), device=str(device))
     paths = write_outputs(out, args, metrics, started)
