@@ -71,9 +71,8 @@ def area_statistics(per_seed: dict[str, list[Optional[float]]], n_resamples: int
 
     out: dict = {}
     series = dict(per_seed)
-    if all(k in per_seed for k in PRUNED):
-        series["last_minus_first"] = [None if a is None or b is None else a - b
-                                      for a, b in zip(per_seed[PRUNED[0]], per_seed[PRUNED[1]])]
+    if all(k in per_seed for k in PRUNED):  # without_last_mlp's advantage over the control
+        series["last_minus_first"] = _advantage(per_seed[PRUNED[1]], per_seed[PRUNED[0]], True)
     for name, values in series.items():
         vals = np.asarray([v for v in values if v is not None], dtype=float)
         ci = bootstrap_ci(vals, np.mean, n_resamples, seed=seed).as_dict() if len(vals) else None
@@ -153,10 +152,8 @@ def aggregate(records: dict[str, dict[int, dict]], args: HurdleArgs, data) -> di
     comparison = by_model[PRUNED[0]]  # without_last_mlp vs with_last_mlp (the study's pair; kept at the top level)
     # The verdict statistic: per seed, the paired area over the first --area_fraction of training.
     until = args.area_fraction * args.max_steps
-    areas = {}
-    for k in primary:
-        per_seed = {m: [_seed_area(full[s], records[m][s], k, steps, until) for s in sorted(full)] for m in pruned}
-        areas[k] = area_statistics(per_seed, args.bootstrap)
+    areas = {k: area_statistics({m: [_seed_area(full[s], records[m][s], k, steps, until) for s in sorted(full)]
+                                 for m in pruned}, args.bootstrap) for k in primary}
     digests = {m: {str(s): r["data_digest"] for s, r in records[m].items()} for m in models}
     return {"mode": data.mode, "steps": steps, "seeds": sorted(full), "mean": mean, "std": std,
             "models": models, "curve": {"steps": curve_steps, **curve}, "comparison": comparison,

@@ -29,14 +29,11 @@ STOP_REASONS = ("tol", "patience", "max_steps")  # codes 0, 1, 2 in per_token.np
 
 def resolve_targets(names: Sequence[str]) -> list[str]:
     """Maps deprecated target names to their new names (logging a deprecation warning); order kept."""
-    out = []
     for t in names:
         if t in DEPRECATED:
             log.warning("--target %s is deprecated: it is %s (%s); the paper's f is f_out (output layer only). "
                         "Running it as %s.", t, DEPRECATED[t], MAPS[DEPRECATED[t]], DEPRECATED[t])
-            t = DEPRECATED[t]
-        out.append(t)
-    return out
+    return [DEPRECATED.get(t, t) for t in names]
 
 
 @dataclass
