@@ -12,7 +12,6 @@ from ...claims import Claim, claims_table
 from ...report import line_plot, markdown_table, pm
 from ...stats import Interval, as_interval, too_few_seeds
 from .. import study
-from ..study import curve_mean_std
 from .settings import MODELS, PRUNED, HurdleArgs
 
 TABLES: dict = {}  # the hurdle fills none of the paper's tables in the report: its results.md and PNGs are its own
@@ -134,10 +133,10 @@ def aggregate(records: dict[str, dict[int, dict]], args: HurdleArgs, data) -> di
     mean, std = {m: {} for m in models}, {m: {} for m in models}
     for m in models:
         for k in names:
-            mean[m][k], std[m][k] = curve_mean_std(_evals(r, k, steps) for r in records[m].values())
+            mean[m][k], std[m][k] = study.curve_mean_std(_evals(r, k, steps) for r in records[m].values())
     curve_steps = sorted({int(s) for r in full.values() for s in r["curve"]})
-    curve = {m: dict(zip(("mean", "std"), curve_mean_std([r["curve"].get(str(s)) for s in curve_steps]
-                                                          for r in records[m].values()))) for m in models}
+    curve = {m: dict(zip(("mean", "std"), study.curve_mean_std([r["curve"].get(str(s)) for s in curve_steps]
+                                                                for r in records[m].values()))) for m in models}
     primary = ["ll_avg_groups", "ll_avg"] if data.mode == "macondo" else ["train_loss", "val_loss"]
     pruned = [m for m in PRUNED if m in models]
     by_model = {}
@@ -145,7 +144,7 @@ def aggregate(records: dict[str, dict[int, dict]], args: HurdleArgs, data) -> di
         by_model[m] = {k: compare(steps, mean[MODELS[0]][k], mean[m][k], _higher_is_better(k), args.max_steps)
                        for k in primary}
         for k, c in by_model[m].items():  # the same advantage per seed (paired: same init, same batches), mean ± std
-            c["paired_mean"], c["paired_std"] = curve_mean_std(
+            c["paired_mean"], c["paired_std"] = study.curve_mean_std(
                 _advantage(_evals(full[seed], k, steps), _evals(records[m][seed], k, steps), _higher_is_better(k))
                 for seed in full)
             c["paired_std_at_quarter"] = c["paired_std"][steps.index(c["quarter_step"])]
@@ -154,13 +153,11 @@ def aggregate(records: dict[str, dict[int, dict]], args: HurdleArgs, data) -> di
     until = args.area_fraction * args.max_steps
     areas = {k: area_statistics({m: [_seed_area(full[s], records[m][s], k, steps, until) for s in sorted(full)]
                                  for m in pruned}, args.bootstrap) for k in primary}
-    digests = {m: {str(s): r["data_digest"] for s, r in records[m].items()} for m in models}
     return {"mode": data.mode, "steps": steps, "seeds": sorted(full), "mean": mean, "std": std,
             "models": models, "curve": {"steps": curve_steps, **curve}, "comparison": comparison,
-            "comparison_by_model": by_model, "areas": areas, "area_until_step": until,
-            "verdict_metric": primary[0],
+            "comparison_by_model": by_model, "areas": areas, "area_until_step": until, "verdict_metric": primary[0],
             "per_seed": {m: {str(s): r["evals"] for s, r in records[m].items()} for m in models},
-            "same_data_order": all(digests[MODELS[0]][s] == digests[m][s] for m in models for s in digests[MODELS[0]]),
+            "same_data_order": all(records[m][s]["data_digest"] == full[s]["data_digest"] for m in models for s in full),
             "train_s": {m: {str(s): r.get("train_s") for s, r in records[m].items()} for m in models}}
 
 

@@ -102,9 +102,8 @@ def evaluate_point(model: nn.Module, data: StudyData, args: HurdleArgs, device: 
                           batch_size=args.eval_batch_size)["lm"]
         model.train(was_training)
         summary = summarize(data.rows, lls)
-        groups = [k for k in summary if k.isdigit()]
         return {"ll_avg_groups": summary["avg_groups"], "ll_avg": summary["avg"],
-                **{f"ll_{n}": summary[n] for n in groups}}
+                **{f"ll_{n}": v for n, v in summary.items() if n.isdigit()}}
     return {"val_loss": mean_loss(model, data.val_blocks, args.eval_batch_size, device)}
 
 
