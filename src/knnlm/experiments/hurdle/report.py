@@ -215,10 +215,9 @@ def markdown_report(args: HurdleArgs, metrics: dict) -> str:
                                    [[s] + [pm(c["paired_mean"][i], c["paired_std"][i], 3, "+") for c in comp.values()]
                                     for i, s in enumerate(metrics["steps"])]))
         for k, c in comp.items():
-            adv = c["advantage_at_quarter"]
             text.append(f"- {k}: lead changes hands at step(s) {c['crossings'] or 'none'}; at step {c['quarter_step']} "
                         f"(~1/4 of training) the model {_LABELS[m]} is ahead by "
-                        f"{pm(adv, c['paired_std_at_quarter'], 3, '+')} "
+                        f"{pm(c['advantage_at_quarter'], c['paired_std_at_quarter'], 3, '+')} "
                         f"({'higher' if _higher_is_better(k) else 'lower'} is better).")
     return "\n".join(text) + "\n"
 
@@ -240,11 +239,10 @@ def write_outputs(out: Path, args: HurdleArgs, metrics: dict, started: float) ->
                        color=_COLORS[m], marker=None if fig5 else "o", linestyle=_STYLES[m]) for m in models]
         plots.append(line_plot(out / f"{k}.png", series, title=f"{_TITLES[k]}\n{args.size}{shape}, mean ± std over "
                                f"{len(metrics['seeds'])} seed(s)", xlabel="training step", ylabel=k))
-    series = []
-    for m, comp in metrics.get("comparison_by_model", {MODELS[1]: metrics["comparison"]}).items():
-        for (k, c), style in zip(comp.items(), ("-", "--")):
-            series.append(dict(x=steps, y=c["paired_mean"], std=_band(c["paired_std"]), label=f"{_LABELS[m]}: {k}",
-                               marker="o", color=_COLORS[m], linestyle=style))
+    series = [dict(x=steps, y=c["paired_mean"], std=_band(c["paired_std"]), label=f"{_LABELS[m]}: {k}", marker="o",
+                   color=_COLORS[m], linestyle=style)
+              for m, comp in metrics.get("comparison_by_model", {MODELS[1]: metrics["comparison"]}).items()
+              for (k, c), style in zip(comp.items(), ("-", "--"))]
     plots.append(line_plot(out / "advantage.png", series, title="advantage of each pruned model over the full one\n"
                            "(paired per seed, mean ± std; > 0: it is ahead)", xlabel="training step",
                            ylabel="nats", hlines=[dict(y=0.0, color="black", linestyle="-")]))

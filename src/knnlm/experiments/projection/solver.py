@@ -114,8 +114,7 @@ def solve(objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z0: t
             rows = active[ends[j]]
             out_z[j, rows], out_obj[j, rows] = best_z[rows], best_val[rows]
             steps[j, rows], best_step[j, rows] = t, best_t[rows]
-            why = torch.where(by_tol[j], 0, torch.where(by_patience, 1, 2)).to(torch.int8)[ends[j]]
-            stop[j, rows] = why
+            stop[j, rows] = torch.where(by_tol[j], 0, torch.where(by_patience, 1, 2)).to(torch.int8)[ends[j]]
             live[j, rows] = False
         keep = live[:, active].any(dim=0)  # [a]
         active, grad = active[keep], grad[keep]
