@@ -10,7 +10,7 @@ import numpy as np
 
 from ...claims import Claim, claims_table
 from ...report import line_plot, markdown_table, pm
-from ...stats import Interval, as_interval, too_few_seeds
+from ...stats import Interval, as_interval, bootstrap_ci, too_few_seeds
 from .. import study
 from .settings import MODELS, PRUNED, HurdleArgs
 
@@ -66,8 +66,6 @@ def paired_area(steps: list[int], full: list, pruned: list, higher_is_better: bo
 def area_statistics(per_seed: dict[str, list[Optional[float]]], n_resamples: int, seed: int = 0) -> dict:
     """Per pruned model and for the last-minus-first difference (paired per seed): the mean over seeds of the paired
     area with its bootstrap 95% interval over seeds (``interval``, None without a value) and the per-seed values."""
-    from ...stats import bootstrap_ci
-
     out: dict = {}
     series = dict(per_seed)
     if all(k in per_seed for k in PRUNED):  # without_last_mlp's advantage over the control

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ...fileio import claim_output_dir, read_json
+from ...train import train
 from ..study import check_resumable, finish_run, seed_path
 from .data import Examples, StudyData, ScoringLM, batch_indices, load_tokenizer, prepare_data
 from .report import aggregate, write_outputs
@@ -132,8 +133,6 @@ def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: Hur
     """Trains one (seed, model) run on ``knnlm.train``'s loop, resuming from its checkpoint folder; -> its record
     (metrics per eval step, the smoothed loss curve, the digest of the batches fed), kept in ``seed-<s>-<name>.json``
     once finished (``study.finish_run``)."""
-    from ...train import train
-
     done_path = seed_path(run_dir, seed, f"-{name}.json")
     if done_path.is_file():
         return read_json(done_path)
