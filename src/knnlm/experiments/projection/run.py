@@ -98,8 +98,7 @@ def run_projection(lm, corpus: CorpusArgs, args: ProjectionArgs, datastore, knn:
     retriever = Retriever(datastore, knn)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(lm, corpus, args, knn, datastore)
-    records = _Records(out, fingerprint)
+    records = _Records(out, _fingerprint(lm, corpus, args, knn, datastore))
     if records.windows_done == 0:  # a fresh run: a token file of another corpus/--max_tokens must not be reused
         for name in ("tokens.i32", "tokens.i32.docs"):
             (out / name).unlink(missing_ok=True)
