@@ -201,11 +201,10 @@ def markdown_report(args: HurdleArgs, metrics: dict) -> str:
         text += area_lines(metrics)
     if metrics["mode"] == "macondo":
         ns = sorted(k for k in metrics["mean"][MODELS[0]] if k[3:].isdigit())
-        last = len(metrics["steps"]) - 1
-        text += [f"Per number of children at step {metrics['steps'][last]} (optimum log(1/n)):", "",
+        text += [f"Per number of children at step {metrics['steps'][-1]} (optimum log(1/n)):", "",
                  markdown_table(["children", "optimum"] + [_LABELS[m] for m in models],
                                 [[k[3:], f"{math.log(1 / int(k[3:])):.3f}"] +
-                                 [pm(metrics["mean"][m][k][last], metrics["std"][m][k][last], 3) for m in models]
+                                 [pm(metrics["mean"][m][k][-1], metrics["std"][m][k][-1], 3) for m in models]
                                  for k in ns])]
     for m, comp in metrics.get("comparison_by_model", {MODELS[1]: metrics["comparison"]}).items():
         text.append(f"Advantage of the model {_LABELS[m]} (positive = ahead), paired per seed, mean ± std:\n")

@@ -86,8 +86,7 @@ def summarize(arrays: dict[str, np.ndarray], args: ProjectionArgs, **extra) -> d
             entry["fg_gain_over_f_gain"] = {f: ci([lm, arrays[f"{f}.logp"][:, j], fg], share_of_gain)
                                             for f in ("f_out", "f_norm") if f in args.target}
         metrics["by_tol"].append(entry)
-    metrics["targets"] = metrics["by_tol"][0]["targets"]
-    metrics["paper"] = PAPER
+    metrics.update(targets=metrics["by_tol"][0]["targets"], paper=PAPER)
     return metrics
 
 
