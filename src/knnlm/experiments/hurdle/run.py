@@ -77,6 +77,8 @@ def mean_loss(model: nn.Module, blocks: Examples, batch_size: int, device: torch
     kernel (``knnlm.scoring``) on the body's last hidden states, summed in float64: no [B, T, V] tensor is kept."""
     from ...scoring import head_gold_log_probs
 
+    was_training = model.training
+    model.eval()
     total, count = 0.0, 0
     for start in range(0, len(blocks), batch_size):
         ids, _, _ = blocks.batch(np.arange(start, min(start + batch_size, len(blocks))))
@@ -85,18 +87,21 @@ def mean_loss(model: nn.Module, blocks: Examples, batch_size: int, device: torch
         logp = head_gold_log_probs(model.get_output_embeddings(), hidden[:, :-1].flatten(0, 1),
                                    ids[:, 1:].flatten())  # [B * (T - 1)]
         total, count = total - float(logp.double().sum()), count + logp.numel()
+    model.train(was_training)
     return total / count
 
 
 def evaluate_point(model: nn.Module, data: StudyData, args: HurdleArgs, device: torch.device) -> dict[str, float]:
     """The metrics of one eval point. Macondo (``knnlm.macondo.score``): ll_<n> per number of children n, ll_avg_groups
-    (mean of the group means: the paper's Average) and ll_avg (mean over children). Text: val_loss. ``model`` must be in
-    eval mode, as ``knnlm.train``'s ``on_eval`` receives it."""
+    (mean of the group means: the paper's Average) and ll_avg (mean over children). Text: val_loss."""
     if data.mode == "macondo":
         from ...macondo.score import score_split, summarize
 
+        was_training = model.training
+        model.eval()
         lls = score_split(ScoringLM(data.tokenizer, data.vocab, model, device), data.rows,
                           batch_size=args.eval_batch_size)["lm"]
+        model.train(was_training)
         summary = summarize(data.rows, lls)
         return {"ll_avg_groups": summary["avg_groups"], "ll_avg": summary["avg"],
                 **{f"ll_{n}": v for n, v in summary.items() if n.isdigit()}}
