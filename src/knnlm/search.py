@@ -100,6 +100,11 @@ class IndexBackend:
         self.index = self._keys = None
 
 
+def _as_backend(index, datastore) -> SearchBackend:
+    """A FAISS index (or one already a backend: it has ``distances``) as the store's backend."""
+    return index if hasattr(index, "distances") else IndexBackend(index, datastore)
+
+
 def _faiss_backend(datastore, args, index=None, use_gpu=None) -> SearchBackend:
     from .index import flat_index, load_index
 
@@ -107,9 +112,7 @@ def _faiss_backend(datastore, args, index=None, use_gpu=None) -> SearchBackend:
         index = load_index(datastore.dir, nprobe=args.nprobe, use_gpu=use_gpu)
     if index is None:
         index = flat_index(datastore, use_gpu=use_gpu)
-    if hasattr(index, "distances"):  # already a backend
-        return index
-    return IndexBackend(index, datastore)
+    return _as_backend(index, datastore)
 
 
 def _auto_backend(datastore, args, index=None, use_gpu=None) -> SearchBackend:
@@ -126,7 +129,7 @@ def _torch_backend(datastore, args, index=None, use_gpu=None) -> SearchBackend:
     """``--search_backend torch`` (:func:`knnlm.gpu_search.torch_backend`); a given FAISS ``index`` is searched as it
     is instead."""
     if index is not None:
-        return index if hasattr(index, "distances") else IndexBackend(index, datastore)
+        return _as_backend(index, datastore)
     from .gpu_search import torch_backend
 
     return torch_backend(datastore, args, use_gpu=use_gpu)
