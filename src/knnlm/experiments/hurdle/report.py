@@ -230,10 +230,12 @@ def write_outputs(out: Path, args: HurdleArgs, metrics: dict, started: float) ->
     plots, curve = [], metrics["curve"]
     shape = f" ({args.n_layer or '-'} blocks x {args.n_embd or '-'})" if args.n_layer or args.n_embd else ""
     for k in metrics["comparison"]:  # Figures 4 and 5: all three variants
-        fig5 = k == "train_loss"  # Figure 5: the smoothed training loss at --log_every resolution, no markers
-        series = [dict(x=curve["steps"] if fig5 else steps, y=curve[m]["mean"] if fig5 else metrics["mean"][m][k],
-                       std=_band(curve[m]["std"] if fig5 else metrics["std"][m][k]), label=_LABELS[m],
-                       color=_COLORS[m], marker=None if fig5 else "o", linestyle=_STYLES[m]) for m in models]
+        if k == "train_loss":  # Figure 5: the smoothed training loss at --log_every resolution
+            series = [dict(x=curve["steps"], y=curve[m]["mean"], std=_band(curve[m]["std"]), label=_LABELS[m],
+                           color=_COLORS[m], linestyle=_STYLES[m]) for m in models]
+        else:
+            series = [dict(x=steps, y=metrics["mean"][m][k], std=_band(metrics["std"][m][k]), label=_LABELS[m],
+                           color=_COLORS[m], marker="o", linestyle=_STYLES[m]) for m in models]
         plots.append(line_plot(out / f"{k}.png", series, title=f"{_TITLES[k]}\n{args.size}{shape}, mean ± std over "
                                f"{len(metrics['seeds'])} seed(s)", xlabel="training step", ylabel=k))
     series = [dict(x=steps, y=c["paired_mean"], std=_band(c["paired_std"]), label=f"{_LABELS[m]}: {k}", marker="o",
