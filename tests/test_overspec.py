@@ -195,7 +195,7 @@ def test_rerun_with_other_settings_is_refused(tiny_run):
 
 # ---------------------------------------------------------------------------------------------------------------- config
 @pytest.mark.parametrize("key,value,message", [
-    ("learning_rate", -1, "--learning_rate: must be > 0"),
+    ("learning_rate", -1, "--learning_rate: must be a finite number > 0"),
     ("lmbda", "0.25,1.5", "--lmbda: 1.5 is outside"),
     ("lora_dropout", 1.0, "--lora_r/--lora_alpha/--lora_dropout"),
     ("seeds", "0,0", "--seeds: need one or more distinct"),

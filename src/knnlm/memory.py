@@ -76,10 +76,10 @@ class MemoryArgs:
                 raise KnnlmError(f"--{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_steps < 0:
             raise KnnlmError(f"--max_steps: must be >= 0 (0 = no limit), got {self.max_steps}")
-        if not self.learning_rate > 0:
-            raise KnnlmError(f"--learning_rate: must be > 0, got {self.learning_rate}")
-        if self.weight_decay < 0:
-            raise KnnlmError(f"--weight_decay: must be >= 0, got {self.weight_decay}")
+        if not 0 < self.learning_rate < math.inf:  # NaN and inf too: either trains a NaN memory
+            raise KnnlmError(f"--learning_rate: must be a finite number > 0, got {self.learning_rate}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise KnnlmError(f"--weight_decay: must be a finite number >= 0, got {self.weight_decay}")
         if self.lr_scheduler_type not in LR_SCHEDULES:
             raise KnnlmError(f"--lr_scheduler_type: one of {', '.join(LR_SCHEDULES)}, got {self.lr_scheduler_type!r}")
 

@@ -75,8 +75,8 @@ class TrainArgs:
     early_stopping_min_delta: float = field(default=0.0, metadata={"help": "With --early_stopping_patience: the relative drop of validation perplexity below the best so far (0.005 = 0.5%) that counts as an improvement."})
 
     def validate(self) -> None:
-        if self.learning_rate <= 0:
-            raise KnnlmError(f"--learning_rate: must be > 0, got {self.learning_rate}")
+        if not 0 < self.learning_rate < math.inf:  # NaN and inf too: either trains a NaN model
+            raise KnnlmError(f"--learning_rate: must be a finite number > 0, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
             raise KnnlmError(f"--warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         for name in ("batch_size", "gradient_accumulation_steps", "epochs", "log_every"):
@@ -89,8 +89,12 @@ class TrainArgs:
             raise KnnlmError(f"--early_stopping_patience: must be >= 1 (or unset), got {self.early_stopping_patience}")
         if not 0 <= self.early_stopping_min_delta < 1:
             raise KnnlmError(f"--early_stopping_min_delta: must be in [0, 1), got {self.early_stopping_min_delta}")
-        if self.max_grad_norm < 0 or self.weight_decay < 0:
-            raise KnnlmError("--max_grad_norm/--weight_decay: must be >= 0")
+        for name in ("max_grad_norm", "weight_decay", "adam_epsilon"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise KnnlmError(f"--{name}: must be a finite number >= 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise KnnlmError(f"--{name}: must be in [0, 1), got {getattr(self, name)}")
         if self.bf16 and not torch.cuda.is_available():
             raise KnnlmError("--bf16: true needs a CUDA GPU; leave it unset for float32 on CPU")
 

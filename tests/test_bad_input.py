@@ -1,0 +1,35 @@
+"""Bad command lines through the real CLI: each is one ``knnlm: error:`` line naming the flag or file and the fix, exit
+2, no traceback, no output that looks finished and nothing of the user's lost (the helpers are test_faults')."""
+import pytest
+from test_faults import assert_one_line, build_ds, cli, files, model_args  # noqa: F401 -- files is a fixture
+
+LM_TRAIN = ["--size", "tiny", "--block_size", 32, "--batch_size", 2, "--max_steps", 2, "--eval_every", 2,
+            "--eval_tokens", 64]
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--learning_rate", "inf", "finite number > 0"),  # before: exit 0, a NaN model and "validation perplexity nan"
+    ("--learning_rate", "nan", "finite number > 0"),  # before: internal error (torch's ValueError), exit 1
+    ("--adam_beta1", "1.0", "[0, 1)"),
+    ("--adam_beta2", "-0.1", "[0, 1)"),
+    ("--adam_epsilon", "-1", "finite number >= 0"),
+    ("--weight_decay", "nan", "finite number >= 0"),
+])
+def test_lm_train_optimizer_settings_are_checked_before_the_folder_is_made(flag, value, needle, files, tmp_path,
+                                                                           capsys):
+    out = tmp_path / "lm"
+    rc, err = cli(["lm", "train", "--train_file", files / "a.txt", "--validation_file", files / "b.txt",
+                   "--output_dir", out, *LM_TRAIN, flag, value], capsys)
+    assert_one_line(rc, err, flag, needle)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--learning_rate", "inf"), ("--weight_decay", "nan")])
+def test_mlp_train_non_finite_settings_are_refused(flag, value, tiny_gpt2_dir, files, tmp_path, capsys):
+    """Before: exit 0 and a finished-looking memory with NaN weights (final_loss null)."""
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    out = tmp_path / "mem"
+    rc, err = cli(["mlp", "train", *model_args(tiny_gpt2_dir), "--datastore", ds.dir, "--output_dir", out,
+                   "--max_steps", 2, "--hidden_size", 16, flag, value], capsys)
+    assert_one_line(rc, err, flag, "finite number")
+    assert not out.exists()
