@@ -33,3 +33,24 @@ def test_mlp_train_non_finite_settings_are_refused(flag, value, tiny_gpt2_dir, f
                    "--max_steps", 2, "--hidden_size", 16, flag, value], capsys)
     assert_one_line(rc, err, flag, "finite number")
     assert not out.exists()
+
+
+def test_mlp_train_into_its_own_damaged_memory_says_overwrite_and_overwrite_retrains(tiny_gpt2_dir, files, tmp_path,
+                                                                                     capsys):
+    """Before: a rerun into a finished memory whose weights were truncated or deleted said "--mlp_memory: ... cannot
+    be read; retrain the memory" (a flag mlp train does not have), and --overwrite gave the same error, so the memory
+    could not be retrained in that folder."""
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    out = tmp_path / "mem"
+    train = ["mlp", "train", *model_args(tiny_gpt2_dir), "--datastore", ds.dir, "--output_dir", out, "--max_steps", 2,
+             "--hidden_size", 16]
+    assert cli(train, capsys)[0] == 0
+    good = (out / "memory.safetensors").read_bytes()
+    for damage in (lambda p: p.write_bytes(good[:100]), lambda p: p.unlink()):
+        damage(out / "memory.safetensors")
+        line = assert_one_line(*cli(train, capsys), "--output_dir", str(out), "memory.safetensors", "--overwrite")
+        assert "--mlp_memory" not in line
+        rc, err = cli([*train, "--overwrite"], capsys)
+        assert rc == 0, err
+        assert (out / "memory.safetensors").read_bytes() == good  # seeded: the same memory as the first training
+        assert cli(train, capsys)[0] == 0

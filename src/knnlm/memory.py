@@ -224,7 +224,8 @@ class MLPMemory(nn.Module):
         try:
             mem.load_state_dict(load_file(str(path)))
         except Exception as e:  # a truncated or foreign file
-            raise KnnlmError(f"--mlp_memory: {path} cannot be read ({str(e).splitlines()[0]}); retrain the memory") from None
+            raise KnnlmError(f"--mlp_memory: {path} cannot be read ({str(e).splitlines()[0]}); retrain the memory "
+                             "with `knnlm mlp train --overwrite`") from None
         bad = [name for name, p in mem.state_dict().items() if not torch.isfinite(p).all()]
         if bad:  # every score it gave would be NaN
             raise KnnlmError(f"--mlp_memory: {path} holds non-finite weights (NaN/inf in {bad[0]}); retrain the memory "
@@ -433,8 +434,19 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
     held = _open_heldout(args.validation_datastore, lm, ds)
     status = _prepare_dir(out, fp, args.overwrite)
     if status == "finished":
-        log.info("memory %s is already trained", out)
-        return MLPMemory.load(out, lm)
+        try:
+            mem = MLPMemory.load(out, lm)
+        except KnnlmError as e:  # this very memory, but its weights are missing, truncated or not finite
+            damage = str(e).removeprefix("--mlp_memory: ").split("; ")[0]
+            if not args.overwrite:
+                raise KnnlmError(f"--output_dir: {out} holds this memory but it is damaged ({damage}); rerun with "
+                                 "--overwrite to train it again") from None
+            log.warning("memory %s is damaged (%s): training it again", out, damage)
+            _remove(out, _OWN_FILES)
+            status = None
+        else:
+            log.info("memory %s is already trained", out)
+            return mem
     for store in (ds, held):  # a NaN key would make every later loss, and the memory, NaN
         if store is not None:
             store.check_keys_finite()
