@@ -54,3 +54,21 @@ def test_mlp_train_into_its_own_damaged_memory_says_overwrite_and_overwrite_retr
         assert rc == 0, err
         assert (out / "memory.safetensors").read_bytes() == good  # seeded: the same memory as the first training
         assert cli(train, capsys)[0] == 0
+
+
+@pytest.mark.parametrize("cmd,flag", [
+    (["analyze", "projection", "--validation_file", "{a}", "--datastore", "{ds}"], "--learning_rate"),
+    (["overspec", "run"], "--mlp_learning_rate"),
+    (["overspec", "run"], "--learning_rate"),
+    (["hurdle", "run"], "--learning_rate"),
+])
+def test_study_learning_rates_must_be_finite(cmd, flag, tiny_gpt2_dir, files, tmp_path, capsys):
+    """Before: `analyze projection --learning_rate inf` exited 0 with results.json (the solver never moved z: lr
+    recorded as null, ppl_proj = ppl_lm); overspec's --mlp_learning_rate inf would train NaN memories."""
+    if "--datastore" in cmd:
+        build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    cmd = [c.format(a=files / "a.txt", ds=tmp_path / "ds") for c in cmd]
+    model = [] if cmd[0] == "hurdle" else model_args(tiny_gpt2_dir)
+    out = tmp_path / "out"
+    assert_one_line(*cli([*cmd, *model, "--output_dir", out, flag, "inf"], capsys), flag, "finite number > 0")
+    assert not out.exists()
