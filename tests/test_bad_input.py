@@ -72,3 +72,27 @@ def test_study_learning_rates_must_be_finite(cmd, flag, tiny_gpt2_dir, files, tm
     out = tmp_path / "out"
     assert_one_line(*cli([*cmd, *model, "--output_dir", out, flag, "inf"], capsys), flag, "finite number > 0")
     assert not out.exists()
+
+
+def test_macondo_damaged_split_names_file_and_line_and_overwrite_regenerates_it(tiny_gpt2_dir, tmp_path, capsys):
+    """Before: a truncated split was an internal error (JSONDecodeError, exit 1), a non-UTF-8 byte a message naming
+    no file, a row without "prefix" a KeyError; and `macondo generate --overwrite` with the same settings kept the
+    damaged file ("already holds this dataset")."""
+    data = tmp_path / "village"
+    gen = ["macondo", "generate", "--output_dir", data, "--num_villagers", 20, "--num_parents", 4]
+    assert cli(gen, capsys)[0] == 0
+    good = (data / "test.jsonl").read_bytes()
+    score = ["macondo", "score", *model_args(tiny_gpt2_dir), "--data", data, "--split", "test", "--output_dir",
+             tmp_path / "score"]
+    for damaged, needle in ((good[:300], "test.jsonl:2 is not valid JSON"),
+                            (good + '{"text": "caf\xe9"}\n'.encode("latin-1"), "test.jsonl:11 is not UTF-8 (byte 0xe9)"),
+                            (good + b'{"text": "x"}\n', "test.jsonl:11 is not a Macondo row ('prefix'")):
+        (data / "test.jsonl").write_bytes(damaged)
+        assert_one_line(*cli(score, capsys), "--data", str(data), needle, "--overwrite")
+        assert not (tmp_path / "score").exists()
+        assert_one_line(*cli(gen, capsys), "--output_dir", "test.jsonl", "sha256", "--overwrite")
+        assert (data / "test.jsonl").read_bytes() == damaged  # refused: nothing touched
+    assert cli([*gen, "--overwrite"], capsys)[0] == 0
+    assert (data / "test.jsonl").read_bytes() == good  # seeded: the same dataset again
+    rc, err = cli(score, capsys)
+    assert rc == 0, err

@@ -307,7 +307,15 @@ def _existing(out: Path, args: MacondoArgs) -> bool:
     except (json.JSONDecodeError, UnicodeDecodeError):
         old = {}
     if isinstance(old, dict) and old.get("config") == args.spec() and old.get("versions") == _versions():
-        return True
+        damaged = [name for name, digest in (old.get("sha256") or {}).items()
+                   if not (out / name).is_file() or sha256_file(out / name) != digest]
+        if not damaged:
+            return True
+        if not args.overwrite:  # a truncated copy or a hand edit: reusing it would score other rows
+            raise KnnlmError(f"--output_dir: {out} holds this Macondo dataset but {damaged[0]} is missing or differs "
+                             "from the sha256 recorded in its meta.json; pass --overwrite to generate it again")
+        log.warning("Macondo: %s differs from the sha256 in %s: generating the dataset again", damaged[0], meta)
+        return False
     if not args.overwrite:  # (a folder from before the marker: its meta.json says which dataset it holds)
         raise KnnlmError(f"--output_dir: {out} holds another Macondo dataset (other settings or package "
                          "versions); pass --overwrite to replace it or choose another folder")
@@ -390,5 +398,27 @@ def read_split(data_dir: str | Path, split: str) -> list[dict]:
         have = sorted(p.stem for p in Path(data_dir).glob("*.jsonl")) if Path(data_dir).is_dir() else []
         raise KnnlmError(f"--split: {data_dir} has no {split}.jsonl (splits there: {', '.join(have) or 'none'}); "
                          "run `knnlm macondo generate` or pick another --split")
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    rows = []
+    fix = f"generate it again: `knnlm macondo generate --output_dir {data_dir} --overwrite` with its settings (meta.json)"
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise KnnlmError(f"--data: {path}:{n} is not UTF-8 (byte 0x{raw[e.start]:02x}); {fix}") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:  # a truncated copy or a hand edit
+                raise KnnlmError(f"--data: {path}:{n} is not valid JSON ({e.msg}); {fix}") from None
+            missing = [k for k in _ROW_FIELDS if not isinstance(row, dict) or not isinstance(row.get(k), _ROW_FIELDS[k])]
+            if missing:
+                raise KnnlmError(f"--data: {path}:{n} is not a Macondo row ({missing[0]!r} missing or of another type); "
+                                 f"{fix}")
+            rows.append(row)
+    return rows
+
+
+# what every reader of a split uses (scoring, the studies' training and test sets)
+_ROW_FIELDS = {"text": str, "prefix": str, "target": str, "parent": str, "n_children": int}
