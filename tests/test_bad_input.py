@@ -96,3 +96,13 @@ def test_macondo_damaged_split_names_file_and_line_and_overwrite_regenerates_it(
     assert (data / "test.jsonl").read_bytes() == good  # seeded: the same dataset again
     rc, err = cli(score, capsys)
     assert rc == 0, err
+
+
+def test_generate_prompt_file_folder_and_non_utf8_are_named_as_such(tiny_gpt2_dir, tmp_path, capsys):
+    """Before: a folder was reported as "does not exist", and a latin-1 file as "is not UTF-8 text; convert it"
+    (no byte, no way to convert)."""
+    gen = ["generate", *model_args(tiny_gpt2_dir), "--compare", "true", "--max_new_tokens", 1, "--prompt_file"]
+    assert_one_line(*cli([*gen, tmp_path], capsys), "--prompt_file", str(tmp_path), "is a folder", ".txt")
+    latin1 = tmp_path / "prompts.txt"
+    latin1.write_bytes("The caf\xe9\n".encode("latin-1"))
+    assert_one_line(*cli([*gen, latin1], capsys), "--prompt_file", str(latin1), "byte 7 (0xe9)", "iconv")

@@ -335,11 +335,13 @@ def read_prompts(prompts: list[str] | None, prompt_file: Optional[str],
     if prompt_file:
         path = Path(prompt_file)
         if not path.is_file():
-            raise KnnlmError(f"--prompt_file: {path} does not exist; pass a .txt (one prompt a line) or .jsonl file")
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise KnnlmError(f"--prompt_file: {path} {what}; pass a .txt (one prompt a line) or .jsonl file")
         try:
             lines = [(i, ln) for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
-        except UnicodeDecodeError:
-            raise KnnlmError(f"--prompt_file: {path} is not UTF-8 text; convert it") from None
+        except UnicodeDecodeError as e:
+            raise KnnlmError(f"--prompt_file: {path} is not UTF-8 at byte {e.start} (0x{e.object[e.start]:02x}); "
+                             "re-encode it (e.g. `iconv -f latin1 -t utf-8`)") from None
         if path.suffix in (".jsonl", ".json"):
             for i, ln in lines:
                 try:
