@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from .corpus import skip_bad_rows_field
-from .errors import KnnlmError
+from .errors import KnnlmError, require_finite
 from .knn import KNNArgs, Retriever, interpolate
 
 log = logging.getLogger(__name__)
@@ -300,12 +300,9 @@ class GenerateArgs:
     skip_bad_rows: bool = skip_bad_rows_field()
 
     def validate(self) -> None:
-        import math
-
         if self.max_new_tokens < 1:
             raise KnnlmError(f"--max_new_tokens: must be >= 1, got {self.max_new_tokens}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise KnnlmError(f"--temperature: must be a finite number > 0, got {self.temperature}")
+        require_finite("temperature", self.temperature)
         if self.top_k < 0:
             raise KnnlmError(f"--top_k: must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:

@@ -1,5 +1,13 @@
 """User-facing errors: one line naming the file or flag and the fix."""
+import math
 
 
 class KnnlmError(Exception):
     """An error caused by the user's input; the CLI prints it without a traceback and exits 2."""
+
+
+def require_finite(flag: str, value: float, minimum: float = 0.0, inclusive: bool = False) -> None:
+    """Refuses ``--flag`` unless it is a finite number above ``minimum`` (or equal to it with ``inclusive``): NaN fails
+    every comparison and inf passes ``> 0``, and either as a rate or a weight trains a NaN model that still looks done."""
+    if not (math.isfinite(value) and (value >= minimum if inclusive else value > minimum)):
+        raise KnnlmError(f"--{flag}: must be a finite number {'>=' if inclusive else '>'} {minimum:g}, got {value}")

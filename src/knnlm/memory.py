@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .datastore import Datastore, dtype_hint, shared_text
-from .errors import KnnlmError
+from .errors import KnnlmError, require_finite
 from .fileio import atomic_path, atomic_write_json, claim_output_dir, package_versions, read_json, releases_locks
 from .train import TrainArgs, _rng_state, _set_rng_state, train
 
@@ -76,10 +76,8 @@ class MemoryArgs:
                 raise KnnlmError(f"--{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_steps < 0:
             raise KnnlmError(f"--max_steps: must be >= 0 (0 = no limit), got {self.max_steps}")
-        if not 0 < self.learning_rate < math.inf:  # NaN and inf too: either trains a NaN memory
-            raise KnnlmError(f"--learning_rate: must be a finite number > 0, got {self.learning_rate}")
-        if not 0 <= self.weight_decay < math.inf:
-            raise KnnlmError(f"--weight_decay: must be a finite number >= 0, got {self.weight_decay}")
+        require_finite("learning_rate", self.learning_rate)
+        require_finite("weight_decay", self.weight_decay, inclusive=True)
         if self.lr_scheduler_type not in LR_SCHEDULES:
             raise KnnlmError(f"--lr_scheduler_type: one of {', '.join(LR_SCHEDULES)}, got {self.lr_scheduler_type!r}")
 

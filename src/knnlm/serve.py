@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .errors import KnnlmError
+from .errors import KnnlmError, require_finite
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,7 @@ class ServeArgs:
             raise KnnlmError(f"--max_queue: must be >= 0, got {self.max_queue}")
         if not self.request_timeout_s > 0:
             raise KnnlmError(f"--request_timeout_s: must be > 0, got {self.request_timeout_s}")
-        if not (math.isfinite(self.shutdown_grace_s) and self.shutdown_grace_s >= 0):
-            raise KnnlmError(f"--shutdown_grace_s: must be a finite number >= 0, got {self.shutdown_grace_s}")
+        require_finite("shutdown_grace_s", self.shutdown_grace_s, inclusive=True)
 
 
 class ApiError(Exception):

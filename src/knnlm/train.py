@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .corpus import pad_right
-from .errors import KnnlmError
+from .errors import KnnlmError, require_finite
 from .fileio import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,7 @@ class TrainArgs:
     early_stopping_min_delta: float = field(default=0.0, metadata={"help": "With --early_stopping_patience: the relative drop of validation perplexity below the best so far (0.005 = 0.5%) that counts as an improvement."})
 
     def validate(self) -> None:
-        if not 0 < self.learning_rate < math.inf:  # NaN and inf too: either trains a NaN model
-            raise KnnlmError(f"--learning_rate: must be a finite number > 0, got {self.learning_rate}")
+        require_finite("learning_rate", self.learning_rate)
         if not 0 <= self.warmup_ratio < 1:
             raise KnnlmError(f"--warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         for name in ("batch_size", "gradient_accumulation_steps", "epochs", "log_every"):
@@ -90,8 +89,7 @@ class TrainArgs:
         if not 0 <= self.early_stopping_min_delta < 1:
             raise KnnlmError(f"--early_stopping_min_delta: must be in [0, 1), got {self.early_stopping_min_delta}")
         for name in ("max_grad_norm", "weight_decay", "adam_epsilon"):
-            if not 0 <= getattr(self, name) < math.inf:
-                raise KnnlmError(f"--{name}: must be a finite number >= 0, got {getattr(self, name)}")
+            require_finite(name, getattr(self, name), inclusive=True)
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise KnnlmError(f"--{name}: must be in [0, 1), got {getattr(self, name)}")

@@ -2,12 +2,11 @@
 from the library's dataclasses: ``knnlm.train.TrainArgs``, ``knnlm.knn.KNNArgs``, ``MacondoArgs``, ``MemoryArgs``)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from ...errors import KnnlmError
+from ...errors import KnnlmError, require_finite
 from ...knn import KNNArgs
 from ...macondo.generate import MacondoArgs
 from ...memory import MemoryArgs
@@ -127,8 +126,7 @@ class OverspecArgs:
         self.train_args(self.seeds[0]).validate()
         self.knn_args().validate()
         self.macondo_args(self.seeds[0], str(self.output_dir), "gpt2").validate()
-        if not 0 < self.mlp_learning_rate < math.inf:  # inf (as NaN) moves nothing and still writes results
-            raise KnnlmError(f"--mlp_learning_rate: must be a finite number > 0, got {self.mlp_learning_rate}")
+        require_finite("mlp_learning_rate", self.mlp_learning_rate)
 
 
 # Fields that do not change what a run computes: a rerun may change them and still resume.

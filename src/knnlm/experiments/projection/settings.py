@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from ...errors import KnnlmError
+from ...errors import KnnlmError, require_finite
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +60,7 @@ class ProjectionArgs:
         self.target = resolve_targets(self.target)
         if len(set(self.target)) != len(self.target):
             raise KnnlmError(f"--target: {','.join(self.target)} names a target twice (f is f_norm)")
-        if not 0 < self.learning_rate < math.inf:  # inf (as NaN) moves nothing and still writes results
-            raise KnnlmError(f"--learning_rate: must be a finite number > 0, got {self.learning_rate}")
+        require_finite("learning_rate", self.learning_rate)
         if not self.tol or any(not t >= 0 for t in self.tol):
             raise KnnlmError(f"--tol: every tolerance must be >= 0, got {','.join(map(str, self.tol)) or 'none'}")
         if len(set(self.tol)) != len(self.tol):
