@@ -106,3 +106,43 @@ def test_generate_prompt_file_folder_and_non_utf8_are_named_as_such(tiny_gpt2_di
     latin1 = tmp_path / "prompts.txt"
     latin1.write_bytes("The caf\xe9\n".encode("latin-1"))
     assert_one_line(*cli([*gen, latin1], capsys), "--prompt_file", str(latin1), "byte 7 (0xe9)", "iconv")
+
+
+def test_a_run_stopped_by_bad_input_leaves_no_claim_so_the_corrected_rerun_runs(tiny_gpt2_dir, files, tmp_path,
+                                                                               capsys):
+    """Before: `datastore build` on a non-UTF-8 file left knnlm-run.json and build.json in its new folder, and the
+    corrected rerun (other --max_tokens) was refused as "already holds a different datastore"."""
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
+    out, user_dir = tmp_path / "ds", tmp_path / "mine"
+    user_dir.mkdir()
+    for folder in (out, user_dir):
+        build = ["datastore", "build", *model_args(tiny_gpt2_dir), "--output_dir", folder, "--batch_size", 2]
+        assert_one_line(*cli([*build, "--train_file", bad], capsys), "--train_file", "UTF-8")
+        # the folder it made is gone; the user's own empty folder is kept, empty
+        assert (list(folder.iterdir()) == []) if folder == user_dir else not folder.exists()
+        rc, err = cli([*build, "--train_file", files / "a.txt", "--max_tokens", 200], capsys)
+        assert rc == 0, err
+        assert (folder / "keys.f16").is_file()
+
+
+def test_abandoning_a_fresh_claim_keeps_work_a_rerun_resumes(tmp_path):
+    import json
+
+    from knnlm import fileio
+
+    fresh, worked, earlier = (tmp_path.resolve() / name for name in ("fresh", "worked", "earlier"))
+    earlier.mkdir()  # an earlier process's run of the same inputs: this one resumes it, and never removes it
+    (earlier / fileio.RUN_MARKER).write_text(json.dumps({"kind": "test", "inputs": {"a": 1}}))
+    (earlier / "config.json").write_text("{}")
+    assert fileio.claim_output_dir(earlier, "test", {"a": 1}, own_files=("*",)) == "same"
+    for folder in (fresh, worked):
+        assert fileio.claim_output_dir(folder, "test", {"a": 1}, own_files=("*",)) == "new"
+        (folder / "config.json").write_text("{}")
+    (worked / "tokens.i32").write_bytes(b"\0" * 8)  # work a rerun resumes: the folder is kept with its claim
+    assert fileio.abandon_fresh_claims() == [fresh]
+    fileio.release_output_dirs()
+    assert not fresh.exists()
+    assert sorted(p.name for p in worked.iterdir()) == ["config.json", fileio.RUN_MARKER, "tokens.i32"]
+    assert sorted(p.name for p in earlier.iterdir()) == ["config.json", fileio.RUN_MARKER]
+    assert fileio.abandon_fresh_claims() == []

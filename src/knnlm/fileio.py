@@ -296,6 +296,7 @@ def claim_output_dir(path: str | Path, kind: str, inputs: Optional[dict], overwr
         return state
     inputs = json.loads(json.dumps(inputs, default=str))  # as read back from JSON
     marker = path / RUN_MARKER
+    existed = path.exists() and path.resolve() not in _made_dirs
     try:
         lock_output_dir(path, kind, flag)
         state = _claim_state(path, kind, inputs, overwrite, own_files, flag, what)  # another process may have written
@@ -304,7 +305,46 @@ def claim_output_dir(path: str | Path, kind: str, inputs: Optional[dict], overwr
             atomic_write_json(marker, {"kind": kind, "inputs": inputs})
     except OSError as e:
         raise write_error(path, e, flag) from None
+    if state == "new":
+        _fresh_claims.setdefault(path.resolve(), not existed)
     return state
+
+
+_fresh_claims: dict[Path, bool] = {}  # folder this process claimed empty -> whether this process made it
+_made_dirs: set[Path] = set()  # folders this process's locks created
+
+
+def fresh_claims() -> set[Path]:
+    """The folders this process has claimed empty so far (:func:`abandon_fresh_claims`)."""
+    return set(_fresh_claims)
+
+
+def abandon_fresh_claims(keep: Iterable[Path] = ()) -> list[Path]:
+    """After a command failed: every folder it claimed empty and wrote only JSON records into (its marker, its
+    settings: it stopped at a bad input before any work) is emptied again, and removed where the command made it, so
+    that the corrected rerun is not refused as "a different run" and nothing is left that looks like a result. A
+    folder holding anything else (tokens, keys, checkpoints: work a rerun resumes) is kept as it is, and so are the
+    folders in ``keep`` (claimed before the command began: `knnlm reproduce` runs its stages in its own process).
+    Returns the folders emptied."""
+    emptied, keep = [], set(keep)
+    for folder, made in list(_fresh_claims.items()):
+        if folder in keep:
+            continue
+        del _fresh_claims[folder]
+        files = [p for p in folder.rglob("*") if p.is_file() and p.name != LOCK_FILE and _TMP not in p.name]
+        if not folder.is_dir() or any(p.suffix != ".json" for p in files):
+            continue
+        with contextlib.suppress(OSError):
+            for p in files:
+                p.unlink()
+            emptied.append(folder)
+            release_output_dirs([folder])
+            if made:
+                for d in sorted((d for d in folder.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)):
+                    d.rmdir()
+                (folder / LOCK_FILE).unlink(missing_ok=True)
+                folder.rmdir()
+    return emptied
 
 
 def _entries(path: Path) -> list[str]:
@@ -405,7 +445,12 @@ def lock_output_dir(path: str | Path, kind: str, flag: str = "--output_dir") -> 
     import socket
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True)
+        _made_dirs.add(path.resolve())
+    except FileExistsError:
+        if not path.is_dir():
+            raise
     key, lock = path.resolve(), path / LOCK_FILE
     if key in _held and _same_file(_held[key], lock):
         return

@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     _quiet_libraries(args.verbose)
-    from ..fileio import release_output_dirs
+    from ..fileio import abandon_fresh_claims, fresh_claims, release_output_dirs
 
+    outer = fresh_claims()  # a stage of `knnlm reproduce` runs here, inside the command that claimed its folder
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 -- the CLI boundary: one line, the traceback only with --debug
         if args.debug:
             traceback.print_exc()
+        abandon_fresh_claims(keep=outer)  # a run that stopped before any work leaves no claim on its new folder
         print(f"knnlm: error: {_one_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, (KnnlmError, OSError, MemoryError, UnicodeDecodeError)) else 1
     finally:
