@@ -146,3 +146,18 @@ def test_abandoning_a_fresh_claim_keeps_work_a_rerun_resumes(tmp_path):
     assert sorted(p.name for p in worked.iterdir()) == ["config.json", fileio.RUN_MARKER, "tokens.i32"]
     assert sorted(p.name for p in earlier.iterdir()) == ["config.json", fileio.RUN_MARKER]
     assert fileio.abandon_fresh_claims() == []
+
+
+def test_generate_into_its_earlier_run_of_other_prompts_is_refused_before_generating(tiny_gpt2_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Before: the earlier run's folder was compared with the new prompts only after the model was loaded and every
+    continuation generated, then refused."""
+    import knnlm.models
+
+    out = tmp_path / "gen"
+    run = ["generate", *model_args(tiny_gpt2_dir), "--max_new_tokens", 2, "--compare", "true", "--output_dir", out]
+    assert cli([*run, "--prompt", "the cat"], capsys)[0] == 0
+    before = (out / "results.json").read_bytes()
+    monkeypatch.setattr(knnlm.models, "load_model", lambda *a: pytest.fail("the model was loaded before the check"))
+    assert_one_line(*cli([*run, "--prompt", "a dog"], capsys), "--output_dir", "other inputs", "--overwrite")
+    assert (out / "results.json").read_bytes() == before

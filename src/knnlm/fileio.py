@@ -271,7 +271,8 @@ def describe_folder(path: Path) -> str | None:
 
 
 def claim_output_dir(path: str | Path, kind: str, inputs: Optional[dict], overwrite: bool = False,
-                     own_files: Iterable[str] = (), flag: str = "--output_dir", what: Optional[str] = None) -> str:
+                     own_files: Iterable[str] = (), flag: str = "--output_dir", what: Optional[str] = None,
+                     check_only: bool = False) -> str:
     """Makes ``path`` the output folder of one ``knnlm <kind>`` run with the given ``inputs`` (a JSON-able dict of
     what the outputs are made from), or refuses it with a one-line ``KnnlmError``.
 
@@ -284,14 +285,15 @@ def claim_output_dir(path: str | Path, kind: str, inputs: Optional[dict], overwr
     the marker existed be recognised as its own; ``what`` names the artefact in messages ("MLP memory").
 
     ``inputs=None`` only checks the folder (cheap, before a model is loaded), including that no live process holds
-    it, and writes nothing. Otherwise the folder is locked for this process (:func:`lock_output_dir`: a second
+    it, and writes nothing; so does ``check_only``, which also compares the given inputs with an earlier run's (a
+    command that writes only at its end refuses other inputs before its work, not after). Otherwise the folder is locked for this process (:func:`lock_output_dir`: a second
     process writing the same folder is refused, naming the holder), checked again under the lock, and
     ``knnlm-run.json`` (the marker) is written atomically.
     """
     path = Path(path)
     own_files = tuple(own_files)
     state = _claim_state(path, kind, inputs, overwrite, own_files, flag, what)
-    if inputs is None:
+    if inputs is None or check_only:
         check_not_locked(path, flag)
         return state
     inputs = json.loads(json.dumps(inputs, default=str))  # as read back from JSON

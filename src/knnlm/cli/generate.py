@@ -44,8 +44,9 @@ def cmd_generate(args) -> int:
     if aargs.datastore and kargs.stateful and gargs.num_beams > 1:
         raise KnnlmError("--num_beams: RetoMaton / --skip_search_prob follow one path per sequence; use greedy "
                          "decoding or --do_sample true")
-    if gargs.output_dir:  # a model, a datastore, another command's run: refused before the model loads
-        claim_output_dir(gargs.output_dir, "generate", None, args.overwrite, own_files=RESULT_FILES)
+    if gargs.output_dir:  # a model, a datastore, another command's run, this one's of other inputs: before the model
+        claim_output_dir(gargs.output_dir, "generate", inputs, args.overwrite, own_files=RESULT_FILES,
+                         what="`knnlm generate` run", check_only=True)
     started = time.time()
     lm = load_model(margs)
     plain = generate_continuations(lm, prompts, gargs) if gargs.compare or not (aargs.datastore or aargs.mlp_memory) else None

@@ -73,7 +73,9 @@ def cmd_score(args) -> int:
     margs, sargs, kargs = resolve([ModelArgs, ScoreArgs, KNNArgs], args, args.config)
     if not margs.model_name_or_path:
         raise KnnlmError("--model_name_or_path: required; the model to score")
-    claim_output_dir(sargs.output_dir, "macondo score", None, sargs.overwrite, own_files=RESULT_FILES)  # before loading
+    inputs = {k: v for k, v in to_dict(margs, sargs, kargs).items() if k not in ("output_dir", "device", "overwrite")}
+    claim_output_dir(sargs.output_dir, "macondo score", inputs, sargs.overwrite, own_files=RESULT_FILES,
+                     what="`knnlm macondo score` run", check_only=True)  # before loading and scoring
     started = time.time()
     rows = read_split(sargs.data, sargs.split)
     datastore = Datastore.open(sargs.datastore) if sargs.datastore else None
@@ -95,7 +97,6 @@ def cmd_score(args) -> int:
     if retriever is not None:
         metrics["datastore_N"] = datastore.N
         metrics["k"] = retriever.k
-    inputs = {k: v for k, v in to_dict(margs, sargs, kargs).items() if k not in ("output_dir", "device", "overwrite")}
     if claim_output_dir(out, "macondo score", inputs, sargs.overwrite, own_files=RESULT_FILES,
                         what="`knnlm macondo score` run") == "replace":  # (made only now: bad input leaves no folder)
         remove_own_files(out, RESULT_FILES)
