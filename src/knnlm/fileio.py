@@ -286,9 +286,10 @@ def claim_output_dir(path: str | Path, kind: str, inputs: Optional[dict], overwr
 
     ``inputs=None`` only checks the folder (cheap, before a model is loaded), including that no live process holds
     it, and writes nothing; so does ``check_only``, which also compares the given inputs with an earlier run's (a
-    command that writes only at its end refuses other inputs before its work, not after). Otherwise the folder is locked for this process (:func:`lock_output_dir`: a second
-    process writing the same folder is refused, naming the holder), checked again under the lock, and
-    ``knnlm-run.json`` (the marker) is written atomically.
+    command that writes only at its end refuses other inputs before its work, not after). Otherwise the folder is
+    locked for this process (:func:`lock_output_dir`: a second process writing the same folder is refused, naming the
+    holder), checked again under the lock, and ``knnlm-run.json`` (the marker) is written atomically. A folder claimed
+    empty is remembered: :func:`abandon_fresh_claims` empties it again if the command fails before any work.
     """
     path = Path(path)
     own_files = tuple(own_files)
