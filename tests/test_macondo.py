@@ -235,6 +235,14 @@ def test_read_split_missing(paper):
         read_split(paper / "train.jsonl", "test")  # a file, or any folder that is not a Macondo dataset
 
 
+def test_read_split_of_a_datastore_names_data_not_split(tmp_path):
+    """A datastore has a meta.json too; it was reported as "--split: ... has no test.jsonl (splits there: none)"."""
+    (tmp_path / "meta.json").write_text("{}")
+    (tmp_path / "keys.f16").write_bytes(b"")
+    with pytest.raises(KnnlmError, match=r"^--data: .* holds no Macondo split \(\*.jsonl\): it is a kNN datastore; "):
+        read_split(tmp_path, "test")
+
+
 def test_loads_with_datasets(paper):
     from datasets import load_dataset
 

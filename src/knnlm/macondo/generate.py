@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Literal, Optional
 
 from ..errors import KnnlmError
-from ..fileio import claim_output_dir, package_versions, releases_locks, remove_own_files, sha256_file, temp_path
+from ..fileio import claim_output_dir, describe_folder, package_versions, releases_locks, remove_own_files, sha256_file, temp_path
 from . import sources
 
 log = logging.getLogger(__name__)
@@ -396,7 +396,11 @@ def read_split(data_dir: str | Path, split: str) -> list[dict]:
         if not (Path(data_dir) / "meta.json").is_file():  # not a Macondo folder at all: the fault is --data's
             read_meta(data_dir)
         have = sorted(p.stem for p in Path(data_dir).glob("*.jsonl")) if Path(data_dir).is_dir() else []
-        raise KnnlmError(f"--split: {data_dir} has no {split}.jsonl (splits there: {', '.join(have) or 'none'}); "
+        if not have:  # a meta.json of something else (a datastore's): the fault is --data's, not --split's
+            what = describe_folder(Path(data_dir))
+            raise KnnlmError(f"--data: {data_dir} holds no Macondo split (*.jsonl){f': it is {what}' if what else ''}; "
+                             "pass a folder made by `knnlm macondo generate`")
+        raise KnnlmError(f"--split: {data_dir} has no {split}.jsonl (splits there: {', '.join(have)}); "
                          "run `knnlm macondo generate` or pick another --split")
     rows = []
     fix = f"generate it again: `knnlm macondo generate --output_dir {data_dir} --overwrite` with its settings (meta.json)"
