@@ -33,7 +33,8 @@ from torch import nn
 
 from .datastore import Datastore, dtype_hint, shared_text
 from .errors import KnnlmError, require_finite
-from .fileio import atomic_path, atomic_write_json, claim_output_dir, package_versions, read_json, releases_locks
+from .fileio import (atomic_path, atomic_write_json, claim_output_dir, package_versions, read_json, releases_locks,
+                     remove_own_files)
 from .train import TrainArgs, _rng_state, _set_rng_state, train
 
 log = logging.getLogger(__name__)
@@ -314,19 +315,13 @@ _OWN_FILES = (CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_DIR, TRAIN_LOG, "loss.png", 
               "results.md", _OLD_CHECKPOINT)
 
 
-def _remove(out: Path, names) -> None:
-    for name in names:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-
-
 def _prepare_dir(out: Path, fp: dict, overwrite: bool) -> Optional[str]:
     """'finished' when ``out`` holds this very memory, 'resume' for its checkpoint, None for a fresh start.
 
     A folder holding anything but this command's own output (a model, a datastore, another run) is refused."""
     if claim_output_dir(out, "mlp train", _strip(fp), overwrite, own_files=_OWN_FILES,
                         what="MLP memory") == "replace":
-        _remove(out, _OWN_FILES)
+        remove_own_files(out, _OWN_FILES)
         return None
     cfg, ckpt = out / CONFIG_FILE, out / CHECKPOINT_DIR / _FINGERPRINT
     existing, state = None, None
@@ -339,7 +334,7 @@ def _prepare_dir(out: Path, fp: dict, overwrite: bool) -> Optional[str]:
     if not overwrite:
         raise KnnlmError(f"--output_dir: {out} already holds a different MLP memory ({existing.get('model_name_or_path')}, "
                          f"{existing.get('training')}); pass --overwrite to replace it or choose another folder")
-    _remove(out, (CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_DIR, _OLD_CHECKPOINT, TRAIN_LOG, "loss.png"))
+    remove_own_files(out, (CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_DIR, _OLD_CHECKPOINT, TRAIN_LOG, "loss.png"))
     return None
 
 
@@ -440,7 +435,7 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
                 raise KnnlmError(f"--output_dir: {out} holds this memory but it is damaged ({damage}); rerun with "
                                  "--overwrite to train it again") from None
             log.warning("memory %s is damaged (%s): training it again", out, damage)
-            _remove(out, _OWN_FILES)
+            remove_own_files(out, _OWN_FILES)
             status = None
         else:
             log.info("memory %s is already trained", out)

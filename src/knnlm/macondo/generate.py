@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Callable, Literal, Optional
 
 from ..errors import KnnlmError
-from ..fileio import claim_output_dir, describe_folder, package_versions, releases_locks, remove_own_files, sha256_file, temp_path
+from ..fileio import (claim_output_dir, describe_folder, package_versions, releases_locks, remove_own_files, sha256_file,
+                      temp_path)
 from . import sources
 
 log = logging.getLogger(__name__)
@@ -389,6 +390,10 @@ def read_meta(data_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+# what every reader of a split uses (scoring, the studies' training and test sets)
+_ROW_FIELDS = {"text": str, "prefix": str, "target": str, "parent": str, "n_children": int}
+
+
 def read_split(data_dir: str | Path, split: str) -> list[dict]:
     """The rows of one split: dicts with text, prefix, target, parent, n_children, attribute, child."""
     path = Path(data_dir) / f"{split}.jsonl"
@@ -422,7 +427,3 @@ def read_split(data_dir: str | Path, split: str) -> list[dict]:
                                  f"{fix}")
             rows.append(row)
     return rows
-
-
-# what every reader of a split uses (scoring, the studies' training and test sets)
-_ROW_FIELDS = {"text": str, "prefix": str, "target": str, "parent": str, "n_children": int}
