@@ -301,7 +301,7 @@ def test_cli_end_to_end_matches_eval(common, tiny_lm, tmp_path):
     assert not (out / "partial.npz").exists()
 
 
-def test_resume_after_kill_gives_same_results(common, tmp_path, monkeypatch):
+def test_resume_after_kill_gives_same_results(common, tmp_path, monkeypatch, capsys):
     args = ["analyze", "projection", *common, "--block_size", "8", "--stride", "4", "--max_tokens", "16",
             "--target", "f_out", "--max_steps", "5", "--batch_size", "4",
             "--tol", "1e-2,1e-3", "--n_boot", "50"]  # groups of one window
@@ -319,11 +319,22 @@ def test_resume_after_kill_gives_same_results(common, tmp_path, monkeypatch):
     assert main([*args, "--output_dir", str(tmp_path / "resumed")]) == 130
     assert json.loads((tmp_path / "resumed" / "partial.json").read_text())["windows_done"] == 1  # [7, 4, 4] targets
     monkeypatch.setattr(PRUN, "project", real)
+    # a rerun with other settings is refused before any work: neither the killed run's records nor, below, a finished
+    # run's results are replaced
+    partial = (tmp_path / "resumed" / "partial.npz").read_bytes()
+    assert main([*args[:-1], "60", "--output_dir", str(tmp_path / "resumed")]) == 2
+    assert "holds a run with other settings (n_boot: 50 -> 60)" in capsys.readouterr().err
+    assert (tmp_path / "resumed" / "partial.npz").read_bytes() == partial
     assert main([*args, "--output_dir", str(tmp_path / "resumed")]) == 0
     a, b = np.load(tmp_path / "whole" / "per_token.npz"), np.load(tmp_path / "resumed" / "per_token.npz")
     assert sorted(a.files) == sorted(b.files)
     for key in a.files:
         np.testing.assert_array_equal(a[key], b[key])
+    results = (tmp_path / "whole" / "results.json").read_bytes()
+    assert main([*args, "--max_steps", "6", "--output_dir", str(tmp_path / "whole")]) == 2
+    assert "max_steps: 5 -> 6" in capsys.readouterr().err
+    assert (tmp_path / "whole" / "results.json").read_bytes() == results
+    assert main([*args, "--device", "cpu", "--output_dir", str(tmp_path / "whole")]) == 0  # where it runs is free
 
 
 @pytest.mark.parametrize("extra, needle", [

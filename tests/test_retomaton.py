@@ -238,14 +238,17 @@ def test_clusters_seeded_bytes_resume_and_refusals(lm, files, store, tmp_path, m
     monkeypatch.setattr(clusters.os, "fsync", real_fsync)
     build_clusters(ds, ClusterArgs(num_clusters=24, sample_size=200, seed=3))
     assert (copy / "clusters.i32").read_bytes() == first and not (copy / "clusters.work").exists()
-    other = build_clusters(ds, ClusterArgs(num_clusters=24, sample_size=200, seed=4))  # another seed, other bytes
+    with pytest.raises(KnnlmError, match=r"already has clusters of other settings \(seed: 3 -> 4\); pass --overwrite"):
+        build_clusters(ds, ClusterArgs(num_clusters=24, sample_size=200, seed=4))
+    assert (copy / "clusters.i32").read_bytes() == first
+    other = build_clusters(ds, ClusterArgs(num_clusters=24, sample_size=200, seed=4, overwrite=True))  # other bytes
     assert (copy / "clusters.i32").read_bytes() != first and other["settings"]["seed"] == 4
     # a clusters file not the one recorded (here: of other settings, copied over) is refused, and so are clusters
     # recorded for a store whose meta.json changed since (a rebuild)
     shutil.copy(store.dir / "clusters.i32", copy / "clusters.i32")
     with pytest.raises(KnnlmError, match="was not built from this datastore"):
         load_clusters(Datastore.open(copy))
-    build_clusters(ds, ClusterArgs(num_clusters=24, sample_size=200, seed=3))
+    build_clusters(ds, ClusterArgs(num_clusters=24, sample_size=200, seed=3))  # (the recorded file is not there)
     assert load_clusters(Datastore.open(copy)).tobytes() == first
     meta = json.loads((copy / "meta.json").read_text())
     (copy / "meta.json").write_text(json.dumps({**meta, "n_tokens": meta["n_tokens"] + 1}))

@@ -32,6 +32,7 @@ class ClusterArgs:
     sample_size: int = field(default=262_144, metadata={"help": "Keys sampled (seeded) to train k-means; every key is then assigned."})
     niter: int = field(default=20, metadata={"help": "k-means iterations."})
     seed: int = field(default=0, metadata={"help": "Seed of the sample and of k-means."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace the store's clusters of other settings."})
 
     def validate(self) -> None:
         if self.num_clusters < 1:
@@ -45,7 +46,8 @@ class ClusterArgs:
 def _record(ds, args: ClusterArgs) -> dict:
     from .index import datastore_identity
 
-    return {"settings": asdict(args), "datastore": datastore_identity(ds.dir)}
+    settings = {k: v for k, v in asdict(args).items() if k != "overwrite"}  # what the clusters are made from
+    return {"settings": settings, "datastore": datastore_identity(ds.dir)}
 
 
 def _read_record(ds) -> dict | None:
@@ -68,6 +70,12 @@ def build_clusters(ds, args: ClusterArgs) -> dict:
     if done and {k: done.get(k) for k in want} == want and _file_matches(ds, done):
         log.info("clusters of %s are already built (%d clusters)", ds.dir, args.num_clusters)
         return done
+    if done and done.get("datastore") == want["datastore"] and _file_matches(ds, done) and not args.overwrite:
+        # clusters a RetoMaton run may have used: like the index, replaced only when asked
+        diff = ", ".join(f"{k}: {done['settings'].get(k)!r} -> {v!r}" for k, v in want["settings"].items()
+                         if done["settings"].get(k) != v)
+        raise KnnlmError(f"--datastore: {ds.dir} already has clusters of other settings ({diff}); pass --overwrite "
+                         "to replace them")
     work = ds.dir / WORK
     _prepare_work(work, want)
     centroids = _train(ds, args, work)  # [C, d] float32

@@ -32,7 +32,8 @@ def cmd_projection(args) -> int:
     from ..fileio import claim_output_dir
     from ..experiments.projection.report import claims, results_table
     from ..experiments.projection.run import run_projection
-    from ..experiments.projection.settings import ProjectionArgs
+    from ..experiments.projection.settings import _FREE_KEYS, ProjectionArgs
+    from ..experiments.study import check_resumable
     from ..knn import KNNArgs
     from ..models import ModelArgs, load_model
     from ..report import write_markdown, write_results
@@ -42,13 +43,14 @@ def cmd_projection(args) -> int:
         raise KnnlmError("--validation_file: required (or --dataset_name): the corpus whose tokens are projected")
     own = ("config.json", "results.json", "results.md", "per_token.npz", "partial.*", "tokens.i32*", "*.png")
     claim_output_dir(pargs.output_dir, "analyze projection", None, own_files=own)  # a model, a datastore: refused
+    out = Path(pargs.output_dir)
+    check_resumable(out, (margs, cargs, kargs, pargs), _FREE_KEYS)  # other settings never replace its results
     started = time.time()
     datastore = Datastore.open(pargs.datastore)
     lm = load_model(margs)
     claim_output_dir(pargs.output_dir, "analyze projection", {}, own_files=own)  # (made only now)
+    save_config(out, margs, cargs, kargs, pargs)  # first: what a rerun must match to resume (check_resumable)
     metrics = run_projection(lm, cargs, pargs, datastore, kargs)
-    out = Path(pargs.output_dir)
-    save_config(out, margs, cargs, kargs, pargs)
     found = claims(metrics, "this run")
     write_results(out, to_dict(margs, cargs, kargs, pargs), metrics, started, claims=[c.record() for c in found])
     table = results_table(metrics, found)

@@ -24,19 +24,21 @@ def seed_path(root: str | Path, seed: int, rest: str = "") -> Path:
 
 
 def check_resumable(out: Path, args, free_keys: Iterable[str]) -> None:
-    """Refuses a rerun into ``out`` whose ``config.json`` differs from ``args`` (a dataclass) on any field outside
-    ``free_keys`` (threads, output folder, number of seeds and the like). Fields the old config lacks are not compared;
+    """Refuses a rerun into ``out`` whose ``config.json`` differs from ``args`` (a dataclass, or a tuple of the
+    dataclasses a command saves together with ``config.save_config``) on any field outside ``free_keys`` (threads,
+    output folder, number of seeds and the like). Fields the old config lacks are not compared;
     deprecated names in it count as their new ones. A folder where the earlier run wrote nothing but its settings (it
     stopped at a bad flag before any work) takes the new ones: there is nothing to resume or to lose."""
-    from ..config import rename_deprecated
+    from ..config import rename_deprecated, to_dict
     from ..fileio import LOCK_FILE, RUN_MARKER
 
     path = out / "config.json"
     bookkeeping = {path, out / RUN_MARKER, out / LOCK_FILE}
     if not path.is_file() or not any(p.is_file() and p not in bookkeeping for p in out.rglob("*")):
         return
-    old = rename_deprecated(read_json(path), type(args), warn=False)
-    new = dataclasses.asdict(args)
+    configs = args if isinstance(args, tuple) else (args,)
+    old = rename_deprecated(read_json(path), [type(a) for a in configs], warn=False)
+    new = to_dict(*configs)
     free = set(free_keys)
     changed = [k for k in new if k not in free and k in old and old[k] != new[k]]
     if changed:

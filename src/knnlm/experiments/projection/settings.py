@@ -25,6 +25,9 @@ MAPS = {"f_out": "f = output layer + softmax, z from final_hidden (the paper's f
 # which paper column each target is compared with
 PAPER_COLUMN = {"f_out": "f", "f_norm": None, "fg": "fg", "fg_to_y": "fg_to_y"}  # the paper has no f_norm
 STOP_REASONS = ("tol", "patience", "max_steps")  # codes 0, 1, 2 in per_token.npz
+# config.json fields a rerun into the same folder may change (the rest must match to resume or keep the results):
+# where the run goes and runs, and the training file the study does not read
+_FREE_KEYS = ("output_dir", "device", "train_file")
 
 
 def resolve_targets(names: Sequence[str]) -> list[str]:
