@@ -6,8 +6,12 @@ exp of the mean negative log-likelihood over all scored tokens.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import hashlib
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +25,15 @@ from .corpus import CorpusArgs, TokenFile, count_targets, tokenize_to_file, wind
 from .corpus import target_positions as _target_positions  # noqa: F401  (old private name: benchmarks/knn_eval.py --baseline_src runs older sources)
 from .datastore import KEY_POINTS
 from .errors import KnnlmError
+from .fileio import atomic_write_json, read_json, resolve_path, reusable
 from .knn import KNNArgs, Retriever, interpolate, knn_gold_log_prob
 from .scoring import key_points, score_windows
 
 log = logging.getLogger(__name__)
+
+PROGRESS_FILE = "eval-progress.json"  # in the output folder: where a killed evaluation resumes
+PROGRESS_EVERY_S = 30.0  # wall seconds between progress records (written between batches; tests set 0)
+_WHERE_SEARCHED = ("ray_address", "ray_shard_cpus")  # KNNArgs fields that place a search, not what it returns
 
 
 @dataclass
@@ -60,6 +69,14 @@ class _NLL:
     def ppl(self) -> float:
         return math.exp(self.total / max(1, self.count))
 
+    def state(self) -> list:
+        """[total, count] for a progress record: JSON keeps a finite float exactly; an infinite or NaN total (a λ = 1
+        token no neighbour holds) is written as its repr, which ``float`` reads back."""
+        return [self.total if math.isfinite(self.total) else repr(self.total), self.count]
+
+    def restore(self, state: list) -> None:
+        self.total, self.count = float(state[0]), int(state[1])
+
 
 class _NeighbourCache:
     """Appends per-token neighbour distances/values, LM gold log-probs and gold ids to raw files; with ``k`` 0 (no
@@ -68,17 +85,46 @@ class _NeighbourCache:
     refused run leaves an earlier finished cache (and the results.json that describes it) as it was, never a cut-off
     one."""
 
-    def __init__(self, out: Path, k: int):
+    def __init__(self, out: Path, k: int, resume: Optional[dict] = None):
+        """``resume``: each staged file's length in the progress record the run resumes from (its files are cut back to
+        them and appended to); None starts afresh."""
         import shutil
 
         from .fileio import restore_interrupted_swap, staging_dir
 
         restore_interrupted_swap(out)  # a swap killed half-way: the earlier cache goes back in place
         self.dir, self.k = staging_dir(out), k
-        shutil.rmtree(self.dir, ignore_errors=True)  # a killed run's files: restarted, not resumed
+        if resume is not None:
+            (self.dir / "k.txt").unlink(missing_ok=True)  # unfinished again until close()
+            self.files = {name: self._reopen(name, size) for name, size in resume.items()}
+            return
+        shutil.rmtree(self.dir, ignore_errors=True)  # a killed run's files without its progress record: restarted
         self.dir.mkdir(parents=True)
         names = ("dists.f32", "vals.i32", "lm_gold.f32", "gold.i32") if k else ("lm_gold.f32", "gold.i32")
         self.files = {name: open(self.dir / name, "wb") for name in names}
+
+    def _reopen(self, name: str, size: int):
+        fh = open(self.dir / name, "r+b")
+        fh.truncate(size)  # what the batches after the progress record wrote: they are scored again
+        fh.seek(size)
+        return fh
+
+    @staticmethod
+    def intact(out: Path, sizes: dict) -> bool:
+        """Whether the staged files a progress record counted are all there, at least that long."""
+        from .fileio import staging_dir
+
+        staged = staging_dir(out)
+        return all((staged / name).is_file() and (staged / name).stat().st_size >= size for name, size in sizes.items())
+
+    def sizes(self) -> dict[str, int]:
+        """Each file's length, flushed and synced first: a progress record never counts bytes a crash could lose."""
+        out = {}
+        for name, fh in self.files.items():
+            fh.flush()
+            os.fsync(fh.fileno())
+            out[name] = fh.tell()
+        return out
 
     def add(self, dists, vals, lm_gold, gold) -> None:
         if self.k:
@@ -161,13 +207,104 @@ def _recorded(batches, seen: "collections.deque"):
         yield batch
 
 
+def _weights_sha(module: torch.nn.Module) -> str:
+    """sha256 (16 hex) of a module's state: every tensor's name, dtype, shape and bytes, names sorted."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def _folder(path, flag: str) -> Optional[str]:
+    return None if path is None else str(resolve_path(path, flag))
+
+
+def _progress_key(lm, tokens: TokenFile, block: int, stride: int, args: EvalArgs, knn: KNNArgs, retriever,
+                  memory) -> dict:
+    """Everything a run's sums and neighbour cache depend on; a progress record saved under another key is not resumed.
+
+    The model by its path, weights, dtype and device (another device rounds differently); the tokens by their record
+    (corpus sha256, tokenizer, size); the windows and batches; the store by folder, meta.json (N, checksums), index
+    record and k; the memory by folder and weights; every kNN setting but where a search runs."""
+    local = Path(lm.name).expanduser()
+    model = {"name": _folder(local, "--model_name_or_path") if lm.name and local.exists() else lm.name,  # (or a hub id)
+             "weights_hash": lm.weights_hash(), "dtype": str(lm.dtype), "device": lm.device.type}
+    key = {"model": model, "tokens": read_json(tokens.path.with_name(tokens.path.name + ".json")),
+           "block": block, "stride": stride, "batch_size": args.batch_size, "save_neighbors": args.save_neighbors,
+           "datastore": None, "memory": None, "knn": None}
+    if retriever is not None:
+        ds = retriever.ds
+        index = ds.dir / "index" / "index.json"
+        key["datastore"] = {"dir": _folder(ds.dir, "--datastore"), "N": ds.N, "meta": ds.meta, "k": retriever.k,
+                            "index": read_json(index) if index.is_file() else None}
+    if memory is not None:
+        key["memory"] = {"dir": _folder(memory.dir, "--mlp_memory"), "weights": _weights_sha(memory)}
+    if retriever is not None or memory is not None:
+        key["knn"] = {k: v for k, v in dataclasses.asdict(knn).items() if k not in _WHERE_SEARCHED}
+    return json.loads(json.dumps(key, default=str))  # as read back from the record
+
+
+class _Progress:
+    """``OUT/eval-progress.json``, where a killed evaluation resumes: the run's key (:func:`_progress_key`), the batches
+    finished, every accumulator's float64 sum and count, the timing and wall time so far and, with
+    ``--save_neighbors``, the staged cache files' lengths. Written atomically between batches, at most every
+    ``PROGRESS_EVERY_S`` seconds, so a resumed run adds the same numbers in the same order as an uninterrupted one."""
+
+    def __init__(self, out_dir: Path, key: dict):
+        self.path, self.key, self.last = out_dir / PROGRESS_FILE, key, time.time()
+
+    def resume_point(self, cache_out: Optional[Path]) -> Optional[dict]:
+        """The record of this very run, else None; a record of another run (other inputs or settings) is removed.
+        ``cache_out``: the neighbour cache folder when the run writes one."""
+        record = reusable(self.path, self.key)
+        if record is not None and cache_out is not None and not _NeighbourCache.intact(cache_out, record["neighbors"]):
+            record = None  # the staged files it counted are gone (swapped in or deleted): only a restart rebuilds them
+        if record is None:
+            self.path.unlink(missing_ok=True)
+        return record
+
+    def due(self) -> bool:
+        return time.time() - self.last >= PROGRESS_EVERY_S
+
+    def save(self, batches: int, sums: dict, timing: dict, wall: float, cache) -> None:
+        atomic_write_json(self.path, {"key": self.key, "batches": batches, "sums": sums,
+                                      "timing": dict(timing),  # (a copy: the search thread adds to it)
+                                      "wall_s": wall, "neighbors": cache.sizes() if cache else None})
+        self.last = time.time()
+
+
+def remove_progress(out_dir: str | Path) -> None:
+    """Deletes the progress record of a finished (or discarded) evaluation. The CLI calls it once results.json is
+    written: a kill before that resumes with no batch left to score."""
+    (Path(out_dir) / PROGRESS_FILE).unlink(missing_ok=True)
+
+
+def _sums(lm_nll: _NLL, knn_nll: dict, mlp_nll: dict) -> dict:
+    return {"lm": lm_nll.state(), "knn": [a.state() for a in knn_nll.values()],
+            "mlp": [a.state() for a in mlp_nll.values()]}
+
+
+def _restore(sums: dict, lm_nll: _NLL, knn_nll: dict, mlp_nll: dict) -> None:
+    lm_nll.restore(sums["lm"])
+    for acc, state in zip(knn_nll.values(), sums["knn"]):  # in λ order, which the key fixes
+        acc.restore(state)
+    for acc, state in zip(mlp_nll.values(), sums["mlp"]):
+        acc.restore(state)
+
+
 def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datastore=None,
              knn: Optional[KNNArgs] = None, memory=None, key_point: Optional[str] = None, index=None,
-             token_log_probs: Optional[dict] = None, commit_cache: bool = True) -> dict:
+             token_log_probs: Optional[dict] = None, commit_cache: bool = True, keep_progress: bool = False) -> dict:
     """Scores the validation corpus; returns the metrics (perplexities, token count, throughput).
+
+    Resumable: a progress record (``OUT/eval-progress.json``, :class:`_Progress`) lets a rerun after a kill skip the
+    batches already counted and give the numbers of an uninterrupted run; ``resumed_from_token`` says where it began.
 
     ``commit_cache``: with ``--save_neighbors``, put the finished cache in place at the end (False: the caller does,
     with :func:`commit_neighbour_cache`, after it has written the results that describe it).
+    ``keep_progress``: leave the progress record, all batches counted, for the caller to delete with
+    :func:`remove_progress` once it has written the results (False: deleted here, at the end).
 
     ``index``: a FAISS index to search instead of the store's own (e.g. exact Flat to compare with its IVF-PQ).
     ``token_log_probs``: a dict filled with ``row`` (each target's row: its place in the text, in scoring order, [n]
@@ -192,18 +329,37 @@ def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datast
     lm_nll = _NLL()
     knn_nll = {lam: _NLL() for lam in knn.lmbda} if retriever else {}
     mlp_nll = {lam: _NLL() for lam in knn.lmbda} if memory is not None else {}
-    cache = _NeighbourCache(out_dir / "neighbors", retriever.k if retriever else 0) if args.save_neighbors else None
-    timing: dict = {}
+    stateful = retriever is not None and knn.stateful
+    # Not resumable, restarted from token 0: RetoMaton's (and the random-skip kNN-LM's) streams carry the automaton's
+    # pointers from batch to batch, which no record holds; token_log_probs' per-token arrays are not saved either;
+    # a caller's own index has no identity on disk to check a record against.
+    progress = None
+    if stateful or token_log_probs is not None or index is not None:
+        remove_progress(out_dir)  # another run's: stale whatever it holds
+    else:
+        progress = _Progress(out_dir, _progress_key(lm, tokens, block, stride, args, knn, retriever, memory))
+    cache_out = out_dir / "neighbors" if args.save_neighbors else None
+    saved = progress.resume_point(cache_out) if progress is not None else None
+    cache = None
+    if cache_out is not None:
+        cache = _NeighbourCache(cache_out, retriever.k if retriever else 0, saved["neighbors"] if saved else None)
+    done = saved["batches"] if saved else 0  # batches counted so far
+    timing: dict = dict(saved["timing"]) if saved else {}
+    resumed_wall = saved["wall_s"] if saved else 0.0
+    if saved:
+        _restore(saved["sums"], lm_nll, knn_nll, mlp_nll)
+        log.info("eval: resuming at token %d of %d", lm_nll.count, count_targets(wins))
+    resumed_from = lm_nll.count
     started = time.time()
-    batches = (wins[b: b + args.batch_size] for b in range(0, len(wins), args.batch_size))
-    streams = _streams(retriever, knn, args, wins, tokens) if retriever is not None and knn.stateful else None
+    batches = (wins[b: b + args.batch_size] for b in range(done * args.batch_size, len(wins), args.batch_size))
+    streams = _streams(retriever, knn, args, wins, tokens) if stateful else None
     if streams is not None:  # the automaton's state flows along the text: batch_size streams scored side by side
         batches = streams.batches()
     scored = collections.deque()  # the windows of each batch handed to scoring, in order (scores come in that order)
     if token_log_probs is not None:
         batches = _recorded(batches, scored)
         rows_seen, logp_seen = [], []
-    with tqdm(total=count_targets(wins), unit="tok", desc="eval") as bar:
+    with tqdm(total=count_targets(wins), initial=resumed_from, unit="tok", desc="eval") as bar:
         for scores in score_windows(lm, tokens, batches, retriever, memory, knn.lmbda, timing, searcher=streams):
             if token_log_probs is not None:
                 rows_seen.append(np.concatenate([np.arange(w.row, w.row + w.n_targets) for w in scored.popleft()]))
@@ -218,20 +374,34 @@ def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datast
                 if scores.mlp is not None:
                     cache.add_mlp(scores.mlp)
             bar.update(len(scores.gold))
+            done += 1
+            if progress is not None and progress.due():  # between batches: the record counts whole ones only
+                progress.save(done, _sums(lm_nll, knn_nll, mlp_nll), timing, resumed_wall + time.time() - started,
+                              cache)
+    if progress is not None and keep_progress:  # a kill before the caller's results resumes with no batch to score
+        progress.save(done, _sums(lm_nll, knn_nll, mlp_nll), timing, resumed_wall + time.time() - started, cache)
     if cache:
         cache.close()
         if commit_cache:
             commit_neighbour_cache(out_dir)
+    if progress is not None and not keep_progress:
+        remove_progress(out_dir)
     if token_log_probs is not None:
         row = np.concatenate(rows_seen)
         searched = (np.isin(row, np.concatenate(streams.searched_rows)) if streams is not None
                     else np.full(len(row), retriever is not None))
         token_log_probs.update(row=row, log_prob=np.concatenate(logp_seen), searched=searched)
+    # wall_s and tokens_per_s: this process alone, over the tokens it scored (a resumed run's earlier processes spent
+    # resumed_wall_s on theirs); forward_s, search_s, mlp_s are summed over every batch counted, earlier processes'
+    # included (restored from the record, which may also hold the batch in flight when it was saved), so the rates
+    # made from them cover all n_tokens
     wall = time.time() - started
     t_forward = timing.get("forward_s", 0.0) + timing.get("output_s", 0.0)  # the LM: body + output layer
     metrics = {"n_tokens": lm_nll.count, "ppl_lm": lm_nll.ppl, "block_size": block, "stride": stride,
-               "timing": {"wall_s": wall, "forward_s": t_forward, "tokens_per_s": lm_nll.count / max(wall, 1e-9),
-                          "lm_tokens_per_s": lm_nll.count / max(t_forward, 1e-9)}}
+               "resumed_from_token": resumed_from,
+               "timing": {"wall_s": wall, "forward_s": t_forward,
+                          "tokens_per_s": (lm_nll.count - resumed_from) / max(wall, 1e-9),
+                          "lm_tokens_per_s": lm_nll.count / max(t_forward, 1e-9), "resumed_wall_s": resumed_wall}}
     if retriever is not None:
         first = knn.lmbda[0]
         metrics.update(ppl_knnlm=knn_nll[first].ppl, lmbda=first, k=retriever.k,
