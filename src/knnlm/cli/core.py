@@ -142,7 +142,7 @@ def cmd_index_stop(args) -> int:
 def cmd_eval(args) -> int:
     from ..corpus import CorpusArgs
     from ..datastore import Datastore
-    from ..evaluate import EvalArgs, commit_neighbour_cache, evaluate, sweep_from_cache
+    from ..evaluate import EvalArgs, commit_neighbour_cache, evaluate, remove_progress, sweep_from_cache
     from ..knn import KNNArgs
     from ..models import ModelArgs
     from ..report import markdown_table, write_markdown, write_results
@@ -173,13 +173,14 @@ def cmd_eval(args) -> int:
             from ..memory import MLPMemory
             memory = MLPMemory.load(eargs.mlp_memory, lm)
         metrics = evaluate(lm, cargs, out, eargs, datastore=datastore, knn=kargs, memory=memory, key_point=args.key_point,
-                           commit_cache=False)
+                           commit_cache=False, keep_progress=True)
         metrics["skipped_rows"] = skipped_rows(out / "tokens.i32")
         _refuse_non_finite(metrics)
         table = results_table(metrics)
     save_config(out, margs, cargs, kargs, eargs)
     write_results(out, to_dict(margs, cargs, kargs, eargs), metrics, started)
     commit_neighbour_cache(out)  # after the results that describe it (a refused or killed run keeps the earlier one)
+    remove_progress(out)  # the run is finished: until here a rerun resumes it with no batch left to score
     write_markdown(out, table)
     print(table, end="")
     print(f"results: {out / 'results.json'}")
@@ -252,6 +253,7 @@ def _cache_settings(args, margs, kargs, eargs) -> tuple[dict, int, list[float]]:
 
 # what `knnlm eval` writes into its folder (a folder made before the knnlm-run.json marker holds nothing else)
 _EVAL_FILES = ("config.json", "results.json", "results.md", "tokens.i32", "tokens.i32.docs", "tokens.i32.json",
+               "eval-progress.json",  # (evaluate.PROGRESS_FILE: where a killed run resumes)
                "neighbors", "neighbors.*-tmp")  # (its staged rebuild and the one it replaces, fileio.staging_dir)
 
 
@@ -262,6 +264,7 @@ def _claim_eval_dir(out: Path, margs, cargs, eargs, overwrite: bool) -> None:
     import shutil
 
     from ..corpus import source_fingerprint
+    from ..evaluate import remove_progress
     from ..fileio import claim_output_dir
 
     from ..fileio import resolve_path
@@ -275,7 +278,10 @@ def _claim_eval_dir(out: Path, margs, cargs, eargs, overwrite: bool) -> None:
         inputs = {"model": model, "corpus": corpus, "source": source_fingerprint(cargs, "validation"),
                   "datastore": eargs.datastore and str(resolve_path(eargs.datastore, "--datastore")),
                   "mlp_memory": eargs.mlp_memory and str(resolve_path(eargs.mlp_memory, "--mlp_memory"))}
-    if claim_output_dir(out, "eval", inputs, overwrite, own_files=_EVAL_FILES) == "replace":
+    state = claim_output_dir(out, "eval", inputs, overwrite, own_files=_EVAL_FILES)
+    if overwrite:  # starts over, even a killed run of the same inputs: its progress record is not resumed
+        remove_progress(out)
+    if state == "replace":
         keep = resolve_path(eargs.from_neighbors, "--from_neighbors") if eargs.from_neighbors else None  # (read)
         for name in _EVAL_FILES:  # the earlier run's files go: none may be mistaken for this run's
             p = out / name
