@@ -15,6 +15,18 @@ WIKITEXT_DIR = REPO.parent / "shared" / "data" / "wikitext-2"
 GPT2_EOS = 50256
 
 
+@pytest.fixture(autouse=True)
+def _forget_claims():
+    """fileio remembers, for the life of a process, the folders a command claimed empty (abandon_fresh_claims empties
+    them when the command fails): in production one command per process; here one test's claims are not the next's."""
+    yield
+    from knnlm import fileio
+
+    fileio.release_output_dirs()
+    fileio._fresh_claims.clear()
+    fileio._made_dirs.clear()
+
+
 def save_tiny(model_cls, config, out_dir: Path, seed: int = 0) -> Path:
     """Saves a seeded random-init ``model_cls(config)`` and the GPT-2 tokenizer into ``out_dir``."""
     from transformers import AutoTokenizer
