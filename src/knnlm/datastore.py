@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .corpus import (CorpusArgs, TokenFile, Window, batch_inputs, count_targets, source_fingerprint,
                      tokenize_to_file, windowing_meta, windows)
 from .corpus import batch_inputs as _batch_inputs  # noqa: F401  (old private name: benchmarks/ --baseline_src runs older sources)
+from .distributed import barrier, start_group
 from .errors import KnnlmError
 from .models import KEY_POINTS  # noqa: F401  (the key points a store can hold; callers import it from here too)
 from .fileio import (atomic_write_json, claim_output_dir, lock_output_dir, package_versions, read_json,
@@ -262,20 +263,6 @@ def verify(directory: str | Path, flag: str = "--datastore", chunk: int = 1 << 1
 
 
 # ---------------------------------------------------------------------------------------------------------------- building
-def _dist() -> tuple[int, int]:
-    """(rank, world size); starts the process group under torchrun / accelerate launch."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return rank, world
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
-
-
 def _build_fingerprint(lm, args: CorpusArgs, which: str, key_point: str, block: int, stride: int, batch_size: int,
                        source: dict) -> dict:
     fp = {"model_name_or_path": lm.name, "weights_hash": lm.weights_hash(), "tokenizer_hash": lm.tokenizer_hash(),
@@ -408,7 +395,7 @@ def build_datastore(lm, corpus: CorpusArgs, out_dir: str | Path, key_point: str 
 
 def _build(lm, corpus: CorpusArgs, out_dir: Path, key_point: str, batch_size: int, overwrite: bool, which: str,
            flush_every: int) -> Datastore:
-    rank, world = _dist()
+    rank, world = start_group()
     block, stride = corpus.resolved_window(lm.max_positions)
     source = source_fingerprint(corpus, which)
     fingerprint = _build_fingerprint(lm, corpus, which, key_point, block, stride, batch_size, source)
@@ -418,15 +405,15 @@ def _build(lm, corpus: CorpusArgs, out_dir: Path, key_point: str, batch_size: in
         if not finished:
             atomic_write_json(out_dir / "build.json", fingerprint)
             tokenize_to_file(lm, corpus, which, out_dir / "tokens.i32", source=source)
-    _barrier(world)
+    barrier(world)
     staged = staging_dir(final)
     out_dir = staged if (staged / "build.json").exists() or (staged / "meta.json").exists() else final  # every rank
     complete = (out_dir / "meta.json").exists()
-    _barrier(world)
+    barrier(world)
     if complete:
         if rank == 0 and out_dir != final:  # a rebuild killed between its last write and the swap
             swap_into_place(out_dir, final)
-        _barrier(world)
+        barrier(world)
         log.info("datastore %s is already complete", final)
         return Datastore.open(final)
 
@@ -438,7 +425,7 @@ def _build(lm, corpus: CorpusArgs, out_dir: Path, key_point: str, batch_size: in
         _preallocate(out_dir / "keys.f16", n * d * 2)
         _preallocate(out_dir / "vals.i32", n * 4)
         _preallocate(out_dir / "done.u8", len(batches))
-    _barrier(world)
+    barrier(world)
 
     done = np.fromfile(out_dir / "done.u8", dtype=np.uint8)
     todo = [(b, batches[b]) for b in range(rank, len(batches), world) if not done[b]]
@@ -462,13 +449,13 @@ def _build(lm, corpus: CorpusArgs, out_dir: Path, key_point: str, batch_size: in
                 _mark_done(kf, vf, df, pending)
         _mark_done(kf, vf, df, pending)
     log.info("rank %d encoded %d batches in %.1fs", rank, len(todo), time.time() - started)
-    _barrier(world)
+    barrier(world)
     if rank == 0:
         _finalise(lm, out_dir, fingerprint, tokens, n, d, len(batches), corpus)
         if out_dir != final:
             swap_into_place(out_dir, final)
             log.info("datastore %s replaced by the rebuilt one", final)
-    _barrier(world)
+    barrier(world)
     return Datastore.open(final)
 
 

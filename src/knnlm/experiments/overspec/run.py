@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from ...distributed import barrier, is_main, rank_and_world
 from ...errors import KnnlmError
 from ...fileio import atomic_write_json, claim_output_dir, read_json, reusable
 from ...models import ModelArgs
@@ -98,10 +98,6 @@ def make_batches(lm, rows: list[dict], batch_size: int):
 
 
 # ----------------------------------------------------------------------------------------------------------- evaluation
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def evaluate_point(lm, args: OverspecArgs, data: Path, point_dir: Path, seed: int, last: bool = True) -> dict:
     """Scores one evaluation point: builds the datastore of the current model over every training token, trains the
     MLP memory on it (with --mlp_memory; with --mlp_at last only when ``last``) and scores the test and control splits
@@ -119,7 +115,7 @@ def evaluate_point(lm, args: OverspecArgs, data: Path, point_dir: Path, seed: in
     ds = build_datastore(lm, corpus, point_dir / "datastore", key_point=args.key_point,
                          batch_size=args.eval_batch_size, overwrite=True)
     t_ds = time.time() - t0
-    if not _is_main():
+    if not is_main():
         return {}
     memory = None
     if args.mlp_memory and (last or args.mlp_at == "every"):
@@ -160,7 +156,7 @@ def _scored_point(lm, model, run_dir: Path, seed: int, step: int, score) -> dict
         log.info("seed %d step %d: reusing %s", seed, step, path)
         return saved
     saved = {**score(point), "step": step, "seed": seed, "weights_hash": weights}
-    if _is_main():
+    if is_main():
         atomic_write_json(path, saved)
     return saved
 
@@ -173,17 +169,18 @@ def make_on_eval(lm, args: OverspecArgs, data: Path, seed_dir: Path, seed: int, 
 
         def score(point) -> dict:
             result = evaluate_point(point, args, data, point_dir, seed, last=step >= last_step)
-            if _is_main() and args.save_models:
+            if is_main() and args.save_models:
                 model.save_pretrained(point_dir / "model")
                 lm.tokenizer.save_pretrained(point_dir / "model")
             return result
 
         result = _scored_point(lm, model, seed_dir, seed, step, score)
-        if not args.keep_datastores and _is_main():
+        if not args.keep_datastores and is_main():
             shutil.rmtree(point_dir / "datastore", ignore_errors=True)
             shutil.rmtree(point_dir / "memory", ignore_errors=True)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            torch.distributed.barrier()
+        world = rank_and_world()[1]
+        if world > 1:  # every process returns the record the main one wrote
+            barrier(world)
             result = read_json(point_dir.with_suffix(".json"))
         return _compact(result)
 
@@ -247,7 +244,7 @@ def _train_run(lm, rows: list[dict], args: OverspecArgs, seed: int, run_dir: Pat
     history[-1].update({k: saved[k] for k in last_point if k in saved})
     record = {"seed": seed, "n_train": len(rows), "steps": history[-1]["step"], "history": history,
               "wall_s": round(time.time() - started, 3)}
-    return finish_run(run_dir / "history.json", record, run_dir / "ckpt", write=_is_main())
+    return finish_run(run_dir / "history.json", record, run_dir / "ckpt", write=is_main())
 
 
 def run_bare_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
@@ -302,7 +299,7 @@ def run_study(args: OverspecArgs) -> dict:
             log.info("seed %d: the bare-trained reference", seed)
             bare.append(run_bare_seed(args, seed, out))
     metrics = aggregate(records, args, bare or None)
-    if not _is_main():
+    if not is_main():
         return {"metrics": metrics}
     paths = write_outputs(out, args, metrics, started)
     return {**paths, "metrics": metrics}
