@@ -78,11 +78,12 @@ def test_rows_equal_knnlm_eval_and_rerun_reuses(tiny_gpt2_dir, files, tmp_path, 
     assert 0 < runs[("RetoMaton", "min_knns 1")]["foss"] < 1  # the tiny store does save searches
     # the per-token log-probabilities (text order) give each row's perplexity; the claim's interval is of their ratio
     # and the search flags each row's fraction of saved searches (the automaton's own count)
-    for i, r in enumerate(m["runs"]):
-        logp = np.load(out / "settings" / f"{i:02d}.npy")
+    for r in m["runs"]:
+        stem = study_run.setting_stem(r["overrides"])
+        logp = np.load(out / "settings" / f"{stem}.npy")
         assert len(logp) == knn["n_tokens"] and math.exp(-logp.mean()) == pytest.approx(r["metrics"]["ppl_knnlm"],
                                                                                          rel=1e-9)
-        searched = np.load(out / "settings" / f"{i:02d}-searched.npy")
+        searched = np.load(out / "settings" / f"{stem}-searched.npy")
         assert searched.dtype == bool and 1 - searched.mean() == pytest.approx(r["metrics"]["foss"], abs=1e-12)
     c = m["claim"]
     rt = runs[("RetoMaton", "min_knns 1")]
@@ -106,7 +107,7 @@ def test_rows_equal_knnlm_eval_and_rerun_reuses(tiny_gpt2_dir, files, tmp_path, 
     assert (out / "retomaton.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob("eval-*"))  # evaluate's scratch folders are removed
     # a rerun after a kill (the last setting's record gone) evaluates only that setting
-    (out / "settings" / "05.json").unlink()
+    (out / "settings" / "skip_search_prob=0.5.json").unlink()
     (out / "eval-killed").mkdir()  # the killed setting's scratch folder
     calls = []
     real = study_run.evaluate
@@ -115,10 +116,19 @@ def test_rows_equal_knnlm_eval_and_rerun_reuses(tiny_gpt2_dir, files, tmp_path, 
     assert [k.skip_search_prob for k in calls] == [0.5]
     assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in m["runs"]]
     assert not (out / "eval-killed").exists()
-    # another --k changes every setting's key: all evaluated again
+    # another --min_knns adds settings (the ones already evaluated are reused); another --k would change every
+    # setting's numbers, so it is refused before any work and the results stay as they were
     calls.clear()
-    _study(tiny_gpt2_dir, files, out, "--k", "8")
-    assert len(calls) == 6
+    grown = _study(tiny_gpt2_dir, files, out, "--min_knns", "1,2,4")
+    assert [(k.min_knns, k.no_clusters) for k in calls] == [(2, True), (2, False)]
+    assert [r["setting"] for r in grown["runs"]].count("min_knns 2") == 2
+    results = (out / "results.json").read_bytes()
+    calls.clear()
+    argv = ["analyze", "retomaton", *_common(tiny_gpt2_dir, files), "--min_knns", "1,2,4", "--skip_probs", "0.5",
+            "--clusters", "true", "--k", "8", "--output_dir", str(out)]
+    assert main(argv) == 2 and not calls
+    assert f"holds a run with other settings (k: {K} -> 8)" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == results
 
 
 def test_figure_series(tiny_gpt2_dir, files, tmp_path, monkeypatch):

@@ -68,7 +68,8 @@ def cmd_retomaton(args) -> int:
     from ..errors import KnnlmError
     from ..experiments.retomaton.report import FIGURE, claim, figure, results_table
     from ..experiments.retomaton.run import run_retomaton
-    from ..experiments.retomaton.settings import RetomatonArgs
+    from ..experiments.retomaton.settings import _FREE_KEYS, RetomatonArgs
+    from ..experiments.study import check_resumable
     from ..fileio import claim_output_dir
     from ..models import ModelArgs, load_model
     from ..report import write_markdown, write_results
@@ -78,13 +79,14 @@ def cmd_retomaton(args) -> int:
         raise KnnlmError("--validation_file: required (or --dataset_name): the corpus every setting scores")
     own = ("config.json", "results.json", "results.md", FIGURE, "settings", "eval-*")
     claim_output_dir(rargs.output_dir, "analyze retomaton", None, own_files=own)  # a model, a datastore: refused
+    out = Path(rargs.output_dir)
+    check_resumable(out, (margs, cargs, rargs), _FREE_KEYS)  # other k, λ, corpus, model: refused, not replaced
     started = time.time()
     datastore = Datastore.open(rargs.datastore)
     lm = load_model(margs)
     claim_output_dir(rargs.output_dir, "analyze retomaton", {}, own_files=own)  # (made only now)
+    save_config(out, margs, cargs, rargs)  # first: what a rerun must match (check_resumable)
     metrics = run_retomaton(lm, cargs, rargs, datastore)
-    out = Path(rargs.output_dir)
-    save_config(out, margs, cargs, rargs)
     found = claim(metrics, "this run")
     write_results(out, to_dict(margs, cargs, rargs), metrics, started, claims=[c.record() for c in found])
     table = results_table(metrics, found)

@@ -31,6 +31,13 @@ def _key(lm, corpus: CorpusArgs, args: RetomatonArgs, datastore, knn) -> dict:
             "knn": dataclasses.asdict(knn), "batch_size": args.batch_size}
 
 
+def setting_stem(overrides: dict) -> str:
+    """A setting's file name in OUT/settings, from what it sets (``knn`` for the kNN-LM, e.g.
+    ``min_knns=4,no_clusters=False,retomaton=True``): a rerun with more values in a list finds every setting it has
+    already evaluated, wherever the setting now stands in the list."""
+    return ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) or "knn"
+
+
 def run_retomaton(lm, corpus: CorpusArgs, args: RetomatonArgs, datastore) -> dict:
     """Evaluates every setting of ``args.settings()``; returns ``{"runs": [{series, setting, knn, metrics...}]}``."""
     datastore.check_compatible(lm)
@@ -46,8 +53,8 @@ def run_retomaton(lm, corpus: CorpusArgs, args: RetomatonArgs, datastore) -> dic
     for i, (series, label, overrides) in enumerate(todo):
         knn = args.knn_args(**overrides)
         key = _key(lm, corpus, args, datastore, knn)
-        path = saved / f"{i:02d}.json"
-        arrays = {"log_prob": path.with_suffix(".npy"), "searched": saved / f"{i:02d}-searched.npy"}
+        path = saved / f"{setting_stem(overrides)}.json"
+        arrays = {"log_prob": path.with_suffix(".npy"), "searched": saved / f"{path.stem}-searched.npy"}
         record = reusable(path, key) if all(a.is_file() for a in arrays.values()) else None
         if record is not None:
             log.info("setting %d/%d (%s, %s): reused %s", i + 1, len(todo), series, label, path)

@@ -18,6 +18,11 @@ KNN, RETOMATON, CLUSTERS, RANDOM = "kNN-LM (a search per token)", "RetoMaton", "
 # KNNArgs fields the study sets per setting: a value given for them would be silently overridden
 _SWEPT = ("retomaton", "no_clusters", "skip_search_prob", "no_pointer")
 _DEFAULTS = KNNArgs()
+# config.json fields a rerun into the same folder may change: the swept settings (a setting already evaluated is
+# reused, a new one evaluated: the study grows), the bootstrap of the claim's interval (recomputed from the saved
+# per-token arrays), where the run goes and runs, and the training file it does not read. Any other change (k, λ, the
+# corpus, the model) would replace every result, so it is refused.
+_FREE_KEYS = ("min_knns", "skip_probs", "clusters", "n_boot", "seed", "output_dir", "device", "train_file")
 
 
 @dataclass
