@@ -314,7 +314,7 @@ def test_evaluate_lambda0_is_the_lm_and_mixture_matches_by_hand(tiny_lm, gpt2_st
     assert metrics["storage"]["mlp_memory_bytes"] == mem.nbytes()
 
 
-def test_cli_train_then_eval_reports_mlplm_and_storage(tiny_gpt2_dir, gpt2_store, tmp_path, capsys):
+def test_cli_train_then_eval_reports_mlplm_and_storage(tiny_gpt2_dir, tiny_lm, gpt2_store, tmp_path, capsys):
     mem_dir = tmp_path / "mem"
     rc = main(["mlp", "train", "--datastore", str(gpt2_store / "ds"), "--model_name_or_path", str(tiny_gpt2_dir),
                "--device", "cpu", "--output_dir", str(mem_dir), "--hidden_size", "16", "--batch_tokens", "64",
@@ -337,7 +337,35 @@ def test_cli_train_then_eval_reports_mlplm_and_storage(tiny_gpt2_dir, gpt2_store
     assert rc == 0
     metrics = json.loads((ev / "results.json").read_text())["metrics"]
     assert metrics["sweep_mlp"]["0.0"] == metrics["ppl_lm"] and metrics["ppl_mlplm"] == metrics["sweep_mlp"]["0.0"]
-    assert "ppl_knnlm" in metrics and "MLP-LM" in capsys.readouterr().out
+    assert metrics["sweep_knn"]["0.0"] == metrics["ppl_lm"] and metrics["ppl_knnlm"] == metrics["sweep_knn"]["0.0"]
+    assert "MLP-LM" in capsys.readouterr().out
+    # λ = 0.25 by hand, from the memory on disk and a brute-force search of the store's keys: the text is one window
+    ids = np.asarray(TokenFile(ev / "tokens.i32", ev / "tokens.i32.docs").tokens)
+    assert metrics["n_tokens"] == len(ids) - 1
+    mem = MLPMemory.load(mem_dir, tiny_lm)
+    x = torch.tensor(ids[None], dtype=torch.long)
+    with torch.no_grad():
+        logits, caught = tiny_lm.forward(x, torch.ones_like(x), key_points=("ffn_input",))
+        q = caught["ffn_input"][0, :-1]
+        p_lm = torch.softmax(logits[0, :-1].double(), -1)
+        p_mem = mem.log_probs(q).double().exp()
+    gold = ids[1:].astype(np.int64)
+    at_gold = np.arange(len(gold)), gold
+    keys = np.asarray(ds.keys, dtype=np.float64)  # [N, d] as stored (float16)
+    vals = np.asarray(ds.vals, dtype=np.int64)
+    d = ((q.double().numpy()[:, None, :] - keys[None]) ** 2).sum(-1)  # [n, N]
+    nn = np.argsort(d, axis=1, kind="stable")[:, :8]
+    nd = np.take_along_axis(d, nn, 1)
+    w = np.exp(-(nd - nd.min(1, keepdims=True)))  # --knn_temp 1
+    p_knn = (w * (vals[nn] == gold[:, None])).sum(1) / w.sum(1)
+    lm_gold, mem_gold = p_lm.numpy()[at_gold], p_mem.numpy()[at_gold]
+    mlp_ref = math.exp(-np.log(0.75 * lm_gold + 0.25 * mem_gold).mean())
+    knn_ref = math.exp(-np.log(0.75 * lm_gold + 0.25 * p_knn).mean())
+    assert metrics["ppl_lm"] == pytest.approx(math.exp(-np.log(lm_gold).mean()), rel=1e-5)
+    assert metrics["sweep_mlp"]["0.25"] == pytest.approx(mlp_ref, rel=1e-4)
+    assert metrics["sweep_knn"]["0.25"] == pytest.approx(knn_ref, rel=1e-4)
+    assert metrics["sweep_mlp"]["0.25"] != pytest.approx(metrics["ppl_lm"], rel=1e-3)
+    assert metrics["sweep_knn"]["0.25"] != pytest.approx(metrics["ppl_lm"], rel=1e-3)
     assert metrics["storage"]["mlp_memory_bytes"] == storage["mlp_memory_bytes"]
 
     # the same memory with another model (same size, other seed) is refused with one line
