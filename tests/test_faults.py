@@ -607,7 +607,7 @@ def test_non_finite_keys_from_the_model_stop_the_build(tiny_gpt2_dir, files, tmp
     assert not (tmp_path / "ds" / "meta.json").exists()
 
 
-def test_datastore_verify_intact_padded_and_bit_flipped(tiny_gpt2_dir, files, tmp_path, capsys):
+def test_datastore_verify_intact_padded_and_bit_flipped(tiny_gpt2_dir, files, tmp_path, capsys, monkeypatch):
     ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
     assert set(ds.meta["sha256"]) == {"keys.f16", "vals.i32", "tokens.i32", "tokens.i32.docs"}
     assert cli(["index", "build", ds.dir, "--factory", "Flat"], capsys)[0] == 0
@@ -643,7 +643,20 @@ def test_datastore_verify_intact_padded_and_bit_flipped(tiny_gpt2_dir, files, tm
     keys.write_bytes(bytes(flipped))  # a bit flip is found by --overwrite's check too
     build_ds(tiny_gpt2_dir, files / "a.txt", ds.dir, capsys, "--overwrite")
     assert keys.read_bytes() == good
-    build_ds(tiny_gpt2_dir, files / "a.txt", ds.dir, capsys, "--overwrite")  # an intact one is kept as it is
+    # an intact one is kept as it is: nothing encoded, none of the store's files rewritten or replaced (config.json,
+    # the command's record of its arguments, is written anew by every command)
+    def stamps():
+        return {str(p.relative_to(ds.dir)): (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes())
+                for p in sorted(ds.dir.rglob("*")) if p.is_file() and p.name not in (".knnlm.lock", "config.json")}
+
+    import knnlm.datastore as datastore_module
+
+    before = stamps()
+    assert "keys.f16" in before and "meta.json" in before
+    monkeypatch.setattr(datastore_module, "encode_batches",
+                        lambda *a, **k: pytest.fail("--overwrite re-encoded an intact store of the same inputs"))
+    build_ds(tiny_gpt2_dir, files / "a.txt", ds.dir, capsys, "--overwrite")
+    assert stamps() == before
 
 
 _HOLDER = """
