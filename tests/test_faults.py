@@ -854,14 +854,17 @@ def test_backward_through_an_augmented_model_is_a_clear_error(tiny_lm, files, tm
 
     ds = build_ds(Path(tiny_lm.name), files / "a.txt", tmp_path / "ds", capsys)
     model = knnlm.augment(tiny_lm, datastore=ds.dir, k=4)
-    ids = torch.tensor([tiny_lm.encode("The river of Macondo was seen")])
-    out = model(input_ids=ids, labels=ids)
-    with pytest.raises(KnnlmError, match="inference-only.*detach"):
-        out.loss.backward()
-    with torch.no_grad():  # inference is unchanged: no wrapper, same numbers
-        again = model(input_ids=ids, labels=ids)
-    assert torch.equal(again.logits, out.logits.detach()) and not again.logits.requires_grad
-    knnlm.detach(model)
+    try:  # tiny_lm is the session's: no hook may outlive this test, even a failed one
+        ids = torch.tensor([tiny_lm.encode("The river of Macondo was seen")])
+        out = model(input_ids=ids, labels=ids)
+        with pytest.raises(KnnlmError, match="inference-only.*detach"):
+            out.loss.backward()
+        with torch.no_grad():  # inference is unchanged: no wrapper, same numbers
+            again = model(input_ids=ids, labels=ids)
+        assert torch.equal(again.logits, out.logits.detach()) and not again.logits.requires_grad
+    finally:
+        knnlm.detach(model)
+    assert not hasattr(model, "knnlm")
 
 
 def test_a_swap_killed_between_its_renames_restores_the_old_store(tiny_gpt2_dir, files, tmp_path, capsys):

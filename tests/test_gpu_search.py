@@ -206,10 +206,12 @@ def test_augmented_model_distribution_equals_faiss(tiny_lm, real_store):
     out = {}
     for backend in ("torch", "faiss"):
         model = augment(tiny_lm, datastore=real_store, k=128, lmbda=0.3, search_backend=backend)
-        with torch.no_grad():
-            out[backend] = model(ids).logits  # [1, T, V] log p_knnlm
-        assert model.knnlm.retriever.backend.name == backend
-        detach(model)
+        try:  # tiny_lm is the session's: no hook may outlive this test, even a failed one
+            with torch.no_grad():
+                out[backend] = model(ids).logits  # [1, T, V] log p_knnlm
+            assert model.knnlm.retriever.backend.name == backend
+        finally:
+            detach(model)
     torch.testing.assert_close(out["torch"], out["faiss"], rtol=1e-5, atol=1e-5)
 
 
