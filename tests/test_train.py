@@ -164,6 +164,7 @@ def test_peft_checkpoint_holds_only_the_adapter_and_resumes(tmp_path):
     args = TrainArgs(learning_rate=1e-2, max_steps=6, seed=0, checkpoint_every=2)
 
     def run(name, kill_after=None):
+        """-> (model, history or None when killed, micro-batches read)."""
         n = [0]
 
         def on_yield():
@@ -173,16 +174,25 @@ def test_peft_checkpoint_holds_only_the_adapter_and_resumes(tmp_path):
         torch.manual_seed(5)
         model = get_peft_model(tiny_model(seed=2), lora)
         try:
-            train(model, sentence_batches(seqs, 2, on_yield), args, tmp_path / name)
+            hist = train(model, sentence_batches(seqs, 2, on_yield), args, tmp_path / name)
         except Killed:
-            pass
-        return model
+            hist = None
+        return model, hist, n[0]
 
-    ref = run("ref")
-    run("run", kill_after=3)
-    state = torch.load(next((tmp_path / "run").glob("step-*/state.pt")), weights_only=False)
+    # 6 sentences, batches of 2 -> 3 micro-batches (= steps) per epoch; 6 steps: 2 epochs
+    ref, ref_hist, ref_read = run("ref")
+    assert ref_hist is not None and ref_read == 6
+    # killed while reading micro-batch 6 (epoch 1, step 6): the last checkpoint is step 4 (epoch 1, 1 of 3 read)
+    _, hist, read = run("run", kill_after=5)
+    assert hist is None and read == 6
+    assert json.loads((tmp_path / "run" / "latest.json").read_text())["step"] == 4
+    (ckpt,) = (tmp_path / "run").glob("step-*/state.pt")  # older checkpoints dropped
+    assert ckpt.parent.name == "step-4"
+    state = torch.load(ckpt, weights_only=False)
     assert state["model"] and all("lora_" in k for k in state["model"])
-    got = run("run")
+    got, hist, read = run("run")  # a fresh model, as after a restart
+    assert read == 3  # epoch 1 only (a restart reads 6): its consumed micro-batch passed over, the 2 left trained on
+    assert strip_time(hist) == strip_time(ref_hist)
     ref_sd, got_sd = ref.state_dict(), got.state_dict()
     assert all(torch.equal(ref_sd[k], got_sd[k]) for k in ref_sd)
     lora_b = next(k for k in ref_sd if "lora_B" in k)
