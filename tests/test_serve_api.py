@@ -271,6 +271,7 @@ def test_beyond_capacity_gets_503_with_retry_after(tiny_lm):
                 if srv._slots._value == 0:
                     break
                 threading.Event().wait(0.01)
+            assert srv._slots._value == 0, "the two requests did not take both slots within 2 s"
             got, body, headers = _raw(srv.url, _request(b'{"prompt": "a", "max_tokens": 1}'))
             assert got == 503 and headers["retry-after"] == "1" and "at capacity" in body["error"]["message"]
         for t in first:
@@ -604,6 +605,7 @@ def test_graceful_stop_answers_in_flight_and_closes_idle_connections(tiny_lm):
         if srv._active:
             break
         time.sleep(0.01)
+    assert srv._active, "the partial request was not handed to a worker within 2 s"
     result = []
     stopper = threading.Thread(target=lambda: result.append(srv.stop()))
     stopper.start()
@@ -641,6 +643,7 @@ def test_graceful_stop_cuts_what_outlives_the_grace_period(tiny_lm):
         if srv._active:
             break
         time.sleep(0.01)
+    assert srv._active, "the partial request was not handed to a worker within 2 s"
     assert srv.stop() == 1
     assert stalled.recv(1) == b""
     srv.server_close()
