@@ -47,9 +47,20 @@ def test_errors(tmp_path):
 
 
 def test_presets_resolve_by_name():
+    from pathlib import Path
+
+    import yaml
+
+    import knnlm
+
+    folder = Path(knnlm.__file__).resolve().parent / "configs"
     names = presets()
     assert names, "knnlm ships its presets inside the package"
-    assert isinstance(load_config_file(names[0]), dict)
+    assert names == sorted(p.stem for p in folder.glob("*.yaml"))
+    for name in names:  # each name is its own file, read as YAML
+        want = yaml.safe_load((folder / f"{name}.yaml").read_text(encoding="utf-8"))
+        assert isinstance(want, dict) and want, name
+        assert load_config_file(name) == want, name
 
 
 def test_help_with_a_percent_sign_prints():
