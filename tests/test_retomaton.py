@@ -17,7 +17,7 @@ from knnlm.errors import KnnlmError
 from knnlm.evaluate import EvalArgs, evaluate
 from knnlm.knn import KNNArgs, Retriever, interpolate, knn_gold_log_prob
 from knnlm.models import ModelArgs, load_model
-from knnlm.retomaton import successors
+from knnlm.retomaton import skip_draws, successors
 from knnlm.scoring import encode_windows, gold_log_probs
 
 SENTENCES = ["the cat sat on the mat.", "the dog sat on the log.", "a cat and a dog sat together on a mat.",
@@ -58,11 +58,11 @@ def _corpus(files):
     return CorpusArgs(validation_file=str(files / "valid.jsonl"), concat_documents=False, block_size=16, stride=8)
 
 
-def _eval(lm, files, store, out, batch_size=3, **knn):
+def _eval(lm, files, store, out, batch_size=3, token_log_probs=None, **knn):
     args = KNNArgs(k=K, knn_temp=TEMP, lmbda=LMBDAS, **knn)
     args.validate()
     return evaluate(lm, _corpus(files), out, EvalArgs(output_dir=str(out), batch_size=batch_size), datastore=store,
-                    knn=args)
+                    knn=args, token_log_probs=token_log_probs)
 
 
 # ------------------------------------------------------------------------------------------------- the reference
@@ -208,6 +208,27 @@ def test_random_skip_knnlm(lm, files, store, tmp_path):
     assert 0.3 < one["foss"] < 0.7
     lm_ppl, knn_ppl, skip_ppl = knn["ppl_lm"], knn["sweep_knn"]["0.25"], one["sweep_knn"]["0.25"]
     assert min(lm_ppl, knn_ppl) < skip_ppl < max(lm_ppl, knn_ppl)  # between the LM and the kNN-LM
+    # per token: a searched position scores as the plain kNN-LM (exact distances both), a skipped one as the LM alone;
+    # which positions search is the seeded draw of the position's row
+    per = {name: {} for name in ("skip", "knn", "lm")}
+    _eval(lm, files, store, tmp_path / "p-skip", batch_size=3, skip_search_prob=0.5, token_log_probs=per["skip"])
+    _eval(lm, files, store, tmp_path / "p-knn", batch_size=2, recompute_dists=True, token_log_probs=per["knn"])
+    evaluate(lm, _corpus(files), tmp_path / "p-lm", EvalArgs(output_dir=str(tmp_path / "p-lm"), batch_size=2),
+             token_log_probs=per["lm"])
+    by_row = {}
+    for name, got in per.items():
+        order = np.argsort(got["row"])
+        assert got["row"][order].tolist() == list(range(one["n_tokens"]))  # every target once
+        by_row[name] = got["log_prob"][order]
+        by_row[name + "_searched"] = got["searched"][order]
+    searched = by_row["skip_searched"]
+    assert searched.tolist() == (skip_draws(np.arange(one["n_tokens"])) >= 0.5).tolist()
+    assert searched.sum() == one["searches"] and 0 < searched.sum() < len(searched)  # both cases occur
+    assert by_row["knn_searched"].all() and not by_row["lm_searched"].any()
+    skip, knn_lp, lm_lp = by_row["skip"], by_row["knn"], by_row["lm"]
+    assert np.abs(knn_lp - lm_lp)[searched].min() > 1e-4  # the two references differ where it matters
+    np.testing.assert_allclose(skip[searched], knn_lp[searched], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(skip[~searched], lm_lp[~searched])
 
 
 def test_clusters_seeded_bytes_resume_and_refusals(lm, files, store, tmp_path, monkeypatch):
