@@ -130,13 +130,15 @@ def test_generate_with_kv_cache_equals_recomputation(lm, store):
     assert plain_seq != seq
 
 
-def test_beam_search_sampling_and_pipeline(lm, knn_model):
+def test_beam_search_sampling_and_pipeline(lm, store, knn_model):
     from transformers import pipeline
 
     prompt = torch.tensor([lm.encode("a dog")])
     knn_model.knnlm.n_queries = 0
-    beams = knn_model.generate(prompt, max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=lm.eos_token_id,
-                               early_stopping=False, length_penalty=0.0)
+    out = knn_model.generate(prompt, max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=lm.eos_token_id,
+                             early_stopping=False, length_penalty=0.0, output_scores=True,
+                             return_dict_in_generate=True)
+    beams = out.sequences
     assert knn_model.knnlm.n_queries == 4 * 3  # beams x new positions
     greedy = knn_model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=lm.eos_token_id)
     assert beams.shape == greedy.shape == (1, prompt.shape[1] + 4)
@@ -150,6 +152,39 @@ def test_beam_search_sampling_and_pipeline(lm, knn_model):
     pipe = pipeline("text-generation", model=knn_model, tokenizer=lm.tokenizer)
     text = pipe("a dog", max_new_tokens=4, do_sample=False)[0]["generated_text"]
     assert text == lm.tokenizer.decode(greedy[0])
+    # sampling (no top-k / top-p cut) draws from softmax(log p_knnlm / T): the same seed replayed by hand with
+    # torch.multinomial over the recomputed kNN-LM gives the same tokens (and over the plain LM other ones)
+    torch.manual_seed(5)
+    sampled = knn_model.generate(prompt, max_new_tokens=5, do_sample=True, top_k=0, top_p=1.0, temperature=0.8,
+                                 pad_token_id=lm.eos_token_id)[0].tolist()
+    detach(knn_model)  # the references are computed without the hooks
+    retriever = Retriever(store, KNNArgs(k=K, knn_temp=TEMP))
+
+    @torch.no_grad()
+    def knn_logp(ids):
+        return _augmented_logp(lm, retriever, ids)  # [V]
+
+    @torch.no_grad()
+    def plain_logp(ids):
+        return torch.log_softmax(lm.forward(torch.tensor([ids]))[0][0, -1], dim=-1)  # [V]
+
+    def replay(logp_of, seed):
+        torch.manual_seed(seed)
+        seq = prompt[0].tolist()
+        for _ in range(5):
+            probs = torch.softmax(logp_of(seq) / 0.8, dim=-1)
+            seq.append(int(torch.multinomial(probs[None], num_samples=1)[0, 0]))
+        return seq
+
+    assert sampled == replay(knn_logp, 5)
+    assert sampled != replay(plain_logp, 5)
+    # beam search ranks by the sum of log p_knnlm (length_penalty 0: no length normalisation)
+    seq = beams[0].tolist()
+    n0 = prompt.shape[1]
+    knn_sum = sum(float(knn_logp(seq[:i])[seq[i]]) for i in range(n0, len(seq)))
+    lm_sum = sum(float(plain_logp(seq[:i])[seq[i]]) for i in range(n0, len(seq)))
+    assert float(out.sequences_scores[0]) == pytest.approx(knn_sum, abs=1e-4)
+    assert abs(knn_sum - lm_sum) > 1e-2
 
 
 def test_padding_is_not_queried_and_rows_match(lm, knn_model):
