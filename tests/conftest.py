@@ -27,6 +27,25 @@ def _forget_claims():
     fileio._made_dirs.clear()
 
 
+def window_gold_log_probs(model, tokens, block: int, stride: int):
+    """The reference for `knnlm eval`: each of its windows over ``tokens`` (a ``corpus.TokenFile``) one forward of the
+    HF ``model``, float64 log-softmax; -> (gold [n] int64, log p(gold) [n] float64 tensors), targets in text order."""
+    import numpy as np
+
+    from knnlm.corpus import windows
+
+    arr = np.asarray(tokens.tokens, dtype=np.int64)
+    golds, logps = [], []
+    for w in windows(tokens.doc_starts, block, stride):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.from_numpy(arr[w.start: w.end])[None]).logits[0].double(),
+                                     dim=-1)  # [T, V]
+        gold = torch.from_numpy(arr[w.first_target: w.end])
+        golds.append(gold)
+        logps.append(logp[torch.arange(w.first_target - 1 - w.start, w.end - 1 - w.start), gold])
+    return torch.cat(golds), torch.cat(logps)
+
+
 def save_tiny(model_cls, config, out_dir: Path, seed: int = 0) -> Path:
     """Saves a seeded random-init ``model_cls(config)`` and the GPT-2 tokenizer into ``out_dir``."""
     from transformers import AutoTokenizer

@@ -258,17 +258,12 @@ def test_datastore_and_eval_through_the_real_loaders(tmp_path, wikitext_dir):
     # a random model is near-uniform over 50257 tokens; the store (1 run of 2000 chars) must change the perplexity
     assert 2e4 < m["ppl_lm"] < 2e5 and m["ppl_knnlm"] != m["ppl_lm"] and m["n_tokens"] > 200
     # ppl_lm is the saved model's own perplexity, recomputed through plain transformers over the eval's windows
-    from knnlm.corpus import TokenFile, windows
+    from conftest import window_gold_log_probs
+    from knnlm.corpus import TokenFile
 
     hf = tf.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokens = TokenFile(tmp_path / "out" / "tokens.i32", tmp_path / "out" / "tokens.i32.docs")
-    arr = np.asarray(tokens.tokens, dtype=np.int64)
-    nll, n = 0.0, 0
-    for w in windows(tokens.doc_starts, 64, 32):
-        with torch.no_grad():
-            logp = torch.log_softmax(hf(input_ids=torch.from_numpy(arr[w.start: w.end])[None]).logits[0].double(), -1)
-        gold = torch.from_numpy(arr[w.first_target: w.end])
-        nll -= float(logp[torch.arange(w.first_target - 1 - w.start, w.end - 1 - w.start), gold].sum())
-        n += len(gold)
-    assert n == m["n_tokens"] and m["ppl_lm"] == pytest.approx(np.exp(nll / n), rel=1e-5)
+    gold, logp = window_gold_log_probs(hf, tokens, 64, 32)
+    n = len(gold)
+    assert n == m["n_tokens"] and m["ppl_lm"] == pytest.approx(np.exp(-float(logp.sum()) / n), rel=1e-5)
     assert m["sweep_knn"]["0.0"] == m["ppl_lm"] and m["sweep_knn"]["0.25"] == m["ppl_knnlm"]  # λ 0: the LM exactly

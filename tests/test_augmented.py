@@ -3,10 +3,10 @@ a no-cache recomputation with one retrieval per new position, pipeline, beam sea
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
+from conftest import window_gold_log_probs
 from knnlm.augmented import augment, detach
 from knnlm.cli import main
 from knnlm.corpus import CorpusArgs, TokenFile, windows
@@ -50,17 +50,8 @@ def knn_model(lm, store):
 
 def _ppl_through_model(model, tokens: TokenFile, block: int, stride: int) -> tuple[float, int]:
     """Perplexity over the windows of `knnlm eval`, each window one forward of ``model`` (logits = log-probs)."""
-    arr = np.asarray(tokens.tokens, dtype=np.int64)
-    nll, n = 0.0, 0
-    for w in windows(tokens.doc_starts, block, stride):
-        ids = torch.from_numpy(arr[w.start: w.end])[None]  # [1, T]
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)  # [T, V]
-        pos = torch.arange(w.first_target - 1 - w.start, w.end - 1 - w.start)
-        gold = torch.from_numpy(arr[w.first_target: w.end])
-        nll -= float(logp[pos, gold].sum())
-        n += len(gold)
-    return math.exp(nll / n), n
+    gold, logp = window_gold_log_probs(model, tokens, block, stride)
+    return math.exp(-float(logp.sum()) / len(gold)), len(gold)
 
 
 def test_perplexity_equals_knnlm_eval(lm, store, files, tiny_gpt2_dir, tmp_path):

@@ -173,25 +173,17 @@ def test_lm_only_eval_saves_per_token_log_probs(tiny_gpt2_dir, tmp_path, capsys)
     assert sorted(p.name for p in (out / "neighbors").iterdir()) == ["gold.i32", "k.txt", "lm_gold.f32"]
     # per token: gold.i32 holds the scored targets of the eval's windows in text order, and lm_gold.f32 their
     # log-probabilities under the model, recomputed through plain transformers from out/tokens.i32
-    import torch
     from transformers import AutoModelForCausalLM
 
-    from knnlm.corpus import TokenFile, windows
+    from conftest import window_gold_log_probs
+    from knnlm.corpus import TokenFile
 
     tokens = TokenFile(out / "tokens.i32", out / "tokens.i32.docs")
-    arr = np.asarray(tokens.tokens, dtype=np.int64)
     hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
-    want_gold, want_lp = [], []
-    for w in windows(tokens.doc_starts, metrics["block_size"], metrics["stride"]):
-        with torch.no_grad():
-            logp = torch.log_softmax(hf(input_ids=torch.from_numpy(arr[w.start: w.end])[None]).logits[0].double(), -1)
-        gold = arr[w.first_target: w.end]
-        want_gold.append(gold)
-        want_lp.append(logp[torch.arange(w.first_target - 1 - w.start, w.end - 1 - w.start), torch.from_numpy(gold)])
-    want_gold = np.concatenate(want_gold)
+    want_gold, want_lp = window_gold_log_probs(hf, tokens, metrics["block_size"], metrics["stride"])
     assert len(want_gold) == metrics["n_tokens"] > 50
     assert np.fromfile(out / "neighbors" / "gold.i32", np.int32).tolist() == want_gold.tolist()
-    np.testing.assert_allclose(lm, torch.cat(want_lp).numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(lm, want_lp.numpy(), rtol=0, atol=1e-5)
     capsys.readouterr()
     assert main(["eval", "--from_neighbors", str(out / "neighbors"), "--output_dir", str(tmp_path / "sweep")]) == 2
     assert "is the cache of an eval without --datastore" in capsys.readouterr().err
