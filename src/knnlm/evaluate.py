@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -27,6 +26,7 @@ from .datastore import KEY_POINTS
 from .errors import KnnlmError
 from .fileio import atomic_write_json, read_json, resolve_path, reusable
 from .knn import KNNArgs, Retriever, interpolate, knn_gold_log_prob
+from .models import tensors_hash
 from .scoring import key_points, score_windows
 
 log = logging.getLogger(__name__)
@@ -207,15 +207,6 @@ def _recorded(batches, seen: "collections.deque"):
         yield batch
 
 
-def _weights_sha(module: torch.nn.Module) -> str:
-    """sha256 (16 hex) of a module's state: every tensor's name, dtype, shape and bytes, names sorted."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()[:16]
-
-
 def _folder(path, flag: str) -> Optional[str]:
     return None if path is None else str(resolve_path(path, flag))
 
@@ -239,7 +230,7 @@ def _progress_key(lm, tokens: TokenFile, block: int, stride: int, args: EvalArgs
         key["datastore"] = {"dir": _folder(ds.dir, "--datastore"), "N": ds.N, "meta": ds.meta, "k": retriever.k,
                             "index": read_json(index) if index.is_file() else None}
     if memory is not None:
-        key["memory"] = {"dir": _folder(memory.dir, "--mlp_memory"), "weights": _weights_sha(memory)}
+        key["memory"] = {"dir": _folder(memory.dir, "--mlp_memory"), "weights": tensors_hash(memory.state_dict().items())}
     if retriever is not None or memory is not None:
         key["knn"] = {k: v for k, v in dataclasses.asdict(knn).items() if k not in _WHERE_SEARCHED}
     return json.loads(json.dumps(key, default=str))  # as read back from the record

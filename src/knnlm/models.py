@@ -142,6 +142,15 @@ def _hash_hex(h) -> str:
     return h.hexdigest()[:16]
 
 
+def tensors_hash(named) -> str:
+    """sha256 (16 hex) of ``(name, tensor)`` pairs: every name, dtype, shape and bytes, names sorted."""
+    h = hashlib.sha256()
+    for n, t in sorted(named, key=lambda kv: kv[0]):
+        h.update(f"{n}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
+    return _hash_hex(h)
+
+
 class LM:
     """A causal LM with its tokenizer: key capture, the last layers as functions (f, g) and content hashes.
 
@@ -266,11 +275,7 @@ class LM:
         params = sorted(self.model.named_parameters(), key=lambda kv: kv[0])
         key = tuple((n, p.data_ptr(), p._version) for n, p in params)
         if key != self._weights_key:
-            h = hashlib.sha256()
-            for n, p in params:
-                h.update(f"{n}|{p.dtype}|{tuple(p.shape)}\n".encode())
-                h.update(p.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
-            self._weights_key, self._weights_hash = key, _hash_hex(h)
+            self._weights_key, self._weights_hash = key, tensors_hash(params)
         return self._weights_hash
 
     def tokenizer_hash(self) -> str:
