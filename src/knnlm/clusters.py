@@ -67,10 +67,11 @@ def build_clusters(ds, args: ClusterArgs) -> dict:
                          f"has {ds.N}, --sample_size {args.sample_size}); pass fewer clusters")
     want = _record(ds, args)
     done = _read_record(ds)
-    if done and {k: done.get(k) for k in want} == want and _file_matches(ds, done):
+    intact = bool(done) and _file_matches(ds, done)  # (the file's sha256, read once)
+    if intact and {k: done.get(k) for k in want} == want:
         log.info("clusters of %s are already built (%d clusters)", ds.dir, args.num_clusters)
         return done
-    if done and done.get("datastore") == want["datastore"] and _file_matches(ds, done) and not args.overwrite:
+    if intact and done.get("datastore") == want["datastore"] and not args.overwrite:
         # clusters a RetoMaton run may have used: like the index, replaced only when asked
         diff = ", ".join(f"{k}: {done['settings'].get(k)!r} -> {v!r}" for k, v in want["settings"].items()
                          if done["settings"].get(k) != v)
