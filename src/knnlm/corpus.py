@@ -277,8 +277,13 @@ class TokenFile:
         return skipped_rows(self.path)
 
 
+def token_record_path(token_path: str | Path) -> Path:
+    """``<tokens>.json`` beside a token file: what the tokens were made from (written last; see tokenize_to_file)."""
+    return Path(token_path).with_name(Path(token_path).name + ".json")
+
+
 def skipped_rows(token_path: str | Path) -> int:
-    record_path = Path(token_path).with_name(Path(token_path).name + ".json")
+    record_path = token_record_path(token_path)
     try:
         record = read_json(record_path) if record_path.is_file() else {}
     except KnnlmError:
@@ -352,7 +357,7 @@ def tokenize_to_file(lm, args: CorpusArgs, which: str, out_path: str | Path, sou
     """
     out_path = Path(out_path)
     doc_path = out_path.with_name(out_path.name + ".docs")
-    key_path = out_path.with_name(out_path.name + ".json")
+    key_path = token_record_path(out_path)
     key = _token_key(lm, args, which, source)
     if _valid_token_files(out_path, doc_path, key_path, key):
         return TokenFile(out_path, doc_path)

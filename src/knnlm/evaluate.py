@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .corpus import CorpusArgs, TokenFile, count_targets, tokenize_to_file, windows
+from .corpus import CorpusArgs, TokenFile, count_targets, token_record_path, tokenize_to_file, windows
 from .corpus import target_positions as _target_positions  # noqa: F401  (old private name: benchmarks/knn_eval.py --baseline_src runs older sources)
 from .datastore import KEY_POINTS
 from .errors import KnnlmError
@@ -221,7 +221,7 @@ def _progress_key(lm, tokens: TokenFile, block: int, stride: int, args: EvalArgs
     local = Path(lm.name).expanduser()
     model = {"name": _folder(local, "--model_name_or_path") if lm.name and local.exists() else lm.name,  # (or a hub id)
              "weights_hash": lm.weights_hash(), "dtype": str(lm.dtype), "device": lm.device.type}
-    key = {"model": model, "tokens": read_json(tokens.path.with_name(tokens.path.name + ".json")),
+    key = {"model": model, "tokens": read_json(token_record_path(tokens.path)),
            "block": block, "stride": stride, "batch_size": args.batch_size, "save_neighbors": args.save_neighbors,
            "datastore": None, "memory": None, "knn": None}
     if retriever is not None:
