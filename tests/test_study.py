@@ -100,3 +100,25 @@ def test_mirror_takes_the_library_default_and_help_unless_given():
     assert fields["learning_rate"].default == 5e-4 and fields["learning_rate"].metadata["deprecated"] == ("lr",)
     f = mirror(TrainArgs, "max_steps", default=7, help="steps")
     assert f.default == 7 and dict(f.metadata) == {"help": "steps"}
+
+
+def test_results_json_records_the_cpu_and_its_kernel_instructions(tmp_path):
+    """Every results.json names the CPU and the instructions torch's kernels use (CPU training results differ between
+    AVX2 and AVX-512 machines in their last bits, which grow over steps): read from cpuinfo's first model name."""
+    import platform
+
+    import torch
+
+    from knnlm.fileio import cpu_name
+    from knnlm.report import write_results
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n"
+                    "processor\t: 1\nmodel name\t: Other\n")
+    assert cpu_name(info) == "AMD EPYC 7B13 64-Core Processor"
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd\n")  # an ARM cpuinfo: no model name line
+    assert cpu_name(info) == (platform.processor() or "cpu")
+    assert cpu_name(tmp_path / "absent") == (platform.processor() or "cpu")
+    run = json.loads(write_results(tmp_path, {}, {}).read_text())["run"]
+    assert run["cpu"] == cpu_name() and run["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert run["device"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else run["cpu"])

@@ -236,13 +236,24 @@ def git_hash() -> str | None:
         return None
 
 
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name (Linux: ``cpuinfo``'s first ``model name``), else ``platform.processor()``, else "cpu"."""
+    with contextlib.suppress(OSError):
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip() or "cpu"
+    return platform.processor() or "cpu"
+
+
 def run_info() -> dict:
-    """Provenance recorded in every results.json."""
+    """Provenance recorded in every results.json. ``cpu`` and ``cpu_capability`` (the vector instructions torch's CPU
+    kernels use, e.g. AVX2 or AVX512) are recorded even on a GPU run: CPU float results, training most of all, differ
+    in their last bits between kernels, and over many steps those differences grow into the second decimal."""
     import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"versions": package_versions(), "git_hash": git_hash(), "device": device,
-            "torch_threads": torch.get_num_threads()}
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()
+    return {"versions": package_versions(), "git_hash": git_hash(), "device": device, "cpu": cpu_name(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()}
 
 
 # ---------------------------------------------------------------------------------------------------------------- output folders

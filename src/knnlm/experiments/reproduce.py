@@ -329,9 +329,10 @@ def write_report(args: ReproduceArgs, timings: dict, recipe: Optional[dict] = No
     total = stage_rows[-1][2]
     faiss_gpu = condition_holds("faiss-gpu")
     search = "FAISS" if faiss_gpu else "torch" if condition_holds("gpu-search") else "no"
+    info = run_info()
     header = [f"# knnlm reproduce — scale `{args.scale}`{' (smoke run)' if args.smoke else ''}\n",
-              f"Machine: {run_info()['device']}; FAISS on GPU: {'yes' if faiss_gpu else 'no'}; exact search on "
-              f"GPU: {search}.\n"]
+              f"Machine: {info['device']} (CPU kernels: {info['cpu_capability']}); FAISS on GPU: "
+              f"{'yes' if faiss_gpu else 'no'}; exact search on GPU: {search}.\n"]
     if args.smoke:
         header.append("**Smoke run** (`--smoke`): every stage shrunk to seconds on CPU to check that the recipe runs "
                       "end to end. The numbers below mean nothing.\n")
