@@ -701,10 +701,48 @@ def test_a_second_writer_is_refused_naming_the_first_and_a_dead_ones_lock_is_tak
     assert ds.N > 0 and not (out / ".knnlm.lock").exists()  # released at the end of the command
 
 
+_LOCK_HOLDER = """
+import sys
+from knnlm.fileio import lock_output_dir
+lock_output_dir(sys.argv[1], "datastore build")
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
 def test_two_concurrent_builds_into_one_folder(tiny_gpt2_dir, files, tmp_path, capsys):
+    """A build into a folder whose lock a live process holds is refused, naming it, and writes nothing; two real
+    processes building one store leave it equal to a clean build (whether the second meets the first's lock there
+    depends on timing, hence the held folder)."""
+    import socket
     import sys
 
     clean = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "clean", capsys)
+    stores = ("keys.f16", "vals.i32", "tokens.i32")
+    held = tmp_path / "held"  # locked, empty otherwise, by a process that is not the command's
+    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(held)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, env=_knnlm_env(), text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = _snapshot(held)
+        assert list(before) == [".knnlm.lock"] and json.loads(before[".knnlm.lock"])["pid"] == holder.pid
+        build = ["datastore", "build", *model_args(tiny_gpt2_dir), "--train_file", files / "a.txt", "--output_dir",
+                 held, "--block_size", 32]
+        assert_one_line(*cli(build, capsys), f"{held} is in use", f"another knnlm process, pid {holder.pid} on "
+                        f"{socket.gethostname()}", "building this store")
+        assert _snapshot(held) == before  # nothing written; the lock record still names the holder
+    finally:
+        holder.stdin.close()  # the holder exits, releasing its lock
+        holder.wait(timeout=60)
+    assert holder.returncode == 0 and not (held / ".knnlm.lock").exists()
+    rerun = build_ds(tiny_gpt2_dir, files / "a.txt", held, capsys)
+    for name in stores:
+        assert (rerun.dir / name).read_bytes() == (clean.dir / name).read_bytes()
+
     out = tmp_path / "ds"
     argv = [sys.executable, "-m", "knnlm", "datastore", "build", *model_args(tiny_gpt2_dir), "--train_file",
             str(files / "a.txt"), "--output_dir", str(out), "--block_size", "32", "--batch_size", "1"]
@@ -715,7 +753,7 @@ def test_two_concurrent_builds_into_one_folder(tiny_gpt2_dir, files, tmp_path, c
     for rc, err in results:
         if rc != 0:  # started while the other was building: refused, naming it
             assert rc == 2 and "another knnlm process, pid" in err and "Traceback" not in err, err
-    for name in ("keys.f16", "vals.i32", "tokens.i32"):
+    for name in stores:
         assert (out / name).read_bytes() == (clean.dir / name).read_bytes()
 
 
