@@ -1,31 +1,16 @@
 """Offline assets: the GPT-2 tokenizer against two independent GPT-2 BPE encoders, scratch sizes, SmolLM2 (GGUF)."""
 import importlib.util
 import math
-import os
 
 import pytest
 import torch
 
 import knnlm.assets as assets
+from conftest import file_stamps, pin_mtimes
 from knnlm.assets import SCRATCH_SIZES, build_scratch_gpt2, gpt2_tokenizer_dir, resolve_model_source, scratch_config
 from knnlm.errors import KnnlmError
 
 TRICKY = "Hello world!  It's 2024 — naïve café, 日本語, emoji 🤖,\n\n  tabs\tand   spaces <|endoftext|> don't'll"
-
-
-# A reuse check pins a file's mtime to this old value first: any rewrite, or a replacement by a new file, stamps the
-# current time, which an mtime compared before and after may not show (a rewrite within the clock's granularity).
-OLD_NS = 1_000_000_000 * 10**9
-
-
-def _pin(path):
-    """Sets ``path``'s mtime to ``OLD_NS``; returns ``(OLD_NS, inode)``, what a reused file still has afterwards."""
-    os.utime(path, ns=(OLD_NS, OLD_NS))
-    return OLD_NS, path.stat().st_ino
-
-
-def _stamp(path):
-    return path.stat().st_mtime_ns, path.stat().st_ino
 
 
 def _gpt2_param_count(n_layer, d, n_positions, vocab=50257):
@@ -45,12 +30,12 @@ def test_gpt2_tokenizer_is_built_once_and_loads(fresh_cache, monkeypatch):
     d = gpt2_tokenizer_dir()
     assert d == fresh_cache / "gpt2-tokenizer" and (d / "tokenizer.json").is_file()
     assert not list(fresh_cache.glob("*.tmp-*"))  # the temp folder was renamed into place
-    pinned = _pin(d / "tokenizer.json")
+    pinned = pin_mtimes([d / "tokenizer.json"])
     # a rebuild reads the BPE files first; its folder would be discarded (the finished one wins), so the file's stamp
     # alone would not show it
     with monkeypatch.context() as m:
         m.setattr(assets, "_gpt2_bpe_files", lambda: pytest.fail("the tokenizer was rebuilt"))
-        assert gpt2_tokenizer_dir() == d and _stamp(d / "tokenizer.json") == pinned  # reused, not rebuilt
+        assert gpt2_tokenizer_dir() == d and file_stamps([d / "tokenizer.json"]) == pinned  # reused, not rebuilt
     tok = AutoTokenizer.from_pretrained(d)
     assert tok.is_fast and len(tok) == 50257
     assert tok("Hello world")["input_ids"] == [15496, 995]
@@ -114,9 +99,9 @@ def test_scratch_is_seeded_reusable_and_guarded(tmp_path):
     c = build_scratch_gpt2("tiny", tmp_path / "c", seed=4, n_positions=64)
     wa, wb, wc = (AutoModelForCausalLM.from_pretrained(p).transformer.h[0].mlp.c_fc.weight for p in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
-    pinned = _pin(a / "model.safetensors")
+    pinned = pin_mtimes([a / "model.safetensors"])
     assert build_scratch_gpt2("tiny", a, seed=3, n_positions=64) == a  # same spec: reused as is
-    assert _stamp(a / "model.safetensors") == pinned
+    assert file_stamps([a / "model.safetensors"]) == pinned
     with pytest.raises(KnnlmError, match="not empty"):
         build_scratch_gpt2("tiny", a, seed=5, n_positions=64)
     state = torch.random.get_rng_state()

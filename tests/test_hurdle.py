@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import file_stamps, pin_mtimes
 from knnlm.errors import KnnlmError
 from knnlm.experiments.hurdle import data as hurdle_data, run as hurdle_run, settings as hurdle_settings
 from knnlm.experiments.hurdle.data import Vocab, batch_indices
@@ -48,23 +48,6 @@ def _macondo_folder(tmp_path):
                 fh.write(json.dumps({"text": f"{prefix} {kid}", "prefix": prefix, "target": f" {kid}", "parent": parent,
                                      "n_children": len(kids), "attribute": None, "child": kid}) + "\n")
     return folder
-
-
-# A reuse check pins each record's mtime to this old value first: a rewrite, or a replacement by a new file, stamps the
-# current time, which an mtime compared before and after may not show (a rewrite within the clock's granularity).
-OLD_NS = 1_000_000_000 * 10**9
-
-
-def _stamps(paths) -> dict:
-    return {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in paths}
-
-
-def _pin(paths) -> dict:
-    """Sets each file's mtime to ``OLD_NS``; -> name: (OLD_NS, inode), what a file that is only read still has."""
-    paths = list(paths)
-    for p in paths:
-        os.utime(p, ns=(OLD_NS, OLD_NS))
-    return {p.name: (OLD_NS, p.stat().st_ino) for p in paths}
 
 
 def _args(tmp_path, **kw) -> HurdleArgs:
@@ -360,11 +343,11 @@ def test_resume_after_an_interrupted_run_gives_identical_results(tmp_path, monke
     assert json.loads((ckpt / "latest.json").read_text())["step"] == 4
     assert not (runs / "seed-1-without_last_mlp.json").exists()
     monkeypatch.setattr(knnlm.train, "_save_checkpoint", real_save)
-    finished = _pin(runs.glob("*.json"))  # seed 0's three runs and seed 1's first
+    finished = pin_mtimes(runs.glob("*.json"))  # seed 0's three runs and seed 1's first
     assert sorted(finished) == ["seed-0-with_last_mlp.json", "seed-0-without_first_mlp.json",
                                 "seed-0-without_last_mlp.json", "seed-1-with_last_mlp.json"]
     resumed = run_study(args)["metrics"]
-    assert _stamps(runs / name for name in finished) == finished  # finished runs are skipped, not redone
+    assert file_stamps(runs / name for name in finished) == finished  # finished runs are skipped, not redone
     assert not ckpt.exists()  # the finished run's checkpoint is removed
     assert _strip_timing(resumed) == _strip_timing(whole)
     assert resumed["steps"] == [0, 2, 4, 6, 8] and set(resumed["mean"]["with_last_mlp"]) == {"train_loss", "val_loss"}
@@ -523,12 +506,12 @@ def test_a_folder_written_before_issue_12_resumes_to_the_same_numbers(tmp_path, 
     for old, new in (("lr", "learning_rate"), ("steps", "max_steps"), ("seeds", "num_seeds")):
         config[old] = config.pop(new)
     (out / "config.json").write_text(json.dumps(config))
-    kept = _pin(runs.glob("seed0-*.json"))
+    kept = pin_mtimes(runs.glob("seed0-*.json"))
     assert len(kept) == len(MODELS)
     with caplog.at_level("WARNING"):
         resumed = run_study(args)["metrics"]
     assert _strip_timing(resumed) == _strip_timing(whole)
-    assert _stamps(runs.glob("seed0-*.json")) == kept  # read, not retrained
+    assert file_stamps(runs.glob("seed0-*.json")) == kept  # read, not retrained
     assert not (runs / "seed1-without_last_mlp.pt").exists() and (runs / "seed-1-without_last_mlp.json").is_file()
     assert any("earlier training loop" in r.getMessage() for r in caplog.records)
     with pytest.raises(KnnlmError, match="learning_rate: 0.003 -> 0.01"):  # an old config's lr is compared as learning_rate

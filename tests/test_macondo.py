@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
 
+from conftest import file_stamps, pin_mtimes
 from knnlm.errors import KnnlmError
 from knnlm.macondo import sources
 from knnlm.macondo.generate import (ATTRIBUTES, CLAUSES, MacondoArgs, generate_macondo, load_tokenizer, read_meta,
@@ -153,15 +153,10 @@ def test_deterministic_and_seed_dependent(tmp_path):
 def test_rerun_same_settings_is_kept_and_other_settings_need_overwrite(tmp_path):
     out = tmp_path / "d"
     generate_macondo(MacondoArgs(seed=1, output_dir=str(out), **SMALL))
-    # every file's mtime pinned to an old value: a rewrite, or a replacement by a new file, stamps the current time
-    # (a before/after mtime alone misses a rewrite within the clock's granularity)
-    old_ns = 1_000_000_000 * 10**9
-    for p in out.iterdir():
-        os.utime(p, ns=(old_ns, old_ns))
-    before = {p.name: (old_ns, p.stat().st_ino) for p in out.iterdir()}
+    before = pin_mtimes(out.iterdir())  # a rewrite or a replacement would stamp the current time or a new inode
     assert "train.jsonl" in before and "meta.json" in before
     generate_macondo(MacondoArgs(seed=1, output_dir=str(out), **SMALL))  # same dataset: left as it is
-    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.iterdir()} == before
+    assert file_stamps(out.iterdir()) == before
     with pytest.raises(KnnlmError, match="--output_dir.*--overwrite"):
         generate_macondo(MacondoArgs(seed=2, output_dir=str(out), **SMALL))
     assert read_meta(out)["seed"] == 1
