@@ -87,7 +87,7 @@ def test_loss_decreases_on_a_repeated_batch(tmp_path):
     assert not model.training  # handed back in eval mode
 
 
-def _run(tmp_path, name, args, kill_after=None, eval_every=4, calls=None):
+def _run(tmp_path, name, args, kill_after=None, eval_every=4, calls=None, **train_kw):
     """One (possibly killed) training run into tmp_path/name; returns (model, history or None, micro-batches read)."""
     seqs = sentences(10)
     read = [0]
@@ -105,7 +105,7 @@ def _run(tmp_path, name, args, kill_after=None, eval_every=4, calls=None):
     model = tiny_model(seed=1)
     try:
         hist = train(model, sentence_batches(seqs, 2, on_yield), args, tmp_path / name, eval_every=eval_every,
-                     on_eval=on_eval)
+                     on_eval=on_eval, **train_kw)
     except Killed:
         hist = None
     return model, hist, read[0]
@@ -137,6 +137,34 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     model, hist, read = _run(tmp_path, "run", args)
     assert read == 0 and strip_time(hist) == strip_time(ref_hist)
     assert torch.equal(model.transformer.wte.weight, ref_model.transformer.wte.weight)
+
+
+def test_without_end_checkpoints_a_rerun_redoes_the_ends_to_the_same_weights(tmp_path):
+    """checkpoint_ends=False writes no checkpoint at step 0 nor of the finished run: the same numbers; a kill before
+    the first checkpoint starts again at step 0 and a rerun of the finished run goes on from its last checkpoint, both
+    to the reference's history and weights."""
+    args = TrainArgs(learning_rate=3e-3, warmup_ratio=0.2, gradient_accumulation_steps=2, epochs=4, seed=3,
+                     checkpoint_every=5, weight_decay=0.1)
+    ref_model, ref_hist, _ = _run(tmp_path, "ref", args)
+    ref = ref_model.state_dict()
+    calls = []
+    model, hist, read = _run(tmp_path, "run", args, calls=calls, checkpoint_ends=False)
+    assert calls == [0, 4, 8, 12] and read == 20 and strip_time(hist) == strip_time(ref_hist)
+    assert all(torch.equal(ref[k], v) for k, v in model.state_dict().items())
+    # the last checkpoint is checkpoint_every's step 10, not the finished run (step 12); no step 0 either
+    assert json.loads((tmp_path / "run" / "latest.json").read_text()) == {"dir": "step-10", "step": 10, "done": False}
+    calls = []
+    model, hist, read = _run(tmp_path, "run", args, calls=calls, checkpoint_ends=False)  # the finished run again
+    # epoch 3 (steps 10-12) read again, its 2 consumed micro-batches skipped; only step 12 evaluated
+    assert calls == [12] and read == 5 and strip_time(hist) == strip_time(ref_hist)
+    assert all(torch.equal(ref[k], v) for k, v in model.state_dict().items())
+
+    _, hist, read = _run(tmp_path, "early", args, kill_after=3, checkpoint_ends=False)  # killed in step 2
+    assert hist is None and read == 4 and not (tmp_path / "early" / "latest.json").exists()  # no checkpoint to resume
+    calls = []
+    model, hist, _ = _run(tmp_path, "early", args, calls=calls, checkpoint_ends=False)
+    assert calls == [0, 4, 8, 12] and strip_time(hist) == strip_time(ref_hist)
+    assert all(torch.equal(ref[k], v) for k, v in model.state_dict().items())
 
 
 def test_eval_points_with_max_steps_beyond_one_epoch(tmp_path):

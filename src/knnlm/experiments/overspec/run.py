@@ -237,7 +237,7 @@ def _train_run(lm, rows: list[dict], args: OverspecArgs, seed: int, run_dir: Pat
 
     desc = f"seed {seed}" + (" bare" if run_dir.name == "bare" else "")
     history = train(lm.model, make_batches(lm, rows, args.batch_size), args.train_args(seed), run_dir / "ckpt",
-                    eval_every=args.eval_every, on_eval=on_eval, progress_desc=desc)
+                    eval_every=args.eval_every, on_eval=on_eval, progress_desc=desc, checkpoint_ends=False)
     for entry in history:
         saved = read_json(eval_dir(run_dir, entry["step"]).with_suffix(".json"))
         entry.update({k: saved[k] for k in per_point})
