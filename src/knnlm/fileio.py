@@ -251,8 +251,9 @@ def run_info() -> dict:
     in their last bits between kernels, and over many steps those differences grow into the second decimal."""
     import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()
-    return {"versions": package_versions(), "git_hash": git_hash(), "device": device, "cpu": cpu_name(),
+    cpu = cpu_name()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu
+    return {"versions": package_versions(), "git_hash": git_hash(), "device": device, "cpu": cpu,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()}
 
 
