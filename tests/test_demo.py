@@ -23,6 +23,7 @@ GOLDEN = {"AVX2": ("demo-2026-12-07", {("test", "lm"): -1.2851, ("test", "knn"):
                                      ("test", "bare"): -1.0573, ("train", "lm"): -0.8006})}
 RECORDS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
+
 def test_demo_preset_is_a_pretrained_model_fine_tuned_with_every_condition_the_claims_need(tmp_path):
     ns = build_parser().parse_args(["demo"])
     assert ns.config == "demo" and ns.smoke == "false"
