@@ -203,3 +203,26 @@ def test_model_args_fields_have_help():
 
     for f in dataclasses.fields(ModelArgs):
         assert f.metadata.get("help"), f.name
+
+
+def test_tokenizer_hash_is_its_recorded_value_cold_and_memoised(tiny_gpt2_dir, monkeypatch):
+    """The GPT-2 tokenizer's hash is the one stores and memories record (they are refused on another); computed from
+    scratch or from the per-process memo it is the same, and the memo keeps a changed tokenizer apart."""
+    from knnlm import models
+
+    monkeypatch.setattr(models, "_TOKENIZER_HASHES", {})
+    cold = _load(tiny_gpt2_dir)
+    assert cold.tokenizer_hash() == "ff42658b335a7d88" and len(models._TOKENIZER_HASHES) == 1
+    warm = _load(tiny_gpt2_dir)
+    assert warm.tokenizer_hash() == "ff42658b335a7d88"
+    warm.tokenizer.add_tokens(["<extra_token>"])  # another vocabulary: another serialized form
+    warm._tokenizer_hash = None
+    added = warm.tokenizer_hash()
+    assert added != "ff42658b335a7d88" and len(models._TOKENIZER_HASHES) == 2
+    monkeypatch.setattr(models, "_TOKENIZER_HASHES", {})
+    warm._tokenizer_hash = None
+    assert warm.tokenizer_hash() == added  # the memo gave what a cold computation gives
+    other = _load(tiny_gpt2_dir)
+    other.tokenizer.eos_token = "<|other|>"  # the same vocabulary, another special token
+    other._tokenizer_hash = None
+    assert other.tokenizer_hash() not in ("ff42658b335a7d88", added)

@@ -151,6 +151,35 @@ def tensors_hash(named) -> str:
     return _hash_hex(h)
 
 
+# sha256 of a fast tokenizer's serialized form + its special tokens -> LM.tokenizer_hash. Sorting and dumping the
+# spec of a 50k-token vocabulary takes ~0.25 s; a process that loads models of one tokenizer again (reproduce's
+# stages, serve, a script, the test suite) computes it once.
+_TOKENIZER_HASHES: dict[tuple, str] = {}
+
+
+def _tokenizer_hash(tok) -> str:
+    """:meth:`LM.tokenizer_hash` of a tokenizer: its spec (a fast tokenizer's JSON less truncation and padding, else its
+    class and vocabulary) and special tokens, dumped with sorted keys and hashed; a fast one's memoised."""
+    special = {k: str(getattr(tok, k, None)) for k in ("bos_token", "eos_token", "unk_token")}
+    backend = getattr(tok, "backend_tokenizer", None)
+    key = None
+    if backend is None:
+        spec = {"class": type(tok).__name__, "vocab": sorted(tok.get_vocab().items(), key=lambda kv: kv[1])}
+    else:
+        text = backend.to_str()
+        key = (hashlib.sha256(text.encode()).hexdigest(), tuple(special.items()))
+        if key in _TOKENIZER_HASHES:
+            return _TOKENIZER_HASHES[key]
+        spec = json.loads(text)
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+    spec["special"] = special
+    digest = _hash_hex(hashlib.sha256(json.dumps(spec, sort_keys=True, ensure_ascii=False).encode()))
+    if key is not None:
+        _TOKENIZER_HASHES[key] = digest
+    return digest
+
+
 class LM:
     """A causal LM with its tokenizer: key capture, the last layers as functions (f, g) and content hashes.
 
@@ -281,17 +310,7 @@ class LM:
     def tokenizer_hash(self) -> str:
         """sha256 (16 hex) of the tokenizer's vocabulary, merges, pre/post-processing and special tokens (cached)."""
         if self._tokenizer_hash is None:
-            tok = self.tokenizer
-            backend = getattr(tok, "backend_tokenizer", None)
-            if backend is not None:
-                spec = json.loads(backend.to_str())
-                spec.pop("truncation", None)
-                spec.pop("padding", None)
-            else:
-                spec = {"class": type(tok).__name__, "vocab": sorted(tok.get_vocab().items(), key=lambda kv: kv[1])}
-            spec["special"] = {k: str(getattr(tok, k, None)) for k in ("bos_token", "eos_token", "unk_token")}
-            blob = json.dumps(spec, sort_keys=True, ensure_ascii=False).encode()
-            self._tokenizer_hash = _hash_hex(hashlib.sha256(blob))
+            self._tokenizer_hash = _tokenizer_hash(self.tokenizer)
         return self._tokenizer_hash
 
     def encode(self, text: str) -> list[int]:
