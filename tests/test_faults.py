@@ -711,6 +711,7 @@ sys.stdin.read()
 
 
 def _snapshot(folder: Path) -> dict:
+    """relative path -> bytes of every file below ``folder`` (None for a folder: a new empty one shows too)."""
     return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
 
 
@@ -761,14 +762,11 @@ def test_overwrite_never_deletes_what_is_not_the_commands(tiny_gpt2_dir, files, 
     """Before: `macondo generate --overwrite` rmtree'd its folder whatever it held, `--output_dir .` failed with
     "ValueError: empty name", `lm train --overwrite` deleted a user's file and a store in its folder, `datastore build
     --overwrite` dropped unknown files, and `generate --output_dir` replaced an earlier run's results silently."""
-    def snapshot(folder):
-        return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
     small = ["--num_villagers", 40, "--num_parents", 4, "--max_children", 2]
     model = shutil.copytree(tiny_gpt2_dir, tmp_path / "model")
-    before = snapshot(model)
+    before = _snapshot(model)
     assert_one_line(*cli(["macondo", "generate", "--output_dir", model, "--overwrite", *small], capsys), "a model")
-    assert snapshot(model) == before
+    assert _snapshot(model) == before
     data = tmp_path / "data"
     assert cli(["macondo", "generate", "--output_dir", data, *small], capsys)[0] == 0
     (data / "notes.txt").write_text("mine")
@@ -792,10 +790,10 @@ def test_overwrite_never_deletes_what_is_not_the_commands(tiny_gpt2_dir, files, 
     assert cli(lm, capsys)[0] == 0
     (lm_dir / "notes.txt").write_text("mine")
     build_ds(lm_dir, files / "a.txt", lm_dir / "ds", capsys, "--block_size", 16)
-    kept = snapshot(lm_dir)
+    kept = _snapshot(lm_dir)
     for extra in ([], ["--learning_rate", 0.01]):
         assert_one_line(*cli([*lm, *extra, "--overwrite", "true"], capsys), "2 file(s)", "e.g. ds", "never deletes")
-        assert snapshot(lm_dir) == kept
+        assert _snapshot(lm_dir) == kept
     (lm_dir / "notes.txt").unlink()
     shutil.rmtree(lm_dir / "ds")
     assert cli([*lm, "--learning_rate", 0.01, "--overwrite", "true"], capsys)[0] == 0
@@ -805,11 +803,11 @@ def test_overwrite_never_deletes_what_is_not_the_commands(tiny_gpt2_dir, files, 
     (ds.dir / "README.txt").write_text("how I built it")
     (ds.dir / "experiments").mkdir()
     (ds.dir / "experiments" / "run1.json").write_text("{}")
-    kept = snapshot(ds.dir)
+    kept = _snapshot(ds.dir)
     rc, err = cli(["datastore", "build", *model_args(tiny_gpt2_dir), "--train_file", files / "b.txt", "--output_dir",
                    ds.dir, "--block_size", 32, "--overwrite"], capsys)
     assert_one_line(rc, err, "README.txt", "never deletes")
-    assert snapshot(ds.dir) == kept and not (tmp_path / "ds.rebuild-tmp").exists()
+    assert _snapshot(ds.dir) == kept and not (tmp_path / "ds.rebuild-tmp").exists()
 
     gen = ["generate", *model_args(tiny_gpt2_dir), "--prompt", "The", "--compare", "true", "--max_new_tokens", 2,
            "--output_dir", tmp_path / "gen"]
