@@ -46,6 +46,20 @@ def window_gold_log_probs(model, tokens, block: int, stride: int):
     return torch.cat(golds), torch.cat(logps)
 
 
+
+def brute_knn_gold_prob(q, keys, vals, gold, k: int, temp: float):
+    """The kNN distribution's probability of each gold token by brute force, in float64: squared L2 from every query
+    to every key, the k nearest (ties by index), softmax of -distance / temp over them, the mass on the gold token.
+    q [n, d], keys [N, d], vals [N], gold [n] -> [n]."""
+    import numpy as np
+
+    d = ((np.asarray(q, np.float64)[:, None, :] - np.asarray(keys, np.float64)[None]) ** 2).sum(-1)  # [n, N]
+    nn = np.argsort(d, axis=1, kind="stable")[:, :k]
+    nd = np.take_along_axis(d, nn, 1)
+    w = np.exp(-(nd - nd.min(1, keepdims=True)) / temp)
+    return (w * (np.asarray(vals)[nn] == np.asarray(gold)[:, None])).sum(1) / w.sum(1)
+
+
 # A reuse check pins each file's mtime to this old value first: a rewrite, or a replacement by a new file, stamps the
 # current time, which an mtime compared before and after may not show (a rewrite within the clock's granularity).
 OLD_NS = 1_000_000_000 * 10**9

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import brute_knn_gold_prob
 from knnlm.cli import main
 
 TRAIN = "the cat sat on the mat. the dog sat on the log. a cat and a dog sat together on a mat.\n" * 3
@@ -26,11 +27,7 @@ def _reference(model_dir, train_ids, valid_ids, k, lmbda, temp):
     q = va.hidden_states[-1][0, :-1].float().numpy()  # [n, d]
     gold = np.asarray(valid_ids[1:])
     lm_logp = torch.log_softmax(va.logits[0, :-1].double(), -1).numpy()[np.arange(len(gold)), gold]
-    d = ((q[:, None, :].astype(np.float64) - keys[None].astype(np.float64)) ** 2).sum(-1)  # [n, N]
-    nn = np.argsort(d, axis=1, kind="stable")[:, :k]
-    nd = np.take_along_axis(d, nn, 1)
-    w = np.exp(-(nd - nd.min(1, keepdims=True)) / temp)
-    p_knn = (w * (vals[nn] == gold[:, None])).sum(1) / w.sum(1)
+    p_knn = brute_knn_gold_prob(q, keys, vals, gold, k, temp)
     ppl_lm = math.exp(-lm_logp.mean())
     mixed = np.log((1 - lmbda) * np.exp(lm_logp) + lmbda * p_knn)
     return ppl_lm, math.exp(-mixed.mean())

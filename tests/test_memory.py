@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import brute_knn_gold_prob
 import knnlm.memory as memory_mod
 import knnlm.train as train_mod
 from knnlm.cli import main
@@ -353,11 +354,7 @@ def test_cli_train_then_eval_reports_mlplm_and_storage(tiny_gpt2_dir, tiny_lm, g
     at_gold = np.arange(len(gold)), gold
     keys = np.asarray(ds.keys, dtype=np.float64)  # [N, d] as stored (float16)
     vals = np.asarray(ds.vals, dtype=np.int64)
-    d = ((q.double().numpy()[:, None, :] - keys[None]) ** 2).sum(-1)  # [n, N]
-    nn = np.argsort(d, axis=1, kind="stable")[:, :8]
-    nd = np.take_along_axis(d, nn, 1)
-    w = np.exp(-(nd - nd.min(1, keepdims=True)))  # --knn_temp 1
-    p_knn = (w * (vals[nn] == gold[:, None])).sum(1) / w.sum(1)
+    p_knn = brute_knn_gold_prob(q.double().numpy(), keys, vals, gold, k=8, temp=1.0)  # --k 8 --knn_temp 1
     lm_gold, mem_gold = p_lm.numpy()[at_gold], p_mem.numpy()[at_gold]
     mlp_ref = math.exp(-np.log(0.75 * lm_gold + 0.25 * mem_gold).mean())
     knn_ref = math.exp(-np.log(0.75 * lm_gold + 0.25 * p_knn).mean())
