@@ -77,3 +77,71 @@ def test_help_with_a_percent_sign_prints():
     parser = argparse.ArgumentParser()
     add_arguments(parser, Args)
     assert "95% intervals (default: 1000)" in parser.format_help()
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("name: {a: 1}\n", "--name (from {cfg}): expected a string, got a mapping ({{'a': 1}})"),
+    ("name: [x, y]\n", "--name (from {cfg}): expected a string, got a list (['x', 'y'])"),
+    ("name: no\n", "--name (from {cfg}): expected a string, got a boolean (false)"),
+    ("k: true\n", "--k (from {cfg}): expected a whole number, got a boolean (true)"),
+    ("lmbda: true\n", "--lmbda (from {cfg}): expected a number, got a boolean (true)"),
+    ("lmbda: [0.1, false]\n", "--lmbda (from {cfg}): expected a number, got a boolean (false)"),
+    ("k: eight\n", "--k (from {cfg}): 'eight' is not a valid int"),
+])
+def test_config_values_of_another_kind_are_refused_naming_file_and_key(tmp_path, text, needle):
+    """A mapping for a string field became a folder named "{'a': 1}", and `k: true` ran with k=1."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(KnnlmError) as e:
+        resolve(Demo, _parse([]), cfg)
+    assert str(e.value) == needle.format(cfg=cfg)
+    cfg.write_text("name: out\nk: 8.0\nlmbda: 1\n")  # numbers and strings of the right kind still pass
+    got = resolve(Demo, _parse([]), cfg)
+    assert (got.name, got.k, got.lmbda) == ("out", 8, [1.0])
+
+
+@pytest.mark.parametrize("name, text, where", [
+    ("dup.yaml", "k: 8\nname: a\nk: 16\n", " (lines 1 and 3)"),
+    ("dup.yml", "outer:\n  k: 8\n  k: 9\n", " (lines 2 and 3)"),
+    ("dup.json", '{"k": 8, "k": 16}', ""),
+])
+def test_a_key_set_twice_in_a_config_is_refused(tmp_path, name, text, where):
+    cfg = tmp_path / name
+    cfg.write_text(text)
+    with pytest.raises(KnnlmError) as e:
+        load_config_file(cfg)
+    assert str(e.value) == f"--config: {cfg} sets k twice{where}; keep one"
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("base: &b {k: 1, name: a}\nrun:\n  <<: *b\n  k: 2\n")
+    assert load_config_file(cfg)["run"] == {"k": 2, "name": "a"}
+
+
+def test_a_config_of_another_suffix_is_read_as_json_and_the_error_says_to_rename(tmp_path):
+    cfg = tmp_path / "cfg.txt"
+    cfg.write_text("k: 8\n")
+    with pytest.raises(KnnlmError, match=r"^--config: .*cfg.txt was read as JSON and is not valid JSON \(.*\); a config "
+                                         r"is read by its name: \.yaml/\.yml as YAML, \.json as JSON; rename it"):
+        load_config_file(cfg)
+    cfg.write_text('{"k": 8}')  # JSON under another name still works
+    assert load_config_file(cfg) == {"k": 8}
+    (tmp_path / "cfg.yaml").write_text("k: 8\n")
+    assert load_config_file(tmp_path / "cfg.yaml") == {"k": 8}
+
+
+def test_load_config_file_errors_name_the_flag_given(tmp_path):
+    with pytest.raises(KnnlmError, match=r"^--recipe: .*nothere.yaml does not exist"):
+        load_config_file(tmp_path / "nothere.yaml", flag="--recipe")
+
+
+def test_cli_refuses_a_mapping_for_output_dir_and_makes_no_folder(tmp_path, monkeypatch, capsys):
+    from knnlm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("output_dir: {a: 1}\n")
+    assert main(["eval", "--config", "c.yaml", "--model_name_or_path", "m", "--validation_file", "v.txt"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["knnlm: error: --output_dir (from c.yaml): expected a string, got a mapping ({'a': 1})"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]

@@ -34,13 +34,19 @@ def _unwrap_optional(tp):
     return tp, False
 
 
-def _coerce(name: str, tp, value):
-    """Converts a CLI string or a YAML value to the field's type, or raises KnnlmError naming the flag."""
+_KINDS = {bool: "a boolean", dict: "a mapping", list: "a list", tuple: "a list"}
+_WANT = {int: "a whole number", float: "a number", str: "a string"}
+
+
+def _coerce(name: str, tp, value, source: str | Path | None = None):
+    """Converts a CLI string or a YAML value to the field's type, or raises KnnlmError naming the flag (and ``source``,
+    the config file the value came from)."""
+    where = f"--{name}" + (f" (from {source})" if source else "")
     tp, optional = _unwrap_optional(tp)
     if value is None:
         if optional:
             return None
-        raise KnnlmError(f"--{name}: a value is required")
+        raise KnnlmError(f"{where}: a value is required")
     origin = typing.get_origin(tp)
     try:
         if origin in (list, tuple):
@@ -48,11 +54,11 @@ def _coerce(name: str, tp, value):
             # a YAML scalar for a list flag (`tol: 0.001`) is a one-item list
             items = value.split(",") if isinstance(value, str) else (
                 list(value) if isinstance(value, (list, tuple)) else [value])
-            return [_coerce(name, item_tp, v.strip() if isinstance(v, str) else v) for v in items]
+            return [_coerce(name, item_tp, v.strip() if isinstance(v, str) else v, source) for v in items]
         if origin is typing.Literal:
             choices = typing.get_args(tp)
             if value not in choices:
-                raise KnnlmError(f"--{name}: {value!r} is not one of {', '.join(map(str, choices))}")
+                raise KnnlmError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
             return value
         if tp is bool:
             if isinstance(value, bool):
@@ -64,11 +70,17 @@ def _coerce(name: str, tp, value):
                 return False
             raise ValueError(value)
         if tp in (int, float, str):
+            # str() of a mapping would become a folder named "{'a': 1}", and int(True) a k of 1: a YAML value of
+            # another kind is a mistake in the file, not something to convert
+            kind = _KINDS.get(type(value))
+            if kind:
+                shown = str(value).lower() if isinstance(value, bool) else repr(value)
+                raise KnnlmError(f"{where}: expected {_WANT[tp]}, got {kind} ({shown})")
             if tp is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return tp(value)
     except (TypeError, ValueError):
-        raise KnnlmError(f"--{name}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+        raise KnnlmError(f"{where}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
     return value
 
 
@@ -183,28 +195,77 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-def load_config_file(path: str | Path) -> dict:
-    """A YAML/JSON config file, or a shipped preset by name (``--config cpu-tiny``)."""
+class _DuplicateKey(Exception):
+    def __init__(self, key, where: str = ""):
+        super().__init__(key)
+        self.key, self.where = key, where
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, f" (lines {seen[key]} and {key_node.start_mark.line + 1})")
+                    seen[key] = key_node.start_mark.line + 1
+                except TypeError:  # an unhashable key: the base class says so
+                    pass
+        return super().construct_mapping(node, deep)
+
+
+def _unique_pairs(pairs):
+    """``object_pairs_hook`` for json: a key given twice in one object is an error (json keeps the last silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def load_config_file(path: str | Path, flag: str = "--config") -> dict:
+    """A YAML/JSON config file, or a shipped preset by name (``--config cpu-tiny``); errors name ``flag``.
+
+    A .yaml/.yml file is read as YAML, any other as JSON. A key given twice is refused: the YAML and JSON parsers both
+    keep the last one without a word."""
     path = Path(path)
     if not path.is_file() and (PRESETS_DIR / f"{path.name}.yaml").is_file() and path.suffix == "":
         path = PRESETS_DIR / f"{path.name}.yaml"
     if path.is_dir():
-        raise KnnlmError(f"--config: {path} is a folder; pass a YAML or JSON file or a preset name "
+        raise KnnlmError(f"{flag}: {path} is a folder; pass a YAML or JSON file or a preset name "
                          f"({', '.join(presets())})")
     if not path.is_file():
-        raise KnnlmError(f"--config: {path} does not exist; pass a YAML or JSON file or a preset name "
+        raise KnnlmError(f"{flag}: {path} does not exist; pass a YAML or JSON file or a preset name "
                          f"({', '.join(presets())})")
+    as_yaml = path.suffix in (".yaml", ".yml")
     try:
         text = path.read_bytes().decode("utf-8")
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader) if as_yaml else json.loads(text,
+                                                                                     object_pairs_hook=_unique_pairs)
     except UnicodeDecodeError as e:
-        raise KnnlmError(f"--config: {path} is not UTF-8 at byte {e.start}; re-encode it as UTF-8") from None
+        raise KnnlmError(f"{flag}: {path} is not UTF-8 at byte {e.start}; re-encode it as UTF-8") from None
+    except _DuplicateKey as e:
+        raise KnnlmError(f"{flag}: {path} sets {e.key} twice{e.where}; keep one") from None
     except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise KnnlmError(f"--config: {path} is not valid YAML/JSON ({str(e).splitlines()[0]})") from None
+        first = str(e).splitlines()[0]
+        if path.suffix not in CONFIG_SUFFIXES:
+            raise KnnlmError(f"{flag}: {path} was read as JSON and is not valid JSON ({first}); a config is read by "
+                             f"its name: .yaml/.yml as YAML, .json as JSON; rename it to one of those") from None
+        raise KnnlmError(f"{flag}: {path} is not valid {'YAML' if as_yaml else 'JSON'} ({first})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise KnnlmError(f"--config: {path} must hold a mapping of option names to values")
+        raise KnnlmError(f"{flag}: {path} must hold a mapping of option names to values")
     return data
 
 
@@ -237,7 +298,7 @@ def resolve(classes, namespace: argparse.Namespace | dict | None = None, config_
             if cli.get(f.name) is not None:
                 kwargs[f.name] = _coerce(f.name, hints[f.name], cli[f.name])
             elif f.name in from_file:
-                kwargs[f.name] = _coerce(f.name, hints[f.name], from_file[f.name])
+                kwargs[f.name] = _coerce(f.name, hints[f.name], from_file[f.name], config_file)
         obj = cls(**kwargs)
         if hasattr(obj, "validate"):
             obj.validate()
