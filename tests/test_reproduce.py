@@ -113,6 +113,15 @@ def test_bad_recipes_fail_before_any_stage_runs(data_dir, tmp_path, capsys, stag
     assert not (out / "stages").exists() and not (out / "config.json").exists()
 
 
+def test_a_missing_recipe_is_named_as_recipe(data_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    path = tmp_path / "nothere.yaml"
+    assert main(["reproduce", "--recipe", str(path), "--data_dir", str(data_dir), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"knnlm: error: --recipe: {path} does not exist"), err
+    assert not out.exists()
+
+
 def test_smoke_refuses_a_data_file_it_does_not_cut(data_dir, tmp_path, capsys):
     (data_dir / "extra.txt").write_text("x\n")
     path = tmp_path / "r.yaml"

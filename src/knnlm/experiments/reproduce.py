@@ -67,7 +67,7 @@ def _check_condition(value, where: str) -> None:
 
 def load_recipe(args: ReproduceArgs) -> dict:
     path = args.recipe or PRESETS_DIR / f"reproduce-{args.scale}.yaml"
-    recipe = load_config_file(path)
+    recipe = load_config_file(path, flag="--recipe")
     if not isinstance(recipe.get("stages"), list):
         raise KnnlmError(f"--recipe: {path} has no 'stages' list (a list of {{name, argv}} mappings)")
     _check_condition(recipe.get("requires"), f"{path}: requires")
