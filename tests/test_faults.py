@@ -492,6 +492,26 @@ def test_claim_output_dir_states(tmp_path):
     assert claim_output_dir(study, "overspec run", {}, own_files=OWN_FILES) == "same"
 
 
+@pytest.mark.parametrize("text, shown", [("{not json", "not valid JSON"), ("[1, 2]", "not a knnlm run record: [1, 2]"),
+                                         ('{"kind": 5}', 'not a knnlm run record: {"kind": 5}')])
+def test_a_damaged_run_marker_is_corrupt_whatever_its_shape(tmp_path, text, shown):
+    """A marker of valid JSON that is not a run record (a list) says no more about its folder than broken JSON: both
+    are corrupt, with the same fix."""
+    from knnlm.fileio import RUN_MARKER, claim_output_dir, describe_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    (out / RUN_MARKER).write_text(text)
+    with pytest.raises(KnnlmError) as e:
+        claim_output_dir(out, "eval", {"corpus": "a"})
+    marker = out / RUN_MARKER
+    assert str(e.value).startswith(f"{marker} is corrupt ({shown}"), str(e.value)
+    assert str(e.value).endswith(f"; delete {marker} if the folder is yours, or choose another --output_dir")
+    assert (out / RUN_MARKER).read_text() == text  # left as it was
+    assert describe_folder(out) == "a knnlm output folder"
+
+
 def test_stale_temp_files_of_dead_processes_are_removed(tmp_path):
     from knnlm.fileio import atomic_write_text, remove_stale_temps
 

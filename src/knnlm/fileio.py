@@ -264,12 +264,24 @@ _MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.ind
                 "adapter_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
+def _read_marker(marker: Path, flag: str = "--output_dir") -> dict:
+    """A folder's ``knnlm-run.json``; one that is not JSON, or JSON but not a ``{"kind": ..., ...}`` record (a list, a
+    number), is corrupt alike: neither says which command made the folder."""
+    fix = f"delete {marker} if the folder is yours, or choose another {flag}"
+    record = read_json(marker, fix=fix)
+    if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
+        shown = json.dumps(record)
+        raise KnnlmError(f"{marker} is corrupt (not a knnlm run record: {shown[:60]}{'...' if len(shown) > 60 else ''}"
+                         f"); {fix}")
+    return record
+
+
 def describe_folder(path: Path) -> str | None:
     """What a folder holds, in words, when it is recognisably a knnlm or Hugging Face artefact (else None)."""
     marker = path / RUN_MARKER
     if marker.is_file():
-        with contextlib.suppress(KnnlmError, AttributeError):
-            return f"the output of `knnlm {read_json(marker).get('kind')}`"
+        with contextlib.suppress(KnnlmError):
+            return f"the output of `knnlm {_read_marker(marker)['kind']}`"
         return "a knnlm output folder"
     if any((path / n).exists() for n in _MODEL_FILES) or any(path.glob("*.gguf")):
         return "a model (Hugging Face weights / tokenizer files)"
@@ -384,10 +396,9 @@ def _claim_state(path: Path, kind: str, inputs, overwrite: bool, own_files: tupl
     if not entries or entries == [RUN_MARKER]:
         return "new"
     if marker.is_file():
-        record = read_json(marker, fix=f"delete {marker} if the folder is yours, or choose another {flag}")
-        if not isinstance(record, dict) or record.get("kind") != kind:
-            other = record.get("kind") if isinstance(record, dict) else "?"
-            raise KnnlmError(f"{flag}: {path} holds the output of `knnlm {other}`, not of `knnlm {kind}`; "
+        record = _read_marker(marker, flag)
+        if record["kind"] != kind:
+            raise KnnlmError(f"{flag}: {path} holds the output of `knnlm {record['kind']}`, not of `knnlm {kind}`; "
                              "choose another folder (it is never overwritten)")
         if overwrite and own_files and unknown:
             raise KnnlmError(f"{flag}: {path} also holds {len(unknown)} file(s) `knnlm {kind}` did not write, e.g. "
