@@ -333,6 +333,27 @@ def test_cli_serve_bad_arguments(tiny_gpt2_dir, argv, needle, capsys):
     assert code == 2 and needle in err and err.startswith("knnlm: error: ") and "\n" not in err
 
 
+@pytest.mark.parametrize("host, needle", [
+    ("999.1.1.1", "--host: cannot bind 999.1.1.1:{port} ("),  # does not resolve
+    ("192.0.2.1", "--host: cannot bind 192.0.2.1:{port} (Cannot assign requested address)"),  # not this machine's
+    ("127.0.0.1", "--port: cannot bind 127.0.0.1:{port} (Address already in use); pick another port"),
+])
+def test_cli_serve_an_address_it_cannot_bind_names_the_flag_at_fault_before_the_model_loads(host, needle, tmp_path,
+                                                                                            capsys):
+    from knnlm.cli import main
+
+    with socket.socket() as taken:  # a port in use: the last case
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--model_name_or_path", str(tmp_path / "no-model"), "--host", host, "--port", str(port)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("knnlm: error: " + needle.format(port=port)) and "\n" not in err, err
+    if host != "127.0.0.1":
+        assert err.endswith("pass an IPv4 address of this machine or a name that resolves to one (127.0.0.1: local "
+                            "only, 0.0.0.0: every interface)")
+
+
 def test_serve_datastore_logprobs_are_knnlm(tiny_gpt2_dir, tmp_path):
     """`knnlm serve --datastore`: echoed log-probs are log p_knnlm; /v1/models names the store, k, λ, T."""
     from knnlm.augmented import AugmentArgs, augment_from_args
@@ -474,7 +495,7 @@ def test_n_sampled_choices_are_seeded_and_scored_by_the_model(server, tiny_lm):
     assert len(set(texts)) > 1, texts
     ids = tiny_lm.encode("the")
     for c in r["choices"]:
-        seq, want = list(ids), []
+        seq = list(ids)
         for tok_text, lp in zip(c["logprobs"]["tokens"], c["logprobs"]["token_logprobs"]):
             ref = _log_softmax(tiny_lm, seq)[-1]
             same = [t for t in torch.nonzero((ref - lp).abs() < 1e-5).flatten().tolist()]  # tokens of that log-prob

@@ -22,9 +22,11 @@ The HTTP side (connections, capacity, graceful stop, :func:`start_server`) is :m
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import socket
 import threading
 import time
 import uuid
@@ -76,6 +78,23 @@ class ServeArgs:
         if not self.request_timeout_s > 0:
             raise KnnlmError(f"--request_timeout_s: must be > 0, got {self.request_timeout_s}")
         require_finite("shutdown_grace_s", self.shutdown_grace_s, inclusive=True)
+        # a trial bind, so that an address or port the server cannot have is refused before the model loads
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds (allow_reuse_address)
+            try:
+                s.bind((self.host, self.port))
+            except OSError as e:
+                raise bind_error(self.host, self.port, e) from None
+
+
+def bind_error(host: str, port: int, e: OSError) -> KnnlmError:
+    """The error for a failed bind of ``host:port``: a name that does not resolve, or an address that is not this
+    machine's, is the fault of --host; anything else (in use, a privileged port) of --port."""
+    if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
+        return KnnlmError(f"--host: cannot bind {host}:{port} ({e.strerror}); pass an IPv4 address of this machine or "
+                          "a name that resolves to one (127.0.0.1: local only, 0.0.0.0: every interface)")
+    return KnnlmError(f"--port: cannot bind {host}:{port} ({e.strerror}); pick another port or stop the process using "
+                      "it")
 
 
 class ApiError(Exception):

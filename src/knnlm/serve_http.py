@@ -26,8 +26,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-from .errors import KnnlmError
-from .serve import ApiError, CompletionEngine, ServeArgs, parse_body
+from .serve import ApiError, CompletionEngine, ServeArgs, bind_error, parse_body
 
 log = logging.getLogger(__name__)
 
@@ -283,8 +282,7 @@ class CompletionServer(HTTPServer):
             super().__init__((host, port), _Handler)
         except OSError as e:
             self._selector.close()
-            raise KnnlmError(f"--port: cannot bind {host}:{port} ({e.strerror}); pick another port or stop the "
-                             "process using it") from None
+            raise bind_error(host, port, e) from None
         self._threads += [threading.Thread(target=self._work, name=f"knnlm-serve-{i}", daemon=True)
                           for i in range(workers)]
         for t in self._threads:
