@@ -98,6 +98,32 @@ def test_macondo_damaged_split_names_file_and_line_and_overwrite_regenerates_it(
     assert rc == 0, err
 
 
+def test_macondo_split_emptied_cut_or_edited_after_generate_is_refused_before_the_model_loads(tmp_path, capsys):
+    """A split that no longer is the file meta.json records scored as n_examples 0 (or a smaller dataset), exit 0."""
+    data = tmp_path / "village"
+    gen = ["macondo", "generate", "--output_dir", data, "--num_villagers", 20, "--num_parents", 4]
+    assert cli(gen, capsys)[0] == 0
+    good = (data / "test.jsonl").read_bytes()
+    lines = good.splitlines(keepends=True)
+    score = ["macondo", "score", "--model_name_or_path", tmp_path / "no-model", "--data", data, "--output_dir",
+             tmp_path / "score"]  # no model there: each refusal comes before loading one
+    fix = f"`knnlm macondo generate --output_dir {data} --overwrite`"
+    edited = lines[0].replace(b'"parent": "', b'"parent": "X')
+    for damaged, needle in ((b"", f"{data / 'test.jsonl'} holds 0 rows, not the {len(lines)} its meta.json records"),
+                            (b"".join(lines[:3]), f"holds 3 rows, not the {len(lines)} its meta.json records"),
+                            (edited + b"".join(lines[1:]), "test.jsonl differs from the sha256 its meta.json records")):
+        (data / "test.jsonl").write_bytes(damaged)
+        assert_one_line(*cli(score, capsys), "--data: ", needle, fix)
+        assert not (tmp_path / "score").exists()
+    assert cli([*gen, "--overwrite"], capsys)[0] == 0
+    assert (data / "test.jsonl").read_bytes() == good
+    hand = tmp_path / "hand"  # a hand-written split (no meta.json) needs rows, nothing more
+    hand.mkdir()
+    (hand / "test.jsonl").write_text("\n")
+    assert_one_line(*cli([*score[:-4], "--data", hand, *score[-2:]], capsys), f"--data: {hand / 'test.jsonl'} holds no "
+                                                                               "rows")
+
+
 def test_generate_prompt_file_folder_and_non_utf8_are_named_as_such(tiny_gpt2_dir, tmp_path, capsys):
     """Before: a folder was reported as "does not exist", and a latin-1 file as "is not UTF-8 text; convert it"
     (no byte, no way to convert)."""

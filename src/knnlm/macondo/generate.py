@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Callable, Literal, Optional
 
 from ..errors import KnnlmError
-from ..fileio import (claim_output_dir, describe_folder, package_versions, releases_locks, remove_own_files, sha256_file,
-                      temp_path)
+from ..fileio import (claim_output_dir, describe_folder, package_versions, read_json, releases_locks, remove_own_files,
+                      sha256_file, temp_path)
 from . import sources
 
 log = logging.getLogger(__name__)
@@ -426,4 +426,24 @@ def read_split(data_dir: str | Path, split: str) -> list[dict]:
                 raise KnnlmError(f"--data: {path}:{n} is not a Macondo row ({missing[0]!r} missing or of another type); "
                                  f"{fix}")
             rows.append(row)
+    _check_complete(Path(data_dir), path, split, rows, fix)
     return rows
+
+
+def _check_complete(data_dir: Path, path: Path, split: str, rows: list, fix: str) -> None:
+    """Refuses a split that is empty, or that is not the file its meta.json records (row count, sha256): a split
+    emptied or cut after `macondo generate` would otherwise score as n_examples 0, or as a smaller dataset, and exit 0.
+    A hand-written split (no meta.json) is held to having rows only."""
+    meta_path = data_dir / "meta.json"
+    meta = read_json(meta_path, fix=fix) if meta_path.is_file() else {}
+    meta = meta if isinstance(meta, dict) else {}
+    want = (meta.get("counts") or {}).get(split)
+    if isinstance(want, int) and len(rows) != want:
+        raise KnnlmError(f"--data: {path} holds {len(rows)} rows, not the {want} its meta.json records (emptied, cut or "
+                         f"edited after `knnlm macondo generate`); {fix}")
+    if not rows:
+        raise KnnlmError(f"--data: {path} holds no rows; pass a split with rows, e.g. one made by `knnlm macondo generate`")
+    digest = (meta.get("sha256") or {}).get(path.name)
+    if digest and sha256_file(path) != digest:
+        raise KnnlmError(f"--data: {path} differs from the sha256 its meta.json records (edited after `knnlm macondo "
+                         f"generate`); {fix}")
