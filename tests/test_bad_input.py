@@ -187,3 +187,15 @@ def test_generate_into_its_earlier_run_of_other_prompts_is_refused_before_genera
     monkeypatch.setattr(knnlm.models, "load_model", lambda *a: pytest.fail("the model was loaded before the check"))
     assert_one_line(*cli([*run, "--prompt", "a dog"], capsys), "--output_dir", "other inputs", "--overwrite")
     assert (out / "results.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("flag,value", [("--sweep_temps", "nan"), ("--sweep_temps", "1,inf"), ("--knn_temp", "inf"),
+                                        ("--knn_temp", "nan")])
+def test_eval_temperatures_must_be_finite(flag, value, tiny_gpt2_dir, files, tmp_path, capsys):
+    """Before: --sweep_temps nan gave exit 0 and a perplexity of null; --sweep_temps inf and --knn_temp inf were
+    accepted."""
+    out = tmp_path / "out"
+    rc, err = cli(["eval", *model_args(tiny_gpt2_dir), "--validation_file", files / "b.txt", "--output_dir", out,
+                   flag, value], capsys)
+    assert_one_line(rc, err, flag, "finite number > 0")
+    assert not out.exists()

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .corpus import CorpusArgs, TokenFile, count_targets, token_record_path, tokenize_to_file, windows
 from .corpus import target_positions as _target_positions  # noqa: F401  (old private name: benchmarks/knn_eval.py --baseline_src runs older sources)
 from .datastore import KEY_POINTS
-from .errors import KnnlmError
+from .errors import KnnlmError, require_finite
 from .fileio import atomic_write_json, read_json, resolve_path, reusable
 from .knn import KNNArgs, Retriever, interpolate, knn_gold_log_prob
 from .models import tensors_hash
@@ -51,8 +51,8 @@ class EvalArgs:
             raise KnnlmError("--batch_size: must be >= 1")
         if not self.output_dir:
             raise KnnlmError("--output_dir: required; the folder for results.json")
-        if any(t <= 0 for t in self.sweep_temps):
-            raise KnnlmError("--sweep_temps: temperatures must be > 0")
+        for t in self.sweep_temps:
+            require_finite("sweep_temps", t)
 
 
 class _NLL:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import KnnlmError
+from .errors import KnnlmError, require_finite
 from .gpu_search import SEARCH_DTYPE, SEARCH_MARGIN
 from .ray_search import SHARD_CPUS, check_knn_args
 
@@ -49,8 +49,7 @@ class KNNArgs:
         for lam in self.lmbda:
             if not 0.0 <= lam <= 1.0:
                 raise KnnlmError(f"--lmbda: {lam} is outside [0, 1]; it is the weight of the kNN distribution")
-        if not self.knn_temp > 0:
-            raise KnnlmError(f"--knn_temp: must be > 0, got {self.knn_temp}")
+        require_finite("knn_temp", self.knn_temp)
         if self.nprobe < 1:
             raise KnnlmError(f"--nprobe: must be >= 1, got {self.nprobe}")
         from .models import DTYPES
