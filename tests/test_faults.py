@@ -863,6 +863,35 @@ def test_eval_from_neighbors_honours_or_refuses_k_and_temperature(tiny_gpt2_dir,
                           tmp_path / "c-other"], capsys), "--datastore", "cannot change it")
 
 
+def test_a_damaged_neighbour_cache_is_a_one_line_error_naming_its_file(tiny_gpt2_dir, files, tmp_path, capsys):
+    """Before: a cut-off dists.f32 or a k.txt of garbage or of another k was an internal error (a reshape or int()
+    ValueError), a cache without gold.i32 "No such file ...; check the path", and a NaN distance exit 0 with a
+    perplexity of null."""
+    import numpy as np
+
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    eval_metrics(tiny_gpt2_dir, files / "b.txt", tmp_path / "full", capsys, "--datastore", ds.dir, "--k", 16,
+                 "--save_neighbors", "true")
+    good = tmp_path / "full" / "neighbors"
+    dists = (good / "dists.f32").read_bytes()
+    nan = np.frombuffer(dists, dtype=np.float32).copy()
+    nan[37] = np.nan
+    for i, (name, damaged, needle) in enumerate([
+            ("dists.f32", dists[:100], "dists.f32 holds 100 bytes"),  # not whole rows
+            ("dists.f32", dists[:6400], "dists.f32 holds 6400 bytes"),  # whole rows, too few tokens
+            ("k.txt", b"garbage\n", "k.txt holds 'garbage'"),
+            ("k.txt", b"32", "k = 32"),  # the files hold k = 16
+            ("gold.i32", None, "incomplete neighbour cache (no gold.i32)"),
+            ("dists.f32", nan.tobytes(), "dists.f32 holds nan")]):
+        cache = tmp_path / f"bad{i}"
+        shutil.copytree(good, cache)
+        (cache / name).unlink() if damaged is None else (cache / name).write_bytes(damaged)
+        out = tmp_path / f"out{i}"
+        assert_one_line(*cli(["eval", "--from_neighbors", cache, "--k", 8, "--output_dir", out], capsys),
+                        "--from_neighbors", str(cache), needle, "--save_neighbors true")
+        assert not out.exists()
+
+
 def test_validation_datastore_of_training_text_is_refused(tiny_gpt2_dir, files, tmp_path, capsys):
     """Before: a held-out store built from the first part of the training text was accepted as held out."""
     ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)

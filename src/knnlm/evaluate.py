@@ -156,18 +156,65 @@ def commit_neighbour_cache(out_dir: str | Path) -> None:
         swap_into_place(staging_dir(final), final)
 
 
+_REDO_CACHE = "rerun the eval with --save_neighbors true"
+
+
+def neighbour_cache_k(cache_dir: str | Path) -> int:
+    """The k of the finished neighbour cache in ``cache_dir`` (0: an eval without --datastore, LM log-probs only),
+    once its files agree with each other and with it: ``k.txt`` a whole number, every file there, one 4-byte value per
+    token (the tokens of ``gold.i32``) in ``lm_gold.f32`` (and ``mlp_gold.f32``), k per token in ``dists.f32`` and
+    ``vals.i32``. A cut-off or mixed-up cache is a one-line error naming the file, not a reshape error in a sweep."""
+    cache = Path(cache_dir)
+    if not (cache / "k.txt").is_file():
+        raise KnnlmError(f"--from_neighbors: {cache} holds no neighbour cache (no k.txt); pass the neighbors/ folder "
+                         "of an eval run made with --save_neighbors true")
+    text = (cache / "k.txt").read_text(errors="replace").strip()
+    if not (text.isascii() and text.isdigit()):
+        raise KnnlmError(f"--from_neighbors: {cache / 'k.txt'} holds {text[:40]!r}, not a number of neighbours; the "
+                         f"cache is damaged: {_REDO_CACHE}")
+    k = int(text)
+    names = ("dists.f32", "vals.i32", "lm_gold.f32", "gold.i32") if k else ("lm_gold.f32", "gold.i32")
+    for name in names:
+        if not (cache / name).is_file():
+            raise KnnlmError(f"--from_neighbors: {cache} is an incomplete neighbour cache (no {name}); {_REDO_CACHE}")
+    size = (cache / "gold.i32").stat().st_size
+    n = size // 4
+    if size % 4 or n == 0:
+        raise KnnlmError(f"--from_neighbors: {cache / 'gold.i32'} holds {size} bytes, not a whole number (>= 1) of "
+                         f"4-byte tokens; the cache is damaged: {_REDO_CACHE}")
+    per_token = {"lm_gold.f32": 1, "mlp_gold.f32": 1, "dists.f32": k, "vals.i32": k}
+    for name, m in per_token.items():
+        path = cache / name
+        if (name in names or path.is_file()) and path.stat().st_size != 4 * m * n:
+            raise KnnlmError(f"--from_neighbors: {path} holds {path.stat().st_size} bytes, not 4 x {m} per token for the "
+                             f"{n} tokens of gold.i32 (k.txt: k = {k}); the cache is damaged: {_REDO_CACHE}")
+    return k
+
+
+def _cached(cache: Path, name: str, dtype) -> torch.Tensor:
+    """One file of a checked cache, flat; a NaN (or a -inf distance, or an infinite log-prob) is refused:
+    the sweep would turn it into a perplexity of null."""
+    values = torch.from_numpy(np.fromfile(cache / name, dtype=dtype))
+    if values.is_floating_point():
+        bad = ~(values > -math.inf) if name == "dists.f32" else ~torch.isfinite(values)  # an unfilled row: inf
+        if bad.any():
+            raise KnnlmError(f"--from_neighbors: {cache / name} holds {values[bad][0].item()} at value "
+                             f"{int(bad.nonzero()[0])}; the cache is damaged: {_REDO_CACHE}")
+    return values
+
+
 def sweep_from_cache(cache_dir: str | Path, lmbdas: list[float], temps: list[float], k: Optional[int] = None) -> dict:
     """kNN-LM perplexity for every (λ, T) from a neighbour cache, with no new search; ``k`` (at most the cached k)
     keeps each token's ``k`` nearest cached neighbours, as a search for ``k`` would have returned."""
     cache_dir = Path(cache_dir)
-    k_cached = int((cache_dir / "k.txt").read_text())
-    dists = torch.from_numpy(np.fromfile(cache_dir / "dists.f32", dtype=np.float32).reshape(-1, k_cached))
-    vals = torch.from_numpy(np.fromfile(cache_dir / "vals.i32", dtype=np.int32).reshape(-1, k_cached))
+    k_cached = neighbour_cache_k(cache_dir)
+    dists = _cached(cache_dir, "dists.f32", np.float32).reshape(-1, k_cached)
+    vals = _cached(cache_dir, "vals.i32", np.int32).reshape(-1, k_cached)
     if k is not None and k < k_cached:
         dists, order = dists.sort(dim=-1, stable=True)  # [n, k_cached] nearest first (unfilled rows: inf, last)
         dists, vals = dists[:, :k], vals.gather(1, order[:, :k])
-    lm_gold = torch.from_numpy(np.fromfile(cache_dir / "lm_gold.f32", dtype=np.float32))
-    gold = torch.from_numpy(np.fromfile(cache_dir / "gold.i32", dtype=np.int32))
+    lm_gold = _cached(cache_dir, "lm_gold.f32", np.float32)
+    gold = _cached(cache_dir, "gold.i32", np.int32)
     out = {}
     for temp in temps:
         knn_gold = knn_gold_log_prob(dists, vals, gold, temp)

@@ -211,14 +211,12 @@ def _cache_settings(args, margs, kargs, eargs) -> tuple[dict, int, list[float]]:
     another model or datastore, other search settings. A smaller k and any temperature are recomputed exactly
     from the cached distances."""
     from ..errors import KnnlmError
+    from ..evaluate import neighbour_cache_k
     from ..fileio import read_json, resolve_path
     from ..knn import KNNArgs
 
     cache = Path(eargs.from_neighbors)
-    if not (cache / "k.txt").is_file():
-        raise KnnlmError(f"--from_neighbors: {cache} holds no neighbour cache (no k.txt); pass the neighbors/ folder "
-                         "of an eval run made with --save_neighbors true")
-    held = {"k": int((cache / "k.txt").read_text())}
+    held = {"k": neighbour_cache_k(cache)}  # (checked: its files agree with each other and with k.txt)
     if held["k"] == 0:
         raise KnnlmError(f"--from_neighbors: {cache} is the cache of an eval without --datastore (LM log-probs, no "
                          "neighbours); pass the neighbors/ folder of an eval run with --datastore and --save_neighbors true")
