@@ -609,6 +609,24 @@ def test_out_of_range_values_and_non_finite_keys_are_refused(tiny_gpt2_dir, file
                     "keys.f16 differs")
 
 
+def test_pure_knn_lambda_one_is_not_blamed_on_the_store(tiny_gpt2_dir, files, tmp_path, capsys):
+    """Before: --lmbda 1 (inside the documented [0, 1]) ran the whole eval, then said the store was corrupt; the
+    infinite perplexity comes from p_knn(gold) = 0 where no neighbour holds the gold token. NaN still means corrupt."""
+    from knnlm.cli.core import _refuse_non_finite
+
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    ev = ["eval", *model_args(tiny_gpt2_dir), "--validation_file", files / "b.txt", "--output_dir", tmp_path / "ev",
+          "--block_size", 32, "--datastore", ds.dir, "--k", 2]
+    for lmbdas in ("1", "0.25,1"):
+        line = assert_one_line(*cli([*ev, "--lmbda", lmbdas], capsys), "--lmbda", "λ = 1", "below 1")
+        assert "corrupt" not in line and "--datastore" not in line
+        assert not (tmp_path / "ev" / "results.json").exists()
+    assert cli([*ev, "--lmbda", "0.25"], capsys)[0] == 0  # the corrected rerun, same folder
+    with pytest.raises(KnnlmError, match="--datastore: .* store is corrupt"):
+        _refuse_non_finite({"ppl_lm": 5.0, "ppl_knnlm": float("nan"), "lmbda": 1.0, "k": 2,
+                            "sweep_knn": {"1.0": float("nan")}})
+
+
 def test_non_finite_keys_from_the_model_stop_the_build(tiny_gpt2_dir, files, tmp_path, capsys, monkeypatch):
     import numpy as np
 

@@ -188,7 +188,9 @@ def cmd_eval(args) -> int:
 
 
 def _refuse_non_finite(metrics: dict) -> None:
-    """A NaN/inf perplexity is never a result: it comes from a corrupt store or memory."""
+    """A NaN/inf perplexity is never a result: it comes from a corrupt store or memory, or from λ = 1, the kNN
+    distribution alone, which gives p(gold) = 0 (an infinite perplexity, never NaN) wherever the gold token is not the
+    value of any of the k neighbours."""
     import math
 
     from ..errors import KnnlmError
@@ -196,6 +198,11 @@ def _refuse_non_finite(metrics: dict) -> None:
     bad = {k: v for k, v in metrics.items() if k.startswith("ppl") and not math.isfinite(v)}
     bad.update({f"{name}[{lam}]": v for name in ("sweep_knn", "sweep_mlp") for lam, v in metrics.get(name, {}).items()
                 if not math.isfinite(v)})
+    pure_knn = {"sweep_knn[1.0]"} | ({"ppl_knnlm"} if metrics.get("lmbda") == 1 else set())
+    if bad and set(bad) <= pure_knn and all(v == math.inf for v in bad.values()):
+        raise KnnlmError(f"--lmbda: λ = 1 weighs the kNN distribution alone, and it gives an infinite perplexity: "
+                         f"p(gold) = 0 wherever the gold token is none of the k = {metrics.get('k')} neighbours' "
+                         "values; use a --lmbda below 1 (e.g. 0.25); no results were written")
     if bad:
         name = next(iter(bad))
         source = ("--mlp_memory" if "mlp" in name else "--datastore") if ("mlp" in name or "knn" in name) else \
