@@ -173,6 +173,28 @@ def test_study_runners_never_write_into_a_model_folder(runner, tiny_gpt2_dir, fi
 
 
 # ---------------------------------------------------------------------------------------------------------------- stale caches
+def test_cut_off_weights_and_missing_tokenizer_name_the_model_folder(tiny_gpt2_dir, files, tmp_path, capsys):
+    """Before: a cut-off model.safetensors was an internal error (SafetensorError); a model folder without tokenizer
+    files loaded an empty-vocabulary tokenizer, and eval said "--validation_file: the corpus is empty"."""
+    ev = ["eval", "--device", "cpu", "--validation_file", files / "b.txt", "--block_size", 32]
+    weights = (tiny_gpt2_dir / "model.safetensors").read_bytes()
+    for i, cut in enumerate((weights[:1000], weights[:-1000])):  # the header cut, then the tensors
+        model = shutil.copytree(tiny_gpt2_dir, tmp_path / f"cut{i}")
+        (model / "model.safetensors").write_bytes(cut)
+        assert_one_line(*cli([*ev, "--model_name_or_path", model, "--output_dir", tmp_path / "out"], capsys),
+                        "--model_name_or_path", str(model / "model.safetensors"), "is damaged")
+        assert not (tmp_path / "out").exists()
+    bare = shutil.copytree(tiny_gpt2_dir, tmp_path / "bare")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
+        (bare / name).unlink(missing_ok=True)
+    assert_one_line(*cli([*ev, "--model_name_or_path", bare, "--output_dir", tmp_path / "out"], capsys),
+                    "--model_name_or_path", str(bare), "has no tokenizer", "--tokenizer_name_or_path")
+    assert not (tmp_path / "out").exists()
+    rc, err = cli([*ev, "--model_name_or_path", bare, "--tokenizer_name_or_path", "gpt2", "--output_dir",
+                   tmp_path / "out"], capsys)
+    assert rc == 0, err
+
+
 def test_eval_never_reuses_tokens_of_another_corpus(tiny_gpt2_dir, files, tmp_path, capsys):
     clean_b = eval_metrics(tiny_gpt2_dir, files / "b.txt", tmp_path / "clean_b", capsys)
     out = tmp_path / "out"

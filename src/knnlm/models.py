@@ -470,8 +470,36 @@ def _tokenizer_source(args: ModelArgs, source: str, revision: Optional[str]) -> 
     return source, revision
 
 
+def _damaged_weights(source: str, e: Exception) -> KnnlmError:
+    """The one-line error for weights safetensors cannot read (a cut-off download or copy), naming the first file of
+    the folder that fails to open (the error itself names none)."""
+    from safetensors import SafetensorError, safe_open
+
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    where = Path(source)
+    for path in sorted(where.glob("*.safetensors")) if where.is_dir() else ():
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except SafetensorError:
+            where = path
+            break
+    return KnnlmError(f"--model_name_or_path: {where} is damaged ({first}); copy, download or save the model again")
+
+
+def _check_tokenizer(tokenizer, flag: str, name: str) -> None:
+    """Refuses a tokenizer with an empty vocabulary: transformers builds one from a model folder without tokenizer
+    files, and it encodes every text as no tokens (a corpus of text then looks empty)."""
+    if tokenizer.vocab_size == 0 or len(tokenizer) < 2:
+        hint = ("pass another --tokenizer_name_or_path" if flag == "--tokenizer_name_or_path" else
+                "copy the tokenizer files (tokenizer.json, tokenizer_config.json) into it or pass "
+                "--tokenizer_name_or_path (e.g. gpt2 for GPT-2's BPE)")
+        raise KnnlmError(f"{flag}: {name} has no tokenizer (the tokenizer it gives has an empty vocabulary); {hint}")
+
+
 def load_model(args: ModelArgs) -> LM:
     """Loads the model and tokenizer named by ``args`` onto the device, in eval mode, as an :class:`LM`."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     args.validate()
@@ -497,8 +525,13 @@ def load_model(args: ModelArgs) -> LM:
             model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype)
     except OSError as e:
         raise _hub_error("--model_name_or_path", source, e) from None
+    except SafetensorError as e:
+        raise _damaged_weights(source, e) from None
     model = model.to(device=device, dtype=dtype).eval()
-    tokenizer = _load_tokenizer(*_tokenizer_source(args, source, revision))
+    tok_name, tok_revision = _tokenizer_source(args, source, revision)
+    tokenizer = _load_tokenizer(tok_name, tok_revision)
+    _check_tokenizer(tokenizer, "--tokenizer_name_or_path" if args.tokenizer_name_or_path else "--model_name_or_path",
+                     tok_name)
     lm = LM(model, tokenizer, name=str(args.model_name_or_path))
     log.info("loaded %s (%s, %d parameters, %s, %s)", lm.name, lm.model_type,
              sum(p.numel() for p in model.parameters()), dtype, device)
