@@ -56,6 +56,34 @@ def test_mlp_train_into_its_own_damaged_memory_says_overwrite_and_overwrite_retr
         assert cli(train, capsys)[0] == 0
 
 
+def test_a_damaged_memory_record_names_the_file_and_the_retraining(tiny_gpt2_dir, files, tmp_path, capsys):
+    """Before: memory.json with hidden_size a string or without "d" was an internal error (TypeError, KeyError), and
+    an unknown activation was reported as "--activation: ..." by eval, which has no such flag."""
+    import json
+
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    mem = tmp_path / "mem"
+    train = ["mlp", "train", *model_args(tiny_gpt2_dir), "--datastore", ds.dir, "--output_dir", mem, "--max_steps", 2,
+             "--hidden_size", 16]
+    assert cli(train, capsys)[0] == 0
+    good = json.loads((mem / "memory.json").read_text())
+    out = tmp_path / "ev"
+    ev = ["eval", *model_args(tiny_gpt2_dir), "--validation_file", files / "b.txt", "--block_size", 32,
+          "--mlp_memory", mem, "--output_dir", out]
+    for key, value, needle in (("hidden_size", "sixteen", "hidden_size is 'sixteen'"), ("d", None, "no 'd'"),
+                               ("activation", "bogus", "activation 'bogus'"), ("vocab_size", True, "vocab_size is True")):
+        record = {k: v for k, v in good.items() if k != key or value is not None}
+        if value is not None:
+            record[key] = value
+        (mem / "memory.json").write_text(json.dumps(record))
+        line = assert_one_line(*cli(ev, capsys), "--mlp_memory", str(mem / "memory.json"), needle,
+                               "mlp train --overwrite")
+        assert "--activation" not in line
+        assert not out.exists()
+    assert cli([*train, "--overwrite"], capsys)[0] == 0
+    assert cli(ev, capsys)[0] == 0
+
+
 @pytest.mark.parametrize("cmd,flag", [
     (["analyze", "projection", "--validation_file", "{a}", "--datastore", "{ds}"], "--learning_rate"),
     (["overspec", "run"], "--mlp_learning_rate"),

@@ -204,8 +204,10 @@ class MLPMemory(nn.Module):
             raise KnnlmError(f"--mlp_memory: {directory} has no {CONFIG_FILE}, so it is not a trained memory{hint}; "
                              "train one with `knnlm mlp train`")
         cfg = read_json(cfg_path)
-        if cfg.get("format") != FORMAT:
-            raise KnnlmError(f"--mlp_memory: {cfg_path} is not a knnlm MLP memory ({cfg.get('format')!r})")
+        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+            found = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
+            raise KnnlmError(f"--mlp_memory: {cfg_path} is not a knnlm MLP memory ({found!r})")
+        _check_record(cfg, cfg_path)
         for key, mine, what in (("weights_hash", lm.weights_hash(), "model weights"),
                                 ("tokenizer_hash", lm.tokenizer_hash(), "tokenizer")):
             if cfg.get(key) != mine:
@@ -232,6 +234,32 @@ class MLPMemory(nn.Module):
         mem.bind(lm.output_layer)
         mem.dir = directory
         return mem.to(lm.device).eval()
+
+
+def _check_record(cfg: dict, cfg_path: Path) -> None:
+    """Refuses a memory.json whose architecture fields the memory is built from are missing or of the wrong type (an
+    edited or damaged record): they would fail inside torch, or be reported as a flag the command does not have."""
+    problem = None
+    for key in ("d", "hidden_size", "vocab_size"):
+        value = cfg.get(key)
+        if type(value) is not int or value < 1:  # (a bool is an int to isinstance)
+            problem = f"{key} is {value!r}, not a whole number >= 1" if key in cfg else f"no {key!r}"
+            break
+    else:
+        if type(cfg.get("train_output_layer")) is not bool:
+            problem = f"train_output_layer is {cfg.get('train_output_layer')!r}, not true or false"
+        elif not isinstance(cfg.get("key_point"), str):
+            problem = f"key_point is {cfg.get('key_point')!r}, not a key point name"
+        elif not isinstance(cfg.get("activation"), str):
+            problem = f"activation is {cfg.get('activation')!r}, not an activation name"
+        else:
+            try:
+                _activation(cfg["activation"])
+            except KnnlmError:
+                problem = f"activation {cfg['activation']!r} is not a transformers activation"
+    if problem:
+        raise KnnlmError(f"--mlp_memory: {cfg_path} is not a valid knnlm memory record ({problem}); retrain the "
+                         "memory with `knnlm mlp train --overwrite`")
 
 
 _REFERENCE_KEYS = ("model_name_or_path", "weights_hash", "tokenizer_hash", "key_point", "datastore")
