@@ -1,7 +1,10 @@
 """Bad command lines through the real CLI: each is one ``knnlm: error:`` line naming the flag or file and the fix, exit
 2, no traceback, no output that looks finished and nothing of the user's lost (the helpers are test_faults')."""
 import pytest
-from test_faults import assert_one_line, build_ds, cli, files, model_args  # noqa: F401 -- files is a fixture
+import test_faults
+from test_faults import assert_one_line, build_ds, cli, model_args
+
+files = test_faults.files  # the corpora fixture, shared with test_faults
 
 LM_TRAIN = ["--size", "tiny", "--block_size", 32, "--batch_size", 2, "--max_steps", 2, "--eval_every", 2,
             "--eval_tokens", 64]
@@ -227,3 +230,42 @@ def test_eval_temperatures_must_be_finite(flag, value, tiny_gpt2_dir, files, tmp
                    flag, value], capsys)
     assert_one_line(rc, err, flag, "finite number > 0")
     assert not out.exists()
+
+
+_SEEDED = [  # every command's seed flag; {ds} is a store that does not exist, so the flag must be checked first
+    (["index", "build", "{ds}"], "--seed"),
+    (["datastore", "cluster", "{ds}"], "--seed"),
+    (["mlp", "train", "{model}", "--datastore", "{ds}", "{out}"], "--seed"),
+    (["lm", "train", "--train_file", "{a}", "--validation_file", "{b}", *LM_TRAIN, "{out}"], "--seed"),
+    (["analyze", "projection", "{model}", "--validation_file", "{b}", "--datastore", "{ds}", "{out}"], "--seed"),
+    (["analyze", "retomaton", "{model}", "--validation_file", "{b}", "--datastore", "{ds}", "{out}"], "--seed"),
+    (["generate", "{model}", "--prompt", "the", "--compare", "true", "{out}"], "--seed"),
+    (["macondo", "generate", "{out}"], "--seed"),
+    (["hurdle", "run", "--size", "tiny", "{out}"], "--macondo_seed"),
+    (["overspec", "run", "{model}", "{out}"], "--seeds"),
+    (["overspec", "api", "--model", "m1,m2", "{out}"], "--seeds"),
+]
+
+
+@pytest.mark.parametrize("value", ["-1", str(2 ** 32)])
+@pytest.mark.parametrize("cmd,flag", _SEEDED)
+def test_every_seed_flag_is_checked_before_any_work(cmd, flag, value, tiny_gpt2_dir, files, tmp_path, capsys):
+    """Before: a negative seed reached numpy (`expected non-negative integer`, `Seed must be between 0 and 2**32 - 1`)
+    as an internal error after the model was loaded, the index trained or the analysis done, and lm train and analyze
+    projection left a claimed folder that refused the corrected rerun; hurdle's --macondo_seed was reported as --seed."""
+    out = tmp_path / "out"
+    fill = {"{ds}": [tmp_path / "nostore"], "{a}": [files / "a.txt"], "{b}": [files / "b.txt"],
+            "{model}": model_args(tiny_gpt2_dir), "{out}": ["--output_dir", out]}
+    argv = [a for c in cmd for a in fill.get(c, [c])]
+    seed = f"0,{value}" if flag == "--seeds" else value
+    assert_one_line(*cli([*argv, flag, seed], capsys), f"{flag}: must be in [0, 2**32)", value)
+    assert not out.exists() and not (tmp_path / "nostore").exists()
+
+
+@pytest.mark.parametrize("value", ["-5", "-1"])
+def test_index_recall_queries_must_not_be_negative(value, tmp_path, capsys):
+    """Before: -5 trained the IVF index and added every key, then failed (internal error, `negative dimensions`) and
+    left index.rebuild-tmp; -1 with a Flat index was accepted silently."""
+    assert_one_line(*cli(["index", "build", tmp_path / "nostore", "--recall_queries", value], capsys),
+                    "--recall_queries: must be >= 0", "0 skips")
+

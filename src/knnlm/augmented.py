@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from .corpus import skip_bad_rows_field
-from .errors import KnnlmError, require_finite
+from .errors import KnnlmError, require_finite, require_seed
 from .knn import KNNArgs, Retriever, interpolate
 
 log = logging.getLogger(__name__)
@@ -303,6 +303,7 @@ class GenerateArgs:
         if self.max_new_tokens < 1:
             raise KnnlmError(f"--max_new_tokens: must be >= 1, got {self.max_new_tokens}")
         require_finite("temperature", self.temperature)
+        require_seed("seed", self.seed)
         if self.top_k < 0:
             raise KnnlmError(f"--top_k: must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import KnnlmError
+from .errors import KnnlmError, require_seed
 from .fileio import atomic_path, atomic_write_json, read_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class ClusterArgs:
             raise KnnlmError(f"--sample_size: must be >= 1, got {self.sample_size}")
         if self.niter < 1:
             raise KnnlmError(f"--niter: must be >= 1, got {self.niter}")
+        require_seed("seed", self.seed)
 
 
 def _record(ds, args: ClusterArgs) -> dict:

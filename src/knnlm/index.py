@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .datastore import check_finite, refuse_damaged, store_problems
-from .errors import KnnlmError
+from .errors import KnnlmError, require_seed
 from .fileio import (atomic_path, atomic_write_json, lock_output_dir, read_json, releases_locks,
                      restore_interrupted_swap, sha256_file, staging_dir, swap_into_place)
 
@@ -48,6 +48,9 @@ class IndexArgs:
         for name in ("flat_threshold", "nprobe", "train_size", "add_chunk", "shards", "recall_k"):
             if getattr(self, name) < 1:
                 raise KnnlmError(f"--{name}: must be >= 1")
+        if self.recall_queries < 0:
+            raise KnnlmError(f"--recall_queries: must be >= 0 (0 skips the recall check), got {self.recall_queries}")
+        require_seed("seed", self.seed)
 
 
 def default_factory(n: int, d: int, flat_threshold: int) -> str:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .datastore import Datastore, dtype_hint, shared_text
-from .errors import KnnlmError, require_finite
+from .errors import KnnlmError, require_finite, require_seed
 from .fileio import (atomic_path, atomic_write_json, claim_output_dir, package_versions, read_json, releases_locks,
                      remove_own_files)
 from .train import TrainArgs, _rng_state, _set_rng_state, train
@@ -79,6 +79,7 @@ class MemoryArgs:
             raise KnnlmError(f"--max_steps: must be >= 0 (0 = no limit), got {self.max_steps}")
         require_finite("learning_rate", self.learning_rate)
         require_finite("weight_decay", self.weight_decay, inclusive=True)
+        require_seed("seed", self.seed)
         if self.lr_scheduler_type not in LR_SCHEDULES:
             raise KnnlmError(f"--lr_scheduler_type: one of {', '.join(LR_SCHEDULES)}, got {self.lr_scheduler_type!r}")
 

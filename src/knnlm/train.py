@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .corpus import pad_right
-from .errors import KnnlmError, require_finite
+from .errors import KnnlmError, require_finite, require_seed
 from .fileio import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class TrainArgs:
 
     def validate(self) -> None:
         require_finite("learning_rate", self.learning_rate)
+        require_seed("seed", self.seed)
         if not 0 <= self.warmup_ratio < 1:
             raise KnnlmError(f"--warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         for name in ("batch_size", "gradient_accumulation_steps", "epochs", "log_every"):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
-from ..errors import KnnlmError
+from ..errors import KnnlmError, require_seed
 from ..fileio import (claim_output_dir, describe_folder, package_versions, read_json, releases_locks, remove_own_files,
                       sha256_file, temp_path)
 from . import sources
@@ -89,8 +89,7 @@ class MacondoArgs:
         if not 1 <= self.min_children <= self.max_children:
             raise KnnlmError(f"--min_children/--max_children: need 1 <= min <= max, got {self.min_children} and "
                              f"{self.max_children}")
-        if self.seed < 0:  # random.Random(-s) is random.Random(s): a negative seed would repeat a positive one
-            raise KnnlmError(f"--seed: must be >= 0, got {self.seed} (seed -s would give the village of seed s)")
+        require_seed("seed", self.seed)  # random.Random(-s) is random.Random(s): -s would repeat the village of s
         if self.examples_per_child < 1:
             raise KnnlmError(f"--examples_per_child: must be >= 1, got {self.examples_per_child}")
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ...errors import KnnlmError
+from ...errors import KnnlmError, require_seed
 from ...train import TrainArgs
 from ..study import library_args, mirror
 
@@ -103,6 +103,7 @@ class HurdleArgs:
             raise KnnlmError(f"--n_head: {heads} heads do not divide the width {width}")
         if layers < 2:
             raise KnnlmError(f"--n_layer: {layers} blocks leave no first-vs-last MLP control; use >= 2")
+        require_seed("macondo_seed", self.macondo_seed)  # not left to the village's own check, which names --seed
         if not 0 < self.area_fraction <= 1:
             raise KnnlmError(f"--area_fraction: must be in (0, 1], got {self.area_fraction}")
         if self.vocab_size < 0 or self.vocab_size == 1:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from ...errors import KnnlmError
+from ...errors import KnnlmError, require_seed
 from ...fileio import atomic_write_json, reusable, sha256_file
 from ...openai_client import finetune as finetune_job, make_client, score_rows
 from ..study import mean_std, seed_path
@@ -45,6 +45,8 @@ class ApiArgs:
             raise KnnlmError(f"--base_url: {self.base_url!r} is not an http(s) URL; e.g. http://127.0.0.1:8000/v1")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise KnnlmError(f"--seeds: need one or more distinct seeds, got {self.seeds}")
+        for seed in self.seeds:
+            require_seed("seeds", seed)
         if self.data and len(self.seeds) > 1:
             raise KnnlmError("--data: names one village; pass one --seeds value, or leave --data unset to generate one "
                              "village per seed")

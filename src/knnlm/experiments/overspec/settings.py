@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from ...errors import KnnlmError, require_finite
+from ...errors import KnnlmError, require_finite, require_seed
 from ...knn import KNNArgs
 from ...macondo.generate import MacondoArgs
 from ...memory import MemoryArgs
@@ -105,8 +105,10 @@ class OverspecArgs:
             raise KnnlmError("--output_dir: required; the run folder for checkpoints and results")
         if not self.model_name_or_path:
             raise KnnlmError("--model_name_or_path: required (a hub id, a local folder, smollm2-135m, tiny or small)")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
-            raise KnnlmError(f"--seeds: need one or more distinct seeds >= 0, got {self.seeds}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise KnnlmError(f"--seeds: need one or more distinct seeds, got {self.seeds}")
+        for seed in self.seeds:
+            require_seed("seeds", seed)
         for name in ("eval_every", "max_children", "mlp_hidden_size", "mlp_epochs", "mlp_batch_tokens"):
             if getattr(self, name) < 1:
                 raise KnnlmError(f"--{name}: must be >= 1, got {getattr(self, name)}")

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from ...errors import KnnlmError, require_finite
+from ...errors import KnnlmError, require_finite, require_seed
 
 log = logging.getLogger(__name__)
 
@@ -74,3 +74,4 @@ class ProjectionArgs:
                 raise KnnlmError(f"--{name}: must be >= 1, got {getattr(self, name)}")
         if self.patience < 0:
             raise KnnlmError(f"--patience: must be >= 0 (0: off), got {self.patience}")
+        require_seed("seed", self.seed)

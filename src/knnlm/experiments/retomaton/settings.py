@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ...errors import KnnlmError
+from ...errors import KnnlmError, require_seed
 from ...knn import KNNArgs
 from ..study import library_args
 
@@ -54,6 +54,7 @@ class RetomatonArgs(KNNArgs):
             raise KnnlmError(f"--lmbda: the study takes one λ, got {','.join(map(str, self.lmbda))}")
         if self.n_boot < 1:
             raise KnnlmError(f"--n_boot: must be >= 1, got {self.n_boot}")
+        require_seed("seed", self.seed)
         if self.batch_size < 1:
             raise KnnlmError(f"--batch_size: must be >= 1, got {self.batch_size}")
         self.knn_args().validate()
