@@ -269,3 +269,25 @@ def test_index_recall_queries_must_not_be_negative(value, tmp_path, capsys):
     assert_one_line(*cli(["index", "build", tmp_path / "nostore", "--recall_queries", value], capsys),
                     "--recall_queries: must be >= 0", "0 skips")
 
+
+@pytest.mark.parametrize("flag", ["--val_tokens", "--max_train_tokens"])
+def test_hurdle_text_mode_negative_token_counts_name_the_flag(flag, files, tmp_path, capsys):
+    """Before: --val_tokens -1 was reported as an empty --validation_file, --max_train_tokens -5 as an empty
+    --train_file (a flag hurdle does not have), after the folder was claimed and the corpora tokenized."""
+    out = tmp_path / "h"
+    rc, err = cli(["hurdle", "run", "--size", "tiny", "--max_steps", 2, "--eval_every", 1, "--num_seeds", 1,
+                   "--device", "cpu", "--block_size", 32, "--batch_size", 2, "--data", files / "a.txt",
+                   "--validation_file", files / "b.txt", "--output_dir", out, flag, -5], capsys)
+    line = assert_one_line(rc, err, f"{flag}: must be >= 0", "0 = all")
+    assert "corpus is empty" not in line
+    assert not out.exists()
+
+
+def test_macondo_negative_num_parents_says_at_least_one(tmp_path, capsys):
+    """Before: "-1 parents cannot come from 20 villagers; lower --num_parents or raise --num_villagers"."""
+    out = tmp_path / "v"
+    line = assert_one_line(*cli(["macondo", "generate", "--num_villagers", 20, "--num_parents", -1, "--output_dir", out],
+                                capsys), "--num_parents: must be >= 1")
+    assert "lower" not in line
+    assert not out.exists()
+

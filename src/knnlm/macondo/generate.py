@@ -83,7 +83,9 @@ class MacondoArgs:
             raise KnnlmError(f"--format: {self.format!r} is not one of {', '.join(TEMPLATES)}")
         if self.num_villagers < 2:
             raise KnnlmError(f"--num_villagers: {self.num_villagers} is too few; friends need at least 2 villagers")
-        if not 1 <= self.num_parents <= self.num_villagers:
+        if self.num_parents < 1:
+            raise KnnlmError(f"--num_parents: must be >= 1, got {self.num_parents}")
+        if self.num_parents > self.num_villagers:
             raise KnnlmError(f"--num_parents: {self.num_parents} parents cannot come from {self.num_villagers} "
                              "villagers; lower --num_parents or raise --num_villagers")
         if not 1 <= self.min_children <= self.max_children:

@@ -104,6 +104,9 @@ class HurdleArgs:
         if layers < 2:
             raise KnnlmError(f"--n_layer: {layers} blocks leave no first-vs-last MLP control; use >= 2")
         require_seed("macondo_seed", self.macondo_seed)  # not left to the village's own check, which names --seed
+        for name in ("val_tokens", "max_train_tokens"):
+            if getattr(self, name) < 0:
+                raise KnnlmError(f"--{name}: must be >= 0 (0 = all), got {getattr(self, name)}")
         if not 0 < self.area_fraction <= 1:
             raise KnnlmError(f"--area_fraction: must be in (0, 1], got {self.area_fraction}")
         if self.vocab_size < 0 or self.vocab_size == 1:
