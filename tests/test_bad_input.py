@@ -252,7 +252,8 @@ _SEEDED = [  # every command's seed flag; {ds} is a store that does not exist, s
 def test_every_seed_flag_is_checked_before_any_work(cmd, flag, value, tiny_gpt2_dir, files, tmp_path, capsys):
     """Before: a negative seed reached numpy (`expected non-negative integer`, `Seed must be between 0 and 2**32 - 1`)
     as an internal error after the model was loaded, the index trained or the analysis done, and lm train and analyze
-    projection left a claimed folder that refused the corrected rerun; hurdle's --macondo_seed was reported as --seed."""
+    projection left a claimed folder that refused the corrected rerun; hurdle's --macondo_seed was reported as
+    --seed."""
     out = tmp_path / "out"
     fill = {"{ds}": [tmp_path / "nostore"], "{a}": [files / "a.txt"], "{b}": [files / "b.txt"],
             "{model}": model_args(tiny_gpt2_dir), "{out}": ["--output_dir", out]}
@@ -286,8 +287,36 @@ def test_hurdle_text_mode_negative_token_counts_name_the_flag(flag, files, tmp_p
 def test_macondo_negative_num_parents_says_at_least_one(tmp_path, capsys):
     """Before: "-1 parents cannot come from 20 villagers; lower --num_parents or raise --num_villagers"."""
     out = tmp_path / "v"
-    line = assert_one_line(*cli(["macondo", "generate", "--num_villagers", 20, "--num_parents", -1, "--output_dir", out],
-                                capsys), "--num_parents: must be >= 1")
+    rc, err = cli(["macondo", "generate", "--num_villagers", 20, "--num_parents", -1, "--output_dir", out], capsys)
+    line = assert_one_line(rc, err, "--num_parents: must be >= 1")
     assert "lower" not in line
     assert not out.exists()
 
+
+def test_lm_train_stopped_before_training_does_not_block_the_corrected_rerun(files, tmp_path, capsys, monkeypatch):
+    """Before: a --block_size longer than the corpus was refused only after the model was built, and left the folder
+    claimed with its tokens, so the corrected rerun was refused as "already holds a different model" (with no model
+    there). A folder holding a checkpoint or a finished model is still protected."""
+    import knnlm.experiments.lm.run as lm_run
+
+    def train(folder, *extra):
+        return cli(["lm", "train", "--train_file", files / "a.txt", "--validation_file", files / "b.txt",
+                    "--output_dir", folder, *LM_TRAIN, *extra], capsys)
+
+    out, resumable = tmp_path / "lm", tmp_path / "lm2"
+    built = lm_run.build_model
+    monkeypatch.setattr(lm_run, "build_model", lambda *a: pytest.fail("the model was built before the check"))
+    for folder in (out, resumable):
+        assert_one_line(*train(folder, "--block_size", 100000), "--train_file", "--block_size 100000")
+    monkeypatch.setattr(lm_run, "build_model", built)
+    (out / "work" / "checkpoint").mkdir()  # an empty checkpoint folder: still nothing to resume
+    rc, err = train(out)  # --block_size 32
+    assert rc == 0, err
+    model = (out / "model.safetensors").read_bytes()
+    assert_one_line(*train(out, "--seed", 1), "--output_dir", "--overwrite")  # a finished model: kept
+    assert (out / "model.safetensors").read_bytes() == model
+
+    (resumable / "work" / "checkpoint").mkdir()  # a stopped run with a checkpoint: other settings refused, it is kept
+    (resumable / "work" / "checkpoint" / "latest.json").write_text("{}")
+    assert_one_line(*train(resumable), "--output_dir", "--overwrite")
+    assert (resumable / "work" / "checkpoint" / "latest.json").is_file()

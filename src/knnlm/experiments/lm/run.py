@@ -12,7 +12,8 @@ import torch
 
 from ...corpus import skipped_rows
 from ...errors import KnnlmError
-from ...fileio import atomic_write_json, claim_output_dir, read_json, releases_locks, remove_own_files
+from ...fileio import (LOCK_FILE, RUN_MARKER, atomic_write_json, claim_output_dir, read_json, releases_locks,
+                       remove_own_files)
 from ...train import TrainArgs, train
 from .data import _tokenize_files, _word_ppl, block_batches, build_tokenizer, perplexity
 from .init import init_key, init_record, kept_step_lr, load_init, train_output_layer_only
@@ -58,11 +59,20 @@ OWN_FILES = ("work", TRAINING_JSON, "config.json", "generation_config.json", "mo
 KIND = "lm train"
 
 
+def _nothing_to_keep(out: Path) -> bool:
+    """Whether ``out`` holds only what a run stopped before its first checkpoint leaves (its marker and a work/ of
+    tokens and tokenizer, remade from any settings): nothing to resume or to lose, so other settings may replace it."""
+    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    checkpoint = out / "work" / "checkpoint"
+    return names <= {RUN_MARKER, LOCK_FILE, "work"} and not (checkpoint.exists() and any(checkpoint.iterdir()))
+
+
 def _prepare_output(args: LMArgs, targs: TrainArgs) -> Path | None:
     """Returns the work folder to (re)start in, or None when ``output_dir`` already holds this finished model.
 
     ``--overwrite`` deletes only this command's own files (a datastore built inside the model folder, a user's file:
-    the folder is refused instead)."""
+    the folder is refused instead). A run of other settings that stopped before its first checkpoint (at a bad input)
+    is replaced without it: the corrected rerun would otherwise be refused over a folder with nothing in it to keep."""
     out = Path(args.output_dir)
     work = out / "work"
     key = _run_key(args, targs)
@@ -70,10 +80,11 @@ def _prepare_output(args: LMArgs, targs: TrainArgs) -> Path | None:
     if finished == key and not args.overwrite:
         shutil.rmtree(work, ignore_errors=True)  # what a run killed after writing its record had left to delete
         return None
-    state = claim_output_dir(out, KIND, key, args.overwrite, own_files=OWN_FILES, what="model")
+    replaceable = args.overwrite or _nothing_to_keep(out)
+    state = claim_output_dir(out, KIND, key, replaceable, own_files=OWN_FILES, what="model")
     unfinished = _read_key(work / "run.json")
     other = state == "replace" or finished not in (None, key) or unfinished not in (None, key)
-    if other and not args.overwrite:  # (a folder from before the marker: its own records say whose it is)
+    if other and not replaceable:  # (a folder from before the marker: its own records say whose it is)
         raise KnnlmError(f"--output_dir: {out} holds " + ("a model trained with other settings; pass --overwrite true "
                          "to replace it, or another folder" if finished is not None else "an unfinished run with other "
                          "settings; rerun it with the same settings to resume, or pass --overwrite true to start over"))
@@ -128,6 +139,7 @@ def train_lm(args: LMArgs, targs: TrainArgs) -> dict:
     with dist.main_process_first():
         tokenizer = _tokenizer_in(work, args)
         train_tokens, val_tokens = _tokenize_files(tokenizer, args, work)
+    batches = block_batches(train_tokens, args.block_size, targs.batch_size)  # refuses a --block_size too long
     if args.init_from:
         model = load_init(args, tokenizer, args.block_size)
     else:
@@ -145,8 +157,8 @@ def train_lm(args: LMArgs, targs: TrainArgs) -> dict:
     def on_eval(step: int, m) -> dict:
         return perplexity(m, val_eval, args.block_size, args.eval_batch_size)
 
-    history = train(model, block_batches(train_tokens, args.block_size, targs.batch_size), targs, work / "checkpoint",
-                    eval_every=args.eval_every, on_eval=on_eval, progress_desc=f"lm {args.size} seed {targs.seed}")
+    history = train(model, batches, targs, work / "checkpoint", eval_every=args.eval_every, on_eval=on_eval,
+                    progress_desc=f"lm {args.size} seed {targs.seed}")
     # the model now holds the kept step's weights: with early stopping the best evaluation's, else the last step's
     early = targs.early_stopping_patience is not None
     kept = next(h for h in history if h["step"] == history[-1]["best_step"]) if early else history[-1]
