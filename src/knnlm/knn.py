@@ -64,6 +64,10 @@ class KNNArgs:
             raise KnnlmError(f"--min_knns: must be >= 1, got {self.min_knns}")
         if self.max_knns < 1:
             raise KnnlmError(f"--max_knns: must be >= 1, got {self.max_knns}")
+        if self.retomaton and isinstance(self.min_knns, int) and self.min_knns > self.max_knns:
+            # at most max_knns pointers survive a step, so fewer than min_knns always do: every step would search
+            raise KnnlmError(f"--min_knns: {self.min_knns} exceeds --max_knns {self.max_knns}, so RetoMaton would search "
+                             "at every step; pass --min_knns <= --max_knns")
         if not 0.0 <= self.skip_search_prob < 1.0:
             raise KnnlmError(f"--skip_search_prob: must be in [0, 1), got {self.skip_search_prob}")
         if self.retomaton and self.skip_search_prob > 0:
