@@ -153,3 +153,12 @@ def test_no_polysemous_training_unless_asked(tmp_path):
     build_index(ds2, IndexArgs(factory="IVF16,PQ4", train_size=2000, recall_queries=0, polysemous=True))
     poly = faiss.read_index(str(tmp_path / "ds2" / "index" / "trained.faiss"))
     assert not np.array_equal(faiss.vector_to_array(poly.pq.centroids), faiss.vector_to_array(plain.pq.centroids))
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "SQ8"])
+def test_polysemous_without_pq_codes_is_refused_before_any_folder(tmp_path, factory):
+    """--polysemous true with a factory that has no PQ codes did nothing and the build went on as if it had."""
+    ds = make_store(tmp_path / "ds", n=500)
+    with pytest.raises(KnnlmError, match=r"^--polysemous: the factory .* has no PQ codes"):
+        build_index(ds, IndexArgs(factory=factory, recall_queries=0, polysemous=True))
+    assert not (tmp_path / "ds" / "index").exists()

@@ -162,22 +162,28 @@ def _read_index(path: Path):
                          f"`knnlm index build {path.parent.parent} --overwrite`") from None
 
 
-def _set_polysemous(index, on: bool) -> None:
-    """Sets ``do_polysemous_training`` on the PQ index or IVF-PQ inside ``index`` (kept alive by the caller)."""
+def _set_polysemous(index, on: bool, factory: str) -> None:
+    """Sets ``do_polysemous_training`` on the PQ index or IVF-PQ inside ``index`` (kept alive by the caller); asking
+    for it where there are no PQ codes (Flat, IVF-Flat, SQ) is refused rather than recorded as if it had been done."""
     parts = [index]
     try:
         parts.append(faiss.extract_index_ivf(index))
     except RuntimeError:
         pass  # not an IVF index
+    found = False
     for part in parts:
         part = faiss.downcast_index(part)
         if hasattr(part, "do_polysemous_training"):
             part.do_polysemous_training = on
+            found = True
+    if on and not found:
+        raise KnnlmError(f"--polysemous: the factory {factory} has no PQ codes to train polysemously; drop "
+                         "--polysemous or use a PQ factory (e.g. IVF1024,PQ32)")
 
 
 def _train(ds, factory: str, args: IndexArgs, use_gpu: bool):
     index = faiss.index_factory(ds.d, factory, faiss.METRIC_L2)
-    _set_polysemous(index, args.polysemous)
+    _set_polysemous(index, args.polysemous, factory)
     if index.is_trained:
         return index
     ivf = faiss.extract_index_ivf(index) if "IVF" in factory else None
@@ -224,10 +230,11 @@ def build_index(ds, args: IndexArgs) -> dict:
     # so a kill, a full disk or an error during the rebuild leaves the old index usable
     idir = staging_dir(final) if info_path.exists() else final
     try:
-        faiss.index_factory(ds.d, factory)
+        probe = faiss.index_factory(ds.d, factory)
     except RuntimeError as e:
         raise KnnlmError(f"--factory: {factory!r} is not a valid faiss.index_factory string for d={ds.d} "
                          f"({str(e).splitlines()[-1][:120]})") from None
+    _set_polysemous(probe, args.polysemous, factory)  # --polysemous without PQ codes: refused before any folder
     use_gpu = gpu_available() if args.use_gpu is None else args.use_gpu
     if use_gpu and not gpu_available():
         raise KnnlmError("--use_gpu: this faiss build has no GPU support (pip install faiss-gpu-cu12, or drop the flag)")
