@@ -66,3 +66,15 @@ def test_pad_right_hand_values():
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]] and mask.dtype == torch.long
     batch = collate_causal([[5, 6, 7], [8]], pad_id=9)
     assert batch["labels"].tolist() == [[5, 6, 7], [8, -100, -100]] and batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 9]]
+
+
+@pytest.mark.parametrize("text,what", [('[{"text": "a b"}, {"text": "c"}]\n', "is a list"), ("7\n", "is a number")])
+def test_a_json_file_that_is_not_json_lines_says_so(tmp_path, text, what):
+    """A whole-file JSON array (valid JSON, but not one object per line) was reported as a row with no 'text' field."""
+    from knnlm.corpus import _jsonl_texts
+
+    path = tmp_path / "doc.json"
+    path.write_text(text)
+    with pytest.raises(KnnlmError, match=rf"^--train_file: .*doc.json:1 {what}, not a JSON object; write one JSON object "
+                                         r"per line \(JSON Lines\)"):
+        list(_jsonl_texts(path, "text", "--train_file"))

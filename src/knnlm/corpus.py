@@ -142,7 +142,11 @@ class BadRows:
         """The string in the row's text field (the first of ``fields`` present, default the text field); None for a
         skipped row."""
         fields = fields or (self.text_field,)
-        name = next((f for f in fields if isinstance(row, dict) and f in row), None)
+        if not isinstance(row, dict):  # e.g. a whole-file JSON array: valid JSON, but not JSON Lines
+            what = _JSON_TYPES.get(type(row), type(row).__name__)
+            self.bad(where, f"is {what}, not a JSON object", "write one JSON object per line (JSON Lines)")
+            return None
+        name = next((f for f in fields if f in row), None)
         if name is None:
             self.bad(where, f"has no field {' or '.join(repr(f) for f in fields)}", "set --text_field")
             return None
