@@ -11,7 +11,7 @@ import torch
 from knnlm.augmented import augment, detach
 from knnlm.cli import main
 from knnlm.clusters import ClusterArgs, build_clusters, load_clusters
-from knnlm.corpus import CorpusArgs, TokenFile, windows
+from knnlm.corpus import CorpusArgs, windows
 from knnlm.datastore import Datastore, build_datastore
 from knnlm.errors import KnnlmError
 from knnlm.evaluate import EvalArgs, evaluate
