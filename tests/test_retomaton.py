@@ -338,7 +338,8 @@ def test_refusals(store, tiny_gpt2_dir, capsys):
     for argv, needle in [(["--retomaton", "true", "--skip_search_prob", "0.5"], "--skip_search_prob"),
                          (["--min_knns", "0"], "--min_knns"), (["--skip_search_prob", "1"], "--skip_search_prob"),
                          (["--retomaton", "true", "--num_beams", "2"], "--num_beams"),
-                         (["--retomaton", "true", "--min_knns", "10", "--max_knns", "2"], "--min_knns: 10 exceeds")]:
+                         (["--retomaton", "true", "--min_knns", "10", "--max_knns", "2"], "--min_knns: 10 exceeds"),
+                         (["--no_pointer", "true"], "--no_pointer: a RetoMaton check")]:
         assert main(["generate", "--model_name_or_path", str(tiny_gpt2_dir), "--datastore", str(store.dir),
                      "--prompt", "the cat", *argv]) == 2
         err = capsys.readouterr().err.strip()

@@ -64,6 +64,9 @@ class KNNArgs:
             raise KnnlmError(f"--min_knns: must be >= 1, got {self.min_knns}")
         if self.max_knns < 1:
             raise KnnlmError(f"--max_knns: must be >= 1, got {self.max_knns}")
+        if self.no_pointer and not self.retomaton:
+            raise KnnlmError("--no_pointer: a RetoMaton check (search at every step, no pointers); pass it with "
+                             "--retomaton true, or drop it")
         if self.retomaton and isinstance(self.min_knns, int) and self.min_knns > self.max_knns:
             # at most max_knns pointers survive a step, so fewer than min_knns always do: every step would search
             raise KnnlmError(f"--min_knns: {self.min_knns} exceeds --max_knns {self.max_knns}, so RetoMaton would search "
