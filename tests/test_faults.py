@@ -643,7 +643,11 @@ def test_pure_knn_lambda_one_is_not_blamed_on_the_store(tiny_gpt2_dir, files, tm
         line = assert_one_line(*cli([*ev, "--lmbda", lmbdas], capsys), "--lmbda", "λ = 1", "below 1")
         assert "corrupt" not in line and "--datastore" not in line
         assert not (tmp_path / "ev" / "results.json").exists()
-    assert cli([*ev, "--lmbda", "0.25"], capsys)[0] == 0  # the corrected rerun, same folder
+    assert cli([*ev, "--lmbda", "0.25", "--save_neighbors", "true"], capsys)[0] == 0  # the corrected rerun, same folder
+    cached = ["eval", "--from_neighbors", tmp_path / "ev" / "neighbors", "--lmbda", "0.25,1", "--output_dir",
+              tmp_path / "ev-cache"]  # the same refusal from a neighbour cache (it wrote a null perplexity, exit 0)
+    line = assert_one_line(*cli(cached, capsys), "--lmbda", "λ = 1", "below 1")
+    assert "corrupt" not in line and not (tmp_path / "ev-cache" / "results.json").exists()
     with pytest.raises(KnnlmError, match="--datastore: .* store is corrupt"):
         _refuse_non_finite({"ppl_lm": 5.0, "ppl_knnlm": float("nan"), "lmbda": 1.0, "k": 2,
                             "sweep_knn": {"1.0": float("nan")}})

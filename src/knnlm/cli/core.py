@@ -156,6 +156,9 @@ def cmd_eval(args) -> int:
     if eargs.from_neighbors:
         held, k, temps = _cache_settings(args, margs, kargs, eargs)
         sweep = sweep_from_cache(eargs.from_neighbors, kargs.lmbda, temps, k)
+        # the cache's numbers are checked finite when read, so only λ = 1 can give a non-finite perplexity here
+        _refuse_non_finite({"sweep_knn": {key.split(",")[0].removeprefix("lmbda="): v for key, v in sweep.items()},
+                            "k": k})
         metrics = {"sweep_knn_cached": sweep, "k": k, "k_cached": held["k"], "temps": temps, "cache": held}
         # the run's config says what the numbers were computed from: the cache's model and store, this k and T
         margs.model_name_or_path, eargs.datastore = held.get("model_name_or_path"), held.get("datastore")
