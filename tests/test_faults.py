@@ -569,6 +569,8 @@ def test_non_string_text_fields_are_errors_or_skipped_and_counted(tiny_gpt2_dir,
     (data / "train.jsonl").write_text(good + '{"text": null}\n' + good * 2)
     build = ["datastore", "build", *model_args(tiny_gpt2_dir), "--dataset_name", data, "--block_size", 32]
     assert_one_line(*cli([*build, "--output_dir", tmp_path / "dsd"], capsys), "--dataset_name", "row 1", "null")
+    assert_one_line(*cli([*build, "--train_file", clean, "--output_dir", tmp_path / "dsd"], capsys), "--train_file",
+                    "both name the corpus")  # the file was ignored and the dataset read
     assert cli([*build, "--output_dir", tmp_path / "dsd2", "--skip_bad_rows", "true"], capsys)[0] == 0
     assert Datastore.open(tmp_path / "dsd2").meta["skipped_rows"] == 1
     corpus = tmp_path / "bad0.jsonl"

@@ -59,10 +59,13 @@ class CorpusArgs:
             raise KnnlmError("--max_tokens: needs at least 2 tokens")
 
     def require(self, which: str) -> None:
-        """Fails fast (before any model is loaded) when the corpus to read is missing or unreadable."""
-        if self.dataset_name:
-            return
+        """Fails fast (before any model is loaded) when the corpus to read is missing, unreadable or named twice."""
         path = self.train_file if which == "train" else self.validation_file
+        if self.dataset_name:
+            if path:  # the dataset would be read and the file silently ignored
+                raise KnnlmError(f"--{which}_file: {path} and --dataset_name {self.dataset_name} both name the corpus to "
+                                 "read; pass one of them")
+            return
         if not path:
             raise KnnlmError(f"--{which}_file: required (or --dataset_name): the corpus to read")
         _check_file(path, f"--{which}_file")
