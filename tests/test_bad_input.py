@@ -320,3 +320,13 @@ def test_lm_train_stopped_before_training_does_not_block_the_corrected_rerun(fil
     (resumable / "work" / "checkpoint" / "latest.json").write_text("{}")
     assert_one_line(*train(resumable), "--output_dir", "--overwrite")
     assert (resumable / "work" / "checkpoint" / "latest.json").is_file()
+
+
+@pytest.mark.parametrize("command", ["projection", "retomaton"])
+def test_analyze_refuses_a_corpus_named_twice_before_any_work(command, tiny_gpt2_dir, files, tmp_path, capsys):
+    """A --validation_file beside --dataset_name was ignored (the dataset was read)."""
+    out = tmp_path / "out"
+    argv = ["analyze", command, *model_args(tiny_gpt2_dir), "--validation_file", files / "b.txt", "--dataset_name",
+            tmp_path / "dataset", "--datastore", tmp_path / "nostore", "--output_dir", out]
+    assert_one_line(*cli(argv, capsys), "--validation_file", "both name the corpus")
+    assert not out.exists()

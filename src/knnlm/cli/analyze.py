@@ -28,7 +28,6 @@ def cmd_projection(args) -> int:
     from ..config import resolve, save_config, to_dict
     from ..corpus import CorpusArgs
     from ..datastore import Datastore
-    from ..errors import KnnlmError
     from ..fileio import claim_output_dir
     from ..experiments.projection.report import claims, results_table
     from ..experiments.projection.run import run_projection
@@ -39,8 +38,7 @@ def cmd_projection(args) -> int:
     from ..report import write_markdown, write_results
 
     margs, cargs, kargs, pargs = resolve([ModelArgs, CorpusArgs, KNNArgs, ProjectionArgs], args, args.config)
-    if not (cargs.validation_file or cargs.dataset_name):
-        raise KnnlmError("--validation_file: required (or --dataset_name): the corpus whose tokens are projected")
+    cargs.require("validation")  # a corpus, one only, readable: before the model loads
     own = ("config.json", "results.json", "results.md", "per_token.npz", "partial.*", "tokens.i32*", "*.png")
     claim_output_dir(pargs.output_dir, "analyze projection", None, own_files=own)  # a model, a datastore: refused
     out = Path(pargs.output_dir)
@@ -65,7 +63,6 @@ def cmd_retomaton(args) -> int:
     from ..config import resolve, save_config, to_dict
     from ..corpus import CorpusArgs
     from ..datastore import Datastore
-    from ..errors import KnnlmError
     from ..experiments.retomaton.report import FIGURE, claim, figure, results_table
     from ..experiments.retomaton.run import run_retomaton
     from ..experiments.retomaton.settings import _FREE_KEYS, RetomatonArgs
@@ -75,8 +72,7 @@ def cmd_retomaton(args) -> int:
     from ..report import write_markdown, write_results
 
     margs, cargs, rargs = resolve([ModelArgs, CorpusArgs, RetomatonArgs], args, args.config)
-    if not (cargs.validation_file or cargs.dataset_name):
-        raise KnnlmError("--validation_file: required (or --dataset_name): the corpus every setting scores")
+    cargs.require("validation")  # a corpus, one only, readable: before the model loads
     own = ("config.json", "results.json", "results.md", FIGURE, "settings", "eval-*")
     claim_output_dir(rargs.output_dir, "analyze retomaton", None, own_files=own)  # a model, a datastore: refused
     out = Path(rargs.output_dir)
