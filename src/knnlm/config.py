@@ -230,7 +230,8 @@ def _unique_pairs(pairs):
     return out
 
 
-CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+YAML_SUFFIXES = (".yaml", ".yml")
+CONFIG_SUFFIXES = (*YAML_SUFFIXES, ".json")
 
 
 def load_config_file(path: str | Path, flag: str = "--config") -> dict:
@@ -247,7 +248,7 @@ def load_config_file(path: str | Path, flag: str = "--config") -> dict:
     if not path.is_file():
         raise KnnlmError(f"{flag}: {path} does not exist; pass a YAML or JSON file or a preset name "
                          f"({', '.join(presets())})")
-    as_yaml = path.suffix in (".yaml", ".yml")
+    as_yaml = path.suffix in YAML_SUFFIXES
     try:
         text = path.read_bytes().decode("utf-8")
         data = yaml.load(text, Loader=_UniqueKeyLoader) if as_yaml else json.loads(text,
