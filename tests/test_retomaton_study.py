@@ -147,6 +147,7 @@ def test_figure_series(tiny_gpt2_dir, files, tmp_path, monkeypatch):
     (["--skip_probs", "1.5"], "--skip_probs:"),
     (["--lmbda", "0.25,0.5"], "--lmbda:"),
     (["--retomaton", "true"], "--retomaton:"),
+    (["--min_knns", "1,4", "--max_knns", "2"], "--min_knns: 4 exceeds --max_knns 2"),  # as eval refuses the setting
 ])
 def test_refusals(tiny_gpt2_dir, files, tmp_path, capsys, flags, start):
     argv = ["analyze", "retomaton", *_common(tiny_gpt2_dir, files), "--output_dir", str(tmp_path / "o"), *flags]

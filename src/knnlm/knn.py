@@ -67,7 +67,7 @@ class KNNArgs:
         if self.no_pointer and not self.retomaton:
             raise KnnlmError("--no_pointer: a RetoMaton check (search at every step, no pointers); pass it with "
                              "--retomaton true, or drop it")
-        if self.retomaton and isinstance(self.min_knns, int) and self.min_knns > self.max_knns:
+        if self.retomaton and self.min_knns > self.max_knns:
             # at most max_knns pointers survive a step, so fewer than min_knns always do: every step would search
             raise KnnlmError(f"--min_knns: {self.min_knns} exceeds --max_knns {self.max_knns}, so RetoMaton would search "
                              "at every step; pass --min_knns <= --max_knns")

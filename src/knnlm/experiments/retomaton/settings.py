@@ -57,7 +57,8 @@ class RetomatonArgs(KNNArgs):
         require_seed("seed", self.seed)
         if self.batch_size < 1:
             raise KnnlmError(f"--batch_size: must be >= 1, got {self.batch_size}")
-        self.knn_args().validate()
+        for _, _, setting in self.settings():  # every setting the study runs passes the library's own checks
+            self.knn_args(**setting).validate()
 
     def knn_args(self, **setting) -> KNNArgs:
         """The library's KNNArgs of one setting: this run's k, nprobe, λ, temperature, … with exact distances."""
