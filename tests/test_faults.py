@@ -593,6 +593,51 @@ def test_non_string_text_fields_are_errors_or_skipped_and_counted(tiny_gpt2_dir,
     assert metrics["skipped_prompt_rows"] == 1 and [s["prompt"] for s in metrics["samples"]] == ["The river"]
 
 
+def test_table_corpora_are_read_by_their_text_column(tiny_gpt2_dir, tmp_path, capsys):
+    """Before: a .csv/.tsv/.parquet corpus was read as plain text, its header and separators (or its bytes) tokenized."""
+    import pandas as pd
+
+    texts = ["The river was seen by the people of Macondo .", "Aureliano, who had a \"gold\" fish ,\ttalked .", "x"]
+    rows = pd.DataFrame({"id": [1, 2, 3], "text": texts})
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    rows.to_csv(tmp_path / "c.csv", index=False)
+    rows.to_csv(tmp_path / "c.tsv", index=False, sep="\t")
+    rows.to_parquet(tmp_path / "c.parquet")
+    ref = build_ds(tiny_gpt2_dir, tmp_path / "c.jsonl", tmp_path / "ds-jsonl", capsys)
+    for suffix in ("csv", "tsv", "parquet"):
+        ds = build_ds(tiny_gpt2_dir, tmp_path / f"c.{suffix}", tmp_path / f"ds-{suffix}", capsys)
+        assert ds.N == ref.N and (ds.dir / "vals.i32").read_bytes() == (ref.dir / "vals.i32").read_bytes(), suffix
+    build = ["datastore", "build", *model_args(tiny_gpt2_dir), "--train_file", tmp_path / "c.csv"]
+    assert_one_line(*cli([*build, "--text_field", "body", "--output_dir", tmp_path / "o1"], capsys), "--text_field",
+                    "c.csv has no column 'body'", "['id', 'text']")
+    rows.assign(text=[texts[0], None, "x"]).to_csv(tmp_path / "hole.csv", index=False)  # an empty cell: a null
+    assert_one_line(*cli(["datastore", "build", *model_args(tiny_gpt2_dir), "--train_file", tmp_path / "hole.csv",
+                          "--output_dir", tmp_path / "o2"], capsys), "--train_file", "hole.csv row 1", "null")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not a parquet file")
+    assert_one_line(*cli(["datastore", "build", *model_args(tiny_gpt2_dir), "--train_file", tmp_path / "broken.parquet",
+                          "--output_dir", tmp_path / "o3"], capsys), "--train_file", "cannot load", "broken.parquet")
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+
+
+def test_corpus_flags_a_command_would_ignore_are_refused(tiny_gpt2_dir, files, tmp_path, capsys):
+    """Before: each ran with exit 0, the flag silently ignored (a JSONL file named .txt read as plain text)."""
+    build = ["datastore", "build", *model_args(tiny_gpt2_dir), "--train_file", files / "a.txt", "--output_dir",
+             tmp_path / "ds"]
+    assert_one_line(*cli([*build, "--validation_file", files / "b.txt"], capsys), "--validation_file",
+                    "reads only --train_file")
+    assert_one_line(*cli([*build, "--text_field", "body"], capsys), "--text_field", "a.txt is read as plain text")
+    ev = ["eval", *model_args(tiny_gpt2_dir), "--validation_file", files / "b.txt", "--output_dir", tmp_path / "ev"]
+    assert_one_line(*cli([*ev, "--train_file", files / "a.txt"], capsys), "--train_file", "reads only --validation_file")
+    assert_one_line(*cli(["analyze", "projection", *model_args(tiny_gpt2_dir), "--validation_file", files / "b.txt",
+                          "--train_file", files / "a.txt", "--datastore", tmp_path / "ds", "--output_dir",
+                          tmp_path / "pr"], capsys), "--train_file", "reads only --validation_file")
+    assert_one_line(*cli(["hurdle", "run", "--validation_file", files / "b.txt", "--output_dir", tmp_path / "h"], capsys),
+                    "--validation_file", "Macondo mode")
+    assert_one_line(*cli(["reproduce", "--scale", "cpu", "--report_only", "true", "--output_dir", tmp_path / "r"], capsys),
+                    "--report_only", "holds no reproduce run")
+    assert not any((tmp_path / o).exists() for o in ("ds", "ev", "pr", "h", "r"))
+
+
 def test_out_of_range_values_and_non_finite_keys_are_refused(tiny_gpt2_dir, files, tmp_path, capsys):
     """Before: values beyond the vocabulary gave a perplexity (and an internal error in generate); NaN keys passed
     eval, a Flat index, `mlp train` (a NaN memory, then `ppl_mlplm nan` with exit 0) and an IVF build said "use a

@@ -277,6 +277,19 @@ def test_bpe_tokenizer_round_trips_and_is_deterministic(tmp_path):
     assert loaded(unseen)["input_ids"] == tok(unseen)["input_ids"] and loaded.eos_token_id == 0
 
 
+def test_bpe_tokenizer_of_rows_learns_their_text_not_their_syntax(tmp_path):
+    """Before: a JSONL training file was read as plain text, its `{"text": "` and escapes learnt as merges."""
+    import pandas as pd
+
+    lines = TEXT.splitlines()
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": ln}) + "\n" for ln in lines), encoding="utf-8")
+    pd.DataFrame({"text": lines}).to_parquet(tmp_path / "train.parquet")
+    vocab = train_bpe_tokenizer([tmp_path / "train.txt"], 300).get_vocab()
+    assert train_bpe_tokenizer([tmp_path / "train.jsonl"], 300).get_vocab() == vocab
+    assert train_bpe_tokenizer([tmp_path / "train.parquet"], 300).get_vocab() == vocab
+
+
 def test_lm_train_cli_saves_a_loadable_model(tmp_path, capsys):
     from knnlm.cli import main
 

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .corpus import skip_bad_rows_field
+from .corpus import JSONL_SUFFIXES, skip_bad_rows_field
 from .errors import KnnlmError, require_finite, require_seed
 from .knn import KNNArgs, Retriever, interpolate
 
@@ -340,7 +340,7 @@ def read_prompts(prompts: list[str] | None, prompt_file: Optional[str],
         except UnicodeDecodeError as e:
             raise KnnlmError(f"--prompt_file: {path} is not UTF-8 at byte {e.start} (0x{e.object[e.start]:02x}); "
                              "re-encode it (e.g. `iconv -f latin1 -t utf-8`)") from None
-        if path.suffix in (".jsonl", ".json"):
+        if path.suffix in JSONL_SUFFIXES:
             for i, ln in lines:
                 try:
                     row = json.loads(ln)

@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 # plain text is tokenized in 256k-character pieces: a fast tokenizer's per-token Python objects (ids, offsets) cost
 # ~150 bytes a token, so the piece size, not the file size, sets the peak memory
 _CHUNK_CHARS = 1 << 18  # bytes read per piece (at most as many characters)
+
+TEXT_FIELD = "text"  # the default --text_field
+JSONL_SUFFIXES = (".jsonl", ".json")
+# tables, read through HF datasets' own (offline) builders: suffix -> (builder, its options)
+TABLE_SUFFIXES = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".parquet": ("parquet", {})}
+ROW_SUFFIXES = JSONL_SUFFIXES + tuple(TABLE_SUFFIXES)  # files of rows with a text field; any other file is plain text
 _CARRY_TOKENS = 8  # tokens re-tokenized across a piece boundary (see _encode_long_text)
 
 
@@ -32,12 +38,12 @@ def skip_bad_rows_field():
 
 @dataclass
 class CorpusArgs:
-    train_file: Optional[str] = field(default=None, metadata={"help": "Training corpus: a .txt file (one document) or .jsonl/.json (one document per line)."})
+    train_file: Optional[str] = field(default=None, metadata={"help": "Training corpus: a plain-text file (.txt or any other suffix: one document), .jsonl/.json (one document per line) or a .csv/.tsv/.parquet table (one document per row), whose rows hold the text in --text_field."})
     validation_file: Optional[str] = field(default=None, metadata={"help": "Evaluation corpus, same formats as --train_file."})
     dataset_name: Optional[str] = field(default=None, metadata={"help": "A Hugging Face `datasets` name or local dataset folder, instead of a file."})
     dataset_config_name: Optional[str] = field(default=None, metadata={"help": "The `datasets` configuration, e.g. wikitext-103-raw-v1."})
     split: Optional[str] = field(default=None, metadata={"help": "The `datasets` split to read (default: train for datastores, validation for evaluation)."})
-    text_field: str = field(default="text", metadata={"help": "Field holding the text in JSONL rows or dataset rows."})
+    text_field: str = field(default=TEXT_FIELD, metadata={"help": "Field (column) holding the text in JSONL, table or dataset rows; plain text has none."})
     block_size: int = field(default=0, metadata={"help": "Window length in tokens; 0 = the model's context length, capped at 1024."})
     stride: int = field(default=0, metadata={"help": "Tokens the window advances by; 0 = block_size // 2. Each token is scored once, with the longest context the window allows."})
     concat_documents: bool = field(default=True, metadata={"help": "Join JSONL/dataset documents with EOS into one stream (run_clm style); false windows each document on its own."})
@@ -59,8 +65,13 @@ class CorpusArgs:
             raise KnnlmError("--max_tokens: needs at least 2 tokens")
 
     def require(self, which: str) -> None:
-        """Fails fast (before any model is loaded) when the corpus to read is missing, unreadable or named twice."""
+        """Fails fast (before any model is loaded) when the corpus to read is missing, unreadable or named twice, or
+        when a corpus flag given could not act (the other split's file, a text field of plain text)."""
         path = self.train_file if which == "train" else self.validation_file
+        other = "validation" if which == "train" else "train"
+        if getattr(self, f"{other}_file"):  # it would be silently ignored
+            raise KnnlmError(f"--{other}_file: this command reads only --{which}_file (or --dataset_name); drop "
+                             f"--{other}_file")
         if self.dataset_name:
             if path:  # the dataset would be read and the file silently ignored
                 raise KnnlmError(f"--{which}_file: {path} and --dataset_name {self.dataset_name} both name the corpus to "
@@ -69,6 +80,9 @@ class CorpusArgs:
         if not path:
             raise KnnlmError(f"--{which}_file: required (or --dataset_name): the corpus to read")
         _check_file(path, f"--{which}_file")
+        if self.text_field != TEXT_FIELD and Path(path).suffix not in ROW_SUFFIXES:
+            raise KnnlmError(f"--text_field: {path} is read as plain text (one document without fields); drop "
+                             f"--text_field, or name the file {' / '.join(ROW_SUFFIXES)} if it holds rows")
 
     def resolved_window(self, model_context: int) -> tuple[int, int]:
         """(block, stride) for a model with ``model_context`` positions: a window of ``block >= 2`` tokens that
@@ -89,7 +103,7 @@ class CorpusArgs:
 def _check_file(path: str, flag: str) -> Path:
     p = Path(path)
     if not p.is_file():
-        raise KnnlmError(f"{flag}: {p} does not exist or is not a file; pass a readable .txt or .jsonl file")
+        raise KnnlmError(f"{flag}: {p} does not exist or is not a file; pass a readable text, .jsonl or table (.csv, .tsv, .parquet) file")
     try:
         with open(p, "rb") as fh:
             fh.read(1)
@@ -185,21 +199,52 @@ def _jsonl_texts(path: Path, text_field: str, flag: str, errors: str = "strict",
                 yield text
 
 
-def _dataset_texts(args: CorpusArgs, split: str, rows: Optional[BadRows] = None) -> Iterator[str]:
+def _load_rows(load, what: str, flag: str):
+    """A ``datasets.Dataset`` from ``load(datasets)``; any failure is one line naming ``flag`` and ``what``."""
     import datasets
 
-    rows = rows or BadRows("--dataset_name", args.text_field, False)
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(logging.CRITICAL)  # its own error log would repeat the one line raised here
     try:
-        ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=split)
+        return load(datasets)
     except Exception as e:  # datasets raises many kinds; all mean the same thing to the user
-        raise KnnlmError(f"--dataset_name: cannot load {args.dataset_name!r} ({args.dataset_config_name}, split "
-                         f"{split}): {str(e).splitlines()[0]}") from None
-    if args.text_field not in ds.column_names:
-        raise KnnlmError(f"--text_field: dataset has no column '{args.text_field}' (columns: {ds.column_names})")
+        raise KnnlmError(f"{flag}: cannot load {what}: {str(e).splitlines()[0]}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def _row_texts(ds, where: str, rows: BadRows) -> Iterator[str]:
+    if rows.text_field not in ds.column_names:
+        raise KnnlmError(f"--text_field: {where} has no column '{rows.text_field}' (columns: {ds.column_names})")
     for i, row in enumerate(ds):
-        text = rows.text(row, f"{args.dataset_name} ({split}) row {i}")
+        text = rows.text(row, f"{where} row {i}")
         if text is not None:
             yield text
+
+
+def _dataset_texts(args: CorpusArgs, split: str, rows: Optional[BadRows] = None) -> Iterator[str]:
+    rows = rows or BadRows("--dataset_name", args.text_field, False)
+    ds = _load_rows(lambda d: d.load_dataset(args.dataset_name, args.dataset_config_name, split=split),
+                    f"{args.dataset_name!r} ({args.dataset_config_name}, split {split})", "--dataset_name")
+    yield from _row_texts(ds, f"{args.dataset_name} ({split})", rows)
+
+
+def _table_texts(path: Path, text_field: str, flag: str, errors: str = "strict",
+                 rows: Optional[BadRows] = None) -> Iterator[str]:
+    """The text column of a .csv/.tsv/.parquet file, a row a document (through datasets' csv/parquet builders)."""
+    builder, options = TABLE_SUFFIXES[path.suffix]
+    if builder == "csv":
+        options = {**options, "encoding_errors": errors}
+    ds = _load_rows(lambda d: d.load_dataset(builder, data_files=str(path), split="train", **options),
+                    f"{path} as a {path.suffix[1:]} table", flag)
+    yield from _row_texts(ds, str(path), rows or BadRows(flag, text_field, False))
+
+
+def row_texts(path: Path, text_field: str, flag: str, errors: str = "strict",
+              rows: Optional[BadRows] = None) -> Iterator[str]:
+    """The documents of a JSONL or table file (``path.suffix in ROW_SUFFIXES``), a row each."""
+    read = _jsonl_texts if path.suffix in JSONL_SUFFIXES else _table_texts
+    yield from read(path, text_field, flag, errors, rows)
 
 
 def _encode_long_text(tokenizer, path: Path, add_special: bool, flag: str = "--train_file",
@@ -248,8 +293,8 @@ def _documents(lm, args: CorpusArgs, which: str,
     if not path_str:
         raise KnnlmError(f"{flag}: required (or --dataset_name)")
     path = _check_file(path_str, flag)
-    if path.suffix in (".jsonl", ".json"):
-        for text in _jsonl_texts(path, args.text_field, flag, args.encoding_errors, rows):
+    if path.suffix in ROW_SUFFIXES:
+        for text in row_texts(path, args.text_field, flag, args.encoding_errors, rows):
             yield lm.encode(text), False, bool(text.strip())
     elif getattr(lm.tokenizer, "is_fast", False):
         for i, (piece, has_text) in enumerate(_encode_long_text(lm.tokenizer, path, True, flag, args.encoding_errors)):

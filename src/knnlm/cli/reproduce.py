@@ -76,6 +76,7 @@ def check_stage_commands(recipe: dict, rargs) -> None:
 
 def cmd_reproduce(args) -> int:
     from ..config import resolve, save_config
+    from ..errors import KnnlmError
     from ..fileio import claim_output_dir
     from ..experiments.reproduce import (ReproduceArgs, check_run_kind, load_recipe, load_timings, run_stages,
                                          with_data_dir, with_smoke_data, write_report)
@@ -85,6 +86,10 @@ def cmd_reproduce(args) -> int:
     rargs = resolve(ReproduceArgs, args, args.config)
     out = Path(rargs.output_dir)  # a model, a datastore, another command's run: refused (a run from before the
     # marker is recognised by its stage records); the scale is checked by check_run_kind
+    ran = any((out / "stages" / name).is_file() for name in ("run.json", "timings.json"))  # (older runs: no run.json)
+    if rargs.report_only and not ran:  # it would write a report of no run, every claim "not run yet"
+        raise KnnlmError(f"--report_only: {out} holds no reproduce run (no stages/ records); pass the --output_dir of "
+                         "a run, or drop --report_only to run the recipe")
     claim_output_dir(out, "reproduce", {}, own_files=("*",) if (out / "stages" / "run.json").is_file() else ())
     rargs = with_data_dir(rargs)
     recipe = load_recipe(rargs)  # read once: a recipe edited during a long run does not change its report

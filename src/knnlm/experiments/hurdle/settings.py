@@ -120,6 +120,9 @@ class HurdleArgs:
                 raise KnnlmError(f"--validation_file: required in text mode (no valid.txt beside {self.data})")
             if not val.is_file():
                 raise KnnlmError(f"--validation_file: {val} does not exist; pass a plain-text validation file")
+        elif self.validation_file:  # Macondo mode scores the village's own test split; the file would be ignored
+            raise KnnlmError(f"--validation_file: only text mode (--data a training text file) reads it; --data "
+                             f"{self.data} is Macondo mode, which scores the village's test split; drop --validation_file")
 
     def validation_path(self) -> Optional[Path]:
         if self.validation_file:

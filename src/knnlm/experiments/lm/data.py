@@ -11,6 +11,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ...corpus import ROW_SUFFIXES, TEXT_FIELD, BadRows, row_texts
 from ...errors import KnnlmError
 from ...train import epoch_permutation
 from .settings import EOS_TOKEN, LMArgs, bpe_vocab
@@ -18,9 +19,11 @@ from .settings import EOS_TOKEN, LMArgs, bpe_vocab
 log = logging.getLogger(__name__)
 
 
-def train_bpe_tokenizer(files: list[str | Path], vocab_size: int, model_max_length: int = 1024):
+def train_bpe_tokenizer(files: list[str | Path], vocab_size: int, model_max_length: int = 1024,
+                        skip_bad_rows: bool = False):
     """A byte-level BPE (GPT-2's pre-tokenizer and byte alphabet; ``ByteLevelBPETokenizer`` equivalent) trained on
-    ``files``, wrapped as a ``PreTrainedTokenizerFast`` with ``<|endoftext|>`` (id 0) as BOS/EOS/PAD/UNK.
+    ``files``, wrapped as a ``PreTrainedTokenizerFast`` with ``<|endoftext|>`` (id 0) as BOS/EOS/PAD/UNK. Plain text is
+    read as it is; JSONL and table files by the text of their rows (not their JSON or CSV syntax).
 
     BPE training is deterministic (merges ranked by count, ties broken by the pair), so no seed is needed: the same
     files and vocabulary size give the same tokenizer.
@@ -34,12 +37,19 @@ def train_bpe_tokenizer(files: list[str | Path], vocab_size: int, model_max_leng
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train([str(f) for f in files], trainer)
+    files = [Path(f) for f in files]
+    if any(f.suffix in ROW_SUFFIXES for f in files):
+        rows = BadRows("--train_file", TEXT_FIELD, skip_bad_rows)
+        texts = (t for f in files for t in (row_texts(f, TEXT_FIELD, "--train_file", rows=rows)
+                                            if f.suffix in ROW_SUFFIXES else [f.read_text(encoding="utf-8")]))
+        tok.train_from_iterator(texts, trainer)
+    else:
+        tok.train([str(f) for f in files], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
                                   unk_token=EOS_TOKEN, model_max_length=model_max_length)
 
 
-def build_tokenizer(spec: str, train_file: str | Path, model_max_length: int):
+def build_tokenizer(spec: str, train_file: str | Path, model_max_length: int, skip_bad_rows: bool = False):
     """``gpt2`` | ``bpe:N`` (trained on ``train_file`` only) | a hub id or folder -> a fast tokenizer with an EOS and PAD."""
     from transformers import AutoTokenizer
 
@@ -48,7 +58,7 @@ def build_tokenizer(spec: str, train_file: str | Path, model_max_length: int):
     n = bpe_vocab(spec)
     if n is not None:
         log.info("training a byte-level BPE tokenizer (vocabulary %d) on %s", n, train_file)
-        return train_bpe_tokenizer([train_file], n, model_max_length)
+        return train_bpe_tokenizer([train_file], n, model_max_length, skip_bad_rows)
     try:
         tok = AutoTokenizer.from_pretrained(resolve_tokenizer_source(spec))
     except (OSError, ValueError) as e:
@@ -145,7 +155,7 @@ def count_words(path: str | Path) -> int:
 
 
 def _word_ppl(final: dict, validation_file: str) -> float | None:
-    """Perplexity per word (comparable across tokenizers) for a plain-text file; None for JSONL."""
-    if Path(validation_file).suffix in (".jsonl", ".json"):
+    """Perplexity per word (comparable across tokenizers) for a plain-text file; None for JSONL or a table."""
+    if Path(validation_file).suffix in ROW_SUFFIXES:
         return None
     return math.exp(final["val_loss"] * final["val_tokens"] / count_words(validation_file))

@@ -112,7 +112,7 @@ def _tokenizer_in(work: Path, args: LMArgs):
 
     folder = work / "tokenizer"
     if not (folder / "tokenizer_config.json").is_file():
-        tok = build_tokenizer(args.tokenizer, args.train_file, args.block_size)
+        tok = build_tokenizer(args.tokenizer, args.train_file, args.block_size, args.skip_bad_rows)
         with atomic_dir(folder) as tmp:
             tok.save_pretrained(tmp)
     return AutoTokenizer.from_pretrained(folder)
