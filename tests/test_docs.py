@@ -1,6 +1,9 @@
-"""The docs: every page is linked from an index, every relative link resolves, and docs/python_api.md's example runs
-as written (on a tiny random GPT-2 and a few KB of WikiText-2)."""
+"""The docs: every page is linked from an index, every relative link resolves, every command shown parses with the
+real CLI, and docs/python_api.md's example runs as written (on a tiny random GPT-2 and a few KB of WikiText-2)."""
+import contextlib
+import io
 import re
+import shlex
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,6 +23,48 @@ def test_every_doc_is_linked_and_links_resolve():
         for target in LINK.findall(page.read_text()):
             if not target.startswith(("http://", "https://", "mailto:")):
                 assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
+
+
+def _shown_commands() -> list[tuple[str, list[str]]]:
+    """(page, argv) of every `knnlm ...` line in a fenced or indented code block of README, DEVELOPERS and docs/, in
+    synopsis notation: `[--flag V]` optional, `a|b` alternatives (the first is taken), `...` a placeholder value."""
+    found = []
+    for page in [REPO / "README.md", REPO / "DEVELOPERS.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = page.read_text()
+        blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.S) + re.findall(r"(?:^|\n\n)((?:    .*\n?)+)", text)
+        for block in blocks:
+            for line in block.replace("\\\n", " ").splitlines():
+                m = re.search(r"(?:^|\s)(?:\S*/)?knnlm\s+(.*)", line.strip().removeprefix("$ "))
+                if not m:
+                    continue
+                shell = re.split(r" #| \| | > | && |;| &$", m.group(1))[0]  # the command, not what the shell adds
+                words = shlex.split(re.sub(r"\((?:or|e\.g\.) [^)]*\)", " ", shell).replace("[", " ").replace("]", " "))
+                argv = []
+                for w in words:  # `...` is a flag's value after a flag, else "the other flags"; `configs/...` a path
+                    if w in ("...", "…"):
+                        argv += ["X"] if argv and argv[-1].startswith("--") else []
+                    elif not w.startswith(","):  # `NAME[,NAME...]`: the first name is enough
+                        argv.append(w.split("|")[0])
+                found.append((page.name, argv))
+    return found
+
+
+def test_every_command_shown_in_the_docs_parses():
+    """A renamed or removed flag fails here, not in a reader's shell (the same check `reproduce` runs on its recipes)."""
+    from knnlm.cli import build_parser
+
+    parser, shown = build_parser(), _shown_commands()
+    assert len(shown) >= 60 and any(argv[:1] == ["demo"] for _, argv in shown)
+    bad = []
+    for page, argv in shown:
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                parser.parse_args(argv)
+        except SystemExit as e:
+            if e.code:
+                bad.append(f"{page}: knnlm {' '.join(argv)}: {(err.getvalue().strip().splitlines() or ['?'])[-1]}")
+    assert not bad, "\n".join(bad)
 
 
 def _example() -> str:
