@@ -46,7 +46,7 @@ class CorpusArgs:
     text_field: str = field(default=TEXT_FIELD, metadata={"help": "Field (column) holding the text in JSONL, table or dataset rows; plain text has none."})
     block_size: int = field(default=0, metadata={"help": "Window length in tokens; 0 = the model's context length, capped at 1024."})
     stride: int = field(default=0, metadata={"help": "Tokens the window advances by; 0 = block_size // 2. Each token is scored once, with the longest context the window allows."})
-    concat_documents: bool = field(default=True, metadata={"help": "Join JSONL/dataset documents with EOS into one stream (run_clm style); false windows each document on its own."})
+    concat_documents: bool = field(default=True, metadata={"help": "Join JSONL/table/dataset documents with EOS into one stream (run_clm style); false windows each document on its own."})
     max_tokens: Optional[int] = field(default=None, metadata={"help": "Use only the first N tokens of the corpus (quick runs)."})
     encoding_errors: str = field(default="strict", metadata={"help": "Bytes that are not UTF-8 in a corpus file: strict (an error naming the byte offset), replace (U+FFFD) or ignore (dropped)."})
     skip_bad_rows: bool = skip_bad_rows_field()
@@ -103,7 +103,8 @@ class CorpusArgs:
 def _check_file(path: str, flag: str) -> Path:
     p = Path(path)
     if not p.is_file():
-        raise KnnlmError(f"{flag}: {p} does not exist or is not a file; pass a readable text, .jsonl or table (.csv, .tsv, .parquet) file")
+        raise KnnlmError(f"{flag}: {p} does not exist or is not a file; pass a readable text, .jsonl or table (.csv, "
+                         ".tsv, .parquet) file")
     try:
         with open(p, "rb") as fh:
             fh.read(1)

@@ -18,7 +18,7 @@ TRAINING_JSON = "training.json"  # written last into the output folder: marks a 
 
 @dataclass
 class LMArgs:
-    train_file: Optional[str] = field(default=None, metadata={"help": "Training text (.txt: one document, newlines kept; .jsonl: one document per line, joined with EOS)."})
+    train_file: Optional[str] = field(default=None, metadata={"help": "Training text (.txt: one document, newlines kept; .jsonl: one document per line, .csv/.tsv/.parquet: one per row of the text column, joined with EOS)."})
     validation_file: Optional[str] = field(default=None, metadata={"help": "Validation text, same formats; perplexity is reported on it."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Folder of the trained model (HF format); a rerun of the same command resumes from OUTPUT_DIR/work."})
     size: str = field(default="small", metadata={"help": "From-scratch GPT-2 size, a name of knnlm.assets.SCRATCH_SIZES: tiny (2x64), small (4x256), gpt2-small (12x768)."})
