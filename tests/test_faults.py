@@ -1053,3 +1053,15 @@ def test_a_swap_killed_between_its_renames_restores_the_old_store(tiny_gpt2_dir,
     again = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)  # the old store's own inputs
     assert {p.name: p.read_bytes() for p in (again.dir / "index").iterdir()} == before
     assert not (tmp_path / "ds.replaced-tmp").exists()
+
+
+def test_ctrl_c_while_the_cli_starts_is_one_line(monkeypatch, capsys):
+    """Before: a Ctrl-C in the first seconds (the parser imports every command, then transformers) was a traceback."""
+    import knnlm.cli as cli_module
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "build_parser", interrupted)
+    assert cli_module.main(["eval", "--help"]) == 130
+    assert capsys.readouterr().err == "knnlm: interrupted\n"

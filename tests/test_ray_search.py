@@ -254,8 +254,28 @@ def test_serve_two_evaluations_stop(lm_store, faiss_ppl, tmp_path, capsys):
     assert served_actors(ray, "t27") == []
     assert main(["eval", *lm_store[1], "--datastore", str(root / "ds"), "--output_dir", str(tmp_path / "e3"),
                  *served]) == 2
-    assert "the served group 't27' has 0 shard actor(s)" in capsys.readouterr().err
+    assert "--ray_index: no group named 't27' is served; start it with `knnlm index serve" in capsys.readouterr().err
     assert main(["index", "stop", "t27"]) == 2
+
+
+def test_an_address_where_nothing_listens_is_one_line_at_once():
+    """Before: Ray retried such an address for minutes (`index stop --ray_address 127.0.0.1:9` ran 200 s)."""
+    import socket
+
+    from knnlm.ray_search import CONNECT_TIMEOUT_S, _require_listening
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.time()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(KnnlmError, match=f"--ray_address {address}: nothing answers there .*ray start --head"):
+            _require_listening(address, "start a cluster with `ray start --head`")
+    assert time.time() - started < 2 * CONNECT_TIMEOUT_S
+    with socket.socket() as s:  # a listening port passes
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        _require_listening(f"127.0.0.1:{s.getsockname()[1]}", "")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -160,6 +160,13 @@ def test_models_route_and_api_key(tiny_lm):
         with urllib.request.urlopen(req, timeout=30) as r:
             assert [m["id"] for m in json.loads(r.read())["data"]] == ["tiny"]
         assert _post(srv.url + "/completions", {"prompt": "a", "max_tokens": 1})[0] == 401
+        for auth, ok in (("bearer k1", True), ("BEARER  k1", True), ("Basic k1", False), ("Bearer k2", False)):
+            req = urllib.request.Request(srv.url + "/models", headers={"Authorization": auth})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    assert ok and r.status == 200, auth
+            except urllib.error.HTTPError as e:
+                assert not ok and e.code == 401, auth
     finally:
         srv.shutdown()
         srv.server_close()
@@ -232,6 +239,11 @@ def _request(body: bytes, length: str | None = "auto", method: str = "POST", pat
     (_request(b'{"prompt": "a", "stream_options": {"include_usage": true}}'), 400, "only allowed with stream=true"),
     (_request(b'"just a string"'), 400, "JSON object"),
     (_request(b'{"prompt": "a"}', method="PUT"), 405, "not allowed"),
+    (_request(b"", method="TRACE"), 405, "method TRACE is not allowed"),  # these three got the base class's 501
+    (_request(b"", method="CONNECT"), 405, "not allowed"),
+    (_request(b"", method="FOO"), 405, "not allowed"),
+    (_request(b'{"prompt": "a"}').replace(b"Content-Length: 15", b"Content-Length: 15\r\nContent-Length: 5"), 400,
+     "2 different Content-Length headers"),  # was served by the first after --request_timeout_s (smuggling)
     (b"GARBAGE\r\n\r\n", 400, "Bad request"),
 ])
 def test_malformed_requests_get_4xx_json(server, data, status, needle):
@@ -324,6 +336,10 @@ def test_load_concurrent_clients_all_answered_identical_to_sequential(server, cl
     (["--max_queue", "-1"], "--max_queue"),
     (["--datastore", "x", "--mlp_memory", "y"], "pass one of them"),
     (["--lmbda", "1.5"], "--lmbda"),
+    (["--datastore", "/nonexistent-store", "--lmbda", "1"], "--lmbda: 1 gives every token outside the neighbours"),
+    (["--api_key", ""], "--api_key: empty"),  # it served without a key
+    (["--host", ""], "--host: empty"),  # it bound every interface
+    (["--served_model_name", " "], "--served_model_name: empty"),
 ])
 def test_cli_serve_bad_arguments(tiny_gpt2_dir, argv, needle, capsys):
     from knnlm.cli import main

@@ -39,7 +39,7 @@ class KNNArgs:
     no_pointer: bool = field(default=False, metadata={"help": "RetoMaton: search at every step and use no pointers (equals the kNN-LM with exact distances)."})
     no_clusters: bool = field(default=True, metadata={"help": "RetoMaton: follow pointers to successors only; false also adds the other members of their clusters (`knnlm datastore cluster` first)."})
     skip_search_prob: float = field(default=0.0, metadata={"help": "A kNN-LM that skips each search with this probability (seeded per position) and uses the LM alone there: RetoMaton's baseline."})
-    ray_address: str = field(default="local", metadata={"help": "With --search_backend ray: local (a Ray on this machine for this run), auto (the running cluster: `ray start`), or ray://HOST:PORT."})
+    ray_address: str = field(default="local", metadata={"help": "With --search_backend ray: local (a Ray on this machine for this run), auto (the running cluster: `ray start`), HOST:PORT (its GCS address, as `ray start --head` prints it) or ray://HOST:PORT (Ray Client)."})
     ray_index: str = field(default="", metadata={"help": "With --search_backend ray: the name of a group of shard actors kept loaded by `knnlm index serve` (else this run starts its own)."})
     ray_shard_cpus: float = field(default=SHARD_CPUS, metadata={"help": "With --search_backend ray: CPUs Ray reserves for each shard actor it starts; FAISS searches with that many threads."})
 

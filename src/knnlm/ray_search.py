@@ -43,7 +43,7 @@ SHARD_CPUS = 1.0  # CPUs Ray reserves for each shard actor (--ray_shard_cpus of 
 @dataclass
 class RayServeArgs:
     name: str = field(default="", metadata={"help": "Name of the served group of shard actors (evaluations pass it as --ray_index)."})
-    ray_address: str = field(default="auto", metadata={"help": "The Ray cluster: auto (the one `ray start` runs on this machine) or ray://HOST:PORT."})
+    ray_address: str = field(default="auto", metadata={"help": "The Ray cluster: auto (the one `ray start` runs on this machine), HOST:PORT (its GCS address) or ray://HOST:PORT."})
     ray_shard_cpus: float = field(default=SHARD_CPUS, metadata={"help": "CPUs Ray reserves for each shard actor; FAISS searches with that many threads."})
 
     def validate(self) -> None:
@@ -86,22 +86,41 @@ def ray_module():
     return ray
 
 
-def connect(address: str):
+def connect(address: str, local_fix: bool = True):
     """The ``ray`` module, connected: a process already connected (``ray.init`` by the caller) keeps its connection;
     ``local`` starts a Ray on this machine for this process only; ``auto`` / ``HOST:PORT`` / ``ray://HOST:PORT``
-    join a running cluster."""
+    join a running cluster. ``local_fix``: the error may suggest ``--ray_address local`` (not where a cluster must
+    outlive the command)."""
     ray = ray_module()
     if ray.is_initialized():
         return ray
-    kwargs = {} if address.startswith("ray://") else {"log_to_driver": False}  # Ray Client takes fewer options
+    fix = "start a cluster with `ray start --head`" + (" or pass --ray_address local" if local_fix else "")
+    if address not in ("local", "auto"):
+        _require_listening(address, fix)  # Ray itself retries an address where nothing listens for minutes
+    # Ray Client takes fewer options; Ray's own INFO/WARNING lines on joining would bury a one-line error
+    kwargs = {} if address.startswith("ray://") else {"log_to_driver": False, "logging_level": logging.ERROR}
     if address == "local":
         kwargs["include_dashboard"] = False
     try:
         ray.init(address=address, namespace=NAMESPACE, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise KnnlmError(f"--ray_address {address}: cannot connect to Ray ({_first_line(e)}); start a cluster with "
-                         f"`ray start --head` or pass --ray_address local") from None
+        raise KnnlmError(f"--ray_address {address}: cannot connect to Ray ({_first_line(e)}); {fix}") from None
     return ray
+
+
+CONNECT_TIMEOUT_S = 5.0  # for the TCP check of a HOST:PORT address
+
+
+def _require_listening(address: str, fix: str) -> None:
+    """One line, within CONNECT_TIMEOUT_S, when nothing accepts a TCP connection at ``[ray://]HOST:PORT``."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as e:
+        raise KnnlmError(f"--ray_address {address}: nothing answers there ({e.strerror or e}); {fix}, or pass the "
+                         "address it prints") from None
 
 
 def _first_line(e: BaseException, limit: int = 200) -> str:
@@ -319,7 +338,7 @@ def serve(ds_dir: str | Path, args: RayServeArgs) -> list[dict]:
     descriptions. Nothing is left running when a shard is refused."""
     ds_dir = Path(ds_dir)
     expected = _expected(ds_dir)
-    ray = connect(args.ray_address)
+    ray = connect(args.ray_address, local_fix=False)
     if served_actors(ray, args.name):
         raise KnnlmError(f"--name: a group named {args.name!r} is already served; stop it with "
                          f"`knnlm index stop {args.name}` or choose another name")
@@ -337,7 +356,7 @@ def serve(ds_dir: str | Path, args: RayServeArgs) -> list[dict]:
 def stop(name: str, address: str) -> int:
     """Kills the served group ``name``; returns how many shard actors it had."""
     check_address(address)
-    ray = connect(address)
+    ray = connect(address, local_fix=False)
     names = served_actors(ray, name)
     if not names:
         raise KnnlmError(f"index stop: no served group named {name!r} in the Ray cluster at {address} "
@@ -366,9 +385,10 @@ class RayBackend:
         if args.ray_index:
             names = served_actors(self.ray, args.ray_index)
             if len(names) != expected["shards"]:
-                raise KnnlmError(f"--ray_index: the served group {args.ray_index!r} has {len(names)} shard actor(s), "
-                                 f"this store's index has {expected['shards']}; start it with `knnlm index serve "
-                                 f"{datastore.dir} --name {args.ray_index}`")
+                what = (f"the served group {args.ray_index!r} has {len(names)} shard actor(s), this store's index "
+                        f"has {expected['shards']}") if names else f"no group named {args.ray_index!r} is served"
+                raise KnnlmError(f"--ray_index: {what}; start it with `knnlm index serve {datastore.dir} --name "
+                                 f"{args.ray_index}`")
             self.actors, self.owned = [self.ray.get_actor(n, namespace=NAMESPACE) for n in names], False
         else:
             self.actors = start_actors(self.ray, Path(datastore.dir), expected["shards"], args.ray_shard_cpus)

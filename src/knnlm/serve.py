@@ -65,6 +65,11 @@ class ServeArgs:
     shutdown_grace_s: float = field(default=10.0, metadata={"help": "On SIGTERM / SIGINT: seconds requests in flight may take to finish (no new connections are accepted, idle ones are closed at once)."})
 
     def validate(self) -> None:
+        for name, fix in (("host", "pass 127.0.0.1 (local only) or 0.0.0.0 (every interface)"),
+                          ("api_key", "pass a non-empty key, or leave the flag out for a server without one"),
+                          ("served_model_name", "pass a name, or leave the flag out for --model_name_or_path")):
+            if getattr(self, name) is not None and not getattr(self, name).strip():  # e.g. an unset "$KEY"
+                raise KnnlmError(f"--{name}: empty; {fix}")
         if not 0 <= self.port <= 65535:
             raise KnnlmError(f"--port: {self.port} is not a TCP port; use 0-65535")
         if self.max_logprobs < 0:

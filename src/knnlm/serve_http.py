@@ -95,7 +95,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _authorized(self) -> bool:
         key = self.server.api_key
-        if key and self.headers.get("Authorization") != f"Bearer {key}":
+        scheme, _, given = (self.headers.get("Authorization") or "").partition(" ")
+        if key and (scheme.lower() != "bearer" or given.strip() != key):  # the scheme is case-insensitive (RFC 9110)
             self._send(401, ApiError(401, "missing or wrong API key", kind="authentication_error").body())
             return False
         return True
@@ -104,6 +105,9 @@ class _Handler(BaseHTTPRequestHandler):
         """The request body by Content-Length; ApiError (411, 400, 413, 408) when it is missing, invalid or short."""
         if self.headers.get("Transfer-Encoding"):
             raise ApiError(411, "chunked bodies are not supported; send a Content-Length")
+        values = set(self.headers.get_all("Content-Length") or [])
+        if len(values) > 1:  # which one frames the body is ambiguous (RFC 9112 6.3: request smuggling)
+            raise ApiError(400, f"{len(values)} different Content-Length headers; send one")
         value = self.headers.get("Content-Length")
         if value is None:
             raise ApiError(411, "a POST needs a Content-Length header")
@@ -205,6 +209,11 @@ class _Handler(BaseHTTPRequestHandler):
         _drain(self.connection)
 
     do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed
+
+    def __getattr__(self, name: str):  # any other method (TRACE, CONNECT, FOO): 405 too, not the base class's 501
+        if name.startswith("do_"):
+            return self._not_allowed
+        raise AttributeError(name)
 
 
 class _BusyHandler(_Handler):

@@ -60,12 +60,16 @@ def keep_freed_memory() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    keep_freed_memory()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    _quiet_libraries(args.verbose)
+    try:  # the parser imports every command and _quiet_libraries transformers: seconds a Ctrl-C can land in
+        keep_freed_memory()
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        _quiet_libraries(args.verbose)
+    except KeyboardInterrupt:  # nothing has started yet, so nothing to resume
+        print("knnlm: interrupted", file=sys.stderr)
+        return 130
     from ..fileio import abandon_fresh_claims, fresh_claims, release_output_dirs
 
     outer = fresh_claims()  # a stage of `knnlm reproduce` runs here, inside the command that claimed its folder

@@ -43,7 +43,7 @@ def register(sub) -> None:
     serve.add_argument("datastore", help="datastore folder (the same path on every Ray node)")
     stop = add_command(ix_sub, "stop", (), cmd_index_stop, help="stop a group of shard actors started by `knnlm index serve`")
     stop.add_argument("name", help="the group's --name")
-    stop.add_argument("--ray_address", default=RayServeArgs.ray_address, help="the Ray cluster (auto or ray://HOST:PORT)")
+    stop.add_argument("--ray_address", default=RayServeArgs.ray_address, help="the Ray cluster (auto, HOST:PORT or ray://HOST:PORT)")
 
     ev = add_command(sub, "eval", (ModelArgs, CorpusArgs, KNNArgs, EvalArgs), cmd_eval,
                      help="perplexity of the LM, kNN-LM and MLP-LM on a corpus")

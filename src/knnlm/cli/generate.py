@@ -42,8 +42,9 @@ def cmd_generate(args) -> int:
     inputs = {**{k: v for k, v in to_dict(margs, aargs, kargs, gargs).items() if k not in ("output_dir", "device")},
               "prompts": prompts}
     if aargs.datastore and kargs.stateful and gargs.num_beams > 1:
-        raise KnnlmError("--num_beams: RetoMaton / --skip_search_prob follow one path per sequence; use greedy "
-                         "decoding or --do_sample true")
+        raise KnnlmError(f"--num_beams: RetoMaton / --skip_search_prob follow one path per sequence, not "
+                         f"{gargs.num_beams} beams; pass --num_beams 1 (greedy decoding, or sampling with --do_sample "
+                         "true)")
     if gargs.output_dir:  # a model, a datastore, another command's run, this one's of other inputs: before the model
         claim_output_dir(gargs.output_dir, "generate", inputs, args.overwrite, own_files=RESULT_FILES,
                          what="`knnlm generate` run", check_only=True)

@@ -21,6 +21,7 @@ def register(sub) -> None:
 
 def cmd_serve(args) -> int:
     from ..augmented import AugmentArgs, augment_from_args
+    from ..errors import KnnlmError
     from ..datastore import Datastore
     from ..knn import KNNArgs
     from ..models import ModelArgs, load_model
@@ -29,6 +30,9 @@ def cmd_serve(args) -> int:
 
     margs, sargs, aargs, kargs = resolve([ModelArgs, ServeArgs, AugmentArgs, KNNArgs], args, args.config)
     if aargs.datastore:
+        if kargs.lmbda == [1.0]:  # pure kNN: -inf log-probabilities, which JSON (RFC 8259) cannot carry
+            raise KnnlmError("--lmbda: 1 gives every token outside the neighbours log-probability -inf, which the "
+                             "API's JSON cannot carry; use a weight below 1 (e.g. 0.99)")
         Datastore.open(aargs.datastore)  # a missing or truncated store is reported before the model loads
     lm = load_model(margs)
     model = augment_from_args(lm, aargs, kargs)
