@@ -812,6 +812,7 @@ def test_unreachable_endpoint_one_line_error(village, tmp_path):
     ({"model": ["a"], "poll_s": 0}, "--poll_s"),
     ({"model": ["a"], "base_url": "127.0.0.1:8000"}, "--base_url"),
     ({"model": ["a"], "output_dir": None}, "--output_dir"),
+    ({"model": [""]}, "--model: an empty model name"),  # was sent to the server after the village was made
 ])
 def test_bad_arguments(kwargs, needle):
     with pytest.raises(KnnlmError, match=f"^{needle}"):
@@ -1060,3 +1061,25 @@ def test_submit_fine_tune_only(stub_api, village, tmp_path):
     assert run["splits"] == {} and run["model"] == "ft:base-model:ftjob-0"
     assert run["job"]["final_metrics"] == {"step": 1.0, "train_loss": 2.5, "valid_loss": 2.7}
     assert "| 2 | ftjob-0 | ft:base-model:ftjob-0 | 1234 | 2.5000 | 2.7000 |" in (out / "results.md").read_text()
+
+
+def test_api_output_and_data_folders_are_checked_before_any_work(village, tmp_path):
+    """Before: a village was written into a datastore or model folder given as --output_dir, a file as --output_dir
+    gave 'File exists' naming no flag, and a datastore as --data was called "a 'knnlm-datastore/1' Macondo village"
+    (leaving an empty seed folder)."""
+    dead = f"http://127.0.0.1:{_free_port()}/v1"
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "a.txt").write_text("x")
+    for out, needle in ((theirs, "--output_dir"), (tmp_path / "a.txt", "--output_dir")):
+        with pytest.raises(KnnlmError, match=f"^{needle}"):
+            A.run_api(A.ApiArgs(base_url=dead, model=["m"], output_dir=str(out)))
+    assert sorted(p.name for p in theirs.iterdir()) == ["model.safetensors"]
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "meta.json").write_text(json.dumps({"format": "knnlm-datastore/1", "N": 3}))
+    out = tmp_path / "o"
+    with pytest.raises(KnnlmError, match=r"^--data: .*store is not a Macondo village"):
+        A.run_api(A.ApiArgs(base_url=dead, model=["m"], data=str(store), output_dir=str(out)))
+    assert not list(out.glob("seed-*"))

@@ -50,6 +50,9 @@ class ApiArgs:
         if self.data and len(self.seeds) > 1:
             raise KnnlmError("--data: names one village; pass one --seeds value, or leave --data unset to generate one "
                              "village per seed")
+        if any(not m.strip() for m in self.model):  # an empty name was sent to the server after the village was made
+            raise KnnlmError(f"--model: an empty model name in {','.join(self.model)!r}; name the model(s) to score, "
+                             "comma-separated")
         if self.submit and len(self.model) != 1:
             raise KnnlmError("--model: with --submit, name exactly one base model to fine-tune")
         if not self.submit and len(self.model) != len(self.seeds):
@@ -77,11 +80,14 @@ class ApiArgs:
 # ------------------------------------------------------------------------------------------------------------ data
 def ensure_village(data: Path, seed: int, tokenizer: str) -> dict:
     """The meta.json of the Macondo-Conv village in ``data``, generated there with ``seed`` when the folder holds none."""
-    from ...macondo.generate import MacondoArgs, generate_macondo, read_meta
+    from ...macondo.generate import TEMPLATES, MacondoArgs, generate_macondo, read_meta
 
     if not (data / "meta.json").is_file():
         generate_macondo(MacondoArgs(output_dir=str(data), seed=seed, tokenizer=tokenizer, format="conv"))
     meta = read_meta(data)
+    if meta.get("format") not in TEMPLATES:  # e.g. a datastore's meta.json
+        raise KnnlmError(f"--data: {data} is not a Macondo village (its meta.json is not `knnlm macondo generate`'s); "
+                         "pass a folder from `knnlm macondo generate --format conv`")
     if meta.get("format") != "conv":
         raise KnnlmError(f"--data: {data} holds a {meta.get('format')!r} Macondo village; this study needs "
                          "`knnlm macondo generate --format conv`")
@@ -141,15 +147,17 @@ def run_api(args: ApiArgs) -> dict:
     """The whole study; returns the metrics written to ``results.json`` (one entry per seed, mean and std over seeds)."""
     from ...macondo.score import summarize
 
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from ...fileio import claim_output_dir
+
+    out = Path(args.output_dir)  # a file, a model, a datastore, another command's run: refused before any work
+    claim_output_dir(out, "overspec api", {}, own_files=("config.json", "results.json", "results.md", "seed-*"))
     client = make_client(args.base_url, args.api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY")
     runs = []
     for i, seed in enumerate(args.seeds):
         run_dir = seed_path(out, seed)
-        run_dir.mkdir(parents=True, exist_ok=True)
         data = Path(args.data) if args.data else run_dir / "data"
-        meta = ensure_village(data, seed, args.tokenizer)
+        meta = ensure_village(data, seed, args.tokenizer)  # (a --data refused here leaves no seed folder)
+        run_dir.mkdir(parents=True, exist_ok=True)
         job = finetune(client, args, data, run_dir, seed) if args.submit else None
         model = job["fine_tuned_model"] if job else args.model[i]
         run = {"seed": seed, "model": model, "data": str(data), "village_seed": meta["seed"],
