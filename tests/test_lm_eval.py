@@ -94,4 +94,6 @@ def test_missing_data_dir_names_the_flag(setup):
 
     with pytest.raises(KnnlmError, match="data_dir=DIR"):
         utils.load_test()
+    with pytest.raises(KnnlmError, match="^--metadata data_dir: nothere holds no Macondo dataset"):  # named --data
+        utils.load_test(data_dir="nothere")
     assert len(utils.load_test(data_dir=str(setup[1]))["test"]) == 7

@@ -17,7 +17,10 @@ def _load(split: str, data_dir=None, **_):
     if not data_dir:
         raise KnnlmError("--metadata: the Macondo tasks need data_dir=DIR (a folder written by `knnlm macondo "
                          "generate`), e.g. --metadata data_dir=runs/macondo")
-    rows = read_split(data_dir, split)
+    try:
+        rows = read_split(data_dir, split)
+    except KnnlmError as e:  # read_split names knnlm's own flag; here the folder came from lm_eval's --metadata
+        raise KnnlmError(str(e).replace("--data: ", "--metadata data_dir: ", 1)) from None
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
