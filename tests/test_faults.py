@@ -746,6 +746,23 @@ def test_datastore_verify_intact_padded_and_bit_flipped(tiny_gpt2_dir, files, tm
     assert_one_line(*cli(["datastore", "verify", ds.dir], capsys), "shard0.faiss", "index build")
     shard.write_bytes(shard_bytes)
     assert cli(["datastore", "verify", ds.dir], capsys)[0] == 0
+    # clusters (RetoMaton's) are checked too: a cut clusters.i32 passed as "intact", a broken record was "no clusters"
+    assert cli(["datastore", "cluster", ds.dir, "--num_clusters", 4, "--sample_size", 200], capsys)[0] == 0
+    assert main(["datastore", "verify", str(ds.dir)]) == 0 and "4 clusters built from it" in capsys.readouterr().out
+    clusters = ds.dir / "clusters.i32"
+    clusters_bytes = clusters.read_bytes()
+    clusters.write_bytes(clusters_bytes[:100])
+    assert_one_line(*cli(["datastore", "verify", ds.dir], capsys), "clusters.i32 was not built from this datastore",
+                    "datastore cluster")
+    clusters.write_bytes(clusters_bytes)
+    record = ds.dir / "clusters.json"
+    record_text = record.read_text()
+    record.write_text("garbage")
+    assert_one_line(*cli(["datastore", "verify", ds.dir], capsys), "clusters.json is damaged", "datastore cluster")
+    record.write_text(record_text)
+    assert cli(["datastore", "verify", ds.dir], capsys)[0] == 0
+    (ds.dir / "clusters.i32").unlink()
+    record.unlink()
     # a truncated store: its own error says --overwrite, and --overwrite (same inputs) rebuilds it
     keys.write_bytes(good[:-64])
     assert_one_line(*cli(["datastore", "verify", ds.dir], capsys), "truncated", "--overwrite")

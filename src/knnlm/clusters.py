@@ -165,6 +165,9 @@ def _assign(ds, centroids: np.ndarray, work: Path) -> np.ndarray:
 def load_clusters(ds, flag: str = "--no_clusters") -> np.ndarray:
     """The cluster of every row, int32 [N]; refused in one line when the store has none or they are not its own."""
     record = _read_record(ds)
+    if not record and (ds.dir / RECORD).is_file():  # not "no clusters": the file is there, and broken
+        raise KnnlmError(f"{flag}: {ds.dir / RECORD} is damaged (not a clusters record); rerun `knnlm datastore "
+                         f"cluster {ds.dir}`")
     if not record:
         raise KnnlmError(f"{flag}: the datastore {ds.dir} has no clusters; run `knnlm datastore cluster {ds.dir}` "
                          "or pass --no_clusters true")
@@ -172,3 +175,12 @@ def load_clusters(ds, flag: str = "--no_clusters") -> np.ndarray:
         raise KnnlmError(f"{flag}: {ds.dir / FILE} was not built from this datastore (missing, changed or from an "
                          f"earlier build); rerun `knnlm datastore cluster {ds.dir}`")
     return np.fromfile(ds.dir / FILE, dtype=np.int32)
+
+
+def verify_clusters(ds, flag: str = "--datastore") -> dict | None:
+    """The clusters of a store checked against it (``knnlm datastore verify``): their settings, or None when it has
+    none; a one-line ``KnnlmError`` when they are damaged or not its own."""
+    if not ((ds.dir / RECORD).exists() or (ds.dir / FILE).exists()):
+        return None
+    load_clusters(ds, flag)
+    return _read_record(ds)["settings"]

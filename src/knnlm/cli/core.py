@@ -90,6 +90,7 @@ def cmd_datastore_verify(args) -> int:
           + ("" if index is None else f"; index {index['factory']}: " + (
               f"sha256 of {', '.join(index['checksums'])} as recorded" if isinstance(index["checksums"], dict)
               else "built for this store, no sha256 recorded"))
+          + ("" if report["clusters"] is None else f"; {report['clusters']['num_clusters']} clusters built from it")
           + f" ({time.time() - started:.1f}s)")
     return 0
 
