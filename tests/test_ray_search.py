@@ -258,6 +258,17 @@ def test_serve_two_evaluations_stop(lm_store, faiss_ppl, tmp_path, capsys):
     assert main(["index", "stop", "t27"]) == 2
 
 
+def test_index_serve_of_what_is_not_a_datastore(tmp_path, capsys):
+    """Before: a file, a model folder or a missing path got '--search_backend ray: X has no built index' (a flag
+    index serve does not have, and a fix that cannot work)."""
+    (tmp_path / "a.txt").write_text("x")
+    for target, needle in ((tmp_path / "a.txt", "is a file, not a datastore folder"),
+                           (tmp_path / "missing", "does not exist")):
+        assert main(["index", "serve", str(target), "--name", "g"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"knnlm: error: index serve: {target} {needle}") and err.count("\n") == 1, err
+
+
 def test_an_address_where_nothing_listens_is_one_line_at_once():
     """Before: Ray retried such an address for minutes (`index stop --ray_address 127.0.0.1:9` ran 200 s)."""
     import socket

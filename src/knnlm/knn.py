@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class KNNArgs:
     k: int = field(default=1024, metadata={"help": "Neighbours retrieved per position (clamped to the datastore size)."})
-    lmbda: list[float] = field(default_factory=lambda: [0.25], metadata={"help": "Weight of p_knn in the interpolation; a comma list sweeps several from one retrieval pass."})
+    lmbda: list[float] = field(default_factory=lambda: [0.25], metadata={"help": "Weight of p_knn in the interpolation; eval takes a comma list, which sweeps several from one retrieval pass (generate and serve take one)."})
     knn_temp: float = field(default=1.0, metadata={"help": "Temperature T of exp(-d/T)."})
     recompute_dists: bool = field(default=False, metadata={"help": "Recompute exact squared L2 distances from the stored keys (needed with PQ indexes)."})
     ignore_top: bool = field(default=False, metadata={"help": "Drop the nearest neighbour (for querying a store with its own training text)."})

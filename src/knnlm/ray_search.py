@@ -239,13 +239,13 @@ def _actor_cls():
 
 
 # --------------------------------------------------------------------------------------------------------- the group
-def _expected(ds_dir: Path) -> dict:
+def _expected(ds_dir: Path, flag: str = "--search_backend ray") -> dict:
     """What the evaluating process's own copy of the index says every shard must be."""
     from .index import _read_index, check_identity, datastore_identity, read_info, trained_fingerprint
 
     idir = ds_dir / "index"
     if not (idir / "index.json").exists():
-        raise KnnlmError(f"--search_backend ray: {ds_dir} has no built index; build it with "
+        raise KnnlmError(f"{flag}: {ds_dir} has no built index; build it with "
                          f"`knnlm index build {ds_dir} --shards S` (S shard files for S actors)")
     info = read_info(idir)
     check_identity(idir, info, ds_dir)
@@ -267,8 +267,8 @@ def check_shards(descs: list[dict], expected: dict, flag: str, need_keys: bool) 
     trained = expected["trained"] or descs[0].get("trained")
     for s, d in enumerate(descs):
         lo, hi = expected["bounds"][s], expected["bounds"][s + 1]
-        if d["error"]:
-            problem = d["error"]
+        if d["error"]:  # the actor's own one-line error, less the flag it names (this message names ``flag``)
+            problem = d["error"].split(": ", 1)[1] if d["error"].startswith("--") else d["error"]
         elif d["datastore"] != want or d["store"] not in (None, want):
             theirs = d["datastore"] if d["datastore"] != want else d["store"]
             theirs = theirs if isinstance(theirs, dict) else {}
@@ -336,16 +336,18 @@ def _kill(ray, actors: list) -> None:
 def serve(ds_dir: str | Path, args: RayServeArgs) -> list[dict]:
     """Starts the named, detached group of shard actors of a store (it outlives this process); returns their
     descriptions. Nothing is left running when a shard is refused."""
-    ds_dir = Path(ds_dir)
-    expected = _expected(ds_dir)
+    from .datastore import Datastore
+
+    ds_dir = Path(Datastore.open(ds_dir, "index serve").dir)  # a file, a model, a missing folder: not "no index"
+    expected = _expected(ds_dir, "index serve")
     ray = connect(args.ray_address, local_fix=False)
     if served_actors(ray, args.name):
         raise KnnlmError(f"--name: a group named {args.name!r} is already served; stop it with "
                          f"`knnlm index stop {args.name}` or choose another name")
     actors = start_actors(ray, ds_dir, expected["shards"], args.ray_shard_cpus, name=args.name)
     try:
-        descs = _wait_ready(ray, actors, "--datastore", args.ray_shard_cpus)
-        check_shards(descs, expected, "--datastore", need_keys=False)
+        descs = _wait_ready(ray, actors, "index serve", args.ray_shard_cpus)
+        check_shards(descs, expected, "index serve", need_keys=False)
     except BaseException:
         _kill(ray, actors)
         raise

@@ -521,7 +521,9 @@ class CompletionServer(HTTPServer):
                 self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             cut = list(self._active)
         if cut:
-            log.warning("%d request(s) still running after the %.1f s grace period: cut", len(cut), grace)
+            waited = grace - max(0.0, deadline - time.monotonic())  # less than the grace after a second signal
+            log.warning("%d request(s) still running after %.1f s of the %.1f s grace period%s: cut", len(cut), waited,
+                        grace, " (a second signal ended it)" if self._force else "")
             self.engine.abort.set()
             for conn in cut:
                 try:
