@@ -205,8 +205,12 @@ def test_eval_never_reuses_tokens_of_another_corpus(tiny_gpt2_dir, files, tmp_pa
     assert_one_line(rc, err, "--overwrite", "other inputs", "source")
     b = eval_metrics(tiny_gpt2_dir, files / "b.txt", out, capsys, "--overwrite")
     assert (b["n_tokens"], b["ppl_lm"]) == (clean_b["n_tokens"], clean_b["ppl_lm"])
-    # λ is a setting, not an input: a rerun may change it
-    eval_metrics(tiny_gpt2_dir, files / "b.txt", out, capsys, "--lmbda", "0.5")
+    # λ without a datastore or memory cannot act: refused (it was ignored), the folder's results kept
+    kept = (out / "results.json").read_bytes()
+    rc, err = cli(["eval", *model_args(tiny_gpt2_dir), "--validation_file", files / "b.txt", "--output_dir", out,
+                   "--block_size", 32, "--lmbda", "0.5"], capsys)
+    assert_one_line(rc, err, "--lmbda: a kNN setting, which acts only with --datastore")
+    assert (out / "results.json").read_bytes() == kept
     # a 0-byte / short token file (a full disk, an older knnlm) is rebuilt, never scored
     for damage in (lambda p: p.write_bytes(b""), lambda p: p.write_bytes(p.read_bytes()[:-4])):
         damage(out / "tokens.i32")
@@ -1082,3 +1086,16 @@ def test_ctrl_c_while_the_cli_starts_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli_module, "build_parser", interrupted)
     assert cli_module.main(["eval", "--help"]) == 130
     assert capsys.readouterr().err == "knnlm: interrupted\n"
+
+
+def test_knn_settings_without_a_datastore_or_memory_are_refused(tiny_gpt2_dir, files, tmp_path, capsys):
+    """Before: an LM-only eval, generate --compare or serve ran with --k, --retomaton, a search backend silently
+    ignored (the run looked like the kNN-LM asked for)."""
+    ev = ["eval", *model_args(tiny_gpt2_dir), "--validation_file", files / "b.txt", "--output_dir", tmp_path / "ev"]
+    for flag, value in (("--k", 5), ("--retomaton", "true"), ("--search_backend", "torch"), ("--knn_temp", 2)):
+        assert_one_line(*cli([*ev, flag, value], capsys), f"{flag}: a kNN setting, which acts only with --datastore")
+    assert_one_line(*cli(["generate", *model_args(tiny_gpt2_dir), "--prompt", "The", "--compare", "true",
+                          "--max_new_tokens", 2, "--k", 5], capsys), "--k: a kNN setting")
+    assert_one_line(*cli(["serve", *model_args(tiny_gpt2_dir), "--port", 0, "--lmbda", 0.5], capsys),
+                    "--lmbda: a kNN setting")
+    assert not (tmp_path / "ev").exists()

@@ -116,16 +116,12 @@ def index_checksums(idir: Path, shards: int) -> dict:
 def verify_store(directory: str | Path, flag: str = "--datastore") -> dict:
     """A store and its built index checked in full (``knnlm datastore verify``): what was checked, the index's under
     ``"index"``; raises one ``KnnlmError`` listing everything damaged in either."""
-    from .clusters import verify_clusters
-    from .datastore import Datastore
-
     report, problems = store_problems(directory, flag)
     try:
         report["index"] = verify_index(directory)
     except KnnlmError as e:
         problems.append(f"its index: {str(e).split(': ', 1)[-1]}")
     refuse_damaged(directory, flag, problems)
-    report["clusters"] = verify_clusters(Datastore.open(directory), flag)  # (their own fix: datastore cluster)
     return report
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -83,6 +83,15 @@ class KNNArgs:
                              f"{', '.join(backend_names())}")
         if self.search_backend == "ray" or self.ray_index:
             check_knn_args(self)
+
+    def refuse_without_memory(self) -> None:
+        """Without a datastore or MLP memory no kNN setting acts: one set to other than its default is refused (it was
+        ignored, and an LM-only run looked like the one asked for)."""
+        for f in fields(self):
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            if getattr(self, f.name) != default:
+                raise KnnlmError(f"--{f.name}: a kNN setting, which acts only with --datastore (or, for --lmbda, "
+                                 f"--mlp_memory); pass one, or drop --{f.name}")
 
     @property
     def stateful(self) -> bool:

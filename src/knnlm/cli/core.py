@@ -77,10 +77,13 @@ def cmd_datastore_build(args) -> int:
 
 
 def cmd_datastore_verify(args) -> int:
+    from ..clusters import verify_clusters
+    from ..datastore import Datastore
     from ..index import verify_store
 
     started = time.time()
     report = verify_store(args.datastore)
+    clusters = verify_clusters(Datastore.open(args.datastore))  # RetoMaton's, if built (their own fix: datastore cluster)
     sums = report["checksums"]
     index = report.get("index")
     print(f"datastore {args.datastore}: intact: N={report['N']} keys (all finite), d={report['d']}, values in "
@@ -90,7 +93,7 @@ def cmd_datastore_verify(args) -> int:
           + ("" if index is None else f"; index {index['factory']}: " + (
               f"sha256 of {', '.join(index['checksums'])} as recorded" if isinstance(index["checksums"], dict)
               else "built for this store, no sha256 recorded"))
-          + ("" if report["clusters"] is None else f"; {report['clusters']['num_clusters']} clusters built from it")
+          + ("" if clusters is None else f"; {clusters['num_clusters']} clusters built from it")
           + f" ({time.time() - started:.1f}s)")
     return 0
 
@@ -153,6 +156,8 @@ def cmd_eval(args) -> int:
     out = Path(eargs.output_dir)
     if not eargs.from_neighbors:
         cargs.require("validation")
+        if not (eargs.datastore or eargs.mlp_memory):
+            kargs.refuse_without_memory()
     _claim_eval_dir(out, margs, cargs, eargs, args.overwrite)
     if eargs.from_neighbors:
         held, k, temps = _cache_settings(args, margs, kargs, eargs)
