@@ -262,6 +262,8 @@ def test_cli_generate_compare_writes_results(lm, store, tiny_gpt2_dir, tmp_path,
 @pytest.mark.parametrize("argv,needle", [
     (["--prompt", "x", "--num_beams", "0"], "--num_beams"),
     (["--prompt", "x", "--top_p", "0"], "--top_p"),
+    (["--prompt", "x", "--temperature", "0.5"], "--temperature: a sampling setting, which acts only with --do_sample"),
+    (["--prompt", "x", "--top_k", "3", "--num_beams", "2"], "--top_k: a sampling setting"),  # was ignored
     (["--prompt", "x", "--lmbda", "0.1,0.2"], "one λ"),
     (["--prompt_file", "/nonexistent.txt"], "--prompt_file"),
     (["--prompt", "x", "--max_new_tokens", "500"], "exceeds the model's 128 positions"),

@@ -308,6 +308,10 @@ class GenerateArgs:
             raise KnnlmError(f"--top_k: must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise KnnlmError(f"--top_p: must be in (0, 1], got {self.top_p}")
+        idle = [n for n in ("temperature", "top_k", "top_p") if getattr(self, n) != getattr(GenerateArgs, n)]
+        if idle and not self.do_sample:  # greedy and beam search never read them: the run would not be the one asked for
+            raise KnnlmError(f"--{idle[0]}: a sampling setting, which acts only with --do_sample true; pass that, or "
+                             f"drop --{idle[0]}")
         if not 1 <= self.num_beams <= MAX_BEAMS:  # each beam holds its own KV cache and vocabulary-wide scores
             raise KnnlmError(f"--num_beams: must be in [1, {MAX_BEAMS}], got {self.num_beams} (memory grows with the "
                              "beams: each keeps its own KV cache and a score per vocabulary entry)")
