@@ -1083,3 +1083,15 @@ def test_api_output_and_data_folders_are_checked_before_any_work(village, tmp_pa
     with pytest.raises(KnnlmError, match=r"^--data: .*store is not a Macondo village"):
         A.run_api(A.ApiArgs(base_url=dead, model=["m"], data=str(store), output_dir=str(out)))
     assert not list(out.glob("seed-*"))
+
+
+def test_a_base_url_that_is_not_the_api_root_names_base_url(server, village, tmp_path):
+    """Before: a --base_url without /v1 (or with /v2) was blamed on --model ("has no model")."""
+    root = server.url.rsplit("/v1", 1)[0]
+    for i, url in enumerate((root, root + "/v2")):
+        args = A.ApiArgs(base_url=url, model=[server.engine.name], data=str(village), output_dir=str(tmp_path / str(i)))
+        with pytest.raises(KnnlmError, match=r"^--base_url: .* has no endpoint for .*pass the API's root"):
+            A.run_api(args)
+    args = A.ApiArgs(base_url=server.url, model=["nope"], data=str(village), output_dir=str(tmp_path / "m"))
+    with pytest.raises(KnnlmError, match=r"^--model: .* has no nope \(The model `nope` does not exist"):
+        A.run_api(args)

@@ -42,8 +42,12 @@ def api_call(fn: Callable, base_url: str, what: str, model: str | None = None, p
     except openai.AuthenticationError:
         raise KnnlmError(f"--api_key: {base_url} rejected the key while {what}; set --api_key or $OPENAI_API_KEY") from None
     except openai.NotFoundError as e:
-        raise KnnlmError(f"--model: {base_url} has no {model or 'such resource'} ({_message(e)}) while {what}; "
-                         f"list the served models with GET {base_url.rstrip('/')}/models") from None
+        msg = _message(e)
+        if model and "model" in msg.lower():  # the servers' "model ... does not exist"; anything else is the URL's
+            raise KnnlmError(f"--model: {base_url} has no {model} ({msg}) while {what}; list the served models with "
+                             f"GET {base_url.rstrip('/')}/models") from None
+        raise KnnlmError(f"--base_url: {base_url} has no endpoint for {what} ({msg}); pass the API's root (e.g. "
+                         "http://127.0.0.1:8000/v1), and with --submit a provider that has a fine-tuning API") from None
     except openai.APIStatusError as e:
         raise KnnlmError(f"--base_url: {base_url} refused {what} (HTTP {e.status_code}: {_message(e)})"
                          f"{'; ' + hint if hint else ''}") from None
