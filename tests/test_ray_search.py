@@ -29,7 +29,7 @@ def local_ray():
     """One local Ray (2 CPUs, no dashboard) for the module; afterwards no Ray process of this test run is left."""
     import psutil
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="knnlm", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="knnlm", log_to_driver=False)
     yield
     ray.shutdown()
     deadline = time.time() + 20
