@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from .config import field_default
 from .corpus import JSONL_SUFFIXES, skip_bad_rows_field
 from .errors import KnnlmError, require_finite, require_seed
 from .knn import KNNArgs, Retriever, interpolate
@@ -308,7 +309,8 @@ class GenerateArgs:
             raise KnnlmError(f"--top_k: must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise KnnlmError(f"--top_p: must be in (0, 1], got {self.top_p}")
-        idle = [n for n in ("temperature", "top_k", "top_p") if getattr(self, n) != getattr(GenerateArgs, n)]
+        idle = [f.name for f in fields(self) if f.name in ("temperature", "top_k", "top_p")
+                and getattr(self, f.name) != field_default(f)]
         if idle and not self.do_sample:  # greedy and beam search never read them: the run would not be the one asked for
             raise KnnlmError(f"--{idle[0]}: a sampling setting, which acts only with --do_sample true; pass that, or "
                              f"drop --{idle[0]}")

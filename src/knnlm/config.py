@@ -147,14 +147,20 @@ class _RenamedFlag(argparse._StoreAction):
         super().__call__(parser, namespace, values, option_string)
 
 
+def field_default(f: dataclasses.Field):
+    """A dataclass field's default (its factory's value for a list); None when it has none."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """Adds one flag per dataclass field (and hidden ones for its deprecated names); unset flags stay None so a config
     file can fill them."""
     group = parser.add_argument_group(cls.__name__)
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = field_default(f)
         help_text = f.metadata.get("help", "")
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         tp, _ = _unwrap_optional(hints[f.name])

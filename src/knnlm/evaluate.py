@@ -203,6 +203,11 @@ def _cached(cache: Path, name: str, dtype) -> torch.Tensor:
     return values
 
 
+def sweep_key(lmbda: float, temp: float) -> str:
+    """The name of one (λ, T) setting in :func:`sweep_from_cache`'s result (and ``results.json``)."""
+    return f"lmbda={lmbda},T={temp}"
+
+
 def sweep_from_cache(cache_dir: str | Path, lmbdas: list[float], temps: list[float], k: Optional[int] = None) -> dict:
     """kNN-LM perplexity for every (λ, T) from a neighbour cache, with no new search; ``k`` (at most the cached k)
     keeps each token's ``k`` nearest cached neighbours, as a search for ``k`` would have returned."""
@@ -219,7 +224,7 @@ def sweep_from_cache(cache_dir: str | Path, lmbdas: list[float], temps: list[flo
     for temp in temps:
         knn_gold = knn_gold_log_prob(dists, vals, gold, temp)
         for lam in lmbdas:
-            out[f"lmbda={lam},T={temp}"] = math.exp(-float(interpolate(lm_gold, knn_gold, lam).double().mean()))
+            out[sweep_key(lam, temp)] = math.exp(-float(interpolate(lm_gold, knn_gold, lam).double().mean()))
     return out
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 
+from .config import field_default
 from .errors import KnnlmError, require_finite
 from .gpu_search import SEARCH_DTYPE, SEARCH_MARGIN
 from .ray_search import SHARD_CPUS, check_knn_args
@@ -88,8 +89,7 @@ class KNNArgs:
         """Without a datastore or MLP memory no kNN setting acts: one set to other than its default is refused (it was
         ignored, and an LM-only run looked like the one asked for)."""
         for f in fields(self):
-            default = f.default_factory() if f.default_factory is not MISSING else f.default
-            if getattr(self, f.name) != default:
+            if getattr(self, f.name) != field_default(f):
                 raise KnnlmError(f"--{f.name}: a kNN setting, which acts only with --datastore (or, for --lmbda, "
                                  f"--mlp_memory); pass one, or drop --{f.name}")
 

@@ -146,7 +146,7 @@ def cmd_index_stop(args) -> int:
 def cmd_eval(args) -> int:
     from ..corpus import CorpusArgs
     from ..datastore import Datastore
-    from ..evaluate import EvalArgs, commit_neighbour_cache, evaluate, remove_progress, sweep_from_cache
+    from ..evaluate import EvalArgs, commit_neighbour_cache, evaluate, remove_progress, sweep_from_cache, sweep_key
     from ..knn import KNNArgs
     from ..models import ModelArgs
     from ..report import markdown_table, write_markdown, write_results
@@ -163,7 +163,7 @@ def cmd_eval(args) -> int:
         held, k, temps = _cache_settings(args, margs, kargs, eargs)
         sweep = sweep_from_cache(eargs.from_neighbors, kargs.lmbda, temps, k)
         # the cache's numbers are checked finite when read, so only λ = 1 can give a non-finite perplexity here
-        _refuse_non_finite({"sweep_knn": {key.split(",")[0].removeprefix("lmbda="): v for key, v in sweep.items()},
+        _refuse_non_finite({"sweep_knn": {lam: sweep[sweep_key(lam, t)] for t in temps for lam in kargs.lmbda},
                             "k": k})
         metrics = {"sweep_knn_cached": sweep, "k": k, "k_cached": held["k"], "temps": temps, "cache": held}
         # the run's config says what the numbers were computed from: the cache's model and store, this k and T
