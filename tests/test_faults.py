@@ -17,6 +17,7 @@ from knnlm.cli import main
 from knnlm.corpus import windows
 from knnlm.datastore import Datastore
 from knnlm.errors import KnnlmError
+from knnlm.knn import KNNArgs
 from knnlm.models import ModelArgs, load_model
 
 TEXT_A = " ".join(f"The {w} of the river {i % 7} was seen by the people of Macondo ." for i, w in
@@ -747,8 +748,21 @@ def test_datastore_verify_intact_padded_and_bit_flipped(tiny_gpt2_dir, files, tm
     shard = ds.dir / "index" / "shard0.faiss"
     shard_bytes = shard.read_bytes()
     shard.write_bytes(shard_bytes[:-8] + bytes(8))
-    assert_one_line(*cli(["datastore", "verify", ds.dir], capsys), "shard0.faiss", "index build")
+    line = assert_one_line(*cli(["datastore", "verify", ds.dir], capsys), "shard0.faiss", "index build")
+    # before: the index's fix and the whole store's, both (the store is intact: only the index needs rebuilding)
+    assert line.count("rebuild") == 1 and "datastore build" not in line, line
+    keys.write_bytes(good[:-4] + bytes(4))  # the store too: its rebuild first, then the index's
+    line = assert_one_line(*cli(["datastore", "verify", ds.dir], capsys), "keys.f16 differs", "its index too",
+                           "datastore build", "index build")
+    keys.write_bytes(good)
     shard.write_bytes(shard_bytes)
+    info = ds.dir / "index" / "index.json"
+    info_text = info.read_text()
+    info.write_text("garbage")  # before: "... (char 0)); rebuild ...; rebuild ...", a stray ')' and two fixes
+    line = assert_one_line(*cli(["datastore", "verify", ds.dir], capsys), f"datastore: {info} is corrupt",
+                           "(not valid JSON: Expecting value: line 1 column 1 (char 0)); rebuild the index")
+    assert line.count("rebuild") == 1, line
+    info.write_text(info_text)
     assert cli(["datastore", "verify", ds.dir], capsys)[0] == 0
     # clusters (RetoMaton's) are checked too: a cut clusters.i32 passed as "intact", a broken record was "no clusters"
     assert cli(["datastore", "cluster", ds.dir, "--num_clusters", 4, "--sample_size", 200], capsys)[0] == 0
@@ -1098,4 +1112,41 @@ def test_knn_settings_without_a_datastore_or_memory_are_refused(tiny_gpt2_dir, f
                           "--max_new_tokens", 2, "--k", 5], capsys), "--k: a kNN setting")
     assert_one_line(*cli(["serve", *model_args(tiny_gpt2_dir), "--port", 0, "--lmbda", 0.5], capsys),
                     "--lmbda: a kNN setting")
+    assert not (tmp_path / "ev").exists()
+
+
+@pytest.mark.parametrize("settings, datastore, memory, refused", [
+    ({"search_nlist": 4}, True, False, "--search_nlist: acts only with --search_backend torch"),
+    ({"search_dtype": "float32", "search_backend": "faiss"}, True, False, "--search_dtype: acts only with --search_backend torch"),
+    ({"ray_shard_cpus": 4.0}, True, False, "--ray_shard_cpus: acts only with --search_backend ray"),
+    ({"ray_address": "auto", "search_backend": "torch"}, True, False, "--ray_address: acts only with --search_backend ray"),
+    ({"min_knns": 2}, True, False, "--min_knns: acts only with --retomaton true"),
+    ({"no_clusters": False}, True, False, "--no_clusters: acts only with --retomaton true"),
+    ({"k": 5}, False, True, "--k: a kNN setting, which acts only with --datastore (or, for --lmbda, --mlp_memory); an MLP memory reads --lmbda alone; drop --k"),
+    ({"retomaton": True}, False, True, "--retomaton: a kNN setting"),
+    ({"lmbda": [0.5]}, False, False, "--lmbda: a kNN setting"),
+    ({"lmbda": [0.5]}, False, True, None),
+    ({"search_nlist": 4, "search_dtype": "float32", "search_backend": "torch"}, True, False, None),
+    ({"ray_shard_cpus": 4.0, "search_backend": "ray"}, True, False, None),
+    ({"min_knns": 2, "no_clusters": False, "retomaton": True}, True, False, None),
+    ({"k": 5, "knn_temp": 2.0, "nprobe": 4}, True, True, None),
+])
+def test_knn_settings_this_run_would_not_read_are_refused(settings, datastore, memory, refused):
+    """Before: with a datastore, another backend's settings and RetoMaton's without --retomaton were ignored, and so was
+    every kNN setting but λ beside an MLP memory (the run looked like the one asked for)."""
+    args = KNNArgs(**settings)
+    if refused is None:
+        args.refuse_inactive(datastore, memory)
+    else:
+        with pytest.raises(KnnlmError) as err:
+            args.refuse_inactive(datastore, memory)
+        assert str(err.value).startswith(refused), str(err.value)
+
+
+def test_another_backends_settings_are_refused_by_eval_before_any_work(tiny_gpt2_dir, files, tmp_path, capsys):
+    build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    ev = ["eval", *model_args(tiny_gpt2_dir), "--validation_file", files / "b.txt", "--datastore", tmp_path / "ds",
+          "--output_dir", tmp_path / "ev"]
+    assert_one_line(*cli([*ev, "--search_nlist", 4], capsys), "--search_nlist: acts only with --search_backend torch")
+    assert_one_line(*cli([*ev, "--min_knns", 2], capsys), "--min_knns: acts only with --retomaton true")
     assert not (tmp_path / "ev").exists()

@@ -98,14 +98,14 @@ def datastore_identity(ds_dir: str | Path) -> dict:
     return {"N": int(read_json(meta)["N"]), "meta_sha256": sha256_file(meta)[:16]}
 
 
-def check_identity(idir: Path, info: dict, ds_dir: str | Path) -> None:
+def check_identity(idir: Path, info: dict, ds_dir: str | Path, flag: str = "--datastore") -> None:
     """Refuses an index that was built over another datastore (or records none: built by an older knnlm)."""
     mine, theirs = datastore_identity(ds_dir), info.get("datastore")
     if theirs != mine:
         what = ("records no datastore identity (built by an older knnlm)" if theirs is None else
                 f"was built over another datastore (N={theirs.get('N') if isinstance(theirs, dict) else '?'}, "
                 f"this one has N={mine['N']})")
-        raise KnnlmError(f"--datastore: {idir} {what}; rebuild it with `knnlm index build {Path(ds_dir)} --overwrite`")
+        raise KnnlmError(f"{flag}: {idir} {what}; rebuild it with `knnlm index build {Path(ds_dir)} --overwrite`")
 
 
 def index_checksums(idir: Path, shards: int) -> dict:
@@ -118,39 +118,44 @@ def verify_store(directory: str | Path, flag: str = "--datastore") -> dict:
     ``"index"``; raises one ``KnnlmError`` listing everything damaged in either."""
     report, problems = store_problems(directory, flag)
     try:
-        report["index"] = verify_index(directory)
-    except KnnlmError as e:
-        problems.append(f"its index: {str(e).split(': ', 1)[-1]}")
+        report["index"] = verify_index(directory, flag)
+    except KnnlmError:
+        if not problems:
+            raise  # the index alone: its line names the file and the index's own rebuild
+        problems.append("its index too")  # the store's rebuild comes first; refuse_damaged names the index's after it
     refuse_damaged(directory, flag, problems)
     return report
 
 
-def verify_index(ds_dir: str | Path) -> Optional[dict]:
+def verify_index(ds_dir: str | Path, flag: str = "--datastore") -> Optional[dict]:
     """Checks a store's built index against its store (identity) and its files against the sha256 recorded when it
     was built; None when the store has no index. Raises a one-line ``KnnlmError`` naming what differs."""
     idir = _index_dir(Path(ds_dir))
     if not (idir / "index.json").exists():
         return None
-    info = read_info(idir)
-    check_identity(idir, info, ds_dir)
+    info = read_info(idir, flag)
+    check_identity(idir, info, ds_dir, flag)
     recorded = info.get("sha256")
     if not isinstance(recorded, dict):
         return {"factory": info["factory"], "checksums": "none recorded"}
     actual = index_checksums(idir, int(info["shards"]))
     bad = [name for name, h in recorded.items() if actual.get(name) != h]
     if bad:
-        raise KnnlmError(f"--datastore: {', '.join(str(idir / n) for n in bad)} differ(s) from the sha256 "
+        raise KnnlmError(f"{flag}: {', '.join(str(idir / n) for n in bad)} differ(s) from the sha256 "
                          f"recorded when the index was built; rebuild it with `knnlm index build {Path(ds_dir)} "
                          "--overwrite`")
     return {"factory": info["factory"], "checksums": {name: "ok" for name in recorded}}
 
 
-def read_info(idir: Path) -> dict:
+def read_info(idir: Path, flag: str = "--datastore") -> dict:
     """``index.json``, checked to be one (a corrupt file is a one-line error)."""
     fix = f"rebuild the index with `knnlm index build {idir.parent} --overwrite`"
-    info = read_json(idir / "index.json", fix=fix)
+    try:
+        info = read_json(idir / "index.json", fix=fix)
+    except KnnlmError as e:
+        raise KnnlmError(f"{flag}: {e}") from None
     if not isinstance(info, dict) or not all(k in info for k in ("factory", "shards", "d")):
-        raise KnnlmError(f"--datastore: {idir / 'index.json'} is not a knnlm index record; {fix}")
+        raise KnnlmError(f"{flag}: {idir / 'index.json'} is not a knnlm index record; {fix}")
     return info
 
 

@@ -28,7 +28,7 @@ class KNNArgs:
     lmbda: list[float] = field(default_factory=lambda: [0.25], metadata={"help": "Weight of p_knn in the interpolation; eval takes a comma list, which sweeps several from one retrieval pass (generate and serve take one)."})
     knn_temp: float = field(default=1.0, metadata={"help": "Temperature T of exp(-d/T)."})
     recompute_dists: bool = field(default=False, metadata={"help": "Recompute exact squared L2 distances from the stored keys (needed with PQ indexes)."})
-    ignore_top: bool = field(default=False, metadata={"help": "Drop the nearest neighbour (for querying a store with its own training text)."})
+    ignore_top: bool = field(default=False, metadata={"help": "eval only: drop the nearest neighbour (for querying a store with its own training text)."})
     nprobe: int = field(default=32, metadata={"help": "IVF lists visited per query (approximate indexes only)."})
     search_backend: str = field(default="auto", metadata={"help": "Where the keys are searched: faiss (in-process FAISS index), torch (keys on a torch device: a GPU without GPU FAISS), ray (the index shards on Ray actors: docs/ray.md), auto (faiss; torch on a GPU that only torch sees)."})
     search_dtype: str = field(default=SEARCH_DTYPE, metadata={"help": "--search_backend torch: precision of the GEMM that ranks candidates (float16, bfloat16, float32); their distances are then recomputed exactly."})
@@ -85,18 +85,34 @@ class KNNArgs:
         if self.search_backend == "ray" or self.ray_index:
             check_knn_args(self)
 
-    def refuse_without_memory(self) -> None:
-        """Without a datastore or MLP memory no kNN setting acts: one set to other than its default is refused (it was
-        ignored, and an LM-only run looked like the one asked for)."""
+    def refuse_inactive(self, datastore: bool, memory: bool) -> None:
+        """A kNN setting off its default that this run would not read is refused in one line (it was ignored, and the
+        run looked like the one asked for): any without ``datastore`` (an MLP ``memory`` reads only λ), a backend's
+        own settings with another backend, RetoMaton's without ``--retomaton true``."""
         for f in fields(self):
-            if getattr(self, f.name) != field_default(f):
+            if getattr(self, f.name) == field_default(f):
+                continue
+            if f.name == "lmbda" and (datastore or memory):
+                continue
+            if not datastore:
+                fix = ("an MLP memory reads --lmbda alone; drop" if memory else "pass one, or drop")
                 raise KnnlmError(f"--{f.name}: a kNN setting, which acts only with --datastore (or, for --lmbda, "
-                                 f"--mlp_memory); pass one, or drop --{f.name}")
+                                 f"--mlp_memory); {fix} --{f.name}")
+            for (name, value), names in _ACTS_ONLY_WITH.items():
+                if f.name in names and getattr(self, name) != value:
+                    raise KnnlmError(f"--{f.name}: acts only with --{name} {str(value).lower()}; pass it, or drop "
+                                     f"--{f.name}")
 
     @property
     def stateful(self) -> bool:
         """Whether scoring a position depends on the positions before it (RetoMaton, random skips)."""
         return self.retomaton or self.skip_search_prob > 0
+
+
+# settings read by one backend or by RetoMaton only: (setting, the value that makes them act) -> their names
+_ACTS_ONLY_WITH = {("search_backend", "torch"): ("search_dtype", "search_margin", "search_nlist"),
+                   ("search_backend", "ray"): ("ray_address", "ray_index", "ray_shard_cpus"),
+                   ("retomaton", True): ("min_knns", "max_knns", "no_clusters")}
 
 
 def _neighbour_logits(dists: torch.Tensor, temp: float) -> torch.Tensor:

@@ -82,8 +82,9 @@ def cmd_datastore_verify(args) -> int:
     from ..index import verify_store
 
     started = time.time()
-    report = verify_store(args.datastore)
-    clusters = verify_clusters(Datastore.open(args.datastore))  # RetoMaton's, if built (their own fix: datastore cluster)
+    report = verify_store(args.datastore, flag="datastore")  # the positional argument, not a --datastore flag
+    ds = Datastore.open(args.datastore, flag="datastore")
+    clusters = verify_clusters(ds, flag="datastore")  # RetoMaton's, if built (their own fix: datastore cluster)
     sums = report["checksums"]
     index = report.get("index")
     print(f"datastore {args.datastore}: intact: N={report['N']} keys (all finite), d={report['d']}, values in "
@@ -156,8 +157,7 @@ def cmd_eval(args) -> int:
     out = Path(eargs.output_dir)
     if not eargs.from_neighbors:
         cargs.require("validation")
-        if not (eargs.datastore or eargs.mlp_memory):
-            kargs.refuse_without_memory()
+        kargs.refuse_inactive(bool(eargs.datastore), bool(eargs.mlp_memory))
     _claim_eval_dir(out, margs, cargs, eargs, args.overwrite)
     if eargs.from_neighbors:
         held, k, temps = _cache_settings(args, margs, kargs, eargs)

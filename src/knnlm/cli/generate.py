@@ -36,8 +36,7 @@ def cmd_generate(args) -> int:
     if not aargs.datastore and not aargs.mlp_memory and not gargs.compare:
         raise KnnlmError("--datastore/--mlp_memory: give one (the memory to generate with), or --compare true to "
                          "see the plain LM alone")
-    if not (aargs.datastore or aargs.mlp_memory):
-        kargs.refuse_without_memory()
+    kargs.refuse_inactive(bool(aargs.datastore), bool(aargs.mlp_memory))
     if aargs.datastore:
         Datastore.open(aargs.datastore)  # a missing or truncated store is reported before the model loads
     # what the results are made from: a rerun of other settings replaces them only with --overwrite

@@ -29,8 +29,7 @@ def cmd_serve(args) -> int:
     from ..serve_http import start_server
 
     margs, sargs, aargs, kargs = resolve([ModelArgs, ServeArgs, AugmentArgs, KNNArgs], args, args.config)
-    if not (aargs.datastore or aargs.mlp_memory):
-        kargs.refuse_without_memory()
+    kargs.refuse_inactive(bool(aargs.datastore), bool(aargs.mlp_memory))
     if aargs.datastore:
         if kargs.lmbda == [1.0]:  # pure kNN: -inf log-probabilities, which JSON (RFC 8259) cannot carry
             raise KnnlmError("--lmbda: 1 gives every token outside the neighbours log-probability -inf, which the "
