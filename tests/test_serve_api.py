@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import email.parser
 import email.policy
+import gzip
 import json
 import math
 import os
@@ -245,6 +246,8 @@ def _request(body: bytes, length: str | None = "auto", method: str = "POST", pat
     (_request(b'{"prompt": "a"}').replace(b"Content-Length: 15", b"Content-Length: 15\r\nContent-Length: 5"), 400,
      "2 different Content-Length headers"),  # was served by the first after --request_timeout_s (smuggling)
     (b"GARBAGE\r\n\r\n", 400, "Bad request"),
+    (_request(gzip.compress(b'{"prompt": "a"}')).replace(b"Connection", b"Content-Encoding: gzip\r\nConnection"), 415,
+     "Content-Encoding 'gzip' is not supported"),  # was "the request body is not UTF-8 (byte 1)"
 ])
 def test_malformed_requests_get_4xx_json(server, data, status, needle):
     got, body, _ = _raw(server.url, data)
@@ -1095,3 +1098,24 @@ def test_a_base_url_that_is_not_the_api_root_names_base_url(server, village, tmp
     args = A.ApiArgs(base_url=server.url, model=["nope"], data=str(village), output_dir=str(tmp_path / "m"))
     with pytest.raises(KnnlmError, match=r"^--model: .* has no nope \(The model `nope` does not exist"):
         A.run_api(args)
+
+
+def test_a_village_of_another_tokenizer_is_refused(village, tmp_path, monkeypatch):
+    """Before: an existing village (--data, or a rerun's own) was used whatever --tokenizer said, exit 0; and a run
+    against api.openai.com with no key made its village before the upload failed on the key."""
+    dead = f"http://127.0.0.1:{_free_port()}/v1"
+    with pytest.raises(KnnlmError, match=r"^--tokenizer: the village in .* was made with 'gpt2', not 'gpt2-xl'; "
+                                         r"drop --tokenizer"):
+        A.run_api(A.ApiArgs(base_url=dead, model=["m"], data=str(village), tokenizer="gpt2-xl",
+                            output_dir=str(tmp_path / "d")))
+    out = tmp_path / "own"
+    with pytest.raises(KnnlmError, match=r"^--base_url: cannot reach"):  # the village is made, then no server
+        A.run_api(A.ApiArgs(base_url=dead, model=["m"], tokenizer="gpt2", output_dir=str(out)))
+    with pytest.raises(KnnlmError, match=r"^--tokenizer: the village in .*seed-0/data was made with 'gpt2', not "
+                                         r"'tiktoken:cl100k_base'; pass --tokenizer gpt2 to resume"):
+        A.run_api(A.ApiArgs(base_url=dead, model=["m"], output_dir=str(out)))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(KnnlmError, match=r"^--api_key: https://api.openai.com/v1 needs a key"):
+        A.run_api(A.ApiArgs(base_url="https://api.openai.com/v1", model=["m"], submit=True,
+                            output_dir=str(tmp_path / "openai")))
+    assert not (tmp_path / "openai").exists()

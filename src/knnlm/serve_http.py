@@ -102,9 +102,13 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def _read_body(self) -> bytes:
-        """The request body by Content-Length; ApiError (411, 400, 413, 408) when it is missing, invalid or short."""
+        """The request body by Content-Length; ApiError (411, 400, 413, 408, 415) when it is missing, invalid,
+        short or compressed."""
         if self.headers.get("Transfer-Encoding"):
             raise ApiError(411, "chunked bodies are not supported; send a Content-Length")
+        encoding = self.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):  # a compressed body would be read as JSON text and blamed on its bytes
+            raise ApiError(415, f"Content-Encoding {encoding[:40]!r} is not supported; send the body uncompressed")
         values = set(self.headers.get_all("Content-Length") or [])
         if len(values) > 1:  # which one frames the body is ambiguous (RFC 9112 6.3: request smuggling)
             raise ApiError(400, f"{len(values)} different Content-Length headers; send one")

@@ -9,6 +9,7 @@ import functools
 import math
 import os
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -19,6 +20,7 @@ from ...openai_client import finetune as finetune_job, make_client, score_rows
 from ..study import mean_std, seed_path
 
 _SPLITS = ("train", "test", "test_overspecified")
+TOKENIZER = "tiktoken:cl100k_base"  # GPT-3.5's, under which the paper's names are single tokens
 
 
 @dataclass
@@ -28,7 +30,7 @@ class ApiArgs:
     api_key: Optional[str] = field(default=None, metadata={"help": "API key (default: $OPENAI_API_KEY, else 'EMPTY' for local servers). Never written to config.json."})
     data: Optional[str] = field(default=None, metadata={"help": "A Macondo-Conv folder (generated there with the seed when absent); only with one seed. Default: OUT/seed-<S>/data per seed."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Village seeds, one fine-tuned model each (the paper: 5 runs, 0,1,2,3,4)."})
-    tokenizer: str = field(default="tiktoken:cl100k_base", metadata={"help": "Tokenizer under which generated children's names are single tokens (the paper: tiktoken, GPT-3.5's cl100k_base)."})
+    tokenizer: str = field(default=TOKENIZER, metadata={"help": "Tokenizer under which generated children's names are single tokens (the paper: tiktoken, GPT-3.5's cl100k_base)."})
     splits: list[str] = field(default_factory=lambda: ["test", "test_overspecified"], metadata={"help": "Splits to score (test: the paper's; test_overspecified: the control). Empty with --submit: fine-tune only (for an API without prompt log-probs, e.g. OpenAI's; the job's metrics.csv then holds the train/validation loss)."})
     submit: bool = field(default=False, metadata={"help": "Upload the training file, start a fine-tuning job of --model, wait for it and score the result (costs money on a paid API)."})
     training_file: str = field(default="train", metadata={"help": "What --submit trains on: a split of the village (train; test gives the paper's grey 'trained on test' line) or a chat JSONL path."})
@@ -94,6 +96,18 @@ def ensure_village(data: Path, seed: int, tokenizer: str) -> dict:
     return meta
 
 
+def check_village_tokenizer(meta: dict, data: Path, args: ApiArgs) -> None:
+    """A village that exists keeps its own tokenizer (recorded as the run's ``village_tokenizer``): one made with
+    another than an explicit --tokenizer (--data), or this run's own village made with another (a rerun), is refused
+    rather than scored as if it were the one asked for."""
+    theirs = meta.get("tokenizer")
+    if theirs == args.tokenizer or (args.data and args.tokenizer == TOKENIZER):
+        return
+    fix = ("drop --tokenizer (the village's own is used)" if args.data else
+           f"pass --tokenizer {theirs} to resume this run, or use another --output_dir")
+    raise KnnlmError(f"--tokenizer: the village in {data} was made with {theirs!r}, not {args.tokenizer!r}; {fix}")
+
+
 # ------------------------------------------------------------------------------------------------------------ fine-tune
 def finetune(client, args: ApiArgs, data: Path, run_dir: Path, seed: int,
              sleep: Callable[[float], None] = time.sleep) -> dict:
@@ -149,14 +163,18 @@ def run_api(args: ApiArgs) -> dict:
 
     from ...fileio import claim_output_dir
 
+    key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    if not key and urllib.parse.urlsplit(args.base_url).hostname == "api.openai.com":  # else a 401 after the village
+        raise KnnlmError(f"--api_key: {args.base_url} needs a key; pass --api_key or set $OPENAI_API_KEY")
     out = Path(args.output_dir)  # a file, a model, a datastore, another command's run: refused before any work
     claim_output_dir(out, "overspec api", {}, own_files=("config.json", "results.json", "results.md", "seed-*"))
-    client = make_client(args.base_url, args.api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY")
+    client = make_client(args.base_url, key or "EMPTY")
     runs = []
     for i, seed in enumerate(args.seeds):
         run_dir = seed_path(out, seed)
         data = Path(args.data) if args.data else run_dir / "data"
         meta = ensure_village(data, seed, args.tokenizer)  # (a --data refused here leaves no seed folder)
+        check_village_tokenizer(meta, data, args)
         run_dir.mkdir(parents=True, exist_ok=True)
         job = finetune(client, args, data, run_dir, seed) if args.submit else None
         model = job["fine_tuned_model"] if job else args.model[i]
