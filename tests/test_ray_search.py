@@ -289,6 +289,22 @@ def test_an_address_where_nothing_listens_is_one_line_at_once():
         _require_listening(f"127.0.0.1:{s.getsockname()[1]}", "")
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["index", "serve", "DS", "--name", "a b"], "--name: 'a b' is not a group name"),
+    (["index", "serve", "DS", "--name", "a/b"], "--name: 'a/b' is not a group name"),
+    (["index", "stop", ""], "name: '' is not a group name"),
+    (["index", "stop", "a b", "--ray_address", "127.0.0.1:9"], "name: 'a b' is not a group name"),
+    (["eval", "--model_name_or_path", "M", "--validation_file", "V", "--datastore", "DS", "--output_dir", "O",
+      "--search_backend", "ray", "--ray_address", "auto", "--ray_index", "a;b"], "--ray_index: 'a;b' is not a group"),
+])
+def test_a_group_name_a_shell_would_split_is_refused_before_ray_starts(argv, needle, capsys):
+    """Before: `index serve --name "a b"` served it and printed `--ray_index a b` / `knnlm index stop a b` unquoted,
+    which break when pasted; `index stop ""` went to the cluster first."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"knnlm: error: {needle}") and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_pair_distances_equal_the_batch_layout(dtype):
     """What a shard actor computes for its (query, row) pairs is what exact_sq_dists gives for [B, k] ids."""

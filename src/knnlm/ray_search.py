@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,13 +48,19 @@ class RayServeArgs:
     ray_shard_cpus: float = field(default=SHARD_CPUS, metadata={"help": "CPUs Ray reserves for each shard actor; FAISS searches with that many threads."})
 
     def validate(self) -> None:
-        if not self.name or "/" in self.name:
-            raise KnnlmError("--name: give the served group a name without '/' (evaluations use it as --ray_index)")
+        check_group_name(self.name, "--name")
         check_address(self.ray_address)
         if self.ray_address == "local":
             raise KnnlmError("--ray_address: a local Ray ends with this command, and the served shards with it; start "
                              "one with `ray start --head` and pass --ray_address auto")
         check_cpus(self.ray_shard_cpus)
+
+
+def check_group_name(name: str, flag: str) -> None:
+    """A served group's name: letters, digits, '_', '.', '-' (it becomes part of Ray actor names, and the commands
+    printed for it are pasted into a shell unquoted)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise KnnlmError(f"{flag}: {name!r} is not a group name; use letters, digits, '_', '.' and '-' (e.g. wiki-ivf)")
 
 
 def check_address(address: str) -> None:
@@ -70,6 +77,8 @@ def check_knn_args(args) -> None:
     """The Ray settings of a :class:`knnlm.knn.KNNArgs`."""
     if args.ray_index and args.search_backend != "ray":
         raise KnnlmError("--ray_index: a served index is searched with --search_backend ray")
+    if args.ray_index:
+        check_group_name(args.ray_index, "--ray_index")
     check_address(args.ray_address)
     if args.ray_index and args.ray_address == "local":
         raise KnnlmError("--ray_index: a served index lives in a running Ray cluster, not a new local one; pass "
@@ -357,6 +366,7 @@ def serve(ds_dir: str | Path, args: RayServeArgs) -> list[dict]:
 
 def stop(name: str, address: str) -> int:
     """Kills the served group ``name``; returns how many shard actors it had."""
+    check_group_name(name, "name")
     check_address(address)
     ray = connect(address, local_fix=False)
     names = served_actors(ray, name)
