@@ -87,6 +87,27 @@ def test_loss_decreases_on_a_repeated_batch(tmp_path):
     assert not model.training  # handed back in eval mode
 
 
+def test_each_update_bumps_the_weights_version_counters(tmp_path):
+    """On the CPU the optimizer is torch's fused AdamW, which updates in place without bumping the version counters that
+    LM.weights_hash's cache keys on (before the bump: overspec scored every evaluation point with step 0's hash)."""
+    model = tiny_model(dropout=0.0)
+    seen = []
+
+    def on_eval(step, m):
+        seen.append((sum(p._version for p in m.parameters()), torch.cat([p.detach().flatten() for p in m.parameters()])))
+        return {}
+
+    args = TrainArgs(learning_rate=1e-2, warmup_ratio=0.0, batch_size=4, max_steps=2, seed=0)
+    train(model, lambda epoch, seed: [collate_causal(sentences(4), 0)], args, tmp_path, eval_every=1, on_eval=on_eval)
+    assert len(seen) == 3
+    for (v0, w0), (v1, w1) in zip(seen, seen[1:]):
+        assert v1 > v0 and not torch.equal(w0, w1)
+    from knnlm.train import _optimizer
+
+    assert _optimizer(model, args, "cpu", False).defaults["fused"] is True
+    assert _optimizer(model, args, "cuda", False).defaults["fused"] is None  # torch's default, the GPU records' kernel
+
+
 def _run(tmp_path, name, args, kill_after=None, eval_every=4, calls=None, **train_kw):
     """One (possibly killed) training run into tmp_path/name; returns (model, history or None, micro-batches read)."""
     seqs = sentences(10)
