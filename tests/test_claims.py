@@ -167,7 +167,7 @@ def test_every_claims_block_of_the_readme_is_its_recorded_file():
     repo = Path(__file__).resolve().parents[1]
     blocks = re.findall(r"<!-- claims: (\S+) -->\n(.*?)<!-- /claims -->", (repo / "README.md").read_text(), re.S)
     assert {path for path, _ in blocks} >= {"docs/results/cpu-2026-12-06/claims.json",
-                                            "docs/results/demo-2026-12-05/claims.json"}
+                                            "docs/results/demo-2026-12-07-fused/claims.json"}
     for path, body in blocks:
         records = json.loads((repo / path).read_text())["claims"]
         for rec in records:
@@ -182,7 +182,8 @@ def test_every_recorded_claims_file_stores_the_verdicts_its_intervals_give():
     from pathlib import Path
 
     files = sorted((Path(__file__).resolve().parents[1] / "docs" / "results").glob("*/claims.json"))
-    assert {f.parent.name for f in files} >= {"cpu-2026-12-06", "demo-2026-12-05", "demo-2026-12-07"}
+    assert {f.parent.name for f in files} >= {"cpu-2026-12-06", "demo-2026-12-05", "demo-2026-12-07",
+                                             "demo-2026-12-07-fused"}
     for f in files:
         records = json.loads(f.read_text())["claims"]
         assert records, f

