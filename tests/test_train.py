@@ -348,6 +348,22 @@ def test_lm_train_cli_saves_a_loadable_model(tmp_path, capsys):
     (out / "work" / "checkpoint").mkdir(parents=True)
     assert main(argv) == 0 and "validation perplexity" in capsys.readouterr().out and not (out / "work").exists()
     assert main(argv[:-2] + ["--output_dir", str(out), "--learning_rate", "1e-3"]) == 2
+    # a corpus file replaced under the same name: refused naming it (before: "already holds this model", exit 0, and a
+    # killed run resumed its checkpoint of the old text on the new one)
+    original = (tmp_path / "train.txt").read_bytes()
+    (tmp_path / "train.txt").write_text(TEXT[::-1], encoding="utf-8")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"knnlm: error: --train_file: {tmp_path / 'train.txt'} is not the text {out} was trained on")
+    assert err.count("\n") == 1
+    (tmp_path / "train.txt").write_bytes(original)
+    # a run recorded before the corpora's hashes were (marker and record without them) is still this one
+    for name, field in (("training.json", "run_key"), ("knnlm-run.json", "inputs")):
+        record = json.loads((out / name).read_text())
+        del record[field]["corpus_sha256"]
+        (out / name).write_text(json.dumps(record))
+    assert main(argv) == 0 and "validation perplexity" in capsys.readouterr().out
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("not a model")

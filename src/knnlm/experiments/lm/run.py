@@ -13,7 +13,7 @@ import torch
 from ...corpus import skipped_rows
 from ...errors import KnnlmError
 from ...fileio import (LOCK_FILE, RUN_MARKER, atomic_write_json, claim_output_dir, read_json, releases_locks,
-                       remove_own_files)
+                       remove_own_files, sha256_file)
 from ...train import TrainArgs, train
 from .data import _tokenize_files, _word_ppl, block_batches, build_tokenizer, perplexity
 from .init import init_key, init_record, kept_step_lr, load_init, train_output_layer_only
@@ -49,7 +49,29 @@ def _run_key(args: LMArgs, targs: TrainArgs) -> dict:
             key.pop(k)  # (runs from before the option resume)
     if args.init_from:
         key.update(init_key(args))
+    # the corpora by content, not only by path: a file replaced under the same name was reused as the finished model,
+    # or resumed from a checkpoint of the old text (a model trained half on each)
+    key[CORPUS_KEY] = {name: sha256_file(getattr(args, name))[:16] for name in ("train_file", "validation_file")}
     return key
+
+
+def _same_run(recorded, key: dict) -> bool:
+    """Whether a recorded run key is this run's; one recorded before the corpora's hashes were (its paths and settings
+    equal) is too."""
+    if isinstance(recorded, dict) and CORPUS_KEY not in recorded:
+        key = {k: v for k, v in key.items() if k != CORPUS_KEY}
+    return recorded == key
+
+
+def _refuse_changed_corpus(out: Path, recorded, key: dict) -> None:
+    """A run whose settings are this one's but whose corpus file changed: named by its flag."""
+    if not isinstance(recorded, dict) or recorded.get(CORPUS_KEY) in (None, key[CORPUS_KEY]):
+        return
+    if {k: v for k, v in recorded.items() if k != CORPUS_KEY} != {k: v for k, v in key.items() if k != CORPUS_KEY}:
+        return
+    name = next(n for n, h in key[CORPUS_KEY].items() if recorded[CORPUS_KEY].get(n) != h)
+    raise KnnlmError(f"--{name}: {key[name]} is not the text {out} was trained on (its content changed); pass "
+                     "--overwrite true to train on it from the start, or another --output_dir")
 
 
 # what `knnlm lm train` writes into its folder: the HF model and tokenizer files, its records, and work/ while running
@@ -57,6 +79,7 @@ OWN_FILES = ("work", TRAINING_JSON, "config.json", "generation_config.json", "mo
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
              "added_tokens.json", "chat_template.jinja", "results.json", "results.md", "val_ppl.png")
 KIND = "lm train"
+CORPUS_KEY = "corpus_sha256"  # run-key entry: the first 16 hex of each corpus file's sha256
 
 
 def _nothing_to_keep(out: Path) -> bool:
@@ -77,13 +100,20 @@ def _prepare_output(args: LMArgs, targs: TrainArgs) -> Path | None:
     work = out / "work"
     key = _run_key(args, targs)
     finished = _read_key(out / TRAINING_JSON, "run_key")
-    if finished == key and not args.overwrite:
+    unfinished = _read_key(work / "run.json")
+    if not args.overwrite:
+        for recorded in (finished, unfinished):
+            _refuse_changed_corpus(out, recorded, key)
+    if _same_run(finished, key) and not args.overwrite:
         shutil.rmtree(work, ignore_errors=True)  # what a run killed after writing its record had left to delete
         return None
     replaceable = args.overwrite or _nothing_to_keep(out)
-    state = claim_output_dir(out, KIND, key, replaceable, own_files=OWN_FILES, what="model")
-    unfinished = _read_key(work / "run.json")
-    other = state == "replace" or finished not in (None, key) or unfinished not in (None, key)
+    marked = _read_key(out / RUN_MARKER, "inputs") if (out / RUN_MARKER).is_file() else None
+    # a run marked before the corpora's hashes were keeps its marker's form, so that it resumes
+    claim_key = marked if marked != key and _same_run(marked, key) else key
+    state = claim_output_dir(out, KIND, claim_key, replaceable, own_files=OWN_FILES, what="model")
+    other = state == "replace" or not (finished is None or _same_run(finished, key)) or \
+        not (unfinished is None or _same_run(unfinished, key))
     if other and not replaceable:  # (a folder from before the marker: its own records say whose it is)
         raise KnnlmError(f"--output_dir: {out} holds " + ("a model trained with other settings; pass --overwrite true "
                          "to replace it, or another folder" if finished is not None else "an unfinished run with other "
