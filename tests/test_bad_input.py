@@ -330,3 +330,23 @@ def test_analyze_refuses_a_corpus_named_twice_before_any_work(command, tiny_gpt2
             tmp_path / "dataset", "--datastore", tmp_path / "nostore", "--output_dir", out]
     assert_one_line(*cli(argv, capsys), "--validation_file", "both name the corpus")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    # before: accepted, exit 0, the setting not read
+    (["lm", "train", "--early_stopping_min_delta", 0.5], "--early_stopping_min_delta: acts only with --early_stopping_patience"),
+    (["hurdle", "run", "--macondo_seed", 3], "--macondo_seed: only Macondo mode reads it"),
+    (["analyze", "retomaton", "--min_knns", "2,1,2"], "--min_knns: 2,1,2 repeats a value"),
+    # before: "needs a vocabulary size >= 257"
+    (["lm", "train", "--tokenizer", "bpe:abc"], "--tokenizer: 'bpe:abc': the vocabulary size after bpe: must be a whole"),
+])
+def test_settings_that_would_not_act_or_are_malformed_are_refused(argv, needle, tiny_gpt2_dir, files, tmp_path, capsys):
+    out = tmp_path / "o"
+    extra = {"lm": ["--train_file", files / "a.txt", "--validation_file", files / "b.txt", *LM_TRAIN],
+             "hurdle": ["--size", "tiny", "--max_steps", 2, "--eval_every", 1, "--num_seeds", 1, "--device", "cpu",
+                        "--block_size", 32, "--batch_size", 2, "--data", files / "a.txt", "--validation_file",
+                        files / "b.txt"],
+             "analyze": [*model_args(tiny_gpt2_dir), "--validation_file", files / "b.txt", "--datastore",
+                         tmp_path / "ds"]}[argv[0]]
+    assert_one_line(*cli([*argv, *extra, "--output_dir", out], capsys), needle)
+    assert not out.exists()

@@ -33,6 +33,15 @@ def test_precedence(tmp_path):
     assert resolve(Demo, _parse(["--flag", "false"])).flag is False
 
 
+def test_an_empty_list_flag_is_the_empty_list():
+    """Before: `--lmbda ""` was one empty item ("'' is not a valid float"; retomaton's `--skip_probs ""`, whose help
+    says "empty: none", and reproduce's `--stages ""`, "unknown stage(s) ;")."""
+    assert resolve(Demo, _parse(["--lmbda", ""])).lmbda == []
+    assert resolve(Demo, _parse(["--lmbda", " "])).lmbda == []
+    with pytest.raises(KnnlmError, match="not a valid float"):
+        resolve(Demo, _parse(["--lmbda", "0.1,"]))  # an empty item in a list is still an error
+
+
 def test_errors(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("kk: 7\n")

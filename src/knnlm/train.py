@@ -89,6 +89,9 @@ class TrainArgs:
             raise KnnlmError(f"--early_stopping_patience: must be >= 1 (or unset), got {self.early_stopping_patience}")
         if not 0 <= self.early_stopping_min_delta < 1:
             raise KnnlmError(f"--early_stopping_min_delta: must be in [0, 1), got {self.early_stopping_min_delta}")
+        if self.early_stopping_min_delta and self.early_stopping_patience is None:  # read by early stopping alone
+            raise KnnlmError("--early_stopping_min_delta: acts only with --early_stopping_patience; pass it, or drop "
+                             "--early_stopping_min_delta")
         for name in ("max_grad_norm", "weight_decay", "adam_epsilon"):
             require_finite(name, getattr(self, name), inclusive=True)
         for name in ("adam_beta1", "adam_beta2"):

@@ -123,6 +123,9 @@ class HurdleArgs:
         elif self.validation_file:  # Macondo mode scores the village's own test split; the file would be ignored
             raise KnnlmError(f"--validation_file: only text mode (--data a training text file) reads it; --data "
                              f"{self.data} is Macondo mode, which scores the village's test split; drop --validation_file")
+        if self.mode == "text" and self.macondo_seed != self.__dataclass_fields__["macondo_seed"].default:  # no village
+            raise KnnlmError(f"--macondo_seed: only Macondo mode reads it; --data {self.data} is text mode; drop "
+                             "--macondo_seed")
 
     def validation_path(self) -> Optional[Path]:
         if self.validation_file:

@@ -75,7 +75,8 @@ def bpe_vocab(spec: str) -> int | None:
     try:
         n = int(spec[4:])
     except ValueError:
-        n = -1
+        raise KnnlmError(f"--tokenizer: {spec!r}: the vocabulary size after bpe: must be a whole number, e.g. "
+                         "bpe:8192") from None
     if n < 257:
         raise KnnlmError(f"--tokenizer: {spec!r} needs a vocabulary size >= 257 (256 bytes + {EOS_TOKEN}), e.g. bpe:8192")
     return n

@@ -48,6 +48,10 @@ class RetomatonArgs(KNNArgs):
         if not self.min_knns or any(m < 1 for m in self.min_knns):
             raise KnnlmError(f"--min_knns: a comma list of integers >= 1, e.g. 1,2,4,8,16,64; got "
                              f"{','.join(map(str, self.min_knns)) or 'nothing'}")
+        for name in ("min_knns", "skip_probs"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):  # the same setting twice: its row twice in the table
+                raise KnnlmError(f"--{name}: {','.join(map(str, values))} repeats a value; give each once")
         if any(not 0.0 < p < 1.0 for p in self.skip_probs):
             raise KnnlmError(f"--skip_probs: each must be in (0, 1), got {','.join(map(str, self.skip_probs))}")
         if len(self.lmbda) != 1:
