@@ -69,6 +69,13 @@ def test_more_shards_than_keys_is_refused(tmp_path):
     with pytest.raises(KnnlmError, match=r"^--factory: 'IVF4,Bogus' is not a valid faiss.index_factory string"):
         build_index(ds, IndexArgs(factory="IVF4,Bogus", recall_queries=0))
     assert not (ds.dir / "index").exists()  # nothing half-made left beside the store
+    build_index(ds, IndexArgs(factory="Flat", recall_queries=0))
+    # over a built index, a bad string is named first (it asked for --overwrite, then the rerun named the string), with
+    # FAISS's reason whole (it was cut at 120 characters, inside the condition)
+    with pytest.raises(KnnlmError, match=rf"^--factory: 'IVF4,PQ7' is not a valid faiss.index_factory string for "
+                                         rf"d={ds.d} \(The dimension of the vector \(d\) should be a multiple of the "
+                                         r"number of subquantizers \(M\)\)$"):
+        build_index(ds, IndexArgs(factory="IVF4,PQ7", recall_queries=0))
 
 
 def test_resume_after_kill(tmp_path, monkeypatch):

@@ -222,6 +222,12 @@ def build_index(ds, args: IndexArgs) -> dict:
     if args.shards > ds.N:
         raise KnnlmError(f"--shards: {args.shards} shards for {ds.N} keys would leave shards empty; use at most {ds.N}")
     factory = args.factory or default_factory(ds.N, ds.d, args.flat_threshold)
+    try:  # before the folder's state: a bad string is the mistake to name, not a missing --overwrite
+        probe = faiss.index_factory(ds.d, factory)
+    except RuntimeError as e:
+        why = str(e).split("failed: ", 1)[-1] if "failed: " in str(e) else str(e).splitlines()[-1]  # FAISS's reason
+        raise KnnlmError(f"--factory: {factory!r} is not a valid faiss.index_factory string for d={ds.d} "
+                         f"({why[:160]})") from None
     identity = datastore_identity(ds.dir)
     if info_path.exists() and not args.overwrite:  # (with --overwrite even a corrupt index.json is replaced)
         info = read_info(final)
@@ -234,11 +240,6 @@ def build_index(ds, args: IndexArgs) -> dict:
     # --overwrite over a finished index: build beside it (a rerun resumes there) and swap it in only when complete,
     # so a kill, a full disk or an error during the rebuild leaves the old index usable
     idir = staging_dir(final) if info_path.exists() else final
-    try:
-        probe = faiss.index_factory(ds.d, factory)
-    except RuntimeError as e:
-        raise KnnlmError(f"--factory: {factory!r} is not a valid faiss.index_factory string for d={ds.d} "
-                         f"({str(e).splitlines()[-1][:120]})") from None
     _set_polysemous(probe, args.polysemous, factory)  # --polysemous without PQ codes: refused before any folder
     use_gpu = gpu_available() if args.use_gpu is None else args.use_gpu
     if use_gpu and not gpu_available():
