@@ -52,7 +52,7 @@ def _coerce(name: str, tp, value, source: str | Path | None = None):
         if origin in (list, tuple):
             (item_tp,) = typing.get_args(tp)[:1]
             # a YAML scalar for a list flag (`tol: 0.001`) is a one-item list; an empty string the empty list (the
-            # help's "empty: none"; it was one empty item: `--skip_probs ""` not a valid float, `--stages ""` unknown)
+            # helps' "empty: none"), not one empty item
             items = (value.split(",") if value.strip() else []) if isinstance(value, str) else (
                 list(value) if isinstance(value, (list, tuple)) else [value])
             return [_coerce(name, item_tp, v.strip() if isinstance(v, str) else v, source) for v in items]

@@ -110,8 +110,9 @@ class KNNArgs:
 
 
 # settings read by one backend or by RetoMaton only: (setting, the value that makes them act) -> their names
+# (--ray_index and --no_pointer without theirs are refused by KNNArgs.validate, for library callers too)
 _ACTS_ONLY_WITH = {("search_backend", "torch"): ("search_dtype", "search_margin", "search_nlist"),
-                   ("search_backend", "ray"): ("ray_address", "ray_index", "ray_shard_cpus"),
+                   ("search_backend", "ray"): ("ray_address", "ray_shard_cpus"),
                    ("retomaton", True): ("min_knns", "max_knns", "no_clusters")}
 
 

@@ -499,7 +499,7 @@ def _step(accelerator, model, optimizer, scheduler, group: list[dict], args: Tra
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
     optimizer.step()
     # the fused kernel updates the weights in place without bumping their version counters, on which caches of the
-    # weights' hash rely (LM.weights_hash: a stale one let overspec score every point as the first)
+    # weights' hash key (LM.weights_hash)
     torch.autograd.graph.increment_version([p for g in optimizer.param_groups for p in g["params"]])
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

@@ -21,8 +21,8 @@ def register(sub) -> None:
 
 def cmd_serve(args) -> int:
     from ..augmented import AugmentArgs, augment_from_args
-    from ..errors import KnnlmError
     from ..datastore import Datastore
+    from ..errors import KnnlmError
     from ..knn import KNNArgs
     from ..models import ModelArgs, load_model
     from ..serve import ServeArgs

@@ -49,17 +49,22 @@ def _run_key(args: LMArgs, targs: TrainArgs) -> dict:
             key.pop(k)  # (runs from before the option resume)
     if args.init_from:
         key.update(init_key(args))
-    # the corpora by content, not only by path: a file replaced under the same name was reused as the finished model,
-    # or resumed from a checkpoint of the old text (a model trained half on each)
+    # the corpora by content, not only by path: a file replaced under the same name is another run (not the finished
+    # model, nor a checkpoint of the old text to resume on the new one)
     key[CORPUS_KEY] = {name: sha256_file(getattr(args, name))[:16] for name in ("train_file", "validation_file")}
     return key
+
+
+def _settings(key: dict) -> dict:
+    """A run key less the corpora's hashes: its paths and settings."""
+    return {k: v for k, v in key.items() if k != CORPUS_KEY}
 
 
 def _same_run(recorded, key: dict) -> bool:
     """Whether a recorded run key is this run's; one recorded before the corpora's hashes were (its paths and settings
     equal) is too."""
     if isinstance(recorded, dict) and CORPUS_KEY not in recorded:
-        key = {k: v for k, v in key.items() if k != CORPUS_KEY}
+        return recorded == _settings(key)
     return recorded == key
 
 
@@ -67,7 +72,7 @@ def _refuse_changed_corpus(out: Path, recorded, key: dict) -> None:
     """A run whose settings are this one's but whose corpus file changed: named by its flag."""
     if not isinstance(recorded, dict) or recorded.get(CORPUS_KEY) in (None, key[CORPUS_KEY]):
         return
-    if {k: v for k, v in recorded.items() if k != CORPUS_KEY} != {k: v for k, v in key.items() if k != CORPUS_KEY}:
+    if _settings(recorded) != _settings(key):
         return
     name = next(n for n, h in key[CORPUS_KEY].items() if recorded[CORPUS_KEY].get(n) != h)
     raise KnnlmError(f"--{name}: {key[name]} is not the text {out} was trained on (its content changed); pass "
@@ -108,7 +113,7 @@ def _prepare_output(args: LMArgs, targs: TrainArgs) -> Path | None:
         shutil.rmtree(work, ignore_errors=True)  # what a run killed after writing its record had left to delete
         return None
     replaceable = args.overwrite or _nothing_to_keep(out)
-    marked = _read_key(out / RUN_MARKER, "inputs") if (out / RUN_MARKER).is_file() else None
+    marked = _read_key(out / RUN_MARKER, "inputs")
     # a run marked before the corpora's hashes were keeps its marker's form, so that it resumes
     claim_key = marked if marked != key and _same_run(marked, key) else key
     state = claim_output_dir(out, KIND, claim_key, replaceable, own_files=OWN_FILES, what="model")

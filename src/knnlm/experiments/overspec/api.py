@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ...errors import KnnlmError, require_seed
-from ...fileio import atomic_write_json, reusable, sha256_file
+from ...fileio import atomic_write_json, claim_output_dir, reusable, sha256_file
 from ...openai_client import finetune as finetune_job, make_client, score_rows
 from ..study import mean_std, seed_path
 
@@ -160,8 +160,6 @@ def run_study(args: ApiArgs) -> dict:
 def run_api(args: ApiArgs) -> dict:
     """The whole study; returns the metrics written to ``results.json`` (one entry per seed, mean and std over seeds)."""
     from ...macondo.score import summarize
-
-    from ...fileio import claim_output_dir
 
     key = args.api_key or os.environ.get("OPENAI_API_KEY")
     if not key and urllib.parse.urlsplit(args.base_url).hostname == "api.openai.com":  # else a 401 after the village
