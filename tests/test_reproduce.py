@@ -142,6 +142,18 @@ def test_unknown_stages_flag_writes_nothing(data_dir, tmp_path, capsys):
     assert not out.exists()  # the folder it made is gone, marker and all: no config, data, stages
 
 
+def test_unknown_stages_flag_is_named_before_the_data_is_sought(tmp_path, capsys):
+    """Without --data_dir the scale's WikiText would be exported from the hub first: a typo in --stages was reported
+    as the hub's failure to load it."""
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"stages": [{"name": "a", "argv": ["eval", "--validation_file",
+                                                                                         "{data}/valid.txt"]}]}))
+    out = tmp_path / "o"
+    assert main(["reproduce", "--recipe", str(tmp_path / "r.yaml"), "--output_dir", str(out), "--stages", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("knnlm: error: --stages: unknown stage(s) nope; the recipe"), err
+    assert not out.exists()
+
+
 def test_shipped_recipes_name_real_subcommands(wikitext_dir):
     """Every stage of the shipped recipes parses with the real CLI parser (no typo in a flag), as written and with the
     --smoke overrides (which must name flags the command has)."""

@@ -78,8 +78,8 @@ def cmd_reproduce(args) -> int:
     from ..config import resolve, save_config
     from ..errors import KnnlmError
     from ..fileio import claim_output_dir
-    from ..experiments.reproduce import (ReproduceArgs, check_run_kind, load_recipe, load_timings, run_stages,
-                                         with_data_dir, with_smoke_data, write_report)
+    from ..experiments.reproduce import (ReproduceArgs, check_data_dir, check_run_kind, load_timings, read_recipe,
+                                         run_stages, with_data_dir, with_smoke_data, write_report)
     from . import main
 
     started = time.time()
@@ -90,9 +90,10 @@ def cmd_reproduce(args) -> int:
     if rargs.report_only and not ran:  # it would write a report of no run, every claim "not run yet"
         raise KnnlmError(f"--report_only: {out} holds no reproduce run (no stages/ records); pass the --output_dir of "
                          "a run, or drop --report_only to run the recipe")
+    recipe = read_recipe(rargs)  # read once: a recipe edited during a long run does not change its report
     claim_output_dir(out, "reproduce", {}, own_files=("*",) if (out / "stages" / "run.json").is_file() else ())
     rargs = with_data_dir(rargs)
-    recipe = load_recipe(rargs)  # read once: a recipe edited during a long run does not change its report
+    check_data_dir(recipe, rargs)
     rargs = with_smoke_data(rargs)
     if rargs.report_only:
         check_run_kind(Path(rargs.output_dir), rargs)

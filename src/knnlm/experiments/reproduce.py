@@ -66,6 +66,15 @@ def _check_condition(value, where: str) -> None:
 
 
 def load_recipe(args: ReproduceArgs) -> dict:
+    """The recipe, checked, with ``--data_dir`` holding the files its stages read."""
+    recipe = read_recipe(args)
+    check_data_dir(recipe, args)
+    return recipe
+
+
+def read_recipe(args: ReproduceArgs) -> dict:
+    """The recipe checked as far as it can be without the data: its stages' shape, ``--stages`` and ``--smoke``
+    (checked before ``--data_dir`` is exported, so that a typo in ``--stages`` is not blamed on the data)."""
     path = args.recipe or PRESETS_DIR / f"reproduce-{args.scale}.yaml"
     recipe = load_config_file(path, flag="--recipe")
     if not isinstance(recipe.get("stages"), list):
@@ -89,17 +98,24 @@ def load_recipe(args: ReproduceArgs) -> dict:
     unknown = sorted(set(args.stages) - set(names))
     if unknown:
         raise KnnlmError(f"--stages: unknown stage(s) {', '.join(unknown)}; the recipe {path} has {', '.join(names)}")
-    data_files = sorted({a.split("/", 1)[1] for s in recipe["stages"] for a in map(str, s["argv"]) if a.startswith("{data}/")})
-    uncut = [f for f in data_files if f not in SMOKE_DATA_BYTES]
+    uncut = [f for f in _data_files(recipe) if f not in SMOKE_DATA_BYTES]
     if args.smoke and uncut:
         raise KnnlmError(f"--recipe: {path}: --smoke cuts only {', '.join(SMOKE_DATA_BYTES)} of --data_dir, not "
                          f"{', '.join(uncut)}; run that recipe without --smoke")
+    return recipe
+
+
+def _data_files(recipe: dict) -> list[str]:
+    return sorted({a.split("/", 1)[1] for s in recipe["stages"] for a in map(str, s["argv"]) if a.startswith("{data}/")})
+
+
+def check_data_dir(recipe: dict, args: ReproduceArgs) -> None:
+    data_files = _data_files(recipe)
     if data_files:
         missing = [f for f in data_files if not args.data_dir or not (Path(args.data_dir) / f).is_file()]
         if missing:
             raise KnnlmError(f"--data_dir: {args.data_dir} must hold WikiText {', '.join(data_files)} (lacks "
                              f"{', '.join(missing)}; e.g. ../shared/data/wikitext-2)")
-    return recipe
 
 
 WIKITEXT_CONFIGS = {"cpu": "wikitext-2-raw-v1", "gpu": "wikitext-2-raw-v1", "paper": "wikitext-103-raw-v1"}
