@@ -1150,3 +1150,55 @@ def test_another_backends_settings_are_refused_by_eval_before_any_work(tiny_gpt2
     assert_one_line(*cli([*ev, "--search_nlist", 4], capsys), "--search_nlist: acts only with --search_backend torch")
     assert_one_line(*cli([*ev, "--min_knns", 2], capsys), "--min_knns: acts only with --retomaton true")
     assert not (tmp_path / "ev").exists()
+
+
+def test_sigterm_stops_a_run_with_one_line_and_the_shells_exit_code(files, tmp_path):
+    """Before: SIGTERM (a scheduler's stop, `kill`) ended `lm train` at once, exit 143 with nothing said and its
+    lock file left behind; now it stops as on Ctrl-C, after the last checkpoint, and says how to resume."""
+    import signal
+    import sys
+    import time
+
+    out = tmp_path / "lm"
+    argv = [sys.executable, "-m", "knnlm", "lm", "train", "--train_file", str(files / "a.txt"), "--validation_file",
+            str(files / "b.txt"), "--output_dir", str(out), "--size", "tiny", "--block_size", "32", "--batch_size", "2",
+            "--max_steps", "1000000", "--eval_every", "1000000", "--eval_tokens", "64", "--checkpoint_every", "1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_knnlm_env(), text=True)
+    try:
+        deadline = time.time() + 120
+        latest = out / "work" / "checkpoint" / "latest.json"
+        while not (latest.is_file() and json.loads(latest.read_text())["step"] >= 2):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.strip().splitlines()[-1] == "knnlm: stopped by SIGTERM; rerun the same command to resume", err
+    assert not (out / ".knnlm.lock").exists()  # released as at the end of any command
+    assert json.loads(latest.read_text())["step"] >= 2  # the checkpoints made are kept
+
+
+def test_an_interrupt_inside_a_stage_is_reported_once_by_the_outer_command(monkeypatch, capsys):
+    """`knnlm reproduce` runs each stage through main() inside its own main(): the interrupt reaches the outer one,
+    which says it once (before: the stage's main printed "interrupted" and returned 130, then reproduce reported
+    "stage a failed (exit 130); fix the cause"). The SIGTERM handler is the caller's again after main()."""
+    import signal
+
+    import knnlm.cli as cli_module
+
+    seen = []
+
+    def fake_main(argv):
+        seen.append(argv)
+        if argv == ["outer"]:
+            seen.append(cli_module.main(["stage"]))  # not reached: the stage's interrupt goes through
+        raise cli_module.Terminated()
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli_module, "_main", fake_main)
+    assert cli_module.main(["outer"]) == 143
+    assert seen == [["outer"], ["stage"]]
+    assert capsys.readouterr().err == "knnlm: stopped by SIGTERM; rerun the same command to resume\n"
+    assert signal.getsignal(signal.SIGTERM) is before

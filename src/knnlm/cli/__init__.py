@@ -8,7 +8,9 @@ import importlib
 import logging
 import os
 import pkgutil
+import signal
 import sys
+import threading
 import traceback
 
 from ..errors import KnnlmError
@@ -59,7 +61,45 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`, a time limit), raised where the command is, as Ctrl-C's KeyboardInterrupt
+    is: the command stops as it does on Ctrl-C (output folders released, the last checkpoint kept) and says so."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+_depth = 0  # main() inside main(): `knnlm reproduce` runs its stages in its own process
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _depth
+    on_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers can be set only there
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
+    _depth += 1
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as e:
+        if _depth > 1:  # a stage: the outer command reports it (and stops its other stages)
+            raise
+        return _stopped(e, "; rerun the same command to resume")
+    finally:
+        _depth -= 1
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(e: KeyboardInterrupt, resume: str = "") -> int:
+    """Says how the command was stopped; the exit code is the shell's for that signal (128 + its number)."""
+    if isinstance(e, Terminated):
+        print(f"knnlm: stopped by SIGTERM{resume}", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    print(f"knnlm: interrupted{resume}", file=sys.stderr)
+    return 128 + signal.SIGINT
+
+
+def _main(argv: list[str] | None) -> int:
     try:  # the parser imports every command and _quiet_libraries transformers: seconds a Ctrl-C can land in
         keep_freed_memory()
         parser = build_parser()
@@ -67,17 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         _quiet_libraries(args.verbose)
-    except KeyboardInterrupt:  # nothing has started yet, so nothing to resume
-        print("knnlm: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # nothing has started yet, so nothing to resume
+        return _stopped(e)
     from ..fileio import abandon_fresh_claims, fresh_claims, release_output_dirs
 
     outer = fresh_claims()  # a stage of `knnlm reproduce` runs here, inside the command that claimed its folder
     try:
         return args.func(args) or 0
-    except KeyboardInterrupt:
-        print("knnlm: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
     except Exception as e:  # noqa: BLE001 -- the CLI boundary: one line, the traceback only with --debug
         if args.debug:
             traceback.print_exc()
