@@ -48,9 +48,13 @@ def _by_hand(lm, row):
              caps["block_output"][0, len(prefix) - 1 + j], t) for j, t in enumerate(target)]
 
 
-def test_vanilla_matches_hand_computation(tiny_lm, rows):
+def test_vanilla_matches_hand_computation(tiny_lm, rows, caplog):
     assert len(tiny_lm.tokenizer(rows[-1]["target"], add_special_tokens=False)["input_ids"]) > 1  # a summed target
-    for (ids, n_prefix), row in zip(encode_rows(tiny_lm, rows), rows):
+    with caplog.at_level("WARNING", logger="knnlm.macondo.score"):
+        encoded = encode_rows(tiny_lm, rows)
+    assert [r.getMessage()[:48] for r in caplog.records] == ["1 of 13 targets are more than one token under thi"[:48]]
+    assert encode_rows(tiny_lm, rows[:-1]) and len(caplog.records) == 1  # one-token names: nothing said
+    for (ids, n_prefix), row in zip(encoded, rows):
         assert ids == tiny_lm.encode(row["text"])  # the target is appended as it would be tokenized in the sentence
     lls = score_split(tiny_lm, rows, batch_size=3)  # right padding within batches of different lengths
     assert lls["knn"] == {} and lls["mlp"] == {}

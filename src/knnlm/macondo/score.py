@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def encode_rows(lm, rows: Sequence[dict]) -> list[tuple[list[int], int]]:
     """(input ids, number of prefix tokens) per row: lm.encode(prefix) + the target's tokens."""
-    out = []
+    out, multi = [], 0
     for row in rows:
         prefix = lm.encode(row["prefix"])
         target = lm.tokenizer(row["target"], add_special_tokens=False)["input_ids"]
@@ -37,6 +37,11 @@ def encode_rows(lm, rows: Sequence[dict]) -> list[tuple[list[int], int]]:
             raise KnnlmError(f"--data: the row {row['text'][:60]!r}... has {len(prefix) + len(target)} tokens, more than "
                              f"the model's {lm.max_positions} positions")
         out.append((prefix + target, len(prefix)))
+        multi += len(target) > 1
+    if multi:  # a village made under another tokenizer: the benchmark's one-token names are not one token here
+        log.warning("%d of %d targets are more than one token under this model's tokenizer (a village's names are "
+                    "single tokens under the tokenizer it was made with: its meta.json); each is scored as the sum "
+                    "over its tokens", multi, len(rows))
     return out
 
 
