@@ -278,6 +278,19 @@ def test_perplexity_scores_each_token_once():
     assert short["val_tokens"] == 29 and short["val_loss"] == pytest.approx(nll / 29, rel=1e-6)
 
 
+def test_a_bpe_vocabulary_the_corpus_cannot_fill_is_said(tmp_path, caplog):
+    from knnlm.experiments.lm.data import build_tokenizer
+
+    (tmp_path / "train.txt").write_text(TEXT, encoding="utf-8")
+    with caplog.at_level("WARNING", logger="knnlm.experiments.lm.data"):
+        assert len(build_tokenizer("bpe:300", tmp_path / "train.txt", 64)) == 300 and not caplog.records
+        made = len(build_tokenizer("bpe:50000", tmp_path / "train.txt", 64))
+    assert 300 < made < 50000
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--tokenizer bpe:50000: {tmp_path / 'train.txt'} has too few repeated pairs for 50000 tokens; the vocabulary "
+        f"is {made} (the records' vocab_size)"]
+
+
 def test_bpe_tokenizer_round_trips_and_is_deterministic(tmp_path):
     (tmp_path / "train.txt").write_text(TEXT, encoding="utf-8")
     tok = train_bpe_tokenizer([tmp_path / "train.txt"], 300)

@@ -58,7 +58,11 @@ def build_tokenizer(spec: str, train_file: str | Path, model_max_length: int, sk
     n = bpe_vocab(spec)
     if n is not None:
         log.info("training a byte-level BPE tokenizer (vocabulary %d) on %s", n, train_file)
-        return train_bpe_tokenizer([train_file], n, model_max_length, skip_bad_rows)
+        tok = train_bpe_tokenizer([train_file], n, model_max_length, skip_bad_rows)
+        if len(tok) < n:  # the trainer stops when no pair occurs twice: the model is built for the vocabulary made
+            log.warning("--tokenizer %s: %s has too few repeated pairs for %d tokens; the vocabulary is %d (the "
+                        "records' vocab_size)", spec, train_file, n, len(tok))
+        return tok
     try:
         tok = AutoTokenizer.from_pretrained(resolve_tokenizer_source(spec))
     except (OSError, ValueError) as e:
