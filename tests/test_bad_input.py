@@ -337,6 +337,7 @@ def test_analyze_refuses_a_corpus_named_twice_before_any_work(command, tiny_gpt2
     (["lm", "train", "--early_stopping_min_delta", 0.5], "--early_stopping_min_delta: acts only with --early_stopping_patience"),
     (["hurdle", "run", "--macondo_seed", 3], "--macondo_seed: only Macondo mode reads it"),
     (["analyze", "retomaton", "--min_knns", "2,1,2"], "--min_knns: 2,1,2 repeats a value"),
+    (["overspec", "run", "--mlp_memory", "false", "--mlp_at", "last"], "--mlp_at: a memory setting, which acts only with"),
     # before: "needs a vocabulary size >= 257"
     (["lm", "train", "--tokenizer", "bpe:abc"], "--tokenizer: 'bpe:abc': the vocabulary size after bpe: must be a whole"),
 ])
@@ -347,6 +348,7 @@ def test_settings_that_would_not_act_or_are_malformed_are_refused(argv, needle, 
                         "--block_size", 32, "--batch_size", 2, "--data", files / "a.txt", "--validation_file",
                         files / "b.txt"],
              "analyze": [*model_args(tiny_gpt2_dir), "--validation_file", files / "b.txt", "--datastore",
-                         tmp_path / "ds"]}[argv[0]]
+                         tmp_path / "ds"],
+             "overspec": ["--model_name_or_path", "tiny", "--device", "cpu"]}[argv[0]]
     assert_one_line(*cli([*argv, *extra, "--output_dir", out], capsys), needle)
     assert not out.exists()
