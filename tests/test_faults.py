@@ -1202,3 +1202,32 @@ def test_an_interrupt_inside_a_stage_is_reported_once_by_the_outer_command(monke
     assert seen == [["outer"], ["stage"]]
     assert capsys.readouterr().err == "knnlm: stopped by SIGTERM; rerun the same command to resume\n"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_local_dataset_folder_is_known_by_its_contents(tiny_gpt2_dir, files, tmp_path, capsys):
+    """Before: a `--dataset_name` folder was recorded by its name only: after its rows changed, `datastore build`
+    said "already complete" and kept the old store, and `eval` reused the old tokens and gave the old numbers."""
+    data = tmp_path / "dataset"
+    data.mkdir()
+    lines = [f"{sentence.strip()} ." for sentence in TEXT_A.split(" .") if sentence.strip()]  # 60 rows
+    (data / "train.jsonl").write_text("".join(json.dumps({"text": ln}) + "\n" for ln in lines))
+    (data / "validation.jsonl").write_text((data / "train.jsonl").read_text())
+    build = ["datastore", "build", *model_args(tiny_gpt2_dir), "--dataset_name", data, "--block_size", 32,
+             "--output_dir", tmp_path / "ds"]
+    ev = ["eval", *model_args(tiny_gpt2_dir), "--dataset_name", data, "--block_size", 32, "--output_dir", tmp_path / "ev"]
+    assert cli(build, capsys)[0] == 0 and cli(ev, capsys)[0] == 0
+    n_before = Datastore.open(tmp_path / "ds").N
+    tokens_before = json.loads((tmp_path / "ev" / "results.json").read_text())["metrics"]["n_tokens"]
+    assert cli(build, capsys)[0] == 0 and Datastore.open(tmp_path / "ds").N == n_before  # unchanged: reused
+    half = "".join(json.dumps({"text": ln}) + "\n" for ln in lines[: len(lines) // 2])
+    (data / "train.jsonl").write_text(half)
+    (data / "validation.jsonl").write_text(half)
+    assert_one_line(*cli(build, capsys), "already holds a different datastore", "--overwrite")
+    assert_one_line(*cli(ev, capsys), "--overwrite")
+    assert cli([*build, "--overwrite"], capsys)[0] == 0
+    assert 0 < Datastore.open(tmp_path / "ds").N < n_before
+    assert cli([*ev, "--overwrite"], capsys)[0] == 0
+    assert 0 < json.loads((tmp_path / "ev" / "results.json").read_text())["metrics"]["n_tokens"] < tokens_before
+    (data / "train.jsonl").write_text("")  # before: internal error (IndexError) from datasets' empty StopIteration
+    assert_one_line(*cli([*build[:-1], tmp_path / "ds-empty"], capsys), "--dataset_name", "it holds no rows")
+    assert not (tmp_path / "ds-empty").exists()

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .errors import KnnlmError
-from .fileio import atomic_path, atomic_write_json, read_json, sha256_file
+from .fileio import atomic_path, atomic_write_json, read_json, sha256_file, sha256_folder
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,9 @@ def _load_rows(load, what: str, flag: str):
     try:
         return load(datasets)
     except Exception as e:  # datasets raises many kinds; all mean the same thing to the user
-        raise KnnlmError(f"{flag}: cannot load {what}: {str(e).splitlines()[0]}") from None
+        first = (str(e).strip().splitlines() or [""])[0]  # (an empty JSONL file: a StopIteration with no text)
+        reason = first or ("it holds no rows" if isinstance(e, StopIteration) else type(e).__name__)
+        raise KnnlmError(f"{flag}: cannot load {what}: {reason}") from None
     finally:
         datasets.logging.set_verbosity(verbosity)
 
@@ -345,9 +347,13 @@ def skipped_rows(token_path: str | Path) -> int:
 
 
 def source_fingerprint(args: CorpusArgs, which: str) -> dict:
-    """What a corpus is, for checking cached work against: the file's name and sha256, or the dataset's coordinates."""
+    """What a corpus is, for checking cached work against: the file's name and sha256, or the dataset's coordinates
+    (and, for a local dataset folder, the first 16 hex of its files' sha256: its contents may change under its name)."""
     if args.dataset_name:
-        return {"dataset": args.dataset_name, "config": args.dataset_config_name, "split": args.split}
+        source = {"dataset": args.dataset_name, "config": args.dataset_config_name, "split": args.split}
+        if Path(args.dataset_name).is_dir():
+            source["sha256"] = sha256_folder(args.dataset_name)[:16]
+        return source
     flag = f"--{which}_file"
     path = _check_file((args.train_file if which == "train" else args.validation_file) or "", flag)
     return {"file": path.name, "sha256": sha256_file(path)}

@@ -211,6 +211,18 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def sha256_folder(path: str | Path) -> str:
+    """sha256 of a folder's files (their paths below it and contents, in path order); hidden files and lock files,
+    which a reader may leave, are not part of it."""
+    h, root = hashlib.sha256(), Path(path)
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or f.suffix == ".lock":
+            continue
+        h.update(f"{rel.as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
 _PACKAGES = ("knnlm", "torch", "transformers", "faiss-cpu", "faiss-gpu", "numpy", "peft", "datasets", "safetensors")
 
 
