@@ -210,7 +210,7 @@ def augment(model, tokenizer=None, *, datastore=None, mlp_memory=None, key_point
     args = knn_args(**knn_settings)
     retriever = memory = None
     if datastore is not None:
-        ds = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)
+        ds = Datastore.open(datastore)
         ds.check_compatible(lm, key_point)
         retriever = Retriever(ds, args, index=index)
     else:

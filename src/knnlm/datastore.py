@@ -84,9 +84,12 @@ class Datastore:
         return self.meta["key_point"]
 
     @classmethod
-    def open(cls, directory: str | Path, flag: str = "--datastore") -> "Datastore":
+    def open(cls, directory: "str | Path | Datastore", flag: str = "--datastore") -> "Datastore":
         """The finished store in ``directory``; a missing, unfinished or truncated one is refused in one line naming
-        ``flag`` (the option the caller read the folder from)."""
+        ``flag`` (the option the caller read the folder from). An open ``Datastore`` is returned as it is, so that
+        the library's functions take a folder or a store alike."""
+        if isinstance(directory, Datastore):
+            return directory
         directory = Path(directory)
         if not directory.is_dir():
             what = "is a file, not a datastore folder" if directory.exists() else \

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .corpus import CorpusArgs, TokenFile, count_targets, token_record_path, tokenize_to_file, windows
 from .corpus import target_positions as _target_positions  # noqa: F401  (old private name: benchmarks/knn_eval.py --baseline_src runs older sources)
-from .datastore import KEY_POINTS
+from .datastore import KEY_POINTS, Datastore
 from .errors import KnnlmError, require_finite
 from .fileio import atomic_write_json, read_json, resolve_path, reusable
 from .knn import KNNArgs, Retriever, interpolate, knn_gold_log_prob
@@ -355,11 +355,15 @@ def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datast
     float64) and ``searched`` (whether its neighbours came from a search: RetoMaton's pointers save some; [n] bool),
     for paired per-token intervals between runs whose scoring orders differ (RetoMaton's streams).
     """
+    if not out_dir:
+        raise KnnlmError("--output_dir: required; the folder for the token file and the progress record (out_dir)")
+    knn = knn or KNNArgs()
+    knn.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    knn = knn or KNNArgs()
     retriever = None
     if datastore is not None:
+        datastore = Datastore.open(datastore)
         datastore.check_compatible(lm, key_point)
         retriever = Retriever(datastore, knn, index=index)
     for p in key_points(retriever, memory):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .config import field_default
+from .datastore import Datastore
 from .errors import KnnlmError, require_finite
 from .gpu_search import SEARCH_DTYPE, SEARCH_MARGIN
 from .ray_search import SHARD_CPUS, check_knn_args
@@ -45,8 +46,12 @@ class KNNArgs:
     ray_shard_cpus: float = field(default=SHARD_CPUS, metadata={"help": "With --search_backend ray: CPUs Ray reserves for each shard actor it starts; FAISS searches with that many threads."})
 
     def validate(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int):  # (a Python caller's k=2.5 reached FAISS)
+            raise KnnlmError(f"--k: must be a whole number, got {self.k!r}")
         if self.k < 1:
             raise KnnlmError(f"--k: must be >= 1, got {self.k}")
+        if not isinstance(self.lmbda, (list, tuple)):
+            raise KnnlmError(f"--lmbda: a list of weights, e.g. [0.25], got {self.lmbda!r}")
         for lam in self.lmbda:
             if not 0.0 <= lam <= 1.0:
                 raise KnnlmError(f"--lmbda: {lam} is outside [0, 1]; it is the weight of the kNN distribution")
@@ -141,6 +146,8 @@ def knn_gold_log_prob(dists: torch.Tensor, vals: torch.Tensor, gold: torch.Tenso
 
 def interpolate(lm_logp: torch.Tensor, knn_logp: torch.Tensor, lmbda: float) -> torch.Tensor:
     """log((1 - λ) p_lm + λ p_knn); λ = 0 returns ``lm_logp`` itself and λ = 1 ``knn_logp``."""
+    if not 0 <= lmbda <= 1:  # (NaN too) log1p(-λ) / log(λ) would raise "math domain error" or give NaN
+        raise KnnlmError(f"--lmbda: {lmbda} is outside [0, 1]; it is the weight of the kNN distribution")
     if lmbda == 0:
         return lm_logp
     if lmbda == 1:
@@ -157,6 +164,8 @@ class Retriever:
     def __init__(self, datastore, args: KNNArgs, index=None, use_gpu: bool | None = None):
         from .search import make_backend
 
+        datastore = Datastore.open(datastore)
+        args.validate()  # a Python caller's settings (the CLI's are checked already; checking twice is cheap)
         self.ds, self.args = datastore, args
         self.backend = make_backend(datastore, args, index=index, use_gpu=use_gpu)
         self._k_search = min(args.k + int(args.ignore_top), datastore.N)

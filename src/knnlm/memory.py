@@ -17,6 +17,7 @@ memory's own loss, the cross-entropy summed over a micro-batch's pairs: a step's
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -443,7 +444,9 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
     Rerunning a finished training returns the stored memory; rerunning a killed one continues from its last checkpoint
     and ends with the same weights as an uninterrupted run (same device and threads).
     """
-    ds = ds if isinstance(ds, Datastore) else Datastore.open(ds)
+    ds = Datastore.open(ds)
+    # a Python caller's settings are checked as the CLI's: the folders may come as arguments instead
+    dataclasses.replace(args, datastore=str(ds.dir), output_dir=str(out_dir or args.output_dir or "")).validate()
     ds.check_compatible(lm)
     out = Path(out_dir or args.output_dir)
     activation = lm_activation(lm) if args.activation == "auto" else args.activation
