@@ -1231,3 +1231,34 @@ def test_a_local_dataset_folder_is_known_by_its_contents(tiny_gpt2_dir, files, t
     (data / "train.jsonl").write_text("")  # before: internal error (IndexError) from datasets' empty StopIteration
     assert_one_line(*cli([*build[:-1], tmp_path / "ds-empty"], capsys), "--dataset_name", "it holds no rows")
     assert not (tmp_path / "ds-empty").exists()
+
+
+def test_datasets_saved_to_disk_and_dataset_errors_name_their_flag(tiny_gpt2_dir, files, tmp_path, capsys):
+    """Before: a Dataset.save_to_disk folder was refused with datasets' advice to "use load_from_disk"; an empty
+    saved dataset was "no column 'text'" listing state.json's keys; a wrong split or config named --dataset_name;
+    a file given as --dataset_name was looked up on the hub."""
+    import datasets
+
+    rows = {"text": [f"{s.strip()} ." for s in TEXT_A.split(" .") if s.strip()]}
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows["text"]))
+    ref = build_ds(tiny_gpt2_dir, tmp_path / "rows.jsonl", tmp_path / "ref", capsys)
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "dict"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": []})}).save_to_disk(str(tmp_path / "empty"))
+    build = ["datastore", "build", *model_args(tiny_gpt2_dir), "--block_size", 32]
+    for name in ("one", "dict"):
+        assert cli([*build, "--dataset_name", tmp_path / name, "--output_dir", tmp_path / f"ds-{name}"], capsys)[0] == 0
+        assert (tmp_path / f"ds-{name}" / "keys.f16").read_bytes() == (ref.dir / "keys.f16").read_bytes()
+    cases = [(["--dataset_name", tmp_path / "dict", "--split", "test"], "--split", "has no split 'test' (it has train)"),
+             (["--dataset_name", tmp_path / "dict", "--dataset_config_name", "x"], "--dataset_config_name",
+              "no configurations"),
+             (["--dataset_name", tmp_path / "empty"], "--dataset_name", "it holds no rows"),
+             (["--dataset_name", files / "a.txt"], "--dataset_name", "is a file; pass it as --train_file")]
+    for i, (argv, *needles) in enumerate(cases):
+        assert_one_line(*cli([*build, *argv, "--output_dir", tmp_path / f"bad{i}"], capsys), *needles)
+        assert not (tmp_path / f"bad{i}").exists()
+    data = tmp_path / "jsonl"  # a folder of JSONL files read by datasets' builder: its error names --split
+    data.mkdir()
+    shutil.copy(tmp_path / "rows.jsonl", data / "train.jsonl")
+    assert_one_line(*cli(["eval", *model_args(tiny_gpt2_dir), "--dataset_name", data, "--block_size", 32,
+                          "--output_dir", tmp_path / "ev"], capsys), "--split", 'Unknown split "validation"')

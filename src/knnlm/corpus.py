@@ -40,7 +40,7 @@ def skip_bad_rows_field():
 class CorpusArgs:
     train_file: Optional[str] = field(default=None, metadata={"help": "Training corpus: a plain-text file (.txt or any other suffix: one document), .jsonl/.json (one document per line) or a .csv/.tsv/.parquet table (one document per row), whose rows hold the text in --text_field."})
     validation_file: Optional[str] = field(default=None, metadata={"help": "Evaluation corpus, same formats as --train_file."})
-    dataset_name: Optional[str] = field(default=None, metadata={"help": "A Hugging Face `datasets` name or local dataset folder, instead of a file."})
+    dataset_name: Optional[str] = field(default=None, metadata={"help": "A Hugging Face `datasets` name or a local dataset folder (data files, or one written by save_to_disk: a DatasetDict's splits, or a Dataset read whatever --split), instead of a file."})
     dataset_config_name: Optional[str] = field(default=None, metadata={"help": "The `datasets` configuration, e.g. wikitext-103-raw-v1."})
     split: Optional[str] = field(default=None, metadata={"help": "The `datasets` split to read (default: train for datastores, validation for evaluation)."})
     text_field: str = field(default=TEXT_FIELD, metadata={"help": "Field (column) holding the text in JSONL, table or dataset rows; plain text has none."})
@@ -200,8 +200,9 @@ def _jsonl_texts(path: Path, text_field: str, flag: str, errors: str = "strict",
                 yield text
 
 
-def _load_rows(load, what: str, flag: str):
-    """A ``datasets.Dataset`` from ``load(datasets)``; any failure is one line naming ``flag`` and ``what``."""
+def _load_rows(load, what: str, flag: str, flags_by_text: Optional[dict] = None):
+    """A ``datasets.Dataset`` from ``load(datasets)``; any failure is one line naming ``flag`` (or the flag of
+    ``flags_by_text`` whose key the error's text holds) and ``what``."""
     import datasets
 
     verbosity = datasets.logging.get_verbosity()
@@ -211,6 +212,7 @@ def _load_rows(load, what: str, flag: str):
     except Exception as e:  # datasets raises many kinds; all mean the same thing to the user
         first = (str(e).strip().splitlines() or [""])[0]  # (an empty JSONL file: a StopIteration with no text)
         reason = first or ("it holds no rows" if isinstance(e, StopIteration) else type(e).__name__)
+        flag = next((f for text, f in (flags_by_text or {}).items() if text in first), flag)
         raise KnnlmError(f"{flag}: cannot load {what}: {reason}") from None
     finally:
         datasets.logging.set_verbosity(verbosity)
@@ -227,9 +229,34 @@ def _row_texts(ds, where: str, rows: BadRows) -> Iterator[str]:
 
 def _dataset_texts(args: CorpusArgs, split: str, rows: Optional[BadRows] = None) -> Iterator[str]:
     rows = rows or BadRows("--dataset_name", args.text_field, False)
-    ds = _load_rows(lambda d: d.load_dataset(args.dataset_name, args.dataset_config_name, split=split),
-                    f"{args.dataset_name!r} ({args.dataset_config_name}, split {split})", "--dataset_name")
+    what = f"{args.dataset_name!r} ({args.dataset_config_name}, split {split})"
+    folder = Path(args.dataset_name)
+    if folder.is_file():  # (datasets looked it up on the hub)
+        raise KnnlmError(f"--dataset_name: {folder} is a file; pass it as --train_file or --validation_file")
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():  # a save_to_disk folder
+        if args.dataset_config_name:
+            raise KnnlmError(f"--dataset_config_name: {args.dataset_name} is a folder written by save_to_disk, which "
+                             "has no configurations; drop --dataset_config_name")
+
+        def from_disk(d):
+            if not any(folder.rglob("*.arrow")):  # (datasets fails on it with "list index out of range")
+                raise ValueError("it holds no rows (no .arrow files)")
+            return d.load_from_disk(str(folder))
+
+        ds = _load_rows(from_disk, what, "--dataset_name")
+        if hasattr(ds, "keys"):  # a DatasetDict: its splits; a Dataset is one table, read whatever the split
+            if split not in ds:
+                raise KnnlmError(f"--split: {args.dataset_name} has no split {split!r} (it has {', '.join(ds)}); "
+                                 "pass --split with one of them")
+            ds = ds[split]
+    else:
+        ds = _load_rows(lambda d: d.load_dataset(args.dataset_name, args.dataset_config_name, split=split), what,
+                        "--dataset_name", _DATASET_FLAGS)
     yield from _row_texts(ds, f"{args.dataset_name} ({split})", rows)
+
+
+# the flag a `datasets` error is about, by its text ("Unknown split ...", "BuilderConfig 'x' not found ...")
+_DATASET_FLAGS = {"Unknown split": "--split", "BuilderConfig": "--dataset_config_name"}
 
 
 def _table_texts(path: Path, text_field: str, flag: str, errors: str = "strict",
