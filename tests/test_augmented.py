@@ -88,6 +88,10 @@ def test_mlp_memory_perplexity_equals_evaluate(lm, files, tmp_path):
     finally:
         detach(model)
     assert ppl == pytest.approx(m["ppl_mlplm"], rel=1e-5)
+    for setting in (dict(k=5), dict(retomaton=True)):  # read only by retrieval: refused as the CLI refuses them
+        with pytest.raises(KnnlmError, match=f"--{next(iter(setting))}: a kNN setting, which acts only with --datastore"):
+            augment(lm, mlp_memory=mem, lmbda=0.4, **setting)
+    assert not hasattr(lm.model, "knnlm")
 
 
 def _augmented_logp(lm, retriever, ids: list[int]) -> torch.Tensor:

@@ -578,6 +578,10 @@ def test_non_string_text_fields_are_errors_or_skipped_and_counted(tiny_gpt2_dir,
                     "both name the corpus")  # the file was ignored and the dataset read
     assert cli([*build, "--output_dir", tmp_path / "dsd2", "--skip_bad_rows", "true"], capsys)[0] == 0
     assert Datastore.open(tmp_path / "dsd2").meta["skipped_rows"] == 1
+    (data / "train.jsonl").write_text('{"text": null}\n' * 3)  # before: "the corpus is empty ...; pass a file"
+    assert_one_line(*cli([*build, "--output_dir", tmp_path / "dsd3", "--skip_bad_rows", "true"], capsys),
+                    "--dataset_name: the corpus is empty (fewer than 2 tokens after --skip_bad_rows skipped 3 row(s) "
+                    "without text); pass a dataset with text in it")
     corpus = tmp_path / "bad0.jsonl"
     rc, err = cli(["eval", *model_args(tiny_gpt2_dir), "--validation_file", corpus, "--output_dir", tmp_path / "ev"],
                   capsys)

@@ -3,6 +3,7 @@ one-stream, one-token-at-a-time reference; pointers stay inside documents; clust
 KV-cache generation follows the sampled tokens (equal to a recomputation); the random-skip kNN-LM; refusals."""
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -344,3 +345,17 @@ def test_refusals(store, tiny_gpt2_dir, capsys):
                      "--prompt", "the cat", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"knnlm: error: {needle}") and "\n" not in err
+
+
+def test_too_few_keys_for_the_clusters_is_said_through_logging_not_faiss_stderr(store, tmp_path, capfd, caplog):
+    """Before: FAISS printed its own "WARNING clustering 200 points to 24 centroids" line to stderr; the setting
+    that silences it (min_points_per_centroid) changes no centroid, so the clusters are the recorded ones."""
+    copy = tmp_path / "ds"
+    shutil.copytree(store.dir, copy, ignore=shutil.ignore_patterns("clusters.*"))
+    with caplog.at_level("WARNING", logger="knnlm.clusters"):
+        build_clusters(Datastore.open(copy), ClusterArgs(num_clusters=24, sample_size=200, seed=3))
+    n = min(200, store.N)
+    assert len(caplog.records) == 1
+    assert caplog.records[0].getMessage().startswith(f"k-means: {n} keys for 24 clusters, fewer than FAISS's 39 a")
+    assert "WARNING clustering" not in capfd.readouterr().err
+    assert (copy / "clusters.i32").read_bytes() == (store.dir / "clusters.i32").read_bytes()

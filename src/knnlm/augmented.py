@@ -208,6 +208,7 @@ def augment(model, tokenizer=None, *, datastore=None, mlp_memory=None, key_point
     if (datastore is None) == (mlp_memory is None):
         raise KnnlmError("augment: pass exactly one of datastore= and mlp_memory=")
     args = knn_args(**knn_settings)
+    args.refuse_inactive(datastore=datastore is not None, memory=mlp_memory is not None)  # as the CLI's do
     retriever = memory = None
     if datastore is not None:
         ds = Datastore.open(datastore)

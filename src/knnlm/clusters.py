@@ -113,6 +113,9 @@ def _prepare_work(work: Path, want: dict) -> None:
         atomic_write_json(state, want)
 
 
+FEW_POINTS_PER_CLUSTER = 39  # FAISS's ClusteringParameters.min_points_per_centroid: below it, it warns
+
+
 def _train(ds, args: ClusterArgs, work: Path) -> np.ndarray:
     import faiss
 
@@ -124,9 +127,14 @@ def _train(ds, args: ClusterArgs, work: Path) -> np.ndarray:
     rows = np.sort(rng.choice(ds.N, size=n, replace=False)) if n < ds.N else np.arange(ds.N)
     sample = np.ascontiguousarray(ds.keys[rows], dtype=np.float32)  # [n, d]
     log.info("k-means: %d clusters over %d sampled keys (d=%d, %d iterations)", args.num_clusters, n, ds.d, args.niter)
-    # max_points_per_centroid = n: k-means uses the whole sample, not a second subsample of its own
+    if n < FEW_POINTS_PER_CLUSTER * args.num_clusters:  # said here, through logging; FAISS would print it itself
+        log.warning("k-means: %d keys for %d clusters, fewer than FAISS's %d a cluster; clusters may be small or "
+                    "empty (fewer --num_clusters, or a larger --sample_size if the store has more keys)", n,
+                    args.num_clusters, FEW_POINTS_PER_CLUSTER)
+    # max_points_per_centroid = n: k-means uses the whole sample, not a second subsample of its own;
+    # min_points_per_centroid only decides FAISS's own stderr warning (the centroids are the same)
     km = faiss.Kmeans(ds.d, args.num_clusters, niter=args.niter, seed=args.seed, max_points_per_centroid=n,
-                      verbose=False)
+                      min_points_per_centroid=1, verbose=False)
     km.train(sample)
     centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)  # [C, d]
     with atomic_path(path, expected_bytes=centroids.nbytes) as tmp:

@@ -479,7 +479,9 @@ def tokenize_to_file(lm, args: CorpusArgs, which: str, out_path: str | Path, sou
         starts.append(n)
         n_blank += not doc_has_text
         if n < 2:
-            raise KnnlmError(f"{flag}: the corpus is empty (fewer than 2 tokens); pass a file with text in it")
+            what = "a dataset" if args.dataset_name else "a file"
+            skipped = f" after --skip_bad_rows skipped {rows.count} row(s) without text" if rows.count else ""
+            raise KnnlmError(f"{flag}: the corpus is empty (fewer than 2 tokens{skipped}); pass {what} with text in it")
         if n_blank >= n_docs:
             raise KnnlmError(f"{flag}: the corpus holds only whitespace ({n} tokens of blanks and line breaks); "
                              "pass a file with text in it")
