@@ -83,3 +83,17 @@ def test_output_folders_and_memory_settings_are_checked(tiny_lm, corpus, store, 
     assert not (tmp_path / "m0").exists()
     mem = train_memory(tiny_lm, str(store.dir), MemoryArgs(hidden_size=8, max_steps=2), out_dir=tmp_path / "m")
     assert mem.log_probs(torch.randn(3, store.d)).shape == (3, tiny_lm.vocab_size)
+
+
+def test_queries_of_another_width_and_a_model_name_are_named(tiny_lm, store):
+    """Before: FAISS's empty AssertionError (a [B, 32] query of a 64-wide store), numpy's "not enough values to
+    unpack" (a 1-D query) and an AttributeError in models.py (augment("model", ...))."""
+    from knnlm.augmented import augment
+
+    retriever = Retriever(store, KNNArgs(k=4))
+    for shape in ((2, store.d // 2), (store.d,)):
+        with pytest.raises(KnnlmError, match=rf"queries: shape \({', '.join(map(str, shape))},?\), but the datastore"):
+            retriever.log_probs(torch.randn(*shape), tiny_lm.vocab_size)
+    assert retriever.log_probs(torch.randn(2, store.d), tiny_lm.vocab_size).shape == (2, tiny_lm.vocab_size)
+    with pytest.raises(KnnlmError, match="augment: model 'gpt2' is a name, not a model"):
+        augment("gpt2", tiny_lm.tokenizer, datastore=store)

@@ -183,6 +183,9 @@ def _as_lm(model, tokenizer):
 
     if isinstance(model, LM):
         return model
+    if isinstance(model, (str, Path)):  # (an AttributeError deep in models.py before)
+        raise KnnlmError(f"augment: model {str(model)!r} is a name, not a model; load it first (transformers' "
+                         "AutoModelForCausalLM.from_pretrained, or knnlm.models.load_model)")
     if tokenizer is None:
         raise KnnlmError("augment: pass the tokenizer with an HF model (it is checked against the datastore's)")
     return LM(model, tokenizer, name=getattr(model, "name_or_path", "") or "")

@@ -183,6 +183,9 @@ class Retriever:
         """queries [B, d] -> (squared L2 distances float32 [B, k], row ids int64 [B, k]), nearest first; a row the
         index could not fill has id -1 and distance inf. Distances are exact with ``--recompute_dists`` (``recompute``
         False: the index's own, for a caller that computes exact ones of more rows itself)."""
+        if queries.dim() != 2 or queries.shape[1] != self.ds.d:  # (FAISS's own check is an empty AssertionError)
+            raise KnnlmError(f"queries: shape {tuple(queries.shape)}, but the datastore {self.ds.dir} holds "
+                             f"[N, {self.ds.d}] keys; pass [B, {self.ds.d}]")
         dists, ids = self.backend.search(queries, self._k_search)  # [B, k] each
         if self.args.ignore_top:
             dists, ids = dists[:, 1:], ids[:, 1:]
