@@ -133,7 +133,7 @@ def bound(args) -> None:
     print(f"  floor of RetoMaton's CPU / LM-only at {args.saved:.3f} saved: {1 + s['cpu_s'] / lm_cpu:.3f} "
           f"(searches alone {1 + s['search_s'] / lm_cpu:.3f})   target <= 1.3")
     need = 1 - 0.3 * lm_cpu / (s["search_s"] / n * lm_runs[0]["n_tokens"])  # <= 0: a search per token is cheap enough
-    print(f"  saved fraction at which the searches alone reach 1.3x: "
+    print("  saved fraction at which the searches alone reach 1.3x: "
           + (f"{need:.3f}" if need > 0 else "none needed (a search per token stays under 1.3x)"))
 
 
