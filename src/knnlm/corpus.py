@@ -227,6 +227,10 @@ def _row_texts(ds, where: str, rows: BadRows) -> Iterator[str]:
             yield text
 
 
+# the flag a `datasets` error is about, by its text ("Unknown split ...", "BuilderConfig 'x' not found ...")
+_DATASET_FLAGS = {"Unknown split": "--split", "BuilderConfig": "--dataset_config_name"}
+
+
 def _dataset_texts(args: CorpusArgs, split: str, rows: Optional[BadRows] = None) -> Iterator[str]:
     rows = rows or BadRows("--dataset_name", args.text_field, False)
     what = f"{args.dataset_name!r} ({args.dataset_config_name}, split {split})"
@@ -253,10 +257,6 @@ def _dataset_texts(args: CorpusArgs, split: str, rows: Optional[BadRows] = None)
         ds = _load_rows(lambda d: d.load_dataset(args.dataset_name, args.dataset_config_name, split=split), what,
                         "--dataset_name", _DATASET_FLAGS)
     yield from _row_texts(ds, f"{args.dataset_name} ({split})", rows)
-
-
-# the flag a `datasets` error is about, by its text ("Unknown split ...", "BuilderConfig 'x' not found ...")
-_DATASET_FLAGS = {"Unknown split": "--split", "BuilderConfig": "--dataset_config_name"}
 
 
 def _table_texts(path: Path, text_field: str, flag: str, errors: str = "strict",
@@ -478,13 +478,13 @@ def tokenize_to_file(lm, args: CorpusArgs, which: str, out_path: str | Path, sou
                     break
         starts.append(n)
         n_blank += not doc_has_text
+        what = "a dataset" if args.dataset_name else "a file"
         if n < 2:
-            what = "a dataset" if args.dataset_name else "a file"
             skipped = f" after --skip_bad_rows skipped {rows.count} row(s) without text" if rows.count else ""
             raise KnnlmError(f"{flag}: the corpus is empty (fewer than 2 tokens{skipped}); pass {what} with text in it")
         if n_blank >= n_docs:
             raise KnnlmError(f"{flag}: the corpus holds only whitespace ({n} tokens of blanks and line breaks); "
-                             "pass a file with text in it")
+                             f"pass {what} with text in it")
         if n_blank:
             log.warning("%s: %d of %d documents hold only whitespace; they are kept (as run_clm does)", flag,
                         n_blank, n_docs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -46,7 +47,7 @@ class KNNArgs:
     ray_shard_cpus: float = field(default=SHARD_CPUS, metadata={"help": "With --search_backend ray: CPUs Ray reserves for each shard actor it starts; FAISS searches with that many threads."})
 
     def validate(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int):  # (a Python caller's k=2.5 reached FAISS)
+        if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral):  # (a caller's k=2.5 reached FAISS)
             raise KnnlmError(f"--k: must be a whole number, got {self.k!r}")
         if self.k < 1:
             raise KnnlmError(f"--k: must be >= 1, got {self.k}")
