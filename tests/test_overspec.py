@@ -418,12 +418,14 @@ def test_reproduce_reports_the_claims(tiny_run, tmp_path):
     claims, tables, missing = collect(out.parent, [{"study": "overspec", "folder": out.name, "label": "A"},
                                                    {"study": "overspec", "folder": "missing", "label": "B"}])
     final = result["metrics"]["final"]["test"]
-    assert [r[0] for r in tables["table2_macondo"]] == ["paper (GPT-2 fine-tuned)", "A (step 8)"]
+    n = len(result["metrics"]["seeds"])  # named from the run itself, after the entry's label
+    assert [r[0] for r in tables["table2_macondo"]] == ["paper (GPT-2 fine-tuned)", f"A, {n} seeds (step 8)"]
     assert tables["table2_macondo"][1][1:] == pytest.approx([math.exp(-final[m]["avg_groups"]) for m in ("lm", "knn", "mlp")])
-    assert tables["table5"][0].startswith("### A\n\n### Over-specification")
+    assert tables["table5"][0].startswith(f"### A, {n} seeds\n\n### Over-specification")
     assert missing == ["overspec: B (missing)"]
     saved = json.loads((out / "results.json").read_text())["claims"]
-    assert [c.record() for c in claims] == [{**r, "setting": r["setting"].replace("this run", "A")} for r in saved]
+    assert [c.record() for c in claims] == [{**r, "setting": r["setting"].replace("this run", f"A, {n} seeds")}
+                                            for r in saved]
     assert {c.verdict for c in claims} == {"not judged"}
 
 def test_memory_claims_not_judged_before_the_memory_plateaus():

@@ -93,3 +93,15 @@ def test_a_decaying_schedule_is_not_judged(tmp_path):
     assert [c.verdict for c in claims] == [NOT_JUDGED] * 5
     assert all("lr decays (linear)" in c.reason for c in claims)
     assert math.isclose(claims[-1].interval.point, 0.9 - 0.5 * 1.0, abs_tol=1e-12)  # the numbers stay for reference
+
+
+def test_the_report_names_the_seeds_the_run_itself_averaged(tmp_path):
+    """Before: the recipe's label carried the seed count ("3 seeds"), so a run given more seeds was reported as
+    3; now the label names the setting and the count comes from the run."""
+    from knnlm.experiments.overspec.report import with_seeds
+
+    run = _run(tmp_path / "lengths", {4: 1.0, 8: 0.9}, {4: 0.2, 8: 0.05}, seeds=(0, 1, 2))
+    _, claims = lengths.report_part({}, {"folder": "lengths", "label": "SmolLM2 (x)"}, tmp_path)
+    assert [c.setting for c in claims] == ["SmolLM2 (x), 3 seeds, 4 epochs (step 4)"] * 2 + \
+        ["SmolLM2 (x), 3 seeds, 8 epochs (step 8)"] * 2 + ["SmolLM2 (x), 3 seeds, 4 → 8 epochs"]
+    assert run.is_dir() and with_seeds("M", [7]) == "M, seed 7"

@@ -11,7 +11,7 @@ from ...claims import Claim
 from ...fileio import read_json
 from ...stats import Interval, as_interval
 from ..study import seed_path
-from .report import FIT_MARGIN_NATS, OVERSPEC_CLAIMS
+from .report import FIT_MARGIN_NATS, OVERSPEC_CLAIMS, with_seeds
 from .settings import point_dir
 
 # Fixed before the runs (docs/results/fidelity-2026-12-05/criteria.md): a length is judged only where the model fits
@@ -106,7 +106,8 @@ LENGTHS_HEADERS = ["epochs (step)", "train vanilla / its optimum", "fitted", "te
 
 def report_part(metrics: dict, entry: dict, out: Path) -> tuple[dict, list[Claim]]:
     lengths = overspec_lengths(out / entry["folder"])
-    return {"table5_lengths": lengths_rows(lengths)}, overspec_length_claims(lengths, entry["label"])
+    label = with_seeds(entry["label"], lengths["seeds"])
+    return {"table5_lengths": lengths_rows(lengths)}, overspec_length_claims(lengths, label)
 
 
 TABLES = {"table5_lengths": (

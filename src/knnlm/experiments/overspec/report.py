@@ -176,6 +176,12 @@ def plateau_reason(metrics: dict) -> str:
     return reason([curves.get(str(seed), {}).get("plateau") for seed in seeds])  # a seed without a curve: unknown
 
 
+def with_seeds(label: str, seeds) -> str:
+    """A recipe entry's label with the seeds the run itself averaged ("seed 0", "5 seeds"): a label that stated them
+    said "3 seeds" of a run given more."""
+    return f"{label}, " + (f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds")
+
+
 def overspec_claims(metrics: dict, label: str) -> list[Claim]:
     """The study's claims on the test split at the last step, each from its paired interval over seeds and examples;
     the MLP memory's only where its training loss has plateaued (:func:`plateau_reason`)."""
@@ -334,10 +340,11 @@ def report_part(metrics: dict, entry: dict, out: Path) -> tuple[dict, list[Claim
     """Table 2's Macondo row (perplexity of the names at the last step), the run's results.md as Table 5's section,
     and the claims."""
     final = metrics["final"]["test"]
-    row = [f"{entry['label']} (step {metrics['final']['step']})"] + [
+    label = with_seeds(entry["label"], metrics["seeds"])
+    row = [f"{label} (step {metrics['final']['step']})"] + [
         math.exp(-final[m]["avg_groups"]) if m in final else None for m in ("lm", "knn", "mlp")]
     md = out / entry["folder"] / "results.md"
     text = md.read_text() if md.is_file() else ""
     text = "\n".join("##" + line if line.startswith("#") else line for line in text.splitlines()) + "\n"  # under ##
-    section = (f"### {entry['label']}\n\n" if entry.get("label") else "") + text
-    return {"table2_macondo": [row], "table5": [section]}, overspec_claims(metrics, entry["label"])
+    section = f"### {label}\n\n" + text
+    return {"table2_macondo": [row], "table5": [section]}, overspec_claims(metrics, label)
