@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .config import field_default
+from .config import changed_fields
 from .corpus import JSONL_SUFFIXES, skip_bad_rows_field
 from .errors import KnnlmError, require_finite, require_seed
 from .knn import KNNArgs, Retriever, interpolate
@@ -313,8 +313,7 @@ class GenerateArgs:
             raise KnnlmError(f"--top_k: must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise KnnlmError(f"--top_p: must be in (0, 1], got {self.top_p}")
-        idle = [f.name for f in fields(self) if f.name in ("temperature", "top_k", "top_p")
-                and getattr(self, f.name) != field_default(f)]
+        idle = changed_fields(self, ("temperature", "top_k", "top_p"))
         if idle and not self.do_sample:  # greedy and beam search never read them: the run would not be the one asked for
             raise KnnlmError(f"--{idle[0]}: a sampling setting, which acts only with --do_sample true; pass that, or "
                              f"drop --{idle[0]}")

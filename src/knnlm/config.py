@@ -155,6 +155,13 @@ def field_default(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
+def changed_fields(obj, names) -> list[str]:
+    """The fields of dataclass instance ``obj`` among ``names`` whose value is not their default: the settings a run
+    was given, for refusing those it would not read."""
+    names = set(names)
+    return [f.name for f in dataclasses.fields(obj) if f.name in names and getattr(obj, f.name) != field_default(f)]
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """Adds one flag per dataclass field (and hidden ones for its deprecated names); unset flags stay None so a config
     file can fill them."""

@@ -445,10 +445,11 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
     and ends with the same weights as an uninterrupted run (same device and threads).
     """
     ds = Datastore.open(ds)
+    out_dir = out_dir or args.output_dir
     # a Python caller's settings are checked as the CLI's: the folders may come as arguments instead
-    dataclasses.replace(args, datastore=str(ds.dir), output_dir=str(out_dir or args.output_dir or "")).validate()
+    dataclasses.replace(args, datastore=str(ds.dir), output_dir=str(out_dir or "")).validate()
     ds.check_compatible(lm)
-    out = Path(out_dir or args.output_dir)
+    out = Path(out_dir)
     activation = lm_activation(lm) if args.activation == "auto" else args.activation
     _activation(activation)
     if ds.d != lm.output_layer.in_features:  # W reads z + LN(MLP(z)): as wide as the keys (not so in OPT-350m's ffn_input)

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from ...config import changed_fields
 from ...errors import KnnlmError, require_seed
 from ...train import TrainArgs
 from ..study import library_args, mirror
@@ -123,7 +124,7 @@ class HurdleArgs:
         elif self.validation_file:  # Macondo mode scores the village's own test split; the file would be ignored
             raise KnnlmError(f"--validation_file: only text mode (--data a training text file) reads it; --data "
                              f"{self.data} is Macondo mode, which scores the village's test split; drop --validation_file")
-        if self.mode == "text" and self.macondo_seed != self.__dataclass_fields__["macondo_seed"].default:  # no village
+        if self.mode == "text" and changed_fields(self, ("macondo_seed",)):  # no village is made
             raise KnnlmError(f"--macondo_seed: only Macondo mode reads it; --data {self.data} is text mode; drop "
                              "--macondo_seed")
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Optional
 
-from ...config import field_default
+from ...config import changed_fields
 from ...errors import KnnlmError, require_finite, require_seed
 from ...knn import KNNArgs
 from ...macondo.generate import MacondoArgs
@@ -131,8 +131,8 @@ class OverspecArgs:
         self.macondo_args(self.seeds[0], str(self.output_dir), "gpt2").validate()
         require_finite("mlp_learning_rate", self.mlp_learning_rate)
         if not self.mlp_memory:  # a memory setting would be recorded in config.json as if it had acted
-            moved = [f.name for f in fields(self) if f.name.startswith("mlp_") and f.name != "mlp_memory"
-                     and getattr(self, f.name) != field_default(f)]
+            moved = changed_fields(self, (f.name for f in fields(self) if f.name.startswith("mlp_")
+                                          and f.name != "mlp_memory"))
             if moved:
                 raise KnnlmError(f"--{moved[0]}: a memory setting, which acts only with --mlp_memory true; pass it, "
                                  f"or drop --{moved[0]}")
