@@ -97,3 +97,16 @@ def test_queries_of_another_width_and_a_model_name_are_named(tiny_lm, store):
     assert retriever.log_probs(torch.randn(2, store.d), tiny_lm.vocab_size).shape == (2, tiny_lm.vocab_size)
     with pytest.raises(KnnlmError, match="augment: model 'gpt2' is a name, not a model"):
         augment("gpt2", tiny_lm.tokenizer, datastore=store)
+
+
+@pytest.mark.parametrize("settings", [{"retomaton": True}, {"skip_search_prob": 0.5}])
+def test_scorers_of_independent_positions_refuse_a_stateful_retriever(settings, tiny_lm, corpus, store):
+    """score_positions (Macondo's scorer) has no automaton: it gave the plain kNN-LM under RetoMaton's settings."""
+    from knnlm.scoring import score_positions
+
+    at = {store.key_point: torch.zeros(2, store.d), "final_hidden": torch.zeros(2, store.d)}
+    flag = "--retomaton" if "retomaton" in settings else "--skip_search_prob"
+    with pytest.raises(KnnlmError, match=f"{flag}: RetoMaton and random search skips follow a text in order"):
+        score_positions(tiny_lm, at, torch.tensor([1, 2]), Retriever(store, KNNArgs(**settings)))
+    plain = score_positions(tiny_lm, at, torch.tensor([1, 2]), Retriever(store, KNNArgs()))
+    assert plain.knn.shape == (2,)

@@ -340,6 +340,13 @@ def test_analyze_refuses_a_corpus_named_twice_before_any_work(command, tiny_gpt2
     (["overspec", "run", "--mlp_memory", "false", "--mlp_at", "last"], "--mlp_at: a memory setting, which acts only with"),
     # before: "needs a vocabulary size >= 257"
     (["lm", "train", "--tokenizer", "bpe:abc"], "--tokenizer: 'bpe:abc': the vocabulary size after bpe: must be a whole"),
+    # before: accepted, recorded in config.json, and the plain kNN-LM scored (per-example scores identical)
+    (["macondo", "score", "--retomaton", "true"], "--retomaton: RetoMaton and random search skips follow a text in order"),
+    (["macondo", "score", "--skip_search_prob", 0.5], "--skip_search_prob: RetoMaton and random search skips"),
+    (["analyze", "projection", "--retomaton", "true"], "--retomaton: RetoMaton and random search skips"),
+    (["macondo", "score", "--search_margin", 8], "--search_margin: acts only with --search_backend torch"),
+    # before: pointers brought a position's own row back (ppl 4.97 against the kNN-LM's 25.4 on a store's own text)
+    (["analyze", "projection", "--ignore_top", "true", "--retomaton", "true"], "--ignore_top: drops only searched"),
 ])
 def test_settings_that_would_not_act_or_are_malformed_are_refused(argv, needle, tiny_gpt2_dir, files, tmp_path, capsys):
     out = tmp_path / "o"
@@ -349,6 +356,7 @@ def test_settings_that_would_not_act_or_are_malformed_are_refused(argv, needle, 
                         files / "b.txt"],
              "analyze": [*model_args(tiny_gpt2_dir), "--validation_file", files / "b.txt", "--datastore",
                          tmp_path / "ds"],
-             "overspec": ["--model_name_or_path", "tiny", "--device", "cpu"]}[argv[0]]
+             "overspec": ["--model_name_or_path", "tiny", "--device", "cpu"],
+             "macondo": [*model_args(tiny_gpt2_dir), "--data", tmp_path / "data", "--datastore", tmp_path / "ds"]}[argv[0]]
     assert_one_line(*cli([*argv, *extra, "--output_dir", out], capsys), needle)
     assert not out.exists()

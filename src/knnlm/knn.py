@@ -83,6 +83,11 @@ class KNNArgs:
         if self.retomaton and self.skip_search_prob > 0:
             raise KnnlmError("--skip_search_prob: the random-skip kNN-LM is RetoMaton's baseline; pass it without "
                              "--retomaton true")
+        if self.ignore_top and self.retomaton and not self.no_pointer:
+            # it trims searched neighbours only: a pointer to a position's own row (its successor's, next step) comes
+            # back unfiltered, and the chain then reads the gold tokens off the store's copy of the text
+            raise KnnlmError("--ignore_top: drops only searched neighbours, and RetoMaton's pointers would bring a "
+                             "position's own row back; drop --ignore_top, or --retomaton true")
         from .search import backend_names
 
         if self.search_backend not in backend_names():
@@ -108,6 +113,14 @@ class KNNArgs:
                 if f.name in names and getattr(self, name) != value:
                     raise KnnlmError(f"--{f.name}: acts only with --{name} {str(value).lower()}; pass it, or drop "
                                      f"--{f.name}")
+
+    def refuse_stateful(self, where: str) -> None:
+        """Refuses RetoMaton and random search skips in ``where``, which scores positions independently (each would
+        get the plain kNN-LM under settings that say otherwise)."""
+        if self.stateful:
+            flag = "--retomaton" if self.retomaton else "--skip_search_prob"
+            raise KnnlmError(f"{flag}: RetoMaton and random search skips follow a text in order; {where} scores "
+                             f"positions independently with the plain kNN-LM: drop {flag} (knnlm eval runs them)")
 
     @property
     def stateful(self) -> bool:

@@ -143,6 +143,8 @@ def score_positions(lm, at: dict, gold: torch.Tensor, retriever=None, memory=Non
     :class:`knnlm.memory.MLPMemory`. ``timing``: a dict that accumulates ``output_s``, ``search_s``, ``mlp_s``.
     ``lm_gold`` [n]: the LM's gold log-probs when the caller already has them (e.g. :func:`gold_log_probs` of the
     logits of a model that exposes no hidden states); then ``at`` needs no ``final_hidden``."""
+    if retriever is not None:
+        retriever.args.refuse_stateful("score_positions")
     gold = gold.cpu().long()
     lm_part = lm_gold.float().cpu() if lm_gold is not None else _lm_part(lm, at, gold, timing)
     scores = Scores(gold=gold, lm=lm_part)
@@ -182,6 +184,8 @@ def score_windows(lm, tokens: TokenFile, batches: Iterable[list[Window]], retrie
     batch (FAISS and torch release the GIL), so on several cores search time hides behind the forward pass; the
     results are the same either way; the worker searches with the caller's FAISS threads. ``searcher(queries [n, d], gold [n], batch) -> (dists, values)`` replaces
     ``retriever.search`` (RetoMaton's :class:`knnlm.retomaton.Streams`; called once per batch, in order)."""
+    if retriever is not None and searcher is None:
+        retriever.args.refuse_stateful("score_windows without a searcher")
     points = key_points(retriever, memory)
     if retriever is None or not overlap:
         for batch in batches:

@@ -39,6 +39,8 @@ def cmd_projection(args) -> int:
 
     margs, cargs, kargs, pargs = resolve([ModelArgs, CorpusArgs, KNNArgs, ProjectionArgs], args, args.config)
     cargs.require("validation")  # a corpus, one only, readable: before the model loads
+    kargs.refuse_inactive(datastore=True, memory=False)
+    kargs.refuse_stateful("`knnlm analyze projection`")
     own = ("config.json", "results.json", "results.md", "per_token.npz", "partial.*", "tokens.i32*", "*.png")
     claim_output_dir(pargs.output_dir, "analyze projection", None, own_files=own)  # a model, a datastore: refused
     out = Path(pargs.output_dir)

@@ -73,6 +73,8 @@ def cmd_score(args) -> int:
     margs, sargs, kargs = resolve([ModelArgs, ScoreArgs, KNNArgs], args, args.config)
     if not margs.model_name_or_path:
         raise KnnlmError("--model_name_or_path: required; the model to score")
+    kargs.refuse_inactive(bool(sargs.datastore), bool(sargs.mlp_memory))
+    kargs.refuse_stateful("`knnlm macondo score`")
     inputs = {k: v for k, v in to_dict(margs, sargs, kargs).items() if k not in ("output_dir", "device", "overwrite")}
     claim_output_dir(sargs.output_dir, "macondo score", inputs, sargs.overwrite, own_files=RESULT_FILES,
                      what="`knnlm macondo score` run", check_only=True)  # before loading and scoring

@@ -84,6 +84,7 @@ def run_projection(lm, corpus: CorpusArgs, args: ProjectionArgs, datastore, knn:
     """Scores the validation corpus with the LM, the kNN-LM and each target's p_proj; writes ``per_token.npz`` and the
     KL histograms into ``args.output_dir`` and returns the metrics (see :func:`summarize`)."""
     knn = knn or KNNArgs()
+    knn.refuse_stateful("the projection")
     if len(knn.lmbda) != 1:
         raise KnnlmError(f"--lmbda: the projection takes one λ, got {','.join(map(str, knn.lmbda))}")
     lmbda = knn.lmbda[0]
