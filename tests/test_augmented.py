@@ -284,3 +284,39 @@ def test_package_level_names():
     import knnlm.augmented
 
     assert knnlm.augment is knnlm.augmented.augment and knnlm.detach is knnlm.augmented.detach
+
+
+@pytest.mark.parametrize("retomaton", [False, True])
+def test_opt_whose_ffn_runs_on_flattened_rows_is_augmented(files, tmp_path, retomaton):
+    """OPT captures ffn_input as [B*T, d]: the augmentation sliced its feature axis (an IndexError on every call)."""
+    import transformers as tf
+    from transformers import AutoTokenizer
+
+    from knnlm.assets import gpt2_tokenizer_dir
+
+    torch.manual_seed(0)
+    config = tf.OPTConfig(vocab_size=50257, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                          word_embed_proj_dim=32, max_position_embeddings=128, bos_token_id=50256,
+                          eos_token_id=50256, pad_token_id=50256)
+    tf.OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
+    AutoTokenizer.from_pretrained(gpt2_tokenizer_dir()).save_pretrained(tmp_path / "opt")
+    opt = load_model(ModelArgs(model_name_or_path=str(tmp_path / "opt"), device="cpu"))
+    ds = build_datastore(opt, CorpusArgs(train_file=str(files / "train.txt"), block_size=64), tmp_path / "ds")
+    assert ds.key_point == "ffn_input"
+    ids = torch.tensor([opt.encode("the cat sat on the mat. the dog")] * 2)  # [2, T]
+    with torch.no_grad():
+        logits, caps = opt.forward(ids, None, ("ffn_input",))  # caps [2, T, d] (models.py unflattens)
+    settings = dict(k=K, lmbda=LMBDA, knn_temp=TEMP, **({"retomaton": True, "no_pointer": True} if retomaton else {}))
+    retriever = Retriever(ds, KNNArgs(**{**settings, "lmbda": [LMBDA], "recompute_dists": True}))
+    want = interpolate(torch.log_softmax(logits, -1).flatten(0, 1),
+                       retriever.log_probs(caps["ffn_input"].flatten(0, 1), logits.shape[-1]), LMBDA)  # [2T, V]
+    model = augment(opt, datastore=ds, recompute_dists=True, **settings)
+    try:
+        with torch.no_grad():
+            got = model(ids).logits  # [2, T, V]
+        torch.testing.assert_close(got.flatten(0, 1), want, atol=1e-5, rtol=1e-5)
+        out = model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=3, do_sample=False,
+                             pad_token_id=50256)
+        assert out.shape == (1, ids.shape[1] + 3)
+    finally:
+        detach(model)

@@ -96,7 +96,7 @@ class Augmentation:
         tuple_out = isinstance(out, tuple)  # return_dict=False: (loss, logits, ...) with labels, else (logits, ...)
         at = int(labels is not None) if tuple_out else None
         logits = out[at] if tuple_out else out.logits  # [B, T', V]; T' = T or the positions kept
-        z = self._caps[self.key_point][:, -logits.shape[1]:]  # [B, T', d]: the queries of the returned positions
+        z = self._keys(logits.shape[0])[:, -logits.shape[1]:]  # [B, T', d]: the queries of the returned positions
         lm_logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T', V]
         sel = torch.ones(lm_logp.shape[:2], dtype=torch.bool, device=lm_logp.device)  # [B, T']
         mask = self._mask
@@ -116,10 +116,15 @@ class Augmentation:
             new[sel] = interpolate(lm_logp[sel], aug_logp.to(lm_logp.device), self.lmbda)
         return self._finish_out(out, tuple_out, at, new, labels)
 
+    def _keys(self, batch: int) -> torch.Tensor:
+        """The captured keys as [B, T, d]: OPT runs its FFN on flattened rows, so its ffn_* captures are [B*T, d]."""
+        z = self._caps[self.key_point]
+        return z if z.dim() == 3 else z.reshape(batch, -1, z.shape[-1])
+
     def _stateful(self, lm_logp: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
         """log p_knnlm [B, T', V] of RetoMaton / the random-skip kNN-LM: the tracker steps every real input position
         (the state needs them) and returns p_knn at the returned ones; a position without neighbours keeps the LM."""
-        z = self._caps[self.key_point]  # [B, T, d]
+        z = self._keys(lm_logp.shape[0])  # [B, T, d]
         ids = self._ids if self._ids is not None else torch.zeros(z.shape[:2], dtype=torch.long)
         mask = torch.ones(z.shape[:2], dtype=torch.bool)
         if self._mask is not None and self._mask.dim() == 2 and self._mask.shape[1] >= ids.shape[1]:
