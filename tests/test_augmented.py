@@ -320,3 +320,28 @@ def test_opt_whose_ffn_runs_on_flattened_rows_is_augmented(files, tmp_path, reto
         assert out.shape == (1, ids.shape[1] + 3)
     finally:
         detach(model)
+
+
+def test_generation_ignores_the_checkpoints_sampling_extras(tiny_gpt2_dir, tmp_path):
+    """A checkpoint's generation_config.json (a repetition penalty, n-gram blocking, sampling on) acted in `knnlm
+    generate`'s greedy decoding, while `knnlm serve` set them neutral: both now decode the argmax."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from knnlm.augmented import GenerateArgs, generate_continuations
+    from knnlm.serve import CompletionEngine
+
+    shutil.copytree(tiny_gpt2_dir, tmp_path / "m")
+    GenerationConfig(do_sample=True, temperature=0.3, top_k=3, repetition_penalty=3.0, no_repeat_ngram_size=2,
+                     bos_token_id=50256, eos_token_id=50256).save_pretrained(tmp_path / "m")
+    model = load_model(ModelArgs(model_name_or_path=str(tmp_path / "m"), device="cpu"))
+    prompt = "the cat sat on the mat. the cat sat on the"
+    ids = model.encode(prompt)
+    with torch.no_grad():
+        for _ in range(12):  # greedy by hand: the argmax of the model's own logits
+            ids.append(int(model.model(torch.tensor([ids])).logits[0, -1].argmax()))
+    want = model.tokenizer.decode(ids[len(model.encode(prompt)):], clean_up_tokenization_spaces=False)
+    assert generate_continuations(model, [prompt], GenerateArgs(max_new_tokens=12))[0]["text"] == want
+    served = CompletionEngine(model, name="m").complete({"prompt": prompt, "max_tokens": 12, "temperature": 0})
+    assert served["choices"][0]["text"] == want

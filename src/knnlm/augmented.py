@@ -295,6 +295,12 @@ def _inference_only(out):
 MAX_BEAMS = 64
 
 
+# GenerationConfig fields that change the distribution or the beam chosen, at their neutral values
+NEUTRAL_GENERATION = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+                      "min_length": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+                      "length_penalty": 1.0, "early_stopping": False}
+
+
 @dataclass
 class GenerateArgs:
     prompt_file: Optional[str] = field(default=None, metadata={"help": "Prompts, one per line (.txt) or one per JSONL row (field `prompt`, else `text`); adds to --prompt."})
@@ -332,6 +338,16 @@ class GenerateArgs:
         if self.do_sample:
             kw.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
         return kw
+
+    def generation_config(self, lm):
+        """The ``GenerationConfig`` of these settings for ``lm`` (a ``knnlm.models.LM``): every field that would change
+        the distribution or the chosen beam set to its neutral value, since ``generate`` fills each field left unset
+        from the checkpoint's own generation_config.json (a repetition penalty, n-gram blocking...)."""
+        from transformers import GenerationConfig
+
+        eos, pad = lm.eos_token_id, lm.tokenizer.pad_token_id
+        return GenerationConfig(**NEUTRAL_GENERATION, **self.generation_kwargs(), eos_token_id=eos,
+                                pad_token_id=eos if pad is None else pad)
 
 
 def read_prompts(prompts: list[str] | None, prompt_file: Optional[str],
@@ -385,8 +401,8 @@ def generate_continuations(lm, prompts: list[str], args: GenerateArgs) -> list[d
         x = torch.tensor([ids], device=lm.device)  # [1, T]
         torch.manual_seed(args.seed)
         t0 = time.perf_counter()
-        seq = lm.model.generate(x, attention_mask=torch.ones_like(x), pad_token_id=lm.tokenizer.pad_token_id,
-                                **args.generation_kwargs())[0, len(ids):]
+        seq = lm.model.generate(x, attention_mask=torch.ones_like(x),
+                                generation_config=args.generation_config(lm))[0, len(ids):]
         seconds = time.perf_counter() - t0
         text = lm.tokenizer.decode(seq, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         out.append({"prompt": prompt, "text": text, "n_tokens": int(seq.numel()), "seconds": seconds})

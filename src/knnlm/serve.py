@@ -42,10 +42,6 @@ log = logging.getLogger(__name__)
 _DETOK_WINDOW = 6  # tokens of left context a prompt-less choice decodes its first token with
 MIN_TEMPERATURE = 1e-5  # below this (but > 0) logits / T overflow; 0 means greedy (vLLM's _SAMPLING_EPS)
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # torch seeds are 64-bit; this range maps one-to-one onto them
-# generation_config fields that would change the distribution: set to their neutral values so that a model's own
-# generation_config.json (a repetition penalty, n-gram blocking...) does not leak into OpenAI-style sampling
-_NEUTRAL_GENERATION = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-                       "min_length": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 # OpenAI request fields this server does not implement, with the value that means "off" (accepted)
 _REFUSED = {"frequency_penalty": (0, "penalising repeated tokens"), "presence_penalty": (0, "penalising present tokens"),
             "logit_bias": ({}, "biasing logits"), "suffix": ("", "insertion (a suffix)")}
@@ -337,16 +333,11 @@ class CompletionEngine:
         return torch.log_softmax(logits.float(), dim=-1).cpu()
 
     def _generation_config(self, req: Request):
-        from transformers import GenerationConfig
-
         from .augmented import GenerateArgs
 
         sampling = GenerateArgs(max_new_tokens=req.max_tokens, do_sample=req.temperature > 0,
                                 temperature=req.temperature or 1.0, top_k=0, top_p=req.top_p)
-        eos = self.lm.eos_token_id
-        pad = self.lm.tokenizer.pad_token_id
-        return GenerationConfig(**_NEUTRAL_GENERATION, **sampling.generation_kwargs(), eos_token_id=eos,
-                                pad_token_id=eos if pad is None else pad)
+        return sampling.generation_config(self.lm)
 
     @torch.no_grad()
     def _generate(self, ids: list[int], req: Request, group: list[Choice], emit) -> None:
