@@ -210,14 +210,15 @@ def sweep_key(lmbda: float, temp: float) -> str:
 
 def sweep_from_cache(cache_dir: str | Path, lmbdas: list[float], temps: list[float], k: Optional[int] = None) -> dict:
     """kNN-LM perplexity for every (λ, T) from a neighbour cache, with no new search; ``k`` (at most the cached k)
-    keeps each token's ``k`` nearest cached neighbours, as a search for ``k`` would have returned."""
+    keeps each token's first ``k`` cached neighbours, as a search for ``k`` would have returned them: the cache keeps
+    the search's order, which for an approximate index with ``--recompute_dists`` is its own ranking, not the exact
+    distances' (re-sorting those kept neighbours better than the index's k-search finds)."""
     cache_dir = Path(cache_dir)
     k_cached = neighbour_cache_k(cache_dir)
     dists = _cached(cache_dir, "dists.f32", np.float32).reshape(-1, k_cached)
     vals = _cached(cache_dir, "vals.i32", np.int32).reshape(-1, k_cached)
     if k is not None and k < k_cached:
-        dists, order = dists.sort(dim=-1, stable=True)  # [n, k_cached] nearest first (unfilled rows: inf, last)
-        dists, vals = dists[:, :k], vals.gather(1, order[:, :k])
+        dists, vals = dists[:, :k], vals[:, :k]  # [n, k] (unfilled columns, inf, come last)
     lm_gold = _cached(cache_dir, "lm_gold.f32", np.float32)
     gold = _cached(cache_dir, "gold.i32", np.int32)
     out = {}

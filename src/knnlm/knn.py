@@ -194,9 +194,10 @@ class Retriever:
             self.backend.load_keys()  # exact distances from the first query on: read the keys now, with the index
 
     def search_ids(self, queries: torch.Tensor, recompute: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries [B, d] -> (squared L2 distances float32 [B, k], row ids int64 [B, k]), nearest first; a row the
-        index could not fill has id -1 and distance inf. Distances are exact with ``--recompute_dists`` (``recompute``
-        False: the index's own, for a caller that computes exact ones of more rows itself)."""
+        """queries [B, d] -> (squared L2 distances float32 [B, k], row ids int64 [B, k]), nearest first by the
+        index's own distances; a row the index could not fill has id -1 and distance inf. Distances are exact with
+        ``--recompute_dists`` (the order stays the index's; ``recompute`` False: the index's own distances, for a
+        caller that computes exact ones of more rows itself)."""
         if queries.dim() != 2 or queries.shape[1] != self.ds.d:  # (FAISS's own check is an empty AssertionError)
             raise KnnlmError(f"queries: shape {tuple(queries.shape)}, but the datastore {self.ds.dir} holds "
                              f"[N, {self.ds.d}] keys; pass [B, {self.ds.d}]")
