@@ -345,3 +345,39 @@ def test_generation_ignores_the_checkpoints_sampling_extras(tiny_gpt2_dir, tmp_p
     assert generate_continuations(model, [prompt], GenerateArgs(max_new_tokens=12))[0]["text"] == want
     served = CompletionEngine(model, name="m").complete({"prompt": prompt, "max_tokens": 12, "temperature": 0})
     assert served["choices"][0]["text"] == want
+
+
+def test_positions_whose_search_finds_no_neighbour_keep_the_lm(lm, store, files, tmp_path):
+    """An IVF index whose probed list is empty returns no neighbour (ids -1, distances inf): p_knn is undefined there.
+    `knnlm eval` scored the LM at such positions, while the augmented model gave NaN logits and the --from_neighbors
+    sweep a NaN perplexity."""
+    import faiss
+    import numpy as np
+
+    from knnlm.evaluate import EvalArgs, evaluate, sweep_from_cache
+
+    keys = np.asarray(store.keys, dtype=np.float32)
+    near, far = keys.mean(0, keepdims=True), keys.mean(0, keepdims=True) + 1e4
+    quantizer = faiss.IndexFlatL2(store.d)
+    quantizer.add(np.concatenate([near, far]))
+    ivf = faiss.IndexIVFFlat(quantizer, store.d, 2)
+    ivf.add(keys)  # every key in list 0 (near the mean)
+    quantizer.reset()
+    quantizer.add(np.concatenate([far, near]))  # the keys' list now looks far: a query probes the empty list 1
+    ivf.nprobe = 1
+    corpus = CorpusArgs(validation_file=str(files / "valid.txt"), block_size=16, stride=8)
+    m = evaluate(lm, corpus, tmp_path / "ev", EvalArgs(output_dir=str(tmp_path / "ev"), save_neighbors=True),
+                 datastore=store, knn=KNNArgs(k=K, lmbda=[LMBDA], knn_temp=TEMP), index=ivf)
+    assert m["ppl_knnlm"] == pytest.approx(m["ppl_lm"], rel=1e-6)  # every position without neighbours: the LM
+    swept = sweep_from_cache(tmp_path / "ev" / "neighbors", [LMBDA, 1.0], [TEMP])
+    assert all(v == pytest.approx(m["ppl_lm"], rel=1e-6) for v in swept.values()), swept
+    ids = torch.tensor([lm.encode(VALID)[:12]])
+    with torch.no_grad():
+        plain = torch.log_softmax(lm.model(ids).logits.float(), dim=-1)
+    model = augment(lm, datastore=store, index=ivf, k=K, lmbda=LMBDA, knn_temp=TEMP)
+    try:
+        with torch.no_grad():
+            got = model(ids).logits
+    finally:
+        detach(model)
+    torch.testing.assert_close(got, plain, atol=1e-6, rtol=1e-6)

@@ -7,7 +7,8 @@ a ``PreTrainedModel`` takes the augmented one unchanged: ``model.generate()`` (g
 - A forward pre-hook opens :meth:`knnlm.models.LM.capture` at the store's key point for the duration of the call.
 - A forward hook replaces ``logits`` [B, T', V] by log p_knnlm = log((1 - λ) p_lm + λ p_knn) (``knn.interpolate``),
   float32. Only the positions whose logits the model returns are queried: with a KV cache and ``logits_to_keep=1``
-  (what ``generate`` passes) that is one retrieval per new position, and none for padding (attention mask 0).
+  (what ``generate`` passes) that is one retrieval per new position, and none for padding where an attention mask
+  marks it (0; lm-evaluation-harness's HFLM passes none, so its right padding is queried and then discarded).
 
 The logits are log-probabilities, so ``softmax(logits)`` is p_knnlm and anything computing ``log_softmax(logits)``
 (the harness, beam search, ``knnlm serve``) gets log p_knnlm back. A ``labels`` loss is recomputed from them.
@@ -26,7 +27,7 @@ import torch
 from .config import changed_fields
 from .corpus import JSONL_SUFFIXES, skip_bad_rows_field
 from .errors import KnnlmError, require_finite, require_seed
-from .knn import KNNArgs, Retriever, interpolate
+from .knn import KNNArgs, Retriever, interpolate, knn_log_probs, lm_where_no_neighbours
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +109,14 @@ class Augmentation:
         if sel.any():
             q = z[sel.to(z.device)]  # [n, d]
             self.n_queries += q.shape[0]
-            if self.retriever is not None:
-                aug_logp = self.retriever.log_probs(q, lm_logp.shape[-1])  # [n, V]
-            else:
-                aug_logp = self.memory.log_probs(q)  # [n, V]
             new = lm_logp.clone()
-            new[sel] = interpolate(lm_logp[sel], aug_logp.to(lm_logp.device), self.lmbda)
+            if self.retriever is not None:
+                dists, vals = self.retriever.search(q)  # [n, k] each
+                knn_logp = knn_log_probs(dists, vals, lm_logp.shape[-1], self.retriever.args.knn_temp)  # [n, V]
+                mixed = interpolate(lm_logp[sel], knn_logp.to(lm_logp.device), self.lmbda)
+                new[sel] = lm_where_no_neighbours(dists, lm_logp[sel], mixed)
+            else:
+                new[sel] = interpolate(lm_logp[sel], self.memory.log_probs(q).to(lm_logp.device), self.lmbda)
         return self._finish_out(out, tuple_out, at, new, labels)
 
     def _keys(self, batch: int) -> torch.Tensor:

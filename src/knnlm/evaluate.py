@@ -25,7 +25,7 @@ from .corpus import target_positions as _target_positions  # noqa: F401  (old pr
 from .datastore import KEY_POINTS, Datastore
 from .errors import KnnlmError, require_finite
 from .fileio import atomic_write_json, read_json, resolve_path, reusable
-from .knn import KNNArgs, Retriever, interpolate, knn_gold_log_prob
+from .knn import KNNArgs, Retriever, interpolate, knn_gold_log_prob, lm_where_no_neighbours
 from .models import tensors_hash
 from .scoring import key_points, score_windows
 
@@ -225,7 +225,8 @@ def sweep_from_cache(cache_dir: str | Path, lmbdas: list[float], temps: list[flo
     for temp in temps:
         knn_gold = knn_gold_log_prob(dists, vals, gold, temp)
         for lam in lmbdas:
-            out[sweep_key(lam, temp)] = math.exp(-float(interpolate(lm_gold, knn_gold, lam).double().mean()))
+            mixed = lm_where_no_neighbours(dists, lm_gold, interpolate(lm_gold, knn_gold, lam))  # as eval scores
+            out[sweep_key(lam, temp)] = math.exp(-float(mixed.double().mean()))
     return out
 
 

@@ -158,6 +158,15 @@ def knn_gold_log_prob(dists: torch.Tensor, vals: torch.Tensor, gold: torch.Tenso
     return (num - torch.logsumexp(logits, dim=-1)).float()
 
 
+def lm_where_no_neighbours(dists: torch.Tensor, lm: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+    """``mixed`` (a kNN-LM log-prob, [n] or [n, V]) with the LM's ``lm`` at positions whose search found no neighbour
+    (dists [n, k] all inf: a skipped search, or IVF lists probed empty), where p_knn is undefined (NaN)."""
+    none = torch.isinf(dists).all(dim=-1).to(mixed.device)  # [n]
+    if not none.any():
+        return mixed
+    return torch.where(none.view(-1, *[1] * (mixed.dim() - 1)), lm.to(mixed.device), mixed)
+
+
 def interpolate(lm_logp: torch.Tensor, knn_logp: torch.Tensor, lmbda: float) -> torch.Tensor:
     """log((1 - λ) p_lm + λ p_knn); λ = 0 returns ``lm_logp`` itself and λ = 1 ``knn_logp``."""
     if not 0 <= lmbda <= 1:  # (NaN too) log1p(-λ) / log(λ) would raise "math domain error" or give NaN

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 
 from .corpus import TokenFile, Window, batch_inputs, target_positions, target_tokens
-from .knn import KNNArgs, interpolate, knn_gold_log_prob
+from .knn import KNNArgs, interpolate, knn_gold_log_prob, lm_where_no_neighbours
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,10 @@ def _finish(scores: Scores, found, retriever, memory, at: dict, lmbdas: Optional
         knn = knn_gold_log_prob(scores.dists, scores.vals, scores.gold.to(dev), retriever.args.knn_temp)  # [n]
         lm, mixed = scores.lm.to(dev), [lam for lam in lmbdas if lam != 0]  # λ = 0 is the LM itself
         per_token = torch.stack([knn] + [interpolate(lm, knn, lam) for lam in mixed]).cpu()  # [1 + λs, n]
-        scores.knn = per_token[0]
-        scores.knn_lm = {lam: per_token[1 + mixed.index(lam)] if lam != 0 else scores.lm for lam in lmbdas}
-        none = torch.isinf(scores.dists).all(dim=-1).cpu()  # [n] positions without neighbours (a skipped search)
-        if none.any():  # p_knn is the LM's there, so the mixture is the LM itself for every λ
-            scores.knn = torch.where(none, scores.lm, scores.knn)
-            scores.knn_lm = {lam: torch.where(none, scores.lm, v) for lam, v in scores.knn_lm.items()}
+        # p_knn is the LM's where a position has no neighbour, so the mixture is the LM itself there for every λ
+        scores.knn = lm_where_no_neighbours(scores.dists, scores.lm, per_token[0])
+        scores.knn_lm = {lam: lm_where_no_neighbours(scores.dists, scores.lm, per_token[1 + mixed.index(lam)])
+                         if lam != 0 else scores.lm for lam in lmbdas}
     if memory is not None:
         t0 = time.perf_counter()
         with torch.inference_mode():
