@@ -359,3 +359,20 @@ def test_too_few_keys_for_the_clusters_is_said_through_logging_not_faiss_stderr(
     assert caplog.records[0].getMessage().startswith(f"k-means: {n} keys for 24 clusters, fewer than FAISS's 39 a")
     assert "WARNING clustering" not in capfd.readouterr().err
     assert (copy / "clusters.i32").read_bytes() == (store.dir / "clusters.i32").read_bytes()
+
+
+def test_left_padded_batched_generation_equals_each_prompt_alone(lm, store):
+    """The random-skip draws are a function of each token's index: a left-padded row counted its padding in it, so a
+    batch drew other skips than the same prompt generated alone."""
+    prompts = ["the cat sat on the", "a dog"]
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=lm.eos_token_id)
+    model = augment(lm, datastore=store, k=K, lmbda=0.5, knn_temp=TEMP, skip_search_prob=0.5)
+    try:
+        alone = [model.generate(torch.tensor([lm.encode(p)]), **kw)[0, len(lm.encode(p)):].tolist() for p in prompts]
+        width = max(len(lm.encode(p)) for p in prompts)
+        ids = torch.tensor([[lm.eos_token_id] * (width - len(lm.encode(p))) + lm.encode(p) for p in prompts])
+        mask = torch.tensor([[0] * (width - len(lm.encode(p))) + [1] * len(lm.encode(p)) for p in prompts])
+        batched = model.generate(ids, attention_mask=mask, **kw)[:, width:].tolist()
+    finally:
+        detach(model)
+    assert batched == alone

@@ -302,6 +302,7 @@ class Tracker:
         self.automaton = automaton
         self.states = _empty_states(0)  # [b, w]
         self.pending = None  # (neighbours, rows [a]) of each row's last stepped position
+        self.seen = np.zeros(0, dtype=np.int64)  # [b] real tokens stepped per row: the random skips' position index
 
     def log_probs(self, z: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, past: int, keep: int,
                   vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,7 +313,7 @@ class Tracker:
 
         b, t = ids.shape
         if past == 0 or self.states.shape[0] != b:
-            self.states, self.pending = _empty_states(b), None
+            self.states, self.pending, self.seen = _empty_states(b), None, np.zeros(b, dtype=np.int64)
         elif self.pending is not None:
             nb, rows = self.pending
             self._advance(nb, rows, ids[torch.from_numpy(rows), 0])
@@ -322,7 +323,8 @@ class Tracker:
             rows = np.flatnonzero(mask[:, p].cpu().numpy())  # [a]
             if len(rows) == 0:
                 continue
-            pos = np.full(len(rows), past + p, dtype=np.int64)
+            pos = self.seen[rows].copy()  # a row's own token index (left padding not counted): as generated alone
+            self.seen[rows] += 1
             nb = self.automaton.step(z[torch.from_numpy(rows), p], self.states[rows], pos)
             if p >= t - keep:
                 dists, nb_ids = torch.from_numpy(nb.dists), torch.from_numpy(nb.ids)  # [a, m] each
