@@ -298,6 +298,15 @@ def test_cli_end_to_end_matches_eval(common, tiny_lm, tmp_path):
     np.testing.assert_array_equal([c.interval.point for c in t4],
                                   [PR.Interval.from_dict(ratio[f]).point for f in ("f_norm", "f_out")])
     assert PR.table4_rows(m, {"label": "tiny"}, out)["table4"][0][-1] == PR.Interval.from_dict(ratio["f_out"]).fmt()
+    # each table's claim is judged only at its own solver setting (before: a lr 0.1 run got a Table 4 verdict)
+    at = lambda **solver: {**m, "solver": {**m["solver"], **solver}}  # noqa: E731
+    t1_at_t4, t4_at_t4 = PR.table1_claims(at(lr=0.001, max_steps=100), "t"), PR.table4_claims(at(lr=0.001, max_steps=100), "t")
+    assert all(c.not_judged.startswith("not Table 1's setting (lr 0.1; this run: lr 0.001)") for c in t1_at_t4)
+    assert t4_at_t4 and not any("setting" in c.not_judged for c in t4_at_t4)
+    t4_at_t1 = PR.table4_claims(at(lr=0.1, max_steps=1000), "t")
+    assert all(c.not_judged == "not Table 4's setting (lr 0.001, max_steps 100; this run: lr 0.1, max_steps 1000)"
+               for c in t4_at_t1)
+    assert not any("setting" in c.not_judged for c in PR.table1_claims(at(lr=0.1, max_steps=1000), "t"))
     assert not (out / "partial.npz").exists()
 
 
