@@ -7,7 +7,7 @@ import pytest
 
 from knnlm.claims import (FAILS, HOLDS, INCONCLUSIVE, NOT_CONVERGED, NOT_JUDGED, Claim, check_record, claims_table,
                           from_record, judge)
-from knnlm.stats import Interval, block_bootstrap_ci, bootstrap_interval
+from knnlm.stats import Interval, block_bootstrap_ci, bootstrap_ci
 
 
 def _i(lo, hi, point=None):
@@ -72,9 +72,10 @@ def test_block_bootstrap_means_and_blocks():
     assert (ci.point, ci.lo, ci.hi) == pytest.approx((1.0, 1.0, 1.0))  # paired: every resample's difference is 1
     one = block_bootstrap_ci([a], lambda m: m, block=1, n_boot=300, seed=3)
     assert one.point == pytest.approx(a.mean()) and one.lo < a.mean() < one.hi
-    # the same draws as bootstrap_interval over the blocks (the memory study's former code path)
+    # the same draws as a bootstrap over the block indices (the memory study's former code path)
     sums, counts = np.add.reduceat(a, np.arange(0, 1000, 64)), np.diff(np.r_[np.arange(0, 1000, 64), 1000])
-    lo, hi = bootstrap_interval(len(sums), lambda idx: sums[idx].sum() / counts[idx].sum(), 300, seed=5)
+    by_index = bootstrap_ci(np.arange(len(sums)), lambda idx: sums[idx].sum() / counts[idx].sum(), 300, seed=5)
+    lo, hi = by_index.lo, by_index.hi
     ci = block_bootstrap_ci([a], lambda m: m, block=64, n_boot=300, seed=5)
     assert (ci.lo, ci.hi) == pytest.approx((lo, hi))
     # correlated neighbours: blocks see the spread that independent tokens hide

@@ -262,7 +262,7 @@ def test_cli_end_to_end_matches_eval(common, tiny_lm, tmp_path):
     assert m["ppl_lm_ci"]["lo"] <= m["ppl_lm"] <= m["ppl_lm_ci"]["hi"]
     # results.json carries Table 1's claims (3 targets x 2 tolerances) and Table 4's (2), each verdict re-derivable
     records = json.loads((out / "results.json").read_text())["claims"]
-    assert len(records) == 8 and {r["statistic"] for r in records} == {"share of kNN's gain", "f∘g gain / f gain (log ppl)"}
+    assert len(records) == 8 and {r["statistic"] for r in records} == {"share of kNN's log-ppl gain", "f∘g gain / f gain (log ppl)"}
     for rec in records:
         check_record(rec)
         assert rec["verdict"] == "not judged"  # a one-line text: 1 block of 256 tokens

@@ -9,7 +9,8 @@ the (1 − level)/2 and (1 + level)/2 quantiles. The point estimate is the stati
 
 - :func:`block_bootstrap_ci`: a statistic of the *means* of several per-token arrays, resampling blocks of consecutive
   tokens (neighbouring tokens of a text are not independent): the projection's perplexities and shares and the memory's
-  share of kNN's gain use it, so both studies' intervals mean the same thing.
+  share of kNN's gain use it, so both studies' intervals resample alike. (The shares differ: the memory's is of the
+  perplexity gain, the paper's 45%; the projection's of the log-perplexity gain, its Table 1 comparison.)
 - :func:`hierarchical_bootstrap` (and :func:`paired_bootstrap` of differences): two levels, units (seeds) and items
   within each unit (test examples), optionally stratified: the over-specification study's intervals.
 - :func:`paired_bootstrap_ci`: several arrays measured on the same units, resampled with the *same* indices (a paired
@@ -78,8 +79,9 @@ def as_interval(d: dict) -> Interval:
     if "point" in d:
         return Interval.from_dict(d)
     if "estimate" in d:
-        return Interval(d["estimate"], d["low"], d["high"], d.get("confidence", 0.95), d.get("n_boot", 0))
-    return Interval(d["mean"], d["ci95"][0], d["ci95"][1])
+        return Interval.from_dict({"point": d["estimate"], "lo": d["low"], "hi": d["high"],
+                                   "level": d.get("confidence", 0.95), "n_boot": d.get("n_boot", 0)})
+    return Interval.from_dict({"point": d["mean"], "lo": d["ci95"][0], "hi": d["ci95"][1]})
 
 
 def bootstrap_samples(arrays: Sequence[np.ndarray], stat: Callable[..., float], n_boot: int = 1000,
@@ -137,7 +139,9 @@ def share_of_gain(base: float, ref: float, other: float) -> float:
 
 
 def too_few_seeds(n_seeds: int) -> str:
-    """Why a percentile interval over ``n_seeds`` seeds cannot be judged on ("" above :data:`MAX_RANGE_SEEDS`)."""
+    """Why a percentile interval whose only resampling unit is the seed (the hurdle's), over ``n_seeds`` seeds, cannot
+    be judged on ("" above :data:`MAX_RANGE_SEEDS`). A hierarchical interval (seeds, then examples) is not their range
+    and is not gated by it."""
     if n_seeds > MAX_RANGE_SEEDS:
         return ""
     return (f"{n_seeds} seed(s): a 95% percentile interval over {MAX_RANGE_SEEDS} or fewer seeds is their range, "
@@ -184,17 +188,6 @@ def block_bootstrap_ci(arrays: Sequence, stat_of_means: Callable[..., float], bl
 
     samples = bootstrap_samples([np.arange(n_units)], stat, n_boot, seed)
     return _interval(stat(np.arange(n_units)), samples, level)
-
-
-def bootstrap_interval(n_units: int, statistic: Callable[[np.ndarray], float], n_resamples: int = 10000,
-                       confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of ``statistic(idx)`` over resamples ``idx`` ([n_units] unit indices drawn with replacement),
-    for statistics that index several structures themselves (seeds of the hurdle areas, blocks of validation tokens).
-    The same draws as :func:`bootstrap_samples` with the same seed."""
-    samples = bootstrap_samples([np.arange(n_units)], statistic, n_resamples, seed)
-    tail = (1 - confidence) / 2
-    lo, hi = np.quantile(samples, [tail, 1 - tail])
-    return float(lo), float(hi)
 
 
 def hierarchical_bootstrap(values: Sequence[Sequence[float]], strata: Optional[Sequence[Sequence]] = None,

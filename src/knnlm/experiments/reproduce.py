@@ -369,6 +369,9 @@ def write_report(args: ReproduceArgs, timings: dict, recipe: Optional[dict] = No
 CLAIMS_NOTE = ("Each claim is judged on its 95% bootstrap interval: it holds when the whole interval lies on the "
                "claimed side of the threshold, does not hold when the whole interval lies on the other side, and is "
                "inconclusive otherwise; a setting that is not the paper's is not judged (the reason is given), as is "
-               "an interval over too few blocks of tokens (stats.MIN_BLOCKS) or seeds (stats.MAX_RANGE_SEEDS) and a "
+               "an interval over too few blocks of tokens (stats.MIN_BLOCKS), one over seeds alone (the hurdle's) from too few "
+               "seeds (stats.MAX_RANGE_SEEDS: it is their range) and a "
                "share of a gain its reference (the kNN-LM, or f) does not make (stats.no_gain); a solver still "
-               "improving at its last step leaves a failing share inconclusive (not converged).\n")
+               "improving at its last step leaves a failing share inconclusive (not converged). Macondo's intervals resample "
+               "seeds and, within each, examples: over the 1-3 seeds a setting names they speak for those seeds' "
+               "models, and cover the spread between seeds' training runs only partly.\n")

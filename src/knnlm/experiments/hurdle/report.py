@@ -96,7 +96,7 @@ def hurdle_claims(metrics: dict, label: str) -> list[Claim]:
     key = "ll_avg_groups" if metrics["mode"] == "macondo" else "train_loss"
     areas = metrics.get("areas", {}).get(key, {})
     setting = f"{label}, {key}, {len(metrics['seeds'])} seeds"
-    stat = f"paired area, steps 0–{metrics['area_until_step']:g}"
+    stat = f"paired area, steps {_first_step(metrics, key)}–{metrics['area_until_step']:g}"
     claims = []
     for text, name, suffix in ((FASTER_CLAIM, "without_last_mlp", ""), (CONTROL_CLAIM, "last_minus_first", ", last − first")):
         interval = _area_interval(areas.get(name, {}))
@@ -105,6 +105,13 @@ def hurdle_claims(metrics: dict, label: str) -> list[Claim]:
             claims.append(Claim(text, setting, stat + suffix, interval, AREA_THRESHOLD, "above", digits=4,
                                 not_judged=too_few_seeds(n)))
     return claims
+
+
+def _first_step(metrics: dict, key: str) -> int:
+    """The first point of ``key``'s curve, where its paired area starts: the training loss is first logged at step
+    --log_every, the evaluations start at step 0."""
+    steps = metrics.get("curve", {}).get("steps") if key == "train_loss" else metrics.get("steps")
+    return int(steps[0]) if steps else 0
 
 
 def _evals(run: dict, k: str, steps: list) -> list:  # None where the run has no value
@@ -178,7 +185,8 @@ def area_lines(metrics: dict) -> list[str]:
     """The verdict table: paired areas (mean advantage over the first --area_fraction of training) with intervals."""
     rows = [[k, _ci(a.get("without_last_mlp")), _ci(a.get("without_first_mlp")), _ci(a.get("last_minus_first"))]
             for k, a in metrics.get("areas", {}).items()]
-    return [f"Paired area over steps 0–{metrics['area_until_step']:g} (the first {metrics['area_until_step'] / metrics['steps'][-1]:.0%} "
+    return [f"Paired area from each curve's first point (step 0; the training loss: its first logged step) to step "
+            f"{metrics['area_until_step']:g} (the first {metrics['area_until_step'] / metrics['steps'][-1]:.0%} "
             "of training): the pruned model's mean advantage over the full one, per seed (same initial weights, same "
             "batches), mean [bootstrap 95% interval over seeds]; > 0 = ahead. Verdict (fixed before the runs): removing "
             "the last MLP speeds early learning iff its interval and the interval of (last − first) both lie above 0.",

@@ -50,7 +50,7 @@ def memory_claims(ev: dict, share_ci: Optional[dict], label: str, data: str, own
     else:  # shown beside its reason, never judged
         share = Interval(share_of_gain(ev["ppl_lm"], ev["ppl_knnlm"], ev["ppl_mlplm"]) if ev.get("ppl_mlplm") else nan,
                          nan, nan)
-    claims = [Claim(SHARE_CLAIM, setting, "share of kNN's gain", share, SHARE_THRESHOLD, "above",
+    claims = [Claim(SHARE_CLAIM, setting, "share of kNN's perplexity gain", share, SHARE_THRESHOLD, "above",
                     not_judged=other or unplateaued or no_ci or too_few_blocks(ev.get("n_tokens"))
                     or no_gain(ev["ppl_lm"], ev.get("ppl_knnlm"), "the kNN-LM"))]
     storage = ev.get("storage", {}).get("datastore_over_mlp")

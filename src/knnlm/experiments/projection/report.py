@@ -191,7 +191,7 @@ def table1_claims(metrics: dict, label: str) -> list[Claim]:
             share = _still_improving(v, v.get("max_steps", metrics["solver"]["max_steps"]))
             unfinished = "" if share is None or share <= NOT_CONVERGED_SHARE else (
                 f"not converged: {share:.0%} of positions still improving at step {v['max_steps']}")
-            out.append(Claim(CLAIM_NAMES[t], f"{label}, tol {entry['tol']:g}", "share of kNN's gain",
+            out.append(Claim(CLAIM_NAMES[t], f"{label}, tol {entry['tol']:g}", "share of kNN's log-ppl gain",
                              Interval.from_dict(v["share_of_knn_gain_ci"]), SHARE_THRESHOLD, "above",
                              not_judged=few, lower_bound=unfinished))
     return out
