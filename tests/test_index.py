@@ -169,3 +169,36 @@ def test_polysemous_without_pq_codes_is_refused_before_any_folder(tmp_path, fact
     with pytest.raises(KnnlmError, match=r"^--polysemous: the factory .* has no PQ codes"):
         build_index(ds, IndexArgs(factory=factory, recall_queries=0, polysemous=True))
     assert not (tmp_path / "ds" / "index").exists()
+
+
+@pytest.mark.parametrize("rerun", [{"shards": 3}, {"factory": "IVF8,Flat"}, {"seed": 1}])
+def test_an_interrupted_build_of_other_settings_leaves_nothing_in_the_new_one(tmp_path, monkeypatch, rerun):
+    """A build killed while adding, rerun with other shards, factory or seed, trained anew but kept the killed build's
+    partial shards, and filled them on: rows of another range or quantizer under the new index.json."""
+    import faiss
+
+    import knnlm.index as index_mod
+
+    first = dict(factory="IVF16,Flat", add_chunk=500, train_size=1000, recall_queries=0, shards=2)
+    real_chunks = index_mod._key_chunks
+
+    def dying(*a, **kw):  # dies while adding the second shard's third chunk: partial1 holds its first 1,000 rows
+        for i, item in enumerate(real_chunks(*a, **kw)):
+            if a[1] > 0 and i == 2:
+                raise KeyboardInterrupt
+            yield item
+
+    ds = make_store(tmp_path / "ds")
+    monkeypatch.setattr(index_mod, "CHECKPOINT_S", 0.0)
+    monkeypatch.setattr(index_mod, "_key_chunks", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(ds, IndexArgs(**first))
+    monkeypatch.setattr(index_mod, "_key_chunks", real_chunks)
+    assert faiss.read_index(str(ds.dir / "index" / "partial1.faiss")).ntotal == 1000
+    build_index(ds, IndexArgs(**{**first, **rerun}))
+    clean = make_store(tmp_path / "clean")
+    build_index(clean, IndexArgs(**{**first, **rerun}))
+    shards = {**first, **rerun}["shards"]
+    for s in range(shards):  # the same bytes as a build that was never interrupted
+        assert (ds.dir / "index" / f"shard{s}.faiss").read_bytes() == (clean.dir / "index" / f"shard{s}.faiss").read_bytes()
+    assert not list((ds.dir / "index").glob("partial*"))

@@ -252,17 +252,22 @@ def build_index(ds, args: IndexArgs) -> dict:
         progress = read_json(progress_path) if progress_path.exists() else None
     except KnnlmError:
         progress = None  # a damaged checkpoint record: start over
-    if progress and (progress["factory"] != factory or progress["shards"] != args.shards
-                     or progress.get("datastore") != identity):
+    # what the trained index and the shards' rows depend on (a record without the last three predates them: kept)
+    build = {"factory": factory, "shards": args.shards, "datastore": identity, "seed": args.seed,
+             "train_size": args.train_size, "polysemous": args.polysemous}
+    if progress and any(progress.get(k, v if k in ("seed", "train_size", "polysemous") else None) != v
+                        for k, v in build.items()):
         progress = None  # a different build was interrupted: start over
     trained_path = idir / "trained.faiss"
     timing = _Timer()
     if progress is None or not trained_path.exists():
+        for stale in [*idir.glob("partial*.faiss"), *idir.glob("shard*.faiss")]:  # rows of another quantizer or range
+            stale.unlink()
         trained = _train(ds, factory, args, use_gpu)
         timing.lap("train")
         with atomic_path(trained_path) as tmp:
             faiss.write_index(trained, str(tmp))
-        progress = {"factory": factory, "shards": args.shards, "added": [0] * args.shards, "datastore": identity}
+        progress = {**build, "added": [0] * args.shards}
         atomic_write_json(progress_path, progress)
 
     bounds = np.linspace(0, ds.N, args.shards + 1).astype(np.int64)
