@@ -438,3 +438,23 @@ def test_two_processes_shard_and_resume_bit_identically(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
     a, b = torch.load(tmp_path / "ref.rank0.pt"), torch.load(tmp_path / "ref.rank1.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)  # gradients were synchronized
+
+
+def test_accumulated_micro_batches_of_uneven_lengths_are_one_batch(tmp_path):
+    """Each micro-batch's mean loss is weighted by its tokens: 2 x 4 sentences of different lengths take the steps
+    of one batch of 8 (before: the mean of the two means, a different gradient: 4e-3 off after 2 steps at lr 1e-3)."""
+    seqs = sentences(16)
+    runs = {}
+    for batch_size, accum in ((8, 1), (4, 2), (2, 4)):
+        model = tiny_model(dropout=0.0)
+        args = TrainArgs(learning_rate=1e-3, warmup_ratio=0.0, batch_size=batch_size, gradient_accumulation_steps=accum,
+                         max_steps=2, max_grad_norm=0.0, seed=0)
+        steps = []
+        train(model, lambda epoch, seed: [collate_causal(seqs[j:j + batch_size], 0) for j in range(0, 16, batch_size)],
+              args, tmp_path / f"{batch_size}x{accum}", on_step=lambda step, loss, micro: steps.append(loss))
+        runs[(batch_size, accum)] = (steps, torch.cat([p.detach().flatten() for p in model.parameters()]))
+    ref_steps, ref_weights = runs[(8, 1)]
+    for key in ((4, 2), (2, 4)):
+        steps, weights = runs[key]
+        assert steps == pytest.approx(ref_steps, rel=1e-6), key
+        torch.testing.assert_close(weights, ref_weights, atol=2e-6, rtol=0)

@@ -59,7 +59,7 @@ class TrainArgs:
     warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of the optimizer steps spent warming the learning rate up linearly from 0."})
     lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup"] = field(default="linear", metadata={"help": "Learning-rate decay after warm-up (transformers.get_scheduler): linear to 0 at the last step, cosine to 0, or constant."})
     batch_size: int = field(default=4, metadata={"help": "Sequences per micro-batch on each process (the caller's batches() decides; recorded here for the config)."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step (per process); global batch = batch_size x this x processes."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step (per process), weighted by their tokens: one batch of batch_size x this; global batch = that x processes."})
     epochs: int = field(default=50, metadata={"help": "Passes over the training data (ignored when --max_steps is set)."})
     max_steps: Optional[int] = field(default=None, metadata={"help": "Total optimizer steps; overrides --epochs (the data is re-read epoch after epoch as needed).", "deprecated": ("steps",)})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient L2 norm to this value before each step (0 = no clipping)."})
@@ -333,8 +333,9 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
     the CPU every run takes the fused kernel (:func:`_optimizer`).
     ``loss_fn(model, micro_batch)`` replaces ``model(**batch).loss`` for a model that is not a causal LM (the MLP
     memory): it returns the loss summed over the micro-batch's labels (those != -100), and a step's loss is then the
-    mean over every label of its micro-batches, however unevenly they are split (the LM's default: the mean of the
-    micro-batches' mean losses). Every tensor of such a micro-batch is moved to the device.
+    mean over every label of its micro-batches, however unevenly they are split, as for the LM's own loss (each
+    micro-batch's mean weighted by its scored tokens, so accumulated micro-batches are one batch of their union; within
+    a process: DDP averages the processes' steps). Every tensor of such a micro-batch is moved to the device.
 
     ``checkpoint_ends`` False: no checkpoint after the step-0 evaluation nor of the finished run, for a caller that
     records a finished run itself and deletes ``ckpt_dir``, and whose evaluations are cheap to repeat (overspec caches
@@ -475,9 +476,10 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
 def _step(accelerator, model, optimizer, scheduler, group: list[dict], args: TrainArgs,
           loss_fn: LossFn | None = None) -> tuple[float, int, float | None]:
     """One optimizer step over ``group`` (micro-batches): -> (mean loss, scored tokens, gradient norm before clipping)."""
-    if loss_fn is not None:
-        n = sum(int((b["labels"] != -100).sum()) for b in group)  # every label of the step weighs the same
-    step_loss, tokens = 0.0, 0
+    # every label of the step weighs the same: the LM's loss predicts token t+1 at t, so its labels are shifted
+    n = sum(int((b["labels"] != -100).sum() if loss_fn is not None else (b["labels"][:, 1:] != -100).sum())
+            for b in group)
+    step_loss = 0.0
     for i, batch in enumerate(group):
         batch = {k: batch[k].to(accelerator.device) for k in (_MODEL_KEYS if loss_fn is None else batch)}
         sync = i == len(group) - 1  # DDP all-reduces gradients on the last micro-batch only
@@ -485,15 +487,14 @@ def _step(accelerator, model, optimizer, scheduler, group: list[dict], args: Tra
         with torch.enable_grad(), contextlib.nullcontext() if sync else accelerator.no_sync(model):
             if loss_fn is None:
                 loss = model(**batch).loss  # mean token cross-entropy (labels -100 excluded); autocast from prepare()
-                accelerator.backward(loss / len(group))
-                step_loss += float(loss.detach()) / len(group)
-                tokens += int((batch["labels"][:, 1:] != -100).sum())
+                share = int((batch["labels"][:, 1:] != -100).sum()) / max(n, 1)  # 1.0 for one micro-batch: exact
+                accelerator.backward(loss * share)
+                step_loss += float(loss.detach()) * share
             else:
                 loss = loss_fn(model, batch)  # summed over this micro-batch's labels
                 accelerator.backward(loss / n)
-                step_loss += float(loss.detach())
-    if loss_fn is not None:
-        step_loss, tokens = step_loss / n, n
+                step_loss += float(loss.detach()) / n
+    tokens = n
     grad_norm = None
     if args.max_grad_norm:
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
