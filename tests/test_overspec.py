@@ -451,3 +451,29 @@ def test_memory_claims_not_judged_before_the_memory_plateaus():
 
     assert plateau_reason({**metrics, "seeds": [0, 1, 2]}) == PLATEAU_UNKNOWN
     assert drops_reason([0.005, None]) == PLATEAU_UNKNOWN and drops_reason([]) == ""
+
+
+def test_two_processes_run_the_study_and_the_memory_is_refused_there(tmp_path):
+    """torchrun, 2 CPU processes: every process claimed the output folder (the second was refused as its other writer),
+    both wrote the initial weights and the village, and the second crashed on the report only the first writes."""
+    import os
+    import subprocess
+    import sys
+
+    flags = ["--model_name_or_path", "tiny", "--seeds", "0", "--num_villagers", "12", "--num_parents", "5",
+             "--max_children", "5", "--examples_per_child", "1", "--epochs", "2", "--eval_every", "4",
+             "--learning_rate", "1e-3", "--eval_batch_size", "16", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def run(port, out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "knnlm", "overspec", "run", *flags, *extra, "--output_dir", str(out)]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    done = run(29751, tmp_path / "run", "--mlp_memory", "false")
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
+    assert metrics["steps"] == [0, 4]  # 4 micro-batches an epoch, 2 per process: 2 steps an epoch (one process: 4)
+    refused = run(29752, tmp_path / "mem")
+    assert refused.returncode != 0 and "knnlm: error: --mlp_memory: the memory is trained by one process" in refused.stderr
+    assert not (tmp_path / "mem" / "config.json").exists()

@@ -27,6 +27,8 @@ def cmd_run(args) -> int:
 
     oargs = resolve_args(vars(args), args.config)
     out = run_study(oargs)
+    if "table" not in out:  # a process other than the main one of a launch: the main one writes and reports
+        return 0
     m = out["metrics"]
     print(open(out["table"], encoding="utf-8").read(), end="")
     for split in m["splits"]:
