@@ -360,3 +360,15 @@ def test_settings_that_would_not_act_or_are_malformed_are_refused(argv, needle, 
              "macondo": [*model_args(tiny_gpt2_dir), "--data", tmp_path / "data", "--datastore", tmp_path / "ds"]}[argv[0]]
     assert_one_line(*cli([*argv, *extra, "--output_dir", out], capsys), needle)
     assert not out.exists()
+
+
+def test_eval_under_a_launch_of_several_processes_says_it_runs_as_one(tiny_gpt2_dir, files, tmp_path, capsys,
+                                                                     monkeypatch):
+    """Before: the second process was refused by the output folder's lock ('in use by another knnlm process'),
+    naming no reason, and the launcher stopped the first."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    out = tmp_path / "ev"
+    assert_one_line(*cli(["eval", *model_args(tiny_gpt2_dir), "--validation_file", files / "b.txt", "--output_dir",
+                          out], capsys), "eval: runs as one process", "without torchrun")
+    assert not out.exists()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size): (0, 1) outside a launch."""
@@ -19,6 +17,8 @@ def is_main() -> bool:
 
 def start_group() -> tuple[int, int]:
     """(rank, world size), with the process group started under a launch of several processes."""
+    import torch  # (here: the CLI reads the rank without loading torch)
+
     rank, world = rank_and_world()
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -27,4 +27,6 @@ def start_group() -> tuple[int, int]:
 
 def barrier(world: int) -> None:
     if world > 1:
+        import torch
+
         torch.distributed.barrier()

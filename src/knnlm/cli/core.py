@@ -5,6 +5,8 @@ import time
 from pathlib import Path
 
 from ..config import add_command, resolve, save_config, to_dict
+from ..distributed import is_main, rank_and_world
+from ..errors import KnnlmError
 
 
 def register(sub) -> None:
@@ -69,6 +71,8 @@ def cmd_datastore_build(args) -> int:
     ds = build_datastore(lm, cargs, dargs.output_dir, key_point=dargs.key_point, batch_size=dargs.batch_size,
                          overwrite=dargs.overwrite)
     save_config(dargs.output_dir, margs, cargs, dargs)
+    if not is_main():  # under a launch of several processes the main one reports
+        return 0
     skipped = ds.meta.get("skipped_rows")
     print(f"datastore {ds.dir}: N={ds.N} keys, d={ds.d}, key point {ds.key_point}, "
           f"{ds.nbytes() / 2**20:.1f} MiB, {time.time() - started:.1f}s"
@@ -153,6 +157,9 @@ def cmd_eval(args) -> int:
     from ..report import markdown_table, write_markdown, write_results
 
     margs, cargs, kargs, eargs = resolve([ModelArgs, CorpusArgs, KNNArgs, EvalArgs], args, args.config)
+    if rank_and_world()[1] > 1:  # (a second process was refused by the output folder's lock, naming no reason)
+        raise KnnlmError("eval: runs as one process (its windows are not split across processes); launch it without "
+                         "torchrun / accelerate launch")
     started = time.time()
     out = Path(eargs.output_dir)
     if not eargs.from_neighbors:
@@ -202,7 +209,6 @@ def _refuse_non_finite(metrics: dict) -> None:
     value of any of the k neighbours."""
     import math
 
-    from ..errors import KnnlmError
 
     bad = {k: v for k, v in metrics.items() if k.startswith("ppl") and not math.isfinite(v)}
     bad.update({f"{name}[{lam}]": v for name in ("sweep_knn", "sweep_mlp") for lam, v in metrics.get(name, {}).items()
@@ -226,7 +232,6 @@ def _cache_settings(args, margs, kargs, eargs) -> tuple[dict, int, list[float]]:
     k and temperatures this run computes from it, or a one-line error for a setting it cannot honour: a larger k,
     another model or datastore, other search settings. A smaller k and any temperature are recomputed exactly
     from the cached distances."""
-    from ..errors import KnnlmError
     from ..evaluate import neighbour_cache_k
     from ..fileio import read_json, resolve_path
     from ..knn import KNNArgs
