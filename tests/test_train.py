@@ -336,6 +336,8 @@ def test_lm_train_cli_saves_a_loadable_model(tmp_path, capsys):
     assert main(argv) == 0
     rec = json.loads((out / "training.json").read_text())
     assert [h["step"] for h in rec["history"]] == [0, 3, 6] and rec["vocab_size"] == 280
+    blocks = rec["train_tokens"] // 32  # an epoch: ceil(blocks / 4) steps, its last one short where 4 does not divide
+    assert rec["epochs"] == pytest.approx(6 / math.ceil(blocks / 4))
     assert rec["history"][-1]["val_ppl"] < rec["history"][0]["val_ppl"]
     assert not (out / "work").exists() and (out / "val_ppl.png").is_file() and (out / "results.json").is_file()
     assert json.loads((out / "results.json").read_text())["metrics"]["val_ppl"] == rec["val_ppl"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -198,15 +199,16 @@ def train_lm(args: LMArgs, targs: TrainArgs) -> dict:
     early = targs.early_stopping_patience is not None
     kept = next(h for h in history if h["step"] == history[-1]["best_step"]) if early else history[-1]
     final = kept if args.eval_tokens is None else perplexity(model, val_tokens, args.block_size, args.eval_batch_size)
-    tokens_seen = history[-1]["step"] * targs.batch_size * targs.gradient_accumulation_steps * dist.num_processes \
-        * args.block_size
+    # the trainer's steps per epoch (each process takes an equal share of an epoch's micro-batches): a short last
+    # micro-batch makes a step of fewer blocks, so steps x batch overstated the blocks seen (1.032 for one epoch)
+    per_epoch = math.ceil(len(batches(0, targs.seed)) // dist.num_processes / targs.gradient_accumulation_steps)
     record = {
         "run_key": _run_key(args, targs), "args": dataclasses.asdict(args), "train_args": dataclasses.asdict(targs),
         "n_parameters": n_params, "n_trainable_parameters": n_trainable, "vocab_size": len(tokenizer),
         "train_tokens": int(len(train_tokens)),
         "stopped_early": bool(early and history[-1]["stopped_early"]), "best_step": kept["step"],
         "best_val_ppl": kept["val_ppl"],
-        "steps": history[-1]["step"], "epochs": tokens_seen / (len(train_tokens) // args.block_size * args.block_size),
+        "steps": history[-1]["step"], "epochs": history[-1]["step"] / per_epoch,
         "val_loss": final["val_loss"], "val_ppl": final["val_ppl"], "val_tokens": final["val_tokens"],
         "val_word_ppl": _word_ppl(final, args.validation_file),
         "train_wall_s": history[-1]["elapsed_s"], "history": history,
