@@ -360,3 +360,27 @@ def test_bad_input(common, tmp_path, capsys, extra, needle):
     assert f"knnlm: error: {needle}" in capsys.readouterr().err
     assert not (tmp_path / "out" / "results.json").exists()
 
+
+
+def test_a_kill_between_the_checkpoints_two_files_does_not_count_tokens_twice(common, tmp_path, monkeypatch):
+    """partial.npz is written before partial.json: killed between them, the resumed run scored the windows after the
+    recorded count again, on top of their saved rows (19 tokens for 15 in the review's repro)."""
+    args = ["analyze", "projection", *common, "--block_size", "8", "--stride", "4", "--max_tokens", "16",
+            "--target", "f_out", "--max_steps", "5", "--batch_size", "4", "--tol", "1e-2", "--n_boot", "50"]
+    assert main([*args, "--output_dir", str(tmp_path / "whole")]) == 0
+    monkeypatch.setattr(PRUN, "_CHECKPOINT_EVERY_S", 0.0)
+    real, calls = PRUN.atomic_write_json, []
+
+    def dies_writing_the_second_record(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint: its partial.npz is written, its partial.json not
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(PRUN, "atomic_write_json", dies_writing_the_second_record)
+    assert main([*args, "--output_dir", str(tmp_path / "resumed")]) == 130
+    monkeypatch.setattr(PRUN, "atomic_write_json", real)
+    assert main([*args, "--output_dir", str(tmp_path / "resumed")]) == 0
+    a, b = np.load(tmp_path / "whole" / "per_token.npz"), np.load(tmp_path / "resumed" / "per_token.npz")
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key])

@@ -43,8 +43,11 @@ class _Records:
         self.last_save = time.time()
         state = reusable(self.state, fingerprint, "fingerprint")
         if self.path.exists() and state is not None:
+            # partial.npz is written before partial.json: a kill between the two leaves rows of windows the record
+            # does not count, which the resumed run scores again
+            n = state.get("n_tokens")
             with np.load(self.path) as saved:
-                self.columns = {k: [saved[k]] for k in saved.files}
+                self.columns = {k: [saved[k][:n]] for k in saved.files}
             self.windows_done = int(state["windows_done"])
             self.solve_s = dict(state.get("solve_s", {}))
             log.info("resuming after %d windows (%d tokens)", self.windows_done, self.n_tokens)
@@ -66,7 +69,7 @@ class _Records:
         if time.time() - self.last_save > _CHECKPOINT_EVERY_S:
             self.save(self.path)
             atomic_write_json(self.state, {"fingerprint": self.fingerprint, "windows_done": self.windows_done,
-                                           "solve_s": self.solve_s})
+                                           "n_tokens": self.n_tokens, "solve_s": self.solve_s})
             self.last_save = time.time()
 
     def save(self, path: Path) -> None:
