@@ -292,7 +292,7 @@ def test_cli_end_to_end_matches_eval(common, tiny_lm, tmp_path):
     improving = m["by_tol"][1]["targets"]["f_out"]["still_improving_fraction"]
     assert 0 <= improving <= 1 and (claims[3].lower_bound != "") == (improving > PR.NOT_CONVERGED_SHARE)
     t4 = PR.table4_claims(m, "tiny")
-    ratio = m["by_tol"][0]["fg_gain_over_f_gain"]
+    ratio = m["by_tol"][1]["fg_gain_over_f_gain"]  # tolerance 0: Table 4 lets every position run its steps
     assert [c.setting for c in t4] == ["tiny, vs f_norm (like with like)", "tiny, vs f_out (the paper's f)"]
     # (a ratio of two zero gains is not finite: null in results.json, NaN in the interval; NaN compares equal here)
     np.testing.assert_array_equal([c.interval.point for c in t4],
@@ -303,6 +303,10 @@ def test_cli_end_to_end_matches_eval(common, tiny_lm, tmp_path):
     t1_at_t4, t4_at_t4 = PR.table1_claims(at(lr=0.001, max_steps=100), "t"), PR.table4_claims(at(lr=0.001, max_steps=100), "t")
     assert all(c.not_judged.startswith("not Table 1's setting (lr 0.1; this run: lr 0.001)") for c in t1_at_t4)
     assert t4_at_t4 and not any("setting" in c.not_judged for c in t4_at_t4)
+    # Table 4 reads tolerance 0 (before: the first, largest tolerance, where positions stop after a step or so)
+    stopped = PR.table4_claims({**at(lr=0.001, max_steps=100), "by_tol": m["by_tol"][:1]}, "t")
+    assert stopped and all(c.not_judged.startswith("not Table 4's setting (every position runs its steps: --tol 0")
+                           for c in stopped)
     t4_at_t1 = PR.table4_claims(at(lr=0.1, max_steps=1000), "t")
     assert all(c.not_judged == "not Table 4's setting (lr 0.001, max_steps 100; this run: lr 0.1, max_steps 1000)"
                for c in t4_at_t1)
