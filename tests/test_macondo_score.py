@@ -220,3 +220,35 @@ def test_memory_alone_scores_are_reported(tiny_lm, rows):
     np.testing.assert_allclose(lls["mem"], [-n * math.log(V) for n in n_tokens], rtol=1e-6)
     np.testing.assert_allclose(lls["mlp"][1.0], lls["mem"], rtol=1e-6)
     assert score_split(tiny_lm, rows[:2])["mem"] == []
+
+
+def test_names_are_tokenized_in_their_sentence_under_a_sentencepiece_tokenizer(tmp_path):
+    """A Llama-2/Mistral-style tokenizer encodes " Name" alone as ['▁', '▁Name'] but in the sentence as ['▁Name']:
+    scoring took the name's tokens alone (an extra '▁' token: up to 9 nats from lm-eval's score of the same row) and
+    the generator's one-token check accepted no name at all."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from knnlm.macondo.generate import load_tokenizer, single_token_names
+    from knnlm.models import ModelArgs, load_model
+
+    names = ["Maurice", "Heather", "Lucia", "Pedro"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    corpus = [f"Sal Gougis is the parent of {n}" for n in names] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf.save_pretrained(tmp_path / "sp")
+    assert hf.convert_ids_to_tokens(hf(" Maurice", add_special_tokens=False)["input_ids"])[0] == "▁"  # alone: extra '▁'
+    assert single_token_names(load_tokenizer(str(tmp_path / "sp")), names, "plain") == names
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(hf), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                 bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id)).save_pretrained(tmp_path / "sp")
+    lm = load_model(ModelArgs(model_name_or_path=str(tmp_path / "sp"), device="cpu"))
+    row = {"prefix": "Sal Gougis is the parent of", "target": " Maurice", "text": "Sal Gougis is the parent of Maurice"}
+    (ids, n_prefix), = encode_rows(lm, [row])
+    assert ids == lm.encode(row["text"]) and hf.convert_ids_to_tokens(ids[n_prefix:]) == ["▁Maurice"]

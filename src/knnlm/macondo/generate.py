@@ -168,9 +168,10 @@ def _load_tiktoken(spec: str, name: str) -> NameTokenizer:
 
 
 def _joins_cleanly(tok: NameTokenizer, prefix: str, target: str) -> bool:
-    """True when ``target`` is one token and tokens(prefix + target) == tokens(prefix) + tokens(target)."""
-    t = tok.encode(target)
-    return len(t) == 1 and tok.encode(prefix + target) == tok.encode(prefix) + t  # cheap test first
+    """True when ``target`` is one token after ``prefix``: tokens(prefix + target) == tokens(prefix) + [one token]. In
+    context, not alone: a SentencePiece tokenizer (Llama-2, Mistral) encodes " Name" alone with an extra '▁' token."""
+    p, whole = tok.encode(prefix), tok.encode(prefix + target)
+    return len(whole) == len(p) + 1 and whole[:len(p)] == p
 
 
 def single_token_names(tok: NameTokenizer, names, fmt: str) -> list[str]:

@@ -26,11 +26,17 @@ log = logging.getLogger(__name__)
 
 
 def encode_rows(lm, rows: Sequence[dict]) -> list[tuple[list[int], int]]:
-    """(input ids, number of prefix tokens) per row: lm.encode(prefix) + the target's tokens."""
+    """(input ids, number of prefix tokens) per row: lm.encode(prefix + target), the target's tokens being what follows
+    lm.encode(prefix), as lm-evaluation-harness splits a (context, continuation) pair: a SentencePiece tokenizer
+    (Llama-2, Mistral) encodes " Name" alone with an extra '▁' token it does not have in the sentence."""
     out, multi = [], 0
     for row in rows:
         prefix = lm.encode(row["prefix"])
-        target = lm.tokenizer(row["target"], add_special_tokens=False)["input_ids"]
+        whole = lm.encode(row["prefix"] + row["target"])
+        if whole[:len(prefix)] != prefix:  # the prefix's last token merges with the target's first
+            raise KnnlmError(f"--data: the row {row['text']!r} does not split into its prefix and target under this "
+                             "tokenizer (the prefix's last token joins the target's)")
+        target = whole[len(prefix):]
         if not prefix or not target:
             raise KnnlmError(f"--data: the row {row['text']!r} has an empty prefix or target under this tokenizer")
         if len(prefix) + len(target) > lm.max_positions:
