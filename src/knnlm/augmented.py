@@ -27,7 +27,7 @@ import torch
 from .config import changed_fields
 from .corpus import JSONL_SUFFIXES, skip_bad_rows_field
 from .errors import KnnlmError, require_finite, require_seed
-from .knn import KNNArgs, Retriever, interpolate, knn_log_probs, lm_where_no_neighbours
+from .knn import KNNArgs, Retriever, interpolate, knn_log_probs, lm_where, no_neighbours
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class Augmentation:
                 dists, vals = self.retriever.search(q)  # [n, k] each
                 knn_logp = knn_log_probs(dists, vals, lm_logp.shape[-1], self.retriever.args.knn_temp)  # [n, V]
                 mixed = interpolate(lm_logp[sel], knn_logp.to(lm_logp.device), self.lmbda)
-                new[sel] = lm_where_no_neighbours(dists, lm_logp[sel], mixed)
+                new[sel] = lm_where(no_neighbours(dists), lm_logp[sel], mixed)
             else:
                 new[sel] = interpolate(lm_logp[sel], self.memory.log_probs(q).to(lm_logp.device), self.lmbda)
         return self._finish_out(out, tuple_out, at, new, labels)
@@ -137,7 +137,7 @@ class Augmentation:
         self.n_queries += self.tracker.automaton.steps - before
         mixed = interpolate(lm_logp[sel], knn_logp.to(lm_logp.device), self.lmbda)  # [n, V]
         new = lm_logp.clone()
-        new[sel] = torch.where(none.to(lm_logp.device)[:, None], lm_logp[sel], mixed)
+        new[sel] = lm_where(none, lm_logp[sel], mixed)
         return new
 
     def _finish_out(self, out, tuple_out: bool, at, new: torch.Tensor, labels):

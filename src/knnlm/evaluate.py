@@ -25,7 +25,7 @@ from .corpus import target_positions as _target_positions  # noqa: F401  (old pr
 from .datastore import KEY_POINTS, Datastore
 from .errors import KnnlmError, require_finite
 from .fileio import atomic_write_json, read_json, resolve_path, reusable
-from .knn import KNNArgs, Retriever, interpolate, knn_gold_log_prob, lm_where_no_neighbours
+from .knn import KNNArgs, Retriever, interpolate, knn_gold_log_prob, lm_where, no_neighbours
 from .models import tensors_hash
 from .scoring import key_points, score_windows
 
@@ -221,11 +221,11 @@ def sweep_from_cache(cache_dir: str | Path, lmbdas: list[float], temps: list[flo
         dists, vals = dists[:, :k], vals[:, :k]  # [n, k] (unfilled columns, inf, come last)
     lm_gold = _cached(cache_dir, "lm_gold.f32", np.float32)
     gold = _cached(cache_dir, "gold.i32", np.int32)
-    out = {}
+    out, none = {}, no_neighbours(dists)
     for temp in temps:
         knn_gold = knn_gold_log_prob(dists, vals, gold, temp)
         for lam in lmbdas:
-            mixed = lm_where_no_neighbours(dists, lm_gold, interpolate(lm_gold, knn_gold, lam))  # as eval scores
+            mixed = lm_where(none, lm_gold, interpolate(lm_gold, knn_gold, lam))  # as eval scores
             out[sweep_key(lam, temp)] = math.exp(-float(mixed.double().mean()))
     return out
 

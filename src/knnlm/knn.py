@@ -158,10 +158,16 @@ def knn_gold_log_prob(dists: torch.Tensor, vals: torch.Tensor, gold: torch.Tenso
     return (num - torch.logsumexp(logits, dim=-1)).float()
 
 
-def lm_where_no_neighbours(dists: torch.Tensor, lm: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
-    """``mixed`` (a kNN-LM log-prob, [n] or [n, V]) with the LM's ``lm`` at positions whose search found no neighbour
-    (dists [n, k] all inf: a skipped search, or IVF lists probed empty), where p_knn is undefined (NaN)."""
-    none = torch.isinf(dists).all(dim=-1).to(mixed.device)  # [n]
+def no_neighbours(dists: torch.Tensor) -> torch.Tensor:
+    """[n, k] distances -> [n] bool: the positions whose search found no neighbour (all inf: a skipped search, or IVF
+    lists probed empty), where p_knn is undefined (NaN)."""
+    return torch.isinf(dists).all(dim=-1)
+
+
+def lm_where(none: torch.Tensor, lm: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+    """``mixed`` (a kNN-LM log-prob, positions first: [n] or [n, ...]) with the LM's ``lm`` at the positions ``none``
+    [n] (:func:`no_neighbours`)."""
+    none = none.to(mixed.device)
     if not none.any():
         return mixed
     return torch.where(none.view(-1, *[1] * (mixed.dim() - 1)), lm.to(mixed.device), mixed)

@@ -309,7 +309,7 @@ class Tracker:
         """z [B, T, d] queries of every input position, ids [B, T] input tokens, mask [B, T] bool (real tokens),
         ``past`` tokens already cached, the last ``keep`` positions returned -> (log p_knn [n, V] of the returned
         real positions, row-major; [n] bool: no neighbours there)."""
-        from .knn import knn_log_probs
+        from .knn import knn_log_probs, no_neighbours
 
         b, t = ids.shape
         if past == 0 or self.states.shape[0] != b:
@@ -329,7 +329,7 @@ class Tracker:
             if p >= t - keep:
                 dists, nb_ids = torch.from_numpy(nb.dists), torch.from_numpy(nb.ids)  # [a, m] each
                 logp = knn_log_probs(dists, self.automaton.r.values(nb_ids), vocab, self.automaton.r.args.knn_temp)
-                none = torch.isinf(dists).all(dim=-1)
+                none = no_neighbours(dists)
                 for i, r in enumerate(rows.tolist()):
                     got[(r, p)] = (logp[i], none[i])
             if p < t - 1:

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 
 from .corpus import TokenFile, Window, batch_inputs, target_positions, target_tokens
-from .knn import KNNArgs, interpolate, knn_gold_log_prob, lm_where_no_neighbours
+from .knn import KNNArgs, interpolate, knn_gold_log_prob, lm_where, no_neighbours
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +118,9 @@ def _finish(scores: Scores, found, retriever, memory, at: dict, lmbdas: Optional
         lm, mixed = scores.lm.to(dev), [lam for lam in lmbdas if lam != 0]  # λ = 0 is the LM itself
         per_token = torch.stack([knn] + [interpolate(lm, knn, lam) for lam in mixed]).cpu()  # [1 + λs, n]
         # p_knn is the LM's where a position has no neighbour, so the mixture is the LM itself there for every λ
-        scores.knn = lm_where_no_neighbours(scores.dists, scores.lm, per_token[0])
-        scores.knn_lm = {lam: lm_where_no_neighbours(scores.dists, scores.lm, per_token[1 + mixed.index(lam)])
-                         if lam != 0 else scores.lm for lam in lmbdas}
+        per_token = lm_where(no_neighbours(scores.dists), scores.lm[:, None], per_token.T).T.contiguous()  # [1 + λs, n]
+        scores.knn = per_token[0]
+        scores.knn_lm = {lam: per_token[1 + mixed.index(lam)] if lam != 0 else scores.lm for lam in lmbdas}
     if memory is not None:
         t0 = time.perf_counter()
         with torch.inference_mode():

@@ -477,8 +477,8 @@ def _step(accelerator, model, optimizer, scheduler, group: list[dict], args: Tra
           loss_fn: LossFn | None = None) -> tuple[float, int, float | None]:
     """One optimizer step over ``group`` (micro-batches): -> (mean loss, scored tokens, gradient norm before clipping)."""
     # every label of the step weighs the same: the LM's loss predicts token t+1 at t, so its labels are shifted
-    n = sum(int((b["labels"] != -100).sum() if loss_fn is not None else (b["labels"][:, 1:] != -100).sum())
-            for b in group)
+    counts = [int(((b["labels"] if loss_fn is not None else b["labels"][:, 1:]) != -100).sum()) for b in group]
+    n = sum(counts)
     step_loss = 0.0
     for i, batch in enumerate(group):
         batch = {k: batch[k].to(accelerator.device) for k in (_MODEL_KEYS if loss_fn is None else batch)}
@@ -487,14 +487,15 @@ def _step(accelerator, model, optimizer, scheduler, group: list[dict], args: Tra
         with torch.enable_grad(), contextlib.nullcontext() if sync else accelerator.no_sync(model):
             if loss_fn is None:
                 loss = model(**batch).loss  # mean token cross-entropy (labels -100 excluded); autocast from prepare()
-                share = int((batch["labels"][:, 1:] != -100).sum()) / max(n, 1)  # 1.0 for one micro-batch: exact
+                share = counts[i] / max(n, 1)  # 1.0 for one micro-batch: exact
                 accelerator.backward(loss * share)
                 step_loss += float(loss.detach()) * share
             else:
                 loss = loss_fn(model, batch)  # summed over this micro-batch's labels
                 accelerator.backward(loss / n)
-                step_loss += float(loss.detach()) / n
-    tokens = n
+                step_loss += float(loss.detach())
+    if loss_fn is not None:
+        step_loss /= n
     grad_norm = None
     if args.max_grad_norm:
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
@@ -504,7 +505,7 @@ def _step(accelerator, model, optimizer, scheduler, group: list[dict], args: Tra
     torch.autograd.graph.increment_version([p for g in optimizer.param_groups for p in g["params"]])
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return step_loss, tokens, grad_norm
+    return step_loss, n, grad_norm
 
 
 class _Window:

@@ -209,7 +209,6 @@ def _refuse_non_finite(metrics: dict) -> None:
     value of any of the k neighbours."""
     import math
 
-
     bad = {k: v for k, v in metrics.items() if k.startswith("ppl") and not math.isfinite(v)}
     bad.update({f"{name}[{lam}]": v for name in ("sweep_knn", "sweep_mlp") for lam, v in metrics.get(name, {}).items()
                 if not math.isfinite(v)})

@@ -167,11 +167,18 @@ def _load_tiktoken(spec: str, name: str) -> NameTokenizer:
                      "folder holding the file, or use --tokenizer gpt2")
 
 
+def split_pair(encode, prefix: str, target: str) -> Optional[tuple[list[int], list[int]]]:
+    """(encode(prefix), the tokens ``target`` adds after it in encode(prefix + target)), as lm-evaluation-harness splits
+    a pair (a SentencePiece tokenizer, Llama-2 or Mistral, encodes " Name" alone with an extra '▁' token the sentence
+    does not have); None where the prefix's last token joins the target's."""
+    p, whole = encode(prefix), encode(prefix + target)
+    return (p, whole[len(p):]) if whole[:len(p)] == p else None
+
+
 def _joins_cleanly(tok: NameTokenizer, prefix: str, target: str) -> bool:
-    """True when ``target`` is one token after ``prefix``: tokens(prefix + target) == tokens(prefix) + [one token]. In
-    context, not alone: a SentencePiece tokenizer (Llama-2, Mistral) encodes " Name" alone with an extra '▁' token."""
-    p, whole = tok.encode(prefix), tok.encode(prefix + target)
-    return len(whole) == len(p) + 1 and whole[:len(p)] == p
+    """True when ``target`` is one token after ``prefix`` (:func:`split_pair`)."""
+    pair = split_pair(tok.encode, prefix, target)
+    return pair is not None and len(pair[1]) == 1
 
 
 def single_token_names(tok: NameTokenizer, names, fmt: str) -> list[str]:

@@ -21,22 +21,21 @@ import torch
 from ..corpus import pad_right
 from ..errors import KnnlmError
 from ..scoring import gold_log_probs, score_positions
+from .generate import split_pair
 
 log = logging.getLogger(__name__)
 
 
 def encode_rows(lm, rows: Sequence[dict]) -> list[tuple[list[int], int]]:
-    """(input ids, number of prefix tokens) per row: lm.encode(prefix + target), the target's tokens being what follows
-    lm.encode(prefix), as lm-evaluation-harness splits a (context, continuation) pair: a SentencePiece tokenizer
-    (Llama-2, Mistral) encodes " Name" alone with an extra '▁' token it does not have in the sentence."""
+    """(input ids, number of prefix tokens) per row: lm.encode(prefix) + the target's tokens in the sentence
+    (:func:`knnlm.macondo.generate.split_pair`)."""
     out, multi = [], 0
     for row in rows:
-        prefix = lm.encode(row["prefix"])
-        whole = lm.encode(row["prefix"] + row["target"])
-        if whole[:len(prefix)] != prefix:  # the prefix's last token merges with the target's first
+        pair = split_pair(lm.encode, row["prefix"], row["target"])
+        if pair is None:
             raise KnnlmError(f"--data: the row {row['text']!r} does not split into its prefix and target under this "
                              "tokenizer (the prefix's last token joins the target's)")
-        target = whole[len(prefix):]
+        prefix, target = pair
         if not prefix or not target:
             raise KnnlmError(f"--data: the row {row['text']!r} has an empty prefix or target under this tokenizer")
         if len(prefix) + len(target) > lm.max_positions:
