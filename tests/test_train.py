@@ -442,6 +442,51 @@ def test_two_processes_shard_and_resume_bit_identically(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)  # gradients were synchronized
 
 
+_DDP_UNEVEN_SCRIPT = '''
+import os, sys
+import torch
+sys.path.insert(0, {tests!r})
+from test_train import sentences, tiny_model
+from knnlm.train import TrainArgs, collate_causal, train
+torch.set_num_threads(1)
+seqs = sentences(16)
+short, long = sorted(seqs, key=len)[:2], sorted(seqs, key=len)[-6:]  # 2 short sentences, 6 long ones
+micro = [collate_causal(short, 0), collate_causal(long, 0)]
+model = tiny_model(dropout=0.0)
+args = TrainArgs(learning_rate=1e-3, warmup_ratio=0.0, batch_size=2, gradient_accumulation_steps=int(sys.argv[2]),
+                 max_steps=2, max_grad_norm=0.0, seed=0)
+train(model, lambda epoch, seed: micro, args, sys.argv[1])
+torch.save(model.state_dict(), sys.argv[1] + ".rank" + os.environ.get("RANK", "0") + ".pt")
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_weigh_every_label_of_the_step_the_same(tmp_path):
+    """torchrun, 2 CPU processes, a micro-batch each (2 short sentences on one, 6 long ones on the other) take the steps
+    of one process accumulating both (token-weighted); before, DDP's mean of the two processes' means weighed the short
+    batch's labels several times more."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ddp_uneven.py"
+    script.write_text(_DDP_UNEVEN_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "2"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29741", str(script), str(tmp_path / "two"), "1"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    ref = torch.load(tmp_path / "one.rank0.pt")
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"two.rank{rank}.pt")
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], atol=2e-6, rtol=0)
+
+
 def test_accumulated_micro_batches_of_uneven_lengths_are_one_batch(tmp_path):
     """Each micro-batch's mean loss is weighted by its tokens: 2 x 4 sentences of different lengths take the steps
     of one batch of 8 (before: the mean of the two means, a different gradient: 4e-3 off after 2 steps at lr 1e-3)."""

@@ -453,7 +453,7 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
                 on_step(state.step, loss, group)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
-            window.add(loss, tokens * world)
+            window.add(loss, tokens)
             if state.step % args.log_every == 0:
                 log.info("%s step %d/%d: %s, lr %.3e, grad norm %s", progress_desc, state.step, total, window.pop(),
                          scheduler.get_last_lr()[0], "–" if grad_norm is None else f"{grad_norm:.3f}")
@@ -475,10 +475,15 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
 
 def _step(accelerator, model, optimizer, scheduler, group: list[dict], args: TrainArgs,
           loss_fn: LossFn | None = None) -> tuple[float, int, float | None]:
-    """One optimizer step over ``group`` (micro-batches): -> (mean loss, scored tokens, gradient norm before clipping)."""
+    """One optimizer step over ``group`` (this process's micro-batches): -> (loss, the step's scored tokens over
+    every process, gradient norm before clipping). Every label of the step weighs the same; in several processes the
+    loss is this process's part, scaled so that its mean over the processes is the step's mean loss."""
     # every label of the step weighs the same: the LM's loss predicts token t+1 at t, so its labels are shifted
     counts = [int(((b["labels"] if loss_fn is not None else b["labels"][:, 1:]) != -100).sum()) for b in group]
+    world = accelerator.num_processes
     n = sum(counts)
+    if world > 1:  # DDP averages the processes' gradients, so each weighs its labels by world / (the step's labels)
+        n = int(accelerator.reduce(torch.tensor(n, device=accelerator.device), "sum"))
     step_loss = 0.0
     for i, batch in enumerate(group):
         batch = {k: batch[k].to(accelerator.device) for k in (_MODEL_KEYS if loss_fn is None else batch)}
@@ -487,15 +492,15 @@ def _step(accelerator, model, optimizer, scheduler, group: list[dict], args: Tra
         with torch.enable_grad(), contextlib.nullcontext() if sync else accelerator.no_sync(model):
             if loss_fn is None:
                 loss = model(**batch).loss  # mean token cross-entropy (labels -100 excluded); autocast from prepare()
-                share = counts[i] / max(n, 1)  # 1.0 for one micro-batch: exact
+                share = counts[i] * world / max(n, 1)  # 1.0 for one micro-batch in one process: exact
                 accelerator.backward(loss * share)
                 step_loss += float(loss.detach()) * share
             else:
                 loss = loss_fn(model, batch)  # summed over this micro-batch's labels
-                accelerator.backward(loss / n)
+                accelerator.backward(loss / (n / world))
                 step_loss += float(loss.detach())
     if loss_fn is not None:
-        step_loss /= n
+        step_loss /= n / world
     grad_norm = None
     if args.max_grad_norm:
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
