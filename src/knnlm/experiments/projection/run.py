@@ -16,7 +16,7 @@ from ...corpus import (CorpusArgs, batch_inputs, count_targets, target_positions
                        windows)
 from ...errors import KnnlmError
 from ...fileio import atomic_path, atomic_write_json, reusable
-from ...knn import KNNArgs, Retriever, interpolate
+from ...knn import KNNArgs, Retriever, interpolate, knn_log_probs, lm_where, no_neighbours
 from ...report import histogram
 from .report import summarize
 from .settings import LABELS, TARGETS, ProjectionArgs
@@ -83,9 +83,12 @@ class _Records:
         return self.arrays()
 
 
-def run_projection(lm, corpus: CorpusArgs, args: ProjectionArgs, datastore, knn: Optional[KNNArgs] = None) -> dict:
+def run_projection(lm, corpus: CorpusArgs, args: ProjectionArgs, datastore, knn: Optional[KNNArgs] = None,
+                   index=None) -> dict:
     """Scores the validation corpus with the LM, the kNN-LM and each target's p_proj; writes ``per_token.npz`` and the
-    KL histograms into ``args.output_dir`` and returns the metrics (see :func:`summarize`)."""
+    KL histograms into ``args.output_dir`` and returns the metrics (see :func:`summarize`). ``index``: a prebuilt
+    FAISS-like index to search instead of the datastore's (as :func:`knnlm.evaluate.evaluate`)."""
+    args.validate()  # a Python caller's settings (the CLI's are checked already; checking twice is cheap)
     knn = knn or KNNArgs()
     knn.refuse_stateful("the projection")
     if len(knn.lmbda) != 1:
@@ -99,7 +102,7 @@ def run_projection(lm, corpus: CorpusArgs, args: ProjectionArgs, datastore, knn:
         log.warning("the LM runs in %s: z is optimised in float32 but f and g round it to %s, so steps below that "
                     "resolution are lost (most with a small --learning_rate); use --dtype float32 for the datastore and this run",
                     lm.dtype, lm.dtype)
-    retriever = Retriever(datastore, knn)
+    retriever = Retriever(datastore, knn, index=index)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = _Records(out, _fingerprint(lm, corpus, args, knn, datastore))
@@ -164,8 +167,10 @@ def _score_batch(lm, retriever, key_point: str, at: dict, gold: torch.Tensor, lm
     with torch.no_grad():
         lm_logits = lm.output_layer(at["final_hidden"]).float()  # [n, V]
         lm_logp = torch.log_softmax(lm_logits, dim=-1)
-        knn_logp = retriever.log_probs(at[key_point], lm_logp.shape[-1]).to(lm_logp.device)  # [n, V]
-        target_logp = interpolate(lm_logp, knn_logp, lmbda)  # [n, V] log p_knnlm
+        dists, vals = retriever.search(at[key_point])  # [n, k] each
+        knn_logp = knn_log_probs(dists, vals, lm_logp.shape[-1], retriever.args.knn_temp).to(lm_logp.device)  # [n, V]
+        # a position whose search found no neighbour keeps the LM, as eval scores it (p_knn is undefined there)
+        target_logp = lm_where(no_neighbours(dists), lm_logp, interpolate(lm_logp, knn_logp, lmbda))  # [n, V]
     if not torch.isfinite(target_logp).all():  # p_lm > 0, so only a non-finite LM output gets here
         raise KnnlmError("--model_name_or_path: the LM gave non-finite log-probabilities, so KL[f(z) ‖ p_knnlm] is "
                          "undefined; try --dtype float32")
