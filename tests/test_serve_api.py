@@ -1022,6 +1022,9 @@ def test_submit_end_to_end_scores_the_fine_tuned_model(stub_api, tiny_lm, villag
     rows = read_split(village, "test")
     direct = [_direct_ll(tiny_lm, r["prefix"], r["target"]) for r in rows]
     assert run["splits"]["test"]["summary"]["avg"] == pytest.approx(sum(direct) / len(direct), abs=1e-4)
+    # trained on chat messages, scored as plain text: the table and results.json say so
+    assert json.loads((out / "results.json").read_text())["metrics"]["format_note"] == A.FORMAT_NOTE
+    assert f"Note: {A.FORMAT_NOTE}." in (out / "results.md").read_text()
 
 
 def test_endpoint_without_logprobs_one_line_error(stub_api, tiny_lm, village, tmp_path):

@@ -20,6 +20,11 @@ from ...openai_client import finetune as finetune_job, make_client, score_rows
 from ..study import mean_std, seed_path
 
 _SPLITS = ("train", "test", "test_overspecified")
+# a job fine-tunes on chat messages, which the server renders with the model's chat template; /v1/completions scores
+# the raw text, so a --submit run's scores are of a format the model was not trained on (the job's valid_loss is not)
+FORMAT_NOTE = ("the fine-tuned models learned the chat messages (the server's chat template) but are scored on the "
+               "plain 'User: … Assistant: [child]' text through /v1/completions, a format they were not trained on; "
+               "the jobs' valid_loss is the chat-format reading")
 TOKENIZER = "tiktoken:cl100k_base"  # GPT-3.5's, under which the paper's names are single tokens
 
 
@@ -184,7 +189,10 @@ def run_api(args: ApiArgs) -> dict:
             run["splits"][split] = {"summary": summary, "n_examples": len(ex),
                                     "straddled": sum(e["straddle"] for e in ex)}
         runs.append(run)
-    return {"runs": runs, "over_seeds": _over_seeds(runs, args.splits)}
+    metrics = {"runs": runs, "over_seeds": _over_seeds(runs, args.splits)}
+    if args.submit and args.splits:
+        metrics["format_note"] = FORMAT_NOTE
+    return metrics
 
 
 def _over_seeds(runs: list[dict], splits: list[str]) -> dict:
@@ -218,7 +226,8 @@ def results_table(metrics: dict) -> str:
     columns = {s: functools.partial(cell, s) for s in agg}
     models = ", ".join(f"seed {r['seed']}: {r['model']}" for r in runs)
     note = f"{len(runs)} seed(s), mean ± std over seeds" if len(runs) > 1 else "1 seed"
-    return (f"Macondo-Conv: mean log-likelihood of the children's names ({note}; {models})\n\n"
+    caveat = f"Note: {metrics['format_note']}.\n\n" if metrics.get("format_note") else ""
+    return (f"Macondo-Conv: mean log-likelihood of the children's names ({note}; {models})\n\n" + caveat
             + table(first["count"], first["optimum"], columns) + (f"\n{jobs}" if jobs else ""))
 
 
