@@ -456,3 +456,28 @@ def test_gpu_check_script_runs_the_recipe_into_a_fresh_folder(wikitext_dir, tmp_
     assert {"report.md", "results.json", "gpu_check.log", "stage-results.tar.gz"} <= {p.name for p in out.iterdir()}
     stages = json.loads((run_dir / "stages" / "timings.json").read_text())
     assert "overspec-smollm2-lengths" in stages and "projection-converged-gpt2small" in stages
+
+
+def test_a_finished_stage_whose_command_changed_runs_again(tmp_path):
+    """A finished stage is skipped only when its command is the one it finished as: another --data_dir or an edited
+    recipe runs it again (its command then resumes or refuses its folder), where it was skipped and the old run's
+    results reported under the new settings."""
+    recipe = {"stages": [{"name": "s1", "argv": ["lm", "train", "--train_file", "{data}/train.txt",
+                                                 "--output_dir", "{out}/lm"]}]}
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "train.txt").write_text(d + "\n")
+    ran = []
+
+    def run(argv):
+        ran.append(argv[3])
+        return 0
+
+    out = tmp_path / "out"
+    for d in ("a", "a", "b", "b"):
+        run_stages(ReproduceArgs(output_dir=str(out), data_dir=str(tmp_path / d)), run, recipe)
+    assert ran == [str(tmp_path / "a" / "train.txt"), str(tmp_path / "b" / "train.txt")]
+    assert (out / "stages" / "s1.done").read_text().split()[3] == str(tmp_path / "b" / "train.txt")
+    recipe["stages"][0]["argv"] += ["--max_steps", "9"]  # the same data, an edited recipe
+    run_stages(ReproduceArgs(output_dir=str(out), data_dir=str(tmp_path / "b")), run, recipe)
+    assert len(ran) == 3

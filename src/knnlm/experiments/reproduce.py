@@ -257,12 +257,20 @@ def run_stages(args: ReproduceArgs, run_command, recipe: Optional[dict] = None) 
     for stage in recipe["stages"]:
         name = stage["name"]
         done = out / "stages" / f"{name}.done"
-        if (args.stages and name not in args.stages) or done.exists():
+        if args.stages and name not in args.stages:
             continue
+        argv = stage_argv(stage, args)
+        if done.exists():
+            if done.read_text().strip() == " ".join(argv):
+                continue
+            # another --data_dir or an edited recipe: the finished stage's results are not this command's; its
+            # command resumes what it can and refuses, in one line, an output folder of other settings
+            log.warning("stage %s: finished as `knnlm %s`, now `knnlm %s`: running it again", name,
+                        done.read_text().strip(), " ".join(argv))
+            done.unlink()
         if stage.get("when") and not condition_holds(stage["when"]):
             log.info("stage %s: skipped here (when: %s)", name, stage["when"])
             continue
-        argv = stage_argv(stage, args)
         log.info("stage %s: knnlm %s", name, " ".join(argv))
         elapsed = out / "stages" / f"{name}.elapsed.json"
         code, spent = timed_run(elapsed, lambda: run_command(argv))
