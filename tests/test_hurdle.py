@@ -268,7 +268,9 @@ def test_compare_finds_the_crossing_and_the_quarter_gap():
     c = compare(steps, with_ll, without, higher_is_better=True, total_steps=40)
     assert c["crossings"] == [30]
     assert c["quarter_step"] == 10 and c["advantage_at_quarter"] == pytest.approx(0.5)
-    assert c["leader_at_quarter"] == "without_last_mlp"
+    assert c["leader_at_quarter"] == "without_last_mlp" and c["advantage"]["20"] == pytest.approx(0.1)
+    control = compare(steps, with_ll, without, higher_is_better=True, total_steps=40, pruned="without_first_mlp")
+    assert control["pruned"] == control["leader_at_quarter"] == "without_first_mlp"  # was labelled without_last_mlp
     loss = compare(steps, [5, 4, 3, 2, 1], [5, 4.5, 3.5, 1.5, 0.5], higher_is_better=False, total_steps=40)
     assert loss["crossings"] == [30] and loss["advantage_at_quarter"] == pytest.approx(-0.5)
 

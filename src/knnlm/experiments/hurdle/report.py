@@ -27,8 +27,9 @@ def _advantage(full: list, pruned: list, higher_is_better: bool) -> list:
     return [None if a is None or b is None else sign * (b - a) for a, b in zip(full, pruned)]
 
 
-def compare(steps: list[int], with_mean: list, without_mean: list, higher_is_better: bool, total_steps: int) -> dict:
-    """Where the pruned model leads: its advantage per step (positive = without_last_mlp ahead, in the metric's units),
+def compare(steps: list[int], with_mean: list, without_mean: list, higher_is_better: bool, total_steps: int,
+            pruned: str = "without_last_mlp") -> dict:
+    """Where the ``pruned`` model leads: its advantage per step (positive = ``pruned`` ahead, in the metric's units),
     the eval steps at which the lead changes hands, and the advantage at the eval step nearest 1/4 of training."""
     adv = _advantage(with_mean, without_mean, higher_is_better)
     crossings, prev = [], None
@@ -40,9 +41,9 @@ def compare(steps: list[int], with_mean: list, without_mean: list, higher_is_bet
         prev = a
     quarter = min((s for s in steps if s > 0), key=lambda s: (abs(s - total_steps / 4), s))
     at_quarter = adv[steps.index(quarter)]
-    return {"advantage_without_last_mlp": dict(zip(map(str, steps), adv)), "crossings": crossings,
+    return {"pruned": pruned, "advantage": dict(zip(map(str, steps), adv)), "crossings": crossings,
             "quarter_step": quarter, "advantage_at_quarter": at_quarter,
-            "leader_at_quarter": None if not at_quarter else ("without_last_mlp" if at_quarter > 0 else "with_last_mlp")}
+            "leader_at_quarter": None if not at_quarter else (pruned if at_quarter > 0 else "with_last_mlp")}
 
 
 def paired_area(steps: list[int], full: list, pruned: list, higher_is_better: bool, until: float) -> Optional[float]:
@@ -146,7 +147,7 @@ def aggregate(records: dict[str, dict[int, dict]], args: HurdleArgs, data) -> di
     pruned = [m for m in PRUNED if m in models]
     by_model = {}
     for m in pruned:
-        by_model[m] = {k: compare(steps, mean[MODELS[0]][k], mean[m][k], _higher_is_better(k), args.max_steps)
+        by_model[m] = {k: compare(steps, mean[MODELS[0]][k], mean[m][k], _higher_is_better(k), args.max_steps, m)
                        for k in primary}
         for k, c in by_model[m].items():  # the same advantage per seed (paired: same init, same batches), mean ± std
             c["paired_mean"], c["paired_std"] = study.curve_mean_std(
