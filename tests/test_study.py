@@ -122,3 +122,19 @@ def test_results_json_records_the_cpu_and_its_kernel_instructions(tmp_path):
     run = json.loads(write_results(tmp_path, {}, {}).read_text())["run"]
     assert run["cpu"] == cpu_name() and run["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert run["device"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else run["cpu"])
+
+
+def test_check_resumable_compares_a_field_the_old_config_lacks_as_its_default(tmp_path):
+    """A config written before a field existed ran with its default: a rerun that sets it otherwise is refused (a 4x128
+    rerun resumed a folder of 2x64 hurdle runs, averaging the two shapes), one that leaves it at its default resumes."""
+    old = dataclasses.asdict(HurdleArgs(output_dir=str(tmp_path), size="tiny"))
+    for k in ("n_layer", "n_embd", "n_head"):
+        old.pop(k)
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    (tmp_path / "seed-0-with_last_mlp.json").write_text("{}")  # a finished run of the old shape
+    check_resumable(tmp_path, HurdleArgs(output_dir=str(tmp_path), size="tiny"), ("output_dir",))
+    default = HurdleArgs().n_layer
+    with pytest.raises(KnnlmError, match=rf"^--output_dir: .* \(n_layer: {default} \(not recorded: its default\) -> "
+                                         rf"{default + 2}"):
+        check_resumable(tmp_path, HurdleArgs(output_dir=str(tmp_path), size="tiny", n_layer=default + 2),
+                        ("output_dir",))

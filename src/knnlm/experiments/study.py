@@ -26,8 +26,8 @@ def seed_path(root: str | Path, seed: int, rest: str = "") -> Path:
 def check_resumable(out: Path, args, free_keys: Iterable[str]) -> None:
     """Refuses a rerun into ``out`` whose ``config.json`` differs from ``args`` (a dataclass, or a tuple of the
     dataclasses a command saves together with ``config.save_config``) on any field outside ``free_keys`` (threads,
-    output folder, number of seeds and the like). Fields the old config lacks are not compared;
-    deprecated names in it count as their new ones. A folder where the earlier run wrote nothing but its settings (it
+    output folder, number of seeds and the like). A field the old config lacks (one added since it was written) is
+    compared as its default, the value that run had; deprecated names in it count as their new ones. A folder where the earlier run wrote nothing but its settings (it
     stopped at a bad flag before any work) takes the new ones: there is nothing to resume or to lose."""
     from ..config import rename_deprecated, to_dict
     from ..fileio import LOCK_FILE, RUN_MARKER
@@ -40,9 +40,15 @@ def check_resumable(out: Path, args, free_keys: Iterable[str]) -> None:
     old = rename_deprecated(read_json(path), [type(a) for a in configs], warn=False)
     new = to_dict(*configs)
     free = set(free_keys)
-    changed = [k for k in new if k not in free and k in old and old[k] != new[k]]
+    unset = object()
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else unset
+                for c in configs for f in dataclasses.fields(c)}
+    recorded = {k: old.get(k, defaults.get(k, unset)) for k in new}
+    changed = [k for k in new if k not in free and recorded[k] is not unset and recorded[k] != new[k]]
     if changed:
-        diff = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
+        diff = ", ".join(f"{k}: {recorded[k]!r}{'' if k in old else ' (not recorded: its default)'} -> {new[k]!r}"
+                         for k in changed)
         raise KnnlmError(f"--output_dir: {out} holds a run with other settings ({diff}); rerun with those settings to "
                          "resume it, or pass a new --output_dir")
 
