@@ -193,3 +193,23 @@ def test_token_log_probs_pair_the_same_targets(tiny_gpt2_dir, files, tmp_path):
     assert got["skip"]["searched"].tolist() == (skip_draws(got["skip"]["row"]) >= 0.5).tolist()
     assert sorted(got["knn"]["row"].tolist()) == sorted(got["retomaton"]["row"].tolist())
     assert got["knn"]["row"].tolist() != got["retomaton"]["row"].tolist()  # the streams do score in another order
+
+
+def test_a_rerun_after_the_clusters_change_evaluates_again(tiny_gpt2_dir, files, tmp_path):
+    """Rebuilding the store's clusters (or index) leaves its meta.json as it was: a rerun into the same folder reused
+    every setting's old numbers (the review's repro); it now evaluates them again and matches a fresh folder."""
+    import shutil
+
+    shutil.copytree(files / "ds", tmp_path / "ds")
+
+    def study(out):
+        argv = ["analyze", "retomaton", *_common(tiny_gpt2_dir, files), "--min_knns", "1", "--skip_probs", "",
+                "--clusters", "true", "--datastore", str(tmp_path / "ds"), "--output_dir", str(out)]
+        assert main(argv) == 0
+        return [r["metrics"] for r in json.loads((out / "results.json").read_text())["metrics"]["runs"]]
+
+    before = study(tmp_path / "study")
+    build_clusters(Datastore.open(tmp_path / "ds"), ClusterArgs(num_clusters=3, sample_size=200, seed=3, overwrite=True))
+    again, fresh = study(tmp_path / "study"), study(tmp_path / "fresh")
+    assert again == fresh
+    assert again[-1]["ppl_knnlm"] != before[-1]["ppl_knnlm"]  # the clusters' row moved with its clusters

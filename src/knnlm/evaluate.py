@@ -265,13 +265,23 @@ def _folder(path, flag: str) -> Optional[str]:
     return None if path is None else str(resolve_path(path, flag))
 
 
+def store_state(ds) -> dict:
+    """What a search over the store depends on beyond its meta.json, which rebuilding either leaves unchanged: the
+    built index's record and the clusters' record (RetoMaton's cluster expansion); None where absent."""
+    from .clusters import RECORD
+
+    index, clusters = ds.dir / "index" / "index.json", ds.dir / RECORD
+    return {"index": read_json(index) if index.is_file() else None,
+            "clusters": read_json(clusters) if clusters.is_file() else None}
+
+
 def _progress_key(lm, tokens: TokenFile, block: int, stride: int, args: EvalArgs, knn: KNNArgs, retriever,
                   memory) -> dict:
     """Everything a run's sums and neighbour cache depend on; a progress record saved under another key is not resumed.
 
     The model by its path, weights, dtype and device (another device rounds differently); the tokens by their record
     (corpus sha256, tokenizer, size); the windows and batches; the store by folder, meta.json (N, checksums), index
-    record and k; the memory by folder and weights; every kNN setting but where a search runs."""
+    and clusters records (:func:`store_state`) and k; the memory by folder and weights; every kNN setting but where a search runs."""
     local = Path(lm.name).expanduser()
     model = {"name": _folder(local, "--model_name_or_path") if lm.name and local.exists() else lm.name,  # (or a hub id)
              "weights_hash": lm.weights_hash(), "dtype": str(lm.dtype), "device": lm.device.type}
@@ -280,9 +290,8 @@ def _progress_key(lm, tokens: TokenFile, block: int, stride: int, args: EvalArgs
            "datastore": None, "memory": None, "knn": None}
     if retriever is not None:
         ds = retriever.ds
-        index = ds.dir / "index" / "index.json"
         key["datastore"] = {"dir": _folder(ds.dir, "--datastore"), "N": ds.N, "meta": ds.meta, "k": retriever.k,
-                            "index": read_json(index) if index.is_file() else None}
+                            **store_state(ds)}
     if memory is not None:
         key["memory"] = {"dir": _folder(memory.dir, "--mlp_memory"), "weights": tensors_hash(memory.state_dict().items())}
     if retriever is not None or memory is not None:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ...clusters import load_clusters
 from ...corpus import CorpusArgs
-from ...evaluate import EvalArgs, evaluate
+from ...evaluate import EvalArgs, evaluate, store_state
 from ...fileio import atomic_path, atomic_write_json, reusable
 from ...stats import BLOCK_TOKENS, block_bootstrap_ci
 from .settings import RETOMATON, RetomatonArgs
@@ -27,8 +27,9 @@ KEPT = ("n_tokens", "ppl_lm", "ppl_knnlm", "lmbda", "k", "datastore_N", "searche
 
 
 def _key(lm, corpus: CorpusArgs, args: RetomatonArgs, datastore, knn) -> dict:
-    return {"weights_hash": lm.weights_hash(), "datastore_meta": datastore.meta, "corpus": dataclasses.asdict(corpus),
-            "knn": dataclasses.asdict(knn), "batch_size": args.batch_size}
+    # the store's index and clusters: rebuilding either leaves meta.json as it was, and changes the numbers
+    return {"weights_hash": lm.weights_hash(), "datastore_meta": datastore.meta, **store_state(datastore),
+            "corpus": dataclasses.asdict(corpus), "knn": dataclasses.asdict(knn), "batch_size": args.batch_size}
 
 
 def setting_stem(overrides: dict) -> str:
