@@ -532,3 +532,18 @@ def test_a_folder_written_before_issue_12_resumes_to_the_same_numbers(tmp_path, 
     assert any("earlier training loop" in r.getMessage() for r in caplog.records)
     with pytest.raises(KnnlmError, match="learning_rate: 0.003 -> 0.01"):  # an old config's lr is compared as learning_rate
         run_study(_args(tmp_path, data=str(train), max_steps=4, learning_rate=1e-2))
+
+
+def test_each_seed_names_its_device_and_a_mixed_study_says_so(tmp_path):
+    """`device` may change on a resume (it is not a setting the results must match), but the numerics differ (TF32,
+    the fused AdamW on a GPU): each seed's record names its device and the study lists every device its seeds ran on
+    (it named the last run's device for all of them)."""
+    train = _text_files(tmp_path)
+    args = _args(tmp_path, data=str(train), num_seeds=1, max_steps=4)
+    assert run_study(args)["metrics"]["device"] == "cpu"
+    record = tmp_path / "out" / "runs" / "seed-0-without_first_mlp.json"
+    assert json.loads(record.read_text())["device"] == "cpu"
+    edited = json.loads(record.read_text())
+    edited["device"] = "cuda"  # as if this seed had run on a GPU before the study was resumed here
+    record.write_text(json.dumps(edited))
+    assert run_study(args)["metrics"]["device"] == "cpu,cuda"

@@ -146,7 +146,8 @@ def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: Hur
     # the hooks' running values, checkpointed by the loop: ema of the loss, digest chaining the batches fed
     # (d_k = sha256(d_{k-1} + input_ids_k)) and the record under construction
     extra = {"ema": 0.0, "smoothed": None, "digest": "",
-             "record": {"seed": seed, "model": name, "params": count_params(model), "evals": {}, "curve": {}}}
+             "record": {"seed": seed, "model": name, "params": count_params(model), "device": device.type,
+                        "evals": {}, "curve": {}}}
 
     def on_step(step: int, loss: float, group: list[dict]) -> None:
         digest = hashlib.sha256(bytes.fromhex(extra["digest"]) + group[0]["input_ids"].numpy().tobytes())
@@ -170,6 +171,8 @@ def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: Hur
                     lr_schedule=functools.partial(lr_at, args=args), device=device.type,
                     fused_adamw=device.type == "cuda")
     record = extra["record"]
+    started_on = record["device"]  # (the checkpoint's: a killed run may resume on another device)
+    record["device"] = started_on if started_on == device.type else f"{started_on},{device.type}"
     record["train_s"] = history[-1]["elapsed_s"]  # training time, evaluations excluded
     record["data_digest"] = extra["digest"]
     old_ckpt.unlink(missing_ok=True)
@@ -214,6 +217,10 @@ def run_study(args: HurdleArgs) -> dict:
         for name, record in runs.items():
             records[name][seed] = record
     metrics = aggregate(records, args, data)
-    metrics.update(params=params, vocab_size=data.vocab.size, train_examples=len(data.train), device=str(device))
+    # a resumed study may have run its seeds on other devices (other numerics: TF32, the fused AdamW): each names its own
+    devices = sorted({d for runs in records.values() for r in runs.values() for d in r.get("device", device.type).split(",")})
+    if len(devices) > 1:
+        log.warning("hurdle: the seeds ran on %s (runs/seed-*.json name each one's device)", " and ".join(devices))
+    metrics.update(params=params, vocab_size=data.vocab.size, train_examples=len(data.train), device=",".join(devices))
     paths = write_outputs(out, args, metrics, started)
     return {**paths, "metrics": metrics}
