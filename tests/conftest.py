@@ -65,6 +65,24 @@ def brute_knn_gold_prob(q, keys, vals, gold, k: int, temp: float):
 OLD_NS = 1_000_000_000 * 10**9
 
 
+def empty_list_ivf(store):
+    """An IVF index over ``store``'s keys whose probed list is always empty, so every search finds no neighbour (ids
+    -1, distances inf): every key goes to list 0 near the keys' mean, then the two centroids are swapped."""
+    import faiss
+    import numpy as np
+
+    keys = np.asarray(store.keys, dtype=np.float32)
+    near, far = keys.mean(0, keepdims=True), keys.mean(0, keepdims=True) + 1e4
+    quantizer = faiss.IndexFlatL2(store.d)
+    quantizer.add(np.concatenate([near, far]))
+    ivf = faiss.IndexIVFFlat(quantizer, store.d, 2)
+    ivf.add(keys)  # every key in list 0 (near the mean)
+    quantizer.reset()
+    quantizer.add(np.concatenate([far, near]))  # the keys' list now looks far: a query probes the empty list 1
+    ivf.nprobe = 1
+    return ivf
+
+
 def file_stamps(paths) -> dict:
     """name -> (mtime ns, inode) of each file."""
     return {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in paths}

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import window_gold_log_probs
+from conftest import empty_list_ivf, window_gold_log_probs
 from knnlm.augmented import augment, detach
 from knnlm.cli import main
 from knnlm.corpus import CorpusArgs, TokenFile, windows
@@ -351,20 +351,9 @@ def test_positions_whose_search_finds_no_neighbour_keep_the_lm(lm, store, files,
     """An IVF index whose probed list is empty returns no neighbour (ids -1, distances inf): p_knn is undefined there.
     `knnlm eval` scored the LM at such positions, while the augmented model gave NaN logits and the --from_neighbors
     sweep a NaN perplexity."""
-    import faiss
-    import numpy as np
-
     from knnlm.evaluate import EvalArgs, evaluate, sweep_from_cache
 
-    keys = np.asarray(store.keys, dtype=np.float32)
-    near, far = keys.mean(0, keepdims=True), keys.mean(0, keepdims=True) + 1e4
-    quantizer = faiss.IndexFlatL2(store.d)
-    quantizer.add(np.concatenate([near, far]))
-    ivf = faiss.IndexIVFFlat(quantizer, store.d, 2)
-    ivf.add(keys)  # every key in list 0 (near the mean)
-    quantizer.reset()
-    quantizer.add(np.concatenate([far, near]))  # the keys' list now looks far: a query probes the empty list 1
-    ivf.nprobe = 1
+    ivf = empty_list_ivf(store)
     corpus = CorpusArgs(validation_file=str(files / "valid.txt"), block_size=16, stride=8)
     m = evaluate(lm, corpus, tmp_path / "ev", EvalArgs(output_dir=str(tmp_path / "ev"), save_neighbors=True),
                  datastore=store, knn=KNNArgs(k=K, lmbda=[LMBDA], knn_temp=TEMP), index=ivf)

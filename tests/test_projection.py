@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import empty_list_ivf
 
 from knnlm.claims import check_record
 from knnlm.cli import main
@@ -393,22 +394,12 @@ def test_a_kill_between_the_checkpoints_two_files_does_not_count_tokens_twice(co
 def test_positions_whose_search_finds_no_neighbour_keep_the_lm(common, tiny_lm, tmp_path):
     """An IVF index whose probed list is empty returns no neighbour (distances inf): p_knnlm is the LM there, as eval
     scores it. The projection stopped with "the LM gave non-finite log-probabilities" (p_knn was NaN)."""
-    import faiss
-
     from knnlm.corpus import CorpusArgs
     from knnlm.datastore import Datastore
     from knnlm.knn import KNNArgs
 
     store = Datastore.open(common[common.index("--datastore") + 1])
-    keys = np.asarray(store.keys, dtype=np.float32)
-    near, far = keys.mean(0, keepdims=True), keys.mean(0, keepdims=True) + 1e4
-    quantizer = faiss.IndexFlatL2(store.d)
-    quantizer.add(np.concatenate([near, far]))
-    ivf = faiss.IndexIVFFlat(quantizer, store.d, 2)
-    ivf.add(keys)  # every key in list 0 (near the mean)
-    quantizer.reset()
-    quantizer.add(np.concatenate([far, near]))  # the keys' list now looks far: a query probes the empty list 1
-    ivf.nprobe = 1
+    ivf = empty_list_ivf(store)
     corpus = CorpusArgs(validation_file=common[common.index("--validation_file") + 1])
     args = PS.ProjectionArgs(output_dir=str(tmp_path / "proj"), datastore=str(store.dir), target=["f_out"],
                              max_steps=3, tol=[0.0], n_boot=20)
