@@ -36,7 +36,9 @@ def test_early_stopping_keeps_the_best_model(texts, capsys):
     # lr 0.5 throws the model off its random init: step 0 stays the best, patience 1 stops at step 2 of 10
     assert main(_argv(texts, "es", "--max_steps", "10", "--eval_every", "2", "--learning_rate", "0.5",
                       "--warmup_ratio", "0", "--early_stopping_patience", "1", "--early_stopping_min_delta", "0.005")) == 0
-    assert "early stopping: stopped before the step cap; kept step 0" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "early stopping: stopped before the step cap; kept step 0" in printed
+    assert " of the kept step 0; trained 2 steps (" in printed  # the perplexity is the kept step's
     rec = json.loads((texts / "es" / "training.json").read_text())
     assert [h["step"] for h in rec["history"]] == [0, 2] and rec["steps"] == 2
     assert rec["stopped_early"] and rec["best_step"] == 0

@@ -30,7 +30,8 @@ def cmd_lm_train(args) -> int:
     print(f"GPT-2 {largs.size}, {record['n_parameters']:,} parameters, vocabulary {record['vocab_size']}: "
           f"validation perplexity {record['val_ppl']:.2f} per token"
           + (f", {word:.2f} per word" if word else "")
-          + f" after {record['steps']} steps ({record['epochs']:.2f} epochs, {record['train_wall_s']:.0f}s of training)")
+          + (f" of the kept step {record['best_step']}" if targs.early_stopping_patience is not None else "")
+          + f"; trained {record['steps']} steps ({record['epochs']:.2f} epochs, {record['train_wall_s']:.0f}s)")
     if targs.early_stopping_patience is not None:
         print(f"early stopping: {'stopped' if record['stopped_early'] else 'not stopped'} before the step cap; kept "
               f"step {record['best_step']} (validation perplexity {record['best_val_ppl']:.2f} on the evaluation prefix)")
