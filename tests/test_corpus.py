@@ -78,3 +78,30 @@ def test_a_json_file_that_is_not_json_lines_says_so(tmp_path, text, what):
     with pytest.raises(KnnlmError, match=rf"^--train_file: .*doc.json:1 {what}, not a JSON object; write one JSON object "
                                          r"per line \(JSON Lines\)"):
         list(_jsonl_texts(path, "text", "--train_file"))
+
+
+@pytest.mark.parametrize("layout", ["metaspace-first", "metaspace-always", "prepend-normalizer"])
+def test_pieced_tokenization_equals_one_string_when_the_tokenizer_marks_a_strings_start(wikitext_dir, tmp_path,
+                                                                                          monkeypatch, layout):
+    """SentencePiece-style tokenizers (Llama-2, Mistral: a '▁' prepended to every string) gave every piece after the
+    first a spurious word start (the legacy layout: 6,277 tokens for one string's 6,272); each piece is now read after
+    the text of the last tokens emitted. Such a tokenizer's token files carry a key field, so older ones are rebuilt."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from knnlm import corpus
+
+    text = (wikitext_dir / "valid.txt").read_text(encoding="utf-8")[:20_000]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=layout == "prepend-normalizer"))
+    if layout == "prepend-normalizer":  # the legacy Llama-2 / Mistral-7B tokenizer.json
+        bpe.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=layout.split("-")[1])
+    bpe.train_from_iterator([text], trainers.BpeTrainer(vocab_size=800, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    path = tmp_path / "part.txt"
+    path.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(corpus, "_CHUNK_CHARS", 997)  # 20 pieces
+    out = corpus.tokenize_to_file(corpus.TextEncoder(tok), CorpusArgs(train_file=str(path)), "train",
+                                  tmp_path / "tokens.i32")
+    assert out.tokens.tolist() == tok(text)["input_ids"]

@@ -283,29 +283,54 @@ def _encode_long_text(tokenizer, path: Path, add_special: bool, flag: str = "--t
     piece's text holds anything but whitespace).
 
     Each piece's last few tokens are dropped and their text carried into the next piece, so no token straddling a
-    piece boundary is ever cut (pre-tokenization regexes are local, so tokens further back are final).
+    piece boundary is ever cut (pre-tokenization regexes are local, so tokens further back are final). A tokenizer may
+    also treat the start of a string specially (SentencePiece-style ones, Llama-2 and Mistral, prepend '▁'), so the
+    next piece is tokenized after the text of the last few tokens already emitted (the context), whose tokens are
+    dropped again: past its first words the context tokenizes as it did, and the piece as it does in the one string
+    (checked: a warning where it does not).
     """
-    carry, first = "", True
+    carry, first, context, tail = "", True, "", []  # tail: the ids the context's text was tokenized to
     pieces = _text_pieces(path, flag, errors)
     while True:
         piece = next(pieces, "")
-        text = carry + piece
-        if not text:
+        if not carry and not piece:
             return
-        enc = tokenizer(text, add_special_tokens=add_special and first, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        ids, offsets, start, text = _encode_after(tokenizer, context, tail, carry + piece, add_special and first)
+        body = text[len(context):]  # carry + piece
         if not piece:  # end of file: everything is final
-            yield np.asarray(ids, np.int32), bool(text.strip())
+            yield np.asarray(ids[start:], np.int32), bool(body.strip())
             return
-        keep = max(0, len(ids) - _CARRY_TOKENS)
-        while keep > 0 and offsets[keep][0] == 0 and offsets[keep][1] == 0:  # special token: keep with the piece
+        keep = max(start, len(ids) - _CARRY_TOKENS)
+        while keep > start and offsets[keep][0] == 0 and offsets[keep][1] == 0:  # special token: keep with the piece
             keep -= 1
         cut = offsets[keep][0] if keep < len(ids) else len(text)
-        final = np.asarray(ids[:keep], np.int32)
-        del enc, ids, offsets  # free this piece's Python objects before the next piece is tokenized
-        has_text = bool(text[:cut].strip())
+        final = ids[start:keep]
+        has_text = bool(text[len(context):cut].strip())
+        lo = max(0, keep - _CARRY_TOKENS)
+        while lo < keep and offsets[lo][0] == offsets[lo][1]:  # (a special token has no text to give as context)
+            lo += 1
+        context, tail = text[offsets[lo][0]:cut] if lo < keep else "", ids[lo:keep]
         carry, first = text[cut:], False
-        yield final, has_text
+        del ids, offsets  # free this piece's Python objects before the next piece is tokenized
+        yield np.asarray(final, np.int32), has_text
+
+
+def _encode_after(tokenizer, context: str, tail: list, body: str, add_special: bool):
+    """Tokenizes ``context + body`` -> (ids, offsets, index of body's first token, the text tokenized). Where the
+    context's tokens do not end with ``tail`` (all but its first two, which the string's start may change) or body's
+    first token does not start exactly at the context's end, the boundary is tokenized otherwise than in one string:
+    a warning says so (no tokenizer the tests know does this)."""
+    text = context + body
+    enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    if not context:
+        return ids, offsets, 0, text
+    start = next((j for j, (a, b) in enumerate(offsets) if a >= len(context) and b > a), len(ids))
+    check = tail[2:]
+    if (start < len(ids) and offsets[start][0] != len(context)) or (check and ids[start - len(check):start] != check):
+        log.warning("a piece boundary of the text is tokenized otherwise after %d characters of context than in one "
+                    "string; the tokens there may differ from tokenizing the file at once", len(context))
+    return ids, offsets, start, text
 
 
 def _documents(lm, args: CorpusArgs, which: str,
@@ -401,7 +426,14 @@ def _token_key(lm, args: CorpusArgs, which: str, source: Optional[dict]) -> dict
             "tokenizer_hash": _tokenizer_id(lm), "eos_token_id": lm.eos_token_id, "text_field": args.text_field,
             "concat_documents": args.concat_documents, "max_tokens": args.max_tokens,
             "encoding_errors": args.encoding_errors,
-            **({"skip_bad_rows": True} if args.skip_bad_rows else {})}  # (only when set: older files stay valid)
+            **({"skip_bad_rows": True} if args.skip_bad_rows else {}),  # (only when set: older files stay valid)
+            # a text file's pieces are read after a context (_encode_long_text): under a SentencePiece-style tokenizer
+            # older token files hold a spurious word start per piece, so they are not reused
+            **({"text_pieces": "after-context"} if _is_text_file(source or source_fingerprint(args, which)) else {})}
+
+
+def _is_text_file(source: dict) -> bool:
+    return "file" in source and Path(source["file"]).suffix not in ROW_SUFFIXES
 
 
 def _valid_token_files(out_path: Path, doc_path: Path, key_path: Path, key: dict) -> bool:
