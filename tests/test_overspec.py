@@ -155,14 +155,17 @@ def test_datastore_at_a_point_holds_exactly_the_training_tokens(tiny_run):
 
 
 # ---------------------------------------------------------------------------------------------------------------- resume
-def test_resume_after_a_kill_gives_the_same_results(tiny_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kill_at,retrained", [(6, 4), (2, 8)])
+def test_resume_after_a_kill_gives_the_same_results(tiny_run, tmp_path, monkeypatch, kill_at, retrained):
     """Killed at step 6 (between points 4 and 8), the rerun resumes from the step-4 checkpoint (only steps 5-8 are
-    trained again) and every recorded number equals the uninterrupted run's."""
+    trained again) and every recorded number equals the uninterrupted run's. Killed at step 2, before the first
+    checkpoint, it trains from step 0 again, reusing step 0's results: the same numbers too (training step 0's memory
+    reseeded the LM's dropout, so a rerun that reused it trained with other dropout masks)."""
     import knnlm.train as train_mod
 
     full_out, _ = tiny_run
     real_step = train_mod._step
-    calls = {"n": 0, "kill_at": 6}
+    calls = {"n": 0, "kill_at": kill_at}
 
     def step(*a, **kw):
         if kw.get("loss_fn", a[6] if len(a) > 6 else None) is None:  # the LM's steps (not its memories')
@@ -176,11 +179,11 @@ def test_resume_after_a_kill_gives_the_same_results(tiny_run, tmp_path, monkeypa
     args = resolve_args({**TINY, "seeds": "0", "output_dir": str(out)})
     with pytest.raises(KeyboardInterrupt):
         run_study(args)
-    assert (out / "seed-0" / "evals" / "step-0000004.json").is_file()
+    assert (out / "seed-0" / "evals" / f"step-{kill_at - kill_at % 4:07d}.json").is_file()
     assert not (out / "seed-0" / "evals" / "step-0000008.json").exists() and not (out / "seed-0" / "history.json").exists()
     calls.update(n=0, kill_at=-1)
     result = run_study(args)
-    assert calls["n"] == 4  # steps 5..8
+    assert calls["n"] == retrained  # steps 5..8, or 1..8
     for step_ in STEPS:
         mine, full = _point(out, 0, step_), _point(full_out, 0, step_)
         assert mine["weights_hash"] == full["weights_hash"]

@@ -477,6 +477,8 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
         if store is not None:
             store.check_keys_finite()
 
+    # the caller's RNGs, before this memory's seed: a caller mid-training (overspec's evaluation points) keeps its own
+    rng = _rng_state()
     torch.manual_seed(args.seed)
     reference = {k: fp[k] for k in _REFERENCE_KEYS}
     mem = MLPMemory(ds.d, args.hidden_size, lm.output_layer.out_features, activation, output_layer=lm.output_layer,
@@ -500,7 +502,6 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
     def on_eval(step: int, model) -> dict:
         return {} if held is None else {"heldout_loss": heldout_loss(mem, held, args.micro_batch_tokens, lm.device)}
 
-    rng = _rng_state()  # the loop reseeds the global RNGs; a caller mid-training (overspec's evaluation points) keeps its own
     history = train(mem, lambda epoch, seed: _EpochPairs(ds, args, epoch), _loop_args(args, total_steps), ckpt,
                     eval_every=steps_per_epoch, on_eval=on_eval, on_step=on_step, extra_state=record,
                     progress_desc=f"mlp memory {out.name}", loss_fn=_pair_loss,
