@@ -202,3 +202,43 @@ def test_an_interrupted_build_of_other_settings_leaves_nothing_in_the_new_one(tm
     for s in range(shards):  # the same bytes as a build that was never interrupted
         assert (ds.dir / "index" / f"shard{s}.faiss").read_bytes() == (clean.dir / "index" / f"shard{s}.faiss").read_bytes()
     assert not list((ds.dir / "index").glob("partial*"))
+
+
+def test_recall_leaves_each_querys_own_row_out(tmp_path):
+    """The recall check's queries are stored keys: each one's own row is its nearest key, so recall@1 read 1.0 whatever
+    the index (0.534 for held-out queries in the review's repro). Both lists now leave it out; the numbers equal a
+    brute-force count."""
+    ds = make_store(tmp_path / "ds")
+    args = IndexArgs(factory="IVF32,PQ4x4", nprobe=2, train_size=2000, recall_k=10, recall_queries=200, seed=3)
+    rec = build_index(ds, args)["recall"]
+    rows = np.sort(np.random.default_rng(args.seed + 1).choice(ds.N, size=200, replace=False))
+    keys = np.asarray(ds.keys, dtype=np.float64)
+    dist = ((keys[rows][:, None, :] - keys[None]) ** 2).sum(-1)
+    dist[np.arange(200), rows] = np.inf  # the query's own row
+    exact = np.argsort(dist, axis=1, kind="stable")[:, :10]
+    _, found = load_index(ds.dir, nprobe=2).search(np.asarray(ds.keys[rows], dtype=np.float32), 11)
+    approx = np.stack([f[f != r][:10] for f, r in zip(found, rows)])
+    assert rec["self_excluded"] and rec["queries"] == 200 and rec["nprobe"] == 2
+    assert rec["recall@10"] == pytest.approx(recall_at_k(approx, exact), abs=0.01)  # (float32 near-ties aside)
+    assert rec["recall@1"] == pytest.approx(recall_at_k(approx[:, :1], exact[:, :1]), abs=0.01)
+    assert rec["recall@1"] < 0.9  # a PQ4x4 index: no longer 1.0 by construction
+
+
+def test_a_rerun_of_other_build_settings_is_refused_and_of_other_recall_settings_remeasures(tmp_path, caplog):
+    """A finished index was returned as it was for any rerun with the same factory and shards: another --seed,
+    --train_size or --polysemous left the old index (the user believed a new one was built), another --nprobe left its
+    recall record at the old nprobe. Searches at another --nprobe than the record's say so."""
+    import logging
+
+    ds = make_store(tmp_path / "ds")
+    base = dict(factory="IVF32,PQ4x4", nprobe=2, train_size=2000, recall_k=10, recall_queries=100)
+    first = build_index(ds, IndexArgs(**base))
+    for flag, value in (("seed", 7), ("train_size", 3000), ("polysemous", True)):
+        with pytest.raises(KnnlmError, match=rf"^--{flag}: .* already holds an index built with {flag} .*--overwrite"):
+            build_index(ds, IndexArgs(**{**base, flag: value}))
+    again = build_index(ds, IndexArgs(**{**base, "nprobe": 32}))
+    assert again["nprobe"] == again["recall"]["nprobe"] == 32 and again["sha256"] == first["sha256"]
+    assert again["recall"]["recall@10"] > first["recall"]["recall@10"]
+    with caplog.at_level(logging.WARNING, logger="knnlm.index"):
+        load_index(ds.dir, nprobe=8)
+    assert "measured at nprobe 32; this search visits 8 lists" in caplog.text

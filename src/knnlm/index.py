@@ -33,12 +33,12 @@ log = logging.getLogger(__name__)
 class IndexArgs:
     factory: Optional[str] = field(default=None, metadata={"help": "Any faiss.index_factory string (e.g. Flat, IVF4096,PQ64, HNSW32). Default: Flat below --flat_threshold keys, IVF-PQ above."})
     flat_threshold: int = field(default=1_000_000, metadata={"help": "Stores with fewer keys get an exact Flat index by default."})
-    nprobe: int = field(default=32, metadata={"help": "IVF lists visited per query, stored as the index's default."})
+    nprobe: int = field(default=32, metadata={"help": "IVF lists visited per query by the recall check (recorded in index.json); searches visit the --nprobe of eval/serve/generate (default 32), with a warning where the two differ."})
     train_size: int = field(default=262_144, metadata={"help": "Keys sampled to train IVF/PQ (at least 40 per IVF list are used)."})
     add_chunk: int = field(default=262_144, metadata={"help": "Keys added per step; a checkpoint is written after each."})
     shards: int = field(default=1, metadata={"help": "Split the keys into this many shard indexes (for stores larger than RAM)."})
     use_gpu: Optional[bool] = field(default=None, metadata={"help": "Train/search on GPU FAISS (default: when faiss has GPUs)."})
-    recall_queries: int = field(default=1000, metadata={"help": "Keys used as queries to measure recall@k against exact search (0 skips)."})
+    recall_queries: int = field(default=1000, metadata={"help": "Keys used as queries to measure recall@k against exact search, each one's own row left out of both lists (0 skips)."})
     recall_k: int = field(default=64, metadata={"help": "k of the recall@k report."})
     seed: int = field(default=0, metadata={"help": "Seed of the training sample and the recall queries."})
     polysemous: bool = field(default=False, metadata={"help": "Polysemous training of the PQ codes (faiss.index_factory turns it on; it serves Hamming-filtered search, which knnlm never uses, and costs about a third of an IVF-PQ build)."})
@@ -232,11 +232,7 @@ def build_index(ds, args: IndexArgs) -> dict:
     if info_path.exists() and not args.overwrite:  # (with --overwrite even a corrupt index.json is replaced)
         info = read_info(final)
         check_identity(final, info, ds.dir)
-        if info["factory"] == factory and info["shards"] == args.shards:
-            log.info("index %s already built", final)
-            return info
-        raise KnnlmError(f"--factory: {final} already holds a '{info['factory']}' index with {info['shards']} "
-                         f"shard(s); pass --overwrite to replace it")
+        return _built(ds, final, info, factory, probe, args)
     # --overwrite over a finished index: build beside it (a rerun resumes there) and swap it in only when complete,
     # so a kill, a full disk or an error during the rebuild leaves the old index usable
     idir = staging_dir(final) if info_path.exists() else final
@@ -276,7 +272,8 @@ def build_index(ds, args: IndexArgs) -> dict:
             _add_shard(ds, idir, s, int(bounds[s]), int(bounds[s + 1]), trained_path, progress, args, bar)
     timing.lap("add")
     info = {"factory": factory, "shards": args.shards, "ntotal": ds.N, "d": ds.d, "nprobe": args.nprobe,
-            "shard_bounds": bounds.tolist(), "polysemous": args.polysemous, "datastore": identity}
+            "shard_bounds": bounds.tolist(), "polysemous": args.polysemous, "seed": args.seed,
+            "train_size": args.train_size, "datastore": identity}
     if args.recall_queries and factory != "Flat":
         info["recall"] = measure_recall(ds, _load_shards(idir, info, args.nprobe), args)
         timing.lap("recall")
@@ -358,6 +355,34 @@ def trained_fingerprint(index) -> str:
     return h.hexdigest()[:16]
 
 
+def _built(ds, final: Path, info: dict, factory: str, probe, args: IndexArgs) -> dict:
+    """The finished index ``info`` of ``final`` when ``args`` asks for it: another factory, shard count or (for an
+    index that trains) seed, training sample or polysemous flag is refused without --overwrite; another --nprobe or
+    recall setting re-measures recall into its record (the index is the same)."""
+    defaults = IndexArgs()  # (a record from before seed and train_size were kept: those of its build)
+    built = {"factory": info["factory"], "shards": info["shards"], "seed": info.get("seed", defaults.seed),
+             "train_size": info.get("train_size", defaults.train_size), "polysemous": info.get("polysemous", False)}
+    asked = {"factory": factory, "shards": args.shards, "seed": args.seed, "train_size": args.train_size,
+             "polysemous": args.polysemous}
+    trains = not probe.is_trained  # a Flat index's build does not depend on the sample
+    differ = [k for k in asked if built[k] != asked[k] and (trains or k in ("factory", "shards"))]
+    if differ:
+        raise KnnlmError(f"--{differ[0]}: {final} already holds an index built with "
+                         + ", ".join(f"{k} {built[k]!r}" for k in differ) + " (asked: "
+                         + ", ".join(f"{k} {asked[k]!r}" for k in differ) + "); pass --overwrite to replace it")
+    recall = info.get("recall") or {}
+    k = min(args.recall_k, ds.N - 1)
+    if args.recall_queries and factory != "Flat" and (
+            info.get("nprobe") != args.nprobe or recall.get("queries") != args.recall_queries
+            or f"recall@{k}" not in recall or not recall.get("self_excluded")):
+        info = {**info, "nprobe": args.nprobe, "recall": measure_recall(ds, _load_shards(final, info, args.nprobe), args)}
+        atomic_write_json(final / "index.json", info)
+        log.info("index %s already built; its recall measured again at nprobe %d", final, args.nprobe)
+        return info
+    log.info("index %s already built", final)
+    return info
+
+
 def _set_nprobe(index, nprobe: int) -> None:
     try:
         faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
@@ -384,6 +409,9 @@ def load_index(ds_dir: str | Path, nprobe: int = 32, use_gpu: bool | None = None
         return None
     info = read_info(idir)
     check_identity(idir, info, ds_dir)
+    if "IVF" in info["factory"] and info.get("nprobe", nprobe) != nprobe:
+        log.warning("index %s: its recall (index.json) was measured at nprobe %d; this search visits %d lists per "
+                    "query (--nprobe)", idir, info["nprobe"], nprobe)
     index = _load_shards(idir, info, nprobe)
     if use_gpu or (use_gpu is None and gpu_available()):
         index = _to_gpu(index)
@@ -423,6 +451,15 @@ def exact_knn(ds, queries: np.ndarray, k: int, chunk: int = 262_144) -> tuple[np
     return heap.D, heap.I
 
 
+def _others(ids: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """[n, k + 1] ids -> [n, k]: each query's first k ids other than its own row ``rows[i]`` (-1 where fewer)."""
+    out = np.full((len(ids), k), -1, dtype=ids.dtype)
+    for i, (found, row) in enumerate(zip(ids, rows)):
+        other = found[found != row][:k]
+        out[i, :len(other)] = other
+    return out
+
+
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     """Mean fraction of the exact top-k ids that the approximate top-k contains."""
     hits = [len(np.intersect1d(a[a >= 0], e[e >= 0])) / max(1, (e >= 0).sum()) for a, e in zip(approx_ids, exact_ids)]
@@ -430,13 +467,16 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
 
 
 def measure_recall(ds, index, args: IndexArgs) -> dict:
+    """recall@k and @1 of ``index`` against exact search, for stored keys as queries with each query's own row left
+    out of both lists (it is every query's nearest key, which made recall@1 1.0 whatever the index)."""
     rng = np.random.default_rng(args.seed + 1)
     rows = np.sort(rng.choice(ds.N, size=min(ds.N, args.recall_queries), replace=False))
     queries = np.asarray(ds.keys[rows], dtype=np.float32)
-    k = min(args.recall_k, ds.N)
-    _, exact = exact_knn(ds, queries, k)
-    _, approx = index.search(queries, k)
+    k = min(args.recall_k, ds.N - 1)
+    _, exact = exact_knn(ds, queries, k + 1)
+    _, approx = index.search(queries, k + 1)
+    exact, approx = _others(exact, rows, k), _others(approx, rows, k)
     out = {f"recall@{k}": recall_at_k(approx, exact), "recall@1": recall_at_k(approx[:, :1], exact[:, :1]),
-           "queries": len(rows), "nprobe": args.nprobe}
+           "queries": len(rows), "nprobe": args.nprobe, "self_excluded": True}
     log.info("recall vs exact search: %s", out)
     return out
