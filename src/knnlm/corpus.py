@@ -26,7 +26,12 @@ _CHUNK_CHARS = 1 << 18  # bytes read per piece (at most as many characters)
 TEXT_FIELD = "text"  # the default --text_field
 JSONL_SUFFIXES = (".jsonl", ".json")
 # tables, read through HF datasets' own (offline) builders: suffix -> (builder, its options)
-TABLE_SUFFIXES = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".parquet": ("parquet", {})}
+# (pandas' defaults read a text of 'NA', 'null', 'None', 'nan' or an empty cell as missing and drop blank lines, so such
+# rows were refused or skipped where the same rows in JSONL are documents: a row's text is read as written. Fields are
+# CSV-quoted in both, as pandas writes them, so a .tsv text that starts with '"' must be quoted)
+_AS_WRITTEN = {"keep_default_na": False, "na_filter": False, "skip_blank_lines": False}
+TABLE_SUFFIXES = {".csv": ("csv", _AS_WRITTEN), ".tsv": ("csv", {**_AS_WRITTEN, "delimiter": "\t"}),
+                  ".parquet": ("parquet", {})}
 ROW_SUFFIXES = JSONL_SUFFIXES + tuple(TABLE_SUFFIXES)  # files of rows with a text field; any other file is plain text
 _CARRY_TOKENS = 8  # tokens re-tokenized across a piece boundary (see _encode_long_text)
 
@@ -427,13 +432,17 @@ def _token_key(lm, args: CorpusArgs, which: str, source: Optional[dict]) -> dict
             "concat_documents": args.concat_documents, "max_tokens": args.max_tokens,
             "encoding_errors": args.encoding_errors,
             **({"skip_bad_rows": True} if args.skip_bad_rows else {}),  # (only when set: older files stay valid)
-            # a text file's pieces are read after a context (_encode_long_text): under a SentencePiece-style tokenizer
-            # older token files hold a spurious word start per piece, so they are not reused
-            **({"text_pieces": "after-context"} if _is_text_file(source or source_fingerprint(args, which)) else {})}
+            **_reader_version(source or source_fingerprint(args, which))}
 
 
-def _is_text_file(source: dict) -> bool:
-    return "file" in source and Path(source["file"]).suffix not in ROW_SUFFIXES
+def _reader_version(source: dict) -> dict:
+    """The key field of a reader whose tokens changed, so that older token files of such a source are not reused: a
+    text file's pieces are read after a context (under a SentencePiece-style tokenizer older files hold a spurious
+    word start per piece); a .csv/.tsv row's text as written (pandas read 'NA', 'null', '' as missing)."""
+    suffix = Path(source["file"]).suffix if "file" in source else None
+    if suffix in (".csv", ".tsv"):
+        return {"table_reader": "as-written"}
+    return {"text_pieces": "after-context"} if suffix is not None and suffix not in ROW_SUFFIXES else {}
 
 
 def _valid_token_files(out_path: Path, doc_path: Path, key_path: Path, key: dict) -> bool:
