@@ -49,10 +49,11 @@ def bare_forward_s(args, out: Path) -> dict:
         ids, mask = _batch_inputs(tokens, wins[i: i + args.batch_size], lm.eos_token_id or 0)
         with torch.inference_mode():
             t0 = time.time()
-            lm.model(input_ids=ids, attention_mask=mask)
+            lm.model(input_ids=ids, attention_mask=mask, use_cache=False)  # every [B, T, V] logit: a reference only
             full += time.time() - t0
             t0 = time.time()
-            lm.model.base_model(input_ids=ids, attention_mask=mask)
+            # the build's own work: the body without a KV cache (its one logit row per window is negligible)
+            lm.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
             body += time.time() - t0
     return {"forward_with_head_s": full, "forward_body_s": body}
 
@@ -88,8 +89,10 @@ def main() -> None:
     print(f"build {4 * args.tokens} tokens: {large['build_s']:.1f}s, peak RSS {large['peak_rss_mib']:.0f} MiB")
     print(f"bare forward on the same {4 * args.tokens} tokens: {fwd['forward_with_head_s']:.1f}s with the output layer, "
           f"{fwd['forward_body_s']:.1f}s without")
-    print(f"ratio build / bare forward (with head): {large['build_s'] / fwd['forward_with_head_s']:.3f}  (target <= 1.10)")
-    print(f"ratio build / bare forward (body only): {large['build_s'] / fwd['forward_body_s']:.3f}")
+    # the target is against the body alone: the build runs no [B, T, V] output layer, so a ratio against the forward
+    # with it would pass a build several times slower than its own forward
+    print(f"ratio build / bare forward (body only): {large['build_s'] / fwd['forward_body_s']:.3f}  (target <= 1.10)")
+    print(f"ratio build / bare forward (with head, for reference): {large['build_s'] / fwd['forward_with_head_s']:.3f}")
     print(f"ratio build time 4x / 1x: {large['build_s'] / small['build_s']:.2f}  (linear = 4)")
     print(f"ratio peak RSS 4x / 1x: {large['peak_rss_mib'] / small['peak_rss_mib']:.3f}  (target <= 1.2)")
 
