@@ -481,3 +481,23 @@ def test_a_finished_stage_whose_command_changed_runs_again(tmp_path):
     recipe["stages"][0]["argv"] += ["--max_steps", "9"]  # the same data, an edited recipe
     run_stages(ReproduceArgs(output_dir=str(out), data_dir=str(tmp_path / "b")), run, recipe)
     assert len(ran) == 3
+
+
+def test_a_stage_run_in_process_keeps_the_reproduce_folders_lock(tmp_path):
+    """`knnlm reproduce` runs its stages through cli.main in its own process; main released every lock the process
+    held at a stage's end, the reproduce folder's too, so a second `knnlm reproduce` into the folder was let in."""
+    import subprocess
+    import sys
+
+    from knnlm import fileio
+
+    out = tmp_path / "out"
+    fileio.lock_output_dir(out, "reproduce")
+    try:
+        assert main(["datastore", "verify", str(tmp_path / "no-such-store")]) == 2  # a stage, here a failing one
+        assert out.resolve() in fileio.held_locks() and (out / fileio.LOCK_FILE).exists()
+        probe = "import sys\nfrom knnlm import fileio\nfileio.lock_output_dir(sys.argv[1], 'reproduce')\n"
+        second = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0 and "KnnlmError" in second.stderr  # refused: the folder is still this run's
+    finally:
+        fileio.release_output_dirs()

@@ -556,6 +556,11 @@ def release_output_dirs(keys: Optional[Iterable[Path]] = None) -> None:
             os.close(fd)
 
 
+def held_locks() -> set:
+    """The folders whose locks this process holds now (for :func:`release_output_dirs` of the ones taken since)."""
+    return set(_held)
+
+
 def releases_locks(func):
     """Decorates a library function that writes output folders: the locks it takes are released when it returns or
     raises (the CLI releases a command's locks at its end anyway; this serves Python callers)."""
@@ -563,11 +568,11 @@ def releases_locks(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        before = set(_held)
+        before = held_locks()
         try:
             return func(*args, **kwargs)
         finally:
-            release_output_dirs(set(_held) - before)
+            release_output_dirs(held_locks() - before)
     return wrapper
 
 

@@ -109,9 +109,10 @@ def _main(argv: list[str] | None) -> int:
         _quiet_libraries(args.verbose)
     except KeyboardInterrupt as e:  # nothing has started yet, so nothing to resume
         return _stopped(e)
-    from ..fileio import abandon_fresh_claims, fresh_claims, release_output_dirs
+    from ..fileio import abandon_fresh_claims, fresh_claims, held_locks, release_output_dirs
 
     outer = fresh_claims()  # a stage of `knnlm reproduce` runs here, inside the command that claimed its folder
+    held = held_locks()  # (and inside the command's lock, which a stage must not release)
     try:
         return args.func(args) or 0
     except Exception as e:  # noqa: BLE001 -- the CLI boundary: one line, the traceback only with --debug
@@ -121,7 +122,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"knnlm: error: {_one_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, (KnnlmError, OSError, MemoryError, UnicodeDecodeError)) else 1
     finally:
-        release_output_dirs()  # the output folders this command locked
+        release_output_dirs(held_locks() - held)  # the output folders this command locked
 
 
 _OS_FIXES = {errno.ENOSPC: "free some space (or choose another folder) and rerun the same command to resume",
