@@ -998,6 +998,14 @@ def test_eval_from_neighbors_honours_or_refuses_k_and_temperature(tiny_gpt2_dir,
     other = build_ds(tiny_gpt2_dir, files / "b.txt", tmp_path / "other", capsys)
     assert_one_line(*cli(["eval", "--from_neighbors", cache, "--datastore", other.dir, "--output_dir",
                           tmp_path / "c-other"], capsys), "--datastore", "cannot change it")
+    # a later eval into the cache's folder with another search setting and no cache replaces config.json but keeps
+    # neighbors/: the cache names its own settings (it was read from config.json, so --ignore_top true was accepted
+    # and the sweep of a cache made without it recorded as an --ignore_top run)
+    eval_metrics(tiny_gpt2_dir, files / "b.txt", tmp_path / "full", capsys, "--datastore", ds.dir, "--k", 16,
+                 "--ignore_top", "true")
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["ignore_top"] is True
+    assert_one_line(*cli(["eval", "--from_neighbors", cache, "--ignore_top", "true", "--output_dir",
+                          tmp_path / "c-top"], capsys), "--ignore_top", "made with ignore_top False")
 
 
 def test_a_damaged_neighbour_cache_is_a_one_line_error_naming_its_file(tiny_gpt2_dir, files, tmp_path, capsys):

@@ -170,7 +170,7 @@ def test_lm_only_eval_saves_per_token_log_probs(tiny_gpt2_dir, tmp_path, capsys)
     lm = np.fromfile(out / "neighbors" / "lm_gold.f32", np.float32)
     assert lm.shape == (metrics["n_tokens"],) == np.fromfile(out / "neighbors" / "gold.i32", np.int32).shape
     assert math.exp(-lm.astype(np.float64).mean()) == pytest.approx(metrics["ppl_lm"], rel=1e-5)
-    assert sorted(p.name for p in (out / "neighbors").iterdir()) == ["gold.i32", "k.txt", "lm_gold.f32"]
+    assert sorted(p.name for p in (out / "neighbors").iterdir()) == ["gold.i32", "k.txt", "lm_gold.f32", "settings.json"]
     # per token: gold.i32 holds the scored targets of the eval's windows in text order, and lm_gold.f32 their
     # log-probabilities under the model, recomputed through plain transformers from out/tokens.i32
     from transformers import AutoModelForCausalLM

@@ -146,14 +146,22 @@ class _NeighbourCache:
         (self.dir / "k.txt").write_text(str(self.k))
 
 
-def commit_neighbour_cache(out_dir: str | Path) -> None:
-    """Swaps a finished staged cache in as ``OUT/neighbors`` (``fileio.swap_into_place``); nothing to do without one.
-    The CLI calls it once results.json is written, so a cache is never newer than its results."""
+CACHE_SETTINGS = "settings.json"  # in a neighbour cache: the settings of the run that made it
+
+
+def commit_neighbour_cache(out_dir: str | Path, settings: Optional[dict] = None) -> None:
+    """Swaps a finished staged cache in as ``OUT/neighbors`` (``fileio.swap_into_place``), with ``settings`` (the run's
+    config) as its ``settings.json``; nothing to do without one. The CLI calls it once results.json is written, so a
+    cache is never newer than its results; the cache names its own settings, since a later run into ``OUT`` without
+    --save_neighbors replaces config.json and keeps the cache."""
     from .fileio import staging_dir, swap_into_place
 
     final = Path(out_dir) / "neighbors"
-    if (staging_dir(final) / "k.txt").is_file():
-        swap_into_place(staging_dir(final), final)
+    staged = staging_dir(final)
+    if (staged / "k.txt").is_file():
+        if settings is not None:
+            atomic_write_json(staged / CACHE_SETTINGS, settings)
+        swap_into_place(staged, final)
 
 
 _REDO_CACHE = "rerun the eval with --save_neighbors true"
@@ -440,8 +448,10 @@ def evaluate(lm, corpus: CorpusArgs, out_dir: str | Path, args: EvalArgs, datast
         progress.save(done, _sums(lm_nll, knn_nll, mlp_nll), timing, resumed_wall + time.time() - started, cache)
     if cache:
         cache.close()
-        if commit_cache:
-            commit_neighbour_cache(out_dir)
+        if commit_cache:  # (the settings --from_neighbors checks, as the CLI's config names them)
+            commit_neighbour_cache(out_dir, {"model_name_or_path": lm.name, "key_point": key_point,
+                                             "datastore": str(datastore.dir) if datastore is not None else None,
+                                             **{k: getattr(knn, k) for k in ("k", "ignore_top", "recompute_dists")}})
     if progress is not None and not keep_progress:
         remove_progress(out_dir)
     if token_log_probs is not None:

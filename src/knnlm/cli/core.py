@@ -195,7 +195,8 @@ def cmd_eval(args) -> int:
         table = results_table(metrics)
     save_config(out, margs, cargs, kargs, eargs)
     write_results(out, to_dict(margs, cargs, kargs, eargs), metrics, started)
-    commit_neighbour_cache(out)  # after the results that describe it (a refused or killed run keeps the earlier one)
+    # after the results that describe it (a refused or killed run keeps the earlier one)
+    commit_neighbour_cache(out, {k: v for k, v in to_dict(margs, cargs, kargs, eargs).items() if k != "output_dir"})
     remove_progress(out)  # the run is finished: until here a rerun resumes it with no batch left to score
     write_markdown(out, table)
     print(table, end="")
@@ -231,7 +232,7 @@ def _cache_settings(args, margs, kargs, eargs) -> tuple[dict, int, list[float]]:
     k and temperatures this run computes from it, or a one-line error for a setting it cannot honour: a larger k,
     another model or datastore, other search settings. A smaller k and any temperature are recomputed exactly
     from the cached distances."""
-    from ..evaluate import neighbour_cache_k
+    from ..evaluate import CACHE_SETTINGS, neighbour_cache_k
     from ..fileio import read_json, resolve_path
     from ..knn import KNNArgs
 
@@ -240,7 +241,8 @@ def _cache_settings(args, margs, kargs, eargs) -> tuple[dict, int, list[float]]:
     if held["k"] == 0:
         raise KnnlmError(f"--from_neighbors: {cache} is the cache of an eval without --datastore (LM log-probs, no "
                          "neighbours); pass the neighbors/ folder of an eval run with --datastore and --save_neighbors true")
-    run = cache.parent / "config.json"
+    run = cache / CACHE_SETTINGS  # (a cache from before it named its settings: its run folder's config.json)
+    run = run if run.is_file() else cache.parent / "config.json"
     config = read_json(run) if run.is_file() else {}
     for key in ("model_name_or_path", "datastore", "recompute_dists", "ignore_top", "key_point"):
         if key in config:
