@@ -480,6 +480,34 @@ def test_debug_flag_shows_the_traceback(tiny_gpt2_dir, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------- the helpers
+def test_a_replace_killed_before_its_marker_leaves_no_earlier_files_under_the_new_inputs(tmp_path, monkeypatch):
+    """With --overwrite the new marker was written before the earlier run's files were removed: a kill in between left
+    them under a marker naming the new inputs, and the rerun took them for its own (the review's repro: the old
+    corpus's neighbour cache beside the new run's results). They now go first, the staged caches' pattern included."""
+    from knnlm import fileio
+    from knnlm.fileio import RUN_MARKER, claim_output_dir
+
+    own = ("results.json", "neighbors", "neighbors.*-tmp", "keep")
+    out = tmp_path / "run"
+    claim_output_dir(out, "eval", {"corpus": "a"}, own_files=own)
+    for name in ("results.json", "neighbors/k.txt", "neighbors.rebuild-tmp/k.txt", "keep/k.txt"):
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text("a's")
+    real = fileio.atomic_write_json
+
+    def killed(path, *a, **kw):
+        if Path(path).name == RUN_MARKER:
+            raise KeyboardInterrupt
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(fileio, "atomic_write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        claim_output_dir(out, "eval", {"corpus": "b"}, True, own_files=own, remove_on_replace=True, keep=[out / "keep"])
+    fileio.release_output_dirs()
+    assert sorted(p.name for p in out.iterdir() if p.name != fileio.LOCK_FILE) == ["keep", RUN_MARKER]
+    assert json.loads((out / RUN_MARKER).read_text())["inputs"] == {"corpus": "a"}  # the old marker, no old files
+
+
 def test_claim_output_dir_states(tmp_path):
     from knnlm.fileio import RUN_MARKER, claim_output_dir
 

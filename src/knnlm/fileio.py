@@ -308,7 +308,7 @@ def describe_folder(path: Path) -> str | None:
 
 def claim_output_dir(path: str | Path, kind: str, inputs: Optional[dict], overwrite: bool = False,
                      own_files: Iterable[str] = (), flag: str = "--output_dir", what: Optional[str] = None,
-                     check_only: bool = False) -> str:
+                     check_only: bool = False, remove_on_replace: bool = False, keep: Iterable[Path] = ()) -> str:
     """Makes ``path`` the output folder of one ``knnlm <kind>`` run with the given ``inputs`` (a JSON-able dict of
     what the outputs are made from), or refuses it with a one-line ``KnnlmError``.
 
@@ -326,6 +326,9 @@ def claim_output_dir(path: str | Path, kind: str, inputs: Optional[dict], overwr
     locked for this process (:func:`lock_output_dir`: a second process writing the same folder is refused, naming the
     holder), checked again under the lock, and ``knnlm-run.json`` (the marker) is written atomically. A folder claimed
     empty is remembered: :func:`abandon_fresh_claims` empties it again if the command fails before any work.
+    ``remove_on_replace``: on "replace" the earlier run's own files (but ``keep``) are removed under the lock before
+    the marker names the new inputs, so a kill in between leaves the old marker with the old files, never the old
+    files under the new marker (which a rerun would take for its own).
     """
     path = Path(path)
     own_files = tuple(own_files)
@@ -340,6 +343,8 @@ def claim_output_dir(path: str | Path, kind: str, inputs: Optional[dict], overwr
         lock_output_dir(path, kind, flag)
         state = _claim_state(path, kind, inputs, overwrite, own_files, flag, what)  # another process may have written
         remove_stale_temps(path)
+        if state == "replace" and remove_on_replace:
+            remove_own_files(path, own_files, keep)
         if state != "same" or not marker.is_file():
             atomic_write_json(marker, {"kind": kind, "inputs": inputs})
     except OSError as e:
@@ -429,16 +434,19 @@ def _claim_state(path: Path, kind: str, inputs, overwrite: bool, own_files: tupl
                      "(with or without --overwrite): choose a new or empty folder")
 
 
-def remove_own_files(path: str | Path, own_files: Iterable[str]) -> list[str]:
+def remove_own_files(path: str | Path, own_files: Iterable[str], keep: Iterable[Path] = ()) -> list[str]:
     """Deletes what a command wrote into its claimed folder (names matching ``own_files``), never anything else (nor
-    the marker, the lock or temp files); returns the names deleted."""
+    the marker, the lock, temp files, or an entry that is or holds a path in ``keep``); returns the names deleted."""
     import shutil
 
     path, own_files = Path(path), tuple(own_files)
+    keep = [Path(k).resolve() for k in keep]
     gone = []
     for name in _entries(path):
         if name != RUN_MARKER and _is_own(name, own_files):
             p = path / name
+            if any(k == p.resolve() or p.resolve() in k.parents for k in keep):
+                continue
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             gone.append(name)
     return gone

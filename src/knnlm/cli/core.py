@@ -281,13 +281,10 @@ def _claim_eval_dir(out: Path, margs, cargs, eargs, overwrite: bool) -> None:
     """Refuses an output folder holding anything but this command's own runs; an earlier eval of other inputs (model,
     corpus, windowing, datastore, memory) only with --overwrite. k, λ and T are settings: a rerun may change them."""
     import dataclasses
-    import shutil
 
     from ..corpus import source_fingerprint
     from ..evaluate import remove_progress
-    from ..fileio import claim_output_dir
-
-    from ..fileio import resolve_path
+    from ..fileio import claim_output_dir, resolve_path
 
     if eargs.from_neighbors:
         inputs = {"from_neighbors": str(resolve_path(eargs.from_neighbors, "--from_neighbors"))}
@@ -298,16 +295,11 @@ def _claim_eval_dir(out: Path, margs, cargs, eargs, overwrite: bool) -> None:
         inputs = {"model": model, "corpus": corpus, "source": source_fingerprint(cargs, "validation"),
                   "datastore": eargs.datastore and str(resolve_path(eargs.datastore, "--datastore")),
                   "mlp_memory": eargs.mlp_memory and str(resolve_path(eargs.mlp_memory, "--mlp_memory"))}
-    state = claim_output_dir(out, "eval", inputs, overwrite, own_files=_EVAL_FILES)
+    # the earlier run's files go (but the cache this run reads): none may be mistaken for this run's
+    keep = [resolve_path(eargs.from_neighbors, "--from_neighbors")] if eargs.from_neighbors else []
+    claim_output_dir(out, "eval", inputs, overwrite, own_files=_EVAL_FILES, remove_on_replace=True, keep=keep)
     if overwrite:  # starts over, even a killed run of the same inputs: its progress record is not resumed
         remove_progress(out)
-    if state == "replace":
-        keep = resolve_path(eargs.from_neighbors, "--from_neighbors") if eargs.from_neighbors else None  # (read)
-        for name in _EVAL_FILES:  # the earlier run's files go: none may be mistaken for this run's
-            p = out / name
-            if keep is not None and (p.resolve() == keep or p.resolve() in keep.parents):
-                continue
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def results_table(metrics: dict) -> str:

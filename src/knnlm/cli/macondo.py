@@ -8,7 +8,7 @@ from typing import Optional
 
 from ..config import add_command, resolve, save_config, to_dict
 from ..errors import KnnlmError
-from ..fileio import claim_output_dir, remove_own_files
+from ..fileio import claim_output_dir
 
 RESULT_FILES = ("config.json", "results.json", "results.md")  # what a one-shot command writes into its folder
 
@@ -99,9 +99,8 @@ def cmd_score(args) -> int:
     if retriever is not None:
         metrics["datastore_N"] = datastore.N
         metrics["k"] = retriever.k
-    if claim_output_dir(out, "macondo score", inputs, sargs.overwrite, own_files=RESULT_FILES,
-                        what="`knnlm macondo score` run") == "replace":  # (made only now: bad input leaves no folder)
-        remove_own_files(out, RESULT_FILES)
+    claim_output_dir(out, "macondo score", inputs, sargs.overwrite, own_files=RESULT_FILES,  # (made only now: bad
+                     what="`knnlm macondo score` run", remove_on_replace=True)  # input leaves no folder)
     save_config(out, margs, sargs, kargs)
     write_results(out, to_dict(margs, sargs, kargs), metrics, started)
     table = f"Macondo {sargs.split}: mean log-likelihood of the children's names\n\n" + results_table(summary)
