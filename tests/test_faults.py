@@ -1326,3 +1326,29 @@ def test_eval_from_neighbors_with_a_smaller_k_equals_that_search_on_an_ivf_pq_in
     assert rc == 0, err
     res = json.loads((tmp_path / "c4" / "results.json").read_text())
     assert res["metrics"]["sweep_knn_cached"]["lmbda=0.25,T=1.0"] == pytest.approx(real["ppl_knnlm"], rel=1e-5)
+
+
+def test_a_kill_while_the_outputs_are_written_leaves_no_results_of_another_run(tiny_gpt2_dir, files, tmp_path, capsys,
+                                                                               monkeypatch):
+    """results.json was written before results.md: a rerun with another λ killed in between left the new results.json
+    beside the earlier run's table (the review's repro: λ 0.5 in results.json, λ 0.25 in results.md). The earlier
+    results.json now goes first and the new one comes last, after the markdown and plots."""
+    from knnlm import report
+
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    out = tmp_path / "ev"
+    eval_metrics(tiny_gpt2_dir, files / "b.txt", out, capsys, "--datastore", ds.dir, "--lmbda", 0.25)
+    real = report.write_markdown
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_markdown", killed)
+    argv = ["eval", *model_args(tiny_gpt2_dir), "--validation_file", files / "b.txt", "--output_dir", out,
+            "--block_size", 32, "--datastore", ds.dir, "--lmbda", 0.5]
+    assert cli(argv, capsys)[0] == 128 + 2
+    assert not (out / "results.json").exists()  # no finished-looking folder of two runs
+    monkeypatch.setattr(report, "write_markdown", real)
+    assert cli(argv, capsys)[0] == 0
+    assert json.loads((out / "results.json").read_text())["metrics"]["lmbda"] == 0.5
+    assert "| kNN-LM | 0.5 |" in (out / "results.md").read_text()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 from .fileio import atomic_path, atomic_write_json, atomic_write_text, run_info
 
@@ -47,6 +47,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence], digits: int
 
 def write_markdown(out_dir: str | Path, text: str, name: str = "results.md") -> Path:
     return atomic_write_text(Path(out_dir) / name, text)
+
+
+def finish_outputs(out_dir: str | Path, config: dict, metrics: dict, markdown: str, started: float | None = None,
+                   plots: Optional[Callable[[], object]] = None, markdown_name: str = "results.md", **extra) -> Path:
+    """A run's outputs in the order that keeps its folder honest: the earlier ``results.json`` removed, the markdown
+    and the plots (``plots()``) written, then ``results.json`` last (:func:`write_results`). A kill then never leaves
+    a new results.json beside an earlier run's markdown or plots, and a folder holding results.json is finished."""
+    (Path(out_dir) / "results.json").unlink(missing_ok=True)
+    write_markdown(out_dir, markdown, markdown_name)
+    if plots is not None:
+        plots()
+    return write_results(out_dir, config, metrics, started, **extra)
 
 
 def line_plot(path: str | Path, series: Sequence[dict], title: str = "", xlabel: str = "", ylabel: str = "",

@@ -35,7 +35,7 @@ def cmd_projection(args) -> int:
     from ..experiments.study import check_resumable
     from ..knn import KNNArgs
     from ..models import ModelArgs, load_model
-    from ..report import write_markdown, write_results
+    from ..report import finish_outputs
 
     margs, cargs, kargs, pargs = resolve([ModelArgs, CorpusArgs, KNNArgs, ProjectionArgs], args, args.config)
     cargs.require("validation")  # a corpus, one only, readable: before the model loads
@@ -52,9 +52,8 @@ def cmd_projection(args) -> int:
     save_config(out, margs, cargs, kargs, pargs)  # first: what a rerun must match to resume (check_resumable)
     metrics = run_projection(lm, cargs, pargs, datastore, kargs)
     found = claims(metrics, "this run")
-    write_results(out, to_dict(margs, cargs, kargs, pargs), metrics, started, claims=[c.record() for c in found])
     table = results_table(metrics, found)
-    write_markdown(out, table)
+    finish_outputs(out, to_dict(margs, cargs, kargs, pargs), metrics, table, started, claims=[c.record() for c in found])
     print(table, end="")
     print(f"results: {out / 'results.json'}; KL histograms: {', '.join(str(out / f'kl_{t}.png') for t in pargs.target)}; "
           f"step histograms: {out}/steps_<target>_tol<tol>.png")
@@ -71,7 +70,7 @@ def cmd_retomaton(args) -> int:
     from ..experiments.study import check_resumable
     from ..fileio import claim_output_dir
     from ..models import ModelArgs, load_model
-    from ..report import write_markdown, write_results
+    from ..report import finish_outputs
 
     margs, cargs, rargs = resolve([ModelArgs, CorpusArgs, RetomatonArgs], args, args.config)
     cargs.require("validation")  # a corpus, one only, readable: before the model loads
@@ -86,10 +85,9 @@ def cmd_retomaton(args) -> int:
     save_config(out, margs, cargs, rargs)  # first: what a rerun must match (check_resumable)
     metrics = run_retomaton(lm, cargs, rargs, datastore)
     found = claim(metrics, "this run")
-    write_results(out, to_dict(margs, cargs, rargs), metrics, started, claims=[c.record() for c in found])
     table = results_table(metrics, found)
-    write_markdown(out, table)
-    figure(out / FIGURE, metrics)
+    finish_outputs(out, to_dict(margs, cargs, rargs), metrics, table, started, plots=lambda: figure(out / FIGURE, metrics),
+                   claims=[c.record() for c in found])
     print(table, end="")
     print(f"results: {out / 'results.json'}; figure: {out / FIGURE}")
     return 0

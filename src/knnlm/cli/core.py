@@ -154,7 +154,7 @@ def cmd_eval(args) -> int:
     from ..evaluate import EvalArgs, commit_neighbour_cache, evaluate, remove_progress, sweep_from_cache, sweep_key
     from ..knn import KNNArgs
     from ..models import ModelArgs
-    from ..report import markdown_table, write_markdown, write_results
+    from ..report import finish_outputs, markdown_table
 
     margs, cargs, kargs, eargs = resolve([ModelArgs, CorpusArgs, KNNArgs, EvalArgs], args, args.config)
     if rank_and_world()[1] > 1:  # (a second process was refused by the output folder's lock, naming no reason)
@@ -194,11 +194,10 @@ def cmd_eval(args) -> int:
         _refuse_non_finite(metrics)
         table = results_table(metrics)
     save_config(out, margs, cargs, kargs, eargs)
-    write_results(out, to_dict(margs, cargs, kargs, eargs), metrics, started)
+    finish_outputs(out, to_dict(margs, cargs, kargs, eargs), metrics, table, started)
     # after the results that describe it (a refused or killed run keeps the earlier one)
     commit_neighbour_cache(out, {k: v for k, v in to_dict(margs, cargs, kargs, eargs).items() if k != "output_dir"})
     remove_progress(out)  # the run is finished: until here a rerun resumes it with no batch left to score
-    write_markdown(out, table)
     print(table, end="")
     print(f"results: {out / 'results.json'}")
     return 0

@@ -29,7 +29,7 @@ def cmd_generate(args) -> int:
     from ..errors import KnnlmError
     from ..knn import KNNArgs
     from ..models import ModelArgs, load_model
-    from ..report import markdown_table, write_markdown, write_results
+    from ..report import finish_outputs, markdown_table
 
     margs, aargs, kargs, gargs = resolve([ModelArgs, AugmentArgs, KNNArgs, GenerateArgs], args, args.config)
     prompts, skipped = read_prompts(args.prompt, gargs.prompt_file, gargs.skip_bad_rows)
@@ -76,10 +76,10 @@ def cmd_generate(args) -> int:
                             what="`knnlm generate` run") == "replace":  # (made only now)
             remove_own_files(gargs.output_dir, RESULT_FILES)
         save_config(gargs.output_dir, margs, aargs, kargs, gargs)
-        write_results(gargs.output_dir, {**to_dict(margs, aargs, kargs, gargs), "prompt": args.prompt}, metrics, started)
         headers = ["prompt"] + (["LM"] if plain else []) + ([name] if augmented else [])
         rows = [[s["prompt"]] + ([s["lm"]] if plain else []) + ([s["augmented"]] if augmented else []) for s in samples]
-        write_markdown(gargs.output_dir, markdown_table(headers, [[str(c).replace("|", "\\|").replace("\n", " ")
-                                                                   for c in r] for r in rows]))
+        table = markdown_table(headers, [[str(c).replace("|", "\\|").replace("\n", " ") for c in r] for r in rows])
+        finish_outputs(gargs.output_dir, {**to_dict(margs, aargs, kargs, gargs), "prompt": args.prompt}, metrics, table,
+                       started)
         print(f"results: {gargs.output_dir}/results.json")
     return 0

@@ -68,7 +68,7 @@ def cmd_score(args) -> int:
     from ..macondo.generate import read_split
     from ..macondo.score import results_table, score_split, summarize_scores
     from ..models import ModelArgs, load_model
-    from ..report import write_markdown, write_results
+    from ..report import finish_outputs
 
     margs, sargs, kargs = resolve([ModelArgs, ScoreArgs, KNNArgs], args, args.config)
     if not margs.model_name_or_path:
@@ -102,9 +102,8 @@ def cmd_score(args) -> int:
     claim_output_dir(out, "macondo score", inputs, sargs.overwrite, own_files=RESULT_FILES,  # (made only now: bad
                      what="`knnlm macondo score` run", remove_on_replace=True)  # input leaves no folder)
     save_config(out, margs, sargs, kargs)
-    write_results(out, to_dict(margs, sargs, kargs), metrics, started)
     table = f"Macondo {sargs.split}: mean log-likelihood of the children's names\n\n" + results_table(summary)
-    write_markdown(out, table)
+    finish_outputs(out, to_dict(margs, sargs, kargs), metrics, table, started)
     print(table, end="")
     print(f"results: {out / 'results.json'}")
     return 0

@@ -22,7 +22,7 @@ def cmd_mlp_train(args) -> int:
     from ..evaluate import storage_report
     from ..memory import MemoryArgs, train_memory
     from ..models import ModelArgs, load_model
-    from ..report import markdown_table, write_markdown, write_results
+    from ..report import finish_outputs, markdown_table
 
     margs, memargs = resolve([ModelArgs, MemoryArgs], args, args.config)
     started = time.time()
@@ -34,13 +34,12 @@ def cmd_mlp_train(args) -> int:
     training = _read_training(out)
     storage = storage_report(ds, mem)
     metrics = {"training": training, "storage": storage, "n_parameters": mem.n_parameters()}
-    write_results(out, to_dict(margs, memargs), metrics, started)
     rows = [["MLP memory", storage["mlp_memory_bytes"], 1.0],
             ["datastore (keys + values)", storage["datastore_bytes"], storage.get("datastore_over_mlp")]]
     if storage.get("index_bytes"):
         rows.append(["FAISS index", storage["index_bytes"], storage.get("index_over_mlp")])
     table = markdown_table(["storage", "bytes", "× the memory"], rows, digits=1)
-    write_markdown(out, table)
+    finish_outputs(out, to_dict(margs, memargs), metrics, table, started)
     print(f"memory {out}: {mem.n_parameters()} parameters, key point {mem.key_point}, "
           f"loss {_fmt(training.get('first_loss'))} -> {_fmt(training.get('final_loss'))} over {training.get('steps')} steps, "
           f"{training.get('pairs_per_s', 0):.0f} pairs/s"

@@ -21,7 +21,7 @@ from ..claims import Claim, claims_table
 from ..config import PRESETS_DIR, load_config_file
 from ..errors import KnnlmError
 from ..fileio import atomic_write_json, atomic_write_text, read_json, run_info
-from ..report import markdown_table, write_markdown, write_results
+from ..report import finish_outputs, markdown_table
 from .studies import STUDIES, TABLE_ORDER
 
 log = logging.getLogger(__name__)
@@ -368,10 +368,10 @@ def write_report(args: ReproduceArgs, timings: dict, recipe: Optional[dict] = No
              "finished keeps its time. Runs –: not counted (the time is its last, completing run's). Budget: the "
              "recipe's `budget_s`, the stage's cost measured on this scale's machine (or estimated where not).\n",
              markdown_table(["stage", "budget s", "wall s", "runs"], stage_rows, digits=1)]
-    write_results(out, dataclasses.asdict(args), {"stage_wall_s": ordered, "total_wall_s": total, "stage_runs": runs,
-                                                  "stage_budget_s": budgets, "tables": tables},
-                  claims=[c.record() for c in claims])
-    return write_markdown(out, "\n".join(parts), name="report.md")
+    finish_outputs(out, dataclasses.asdict(args), {"stage_wall_s": ordered, "total_wall_s": total, "stage_runs": runs,
+                                                   "stage_budget_s": budgets, "tables": tables}, "\n".join(parts),
+                   markdown_name="report.md", claims=[c.record() for c in claims])
+    return out / "report.md"
 
 
 CLAIMS_NOTE = ("Each claim is judged on its 95% bootstrap interval: it holds when the whole interval lies on the "

@@ -99,9 +99,10 @@ def library_args(cls, settings, prefix: str = "", **given):
 
 
 def write_outputs(out: Path, args, metrics: dict, started: float, claims: list, markdown: str, plots: list) -> dict:
-    """Writes ``results.json`` (``args`` as its config, ``metrics``, the claims as records) and ``results.md``;
-    -> ``{"results": path, "table": path, "plots": plots}``."""
-    from ..report import write_markdown, write_results
+    """Writes ``results.md`` and then ``results.json`` (``args`` as its config, ``metrics``, the claims as records; the
+    plots, written before, are listed); -> ``{"results": path, "table": path, "plots": plots}``."""
+    from ..report import finish_outputs
 
-    results = write_results(out, dataclasses.asdict(args), metrics, started=started, claims=[c.record() for c in claims])
-    return {"results": results, "table": write_markdown(out, markdown), "plots": plots}
+    results = finish_outputs(out, dataclasses.asdict(args), metrics, markdown, started,
+                             claims=[c.record() for c in claims])
+    return {"results": results, "table": out / "results.md", "plots": plots}

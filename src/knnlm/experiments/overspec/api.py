@@ -150,15 +150,14 @@ def run_study(args: ApiArgs) -> dict:
     """:func:`run_api`, then ``config.json`` (no API key), ``results.json`` and ``results.md`` in ``--output_dir``;
     -> {"metrics": ..., "table": the markdown text, "results": path of results.json}."""
     from ...config import save_config, to_dict
-    from ...report import write_markdown, write_results
+    from ...report import finish_outputs
 
     started = time.time()
     metrics = run_api(args)
     out = Path(args.output_dir)
     save_config(out, args.public())
-    results = write_results(out, to_dict(args.public()), metrics, started)
     table = results_table(metrics)
-    write_markdown(out, table)
+    results = finish_outputs(out, to_dict(args.public()), metrics, table, started)
     return {"metrics": metrics, "table": table, "results": results}
 
 
