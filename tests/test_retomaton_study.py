@@ -213,3 +213,27 @@ def test_a_rerun_after_the_clusters_change_evaluates_again(tiny_gpt2_dir, files,
     again, fresh = study(tmp_path / "study"), study(tmp_path / "fresh")
     assert again == fresh
     assert again[-1]["ppl_knnlm"] != before[-1]["ppl_knnlm"]  # the clusters' row moved with its clusters
+
+
+def test_a_run_finished_while_this_one_loaded_its_model_is_not_overwritten(tiny_gpt2_dir, files, tmp_path, monkeypatch,
+                                                                           capsys):
+    """The settings were checked before the folder's lock only: a run of another k that finished in the folder while
+    this one loaded its model was overwritten (the review's repro). The check is repeated under the lock."""
+    import knnlm.models
+
+    out = tmp_path / "study"
+    real = knnlm.models.load_model
+
+    def slow_load(*a, **kw):  # meanwhile another run of k 8 finishes here
+        monkeypatch.setattr(knnlm.models, "load_model", real)
+        assert main(["analyze", "retomaton", *_common(tiny_gpt2_dir, files), "--min_knns", "1", "--skip_probs", "",
+                     "--k", "8", "--output_dir", str(out)]) == 0
+        return real(*a, **kw)
+
+    monkeypatch.setattr(knnlm.models, "load_model", slow_load)
+    argv = ["analyze", "retomaton", *_common(tiny_gpt2_dir, files), "--min_knns", "1", "--skip_probs", "",
+            "--output_dir", str(out)]
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert f"holds a run with other settings (k: 8 -> {K})" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["metrics"]["k"] == 8

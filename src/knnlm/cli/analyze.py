@@ -49,6 +49,7 @@ def cmd_projection(args) -> int:
     datastore = Datastore.open(pargs.datastore)
     lm = load_model(margs)
     claim_output_dir(pargs.output_dir, "analyze projection", {}, own_files=own)  # (made only now)
+    check_resumable(out, (margs, cargs, kargs, pargs), _FREE_KEYS)  # again under the lock: a run may have finished
     save_config(out, margs, cargs, kargs, pargs)  # first: what a rerun must match to resume (check_resumable)
     metrics = run_projection(lm, cargs, pargs, datastore, kargs)
     found = claims(metrics, "this run")
@@ -82,6 +83,7 @@ def cmd_retomaton(args) -> int:
     datastore = Datastore.open(rargs.datastore)
     lm = load_model(margs)
     claim_output_dir(rargs.output_dir, "analyze retomaton", {}, own_files=own)  # (made only now)
+    check_resumable(out, (margs, cargs, rargs), _FREE_KEYS)  # again under the lock: a run may have finished meanwhile
     save_config(out, margs, cargs, rargs)  # first: what a rerun must match (check_resumable)
     metrics = run_retomaton(lm, cargs, rargs, datastore)
     found = claim(metrics, "this run")
