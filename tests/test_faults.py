@@ -508,6 +508,25 @@ def test_a_replace_killed_before_its_marker_leaves_no_earlier_files_under_the_ne
     assert json.loads((out / RUN_MARKER).read_text())["inputs"] == {"corpus": "a"}  # the old marker, no old files
 
 
+def test_a_users_file_named_like_a_temp_is_content_not_a_temp(tmp_path):
+    """A folder holding only a user's `draft.tex.tmp-20241231` (or a folder `notes.tmp-4000000`) counted as empty, was
+    claimed, and the claim deleted them as a killed run's temp files (the review's repro). Only temps of the command's
+    own files are; a killed run's own temp still goes."""
+    from knnlm.fileio import claim_output_dir
+
+    out = tmp_path / "run"
+    (out / "notes.tmp-4000000").mkdir(parents=True)
+    (out / "draft.tex.tmp-20241231").write_text("mine")
+    with pytest.raises(KnnlmError, match="other file"):
+        claim_output_dir(out, "eval", {"corpus": "a"}, own_files=("results.json",))
+    assert (out / "draft.tex.tmp-20241231").read_text() == "mine" and (out / "notes.tmp-4000000").is_dir()
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "results.json.tmp-4000000").write_text("{")  # a killed run's (no live process 4000000)
+    assert claim_output_dir(own, "eval", {"corpus": "a"}, own_files=("results.json",)) == "new"
+    assert not (own / "results.json.tmp-4000000").exists()
+
+
 def test_claim_output_dir_states(tmp_path):
     from knnlm.fileio import RUN_MARKER, claim_output_dir
 

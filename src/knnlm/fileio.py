@@ -34,10 +34,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str | Path, name: str = "*") -> int:
+def remove_stale_temps(folder: str | Path, name: str = "*", own_files: Optional[tuple] = None) -> int:
     """Deletes ``<name>.tmp-<pid>`` files (and folders) left in ``folder`` by killed processes; returns how many.
 
-    A temp file of a live process (another rank, a concurrent run) is kept.
+    A temp file of a live process (another rank, a concurrent run) is kept; with ``own_files``, so is one whose name
+    is not a temp of those (a user's ``notes.tmp-2024``).
     """
     import shutil
 
@@ -48,6 +49,8 @@ def remove_stale_temps(folder: str | Path, name: str = "*") -> int:
     for p in folder.glob(f"{name}{_TMP}*"):
         pid = p.name.rsplit(_TMP, 1)[1]
         if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        if own_files is not None and not _own_temp(p.name, own_files):
             continue
         with contextlib.suppress(OSError):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -342,7 +345,7 @@ def claim_output_dir(path: str | Path, kind: str, inputs: Optional[dict], overwr
     try:
         lock_output_dir(path, kind, flag)
         state = _claim_state(path, kind, inputs, overwrite, own_files, flag, what)  # another process may have written
-        remove_stale_temps(path)
+        remove_stale_temps(path, own_files=own_files)
         if state == "replace" and remove_on_replace:
             remove_own_files(path, own_files, keep)
         if state != "same" or not marker.is_file():
@@ -391,10 +394,17 @@ def abandon_fresh_claims(keep: Iterable[Path] = ()) -> list[Path]:
     return emptied
 
 
-def _entries(path: Path) -> list[str]:
-    """The names in a folder that count for a claim: temp files of killed runs and the lock are not content."""
+def _entries(path: Path, own_files: tuple) -> list[str]:
+    """The names in a folder that count for a claim: the lock and temp files of the command's own files (of killed
+    runs) are not content; any other name is, a user's ``notes.tmp-2024`` too."""
     names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-    return [e for e in names if _TMP not in e and e != LOCK_FILE]
+    return [e for e in names if e != LOCK_FILE and not _own_temp(e, own_files)]
+
+
+def _own_temp(name: str, own_files: tuple) -> bool:
+    """``<own name>.tmp-<pid>``: a temp file this command's atomic writes leave (a killed run's)."""
+    base, _, pid = name.rpartition(_TMP)
+    return bool(base) and pid.isdigit() and _is_own(base, own_files)
 
 
 def _is_own(name: str, own_files: tuple) -> bool:
@@ -408,7 +418,7 @@ def _claim_state(path: Path, kind: str, inputs, overwrite: bool, own_files: tupl
         raise KnnlmError(f"{flag}: {path} is a file, not a folder; pass a new or empty folder")
     inputs = json.loads(json.dumps(inputs, default=str)) if inputs is not None else None
     marker = path / RUN_MARKER
-    entries = _entries(path)
+    entries = _entries(path, own_files)
     unknown = [e for e in entries if not _is_own(e, own_files)]
     if not entries or entries == [RUN_MARKER]:
         return "new"
@@ -442,7 +452,7 @@ def remove_own_files(path: str | Path, own_files: Iterable[str], keep: Iterable[
     path, own_files = Path(path), tuple(own_files)
     keep = [Path(k).resolve() for k in keep]
     gone = []
-    for name in _entries(path):
+    for name in _entries(path, own_files):
         if name != RUN_MARKER and _is_own(name, own_files):
             p = path / name
             if any(k == p.resolve() or p.resolve() in k.parents for k in keep):
