@@ -20,7 +20,7 @@ from typing import Literal, Optional
 from ..claims import Claim, claims_table
 from ..config import PRESETS_DIR, load_config_file
 from ..errors import KnnlmError
-from ..fileio import atomic_write_json, atomic_write_text, read_json, run_info
+from ..fileio import atomic_path, atomic_write_json, atomic_write_text, read_json, run_info
 from ..report import finish_outputs, markdown_table
 from .studies import STUDIES, TABLE_ORDER
 
@@ -346,7 +346,8 @@ def write_report(args: ReproduceArgs, timings: dict, recipe: Optional[dict] = No
         if src.exists():
             dst = out / "figures" / fig["name"]
             dst.parent.mkdir(exist_ok=True)
-            shutil.copyfile(src, dst)
+            with atomic_path(dst) as tmp:  # (a kill mid-copy leaves no cut PNG that report.md links to)
+                shutil.copyfile(src, tmp)
             figures.append(f"![{fig['caption']}](figures/{fig['name']})\n\n*{fig['caption']}*\n")
     runs = load_timings(out, "runs.json")
     stage_rows, ordered, budgets = _stage_rows(recipe, timings, runs)
