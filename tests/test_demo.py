@@ -38,10 +38,14 @@ def test_demo_preset_is_a_pretrained_model_fine_tuned_with_every_condition_the_c
     assert scratch.scratch and scratch.model_name_or_path == "tiny"
 
 
-def _smoke(tmp_path, capsys, extra: list[str]) -> dict:
-    """`knnlm demo --smoke`: the run's results.json; checks what every demo run prints and stores."""
-    out = tmp_path / "demo"
-    assert main(["demo", "--smoke", "--output_dir", str(out), *extra]) == 0
+def _smoke(tmp_path, capsys, extra: list[str], out=None) -> dict:
+    """`knnlm demo --smoke` (into ``out``, given as --output_dir; None: the default folder, run from ``tmp_path``): the
+    run's results.json; checks what every demo run prints and stores."""
+    flags = ["--output_dir", str(out)] if out else []
+    shown = out or Path("runs/knnlm-demo-smoke" if "--config" not in extra else
+                        f"runs/knnlm-{extra[extra.index('--config') + 1]}-smoke")  # (as the demo prints it)
+    out = tmp_path / shown
+    assert main(["demo", "--smoke", *flags, *extra]) == 0
     res = json.loads((out / "results.json").read_text())
     # the preset with the smoke overrides of `overspec run` (SMOKE_OVERRIDES): one seed, 2 steps, points 0 and 2
     assert res["config"]["max_steps"] == 2 and res["config"]["seeds"] == [0] and res["metrics"]["steps"] == [0, 2]
@@ -56,12 +60,15 @@ def _smoke(tmp_path, capsys, extra: list[str]) -> dict:
     assert len(lines) == len(res["claims"])  # the verdict lines at the end are the stored records, in order
     for line, rec in zip(lines, res["claims"]):
         assert line.startswith(f"- {rec['verdict']}") and rec["claim"] in line
-    assert f"figure: {out / 'overspec.png'}" in printed and (out / "overspec.png").stat().st_size > 10_000
+    assert f"figure: {shown / 'overspec.png'}" in printed and (out / "overspec.png").stat().st_size > 10_000
     return res
 
 
-def test_demo_smoke_from_scratch_runs_end_to_end_and_prints_the_verdicts(tmp_path, capsys):
-    """The demo's own wiring (smoke overrides, verdict lines, figures) on the from-scratch preset: seconds."""
+def test_demo_smoke_from_scratch_runs_end_to_end_and_prints_the_verdicts(tmp_path, capsys, monkeypatch):
+    """The demo's own wiring (smoke overrides, verdict lines, figures) on the from-scratch preset: seconds. Its default
+    folder is its own (runs/knnlm-demo-scratch[-smoke]): both presets used runs/knnlm-demo, so the one README suggests
+    after the main demo was refused there (a folder of other settings)."""
+    monkeypatch.chdir(tmp_path)
     res = _smoke(tmp_path, capsys, ["--config", "demo-scratch"])
     assert res["config"]["model_name_or_path"] == "tiny" and res["config"]["bare_reference"]
 
@@ -71,7 +78,7 @@ def test_demo_smoke_from_scratch_runs_end_to_end_and_prints_the_verdicts(tmp_pat
 def test_demo_smoke_with_smollm2(tmp_path, capsys):
     """The default preset (SmolLM2-135M) under --smoke: ~26 s on one thread (two model loads, 4 steps of AdamW on 135M
     weights), hence slow."""
-    res = _smoke(tmp_path, capsys, [])
+    res = _smoke(tmp_path, capsys, [], out=tmp_path / "demo")
     assert res["config"]["model_name_or_path"] == "smollm2-135m" and res["config"]["mlp_memory"]
 
 

@@ -15,7 +15,8 @@ def register(sub) -> None:
                                        "(~10 min on 2 CPU cores, nothing downloaded; --config demo-scratch: a "
                                        "from-scratch GPT-2)")
     demo.add_argument("--output_dir", default=None, help="run folder (a rerun resumes; default: runs/knnlm-demo, beside "
-                                                         "every other run; with --smoke runs/knnlm-demo-smoke)")
+                                                         "every other run, runs/knnlm-<config> for another --config; "
+                                                         "-smoke appended with --smoke)")
     demo.add_argument("--smoke", nargs="?", const="true", default="false", choices=("true", "false"),
                       help="shrink the run to seconds (a village of a few sentences, 2 training steps: the overrides "
                            "`reproduce --smoke` gives `overspec run`): checks that the demo runs; its numbers mean "
@@ -24,8 +25,9 @@ def register(sub) -> None:
     demo.set_defaults(func=cmd_demo)
 
     add_command(sub, "reproduce", ReproduceArgs, cmd_reproduce,
-                help="run the four studies and the kNN-LM baseline at a scale (cpu, gpu, paper); write report.md beside "
-                     "the paper's numbers (cached, resumable; --smoke: every stage in seconds on CPU)")
+                help="run every registered study (projection, over-specification, MLP memory, hurdle, RetoMaton...) "
+                     "and the kNN-LM baseline at a scale (cpu, gpu, paper); write report.md beside the paper's numbers "
+                     "(cached, resumable; --smoke: every stage shrunk to seconds of work)")
 
 
 def cmd_demo(args) -> int:
@@ -35,7 +37,9 @@ def cmd_demo(args) -> int:
 
     started = time.time()
     smoke = args.smoke == "true"
-    out = Path(args.output_dir or ("runs/knnlm-demo-smoke" if smoke else "runs/knnlm-demo"))
+    # a folder per config: the study refuses a folder of other settings, so demo-scratch after demo needs its own
+    name = "knnlm-demo" if args.config == "demo" else f"knnlm-{Path(args.config).stem}"
+    out = Path(args.output_dir or f"runs/{name}{'-smoke' if smoke else ''}")
     argv = ["overspec", "run", "--config", args.config, "--output_dir", str(out)]
     code = main(override_flags(argv, SMOKE_OVERRIDES["overspec run"]) if smoke else argv)
     if code:
