@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from ..config import add_command, resolve, save_config, to_dict
-from ..fileio import claim_output_dir, remove_own_files
+from ..fileio import claim_output_dir
 from .macondo import RESULT_FILES
 
 
@@ -72,9 +72,8 @@ def cmd_generate(args) -> int:
         for key, runs in (("lm", plain), ("augmented", augmented)):
             if runs:
                 metrics[f"{key}_tokens_per_s"] = sum(r["n_tokens"] for r in runs) / max(sum(r["seconds"] for r in runs), 1e-9)
-        if claim_output_dir(gargs.output_dir, "generate", inputs, args.overwrite, own_files=RESULT_FILES,
-                            what="`knnlm generate` run") == "replace":  # (made only now)
-            remove_own_files(gargs.output_dir, RESULT_FILES)
+        claim_output_dir(gargs.output_dir, "generate", inputs, args.overwrite, own_files=RESULT_FILES,  # (made only
+                         what="`knnlm generate` run", remove_on_replace=True)  # now)
         save_config(gargs.output_dir, margs, aargs, kargs, gargs)
         headers = ["prompt"] + (["LM"] if plain else []) + ([name] if augmented else [])
         rows = [[s["prompt"]] + ([s["lm"]] if plain else []) + ([s["augmented"]] if augmented else []) for s in samples]
