@@ -8,7 +8,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 from dataclasses import field
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
@@ -98,11 +98,14 @@ def library_args(cls, settings, prefix: str = "", **given):
     return cls(**{**values, **given})
 
 
-def write_outputs(out: Path, args, metrics: dict, started: float, claims: list, markdown: str, plots: list) -> dict:
-    """Writes ``results.md`` and then ``results.json`` (``args`` as its config, ``metrics``, the claims as records; the
-    plots, written before, are listed); -> ``{"results": path, "table": path, "plots": plots}``."""
+def write_outputs(out: Path, args, metrics: dict, started: float, claims: list, markdown: str,
+                  plots: Callable[[], list]) -> dict:
+    """Writes ``results.md`` and the plots (``plots()`` -> their paths), then ``results.json`` (``args`` as its config,
+    ``metrics``, the claims as records: ``report.finish_outputs``); -> ``{"results": path, "table": path, "plots":
+    [paths]}``."""
     from ..report import finish_outputs
 
+    made: list = []
     results = finish_outputs(out, dataclasses.asdict(args), metrics, markdown, started,
-                             claims=[c.record() for c in claims])
-    return {"results": results, "table": out / "results.md", "plots": plots}
+                             plots=lambda: made.extend(plots()), claims=[c.record() for c in claims])
+    return {"results": results, "table": out / "results.md", "plots": made}

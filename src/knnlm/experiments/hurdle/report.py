@@ -234,6 +234,12 @@ def _band(std: list) -> Optional[list]:
 
 
 def write_outputs(out: Path, args: HurdleArgs, metrics: dict, started: float) -> dict:
+    return study.write_outputs(out, args, metrics, started, hurdle_claims(metrics, "this run"),
+                               markdown_report(args, metrics), lambda: _plots(out, args, metrics))
+
+
+def _plots(out: Path, args: HurdleArgs, metrics: dict) -> list:
+    """Figures 4 and 5 (all three variants), the paired advantage and, on Macondo, the log-likelihood per n."""
     steps = metrics["steps"]
     models = metrics.get("models", list(MODELS[:2]))
     plots, curve = [], metrics["curve"]
@@ -264,8 +270,7 @@ def write_outputs(out: Path, args: HurdleArgs, metrics: dict, started: float) ->
         plots.append(line_plot(out / "ll_by_children.png", series, title="log-likelihood per number of children n\n"
                                "(sparse dots: the optimum log 1/n)",
                                xlabel="training step", ylabel="log-likelihood", hlines=hl))
-    return study.write_outputs(out, args, metrics, started, hurdle_claims(metrics, "this run"),
-                               markdown_report(args, metrics), plots)
+    return plots
 
 
 def report_part(metrics: dict, entry: dict, out: Path) -> tuple[dict, list[Claim]]:

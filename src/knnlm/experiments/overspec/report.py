@@ -322,10 +322,10 @@ FIGURES = (("test", "overspec.png", "test log-likelihood of the children's names
 
 def write_outputs(out: Path, args: OverspecArgs, metrics: dict, started: float) -> dict:
     n = len(metrics["seeds"])
-    plots = [figure1(out / name, metrics, split, f"{args.model_name_or_path}: {title.format(n=n)}")
-             for split, name, title in FIGURES if split in metrics["splits"]]
     return study.write_outputs(out, args, metrics, started, overspec_claims(metrics, "this run"),
-                               markdown_report(args, metrics), plots)
+                               markdown_report(args, metrics),
+                               lambda: [figure1(out / name, metrics, split, f"{args.model_name_or_path}: {title.format(n=n)}")
+                                        for split, name, title in FIGURES if split in metrics["splits"]])
 
 
 # ---------------------------------------------------------------------------------------------------------------- report
