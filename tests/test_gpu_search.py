@@ -236,7 +236,7 @@ def test_benchmark_runs_at_tiny_size(tiny_gpt2_dir, real_store, wikitext_dir, tm
     res = bench.main(["eval", "--model_name_or_path", str(tiny_gpt2_dir), "--datastore", str(real_store.dir),
                       "--validation_file", str(wikitext_dir / "valid.txt"), "--max_tokens", "400", "--reps", "1",
                       "--k", "64", "--device", "cpu", "--threads", "1", "--batch_size", "2"])
-    assert res["n_tokens"] > 300 and res["ratio_knn_over_lm"] > 0 and res["ppl_relative_difference"] < 1e-5
+    assert res["n_tokens"] > 300 and res["ppl_relative_difference"] < 1e-5
     assert res["ppl_knnlm"] != res["ppl_lm"]
 
 

@@ -258,7 +258,7 @@ def test_outputs_follow_table5_and_figure1(tiny_run):
     for name in ("overspec.png", "overspec_control.png", "overspec_train.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "results.json").read_text())
-    assert saved["config"]["seeds"] == [0, 1] and saved["metrics"]["steps"] == STEPS and saved["run"]["wall_s"] > 0
+    assert saved["config"]["seeds"] == [0, 1] and saved["metrics"]["steps"] == STEPS
     assert json.loads((out / "config.json").read_text())["model_name_or_path"] == "tiny"
 
 

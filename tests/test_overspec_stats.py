@@ -49,11 +49,11 @@ def test_strata_weigh_groups_equally_and_keep_their_sizes():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^hierarchical_bootstrap: need at least one unit"):
         hierarchical_bootstrap([])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^hierarchical_bootstrap: unit 0 has 2 values but 1 stratum labels$"):
         hierarchical_bootstrap([[1.0, 2.0]], [[1]])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^paired_bootstrap: a and b must have the same units and items$"):
         paired_bootstrap([[1.0]], [[1.0, 2.0]])
 
 

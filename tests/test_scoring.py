@@ -2,11 +2,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import brute_knn_gold_prob
 
 from knnlm.corpus import TokenFile, windows
 from knnlm.datastore import Datastore
 from knnlm.fileio import atomic_write_json
-from knnlm.knn import KNNArgs, Retriever, interpolate, knn_gold_log_prob
+from knnlm.knn import KNNArgs, Retriever
 from knnlm.scoring import (SOFTMAX_ROWS, encode_windows, gold_log_probs, head_gold_log_probs, key_points,
                             score_positions, score_windows)
 
@@ -45,8 +46,10 @@ def _store(path, n, d, vocab, seed=0):
 
 
 def test_score_windows_against_direct_computation(tiny_lm, tmp_path):
-    """LM gold log-probs from a full forward's logits; p_knn from the retriever's own search; λ = 0 is the LM bit for
-    bit; overlapping the search with the next forward changes nothing."""
+    """LM gold log-probs from a full forward's logits; p_knn by brute force over the store's keys (float64) and the
+    mixture written out; λ = 0 is the LM bit for bit; overlapping the search with the next forward changes nothing.
+    (p_knn was checked against the retriever's own search and the mixture against interpolate: a search returning
+    wrong distances and values passed.)"""
     tokens = np.random.default_rng(0).integers(0, 500, 300).astype(np.int32)
     tokens.tofile(tmp_path / "tok.i32")
     np.asarray([0, len(tokens)], np.int64).tofile(tmp_path / "tok.i32.docs")
@@ -76,10 +79,13 @@ def test_score_windows_against_direct_computation(tiny_lm, tmp_path):
                 sl = slice(lo, lo + len(gold))
                 assert torch.equal(s.gold[sl], gold)
                 torch.testing.assert_close(s.lm[sl], ref_lm, rtol=1e-5, atol=1e-5)
-                dists, vals = retriever.search(hidden["final_hidden"][0, pos])
-                torch.testing.assert_close(s.knn[sl], knn_gold_log_prob(dists, vals, gold), rtol=1e-5, atol=1e-5)
-                torch.testing.assert_close(s.knn_lm[0.25][sl], interpolate(ref_lm, s.knn[sl], 0.25),
-                                           rtol=1e-5, atol=1e-5)
+                p_knn = brute_knn_gold_prob(hidden["final_hidden"][0, pos].numpy(), ds.keys, ds.vals, gold.numpy(), 16,
+                                            retriever.args.knn_temp)  # [n] float64
+                with np.errstate(divide="ignore"):  # (log 0 = -inf: no neighbour holds the gold token)
+                    log_knn = np.log(p_knn)
+                torch.testing.assert_close(s.knn[sl].double(), torch.from_numpy(log_knn), rtol=1e-4, atol=1e-4)
+                mixed = np.log(0.75 * np.exp(ref_lm.double().numpy()) + 0.25 * p_knn)
+                torch.testing.assert_close(s.knn_lm[0.25][sl].double(), torch.from_numpy(mixed), rtol=1e-4, atol=1e-4)
     # positions scored directly, with the LM part given by the caller (a model exposing only logits): same numbers
     at, gold = encode_windows(tiny_lm, tf, batches[0], key_points(retriever))
     again = score_positions(tiny_lm, {"final_hidden": at["final_hidden"]}, gold, retriever, None, lmbdas,

@@ -792,7 +792,7 @@ def test_target_log_likelihood_straddle():
     assert OC.target_log_likelihood(lp, 4, 7) == (-2.5, 2, False)  # " Xy" of "abc: Xy"
     assert OC.target_log_likelihood(lp, 3, 7) == (-3.5, 3, True)  # ": Xy": "c:" starts before the target
     assert OC.target_log_likelihood(lp, 4, 6) == (-2.0, 1, False)  # " X": a token after the span is left out
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="first token has no log-probability"):
         OC.target_log_likelihood(lp, 0, 2)  # the first token has no log-probability
 
 
