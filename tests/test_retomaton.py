@@ -258,7 +258,8 @@ def test_clusters_seeded_bytes_resume_and_refusals(lm, files, store, tmp_path, m
         build_clusters(ds, ClusterArgs(num_clusters=24, sample_size=200, seed=3))
     assert (copy / "clusters.work" / "centroids.f32").exists() and not (copy / "clusters.i32").exists()
     monkeypatch.setattr(clusters.os, "fsync", real_fsync)
-    build_clusters(ds, ClusterArgs(num_clusters=24, sample_size=200, seed=3))
+    monkeypatch.setattr(clusters, "ASSIGN_ROWS", 41)  # a resume chunking otherwise (another version) starts afresh: its
+    build_clusters(ds, ClusterArgs(num_clusters=24, sample_size=200, seed=3))  # flags counted other rows
     assert (copy / "clusters.i32").read_bytes() == first and not (copy / "clusters.work").exists()
     with pytest.raises(KnnlmError, match=r"already has clusters of other settings \(seed: 3 -> 4\); pass --overwrite"):
         build_clusters(ds, ClusterArgs(num_clusters=24, sample_size=200, seed=4))
@@ -376,3 +377,25 @@ def test_left_padded_batched_generation_equals_each_prompt_alone(lm, store):
     finally:
         detach(model)
     assert batched == alone
+
+
+def test_a_second_clustering_of_a_store_is_refused_while_one_runs(store, tmp_path):
+    """build_clusters took no lock: a second --overwrite run beside a first mixed its half-written assignments into the
+    first's clusters file, which verify then accepted (the review's repro: 1,109 of 1,265 rows wrong)."""
+    import shutil
+    import subprocess
+    import sys
+
+    copy = tmp_path / "ds"
+    shutil.copytree(store.dir, copy, ignore=shutil.ignore_patterns("clusters.*"))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom knnlm.fileio import lock_output_dir\n"
+                               "lock_output_dir(sys.argv[1], 'datastore cluster')\nprint('held', flush=True)\n"
+                               "time.sleep(60)\n", str(copy)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(KnnlmError, match=r"^datastore: .* is in use: another knnlm process, pid \d+"):
+            build_clusters(Datastore.open(copy), ClusterArgs(num_clusters=24, sample_size=200, seed=3))
+        assert not (copy / "clusters.work").exists()
+    finally:
+        holder.kill()
+        holder.wait()

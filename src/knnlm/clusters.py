@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import KnnlmError, require_seed
-from .fileio import atomic_path, atomic_write_json, read_json, sha256_file
+from .fileio import atomic_path, atomic_write_json, lock_output_dir, read_json, releases_locks, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,12 @@ def _read_record(ds) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+@releases_locks
 def build_clusters(ds, args: ClusterArgs) -> dict:
-    """Clusters the keys of the open store ``ds`` (resumable); returns the record written to clusters.json."""
+    """Clusters the keys of the open store ``ds`` (resumable); returns the record written to clusters.json. The store
+    folder is locked meanwhile (as by an index build): a second run's assignments never mix into this one's."""
     args.validate()
+    lock_output_dir(ds.dir, "datastore cluster", flag="datastore")  # (its positional argument)
     if args.num_clusters > min(ds.N, args.sample_size):
         raise KnnlmError(f"--num_clusters: {args.num_clusters} clusters need at least as many sampled keys (the store "
                          f"has {ds.N}, --sample_size {args.sample_size}); pass fewer clusters")
@@ -79,7 +82,7 @@ def build_clusters(ds, args: ClusterArgs) -> dict:
         raise KnnlmError(f"--datastore: {ds.dir} already has clusters of other settings ({diff}); pass --overwrite "
                          "to replace them")
     work = ds.dir / WORK
-    _prepare_work(work, want)
+    _prepare_work(work, {**want, "assign_rows": ASSIGN_ROWS})  # (the chunking its done flags count in)
     centroids = _train(ds, args, work)  # [C, d] float32
     assign = _assign(ds, centroids, work)  # [N] int32
     (ds.dir / RECORD).unlink(missing_ok=True)  # (the record of other settings goes before their file)
