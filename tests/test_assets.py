@@ -155,3 +155,31 @@ def test_smollm2_loads_with_finite_logits_and_its_own_tokenizer():
     assert torch.isfinite(logits).all()
     nll = -torch.log_softmax(logits[0, :-1], -1).gather(1, x[0, 1:, None]).mean().item()
     assert math.exp(nll) < 200  # a trained model on plain English (random weights: ~49,000)
+
+
+def test_the_gguf_cache_key_changes_with_the_files_contents_under_a_kept_mtime(tmp_path):
+    """The dequantized cache was keyed by path, size and mtime: another GGUF of the same size copied in with its mtime
+    kept (cp -p, rsync -a, tar x) was served the old weights (the review's repro: token_embd off by up to 3.92)."""
+    import os
+
+    from knnlm.models import gguf_cache_key
+
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"a" * 64)
+    first, st = gguf_cache_key(path), path.stat()
+    assert gguf_cache_key(path) == first  # stable for the same file
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"b" * 64)
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(other, path)  # same path, size and mtime; another file
+    assert path.stat().st_mtime_ns == st.st_mtime_ns and gguf_cache_key(path) != first
+
+
+def test_a_killed_builds_temp_folder_is_removed_by_the_next_build(tmp_path):
+    """A dequantization killed midway left its <name>.tmp-<pid> folder (a full float32 copy of the model) for ever."""
+    stale = tmp_path / "model.tmp-4000000"  # (no live process 4000000)
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 100)
+    with assets.atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert not stale.exists() and (tmp_path / "model" / "config.json").is_file()

@@ -47,10 +47,14 @@ def cache_dir() -> Path:
 def atomic_dir(path: str | Path):
     """Yields an empty temp folder beside ``path``; renames it onto ``path`` only if the block succeeds.
 
-    If another process finished ``path`` first, its folder is kept and ours is discarded.
+    If another process finished ``path`` first, its folder is kept and ours is discarded. Temp folders of killed
+    processes (a GGUF dequantization killed midway leaves a full float32 copy of the model) are removed first.
     """
+    from .fileio import remove_stale_temps
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, path.name)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

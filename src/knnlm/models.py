@@ -387,15 +387,26 @@ def _gguf_location(source: str, gguf_file: Optional[str]) -> tuple[Path, str]:
     return path.parent, path.name
 
 
+def gguf_cache_key(path: Path) -> str:
+    """The dequantized cache's key of a GGUF file: its path, size, mtime, inode and change time (a copy that keeps the
+    mtime, cp -p / rsync -a / tar x, still changes the inode or ctime) and the versions of the two packages that
+    dequantize it (transformers, gguf)."""
+    import importlib.util
+
+    import transformers
+
+    st = path.stat()
+    gguf = importlib.metadata.version("gguf") if importlib.util.find_spec("gguf") else None
+    ident = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}|{transformers.__version__}|{gguf}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
 def _gguf_folder(folder: Path, fname: str) -> Path:
     """Dequantizes a GGUF once into a cached HF folder (float32 safetensors + tokenizer); returns that folder."""
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = (folder / fname).resolve()
-    st = path.stat()
-    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()[:16]
-    out = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    out = cache_dir() / "gguf" / f"{path.stem}-{gguf_cache_key(path)}"
     if (out / "config.json").is_file():
         return out
     log.info("dequantizing %s into %s (once)", path, out)
