@@ -238,3 +238,18 @@ def test_tokenizer_hash_is_its_recorded_value_cold_and_memoised(tiny_gpt2_dir, m
     other.tokenizer.eos_token = "<|other|>"  # the same vocabulary, another special token
     other._tokenizer_hash = None
     assert other.tokenizer_hash() not in ("ff42658b335a7d88", added)
+
+
+def test_auto_device_is_each_processs_own_gpu_under_a_launch(monkeypatch):
+    """Under torchrun every rank put its model on cuda:0 (LOCAL_RANK was never read): the GPUs of the other ranks
+    idle and the first one's memory multiplied. Checked with torch told it sees a GPU (no GPU here)."""
+    from knnlm.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:3") == torch.device("cuda:3")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda:1")
+    assert resolve_device("cuda:0") == torch.device("cuda:0") and resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")

@@ -351,12 +351,17 @@ def add_lora(lm: LM, r: int, alpha: float, dropout: float, targets: list[str], s
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` (cuda when torch sees a GPU, else cpu), ``cpu`` or ``cuda[:N]`` -> a device; the project's one rule
-    (``--device`` of every command and study)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    (``--device`` of every command and study). Under a launch of several processes (torchrun), ``auto`` and a bare
+    ``cuda`` are each process's own GPU, ``cuda:$LOCAL_RANK`` (every rank took cuda:0)."""
+    import os
+
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise KnnlmError(f"--device: {name} requested but torch sees no CUDA GPU; use --device cpu (or auto)")
-    return torch.device(name)
+    if name == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    if name in ("auto", "cuda") and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ:
+        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+    return torch.device("cuda" if name == "auto" else name)
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
