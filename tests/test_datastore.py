@@ -127,3 +127,36 @@ def test_jsonl_documents_windowed_separately(tiny_lm, tmp_path):
     ds = build_datastore(tiny_lm, CorpusArgs(train_file=str(f), concat_documents=False, block_size=32), tmp_path / "ds")
     expected = np.concatenate([np.asarray(tiny_lm.encode(r)[1:]) for r in rows])
     np.testing.assert_array_equal(ds.vals, expected)
+
+
+def test_a_killed_build_whose_tokens_are_made_anew_starts_its_rows_again(tiny_lm, tmp_path, monkeypatch):
+    """A build killed by a version whose reader gave other tokens (here: a .csv read with pandas' NA rules, which
+    dropped the 'NA' rows under --skip_bad_rows) was resumed over the new tokens with its done flags kept: the rows of
+    those batches stayed zero and verify accepted the store (the review's repro: 2,591 of 18,441 rows). A resume whose
+    tokens are made anew starts the rows again, and equals a clean build."""
+    import knnlm.corpus as corpus_mod
+
+    texts = ["The quick brown fox jumps over the lazy dog ." if i != 5 else "NA" for i in range(24)]  # (batches alike)
+    path = tmp_path / "c.csv"
+    path.write_text("text\n" + "".join(t + "\n" for t in texts))
+    args = CorpusArgs(train_file=str(path), block_size=16, stride=8, skip_bad_rows=True)
+    ref = build_datastore(tiny_lm, args, tmp_path / "ref", batch_size=2)
+    old_options = {**corpus_mod.TABLE_SUFFIXES, ".csv": ("csv", {})}  # the earlier reader, and its token key
+    monkeypatch.setattr(corpus_mod, "TABLE_SUFFIXES", old_options)
+    monkeypatch.setattr(corpus_mod, "_reader_version", lambda source: {})
+    real = datastore_mod.encode_batches
+
+    def dying(*a, **k):
+        for i, item in enumerate(real(*a, **k)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(datastore_mod, "encode_batches", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build_datastore(tiny_lm, args, tmp_path / "ds", batch_size=2, flush_every=1)
+    monkeypatch.undo()
+    ds = build_datastore(tiny_lm, args, tmp_path / "ds", batch_size=2)
+    assert ds.N == ref.N
+    for name in ("keys.f16", "vals.i32"):
+        assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "ds" / name).read_bytes(), name
