@@ -547,3 +547,31 @@ def test_each_seed_names_its_device_and_a_mixed_study_says_so(tmp_path):
     edited["device"] = "cuda"  # as if this seed had run on a GPU before the study was resumed here
     record.write_text(json.dumps(edited))
     assert run_study(args)["metrics"]["device"] == "cpu,cuda"
+
+
+def test_a_seed_checkpointed_before_devices_were_recorded_resumes(tmp_path, monkeypatch):
+    """A seed killed mid-training by the version before seeds named their device: its checkpointed record has no
+    device, and the resumed run trained to the end and then raised KeyError (and again on every rerun)."""
+    import knnlm.train
+
+    train = _text_files(tmp_path)
+    real_save = knnlm.train._save_checkpoint
+
+    def killed_after(ckpt_dir, *a):
+        real_save(ckpt_dir, *a)
+        if ckpt_dir.name == "seed-0-without_last_mlp" and a[-2].step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(knnlm.train, "_save_checkpoint", killed_after)
+    args = _args(tmp_path, data=str(train), num_seeds=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(args)
+    ckpt = tmp_path / "out" / "runs" / "seed-0-without_last_mlp"
+    state = ckpt / json.loads((ckpt / "latest.json").read_text())["dir"] / "state.pt"
+    payload = torch.load(state, weights_only=False)
+    del payload["state"]["extra"]["record"]["device"]  # as the earlier version checkpointed it
+    torch.save(payload, state)
+    monkeypatch.setattr(knnlm.train, "_save_checkpoint", real_save)
+    metrics = run_study(args)["metrics"]
+    record = json.loads((tmp_path / "out" / "runs" / "seed-0-without_last_mlp.json").read_text())
+    assert record["device"] == "unrecorded,cpu" and metrics["device"] == "cpu,unrecorded"

@@ -171,7 +171,8 @@ def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: Hur
                     lr_schedule=functools.partial(lr_at, args=args), device=device.type,
                     fused_adamw=device.type == "cuda")
     record = extra["record"]
-    started_on = record["device"]  # (the checkpoint's: a killed run may resume on another device)
+    # (the checkpoint's: a killed run may resume on another device; one checkpointed before devices were recorded: unknown)
+    started_on = record.get("device", "unrecorded")
     record["device"] = started_on if started_on == device.type else f"{started_on},{device.type}"
     record["train_s"] = history[-1]["elapsed_s"]  # training time, evaluations excluded
     record["data_digest"] = extra["digest"]
