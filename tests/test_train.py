@@ -455,16 +455,17 @@ micro = [collate_causal(short, 0), collate_causal(long, 0)]
 model = tiny_model(dropout=0.0)
 args = TrainArgs(learning_rate=1e-3, warmup_ratio=0.0, batch_size=2, gradient_accumulation_steps=int(sys.argv[2]),
                  max_steps=2, max_grad_norm=0.0, seed=0)
-train(model, lambda epoch, seed: micro, args, sys.argv[1])
-torch.save(model.state_dict(), sys.argv[1] + ".rank" + os.environ.get("RANK", "0") + ".pt")
+losses = []
+train(model, lambda epoch, seed: micro, args, sys.argv[1], on_step=lambda step, loss, group: losses.append(loss))
+torch.save({{"weights": model.state_dict(), "losses": losses}}, sys.argv[1] + ".rank" + os.environ.get("RANK", "0") + ".pt")
 '''
 
 
 @pytest.mark.slow
 def test_two_processes_weigh_every_label_of_the_step_the_same(tmp_path):
     """torchrun, 2 CPU processes, a micro-batch each (2 short sentences on one, 6 long ones on the other) take the steps
-    of one process accumulating both (token-weighted); before, DDP's mean of the two processes' means weighed the short
-    batch's labels several times more."""
+    of one process accumulating both (token-weighted) and log its losses; before, DDP's mean of the two processes'
+    means weighed the short batch's labels several times more."""
     import os
     import subprocess
     import sys
@@ -483,8 +484,10 @@ def test_two_processes_weigh_every_label_of_the_step_the_same(tmp_path):
     ref = torch.load(tmp_path / "one.rank0.pt")
     for rank in (0, 1):
         got = torch.load(tmp_path / f"two.rank{rank}.pt")
-        for k in ref:
-            torch.testing.assert_close(got[k], ref[k], atol=2e-6, rtol=0)
+        for k in ref["weights"]:
+            torch.testing.assert_close(got["weights"][k], ref["weights"][k], atol=2e-6, rtol=0)
+        # each process logs the step's mean loss over every label (it logged its own scaled share: 0.89 for 10.8)
+        assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5)
 
 
 def test_accumulated_micro_batches_of_uneven_lengths_are_one_batch(tmp_path):

@@ -475,16 +475,15 @@ def train(model: torch.nn.Module, batches: Batches, args: TrainArgs, ckpt_dir: s
 
 def _step(accelerator, model, optimizer, scheduler, group: list[dict], args: TrainArgs,
           loss_fn: LossFn | None = None) -> tuple[float, int, float | None]:
-    """One optimizer step over ``group`` (this process's micro-batches): -> (loss, the step's scored tokens over
-    every process, gradient norm before clipping). Every label of the step weighs the same; in several processes the
-    loss is this process's part, scaled so that its mean over the processes is the step's mean loss."""
+    """One optimizer step over ``group`` (this process's micro-batches): -> (the step's mean loss, its scored tokens,
+    gradient norm before clipping), both over every process. Every label of the step weighs the same."""
     # every label of the step weighs the same: the LM's loss predicts token t+1 at t, so its labels are shifted
     counts = [int(((b["labels"] if loss_fn is not None else b["labels"][:, 1:]) != -100).sum()) for b in group]
     world = accelerator.num_processes
     n = sum(counts)
     if world > 1:  # DDP averages the processes' gradients, so each weighs its labels by world / (the step's labels)
         n = int(accelerator.reduce(torch.tensor(n, device=accelerator.device), "sum"))
-    step_loss = 0.0
+    step_loss, loss_sum = 0.0, 0.0  # loss_sum: this process's summed token losses (several processes)
     for i, batch in enumerate(group):
         batch = {k: batch[k].to(accelerator.device) for k in (_MODEL_KEYS if loss_fn is None else batch)}
         sync = i == len(group) - 1  # DDP all-reduces gradients on the last micro-batch only
@@ -495,12 +494,16 @@ def _step(accelerator, model, optimizer, scheduler, group: list[dict], args: Tra
                 share = counts[i] * world / max(n, 1)  # 1.0 for one micro-batch in one process: exact
                 accelerator.backward(loss * share)
                 step_loss += float(loss.detach()) * share
+                loss_sum += float(loss.detach()) * counts[i]
             else:
                 loss = loss_fn(model, batch)  # summed over this micro-batch's labels
                 accelerator.backward(loss / (n / world))
                 step_loss += float(loss.detach())
+                loss_sum += float(loss.detach())
     if loss_fn is not None:
         step_loss /= n / world
+    if world > 1:  # every process logs the step's mean loss over all of its labels
+        step_loss = float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum")) / max(n, 1)
     grad_norm = None
     if args.max_grad_norm:
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
