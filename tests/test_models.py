@@ -246,10 +246,13 @@ def test_auto_device_is_each_processs_own_gpu_under_a_launch(monkeypatch):
     from knnlm.models import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:3") == torch.device("cuda:3")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a launcher showing each process its one GPU
+    assert resolve_device("auto") == torch.device("cuda:0")
     assert resolve_device("cuda:0") == torch.device("cuda:0") and resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")

@@ -352,7 +352,8 @@ def add_lora(lm: LM, r: int, alpha: float, dropout: float, targets: list[str], s
 def resolve_device(name: str) -> torch.device:
     """``auto`` (cuda when torch sees a GPU, else cpu), ``cpu`` or ``cuda[:N]`` -> a device; the project's one rule
     (``--device`` of every command and study). Under a launch of several processes (torchrun), ``auto`` and a bare
-    ``cuda`` are each process's own GPU, ``cuda:$LOCAL_RANK`` (every rank took cuda:0)."""
+    ``cuda`` are each process's own GPU, ``cuda:$LOCAL_RANK`` modulo the GPUs it sees (every rank took cuda:0; a
+    launcher that shows each process one GPU, SLURM's --gpus-per-task=1, gives cuda:0)."""
     import os
 
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -360,7 +361,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
     if name in ("auto", "cuda") and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ:
-        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK']) % max(1, torch.cuda.device_count())}")
     return torch.device("cuda" if name == "auto" else name)
 
 
