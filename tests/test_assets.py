@@ -157,9 +157,10 @@ def test_smollm2_loads_with_finite_logits_and_its_own_tokenizer():
     assert math.exp(nll) < 200  # a trained model on plain English (random weights: ~49,000)
 
 
-def test_the_gguf_cache_key_changes_with_the_files_contents_under_a_kept_mtime(tmp_path):
+def test_the_gguf_cache_key_is_the_files_contents(tmp_path, fresh_cache):
     """The dequantized cache was keyed by path, size and mtime: another GGUF of the same size copied in with its mtime
-    kept (cp -p, rsync -a, tar x) was served the old weights (the review's repro: token_embd off by up to 3.92)."""
+    kept (cp -p, rsync -a, tar x) was served the old weights (the review's repro: token_embd off by up to 3.92). It is
+    keyed by the contents' sha256 (remembered per stat, so a chmod or another path of the same bytes keeps it)."""
     import os
 
     from knnlm.models import gguf_cache_key
@@ -168,6 +169,10 @@ def test_the_gguf_cache_key_changes_with_the_files_contents_under_a_kept_mtime(t
     path.write_bytes(b"a" * 64)
     first, st = gguf_cache_key(path), path.stat()
     assert gguf_cache_key(path) == first  # stable for the same file
+    os.chmod(path, 0o600)  # a new change time, the same bytes: the same cache
+    assert gguf_cache_key(path) == first
+    (tmp_path / "copy.gguf").write_bytes(b"a" * 64)
+    assert gguf_cache_key(tmp_path / "copy.gguf") == first
     other = tmp_path / "other.gguf"
     other.write_bytes(b"b" * 64)
     os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))

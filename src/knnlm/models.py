@@ -394,17 +394,33 @@ def _gguf_location(source: str, gguf_file: Optional[str]) -> tuple[Path, str]:
 
 
 def gguf_cache_key(path: Path) -> str:
-    """The dequantized cache's key of a GGUF file: its path, size, mtime, inode and change time (a copy that keeps the
-    mtime, cp -p / rsync -a / tar x, still changes the inode or ctime) and the versions of the two packages that
-    dequantize it (transformers, gguf)."""
+    """The dequantized cache's key of a GGUF file: the sha256 of its contents (a copy that keeps the mtime, cp -p /
+    rsync -a / tar x, is another file; a chmod or a hard link is the same one) and the versions of the two packages
+    that dequantize it (transformers, gguf). The sha256 is remembered per path, size, mtime, inode and change time
+    (``<cache>/gguf/sha256.json``), so a file is read whole only when one of them changed."""
     import importlib.util
 
     import transformers
 
+    from .fileio import atomic_write_json, read_json, sha256_file
+
     st = path.stat()
+    stamp = [str(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+    memo_path = cache_dir() / "gguf" / "sha256.json"
+    try:
+        memo = read_json(memo_path) if memo_path.is_file() else {}
+    except KnnlmError:  # a damaged memo: the sums are read again
+        memo = {}
+    entry = memo.get(str(path)) if isinstance(memo, dict) else None
+    if isinstance(entry, dict) and entry.get("stamp") == stamp:
+        sha = entry["sha256"]
+    else:
+        sha = sha256_file(path)
+        memo = {**(memo if isinstance(memo, dict) else {}), str(path): {"stamp": stamp, "sha256": sha}}
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(memo_path, memo)
     gguf = importlib.metadata.version("gguf") if importlib.util.find_spec("gguf") else None
-    ident = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}|{transformers.__version__}|{gguf}"
-    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{sha}|{transformers.__version__}|{gguf}".encode()).hexdigest()[:16]
 
 
 def _gguf_folder(folder: Path, fname: str) -> Path:
