@@ -242,3 +242,21 @@ def test_a_rerun_of_other_build_settings_is_refused_and_of_other_recall_settings
     with caplog.at_level(logging.WARNING, logger="knnlm.index"):
         load_index(ds.dir, nprobe=8)
     assert "measured at nprobe 32; this search visits 8 lists" in caplog.text
+
+
+def test_a_rerun_of_an_index_recorded_before_its_seed_was_is_not_refused(tmp_path):
+    """A record from before index.json kept seed and train_size cannot say them: a rerun with a non-default --seed was
+    refused, naming a value the build never had (found reviewing this session's diff). A store smaller than
+    --recall_queries keeps its recall record on a rerun (it was measured again every time)."""
+    import json
+
+    ds = make_store(tmp_path / "ds", n=500)
+    base = dict(factory="IVF8,PQ4x4", nprobe=2, train_size=400, recall_k=10, seed=5)  # 1,000 queries > 500 keys
+    build_index(ds, IndexArgs(**base))
+    info_path = ds.dir / "index" / "index.json"
+    before = info_path.read_bytes()
+    assert build_index(ds, IndexArgs(**base))["recall"]["queries"] == 500 and info_path.read_bytes() == before
+    old = json.loads(before)
+    del old["seed"], old["train_size"]
+    info_path.write_text(json.dumps(old))
+    assert build_index(ds, IndexArgs(**base))["factory"] == "IVF8,PQ4x4"

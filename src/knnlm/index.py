@@ -359,13 +359,13 @@ def _built(ds, final: Path, info: dict, factory: str, probe, args: IndexArgs) ->
     """The finished index ``info`` of ``final`` when ``args`` asks for it: another factory, shard count or (for an
     index that trains) seed, training sample or polysemous flag is refused without --overwrite; another --nprobe or
     recall setting re-measures recall into its record (the index is the same)."""
-    defaults = IndexArgs()  # (a record from before seed and train_size were kept: those of its build)
-    built = {"factory": info["factory"], "shards": info["shards"], "seed": info.get("seed", defaults.seed),
-             "train_size": info.get("train_size", defaults.train_size), "polysemous": info.get("polysemous", False)}
+    built = {"factory": info["factory"], "shards": info["shards"], "seed": info.get("seed"),
+             "train_size": info.get("train_size"), "polysemous": info.get("polysemous", False)}
     asked = {"factory": factory, "shards": args.shards, "seed": args.seed, "train_size": args.train_size,
              "polysemous": args.polysemous}
     trains = not probe.is_trained  # a Flat index's build does not depend on the sample
-    differ = [k for k in asked if built[k] != asked[k] and (trains or k in ("factory", "shards"))]
+    # (a record from before seed and train_size were kept cannot say them: not compared)
+    differ = [k for k in asked if built[k] is not None and built[k] != asked[k] and (trains or k in ("factory", "shards"))]
     if differ:
         raise KnnlmError(f"--{differ[0]}: {final} already holds an index built with "
                          + ", ".join(f"{k} {built[k]!r}" for k in differ) + " (asked: "
@@ -373,7 +373,7 @@ def _built(ds, final: Path, info: dict, factory: str, probe, args: IndexArgs) ->
     recall = info.get("recall") or {}
     k = min(args.recall_k, ds.N - 1)
     if args.recall_queries and factory != "Flat" and (
-            info.get("nprobe") != args.nprobe or recall.get("queries") != args.recall_queries
+            info.get("nprobe") != args.nprobe or recall.get("queries") != min(ds.N, args.recall_queries)
             or f"recall@{k}" not in recall or not recall.get("self_excluded")):
         info = {**info, "nprobe": args.nprobe, "recall": measure_recall(ds, _load_shards(final, info, args.nprobe), args)}
         atomic_write_json(final / "index.json", info)
