@@ -105,3 +105,31 @@ def test_pieced_tokenization_equals_one_string_when_the_tokenizer_marks_a_string
     out = corpus.tokenize_to_file(corpus.TextEncoder(tok), CorpusArgs(train_file=str(path)), "train",
                                   tmp_path / "tokens.i32")
     assert out.tokens.tolist() == tok(text)["input_ids"]
+
+
+@pytest.mark.parametrize("chunk", [97, 997])
+def test_pieced_tokenization_of_characters_of_several_byte_tokens_equals_one_string(tmp_path, monkeypatch, chunk):
+    """A character of several byte tokens (CJK, emoji under GPT-2's byte-level BPE) at a piece boundary: the tokens
+    before the cut held part of it and the carried text all of it, so its first bytes came twice (5,624 tokens for one
+    string's 5,564 at 97-character pieces). And a text shorter than the carried tokens kept no BOS under a tokenizer
+    that adds one (a Llama-style template here)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from knnlm import corpus
+    from knnlm.assets import gpt2_tokenizer_dir
+
+    text = "".join(f"line {i} of the text 日本語のテキスト、絵文字🤖🎉 café naïve. " for i in range(120))
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))  # (as Llama / Mistral: bytes for rare chars)
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    bpe.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    llama = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    monkeypatch.setattr(corpus, "_CHUNK_CHARS", chunk)
+    for tok in (AutoTokenizer.from_pretrained(gpt2_tokenizer_dir()), llama):
+        for i, body in enumerate((text, "short 日本")):
+            path = tmp_path / f"{i}.txt"
+            path.write_text(body, encoding="utf-8")
+            got = np.concatenate([ids for ids, _ in corpus._encode_long_text(tok, path, True)]).tolist()
+            assert got == tok(body)["input_ids"]

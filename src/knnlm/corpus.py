@@ -308,6 +308,9 @@ def _encode_long_text(tokenizer, path: Path, add_special: bool, flag: str = "--t
         keep = max(start, len(ids) - _CARRY_TOKENS)
         while keep > start and offsets[keep][0] == 0 and offsets[keep][1] == 0:  # special token: keep with the piece
             keep -= 1
+        # a character of several byte tokens (CJK, emoji) shares one span: cut before all of them, not inside it
+        while keep > start and keep < len(ids) and offsets[keep - 1][1] > offsets[keep][0]:
+            keep -= 1
         cut = offsets[keep][0] if keep < len(ids) else len(text)
         final = ids[start:keep]
         has_text = bool(text[len(context):cut].strip())
@@ -315,7 +318,7 @@ def _encode_long_text(tokenizer, path: Path, add_special: bool, flag: str = "--t
         while lo < keep and offsets[lo][0] == offsets[lo][1]:  # (a special token has no text to give as context)
             lo += 1
         context, tail = text[offsets[lo][0]:cut] if lo < keep else "", ids[lo:keep]
-        carry, first = text[cut:], False
+        carry, first = text[cut:], first and keep == start  # (nothing final yet: a BOS is still to come)
         del ids, offsets  # free this piece's Python objects before the next piece is tokenized
         yield np.asarray(final, np.int32), has_text
 
