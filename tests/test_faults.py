@@ -528,6 +528,12 @@ def test_a_users_file_named_like_a_temp_is_content_not_a_temp(tmp_path):
     (own / "results.json.tmp-4000000").write_text("{")  # a killed run's (no live process 4000000)
     assert claim_output_dir(own, "eval", {"corpus": "a"}, own_files=("results.json",)) == "new"
     assert not (own / "results.json.tmp-4000000").exists()
+    # reproduce's folder owns every name ("*"): a user's temp-like file there is still not a temp to delete
+    repro = tmp_path / "repro"
+    repro.mkdir()
+    (repro / "notes.tmp-2024").write_text("mine")
+    claim_output_dir(repro, "reproduce", {}, own_files=("*",))
+    assert (repro / "notes.tmp-2024").read_text() == "mine"
 
 
 def test_claim_output_dir_states(tmp_path):

@@ -402,9 +402,10 @@ def _entries(path: Path, own_files: tuple) -> list[str]:
 
 
 def _own_temp(name: str, own_files: tuple) -> bool:
-    """``<own name>.tmp-<pid>``: a temp file this command's atomic writes leave (a killed run's)."""
+    """``<own name>.tmp-<pid>``: a temp file this command's atomic writes leave (a killed run's). A catch-all pattern
+    (``*``: reproduce's folder, all of whose names are its own) names no file, so it makes no name a temp."""
     base, _, pid = name.rpartition(_TMP)
-    return bool(base) and pid.isdigit() and _is_own(base, own_files)
+    return bool(base) and pid.isdigit() and _is_own(base, tuple(p for p in own_files if p != "*"))
 
 
 def _is_own(name: str, own_files: tuple) -> bool:

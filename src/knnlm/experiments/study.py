@@ -27,7 +27,9 @@ def check_resumable(out: Path, args, free_keys: Iterable[str]) -> None:
     """Refuses a rerun into ``out`` whose ``config.json`` differs from ``args`` (a dataclass, or a tuple of the
     dataclasses a command saves together with ``config.save_config``) on any field outside ``free_keys`` (threads,
     output folder, number of seeds and the like). A field the old config lacks (one added since it was written) is
-    compared as its default, the value that run had; deprecated names in it count as their new ones. A folder where the earlier run wrote nothing but its settings (it
+    compared as its default, the value that run had where the field was added with the behaviour before it as its
+    default (not always so: overspec's train_eval_per_pair defaults to 1 where earlier runs scored no training split);
+    deprecated names in it count as their new ones. A folder where the earlier run wrote nothing but its settings (it
     stopped at a bad flag before any work) takes the new ones: there is nothing to resume or to lose."""
     from ..config import rename_deprecated, to_dict
     from ..fileio import LOCK_FILE, RUN_MARKER
