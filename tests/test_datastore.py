@@ -43,17 +43,23 @@ def test_values_are_next_tokens_and_keys_are_states(tiny_lm, corpus_file, tmp_pa
     assert not (tmp_path / "ds" / "done.u8").exists()
 
 
-def test_resume_is_byte_identical(tiny_lm, corpus_file, tmp_path, monkeypatch):
-    ref = _build(tiny_lm, corpus_file, tmp_path / "ref")
+def _die_after_three_batches(monkeypatch):
+    """The build's process "dies" after three encoded batches; -> the real encode_batches."""
     real = datastore_mod.encode_batches
 
-    def dying(*a, **k):  # the process "dies" after three batches
+    def dying(*a, **k):
         for i, item in enumerate(real(*a, **k)):
             if i == 3:
                 raise KeyboardInterrupt
             yield item
 
     monkeypatch.setattr(datastore_mod, "encode_batches", dying)
+    return real
+
+
+def test_resume_is_byte_identical(tiny_lm, corpus_file, tmp_path, monkeypatch):
+    ref = _build(tiny_lm, corpus_file, tmp_path / "ref")
+    real = _die_after_three_batches(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         build_datastore(tiny_lm, CorpusArgs(train_file=str(corpus_file), block_size=16, stride=8),
                         tmp_path / "resumed", batch_size=2, flush_every=1)
@@ -144,15 +150,7 @@ def test_a_killed_build_whose_tokens_are_made_anew_starts_its_rows_again(tiny_lm
     old_options = {**corpus_mod.TABLE_SUFFIXES, ".csv": ("csv", {})}  # the earlier reader, and its token key
     monkeypatch.setattr(corpus_mod, "TABLE_SUFFIXES", old_options)
     monkeypatch.setattr(corpus_mod, "_reader_version", lambda source: {})
-    real = datastore_mod.encode_batches
-
-    def dying(*a, **k):
-        for i, item in enumerate(real(*a, **k)):
-            if i == 3:
-                raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(datastore_mod, "encode_batches", dying)
+    _die_after_three_batches(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         build_datastore(tiny_lm, args, tmp_path / "ds", batch_size=2, flush_every=1)
     monkeypatch.undo()
