@@ -407,3 +407,36 @@ def test_positions_whose_search_finds_no_neighbour_keep_the_lm(common, tiny_lm, 
     assert m["ppl_knnlm"] == pytest.approx(m["ppl_lm"], rel=1e-6)  # no position found a neighbour: the LM
     assert m["kl_lm_knnlm"]["mean"] == pytest.approx(0.0, abs=1e-6)
     assert m["targets"]["f_out"]["ppl_proj"] == pytest.approx(m["ppl_lm"], rel=1e-5)  # z0 is already optimal
+
+
+def test_a_resume_over_tokens_made_anew_starts_over(common, tmp_path, monkeypatch):
+    """A projection killed under a reader whose tokens differ (an earlier version's) continued its records over the
+    new tokens on resume (its key has the corpus settings, not the token record): rows of two tokenizations in one
+    per_token.npz. It now starts over, and equals an uninterrupted run."""
+    import knnlm.corpus as corpus_mod
+
+    args = ["analyze", "projection", *common, "--block_size", "8", "--stride", "4", "--max_tokens", "16",
+            "--target", "f_out", "--max_steps", "5", "--batch_size", "4", "--tol", "1e-2", "--n_boot", "50"]
+    assert main([*args, "--output_dir", str(tmp_path / "whole")]) == 0
+    monkeypatch.setattr(PRUN, "_CHECKPOINT_EVERY_S", 0.0)
+    real_encode, real_project, calls = corpus_mod._encode_long_text, PV.project, []
+
+    def other_reader(*a, **kw):  # an earlier reader: other tokens under another token key
+        for ids, has_text in real_encode(*a, **kw):
+            yield ids[::-1].copy(), has_text
+
+    def dies_on_third_batch(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_project(*a, **kw)
+
+    monkeypatch.setattr(corpus_mod, "_encode_long_text", other_reader)
+    monkeypatch.setattr(corpus_mod, "_reader_version", lambda source: {})
+    monkeypatch.setattr(PRUN, "project", dies_on_third_batch)
+    assert main([*args, "--output_dir", str(tmp_path / "resumed")]) == 130
+    monkeypatch.undo()
+    assert main([*args, "--output_dir", str(tmp_path / "resumed")]) == 0
+    a, b = np.load(tmp_path / "whole" / "per_token.npz"), np.load(tmp_path / "resumed" / "per_token.npz")
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key])
