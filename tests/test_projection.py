@@ -315,11 +315,8 @@ def test_cli_end_to_end_matches_eval(common, tiny_lm, tmp_path):
     assert not (out / "partial.npz").exists()
 
 
-def test_resume_after_kill_gives_same_results(common, tmp_path, monkeypatch, capsys):
-    args = ["analyze", "projection", *common, "--block_size", "8", "--stride", "4", "--max_tokens", "16",
-            "--target", "f_out", "--max_steps", "5", "--batch_size", "4",
-            "--tol", "1e-2,1e-3", "--n_boot", "50"]  # groups of one window
-    assert main([*args, "--output_dir", str(tmp_path / "whole")]) == 0
+def _die_on_third_batch(monkeypatch):
+    """The run checkpoints after every group and its process "dies" in the third batch's solve; -> the real project."""
     monkeypatch.setattr(PRUN, "_CHECKPOINT_EVERY_S", 0.0)
     real, calls = PV.project, []
 
@@ -330,6 +327,15 @@ def test_resume_after_kill_gives_same_results(common, tmp_path, monkeypatch, cap
         return real(*a, **kw)
 
     monkeypatch.setattr(PRUN, "project", dies_on_third_batch)
+    return real
+
+
+def test_resume_after_kill_gives_same_results(common, tmp_path, monkeypatch, capsys):
+    args = ["analyze", "projection", *common, "--block_size", "8", "--stride", "4", "--max_tokens", "16",
+            "--target", "f_out", "--max_steps", "5", "--batch_size", "4",
+            "--tol", "1e-2,1e-3", "--n_boot", "50"]  # groups of one window
+    assert main([*args, "--output_dir", str(tmp_path / "whole")]) == 0
+    real = _die_on_third_batch(monkeypatch)
     assert main([*args, "--output_dir", str(tmp_path / "resumed")]) == 130
     assert json.loads((tmp_path / "resumed" / "partial.json").read_text())["windows_done"] == 1  # [7, 4, 4] targets
     monkeypatch.setattr(PRUN, "project", real)
@@ -418,22 +424,15 @@ def test_a_resume_over_tokens_made_anew_starts_over(common, tmp_path, monkeypatc
     args = ["analyze", "projection", *common, "--block_size", "8", "--stride", "4", "--max_tokens", "16",
             "--target", "f_out", "--max_steps", "5", "--batch_size", "4", "--tol", "1e-2", "--n_boot", "50"]
     assert main([*args, "--output_dir", str(tmp_path / "whole")]) == 0
-    monkeypatch.setattr(PRUN, "_CHECKPOINT_EVERY_S", 0.0)
-    real_encode, real_project, calls = corpus_mod._encode_long_text, PV.project, []
+    real_encode = corpus_mod._encode_long_text
 
     def other_reader(*a, **kw):  # an earlier reader: other tokens under another token key
         for ids, has_text in real_encode(*a, **kw):
             yield ids[::-1].copy(), has_text
 
-    def dies_on_third_batch(*a, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_project(*a, **kw)
-
     monkeypatch.setattr(corpus_mod, "_encode_long_text", other_reader)
     monkeypatch.setattr(corpus_mod, "_reader_version", lambda source: {})
-    monkeypatch.setattr(PRUN, "project", dies_on_third_batch)
+    _die_on_third_batch(monkeypatch)
     assert main([*args, "--output_dir", str(tmp_path / "resumed")]) == 130
     monkeypatch.undo()
     assert main([*args, "--output_dir", str(tmp_path / "resumed")]) == 0
