@@ -374,6 +374,9 @@ class TokenFile:
 
     path: Path
     doc_path: Path
+    # set by tokenize_to_file: it replaced token files recorded as made otherwise (a reader or key that changed), so a
+    # killed run's work over the earlier tokens is not to be resumed over these
+    replaced: bool = field(default=False, compare=False)
 
     @property
     def tokens(self) -> np.ndarray:
@@ -430,12 +433,13 @@ def _tokenizer_id(lm) -> str:
 
 def _token_key(lm, args: CorpusArgs, which: str, source: Optional[dict]) -> dict:
     """Everything a token file depends on (windowing is not among them: windows are cut from it afterwards)."""
-    return {"format": "knnlm-tokens/1", "source": source or source_fingerprint(args, which),
+    source = source or source_fingerprint(args, which)  # (once: a file's is the sha256 of all of it)
+    return {"format": "knnlm-tokens/1", "source": source,
             "tokenizer_hash": _tokenizer_id(lm), "eos_token_id": lm.eos_token_id, "text_field": args.text_field,
             "concat_documents": args.concat_documents, "max_tokens": args.max_tokens,
             "encoding_errors": args.encoding_errors,
             **({"skip_bad_rows": True} if args.skip_bad_rows else {}),  # (only when set: older files stay valid)
-            **_reader_version(source or source_fingerprint(args, which))}
+            **_reader_version(source)}
 
 
 def _reader_version(source: dict) -> dict:
@@ -491,6 +495,7 @@ def tokenize_to_file(lm, args: CorpusArgs, which: str, out_path: str | Path, sou
     key = _token_key(lm, args, which, source)
     if _valid_token_files(out_path, doc_path, key_path, key):
         return TokenFile(out_path, doc_path)
+    previous = key_path.read_bytes() if key_path.is_file() else None
     for p in (key_path, out_path, doc_path):  # stale or partial: the record goes first, so no half state looks valid
         p.unlink(missing_ok=True)
     flag = "--dataset_name" if args.dataset_name else f"--{which}_file"
@@ -541,7 +546,7 @@ def tokenize_to_file(lm, args: CorpusArgs, which: str, out_path: str | Path, sou
     atomic_write_json(key_path, record)  # last: marks them valid
     log.info("tokenized %s corpus: %d tokens, %d documents%s", which, n, len(starts) - 1,
              f", {rows.count} rows without text skipped" if rows.count else "")
-    return TokenFile(out_path, doc_path)
+    return TokenFile(out_path, doc_path, replaced=previous is not None and key_path.read_bytes() != previous)
 
 
 # ---------------------------------------------------------------------------------------------------------------- windows

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .corpus import (CorpusArgs, TokenFile, Window, batch_inputs, count_targets, source_fingerprint,
-                     token_record_path, tokenize_to_file, windowing_meta, windows)
+                     tokenize_to_file, windowing_meta, windows)
 from .corpus import batch_inputs as _batch_inputs  # noqa: F401  (old private name: benchmarks/ --baseline_src runs older sources)
 from .distributed import barrier, start_group
 from .errors import KnnlmError
@@ -407,11 +407,8 @@ def _build(lm, corpus: CorpusArgs, out_dir: Path, key_point: str, batch_size: in
         out_dir, finished = _prepare_work_dir(final, fingerprint, overwrite)
         if not finished:
             atomic_write_json(out_dir / "build.json", fingerprint)
-            record = token_record_path(out_dir / "tokens.i32")
-            before = record.read_bytes() if record.is_file() else None
-            tokenize_to_file(lm, corpus, which, out_dir / "tokens.i32", source=source)
-            if before is not None and record.read_bytes() != before:  # the tokens were made anew (e.g. a reader
-                for name in ("done.u8", "keys.f16", "vals.i32"):  # that changed): a killed build's rows are of others
+            if tokenize_to_file(lm, corpus, which, out_dir / "tokens.i32", source=source).replaced:
+                for name in ("done.u8", "keys.f16", "vals.i32"):  # a killed build's rows are of the earlier tokens
                     (out_dir / name).unlink(missing_ok=True)
     barrier(world)
     staged = staging_dir(final)

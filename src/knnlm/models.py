@@ -411,12 +411,13 @@ def gguf_cache_key(path: Path) -> str:
         memo = read_json(memo_path) if memo_path.is_file() else {}
     except KnnlmError:  # a damaged memo: the sums are read again
         memo = {}
-    entry = memo.get(str(path)) if isinstance(memo, dict) else None
+    memo = memo if isinstance(memo, dict) else {}
+    entry = memo.get(str(path))
     if isinstance(entry, dict) and entry.get("stamp") == stamp:
         sha = entry["sha256"]
     else:
         sha = sha256_file(path)
-        memo = {**(memo if isinstance(memo, dict) else {}), str(path): {"stamp": stamp, "sha256": sha}}
+        memo[str(path)] = {"stamp": stamp, "sha256": sha}
         memo_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(memo_path, memo)
     gguf = importlib.metadata.version("gguf") if importlib.util.find_spec("gguf") else None

@@ -483,7 +483,7 @@ def _step(accelerator, model, optimizer, scheduler, group: list[dict], args: Tra
     n = sum(counts)
     if world > 1:  # DDP averages the processes' gradients, so each weighs its labels by world / (the step's labels)
         n = int(accelerator.reduce(torch.tensor(n, device=accelerator.device), "sum"))
-    step_loss, loss_sum = 0.0, 0.0  # loss_sum: this process's summed token losses (several processes)
+    step_loss, loss_sum = 0.0, 0.0  # loss_sum: this process's summed token losses
     for i, batch in enumerate(group):
         batch = {k: batch[k].to(accelerator.device) for k in (_MODEL_KEYS if loss_fn is None else batch)}
         sync = i == len(group) - 1  # DDP all-reduces gradients on the last micro-batch only
@@ -498,10 +498,9 @@ def _step(accelerator, model, optimizer, scheduler, group: list[dict], args: Tra
             else:
                 loss = loss_fn(model, batch)  # summed over this micro-batch's labels
                 accelerator.backward(loss / (n / world))
-                step_loss += float(loss.detach())
                 loss_sum += float(loss.detach())
     if loss_fn is not None:
-        step_loss /= n / world
+        step_loss = loss_sum / (n / world)
     if world > 1:  # every process logs the step's mean loss over all of its labels
         step_loss = float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum")) / max(n, 1)
     grad_norm = None

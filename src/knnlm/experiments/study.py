@@ -31,7 +31,7 @@ def check_resumable(out: Path, args, free_keys: Iterable[str]) -> None:
     default (not always so: overspec's train_eval_per_pair defaults to 1 where earlier runs scored no training split);
     deprecated names in it count as their new ones. A folder where the earlier run wrote nothing but its settings (it
     stopped at a bad flag before any work) takes the new ones: there is nothing to resume or to lose."""
-    from ..config import rename_deprecated, to_dict
+    from ..config import field_default, rename_deprecated, to_dict
     from ..fileio import LOCK_FILE, RUN_MARKER
 
     path = out / "config.json"
@@ -42,12 +42,9 @@ def check_resumable(out: Path, args, free_keys: Iterable[str]) -> None:
     old = rename_deprecated(read_json(path), [type(a) for a in configs], warn=False)
     new = to_dict(*configs)
     free = set(free_keys)
-    unset = object()
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else unset
-                for c in configs for f in dataclasses.fields(c)}
-    recorded = {k: old.get(k, defaults.get(k, unset)) for k in new}
-    changed = [k for k in new if k not in free and recorded[k] is not unset and recorded[k] != new[k]]
+    defaults = {f.name: field_default(f) for c in configs for f in dataclasses.fields(c)}
+    recorded = {k: old.get(k, defaults[k]) for k in new}
+    changed = [k for k in new if k not in free and recorded[k] != new[k]]
     if changed:
         diff = ", ".join(f"{k}: {recorded[k]!r}{'' if k in old else ' (not recorded: its default)'} -> {new[k]!r}"
                          for k in changed)

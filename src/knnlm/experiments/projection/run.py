@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ...corpus import (CorpusArgs, batch_inputs, count_targets, target_positions, target_tokens, token_record_path,
-                       tokenize_to_file, windows)
+from ...corpus import (CorpusArgs, batch_inputs, count_targets, target_positions, target_tokens, tokenize_to_file,
+                       windows)
 from ...errors import KnnlmError
 from ...fileio import atomic_path, atomic_write_json, reusable
 from ...knn import KNNArgs, Retriever, interpolate, knn_log_probs, lm_where, no_neighbours
@@ -109,11 +109,8 @@ def run_projection(lm, corpus: CorpusArgs, args: ProjectionArgs, datastore, knn:
     if records.windows_done == 0:  # a fresh run: a token file of another corpus/--max_tokens must not be reused
         for name in ("tokens.i32", "tokens.i32.docs"):
             (out / name).unlink(missing_ok=True)
-    record = token_record_path(out / "tokens.i32")
-    before = record.read_bytes() if record.is_file() else None
     tokens = tokenize_to_file(lm, corpus, "validation", out / "tokens.i32")
-    if records.windows_done and before is not None and record.read_bytes() != before:
-        # the tokens were made anew (a reader of another version): the killed run's rows are of other tokens
+    if records.windows_done and tokens.replaced:  # the killed run's rows are of the earlier tokens
         log.warning("projection: the corpus was tokenized anew since the killed run; starting over")
         records.columns, records.windows_done, records.solve_s = {}, 0, {}
     block, stride = corpus.resolved_window(lm.max_positions)
