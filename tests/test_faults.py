@@ -1308,6 +1308,38 @@ def test_a_local_dataset_folder_is_known_by_its_contents(tiny_gpt2_dir, files, t
     assert not (tmp_path / "ds-empty").exists()
 
 
+def test_a_hub_dataset_is_known_by_its_revision(tiny_gpt2_dir, tmp_path, capsys, monkeypatch):
+    """Before: a hub dataset was recorded by its name, config and split only: after it was updated on the hub (another
+    revision: other rows), `datastore build` said "already complete" and kept the old store. The hub is out of reach
+    here: `datasets.load_dataset` hands back the rows of the revision the test sets, with `datasets`' fingerprint of
+    each (as it does for a hub dataset, whose fingerprint follows its revision)."""
+    import datasets
+
+    sentences = [f"{s.strip()} ." for s in TEXT_A.split(" .") if s.strip()]
+    revisions = {"a": datasets.Dataset.from_dict({"text": sentences}),
+                 "b": datasets.Dataset.from_dict({"text": sentences[: len(sentences) // 2]})}
+    assert revisions["a"]._fingerprint != revisions["b"]._fingerprint
+    current = {"revision": "a"}
+    loads = []
+
+    def load_dataset(name, config=None, split=None, **kw):
+        loads.append((name, config, split))
+        return revisions[current["revision"]]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    build = ["datastore", "build", *model_args(tiny_gpt2_dir), "--dataset_name", "someone/corpus", "--block_size", 32,
+             "--output_dir", tmp_path / "ds"]
+    assert cli(build, capsys)[0] == 0
+    n_a = Datastore.open(tmp_path / "ds").N
+    assert cli(build, capsys)[0] == 0 and Datastore.open(tmp_path / "ds").N == n_a  # the same revision: reused
+    current["revision"] = "b"
+    assert_one_line(*cli(build, capsys), "already holds a different datastore", "--overwrite")
+    assert Datastore.open(tmp_path / "ds").N == n_a  # kept until the user says --overwrite
+    assert cli([*build, "--overwrite"], capsys)[0] == 0
+    assert 0 < Datastore.open(tmp_path / "ds").N < n_a
+    assert set(loads) == {("someone/corpus", None, "train")}
+
+
 def test_datasets_saved_to_disk_and_dataset_errors_name_their_flag(tiny_gpt2_dir, files, tmp_path, capsys):
     """Before: a Dataset.save_to_disk folder was refused with datasets' advice to "use load_from_disk"; an empty
     saved dataset was "no column 'text'" listing state.json's keys; a wrong split or config named --dataset_name;

@@ -236,8 +236,13 @@ def _row_texts(ds, where: str, rows: BadRows) -> Iterator[str]:
 _DATASET_FLAGS = {"Unknown split": "--split", "BuilderConfig": "--dataset_config_name"}
 
 
-def _dataset_texts(args: CorpusArgs, split: str, rows: Optional[BadRows] = None) -> Iterator[str]:
-    rows = rows or BadRows("--dataset_name", args.text_field, False)
+def _dataset_split(args: CorpusArgs, which: str) -> str:
+    return args.split or ("train" if which == "train" else "validation")
+
+
+def _load_dataset(args: CorpusArgs, split: str):
+    """The ``datasets.Dataset`` of ``--dataset_name`` / ``--dataset_config_name`` at ``split``: a save_to_disk folder
+    read with load_from_disk, anything else (a hub name, a folder of data files) with load_dataset."""
     what = f"{args.dataset_name!r} ({args.dataset_config_name}, split {split})"
     folder = Path(args.dataset_name)
     if folder.is_file():  # (datasets looked it up on the hub)
@@ -258,9 +263,14 @@ def _dataset_texts(args: CorpusArgs, split: str, rows: Optional[BadRows] = None)
                 raise KnnlmError(f"--split: {args.dataset_name} has no split {split!r} (it has {', '.join(ds)}); "
                                  "pass --split with one of them")
             ds = ds[split]
-    else:
-        ds = _load_rows(lambda d: d.load_dataset(args.dataset_name, args.dataset_config_name, split=split), what,
-                        "--dataset_name", _DATASET_FLAGS)
+        return ds
+    return _load_rows(lambda d: d.load_dataset(args.dataset_name, args.dataset_config_name, split=split), what,
+                      "--dataset_name", _DATASET_FLAGS)
+
+
+def _dataset_texts(args: CorpusArgs, split: str, rows: Optional[BadRows] = None) -> Iterator[str]:
+    rows = rows or BadRows("--dataset_name", args.text_field, False)
+    ds = _load_dataset(args, split)
     yield from _row_texts(ds, f"{args.dataset_name} ({split})", rows)
 
 
@@ -347,8 +357,7 @@ def _documents(lm, args: CorpusArgs, which: str,
     tokenizer adds one); a long plain-text document arrives in several pieces, all but the first marked as continuing;
     ``has_text`` is False for whitespace-only text. ``rows`` counts the JSONL/dataset rows skipped."""
     if args.dataset_name:
-        split = args.split or ("train" if which == "train" else "validation")
-        for text in _dataset_texts(args, split, rows):
+        for text in _dataset_texts(args, _dataset_split(args, which), rows):
             yield lm.encode(text), False, bool(text.strip())
         return
     flag = f"--{which}_file"
@@ -411,11 +420,15 @@ def skipped_rows(token_path: str | Path) -> int:
 
 def source_fingerprint(args: CorpusArgs, which: str) -> dict:
     """What a corpus is, for checking cached work against: the file's name and sha256, or the dataset's coordinates
-    (and, for a local dataset folder, the first 16 hex of its files' sha256: its contents may change under its name)."""
+    and what its contents are known by: for a local dataset folder the first 16 hex of its files' sha256, for a hub
+    dataset the fingerprint `datasets` gives the split it loads (it changes with the dataset's revision: a name, config
+    and split alone stay the same when the dataset is updated on the hub)."""
     if args.dataset_name:
         source = {"dataset": args.dataset_name, "config": args.dataset_config_name, "split": args.split}
         if Path(args.dataset_name).is_dir():
             source["sha256"] = sha256_folder(args.dataset_name)[:16]
+        else:
+            source["fingerprint"] = _load_dataset(args, _dataset_split(args, which))._fingerprint
         return source
     flag = f"--{which}_file"
     path = _check_file((args.train_file if which == "train" else args.validation_file) or "", flag)
