@@ -125,6 +125,40 @@ def test_overspecified_control_uses_an_unseen_clause(paper):
         assert r["attribute"] not in used[(r["parent"], r["child"])] and r["attribute_seen_in_train"] is False
 
 
+def _seen_control_prefixes(out) -> Counter:
+    """Control rows per number of children whose prefix is a training sentence's prefix (another child follows it)."""
+    seen = {r["prefix"] for r in read_split(out, "train")}
+    return Counter(r["n_children"] for r in read_split(out, "test_overspecified") if r["prefix"] in seen)
+
+
+def test_the_pair_holdout_control_repeats_a_siblings_training_prefix(paper):
+    """The recorded villages' control (held out of the pair's own sentences only): its prefix is usually a sibling's
+    training prefix, the flaw docs/overspec.md describes (260 of 300 rows; none where a parent has one child)."""
+    assert _seen_control_prefixes(paper) == {2: 29, 3: 57, 4: 80, 5: 94}
+    assert "control_holdout" not in read_meta(paper)["config"]  # a dataset made before the option is the same one
+
+
+def test_the_parent_holdout_control_has_no_prefix_seen_in_training(tmp_path, paper):
+    out = generate_macondo(MacondoArgs(seed=0, output_dir=str(tmp_path / "d"), control_holdout="parent"))
+    assert _seen_control_prefixes(out) == {}
+    train, over = read_split(out, "train"), read_split(out, "test_overspecified")
+    held = {}
+    for r in over:  # one clause per parent, for all its children, never in their training sentences
+        assert held.setdefault(r["parent"], r["attribute"]) == r["attribute"] and r["attribute_seen_in_train"] is False
+    assert len(held) == 100 and len(set(held.values())) == len(ATTRIBUTES)  # drawn per parent, all 7 occur
+    used = defaultdict(list)
+    for r in train:
+        assert r["attribute"] != held[r["parent"]]
+        used[(r["parent"], r["child"])].append(r["attribute"])
+    assert len(used) == 300 and all(len(set(a)) == 5 for a in used.values())  # 5 distinct of the other 6
+    assert [r["text"] for r in read_split(out, "test")] == [r["text"] for r in read_split(paper, "test")]
+    assert read_meta(out)["config"]["control_holdout"] == "parent"
+    nine = generate_macondo(MacondoArgs(seed=4, output_dir=str(tmp_path / "nine"), examples_per_child=9,
+                                        control_holdout="parent", **SMALL))  # 9 from 6 attributes: each still held out
+    held9 = {r["parent"]: r["attribute"] for r in read_split(nine, "test_overspecified")}
+    assert all(r["attribute"] != held9[r["parent"]] for r in read_split(nine, "train"))
+
+
 def test_seven_or_more_examples_use_every_attribute(tmp_path):
     out = generate_macondo(MacondoArgs(seed=4, output_dir=str(tmp_path / "d"), examples_per_child=9, **SMALL))
     used = defaultdict(list)

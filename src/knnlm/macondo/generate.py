@@ -8,10 +8,14 @@ name, and exactly one token of the chosen tokenizer where they appear (after the
 Splits (one JSONL file each, rows ``text, prefix, target, parent, n_children, attribute, child``):
   train               ``examples_per_child`` over-specified sentences per parent-child pair;
   test                the bare statement, once per pair;
-  test_overspecified  once per pair with an attribute clause that pair's training sentences do not use.
-The attributes of a pair's training sentences are drawn without replacement from a shuffled cycle of the 7 attributes,
-so with fewer than 7 examples per pair at least one attribute is left for ``test_overspecified``; with 7 or more every
-attribute is used, the control clause is then drawn from all 7 and the row says ``attribute_seen_in_train: true``.
+  test_overspecified  once per pair with an attribute clause held out of training (``control_holdout``).
+The attributes of a pair's training sentences are drawn without replacement from a shuffled cycle of the 7 attributes
+(``control_holdout`` pair), so with fewer than 7 examples per pair at least one attribute is left for
+``test_overspecified``; with 7 or more every attribute is used, the control clause is then drawn from all 7 and the row
+says ``attribute_seen_in_train: true``. A parent's attributes are its children's too, so a sibling's training sentence
+usually carries that clause: the control's prefix was seen in training, followed by another name. With
+``control_holdout`` parent one attribute per parent is left out of all its children's training sentences (drawn from
+a cycle of the other 6) and is the clause of all its control rows: their prefix is never seen in training.
 """
 from __future__ import annotations
 
@@ -69,6 +73,7 @@ class MacondoArgs:
     min_children: Optional[int] = field(default=None, metadata={"help": "Fewest children of a parent (default 1; 2 with --format conv)."})
     max_children: Optional[int] = field(default=None, metadata={"help": "Most children of a parent; parents are shared equally over min..max (default 5; 2 with --format conv)."})
     examples_per_child: int = field(default=5, metadata={"help": "Over-specified training sentences per parent-child pair."})
+    control_holdout: Literal["pair", "parent"] = field(default="pair", metadata={"help": "What the test_overspecified control's clause is held out of. pair (the recorded runs'): that pair's training sentences only, while a sibling's sentence usually carries it (260 of 300 control prefixes were seen in training, with another child's name); parent: one attribute per parent is left out of all its children's training sentences and is the clause of all its control rows (no control prefix is seen in training; the training sentences change too)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a different Macondo dataset already in --output_dir (its own files only; a folder holding anything else is refused)."})
 
     def __post_init__(self) -> None:
@@ -94,6 +99,8 @@ class MacondoArgs:
         require_seed("seed", self.seed)  # random.Random(-s) is random.Random(s): -s would repeat the village of s
         if self.examples_per_child < 1:
             raise KnnlmError(f"--examples_per_child: must be >= 1, got {self.examples_per_child}")
+        if self.control_holdout not in ("pair", "parent"):
+            raise KnnlmError(f"--control_holdout: {self.control_holdout!r} is not one of pair, parent")
 
     def children_counts(self) -> list[int]:
         """Number of children of each parent, in parent order: min, min+1, ..., max, min, ... (round-robin)."""
@@ -101,8 +108,10 @@ class MacondoArgs:
         return [self.min_children + i % span for i in range(self.num_parents)]
 
     def spec(self) -> dict:
-        """The settings that determine the dataset's content (no output folder)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("output_dir", "overwrite")}
+        """The settings that determine the dataset's content (no output folder; control_holdout only where it is not
+        pair, so the datasets made before it existed, all pair's, stay this dataset)."""
+        drop = ("output_dir", "overwrite") + (("control_holdout",) if self.control_holdout == "pair" else ())
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in drop}
 
 
 # ---------------------------------------------------------------------------------------------------------------- tokenizer
@@ -231,11 +240,11 @@ def _make_village(args: MacondoArgs, child_pool: list[str], rng: random.Random) 
     return village, parents
 
 
-def _attribute_draws(rng: random.Random, n: int) -> list[str]:
-    """n attributes for one pair's training sentences: a fresh shuffle of all 7 for every block of 7."""
+def _attribute_draws(rng: random.Random, n: int, attributes=ATTRIBUTES) -> list[str]:
+    """n attributes for one pair's training sentences: a fresh shuffle of ``attributes`` (all 7) for every block."""
     out: list[str] = []
     while len(out) < n:
-        out += rng.sample(ATTRIBUTES, len(ATTRIBUTES))
+        out += rng.sample(attributes, len(attributes))
     return out[:n]
 
 
@@ -255,12 +264,16 @@ def _splits(args: MacondoArgs, village: list[dict], parents: list[int], rng: ran
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for pid in parents:
         parent = village[pid]
+        held = rng.choice(ATTRIBUTES) if args.control_holdout == "parent" else None  # (pair: no draw, as before)
         for child in parent["children"]:
-            used = _attribute_draws(rng, args.examples_per_child)
+            if held is None:
+                used = _attribute_draws(rng, args.examples_per_child)
+            else:
+                used = _attribute_draws(rng, args.examples_per_child, [a for a in ATTRIBUTES if a != held])
             out["train"] += [_row(args.format, "train", parent, child, a) for a in used]
             out["test"].append(_row(args.format, "test", parent, child, None))
             unused = [a for a in ATTRIBUTES if a not in used]
-            control = rng.choice(unused or list(ATTRIBUTES))
+            control = held or rng.choice(unused or list(ATTRIBUTES))
             row = _row(args.format, "train", parent, child, control)
             row["attribute_seen_in_train"] = not unused
             out["test_overspecified"].append(row)

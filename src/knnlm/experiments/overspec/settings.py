@@ -38,6 +38,7 @@ class OverspecArgs:
     num_parents: int = field(default=100, metadata={"help": "Villagers who have children, shared equally over 1..--max_children children."})
     max_children: int = field(default=5, metadata={"help": "Most children of a parent (parents have 1..N)."})
     examples_per_child: int = _mirror(MacondoArgs, "examples_per_child")
+    control_holdout: Literal["pair", "parent"] = _mirror(MacondoArgs, "control_holdout")
     # training (knnlm.train.TrainArgs; the paper: HF Trainer defaults, AdamW, lr 1e-5, warm-up 0.05, batch 4, 50 epochs)
     learning_rate: float = _mirror(TrainArgs, "learning_rate")
     warmup_ratio: float = _mirror(TrainArgs, "warmup_ratio")
