@@ -156,6 +156,19 @@ def test_k_beyond_store_pads_and_a_key_is_its_own_nearest():
     assert ids[:, 0].tolist() == [7, 123] and (d[:, 0] == 0).all()
 
 
+def test_fewer_rows_than_devices_and_no_rows_asked():
+    """Before: exact distances on a device holding no rows (3 keys on 4 devices) raised from index_select, and asking
+    for no rows divided by zero."""
+    keys, q = _random(n=3, d=8, b=2)
+    ref_d, ref_ids = _brute(keys, q, 3)
+    ts = TorchSearch(keys, devices=["cpu"] * 4)
+    d, ids = ts.search(q, 3)
+    assert (ids.numpy() == ref_ids).all()
+    got = ts.distances(q, torch.as_tensor(ref_ids))
+    np.testing.assert_allclose(got.numpy(), ref_d, rtol=1e-6)
+    assert ts.distances(q, torch.empty(2, 0, dtype=torch.int64)).shape == (2, 0)
+
+
 def test_ivf_lists_with_fewer_than_k_keys_pad_with_minus_one():
     keys, q = _random(n=400, d=8, b=5)
     d, ids = TorchSearch(keys, centroids=train_centroids(keys, 16, points_per_list=25), nprobe=1).search(q, 200)

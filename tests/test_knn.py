@@ -90,3 +90,18 @@ def test_exact_sq_dists_equal_float64_brute_force(key_dtype):
     # the expansion through norms is what this avoids: in float32 it is off by far more on the near neighbours
     expanded = (keys.float()[ids] ** 2).sum(-1) + (q ** 2).sum(-1)[:, None] - 2 * (keys.float()[ids] @ q[:, :, None])[..., 0]
     assert (expanded[:, 0].double() - ref[:, 0]).abs().max() > 10 * (got[:, 0].double() - ref[:, 0]).abs().max()
+
+
+def test_ignore_top_on_a_one_key_store_is_refused(tiny_lm, tmp_path):
+    """Before: --ignore_top on a store of one key left every search empty (k 0): p_knn NaN, and eval reported the plain
+    LM as the kNN-LM without a word."""
+    from knnlm.corpus import CorpusArgs
+    from knnlm.datastore import build_datastore
+    from knnlm.knn import Retriever
+
+    (tmp_path / "two.txt").write_text("a b")  # two tokens: one (key, next token) row
+    ds = build_datastore(tiny_lm, CorpusArgs(train_file=str(tmp_path / "two.txt"), block_size=8), tmp_path / "ds")
+    assert ds.N == 1
+    assert Retriever(ds, KNNArgs(k=4)).k == 1
+    with pytest.raises(KnnlmError, match="--ignore_top: the datastore .* holds 1 key"):
+        Retriever(ds, KNNArgs(k=4, ignore_top=True))

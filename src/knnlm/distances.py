@@ -56,6 +56,8 @@ def exact_sq_dists(keys: torch.Tensor, queries: torch.Tensor, ids: torch.Tensor,
     reused buffer (and float16 rows widened into one reused float32 buffer)."""
     n_q, k = ids.shape
     d = keys.shape[1]
+    if k == 0:  # no rows asked (the step of the gathering loop below would divide by zero)
+        return torch.empty(n_q, 0, dtype=torch.float32, device=keys.device)
     if keys.dtype == torch.float32 and keys.is_contiguous() and keys.device.type == "cpu":
         import faiss
 

@@ -321,6 +321,8 @@ class TorchSearch:
         ``self.device`` (inf for -1)."""
         out = torch.full(ids.shape, math.inf, dtype=torch.float32, device=self.device)  # [B, m]
         for shard in self.shards:
+            if shard.n == 0:  # (fewer rows than devices: an empty shard owns no id, and has no key to gather)
+                continue
             with self._on_stream(shard.device):
                 ids_s = ids.to(shard.device)
                 inside = (ids_s >= shard.offset) & (ids_s < shard.offset + shard.n)

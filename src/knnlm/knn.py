@@ -199,6 +199,9 @@ class Retriever:
         self.backend = make_backend(datastore, args, index=index, use_gpu=use_gpu)
         self._k_search = min(args.k + int(args.ignore_top), datastore.N)
         self.k = self._k_search - int(args.ignore_top)
+        if self.k < 1:  # every search would return nothing: p_knn undefined, the kNN-LM silently the LM
+            raise KnnlmError(f"--ignore_top: the datastore {datastore.dir} holds {datastore.N} key, which "
+                             "--ignore_top drops as each query's own; drop --ignore_top or use a larger datastore")
         if args.k + int(args.ignore_top) > datastore.N:
             log.info("k=%d exceeds the datastore size %d: retrieving all keys", args.k, datastore.N)
         self.vals = torch.from_numpy(np.asarray(datastore.vals, dtype=np.int64))  # [N], small enough to hold
