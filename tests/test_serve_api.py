@@ -246,6 +246,8 @@ def _request(body: bytes, length: str | None = "auto", method: str = "POST", pat
     (_request(b'{"prompt": "a"}').replace(b"Content-Length: 15", b"Content-Length: 15\r\nContent-Length: 5"), 400,
      "2 different Content-Length headers"),  # was served by the first after --request_timeout_s (smuggling)
     (b"GARBAGE\r\n\r\n", 400, "Bad request"),
+    (_request(b'{"prompt": "a"}').replace(b"Content-Length: 15", b"Content-Length: \xb2"), 400,
+     "is not a non-negative integer"),  # '\u00b2'.isdigit(): int() raised and the connection closed without an answer
     (_request(gzip.compress(b'{"prompt": "a"}')).replace(b"Connection", b"Content-Encoding: gzip\r\nConnection"), 415,
      "Content-Encoding 'gzip' is not supported"),  # was "the request body is not UTF-8 (byte 1)"
 ])
@@ -253,6 +255,25 @@ def test_malformed_requests_get_4xx_json(server, data, status, needle):
     got, body, _ = _raw(server.url, data)
     assert got == status and needle in body["error"]["message"], body
     assert _post(server.url + "/completions", {"prompt": "a", "max_tokens": 1})[0] == 200  # still serving
+
+
+def test_top_logprobs_keys_are_unique_and_most_likely_first(tiny_lm):
+    """Before: keyed by each token's text, the byte tokens (255 of GPT-2's decode to '\ufffd') and special tokens
+    ('') shared keys and the later, less likely one overwrote the earlier: max(top_logprobs) was not the top token's.
+    A logprobs above the vocabulary size raised (torch.topk) where every token is what it can give."""
+    from knnlm.serve import CompletionEngine
+
+    engine = CompletionEngine(tiny_lm)
+    V = tiny_lm.vocab_size
+    partial = [t for t in range(V) if tiny_lm.tokenizer.decode([t]) == "\ufffd"][:2]
+    assert len(partial) == 2
+    word = tiny_lm.encode(" the")[0]
+    logp = torch.full((V,), -30.0)
+    logp[partial[0]], logp[partial[1]], logp[word], logp[tiny_lm.eos_token_id] = -1.0, -2.0, -3.0, -4.0
+    top = engine.top_dict(logp, chosen=partial[1], n=4)
+    assert list(top.values()) == [-1.0, -2.0, -3.0, -4.0]
+    assert list(top) == [f"token_id:{partial[0]}", f"token_id:{partial[1]}", " the", f"token_id:{tiny_lm.eos_token_id}"]
+    assert len(engine.top_dict(torch.log_softmax(torch.randn(V), 0), chosen=0, n=V + 5)) == V
 
 
 def test_logprobs_beyond_max_logprobs_is_a_clear_400(server):
@@ -794,6 +815,12 @@ def test_target_log_likelihood_straddle():
     assert OC.target_log_likelihood(lp, 4, 6) == (-2.0, 1, False)  # " X": a token after the span is left out
     with pytest.raises(ValueError, match="first token has no log-probability"):
         OC.target_log_likelihood(lp, 0, 2)  # the first token has no log-probability
+    # a character split over tokens: serve gives the tokens before the last "" at the character's offset; before,
+    # those at the target's start were left out (" 日本語" scored over 5 of its 7 tokens)
+    lp = argparse.Namespace(tokens=["ab", "", "", " \u65e5", "x"], token_logprobs=[None, -1.0, -2.0, -4.0, -8.0],
+                            text_offset=[0, 2, 2, 2, 4])
+    assert OC.target_log_likelihood(lp, 2, 4) == (-7.0, 3, False)
+    assert OC.target_log_likelihood(lp, 2, 5) == (-15.0, 4, False)
 
 
 def test_unreachable_endpoint_one_line_error(village, tmp_path):

@@ -125,7 +125,9 @@ def target_log_likelihood(logprobs, start: int, end: int) -> tuple[float, int, b
     """
     total, n, straddle = 0.0, 0, False
     for tok, lp, off in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.text_offset):
-        if off >= end or off + len(tok) <= start:
+        # a token of no text (bytes of a character that a later token completes: serve gives them "") at ``start``
+        # is the target's first character's
+        if off >= end or (off + len(tok) <= start and not (tok == "" and off == start)):
             continue
         if off < start:
             straddle = True

@@ -115,7 +115,7 @@ class _Handler(BaseHTTPRequestHandler):
         value = self.headers.get("Content-Length")
         if value is None:
             raise ApiError(411, "a POST needs a Content-Length header")
-        if not value.strip().isdigit():
+        if not (value.strip().isascii() and value.strip().isdigit()):  # ('²'.isdigit(), but int('²') fails)
             raise ApiError(400, f"Content-Length {value[:40]!r} is not a non-negative integer")
         length = int(value)
         if length > MAX_BODY_BYTES:
