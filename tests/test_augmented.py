@@ -333,10 +333,16 @@ def test_generation_ignores_the_checkpoints_sampling_extras(tiny_gpt2_dir, tmp_p
     from knnlm.serve import CompletionEngine
 
     shutil.copytree(tiny_gpt2_dir, tmp_path / "m")
+    prompt = "the cat sat on the mat. the cat sat on the"
+    plain = load_model(ModelArgs(model_name_or_path=str(tmp_path / "m"), device="cpu"))
+    with torch.no_grad():
+        first = int(plain.model(torch.tensor([plain.encode(prompt)])).logits[0, -1].argmax())
+    # what the neutral list missed (before: suppress_tokens and min_p still acted): every field unset in the config
+    # knnlm passes was taken from the checkpoint's
     GenerationConfig(do_sample=True, temperature=0.3, top_k=3, repetition_penalty=3.0, no_repeat_ngram_size=2,
+                     suppress_tokens=[first], min_p=0.99, bad_words_ids=[[first]], min_new_tokens=20,
                      bos_token_id=50256, eos_token_id=50256).save_pretrained(tmp_path / "m")
     model = load_model(ModelArgs(model_name_or_path=str(tmp_path / "m"), device="cpu"))
-    prompt = "the cat sat on the mat. the cat sat on the"
     ids = model.encode(prompt)
     with torch.no_grad():
         for _ in range(12):  # greedy by hand: the argmax of the model's own logits
@@ -345,6 +351,7 @@ def test_generation_ignores_the_checkpoints_sampling_extras(tiny_gpt2_dir, tmp_p
     assert generate_continuations(model, [prompt], GenerateArgs(max_new_tokens=12))[0]["text"] == want
     served = CompletionEngine(model, name="m").complete({"prompt": prompt, "max_tokens": 12, "temperature": 0})
     assert served["choices"][0]["text"] == want
+    assert model.model.generation_config.suppress_tokens == [first]  # the model's own is back after generating
 
 
 def test_positions_whose_search_finds_no_neighbour_keep_the_lm(lm, store, files, tmp_path):

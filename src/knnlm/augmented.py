@@ -298,12 +298,6 @@ def _inference_only(out):
 MAX_BEAMS = 64
 
 
-# GenerationConfig fields that change the distribution or the beam chosen, at their neutral values
-NEUTRAL_GENERATION = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-                      "min_length": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-                      "length_penalty": 1.0, "early_stopping": False}
-
-
 @dataclass
 class GenerateArgs:
     prompt_file: Optional[str] = field(default=None, metadata={"help": "Prompts, one per line (.txt) or one per JSONL row (field `prompt`, else `text`); adds to --prompt."})
@@ -343,14 +337,30 @@ class GenerateArgs:
         return kw
 
     def generation_config(self, lm):
-        """The ``GenerationConfig`` of these settings for ``lm`` (a ``knnlm.models.LM``): every field that would change
-        the distribution or the chosen beam set to its neutral value, since ``generate`` fills each field left unset
-        from the checkpoint's own generation_config.json (a repetition penalty, n-gram blocking...)."""
+        """The ``GenerationConfig`` of these settings for ``lm`` (a ``knnlm.models.LM``); :func:`generate` runs it
+        alone (no field taken from the checkpoint's generation_config.json)."""
         from transformers import GenerationConfig
 
         eos, pad = lm.eos_token_id, lm.tokenizer.pad_token_id
-        return GenerationConfig(**NEUTRAL_GENERATION, **self.generation_kwargs(), eos_token_id=eos,
-                                pad_token_id=eos if pad is None else pad)
+        return GenerationConfig(**self.generation_kwargs(), eos_token_id=eos, pad_token_id=eos if pad is None else pad)
+
+
+def generate(lm, input_ids: torch.Tensor, generation_config, **kwargs) -> torch.Tensor:
+    """``lm.model.generate`` on input_ids [B, T] with exactly ``generation_config``. ``generate`` fills every field of
+    it left unset from the model's own generation_config (the checkpoint's generation_config.json: a repetition
+    penalty, suppress_tokens, min_p, bad_words_ids, forced tokens, sequence_bias...), which changed greedy and sampled
+    text away from what was asked; so while it runs the model's is a bare one. On a PEFT model that is the base model's,
+    which PEFT's generate copies from."""
+    from transformers import GenerationConfig
+
+    owner = lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model
+    saved = owner.generation_config
+    owner.generation_config = GenerationConfig()
+    try:
+        return lm.model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                 generation_config=generation_config, **kwargs)
+    finally:
+        owner.generation_config = saved
 
 
 def read_prompts(prompts: list[str] | None, prompt_file: Optional[str],
@@ -404,8 +414,7 @@ def generate_continuations(lm, prompts: list[str], args: GenerateArgs) -> list[d
         x = torch.tensor([ids], device=lm.device)  # [1, T]
         torch.manual_seed(args.seed)
         t0 = time.perf_counter()
-        seq = lm.model.generate(x, attention_mask=torch.ones_like(x),
-                                generation_config=args.generation_config(lm))[0, len(ids):]
+        seq = generate(lm, x, args.generation_config(lm))[0, len(ids):]
         seconds = time.perf_counter() - t0
         text = lm.tokenizer.decode(seq, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         out.append({"prompt": prompt, "text": text, "n_tokens": int(seq.numel()), "seconds": seconds})

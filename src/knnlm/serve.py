@@ -355,6 +355,8 @@ class CompletionEngine:
         A choice that meets a stop string ends there while the others go on."""
         from transformers import StoppingCriteria, StoppingCriteriaList
 
+        from .augmented import generate
+
         step = {}
 
         def record(module, args, out):  # registered after any augmentation hook: sees log p_knnlm
@@ -380,8 +382,7 @@ class CompletionEngine:
             torch.seed()
         hook = self.lm.model.register_forward_hook(record)
         try:
-            self.lm.model.generate(x, attention_mask=torch.ones_like(x), generation_config=self._generation_config(req),
-                                   stopping_criteria=StoppingCriteriaList([Feed()]))
+            generate(self.lm, x, self._generation_config(req), stopping_criteria=StoppingCriteriaList([Feed()]))
         finally:
             hook.remove()
 
