@@ -105,3 +105,48 @@ def test_ignore_top_on_a_one_key_store_is_refused(tiny_lm, tmp_path):
     assert Retriever(ds, KNNArgs(k=4)).k == 1
     with pytest.raises(KnnlmError, match="--ignore_top: the datastore .* holds 1 key"):
         Retriever(ds, KNNArgs(k=4, ignore_top=True))
+
+
+def test_drop_own_by_hand():
+    from knnlm.knn import drop_own
+
+    d = torch.tensor([[0.0, 0.0, 1.0], [0.5, 2.0, 3.0]])
+    ids = torch.tensor([[5, 9, 2], [7, 3, 1]])
+    got_d, got_i = drop_own(d, ids, torch.tensor([9, 4]))  # 9 found (a tie at 0 with 5); 4 not found: the farthest
+    assert got_i.tolist() == [[5, 2], [7, 3]] and got_d.tolist() == [[0.0, 1.0], [0.5, 2.0]]
+    assert drop_own(d, ids, None)[1].tolist() == [[9, 2], [3, 1]]  # no rows known: the nearest
+
+
+def test_ignore_top_leaves_out_each_positions_own_row_on_the_stores_text(tiny_lm, tmp_path):
+    """Windows of one token's context that start with the same token (' a') have the same key, followed by another
+    token each. Before, --ignore_top dropped the nearest by distance then id, which for all but the first such window
+    is another window's row: the query's own row stayed and its gold token leaked back. The reference: p_knn(gold) over
+    every other row of the store (k = N - 1, exact distances in float64)."""
+    from knnlm.corpus import CorpusArgs, TokenFile, windows
+    from knnlm.datastore import build_datastore
+    from knnlm.knn import Retriever
+    from knnlm.scoring import encode_windows, score_windows
+
+    words = " ".join(f"a {w} x" for w in ["b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m"])
+    (tmp_path / "t.txt").write_text(words)
+    block = 4  # windows start every 3 tokens: at each ' a'
+    ds = build_datastore(tiny_lm, CorpusArgs(train_file=str(tmp_path / "t.txt"), block_size=block, stride=block),
+                         tmp_path / "ds", batch_size=4)
+    tokens = TokenFile(ds.dir / "tokens.i32", ds.dir / "tokens.i32.docs")
+    wins = windows(tokens.doc_starts, block, block)
+    assert [int(tokens.tokens[w.start]) for w in wins[1:]] == [tiny_lm.encode(" a")[0]] * (len(wins) - 1)
+    retriever = Retriever(ds, KNNArgs(k=ds.N - 1, ignore_top=True, recompute_dists=True))
+    batches = [wins[i: i + 3] for i in range(0, len(wins), 3)]
+    got = torch.cat([s.knn for s in score_windows(tiny_lm, tokens, batches, retriever, overlap=False)])
+    keys, vals = np.asarray(ds.keys, np.float64), np.asarray(ds.vals)
+    ref, row = [], 0
+    for batch in batches:
+        at, gold = encode_windows(tiny_lm, tokens, batch, (ds.key_point,))
+        for q, g in zip(at[ds.key_point].double().numpy(), gold.tolist()):
+            d = ((keys - q) ** 2).sum(1)
+            others = np.arange(ds.N) != row  # the position's own row: targets are the store's rows in order
+            logit = -d[others]
+            ref.append(np.logaddexp.reduce(logit[vals[others] == g]) - np.logaddexp.reduce(logit))
+            row += 1
+    assert row == ds.N
+    np.testing.assert_allclose(got.numpy(), np.asarray(ref), rtol=1e-5, atol=1e-6)

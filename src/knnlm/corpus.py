@@ -636,6 +636,12 @@ def target_positions(batch: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(rows), torch.cat(pos)
 
 
+def target_rows(batch: list[Window]) -> torch.Tensor:
+    """The datastore rows of a batch's targets, in the order of :func:`target_positions`: [n] int64 (a store built on
+    these tokens: rows count the targets in order, whatever the windowing)."""
+    return torch.cat([torch.arange(w.row, w.row + w.n_targets) for w in batch])
+
+
 def target_tokens(tokens, batch: list[Window]) -> torch.Tensor:
     """The scored (gold) tokens of a batch of windows, in the order of :func:`target_positions`: [n] int64."""
     token_arr = _token_array(tokens)

@@ -11,6 +11,7 @@ import logging
 import math
 import numbers
 from dataclasses import dataclass, field, fields
+from typing import Optional
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ class KNNArgs:
     lmbda: list[float] = field(default_factory=lambda: [0.25], metadata={"help": "Weight of p_knn in the interpolation; eval takes a comma list, which sweeps several from one retrieval pass (generate and serve take one)."})
     knn_temp: float = field(default=1.0, metadata={"help": "Temperature T of exp(-d/T)."})
     recompute_dists: bool = field(default=False, metadata={"help": "Recompute exact squared L2 distances from the stored keys (needed with PQ indexes)."})
-    ignore_top: bool = field(default=False, metadata={"help": "eval only: drop the nearest neighbour (for querying a store with its own training text)."})
+    ignore_top: bool = field(default=False, metadata={"help": "eval only: leave each position's own row out of its neighbours (querying a store with its own training text): its own row where the evaluated corpus is the store's (the same tokens), else the nearest neighbour."})
     nprobe: int = field(default=32, metadata={"help": "IVF lists visited per query (approximate indexes only)."})
     search_backend: str = field(default="auto", metadata={"help": "Where the keys are searched: faiss (in-process FAISS index), torch (keys on a torch device: a GPU without GPU FAISS), ray (the index shards on Ray actors: docs/ray.md), auto (faiss; torch on a GPU that only torch sees)."})
     search_dtype: str = field(default=SEARCH_DTYPE, metadata={"help": "--search_backend torch: precision of the GEMM that ranks candidates (float16, bfloat16, float32); their distances are then recomputed exactly."})
@@ -184,11 +185,28 @@ def interpolate(lm_logp: torch.Tensor, knn_logp: torch.Tensor, lmbda: float) -> 
     return torch.logaddexp(lm_logp + math.log1p(-lmbda), knn_logp + math.log(lmbda))
 
 
+def drop_own(dists: torch.Tensor, ids: torch.Tensor, own: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """--ignore_top: k + 1 neighbours [B, k + 1] -> [B, k] without each query's own row. ``own`` [B] (store rows, when
+    the queries are the store's own positions): that row where the search found it, else the farthest (the k nearest
+    others are kept). ``own`` None: the nearest, the only guess without the rows; it is the query's own row unless
+    another row has the same key (a context repeated verbatim: a tie at distance ~0, where the nearest by id need not
+    be the query's own and the gold token would leak back)."""
+    drop = torch.zeros_like(ids, dtype=torch.bool)  # [B, k + 1]
+    if own is None:
+        drop[:, 0] = True
+    else:
+        drop = ids == own.to(ids.device)[:, None]  # at most one column: a row appears once in a search result
+        drop[:, -1] |= ~drop.any(dim=1)
+    keep = ~drop
+    return dists[keep].view(len(ids), -1), ids[keep].view(len(ids), -1)
+
+
 class Retriever:
     """Batched nearest-neighbour search over a datastore through one :class:`knnlm.search.SearchBackend`.
 
     ``k`` is the number of neighbours each search returns (``--k`` clamped to the store's size; with ``--ignore_top``
-    one more is searched and the nearest dropped). ``index``: a prebuilt FAISS-like index or a backend to use."""
+    one more is searched and the query's own row dropped: :func:`drop_own`). ``index``: a prebuilt FAISS-like index
+    or a backend to use."""
 
     def __init__(self, datastore, args: KNNArgs, index=None, use_gpu: bool | None = None):
         from .search import make_backend
@@ -211,17 +229,19 @@ class Retriever:
         if (self.recompute or args.stateful) and hasattr(self.backend, "load_keys"):
             self.backend.load_keys()  # exact distances from the first query on: read the keys now, with the index
 
-    def search_ids(self, queries: torch.Tensor, recompute: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def search_ids(self, queries: torch.Tensor, recompute: bool | None = None,
+                   own: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [B, d] -> (squared L2 distances float32 [B, k], row ids int64 [B, k]), nearest first by the
         index's own distances; a row the index could not fill has id -1 and distance inf. Distances are exact with
         ``--recompute_dists`` (the order stays the index's; ``recompute`` False: the index's own distances, for a
-        caller that computes exact ones of more rows itself)."""
+        caller that computes exact ones of more rows itself). ``own`` [B] int64: each query's own store row, which
+        ``--ignore_top`` leaves out (:func:`drop_own`)."""
         if queries.dim() != 2 or queries.shape[1] != self.ds.d:  # (FAISS's own check is an empty AssertionError)
             raise KnnlmError(f"queries: shape {tuple(queries.shape)}, but the datastore {self.ds.dir} holds "
                              f"[N, {self.ds.d}] keys; pass [B, {self.ds.d}]")
         dists, ids = self.backend.search(queries, self._k_search)  # [B, k] each
         if self.args.ignore_top:
-            dists, ids = dists[:, 1:], ids[:, 1:]
+            dists, ids = drop_own(dists, ids, own)
         if self.recompute and recompute is not False:
             dists = self.backend.distances(queries, ids)
         return dists, ids
@@ -252,9 +272,10 @@ class Retriever:
             self._vals_on[ids.device] = self.vals.to(ids.device)
         return self._vals_on[ids.device][ids.clamp_min(0)]
 
-    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries [B, d] -> (squared L2 distances float32 [B, k], values int64 [B, k]), nearest first."""
-        dists, ids = self.search_ids(queries)
+    def search(self, queries: torch.Tensor, own: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries [B, d] -> (squared L2 distances float32 [B, k], values int64 [B, k]), nearest first (``own``: as
+        :meth:`search_ids`)."""
+        dists, ids = self.search_ids(queries, own=own)
         return dists, self.values(ids)
 
     def log_probs(self, queries: torch.Tensor, vocab_size: int) -> torch.Tensor:

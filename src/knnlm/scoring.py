@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from .corpus import TokenFile, Window, batch_inputs, target_positions, target_tokens
+from .corpus import TokenFile, Window, batch_inputs, target_positions, target_rows, target_tokens
 from .knn import KNNArgs, interpolate, knn_gold_log_prob, lm_where, no_neighbours
 
 log = logging.getLogger(__name__)
@@ -98,10 +98,14 @@ def _lm_part(lm, at: dict, gold: torch.Tensor, timing: Optional[dict]) -> torch.
     return out
 
 
-def _search(retriever, query: torch.Tensor, timing: Optional[dict], searcher=None, gold=None, batch=None):
+def _search(retriever, query: torch.Tensor, timing: Optional[dict], searcher=None, gold=None, batch=None,
+            own_rows: bool = False):
     t0 = time.perf_counter()
     # ([n, k] float32, [n, k] int64); a searcher (RetoMaton's streams) also sees the gold tokens and the windows
-    found = retriever.search(query) if searcher is None else searcher(query, gold, batch)
+    if searcher is not None:
+        found = searcher(query, gold, batch)
+    else:
+        found = retriever.search(query, own=target_rows(batch) if own_rows else None)
     _add(timing, "search_s", t0)
     return found
 
@@ -173,6 +177,17 @@ def _search_pool() -> ThreadPoolExecutor:
                               initargs=(faiss.omp_get_max_threads(),))
 
 
+def _own_text(tokens: TokenFile, retriever) -> bool:
+    """--ignore_top: whether the scored tokens are the store's own (then each position's own row is known and is the
+    one left out; otherwise the nearest neighbour is)."""
+    if not retriever.args.ignore_top:
+        return False
+    own = tokens.sha256() == retriever.ds.meta.get("corpus_hash")
+    log.info("--ignore_top: %s", "each position's own store row is left out (the store's own text)" if own else
+             "the nearest neighbour is left out (the text is not the store's: no position has a row of its own)")
+    return own
+
+
 def score_windows(lm, tokens: TokenFile, batches: Iterable[list[Window]], retriever=None, memory=None,
                   lmbdas: Optional[Sequence[float]] = None, timing: Optional[dict] = None,
                   overlap: bool = True, searcher=None) -> Iterator[Scores]:
@@ -184,12 +199,13 @@ def score_windows(lm, tokens: TokenFile, batches: Iterable[list[Window]], retrie
     ``retriever.search`` (RetoMaton's :class:`knnlm.retomaton.Streams`; called once per batch, in order)."""
     if retriever is not None and searcher is None:
         retriever.args.refuse_stateful("score_windows without a searcher")
+    own = retriever is not None and searcher is None and _own_text(tokens, retriever)
     points = key_points(retriever, memory)
     if retriever is None or not overlap:
         for batch in batches:
             at, gold = encode_windows(lm, tokens, batch, points, timing)
             scores = Scores(gold=gold, lm=_lm_part(lm, at, gold, timing))
-            found = (_search(retriever, at[retriever.ds.key_point], timing, searcher, gold, batch)
+            found = (_search(retriever, at[retriever.ds.key_point], timing, searcher, gold, batch, own)
                      if retriever is not None else None)
             yield _finish(scores, found, retriever, memory, at, lmbdas, timing)
         return
@@ -197,7 +213,7 @@ def score_windows(lm, tokens: TokenFile, batches: Iterable[list[Window]], retrie
         pending = None  # (scores, at, future of the search) of the previous batch
         for batch in batches:
             at, gold = encode_windows(lm, tokens, batch, points, timing)
-            future = pool.submit(_search, retriever, at[retriever.ds.key_point], timing, searcher, gold, batch)
+            future = pool.submit(_search, retriever, at[retriever.ds.key_point], timing, searcher, gold, batch, own)
             scores = Scores(gold=gold, lm=_lm_part(lm, at, gold, timing))
             if pending is not None:
                 yield _finish(pending[0], pending[2].result(), retriever, memory, pending[1], lmbdas, timing)
