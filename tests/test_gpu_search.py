@@ -169,6 +169,30 @@ def test_fewer_rows_than_devices_and_no_rows_asked():
     assert ts.distances(q, torch.empty(2, 0, dtype=torch.int64)).shape == (2, 0)
 
 
+def test_more_equal_keys_than_the_margin_holds_are_taken_by_id():
+    """600 equal keys (a context repeated verbatim, e.g. templated sentences) around a query, k 10 + margin 64: the
+    first stage's top-k took any 74 of them, so the rows kept depended on the key chunk and the shards (870..879 with
+    the default chunk, 713..722 with 256) where FAISS and the brute force take the lowest ids (700..709)."""
+    rng = np.random.default_rng(0)
+    one = rng.standard_normal((1, 8)).astype(np.float16)
+    other = (rng.standard_normal((2000, 8)) * 3).astype(np.float16)
+    keys = np.concatenate([other[:700], np.repeat(one, 600, 0), other[700:]])  # rows 700..1299 equal
+    q = torch.from_numpy(one.astype(np.float32) + 0.001)
+    ref_d, ref_ids = _brute(keys, q, 10)
+    assert ref_ids[0].tolist() == list(range(700, 710))
+    flat = faiss.IndexFlatL2(8)
+    flat.add(keys.astype(np.float32))
+    assert flat.search(q.numpy(), 10)[1][0].tolist() == list(range(700, 710))
+    for chunk in (1 << 19, 256, 97):
+        for devices in (["cpu"], ["cpu"] * 3):
+            d, ids = TorchSearch(keys, devices=devices, key_chunk=chunk).search(q, 10)
+            assert ids[0].tolist() == list(range(700, 710)), (chunk, len(devices))
+            np.testing.assert_allclose(d.numpy(), ref_d, rtol=1e-5)
+    centroids = train_centroids(keys, 4)  # IVF: the equal keys share a list
+    d, ids = TorchSearch(keys, centroids=centroids, nprobe=4, key_chunk=97).search(q, 10)
+    assert ids[0].tolist() == list(range(700, 710))
+
+
 def test_ivf_lists_with_fewer_than_k_keys_pad_with_minus_one():
     keys, q = _random(n=400, d=8, b=5)
     d, ids = TorchSearch(keys, centroids=train_centroids(keys, 16, points_per_list=25), nprobe=1).search(q, 200)

@@ -224,29 +224,61 @@ class TorchSearch:
         for s in range(0, len(q), self.query_batch):
             sel = order[s: s + self.query_batch] if order is not None else slice(s, s + self.query_batch)
             qb = q[sel]  # [b, d]
-            rows = None
+            rows = allowed = None
             if probe is not None:
                 rows, allowed = self._probed_rows(shard, probe[sel])
-                cand = self._candidates(shard, qb, k, rows, allowed)
-            else:
-                cand = self._candidates(shard, qb, k)
+            n = shard.n if rows is None else len(rows)
+            cand, score = self._candidates(shard, qb, min(k + self.margin, n), rows, allowed)  # [b, c] each
             if cand.shape[1] == 0:  # no key in the probed lists
                 continue
-            dist = exact_sq_dists(shard.keys, qb, cand.clamp_min(0), max_floats=_refine_floats(shard.device))
-            dist = dist.masked_fill_(cand < 0, math.inf)  # [b, c]
-            ids = shard.store_rows(cand.clamp_min(0)).masked_fill_(cand < 0, -1)
-            out_d[sel], out_i[sel] = nearest(dist, ids, k)
+            dist, ids = self._exact(shard, qb, cand)  # [b, c] each
+            d_b, i_b = nearest(dist, ids, k)  # [b, k] each
+            if cand.shape[1] < n:  # some keys were not candidates: equal keys may have been split at the edge
+                tied = _tie_at_the_edge(cand, score, dist, d_b[:, k - 1])  # [b]
+                if bool(tied.any()):  # (rare: a sync only to decide whether to search those queries again)
+                    t = tied.nonzero()[:, 0]
+                    sub = None if allowed is None else allowed[t]
+                    edge = score.masked_fill(cand < 0, -math.inf)[t].amax(1)  # [t] the candidates' last score
+                    more = self._candidates(shard, qb[t], int(self._count_within(shard, qb[t], edge, rows, sub).max()),
+                                            rows, sub)[0]
+                    d_b[t], i_b[t] = nearest(*self._exact(shard, qb[t], more), k)
+            out_d[sel], out_i[sel] = d_b, i_b
         return out_d, out_i
 
-    def _candidates(self, shard: KeyShard, q: torch.Tensor, k: int, rows: Optional[torch.Tensor] = None,
-                    allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Device rows [b, c] of the k + margin best scores (-1 where fewer keys are searchable): per key chunk, then
-        across chunks. ``rows`` [m]: search only these device rows; ``allowed`` [b, m] bool: which of them each query
-        may take (the IVF lists it probes)."""
+    def _exact(self, shard: KeyShard, q: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate device rows cand [b, c] (-1: none) -> their exact distances [b, c] (inf for -1), store ids."""
+        dist = exact_sq_dists(shard.keys, q, cand.clamp_min(0), max_floats=_refine_floats(shard.device))
+        dist = dist.masked_fill_(cand < 0, math.inf)  # [b, c]
+        return dist, shard.store_rows(cand.clamp_min(0)).masked_fill_(cand < 0, -1)
+
+    def _count_within(self, shard: KeyShard, q: torch.Tensor, edge: torch.Tensor, rows: Optional[torch.Tensor],
+                      allowed: Optional[torch.Tensor]) -> torch.Tensor:
+        """Per query [b], how many keys it may take score at most ``edge`` [b] (the candidates' last score), with a
+        band of rounding above it: keys equal to the k-th neighbour whose half-precision scores came out an ulp or
+        two apart (another key chunk may round its sums otherwise)."""
         n = shard.n if rows is None else len(rows)
-        kc = min(k + self.margin, n)
+        qa = self._augmented_queries(shard, q)
+        edge = edge.float()
+        edge = edge + edge.abs() * 2.0 ** -8 + 2.0 ** -14
+        count = torch.zeros(len(q), dtype=torch.int64, device=q.device)
+        for c in range(0, n, self.key_chunk):
+            idx = slice(c, c + self.key_chunk) if rows is None else rows[c: c + self.key_chunk]
+            score = (qa @ shard.chunk(idx, self.dtype).T).float()  # [b, n_c]
+            if allowed is not None:
+                score.masked_fill_(~allowed[:, c: c + self.key_chunk], math.inf)
+            count += (score <= edge[:, None]).sum(1)
+        return count
+
+    def _candidates(self, shard: KeyShard, q: torch.Tensor, kc: int, rows: Optional[torch.Tensor] = None,
+                    allowed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device rows [b, c] of the kc best scores (-1 where fewer keys are searchable) and those scores [b, c]: per
+        key chunk, then across chunks. ``rows`` [m]: search only these device rows; ``allowed`` [b, m] bool: which of
+        them each query may take (the IVF lists it probes)."""
+        n = shard.n if rows is None else len(rows)
+        kc = min(kc, n)
         if kc == 0:
-            return torch.empty(len(q), 0, dtype=torch.int64, device=q.device)
+            none = torch.empty(len(q), 0, dtype=torch.int64, device=q.device)
+            return none, none.to(self.dtype)
         qa = self._augmented_queries(shard, q)  # [b, d'] in the GEMM dtype
         best_s, best_r = [], []
         for c in range(0, n, self.key_chunk):
@@ -263,7 +295,7 @@ class TorchSearch:
             r = torch.gather(r, 1, pick)
         if rows is not None:
             r = rows[r]
-        return r.masked_fill_(torch.isinf(s), -1)  # a masked key is no candidate
+        return r.masked_fill_(torch.isinf(s), -1), s  # a masked key is no candidate
 
     def _augmented_queries(self, shard: KeyShard, q: torch.Tensor) -> torch.Tensor:
         """q [b, d] float32 -> [b, d'] in the GEMM dtype: [−2 (q − μ) / s, 1, 1, ‖q‖² / s as high + low, 0...]."""
@@ -370,6 +402,19 @@ def _check_fits(devices: Sequence[torch.device], rows: int, d: int, work: int) -
                 raise KnnlmError(f"--search_backend torch: {rows:,} keys need {need / 2**30:.1f} GiB on {dev}, "
                                  f"{free / 2**30:.1f} GiB free; make more GPUs visible, or search a built IVF-PQ "
                                  "index with --search_backend faiss")
+
+
+def _tie_at_the_edge(cand: torch.Tensor, score: torch.Tensor, dist: torch.Tensor, kth: torch.Tensor) -> torch.Tensor:
+    """Per query [b] bool: whether keys equal to its k-th neighbour may have been left out of its candidates cand
+    [b, c] (scores ``score``, exact distances ``dist``, the k-th exact distance ``kth`` [b]): several candidates are
+    at the k-th distance (equal keys: distinct keys' float32 sums do not meet exactly) and one of them has the
+    candidates' last score. Equal keys have one score, and a top-k of scores takes any of those tied at its edge: with
+    more equal keys than the margin holds, which of them were kept depended on the chunking and the shards, not on
+    their ids as everywhere else (FAISS's order)."""
+    live = cand >= 0
+    edge = score.masked_fill(~live, -math.inf).amax(1, keepdim=True)  # [b, 1]
+    at_kth = live & (dist == kth[:, None])  # [b, c]
+    return (at_kth & (score == edge)).any(1) & (at_kth.sum(1) >= 2) & torch.isfinite(kth)
 
 
 def nearest(dists: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
