@@ -248,16 +248,21 @@ class Choice:
 
     def _settle(self) -> None:
         """Cuts the text at the first stop string (which ends the choice) and moves ``ready`` up to the pieces no
-        later token can change: not a piece with held-back bytes, nor text that may begin a stop string."""
+        later token can change: not a piece with held-back bytes, nor text that may begin a stop string.
+
+        One rule for both: a piece belongs before a cut at ``c`` when it starts before ``c`` (the one across ``c``
+        clipped). A piece of no text (bytes of a character a later token completes) starts where that character
+        does, so one at ``c`` is the stop string's, and one where the held-back text begins is not final: streamed,
+        it could be cut from the whole answer afterwards."""
         stops, gen = self.req.stop, self.texts[self.n_echo:]
         text = "".join(gen)
         cut = min((i for i in (text.find(st) for st in stops) if i >= 0), default=None)
         if cut is not None:  # the text ends before the stop string; the tokens up to it stay, the last one clipped
             kept, pos = [], 0
             for piece in gen:
-                if pos >= cut and kept:
+                if pos >= cut:
                     break
-                kept.append(piece[: max(0, cut - pos)])
+                kept.append(piece[: cut - pos])
                 pos += len(piece)
             end = self.n_echo + len(kept)
             self.texts[self.n_echo:] = kept
@@ -268,9 +273,9 @@ class Choice:
             return
         limit, pos, ready = len(text) - _holdback(text, stops), 0, self.n_echo
         for piece in gen:
-            pos += len(piece)
-            if pos > limit:
+            if pos >= limit or pos + len(piece) > limit:
                 break
+            pos += len(piece)
             ready += 1
         if self.detok.pending and ready == len(self.texts):
             ready -= 1  # the last piece still gets the rest of its character
