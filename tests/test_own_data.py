@@ -84,6 +84,15 @@ def test_gain_share_hand_computed(tmp_path):
     assert r["share"] == pytest.approx(share, rel=1e-5)
     assert r["share_ci"]["lo"] < share < r["share_ci"]["hi"]
     assert m["best"]["ppl_knnlm"] == min(v["ppl_knnlm"] for v in m["lmbda"].values())
+    # a position whose search found no neighbour (an IVF probe of empty lists: all distances inf) is the LM there,
+    # as eval scores it (before: p_knn NaN made every perplexity and the share NaN)
+    dists = np.fromfile(tmp_path / "c" / "dists.f32", np.float32).reshape(n, 2)
+    dists[5] = np.inf
+    dists.tofile(tmp_path / "c" / "dists.f32")
+    r = gain_share(tmp_path / "c", [0.5], unit_tokens=8, n_resamples=200)["lmbda"]["0.5"]
+    nll_knn = -(63 * math.log(0.3) + math.log(0.1)) / 64
+    assert r["ppl_knnlm"] == pytest.approx(math.exp(nll_knn), rel=1e-5)
+    assert r["share"] == pytest.approx((10 - 5) / (10 - math.exp(nll_knn)), rel=1e-5)
 
 
 def test_recipe_builds_the_own_datastore_over_the_lm_training_tokens():

@@ -75,10 +75,11 @@ def gain_share(cache_dir: str | Path, lmbdas: list[float], temp: float = 1.0, un
     """Per λ: ppl of the LM, kNN-LM and MLP-LM over the cached tokens, the share of kNN's gain the memory keeps, and
     its bootstrap 95% interval (``share_ci``, over blocks of ``unit_tokens`` consecutive tokens: neighbouring tokens are
     not independent). Also the share comparing each method at its best λ (point estimate)."""
-    from ...knn import interpolate, knn_gold_log_prob
+    from ...knn import interpolate, knn_gold_log_prob, lm_where, no_neighbours
 
     c = _read_cache(Path(cache_dir))
-    knn_gold = knn_gold_log_prob(c["dists"], c["vals"], c["gold"], temp)  # [n]
+    knn_gold = knn_gold_log_prob(c["dists"], c["vals"], c["gold"], temp)  # [n] (NaN where a search found nothing)
+    none = no_neighbours(c["dists"])  # there the kNN-LM is the LM, as eval scores it
     n = len(c["lm"])
     out: dict = {"n_tokens": n, "unit_tokens": unit_tokens, "n_units": -(-n // unit_tokens),
                  "n_resamples": n_resamples, "lmbda": {}}
@@ -87,8 +88,8 @@ def gain_share(cache_dir: str | Path, lmbdas: list[float], temp: float = 1.0, un
         return share_of_gain(math.exp(nll_lm), math.exp(nll_knn), math.exp(nll_mlp))
 
     for lam in lmbdas:
-        nll = [-c["lm"].double().numpy()] + [-interpolate(c["lm"], gold, lam).double().numpy()
-                                             for gold in (knn_gold, c["mlp"])]  # [n] each: LM, kNN-LM, MLP-LM
+        nll = [-c["lm"].double().numpy(), -lm_where(none, c["lm"], interpolate(c["lm"], knn_gold, lam)).double().numpy(),
+               -interpolate(c["lm"], c["mlp"], lam).double().numpy()]  # [n] each: LM, kNN-LM, MLP-LM
         ci = block_bootstrap_ci(nll, share, unit_tokens, n_resamples, seed)
         ppl = [math.exp(float(np.mean(x))) for x in nll]
         out["lmbda"][str(lam)] = {"ppl_lm": ppl[0], "ppl_knnlm": ppl[1], "ppl_mlplm": ppl[2], "share": ci.point,
