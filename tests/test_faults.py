@@ -1412,3 +1412,34 @@ def test_a_kill_while_the_outputs_are_written_leaves_no_results_of_another_run(t
     assert cli(argv, capsys)[0] == 0
     assert json.loads((out / "results.json").read_text())["metrics"]["lmbda"] == 0.5
     assert "| kNN-LM | 0.5 |" in (out / "results.md").read_text()
+
+
+def test_results_name_the_commit_the_run_started_with(tiny_gpt2_dir, files, tmp_path, capsys, monkeypatch):
+    """results.json's git_hash was read when the results were written: commits made while a run went on were named
+    as its code (a run started at one commit recorded the later HEAD). The CLI reads it when it starts."""
+    import knnlm.evaluate as evaluate_module
+    from knnlm import fileio
+
+    head = {"rev": "a" * 40}
+
+    def fake_run(cmd, **kw):
+        out = head["rev"] + "\n" if "rev-parse" in cmd else ""
+        return subprocess.CompletedProcess(cmd, 0, out, "")
+
+    def score_windows_after_a_commit(*a, **kw):
+        head["rev"] = "b" * 40  # a commit lands while the run scores
+        yield from score_windows(*a, **kw)
+
+    score_windows = evaluate_module.score_windows
+    monkeypatch.setattr(fileio.subprocess, "run", fake_run)
+    monkeypatch.setattr(evaluate_module, "score_windows", score_windows_after_a_commit)
+    getattr(fileio.git_hash, "cache_clear", lambda: None)()  # (a plain function before: nothing to clear)
+    try:
+        argv = ["eval", *model_args(tiny_gpt2_dir), "--validation_file", files / "a.txt", "--block_size", 32,
+                "--output_dir", tmp_path / "ev"]
+        rc, err = cli(argv, capsys)
+        assert rc == 0, err
+        assert head["rev"] == "b" * 40
+        assert json.loads((tmp_path / "ev" / "results.json").read_text())["run"]["git_hash"] == "a" * 40
+    finally:
+        getattr(fileio.git_hash, "cache_clear", lambda: None)()

@@ -5,6 +5,7 @@ import atexit
 import contextlib
 import errno
 import fnmatch
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -237,8 +238,11 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+@functools.lru_cache(maxsize=1)
 def git_hash() -> str | None:
-    """The commit of the knnlm checkout (None when installed from a wheel); '+dirty' marks local changes."""
+    """The commit of the knnlm checkout (None when installed from a wheel); '+dirty' marks local changes. Read once
+    per process (the CLI reads it when it starts, with the code it imports): read when a run's results were written, it
+    named the commits made while the run went on, not the code that ran."""
     repo = Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)

@@ -109,8 +109,9 @@ def _main(argv: list[str] | None) -> int:
         _quiet_libraries(args.verbose)
     except KeyboardInterrupt as e:  # nothing has started yet, so nothing to resume
         return _stopped(e)
-    from ..fileio import abandon_fresh_claims, fresh_claims, held_locks, release_output_dirs
+    from ..fileio import abandon_fresh_claims, fresh_claims, git_hash, held_locks, release_output_dirs
 
+    git_hash()  # the code this process runs, before any work: results.json records it (run_info)
     outer = fresh_claims()  # a stage of `knnlm reproduce` runs here, inside the command that claimed its folder
     held = held_locks()  # (and inside the command's lock, which a stage must not release)
     try:
