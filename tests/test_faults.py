@@ -1308,7 +1308,7 @@ def test_a_local_dataset_folder_is_known_by_its_contents(tiny_gpt2_dir, files, t
     assert not (tmp_path / "ds-empty").exists()
 
 
-def test_a_hub_dataset_is_known_by_its_revision(tiny_gpt2_dir, tmp_path, capsys, monkeypatch):
+def test_a_hub_dataset_is_known_by_its_revision(tiny_gpt2_dir, tmp_path, capsys, monkeypatch, caplog):
     """Before: a hub dataset was recorded by its name, config and split only: after it was updated on the hub (another
     revision: other rows), `datastore build` said "already complete" and kept the old store. The hub is out of reach
     here: `datasets.load_dataset` hands back the rows of the revision the test sets, with `datasets`' fingerprint of
@@ -1338,6 +1338,17 @@ def test_a_hub_dataset_is_known_by_its_revision(tiny_gpt2_dir, tmp_path, capsys,
     assert cli([*build, "--overwrite"], capsys)[0] == 0
     assert 0 < Datastore.open(tmp_path / "ds").N < n_a
     assert set(loads) == {("someone/corpus", None, "train")}
+    # a store recorded before the revision was kept (no fingerprint in its records) is this revision's, with a warning:
+    # refusing it would have every such store rebuilt to learn nothing
+    for name in ("meta.json", "knnlm-run.json"):
+        record = json.loads((tmp_path / "ds" / name).read_text())
+        recorded = record["build"] if name == "meta.json" else record["inputs"]
+        del recorded["source"]["fingerprint"]
+        (tmp_path / "ds" / name).write_text(json.dumps(record))
+    n_b = Datastore.open(tmp_path / "ds").N
+    caplog.clear()
+    assert cli(build, capsys)[0] == 0 and "before hub datasets were known by their revision" in caplog.text
+    assert Datastore.open(tmp_path / "ds").N == n_b
 
 
 def test_datasets_saved_to_disk_and_dataset_errors_name_their_flag(tiny_gpt2_dir, files, tmp_path, capsys):

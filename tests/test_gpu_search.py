@@ -193,6 +193,24 @@ def test_more_equal_keys_than_the_margin_holds_are_taken_by_id():
     assert ids[0].tolist() == list(range(700, 710))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_queries_on_a_group_of_equal_keys_in_any_query_batch(dtype):
+    """Queries on 300 equal keys (a store queried with its own text): searched again with fewer queries, another GEMM
+    shape summed the scores near 0 otherwise (5e-4 apart in float32), a band relative to the score counted no key, and
+    the query came back with no neighbour at all."""
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((2000, 32)).astype(np.float16)
+    group = np.sort(rng.choice(2000, 300, replace=False))
+    keys[group] = keys[group[0]]
+    q = np.concatenate([keys[group[:1]].astype(np.float32).repeat(4, 0),
+                        rng.standard_normal((4, 32)).astype(np.float32)])
+    ref_d, ref_ids = _brute(keys, torch.from_numpy(q), 5)
+    for batch in (1, 3, 8):
+        d, ids = TorchSearch(keys, dtype=dtype, margin=4, key_chunk=100, query_batch=batch).search(torch.from_numpy(q), 5)
+        assert (ids.numpy() == ref_ids).all(), (batch, ids[:4].tolist())
+        np.testing.assert_allclose(d.numpy(), ref_d, rtol=1e-5, atol=1e-5)
+
+
 def test_ivf_lists_with_fewer_than_k_keys_pad_with_minus_one():
     keys, q = _random(n=400, d=8, b=5)
     d, ids = TorchSearch(keys, centroids=train_centroids(keys, 16, points_per_list=25), nprobe=1).search(q, 200)

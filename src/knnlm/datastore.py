@@ -33,7 +33,8 @@ from .distributed import barrier, start_group
 from .errors import KnnlmError
 from .models import KEY_POINTS  # noqa: F401  (the key points a store can hold; callers import it from here too)
 from .fileio import (atomic_write_json, claim_output_dir, lock_output_dir, package_versions, read_json,
-                     releases_locks, restore_interrupted_swap, sha256_file, staging_dir, swap_into_place, write_error)
+                     releases_locks, restore_interrupted_swap, same_record, sha256_file, staging_dir, swap_into_place,
+                     write_error)
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +306,8 @@ def _prepare_work_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> tupl
 def _holds_other_store(out_dir: Path, fingerprint: dict) -> bool:
     """A finished, readable datastore of other inputs (a corrupt one is not worth keeping: it is replaced in place)."""
     try:
-        return (out_dir / "meta.json").is_file() and read_json(out_dir / "meta.json").get("build") != fingerprint
+        return (out_dir / "meta.json").is_file() and not same_record(read_json(out_dir / "meta.json").get("build"),
+                                                                      fingerprint)
     except (KnnlmError, AttributeError):
         return False
 
@@ -326,7 +328,7 @@ def _prepare_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> bool:
                              "rebuild the datastore") from None
         _clear(out_dir)
         return False
-    if existing is not None and existing != fingerprint:
+    if existing is not None and not same_record(existing, fingerprint):
         if not overwrite:
             raise KnnlmError(f"--output_dir: {out_dir} already holds a different datastore "
                              f"({existing.get('model_name_or_path')}, {existing.get('key_point')}); pass --overwrite "

@@ -435,7 +435,7 @@ def _claim_state(path: Path, kind: str, inputs, overwrite: bool, own_files: tupl
         if overwrite and own_files and unknown:
             raise KnnlmError(f"{flag}: {path} also holds {len(unknown)} file(s) `knnlm {kind}` did not write, e.g. "
                              f"{unknown[0]}; --overwrite never deletes them: move them out or choose another folder")
-        if inputs is None or record.get("inputs") == inputs:
+        if inputs is None or same_record(record.get("inputs"), inputs):
             return "same"
         if overwrite:
             return "replace"
@@ -600,6 +600,26 @@ def releases_locks(func):
 
 
 atexit.register(release_output_dirs)
+
+
+def same_record(old, new) -> bool:
+    """Whether a recorded ``old`` (inputs, a build fingerprint) is ``new``. A record made before a hub dataset's
+    revision was kept (its ``source`` has the dataset's coordinates but no ``fingerprint``) is taken as the same when
+    it matches but for that, with a warning: refusing it would make every such store or run be redone to learn
+    nothing new."""
+    if old == new:
+        return True
+    if old != _without_revision(new):
+        return False
+    log.warning("a record made before hub datasets were known by their revision: taken as this revision's (if the "
+                "dataset changed on the hub since, pass --overwrite)")
+    return True
+
+
+def _without_revision(x):
+    if isinstance(x, dict):
+        return {k: _without_revision(v) for k, v in x.items() if not (k == "fingerprint" and "dataset" in x)}
+    return x
 
 
 def _first_difference(old, new, prefix: str = "") -> str:

@@ -239,8 +239,8 @@ class TorchSearch:
                     t = tied.nonzero()[:, 0]
                     sub = None if allowed is None else allowed[t]
                     edge = score.masked_fill(cand < 0, -math.inf)[t].amax(1)  # [t] the candidates' last score
-                    more = self._candidates(shard, qb[t], int(self._count_within(shard, qb[t], edge, rows, sub).max()),
-                                            rows, sub)[0]
+                    within = int(self._count_within(shard, qb[t], edge, rows, sub).max())
+                    more = self._candidates(shard, qb[t], max(within, cand.shape[1]), rows, sub)[0]  # never fewer
                     d_b[t], i_b[t] = nearest(*self._exact(shard, qb[t], more), k)
             out_d[sel], out_i[sel] = d_b, i_b
         return out_d, out_i
@@ -253,13 +253,16 @@ class TorchSearch:
 
     def _count_within(self, shard: KeyShard, q: torch.Tensor, edge: torch.Tensor, rows: Optional[torch.Tensor],
                       allowed: Optional[torch.Tensor]) -> torch.Tensor:
-        """Per query [b], how many keys it may take score at most ``edge`` [b] (the candidates' last score), with a
-        band of rounding above it: keys equal to the k-th neighbour whose half-precision scores came out an ulp or
-        two apart (another key chunk may round its sums otherwise)."""
+        """Per query [b], how many keys it may take score at most ``edge`` [b] (the candidates' last score in the first
+        pass), with a band of rounding above it. This GEMM has another shape than the first pass's (fewer queries), and
+        a GEMM may sum another way for another shape: a score near 0 is a difference of terms of about ‖q − μ‖² / s
+        (the query on its own equal keys), so the band scales with that, not with the score (a band relative to the
+        score counted no key at all there and the query got no neighbour)."""
         n = shard.n if rows is None else len(rows)
         qa = self._augmented_queries(shard, q)
+        centred = (q - self._mean_on[shard.device]).square().sum(dim=1) / shard.scale  # [b] ‖q − μ‖² / s
         edge = edge.float()
-        edge = edge + edge.abs() * 2.0 ** -8 + 2.0 ** -14
+        edge = edge + edge.abs() * 2.0 ** -8 + centred * 2.0 ** -12
         count = torch.zeros(len(q), dtype=torch.int64, device=q.device)
         for c in range(0, n, self.key_chunk):
             idx = slice(c, c + self.key_chunk) if rows is None else rows[c: c + self.key_chunk]

@@ -324,8 +324,8 @@ class CompletionEngine:
 
     def top_dict(self, logp: torch.Tensor, chosen: int, n: int) -> dict[str, float]:
         """The ``n`` most likely tokens at one position plus the chosen one, as {token text: log-prob}, most likely
-        first. A token whose text is not its own (bytes of an unfinished character decode to '\ufffd', a special token
-        to '') or is another's already is keyed ``token_id:<id>`` (vLLM's form): keyed by text, the later, less likely
+        first. A token whose text is not its own (bytes of an unfinished character decode to '\ufffd') or is another's
+        already (a second special token: '') is keyed ``token_id:<id>`` (vLLM's form): keyed by text, the later, less likely
         token overwrote the earlier, so the top value was not the top token's and clients that read greediness from
         ``max(top_logprobs)`` (lm-evaluation-harness) were told a non-argmax token was greedy."""
         top = torch.topk(logp, min(n, logp.numel())).indices.tolist() if n > 0 else []
@@ -334,7 +334,7 @@ class CompletionEngine:
         out: dict[str, float] = {}
         for t in top:
             text = self.decode([t])
-            key = text if text and "\ufffd" not in text and text not in out else f"token_id:{t}"
+            key = text if "\ufffd" not in text and text not in out else f"token_id:{t}"
             out[key] = float(logp[t])
         return out
 
