@@ -299,3 +299,16 @@ def test_cli_generate_prints_folder_and_counts(tmp_path, capsys):
     assert "parents 10 (by number of children 1: 2, 2: 2, 3: 2, 4: 2, 5: 2), children 30" in printed
     assert main(["macondo", "generate", "--output_dir", str(tmp_path / "bad"), "--num_parents", "501"]) == 2
     assert "knnlm: error: --num_parents" in capsys.readouterr().err
+
+
+def test_split_pair_with_a_tokenizer_that_appends_a_token_to_every_text(gpt2):
+    """A tokenizer that closes every text with an EOS (Llama's add_eos_token): the prefix's trailing EOS is not in the
+    sentence there, so every row was refused as 'the prefix's last token joins the target's'. Both drop it."""
+    from knnlm.macondo.generate import split_pair
+
+    plain = lambda s: gpt2(s)["input_ids"]  # noqa: E731
+    eos = gpt2.eos_token_id
+    closing = lambda s: plain(s) + [eos]  # noqa: E731
+    prefix, target = "Ana Gomez, who lives in Lima, is the parent of", " Maria"
+    assert split_pair(closing, prefix, target) == split_pair(plain, prefix, target) == (plain(prefix), plain(target))
+    assert split_pair(plain, "a", "b") is None  # "ab" is one token: the prefix's last token joins the target's

@@ -179,8 +179,14 @@ def _load_tiktoken(spec: str, name: str) -> NameTokenizer:
 def split_pair(encode, prefix: str, target: str) -> Optional[tuple[list[int], list[int]]]:
     """(encode(prefix), the tokens ``target`` adds after it in encode(prefix + target)), as lm-evaluation-harness splits
     a pair (a SentencePiece tokenizer, Llama-2 or Mistral, encodes " Name" alone with an extra '▁' token the sentence
-    does not have); None where the prefix's last token joins the target's."""
+    does not have); None where the prefix's last token joins the target's. A tokenizer that appends a token to every
+    text (an EOS: Llama's ``add_eos_token``) has it dropped from both first: it closes the text, it is not the
+    prefix's, and every row was refused as "the prefix's last token joins the target's"."""
     p, whole = encode(prefix), encode(prefix + target)
+    if len(p) > 1 and whole and p[-1] == whole[-1] and whole[:len(p) - 1] == p[:-1] and whole[:len(p)] != p:
+        alone = encode(target)
+        if alone and alone[-1] == p[-1]:  # the same last token whatever the text: appended, not the prefix's
+            p, whole = p[:-1], whole[:-1]
     return (p, whole[len(p):]) if whole[:len(p)] == p else None
 
 

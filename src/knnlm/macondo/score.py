@@ -1,7 +1,7 @@
 """Macondo scoring: log-likelihood of each child's name given its prefix, vanilla, kNN-augmented and MLP-memory-augmented.
 
-For a row, the input is ``lm.encode(prefix)`` followed by the target's tokens (the tokenizer on the target alone, no
-special tokens); the score is the sum over the target tokens t of log p(t | everything before it). Augmented scores
+For a row, the input is ``lm.encode(prefix)`` followed by the tokens the target adds in ``lm.encode(prefix + target)``
+(:func:`knnlm.macondo.generate.split_pair`, as lm-evaluation-harness splits a pair); the score is the sum over the target tokens t of log p(t | everything before it). Augmented scores
 interpolate per target token, log((1 - λ) p_lm + λ p_knn), with the query taken at the datastore's key point of the
 position that predicts the token (the MLP memory likewise at its own key point).
 
