@@ -29,7 +29,7 @@ import contextlib
 import logging
 import math
 import time
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -234,12 +234,12 @@ class TorchSearch:
             dist, ids = self._exact(shard, qb, cand)  # [b, c] each
             d_b, i_b = nearest(dist, ids, k)  # [b, k] each
             if cand.shape[1] < n:  # some keys were not candidates: equal keys may have been split at the edge
-                tied = _tie_at_the_edge(cand, score, dist, d_b[:, k - 1])  # [b]
+                edge = score.masked_fill(cand < 0, -math.inf).amax(1)  # [b] the candidates' last score
+                tied = _tie_at_the_edge(cand, score, edge, dist, d_b[:, k - 1])  # [b]
                 if bool(tied.any()):  # (rare: a sync only to decide whether to search those queries again)
                     t = tied.nonzero()[:, 0]
                     sub = None if allowed is None else allowed[t]
-                    edge = score.masked_fill(cand < 0, -math.inf)[t].amax(1)  # [t] the candidates' last score
-                    within = int(self._count_within(shard, qb[t], edge, rows, sub).max())
+                    within = int(self._count_within(shard, qb[t], edge[t], rows, sub).max())
                     more = self._candidates(shard, qb[t], max(within, cand.shape[1]), rows, sub)[0]  # never fewer
                     d_b[t], i_b[t] = nearest(*self._exact(shard, qb[t], more), k)
             out_d[sel], out_i[sel] = d_b, i_b
@@ -258,19 +258,26 @@ class TorchSearch:
         a GEMM may sum another way for another shape: a score near 0 is a difference of terms of about ‖q − μ‖² / s
         (the query on its own equal keys), so the band scales with that, not with the score (a band relative to the
         score counted no key at all there and the query got no neighbour)."""
-        n = shard.n if rows is None else len(rows)
         qa = self._augmented_queries(shard, q)
         centred = (q - self._mean_on[shard.device]).square().sum(dim=1) / shard.scale  # [b] ‖q − μ‖² / s
         edge = edge.float()
         edge = edge + edge.abs() * 2.0 ** -8 + centred * 2.0 ** -12
         count = torch.zeros(len(q), dtype=torch.int64, device=q.device)
+        for _, score in self._chunk_scores(shard, qa, rows, allowed):
+            count += (score.float() <= edge[:, None]).sum(1)
+        return count
+
+    def _chunk_scores(self, shard: KeyShard, qa: torch.Tensor, rows: Optional[torch.Tensor],
+                      allowed: Optional[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first position c, scores [b, n_c] ‖q − k‖² / s in the GEMM dtype) per key chunk of the shard's rows (or of
+        ``rows``), inf where ``allowed`` [b, m] says a query may not take the key."""
+        n = shard.n if rows is None else len(rows)
         for c in range(0, n, self.key_chunk):
             idx = slice(c, c + self.key_chunk) if rows is None else rows[c: c + self.key_chunk]
-            score = (qa @ shard.chunk(idx, self.dtype).T).float()  # [b, n_c]
+            score = qa @ shard.chunk(idx, self.dtype).T  # [b, n_c]
             if allowed is not None:
                 score.masked_fill_(~allowed[:, c: c + self.key_chunk], math.inf)
-            count += (score <= edge[:, None]).sum(1)
-        return count
+            yield c, score
 
     def _candidates(self, shard: KeyShard, q: torch.Tensor, kc: int, rows: Optional[torch.Tensor] = None,
                     allowed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,11 +291,7 @@ class TorchSearch:
             return none, none.to(self.dtype)
         qa = self._augmented_queries(shard, q)  # [b, d'] in the GEMM dtype
         best_s, best_r = [], []
-        for c in range(0, n, self.key_chunk):
-            idx = slice(c, c + self.key_chunk) if rows is None else rows[c: c + self.key_chunk]
-            score = qa @ shard.chunk(idx, self.dtype).T  # [b, n_c] ‖q − k‖² / s
-            if allowed is not None:
-                score.masked_fill_(~allowed[:, c: c + self.key_chunk], math.inf)
+        for c, score in self._chunk_scores(shard, qa, rows, allowed):  # [b, n_c] each
             s, r = torch.topk(score, min(kc, score.shape[1]), dim=1, largest=False, sorted=False)
             best_s.append(s)
             best_r.append(r + c)
@@ -407,17 +410,16 @@ def _check_fits(devices: Sequence[torch.device], rows: int, d: int, work: int) -
                                  "index with --search_backend faiss")
 
 
-def _tie_at_the_edge(cand: torch.Tensor, score: torch.Tensor, dist: torch.Tensor, kth: torch.Tensor) -> torch.Tensor:
+def _tie_at_the_edge(cand: torch.Tensor, score: torch.Tensor, edge: torch.Tensor, dist: torch.Tensor,
+                     kth: torch.Tensor) -> torch.Tensor:
     """Per query [b] bool: whether keys equal to its k-th neighbour may have been left out of its candidates cand
-    [b, c] (scores ``score``, exact distances ``dist``, the k-th exact distance ``kth`` [b]): several candidates are
-    at the k-th distance (equal keys: distinct keys' float32 sums do not meet exactly) and one of them has the
-    candidates' last score. Equal keys have one score, and a top-k of scores takes any of those tied at its edge: with
+    [b, c] (scores ``score``, the last of them ``edge`` [b], exact distances ``dist``, the k-th exact distance ``kth``
+    [b]): several candidates are at the k-th distance (equal keys: distinct keys' float32 sums do not meet exactly)
+    and one of them has the candidates' last score. Equal keys have one score, and a top-k of scores takes any of those tied at its edge: with
     more equal keys than the margin holds, which of them were kept depended on the chunking and the shards, not on
     their ids as everywhere else (FAISS's order)."""
-    live = cand >= 0
-    edge = score.masked_fill(~live, -math.inf).amax(1, keepdim=True)  # [b, 1]
-    at_kth = live & (dist == kth[:, None])  # [b, c]
-    return (at_kth & (score == edge)).any(1) & (at_kth.sum(1) >= 2) & torch.isfinite(kth)
+    at_kth = (cand >= 0) & (dist == kth[:, None])  # [b, c]
+    return (at_kth & (score == edge[:, None])).any(1) & (at_kth.sum(1) >= 2) & torch.isfinite(kth)
 
 
 def nearest(dists: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

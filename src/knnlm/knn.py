@@ -191,8 +191,8 @@ def drop_own(dists: torch.Tensor, ids: torch.Tensor, own: Optional[torch.Tensor]
     others are kept). ``own`` None: the nearest, the only guess without the rows; it is the query's own row unless
     another row has the same key (a context repeated verbatim: a tie at distance ~0, where the nearest by id need not
     be the query's own and the gold token would leak back)."""
-    drop = torch.zeros_like(ids, dtype=torch.bool)  # [B, k + 1]
     if own is None:
+        drop = torch.zeros_like(ids, dtype=torch.bool)  # [B, k + 1]
         drop[:, 0] = True
     else:
         drop = ids == own.to(ids.device)[:, None]  # at most one column: a row appears once in a search result

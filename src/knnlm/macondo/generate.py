@@ -271,11 +271,9 @@ def _splits(args: MacondoArgs, village: list[dict], parents: list[int], rng: ran
     for pid in parents:
         parent = village[pid]
         held = rng.choice(ATTRIBUTES) if args.control_holdout == "parent" else None  # (pair: no draw, as before)
+        pool = ATTRIBUTES if held is None else tuple(a for a in ATTRIBUTES if a != held)
         for child in parent["children"]:
-            if held is None:
-                used = _attribute_draws(rng, args.examples_per_child)
-            else:
-                used = _attribute_draws(rng, args.examples_per_child, [a for a in ATTRIBUTES if a != held])
+            used = _attribute_draws(rng, args.examples_per_child, pool)
             out["train"] += [_row(args.format, "train", parent, child, a) for a in used]
             out["test"].append(_row(args.format, "test", parent, child, None))
             unused = [a for a in ATTRIBUTES if a not in used]

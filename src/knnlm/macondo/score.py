@@ -1,9 +1,10 @@
 """Macondo scoring: log-likelihood of each child's name given its prefix, vanilla, kNN-augmented and MLP-memory-augmented.
 
 For a row, the input is ``lm.encode(prefix)`` followed by the tokens the target adds in ``lm.encode(prefix + target)``
-(:func:`knnlm.macondo.generate.split_pair`, as lm-evaluation-harness splits a pair); the score is the sum over the target tokens t of log p(t | everything before it). Augmented scores
-interpolate per target token, log((1 - λ) p_lm + λ p_knn), with the query taken at the datastore's key point of the
-position that predicts the token (the MLP memory likewise at its own key point).
+(:func:`knnlm.macondo.generate.split_pair`, as lm-evaluation-harness splits a pair); the score is the sum over the
+target tokens t of log p(t | everything before it). Augmented scores interpolate per target token, log((1 - λ) p_lm +
+λ p_knn), with the query taken at the datastore's key point of the position that predicts the token (the MLP memory
+likewise at its own key point).
 
 ``summarize`` groups by number of children. Two averages: ``avg`` is the mean over all examples (a parent with 5
 children weighs 5 times a parent with 1), ``avg_groups`` the mean of the group means, which is the "Average" column of
