@@ -377,3 +377,39 @@ def test_positions_whose_search_finds_no_neighbour_keep_the_lm(lm, store, files,
     finally:
         detach(model)
     torch.testing.assert_close(got, plain, atol=1e-6, rtol=1e-6)
+
+
+def test_generation_stops_at_every_end_token_of_the_checkpoint(tiny_gpt2_dir, tmp_path):
+    """A checkpoint listing several end tokens (Qwen3's generation_config.json: <|im_end|> and <|endoftext|>) stopped
+    only at the tokenizer's EOS, in `knnlm generate` and in `knnlm serve`: here a later token of greedy's continuation
+    is made an end token, so both stop at its first occurrence (finish_reason "stop"); without the list they run to
+    max_new_tokens."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from knnlm.augmented import GenerateArgs, generate_continuations
+    from knnlm.serve import CompletionEngine
+
+    shutil.copytree(tiny_gpt2_dir, tmp_path / "m")
+    prompt = "the cat sat on the mat. the cat sat on the"
+    plain = load_model(ModelArgs(model_name_or_path=str(tmp_path / "m"), device="cpu"))
+    ids = plain.encode(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(plain.model(torch.tensor([ids])).logits[0, -1].argmax()))
+    gen = ids[-8:]
+    n = next(j for j in range(1, 8) if gen[j] not in gen[:j]) + 1  # greedy stops after its n-th token
+    end = gen[n - 1]
+    assert end != plain.eos_token_id
+    full = generate_continuations(plain, [prompt], GenerateArgs(max_new_tokens=8))[0]
+    assert full["n_tokens"] == 8
+    GenerationConfig(eos_token_id=[plain.eos_token_id, end]).save_pretrained(tmp_path / "m")
+    model = load_model(ModelArgs(model_name_or_path=str(tmp_path / "m"), device="cpu"))
+    assert model.stop_token_ids == (plain.eos_token_id, end) and model.eos_token_id == plain.eos_token_id
+    got = generate_continuations(model, [prompt], GenerateArgs(max_new_tokens=8))[0]
+    assert got["n_tokens"] == n
+    assert got["text"] == plain.tokenizer.decode(gen[:n], clean_up_tokenization_spaces=False)
+    served = CompletionEngine(model, name="m").complete({"prompt": prompt, "max_tokens": 8, "temperature": 0})
+    assert served["choices"][0]["finish_reason"] == "stop" and served["usage"]["completion_tokens"] == n
+    assert served["choices"][0]["text"] == got["text"]

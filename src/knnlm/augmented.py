@@ -338,11 +338,12 @@ class GenerateArgs:
 
     def generation_config(self, lm):
         """The ``GenerationConfig`` of these settings for ``lm`` (a ``knnlm.models.LM``); :func:`generate` runs it
-        alone (no field taken from the checkpoint's generation_config.json)."""
+        alone: of the checkpoint's generation_config.json only its end tokens (``lm.stop_token_ids``)."""
         from transformers import GenerationConfig
 
         eos, pad = lm.eos_token_id, lm.tokenizer.pad_token_id
-        return GenerationConfig(**self.generation_kwargs(), eos_token_id=eos, pad_token_id=eos if pad is None else pad)
+        return GenerationConfig(**self.generation_kwargs(), eos_token_id=list(lm.stop_token_ids) or None,
+                                pad_token_id=eos if pad is None else pad)
 
 
 def generate(lm, input_ids: torch.Tensor, generation_config, **kwargs) -> torch.Tensor:

@@ -180,6 +180,16 @@ def _tokenizer_hash(tok) -> str:
     return digest
 
 
+def _end_ids(*sources) -> tuple[int, ...]:
+    """The distinct token ids of ``sources`` (each an id, a list of ids or None), in order."""
+    out: list[int] = []
+    for ids in sources:
+        for i in ids if isinstance(ids, (list, tuple)) else [ids]:
+            if i is not None and int(i) not in out:
+                out.append(int(i))
+    return tuple(out)
+
+
 class LM:
     """A causal LM with its tokenizer: key capture, the last layers as functions (f, g) and content hashes.
 
@@ -220,6 +230,10 @@ class LM:
             tokenizer.pad_token = tokenizer.eos_token
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
         self.eos_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+        # generation ends at any end token of the checkpoint (Qwen3, Llama 3 list several in generation_config.json),
+        # as transformers' and vLLM's do; eos_token_id alone separates documents
+        self.stop_token_ids = _end_ids(self.eos_token_id, config.eos_token_id,
+                                       getattr(getattr(base, "generation_config", None), "eos_token_id", None))
         self._weights_key = self._weights_hash = self._tokenizer_hash = None
 
     @property

@@ -230,7 +230,7 @@ class Choice:
         want = self.req.logprobs
         self.lps.append(float(logp[tok]) if want is not None else None)
         self.tops.append(self.engine.top_dict(logp, tok, want) if want is not None else None)
-        if tok == self.engine.lm.eos_token_id:
+        if tok in self.engine.lm.stop_token_ids:
             self.finish("stop")
         else:
             self._settle()
