@@ -855,15 +855,16 @@ def test_bad_arguments(kwargs, needle):
 class _StubApi(ThreadingHTTPServer):
     """A test double of the remote API: /v1/files, /v1/fine_tuning/jobs (status advancing one step per retrieve) and
     /v1/completions through a CompletionEngine (``logprobs=False`` drops the log-probs, as a chat-only API would;
-    ``min_tokens=1`` refuses max_tokens=0, as recent vLLM does; ``refuse_echo`` answers as OpenAI's hosted models)."""
+    ``min_tokens=1`` refuses max_tokens=0, as recent vLLM does; ``refuse_echo`` answers as OpenAI's hosted models;
+    ``refuse_all`` refuses every completion with that message)."""
 
     daemon_threads = True
 
     def __init__(self, engine=None, statuses=("validating_files", "running", "running", "succeeded"), logprobs=True,
-                 min_tokens=0, refuse_echo=False):
+                 min_tokens=0, refuse_echo=False, refuse_all=""):
         super().__init__(("127.0.0.1", 0), _StubHandler)
         self.engine, self.statuses, self.logprobs, self.min_tokens = engine, list(statuses), logprobs, min_tokens
-        self.refuse_echo = refuse_echo
+        self.refuse_echo, self.refuse_all = refuse_echo, refuse_all
         self.max_tokens_seen = []
         self.files, self.jobs, self.creates, self.retrieves = {}, {}, [], 0
         self.lock = threading.Lock()
@@ -914,6 +915,9 @@ class _StubHandler(BaseHTTPRequestHandler):
             elif self.path == "/v1/completions" and s.engine is not None:
                 body = json.loads(raw)
                 s.max_tokens_seen.append(body["max_tokens"])
+                if s.refuse_all:
+                    self._send(400, {"error": {"message": s.refuse_all, "type": "BadRequestError"}})
+                    return
                 if s.refuse_echo and body.get("echo"):
                     self._send(400, {"error": {"message": "Setting 'echo' and 'logprobs' at the same time is not "
                                                           "supported for this model.", "type": "invalid_request_error"}})
@@ -1084,6 +1088,20 @@ def test_endpoint_refusing_echo_names_the_fix(stub_api, tiny_lm, village, tmp_pa
                                          r"'logprobs'.*--submit --splits ''") as e:
         A.run_api(args)
     assert "\n" not in str(e.value)
+
+
+def test_request_refused_for_another_reason_is_named_as_the_server_put_it(stub_api, tiny_lm, village, caplog):
+    """Any 400 on the first echo request was read as "max_tokens=0 refused": a warning saying so, and the error of the
+    1-token retry carried the echo hint, about a prompt too long for the model."""
+    from knnlm.macondo.generate import read_split
+
+    msg = "This model's maximum context length is 8 tokens. However, you requested 12 tokens."
+    api = stub_api(engine=CompletionEngine(tiny_lm, name="m"), refuse_all=msg)
+    with pytest.raises(KnnlmError, match=r"^--base_url: .* refused scoring with m \(HTTP 400: This model's maximum "
+                                         r"context length is 8 tokens\. However, you requested 12 tokens\.\)$"):
+        OC.score_rows(OC.make_client(api.url, "EMPTY"), api.url, "m", read_split(village, "test"), batch_size=3)
+    assert api.max_tokens_seen == [0, 1]  # 1 token asked for once, in case it was max_tokens=0
+    assert "refused max_tokens=0" not in caplog.text
 
 
 def test_submit_fine_tune_only(stub_api, village, tmp_path):

@@ -26,10 +26,9 @@ def make_client(base_url: str, api_key: str, timeout: float = 600.0, max_retries
     return OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
 
 
-def api_call(fn: Callable, base_url: str, what: str, model: str | None = None, passthrough: tuple = (),
-              hint: str = ""):
+def api_call(fn: Callable, base_url: str, what: str, model: str | None = None, passthrough: tuple = ()):
     """Runs one API call, turning the client's exceptions (except ``passthrough``) into one-line KnnlmErrors that name
-    the flag to fix (``hint`` is appended when the server refuses the request)."""
+    the flag to fix."""
     import openai
 
     try:
@@ -49,8 +48,7 @@ def api_call(fn: Callable, base_url: str, what: str, model: str | None = None, p
         raise KnnlmError(f"--base_url: {base_url} has no endpoint for {what} ({msg}); pass the API's root (e.g. "
                          "http://127.0.0.1:8000/v1), and with --submit a provider that has a fine-tuning API") from None
     except openai.APIStatusError as e:
-        raise KnnlmError(f"--base_url: {base_url} refused {what} (HTTP {e.status_code}: {_message(e)})"
-                         f"{'; ' + hint if hint else ''}") from None
+        raise KnnlmError(f"--base_url: {base_url} refused {what} (HTTP {e.status_code}: {_message(e)})") from None
 
 
 def _message(e) -> str:
@@ -140,21 +138,32 @@ def target_log_likelihood(logprobs, start: int, end: int) -> tuple[float, int, b
 
 def _echo_completions(client, base_url: str, model: str, prompts: list[str], state: dict):
     """One echo request; a server that refuses ``max_tokens=0`` (recent vLLM) is asked for one token instead, which
-    the span arithmetic then ignores. ``state["max_tokens"]`` remembers the choice for later batches."""
+    the span arithmetic then ignores. ``state["max_tokens"]`` remembers the choice for later batches. A request refused
+    with 1 token too was refused for another reason (a prompt too long, no echo): that error is the server's, with
+    the echo hint only where it speaks of echo or log-probs."""
     import openai
 
     def call():
         return client.completions.create(model=model, prompt=prompts, echo=True, max_tokens=state["max_tokens"],
                                          logprobs=1, temperature=0)
 
-    if state["max_tokens"] == 0:
-        try:
-            return api_call(call, base_url, f"scoring with {model}", model, passthrough=(openai.BadRequestError,))
-        except openai.BadRequestError as e:
-            log.warning("%s refused max_tokens=0 (%s); asking for 1 token per prompt and ignoring it", base_url,
-                        _message(e))
+    what = f"scoring with {model}"
+    try:
+        return api_call(call, base_url, what, model, passthrough=(openai.BadRequestError,))
+    except openai.BadRequestError as e:
+        msg = _message(e)
+        if state["max_tokens"] == 0:
             state["max_tokens"] = 1
-    return api_call(call, base_url, f"scoring with {model}", model, hint=ECHO_HINT)
+            try:
+                resp = api_call(call, base_url, what, model, passthrough=(openai.BadRequestError,))
+            except openai.BadRequestError:
+                state["max_tokens"] = 0
+            else:
+                log.warning("%s refused max_tokens=0 (%s); asking for 1 token per prompt and ignoring it", base_url,
+                            msg)
+                return resp
+        hint = f"; {ECHO_HINT}" if any(w in msg.lower() for w in ("echo", "logprob")) else ""
+        raise KnnlmError(f"--base_url: {base_url} refused {what} (HTTP {e.status_code}: {msg}){hint}") from None
 
 
 def score_rows(client, base_url: str, model: str, rows: list[dict], batch_size: int = 16, label: str = "") -> list[dict]:
