@@ -78,6 +78,14 @@ def test_reusable_only_with_the_same_key_and_finish_run_marks_a_run_done(tmp_pat
     assert reusable(path, "abd", "weights_hash") is None  # computed from other inputs
     path.write_text(json.dumps({"key": {"model": "m", "sha": 1}}))
     assert reusable(path, {"model": "m", "sha": 1}) is not None and reusable(path, {"model": "m", "sha": 2}) is None
+    # a record (an evaluation's progress) made before hub datasets were known by their revision: resumed, as the
+    # store built from it is (it was restarted); another dataset, config, split or revision is not
+    hub = {"dataset": "someone/corpus", "config": None, "split": "validation"}
+    path.write_text(json.dumps({"key": {"model": "m", "source": hub}}))
+    assert reusable(path, {"model": "m", "source": {**hub, "fingerprint": "f1"}}) is not None
+    assert reusable(path, {"model": "m", "source": {**hub, "split": "test", "fingerprint": "f1"}}) is None
+    path.write_text(json.dumps({"key": {"model": "m", "source": {**hub, "fingerprint": "f0"}}}))
+    assert reusable(path, {"model": "m", "source": {**hub, "fingerprint": "f1"}}) is None
 
     ckpt = tmp_path / "ckpt"
     (ckpt / "step-3").mkdir(parents=True)

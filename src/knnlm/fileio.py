@@ -185,7 +185,7 @@ def reusable(path: str | Path, key, field: str = "key") -> Optional[dict]:
     if not Path(path).is_file():
         return None
     record = read_json(path)
-    return record if isinstance(record, dict) and record.get(field) == key else None
+    return record if isinstance(record, dict) and same_record(record.get(field), key) else None
 
 
 def resolve_path(path: str | Path, flag: str) -> Path:
@@ -611,9 +611,25 @@ def same_record(old, new) -> bool:
         return True
     if old != _without_revision(new):
         return False
-    log.warning("a record made before hub datasets were known by their revision: taken as this revision's (if the "
-                "dataset changed on the hub since, pass --overwrite)")
+    names = ", ".join(sorted(set(_hub_sources(old))))
+    if names not in _TAKEN_AS_THIS_REVISION:  # once per dataset: a command compares several records of one source
+        _TAKEN_AS_THIS_REVISION.add(names)
+        log.warning("a record of %s made before hub datasets were known by their revision: taken as this revision's "
+                    "(if the dataset changed on the hub since, pass --overwrite)", names)
     return True
+
+
+_TAKEN_AS_THIS_REVISION: set[str] = set()
+
+
+def _hub_sources(x):
+    """The datasets named in a record (its dicts with a ``dataset``), as name[/config][:split]."""
+    if isinstance(x, dict):
+        if "dataset" in x:
+            yield ("/".join(str(x[k]) for k in ("dataset", "config") if x.get(k))
+                   + (f":{x['split']}" if x.get("split") else ""))
+        for v in x.values():
+            yield from _hub_sources(v)
 
 
 def _without_revision(x):
