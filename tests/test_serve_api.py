@@ -1171,6 +1171,36 @@ def test_a_village_of_another_tokenizer_is_refused(village, tmp_path, monkeypatc
     assert not (tmp_path / "openai").exists()
 
 
+def test_api_village_with_the_parent_holdout(stub_api, tiny_lm, village, tmp_path):
+    """`overspec api` generated its villages with the pair holdout only (most control prefixes seen in training with
+    a sibling's name); --control_holdout parent makes them as `knnlm macondo generate` does, and a village of the
+    other holdout is refused as one of another tokenizer is."""
+    from knnlm.macondo.generate import MacondoArgs, generate_macondo, read_split
+
+    api = stub_api(engine=CompletionEngine(tiny_lm, name="m"))
+    out = tmp_path / "own"
+    args = A.ApiArgs(base_url=api.url, model=["m"], tokenizer="gpt2", control_holdout="parent", output_dir=str(out))
+    args.validate()
+    run = A.run_api(args)["runs"][0]
+    assert run["village_control_holdout"] == "parent"
+    data = out / "seed-0" / "data"
+    want = tmp_path / "want"  # the same village made by the generator itself
+    generate_macondo(MacondoArgs(output_dir=str(want), seed=0, tokenizer="gpt2", format="conv",
+                                 control_holdout="parent"))
+    assert read_split(data, "test_overspecified") == read_split(want, "test_overspecified")
+    train_prefixes = {r["prefix"] for r in read_split(data, "train")}
+    assert not any(r["prefix"] in train_prefixes for r in read_split(data, "test_overspecified"))
+    with pytest.raises(KnnlmError, match=r"^--control_holdout: the village in .*seed-0/data was made with 'parent', "
+                                         r"not 'pair'; pass --control_holdout parent to resume"):
+        A.run_api(A.ApiArgs(base_url=api.url, model=["m"], tokenizer="gpt2", output_dir=str(out)))
+    with pytest.raises(KnnlmError, match=r"^--control_holdout: the village in .* was made with 'pair', not 'parent'; "
+                                         r"drop --control_holdout"):
+        A.run_api(A.ApiArgs(base_url=api.url, model=["m"], data=str(village), control_holdout="parent",
+                            output_dir=str(tmp_path / "d")))
+    assert A.run_api(A.ApiArgs(base_url=api.url, model=["m"], data=str(village), splits=["test"],
+                               output_dir=str(tmp_path / "d")))["runs"][0]["village_control_holdout"] == "pair"
+
+
 def test_streamed_tokens_equal_the_whole_answers_around_stops_and_split_characters(tiny_lm):
     """Brute force over seeded texts of multi-token characters, stop strings drawn from the text, echo or not: the
     streamed chunks' tokens are the whole answer's, and the text is the generated text cut at the first stop. Before:

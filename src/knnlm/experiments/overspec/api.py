@@ -12,12 +12,13 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 from ...errors import KnnlmError, require_seed
 from ...fileio import atomic_write_json, claim_output_dir, reusable, sha256_file
+from ...macondo.generate import MacondoArgs
 from ...openai_client import finetune as finetune_job, make_client, score_rows
-from ..study import mean_std, seed_path
+from ..study import mean_std, mirror, seed_path
 
 _SPLITS = ("train", "test", "test_overspecified")
 # a job fine-tunes on chat messages, which the server renders with the model's chat template; /v1/completions scores
@@ -36,6 +37,7 @@ class ApiArgs:
     data: Optional[str] = field(default=None, metadata={"help": "A Macondo-Conv folder (generated there with the seed when absent); only with one seed. Default: OUT/seed-<S>/data per seed."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Village seeds, one fine-tuned model each (the paper: 5 runs, 0,1,2,3,4)."})
     tokenizer: str = field(default=TOKENIZER, metadata={"help": "Tokenizer under which generated children's names are single tokens (the paper: tiktoken, GPT-3.5's cl100k_base)."})
+    control_holdout: Literal["pair", "parent"] = mirror(MacondoArgs, "control_holdout")
     splits: list[str] = field(default_factory=lambda: ["test", "test_overspecified"], metadata={"help": "Splits to score (test: the paper's; test_overspecified: the control). Empty with --submit: fine-tune only (for an API without prompt log-probs, e.g. OpenAI's; the job's metrics.csv then holds the train/validation loss)."})
     submit: bool = field(default=False, metadata={"help": "Upload the training file, start a fine-tuning job of --model, wait for it and score the result (costs money on a paid API)."})
     training_file: str = field(default="train", metadata={"help": "What --submit trains on: a split of the village (train; test gives the paper's grey 'trained on test' line) or a chat JSONL path."})
@@ -72,6 +74,8 @@ class ApiArgs:
                              "empty list only with --submit)")
         if self.validation_split and self.validation_split not in _SPLITS:
             raise KnnlmError(f"--validation_split: {self.validation_split!r} is not one of {', '.join(_SPLITS)}")
+        if self.control_holdout not in ("pair", "parent"):
+            raise KnnlmError(f"--control_holdout: {self.control_holdout!r} is not one of pair, parent")
         if self.n_epochs < 0:
             raise KnnlmError("--n_epochs: must be >= 0 (0 lets the API choose)")
         if self.poll_s <= 0:
@@ -85,12 +89,13 @@ class ApiArgs:
 
 
 # ------------------------------------------------------------------------------------------------------------ data
-def ensure_village(data: Path, seed: int, tokenizer: str) -> dict:
+def ensure_village(data: Path, seed: int, args: ApiArgs) -> dict:
     """The meta.json of the Macondo-Conv village in ``data``, generated there with ``seed`` when the folder holds none."""
-    from ...macondo.generate import TEMPLATES, MacondoArgs, generate_macondo, read_meta
+    from ...macondo.generate import TEMPLATES, generate_macondo, read_meta
 
     if not (data / "meta.json").is_file():
-        generate_macondo(MacondoArgs(output_dir=str(data), seed=seed, tokenizer=tokenizer, format="conv"))
+        generate_macondo(MacondoArgs(output_dir=str(data), seed=seed, tokenizer=args.tokenizer, format="conv",
+                                     control_holdout=args.control_holdout))
     meta = read_meta(data)
     if meta.get("format") not in TEMPLATES:  # e.g. a datastore's meta.json
         raise KnnlmError(f"--data: {data} is not a Macondo village (its meta.json is not `knnlm macondo generate`'s); "
@@ -101,16 +106,24 @@ def ensure_village(data: Path, seed: int, tokenizer: str) -> dict:
     return meta
 
 
-def check_village_tokenizer(meta: dict, data: Path, args: ApiArgs) -> None:
-    """A village that exists keeps its own tokenizer (recorded as the run's ``village_tokenizer``): one made with
-    another than an explicit --tokenizer (--data), or this run's own village made with another (a rerun), is refused
-    rather than scored as if it were the one asked for."""
-    theirs = meta.get("tokenizer")
-    if theirs == args.tokenizer or (args.data and args.tokenizer == TOKENIZER):
-        return
-    fix = ("drop --tokenizer (the village's own is used)" if args.data else
-           f"pass --tokenizer {theirs} to resume this run, or use another --output_dir")
-    raise KnnlmError(f"--tokenizer: the village in {data} was made with {theirs!r}, not {args.tokenizer!r}; {fix}")
+def check_village(meta: dict, data: Path, args: ApiArgs) -> None:
+    """A village that exists keeps its own tokenizer and control holdout (recorded as the run's ``village_tokenizer``
+    and ``village_control_holdout``): one made with another than an explicit --tokenizer / --control_holdout (--data),
+    or this run's own village made with another (a rerun), is refused rather than scored as if it were the one asked
+    for."""
+    default = {f.name: f.default for f in dataclasses.fields(ApiArgs)}
+    for flag, theirs in (("tokenizer", meta.get("tokenizer")), ("control_holdout", village_holdout(meta))):
+        ours = getattr(args, flag)
+        if theirs == ours or (args.data and ours == default[flag]):
+            continue
+        fix = (f"drop --{flag} (the village's own is used)" if args.data else
+               f"pass --{flag} {theirs} to resume this run, or use another --output_dir")
+        raise KnnlmError(f"--{flag}: the village in {data} was made with {theirs!r}, not {ours!r}; {fix}")
+
+
+def village_holdout(meta: dict) -> str:
+    """The control holdout a village was made with (villages made before the setting existed: pair)."""
+    return meta.get("config", {}).get("control_holdout", "pair")
 
 
 # ------------------------------------------------------------------------------------------------------------ fine-tune
@@ -175,13 +188,14 @@ def run_api(args: ApiArgs) -> dict:
     for i, seed in enumerate(args.seeds):
         run_dir = seed_path(out, seed)
         data = Path(args.data) if args.data else run_dir / "data"
-        meta = ensure_village(data, seed, args.tokenizer)  # (a --data refused here leaves no seed folder)
-        check_village_tokenizer(meta, data, args)
+        meta = ensure_village(data, seed, args)  # (a --data refused here leaves no seed folder)
+        check_village(meta, data, args)
         run_dir.mkdir(parents=True, exist_ok=True)
         job = finetune(client, args, data, run_dir, seed) if args.submit else None
         model = job["fine_tuned_model"] if job else args.model[i]
         run = {"seed": seed, "model": model, "data": str(data), "village_seed": meta["seed"],
-               "village_tokenizer": meta["tokenizer"], "job": job, "splits": {}}
+               "village_tokenizer": meta["tokenizer"], "village_control_holdout": village_holdout(meta), "job": job,
+               "splits": {}}
         for split in args.splits:
             ex = score_split_cached(client, args, model, data, split, run_dir, f"seed {seed} {split}")["examples"]
             summary = summarize(ex, [e["ll"] for e in ex])
