@@ -280,6 +280,7 @@ def test_cpu_tiny_preset(tmp_path):
     assert first == pytest.approx(-math.log(50257), abs=0.5)  # a random model: about uniform over GPT-2's vocabulary
     assert m["mean"]["test"]["lm"]["avg_groups"][-1] > first + 1  # training raised the test log-likelihood
     assert m["steps"] == [0, 96, 192, 288, 384, 480] and m["splits"] == ["test", "test_overspecified", "train"]
+    assert set(m["steps_per_epoch"].values()) == {480 // json.loads((out / "config.json").read_text())["epochs"]}
     assert fit_reason(m) == ""  # the vanilla model fits its training sentences: the claims are judged
     assert "bare" in m["mean"]["test"] and m["mean"]["test"]["mlp"]["avg_groups"][:-1] == [None] * 5  # --mlp_at last
     # seeded golden (demo-scratch's seed 0 has the same village, initialisation and settings; docs/overspec.md)
@@ -477,6 +478,7 @@ def test_two_processes_run_the_study_and_the_memory_is_refused_there(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
     assert metrics["steps"] == [0, 4]  # 4 micro-batches an epoch, 2 per process: 2 steps an epoch (one process: 4)
+    assert metrics["steps_per_epoch"] == {"0": 2}  # what overspec_lengths reads a point's epochs from
     refused = run(29752, tmp_path / "mem")
     assert refused.returncode != 0 and "knnlm: error: --mlp_memory: the memory is trained by one process" in refused.stderr
     assert not (tmp_path / "mem" / "config.json").exists()

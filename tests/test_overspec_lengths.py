@@ -105,3 +105,22 @@ def test_the_report_names_the_seeds_the_run_itself_averaged(tmp_path):
     assert [c.setting for c in claims] == ["SmolLM2 (x), 3 seeds, 4 epochs (step 4)"] * 2 + \
         ["SmolLM2 (x), 3 seeds, 8 epochs (step 8)"] * 2 + ["SmolLM2 (x), 3 seeds, 4 → 8 epochs"]
     assert run.is_dir() and with_seeds("M", [7]) == "M, seed 7"
+
+
+def test_lengths_of_a_run_given_max_steps_count_its_epochs(tmp_path):
+    # --max_steps overrides --epochs in the trainer: 8 sentences in batches of 4 are 2 steps an epoch, so the points
+    # at steps 4 and 8 of a --max_steps 8 run are 2 and 4 epochs (before: step x --epochs 50 / 8 = 25 and 50)
+    run = _run(tmp_path, {4: 1.0, 8: 0.9}, {4: 0.1, 8: 0.05}, seeds=(0,))
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "epochs": 50, "max_steps": 8, "batch_size": 4,
+                                                 "gradient_accumulation_steps": 1}))
+    results = json.loads((run / "results.json").read_text())
+    results["metrics"]["n_train"] = {"0": 8}
+    (run / "results.json").write_text(json.dumps(results))
+    got = lengths.overspec_lengths(run)
+    assert [p["epochs"] for p in got["points"]] == [2, 4]
+    assert "2 → 4 epochs" in lengths.overspec_length_claims(got, "t")[-1].setting
+    # the run's own record wins (e.g. two processes under torchrun: each takes half an epoch's batches, 1 step)
+    results["metrics"]["steps_per_epoch"] = {"0": 1}
+    (run / "results.json").write_text(json.dumps(results))
+    assert [p["epochs"] for p in lengths.overspec_lengths(run)["points"]] == [4, 8]

@@ -23,6 +23,21 @@ CONSTANT_LR = ("constant_with_warmup",)  # schedules whose intermediate points a
 PERSIST_CLAIM = "the gap to log(1/n) persists as training goes on and fits the training split (Table 5)"
 
 
+def _epochs_at(config: dict, metrics: dict, steps: list):
+    """step -> the passes over the training split made by then: from the run's recorded steps per epoch; a run
+    recorded before it was kept: --epochs spread over the run's steps, or with --max_steps (which overrides --epochs)
+    the one-process trainer's steps per epoch (the recorded runs' case)."""
+    from .run import steps_per_epoch
+
+    per_epoch = next(iter((metrics.get("steps_per_epoch") or {}).values()), None)
+    n_train = next(iter(metrics.get("n_train", {}).values()), None)
+    if per_epoch is None and config.get("max_steps") and n_train:
+        per_epoch = steps_per_epoch(n_train, config["batch_size"], config.get("gradient_accumulation_steps", 1))
+    if per_epoch:
+        return lambda step: round(step / per_epoch, 3)
+    return lambda step: round(step * config["epochs"] / steps[-1], 3)
+
+
 def overspec_lengths(run_dir: Path) -> dict:
     """Per evaluation point after step 0 of an overspec run (all seeds): the training-split fit (vanilla Average vs
     its optimum, means over seeds), the test split's vanilla and kNN Averages, the intervals of log(1/n) − vanilla and
@@ -33,6 +48,7 @@ def overspec_lengths(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     config, metrics = read_json(run_dir / "config.json"), read_json(run_dir / "results.json")["metrics"]
     lam, steps, seeds = str(float(config["lmbda"][0])), metrics["steps"], metrics["seeds"]
+    epochs_at = _epochs_at(config, metrics, steps)
     points, gaps = [], {}
     for step in steps[1:]:
         saved = [read_json(point_dir(seed_path(run_dir, s), step).with_suffix(".json")) for s in seeds]
@@ -42,7 +58,7 @@ def overspec_lengths(run_dir: Path) -> dict:
         gaps[step] = [np.log(1 / np.asarray(n, float)) - v for n, v in zip(strata, lm)]  # per seed: [examples]
         train = [x["splits"]["train"]["lm"] for x in saved]
         fit = float(np.mean([t["optimum_fit"]["avg_groups"] - t["avg_groups"] for t in train]))
-        points.append({"step": step, "epochs": round(step * config["epochs"] / steps[-1], 3),
+        points.append({"step": step, "epochs": epochs_at(step),
                        "train_lm": float(np.mean([t["avg_groups"] for t in train])),
                        "train_optimum": float(np.mean([t["optimum_fit"]["avg_groups"] for t in train])),
                        "fit_gap": fit, "fitted": fit <= FIT_MARGIN_NATS,

@@ -115,6 +115,7 @@ def aggregate(records: list[dict], args: OverspecArgs, bare: Optional[list[dict]
                "train_loss": {str(r["seed"]): [e["train_loss"] for e in r["history"]] for r in records},
                "n_keys": {str(r["seed"]): r["history"][0]["n_keys"] for r in records},
                "n_train": {str(r["seed"]): r["n_train"] for r in records},
+               "steps_per_epoch": {str(r["seed"]): r.get("steps_per_epoch") for r in records},
                "seed_wall_s": {str(r["seed"]): r["wall_s"] for r in records},
                "per_seed": {str(r["seed"]): [{k: v for k, v in e.items() if k != "lls"} for e in r["history"]]
                             for r in records}}

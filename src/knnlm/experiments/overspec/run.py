@@ -75,11 +75,16 @@ def bare_training_rows(data: Path, examples_per_child: int) -> list[dict]:
     return [dict(r) for r in rows for _ in range(examples_per_child)]
 
 
+def steps_per_epoch(n_rows: int, batch_size: int, gradient_accumulation_steps: int, world: int = 1) -> int:
+    """The trainer's optimizer steps per pass over ``n_rows`` sentences (``knnlm.train.train``: each of the ``world``
+    processes takes an equal share of an epoch's micro-batches)."""
+    return math.ceil(math.ceil(n_rows / batch_size) // world / gradient_accumulation_steps)
+
+
 def total_steps(args: OverspecArgs, n_rows: int) -> int:
-    """The trainer's number of optimizer steps for ``n_rows`` sentences (``knnlm.train.train``: each of the processes
-    takes an equal share of an epoch's micro-batches)."""
-    per_rank = math.ceil(n_rows / args.batch_size) // rank_and_world()[1]
-    return args.max_steps or args.epochs * math.ceil(per_rank / args.gradient_accumulation_steps)
+    """The trainer's number of optimizer steps for ``n_rows`` sentences (--max_steps overrides --epochs)."""
+    return args.max_steps or args.epochs * steps_per_epoch(n_rows, args.batch_size, args.gradient_accumulation_steps,
+                                                           rank_and_world()[1])
 
 
 def make_batches(lm, rows: list[dict], batch_size: int):
@@ -236,7 +241,7 @@ def _train_run(lm, rows: list[dict], args: OverspecArgs, seed: int, run_dir: Pat
                per_point: tuple, last_point: tuple) -> dict:
     """Trains ``lm`` on ``rows`` (resuming from ``run_dir/ckpt``), evaluating with ``on_eval``, which saves each point
     to ``run_dir/evals/step-<N>.json``; -> the finished run's record {"seed", "n_train", "steps", "history",
-    "wall_s"}: each history entry with the ``per_point`` keys of its point's file, the last one also with the
+    "steps_per_epoch", "wall_s"}: each history entry with the ``per_point`` keys of its point's file, the last one also with the
     ``last_point`` ones. The record marks the run finished for a rerun (``study.finish_run``)."""
     from ...train import train
 
@@ -248,6 +253,8 @@ def _train_run(lm, rows: list[dict], args: OverspecArgs, seed: int, run_dir: Pat
         entry.update({k: saved[k] for k in per_point})
     history[-1].update({k: saved[k] for k in last_point if k in saved})
     record = {"seed": seed, "n_train": len(rows), "steps": history[-1]["step"], "history": history,
+              "steps_per_epoch": steps_per_epoch(len(rows), args.batch_size, args.gradient_accumulation_steps,
+                                                 rank_and_world()[1]),
               "wall_s": round(time.time() - started, 3)}
     return finish_run(run_dir / "history.json", record, run_dir / "ckpt", write=is_main())
 
