@@ -160,7 +160,15 @@ def test_share_not_judged_unless_the_annealed_lm_ended_its_schedule(tmp_path):
     assert reason("linear", 4000, 5972) == LM_SCHEDULE_UNFINISHED  # killed or cut before the end
     assert reason("constant_with_warmup", 5972, 5972) == LM_SCHEDULE_UNFINISHED  # the rate never decays
     assert reason("linear", 3000, 5972, stopped=True) == LM_SCHEDULE_UNFINISHED
-    assert reason("linear", 5972, None) == LM_SCHEDULE_UNFINISHED  # judged only by a recorded step cap
+    assert reason("linear", 5972, None) == LM_SCHEDULE_UNFINISHED  # by --epochs: no training.json, no rate known
+    # by --epochs: its training.json's last logged rate (a linear run of 2 epochs, 34 steps, ended at 0.0: it was
+    # "not ended" before, judged by a step cap it never had)
+    for lr, want in ((0.0, "no per-token cache for an interval (eval --save_neighbors true)"),
+                     (2.9e-5, LM_SCHEDULE_UNFINISHED)):
+        (tmp_path / "lm" / "training.json").write_text(json.dumps({"history": [{"step": 0, "lr": 1e-3},
+                                                                               {"step": 34, "lr": lr}]}))
+        assert reason("linear", 34, None) == want
+    assert reason("constant_with_warmup", 34, None) == LM_SCHEDULE_UNFINISHED
 
 
 def test_lm_only_eval_saves_per_token_log_probs(tiny_gpt2_dir, tmp_path, capsys):

@@ -97,8 +97,8 @@ def _share_ci(out: Path, entry: dict, ev: dict) -> Optional[dict]:
 def _lm_still_improving(out: Path, entry: dict) -> str:
     """Why the share is not judged for the LM's training: a recipe entry with ``converged: true`` is judged only where
     its ``lm:`` stage's results.json says the early-stopping rule fired before the step cap (``stopped_early``);
-    ``converged: annealed`` only where the LM ran its whole linear or cosine schedule to its ``max_steps`` (the learning
-    rate reached 0)."""
+    ``converged: annealed`` only where the LM ran its whole linear or cosine schedule (the learning rate reached 0): to its
+    ``max_steps``, or, trained by ``--epochs``, to a last logged rate of 0 (its training.json)."""
     if not entry.get("converged"):
         return ""
     path = out / entry["lm"] / "results.json"
@@ -106,8 +106,13 @@ def _lm_still_improving(out: Path, entry: dict) -> str:
         return LM_SCHEDULE_UNFINISHED if entry["converged"] == "annealed" else LM_STILL_IMPROVING
     run = read_json(path)
     if entry["converged"] == "annealed":
-        ended = run["config"].get("lr_scheduler_type") in ("linear", "cosine") and \
-            run["metrics"].get("steps") == run["config"].get("max_steps") and not run["metrics"].get("stopped_early")
+        cap = run["config"].get("max_steps")
+        history = read_json(path.parent / "training.json").get("history") if cap is None and \
+            (path.parent / "training.json").is_file() else None
+        to_end = run["metrics"].get("steps") == cap if cap is not None else bool(history) and \
+            history[-1].get("lr") == 0
+        ended = run["config"].get("lr_scheduler_type") in ("linear", "cosine") and to_end and \
+            not run["metrics"].get("stopped_early")
         return "" if ended else LM_SCHEDULE_UNFINISHED
     return "" if run["metrics"].get("stopped_early") else LM_STILL_IMPROVING
 
