@@ -259,7 +259,10 @@ def _streams(retriever, knn: KNNArgs, args: EvalArgs, wins, tokens: TokenFile):
     if args.save_neighbors:
         raise KnnlmError("--save_neighbors: the neighbour cache holds one search per token; leave it off with "
                          "--retomaton / --skip_search_prob")
-    return Streams(Automaton(retriever, knn), wins, tokens.doc_starts, args.batch_size)
+    from .scoring import _own_text
+
+    return Streams(Automaton(retriever, knn), wins, tokens.doc_starts, args.batch_size,
+                   own_text=_own_text(tokens, retriever))
 
 
 def _recorded(batches, seen: "collections.deque"):

@@ -135,16 +135,18 @@ class Automaton:
         self.steps = self.searches = self.candidates = 0
 
     # ------------------------------------------------------------------------------------------------------ one step
-    def step(self, queries: torch.Tensor, states: np.ndarray,
-             positions: Optional[np.ndarray] = None) -> Neighbours:
-        """queries [a, d], states [a, w], ``positions`` [a] (the rows' position indices: the random skips) -> each
-        position's neighbours: its pointer candidates, then where searched the searched rows not among them, with
-        exact distances (p_knn does not depend on their order)."""
+    def step(self, queries: torch.Tensor, states: np.ndarray, positions: Optional[np.ndarray] = None,
+             own: Optional[np.ndarray] = None) -> Neighbours:
+        """queries [a, d], states [a, w], ``positions`` [a] (the rows' position indices: the random skips), ``own`` [a]
+        (each position's own store row, which ``--ignore_top`` leaves out of a search: the store's own text; None: the
+        nearest is left out) -> each position's neighbours: its pointer candidates, then where searched the searched
+        rows not among them, with exact distances (p_knn does not depend on their order)."""
         a = states.shape[0]
         search = self._search_mask(states, positions)  # [a] bool
         cands = self._candidates(states) if self.pointers else _empty_states(a)  # [a, c], rows first, then -1
         if search.any():
-            cands = self._add_searched(queries, cands, np.flatnonzero(search))
+            sel = np.flatnonzero(search)
+            cands = self._add_searched(queries, cands, sel, None if own is None else np.asarray(own)[sel])
         if cands.shape[1] == 0:
             cands = np.full((a, 1), -1, dtype=np.int64)
         valid = cands >= 0  # [a, m]
@@ -157,10 +159,13 @@ class Automaton:
         self.candidates += len(qrow)
         return Neighbours(cands, dists, search)
 
-    def _add_searched(self, queries: torch.Tensor, cands: np.ndarray, sel: np.ndarray) -> np.ndarray:
-        """Pointer candidates [a, c] and the searched positions sel [s] -> [a, m]: after each searched position's
-        pointers, the searched rows not among them (rows first, then -1 in every row)."""
-        _, found = self.r.search_ids(queries[torch.from_numpy(sel)], recompute=False)  # [s, k]; exact below
+    def _add_searched(self, queries: torch.Tensor, cands: np.ndarray, sel: np.ndarray,
+                      own: Optional[np.ndarray] = None) -> np.ndarray:
+        """Pointer candidates [a, c] and the searched positions sel [s] (``own`` [s]: their own store rows, for
+        ``--ignore_top``) -> [a, m]: after each searched position's pointers, the searched rows not among them (rows
+        first, then -1 in every row)."""
+        own_t = None if own is None else torch.from_numpy(np.asarray(own, dtype=np.int64))
+        _, found = self.r.search_ids(queries[torch.from_numpy(sel)], recompute=False, own=own_t)  # [s, k]; exact below
         found = found.cpu().numpy()  # FAISS's unfilled -1 come last
         held = (cands[sel] >= 0).sum(axis=1)  # [s] pointers of each searched position
         k = found.shape[1]
@@ -244,10 +249,12 @@ class Streams:
     window longer), batch j holding window j of every stream still running, so the active streams are always the
     first ones, in order. Each stream carries its automaton state from window to window; a state starts empty at a
     stream's first window and at a document's first window. Called as the scoring kernel's searcher.
-    ``searched_rows``: the text rows (token positions) whose neighbours came from a search, one array per step."""
+    ``searched_rows``: the text rows (token positions) whose neighbours came from a search, one array per step.
+    ``own_text``: the windows are the store's own text, so ``--ignore_top`` leaves each position's own row out of its
+    searches (as the kNN-LM's scoring does; else the nearest)."""
 
-    def __init__(self, automaton: Automaton, wins: list, doc_starts, n: int):
-        self.automaton = automaton
+    def __init__(self, automaton: Automaton, wins: list, doc_starts, n: int, own_text: bool = False):
+        self.automaton, self.own_text = automaton, own_text
         n = max(1, min(n, len(wins)))
         sizes = [len(wins) // n + (i < len(wins) % n) for i in range(n)]
         bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
@@ -274,7 +281,8 @@ class Streams:
         for j in range(int(sizes.max())):
             act = np.flatnonzero(sizes > j)  # [a] the windows with a j-th target
             rows = offsets[act] + j  # [a] their rows in the batch
-            nb = self.automaton.step(queries[torch.from_numpy(rows)], self.states[act], starts[act] + j)
+            nb = self.automaton.step(queries[torch.from_numpy(rows)], self.states[act], starts[act] + j,
+                                     own=starts[act] + j if self.own_text else None)
             self.searched_rows.append((starts[act] + j)[nb.searched])
             self.states = _put(self.states, act, self.automaton.advance(nb, gold[torch.from_numpy(rows)]))
             got.append((rows, nb.dists, nb.ids))
