@@ -325,3 +325,16 @@ def test_pair_distances_equal_the_batch_layout(dtype):
     assert torch.equal(got, exact_sq_dists(keys, queries, ids).reshape(-1))
     ref = ((keys.double()[ids] - queries.double()[:, None]) ** 2).sum(-1).reshape(-1)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_stateful_runs_need_the_keys_on_every_node(stores, monkeypatch):
+    """RetoMaton and the random-skip kNN-LM always compute exact distances (pointers, searched rows): a shard node
+    without the keys was accepted at start unless --recompute_dists was set, and the run failed at its first step."""
+    import knnlm.ray_search as rs
+
+    seen, real = [], rs.check_shards
+    monkeypatch.setattr(rs, "check_shards", lambda descs, expected, flag, need_keys:
+                        (seen.append(need_keys), real(descs, expected, flag, need_keys))[1])
+    for kw in ({}, {"retomaton": True}, {"skip_search_prob": 0.5}, {"recompute_dists": True}):
+        make_backend(stores["flat"], _args(**kw)).close()
+    assert seen == [False, True, True, True]

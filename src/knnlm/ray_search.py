@@ -407,7 +407,7 @@ class RayBackend:
             self.owned = True
         try:
             self.descs = _wait_ready(self.ray, self.actors, flag, args.ray_shard_cpus)
-            check_shards(self.descs, expected, flag, need_keys=args.recompute_dists)
+            check_shards(self.descs, expected, flag, need_keys=args.recompute_dists or args.stateful)
         except BaseException:
             self.close()
             raise
