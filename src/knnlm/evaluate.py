@@ -27,7 +27,7 @@ from .errors import KnnlmError, require_finite
 from .fileio import atomic_write_json, read_json, resolve_path, reusable
 from .knn import KNNArgs, Retriever, interpolate, knn_gold_log_prob, lm_where, no_neighbours
 from .models import tensors_hash
-from .scoring import key_points, score_windows
+from .scoring import is_own_text, key_points, score_windows
 
 log = logging.getLogger(__name__)
 
@@ -259,10 +259,8 @@ def _streams(retriever, knn: KNNArgs, args: EvalArgs, wins, tokens: TokenFile):
     if args.save_neighbors:
         raise KnnlmError("--save_neighbors: the neighbour cache holds one search per token; leave it off with "
                          "--retomaton / --skip_search_prob")
-    from .scoring import _own_text
-
     return Streams(Automaton(retriever, knn), wins, tokens.doc_starts, args.batch_size,
-                   own_text=_own_text(tokens, retriever))
+                   own_text=is_own_text(tokens, retriever))
 
 
 def _recorded(batches, seen: "collections.deque"):

@@ -177,7 +177,7 @@ def _search_pool() -> ThreadPoolExecutor:
                               initargs=(faiss.omp_get_max_threads(),))
 
 
-def _own_text(tokens: TokenFile, retriever) -> bool:
+def is_own_text(tokens: TokenFile, retriever) -> bool:
     """--ignore_top: whether the scored tokens are the store's own (then each position's own row is known and is the
     one left out; otherwise the nearest neighbour is)."""
     if not retriever.args.ignore_top:
@@ -199,7 +199,7 @@ def score_windows(lm, tokens: TokenFile, batches: Iterable[list[Window]], retrie
     ``retriever.search`` (RetoMaton's :class:`knnlm.retomaton.Streams`; called once per batch, in order)."""
     if retriever is not None and searcher is None:
         retriever.args.refuse_stateful("score_windows without a searcher")
-    own = retriever is not None and searcher is None and _own_text(tokens, retriever)
+    own = retriever is not None and searcher is None and is_own_text(tokens, retriever)
     points = key_points(retriever, memory)
     if retriever is None or not overlap:
         for batch in batches:
