@@ -107,14 +107,18 @@ def _lm_still_improving(out: Path, entry: dict) -> str:
     run = read_json(path)
     if entry["converged"] == "annealed":
         cap = run["config"].get("max_steps")
-        history = read_json(path.parent / "training.json").get("history") if cap is None and \
-            (path.parent / "training.json").is_file() else None
-        to_end = run["metrics"].get("steps") == cap if cap is not None else bool(history) and \
-            history[-1].get("lr") == 0
+        to_end = run["metrics"].get("steps") == cap if cap is not None else _last_lr(path.parent) == 0
         ended = run["config"].get("lr_scheduler_type") in ("linear", "cosine") and to_end and \
             not run["metrics"].get("stopped_early")
         return "" if ended else LM_SCHEDULE_UNFINISHED
     return "" if run["metrics"].get("stopped_early") else LM_STILL_IMPROVING
+
+
+def _last_lr(lm_dir: Path) -> Optional[float]:
+    """The learning rate an `lm train` run logged last (its training.json), None where not recorded."""
+    path = lm_dir / "training.json"
+    history = read_json(path).get("history") if path.is_file() else None
+    return history[-1].get("lr") if history else None
 
 
 def _plateau(out: Path, entry: dict) -> str:
