@@ -439,3 +439,29 @@ def test_a_resume_over_tokens_made_anew_starts_over(common, tmp_path, monkeypatc
     a, b = np.load(tmp_path / "whole" / "per_token.npz"), np.load(tmp_path / "resumed" / "per_token.npz")
     for key in a.files:
         np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_a_kill_while_the_outputs_are_written_resumes_with_nothing_to_score(common, tmp_path, monkeypatch):
+    """Killed in the histograms (every window scored, results.json not yet written): the rerun scored every window
+    again from the first, its checkpoint having been deleted before the plots; it now writes the same results
+    without scoring anything, and a finished folder keeps no checkpoint."""
+    args = ["analyze", "projection", *common, "--block_size", "8", "--stride", "4", "--max_tokens", "16",
+            "--target", "f_out", "--max_steps", "5", "--batch_size", "4", "--tol", "1e-2", "--n_boot", "50"]
+    assert main([*args, "--output_dir", str(tmp_path / "whole")]) == 0
+    real_hist = PRUN.histogram
+
+    def dies_in_the_plots(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PRUN, "histogram", dies_in_the_plots)
+    assert main([*args, "--output_dir", str(tmp_path / "resumed")]) == 130
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    monkeypatch.setattr(PRUN, "histogram", real_hist)
+    real, calls = PRUN.project, []
+    monkeypatch.setattr(PRUN, "project", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    assert main([*args, "--output_dir", str(tmp_path / "resumed")]) == 0
+    assert calls == []  # nothing scored again
+    a, b = (json.loads((tmp_path / d / "results.json").read_text())["metrics"] for d in ("whole", "resumed"))
+    a.pop("timing"), b.pop("timing")
+    assert a == b
+    assert not (tmp_path / "resumed" / "partial.npz").exists() and not (tmp_path / "resumed" / "partial.json").exists()

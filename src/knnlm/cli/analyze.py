@@ -30,7 +30,7 @@ def cmd_projection(args) -> int:
     from ..datastore import Datastore
     from ..fileio import claim_output_dir
     from ..experiments.projection.report import claims, results_table
-    from ..experiments.projection.run import run_projection
+    from ..experiments.projection.run import remove_partial, run_projection
     from ..experiments.projection.settings import _FREE_KEYS, ProjectionArgs
     from ..experiments.study import check_resumable
     from ..knn import KNNArgs
@@ -55,6 +55,7 @@ def cmd_projection(args) -> int:
     found = claims(metrics, "this run")
     table = results_table(metrics, found)
     finish_outputs(out, to_dict(margs, cargs, kargs, pargs), metrics, table, started, claims=[c.record() for c in found])
+    remove_partial(out)
     print(table, end="")
     print(f"results: {out / 'results.json'}; KL histograms: {', '.join(str(out / f'kl_{t}.png') for t in pargs.target)}; "
           f"step histograms: {out}/steps_<target>_tol<tol>.png")

@@ -67,20 +67,30 @@ class _Records:
     def windows_done_add(self, n: int) -> None:
         self.windows_done += n
         if time.time() - self.last_save > _CHECKPOINT_EVERY_S:
-            self.save(self.path)
-            atomic_write_json(self.state, {"fingerprint": self.fingerprint, "windows_done": self.windows_done,
-                                           "n_tokens": self.n_tokens, "solve_s": self.solve_s})
-            self.last_save = time.time()
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        self.save(self.path)
+        atomic_write_json(self.state, {"fingerprint": self.fingerprint, "windows_done": self.windows_done,
+                                       "n_tokens": self.n_tokens, "solve_s": self.solve_s})
+        self.last_save = time.time()
 
     def save(self, path: Path) -> None:
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **self.arrays())
 
     def finish(self, path: Path) -> dict[str, np.ndarray]:
+        """``per_token.npz`` written; the checkpoint kept, every window counted, until the caller has written
+        results.json (:func:`remove_partial`): a kill in the plots or the outputs resumes with nothing to score."""
+        self.checkpoint()
         self.save(path)
-        self.path.unlink(missing_ok=True)
-        self.state.unlink(missing_ok=True)
         return self.arrays()
+
+
+def remove_partial(out_dir: str | Path) -> None:
+    """Deletes a finished projection's checkpoint (``partial.npz``, ``partial.json``) once its results.json is written."""
+    for name in ("partial.npz", "partial.json"):
+        (Path(out_dir) / name).unlink(missing_ok=True)
 
 
 def run_projection(lm, corpus: CorpusArgs, args: ProjectionArgs, datastore, knn: Optional[KNNArgs] = None,
