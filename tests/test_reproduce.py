@@ -501,3 +501,20 @@ def test_a_stage_run_in_process_keeps_the_reproduce_folders_lock(tmp_path):
         assert second.returncode != 0 and "KnnlmError" in second.stderr  # refused: the folder is still this run's
     finally:
         fileio.release_output_dirs()
+
+
+def test_a_smoke_run_refuses_another_data_dir(tmp_path):
+    """--smoke reads {data} from OUT/smoke-data, cut once: a rerun with another --data_dir skipped every finished
+    stage and reported the first data's results under the new flag, without a warning."""
+    from knnlm.experiments import reproduce
+
+    for d, text in (("a", "alpha\n"), ("b", "beta\n")):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "train.txt").write_text(text)
+    out = tmp_path / "out"
+    reproduce.with_smoke_data(ReproduceArgs(output_dir=str(out), data_dir=str(tmp_path / "a"), smoke=True))
+    again = reproduce.with_smoke_data(ReproduceArgs(output_dir=str(out), data_dir=str(tmp_path / "a"), smoke=True))
+    assert again.data_dir == str(out / "smoke-data")  # the same data: resumed
+    with pytest.raises(KnnlmError, match="--data_dir: .*train.txt is not the file .*smoke run was cut from"):
+        reproduce.with_smoke_data(ReproduceArgs(output_dir=str(out), data_dir=str(tmp_path / "b"), smoke=True))
+    assert (out / "smoke-data" / "train.txt").read_text() == "alpha\n"

@@ -183,11 +183,17 @@ def with_smoke_data(args: ReproduceArgs) -> ReproduceArgs:
     folder = Path(args.output_dir) / "smoke-data"
     for name, size in SMOKE_DATA_BYTES.items():
         src = Path(args.data_dir) / name
-        if src.is_file() and not (folder / name).is_file():
-            with open(src, "rb") as f:
-                head = f.read(size)
-            cut = head.rfind(b"\n") + 1 or len(head)
-            atomic_write_text(folder / name, head[:cut].decode("utf-8", errors="ignore"))
+        if not src.is_file():
+            continue
+        with open(src, "rb") as f:
+            head = f.read(size)
+        cut = head.rfind(b"\n") + 1 or len(head)
+        text = head[:cut].decode("utf-8", errors="ignore")
+        if not (folder / name).is_file():
+            atomic_write_text(folder / name, text)
+        elif (folder / name).read_bytes() != text.encode("utf-8"):  # the stages' {data} is this folder either way
+            raise KnnlmError(f"--data_dir: {src} is not the file {args.output_dir}'s smoke run was cut from "
+                             f"({folder / name} differs); pass another --output_dir")
     return dataclasses.replace(args, data_dir=str(folder))
 
 
