@@ -518,3 +518,19 @@ def test_a_smoke_run_refuses_another_data_dir(tmp_path):
     with pytest.raises(KnnlmError, match="--data_dir: .*train.txt is not the file .*smoke run was cut from"):
         reproduce.with_smoke_data(ReproduceArgs(output_dir=str(out), data_dir=str(tmp_path / "b"), smoke=True))
     assert (out / "smoke-data" / "train.txt").read_text() == "alpha\n"
+
+
+def test_the_report_links_no_figure_of_a_stage_without_results(tmp_path):
+    """A stage killed after its plots and before its results.json is 'not run yet' in the claims: its figure was still
+    copied into OUT/figures and shown in report.md as if the stage had finished."""
+    out = tmp_path / "out"
+    (out / "h").mkdir(parents=True)
+    (out / "h" / "fig.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    recipe = {"stages": [{"name": "h", "argv": ["hurdle", "run", "--output_dir", "{out}/h"]}],
+              "report": {"studies": [], "figures": [{"path": "h/fig.png", "name": "f.png", "caption": "Fig"}]}}
+    args = ReproduceArgs(output_dir=str(out))
+    write_report(args, {}, recipe)
+    assert "figures/f.png" not in (out / "report.md").read_text() and not (out / "figures" / "f.png").exists()
+    (out / "h" / "results.json").write_text("{}")  # the stage finished
+    write_report(args, {}, recipe)
+    assert "figures/f.png" in (out / "report.md").read_text() and (out / "figures" / "f.png").exists()

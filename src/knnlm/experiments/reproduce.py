@@ -349,7 +349,7 @@ def write_report(args: ReproduceArgs, timings: dict, recipe: Optional[dict] = No
     figures = []
     for fig in rep.get("figures", []):
         src = out / fig["path"]
-        if src.exists():
+        if src.exists() and (out / Path(fig["path"]).parts[0] / "results.json").exists():  # a killed stage's plot: not yet
             dst = out / "figures" / fig["name"]
             dst.parent.mkdir(exist_ok=True)
             with atomic_path(dst) as tmp:  # (a kill mid-copy leaves no cut PNG that report.md links to)
