@@ -1457,3 +1457,27 @@ def test_results_name_the_commit_the_run_started_with(tiny_gpt2_dir, files, tmp_
         assert json.loads((tmp_path / "ev" / "results.json").read_text())["run"]["git_hash"] == "a" * 40
     finally:
         getattr(fileio.git_hash, "cache_clear", lambda: None)()
+
+
+def test_lm_train_killed_while_moving_its_files_leaves_no_results_beside_an_unloadable_model(files, tmp_path, capsys,
+                                                                                             monkeypatch):
+    """`lm train` moved results.json into the folder before config.json: a kill between them left a folder holding
+    results.json (finished, by docs/reliability.md) whose model cannot be loaded. The rerun finishes it."""
+    from knnlm.experiments.lm import report as lm_report
+
+    real = lm_report.os.replace
+
+    def dies_at_config(src, dst):
+        if Path(dst).name == "config.json":
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    lm = ["lm", "train", "--size", "tiny", "--train_file", files / "a.txt", "--validation_file", files / "b.txt",
+          "--max_steps", 1, "--block_size", 8, "--batch_size", 1, "--output_dir", tmp_path / "lm"]
+    monkeypatch.setattr(lm_report.os, "replace", dies_at_config)
+    assert cli(lm, capsys)[0] == 130
+    monkeypatch.setattr(lm_report.os, "replace", real)
+    assert not (tmp_path / "lm" / "config.json").exists()
+    assert not (tmp_path / "lm" / "results.json").exists()
+    assert cli(lm, capsys)[0] == 0
+    assert all((tmp_path / "lm" / n).exists() for n in ("config.json", "results.json", "training.json"))

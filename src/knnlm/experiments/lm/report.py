@@ -42,9 +42,10 @@ def save_final(out: Path, work: Path, model, tokenizer, record: dict, started: f
     metrics["curve"] = [{"step": h["step"], "val_ppl": h["val_ppl"], "train_loss": h["train_loss"]} for h in hist]
     write_results(final, {**record["args"], **record["train_args"]}, metrics, started)
     atomic_write_json(final / TRAINING_JSON, record)
-    last = ("results.json", "config.json", TRAINING_JSON)
+    last = ("config.json", "results.json", TRAINING_JSON)
     names = sorted(p.name for p in final.iterdir() if p.name not in last)
-    # results.json after its markdown and plots; config.json late: no loadable half-folder; training.json last
+    # config.json late: no loadable half-folder; results.json after it, its markdown and plots (a folder holding
+    # results.json is finished); training.json last
     for name in [*names, *last]:
         os.replace(final / name, out / name)
     shutil.rmtree(work)
