@@ -1481,3 +1481,33 @@ def test_lm_train_killed_while_moving_its_files_leaves_no_results_beside_an_unlo
     assert not (tmp_path / "lm" / "results.json").exists()
     assert cli(lm, capsys)[0] == 0
     assert all((tmp_path / "lm" / n).exists() for n in ("config.json", "results.json", "training.json"))
+
+
+@pytest.mark.parametrize("stop, code", [("int", 130), ("term", 143)])
+def test_a_stop_signal_raised_in_a_finalizer_still_stops_the_command(monkeypatch, capsys, stop, code):
+    """A signal's exception raised while a finalizer or weakref callback runs (the garbage collector's) is printed and
+    dropped by Python ("Exception ignored in ..."): a Ctrl-C met during an `overspec run`'s GC was lost, the run went
+    on to its end and exited 0. It now stops the command as any other Ctrl-C / SIGTERM does."""
+    import gc
+    import time
+
+    import knnlm.cli as cli_module
+
+    class Finalized:
+        def __del__(self):  # the signal handler's exception, raised here as when the signal lands in a GC callback
+            raise KeyboardInterrupt() if stop == "int" else cli_module.Terminated()
+
+    ran_on = []
+
+    def fake_main(argv):
+        Finalized()
+        gc.collect()
+        for _ in range(50):  # the command's further work
+            time.sleep(0.001)
+        ran_on.append(1)
+        return 0
+
+    monkeypatch.setattr(cli_module, "_main", fake_main)
+    assert cli_module.main(["x"]) == code
+    assert ran_on == []
+    assert "rerun the same command to resume" in capsys.readouterr().err

@@ -70,6 +70,18 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _stop_again(unraisable) -> None:
+    """``sys.unraisablehook`` while a command runs: a stop signal whose exception was raised in a finalizer or weakref
+    callback (where Python prints it and drops it, so the command ran on and exited 0) is sent again, to be raised
+    where the command is."""
+    sys.__unraisablehook__(unraisable)
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):  # sent a moment later: its handler runs after this hook
+        sig = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+        timer = threading.Timer(0.01, os.kill, (os.getpid(), sig))
+        timer.daemon = True
+        timer.start()
+
+
 _depth = 0  # main() inside main(): `knnlm reproduce` runs its stages in its own process
 
 
@@ -77,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     global _depth
     on_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers can be set only there
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _stop_again if on_main_thread else sys.unraisablehook
     _depth += 1
     try:
         return _main(argv)
@@ -86,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return _stopped(e, "; rerun the same command to resume")
     finally:
         _depth -= 1
+        sys.unraisablehook = previous_hook
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
 
