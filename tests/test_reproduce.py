@@ -523,6 +523,8 @@ def test_a_smoke_run_refuses_another_data_dir(tmp_path):
 def test_the_report_links_no_figure_of_a_stage_without_results(tmp_path):
     """A stage killed after its plots and before its results.json is 'not run yet' in the claims: its figure was still
     copied into OUT/figures and shown in report.md as if the stage had finished."""
+    from knnlm.experiments.reproduce import stage_argv
+
     out = tmp_path / "out"
     (out / "h").mkdir(parents=True)
     (out / "h" / "fig.png").write_bytes(b"\x89PNG\r\n\x1a\n")
@@ -532,5 +534,29 @@ def test_the_report_links_no_figure_of_a_stage_without_results(tmp_path):
     write_report(args, {}, recipe)
     assert "figures/f.png" not in (out / "report.md").read_text() and not (out / "figures" / "f.png").exists()
     (out / "h" / "results.json").write_text("{}")  # the stage finished
+    (out / "stages").mkdir()
+    (out / "stages" / "h.done").write_text(" ".join(stage_argv(recipe["stages"][0], args)) + "\n")
     write_report(args, {}, recipe)
     assert "figures/f.png" in (out / "report.md").read_text() and (out / "figures" / "f.png").exists()
+
+
+def test_the_report_takes_no_results_of_a_stage_not_finished_as_this_recipe(tiny_gpt2_dir, data_dir, tmp_path):
+    """A recipe edit (another --k) reruns a finished stage; killed, its folder still holds the earlier command's
+    results.json, which --report_only reported under the edited recipe as that stage's finished results."""
+    out = tmp_path / "out"
+    first = ReproduceArgs(output_dir=str(out), data_dir=str(data_dir), recipe=_recipe(tmp_path, tiny_gpt2_dir, "4"))
+    run_stages(first, main)
+    write_report(first, {})
+    assert "- not run yet: memory: tiny (eval)" not in (out / "report.md").read_text()
+
+    edited = ReproduceArgs(output_dir=str(out), data_dir=str(data_dir), recipe=_recipe(tmp_path, tiny_gpt2_dir, "3"))
+
+    def killed(argv):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(edited, killed)  # the eval stage's .done removed, its folder as the first run left it
+    assert (out / "eval" / "results.json").exists()
+    write_report(edited, {})
+    assert "- not run yet: memory: tiny (eval)" in (out / "report.md").read_text()
+    assert json.loads((out / "results.json").read_text())["claims"] == []

@@ -291,9 +291,24 @@ def run_stages(args: ReproduceArgs, run_command, recipe: Optional[dict] = None) 
 
 
 # ---------------------------------------------------------------------------------------------------------------- report
-def collect(out: Path, entries: list[dict]) -> tuple[list[Claim], dict[str, list], list[str]]:
+def finished_folders(recipe: dict, args: ReproduceArgs) -> dict[str, bool]:
+    """Each ``--output_dir {out}/<folder>`` of the recipe's stages -> whether its stage finished as this recipe's
+    command (its ``.done`` names that command line): a stage rerun after a recipe edit and killed, or not rerun yet,
+    keeps the earlier command's results.json, which are not this recipe's."""
+    out, status = Path(args.output_dir), {}
+    for stage in recipe["stages"]:
+        argv = [str(a) for a in stage["argv"]]
+        if "--output_dir" in argv[:-1] and argv[argv.index("--output_dir") + 1].startswith("{out}/"):
+            done = out / "stages" / f"{stage['name']}.done"
+            status[argv[argv.index("--output_dir") + 1][len("{out}/"):]] = \
+                done.is_file() and done.read_text().strip() == " ".join(stage_argv(stage, args))
+    return status
+
+
+def collect(out: Path, entries: list[dict], finished: Optional[dict] = None) -> tuple[list[Claim], dict[str, list], list[str]]:
     """One loop over the recipe's studies: each finished stage's report part gives its table rows and claims; a study
-    whose stage has not run yet is named in the third list."""
+    whose stage has not run yet is named in the third list. ``finished``: :func:`finished_folders` (a folder it names
+    False is not run yet, whatever it holds)."""
     claims: list[Claim] = []
     tables: dict[str, list] = {}
     missing = []
@@ -305,7 +320,7 @@ def collect(out: Path, entries: list[dict]) -> tuple[list[Claim], dict[str, list
         for name, (_, _, paper) in study.tables.items():
             tables.setdefault(name, list(paper))
         path = out / entry["folder"] / "results.json"
-        if not path.exists():
+        if not path.exists() or (finished or {}).get(entry["folder"]) is False:
             missing.append(f"{entry['study']}: {entry.get('label', '')} ({entry['folder']})")
             continue
         rows, found = study.report(read_json(path)["metrics"], entry, out)
@@ -345,11 +360,12 @@ def write_report(args: ReproduceArgs, timings: dict, recipe: Optional[dict] = No
     recipe = recipe or load_recipe(args)
     out = Path(args.output_dir)
     rep = recipe.get("report", {})
-    claims, tables, missing = collect(out, rep.get("studies", []))
+    finished = finished_folders(recipe, args)
+    claims, tables, missing = collect(out, rep.get("studies", []), finished)
     figures = []
     for fig in rep.get("figures", []):
-        src = out / fig["path"]
-        if src.exists() and (out / Path(fig["path"]).parts[0] / "results.json").exists():  # a killed stage's plot: not yet
+        src, folder = out / fig["path"], Path(fig["path"]).parts[0]
+        if src.exists() and (out / folder / "results.json").exists() and finished.get(folder) is not False:
             dst = out / "figures" / fig["name"]
             dst.parent.mkdir(exist_ok=True)
             with atomic_path(dst) as tmp:  # (a kill mid-copy leaves no cut PNG that report.md links to)
