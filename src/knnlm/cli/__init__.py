@@ -79,7 +79,11 @@ def _stop_again(unraisable) -> None:
         sig = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
         timer = threading.Timer(0.01, os.kill, (os.getpid(), sig))
         timer.daemon = True
+        _resends.append(timer)
         timer.start()
+
+
+_resends: list = []  # stop signals to send again; cancelled when the command has ended (it finished its work)
 
 
 _depth = 0  # main() inside main(): `knnlm reproduce` runs its stages in its own process
@@ -100,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _depth -= 1
         sys.unraisablehook = previous_hook
+        if _depth == 0:
+            while _resends:
+                _resends.pop().cancel()
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
 
