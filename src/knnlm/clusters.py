@@ -39,8 +39,8 @@ class ClusterArgs:
             raise KnnlmError(f"--num_clusters: must be >= 1, got {self.num_clusters}")
         if self.sample_size < 1:
             raise KnnlmError(f"--sample_size: must be >= 1, got {self.sample_size}")
-        if self.niter < 1:
-            raise KnnlmError(f"--niter: must be >= 1, got {self.niter}")
+        if not 1 <= self.niter < 2 ** 31:  # FAISS keeps it in a C int: a larger one was an internal OverflowError
+            raise KnnlmError(f"--niter: must be in [1, 2**31), got {self.niter}")
         require_seed("seed", self.seed)
 
 

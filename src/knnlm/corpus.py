@@ -84,6 +84,10 @@ class CorpusArgs:
             return
         if not path:
             raise KnnlmError(f"--{which}_file: required (or --dataset_name): the corpus to read")
+        for name in ("split", "dataset_config_name"):  # a dataset's coordinates: a file has neither (it was read whole)
+            if getattr(self, name):
+                raise KnnlmError(f"--{name}: acts only with --dataset_name; --{which}_file {path} is read whole: drop "
+                                 f"--{name}")
         _check_file(path, f"--{which}_file")
         if self.text_field != TEXT_FIELD and Path(path).suffix not in ROW_SUFFIXES:
             raise KnnlmError(f"--text_field: {path} is read as plain text (one document without fields); drop "
@@ -118,9 +122,20 @@ def _check_file(path: str, flag: str) -> Path:
     return p
 
 
+_ENCODING_HINT = " or pass --encoding_errors replace (or ignore)"
+
+
 def _not_utf8(flag: str, path: Path, offset: int, e: UnicodeDecodeError) -> KnnlmError:
     return KnnlmError(f"{flag}: {path} is not UTF-8 at byte {offset} (0x{e.object[e.start]:02x}); re-encode it "
-                      "(e.g. `iconv -f latin1 -t utf-8`) or pass --encoding_errors replace (or ignore)")
+                      f"(e.g. `iconv -f latin1 -t utf-8`){_ENCODING_HINT}")
+
+
+def _without_encoding_hint(documents: Iterator) -> Iterator:
+    """``documents``, its errors without the --encoding_errors advice (for a command that has no such flag)."""
+    try:
+        yield from documents
+    except KnnlmError as e:
+        raise KnnlmError(str(e).replace(_ENCODING_HINT, "")) from None
 
 
 def _text_pieces(path: Path, flag: str, errors: str = "strict", chunk: Optional[int] = None) -> Iterator[str]:
@@ -351,8 +366,8 @@ def _encode_after(tokenizer, context: str, tail: list, body: str, add_special: b
     return ids, offsets, start, text
 
 
-def _documents(lm, args: CorpusArgs, which: str,
-               rows: Optional[BadRows] = None) -> Iterator[tuple[list[int] | np.ndarray, bool, bool]]:
+def _documents(lm, args: CorpusArgs, which: str, rows: Optional[BadRows] = None,
+               flag: Optional[str] = None) -> Iterator[tuple[list[int] | np.ndarray, bool, bool]]:
     """Yields ``(token ids, continues_previous, has_text)``: documents encoded as ``lm.encode`` does (BOS where the
     tokenizer adds one); a long plain-text document arrives in several pieces, all but the first marked as continuing;
     ``has_text`` is False for whitespace-only text. ``rows`` counts the JSONL/dataset rows skipped."""
@@ -360,7 +375,7 @@ def _documents(lm, args: CorpusArgs, which: str,
         for text in _dataset_texts(args, _dataset_split(args, which), rows):
             yield lm.encode(text), False, bool(text.strip())
         return
-    flag = f"--{which}_file"
+    flag = flag or f"--{which}_file"
     path_str = args.train_file if which == "train" else args.validation_file
     if not path_str:
         raise KnnlmError(f"{flag}: required (or --dataset_name)")
@@ -494,13 +509,16 @@ class TextEncoder:
         return self.tokenizer(text)["input_ids"]
 
 
-def tokenize_to_file(lm, args: CorpusArgs, which: str, out_path: str | Path, source: Optional[dict] = None) -> TokenFile:
+def tokenize_to_file(lm, args: CorpusArgs, which: str, out_path: str | Path, source: Optional[dict] = None,
+                     flag: Optional[str] = None, encoding_flag: bool = True) -> TokenFile:
     """Streams the corpus through the tokenizer into ``out_path`` (int32) and ``out_path.docs`` (document starts).
 
     With ``concat_documents`` the documents form one stream joined by EOS. Written to temp names, size-checked and
     renamed at the end; ``out_path.json`` (written last) records what they were made from (corpus sha256, tokenizer
     hash, options; ``source`` saves hashing the corpus again), so the files of another corpus or tokenizer, or short
-    or empty ones, are rebuilt rather than reused. A corpus of whitespace only is refused.
+    or empty ones, are rebuilt rather than reused. A corpus of whitespace only is refused. ``flag`` names the corpus
+    in errors for a command that calls it otherwise than --train_file/--validation_file (hurdle: --data), and
+    ``encoding_flag`` False leaves out the advice to pass --encoding_errors, for a command without that flag.
     """
     out_path = Path(out_path)
     doc_path = out_path.with_name(out_path.name + ".docs")
@@ -511,7 +529,7 @@ def tokenize_to_file(lm, args: CorpusArgs, which: str, out_path: str | Path, sou
     previous = key_path.read_bytes() if key_path.is_file() else None
     for p in (key_path, out_path, doc_path):  # stale or partial: the record goes first, so no half state looks valid
         p.unlink(missing_ok=True)
-    flag = "--dataset_name" if args.dataset_name else f"--{which}_file"
+    flag = "--dataset_name" if args.dataset_name else (flag or f"--{which}_file")
     starts, n, limit = [0], 0, args.max_tokens
     n_docs = n_blank = 0  # documents read, and those of whitespace only
     doc_has_text = True
@@ -519,7 +537,8 @@ def tokenize_to_file(lm, args: CorpusArgs, which: str, out_path: str | Path, sou
     rows = BadRows(flag, args.text_field, args.skip_bad_rows)
     with atomic_path(out_path) as tmp:  # a full disk here is a one-line error naming the file; nothing is renamed
         with open(tmp, "wb") as fh:
-            for ids, continued, has_text in _documents(lm, args, which, rows):
+            documents = _documents(lm, args, which, rows, flag)
+            for ids, continued, has_text in documents if encoding_flag else _without_encoding_hint(documents):
                 if continued:
                     doc_has_text |= has_text
                 else:

@@ -384,6 +384,9 @@ def _built(ds, final: Path, info: dict, factory: str, probe, args: IndexArgs) ->
 
 
 def _set_nprobe(index, nprobe: int) -> None:
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:  # more lists than there are visit them all (as gpu_search does); a huge --nprobe was FAISS's
+        nprobe = min(nprobe, ivf.nlist)  # internal RuntimeError in search_preassigned
     try:
         faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
     except RuntimeError:

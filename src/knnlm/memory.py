@@ -356,7 +356,14 @@ def _prepare_dir(out: Path, fp: dict, overwrite: bool) -> Optional[str]:
     cfg, ckpt = out / CONFIG_FILE, out / CHECKPOINT_DIR / _FINGERPRINT
     existing, state = None, None
     if cfg.exists():
-        existing, state = read_json(cfg).get("fingerprint"), "finished"
+        record = read_json(cfg)
+        if not isinstance(record, dict):  # JSON, but not a memory's record: `.get` was an internal AttributeError
+            if not overwrite:
+                raise KnnlmError(f"--output_dir: {cfg} is damaged (not a JSON object); pass --overwrite to train the "
+                                 "memory again")
+            remove_own_files(out, (CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_DIR, _OLD_CHECKPOINT, TRAIN_LOG, "loss.png"))
+            return None
+        existing, state = record.get("fingerprint"), "finished"
     elif ckpt.exists():
         existing, state = read_json(ckpt), "resume"
     if existing is None or _same(existing, fp):

@@ -486,10 +486,17 @@ def _check_model_type(source: str, revision: Optional[str]) -> None:
     from transformers import AutoConfig
 
     try:
+        from huggingface_hub.errors import StrictDataclassError  # transformers' configs check their fields' types
+    except ImportError:  # an older huggingface_hub: configs were not validated
+        StrictDataclassError = ()
+    try:
         config = AutoConfig.from_pretrained(source, revision=revision)
     except ValueError as e:  # unknown model_type in config.json
         raise KnnlmError(f"--model_name_or_path: {source}: {str(e).splitlines()[0][:200]}; "
                          f"supported model types: {', '.join(ARCHS)}") from None
+    except StrictDataclassError as e:  # a field of the wrong type: it was an internal error
+        raise KnnlmError(f"--model_name_or_path: {source}: its config.json is invalid ({' '.join(str(e).split())[:200]}); "
+                         "fix the file or pass another model folder") from None
     if config.model_type not in ARCHS:
         raise KnnlmError(f"--model_name_or_path: model_type {config.model_type!r} ({source}) is not supported; "
                          f"supported: {', '.join(ARCHS)}")

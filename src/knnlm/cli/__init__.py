@@ -16,8 +16,16 @@ import traceback
 from ..errors import KnnlmError
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown flag, a choice not offered, a missing argument) in one line, as every other
+    error: argparse printed its usage block above the message (two to six lines)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="knnlm", description="kNN-LM retrieval augmentation, the MLP memory and the studies of Chiang et al. Every command takes --help and --config FILE|PRESET.")
+    parser = _OneLineParser(prog="knnlm", description="kNN-LM retrieval augmentation, the MLP memory and the studies of Chiang et al. Every command takes --help and --config FILE|PRESET.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="on an error, also print the Python traceback")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -142,7 +150,7 @@ def _main(argv: list[str] | None) -> int:
             traceback.print_exc()
         abandon_fresh_claims(keep=outer)  # a run that stopped before any work leaves no claim on its new folder
         print(f"knnlm: error: {_one_line(e)}", file=sys.stderr)
-        return 2 if isinstance(e, (KnnlmError, OSError, MemoryError, UnicodeDecodeError)) else 1
+        return 2 if isinstance(e, (KnnlmError, OSError, MemoryError, UnicodeDecodeError)) or _out_of_memory(e) else 1
     finally:
         release_output_dirs(held_locks() - held)  # the output folders this command locked
 
@@ -152,6 +160,14 @@ _OS_FIXES = {errno.ENOSPC: "free some space (or choose another folder) and rerun
              errno.EACCES: "check the permissions or choose another folder",
              errno.EPERM: "check the permissions or choose another folder",
              errno.EROFS: "choose a writable folder"}
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Python's MemoryError, or torch's failed allocation: torch.OutOfMemoryError (CUDA) and the CPU allocator's
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory"), neither of them a MemoryError."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
 
 
 def _one_line(e: BaseException) -> str:
@@ -166,7 +182,7 @@ def _one_line(e: BaseException) -> str:
     if isinstance(e, UnicodeDecodeError):  # an input file read without knnlm.corpus (which names file and byte)
         return (f"an input file is not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start} of a read); "
                 "re-encode it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)")
-    if isinstance(e, MemoryError):
+    if _out_of_memory(e):
         return "out of memory; use a smaller --batch_size (or --max_tokens) and rerun the same command"
     first = (str(e).strip().splitlines() or [""])[0][:200]
     return f"internal error ({type(e).__name__}: {first}); rerun with --debug for the traceback and report it"

@@ -76,6 +76,8 @@ def cmd_retomaton(args) -> int:
 
     margs, cargs, rargs = resolve([ModelArgs, CorpusArgs, RetomatonArgs], args, args.config)
     cargs.require("validation")  # a corpus, one only, readable: before the model loads
+    # a backend's own settings with another backend (RetoMaton's own act: the study runs RetoMaton rows)
+    rargs.knn_args(retomaton=True).refuse_inactive(datastore=True, memory=False)
     own = ("config.json", "results.json", "results.md", FIGURE, "settings", "eval-*")
     claim_output_dir(rargs.output_dir, "analyze retomaton", None, own_files=own)  # a model, a datastore: refused
     out = Path(rargs.output_dir)

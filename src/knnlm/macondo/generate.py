@@ -413,7 +413,16 @@ def read_meta(data_dir: str | Path) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         raise KnnlmError(f"--data: {data_dir} holds no Macondo dataset (no meta.json); run `knnlm macondo generate`")
-    return json.loads(path.read_text())
+    from ..fileio import read_json
+
+    fix = "regenerate the village (`knnlm macondo generate --overwrite`)"
+    try:
+        meta = read_json(path, fix)  # (json.loads alone: an internal JSONDecodeError)
+    except KnnlmError as e:
+        raise KnnlmError(f"--data: {e}") from None
+    if not isinstance(meta, dict):  # (callers' meta.get was an internal AttributeError)
+        raise KnnlmError(f"--data: {path} is not a Macondo meta.json (it holds no mapping); {fix}")
+    return meta
 
 
 # what every reader of a split uses (scoring, the studies' training and test sets)

@@ -169,9 +169,12 @@ def prepare_data(args: HurdleArgs, tokenizer) -> StudyData:
     shim = TextEncoder(tokenizer)
     corpus = CorpusArgs(train_file=args.data, validation_file=str(args.validation_path()),
                         max_tokens=args.max_train_tokens or None)
-    train_tokens = np.asarray(tokenize_to_file(shim, corpus, "train", out / "data" / "train.tokens").tokens)
+    # (named by hurdle's flags: --data is the training text, and hurdle has no --encoding_errors)
+    train_tokens = np.asarray(tokenize_to_file(shim, corpus, "train", out / "data" / "train.tokens", flag="--data",
+                                               encoding_flag=False).tokens)
     corpus.max_tokens = args.val_tokens or None
-    val_tokens = np.asarray(tokenize_to_file(shim, corpus, "validation", out / "data" / "valid.tokens").tokens)
+    val_tokens = np.asarray(tokenize_to_file(shim, corpus, "validation", out / "data" / "valid.tokens",
+                                             encoding_flag=False).tokens)
     if len(train_tokens) < args.block_size * args.batch_size:
         raise KnnlmError(f"--data: {args.data} has {len(train_tokens)} tokens, fewer than one batch "
                          f"(--batch_size x --block_size = {args.batch_size * args.block_size})")

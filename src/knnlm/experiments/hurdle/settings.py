@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from ...config import changed_fields
-from ...errors import KnnlmError, require_seed
+from ...errors import KnnlmError, require_finite, require_seed
 from ...train import TrainArgs
 from ..study import library_args, mirror
 
@@ -90,8 +90,7 @@ class HurdleArgs:
         if self.eval_every > self.max_steps:
             raise KnnlmError(f"--eval_every: {self.eval_every} exceeds --max_steps {self.max_steps}; lower it")
         self.train_args(0).validate()  # --learning_rate, --weight_decay, --max_grad_norm
-        if self.warmup < 0:
-            raise KnnlmError(f"--warmup: must be >= 0, got {self.warmup}")
+        require_finite("warmup", self.warmup, 0, inclusive=True)  # NaN passed `< 0` and then int(NaN) raised
         if self.warmup_steps >= self.max_steps:
             raise KnnlmError(f"--warmup: {self.warmup} gives {self.warmup_steps} warm-up steps, not fewer than --max_steps "
                              f"{self.max_steps}")
@@ -105,6 +104,20 @@ class HurdleArgs:
         if layers < 2:
             raise KnnlmError(f"--n_layer: {layers} blocks leave no first-vs-last MLP control; use >= 2")
         require_seed("macondo_seed", self.macondo_seed)  # not left to the village's own check, which names --seed
+        # nor the sizes of the village it makes: its check names --num_villagers, --num_parents..., flags hurdle lacks
+        for name in ("macondo_num_villagers", "macondo_num_parents", "macondo_max_children",
+                     "macondo_examples_per_child"):
+            if self.data == "macondo" and getattr(self, name) < 1:
+                raise KnnlmError(f"--{name}: must be >= 1, got {getattr(self, name)}")
+        if self.data == "macondo" and self.macondo_num_villagers < 2:
+            raise KnnlmError(f"--macondo_num_villagers: {self.macondo_num_villagers} is too few; friends need at least "
+                             "2 villagers")
+        if self.data == "macondo" and self.macondo_num_parents > self.macondo_num_villagers:
+            raise KnnlmError(f"--macondo_num_parents: {self.macondo_num_parents} parents cannot come from "
+                             f"{self.macondo_num_villagers} villagers; lower --macondo_num_parents or raise "
+                             "--macondo_num_villagers")
+        if self.num_threads < 0:
+            raise KnnlmError(f"--num_threads: must be >= 0 (0 = torch's default), got {self.num_threads}")
         for name in ("val_tokens", "max_train_tokens"):
             if getattr(self, name) < 0:
                 raise KnnlmError(f"--{name}: must be >= 0 (0 = all), got {getattr(self, name)}")
@@ -124,9 +137,11 @@ class HurdleArgs:
         elif self.validation_file:  # Macondo mode scores the village's own test split; the file would be ignored
             raise KnnlmError(f"--validation_file: only text mode (--data a training text file) reads it; --data "
                              f"{self.data} is Macondo mode, which scores the village's test split; drop --validation_file")
-        if self.mode == "text" and changed_fields(self, ("macondo_seed",)):  # no village is made
-            raise KnnlmError(f"--macondo_seed: only Macondo mode reads it; --data {self.data} is text mode; drop "
-                             "--macondo_seed")
+        knobs = changed_fields(self, ("macondo_seed", "macondo_num_villagers", "macondo_num_parents",
+                                      "macondo_max_children", "macondo_examples_per_child"))
+        if self.mode == "text" and knobs:  # no village is made
+            raise KnnlmError(f"--{knobs[0]}: only Macondo mode reads it; --data {self.data} is text mode; drop "
+                             f"--{knobs[0]}")
 
     def validation_path(self) -> Optional[Path]:
         if self.validation_file:

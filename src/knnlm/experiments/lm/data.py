@@ -84,9 +84,10 @@ def _tokenize_files(tokenizer, args: LMArgs, work: Path) -> tuple[np.ndarray, np
     enc = TextEncoder(tokenizer)
     corpus = CorpusArgs(train_file=args.train_file, validation_file=args.validation_file, max_tokens=args.max_train_tokens,
                         skip_bad_rows=args.skip_bad_rows)
-    train_tokens = tokenize_to_file(enc, corpus, "train", work / "train.i32").tokens  # int32 memmap [n]
+    # (lm train has no --encoding_errors to suggest)
+    train_tokens = tokenize_to_file(enc, corpus, "train", work / "train.i32", encoding_flag=False).tokens  # int32 [n]
     val_corpus = dataclasses.replace(corpus, max_tokens=None)
-    return train_tokens, tokenize_to_file(enc, val_corpus, "validation", work / "valid.i32").tokens
+    return train_tokens, tokenize_to_file(enc, val_corpus, "validation", work / "valid.i32", encoding_flag=False).tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------- data

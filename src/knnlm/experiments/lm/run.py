@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ...corpus import skipped_rows
+from ...corpus import _check_file, skipped_rows
 from ...errors import KnnlmError
 from ...fileio import (LOCK_FILE, RUN_MARKER, atomic_write_json, claim_output_dir, read_json, releases_locks,
                        remove_own_files, sha256_file)
@@ -52,7 +52,9 @@ def _run_key(args: LMArgs, targs: TrainArgs) -> dict:
         key.update(init_key(args))
     # the corpora by content, not only by path: a file replaced under the same name is another run (not the finished
     # model, nor a checkpoint of the old text to resume on the new one)
-    key[CORPUS_KEY] = {name: sha256_file(getattr(args, name))[:16] for name in ("train_file", "validation_file")}
+    # (checked first: a folder or a missing file was an OSError naming the path but not the flag)
+    key[CORPUS_KEY] = {name: sha256_file(_check_file(getattr(args, name), f"--{name}"))[:16]
+                       for name in ("train_file", "validation_file")}
     return key
 
 
@@ -199,6 +201,10 @@ def train_lm(args: LMArgs, targs: TrainArgs) -> dict:
     early = targs.early_stopping_patience is not None
     kept = next(h for h in history if h["step"] == history[-1]["best_step"]) if early else history[-1]
     final = kept if args.eval_tokens is None else perplexity(model, val_tokens, args.block_size, args.eval_batch_size)
+    if not math.isfinite(final["val_loss"]):  # diverged: its NaN weights were saved as a finished model, exit 0
+        raise KnnlmError(f"--learning_rate: training diverged (validation loss {final['val_loss']} at step "
+                         f"{kept['step']}); lower --learning_rate (or set --max_grad_norm) and rerun with --overwrite "
+                         "true")
     # the trainer's steps per epoch (each process takes an equal share of an epoch's micro-batches): a short last
     # micro-batch makes a step of fewer blocks, so steps x batch overstated the blocks seen (1.032 for one epoch)
     per_epoch = math.ceil(len(batches(0, targs.seed)) // dist.num_processes / targs.gradient_accumulation_steps)

@@ -68,6 +68,9 @@ class LMTrainArgs(TrainArgs):
 
 
 # ---------------------------------------------------------------------------------------------------------------- tokenizer
+BPE_MAX_VOCAB = 2 ** 20  # GPT-2 has 50257 tokens, GPT-4's cl100k_base 100256
+
+
 def bpe_vocab(spec: str) -> int | None:
     """``bpe:N`` -> N (checked); anything else -> None."""
     if not spec.startswith("bpe:"):
@@ -79,4 +82,7 @@ def bpe_vocab(spec: str) -> int | None:
                          "bpe:8192") from None
     if n < 257:
         raise KnnlmError(f"--tokenizer: {spec!r} needs a vocabulary size >= 257 (256 bytes + {EOS_TOKEN}), e.g. bpe:8192")
+    if n > BPE_MAX_VOCAB:  # the tokenizers trainer allocates per entry up front: bpe:999999999999 aborted the process
+        raise KnnlmError(f"--tokenizer: {spec!r}: the vocabulary size must be at most {BPE_MAX_VOCAB} (2**20), e.g. "
+                         "bpe:8192")
     return n

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
-from ...errors import KnnlmError, require_seed
+from ...errors import KnnlmError, require_finite, require_seed
 from ...fileio import atomic_write_json, claim_output_dir, reusable, sha256_file
 from ...macondo.generate import MacondoArgs
 from ...openai_client import finetune as finetune_job, make_client, score_rows
@@ -78,8 +78,7 @@ class ApiArgs:
             raise KnnlmError(f"--control_holdout: {self.control_holdout!r} is not one of pair, parent")
         if self.n_epochs < 0:
             raise KnnlmError("--n_epochs: must be >= 0 (0 lets the API choose)")
-        if self.poll_s <= 0:
-            raise KnnlmError("--poll_s: must be > 0")
+        require_finite("poll_s", self.poll_s)  # NaN and inf passed `<= 0`: time.sleep raised after the job started
         if self.batch_size < 1:
             raise KnnlmError("--batch_size: must be >= 1")
 

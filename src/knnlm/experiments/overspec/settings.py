@@ -2,6 +2,8 @@
 from the library's dataclasses: ``knnlm.train.TrainArgs``, ``knnlm.knn.KNNArgs``, ``MacondoArgs``, ``MemoryArgs``)."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Optional
@@ -120,7 +122,7 @@ class OverspecArgs:
             raise KnnlmError(f"--key_point: {self.key_point!r} is not one of {', '.join(KEY_POINTS)}")
         if not self.lmbda:
             raise KnnlmError("--lmbda: give at least one weight in [0, 1], e.g. 0.25")
-        if self.lora_r < 1 or not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1:
+        if self.lora_r < 1 or not 0 < self.lora_alpha < math.inf or not 0 <= self.lora_dropout < 1:
             raise KnnlmError(f"--lora_r/--lora_alpha/--lora_dropout: need r >= 1, alpha > 0, 0 <= dropout < 1; got "
                              f"{self.lora_r}, {self.lora_alpha}, {self.lora_dropout}")
         if self.train_eval_per_pair < 0 or self.train_eval_per_pair > self.examples_per_child:
@@ -131,6 +133,11 @@ class OverspecArgs:
         self.knn_args().validate()
         self.macondo_args(self.seeds[0], str(self.output_dir), "gpt2").validate()
         require_finite("mlp_learning_rate", self.mlp_learning_rate)
+        if not self.lora:  # as a memory setting below: recorded as if it had acted, every weight trained
+            moved = changed_fields(self, ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"))
+            if moved:
+                raise KnnlmError(f"--{moved[0]}: a LoRA setting, which acts only with --lora true; pass it, or drop "
+                                 f"--{moved[0]}")
         if not self.mlp_memory:  # a memory setting would be recorded in config.json as if it had acted
             moved = changed_fields(self, (f.name for f in fields(self) if f.name.startswith("mlp_")
                                           and f.name != "mlp_memory"))
