@@ -1,5 +1,5 @@
-"""Bad input found by the fifth hunt (/tmp/hunt23c): each case was an internal error, named a flag the command does
-not have, or was accepted and ignored."""
+"""Bad flag values and damaged inputs of the study commands, the cluster / index / model loaders and argparse: each
+case was an internal error, named a flag the command does not have, or was accepted and ignored."""
 import pytest
 import test_faults  # noqa: F401  (its fixtures)
 from test_faults import assert_one_line, cli, files  # noqa: F401
