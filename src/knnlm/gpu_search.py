@@ -415,9 +415,9 @@ def _tie_at_the_edge(cand: torch.Tensor, score: torch.Tensor, edge: torch.Tensor
     """Per query [b] bool: whether keys equal to its k-th neighbour may have been left out of its candidates cand
     [b, c] (scores ``score``, the last of them ``edge`` [b], exact distances ``dist``, the k-th exact distance ``kth``
     [b]): several candidates are at the k-th distance (equal keys: distinct keys' float32 sums do not meet exactly)
-    and one of them has the candidates' last score. Equal keys have one score, and a top-k of scores takes any of those tied at its edge: with
-    more equal keys than the margin holds, which of them were kept depended on the chunking and the shards, not on
-    their ids as everywhere else (FAISS's order)."""
+    and one of them has the candidates' last score. Equal keys have one score, and a top-k of scores takes any of
+    those tied at its edge: with more equal keys than the margin holds, which of them were kept depended on the
+    chunking and the shards, not on their ids as everywhere else (FAISS's order)."""
     at_kth = (cand >= 0) & (dist == kth[:, None])  # [b, c]
     return (at_kth & (score == edge[:, None])).any(1) & (at_kth.sum(1) >= 2) & torch.isfinite(kth)
 

@@ -413,8 +413,6 @@ def read_meta(data_dir: str | Path) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         raise KnnlmError(f"--data: {data_dir} holds no Macondo dataset (no meta.json); run `knnlm macondo generate`")
-    from ..fileio import read_json
-
     fix = "regenerate the village (`knnlm macondo generate --overwrite`)"
     try:
         meta = read_json(path, fix)  # (json.loads alone: an internal JSONDecodeError)
