@@ -179,6 +179,17 @@ def read_json(path: str | Path, fix: str = "delete it or rebuild what it belongs
         raise KnnlmError(f"{path} is corrupt (not valid JSON: {str(e).splitlines()[0][:80]}); {fix}") from None
 
 
+def read_record(path: str | Path, fix: str = "delete it or rebuild what it belongs to") -> dict:
+    """A JSON record (an object) a command wrote: :func:`read_json`, and valid JSON of another shape (``[]``, a number,
+    a string) is corrupt alike, naming the file; a caller's ``record["x"]`` or ``.get`` on it is an internal error."""
+    record = read_json(path, fix)
+    if not isinstance(record, dict):
+        shown = json.dumps(record)
+        raise KnnlmError(f"{path} is corrupt (not a JSON object: {shown[:60]}{'...' if len(shown) > 60 else ''}); "
+                         f"{fix}")
+    return record
+
+
 def reusable(path: str | Path, key, field: str = "key") -> Optional[dict]:
     """The JSON record saved at ``path`` when it was computed from the same inputs (its ``field`` equals ``key``), else
     None: the one "same run, may resume" test of a saved result (an evaluation point, a cached score, a job's state)."""

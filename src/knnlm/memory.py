@@ -34,8 +34,8 @@ from torch import nn
 
 from .datastore import Datastore, dtype_hint, shared_text
 from .errors import KnnlmError, require_finite, require_seed
-from .fileio import (atomic_path, atomic_write_json, claim_output_dir, package_versions, read_json, releases_locks,
-                     remove_own_files)
+from .fileio import (atomic_path, atomic_write_json, claim_output_dir, package_versions, read_json, read_record,
+                     releases_locks, remove_own_files)
 from .train import TrainArgs, _rng_state, _set_rng_state, train
 
 log = logging.getLogger(__name__)
@@ -375,6 +375,15 @@ def _prepare_dir(out: Path, fp: dict, overwrite: bool) -> Optional[str]:
     return None
 
 
+def _check_train_log(out: Path) -> None:
+    """Refuses a finished memory whose ``train.json`` is missing or not a JSON object: the CLI reports from it and
+    overspec reads its loss curve, and neither can rebuild it without training the memory again."""
+    path = out / TRAIN_LOG
+    if not path.is_file():
+        raise KnnlmError(f"{path} is missing")
+    read_record(path)
+
+
 def _micro_per_batch(args: MemoryArgs) -> int:
     """Micro-batches in a full batch of ``batch_tokens`` pairs (every batch but an epoch's last is full)."""
     return math.ceil(args.batch_tokens / args.micro_batch_tokens)
@@ -469,7 +478,8 @@ def train_memory(lm, ds, args: MemoryArgs, out_dir: str | Path | None = None) ->
     if status == "finished":
         try:
             mem = MLPMemory.load(out, lm)
-        except KnnlmError as e:  # this very memory, but its weights are missing, truncated or not finite
+            _check_train_log(out)
+        except KnnlmError as e:  # this very memory, but its weights or its training record are missing or damaged
             damage = str(e).removeprefix("--mlp_memory: ").split("; ")[0]
             if not args.overwrite:
                 raise KnnlmError(f"--output_dir: {out} holds this memory but it is damaged ({damage}); rerun with "

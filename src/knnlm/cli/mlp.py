@@ -54,10 +54,10 @@ def cmd_mlp_train(args) -> int:
 
 
 def _read_training(out: Path) -> dict:
-    from ..fileio import read_json
+    from ..fileio import read_record
     from ..memory import TRAIN_LOG
 
-    record = read_json(out / TRAIN_LOG)
+    record = read_record(out / TRAIN_LOG, fix="rerun with --overwrite to train the memory again")
     record.pop("loss_curve", None)
     return record
 

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from ..errors import KnnlmError
-from ..fileio import atomic_write_json, read_json
+from ..fileio import atomic_write_json, read_json, read_record
 
 
 def seed_path(root: str | Path, seed: int, rest: str = "") -> Path:
@@ -75,6 +75,12 @@ def finish_run(done: Path, record: dict, ckpt: Path, write: bool = True) -> dict
         atomic_write_json(done, record)
         shutil.rmtree(ckpt, ignore_errors=True)
     return record
+
+
+def read_finished(done: Path) -> dict:
+    """The record :func:`finish_run` wrote to ``done``; one that is not a JSON object (cut short, overwritten) is a
+    one-line error naming it. Deleting it makes a rerun train that run again (its checkpoint went when it finished)."""
+    return read_record(done, fix="delete it to train that run again, or pass another --output_dir")
 
 
 def mirror(cls, name: str, default=dataclasses.MISSING, help: str | None = None, deprecated: tuple = ()):

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...fileio import claim_output_dir, read_json
+from ...fileio import claim_output_dir
 from ...train import train
-from ..study import check_resumable, finish_run, seed_path
+from ..study import check_resumable, finish_run, read_finished, seed_path
 from .data import Examples, StudyData, ScoringLM, batch_indices, load_tokenizer, prepare_data
 from .report import aggregate, write_outputs
 from .settings import _FREE_KEYS, MODELS, HurdleArgs
@@ -135,7 +135,7 @@ def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: Hur
     once finished (``study.finish_run``)."""
     done_path = seed_path(run_dir, seed, f"-{name}.json")
     if done_path.is_file():
-        return read_json(done_path)
+        return read_finished(done_path)
     ckpt_dir = seed_path(run_dir, seed, f"-{name}")
     old_ckpt = run_dir / f"seed{seed}-{name}.pt"  # the checkpoint of the hurdle's former own training loop
     if old_ckpt.is_file() and not ckpt_dir.exists():
@@ -211,7 +211,7 @@ def run_study(args: HurdleArgs) -> dict:
     for seed in range(args.num_seeds):
         done = {name: seed_path(run_dir, seed, f"-{name}.json") for name in MODELS}
         if all(p.is_file() for p in done.values()):  # a finished seed: nothing to build
-            runs = {name: read_json(p) for name, p in done.items()}
+            runs = {name: read_finished(p) for name, p in done.items()}
         else:
             runs = {name: train_one(model, name, seed, data, args, run_dir, device)
                     for name, model in build_pair(config, seed).items()}

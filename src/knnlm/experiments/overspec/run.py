@@ -15,7 +15,7 @@ from ...distributed import barrier, is_main, rank_and_world, start_group
 from ...errors import KnnlmError
 from ...fileio import atomic_write_json, claim_output_dir, read_json, reusable
 from ...models import ModelArgs
-from ..study import check_resumable, finish_run, seed_path
+from ..study import check_resumable, finish_run, read_finished, seed_path
 from .report import aggregate, write_outputs
 from .settings import _FREE_KEYS, METHODS, OWN_FILES, SPLITS, OverspecArgs, point_dir as eval_dir
 
@@ -215,7 +215,7 @@ def run_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
     done = seed_dir / "history.json"
     if done.is_file():
         log.info("seed %d: finished earlier (%s)", seed, done)
-        return read_json(done)
+        return read_finished(done)
     started = time.time()
     seed_dir.mkdir(parents=True, exist_ok=True)
     data, world = seed_dir / "data", rank_and_world()[1]
@@ -271,7 +271,7 @@ def run_bare_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
     bare_dir = seed_dir / "bare"
     done = bare_dir / "history.json"
     if done.is_file():
-        return read_json(done)
+        return read_finished(done)
     started = time.time()
     data = seed_dir / "data"
     rows = bare_training_rows(data, args.examples_per_child)
