@@ -71,3 +71,35 @@ def test_mlp_train_into_its_memory_whose_train_json_is_damaged(tiny_gpt2_dir, fi
     assert rc == 0, err
     again = json.loads(log.read_text())
     assert again["steps"] == before["steps"] == 1 and again["first_loss"] == before["first_loss"]
+
+
+def test_lm_train_into_its_finished_model_with_damaged_records(files, tmp_path, capsys):
+    """Before: a rerun into a finished model folder whose results.json was `[]`, cut short, lacked its metrics or was
+    gone said "already holds this model" and exited 0, pointing at that results.json; a training.json of `[]` was
+    "holds a model trained with other settings", and a cut one was refused even with --overwrite."""
+    out = tmp_path / "lm"
+    argv = ["lm", "train", "--size", "tiny", "--max_steps", 1, "--block_size", 32, "--batch_size", 2, "--train_file",
+            files / "a.txt", "--validation_file", files / "b.txt", "--output_dir", out]
+    rc, err = cli(argv, capsys)
+    assert rc == 0, err
+    results, training = out / "results.json", out / "training.json"
+    val_ppl = json.loads(results.read_text())["metrics"]["val_ppl"]
+    fix = "pass --overwrite true to train the model again, or another --output_dir"
+    for damage, why in (("[]", f"{results} is corrupt (not a JSON object: [])"),
+                        ('{"metrics": ', f"{results} is corrupt (not valid JSON"),
+                        ('{"config": {}}', f"{results} is corrupt (no 'metrics' record)"),
+                        (None, f"--output_dir: {out} holds this model but its results.json is missing")):
+        results.unlink(missing_ok=True)
+        if damage is not None:
+            results.write_text(damage)
+        assert_one_line(*cli(argv, capsys), why, fix)
+    training.write_text("[]")
+    assert_one_line(*cli(argv, capsys), f"{training} is corrupt (not a JSON object: [])", fix)
+    training.write_text('{"run_key": ')
+    assert_one_line(*cli(argv, capsys), f"{training} is corrupt (not valid JSON", fix)
+    rc, err = cli([*argv, "--overwrite", "true"], capsys)  # trains it again: the same seeded model
+    assert rc == 0, err
+    assert json.loads(results.read_text())["metrics"]["val_ppl"] == val_ppl
+    assert json.loads(training.read_text())["val_ppl"] == val_ppl
+    rc, err = cli(argv, capsys)  # finished again: nothing to do
+    assert rc == 0, err

@@ -13,8 +13,8 @@ import torch
 
 from ...corpus import _check_file, skipped_rows
 from ...errors import KnnlmError
-from ...fileio import (LOCK_FILE, RUN_MARKER, atomic_write_json, claim_output_dir, read_json, releases_locks,
-                       remove_own_files, sha256_file)
+from ...fileio import (LOCK_FILE, RUN_MARKER, atomic_write_json, claim_output_dir, read_json, read_record,
+                       releases_locks, remove_own_files, sha256_file)
 from ...train import TrainArgs, train
 from .data import _tokenize_files, _word_ppl, block_batches, build_tokenizer, perplexity
 from .init import init_key, init_record, kept_step_lr, load_init, train_output_layer_only
@@ -107,12 +107,13 @@ def _prepare_output(args: LMArgs, targs: TrainArgs) -> Path | None:
     out = Path(args.output_dir)
     work = out / "work"
     key = _run_key(args, targs)
-    finished = _read_key(out / TRAINING_JSON, "run_key")
-    unfinished = _read_key(work / "run.json")
+    finished = _read_run_record(out / TRAINING_JSON, args.overwrite, "run_key")
+    unfinished = _read_run_record(work / "run.json", args.overwrite)
     if not args.overwrite:
         for recorded in (finished, unfinished):
             _refuse_changed_corpus(out, recorded, key)
     if _same_run(finished, key) and not args.overwrite:
+        _check_results(out)
         shutil.rmtree(work, ignore_errors=True)  # what a run killed after writing its record had left to delete
         return None
     replaceable = args.overwrite or _nothing_to_keep(out)
@@ -141,6 +142,36 @@ def _read_key(path: Path, field_name: str | None = None):
         return None
     record = read_json(path)
     return record.get(field_name) if field_name and isinstance(record, dict) else record
+
+
+_DAMAGED_FIX = "pass --overwrite true to train the model again, or another --output_dir"
+
+
+def _read_run_record(path: Path, overwrite: bool, field_name: str | None = None):
+    """The run key recorded in ``training.json`` (``field_name``) or ``work/run.json``; None when there is none. A
+    record that is not JSON or not an object is refused naming it (as a key it matched no run: "other settings"),
+    but with ``overwrite``, which replaces the run anyway, it counts as none."""
+    if not path.is_file():
+        return None
+    try:
+        record = read_record(path, fix=_DAMAGED_FIX)
+    except KnnlmError:
+        if overwrite:
+            return None
+        raise
+    return record.get(field_name) if field_name else record
+
+
+def _check_results(out: Path) -> None:
+    """Refuses a finished model whose ``results.json`` is missing or damaged: it is written just before
+    ``training.json``, so the folder is not the finished run its ``training.json`` says, and the training checkpoint
+    that could rebuild it is gone."""
+    path = out / "results.json"
+    if not path.is_file():
+        raise KnnlmError(f"--output_dir: {out} holds this model but its results.json is missing; {_DAMAGED_FIX}")
+    record = read_record(path, fix=_DAMAGED_FIX)
+    if not isinstance(record.get("metrics"), dict):
+        raise KnnlmError(f"{path} is corrupt (no 'metrics' record); {_DAMAGED_FIX}")
 
 
 def _tokenizer_in(work: Path, args: LMArgs):
