@@ -103,3 +103,99 @@ def test_lm_train_into_its_finished_model_with_damaged_records(files, tmp_path, 
     assert json.loads(training.read_text())["val_ppl"] == val_ppl
     rc, err = cli(argv, capsys)  # finished again: nothing to do
     assert rc == 0, err
+
+
+def test_study_settings_record_that_is_not_an_object_names_it(tmp_path):
+    """Before: `[1]` was an internal TypeError (dict() of a list); `[]` was read as a run of every default setting."""
+    import pytest
+
+    from knnlm.errors import KnnlmError
+    from knnlm.experiments.hurdle.settings import HurdleArgs
+    from knnlm.experiments.study import check_resumable
+
+    out = tmp_path / "h"
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "seed-0-with_last_mlp.json").write_text("{}")  # the run did work: its settings are checked
+    for damage in ("[1]", "[]"):
+        (out / "config.json").write_text(damage)
+        with pytest.raises(KnnlmError, match=r"config.json is corrupt \(not a JSON object: \[1?\]\); .*pass a new "
+                                             r"--output_dir"):
+            check_resumable(out, HurdleArgs(output_dir=str(out)), ())
+
+
+def test_reproduce_records_that_are_not_objects_name_them(tmp_path):
+    """Before: internal TypeErrors (`before['scale']`, `timings[name] = ...`, `before["wall_s"]` of a list). Each
+    fix it gives works: deleting a damaged times record runs on."""
+    import pytest
+    import yaml
+
+    from knnlm.errors import KnnlmError
+    from knnlm.experiments.reproduce import ReproduceArgs, run_stages
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"stages": [{"name": "a", "argv": ["eval", "--k", "4"]},
+                                                 {"name": "b", "argv": ["eval", "--k", "8"]}]}))
+    out = tmp_path / "out"
+    args = ReproduceArgs(output_dir=str(out), recipe=str(recipe))
+    ran = []
+    assert set(run_stages(args, lambda argv: ran.append(argv) or 0)) == {"a", "b"}
+    stages = out / "stages"
+    (stages / "b.done").unlink()
+    for name, needle in (("run.json", "pass another --output_dir"), ("timings.json", "delete it"),
+                         ("runs.json", "delete it"), ("b.elapsed.json", "delete it")):
+        kept = (stages / name).read_text() if (stages / name).exists() else None
+        (stages / name).write_text("[]")
+        with pytest.raises(KnnlmError, match=rf"{stages / name} is corrupt \(not a JSON object: \[\]\); .*{needle}"):
+            run_stages(args, lambda argv: ran.append(argv) or 0)
+        if kept is None:
+            (stages / name).unlink()
+        else:
+            (stages / name).write_text(kept)
+    (stages / "timings.json").unlink()  # the fix it gives: the stages' times start over
+    assert run_stages(args, lambda argv: ran.append(argv) or 0).keys() == {"b"}
+    assert [a[-1] for a in ran] == ["4", "8", "8"]
+
+
+def test_init_from_a_model_whose_training_json_is_not_an_object(files, tmp_path, capsys):
+    """Before: with --lr_from_init an internal AttributeError ('list' object has no attribute 'get'); without it the
+    record was never read (beside weights, the folder was taken for a finished `lm train` model)."""
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "training.json").write_text("[]")
+    argv = ["lm", "train", "--size", "tiny", "--max_steps", 1, "--block_size", 32, "--batch_size", 2, "--train_file",
+            files / "a.txt", "--validation_file", files / "b.txt", "--output_dir", tmp_path / "lm", "--init_from", init]
+    for extra in (["--lr_from_init", "true"], []):
+        assert_one_line(*cli([*argv, *extra], capsys),
+                        f"--init_from: {init / 'training.json'} is corrupt (not a JSON object: [])",
+                        "pass a folder `knnlm lm train` finished")
+    assert not (tmp_path / "lm").exists()
+
+
+def test_memory_study_own_data_check_names_a_damaged_training_json(tmp_path):
+    """Before: internal TypeError (list indices must be integers or slices, not str)."""
+    import pytest
+
+    from knnlm.errors import KnnlmError
+    from knnlm.experiments.memory.check import own_data_check
+
+    lm, ds = tmp_path / "lm", tmp_path / "ds"
+    lm.mkdir()
+    ds.mkdir()
+    (lm / "training.json").write_text("[]")
+    (ds / "meta.json").write_text("{}")
+    with pytest.raises(KnnlmError, match=r"training.json is corrupt \(not a JSON object: \[\]\); train the model again"):
+        own_data_check(lm, ds)
+
+
+def test_index_build_over_a_progress_record_that_is_not_an_object_starts_over(tiny_gpt2_dir, files, tmp_path,
+                                                                             capsys):
+    """Before: internal AttributeError ('list' object has no attribute 'get'); a cut record already started over."""
+    from test_faults import build_ds
+
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    (ds.dir / "index").mkdir()
+    (ds.dir / "index" / "progress.json").write_text("[1]")
+    rc, err = cli(["index", "build", ds.dir, "--factory", "Flat"], capsys)
+    assert rc == 0, err
+    info = json.loads((ds.dir / "index" / "index.json").read_text())
+    assert info["factory"] == "Flat" and info["datastore"]["N"] == ds.N

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .datastore import check_finite, refuse_damaged, store_problems
 from .errors import KnnlmError, require_seed
-from .fileio import (atomic_path, atomic_write_json, lock_output_dir, read_json, releases_locks,
+from .fileio import (atomic_path, atomic_write_json, lock_output_dir, read_json, read_record, releases_locks,
                      restore_interrupted_swap, sha256_file, staging_dir, swap_into_place)
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ def build_index(ds, args: IndexArgs) -> dict:
 
     progress_path = idir / "progress.json"
     try:
-        progress = read_json(progress_path) if progress_path.exists() else None
+        progress = read_record(progress_path) if progress_path.exists() else None
     except KnnlmError:
         progress = None  # a damaged checkpoint record: start over
     # what the trained index and the shards' rows depend on (a record without the last three predates them: kept)

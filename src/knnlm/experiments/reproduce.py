@@ -20,7 +20,7 @@ from typing import Literal, Optional
 from ..claims import Claim, claims_table
 from ..config import PRESETS_DIR, load_config_file
 from ..errors import KnnlmError
-from ..fileio import atomic_path, atomic_write_json, atomic_write_text, read_json, run_info
+from ..fileio import atomic_path, atomic_write_json, atomic_write_text, read_json, read_record, run_info
 from ..report import finish_outputs, markdown_table
 from .studies import STUDIES, TABLE_ORDER
 
@@ -202,7 +202,8 @@ def check_run_kind(out: Path, args: ReproduceArgs) -> None:
     path = Path(out) / "stages" / "run.json"
     kind = {"scale": args.scale, "smoke": args.smoke}
     if path.exists():
-        before = read_json(path)
+        before = read_record(path, fix="it says which kind of run (scale, --smoke) the folder holds: pass another "
+                             "--output_dir")
         if before != kind:
             raise KnnlmError(f"--output_dir: {out} holds a {before['scale']}{' --smoke' if before['smoke'] else ''} "
                              f"run, not {args.scale}{' --smoke' if args.smoke else ''}; pass another --output_dir")
@@ -215,7 +216,8 @@ def load_timings(out: Path, name: str = "timings.json") -> dict:
     """Wall seconds of each finished stage, as ``run_stages`` recorded them (``OUT/stages/timings.json``; with
     ``name="runs.json"``, how many runs each took)."""
     path = Path(out) / "stages" / name
-    return read_json(path) if path.exists() else {}
+    return read_record(path, fix="delete it: the stages finished so far are kept, their times are no longer "
+                       "reported") if path.exists() else {}
 
 
 # How often a running stage saves its wall time so far: a run ended by a kill still counts, up to its last save.
@@ -225,7 +227,8 @@ HEARTBEAT_S = 30.0
 def timed_run(path: Path, run) -> tuple[int, dict]:
     """``run()``'s exit code and ``{"wall_s", "runs"}``: its wall time added to what earlier runs of the stage spent
     (``path``, saved every ``HEARTBEAT_S`` and when it ends or fails), so a resumed stage's time is all of its runs'."""
-    before = read_json(path) if path.exists() else {"wall_s": 0.0, "runs": 0}
+    before = read_record(path, fix="delete it: the stage's time then counts from this run") if path.exists() else \
+        {"wall_s": 0.0, "runs": 0}
     started, stop = time.time(), threading.Event()
 
     def save() -> dict:

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from ..errors import KnnlmError
-from ..fileio import atomic_write_json, read_json, read_record
+from ..fileio import atomic_write_json, read_record
 
 
 def seed_path(root: str | Path, seed: int, rest: str = "") -> Path:
@@ -39,7 +39,8 @@ def check_resumable(out: Path, args, free_keys: Iterable[str]) -> None:
     if not path.is_file() or not any(p.is_file() and p not in bookkeeping for p in out.rglob("*")):
         return
     configs = args if isinstance(args, tuple) else (args,)
-    old = rename_deprecated(read_json(path), [type(a) for a in configs], warn=False)
+    recorded = read_record(path, fix="it records the settings this folder's run was made with: pass a new --output_dir")
+    old = rename_deprecated(recorded, [type(a) for a in configs], warn=False)
     new = to_dict(*configs)
     free = set(free_keys)
     defaults = {f.name: field_default(f) for c in configs for f in dataclasses.fields(c)}

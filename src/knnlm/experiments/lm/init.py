@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ...errors import KnnlmError
-from ...fileio import read_json, sha256_file
+from ...fileio import read_record, sha256_file
 from .settings import TRAINING_JSON, LMArgs
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,10 @@ def init_record(args: LMArgs) -> dict:
     if not (folder / TRAINING_JSON).is_file():
         raise KnnlmError(f"--init_from: {folder} holds no finished `knnlm lm train` model ({TRAINING_JSON}); "
                          "train it first or pass that command's --output_dir")
-    return read_json(folder / TRAINING_JSON)
+    try:
+        return read_record(folder / TRAINING_JSON, fix="pass a folder `knnlm lm train` finished")
+    except KnnlmError as e:
+        raise KnnlmError(f"--init_from: {e}") from None
 
 
 def init_key(args: LMArgs) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ...errors import KnnlmError
-from ...fileio import read_json
+from ...fileio import read_record
 from ...stats import BLOCK_TOKENS, block_bootstrap_ci, share_of_gain
 
 
@@ -32,7 +32,8 @@ def own_data_check(lm_dir: str | Path, ds_dir: str | Path) -> dict:
         raise KnnlmError(f"--model_name_or_path: {lm_dir} holds no finished `knnlm lm train` model ({TRAINING_JSON})")
     if not (ds_dir / "meta.json").is_file():
         raise KnnlmError(f"--datastore: {ds_dir} holds no finished datastore (meta.json)")
-    record, meta = read_json(lm_dir / TRAINING_JSON), read_json(ds_dir / "meta.json")
+    record = read_record(lm_dir / TRAINING_JSON, fix="train the model again (`knnlm lm train --overwrite true`)")
+    meta = read_record(ds_dir / "meta.json", fix="rebuild the datastore (`knnlm datastore build ... --overwrite`)")
     fields = {f.name for f in dataclasses.fields(LMArgs)}
     args = LMArgs(**{k: v for k, v in record["args"].items() if k in fields})
     tokenizer = AutoTokenizer.from_pretrained(lm_dir)
