@@ -560,3 +560,31 @@ def test_the_report_takes_no_results_of_a_stage_not_finished_as_this_recipe(tiny
     write_report(edited, {})
     assert "- not run yet: memory: tiny (eval)" in (out / "report.md").read_text()
     assert json.loads((out / "results.json").read_text())["claims"] == []
+
+
+def test_a_stage_marker_cut_while_written_is_not_left_behind(tmp_path, monkeypatch):
+    """``stages/<name>.done`` was written in place: a full disk (or a kill) mid-write left a cut marker, which names no
+    command, so the finished stage ran again; the error was a bare OSError. It is now written to a temp name and
+    renamed: nothing is left, and the full disk is one line naming the marker."""
+    import errno
+    from pathlib import Path
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"stages": [{"name": "a", "argv": ["eval", "--k", "4"]}]}))
+    out = tmp_path / "out"
+    real = Path.write_text
+
+    def disk_fills(self, text, *a, **kw):  # a marker's write stops half way, as on a full disk
+        if ".done" in self.name:
+            real(self, text[: len(text) // 2], *a, **kw)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, text, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_text", disk_fills)
+    with pytest.raises(KnnlmError, match=r"cannot write .*stages/a\.done \(No space left on device\)"):
+        run_stages(ReproduceArgs(output_dir=str(out), recipe=str(recipe)), lambda argv: 0)
+    assert sorted(p.name for p in (out / "stages").iterdir() if ".done" in p.name) == []
+    monkeypatch.setattr(Path, "write_text", real)
+    ran = []
+    run_stages(ReproduceArgs(output_dir=str(out), recipe=str(recipe)), lambda argv: ran.append(argv) or 0)
+    assert len(ran) == 1 and (out / "stages" / "a.done").read_text() == "eval --k 4\n"

@@ -288,7 +288,8 @@ def run_stages(args: ReproduceArgs, run_command, recipe: Optional[dict] = None) 
         timings[name], runs[name] = spent["wall_s"], spent["runs"]
         atomic_write_json(out / "stages" / "timings.json", timings)
         atomic_write_json(out / "stages" / "runs.json", runs)
-        done.write_text(" ".join(argv) + "\n")
+        # atomically: a marker cut by a kill or a full disk names no command, so the finished stage would run again
+        atomic_write_text(done, " ".join(argv) + "\n")
         elapsed.unlink()
     return timings
 
