@@ -588,3 +588,45 @@ def test_a_stage_marker_cut_while_written_is_not_left_behind(tmp_path, monkeypat
     ran = []
     run_stages(ReproduceArgs(output_dir=str(out), recipe=str(recipe)), lambda argv: ran.append(argv) or 0)
     assert len(ran) == 1 and (out / "stages" / "a.done").read_text() == "eval --k 4\n"
+
+
+def test_a_stage_rerun_for_an_edited_command_and_killed_shows_no_time_of_the_old_one(tmp_path):
+    """A finished stage whose command was edited runs again; killed in that rerun (or not rerun yet), the Stages table
+    and results.json showed the earlier command's time and runs as this stage's, as if finished. Now it has none until
+    its rerun finishes, and then the new command's runs only (the documented sum over runs is over this command's)."""
+    from knnlm.experiments.reproduce import load_timings, read_recipe
+
+    def args_for(k):
+        path = tmp_path / "r.yaml"
+        path.write_text(yaml.safe_dump({"stages": [{"name": "a", "argv": ["eval", "--k", "4"]},
+                                                   {"name": "b", "argv": ["eval", "--k", k]}]}))
+        return ReproduceArgs(output_dir=str(out), recipe=str(path))
+
+    def report(args):
+        write_report(args, load_timings(out), read_recipe(args))
+        text = (out / "report.md").read_text()
+        return json.loads((out / "results.json").read_text())["metrics"], text[text.index("## Stages"):]
+
+    out = tmp_path / "out"
+    run_stages(args_for("8"), lambda argv: 0)
+    timings = json.loads((out / "stages" / "timings.json").read_text())
+    (out / "stages" / "timings.json").write_text(json.dumps({**timings, "b": 123.0}))  # the old command's cost
+    metrics, table = report(args_for("8"))
+    assert metrics["stage_wall_s"]["b"] == 123.0 and "| b | – | 123.0 | 1 |" in table
+
+    edited = args_for("16")
+    metrics, table = report(edited)  # edited, not rerun yet
+    assert "b" not in metrics["stage_wall_s"] and "b" not in metrics["stage_runs"] and "| b | – | – | – |" in table
+
+    def killed(argv):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(edited, killed)
+    metrics, table = report(edited)
+    assert "b" not in metrics["stage_wall_s"] and "| b | – | – | – |" in table
+    assert metrics["total_wall_s"] == metrics["stage_wall_s"]["a"]
+
+    run_stages(edited, lambda argv: 0)  # the rerun finishes: its two runs (killed, then this one), not the old 123 s
+    metrics, table = report(edited)
+    assert metrics["stage_runs"]["b"] == 2 and metrics["stage_wall_s"]["b"] < 123.0

@@ -82,8 +82,8 @@ def cmd_reproduce(args) -> int:
     from ..config import resolve, save_config
     from ..errors import KnnlmError
     from ..fileio import claim_output_dir
-    from ..experiments.reproduce import (ReproduceArgs, check_data_dir, check_run_kind, load_timings, read_recipe,
-                                         run_stages, with_data_dir, with_smoke_data, write_report)
+    from ..experiments.reproduce import (ReproduceArgs, check_data_dir, check_run_kind, current_times, load_timings,
+                                         read_recipe, run_stages, with_data_dir, with_smoke_data, write_report)
     from . import main
 
     started = time.time()
@@ -107,6 +107,7 @@ def cmd_reproduce(args) -> int:
         save_config(rargs.output_dir, rargs)
         timings = run_stages(rargs, main, recipe)
     path = write_report(rargs, timings, recipe)
+    timings = current_times(recipe, rargs, timings)  # (as the report's Stages table)
     print(f"reproduce --scale {rargs.scale}{' --smoke' if rargs.smoke else ''}: {len(timings)} stage(s) finished, "
           f"{sum(timings.values()):.0f}s of stage time recorded; this command took {time.time() - started:.0f}s")
     print(f"report: {path}")

@@ -252,6 +252,13 @@ def timed_run(path: Path, run) -> tuple[int, dict]:
     return code, spent
 
 
+def finished_as_now(stage: dict, args: ReproduceArgs) -> bool:
+    """Whether the stage finished as its command line now reads (its ``OUT/stages/<name>.done`` names it): after a
+    recipe edit or another ``--data_dir`` its outputs, and its recorded time, are another command's."""
+    done = Path(args.output_dir) / "stages" / f"{stage['name']}.done"
+    return done.is_file() and done.read_text().strip() == " ".join(stage_argv(stage, args))
+
+
 def run_stages(args: ReproduceArgs, run_command, recipe: Optional[dict] = None) -> dict:
     """Runs the recipe's stages in order with ``run_command(argv) -> exit code``; returns their timings. ``recipe``:
     the one ``load_recipe(args)`` read (the caller's, so that its report describes the stages that ran)."""
@@ -270,7 +277,7 @@ def run_stages(args: ReproduceArgs, run_command, recipe: Optional[dict] = None) 
             continue
         argv = stage_argv(stage, args)
         if done.exists():
-            if done.read_text().strip() == " ".join(argv):
+            if finished_as_now(stage, args):
                 continue
             # another --data_dir or an edited recipe: the finished stage's results are not this command's; its
             # command resumes what it can and refuses, in one line, an output folder of other settings
@@ -303,9 +310,7 @@ def finished_folders(recipe: dict, args: ReproduceArgs) -> dict[str, bool]:
     for stage in recipe["stages"]:
         argv = [str(a) for a in stage["argv"]]
         if "--output_dir" in argv[:-1] and argv[argv.index("--output_dir") + 1].startswith("{out}/"):
-            done = out / "stages" / f"{stage['name']}.done"
-            status[argv[argv.index("--output_dir") + 1][len("{out}/"):]] = \
-                done.is_file() and done.read_text().strip() == " ".join(stage_argv(stage, args))
+            status[argv[argv.index("--output_dir") + 1][len("{out}/"):]] = finished_as_now(stage, args)
     return status
 
 
@@ -358,6 +363,14 @@ def _stage_rows(recipe: dict, timings: dict, runs: dict) -> tuple[list, dict, di
     return rows, ordered, budgets
 
 
+def current_times(recipe: dict, args: ReproduceArgs, times: dict) -> dict:
+    """``times`` (timings.json's or runs.json's) less the recipe's stages that have not finished as their command now
+    reads: the time recorded for such a stage is its earlier command's (its rerun, killed or not started yet, records
+    its own when it finishes)."""
+    stale = {s["name"] for s in recipe["stages"] if not finished_as_now(s, args)}
+    return {name: t for name, t in times.items() if name not in stale}
+
+
 def write_report(args: ReproduceArgs, timings: dict, recipe: Optional[dict] = None) -> Path:
     """Writes ``OUT/report.md`` (the claims table, then the paper's tables beside ours, figures, stage times) and
     ``OUT/results.json`` (the claims as records, the tables, the times); ``recipe`` as for :func:`run_stages`."""
@@ -375,7 +388,7 @@ def write_report(args: ReproduceArgs, timings: dict, recipe: Optional[dict] = No
             with atomic_path(dst) as tmp:  # (a kill mid-copy leaves no cut PNG that report.md links to)
                 shutil.copyfile(src, tmp)
             figures.append(f"![{fig['caption']}](figures/{fig['name']})\n\n*{fig['caption']}*\n")
-    runs = load_timings(out, "runs.json")
+    timings, runs = current_times(recipe, args, timings), current_times(recipe, args, load_timings(out, "runs.json"))
     stage_rows, ordered, budgets = _stage_rows(recipe, timings, runs)
     total = stage_rows[-1][2]
     faiss_gpu = condition_holds("faiss-gpu")
@@ -392,7 +405,8 @@ def write_report(args: ReproduceArgs, timings: dict, recipe: Optional[dict] = No
              "## Figures\n", *figures, *(f"- {note}\n" for note in rep.get("figure_notes", [])),
              "## Stages\n", "Wall time of each stage summed over its runs (a stage failed, or killed and resumed, "
              f"counts every run; a killed run up to its last save, every {HEARTBEAT_S:.0f} s); a stage skipped as "
-             "finished keeps its time. Runs –: not counted (the time is its last, completing run's). Budget: the "
+             "finished keeps its time, and one whose command changed since it finished has none until it finishes "
+             "again. Runs –: not counted (the time is its last, completing run's). Budget: the "
              "recipe's `budget_s`, the stage's cost measured on this scale's machine (or estimated where not).\n",
              markdown_table(["stage", "budget s", "wall s", "runs"], stage_rows, digits=1)]
     finish_outputs(out, dataclasses.asdict(args), {"stage_wall_s": ordered, "total_wall_s": total, "stage_runs": runs,
