@@ -630,3 +630,47 @@ def test_a_stage_rerun_for_an_edited_command_and_killed_shows_no_time_of_the_old
     run_stages(edited, lambda argv: 0)  # the rerun finishes: its two runs (killed, then this one), not the old 123 s
     metrics, table = report(edited)
     assert metrics["stage_runs"]["b"] == 2 and metrics["stage_wall_s"]["b"] < 123.0
+
+
+def test_a_run_folder_moved_elsewhere_keeps_its_finished_stages(tmp_path):
+    """A stage's .done marker holds its command line with OUT's absolute path: after `mv OUT NEW`, --report_only
+    listed every study as "not run yet" (and, with the stage times now shown only for stages finished as their command
+    reads, would have dropped them), and a rerun ran every stage again, an eval stage then refused as "a different run"
+    (its --datastore path moved). The markers now match but for where OUT was."""
+    import shutil
+
+    from knnlm.experiments.reproduce import finished_folders, load_timings, read_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"stages": [
+        {"name": "ds", "argv": ["datastore", "build", "--train_file", "{data}/train.txt", "--output_dir", "{out}/ds"]},
+        {"name": "eval", "argv": ["eval", "--validation_file", "{data}/valid.txt", "--datastore", "{out}/ds",
+                                  "--output_dir", "{out}/eval"]}]}))
+
+    def args_in(out):  # the data inside OUT, as --smoke's smoke-data or the exported WikiText is
+        return ReproduceArgs(output_dir=str(out), data_dir=str(out / "data"), recipe=str(recipe))
+
+    old = tmp_path / "run"
+    (old / "data").mkdir(parents=True)
+    (old / "data" / "train.txt").write_text(TRAIN)
+    (old / "data" / "valid.txt").write_text(VALID)
+    ran = []
+    run_stages(args_in(old), lambda argv: ran.append(argv) or 0)
+    assert len(ran) == 2 and str(old / "ds") in ran[1]
+
+    new = tmp_path / "elsewhere" / "run-moved"
+    new.parent.mkdir()
+    shutil.move(str(old), str(new))
+    args = args_in(new)
+    assert finished_folders(read_recipe(args), args) == {"ds": True, "eval": True}
+    write_report(args, load_timings(new), read_recipe(args))
+    metrics = json.loads((new / "results.json").read_text())["metrics"]
+    assert set(metrics["stage_wall_s"]) == {"ds", "eval"} and metrics["stage_runs"] == {"ds": 1, "eval": 1}
+    run_stages(args, lambda argv: ran.append(argv) or 0)
+    assert len(ran) == 2  # nothing ran again
+
+    # the command itself still counts: an edited stage in the moved folder runs again
+    recipe.write_text(recipe.read_text().replace("{out}/eval", "{out}/eval2"))
+    assert finished_folders(read_recipe(args), args) == {"ds": True, "eval2": False}
+    run_stages(args, lambda argv: ran.append(argv) or 0)
+    assert len(ran) == 3 and ran[2][-1] == str(new / "eval2")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import re
 import shutil
 import threading
 import time
@@ -256,7 +257,21 @@ def finished_as_now(stage: dict, args: ReproduceArgs) -> bool:
     """Whether the stage finished as its command line now reads (its ``OUT/stages/<name>.done`` names it): after a
     recipe edit or another ``--data_dir`` its outputs, and its recorded time, are another command's."""
     done = Path(args.output_dir) / "stages" / f"{stage['name']}.done"
-    return done.is_file() and done.read_text().strip() == " ".join(stage_argv(stage, args))
+    return done.is_file() and _same_command(done.read_text().strip(), " ".join(stage_argv(stage, args)),
+                                            str(Path(args.output_dir).resolve()))
+
+
+def _same_command(recorded: str, line: str, out: str) -> bool:
+    """Whether a marker's command line ``recorded`` is ``line`` but for where OUT was: the marker holds OUT's absolute
+    path (and that of a --smoke or exported data folder inside it), so a folder moved or renamed since its stages ran
+    would otherwise have none of them finished (--report_only reported each as not run; a rerun ran each again)."""
+    if recorded == line:
+        return True
+    parts = re.split(re.escape(out) + r"(?=/|\s|$)", line)
+    if len(parts) == 1:
+        return False
+    pattern = re.escape(parts[0]) + "(?P<out>/.+?)" + "(?P=out)".join(re.escape(p) for p in parts[1:])
+    return re.fullmatch(pattern, recorded) is not None
 
 
 def run_stages(args: ReproduceArgs, run_command, recipe: Optional[dict] = None) -> dict:
