@@ -281,3 +281,17 @@ def test_mlp_train_into_its_memory_whose_record_is_not_an_object(tiny_gpt2_dir, 
     rc, err = cli([*argv, "--overwrite", "true"], capsys)
     assert rc == 0, err
     assert (mem / "results.json").is_file()
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    # before: accepted; the server then started 10**14 threads at launch and hung there
+    ("--workers", 10 ** 14, "--workers: must be <= 1024"),
+    # before: accepted; the first connection's socket.settimeout(inf) raised OverflowError in a worker thread
+    ("--request_timeout_s", "inf", "--request_timeout_s: must be a finite number in (0, 86400]"),
+    ("--request_timeout_s", "1e300", "--request_timeout_s: must be a finite number in (0, 86400]"),
+    ("--request_timeout_s", "nan", "--request_timeout_s: must be a finite number in (0, 86400]"),
+])
+def test_serve_workers_and_timeout_beyond_what_the_server_can_take_are_refused(flag, value, needle, tmp_path, capsys):
+    """Refused before the model loads (the model path here does not exist: without the check, that was the error)."""
+    argv = ["serve", "--model_name_or_path", tmp_path / "no-model", "--device", "cpu", "--port", 0]
+    assert_one_line(*cli([*argv, flag, value], capsys), needle)

@@ -35,12 +35,14 @@ from typing import Callable, Optional
 
 import torch
 
-from .errors import KnnlmError, require_finite
+from .errors import THREAD_LIMIT, KnnlmError, require_finite, require_in_range
 
 log = logging.getLogger(__name__)
 
 _DETOK_WINDOW = 6  # tokens of left context a prompt-less choice decodes its first token with
 MIN_TEMPERATURE = 1e-5  # below this (but > 0) logits / T overflow; 0 means greedy (vLLM's _SAMPLING_EPS)
+# --request_timeout_s at most: a client silent for a day is gone (and socket.settimeout overflows past ~9.2e9 s)
+MAX_REQUEST_TIMEOUT_S = 86400.0
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # torch seeds are 64-bit; this range maps one-to-one onto them
 # OpenAI request fields this server does not implement, with the value that means "off" (accepted)
 _REFUSED = {"frequency_penalty": (0, "penalising repeated tokens"), "presence_penalty": (0, "penalising present tokens"),
@@ -72,12 +74,11 @@ class ServeArgs:
             raise KnnlmError("--max_logprobs: must be >= 0")
         if self.max_n < 1:
             raise KnnlmError(f"--max_n: must be >= 1, got {self.max_n}")
-        if self.workers < 1:
-            raise KnnlmError(f"--workers: must be >= 1, got {self.workers}")
+        # every worker is a thread started at launch, and the model computes one request at a time anyway
+        require_in_range("workers", self.workers, 1, THREAD_LIMIT)
         if self.max_queue < 0:
             raise KnnlmError(f"--max_queue: must be >= 0, got {self.max_queue}")
-        if not self.request_timeout_s > 0:
-            raise KnnlmError(f"--request_timeout_s: must be > 0, got {self.request_timeout_s}")
+        require_finite("request_timeout_s", self.request_timeout_s, maximum=MAX_REQUEST_TIMEOUT_S)
         require_finite("shutdown_grace_s", self.shutdown_grace_s, inclusive=True)
         # a trial bind, so that an address or port the server cannot have is refused before the model loads
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
