@@ -295,3 +295,19 @@ def test_serve_workers_and_timeout_beyond_what_the_server_can_take_are_refused(f
     """Refused before the model loads (the model path here does not exist: without the check, that was the error)."""
     argv = ["serve", "--model_name_or_path", tmp_path / "no-model", "--device", "cpu", "--port", 0]
     assert_one_line(*cli([*argv, flag, value], capsys), needle)
+
+
+@pytest.mark.parametrize("command,flag", [("hurdle", "--bootstrap"), ("projection", "--n_boot"),
+                                          ("retomaton", "--n_boot")])
+def test_bootstrap_resamples_beyond_the_limit_are_refused_before_any_work(command, flag, files, tmp_path, capsys):
+    """Before: accepted; `hurdle run --bootstrap 10**14` trained every model and then ended 'out of memory; use a
+    smaller --batch_size' (numpy allocating a float per resample), naming a flag that was not the cause. The analyze
+    commands (their datastore does not exist here) named that missing store instead."""
+    out = tmp_path / "o"
+    if command == "hurdle":
+        argv = [*HURDLE_TEXT, "--data", files / "a.txt", "--validation_file", files / "b.txt"]
+    else:
+        argv = ["analyze", command, "--model_name_or_path", tmp_path / "no-model", "--device", "cpu",
+                "--validation_file", files / "b.txt", "--datastore", tmp_path / "no-store"]
+    assert_one_line(*cli([*argv, "--output_dir", out, flag, 10 ** 14], capsys), f"{flag}: must be <= 1000000")
+    assert not out.exists()

@@ -9,7 +9,8 @@ from typing import Optional
 import torch
 
 from ...config import changed_fields
-from ...errors import KnnlmError, require_finite, require_seed
+from ...errors import KnnlmError, require_finite, require_in_range, require_seed
+from ...stats import MAX_RESAMPLES
 from ...train import TrainArgs
 from ..study import library_args, mirror
 
@@ -83,10 +84,10 @@ class HurdleArgs:
             raise KnnlmError(f"--data: {self.data} does not exist; pass `macondo`, a Macondo folder or a text file")
         if self.data != "macondo" and Path(self.data).is_dir() and not (Path(self.data) / "test.jsonl").is_file():
             raise KnnlmError(f"--data: {self.data} is a folder without test.jsonl; pass a folder from `knnlm macondo generate`")
-        for name in ("max_steps", "eval_every", "num_seeds", "batch_size", "block_size", "eval_batch_size", "log_every",
-                     "bootstrap"):
+        for name in ("max_steps", "eval_every", "num_seeds", "batch_size", "block_size", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise KnnlmError(f"--{name}: must be >= 1, got {getattr(self, name)}")
+        require_in_range("bootstrap", self.bootstrap, 1, MAX_RESAMPLES)  # (used only in the report, after the training)
         if self.eval_every > self.max_steps:
             raise KnnlmError(f"--eval_every: {self.eval_every} exceeds --max_steps {self.max_steps}; lower it")
         self.train_args(0).validate()  # --learning_rate, --weight_decay, --max_grad_norm

@@ -6,7 +6,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from ...errors import KnnlmError, require_finite, require_seed
+from ...errors import KnnlmError, require_finite, require_in_range, require_seed
+from ...stats import MAX_RESAMPLES
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,10 @@ class ProjectionArgs:
         if len(set(self.tol)) != len(self.tol):
             raise KnnlmError(f"--tol: {','.join(map(str, self.tol))} names a tolerance twice")
         self.tol = sorted(self.tol, reverse=True)  # largest first: its column stops earliest
-        for name in ("max_steps", "batch_size", "n_boot"):
+        for name in ("max_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise KnnlmError(f"--{name}: must be >= 1, got {getattr(self, name)}")
+        require_in_range("n_boot", self.n_boot, 1, MAX_RESAMPLES)
         if self.patience < 0:
             raise KnnlmError(f"--patience: must be >= 0 (0: off), got {self.patience}")
         require_seed("seed", self.seed)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ...errors import KnnlmError, require_seed
+from ...errors import KnnlmError, require_in_range, require_seed
 from ...knn import KNNArgs
+from ...stats import MAX_RESAMPLES
 from ..study import library_args
 
 # `knnlm reproduce --smoke`: the flags that shrink the study's stages to seconds
@@ -56,8 +57,7 @@ class RetomatonArgs(KNNArgs):
             raise KnnlmError(f"--skip_probs: each must be in (0, 1), got {','.join(map(str, self.skip_probs))}")
         if len(self.lmbda) != 1:
             raise KnnlmError(f"--lmbda: the study takes one λ, got {','.join(map(str, self.lmbda))}")
-        if self.n_boot < 1:
-            raise KnnlmError(f"--n_boot: must be >= 1, got {self.n_boot}")
+        require_in_range("n_boot", self.n_boot, 1, MAX_RESAMPLES)
         require_seed("seed", self.seed)
         if self.batch_size < 1:
             raise KnnlmError(f"--batch_size: must be >= 1, got {self.batch_size}")
