@@ -311,3 +311,17 @@ def test_bootstrap_resamples_beyond_the_limit_are_refused_before_any_work(comman
                 "--validation_file", files / "b.txt", "--datastore", tmp_path / "no-store"]
     assert_one_line(*cli([*argv, "--output_dir", out, flag, 10 ** 14], capsys), f"{flag}: must be <= 1000000")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["hurdle", "overspec"])
+def test_num_threads_beyond_the_limit_names_the_flag(command, files, tmp_path, capsys):
+    """Before: internal error (ValueError: Overflow when unpacking long, from torch.set_num_threads), exit 1, after the
+    output folder was claimed; only -1 was checked."""
+    out = tmp_path / "o"
+    if command == "hurdle":
+        argv = [*HURDLE_TEXT, "--data", files / "a.txt", "--validation_file", files / "b.txt"]
+    else:
+        argv = ["overspec", "run", "--model_name_or_path", "tiny", "--device", "cpu"]
+    assert_one_line(*cli([*argv, "--output_dir", out, "--num_threads", 10 ** 14], capsys),
+                    "--num_threads: must be <= 1024 (0 = torch's default)")
+    assert not out.exists()

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from ...config import changed_fields
-from ...errors import KnnlmError, require_finite, require_in_range, require_seed
+from ...errors import THREAD_LIMIT, KnnlmError, require_finite, require_in_range, require_seed
 from ...stats import MAX_RESAMPLES
 from ...train import TrainArgs
 from ..study import library_args, mirror
@@ -117,8 +117,7 @@ class HurdleArgs:
             raise KnnlmError(f"--macondo_num_parents: {self.macondo_num_parents} parents cannot come from "
                              f"{self.macondo_num_villagers} villagers; lower --macondo_num_parents or raise "
                              "--macondo_num_villagers")
-        if self.num_threads < 0:
-            raise KnnlmError(f"--num_threads: must be >= 0 (0 = torch's default), got {self.num_threads}")
+        require_in_range("num_threads", self.num_threads, 0, THREAD_LIMIT, " (0 = torch's default)")
         for name in ("val_tokens", "max_train_tokens"):
             if getattr(self, name) < 0:
                 raise KnnlmError(f"--{name}: must be >= 0 (0 = all), got {getattr(self, name)}")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from ...config import changed_fields
-from ...errors import KnnlmError, require_finite, require_seed
+from ...errors import THREAD_LIMIT, KnnlmError, require_finite, require_in_range, require_seed
 from ...knn import KNNArgs
 from ...macondo.generate import MacondoArgs
 from ...memory import MemoryArgs
@@ -116,8 +116,9 @@ class OverspecArgs:
         for name in ("eval_every", "max_children", "mlp_hidden_size", "mlp_epochs", "mlp_batch_tokens"):
             if getattr(self, name) < 1:
                 raise KnnlmError(f"--{name}: must be >= 1, got {getattr(self, name)}")
-        if self.eval_batch_size < 1 or self.num_threads < 0:
-            raise KnnlmError("--eval_batch_size/--num_threads: must be >= 1 / >= 0")
+        if self.eval_batch_size < 1:
+            raise KnnlmError(f"--eval_batch_size: must be >= 1, got {self.eval_batch_size}")
+        require_in_range("num_threads", self.num_threads, 0, THREAD_LIMIT, " (0 = torch's default)")
         if self.key_point not in KEY_POINTS:
             raise KnnlmError(f"--key_point: {self.key_point!r} is not one of {', '.join(KEY_POINTS)}")
         if not self.lmbda:
