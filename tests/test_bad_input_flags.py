@@ -325,3 +325,14 @@ def test_num_threads_beyond_the_limit_names_the_flag(command, files, tmp_path, c
     assert_one_line(*cli([*argv, "--output_dir", out, "--num_threads", 10 ** 14], capsys),
                     "--num_threads: must be <= 1024 (0 = torch's default)")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--n_epochs", 3), ("--poll_s", 5), ("--training_file", "test"),
+                                        ("--validation_split", "train"), ("--validation_split", "")])
+def test_overspec_api_fine_tune_settings_without_submit_are_refused(flag, value, tmp_path, capsys):
+    """Before: accepted and ignored (no job is started without --submit): the run went on to score the named model."""
+    out = tmp_path / "o"
+    argv = ["overspec", "api", "--model", "m", "--base_url", "http://127.0.0.1:9/v1", "--api_key", "k",
+            "--output_dir", out, flag, value]
+    assert_one_line(*cli(argv, capsys), f"{flag}: a fine-tuning setting, which acts only with --submit true")
+    assert not out.exists()

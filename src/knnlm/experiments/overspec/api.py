@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
+from ...config import changed_fields
 from ...errors import KnnlmError, require_finite, require_seed
 from ...fileio import atomic_write_json, claim_output_dir, reusable, sha256_file
 from ...macondo.generate import MacondoArgs
@@ -26,6 +27,7 @@ _SPLITS = ("train", "test", "test_overspecified")
 FORMAT_NOTE = ("the fine-tuned models learned the chat messages (the server's chat template) but are scored on the "
                "plain 'User: … Assistant: [child]' text through /v1/completions, a format they were not trained on; "
                "the jobs' valid_loss is the chat-format reading")
+_FINE_TUNE_FIELDS = ("training_file", "validation_split", "n_epochs", "poll_s")  # read only by a --submit job
 TOKENIZER = "tiktoken:cl100k_base"  # GPT-3.5's, under which the paper's names are single tokens
 
 
@@ -67,6 +69,11 @@ class ApiArgs:
         if not self.submit and len(self.model) != len(self.seeds):
             raise KnnlmError(f"--model: give one fine-tuned model per seed ({len(self.seeds)} seed(s), {len(self.model)} "
                              "model(s)), comma-separated in seed order, or pass --submit to fine-tune one")
+        if not self.submit:  # no job is started: they would be recorded in config.json as if one had been
+            moved = changed_fields(self, _FINE_TUNE_FIELDS)
+            if moved:
+                raise KnnlmError(f"--{moved[0]}: a fine-tuning setting, which acts only with --submit true; pass it, "
+                                 f"or drop --{moved[0]}")
         self.splits = [s for s in self.splits if s]
         unknown = [s for s in self.splits if s not in _SPLITS]
         if unknown or not (self.splits or self.submit):
