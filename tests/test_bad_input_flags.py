@@ -128,7 +128,7 @@ def test_dataset_coordinates_beside_a_corpus_file_are_refused(command, flag, val
 
 @pytest.mark.parametrize("argv,needle", [
     (["eval", "--bogus_flag", "1"], "knnlm: error: unrecognized arguments: --bogus_flag 1"),
-    (["eval", "--overwrite", "maybe"], "knnlm: error: unrecognized arguments: maybe"),
+    (["eval", "--k"], "knnlm eval: error: argument --k: expected one argument"),
     (["demo", "--smoke", "maybe"], "knnlm demo: error: argument --smoke: invalid choice: 'maybe'"),
     (["datastore", "verify"], "knnlm datastore verify: error: the following arguments are required: datastore"),
     (["index", "frobnicate"], "knnlm index: error: argument action: invalid choice: 'frobnicate'"),
@@ -336,3 +336,24 @@ def test_overspec_api_fine_tune_settings_without_submit_are_refused(flag, value,
             "--output_dir", out, flag, value]
     assert_one_line(*cli(argv, capsys), f"{flag}: a fine-tuning setting, which acts only with --submit true")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_eval_and_generate_take_overwrite_true_as_every_command_does(command, tiny_gpt2_dir, files, tmp_path, capsys):
+    """Before: `eval --overwrite true` and `generate --overwrite true` were 'unrecognized arguments: true' (their
+    --overwrite was a bare switch, every other command's takes true|false); a bare --overwrite still works."""
+    out = tmp_path / "o"
+    base = ["--model_name_or_path", tiny_gpt2_dir, "--device", "cpu", "--output_dir", out]
+    if command == "eval":
+        runs = [["eval", *base, "--block_size", 32, "--validation_file", files / name] for name in ("a.txt", "b.txt")]
+    else:
+        runs = [["generate", *base, "--compare", "true", "--max_new_tokens", 2, "--prompt", p] for p in ("A", "B")]
+    assert cli(runs[0], capsys)[0] == 0
+    assert_one_line(*cli(runs[1], capsys), "--overwrite")  # another run's folder: replaced only with --overwrite
+    assert_one_line(*cli([*runs[1], "--overwrite", "false"], capsys), "--overwrite")
+    rc, err = cli([*runs[1], "--overwrite", "true"], capsys)
+    assert rc == 0, err
+    rc, err = cli([*runs[0], "--overwrite"], capsys)
+    assert rc == 0, err
+    assert_one_line(*cli([*runs[0], "--overwrite", "maybe"], capsys), "--overwrite: 'maybe' is not a valid bool")
+

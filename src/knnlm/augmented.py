@@ -311,6 +311,7 @@ class GenerateArgs:
     compare: bool = field(default=False, metadata={"help": "Also generate with the plain LM and show both continuations."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for results.json / results.md (optional)."})
     skip_bad_rows: bool = skip_bad_rows_field()
+    overwrite: bool = field(default=False, metadata={"help": "Replace an earlier `knnlm generate` run of other settings in --output_dir (anything else is never overwritten)."})
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:

@@ -45,6 +45,7 @@ class EvalArgs:
     sweep_temps: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "Temperatures swept with --from_neighbors."})
     batch_size: int = field(default=4, metadata={"help": "Windows per forward pass (and per FAISS search)."})
     save_neighbors: bool = field(default=False, metadata={"help": "Cache neighbour distances/values and LM log-probs in OUT/neighbors so later λ/T sweeps need no search; without --datastore, the LM's per-token gold log-probs only (paired intervals against another eval of the same text)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an earlier `knnlm eval` run of other inputs in --output_dir (anything else is never overwritten)."})
 
     def validate(self) -> None:
         if self.batch_size < 1:

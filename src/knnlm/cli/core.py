@@ -50,9 +50,6 @@ def register(sub) -> None:
     ev = add_command(sub, "eval", (ModelArgs, CorpusArgs, KNNArgs, EvalArgs), cmd_eval,
                      help="perplexity of the LM, kNN-LM and MLP-LM on a corpus")
     ev.add_argument("--key_point", default=None, help="check the datastore holds this key point (default: its own)")
-    ev.add_argument("--overwrite", action="store_true",
-                    help="replace an earlier `knnlm eval` run of other inputs in --output_dir (anything else is never "
-                         "overwritten)")
 
 
 def cmd_datastore_build(args) -> int:
@@ -165,7 +162,7 @@ def cmd_eval(args) -> int:
     if not eargs.from_neighbors:
         cargs.require("validation")
         kargs.refuse_inactive(bool(eargs.datastore), bool(eargs.mlp_memory))
-    _claim_eval_dir(out, margs, cargs, eargs, args.overwrite)
+    _claim_eval_dir(out, margs, cargs, eargs, eargs.overwrite)
     if eargs.from_neighbors:
         held, k, temps = _cache_settings(args, margs, kargs, eargs)
         sweep = sweep_from_cache(eargs.from_neighbors, kargs.lmbda, temps, k)
@@ -196,7 +193,8 @@ def cmd_eval(args) -> int:
     save_config(out, margs, cargs, kargs, eargs)
     finish_outputs(out, to_dict(margs, cargs, kargs, eargs), metrics, table, started)
     # after the results that describe it (a refused or killed run keeps the earlier one)
-    commit_neighbour_cache(out, {k: v for k, v in to_dict(margs, cargs, kargs, eargs).items() if k != "output_dir"})
+    commit_neighbour_cache(out, {k: v for k, v in to_dict(margs, cargs, kargs, eargs).items()
+                                 if k not in ("output_dir", "overwrite")})
     remove_progress(out)  # the run is finished: until here a rerun resumes it with no batch left to score
     print(table, end="")
     print(f"results: {out / 'results.json'}")

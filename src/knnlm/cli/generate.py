@@ -18,9 +18,6 @@ def register(sub) -> None:
                     help="generate text with the kNN-LM / MLP-LM (model.generate: greedy, sampling, beam search), "
                          "optionally next to the plain LM")
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat the flag for several)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier `knnlm generate` run of other settings in --output_dir (anything else is "
-                        "never overwritten)")
 
 
 def cmd_generate(args) -> int:
@@ -40,14 +37,15 @@ def cmd_generate(args) -> int:
     if aargs.datastore:
         Datastore.open(aargs.datastore)  # a missing or truncated store is reported before the model loads
     # what the results are made from: a rerun of other settings replaces them only with --overwrite
-    inputs = {**{k: v for k, v in to_dict(margs, aargs, kargs, gargs).items() if k not in ("output_dir", "device")},
+    inputs = {**{k: v for k, v in to_dict(margs, aargs, kargs, gargs).items()
+                 if k not in ("output_dir", "device", "overwrite")},
               "prompts": prompts}
     if aargs.datastore and kargs.stateful and gargs.num_beams > 1:
         raise KnnlmError(f"--num_beams: RetoMaton / --skip_search_prob follow one path per sequence, not "
                          f"{gargs.num_beams} beams; pass --num_beams 1 (greedy decoding, or sampling with --do_sample "
                          "true)")
     if gargs.output_dir:  # a model, a datastore, another command's run, this one's of other inputs: before the model
-        claim_output_dir(gargs.output_dir, "generate", inputs, args.overwrite, own_files=RESULT_FILES,
+        claim_output_dir(gargs.output_dir, "generate", inputs, gargs.overwrite, own_files=RESULT_FILES,
                          what="`knnlm generate` run", check_only=True)
     started = time.time()
     lm = load_model(margs)
@@ -72,7 +70,7 @@ def cmd_generate(args) -> int:
         for key, runs in (("lm", plain), ("augmented", augmented)):
             if runs:
                 metrics[f"{key}_tokens_per_s"] = sum(r["n_tokens"] for r in runs) / max(sum(r["seconds"] for r in runs), 1e-9)
-        claim_output_dir(gargs.output_dir, "generate", inputs, args.overwrite, own_files=RESULT_FILES,  # (made only
+        claim_output_dir(gargs.output_dir, "generate", inputs, gargs.overwrite, own_files=RESULT_FILES,  # (made only
                          what="`knnlm generate` run", remove_on_replace=True)  # now)
         save_config(gargs.output_dir, margs, aargs, kargs, gargs)
         headers = ["prompt"] + (["LM"] if plain else []) + ([name] if augmented else [])
