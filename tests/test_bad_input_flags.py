@@ -129,7 +129,7 @@ def test_dataset_coordinates_beside_a_corpus_file_are_refused(command, flag, val
 @pytest.mark.parametrize("argv,needle", [
     (["eval", "--bogus_flag", "1"], "knnlm: error: unrecognized arguments: --bogus_flag 1"),
     (["eval", "--k"], "knnlm eval: error: argument --k: expected one argument"),
-    (["demo", "--smoke", "maybe"], "knnlm demo: error: argument --smoke: invalid choice: 'maybe'"),
+    (["demo", "--output_dir"], "knnlm demo: error: argument --output_dir: expected one argument"),
     (["datastore", "verify"], "knnlm datastore verify: error: the following arguments are required: datastore"),
     (["index", "frobnicate"], "knnlm index: error: argument action: invalid choice: 'frobnicate'"),
 ])
@@ -357,3 +357,13 @@ def test_eval_and_generate_take_overwrite_true_as_every_command_does(command, ti
     assert rc == 0, err
     assert_one_line(*cli([*runs[0], "--overwrite", "maybe"], capsys), "--overwrite: 'maybe' is not a valid bool")
 
+
+def test_demo_smoke_reads_a_boolean_as_every_boolean_flag_does(tmp_path, capsys):
+    """Before: `demo --smoke` took only true|false (argparse choices): `--smoke yes` was 'invalid choice', where
+    `reproduce --smoke yes` and every other boolean flag take it; `--smoke maybe` was argparse's error, not theirs."""
+    taken = tmp_path / "a-file"
+    taken.write_text("x")
+    # accepted: the run goes on to overspec run, which refuses this output folder (a file) before any work
+    assert_one_line(*cli(["demo", "--smoke", "yes", "--output_dir", taken], capsys), "--output_dir", str(taken))
+    assert_one_line(*cli(["demo", "--smoke", "maybe", "--output_dir", taken], capsys),
+                    "--smoke: 'maybe' is not a valid bool")

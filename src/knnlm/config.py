@@ -85,6 +85,12 @@ def _coerce(name: str, tp, value, source: str | Path | None = None):
     return value
 
 
+def bool_flag(name: str, value) -> bool:
+    """A boolean flag declared without a dataclass field (``--flag``, ``--flag true|false``, yes/no, on/off, 1/0), read
+    as every field's is; a KnnlmError naming ``--name`` otherwise."""
+    return _coerce(name, bool, value)
+
+
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 

@@ -17,7 +17,7 @@ def register(sub) -> None:
     demo.add_argument("--output_dir", default=None, help="run folder (a rerun resumes; default: runs/knnlm-demo, beside "
                                                          "every other run, runs/knnlm-<config> for another --config; "
                                                          "-smoke appended with --smoke)")
-    demo.add_argument("--smoke", nargs="?", const="true", default="false", choices=("true", "false"),
+    demo.add_argument("--smoke", nargs="?", const="true", default="false", metavar="SMOKE",
                       help="shrink the run to seconds (a village of a few sentences, 2 training steps: the overrides "
                            "`reproduce --smoke` gives `overspec run`): checks that the demo runs; its numbers mean "
                            "nothing (default: false)")
@@ -32,11 +32,12 @@ def register(sub) -> None:
 
 def cmd_demo(args) -> int:
     from ..claims import from_record
+    from ..config import bool_flag
     from ..experiments.reproduce import SMOKE_OVERRIDES, override_flags
     from . import main
 
     started = time.time()
-    smoke = args.smoke == "true"
+    smoke = bool_flag("smoke", args.smoke)
     # a folder per config: the study refuses a folder of other settings, so demo-scratch after demo needs its own
     name = "knnlm-demo" if args.config == "demo" else f"knnlm-{Path(args.config).stem}"
     out = Path(args.output_dir or f"runs/{name}{'-smoke' if smoke else ''}")
