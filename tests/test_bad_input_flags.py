@@ -367,3 +367,20 @@ def test_demo_smoke_reads_a_boolean_as_every_boolean_flag_does(tmp_path, capsys)
     assert_one_line(*cli(["demo", "--smoke", "yes", "--output_dir", taken], capsys), "--output_dir", str(taken))
     assert_one_line(*cli(["demo", "--smoke", "maybe", "--output_dir", taken], capsys),
                     "--smoke: 'maybe' is not a valid bool")
+
+
+@pytest.mark.parametrize("removed", [("meta.json",), ("meta.json", "villagers.json", "train.jsonl")])
+def test_macondo_score_refuses_a_generated_village_without_its_meta_json(removed, tmp_path, capsys):
+    """Before: scored (exit 0) a folder `macondo generate` did not finish: it moves meta.json in last, so a kill while
+    it moves the files leaves splits of two datasets, or part of one, and no meta.json to check them against. A
+    hand-written split (no generate run there) is still read (test_bad_input.py)."""
+    data = tmp_path / "village"
+    assert cli(["macondo", "generate", "--output_dir", data, "--num_villagers", 20, "--num_parents", 2], capsys)[0] == 0
+    for name in removed:
+        (data / name).unlink()
+    out = tmp_path / "score"
+    argv = ["macondo", "score", "--model_name_or_path", tmp_path / "no-model", "--device", "cpu", "--data", data,
+            "--output_dir", out]  # no model there: the refusal comes before loading one
+    assert_one_line(*cli(argv, capsys), f"--data: {data} holds a `knnlm macondo generate` run that did not finish "
+                                        "(no meta.json", f"knnlm macondo generate --output_dir {data}")
+    assert not out.exists()

@@ -19,6 +19,7 @@ a cycle of the other 6) and is the clause of all its control rows: their prefix 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,8 +31,8 @@ from pathlib import Path
 from typing import Callable, Literal, Optional
 
 from ..errors import KnnlmError, require_seed
-from ..fileio import (claim_output_dir, describe_folder, package_versions, read_json, releases_locks, remove_own_files,
-                      sha256_file, temp_path)
+from ..fileio import (RUN_MARKER, claim_output_dir, describe_folder, package_versions, read_json, releases_locks,
+                      remove_own_files, sha256_file, temp_path)
 from . import sources
 
 log = logging.getLogger(__name__)
@@ -427,8 +428,26 @@ def read_meta(data_dir: str | Path) -> dict:
 _ROW_FIELDS = {"text": str, "prefix": str, "target": str, "parent": str, "n_children": int}
 
 
+def _refuse_unfinished(data_dir: Path) -> None:
+    """Refuses a folder of `macondo generate` (its run marker, or its villagers.json from before the marker) without
+    meta.json: the dataset is moved in file by file, meta.json last, so a kill in between leaves splits of the earlier
+    dataset beside the new one's, or some of them only, with nothing to check them against. A hand-written split (no
+    generate run there) is held to its rows only (:func:`_check_complete`)."""
+    if (data_dir / "meta.json").is_file():
+        return
+    record = None
+    if (data_dir / RUN_MARKER).is_file():
+        with contextlib.suppress(KnnlmError):  # a damaged marker: no claim that generate made the folder
+            record = read_json(data_dir / RUN_MARKER)
+    if (data_dir / "villagers.json").is_file() or (isinstance(record, dict) and record.get("kind") == KIND):
+        raise KnnlmError(f"--data: {data_dir} holds a `knnlm macondo generate` run that did not finish (no meta.json, "
+                         f"which it writes last); rerun that `knnlm macondo generate --output_dir {data_dir}` with the "
+                         "same settings to finish it")
+
+
 def read_split(data_dir: str | Path, split: str) -> list[dict]:
     """The rows of one split: dicts with text, prefix, target, parent, n_children, attribute, child."""
+    _refuse_unfinished(Path(data_dir))
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.is_file():
         if not (Path(data_dir) / "meta.json").is_file():  # not a Macondo folder at all: the fault is --data's
