@@ -122,25 +122,19 @@ def _check_file(path: str, flag: str) -> Path:
     return p
 
 
-_ENCODING_HINT = " or pass --encoding_errors replace (or ignore)"
-
-
-def _not_utf8(flag: str, path: Path, offset: int, e: UnicodeDecodeError) -> KnnlmError:
+def _not_utf8(flag: str, path: Path, offset: int, e: UnicodeDecodeError, encoding_flag: bool = True) -> KnnlmError:
+    """The error for a byte that is not UTF-8; ``encoding_flag`` False leaves out the advice to pass --encoding_errors,
+    for a command without that flag (lm train, hurdle run)."""
+    hint = " or pass --encoding_errors replace (or ignore)" if encoding_flag else ""
     return KnnlmError(f"{flag}: {path} is not UTF-8 at byte {offset} (0x{e.object[e.start]:02x}); re-encode it "
-                      f"(e.g. `iconv -f latin1 -t utf-8`){_ENCODING_HINT}")
+                      f"(e.g. `iconv -f latin1 -t utf-8`){hint}")
 
 
-def _without_encoding_hint(documents: Iterator) -> Iterator:
-    """``documents``, its errors without the --encoding_errors advice (for a command that has no such flag)."""
-    try:
-        yield from documents
-    except KnnlmError as e:
-        raise KnnlmError(str(e).replace(_ENCODING_HINT, "")) from None
-
-
-def _text_pieces(path: Path, flag: str, errors: str = "strict", chunk: Optional[int] = None) -> Iterator[str]:
+def _text_pieces(path: Path, flag: str, errors: str = "strict", chunk: Optional[int] = None,
+                 encoding_flag: bool = True) -> Iterator[str]:
     """The file decoded as UTF-8, ``chunk`` bytes at a time (newlines kept as they are); a byte that is not UTF-8 is
-    an error naming its offset, unless ``errors`` replaces or drops it."""
+    an error naming its offset (and, with ``encoding_flag``, --encoding_errors), unless ``errors`` replaces or drops
+    it."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors)
     chunk = chunk or _CHUNK_CHARS
     pos = 0  # bytes fed to the decoder so far
@@ -151,7 +145,7 @@ def _text_pieces(path: Path, flag: str, errors: str = "strict", chunk: Optional[
             try:
                 text = decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:
-                raise _not_utf8(flag, path, pos - pending + e.start, e) from None
+                raise _not_utf8(flag, path, pos - pending + e.start, e, encoding_flag) from None
             pos += len(block)
             if text:
                 yield text
@@ -198,7 +192,7 @@ class BadRows:
 
 
 def _jsonl_texts(path: Path, text_field: str, flag: str, errors: str = "strict",
-                 rows: Optional[BadRows] = None) -> Iterator[str]:
+                 rows: Optional[BadRows] = None, encoding_flag: bool = True) -> Iterator[str]:
     rows = rows or BadRows(flag, text_field, False)
     offset = 0
     with open(path, "rb") as fh:
@@ -206,7 +200,7 @@ def _jsonl_texts(path: Path, text_field: str, flag: str, errors: str = "strict",
             try:
                 line = raw.decode("utf-8", errors)
             except UnicodeDecodeError as e:
-                raise _not_utf8(flag, path, offset + e.start, e) from None
+                raise _not_utf8(flag, path, offset + e.start, e, encoding_flag) from None
             offset += len(raw)
             if not line.strip():
                 continue
@@ -301,14 +295,17 @@ def _table_texts(path: Path, text_field: str, flag: str, errors: str = "strict",
 
 
 def row_texts(path: Path, text_field: str, flag: str, errors: str = "strict",
-              rows: Optional[BadRows] = None) -> Iterator[str]:
-    """The documents of a JSONL or table file (``path.suffix in ROW_SUFFIXES``), a row each."""
-    read = _jsonl_texts if path.suffix in JSONL_SUFFIXES else _table_texts
-    yield from read(path, text_field, flag, errors, rows)
+              rows: Optional[BadRows] = None, encoding_flag: bool = True) -> Iterator[str]:
+    """The documents of a JSONL or table file (``path.suffix in ROW_SUFFIXES``), a row each; ``encoding_flag`` as for
+    :func:`_not_utf8` (a table that is not UTF-8 is the table loader's error, which names no flag)."""
+    if path.suffix in JSONL_SUFFIXES:
+        yield from _jsonl_texts(path, text_field, flag, errors, rows, encoding_flag)
+    else:
+        yield from _table_texts(path, text_field, flag, errors, rows)
 
 
 def _encode_long_text(tokenizer, path: Path, add_special: bool, flag: str = "--train_file",
-                      errors: str = "strict") -> Iterator[tuple[np.ndarray, bool]]:
+                      errors: str = "strict", encoding_flag: bool = True) -> Iterator[tuple[np.ndarray, bool]]:
     """Tokenizes a text file piece by piece with the result of tokenizing it as one string; yields (ids, whether the
     piece's text holds anything but whitespace).
 
@@ -320,7 +317,7 @@ def _encode_long_text(tokenizer, path: Path, add_special: bool, flag: str = "--t
     (checked: a warning where it does not).
     """
     carry, first, context, tail = "", True, "", []  # tail: the ids the context's text was tokenized to
-    pieces = _text_pieces(path, flag, errors)
+    pieces = _text_pieces(path, flag, errors, encoding_flag=encoding_flag)
     while True:
         piece = next(pieces, "")
         if not carry and not piece:
@@ -366,11 +363,12 @@ def _encode_after(tokenizer, context: str, tail: list, body: str, add_special: b
     return ids, offsets, start, text
 
 
-def _documents(lm, args: CorpusArgs, which: str, rows: Optional[BadRows] = None,
-               flag: Optional[str] = None) -> Iterator[tuple[list[int] | np.ndarray, bool, bool]]:
+def _documents(lm, args: CorpusArgs, which: str, rows: Optional[BadRows] = None, flag: Optional[str] = None,
+               encoding_flag: bool = True) -> Iterator[tuple[list[int] | np.ndarray, bool, bool]]:
     """Yields ``(token ids, continues_previous, has_text)``: documents encoded as ``lm.encode`` does (BOS where the
     tokenizer adds one); a long plain-text document arrives in several pieces, all but the first marked as continuing;
-    ``has_text`` is False for whitespace-only text. ``rows`` counts the JSONL/dataset rows skipped."""
+    ``has_text`` is False for whitespace-only text. ``rows`` counts the JSONL/dataset rows skipped; ``encoding_flag``
+    as for :func:`_not_utf8`."""
     if args.dataset_name:
         for text in _dataset_texts(args, _dataset_split(args, which), rows):
             yield lm.encode(text), False, bool(text.strip())
@@ -381,13 +379,14 @@ def _documents(lm, args: CorpusArgs, which: str, rows: Optional[BadRows] = None,
         raise KnnlmError(f"{flag}: required (or --dataset_name)")
     path = _check_file(path_str, flag)
     if path.suffix in ROW_SUFFIXES:
-        for text in row_texts(path, args.text_field, flag, args.encoding_errors, rows):
+        for text in row_texts(path, args.text_field, flag, args.encoding_errors, rows, encoding_flag):
             yield lm.encode(text), False, bool(text.strip())
     elif getattr(lm.tokenizer, "is_fast", False):
-        for i, (piece, has_text) in enumerate(_encode_long_text(lm.tokenizer, path, True, flag, args.encoding_errors)):
+        pieces = _encode_long_text(lm.tokenizer, path, True, flag, args.encoding_errors, encoding_flag)
+        for i, (piece, has_text) in enumerate(pieces):
             yield piece, i > 0, has_text
     else:
-        text = "".join(_text_pieces(path, flag, args.encoding_errors))
+        text = "".join(_text_pieces(path, flag, args.encoding_errors, encoding_flag=encoding_flag))
         yield lm.encode(text), False, bool(text.strip())
 
 
@@ -537,8 +536,7 @@ def tokenize_to_file(lm, args: CorpusArgs, which: str, out_path: str | Path, sou
     rows = BadRows(flag, args.text_field, args.skip_bad_rows)
     with atomic_path(out_path) as tmp:  # a full disk here is a one-line error naming the file; nothing is renamed
         with open(tmp, "wb") as fh:
-            documents = _documents(lm, args, which, rows, flag)
-            for ids, continued, has_text in documents if encoding_flag else _without_encoding_hint(documents):
+            for ids, continued, has_text in _documents(lm, args, which, rows, flag, encoding_flag):
                 if continued:
                     doc_has_text |= has_text
                 else:
