@@ -88,7 +88,7 @@ class CorpusArgs:
             if getattr(self, name):
                 raise KnnlmError(f"--{name}: acts only with --dataset_name; --{which}_file {path} is read whole: drop "
                                  f"--{name}")
-        _check_file(path, f"--{which}_file")
+        check_file(path, f"--{which}_file")
         if self.text_field != TEXT_FIELD and Path(path).suffix not in ROW_SUFFIXES:
             raise KnnlmError(f"--text_field: {path} is read as plain text (one document without fields); drop "
                              f"--text_field, or name the file {' / '.join(ROW_SUFFIXES)} if it holds rows")
@@ -109,7 +109,9 @@ class CorpusArgs:
 
 
 # ---------------------------------------------------------------------------------------------------------------- reading
-def _check_file(path: str, flag: str) -> Path:
+def check_file(path: str, flag: str) -> Path:
+    """``path`` as a Path, or a one-line error naming ``flag`` when it is not a readable file (missing, a folder, no
+    permission to read): checked before a model loads, and before a corpus is hashed."""
     p = Path(path)
     if not p.is_file():
         raise KnnlmError(f"{flag}: {p} does not exist or is not a file; pass a readable text, .jsonl or table (.csv, "
@@ -377,7 +379,7 @@ def _documents(lm, args: CorpusArgs, which: str, rows: Optional[BadRows] = None,
     path_str = args.train_file if which == "train" else args.validation_file
     if not path_str:
         raise KnnlmError(f"{flag}: required (or --dataset_name)")
-    path = _check_file(path_str, flag)
+    path = check_file(path_str, flag)
     if path.suffix in ROW_SUFFIXES:
         for text in row_texts(path, args.text_field, flag, args.encoding_errors, rows, encoding_flag):
             yield lm.encode(text), False, bool(text.strip())
@@ -445,7 +447,7 @@ def source_fingerprint(args: CorpusArgs, which: str) -> dict:
             source["fingerprint"] = _load_dataset(args, _dataset_split(args, which))._fingerprint
         return source
     flag = f"--{which}_file"
-    path = _check_file((args.train_file if which == "train" else args.validation_file) or "", flag)
+    path = check_file((args.train_file if which == "train" else args.validation_file) or "", flag)
     return {"file": path.name, "sha256": sha256_file(path)}
 
 

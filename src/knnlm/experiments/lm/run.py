@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ...corpus import _check_file, skipped_rows
+from ...corpus import check_file, skipped_rows
 from ...errors import KnnlmError
 from ...fileio import (LOCK_FILE, RUN_MARKER, atomic_write_json, claim_output_dir, read_json, read_record,
                        releases_locks, remove_own_files, sha256_file)
@@ -53,7 +53,7 @@ def _run_key(args: LMArgs, targs: TrainArgs) -> dict:
     # the corpora by content, not only by path: a file replaced under the same name is another run (not the finished
     # model, nor a checkpoint of the old text to resume on the new one)
     # (checked first: a folder or a missing file was an OSError naming the path but not the flag)
-    key[CORPUS_KEY] = {name: sha256_file(_check_file(getattr(args, name), f"--{name}"))[:16]
+    key[CORPUS_KEY] = {name: sha256_file(check_file(getattr(args, name), f"--{name}"))[:16]
                        for name in ("train_file", "validation_file")}
     return key
 
