@@ -384,3 +384,15 @@ def test_macondo_score_refuses_a_generated_village_without_its_meta_json(removed
     assert_one_line(*cli(argv, capsys), f"--data: {data} holds a `knnlm macondo generate` run that did not finish "
                                         "(no meta.json", f"knnlm macondo generate --output_dir {data}")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("corpus,byte", [("latin1.txt", 3), ("latin1.jsonl", 28)])
+def test_lm_train_bpe_tokenizer_on_a_non_utf8_corpus_names_file_and_byte(corpus, byte, files, tmp_path, capsys):
+    """Before, with --tokenizer bpe:N (the tokenizer is trained on --train_file first): a plain-text file was an
+    internal error (Exception: stream did not contain valid UTF-8, from the Rust trainer), exit 1; a JSONL file's
+    error advised --encoding_errors, which lm train does not have."""
+    argv = ["lm", "train", "--size", "tiny", "--max_steps", 1, "--block_size", 32, "--batch_size", 2,
+            "--train_file", files / corpus, "--validation_file", files / "b.txt", "--output_dir", tmp_path / "lm",
+            "--tokenizer", "bpe:300"]
+    line = assert_one_line(*cli(argv, capsys), f"--train_file: {files / corpus} is not UTF-8 at byte {byte}", "iconv")
+    assert "--encoding_errors" not in line

@@ -132,7 +132,7 @@ def _not_utf8(flag: str, path: Path, offset: int, e: UnicodeDecodeError, encodin
                       f"(e.g. `iconv -f latin1 -t utf-8`){hint}")
 
 
-def _text_pieces(path: Path, flag: str, errors: str = "strict", chunk: Optional[int] = None,
+def text_pieces(path: Path, flag: str, errors: str = "strict", chunk: Optional[int] = None,
                  encoding_flag: bool = True) -> Iterator[str]:
     """The file decoded as UTF-8, ``chunk`` bytes at a time (newlines kept as they are); a byte that is not UTF-8 is
     an error naming its offset (and, with ``encoding_flag``, --encoding_errors), unless ``errors`` replaces or drops
@@ -319,7 +319,7 @@ def _encode_long_text(tokenizer, path: Path, add_special: bool, flag: str = "--t
     (checked: a warning where it does not).
     """
     carry, first, context, tail = "", True, "", []  # tail: the ids the context's text was tokenized to
-    pieces = _text_pieces(path, flag, errors, encoding_flag=encoding_flag)
+    pieces = text_pieces(path, flag, errors, encoding_flag=encoding_flag)
     while True:
         piece = next(pieces, "")
         if not carry and not piece:
@@ -388,7 +388,7 @@ def _documents(lm, args: CorpusArgs, which: str, rows: Optional[BadRows] = None,
         for i, (piece, has_text) in enumerate(pieces):
             yield piece, i > 0, has_text
     else:
-        text = "".join(_text_pieces(path, flag, args.encoding_errors, encoding_flag=encoding_flag))
+        text = "".join(text_pieces(path, flag, args.encoding_errors, encoding_flag=encoding_flag))
         yield lm.encode(text), False, bool(text.strip())
 
 

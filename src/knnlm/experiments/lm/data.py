@@ -11,7 +11,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ...corpus import ROW_SUFFIXES, TEXT_FIELD, BadRows, row_texts
+from ...corpus import ROW_SUFFIXES, TEXT_FIELD, BadRows, row_texts, text_pieces
 from ...errors import KnnlmError
 from ...train import epoch_permutation
 from .settings import EOS_TOKEN, LMArgs, bpe_vocab
@@ -38,13 +38,23 @@ def train_bpe_tokenizer(files: list[str | Path], vocab_size: int, model_max_leng
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     files = [Path(f) for f in files]
+    # (lm train has no --encoding_errors to suggest: a byte that is not UTF-8 is named, with how to re-encode)
     if any(f.suffix in ROW_SUFFIXES for f in files):
         rows = BadRows("--train_file", TEXT_FIELD, skip_bad_rows)
-        texts = (t for f in files for t in (row_texts(f, TEXT_FIELD, "--train_file", rows=rows)
-                                            if f.suffix in ROW_SUFFIXES else [f.read_text(encoding="utf-8")]))
+        texts = (t for f in files for t in (row_texts(f, TEXT_FIELD, "--train_file", rows=rows, encoding_flag=False)
+                                            if f.suffix in ROW_SUFFIXES else
+                                            ["".join(text_pieces(f, "--train_file", encoding_flag=False))]))
         tok.train_from_iterator(texts, trainer)
     else:
-        tok.train([str(f) for f in files], trainer)
+        try:
+            tok.train([str(f) for f in files], trainer)
+        except Exception as e:  # the Rust trainer's "stream did not contain valid UTF-8" names neither file nor byte
+            if "UTF-8" not in str(e):
+                raise
+            for f in files:  # read again, only now: the first byte that is not UTF-8 is the one-line error
+                for _ in text_pieces(f, "--train_file", encoding_flag=False):
+                    pass
+            raise
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
                                   unk_token=EOS_TOKEN, model_max_length=model_max_length)
 
