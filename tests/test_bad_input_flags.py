@@ -396,3 +396,16 @@ def test_lm_train_bpe_tokenizer_on_a_non_utf8_corpus_names_file_and_byte(corpus,
             "--tokenizer", "bpe:300"]
     line = assert_one_line(*cli(argv, capsys), f"--train_file: {files / corpus} is not UTF-8 at byte {byte}", "iconv")
     assert "--encoding_errors" not in line
+
+
+@pytest.mark.parametrize("value", ["inf", "1e300", 2000])
+def test_ray_shard_cpus_infinite_or_beyond_the_thread_limit_is_refused(value, files, tmp_path, capsys):
+    """Before: accepted (only `> 0` was checked, which inf passes): each shard actor asked Ray for that many CPUs and
+    set FAISS's threads to int(round(inf)), an OverflowError, once a store and a cluster were there (here the store
+    does not exist: that was the error)."""
+    out = tmp_path / "o"
+    argv = ["eval", "--model_name_or_path", tmp_path / "no-model", "--device", "cpu", "--validation_file",
+            files / "b.txt", "--datastore", tmp_path / "no-store", "--output_dir", out, "--search_backend", "ray",
+            "--ray_shard_cpus", value]
+    assert_one_line(*cli(argv, capsys), "--ray_shard_cpus: must be a finite number in (0, 1024]")
+    assert not out.exists()

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import KnnlmError
+from .errors import THREAD_LIMIT, KnnlmError, require_finite
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def check_address(address: str) -> None:
 
 
 def check_cpus(cpus: float) -> None:
-    if not cpus > 0:
-        raise KnnlmError(f"--ray_shard_cpus: must be > 0, got {cpus}")
+    # FAISS searches with that many threads: int(round(inf)) overflowed, and Ray cannot reserve it either
+    require_finite("ray_shard_cpus", cpus, maximum=THREAD_LIMIT)
 
 
 def check_knn_args(args) -> None:
