@@ -321,7 +321,7 @@ def finished_folders(recipe: dict, args: ReproduceArgs) -> dict[str, bool]:
     """Each ``--output_dir {out}/<folder>`` of the recipe's stages -> whether its stage finished as this recipe's
     command (its ``.done`` names that command line): a stage rerun after a recipe edit and killed, or not rerun yet,
     keeps the earlier command's results.json, which are not this recipe's."""
-    out, status = Path(args.output_dir), {}
+    status = {}
     for stage in recipe["stages"]:
         argv = [str(a) for a in stage["argv"]]
         if "--output_dir" in argv[:-1] and argv[argv.index("--output_dir") + 1].startswith("{out}/"):
