@@ -97,3 +97,32 @@ def test_missing_data_dir_names_the_flag(setup):
     with pytest.raises(KnnlmError, match="^--metadata data_dir: nothere holds no Macondo dataset"):  # named --data
         utils.load_test(data_dir="nothere")
     assert len(utils.load_test(data_dir=str(setup[1]))["test"]) == 7
+
+
+def test_hflm_without_logits_cache_scores_splits_of_one_sequence(setup):
+    """Several (context, continuation) splits of one token sequence in one batch: with ``logits_cache=False`` (what
+    docs/lm_eval.md advises for such request sets) each log-likelihood is the sum of the augmented model's own
+    log p_knnlm over its continuation, from one unbatched forward of the whole sequence."""
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    lm, village, ds, _ = setup
+    row = read_split(village, "test")[0]
+    ids = lm.tokenizer(row["prefix"] + row["target"])["input_ids"]
+    splits = list(range(2, len(ids), 2))
+    assert len(splits) >= 3
+    model = augment(lm, datastore=ds, k=K, lmbda=LMBDA, knn_temp=TEMP)
+    try:
+        with torch.no_grad():
+            logp = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)  # [T, V]: log p_knnlm again
+        want = [float(sum(logp[t - 1, ids[t]] for t in range(s, len(ids)))) for s in splits]
+        reqs = [Instance("loglikelihood", {}, (lm.tokenizer.decode(ids[:s]), lm.tokenizer.decode(ids[s:])), i)
+                for i, s in enumerate(splits)]
+        assert all(lm.tokenizer(r.args[0])["input_ids"] == ids[:s] for r, s in zip(reqs, splits))
+        got = [ll for ll, _ in HFLM(pretrained=model, tokenizer=lm.tokenizer, batch_size=4,
+                                    logits_cache=False).loglikelihood(reqs, disable_tqdm=True)]
+    finally:
+        detach(model)
+    assert got == pytest.approx(want, abs=1e-4)
+    assert len({round(w, 3) for w in want}) == len(want)  # the splits score different spans
