@@ -170,7 +170,8 @@ class MLPMemory(nn.Module):
         return sum(p.numel() for p in self.state_dict().values())
 
     def nbytes(self) -> int:
-        """Bytes of the stored memory files (safetensors + memory.json); parameter bytes when not saved yet."""
+        """Bytes of the stored memory files (safetensors + memory.json); parameter bytes when not saved yet. memory.json
+        also holds the training record (its wall time among it), so two runs of one seed differ by a few bytes."""
         if self.dir is None:
             return sum(t.numel() * t.element_size() for t in self.state_dict().values())
         return sum((self.dir / name).stat().st_size for name in (WEIGHTS_FILE, CONFIG_FILE))
