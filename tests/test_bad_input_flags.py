@@ -216,14 +216,15 @@ def test_lm_train_that_diverges_is_not_saved_as_a_finished_model(files, tmp_path
 def test_torch_failing_to_allocate_is_out_of_memory_not_an_internal_error(tiny_gpt2_dir, files, tmp_path, capsys):
     """Before: 'internal error (RuntimeError: [enforce fail at alloc_cpu.cpp:127] ... DefaultCPUAllocator: can't
     allocate memory ...); rerun with --debug ... and report it', exit 1: torch's failed allocation is a RuntimeError
-    (torch.OutOfMemoryError on a GPU), not the MemoryError the CLI reported as such."""
+    (torch.OutOfMemoryError on a GPU), not the MemoryError the CLI reported as such. Then its advice named --batch_size
+    and --max_tokens, which mlp train does not have: it names the command's own memory flags."""
     from test_faults import build_ds
 
     ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
     argv = ["mlp", "train", "--model_name_or_path", tiny_gpt2_dir, "--device", "cpu", "--datastore", ds.dir,
             "--output_dir", tmp_path / "mem", "--max_steps", 1, "--hidden_size", 10 ** 12]
-    line = assert_one_line(*cli(argv, capsys), "out of memory")
-    assert "internal error" not in line
+    line = assert_one_line(*cli(argv, capsys), "out of memory; use a smaller --micro_batch_tokens or --chunk_keys")
+    assert "internal error" not in line and "--batch_size" not in line  # mlp train has no --batch_size
 
 
 def test_nprobe_beyond_the_lists_of_an_ivf_index_visits_them_all(tiny_gpt2_dir, files, tmp_path, capsys):
@@ -409,3 +410,14 @@ def test_ray_shard_cpus_infinite_or_beyond_the_thread_limit_is_refused(value, fi
             "--ray_shard_cpus", value]
     assert_one_line(*cli(argv, capsys), "--ray_shard_cpus: must be a finite number in (0, 1024]")
     assert not out.exists()
+
+
+def test_out_of_memory_advice_names_only_flags_the_command_has():
+    from argparse import Namespace
+
+    from knnlm.cli import _out_of_memory_fix
+
+    assert _out_of_memory_fix(Namespace(batch_size=8, max_tokens=0, k=16)) == \
+        "use a smaller --batch_size or --max_tokens (or a smaller model or setting) and rerun the same command"
+    assert _out_of_memory_fix(Namespace(host="127.0.0.1", workers=2)) == \
+        "free memory (other jobs) or use a machine with more, and rerun the same command"

@@ -149,7 +149,7 @@ def _main(argv: list[str] | None) -> int:
         if args.debug:
             traceback.print_exc()
         abandon_fresh_claims(keep=outer)  # a run that stopped before any work leaves no claim on its new folder
-        print(f"knnlm: error: {_one_line(e)}", file=sys.stderr)
+        print(f"knnlm: error: {_one_line(e, args)}", file=sys.stderr)
         return 2 if isinstance(e, (KnnlmError, OSError, MemoryError, UnicodeDecodeError)) or _out_of_memory(e) else 1
     finally:
         release_output_dirs(held_locks() - held)  # the output folders this command locked
@@ -170,7 +170,21 @@ def _out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
 
 
-def _one_line(e: BaseException) -> str:
+# Flags that bound a command's working memory, in the order its out-of-memory advice names them (those it has).
+MEMORY_FLAGS = ("batch_size", "max_tokens", "micro_batch_tokens", "eval_batch_size", "mlp_batch_tokens", "chunk_keys",
+                "add_chunk")
+
+
+def _out_of_memory_fix(args: argparse.Namespace | None) -> str:
+    """The advice for a command that ran out of memory: the flags it has that bound its memory (another command's
+    --batch_size is no fix), else what any command can do."""
+    flags = [f"--{name}" for name in MEMORY_FLAGS if args is not None and name in vars(args)]
+    if not flags:
+        return "free memory (other jobs) or use a machine with more, and rerun the same command"
+    return f"use a smaller {' or '.join(flags[:2])} (or a smaller model or setting) and rerun the same command"
+
+
+def _one_line(e: BaseException, args: argparse.Namespace | None = None) -> str:
     """The message of an error in one line. Library code raises ``KnnlmError`` for what it can check; an ``OSError``
     that escapes it (a full disk or a read-only folder met mid-run) names its path; anything else is a bug."""
     if isinstance(e, KnnlmError):
@@ -183,7 +197,7 @@ def _one_line(e: BaseException) -> str:
         return (f"an input file is not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start} of a read); "
                 "re-encode it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)")
     if _out_of_memory(e):
-        return "out of memory; use a smaller --batch_size (or --max_tokens) and rerun the same command"
+        return f"out of memory; {_out_of_memory_fix(args)}"
     first = (str(e).strip().splitlines() or [""])[0][:200]
     return f"internal error ({type(e).__name__}: {first}); rerun with --debug for the traceback and report it"
 
