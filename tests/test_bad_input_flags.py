@@ -421,3 +421,25 @@ def test_out_of_memory_advice_names_only_flags_the_command_has():
         "use a smaller --batch_size or --max_tokens (or a smaller model or setting) and rerun the same command"
     assert _out_of_memory_fix(Namespace(host="127.0.0.1", workers=2)) == \
         "free memory (other jobs) or use a machine with more, and rerun the same command"
+
+
+def test_boolean_flag_before_a_positional_argument_is_true(tiny_gpt2_dir, files, tmp_path, capsys):
+    """Before: `index build --overwrite DS` took DS as --overwrite's value and said 'the following arguments are
+    required: datastore'; a boolean flag followed by a command's positional argument is true, and a value given to it is
+    still read as one."""
+    from knnlm.cli import bool_values_given, build_parser
+    from test_faults import build_ds
+
+    parser = build_parser()
+    assert bool_values_given(parser, ["index", "build", "--overwrite", "DS"]) == \
+        ["index", "build", "--overwrite", "true", "DS"]
+    assert bool_values_given(parser, ["-v", "index", "build", "--overwrite", "no", "DS"]) == \
+        ["-v", "index", "build", "--overwrite", "no", "DS"]
+    assert bool_values_given(parser, ["eval", "--overwrite", "maybe"]) == ["eval", "--overwrite", "maybe"]
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    assert cli(["index", "build", ds.dir, "--factory", "Flat"], capsys)[0] == 0
+    index = ds.dir / "index" / "index.json"
+    before = index.stat().st_mtime_ns
+    rc, err = cli(["index", "build", "--overwrite", ds.dir, "--factory", "Flat"], capsys)
+    assert rc == 0, err
+    assert index.stat().st_mtime_ns != before  # built again: --overwrite was true

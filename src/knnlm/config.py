@@ -65,9 +65,9 @@ def _coerce(name: str, tp, value, source: str | Path | None = None):
             if isinstance(value, bool):
                 return value
             low = str(value).lower()
-            if low in ("1", "true", "yes", "on"):
+            if low in TRUE_WORDS:
                 return True
-            if low in ("0", "false", "no", "off"):
+            if low in FALSE_WORDS:
                 return False
             raise ValueError(value)
         if tp in (int, float, str):
@@ -83,6 +83,9 @@ def _coerce(name: str, tp, value, source: str | Path | None = None):
     except (TypeError, ValueError):
         raise KnnlmError(f"{where}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
     return value
+
+
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")  # a boolean flag's values
 
 
 def bool_flag(name: str, value) -> bool:

@@ -37,6 +37,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def bool_values_given(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with ``true`` after each boolean flag that a command's positional argument follows: a boolean flag
+    takes an optional value (``--overwrite`` or ``--overwrite false``), so in ``index build --overwrite DS`` argparse
+    took DS as its value and then said the datastore was missing."""
+    from ..config import FALSE_WORDS, TRUE_WORDS
+
+    i = 0
+    while i < len(argv):  # down the command words (``index build``) to the command's own parser
+        commands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not commands:
+            break
+        if not argv[i].startswith("-"):
+            if argv[i] not in commands[0].choices:
+                return argv
+            parser = commands[0].choices[argv[i]]
+        i += 1
+    if not any(not a.option_strings for a in parser._actions):
+        return argv  # no positional argument: a word after a boolean flag is its value (or a mistyped one)
+    flags = {s for a in parser._actions if a.nargs == "?" and a.const == "true" for s in a.option_strings}
+    out = argv[:i]
+    for j in range(i, len(argv)):
+        out.append(argv[j])
+        following = argv[j + 1] if j + 1 < len(argv) else "-"
+        if argv[j] in flags and not following.startswith("-") and following.lower() not in TRUE_WORDS + FALSE_WORDS:
+            out.append("true")
+    return out
+
+
 def _quiet_libraries(verbose: bool) -> None:
     """Our own progress bars and log lines say what happens; transformers' weight-loading bars and warnings are noise."""
     if verbose:
@@ -132,7 +160,7 @@ def _main(argv: list[str] | None) -> int:
     try:  # the parser imports every command and _quiet_libraries transformers: seconds a Ctrl-C can land in
         keep_freed_memory()
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(bool_values_given(parser, list(sys.argv[1:] if argv is None else argv)))
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         _quiet_libraries(args.verbose)
