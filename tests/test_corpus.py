@@ -1,4 +1,5 @@
 """Sliding windows: every target once, the longest context allowed, and the datastore row mapping."""
+import json
 import numpy as np
 import torch
 import pytest
@@ -133,3 +134,53 @@ def test_pieced_tokenization_of_characters_of_several_byte_tokens_equals_one_str
             path.write_text(body, encoding="utf-8")
             got = np.concatenate([ids for ids, _ in corpus._encode_long_text(tok, path, True)]).tolist()
             assert got == tok(body)["input_ids"]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 1 << 18])  # the BOM's 3 bytes split over pieces, or in one
+def test_a_utf8_bom_opening_a_text_or_jsonl_file_is_not_text(tiny_lm, tmp_path, monkeypatch, chunk):
+    """A BOM is dropped as the table and `datasets` readers drop it: it was 3 tokens before a text file's first word,
+    and a JSONL file's first row was refused as not JSON (with --skip_bad_rows: dropped, its text lost). A token file
+    made with the BOM read as text is made again."""
+    import json
+
+    from knnlm import corpus
+
+    text = " = Valkyria Chronicles = \n\n Senjō no Valkyria 3 is a game . \n"
+    docs = ["Homarus gammarus is a lobster .", "It is blue ."]
+    (tmp_path / "a.txt").write_text("\ufeff" + text, encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text("\ufeff" + "".join(json.dumps({"text": d}) + "\n" for d in docs),
+                                      encoding="utf-8")
+    monkeypatch.setattr(corpus, "_CHUNK_CHARS", chunk)
+    eos = tiny_lm.eos_token_id
+
+    def tokens(name, **kw):
+        return corpus.tokenize_to_file(tiny_lm, CorpusArgs(train_file=str(tmp_path / name), **kw), "train",
+                                       tmp_path / f"{name}-{len(kw)}.i32").tokens.tolist()
+
+    expect_text = tiny_lm.encode(text)
+    assert tokens("a.txt") == expect_text
+    assert len(expect_text) == 22 and len(tiny_lm.encode("\ufeff" + text)) == 25
+    expect_rows = tiny_lm.encode(docs[0]) + [eos] + tiny_lm.encode(docs[1])
+    assert tokens("a.jsonl") == expect_rows
+    assert tokens("a.jsonl", skip_bad_rows=True) == expect_rows
+    assert corpus.skipped_rows(tmp_path / "a.jsonl-1.i32") == 0
+
+
+def test_a_token_file_of_a_bom_read_as_text_is_made_again(tiny_lm, tmp_path):
+    from knnlm import corpus
+
+    path = tmp_path / "a.txt"
+    path.write_text("\ufeffHello world .\n", encoding="utf-8")
+    args, out = CorpusArgs(train_file=str(path)), tmp_path / "tokens.i32"
+    made = corpus.tokenize_to_file(tiny_lm, args, "train", out)
+    assert made.tokens.tolist() == tiny_lm.encode("Hello world .\n")
+    record = corpus.token_record_path(out)
+    old = json.loads(record.read_text())  # as an earlier knnlm recorded it: no "bom" in the key, the BOM's tokens in
+    del old["key"]["bom"]
+    stale = tiny_lm.encode("\ufeffHello world .\n")
+    np.asarray(stale, np.int32).tofile(out)
+    np.asarray([0, len(stale)], np.int64).tofile(out.with_name(out.name + ".docs"))
+    old["n_tokens"] = len(stale)
+    record.write_text(json.dumps(old))
+    again = corpus.tokenize_to_file(tiny_lm, args, "train", out)
+    assert again.replaced and again.tokens.tolist() == tiny_lm.encode("Hello world .\n")

@@ -34,6 +34,10 @@ TABLE_SUFFIXES = {".csv": ("csv", _AS_WRITTEN), ".tsv": ("csv", {**_AS_WRITTEN, 
                   ".parquet": ("parquet", {})}
 ROW_SUFFIXES = JSONL_SUFFIXES + tuple(TABLE_SUFFIXES)  # files of rows with a text field; any other file is plain text
 _CARRY_TOKENS = 8  # tokens re-tokenized across a piece boundary (see _encode_long_text)
+# a UTF-8 byte order mark opening a file (Windows editors write one) is a signature, not text: the table and `datasets`
+# readers drop it, so a plain-text or JSONL file drops it too (it was 3 tokens before the text, or a first JSONL row
+# refused as "not valid JSON")
+BOM = "\ufeff"
 
 
 def skip_bad_rows_field():
@@ -140,6 +144,7 @@ def text_pieces(path: Path, flag: str, errors: str = "strict", chunk: Optional[i
     decoder = codecs.getincrementaldecoder("utf-8")(errors)
     chunk = chunk or _CHUNK_CHARS
     pos = 0  # bytes fed to the decoder so far
+    at_start = True  # no character decoded yet (a BOM may still come)
     with open(path, "rb") as fh:
         while True:
             block = fh.read(chunk)
@@ -149,6 +154,8 @@ def text_pieces(path: Path, flag: str, errors: str = "strict", chunk: Optional[i
             except UnicodeDecodeError as e:
                 raise _not_utf8(flag, path, pos - pending + e.start, e, encoding_flag) from None
             pos += len(block)
+            if at_start and text:
+                text, at_start = text.removeprefix(BOM), False
             if text:
                 yield text
             if not block:
@@ -204,6 +211,8 @@ def _jsonl_texts(path: Path, text_field: str, flag: str, errors: str = "strict",
             except UnicodeDecodeError as e:
                 raise _not_utf8(flag, path, offset + e.start, e, encoding_flag) from None
             offset += len(raw)
+            if lineno == 1:
+                line = line.removeprefix(BOM)
             if not line.strip():
                 continue
             try:
@@ -468,7 +477,16 @@ def _token_key(lm, args: CorpusArgs, which: str, source: Optional[dict]) -> dict
             "concat_documents": args.concat_documents, "max_tokens": args.max_tokens,
             "encoding_errors": args.encoding_errors,
             **({"skip_bad_rows": True} if args.skip_bad_rows else {}),  # (only when set: older files stay valid)
-            **_reader_version(source)}
+            **_reader_version(source), **_bom_version(args, which, source)}
+
+
+def _bom_version(args: CorpusArgs, which: str, source: dict) -> dict:
+    """The key field of a plain-text or JSONL file that opens with a BOM (read as text by older readers), so that its
+    older token files are rebuilt; none for any other file, whose older token files stay valid."""
+    if "file" not in source or Path(source["file"]).suffix in TABLE_SUFFIXES:
+        return {}
+    with open(args.train_file if which == "train" else args.validation_file, "rb") as fh:
+        return {"bom": "dropped"} if fh.read(3) == BOM.encode() else {}
 
 
 def _reader_version(source: dict) -> dict:

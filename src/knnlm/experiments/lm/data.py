@@ -163,7 +163,7 @@ def perplexity(model, tokens: np.ndarray, block_size: int, batch_size: int = 16)
 def count_words(path: str | Path) -> int:
     """Whitespace-separated words plus line breaks (WikiText's word-level count, which scores one <eos> per line)."""
     n = 0
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:  # (a BOM is no word: the tokens drop it too)
         for line in fh:
             n += len(line.split()) + line.endswith("\n")
     return n
