@@ -113,18 +113,37 @@ class CorpusArgs:
 
 
 # ---------------------------------------------------------------------------------------------------------------- reading
+# a compressed file's opening bytes -> (its format, the command that decompresses it): no reader here decompresses, and
+# with --encoding_errors replace/ignore (the advice of the not-UTF-8 error) such bytes were tokenized as text, a
+# datastore of noise built without a word said
+_COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip -k"), b"BZh": ("bzip2", "bunzip2 -k"), b"\xfd7zXZ\x00": ("xz", "unxz -k"),
+               b"\x28\xb5\x2f\xfd": ("zstd", "unzstd"), b"PK\x03\x04": ("zip", "unzip")}
+
+
+def _compression(head: bytes) -> Optional[tuple[str, str]]:
+    for magic, what in _COMPRESSED.items():
+        # (bzip2's "BZh" could open a text: its block size digit and block magic must follow)
+        if head.startswith(magic) and (magic != b"BZh" or (head[3:4].isdigit() and head[4:10] == b"1AY&SY")):
+            return what
+    return None
+
+
 def check_file(path: str, flag: str) -> Path:
     """``path`` as a Path, or a one-line error naming ``flag`` when it is not a readable file (missing, a folder, no
-    permission to read): checked before a model loads, and before a corpus is hashed."""
+    permission to read) or a compressed one: checked before a model loads, and before a corpus is hashed."""
     p = Path(path)
     if not p.is_file():
         raise KnnlmError(f"{flag}: {p} does not exist or is not a file; pass a readable text, .jsonl or table (.csv, "
                          ".tsv, .parquet) file")
     try:
         with open(p, "rb") as fh:
-            fh.read(1)
+            head = fh.read(10)
     except OSError as e:
         raise KnnlmError(f"{flag}: {p} cannot be read ({e.strerror}); check its permissions") from None
+    compressed = _compression(head)
+    if compressed:
+        raise KnnlmError(f"{flag}: {p} is {compressed[0]}-compressed, and corpora are read uncompressed; decompress "
+                         f"it first (`{compressed[1]} {p}`) and pass the decompressed file")
     return p
 
 
