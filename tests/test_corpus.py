@@ -215,3 +215,22 @@ def test_a_text_opening_like_a_compressed_files_magic_is_text(tiny_lm, tmp_path)
         out = corpus.tokenize_to_file(tiny_lm, CorpusArgs(train_file=str(tmp_path / "a.txt")), "train",
                                       tmp_path / "tokens.i32")
         assert out.tokens.tolist() == tiny_lm.encode(text)
+
+
+def test_documents_joined_with_eos_an_empty_one_adds_its_own_but_before_the_first_text(tiny_lm, tmp_path):
+    """README, Corpora: documents are joined with EOS; an empty document adds an EOS of its own, except before the
+    first text (hand-computed streams of three JSONL documents)."""
+    import json
+
+    from knnlm import corpus
+    from knnlm.corpus import CorpusArgs
+
+    a, b, eos = tiny_lm.encode("one two"), tiny_lm.encode(" three"), tiny_lm.eos_token_id
+    streams = {}
+    for i, docs in enumerate((["one two", " three"], ["", "one two", " three"], ["one two", "", " three"],
+                              ["one two", " three", ""])):
+        path = tmp_path / f"{i}.jsonl"
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        streams[i] = corpus.tokenize_to_file(tiny_lm, CorpusArgs(train_file=str(path)), "train",
+                                             tmp_path / f"{i}.i32").tokens.tolist()
+    assert streams == {0: a + [eos] + b, 1: a + [eos] + b, 2: a + [eos, eos] + b, 3: a + [eos] + b + [eos]}

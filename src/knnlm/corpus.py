@@ -55,7 +55,7 @@ class CorpusArgs:
     text_field: str = field(default=TEXT_FIELD, metadata={"help": "Field (column) holding the text in JSONL, table or dataset rows; plain text has none."})
     block_size: int = field(default=0, metadata={"help": "Window length in tokens; 0 = the model's context length, capped at 1024."})
     stride: int = field(default=0, metadata={"help": "Tokens the window advances by; 0 = block_size // 2. Each token is scored once, with the longest context the window allows."})
-    concat_documents: bool = field(default=True, metadata={"help": "Join JSONL/table/dataset documents with EOS into one stream (run_clm style); false windows each document on its own."})
+    concat_documents: bool = field(default=True, metadata={"help": "Join JSONL/table/dataset documents into one stream with the tokenizer's EOS between them (fairseq's way, an EOS per line; run_clm joins without one); false windows each document on its own."})
     max_tokens: Optional[int] = field(default=None, metadata={"help": "Use only the first N tokens of the corpus (quick runs)."})
     encoding_errors: str = field(default="strict", metadata={"help": "Bytes that are not UTF-8 in a corpus file: strict (an error naming the byte offset), replace (U+FFFD) or ignore (dropped)."})
     skip_bad_rows: bool = skip_bad_rows_field()
@@ -604,7 +604,7 @@ def tokenize_to_file(lm, args: CorpusArgs, which: str, out_path: str | Path, sou
             raise KnnlmError(f"{flag}: the corpus holds only whitespace ({n} tokens of blanks and line breaks); "
                              f"pass {what} with text in it")
         if n_blank:
-            log.warning("%s: %d of %d documents hold only whitespace; they are kept (as run_clm does)", flag,
+            log.warning("%s: %d of %d documents hold only whitespace; they are kept (each adds its EOS with --concat_documents)", flag,
                         n_blank, n_docs)
         if tmp.stat().st_size != 4 * n:
             raise KnnlmError(f"{flag}: {out_path}: wrote {tmp.stat().st_size} bytes, expected {4 * n} (a short "
