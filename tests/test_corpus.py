@@ -234,3 +234,15 @@ def test_documents_joined_with_eos_an_empty_one_adds_its_own_but_before_the_firs
         streams[i] = corpus.tokenize_to_file(tiny_lm, CorpusArgs(train_file=str(path)), "train",
                                              tmp_path / f"{i}.i32").tokens.tolist()
     assert streams == {0: a + [eos] + b, 1: a + [eos] + b, 2: a + [eos, eos] + b, 3: a + [eos] + b + [eos]}
+
+
+def test_a_datasets_builder_name_without_data_files_names_the_flags_that_give_them(tiny_lm, tmp_path):
+    """Before: `--dataset_name json` (or text, csv, parquet) was "cannot load 'json' ...: An error occurred while
+    generating the dataset": datasets' builders for local files need data files, which --dataset_name cannot give."""
+    from knnlm import corpus
+    from knnlm.corpus import CorpusArgs
+    from knnlm.errors import KnnlmError
+
+    for name in ("json", "text"):
+        with pytest.raises(KnnlmError, match=rf"--dataset_name: '{name}' is datasets' builder .* --train_file"):
+            corpus.tokenize_to_file(tiny_lm, CorpusArgs(dataset_name=name), "train", tmp_path / f"{name}.i32")

@@ -303,8 +303,19 @@ def _load_dataset(args: CorpusArgs, split: str):
                                  "pass --split with one of them")
             ds = ds[split]
         return ds
+    if not folder.exists() and _packaged_builder(args.dataset_name):  # datasets: "An error occurred while generating"
+        raise KnnlmError(f"--dataset_name: {args.dataset_name!r} is datasets' builder for local data files, which it "
+                         "needs and this flag cannot give: pass the file as --train_file / --validation_file, or a "
+                         "folder of them as --dataset_name")
     return _load_rows(lambda d: d.load_dataset(args.dataset_name, args.dataset_config_name, split=split), what,
                       "--dataset_name", _DATASET_FLAGS)
+
+
+def _packaged_builder(name: str) -> bool:
+    """Whether ``name`` is one of datasets' own builders (json, text, csv, parquet...), which read data files."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    return name in _PACKAGED_DATASETS_MODULES
 
 
 def _dataset_texts(args: CorpusArgs, split: str, rows: Optional[BadRows] = None) -> Iterator[str]:
