@@ -199,3 +199,58 @@ def test_index_build_over_a_progress_record_that_is_not_an_object_starts_over(ti
     assert rc == 0, err
     info = json.loads((ds.dir / "index" / "index.json").read_text())
     assert info["factory"] == "Flat" and info["datastore"]["N"] == ds.N
+
+
+def test_reproduce_report_over_a_damaged_stage_record_names_the_stage_to_run_again(tmp_path, capsys):
+    """Before: `[]` in a stage's results.json (the eval's, or the memory study's LM's) or in its LM's training.json was
+    an internal TypeError / AttributeError when the report read it. The fix it gives (delete the stage's folder and its
+    .done marker) runs that stage again, and the report is as before."""
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    from knnlm.experiments.reproduce import ReproduceArgs, run_stages
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "stages": [{"name": "train", "argv": ["lm", "train", "--output_dir", "{out}/lm"]},
+                   {"name": "eval", "argv": ["eval", "--k", "4", "--output_dir", "{out}/e"]}],
+        "report": {"studies": [{"study": "memory", "folder": "e", "label": "x", "lm": "lm",
+                                "converged": "annealed"}]}}))
+    out = tmp_path / "out"
+    args = ReproduceArgs(output_dir=str(out), recipe=str(recipe))
+    records = {"lm": {"results.json": {"config": {"lr_scheduler_type": "linear"}, "metrics": {"steps": 4}},
+                      "training.json": {"history": [{"step": 4, "lr": 0.0}]}},
+               "e": {"results.json": {"metrics": {"ppl_lm": 20.0, "ppl_knnlm": 17.0, "ppl_mlplm": 18.0}}}}
+    ran = []
+
+    def run(argv):  # each stage's command: writes its folder's records
+        folder = Path(argv[-1])
+        ran.append(folder.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, record in records[folder.name].items():
+            (folder / name).write_text(json.dumps(record))
+        return 0
+
+    report = ["reproduce", "--report_only", "true", "--recipe", recipe, "--output_dir", out, "--data_dir", tmp_path]
+    run_stages(args, run)
+    rc, err = cli(report, capsys)
+    assert rc == 0, err
+    before = json.loads((out / "results.json").read_text())
+    assert before["claims"] and before["metrics"]["tables"]["table2"][1][:4] == ["x", 20.0, 17.0, 18.0]
+    for folder, name, stage in (("e", "results.json", "eval"), ("lm", "results.json", "train"),
+                                ("lm", "training.json", "train")):
+        (out / folder / name).write_text("[]")
+        marker = out / "stages" / f"{stage}.done"
+        assert_one_line(*cli(report, capsys), f"{out / folder / name} is corrupt (not a JSON object: [])",
+                        f"delete {out / folder} and {marker}, then rerun `knnlm reproduce`")
+        shutil.rmtree(out / folder)  # the fix it gives
+        marker.unlink()
+        ran.clear()
+        run_stages(args, run)
+        assert ran == [folder]  # that stage alone ran again
+        rc, err = cli(report, capsys)
+        assert rc == 0, err
+        again = json.loads((out / "results.json").read_text())
+        assert again["claims"] == before["claims"] and again["metrics"]["tables"] == before["metrics"]["tables"]

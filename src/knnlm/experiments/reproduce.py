@@ -21,9 +21,10 @@ from typing import Literal, Optional
 from ..claims import Claim, claims_table
 from ..config import PRESETS_DIR, load_config_file
 from ..errors import KnnlmError
-from ..fileio import atomic_path, atomic_write_json, atomic_write_text, read_json, read_record, run_info
+from ..fileio import atomic_path, atomic_write_json, atomic_write_text, read_record, run_info
 from ..report import finish_outputs, markdown_table
 from .studies import STUDIES, TABLE_ORDER
+from .study import stage_record
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +348,7 @@ def collect(out: Path, entries: list[dict], finished: Optional[dict] = None) -> 
         if not path.exists() or (finished or {}).get(entry["folder"]) is False:
             missing.append(f"{entry['study']}: {entry.get('label', '')} ({entry['folder']})")
             continue
-        rows, found = study.report(read_json(path)["metrics"], entry, out)
+        rows, found = study.report(stage_record(out, entry["folder"])["metrics"], entry, out)
         claims += found
         for name, r in rows.items():
             tables[name] += r

@@ -84,6 +84,29 @@ def read_finished(done: Path) -> dict:
     return read_record(done, fix="delete it to train that run again, or pass another --output_dir")
 
 
+def stage_record(out: Path, folder: str, name: str = "results.json") -> dict:
+    """The record ``name`` in the stage folder ``OUT/<folder>`` of a ``knnlm reproduce`` run, as its report reads it (a
+    study's report part reads other stages' records too: the memory's LM and `mlp train`); one that is not a JSON object
+    is a one-line error whose fix runs the stage again (:func:`rerun_stage_fix`)."""
+    return read_record(Path(out) / folder / name, fix=rerun_stage_fix(Path(out), folder))
+
+
+def rerun_stage_fix(out: Path, folder: str) -> str:
+    """How to have ``knnlm reproduce`` write the stage folder ``OUT/<folder>`` again: delete the folder and the
+    ``.done`` marker of the stage whose --output_dir it is (``reproduce.run_stages``). The marker alone would not do:
+    its stage is skipped while it is there, and without it the stage's command finds its own finished run in the
+    folder (``lm train`` refuses one with a damaged results.json unless --overwrite, which the recipe does not pass)."""
+    target = (out / folder).resolve()
+    for marker in sorted((out / "stages").glob("*.done")):
+        words = marker.read_text(errors="replace").split()
+        given = {words[i + 1] for i in range(len(words) - 1) if words[i] == "--output_dir"}
+        # (a marker holds OUT's absolute path when the stage ran: a folder moved since matches by its end)
+        if any(Path(g) == target or g.endswith(f"/{folder}") for g in given):
+            return f"delete {out / folder} and {marker}, then rerun `knnlm reproduce`: that stage runs again"
+    return (f"delete {out / folder} and the .done marker of the stage that writes it in {out / 'stages'}, then rerun "
+            "`knnlm reproduce`: that stage runs again")
+
+
 def mirror(cls, name: str, default=dataclasses.MISSING, help: str | None = None, deprecated: tuple = ()):
     """A study setting declared from the library's dataclass ``cls``: the field ``name`` with its default (unless given)
     and help text (unless given); ``deprecated``: the study's own old names for it (``knnlm.config``)."""

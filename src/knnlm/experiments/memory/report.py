@@ -10,8 +10,8 @@ from typing import Optional
 import numpy as np
 
 from ...claims import Claim
-from ...fileio import read_json
 from ...stats import Interval, no_gain, share_of_gain, too_few_blocks
+from ..study import stage_record
 from .check import control_gap, gain_share, own_data_check
 
 # `knnlm reproduce --smoke`: the flags that shrink an `mlp train` stage to seconds
@@ -90,7 +90,7 @@ def _share_ci(out: Path, entry: dict, ev: dict) -> Optional[dict]:
     from ...knn import KNNArgs
 
     lam = ev.get("lmbda", KNNArgs().lmbda[0])
-    config = read_json(out / entry["folder"] / "results.json").get("config", {})  # the eval's --knn_temp, as its ppl
+    config = stage_record(out, entry["folder"]).get("config", {})  # the eval's --knn_temp, as its ppl
     return gain_share(cache, [lam], temp=config.get("knn_temp", KNNArgs().knn_temp))["lmbda"][str(lam)]["share_ci"]
 
 
@@ -104,20 +104,19 @@ def _lm_still_improving(out: Path, entry: dict) -> str:
     path = out / entry["lm"] / "results.json"
     if not path.is_file():
         return LM_SCHEDULE_UNFINISHED if entry["converged"] == "annealed" else LM_STILL_IMPROVING
-    run = read_json(path)
+    run = stage_record(out, entry["lm"])
     if entry["converged"] == "annealed":
         cap = run["config"].get("max_steps")
-        to_end = run["metrics"].get("steps") == cap if cap is not None else _last_lr(path.parent) == 0
+        to_end = run["metrics"].get("steps") == cap if cap is not None else _last_lr(out, entry["lm"]) == 0
         ended = run["config"].get("lr_scheduler_type") in ("linear", "cosine") and to_end and \
             not run["metrics"].get("stopped_early")
         return "" if ended else LM_SCHEDULE_UNFINISHED
     return "" if run["metrics"].get("stopped_early") else LM_STILL_IMPROVING
 
 
-def _last_lr(lm_dir: Path) -> Optional[float]:
-    """The learning rate an `lm train` run logged last (its training.json), None where not recorded."""
-    path = lm_dir / "training.json"
-    history = read_json(path).get("history") if path.is_file() else None
+def _last_lr(out: Path, lm: str) -> Optional[float]:
+    """The learning rate the `lm train` stage ``OUT/<lm>`` logged last (its training.json), None where not recorded."""
+    history = stage_record(out, lm, "training.json").get("history") if (out / lm / "training.json").is_file() else None
     return history[-1].get("lr") if history else None
 
 
@@ -129,7 +128,7 @@ def _plateau(out: Path, entry: dict) -> str:
     path = out / entry["mlp"] / "results.json" if entry.get("mlp") else None
     if path is None or not path.is_file():
         return plateau_reason([None])
-    return plateau_reason([read_json(path)["metrics"].get("training", {}).get("last_fifth_drop")])
+    return plateau_reason([stage_record(out, entry["mlp"])["metrics"].get("training", {}).get("last_fifth_drop")])
 
 
 def report_part(ev: dict, entry: dict, out: Path) -> tuple[dict, list[Claim]]:
@@ -191,7 +190,7 @@ def control_part(ev: dict, entry: dict, out: Path) -> tuple[dict, list[Claim]]:
         missing = f"the memory's eval ({entry['memory']}) has not run"
     gap = None
     if not missing:
-        gap = control_gap(caches[0], caches[1], read_json(mem_results)["metrics"]["lmbda"])
+        gap = control_gap(caches[0], caches[1], stage_record(out, entry["memory"])["metrics"]["lmbda"])
     row = [entry["label"], ev["ppl_lm"], Interval.from_dict(gap["gap_ci"]).fmt(3, "+") if gap else "–", missing]
     # the memory's own gate as for its share: an entry naming the memory's `mlp train` stage (mlp:) is judged only
     # where that memory's loss plateaued

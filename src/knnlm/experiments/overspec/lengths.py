@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from ...claims import Claim
-from ...fileio import read_json
 from ...stats import Interval, as_interval
-from ..study import seed_path
+from ..study import seed_path, stage_record
 from .report import FIT_MARGIN_NATS, OVERSPEC_CLAIMS, with_seeds
 from .settings import point_dir
 
@@ -46,12 +45,14 @@ def overspec_lengths(run_dir: Path) -> dict:
     from ...stats import hierarchical_bootstrap, paired_bootstrap
 
     run_dir = Path(run_dir)
-    config, metrics = read_json(run_dir / "config.json"), read_json(run_dir / "results.json")["metrics"]
+    out, folder = run_dir.parent, run_dir.name
+    config, metrics = stage_record(out, folder, "config.json"), stage_record(out, folder)["metrics"]
     lam, steps, seeds = str(float(config["lmbda"][0])), metrics["steps"], metrics["seeds"]
     epochs_at = _epochs_at(config, metrics, steps)
     points, gaps = [], {}
     for step in steps[1:]:
-        saved = [read_json(point_dir(seed_path(run_dir, s), step).with_suffix(".json")) for s in seeds]
+        names = [point_dir(seed_path(run_dir, s), step).with_suffix(".json").relative_to(run_dir) for s in seeds]
+        saved = [stage_record(out, folder, name) for name in names]
         test = [x["lls"]["test"] for x in saved]
         strata = [t["n_children"] for t in test]
         lm = [np.asarray(t["lm"], float) for t in test]
