@@ -1,6 +1,7 @@
 """A run's own JSON record that is valid JSON but not an object (``[]``: cut, or overwritten by hand) is a one-line
 error naming the file and the fix when a rerun reads it back, not an internal TypeError / AttributeError."""
 import json
+import shutil
 
 import test_faults  # noqa: F401  (its fixtures)
 from test_faults import assert_one_line, cli, files  # noqa: F401
@@ -254,3 +255,39 @@ def test_reproduce_report_over_a_damaged_stage_record_names_the_stage_to_run_aga
         assert rc == 0, err
         again = json.loads((out / "results.json").read_text())
         assert again["claims"] == before["claims"] and again["metrics"]["tables"] == before["metrics"]["tables"]
+
+
+def test_overspec_resumed_seed_over_a_damaged_evaluation_point_names_it(tmp_path, capsys, monkeypatch):
+    """Before: a seed resumed from its checkpoint read back the points scored before it (seed-S/evals/step-N.json)
+    unchecked: `[]` was an internal TypeError (list indices must be integers or slices, not str), exit 1; a missing one
+    an OSError naming no fix. The fix it gives (delete the point and the checkpoint) trains the seed again from step
+    0."""
+    from knnlm.errors import KnnlmError
+    from knnlm.experiments.overspec import run as overspec_run
+
+    out = tmp_path / "o"
+    argv = [*OVERSPEC_TINY, "--output_dir", out]
+    real = overspec_run.evaluate_point
+
+    def killed_at_the_last_point(*a, last=True, **kw):
+        if last:
+            raise KnnlmError("killed")
+        return real(*a, last=last, **kw)
+
+    monkeypatch.setattr(overspec_run, "evaluate_point", killed_at_the_last_point)
+    assert cli(argv, capsys)[0] == 2  # stopped after the step-4 point and its checkpoint
+    monkeypatch.setattr(overspec_run, "evaluate_point", real)
+    seed, point = out / "seed-0", out / "seed-0" / "evals" / "step-0000000.json"
+    assert (seed / "ckpt").is_dir() and not (seed / "history.json").exists()
+    before = json.loads(point.read_text())
+    fix = f"delete it and the checkpoint {seed / 'ckpt'}: seed 0 is then trained again from step 0"
+    point.write_text("[]")
+    assert_one_line(*cli(argv, capsys), f"{point} is corrupt (not a JSON object: [])", fix)
+    point.unlink()
+    assert_one_line(*cli(argv, capsys), f"{point} is missing", f"delete the checkpoint {seed / 'ckpt'}")
+    shutil.rmtree(seed / "ckpt")  # the fix it gives (the point is deleted already)
+    rc, err = cli(argv, capsys)
+    assert rc == 0, err
+    history = json.loads((seed / "history.json").read_text())
+    assert [h["step"] for h in history["history"]] == [0, 4, 8]
+    assert history["history"][0]["splits"] == json.loads(point.read_text())["splits"] == before["splits"]

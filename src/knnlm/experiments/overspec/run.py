@@ -13,7 +13,7 @@ import torch
 
 from ...distributed import barrier, is_main, rank_and_world, start_group
 from ...errors import KnnlmError
-from ...fileio import atomic_write_json, claim_output_dir, read_json, reusable
+from ...fileio import atomic_write_json, claim_output_dir, read_json, read_record, reusable
 from ...models import ModelArgs
 from ..study import check_resumable, finish_run, read_finished, seed_path
 from .report import aggregate, write_outputs
@@ -248,8 +248,14 @@ def _train_run(lm, rows: list[dict], args: OverspecArgs, seed: int, run_dir: Pat
     desc = f"seed {seed}" + (" bare" if run_dir.name == "bare" else "")
     history = train(lm.model, make_batches(lm, rows, args.batch_size), args.train_args(seed), run_dir / "ckpt",
                     eval_every=args.eval_every, on_eval=on_eval, progress_desc=desc, checkpoint_ends=False)
+    # A point scored before the checkpoint this run resumed from is not scored again while the checkpoint is there;
+    # trained again from step 0, the run scores a deleted point again and reuses the others where the weights match.
+    restart = f"the checkpoint {run_dir / 'ckpt'}: {desc} is then trained again from step 0"
     for entry in history:
-        saved = read_json(eval_dir(run_dir, entry["step"]).with_suffix(".json"))
+        path = eval_dir(run_dir, entry["step"]).with_suffix(".json")
+        if not path.is_file():
+            raise KnnlmError(f"{path} is missing; delete {restart}")
+        saved = read_record(path, fix=f"delete it and {restart}")
         entry.update({k: saved[k] for k in per_point})
     history[-1].update({k: saved[k] for k in last_point if k in saved})
     record = {"seed": seed, "n_train": len(rows), "steps": history[-1]["step"], "history": history,
