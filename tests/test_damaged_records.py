@@ -283,6 +283,8 @@ def test_overspec_resumed_seed_over_a_damaged_evaluation_point_names_it(tmp_path
     fix = f"delete it and the checkpoint {seed / 'ckpt'}: seed 0 is then trained again from step 0"
     point.write_text("[]")
     assert_one_line(*cli(argv, capsys), f"{point} is corrupt (not a JSON object: [])", fix)
+    point.write_text('{"step": 0}')  # an object without its scores (before: an internal KeyError)
+    assert_one_line(*cli(argv, capsys), f"{point} is corrupt (no 'splits' field)", fix)
     point.unlink()
     assert_one_line(*cli(argv, capsys), f"{point} is missing", f"delete the checkpoint {seed / 'ckpt'}")
     shutil.rmtree(seed / "ckpt")  # the fix it gives (the point is deleted already)
@@ -291,3 +293,73 @@ def test_overspec_resumed_seed_over_a_damaged_evaluation_point_names_it(tmp_path
     history = json.loads((seed / "history.json").read_text())
     assert [h["step"] for h in history["history"]] == [0, 4, 8]
     assert history["history"][0]["splits"] == json.loads(point.read_text())["splits"] == before["splits"]
+
+
+def test_hurdle_seed_record_without_its_fields_names_them(files, tmp_path, capsys):
+    """Before: `{}` in a finished run's record was an internal KeyError ('evals') when the seeds were aggregated."""
+    out = tmp_path / "h"
+    argv = [*HURDLE_TEXT, "--data", files / "a.txt", "--validation_file", files / "b.txt", "--output_dir", out]
+    rc, err = cli(argv, capsys)
+    assert rc == 0, err
+    record = out / "runs" / "seed-0-with_last_mlp.json"
+    before = json.loads(record.read_text())
+    record.write_text('{"seed": 0}')
+    assert_one_line(*cli(argv, capsys), f"{record} is corrupt (no 'evals', 'curve', 'data_digest' fields)", FIX)
+    record.unlink()  # the fix it gives
+    rc, err = cli(argv, capsys)
+    assert rc == 0, err
+    again = json.loads(record.read_text())
+    assert again["evals"] == before["evals"] and again["data_digest"] == before["data_digest"]
+
+
+def test_reproduce_records_without_their_fields_name_them(tmp_path):
+    """Before: `{}` in stages/<stage>.elapsed.json or stages/run.json was an internal KeyError ('wall_s', 'scale'). The
+    fixes they give work: a deleted times record runs on."""
+    import pytest
+    import yaml
+
+    from knnlm.errors import KnnlmError
+    from knnlm.experiments.reproduce import ReproduceArgs, run_stages
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"stages": [{"name": "a", "argv": ["eval", "--k", "4"]}]}))
+    out = tmp_path / "out"
+    args = ReproduceArgs(output_dir=str(out), recipe=str(recipe))
+    ran = []
+    run_stages(args, lambda argv: ran.append(argv) or 0)
+    stages = out / "stages"
+    (stages / "a.done").unlink()
+    (stages / "a.elapsed.json").write_text('{"runs": 1}')
+    with pytest.raises(KnnlmError, match=rf"{stages / 'a.elapsed.json'} is corrupt \(no 'wall_s' field\); delete it"):
+        run_stages(args, lambda argv: ran.append(argv) or 0)
+    (stages / "a.elapsed.json").unlink()
+    kind = (stages / "run.json").read_text()
+    (stages / "run.json").write_text("{}")
+    with pytest.raises(KnnlmError, match=rf"{stages / 'run.json'} is corrupt \(no 'scale', 'smoke' fields\); .*pass "
+                                         "another --output_dir"):
+        run_stages(args, lambda argv: ran.append(argv) or 0)
+    (stages / "run.json").write_text(kind)
+    assert run_stages(args, lambda argv: ran.append(argv) or 0).keys() == {"a"} and len(ran) == 2
+    assert json.loads((stages / "runs.json").read_text()) == {"a": 1}  # the deleted record's run is not counted
+
+
+def test_mlp_train_into_its_memory_whose_train_json_lacks_its_fields(tiny_gpt2_dir, files, tmp_path, capsys):
+    """Before: the memory's check passed a train.json without its fields: a rerun of the CLI summarised it (exit 0),
+    and overspec, which keeps the loss curve of a memory it finds trained, failed with an internal KeyError. Now: the
+    damaged-memory line, and --overwrite trains it again."""
+    from test_faults import build_ds
+
+    ds = build_ds(tiny_gpt2_dir, files / "a.txt", tmp_path / "ds", capsys)
+    mem = tmp_path / "mem"
+    argv = ["mlp", "train", "--model_name_or_path", tiny_gpt2_dir, "--device", "cpu", "--datastore", ds.dir,
+            "--output_dir", mem, "--max_steps", 1, "--hidden_size", 8]
+    rc, err = cli(argv, capsys)
+    assert rc == 0, err
+    log = mem / "train.json"
+    before = json.loads(log.read_text())
+    log.write_text(json.dumps({k: v for k, v in before.items() if k != "loss_curve"}))
+    assert_one_line(*cli(argv, capsys), f"--output_dir: {mem} holds this memory but it is damaged ({log} is corrupt "
+                    "(no 'loss_curve' field)", "rerun with --overwrite to train it again")
+    rc, err = cli([*argv, "--overwrite", "true"], capsys)
+    assert rc == 0, err
+    assert json.loads(log.read_text())["loss_curve"] == before["loss_curve"]

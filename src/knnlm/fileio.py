@@ -179,14 +179,20 @@ def read_json(path: str | Path, fix: str = "delete it or rebuild what it belongs
         raise KnnlmError(f"{path} is corrupt (not valid JSON: {str(e).splitlines()[0][:80]}); {fix}") from None
 
 
-def read_record(path: str | Path, fix: str = "delete it or rebuild what it belongs to") -> dict:
+def read_record(path: str | Path, fix: str = "delete it or rebuild what it belongs to",
+                required: Iterable[str] = ()) -> dict:
     """A JSON record (an object) a command wrote: :func:`read_json`, and valid JSON of another shape (``[]``, a number,
-    a string) is corrupt alike, naming the file; a caller's ``record["x"]`` or ``.get`` on it is an internal error."""
+    a string) is corrupt alike, naming the file; a caller's ``record["x"]`` or ``.get`` on it is an internal error.
+    ``required``: the fields the caller indexes (every record the command writes has them); an object without one
+    (``{}``, a hand edit) is corrupt too, where its ``record["x"]`` was an internal KeyError."""
     record = read_json(path, fix)
     if not isinstance(record, dict):
         shown = json.dumps(record)
         raise KnnlmError(f"{path} is corrupt (not a JSON object: {shown[:60]}{'...' if len(shown) > 60 else ''}); "
                          f"{fix}")
+    missing = [repr(k) for k in required if k not in record]
+    if missing:
+        raise KnnlmError(f"{path} is corrupt (no {', '.join(missing)} field{'s' if len(missing) > 1 else ''}); {fix}")
     return record
 
 

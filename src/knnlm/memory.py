@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 FORMAT = "knnlm-mlp-memory/1"
 LR_SCHEDULES = ("constant", "linear", "cosine")
 WEIGHTS_FILE, CONFIG_FILE, CHECKPOINT_DIR, TRAIN_LOG = "memory.safetensors", "memory.json", "checkpoint", "train.json"
+TRAIN_LOG_FIELDS = ("steps", "first_loss", "final_loss", "loss_curve")  # every train.json has them; overspec keeps them
 _FINGERPRINT = "fingerprint.json"  # in CHECKPOINT_DIR: the fingerprint of the training it holds
 _OLD_CHECKPOINT = "checkpoint.pt"  # a training killed before memories ran on the shared loop: not resumable, removed
 
@@ -377,12 +378,12 @@ def _prepare_dir(out: Path, fp: dict, overwrite: bool) -> Optional[str]:
 
 
 def _check_train_log(out: Path) -> None:
-    """Refuses a finished memory whose ``train.json`` is missing or not a JSON object: the CLI reports from it and
-    overspec reads its loss curve, and neither can rebuild it without training the memory again."""
+    """Refuses a finished memory whose ``train.json`` is missing, not a JSON object or without its fields: the CLI
+    reports from it and overspec reads its loss curve, and neither can rebuild it without training the memory again."""
     path = out / TRAIN_LOG
     if not path.is_file():
         raise KnnlmError(f"{path} is missing")
-    read_record(path)
+    read_record(path, required=TRAIN_LOG_FIELDS)
 
 
 def _micro_per_batch(args: MemoryArgs) -> int:

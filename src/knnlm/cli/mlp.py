@@ -55,9 +55,10 @@ def cmd_mlp_train(args) -> int:
 
 def _read_training(out: Path) -> dict:
     from ..fileio import read_record
-    from ..memory import TRAIN_LOG
+    from ..memory import TRAIN_LOG, TRAIN_LOG_FIELDS
 
-    record = read_record(out / TRAIN_LOG, fix="rerun with --overwrite to train the memory again")
+    record = read_record(out / TRAIN_LOG, fix="rerun with --overwrite to train the memory again",
+                         required=TRAIN_LOG_FIELDS)
     record.pop("loss_curve", None)
     return record
 

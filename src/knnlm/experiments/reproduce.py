@@ -205,7 +205,7 @@ def check_run_kind(out: Path, args: ReproduceArgs) -> None:
     kind = {"scale": args.scale, "smoke": args.smoke}
     if path.exists():
         before = read_record(path, fix="it says which kind of run (scale, --smoke) the folder holds: pass another "
-                             "--output_dir")
+                             "--output_dir", required=("scale", "smoke"))
         if before != kind:
             raise KnnlmError(f"--output_dir: {out} holds a {before['scale']}{' --smoke' if before['smoke'] else ''} "
                              f"run, not {args.scale}{' --smoke' if args.smoke else ''}; pass another --output_dir")
@@ -229,8 +229,8 @@ HEARTBEAT_S = 30.0
 def timed_run(path: Path, run) -> tuple[int, dict]:
     """``run()``'s exit code and ``{"wall_s", "runs"}``: its wall time added to what earlier runs of the stage spent
     (``path``, saved every ``HEARTBEAT_S`` and when it ends or fails), so a resumed stage's time is all of its runs'."""
-    before = read_record(path, fix="delete it: the stage's time then counts from this run") if path.exists() else \
-        {"wall_s": 0.0, "runs": 0}
+    before = read_record(path, fix="delete it: the stage's time then counts from this run",
+                         required=("wall_s", "runs")) if path.exists() else {"wall_s": 0.0, "runs": 0}
     started, stop = time.time(), threading.Event()
 
     def save() -> dict:
@@ -348,7 +348,7 @@ def collect(out: Path, entries: list[dict], finished: Optional[dict] = None) -> 
         if not path.exists() or (finished or {}).get(entry["folder"]) is False:
             missing.append(f"{entry['study']}: {entry.get('label', '')} ({entry['folder']})")
             continue
-        rows, found = study.report(stage_record(out, entry["folder"])["metrics"], entry, out)
+        rows, found = study.report(stage_record(out, entry["folder"], required=("metrics",))["metrics"], entry, out)
         claims += found
         for name, r in rows.items():
             tables[name] += r

@@ -78,17 +78,18 @@ def finish_run(done: Path, record: dict, ckpt: Path, write: bool = True) -> dict
     return record
 
 
-def read_finished(done: Path) -> dict:
-    """The record :func:`finish_run` wrote to ``done``; one that is not a JSON object (cut short, overwritten) is a
-    one-line error naming it. Deleting it makes a rerun train that run again (its checkpoint went when it finished)."""
-    return read_record(done, fix="delete it to train that run again, or pass another --output_dir")
+def read_finished(done: Path, required: Iterable[str] = ()) -> dict:
+    """The record :func:`finish_run` wrote to ``done``; one that is not a JSON object (cut short, overwritten) or lacks
+    a ``required`` field is a one-line error naming it. Deleting it makes a rerun train that run again (its checkpoint
+    went when it finished)."""
+    return read_record(done, fix="delete it to train that run again, or pass another --output_dir", required=required)
 
 
-def stage_record(out: Path, folder: str, name: str = "results.json") -> dict:
+def stage_record(out: Path, folder: str, name: str = "results.json", required: Iterable[str] = ()) -> dict:
     """The record ``name`` in the stage folder ``OUT/<folder>`` of a ``knnlm reproduce`` run, as its report reads it (a
     study's report part reads other stages' records too: the memory's LM and `mlp train`); one that is not a JSON object
-    is a one-line error whose fix runs the stage again (:func:`rerun_stage_fix`)."""
-    return read_record(Path(out) / folder / name, fix=rerun_stage_fix(Path(out), folder))
+    or without a ``required`` field is a one-line error whose fix runs the stage again (:func:`rerun_stage_fix`)."""
+    return read_record(Path(out) / folder / name, fix=rerun_stage_fix(Path(out), folder), required=required)
 
 
 def rerun_stage_fix(out: Path, folder: str) -> str:

@@ -128,6 +128,10 @@ def _batches(data: StudyData, args: HurdleArgs):
     return stream
 
 
+# the fields of a finished run's record (runs/seed-S-<model>.json) that aggregating the seeds indexes
+RECORD_FIELDS = ("evals", "curve", "data_digest")
+
+
 def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: HurdleArgs, run_dir: Path,
               device: torch.device) -> dict:
     """Trains one (seed, model) run on ``knnlm.train``'s loop, resuming from its checkpoint folder; -> its record
@@ -135,7 +139,7 @@ def train_one(model: nn.Module, name: str, seed: int, data: StudyData, args: Hur
     once finished (``study.finish_run``)."""
     done_path = seed_path(run_dir, seed, f"-{name}.json")
     if done_path.is_file():
-        return read_finished(done_path)
+        return read_finished(done_path, RECORD_FIELDS)
     ckpt_dir = seed_path(run_dir, seed, f"-{name}")
     old_ckpt = run_dir / f"seed{seed}-{name}.pt"  # the checkpoint of the hurdle's former own training loop
     if old_ckpt.is_file() and not ckpt_dir.exists():
@@ -211,7 +215,7 @@ def run_study(args: HurdleArgs) -> dict:
     for seed in range(args.num_seeds):
         done = {name: seed_path(run_dir, seed, f"-{name}.json") for name in MODELS}
         if all(p.is_file() for p in done.values()):  # a finished seed: nothing to build
-            runs = {name: read_finished(p) for name, p in done.items()}
+            runs = {name: read_finished(p, RECORD_FIELDS) for name, p in done.items()}
         else:
             runs = {name: train_one(model, name, seed, data, args, run_dir, device)
                     for name, model in build_pair(config, seed).items()}

@@ -23,7 +23,8 @@ def init_record(args: LMArgs) -> dict:
         raise KnnlmError(f"--init_from: {folder} holds no finished `knnlm lm train` model ({TRAINING_JSON}); "
                          "train it first or pass that command's --output_dir")
     try:
-        return read_record(folder / TRAINING_JSON, fix="pass a folder `knnlm lm train` finished")
+        return read_record(folder / TRAINING_JSON, fix="pass a folder `knnlm lm train` finished",
+                           required=("steps", "history"))  # (kept_step_lr's)
     except KnnlmError as e:
         raise KnnlmError(f"--init_from: {e}") from None
 

@@ -145,6 +145,8 @@ def _read_key(path: Path, field_name: str | None = None):
 
 
 _DAMAGED_FIX = "pass --overwrite true to train the model again, or another --output_dir"
+# the fields of training.json that `lm train`'s summary of a finished model indexes (every record has them)
+TRAINING_FIELDS = ("history", "n_parameters", "vocab_size", "val_ppl", "steps", "epochs", "train_wall_s")
 
 
 def _read_run_record(path: Path, overwrite: bool, field_name: str | None = None):
@@ -204,7 +206,7 @@ def train_lm(args: LMArgs, targs: TrainArgs) -> dict:
         work = out / "work" if (out / "work" / "run.json").is_file() else None
     if work is None:
         log.info("%s already holds this model; nothing to do (--overwrite true retrains)", out)
-        return read_json(out / TRAINING_JSON)
+        return read_record(out / TRAINING_JSON, fix=_DAMAGED_FIX, required=TRAINING_FIELDS)
     with dist.main_process_first():
         tokenizer = _tokenizer_in(work, args)
         train_tokens, val_tokens = _tokenize_files(tokenizer, args, work)

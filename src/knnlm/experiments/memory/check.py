@@ -32,8 +32,10 @@ def own_data_check(lm_dir: str | Path, ds_dir: str | Path) -> dict:
         raise KnnlmError(f"--model_name_or_path: {lm_dir} holds no finished `knnlm lm train` model ({TRAINING_JSON})")
     if not (ds_dir / "meta.json").is_file():
         raise KnnlmError(f"--datastore: {ds_dir} holds no finished datastore (meta.json)")
-    record = read_record(lm_dir / TRAINING_JSON, fix="train the model again (`knnlm lm train --overwrite true`)")
-    meta = read_record(ds_dir / "meta.json", fix="rebuild the datastore (`knnlm datastore build ... --overwrite`)")
+    record = read_record(lm_dir / TRAINING_JSON, fix="train the model again (`knnlm lm train --overwrite true`)",
+                         required=("args",))
+    meta = read_record(ds_dir / "meta.json", fix="rebuild the datastore (`knnlm datastore build ... --overwrite`)",
+                       required=("corpus_hash", "n_tokens", "N", "model_name_or_path"))
     fields = {f.name for f in dataclasses.fields(LMArgs)}
     args = LMArgs(**{k: v for k, v in record["args"].items() if k in fields})
     tokenizer = AutoTokenizer.from_pretrained(lm_dir)

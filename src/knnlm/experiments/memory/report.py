@@ -101,11 +101,11 @@ def _lm_still_improving(out: Path, entry: dict) -> str:
     ``max_steps``, or, trained by ``--epochs``, to a last logged rate of 0 (its training.json)."""
     if not entry.get("converged"):
         return ""
-    path = out / entry["lm"] / "results.json"
-    if not path.is_file():
-        return LM_SCHEDULE_UNFINISHED if entry["converged"] == "annealed" else LM_STILL_IMPROVING
-    run = stage_record(out, entry["lm"])
-    if entry["converged"] == "annealed":
+    annealed = entry["converged"] == "annealed"
+    if not (out / entry["lm"] / "results.json").is_file():
+        return LM_SCHEDULE_UNFINISHED if annealed else LM_STILL_IMPROVING
+    run = stage_record(out, entry["lm"], required=("metrics", "config") if annealed else ("metrics",))
+    if annealed:
         cap = run["config"].get("max_steps")
         to_end = run["metrics"].get("steps") == cap if cap is not None else _last_lr(out, entry["lm"]) == 0
         ended = run["config"].get("lr_scheduler_type") in ("linear", "cosine") and to_end and \
@@ -128,7 +128,8 @@ def _plateau(out: Path, entry: dict) -> str:
     path = out / entry["mlp"] / "results.json" if entry.get("mlp") else None
     if path is None or not path.is_file():
         return plateau_reason([None])
-    return plateau_reason([stage_record(out, entry["mlp"])["metrics"].get("training", {}).get("last_fifth_drop")])
+    metrics = stage_record(out, entry["mlp"], required=("metrics",))["metrics"]
+    return plateau_reason([metrics.get("training", {}).get("last_fifth_drop")])
 
 
 def report_part(ev: dict, entry: dict, out: Path) -> tuple[dict, list[Claim]]:
@@ -190,7 +191,8 @@ def control_part(ev: dict, entry: dict, out: Path) -> tuple[dict, list[Claim]]:
         missing = f"the memory's eval ({entry['memory']}) has not run"
     gap = None
     if not missing:
-        gap = control_gap(caches[0], caches[1], stage_record(out, entry["memory"])["metrics"]["lmbda"])
+        lam = stage_record(out, entry["memory"], required=("metrics",))["metrics"]["lmbda"]
+        gap = control_gap(caches[0], caches[1], lam)
     row = [entry["label"], ev["ppl_lm"], Interval.from_dict(gap["gap_ci"]).fmt(3, "+") if gap else "–", missing]
     # the memory's own gate as for its share: an entry naming the memory's `mlp train` stage (mlp:) is judged only
     # where that memory's loss plateaued

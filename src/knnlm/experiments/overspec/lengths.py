@@ -46,13 +46,14 @@ def overspec_lengths(run_dir: Path) -> dict:
 
     run_dir = Path(run_dir)
     out, folder = run_dir.parent, run_dir.name
-    config, metrics = stage_record(out, folder, "config.json"), stage_record(out, folder)["metrics"]
+    config = stage_record(out, folder, "config.json", required=("lmbda",))
+    metrics = stage_record(out, folder, required=("metrics",))["metrics"]
     lam, steps, seeds = str(float(config["lmbda"][0])), metrics["steps"], metrics["seeds"]
     epochs_at = _epochs_at(config, metrics, steps)
     points, gaps = [], {}
     for step in steps[1:]:
         names = [point_dir(seed_path(run_dir, s), step).with_suffix(".json").relative_to(run_dir) for s in seeds]
-        saved = [stage_record(out, folder, name) for name in names]
+        saved = [stage_record(out, folder, name, required=("lls", "splits")) for name in names]
         test = [x["lls"]["test"] for x in saved]
         strata = [t["n_children"] for t in test]
         lm = [np.asarray(t["lm"], float) for t in test]

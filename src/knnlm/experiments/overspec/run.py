@@ -114,7 +114,7 @@ def evaluate_point(lm, args: OverspecArgs, data: Path, point_dir: Path, seed: in
     from ...knn import Retriever
     from ...macondo.generate import read_split
     from ...macondo.score import fit_optimum, score_split, summarize_scores
-    from ...memory import train_memory
+    from ...memory import TRAIN_LOG, TRAIN_LOG_FIELDS, train_memory
 
     t0 = time.time()
     corpus = CorpusArgs(train_file=str(data / "train.jsonl"), concat_documents=False)
@@ -131,8 +131,8 @@ def evaluate_point(lm, args: OverspecArgs, data: Path, point_dir: Path, seed: in
     retriever = Retriever(ds, knn)
     out = {"n_keys": ds.N, "splits": {}, "lls": {}}
     if memory is not None:  # the memory's loss curve over all datastore pairs (does it plateau?)
-        rec = read_json(point_dir / "memory" / "train.json")
-        out["mlp_training"] = {k: rec[k] for k in ("steps", "first_loss", "final_loss", "loss_curve")}
+        rec = read_json(point_dir / "memory" / TRAIN_LOG)  # (written, or checked, by train_memory)
+        out["mlp_training"] = {k: rec[k] for k in TRAIN_LOG_FIELDS}
     all_train = read_split(data, "train")
     for split in SPLITS:
         if split == "train" and not args.train_eval_per_pair:
@@ -206,6 +206,10 @@ def _compact(result: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------- seeds
+# the fields of a finished run's record (seed-S/history.json, seed-S/bare/history.json) that aggregating seeds indexes
+RECORD_FIELDS = ("seed", "history", "n_train", "wall_s")
+
+
 def run_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
     """Trains and evaluates one seed (resuming) on its village, whose children's names are single tokens under the
     model's tokenizer; -> its record: {"seed", "history", "n_train", "steps", "wall_s"}."""
@@ -215,7 +219,7 @@ def run_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
     done = seed_dir / "history.json"
     if done.is_file():
         log.info("seed %d: finished earlier (%s)", seed, done)
-        return read_finished(done)
+        return read_finished(done, RECORD_FIELDS)
     started = time.time()
     seed_dir.mkdir(parents=True, exist_ok=True)
     data, world = seed_dir / "data", rank_and_world()[1]
@@ -255,7 +259,7 @@ def _train_run(lm, rows: list[dict], args: OverspecArgs, seed: int, run_dir: Pat
         path = eval_dir(run_dir, entry["step"]).with_suffix(".json")
         if not path.is_file():
             raise KnnlmError(f"{path} is missing; delete {restart}")
-        saved = read_record(path, fix=f"delete it and {restart}")
+        saved = read_record(path, fix=f"delete it and {restart}", required=per_point)
         entry.update({k: saved[k] for k in per_point})
     history[-1].update({k: saved[k] for k in last_point if k in saved})
     record = {"seed": seed, "n_train": len(rows), "steps": history[-1]["step"], "history": history,
@@ -277,7 +281,7 @@ def run_bare_seed(args: OverspecArgs, seed: int, out: Path) -> dict:
     bare_dir = seed_dir / "bare"
     done = bare_dir / "history.json"
     if done.is_file():
-        return read_finished(done)
+        return read_finished(done, RECORD_FIELDS)
     started = time.time()
     data = seed_dir / "data"
     rows = bare_training_rows(data, args.examples_per_child)
