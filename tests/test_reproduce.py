@@ -674,3 +674,26 @@ def test_a_run_folder_moved_elsewhere_keeps_its_finished_stages(tmp_path):
     assert finished_folders(read_recipe(args), args) == {"ds": True, "eval2": False}
     run_stages(args, lambda argv: ran.append(argv) or 0)
     assert len(ran) == 3 and ran[2][-1] == str(new / "eval2")
+
+
+def test_a_stage_whose_folder_moved_up_in_the_recipe_is_not_finished(tmp_path):
+    """A marker matched its stage's command "but for where OUT was" with OUT free to be any path: a recipe edit that
+    took {out}/lm/ds to {out}/ds, in a folder never moved, read as OUT once at OUT/lm, so the stage counted as finished
+    (its new folder empty); and the old OUT could stand for other arguments of a moved folder's marker."""
+    from knnlm.experiments.reproduce import _same_command, finished_folders, read_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"stages": [
+        {"name": "ds", "argv": ["datastore", "build", "--train_file", "{data}/train.txt", "--output_dir",
+                                "{out}/lm/ds"]}]}))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.txt").write_text(TRAIN)
+    args = ReproduceArgs(output_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), recipe=str(recipe))
+    run_stages(args, lambda argv: 0)
+    assert finished_folders(read_recipe(args), args) == {"lm/ds": True}
+    recipe.write_text(recipe.read_text().replace("{out}/lm/ds", "{out}/ds"))
+    assert finished_folders(read_recipe(args), args) == {"ds": False}
+
+    line = "eval --output_dir /r/run/eval --k 8"
+    assert _same_command("eval --output_dir /old/run/eval --k 8", line, "/r/run")  # moved: still finished
+    assert not _same_command("eval --output_dir /old/x --lmbda 0.1 --save /old/y/eval --k 8", line, "/r/run")

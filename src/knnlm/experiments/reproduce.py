@@ -265,13 +265,17 @@ def finished_as_now(stage: dict, args: ReproduceArgs) -> bool:
 def _same_command(recorded: str, line: str, out: str) -> bool:
     """Whether a marker's command line ``recorded`` is ``line`` but for where OUT was: the marker holds OUT's absolute
     path (and that of a --smoke or exported data folder inside it), so a folder moved or renamed since its stages ran
-    would otherwise have none of them finished (--report_only reported each as not run; a rerun ran each again)."""
+    would otherwise have none of them finished (--report_only reported each as not run; a rerun ran each again).
+    A marker that names OUT where it is now was written here, so only the same line matches it: a recipe edit that
+    took ``{out}/sub/x`` to ``{out}/x`` would otherwise read as OUT once at ``OUT/sub``. The old OUT is one path, no
+    whitespace in it, so that it cannot stand for other arguments (the same line elsewhere but for them)."""
     if recorded == line:
         return True
-    parts = re.split(re.escape(out) + r"(?=/|\s|$)", line)
-    if len(parts) == 1:
+    at_out = re.escape(out) + r"(?=/|\s|$)"
+    parts = re.split(at_out, line)
+    if len(parts) == 1 or re.search(at_out, recorded):
         return False
-    pattern = re.escape(parts[0]) + "(?P<out>/.+?)" + "(?P=out)".join(re.escape(p) for p in parts[1:])
+    pattern = re.escape(parts[0]) + r"(?P<out>/\S+?)" + "(?P=out)".join(re.escape(p) for p in parts[1:])
     return re.fullmatch(pattern, recorded) is not None
 
 
