@@ -51,7 +51,7 @@ def _shown_commands() -> list[tuple[str, list[str]]]:
 
 def test_every_command_shown_in_the_docs_parses():
     """A renamed or removed flag fails here, not in a reader's shell (the same check `reproduce` runs on its recipes)."""
-    from knnlm.cli import build_parser
+    from knnlm.cli import bool_values_given, build_parser
 
     parser, shown = build_parser(), _shown_commands()
     assert len(shown) >= 60 and any(argv[:1] == ["demo"] for _, argv in shown)
@@ -60,7 +60,7 @@ def test_every_command_shown_in_the_docs_parses():
         err = io.StringIO()
         try:
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-                parser.parse_args(argv)
+                parser.parse_args(bool_values_given(parser, argv))  # as `main` reads it
         except SystemExit as e:
             if e.code:
                 bad.append(f"{page}: knnlm {' '.join(argv)}: {(err.getvalue().strip().splitlines() or ['?'])[-1]}")

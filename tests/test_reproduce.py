@@ -697,3 +697,16 @@ def test_a_stage_whose_folder_moved_up_in_the_recipe_is_not_finished(tmp_path):
     line = "eval --output_dir /r/run/eval --k 8"
     assert _same_command("eval --output_dir /old/run/eval --k 8", line, "/r/run")  # moved: still finished
     assert not _same_command("eval --output_dir /old/x --lmbda 0.1 --save /old/y/eval --k 8", line, "/r/run")
+
+
+def test_a_stage_with_a_boolean_flag_before_its_positional_argument_passes_the_recipe_check(tmp_path):
+    """`main` reads `index build --overwrite DS` as --overwrite true (cli.bool_values_given), but the recipe check
+    parsed the stage's argv without it: DS taken as --overwrite's value, the recipe was refused ("the following
+    arguments are required: datastore") for a stage that runs."""
+    from knnlm.cli.reproduce import check_stage_commands
+
+    recipe = {"stages": [{"name": "ix", "argv": ["index", "build", "--overwrite", "{out}/ds"]}]}
+    check_stage_commands(recipe, ReproduceArgs(output_dir=str(tmp_path / "o")))
+    with pytest.raises(KnnlmError, match="stage ix"):  # (a stage that does not parse is still refused)
+        check_stage_commands({"stages": [{"name": "ix", "argv": ["index", "build", "--overwrite"]}]},
+                             ReproduceArgs(output_dir=str(tmp_path / "o")))

@@ -65,14 +65,14 @@ def check_stage_commands(recipe: dict, rargs) -> None:
 
     from ..errors import KnnlmError
     from ..experiments.reproduce import stage_argv
-    from . import build_parser
+    from . import bool_values_given, build_parser
 
     parser = build_parser()
     for stage in recipe["stages"]:
         argv, err = stage_argv(stage, rargs), io.StringIO()
         try:
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-                parser.parse_args(argv)
+                parser.parse_args(bool_values_given(parser, argv))  # as `main` reads the stage's argv
         except SystemExit:
             why = (err.getvalue().strip().splitlines() or ["it does not parse"])[-1]
             raise KnnlmError(f"--recipe: {rargs.recipe or f'the {rargs.scale} recipe'}: stage {stage['name']}: "
