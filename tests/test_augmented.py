@@ -413,3 +413,15 @@ def test_generation_stops_at_every_end_token_of_the_checkpoint(tiny_gpt2_dir, tm
     served = CompletionEngine(model, name="m").complete({"prompt": prompt, "max_tokens": 8, "temperature": 0})
     assert served["choices"][0]["finish_reason"] == "stop" and served["usage"]["completion_tokens"] == n
     assert served["choices"][0]["text"] == got["text"]
+
+
+@pytest.mark.parametrize("name, body", [("p.txt", "Once upon a time\nThe cat\n"),
+                                        ("p.jsonl", '{"prompt": "Once upon a time"}\n{"prompt": "The cat"}\n')])
+def test_a_prompt_file_opening_with_a_bom_reads_as_without_it(tmp_path, name, body):
+    """A UTF-8 BOM (a Windows editor's) opened the first .txt prompt as text, and made a .jsonl file's first row "not
+    valid JSON": a corpus file drops it (corpus.BOM), and so does --prompt_file."""
+    from knnlm.augmented import read_prompts
+
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert read_prompts(None, str(path)) == (["Once upon a time", "The cat"], 0)

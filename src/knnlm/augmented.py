@@ -371,7 +371,7 @@ def read_prompts(prompts: list[str] | None, prompt_file: Optional[str],
     string); returns them and the number of JSONL rows skipped (``skip_bad_rows``; else such a row is an error)."""
     import json
 
-    from .corpus import BadRows
+    from .corpus import BOM, BadRows
 
     out = list(prompts or [])
     rows = BadRows("--prompt_file", "prompt", skip_bad_rows)
@@ -381,7 +381,8 @@ def read_prompts(prompts: list[str] | None, prompt_file: Optional[str],
             what = "is a folder" if path.is_dir() else "does not exist"
             raise KnnlmError(f"--prompt_file: {path} {what}; pass a .txt (one prompt a line) or .jsonl file")
         try:
-            lines = [(i, ln) for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
+            text = path.read_text(encoding="utf-8").removeprefix(BOM)  # (as a corpus drops it; byte offsets kept)
+            lines = [(i, ln) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()]
         except UnicodeDecodeError as e:
             raise KnnlmError(f"--prompt_file: {path} is not UTF-8 at byte {e.start} (0x{e.object[e.start]:02x}); "
                              "re-encode it (e.g. `iconv -f latin1 -t utf-8`)") from None
