@@ -363,3 +363,16 @@ def test_mlp_train_into_its_memory_whose_train_json_lacks_its_fields(tiny_gpt2_d
     rc, err = cli([*argv, "--overwrite", "true"], capsys)
     assert rc == 0, err
     assert json.loads(log.read_text())["loss_curve"] == before["loss_curve"]
+
+
+def test_the_rerun_advice_names_the_marker_of_the_stage_that_writes_the_folder(tmp_path):
+    """A marker matched the folder by the end of its --output_dir as readily as by the folder itself, so the advice
+    for OUT/ds named whichever marker sorted first: a.done, whose stage writes OUT/lm/ds."""
+    from knnlm.experiments.study import rerun_stage_fix
+
+    out = tmp_path / "run"
+    (out / "stages").mkdir(parents=True)
+    (out / "stages" / "a.done").write_text(f"datastore build --output_dir {out.resolve()}/lm/ds\n")
+    (out / "stages" / "b.done").write_text(f"datastore build --output_dir {out.resolve()}/ds\n")
+    assert str(out / "stages" / "b.done") in rerun_stage_fix(out, "ds")
+    assert str(out / "stages" / "a.done") in rerun_stage_fix(out, "lm/ds")

@@ -98,12 +98,16 @@ def rerun_stage_fix(out: Path, folder: str) -> str:
     its stage is skipped while it is there, and without it the stage's command finds its own finished run in the
     folder (``lm train`` refuses one with a damaged results.json unless --overwrite, which the recipe does not pass)."""
     target = (out / folder).resolve()
+    given = {}  # marker -> the --output_dir values its command line names
     for marker in sorted((out / "stages").glob("*.done")):
         words = marker.read_text(errors="replace").split()
-        given = {words[i + 1] for i in range(len(words) - 1) if words[i] == "--output_dir"}
-        # (a marker holds OUT's absolute path when the stage ran: a folder moved since matches by its end)
-        if any(Path(g) == target or g.endswith(f"/{folder}") for g in given):
-            return f"delete {out / folder} and {marker}, then rerun `knnlm reproduce`: that stage runs again"
+        given[marker] = {words[i + 1] for i in range(len(words) - 1) if words[i] == "--output_dir"}
+    # the folder itself first: only then (a marker holds OUT's absolute path when the stage ran, and a folder moved
+    # since matches by its end) one ending in it, which another stage's OUT/x/<folder> does too
+    for found in (lambda g: Path(g) == target, lambda g: g.endswith(f"/{folder}")):
+        for marker, dirs in given.items():
+            if any(found(g) for g in dirs):
+                return f"delete {out / folder} and {marker}, then rerun `knnlm reproduce`: that stage runs again"
     return (f"delete {out / folder} and the .done marker of the stage that writes it in {out / 'stages'}, then rerun "
             "`knnlm reproduce`: that stage runs again")
 
