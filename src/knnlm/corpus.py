@@ -35,8 +35,8 @@ TABLE_SUFFIXES = {".csv": ("csv", _AS_WRITTEN), ".tsv": ("csv", {**_AS_WRITTEN, 
 ROW_SUFFIXES = JSONL_SUFFIXES + tuple(TABLE_SUFFIXES)  # files of rows with a text field; any other file is plain text
 _CARRY_TOKENS = 8  # tokens re-tokenized across a piece boundary (see _encode_long_text)
 # a UTF-8 byte order mark opening a file (Windows editors write one) is a signature, not text: the table and `datasets`
-# readers drop it, so a plain-text or JSONL file drops it too (it was 3 tokens before the text, or a first JSONL row
-# refused as "not valid JSON")
+# readers drop it, so a plain-text or JSONL file drops it too (kept, it is 3 tokens before the text, and a first JSONL
+# row that is not valid JSON)
 BOM = "\ufeff"
 
 
@@ -114,7 +114,7 @@ class CorpusArgs:
 
 # ---------------------------------------------------------------------------------------------------------------- reading
 # a compressed file's opening bytes -> (its format, the command that decompresses it): no reader here decompresses, and
-# with --encoding_errors replace/ignore (the advice of the not-UTF-8 error) such bytes were tokenized as text, a
+# with --encoding_errors replace/ignore (the advice of the not-UTF-8 error) such bytes would be tokenized as text, a
 # datastore of noise built without a word said
 _COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip -k"), b"BZh": ("bzip2", "bunzip2 -k"), b"\xfd7zXZ\x00": ("xz", "unxz -k"),
                b"\x28\xb5\x2f\xfd": ("zstd", "unzstd"), b"PK\x03\x04": ("zip", "unzip")}
@@ -615,8 +615,8 @@ def tokenize_to_file(lm, args: CorpusArgs, which: str, out_path: str | Path, sou
             raise KnnlmError(f"{flag}: the corpus holds only whitespace ({n} tokens of blanks and line breaks); "
                              f"pass {what} with text in it")
         if n_blank:
-            log.warning("%s: %d of %d documents hold only whitespace; they are kept (each adds its EOS with --concat_documents)", flag,
-                        n_blank, n_docs)
+            log.warning("%s: %d of %d documents hold only whitespace; they are kept (each adds its EOS with "
+                        "--concat_documents)", flag, n_blank, n_docs)
         if tmp.stat().st_size != 4 * n:
             raise KnnlmError(f"{flag}: {out_path}: wrote {tmp.stat().st_size} bytes, expected {4 * n} (a short "
                              "write: is the disk full?); rerun the same command")

@@ -29,7 +29,7 @@ def require_in_range(flag: str, value: int, low: int, high: int, note: str = "")
 
 
 # Threads one flag may start (--workers, --num_threads). Each is an OS thread started up front; far past the cores they
-# only hold stacks, and 10**14 hung the server starting them and overflowed torch's C int.
+# only hold stacks, and a mistyped 10**14 would hang the server starting them, or overflow torch's C int.
 THREAD_LIMIT = 1024
 
 SEED_LIMIT = 2 ** 32  # np.random.seed takes [0, 2**32); numpy's generators and faiss refuse negative seeds

@@ -184,7 +184,7 @@ def read_record(path: str | Path, fix: str = "delete it or rebuild what it belon
     """A JSON record (an object) a command wrote: :func:`read_json`, and valid JSON of another shape (``[]``, a number,
     a string) is corrupt alike, naming the file; a caller's ``record["x"]`` or ``.get`` on it is an internal error.
     ``required``: the fields the caller indexes (every record the command writes has them); an object without one
-    (``{}``, a hand edit) is corrupt too, where its ``record["x"]`` was an internal KeyError."""
+    (``{}``, a hand edit) is corrupt too, not an internal KeyError at its ``record["x"]``."""
     record = read_json(path, fix)
     if not isinstance(record, dict):
         shown = json.dumps(record)

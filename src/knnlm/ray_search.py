@@ -69,7 +69,7 @@ def check_address(address: str) -> None:
 
 
 def check_cpus(cpus: float) -> None:
-    # FAISS searches with that many threads: int(round(inf)) overflowed, and Ray cannot reserve it either
+    # FAISS searches with that many threads: int(round(inf)) overflows, and Ray cannot reserve it either
     require_finite("ray_shard_cpus", cpus, maximum=THREAD_LIMIT)
 
 

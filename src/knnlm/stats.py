@@ -42,7 +42,8 @@ MIN_BLOCKS = 10
 # agrees" (a sign test at 1/8 for 3 seeds).
 MAX_RANGE_SEEDS = 3
 # The most resamples a --n_boot / --bootstrap flag may ask for: a 95% interval's ends settle long before (the defaults
-# are 1,000 and 10,000), beyond it an interval takes minutes, and 10**14 ran a whole study to fail allocating them.
+# are 1,000 and 10,000), beyond it an interval takes minutes, and a mistyped 10**14 would fail allocating them only
+# after the whole study ran.
 MAX_RESAMPLES = 1_000_000
 _CHUNK_ELEMENTS = 4_000_000  # index draws held at once (n_boot × n), about 32 MB of int64
 

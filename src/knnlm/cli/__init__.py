@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def bool_values_given(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """``argv`` with ``true`` after each boolean flag that a command's positional argument follows: a boolean flag
     takes an optional value (``--overwrite`` or ``--overwrite false``), so in ``index build --overwrite DS`` argparse
-    took DS as its value and then said the datastore was missing."""
+    alone would take DS as its value and then say the datastore is missing."""
     from ..config import FALSE_WORDS, TRUE_WORDS
 
     i = 0

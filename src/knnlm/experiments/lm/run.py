@@ -151,7 +151,7 @@ TRAINING_FIELDS = ("history", "n_parameters", "vocab_size", "val_ppl", "steps", 
 
 def _read_run_record(path: Path, overwrite: bool, field_name: str | None = None):
     """The run key recorded in ``training.json`` (``field_name``) or ``work/run.json``; None when there is none. A
-    record that is not JSON or not an object is refused naming it (as a key it matched no run: "other settings"),
+    record that is not JSON or not an object is refused naming it (as a key it would match no run: "other settings"),
     but with ``overwrite``, which replaces the run anyway, it counts as none."""
     if not path.is_file():
         return None
