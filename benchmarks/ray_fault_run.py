@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -40,14 +41,18 @@ res = {"faiss": ev("faiss", "--search_backend", "faiss"),
 assert main(["index", "serve", DS, "--name", "bench610k"]) == 0
 a0 = ray.get_actor("bench610k/shard0", namespace="knnlm")
 killed = {}
+# set when the evaluation returns or fails: one that makes fewer than 5 searches on shard 0 (a small --max_tokens)
+# never meets the kill, and the killer would poll, and the script hang in th.join(), forever
+eval_done = threading.Event()
 
 
 def killer():
-    while True:
+    while not eval_done.is_set():
         d = ray.get(a0.describe.remote())
         if d["searches"] >= 5:
             os.kill(d["pid"], signal.SIGKILL)
-            killed.update(pid=d["pid"], after_searches=d["searches"], at=time.time())
+            killed.update(pid=d["pid"], after_searches=d["searches"], at=time.time(),
+                          during_eval=not eval_done.is_set())
             return
         time.sleep(0.05)
 
@@ -55,8 +60,16 @@ def killer():
 th = threading.Thread(target=killer)
 th.start()
 served = ["--search_backend", "ray", "--ray_address", "auto", "--ray_index", "bench610k"]
-res["ray_served_killed"] = ev("ray_served_killed", *served)
-th.join()
+try:
+    res["ray_served_killed"] = ev("ray_served_killed", *served)
+finally:
+    eval_done.set()
+    th.join()
+if not killed:
+    main(["index", "stop", "bench610k"])
+    ray.shutdown()
+    sys.exit(f"shard 0 served fewer than 5 searches in the whole evaluation: no kill; raise --max_tokens "
+             f"(now {args.max_tokens})")
 after = ray.get(a0.describe.remote())
 killed.update(new_pid=after["pid"], restarted=after["restarted"], searches_since_restart=after["searches"])
 res["ray_served_2"] = ev("ray_served_2", *served)
