@@ -26,7 +26,10 @@ OUT, DS = args.out, args.datastore
 common = ["--model_name_or_path", args.model, "--validation_file", args.validation_file, "--max_tokens",
           args.max_tokens, "--block_size", "128", "--stride", "64", "--datastore", DS, "--k", "1024",
           "--recompute_dists", "true", "--lmbda", "0.25"]
-ray.init(num_cpus=2, include_dashboard=False, namespace="knnlm", log_to_driver=False)
+# address="local": the run's own Ray (the evaluations' --ray_address auto then keeps this connection); without it
+# ray.init joins the latest cluster started on this machine (RAY_ADDRESS, /tmp/ray/ray_current_cluster), which
+# refuses num_cpus, or whose shard 0 of another group of the same name this script would kill
+ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="knnlm", log_to_driver=False)
 
 
 def ev(name, *extra):

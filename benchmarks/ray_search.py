@@ -55,7 +55,10 @@ def main() -> None:
     rows = np.linspace(0, ds.N - 1, args.queries).astype(np.int64)
     queries = torch.from_numpy(np.asarray(ds.keys[rows], dtype=np.float32) + np.float32(0.01))  # [n, d]
     local = IndexBackend(load_index(ds.dir, nprobe=args.nprobe, use_gpu=False), ds)
-    ray.init(num_cpus=int(np.ceil(2 * args.ray_shard_cpus)), include_dashboard=False, log_to_driver=False)
+    # address="local": a new Ray of our own; without it ray.init joins the latest cluster started on this machine
+    # (RAY_ADDRESS, /tmp/ray/ray_current_cluster), another job's, which refuses num_cpus or shares its CPUs
+    ray.init(address="local", num_cpus=int(np.ceil(2 * args.ray_shard_cpus)), include_dashboard=False,
+             log_to_driver=False)
     remote = make_backend(ds, KNNArgs(search_backend="ray", nprobe=args.nprobe, ray_shard_cpus=args.ray_shard_cpus))
     print(f"{ds.dir}: N {ds.N}, d {ds.d}, {len(remote.actors)} shards, k {args.k}, nprobe {args.nprobe}, "
           f"{len(queries)} queries; in-process IndexShards vs Ray actors ({args.ray_shard_cpus:g} CPU each)")
