@@ -16,7 +16,7 @@ import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from .errors import KnnlmError
 
@@ -170,16 +170,26 @@ def atomic_write_json(path: str | Path, obj) -> Path:
                                               allow_nan=False) + "\n")
 
 
-def read_json(path: str | Path, fix: str = "delete it or rebuild what it belongs to"):
+# What to do about a corrupt file: the text, or a function making it only when one is met (a fix that has to look
+# around, as reproduce's "delete the stage's folder and marker", costs nothing on the records that read fine).
+Fix = str | Callable[[], str]
+
+
+def read_json(path: str | Path, fix: Fix = "delete it or rebuild what it belongs to"):
     """A JSON file; a corrupt or non-UTF-8 one is a ``KnnlmError`` naming it (``fix`` says what to do)."""
     path = Path(path)
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise KnnlmError(f"{path} is corrupt (not valid JSON: {str(e).splitlines()[0][:80]}); {fix}") from None
+        raise KnnlmError(f"{path} is corrupt (not valid JSON: {str(e).splitlines()[0][:80]}); {_fix_text(fix)}") \
+            from None
 
 
-def read_record(path: str | Path, fix: str = "delete it or rebuild what it belongs to",
+def _fix_text(fix: Fix) -> str:
+    return fix() if callable(fix) else fix
+
+
+def read_record(path: str | Path, fix: Fix = "delete it or rebuild what it belongs to",
                 required: Iterable[str] = ()) -> dict:
     """A JSON record (an object) a command wrote: :func:`read_json`, and valid JSON of another shape (``[]``, a number,
     a string) is corrupt alike, naming the file; a caller's ``record["x"]`` or ``.get`` on it is an internal error.
@@ -189,10 +199,11 @@ def read_record(path: str | Path, fix: str = "delete it or rebuild what it belon
     if not isinstance(record, dict):
         shown = json.dumps(record)
         raise KnnlmError(f"{path} is corrupt (not a JSON object: {shown[:60]}{'...' if len(shown) > 60 else ''}); "
-                         f"{fix}")
+                         f"{_fix_text(fix)}")
     missing = [repr(k) for k in required if k not in record]
     if missing:
-        raise KnnlmError(f"{path} is corrupt (no {', '.join(missing)} field{'s' if len(missing) > 1 else ''}); {fix}")
+        raise KnnlmError(f"{path} is corrupt (no {', '.join(missing)} field{'s' if len(missing) > 1 else ''}); "
+                         f"{_fix_text(fix)}")
     return record
 
 

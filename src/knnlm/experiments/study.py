@@ -88,8 +88,9 @@ def read_finished(done: Path, required: Iterable[str] = ()) -> dict:
 def stage_record(out: Path, folder: str, name: str = "results.json", required: Iterable[str] = ()) -> dict:
     """The record ``name`` in the stage folder ``OUT/<folder>`` of a ``knnlm reproduce`` run, as its report reads it (a
     study's report part reads other stages' records too: the memory's LM and `mlp train`); one that is not a JSON object
-    or without a ``required`` field is a one-line error whose fix runs the stage again (:func:`rerun_stage_fix`)."""
-    return read_record(Path(out) / folder / name, fix=rerun_stage_fix(Path(out), folder), required=required)
+    or without a ``required`` field is a one-line error whose fix runs the stage again (:func:`rerun_stage_fix`, which
+    reads the run's stage markers: only for such a record, not for every record read)."""
+    return read_record(Path(out) / folder / name, fix=lambda: rerun_stage_fix(Path(out), folder), required=required)
 
 
 def rerun_stage_fix(out: Path, folder: str) -> str:
